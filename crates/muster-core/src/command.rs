@@ -1,0 +1,90 @@
+//! Commands: the only way replicated state changes. Each carries every input apply needs,
+//! including ids and time stamped before proposing.
+
+use crate::{
+    ComputeEnvironment, ContainerOverrides, JobDefinitionSpec, JobId, JobQueue, NodeId, NodeInventory,
+    Tags, Timestamp,
+};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Command {
+    CreateComputeEnvironment(ComputeEnvironment),
+    /// The queue's `compute_environment_order` may name environments by name or ARN;
+    /// apply resolves them to names.
+    CreateJobQueue(JobQueue),
+    RegisterJobDefinition(JobDefinitionSpec),
+    SubmitJob(JobSubmission),
+    TerminateJob { job: JobId, reason: String, at: Timestamp },
+    /// An agent joining (or re-joining) the compute environment named in its config.
+    RegisterNode { node: NodeId, compute_environment: String, inventory: NodeInventory, at: Timestamp },
+    /// One scheduling round's placements, already checked by the leader's plan applier;
+    /// apply checks each again and refuses those that no longer fit.
+    Place { term: u64, at: Timestamp, placements: Vec<Placement> },
+    /// An agent's report about one attempt. Reports for any attempt other than the job's
+    /// active one are stale and ignored.
+    ReportAttempt { job: JobId, attempt: u32, node: NodeId, event: AttemptEvent, at: Timestamp },
+}
+
+/// SubmitJob's inputs, as the receiving node stamped them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobSubmission {
+    pub id: JobId,
+    pub at: Timestamp,
+    pub name: String,
+    /// Queue name or ARN, as the user gave it.
+    pub queue: String,
+    /// `name`, `name:revision` or ARN, as the user gave it.
+    pub definition: String,
+    pub overrides: ContainerOverrides,
+    pub parameters: BTreeMap<String, String>,
+    pub tags: Tags,
+}
+
+/// One job attempt placed on one node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    pub job: JobId,
+    pub node: NodeId,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AttemptEvent {
+    /// The container (or process) is running.
+    Running,
+    /// The attempt ended. `exit_code` is `None` when it never started (for example the image
+    /// could not be found); `reason` then says why.
+    Exited { exit_code: Option<i32>, reason: Option<String> },
+}
+
+/// Why a command was refused: the offending request field and a message naming it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rejection {
+    pub field: String,
+    pub message: String,
+}
+
+impl Rejection {
+    pub fn new(field: &str, message: impl Into<String>) -> Self {
+        Self { field: field.to_owned(), message: message.into() }
+    }
+}
+
+impl std::fmt::Display for Rejection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// What applying a command produced; returned to the proposer after commit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    Done,
+    DefinitionRegistered { name: String, revision: u32, arn: String },
+    JobSubmitted { id: JobId, arn: String, name: String },
+    Placed { placed: usize, refused: usize },
+    /// The command had no effect (a stale report, a repeated terminate).
+    Ignored(String),
+    Rejected(Rejection),
+}

@@ -1,0 +1,74 @@
+//! Identifiers and time as the state machine sees them.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Milliseconds since the Unix epoch, stamped by the node that received a request.
+/// The state machine never reads a clock; it only compares and stores these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+pub struct Timestamp(pub u64);
+
+impl Timestamp {
+    pub fn as_millis(self) -> u64 {
+        self.0
+    }
+}
+
+macro_rules! string_id {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        pub struct $name(pub String);
+
+        impl $name {
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl From<&str> for $name {
+            fn from(s: &str) -> Self {
+                Self(s.to_owned())
+            }
+        }
+    };
+}
+
+string_id!(
+    /// A job's id: a UUID chosen by the node that accepted the SubmitJob.
+    JobId
+);
+string_id!(
+    /// A worker node's id, chosen by the agent (from its config or host name).
+    NodeId
+);
+string_id!(
+    /// An Amazon Resource Name as AWS Batch shapes it.
+    Arn
+);
+
+/// Where ARNs point: the region and account the cluster presents itself as.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArnScope {
+    pub region: String,
+    pub account: String,
+}
+
+impl Default for ArnScope {
+    fn default() -> Self {
+        Self { region: "us-east-1".into(), account: "000000000000".into() }
+    }
+}
+
+impl ArnScope {
+    /// `arn:aws:batch:<region>:<account>:<kind>/<name>`
+    pub fn arn(&self, kind: &str, name: &str) -> Arn {
+        Arn(format!("arn:aws:batch:{}:{}:{}/{}", self.region, self.account, kind, name))
+    }
+}

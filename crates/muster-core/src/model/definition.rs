@@ -1,0 +1,147 @@
+//! Job definitions: the immutable, revisioned templates jobs are submitted from.
+
+use super::Tags;
+use crate::{Arn, Resources};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// `resourceRequirements[].type`
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum ResourceType {
+    Vcpu,
+    Memory,
+    Gpu,
+}
+
+impl ResourceType {
+    pub fn as_aws(self) -> &'static str {
+        match self {
+            ResourceType::Vcpu => "VCPU",
+            ResourceType::Memory => "MEMORY",
+            ResourceType::Gpu => "GPU",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "VCPU" => Some(ResourceType::Vcpu),
+            "MEMORY" => Some(ResourceType::Memory),
+            "GPU" => Some(ResourceType::Gpu),
+            _ => None,
+        }
+    }
+}
+
+/// One `resourceRequirements` entry, kept as the user wrote it (the value is a string on the
+/// wire: `"0.5"`, `"2048"`) so that it is echoed back unchanged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceRequirement {
+    pub resource_type: ResourceType,
+    pub value: String,
+}
+
+/// The container part of a definition or of a job after overrides.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ContainerSpec {
+    pub image: String,
+    pub command: Vec<String>,
+    /// `environment` as ordered name/value pairs (AWS echoes them in the order given).
+    pub environment: Vec<(String, String)>,
+    /// The deprecated top-level `vcpus`, when the user gave it.
+    pub vcpus: Option<i64>,
+    /// The deprecated top-level `memory` (MiB), when the user gave it.
+    pub memory: Option<i64>,
+    pub resource_requirements: Vec<ResourceRequirement>,
+}
+
+impl ContainerSpec {
+    /// The amount the container reserves. `resourceRequirements` win over the deprecated
+    /// fields; both forms were validated when the definition or job was accepted.
+    pub fn resources(&self) -> Resources {
+        let mut r = Resources::new(
+            self.vcpus.map_or(0, |v| v.max(0) as u64 * 1000),
+            self.memory.map_or(0, |m| m.max(0) as u64),
+            0,
+        );
+        for req in &self.resource_requirements {
+            match req.resource_type {
+                ResourceType::Vcpu => r.millicpus = crate::validate::parse_vcpus(&req.value).unwrap_or(0),
+                ResourceType::Memory => r.memory_mib = req.value.trim().parse().unwrap_or(0),
+                ResourceType::Gpu => r.gpus = req.value.trim().parse().unwrap_or(0),
+            }
+        }
+        r
+    }
+
+    /// Applies `containerOverrides`: command and resource requirements replace, environment
+    /// entries are merged by name (an override wins).
+    pub fn with_overrides(&self, o: &ContainerOverrides) -> ContainerSpec {
+        let mut spec = self.clone();
+        if let Some(cmd) = &o.command {
+            spec.command = cmd.clone();
+        }
+        for (name, value) in &o.environment {
+            match spec.environment.iter_mut().find(|(n, _)| n == name) {
+                Some(entry) => entry.1 = value.clone(),
+                None => spec.environment.push((name.clone(), value.clone())),
+            }
+        }
+        if let Some(v) = o.vcpus {
+            spec.vcpus = Some(v);
+        }
+        if let Some(m) = o.memory {
+            spec.memory = Some(m);
+        }
+        for req in &o.resource_requirements {
+            spec.resource_requirements.retain(|r| r.resource_type != req.resource_type);
+            spec.resource_requirements.push(req.clone());
+        }
+        spec.resource_requirements.sort_by_key(|r| r.resource_type);
+        spec
+    }
+}
+
+/// `containerOverrides` on SubmitJob.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ContainerOverrides {
+    pub command: Option<Vec<String>>,
+    pub environment: Vec<(String, String)>,
+    pub vcpus: Option<i64>,
+    pub memory: Option<i64>,
+    pub resource_requirements: Vec<ResourceRequirement>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DefinitionStatus {
+    Active,
+    Inactive,
+}
+
+impl DefinitionStatus {
+    pub fn as_aws(self) -> &'static str {
+        match self {
+            DefinitionStatus::Active => "ACTIVE",
+            DefinitionStatus::Inactive => "INACTIVE",
+        }
+    }
+}
+
+/// What RegisterJobDefinition asks for; the revision is assigned when it applies.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobDefinitionSpec {
+    pub name: String,
+    pub container: ContainerSpec,
+    pub parameters: BTreeMap<String, String>,
+    pub tags: Tags,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobDefinition {
+    pub name: String,
+    pub revision: u32,
+    pub arn: Arn,
+    pub status: DefinitionStatus,
+    pub container: ContainerSpec,
+    pub parameters: BTreeMap<String, String>,
+    pub tags: Tags,
+}

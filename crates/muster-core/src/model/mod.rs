@@ -1,0 +1,42 @@
+//! The resources users create and the jobs they submit, as the state machine stores them.
+
+mod definition;
+mod environment;
+mod job;
+mod node;
+
+pub use definition::*;
+pub use environment::*;
+pub use job::*;
+pub use node::*;
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// User tags on a resource (`tags` in the AWS API). Ordered so that state serializes
+/// identically on every node.
+pub type Tags = BTreeMap<String, String>;
+
+/// `ENABLED | DISABLED`, shared by compute environments and job queues.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EnabledState {
+    Enabled,
+    Disabled,
+}
+
+impl EnabledState {
+    pub fn as_aws(self) -> &'static str {
+        match self {
+            EnabledState::Enabled => "ENABLED",
+            EnabledState::Disabled => "DISABLED",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "ENABLED" => Some(EnabledState::Enabled),
+            "DISABLED" => Some(EnabledState::Disabled),
+            _ => None,
+        }
+    }
+}

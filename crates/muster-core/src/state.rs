@@ -1,0 +1,555 @@
+//! The replicated state and `apply`.
+
+use crate::command::JobSubmission;
+use crate::ids::ArnScope;
+use crate::{
+    ActiveAttempt, AttemptEvent, AttemptRecord, CeType, Command, ComputeEnvironment, DefinitionStatus,
+    EnabledState, Job, JobDefinition, JobDefinitionSpec, JobId, JobQueue, JobStatus, Node, NodeId,
+    NodeInventory, NodeStatus, Outcome, Placement, Rejection, Resources, Timestamp,
+};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// AWS's reason for an attempt whose container ran and exited.
+const CONTAINER_EXITED: &str = "Essential container in task exited";
+
+/// Everything the control plane agrees on. Identical on every node that applied the same log.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct State {
+    scope: ArnScope,
+    compute_environments: BTreeMap<String, ComputeEnvironment>,
+    queues: BTreeMap<String, JobQueue>,
+    /// Revisions of each definition name, revision `n` at index `n - 1`.
+    definitions: BTreeMap<String, Vec<JobDefinition>>,
+    jobs: BTreeMap<JobId, Job>,
+    nodes: BTreeMap<NodeId, Node>,
+
+    /// RUNNABLE jobs per queue in submit order: the scheduler's FIFO. Derived from `jobs`.
+    #[serde(skip)]
+    runnable: BTreeMap<String, BTreeSet<(Timestamp, JobId)>>,
+    /// All jobs per queue in submit order, for ListJobs. Derived from `jobs`.
+    #[serde(skip)]
+    jobs_by_queue: BTreeMap<String, BTreeSet<(Timestamp, JobId)>>,
+}
+
+/// What an agent must be running: one per active attempt placed on its node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Assignment {
+    pub job: JobId,
+    pub attempt: u32,
+    /// Term of the leader whose plan placed the attempt.
+    pub term: u64,
+    pub image: String,
+    pub command: Vec<String>,
+    /// The job's environment followed by the `AWS_BATCH_*` variables Muster sets.
+    pub environment: Vec<(String, String)>,
+    pub resources: Resources,
+    pub log_stream_name: String,
+}
+
+impl State {
+    /// Rebuilds the derived indexes after the state was read from a snapshot.
+    pub fn rebuild_indexes(&mut self) {
+        self.runnable.clear();
+        self.jobs_by_queue.clear();
+        for job in self.jobs.values() {
+            let key = (job.created_at, job.id.clone());
+            self.jobs_by_queue.entry(job.queue.clone()).or_default().insert(key.clone());
+            if job.status == JobStatus::Runnable {
+                self.runnable.entry(job.queue.clone()).or_default().insert(key);
+            }
+        }
+    }
+
+    pub fn arn_scope(&self) -> &ArnScope {
+        &self.scope
+    }
+
+    pub fn compute_environments(&self) -> impl Iterator<Item = &ComputeEnvironment> {
+        self.compute_environments.values()
+    }
+
+    pub fn queues(&self) -> impl Iterator<Item = &JobQueue> {
+        self.queues.values()
+    }
+
+    pub fn nodes(&self) -> impl Iterator<Item = &Node> {
+        self.nodes.values()
+    }
+
+    pub fn node(&self, id: &NodeId) -> Option<&Node> {
+        self.nodes.get(id)
+    }
+
+    pub fn job(&self, id: &JobId) -> Option<&Job> {
+        self.jobs.get(id)
+    }
+
+    pub fn job_count(&self) -> usize {
+        self.jobs.len()
+    }
+
+    /// Every revision of every definition, by name then revision.
+    pub fn definitions(&self) -> impl Iterator<Item = &JobDefinition> {
+        self.definitions.values().flatten()
+    }
+
+    /// Finds a compute environment by name or ARN.
+    pub fn compute_environment(&self, name_or_arn: &str) -> Option<&ComputeEnvironment> {
+        let name = name_or_arn.rsplit('/').next().unwrap_or(name_or_arn);
+        self.compute_environments.get(name).filter(|ce| name == name_or_arn || ce.arn.0 == name_or_arn)
+    }
+
+    /// Finds a job queue by name or ARN.
+    pub fn queue(&self, name_or_arn: &str) -> Option<&JobQueue> {
+        let name = name_or_arn.rsplit('/').next().unwrap_or(name_or_arn);
+        self.queues.get(name).filter(|q| name == name_or_arn || q.arn.0 == name_or_arn)
+    }
+
+    /// Resolves `name`, `name:revision`, or an ARN with or without `:revision`. Without a
+    /// revision the latest ACTIVE one is meant.
+    pub fn definition(&self, reference: &str) -> Option<&JobDefinition> {
+        let tail = match reference.strip_prefix("arn:") {
+            Some(_) => reference.rsplit_once("job-definition/")?.1,
+            None => reference,
+        };
+        let (name, revision) = match tail.rsplit_once(':') {
+            Some((name, rev)) => (name, Some(rev.parse::<u32>().ok()?)),
+            None => (tail, None),
+        };
+        let revisions = self.definitions.get(name)?;
+        match revision {
+            Some(r) => revisions.get((r as usize).checked_sub(1)?),
+            None => revisions.iter().rev().find(|d| d.status == DefinitionStatus::Active),
+        }
+    }
+
+    /// Jobs of a queue in submit order, optionally only those with `status`.
+    pub fn jobs_in_queue<'a>(&'a self, queue: &str, status: Option<JobStatus>) -> impl Iterator<Item = &'a Job> + 'a {
+        self.jobs_by_queue
+            .get(queue)
+            .into_iter()
+            .flatten()
+            .filter_map(|(_, id)| self.jobs.get(id))
+            .filter(move |j| status.is_none_or(|s| j.status == s))
+    }
+
+    /// RUNNABLE jobs of a queue in FIFO order.
+    pub fn runnable_jobs<'a>(&'a self, queue: &str) -> impl Iterator<Item = &'a Job> + 'a {
+        self.runnable.get(queue).into_iter().flatten().filter_map(|(_, id)| self.jobs.get(id))
+    }
+
+    /// What `node` should be running now: its active attempts that nobody asked to stop.
+    pub fn assignments_for(&self, node: &NodeId) -> Vec<Assignment> {
+        let Some(n) = self.nodes.get(node) else { return Vec::new() };
+        n.placed_jobs
+            .iter()
+            .filter_map(|id| self.jobs.get(id))
+            .filter(|job| job.terminate_reason.is_none())
+            .filter_map(|job| {
+                let active = job.active.as_ref()?;
+                let mut environment = job.container.environment.clone();
+                environment.retain(|(k, _)| !k.starts_with("AWS_BATCH_"));
+                environment.extend([
+                    ("AWS_BATCH_JOB_ID".to_owned(), job.id.0.clone()),
+                    ("AWS_BATCH_JOB_ATTEMPT".to_owned(), active.number.to_string()),
+                    ("AWS_BATCH_JQ_NAME".to_owned(), job.queue.clone()),
+                    ("AWS_BATCH_CE_NAME".to_owned(), n.compute_environment.clone()),
+                ]);
+                Some(Assignment {
+                    job: job.id.clone(),
+                    attempt: active.number,
+                    term: active.term,
+                    image: job.container.image.clone(),
+                    command: substitute_parameters(&job.container.command, &job.parameters),
+                    environment,
+                    resources: job.container.resources(),
+                    log_stream_name: job.log_stream_name(active.number),
+                })
+            })
+            .collect()
+    }
+
+    /// Checks a command against this state without changing it. The API calls this before
+    /// proposing; apply calls it again on the state the command meets after commit.
+    pub fn check(&self, cmd: &Command) -> Result<(), Rejection> {
+        match cmd {
+            Command::CreateComputeEnvironment(ce) => {
+                crate::validate::name("computeEnvironmentName", &ce.name)?;
+                if self.compute_environments.contains_key(&ce.name) {
+                    return Err(Rejection::new(
+                        "computeEnvironmentName",
+                        format!("computeEnvironmentName: compute environment {} already exists", ce.name),
+                    ));
+                }
+                Ok(())
+            }
+            Command::CreateJobQueue(q) => {
+                crate::validate::name("jobQueueName", &q.name)?;
+                if self.queues.contains_key(&q.name) {
+                    return Err(Rejection::new(
+                        "jobQueueName",
+                        format!("jobQueueName: job queue {} already exists", q.name),
+                    ));
+                }
+                if q.compute_environment_order.is_empty() {
+                    return Err(Rejection::new(
+                        "computeEnvironmentOrder",
+                        "computeEnvironmentOrder: at least one compute environment must be provided",
+                    ));
+                }
+                if q.compute_environment_order.len() > 3 {
+                    return Err(Rejection::new(
+                        "computeEnvironmentOrder",
+                        "computeEnvironmentOrder: at most 3 compute environments may be associated with a queue",
+                    ));
+                }
+                let mut orders = BTreeSet::new();
+                for entry in &q.compute_environment_order {
+                    if self.compute_environment(&entry.compute_environment).is_none() {
+                        return Err(Rejection::new(
+                            "computeEnvironmentOrder.computeEnvironment",
+                            format!(
+                                "computeEnvironmentOrder.computeEnvironment: compute environment {} does not exist",
+                                entry.compute_environment
+                            ),
+                        ));
+                    }
+                    if !orders.insert(entry.order) {
+                        return Err(Rejection::new(
+                            "computeEnvironmentOrder.order",
+                            format!("computeEnvironmentOrder.order: order {} is used twice", entry.order),
+                        ));
+                    }
+                }
+                Ok(())
+            }
+            Command::RegisterJobDefinition(spec) => crate::validate::name("jobDefinitionName", &spec.name),
+            Command::SubmitJob(sub) => self.check_submit(sub).map(|_| ()),
+            Command::TerminateJob { job, .. } => match self.jobs.get(job) {
+                Some(_) => Ok(()),
+                None => Err(Rejection::new("jobId", format!("jobId: job {job} does not exist"))),
+            },
+            Command::RegisterNode { node, compute_environment, .. } => {
+                let Some(ce) = self.compute_environment(compute_environment) else {
+                    return Err(Rejection::new(
+                        "computeEnvironment",
+                        format!("computeEnvironment: compute environment {compute_environment} does not exist"),
+                    ));
+                };
+                if ce.ce_type != CeType::Unmanaged {
+                    return Err(Rejection::new(
+                        "computeEnvironment",
+                        format!("computeEnvironment: agents may only join UNMANAGED compute environments; {} is MANAGED", ce.name),
+                    ));
+                }
+                if let Some(existing) = self.nodes.get(node)
+                    && existing.compute_environment != ce.name
+                    && !existing.placed_jobs.is_empty()
+                {
+                    return Err(Rejection::new(
+                        "computeEnvironment",
+                        format!(
+                            "computeEnvironment: node {node} still runs jobs for {} and cannot move to {}",
+                            existing.compute_environment, ce.name
+                        ),
+                    ));
+                }
+                Ok(())
+            }
+            Command::Place { .. } | Command::ReportAttempt { .. } => Ok(()),
+        }
+    }
+
+    /// Resolves a submission against the state: its queue name and definition.
+    fn check_submit(&self, sub: &JobSubmission) -> Result<(&JobQueue, &JobDefinition), Rejection> {
+        crate::validate::name("jobName", &sub.name)?;
+        let queue = self
+            .queue(&sub.queue)
+            .ok_or_else(|| Rejection::new("jobQueue", format!("jobQueue: job queue {} does not exist", sub.queue)))?;
+        if queue.state != EnabledState::Enabled {
+            return Err(Rejection::new(
+                "jobQueue",
+                format!("jobQueue: job queue {} is DISABLED and does not accept jobs", queue.name),
+            ));
+        }
+        let definition = self.definition(&sub.definition).ok_or_else(|| {
+            Rejection::new("jobDefinition", format!("jobDefinition: job definition {} does not exist", sub.definition))
+        })?;
+        if definition.status != DefinitionStatus::Active {
+            return Err(Rejection::new(
+                "jobDefinition",
+                format!("jobDefinition: job definition {} is INACTIVE", definition.arn),
+            ));
+        }
+        if self.jobs.contains_key(&sub.id) {
+            return Err(Rejection::new("jobId", format!("jobId: job {} already exists", sub.id)));
+        }
+        let resources = definition.container.with_overrides(&sub.overrides).resources();
+        if resources.millicpus == 0 {
+            return Err(Rejection::new(
+                "containerOverrides.resourceRequirements",
+                "containerOverrides.resourceRequirements: the job must request at least one vCPU (VCPU)",
+            ));
+        }
+        if resources.memory_mib < 4 {
+            return Err(Rejection::new(
+                "containerOverrides.resourceRequirements",
+                "containerOverrides.resourceRequirements: the job must request at least 4 MiB of MEMORY",
+            ));
+        }
+        Ok((queue, definition))
+    }
+
+    /// Applies one committed command. Deterministic and total: the same state and command
+    /// give the same result on every node, and nothing panics.
+    pub fn apply(&mut self, cmd: Command) -> Outcome {
+        if let Err(rejection) = self.check(&cmd) {
+            return Outcome::Rejected(rejection);
+        }
+        match cmd {
+            Command::CreateComputeEnvironment(mut ce) => {
+                ce.arn = self.scope.arn("compute-environment", &ce.name);
+                self.compute_environments.insert(ce.name.clone(), ce);
+                Outcome::Done
+            }
+            Command::CreateJobQueue(mut q) => {
+                q.arn = self.scope.arn("job-queue", &q.name);
+                for entry in &mut q.compute_environment_order {
+                    if let Some(ce) = self.compute_environment(&entry.compute_environment) {
+                        entry.compute_environment = ce.name.clone();
+                    }
+                }
+                q.compute_environment_order.sort_by_key(|e| e.order);
+                self.queues.insert(q.name.clone(), q);
+                Outcome::Done
+            }
+            Command::RegisterJobDefinition(spec) => self.register_definition(spec),
+            Command::SubmitJob(sub) => self.submit(sub),
+            Command::TerminateJob { job, reason, at } => self.terminate(&job, reason, at),
+            Command::RegisterNode { node, compute_environment, inventory, at } => {
+                self.register_node(node, &compute_environment, inventory, at)
+            }
+            Command::Place { term, at, placements } => self.place(term, at, placements),
+            Command::ReportAttempt { job, attempt, node, event, at } => self.report(&job, attempt, &node, event, at),
+        }
+    }
+
+    fn register_definition(&mut self, spec: JobDefinitionSpec) -> Outcome {
+        let revisions = self.definitions.entry(spec.name.clone()).or_default();
+        let revision = revisions.len() as u32 + 1;
+        let arn = self.scope.arn("job-definition", &format!("{}:{}", spec.name, revision));
+        revisions.push(JobDefinition {
+            name: spec.name.clone(),
+            revision,
+            arn: arn.clone(),
+            status: DefinitionStatus::Active,
+            container: spec.container,
+            parameters: spec.parameters,
+            tags: spec.tags,
+        });
+        Outcome::DefinitionRegistered { name: spec.name, revision, arn: arn.0 }
+    }
+
+    fn submit(&mut self, sub: JobSubmission) -> Outcome {
+        let (queue, definition) = match self.check_submit(&sub) {
+            Ok(found) => found,
+            Err(rejection) => return Outcome::Rejected(rejection),
+        };
+        let mut parameters = definition.parameters.clone();
+        parameters.extend(sub.parameters);
+        let mut tags = sub.tags;
+        for (k, v) in &definition.tags {
+            tags.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+        let job = Job {
+            arn: self.scope.arn("job", &sub.id.0),
+            id: sub.id.clone(),
+            name: sub.name.clone(),
+            queue: queue.name.clone(),
+            definition_arn: definition.arn.clone(),
+            // A job without dependencies passes SUBMITTED and PENDING within the same apply.
+            status: JobStatus::Runnable,
+            status_reason: None,
+            container: definition.container.with_overrides(&sub.overrides),
+            parameters,
+            tags,
+            created_at: sub.at,
+            started_at: None,
+            stopped_at: None,
+            active: None,
+            attempts: Vec::new(),
+            terminate_reason: None,
+            is_terminated: false,
+        };
+        let key = (job.created_at, job.id.clone());
+        self.jobs_by_queue.entry(job.queue.clone()).or_default().insert(key.clone());
+        self.runnable.entry(job.queue.clone()).or_default().insert(key);
+        let outcome = Outcome::JobSubmitted { id: job.id.clone(), arn: job.arn.0.clone(), name: job.name.clone() };
+        self.jobs.insert(job.id.clone(), job);
+        outcome
+    }
+
+    fn terminate(&mut self, id: &JobId, reason: String, at: Timestamp) -> Outcome {
+        let Some(job) = self.jobs.get_mut(id) else {
+            return Outcome::Rejected(Rejection::new("jobId", format!("jobId: job {id} does not exist")));
+        };
+        match job.status {
+            s if s.is_terminal() => Outcome::Ignored(format!("job {id} already ended {}", s.as_aws())),
+            s if s.is_placed() => {
+                // The agent stops the container; the attempt's exit report ends the job.
+                job.is_terminated = true;
+                job.terminate_reason.get_or_insert(reason);
+                Outcome::Done
+            }
+            s => {
+                if s == JobStatus::Runnable
+                    && let Some(fifo) = self.runnable.get_mut(&job.queue)
+                {
+                    fifo.remove(&(job.created_at, job.id.clone()));
+                }
+                job.status = JobStatus::Failed;
+                job.status_reason = Some(reason);
+                job.is_terminated = true;
+                job.stopped_at = Some(at);
+                Outcome::Done
+            }
+        }
+    }
+
+    fn register_node(&mut self, id: NodeId, ce: &str, inventory: NodeInventory, at: Timestamp) -> Outcome {
+        let ce_name = match self.compute_environment(ce) {
+            Some(ce) => ce.name.clone(),
+            None => return Outcome::Rejected(Rejection::new("computeEnvironment", "unknown compute environment")),
+        };
+        let node = self.nodes.entry(id.clone()).or_insert_with(|| Node {
+            id,
+            compute_environment: ce_name.clone(),
+            inventory: inventory.clone(),
+            status: NodeStatus::Ready,
+            allocated: Resources::ZERO,
+            placed_jobs: BTreeSet::new(),
+            registered_at: at,
+        });
+        node.compute_environment = ce_name;
+        node.inventory = inventory;
+        node.status = NodeStatus::Ready;
+        node.registered_at = at;
+        Outcome::Done
+    }
+
+    /// Why `placement` cannot be applied to this state, if it cannot.
+    pub fn placement_conflict(&self, placement: &Placement) -> Option<String> {
+        let Some(job) = self.jobs.get(&placement.job) else { return Some("job does not exist".into()) };
+        if job.status != JobStatus::Runnable {
+            return Some(format!("job is {}", job.status.as_aws()));
+        }
+        let Some(node) = self.nodes.get(&placement.node) else { return Some("node does not exist".into()) };
+        if node.status != NodeStatus::Ready {
+            return Some("node is not ready".into());
+        }
+        let queue = self.queues.get(&job.queue)?;
+        if !queue.compute_environment_order.iter().any(|e| e.compute_environment == node.compute_environment) {
+            return Some("node is outside the queue's compute environments".into());
+        }
+        let ce_enabled =
+            self.compute_environments.get(&node.compute_environment).is_some_and(|ce| ce.state == EnabledState::Enabled);
+        if !ce_enabled {
+            return Some("compute environment is disabled".into());
+        }
+        if !job.container.resources().fits_in(&node.free()) {
+            return Some("node lacks free capacity".into());
+        }
+        None
+    }
+
+    fn place(&mut self, term: u64, at: Timestamp, placements: Vec<Placement>) -> Outcome {
+        let (mut placed, mut refused) = (0, 0);
+        for p in placements {
+            if self.placement_conflict(&p).is_some() {
+                refused += 1;
+                continue;
+            }
+            let (Some(job), Some(node)) = (self.jobs.get_mut(&p.job), self.nodes.get_mut(&p.node)) else {
+                refused += 1;
+                continue;
+            };
+            if let Some(fifo) = self.runnable.get_mut(&job.queue) {
+                fifo.remove(&(job.created_at, job.id.clone()));
+            }
+            job.status = JobStatus::Starting;
+            job.status_reason = None;
+            job.active = Some(ActiveAttempt {
+                number: job.attempts.len() as u32 + 1,
+                node: node.id.clone(),
+                term,
+                placed_at: at,
+                started_at: None,
+            });
+            node.allocated = node.allocated + job.container.resources();
+            node.placed_jobs.insert(job.id.clone());
+            placed += 1;
+        }
+        Outcome::Placed { placed, refused }
+    }
+
+    fn report(&mut self, id: &JobId, attempt: u32, node: &NodeId, event: AttemptEvent, at: Timestamp) -> Outcome {
+        let Some(job) = self.jobs.get_mut(id) else { return Outcome::Ignored(format!("job {id} does not exist")) };
+        let current = job.active.as_ref().is_some_and(|a| a.number == attempt && &a.node == node);
+        if !current {
+            return Outcome::Ignored(format!("attempt {attempt} of job {id} on {node} is not the active one"));
+        }
+        match event {
+            AttemptEvent::Running => {
+                if job.status != JobStatus::Starting {
+                    return Outcome::Ignored(format!("job {id} is already {}", job.status.as_aws()));
+                }
+                job.status = JobStatus::Running;
+                job.started_at = Some(at);
+                if let Some(a) = job.active.as_mut() {
+                    a.started_at = Some(at);
+                }
+                Outcome::Done
+            }
+            AttemptEvent::Exited { exit_code, reason } => {
+                let Some(active) = job.active.take() else { return Outcome::Ignored("no active attempt".into()) };
+                if let Some(n) = self.nodes.get_mut(&active.node) {
+                    n.allocated = n.allocated - job.container.resources();
+                    n.placed_jobs.remove(id);
+                }
+                let status_reason = match (&job.terminate_reason, exit_code, &reason) {
+                    (Some(terminated), _, _) => terminated.clone(),
+                    (None, Some(_), _) => CONTAINER_EXITED.to_owned(),
+                    (None, None, Some(why)) => why.clone(),
+                    (None, None, None) => "Attempt ended without an exit code".to_owned(),
+                };
+                job.attempts.push(AttemptRecord {
+                    node: active.node,
+                    started_at: active.started_at,
+                    stopped_at: at,
+                    exit_code,
+                    reason,
+                    status_reason: status_reason.clone(),
+                    log_stream_name: job.log_stream_name(active.number),
+                });
+                let succeeded = exit_code == Some(0) && job.terminate_reason.is_none();
+                job.status = if succeeded { JobStatus::Succeeded } else { JobStatus::Failed };
+                job.status_reason = Some(status_reason);
+                job.stopped_at = Some(at);
+                Outcome::Done
+            }
+        }
+    }
+}
+
+/// Replaces `Ref::name` tokens in a command with parameter values (AWS's parameter
+/// substitution); unknown references are left as written.
+fn substitute_parameters(command: &[String], parameters: &BTreeMap<String, String>) -> Vec<String> {
+    command
+        .iter()
+        .map(|arg| match arg.strip_prefix("Ref::").and_then(|name| parameters.get(name)) {
+            Some(value) => value.clone(),
+            None => arg.clone(),
+        })
+        .collect()
+}

@@ -1,0 +1,80 @@
+//! Conversions between wire messages and core types.
+
+use crate::pb;
+use muster_core::{Assignment, JobId, NodeInventory, Resources};
+
+fn resources_to_pb(r: &Resources) -> pb::Resources {
+    pb::Resources { millicpus: r.millicpus, memory_mib: r.memory_mib, gpus: r.gpus }
+}
+
+fn resources_from_pb(r: Option<&pb::Resources>) -> Resources {
+    r.map_or(Resources::ZERO, |r| Resources::new(r.millicpus, r.memory_mib, r.gpus))
+}
+
+pub fn inventory_to_pb(inv: &NodeInventory) -> pb::Inventory {
+    pb::Inventory {
+        capacity: Some(resources_to_pb(&inv.capacity)),
+        hostname: inv.hostname.clone(),
+        address: inv.address.clone(),
+        executor: inv.executor.clone(),
+    }
+}
+
+pub fn inventory_from_pb(inv: &pb::Inventory) -> NodeInventory {
+    NodeInventory {
+        capacity: resources_from_pb(inv.capacity.as_ref()),
+        hostname: inv.hostname.clone(),
+        address: inv.address.clone(),
+        executor: inv.executor.clone(),
+    }
+}
+
+pub fn assignment_to_pb(a: &Assignment) -> pb::Assignment {
+    pb::Assignment {
+        job_id: a.job.0.clone(),
+        attempt: a.attempt,
+        term: a.term,
+        image: a.image.clone(),
+        command: a.command.clone(),
+        environment: a
+            .environment
+            .iter()
+            .map(|(name, value)| pb::EnvVar { name: name.clone(), value: value.clone() })
+            .collect(),
+        resources: Some(resources_to_pb(&a.resources)),
+        log_stream_name: a.log_stream_name.clone(),
+    }
+}
+
+pub fn assignment_from_pb(a: &pb::Assignment) -> Assignment {
+    Assignment {
+        job: JobId(a.job_id.clone()),
+        attempt: a.attempt,
+        term: a.term,
+        image: a.image.clone(),
+        command: a.command.clone(),
+        environment: a.environment.iter().map(|e| (e.name.clone(), e.value.clone())).collect(),
+        resources: resources_from_pb(a.resources.as_ref()),
+        log_stream_name: a.log_stream_name.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn assignment_round_trips() {
+        let a = Assignment {
+            job: JobId("j-1".into()),
+            attempt: 2,
+            term: 7,
+            image: "busybox".into(),
+            command: vec!["echo".into(), "hi".into()],
+            environment: vec![("A".into(), "1".into())],
+            resources: Resources::new(1500, 256, 1),
+            log_stream_name: "x/default/j-1-2".into(),
+        };
+        assert_eq!(assignment_from_pb(&assignment_to_pb(&a)), a);
+    }
+}

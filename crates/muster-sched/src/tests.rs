@@ -1,0 +1,196 @@
+use super::*;
+use muster_core::{
+    Arn, CeOrder, CeType, Command, ComputeEnvironment, ContainerOverrides, ContainerSpec, JobDefinitionSpec,
+    JobQueue, JobStatus, JobSubmission, NodeInventory, Outcome, Timestamp,
+};
+use proptest::prelude::*;
+
+fn must(state: &mut State, cmd: Command) -> Outcome {
+    let outcome = state.apply(cmd);
+    assert!(!matches!(outcome, Outcome::Rejected(_)), "{outcome:?}");
+    outcome
+}
+
+/// A state with one UNMANAGED compute environment `ce`, queues `(name, priority)` on it,
+/// nodes with the given (millicpus, memory) and a definition `def` of 1 vCPU / 64 MiB.
+fn cluster(queues: &[(&str, i64)], nodes: &[(u64, u64)]) -> State {
+    let mut s = State::default();
+    must(
+        &mut s,
+        Command::CreateComputeEnvironment(ComputeEnvironment {
+            name: "ce".into(),
+            arn: Arn(String::new()),
+            uuid: "u".into(),
+            ce_type: CeType::Unmanaged,
+            state: EnabledState::Enabled,
+            unmanaged_vcpus: None,
+            service_role: None,
+            tags: Default::default(),
+            created_at: Timestamp(0),
+        }),
+    );
+    for (name, priority) in queues {
+        must(
+            &mut s,
+            Command::CreateJobQueue(JobQueue {
+                name: (*name).into(),
+                arn: Arn(String::new()),
+                priority: *priority,
+                state: EnabledState::Enabled,
+                compute_environment_order: vec![CeOrder { order: 1, compute_environment: "ce".into() }],
+                tags: Default::default(),
+                created_at: Timestamp(0),
+            }),
+        );
+    }
+    must(
+        &mut s,
+        Command::RegisterJobDefinition(JobDefinitionSpec {
+            name: "def".into(),
+            container: ContainerSpec { image: "busybox".into(), vcpus: Some(1), memory: Some(64), ..Default::default() },
+            parameters: Default::default(),
+            tags: Default::default(),
+        }),
+    );
+    for (i, (millicpus, memory_mib)) in nodes.iter().enumerate() {
+        must(
+            &mut s,
+            Command::RegisterNode {
+                node: NodeId(format!("n{i}")),
+                compute_environment: "ce".into(),
+                inventory: NodeInventory {
+                    capacity: Resources::new(*millicpus, *memory_mib, 0),
+                    hostname: format!("n{i}"),
+                    address: "127.0.0.1".into(),
+                    executor: "process".into(),
+                },
+                at: Timestamp(0),
+            },
+        );
+    }
+    s
+}
+
+fn submit(s: &mut State, queue: &str, id: &str, at: u64, vcpus: i64, memory: i64) {
+    must(
+        s,
+        Command::SubmitJob(JobSubmission {
+            id: JobId(id.into()),
+            at: Timestamp(at),
+            name: id.into(),
+            queue: queue.into(),
+            definition: "def".into(),
+            overrides: ContainerOverrides { vcpus: Some(vcpus), memory: Some(memory), ..Default::default() },
+            parameters: Default::default(),
+            tags: Default::default(),
+        }),
+    );
+}
+
+fn assert_no_overcommit(s: &State) {
+    for node in s.nodes() {
+        assert!(node.allocated.fits_in(&node.inventory.capacity), "node {} over-committed: {:?}", node.id, node);
+        let sum = node
+            .placed_jobs
+            .iter()
+            .map(|id| s.job(id).unwrap().container.resources())
+            .fold(Resources::ZERO, |a, b| a + b);
+        assert_eq!(sum, node.allocated, "allocation bookkeeping of {} drifted", node.id);
+    }
+}
+
+#[test]
+fn fifo_within_a_queue_and_best_fit_across_nodes() {
+    let mut s = cluster(&[("q", 1)], &[(4000, 4096), (2000, 4096)]);
+    submit(&mut s, "q", "a", 1, 2, 64);
+    submit(&mut s, "q", "b", 2, 4, 64);
+    let p = plan(&s, &PlanConfig::default());
+    // `a` (2 vCPU) fits exactly on the 2-vCPU node; `b` (4 vCPU) then takes the big one.
+    assert_eq!(
+        p.placements,
+        vec![
+            Placement { job: JobId("a".into()), node: NodeId("n1".into()) },
+            Placement { job: JobId("b".into()), node: NodeId("n0".into()) },
+        ]
+    );
+}
+
+#[test]
+fn higher_priority_queue_is_served_first() {
+    let mut s = cluster(&[("low", 1), ("high", 10)], &[(1000, 1024)]);
+    submit(&mut s, "low", "l", 1, 1, 64);
+    submit(&mut s, "high", "h", 2, 1, 64);
+    let p = plan(&s, &PlanConfig::default());
+    assert_eq!(p.placements, vec![Placement { job: JobId("h".into()), node: NodeId("n0".into()) }]);
+    assert!(matches!(p.unplaced[0].reason, WaitReason::InsufficientCapacity { .. }));
+}
+
+#[test]
+fn jobs_without_nodes_say_so() {
+    let mut s = cluster(&[("q", 1)], &[]);
+    submit(&mut s, "q", "a", 1, 1, 64);
+    let p = plan(&s, &PlanConfig::default());
+    assert!(p.placements.is_empty());
+    assert_eq!(p.unplaced[0].reason, WaitReason::NoNodes { compute_environments: vec!["ce".into()] });
+}
+
+#[test]
+fn verify_drops_placements_that_no_longer_fit() {
+    let mut s = cluster(&[("q", 1)], &[(1000, 1024)]);
+    submit(&mut s, "q", "a", 1, 1, 64);
+    submit(&mut s, "q", "b", 2, 1, 64);
+    let forged = Plan {
+        placements: vec![
+            Placement { job: JobId("a".into()), node: NodeId("n0".into()) },
+            Placement { job: JobId("b".into()), node: NodeId("n0".into()) },
+            Placement { job: JobId("a".into()), node: NodeId("n0".into()) },
+        ],
+        unplaced: vec![],
+    };
+    let checked = verify(&s, forged);
+    assert_eq!(checked.placements, vec![Placement { job: JobId("a".into()), node: NodeId("n0".into()) }]);
+}
+
+proptest! {
+    /// Plans applied round after round, with attempts finishing in between, never put more
+    /// on a node than it has, and replaying a snapshot gives the same plan.
+    #[test]
+    fn plans_never_overcommit(
+        nodes in prop::collection::vec((1u64..8, 64u64..4096), 1..6),
+        jobs in prop::collection::vec((0usize..3, 1i64..6, 4i64..2048), 1..60),
+        finish_every in 1usize..4,
+    ) {
+        let nodes: Vec<(u64, u64)> = nodes.into_iter().map(|(c, m)| (c * 1000, m)).collect();
+        let mut s = cluster(&[("q0", 1), ("q1", 5), ("q2", 5)], &nodes);
+        for (i, (q, vcpus, memory)) in jobs.iter().enumerate() {
+            submit(&mut s, &format!("q{q}"), &format!("j{i}"), i as u64, *vcpus, *memory);
+        }
+        for round in 0..(jobs.len() as u64 + 2) {
+            let p = plan(&s, &PlanConfig::default());
+            prop_assert_eq!(&p, &plan(&s.clone(), &PlanConfig::default()));
+            let p = verify(&s, p);
+            let n = p.placements.len();
+            let outcome = s.apply(Command::Place { term: 1, at: Timestamp(1000 + round), placements: p.placements });
+            prop_assert_eq!(outcome, Outcome::Placed { placed: n, refused: 0 });
+            assert_no_overcommit(&s);
+            // Finish some running attempts so that capacity frees up.
+            let placed: Vec<_> = s.nodes().flat_map(|n| n.placed_jobs.iter().cloned().map(|j| (j, n.id.clone()))).collect();
+            for (job, node) in placed.into_iter().step_by(finish_every) {
+                let attempt = s.job(&job).unwrap().active.as_ref().unwrap().number;
+                let at = Timestamp(2000 + round);
+                s.apply(Command::ReportAttempt { job: job.clone(), attempt, node: node.clone(), event: muster_core::AttemptEvent::Running, at });
+                s.apply(Command::ReportAttempt { job, attempt, node, event: muster_core::AttemptEvent::Exited { exit_code: Some(0), reason: None }, at });
+            }
+            assert_no_overcommit(&s);
+        }
+        // Every job that fits on some node eventually ran.
+        let biggest = nodes.iter().copied().fold((0, 0), |a, b| (a.0.max(b.0), a.1.max(b.1)));
+        for (i, (_, vcpus, memory)) in jobs.iter().enumerate() {
+            let job = s.job(&JobId(format!("j{i}"))).unwrap();
+            let fits_somewhere = nodes.iter().any(|(c, m)| (*vcpus as u64) * 1000 <= *c && (*memory as u64) <= *m);
+            if fits_somewhere && finish_every == 1 {
+                prop_assert_eq!(job.status, JobStatus::Succeeded, "job {} never ran (biggest node {:?})", i, biggest);
+            }
+        }
+    }
+}

@@ -1,0 +1,24 @@
+//! `muster-store`: where Raft keeps what must survive a crash.
+//!
+//! The Raft log, the vote, the committed index and the latest snapshot, behind openraft's
+//! storage traits. [`SledLogStore`] and [`SledSnapshotStore`] keep them on disk in one sled
+//! database; [`MemLogStore`] and [`MemSnapshotStore`] are in-memory twins for tests. Both
+//! pairs pass openraft's storage suite (run from `muster-raft`, which owns the state machine).
+//!
+//! Every stored value starts with a format version byte ([`FORMAT_VERSION`]); a value written
+//! by an unknown version is an error, never silently misread.
+//!
+//! This is the only crate that names sled. It stores bytes and openraft types, and knows
+//! nothing of Muster's domain.
+
+mod codec;
+mod mem;
+mod sled_store;
+mod snapshot;
+
+pub use mem::MemLogStore;
+pub use sled_store::{SledLogStore, open_sled};
+pub use snapshot::{MemSnapshotStore, SledSnapshotStore, SnapshotStore, StoredSnapshot};
+
+/// Version of every value this crate writes.
+pub const FORMAT_VERSION: u8 = 1;

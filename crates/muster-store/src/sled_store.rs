@@ -1,0 +1,205 @@
+//! The Raft log and vote on sled.
+
+use crate::codec::{decode, encode};
+use openraft::storage::{LogFlushed, RaftLogStorage};
+use openraft::{
+    Entry, LogId, LogState, OptionalSend, RaftLogId, RaftLogReader, RaftTypeConfig, StorageError, StorageIOError, Vote,
+};
+use std::fmt::Debug;
+use std::marker::PhantomData;
+use std::ops::{Bound, RangeBounds};
+use std::path::Path;
+
+const VOTE: &[u8] = b"vote";
+const COMMITTED: &[u8] = b"committed";
+const LAST_PURGED: &[u8] = b"last_purged";
+
+/// Opens (or creates) the sled database of one control node.
+pub fn open_sled(dir: &Path) -> Result<sled::Db, std::io::Error> {
+    sled::Config::new()
+        .path(dir)
+        // The state machine lives in memory; sled only needs a small page cache.
+        .cache_capacity(64 * 1024 * 1024)
+        // Durability comes from explicit flushes before acknowledging, not a timer.
+        .flush_every_ms(None)
+        .open()
+        .map_err(std::io::Error::other)
+}
+
+/// Raft log entries keyed by big-endian index, plus vote and bookkeeping in a meta tree.
+/// Cloning shares the same trees (sled trees are reference counted).
+pub struct SledLogStore<C: RaftTypeConfig> {
+    db: sled::Db,
+    logs: sled::Tree,
+    meta: sled::Tree,
+    _types: PhantomData<C>,
+}
+
+impl<C: RaftTypeConfig> Clone for SledLogStore<C> {
+    fn clone(&self) -> Self {
+        Self { db: self.db.clone(), logs: self.logs.clone(), meta: self.meta.clone(), _types: PhantomData }
+    }
+}
+
+impl<C> SledLogStore<C>
+where
+    C: RaftTypeConfig<Entry = Entry<C>>,
+{
+    pub fn new(db: &sled::Db) -> Result<Self, std::io::Error> {
+        Ok(Self {
+            db: db.clone(),
+            logs: db.open_tree("raft_log").map_err(std::io::Error::other)?,
+            meta: db.open_tree("raft_meta").map_err(std::io::Error::other)?,
+            _types: PhantomData,
+        })
+    }
+
+    fn read_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, std::io::Error> {
+        match self.meta.get(key).map_err(std::io::Error::other)? {
+            Some(bytes) => decode(&bytes).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    async fn write_meta<T: serde::Serialize>(&self, key: &[u8], value: &T) -> Result<(), std::io::Error> {
+        self.meta.insert(key, encode(value)?).map_err(std::io::Error::other)?;
+        self.db.flush_async().await.map_err(std::io::Error::other)?;
+        Ok(())
+    }
+
+    fn last_entry_log_id(&self) -> Result<Option<LogId<C::NodeId>>, std::io::Error> {
+        match self.logs.last().map_err(std::io::Error::other)? {
+            Some((_, bytes)) => Ok(Some(decode::<Entry<C>>(&bytes)?.get_log_id().clone())),
+            None => Ok(None),
+        }
+    }
+}
+
+fn key(index: u64) -> [u8; 8] {
+    index.to_be_bytes()
+}
+
+fn write_err<NID: openraft::NodeId>(e: std::io::Error) -> StorageError<NID> {
+    StorageIOError::write_logs(&e).into()
+}
+
+fn read_err<NID: openraft::NodeId>(e: impl std::error::Error + 'static) -> StorageError<NID> {
+    StorageIOError::read_logs(&e).into()
+}
+
+impl<C> RaftLogReader<C> for SledLogStore<C>
+where
+    C: RaftTypeConfig<Entry = Entry<C>>,
+{
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<C::Entry>, StorageError<C::NodeId>> {
+        let start = match range.start_bound() {
+            Bound::Included(&i) => i,
+            Bound::Excluded(&i) => i + 1,
+            Bound::Unbounded => 0,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(&i) => Bound::Included(key(i)),
+            Bound::Excluded(&i) => Bound::Excluded(key(i)),
+            Bound::Unbounded => Bound::Unbounded,
+        };
+        let mut entries = Vec::new();
+        for item in self.logs.range((Bound::Included(key(start)), end)) {
+            let (_, bytes) = item.map_err(read_err)?;
+            entries.push(decode(&bytes).map_err(read_err)?);
+        }
+        Ok(entries)
+    }
+}
+
+impl<C> RaftLogStorage<C> for SledLogStore<C>
+where
+    C: RaftTypeConfig<Entry = Entry<C>>,
+{
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> Result<LogState<C>, StorageError<C::NodeId>> {
+        let last_purged_log_id = self.read_meta(LAST_PURGED).map_err(read_err)?;
+        let last_log_id = self.last_entry_log_id().map_err(read_err)?.or(last_purged_log_id.clone());
+        Ok(LogState { last_purged_log_id, last_log_id })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<C::NodeId>) -> Result<(), StorageError<C::NodeId>> {
+        self.write_meta(VOTE, vote).await.map_err(|e| StorageIOError::write_vote(&e).into())
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<C::NodeId>>, StorageError<C::NodeId>> {
+        self.read_meta(VOTE).map_err(|e| StorageIOError::read_vote(&e).into())
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<C::NodeId>>) -> Result<(), StorageError<C::NodeId>> {
+        // Not flushed on its own: a lost committed index is recomputed by Raft after restart.
+        let bytes = encode(&committed).map_err(write_err)?;
+        self.meta.insert(COMMITTED, bytes).map_err(|e| write_err(std::io::Error::other(e)))?;
+        Ok(())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId<C::NodeId>>, StorageError<C::NodeId>> {
+        Ok(self.read_meta::<Option<LogId<C::NodeId>>>(COMMITTED).map_err(read_err)?.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<C>) -> Result<(), StorageError<C::NodeId>>
+    where
+        I: IntoIterator<Item = C::Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        // One batch and one flush for everything openraft hands us at once; the callback
+        // (which lets Raft acknowledge) fires only once the entries are on disk.
+        let mut batch = sled::Batch::default();
+        for entry in entries {
+            batch.insert(&key(entry.get_log_id().index), encode(&entry).map_err(write_err)?);
+        }
+        let result = async {
+            self.logs.apply_batch(batch).map_err(std::io::Error::other)?;
+            self.db.flush_async().await.map_err(std::io::Error::other)?;
+            Ok::<(), std::io::Error>(())
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                callback.log_io_completed(Ok(()));
+                Ok(())
+            }
+            Err(e) => {
+                let err = write_err(std::io::Error::other(e.to_string()));
+                callback.log_io_completed(Err(e));
+                Err(err)
+            }
+        }
+    }
+
+    async fn truncate(&mut self, log_id: LogId<C::NodeId>) -> Result<(), StorageError<C::NodeId>> {
+        let mut batch = sled::Batch::default();
+        for item in self.logs.range(key(log_id.index)..) {
+            let (k, _) = item.map_err(read_err)?;
+            batch.remove(k);
+        }
+        self.logs.apply_batch(batch).map_err(|e| write_err(std::io::Error::other(e)))?;
+        self.db.flush_async().await.map_err(|e| write_err(std::io::Error::other(e)))?;
+        Ok(())
+    }
+
+    async fn purge(&mut self, log_id: LogId<C::NodeId>) -> Result<(), StorageError<C::NodeId>> {
+        // Record the purge point first: a crash between the two steps leaves extra entries
+        // below it, which are harmless, never a gap.
+        self.write_meta(LAST_PURGED, &log_id).await.map_err(write_err)?;
+        let mut batch = sled::Batch::default();
+        for item in self.logs.range(..=key(log_id.index)) {
+            let (k, _) = item.map_err(read_err)?;
+            batch.remove(k);
+        }
+        self.logs.apply_batch(batch).map_err(|e| write_err(std::io::Error::other(e)))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,1 @@
+//! Muster's integration tests live in integration/.
