@@ -282,9 +282,6 @@ impl State {
                 format!("jobDefinition: job definition {} is INACTIVE", definition.arn),
             ));
         }
-        if self.jobs.contains_key(&sub.id) {
-            return Err(Rejection::new("jobId", format!("jobId: job {} already exists", sub.id)));
-        }
         let resources = definition.container.with_overrides(&sub.overrides).resources();
         if resources.millicpus == 0 {
             return Err(Rejection::new(
@@ -352,6 +349,11 @@ impl State {
     }
 
     fn submit(&mut self, sub: JobSubmission) -> Outcome {
+        // A submit retried with the same id (a forward that timed out after commit) answers
+        // with the job it already created.
+        if let Some(existing) = self.jobs.get(&sub.id) {
+            return Outcome::JobSubmitted { id: existing.id.clone(), arn: existing.arn.0.clone(), name: existing.name.clone() };
+        }
         let (queue, definition) = match self.check_submit(&sub) {
             Ok(found) => found,
             Err(rejection) => return Outcome::Rejected(rejection),

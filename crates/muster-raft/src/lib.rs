@@ -1,0 +1,51 @@
+//! `muster-raft`: Muster's replicated log.
+//!
+//! - [`TypeConfig`]: openraft's types for Muster — entries carry `muster_core::Command`s and
+//!   applying one yields an `Outcome`.
+//! - [`StateMachine`]: the in-memory `muster_core::State` behind openraft's state machine
+//!   trait, snapshotting through a `muster_store::SnapshotStore`.
+//! - [`PeerNetwork`] and [`RaftGrpc`]: Raft RPCs over tonic, one cached channel per peer.
+//! - [`RaftNode`]: what the rest of the control node uses: `propose` (forwarded to the leader
+//!   when this node is a follower) and `read` (linearizable through a read index).
+#![allow(clippy::result_large_err)]
+
+mod network;
+mod node;
+mod service;
+mod state_machine;
+
+pub use network::{PeerDirectory, PeerNetwork};
+pub use node::{ProposeError, RaftNode, ReadError};
+pub use service::RaftGrpc;
+pub use state_machine::{AppliedState, StateHandle, StateMachine};
+
+use std::io::Cursor;
+
+/// Control nodes are numbered; the number is fixed in each node's config.
+pub type NodeId = u64;
+
+openraft::declare_raft_types!(
+    /// Muster's openraft type configuration.
+    pub TypeConfig:
+        D = muster_core::Command,
+        R = muster_core::Outcome,
+        NodeId = NodeId,
+        Node = openraft::BasicNode,
+        SnapshotData = Cursor<Vec<u8>>,
+);
+
+pub type Raft = openraft::Raft<TypeConfig>;
+
+/// The Raft timing Muster runs with. Elections settle in well under a second on a LAN.
+pub fn raft_config(cluster_name: &str) -> openraft::Config {
+    openraft::Config {
+        cluster_name: cluster_name.to_owned(),
+        heartbeat_interval: 100,
+        election_timeout_min: 300,
+        election_timeout_max: 600,
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod storage_suite;

@@ -1,0 +1,151 @@
+//! Raft RPCs to peers over tonic, one cached channel per peer.
+
+use crate::{NodeId, TypeConfig};
+use muster_proto::pb::{RaftPayload, raft_service_client::RaftServiceClient};
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
+};
+use openraft::BasicNode;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use tonic::transport::{Channel, Endpoint};
+
+/// Where each control node's gRPC server listens. Filled from config, and by tests that bind
+/// port 0; it wins over the address stored in the Raft membership, so that a node restarted
+/// on a new port is still found.
+#[derive(Clone, Default)]
+pub struct PeerDirectory {
+    addrs: Arc<RwLock<BTreeMap<NodeId, String>>>,
+    /// One lazily connecting channel per peer address, shared by every user of the directory.
+    channels: Arc<Mutex<BTreeMap<String, Channel>>>,
+}
+
+impl PeerDirectory {
+    pub fn set(&self, id: NodeId, addr: String) {
+        self.addrs.write().unwrap_or_else(|p| p.into_inner()).insert(id, addr);
+    }
+
+    pub fn addr(&self, id: NodeId) -> Option<String> {
+        self.addrs.read().unwrap_or_else(|p| p.into_inner()).get(&id).cloned()
+    }
+
+    pub fn all(&self) -> BTreeMap<NodeId, String> {
+        self.addrs.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The cached channel to `addr`, created on first use. Connecting is lazy: a peer that is
+    /// down costs nothing until a call is made, and the channel reconnects by itself.
+    pub fn channel(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
+        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(ch) = channels.get(addr) {
+            return Ok(ch.clone());
+        }
+        let ch = Endpoint::from_shared(format!("http://{addr}"))?
+            .connect_timeout(Duration::from_millis(500))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        channels.insert(addr.to_owned(), ch.clone());
+        Ok(ch)
+    }
+
+    pub fn raft_client(&self, id: NodeId, fallback_addr: Option<&str>) -> Option<RaftServiceClient<Channel>> {
+        let addr = self.addr(id).or_else(|| fallback_addr.map(str::to_owned))?;
+        self.channel(&addr).ok().map(RaftServiceClient::new)
+    }
+}
+
+/// openraft's network factory: hands out one [`PeerClient`] per target.
+#[derive(Clone)]
+pub struct PeerNetwork {
+    pub directory: PeerDirectory,
+}
+
+impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Self::Network {
+        PeerClient { target, client: self.directory.raft_client(target, Some(&node.addr)) }
+    }
+}
+
+pub struct PeerClient {
+    target: NodeId,
+    client: Option<RaftServiceClient<Channel>>,
+}
+
+pub(crate) fn encode<T: Serialize>(value: &T) -> Result<RaftPayload, serde_json::Error> {
+    Ok(RaftPayload { data: serde_json::to_vec(value)? })
+}
+
+pub(crate) fn decode<T: DeserializeOwned>(payload: &RaftPayload) -> Result<T, serde_json::Error> {
+    serde_json::from_slice(&payload.data)
+}
+
+impl PeerClient {
+    /// Sends one RPC and unpacks the remote `Result`. A transport failure is `Unreachable`
+    /// (openraft backs off) and a garbled reply is a `Network` error.
+    async fn call<Req, Resp, E>(
+        &mut self,
+        req: &Req,
+        option: &RPCOption,
+        rpc: fn(
+            RaftServiceClient<Channel>,
+            tonic::Request<RaftPayload>,
+        ) -> futures_like::BoxFuture<Result<tonic::Response<RaftPayload>, tonic::Status>>,
+    ) -> Result<Resp, RPCError<NodeId, BasicNode, E>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let Some(client) = self.client.clone() else {
+            let e = std::io::Error::other(format!("no address known for node {}", self.target));
+            return Err(RPCError::Unreachable(Unreachable::new(&e)));
+        };
+        let payload = encode(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let mut request = tonic::Request::new(payload);
+        request.set_timeout(option.hard_ttl());
+        let reply = rpc(client, request).await.map_err(|status| RPCError::Unreachable(Unreachable::new(&status)))?;
+        let result: Result<Resp, E> =
+            decode(reply.get_ref()).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+/// Boxed futures for the generated client's methods, so one `call` serves every RPC.
+mod futures_like {
+    pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+}
+
+impl RaftNetwork<TypeConfig> for PeerClient {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        self.call(&rpc, &option, |mut c, r| Box::pin(async move { c.append_entries(r).await })).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>>
+    {
+        self.call(&rpc, &option, |mut c, r| Box::pin(async move { c.install_snapshot(r).await })).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        self.call(&rpc, &option, |mut c, r| Box::pin(async move { c.vote(r).await })).await
+    }
+}

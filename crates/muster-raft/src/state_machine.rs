@@ -1,0 +1,187 @@
+//! The replicated state behind openraft's state machine trait.
+
+use crate::{NodeId, TypeConfig};
+use muster_core::{Outcome, State};
+use muster_store::{SnapshotStore, StoredSnapshot};
+use openraft::storage::RaftStateMachine;
+use openraft::{
+    BasicNode, Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, Snapshot, SnapshotMeta, StorageError,
+    StorageIOError, StoredMembership,
+};
+use serde::{Deserialize, Serialize};
+use std::io::Cursor;
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+use tokio::sync::watch;
+
+/// The state machine's contents: Muster's state plus what Raft needs to resume.
+#[derive(Default, Serialize, Deserialize)]
+pub struct AppliedState {
+    pub state: State,
+    pub last_applied: Option<LogId<NodeId>>,
+    pub membership: StoredMembership<NodeId, BasicNode>,
+}
+
+/// The image inside a snapshot, tagged with the state format version.
+#[derive(Serialize, Deserialize)]
+struct SnapshotImage {
+    format_version: u32,
+    applied: AppliedState,
+}
+
+/// A read handle on the applied state, shared by the API, the scheduler and the agent
+/// gateway. The lock is held only for in-memory reads and for applying one batch.
+#[derive(Clone)]
+pub struct StateHandle {
+    applied: Arc<RwLock<AppliedState>>,
+    /// Last applied log index; wakes the scheduler and the assignment streams.
+    applied_index: watch::Receiver<u64>,
+}
+
+impl StateHandle {
+    pub fn read(&self) -> RwLockReadGuard<'_, AppliedState> {
+        self.applied.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A receiver that changes whenever a batch of entries has been applied.
+    pub fn applied_index(&self) -> watch::Receiver<u64> {
+        self.applied_index.clone()
+    }
+}
+
+pub struct StateMachine<S> {
+    applied: Arc<RwLock<AppliedState>>,
+    applied_tx: watch::Sender<u64>,
+    applied_rx: watch::Receiver<u64>,
+    snapshots: S,
+    snapshot_seq: u64,
+}
+
+impl<S: SnapshotStore<TypeConfig> + Clone> StateMachine<S> {
+    /// Loads the latest stored snapshot, if any; Raft replays the log after it.
+    pub fn open(snapshots: S) -> Result<Self, StorageError<NodeId>> {
+        let applied = match snapshots.load()? {
+            Some(stored) => decode_image(&stored.data)?,
+            None => AppliedState::default(),
+        };
+        let index = applied.last_applied.map_or(0, |l| l.index);
+        let (applied_tx, applied_rx) = watch::channel(index);
+        Ok(Self { applied: Arc::new(RwLock::new(applied)), applied_tx, applied_rx, snapshots, snapshot_seq: 0 })
+    }
+
+    pub fn handle(&self) -> StateHandle {
+        StateHandle { applied: self.applied.clone(), applied_index: self.applied_rx.clone() }
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, AppliedState> {
+        self.applied.write().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn decode_image(bytes: &[u8]) -> Result<AppliedState, StorageError<NodeId>> {
+    let image: SnapshotImage =
+        serde_json::from_slice(bytes).map_err(|e| StorageIOError::read_snapshot(None, &e))?;
+    if image.format_version != muster_core::STATE_FORMAT_VERSION {
+        let e = std::io::Error::other(format!("snapshot has unknown state format {}", image.format_version));
+        return Err(StorageIOError::read_snapshot(None, &e).into());
+    }
+    let mut applied = image.applied;
+    applied.state.rebuild_indexes();
+    Ok(applied)
+}
+
+impl<S: SnapshotStore<TypeConfig> + Clone> RaftSnapshotBuilder<TypeConfig> for StateMachine<S> {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
+        let (data, last_applied, membership) = {
+            let applied = self.applied.read().unwrap_or_else(|p| p.into_inner());
+            let image = SnapshotImage { format_version: muster_core::STATE_FORMAT_VERSION, applied: AppliedState {
+                state: applied.state.clone(),
+                last_applied: applied.last_applied,
+                membership: applied.membership.clone(),
+            } };
+            let data = serde_json::to_vec(&image).map_err(|e| StorageIOError::write_state_machine(&e))?;
+            (data, applied.last_applied, applied.membership.clone())
+        };
+        self.snapshot_seq += 1;
+        let snapshot_id = match last_applied {
+            Some(l) => format!("{}-{}-{}", l.leader_id, l.index, self.snapshot_seq),
+            None => format!("--{}", self.snapshot_seq),
+        };
+        let meta = SnapshotMeta { last_log_id: last_applied, last_membership: membership, snapshot_id };
+        self.snapshots.save(&StoredSnapshot { meta: meta.clone(), data: data.clone() }).await?;
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+    }
+}
+
+impl<S: SnapshotStore<TypeConfig> + Clone> RaftStateMachine<TypeConfig> for StateMachine<S> {
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>), StorageError<NodeId>> {
+        let applied = self.applied.read().unwrap_or_else(|p| p.into_inner());
+        Ok((applied.last_applied, applied.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Outcome>, StorageError<NodeId>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut outcomes = Vec::new();
+        let last_index = {
+            let mut applied = self.write();
+            for entry in entries {
+                applied.last_applied = Some(entry.log_id);
+                let outcome = match entry.payload {
+                    EntryPayload::Blank => Outcome::Done,
+                    EntryPayload::Normal(command) => applied.state.apply(command),
+                    EntryPayload::Membership(m) => {
+                        applied.membership = StoredMembership::new(Some(entry.log_id), m);
+                        Outcome::Done
+                    }
+                };
+                outcomes.push(outcome);
+            }
+            applied.last_applied.map_or(0, |l| l.index)
+        };
+        self.applied_tx.send_replace(last_index);
+        Ok(outcomes)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        StateMachine {
+            applied: self.applied.clone(),
+            applied_tx: self.applied_tx.clone(),
+            applied_rx: self.applied_rx.clone(),
+            snapshots: self.snapshots.clone(),
+            snapshot_seq: self.snapshot_seq,
+        }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError<NodeId>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError<NodeId>> {
+        let data = snapshot.into_inner();
+        let mut installed = decode_image(&data)?;
+        installed.last_applied = meta.last_log_id;
+        installed.membership = meta.last_membership.clone();
+        self.snapshots.save(&StoredSnapshot { meta: meta.clone(), data }).await?;
+        let index = installed.last_applied.map_or(0, |l| l.index);
+        *self.write() = installed;
+        self.applied_tx.send_replace(index);
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
+        Ok(self
+            .snapshots
+            .load()?
+            .map(|stored| Snapshot { meta: stored.meta, snapshot: Box::new(Cursor::new(stored.data)) }))
+    }
+}
