@@ -1,0 +1,261 @@
+//! RegisterJobDefinition, DescribeJobDefinitions.
+
+use crate::request::{
+    KeyValuePair, ResourceRequirementShape, environment, page_size, parse, required, requirement_shapes,
+    resource_requirements, tags,
+};
+use crate::{ApiError, ControlPlane, check_and_propose};
+use muster_core::{Command, ContainerSpec, DefinitionStatus, JobDefinition, JobDefinitionSpec, Outcome, Tags};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct ContainerPropertiesShape {
+    image: Option<String>,
+    vcpus: Option<i64>,
+    memory: Option<i64>,
+    command: Option<Vec<String>>,
+    environment: Option<Vec<KeyValuePair>>,
+    resource_requirements: Option<Vec<ResourceRequirementShape>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RetryStrategyShape {
+    attempts: Option<i64>,
+    evaluate_on_exit: Option<Vec<Value>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RegisterRequest {
+    job_definition_name: Option<String>,
+    #[serde(rename = "type")]
+    definition_type: Option<String>,
+    parameters: Option<BTreeMap<String, String>>,
+    container_properties: Option<ContainerPropertiesShape>,
+    node_properties: Option<Value>,
+    retry_strategy: Option<RetryStrategyShape>,
+    timeout: Option<Value>,
+    tags: Option<Tags>,
+}
+
+/// Rejects the parts of a submission or definition whose semantics Muster does not carry out
+/// yet, rather than accept them and behave differently from AWS Batch.
+fn unsupported_retry(field: &str, retry: &Option<RetryStrategyShape>) -> Result<(), ApiError> {
+    if let Some(r) = retry {
+        match r.attempts {
+            Some(a) if !(1..=10).contains(&a) => {
+                return Err(ApiError::client(format!("{field}.attempts: {a} must be between 1 and 10")));
+            }
+            Some(a) if a > 1 => {
+                return Err(ApiError::client(format!("{field}.attempts: retries are not supported by Muster yet")));
+            }
+            _ => {}
+        }
+        if r.evaluate_on_exit.as_ref().is_some_and(|e| !e.is_empty()) {
+            return Err(ApiError::client(format!("{field}.evaluateOnExit: not supported by Muster yet")));
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn check_retry_strategy(field: &str, value: &Option<Value>) -> Result<(), ApiError> {
+    let Some(v) = value else { return Ok(()) };
+    let shape: RetryStrategyShape =
+        serde_json::from_value(v.clone()).map_err(|e| ApiError::client(format!("{field}: {e}")))?;
+    unsupported_retry(field, &Some(shape))
+}
+
+fn container_spec(c: ContainerPropertiesShape) -> Result<ContainerSpec, ApiError> {
+    let image = c.image.filter(|i| !i.is_empty()).ok_or_else(|| ApiError::client("containerProperties.image is required"))?;
+    if let Some(v) = c.vcpus
+        && v < 1
+    {
+        return Err(ApiError::client(format!("containerProperties.vcpus: {v} must be at least 1")));
+    }
+    if let Some(m) = c.memory
+        && m < 4
+    {
+        return Err(ApiError::client(format!("containerProperties.memory: {m} must be at least 4 (MiB)")));
+    }
+    let spec = ContainerSpec {
+        image,
+        command: c.command.unwrap_or_default(),
+        environment: environment("containerProperties.environment", &c.environment.unwrap_or_default())?,
+        vcpus: c.vcpus,
+        memory: c.memory,
+        resource_requirements: resource_requirements(
+            "containerProperties.resourceRequirements",
+            &c.resource_requirements.unwrap_or_default(),
+        )?,
+    };
+    let r = spec.resources();
+    if r.millicpus == 0 {
+        return Err(ApiError::client(
+            "containerProperties.resourceRequirements: a VCPU requirement (or containerProperties.vcpus) is required",
+        ));
+    }
+    if r.memory_mib == 0 {
+        return Err(ApiError::client(
+            "containerProperties.resourceRequirements: a MEMORY requirement (or containerProperties.memory) is required",
+        ));
+    }
+    Ok(spec)
+}
+
+pub(crate) async fn register<P: ControlPlane>(plane: &P, body: &[u8]) -> Result<Value, ApiError> {
+    let req: RegisterRequest = parse(body)?;
+    let name = required("jobDefinitionName", &req.job_definition_name)?.to_owned();
+    muster_core::validate::name("jobDefinitionName", &name)?;
+    match required("type", &req.definition_type)? {
+        "container" => {}
+        "multinode" => return Err(ApiError::client("type: multinode job definitions are not supported by Muster yet")),
+        other => return Err(ApiError::client(format!("type: {other} must be one of container | multinode"))),
+    }
+    if req.node_properties.is_some() {
+        return Err(ApiError::client("nodeProperties: only multinode job definitions take nodeProperties"));
+    }
+    unsupported_retry("retryStrategy", &req.retry_strategy)?;
+    if req.timeout.is_some() {
+        return Err(ApiError::client("timeout: attempt timeouts are not supported by Muster yet"));
+    }
+    let container = container_spec(
+        req.container_properties.ok_or_else(|| ApiError::client("containerProperties is required for type container"))?,
+    )?;
+    let spec =
+        JobDefinitionSpec { name, container, parameters: req.parameters.unwrap_or_default(), tags: tags("tags", req.tags)? };
+    match check_and_propose(plane, Command::RegisterJobDefinition(spec)).await? {
+        Outcome::DefinitionRegistered { name, revision, arn } => {
+            Ok(json!({ "jobDefinitionName": name, "jobDefinitionArn": arn, "revision": revision }))
+        }
+        other => Err(ApiError::server(format!("unexpected outcome {other:?}"))),
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct ContainerShape {
+    pub image: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vcpus: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory: Option<i64>,
+    pub command: Vec<String>,
+    pub environment: Vec<KeyValuePair>,
+    pub resource_requirements: Vec<ResourceRequirementShape>,
+    pub volumes: Vec<Value>,
+    pub mount_points: Vec<Value>,
+    pub ulimits: Vec<Value>,
+    pub secrets: Vec<Value>,
+}
+
+pub(crate) fn container_shape(c: &ContainerSpec) -> ContainerShape {
+    ContainerShape {
+        image: c.image.clone(),
+        vcpus: c.vcpus,
+        memory: c.memory,
+        command: c.command.clone(),
+        environment: c
+            .environment
+            .iter()
+            .map(|(n, v)| KeyValuePair { name: Some(n.clone()), value: Some(v.clone()) })
+            .collect(),
+        resource_requirements: requirement_shapes(&c.resource_requirements),
+        volumes: Vec::new(),
+        mount_points: Vec::new(),
+        ulimits: Vec::new(),
+        secrets: Vec::new(),
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Detail {
+    job_definition_name: String,
+    job_definition_arn: String,
+    revision: u32,
+    status: &'static str,
+    #[serde(rename = "type")]
+    definition_type: &'static str,
+    parameters: BTreeMap<String, String>,
+    container_properties: ContainerShape,
+    tags: Tags,
+    platform_capabilities: Vec<&'static str>,
+    container_orchestration_type: &'static str,
+}
+
+fn detail(d: &JobDefinition) -> Detail {
+    Detail {
+        job_definition_name: d.name.clone(),
+        job_definition_arn: d.arn.0.clone(),
+        revision: d.revision,
+        status: d.status.as_aws(),
+        definition_type: "container",
+        parameters: d.parameters.clone(),
+        container_properties: container_shape(&d.container),
+        tags: d.tags.clone(),
+        platform_capabilities: vec!["EC2"],
+        container_orchestration_type: "ECS",
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct DescribeRequest {
+    job_definitions: Option<Vec<String>>,
+    max_results: Option<i64>,
+    job_definition_name: Option<String>,
+    status: Option<String>,
+    next_token: Option<String>,
+}
+
+pub(crate) async fn describe<P: ControlPlane>(plane: &P, body: &[u8]) -> Result<Value, ApiError> {
+    let req: DescribeRequest = parse(body)?;
+    let wanted = req.job_definitions.unwrap_or_default();
+    if wanted.len() > 100 {
+        return Err(ApiError::client("jobDefinitions: at most 100 may be described at once"));
+    }
+    let status = match req.status.as_deref() {
+        None => None,
+        Some("ACTIVE") => Some(DefinitionStatus::Active),
+        Some("INACTIVE") => Some(DefinitionStatus::Inactive),
+        Some(other) => return Err(ApiError::client(format!("status: {other} must be one of ACTIVE | INACTIVE"))),
+    };
+    let limit = page_size(req.max_results, 100)?;
+    // Tokens are the ARN of the last definition returned; ARNs sort by name then revision
+    // only within a name, so the token is the (name, revision) position instead.
+    let after = match req.next_token.as_deref() {
+        None => None,
+        Some(t) => Some(parse_token(t)?),
+    };
+    let name = req.job_definition_name;
+    let (page, more) = plane
+        .read(move |s| {
+            let mut matching = s
+                .definitions()
+                .filter(|d| wanted.is_empty() || wanted.iter().any(|w| s.definition(w).is_some_and(|x| x.arn == d.arn)))
+                .filter(|d| name.as_ref().is_none_or(|n| *n == d.name))
+                .filter(|d| status.is_none_or(|st| st == d.status))
+                .filter(|d| after.as_ref().is_none_or(|(n, r)| (&d.name, d.revision) > (n, *r)));
+            let page: Vec<Detail> = matching.by_ref().take(limit).map(detail).collect();
+            (page, matching.next().is_some())
+        })
+        .await
+        .map_err(ApiError::server)?;
+    let token = page.last().filter(|_| more).map(|d| format!("{}:{}", d.job_definition_name, d.revision));
+    let mut out = json!({ "jobDefinitions": page });
+    if let Some(token) = token {
+        out["nextToken"] = json!(token);
+    }
+    Ok(out)
+}
+
+fn parse_token(token: &str) -> Result<(String, u32), ApiError> {
+    token
+        .rsplit_once(':')
+        .and_then(|(n, r)| Some((n.to_owned(), r.parse().ok()?)))
+        .ok_or_else(|| ApiError::client("nextToken: not a token this API returned"))
+}

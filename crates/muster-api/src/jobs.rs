@@ -1,0 +1,366 @@
+//! SubmitJob, DescribeJobs, ListJobs, TerminateJob.
+
+use crate::job_definitions::{ContainerShape, check_retry_strategy, container_shape};
+use crate::request::{
+    KeyValuePair, ResourceRequirementShape, environment, page_size, parse, required, resource_requirements, tags,
+};
+use crate::{ApiError, ControlPlane, check_and_propose};
+use muster_core::{Command, ContainerOverrides, Job, JobId, JobStatus, JobSubmission, Outcome, State, Tags, Timestamp};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct ContainerOverridesShape {
+    command: Option<Vec<String>>,
+    environment: Option<Vec<KeyValuePair>>,
+    resource_requirements: Option<Vec<ResourceRequirementShape>>,
+    vcpus: Option<i64>,
+    memory: Option<i64>,
+    instance_type: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SubmitRequest {
+    job_name: Option<String>,
+    job_queue: Option<String>,
+    job_definition: Option<String>,
+    container_overrides: Option<ContainerOverridesShape>,
+    parameters: Option<BTreeMap<String, String>>,
+    tags: Option<Tags>,
+    array_properties: Option<Value>,
+    depends_on: Option<Vec<Value>>,
+    node_overrides: Option<Value>,
+    retry_strategy: Option<Value>,
+    timeout: Option<Value>,
+}
+
+fn overrides(o: ContainerOverridesShape) -> Result<ContainerOverrides, ApiError> {
+    if let Some(v) = o.vcpus
+        && v < 1
+    {
+        return Err(ApiError::client(format!("containerOverrides.vcpus: {v} must be at least 1")));
+    }
+    if let Some(m) = o.memory
+        && m < 4
+    {
+        return Err(ApiError::client(format!("containerOverrides.memory: {m} must be at least 4 (MiB)")));
+    }
+    if o.instance_type.is_some() {
+        return Err(ApiError::client("containerOverrides.instanceType: only applies to multinode jobs"));
+    }
+    Ok(ContainerOverrides {
+        command: o.command,
+        environment: environment("containerOverrides.environment", &o.environment.unwrap_or_default())?,
+        vcpus: o.vcpus,
+        memory: o.memory,
+        resource_requirements: resource_requirements(
+            "containerOverrides.resourceRequirements",
+            &o.resource_requirements.unwrap_or_default(),
+        )?,
+    })
+}
+
+pub(crate) async fn submit<P: ControlPlane>(plane: &P, body: &[u8]) -> Result<Value, ApiError> {
+    let req: SubmitRequest = parse(body)?;
+    let name = required("jobName", &req.job_name)?.to_owned();
+    muster_core::validate::name("jobName", &name)?;
+    let queue = required("jobQueue", &req.job_queue)?.to_owned();
+    let definition = required("jobDefinition", &req.job_definition)?.to_owned();
+    if req.array_properties.is_some() {
+        return Err(ApiError::client("arrayProperties: array jobs are not supported by Muster yet"));
+    }
+    if req.depends_on.as_ref().is_some_and(|d| !d.is_empty()) {
+        return Err(ApiError::client("dependsOn: job dependencies are not supported by Muster yet"));
+    }
+    if req.node_overrides.is_some() {
+        return Err(ApiError::client("nodeOverrides: multinode jobs are not supported by Muster yet"));
+    }
+    check_retry_strategy("retryStrategy", &req.retry_strategy)?;
+    if req.timeout.is_some() {
+        return Err(ApiError::client("timeout: attempt timeouts are not supported by Muster yet"));
+    }
+    let submission = JobSubmission {
+        id: JobId(plane.new_id()),
+        at: plane.now(),
+        name,
+        queue,
+        definition,
+        overrides: overrides(req.container_overrides.unwrap_or_default())?,
+        parameters: req.parameters.unwrap_or_default(),
+        tags: tags("tags", req.tags)?,
+    };
+    match check_and_propose(plane, Command::SubmitJob(submission)).await? {
+        Outcome::JobSubmitted { id, arn, name } => Ok(json!({ "jobArn": arn, "jobName": name, "jobId": id.0 })),
+        other => Err(ApiError::server(format!("unexpected outcome {other:?}"))),
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ContainerDetail {
+    #[serde(flatten)]
+    spec: ContainerShape,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    exit_code: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    log_stream_name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    container_instance_arn: Option<String>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct AttemptContainer {
+    container_instance_arn: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    exit_code: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+    log_stream_name: String,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct AttemptDetail {
+    container: AttemptContainer,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    started_at: Option<u64>,
+    stopped_at: u64,
+    status_reason: String,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct JobDetail {
+    job_arn: String,
+    job_name: String,
+    job_id: String,
+    job_queue: String,
+    status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status_reason: Option<String>,
+    attempts: Vec<AttemptDetail>,
+    created_at: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    started_at: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stopped_at: Option<u64>,
+    depends_on: Vec<Value>,
+    job_definition: String,
+    parameters: BTreeMap<String, String>,
+    container: ContainerDetail,
+    tags: Tags,
+    propagate_tags: bool,
+    platform_capabilities: Vec<&'static str>,
+    is_terminated: bool,
+}
+
+fn ms(t: Timestamp) -> u64 {
+    t.as_millis()
+}
+
+fn job_detail(state: &State, job: &Job) -> JobDetail {
+    let last = job.attempts.last();
+    let queue_arn = state.queue(&job.queue).map_or_else(|| job.queue.clone(), |q| q.arn.0.clone());
+    let stream = job
+        .active
+        .as_ref()
+        .map(|a| job.log_stream_name(a.number))
+        .or_else(|| last.map(|a| a.log_stream_name.clone()));
+    let node = job.active.as_ref().map(|a| a.node.0.clone()).or_else(|| last.map(|a| a.node.0.clone()));
+    JobDetail {
+        job_arn: job.arn.0.clone(),
+        job_name: job.name.clone(),
+        job_id: job.id.0.clone(),
+        job_queue: queue_arn,
+        status: job.status.as_aws(),
+        status_reason: job.status_reason.clone(),
+        attempts: job
+            .attempts
+            .iter()
+            .map(|a| AttemptDetail {
+                container: AttemptContainer {
+                    container_instance_arn: a.node.0.clone(),
+                    exit_code: a.exit_code,
+                    reason: a.reason.clone(),
+                    log_stream_name: a.log_stream_name.clone(),
+                },
+                started_at: a.started_at.map(ms),
+                stopped_at: ms(a.stopped_at),
+                status_reason: a.status_reason.clone(),
+            })
+            .collect(),
+        created_at: ms(job.created_at),
+        started_at: job.started_at.map(ms),
+        stopped_at: job.stopped_at.map(ms),
+        depends_on: Vec::new(),
+        job_definition: job.definition_arn.0.clone(),
+        parameters: job.parameters.clone(),
+        container: ContainerDetail {
+            spec: container_shape(&job.container),
+            exit_code: job.active.as_ref().map_or_else(|| last.and_then(|a| a.exit_code), |_| None),
+            reason: job.active.as_ref().map_or_else(|| last.and_then(|a| a.reason.clone()), |_| None),
+            log_stream_name: stream,
+            container_instance_arn: node,
+        },
+        tags: job.tags.clone(),
+        propagate_tags: false,
+        platform_capabilities: vec!["EC2"],
+        is_terminated: job.is_terminated,
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct DescribeRequest {
+    jobs: Option<Vec<String>>,
+}
+
+pub(crate) async fn describe<P: ControlPlane>(plane: &P, body: &[u8]) -> Result<Value, ApiError> {
+    let req: DescribeRequest = parse(body)?;
+    let ids = req.jobs.ok_or_else(|| ApiError::client("jobs is required"))?;
+    if ids.len() > 100 {
+        return Err(ApiError::client(format!("jobs: at most 100 job ids may be described at once (got {})", ids.len())));
+    }
+    let details = plane
+        .read(move |s| {
+            // Unknown ids are left out, as AWS does.
+            ids.iter().filter_map(|id| s.job(&JobId(id.clone()))).map(|j| job_detail(s, j)).collect::<Vec<_>>()
+        })
+        .await
+        .map_err(ApiError::server)?;
+    Ok(json!({ "jobs": details }))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ListRequest {
+    job_queue: Option<String>,
+    array_job_id: Option<String>,
+    multi_node_job_id: Option<String>,
+    job_status: Option<String>,
+    max_results: Option<i64>,
+    next_token: Option<String>,
+    filters: Option<Vec<Value>>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct JobSummary {
+    job_arn: String,
+    job_id: String,
+    job_name: String,
+    created_at: u64,
+    status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status_reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    started_at: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stopped_at: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    container: Option<Value>,
+    job_definition: String,
+}
+
+fn summary(job: &Job) -> JobSummary {
+    let container = job.attempts.last().filter(|_| job.status.is_terminal()).map(|a| {
+        let mut c = json!({});
+        if let Some(code) = a.exit_code {
+            c["exitCode"] = json!(code);
+        }
+        if let Some(reason) = &a.reason {
+            c["reason"] = json!(reason);
+        }
+        c
+    });
+    JobSummary {
+        job_arn: job.arn.0.clone(),
+        job_id: job.id.0.clone(),
+        job_name: job.name.clone(),
+        created_at: ms(job.created_at),
+        status: job.status.as_aws(),
+        status_reason: job.status_reason.clone(),
+        started_at: job.started_at.map(ms),
+        stopped_at: job.stopped_at.map(ms),
+        container,
+        job_definition: job.definition_arn.0.clone(),
+    }
+}
+
+pub(crate) async fn list<P: ControlPlane>(plane: &P, body: &[u8]) -> Result<Value, ApiError> {
+    let req: ListRequest = parse(body)?;
+    if req.array_job_id.is_some() {
+        return Err(ApiError::client("arrayJobId: array jobs are not supported by Muster yet"));
+    }
+    if req.multi_node_job_id.is_some() {
+        return Err(ApiError::client("multiNodeJobId: multinode jobs are not supported by Muster yet"));
+    }
+    if req.filters.as_ref().is_some_and(|f| !f.is_empty()) {
+        return Err(ApiError::client("filters: ListJobs filters are not supported by Muster yet"));
+    }
+    let queue = required("jobQueue", &req.job_queue)?.to_owned();
+    // Without a status AWS lists RUNNING jobs.
+    let status = match req.job_status.as_deref() {
+        None => JobStatus::Running,
+        Some(s) => JobStatus::parse(s).ok_or_else(|| {
+            ApiError::client(format!(
+                "jobStatus: {s} must be one of SUBMITTED | PENDING | RUNNABLE | STARTING | RUNNING | SUCCEEDED | FAILED"
+            ))
+        })?,
+    };
+    let limit = page_size(req.max_results, 1000)?;
+    let after = match req.next_token.as_deref() {
+        None => None,
+        Some(t) => Some(
+            t.split_once('/')
+                .and_then(|(at, id)| Some((Timestamp(at.parse().ok()?), id.to_owned())))
+                .ok_or_else(|| ApiError::client("nextToken: not a token this API returned"))?,
+        ),
+    };
+    let result = plane
+        .read(move |s| {
+            let q = s.queue(&queue)?;
+            let mut matching = s
+                .jobs_in_queue(&q.name, Some(status))
+                .filter(|j| after.as_ref().is_none_or(|(at, id)| (j.created_at, &j.id.0) > (*at, id)));
+            let page: Vec<(JobSummary, String)> = matching
+                .by_ref()
+                .take(limit)
+                .map(|j| (summary(j), format!("{}/{}", j.created_at.as_millis(), j.id.0)))
+                .collect();
+            Some((page, matching.next().is_some()))
+        })
+        .await
+        .map_err(ApiError::server)?;
+    let Some((page, more)) = result else {
+        return Err(ApiError::client(format!("jobQueue: job queue {} does not exist", req.job_queue.unwrap_or_default())));
+    };
+    let token = page.last().filter(|_| more).map(|(_, t)| t.clone());
+    let summaries: Vec<JobSummary> = page.into_iter().map(|(s, _)| s).collect();
+    let mut out = json!({ "jobSummaryList": summaries });
+    if let Some(token) = token {
+        out["nextToken"] = json!(token);
+    }
+    Ok(out)
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TerminateRequest {
+    job_id: Option<String>,
+    reason: Option<String>,
+}
+
+pub(crate) async fn terminate<P: ControlPlane>(plane: &P, body: &[u8]) -> Result<Value, ApiError> {
+    let req: TerminateRequest = parse(body)?;
+    let job = JobId(required("jobId", &req.job_id)?.to_owned());
+    let reason = required("reason", &req.reason)?.to_owned();
+    check_and_propose(plane, Command::TerminateJob { job, reason, at: plane.now() }).await?;
+    Ok(json!({}))
+}

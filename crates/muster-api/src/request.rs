@@ -1,0 +1,138 @@
+//! Parsing request bodies and the small shapes several operations share.
+
+use crate::ApiError;
+use muster_core::{ResourceRequirement, ResourceType, Tags};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// Parses a JSON body into `T`. A type error names the path of the offending member
+/// (`containerProperties.vcpus`); an empty body counts as `{}` as botocore sends it.
+pub(crate) fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let body = if body.iter().all(u8::is_ascii_whitespace) { b"{}".as_slice() } else { body };
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if inner.is_syntax() || inner.is_eof() {
+            ApiError::client(format!("request body is not valid JSON: {inner}"))
+        } else if path == "." {
+            // serde names a missing member itself: "missing field `jobName`".
+            ApiError::client(inner.to_string().replace("missing field", "missing required field"))
+        } else {
+            ApiError::client(format!("{path}: {inner}"))
+        }
+    })
+}
+
+/// Fails unless `value` is present and non-empty.
+pub(crate) fn required<'a>(field: &str, value: &'a Option<String>) -> Result<&'a str, ApiError> {
+    match value.as_deref() {
+        Some(v) if !v.is_empty() => Ok(v),
+        _ => Err(ApiError::client(format!("{field} is required"))),
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub(crate) struct KeyValuePair {
+    pub name: Option<String>,
+    pub value: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub(crate) struct ResourceRequirementShape {
+    #[serde(rename = "type")]
+    pub resource_type: String,
+    pub value: String,
+}
+
+/// Validates `environment` entries: each needs a name, and `AWS_BATCH*` names are reserved.
+pub(crate) fn environment(field: &str, entries: &[KeyValuePair]) -> Result<Vec<(String, String)>, ApiError> {
+    entries
+        .iter()
+        .map(|kv| {
+            let name = kv.name.clone().filter(|n| !n.is_empty()).ok_or_else(|| {
+                ApiError::client(format!("{field}.name is required for every environment variable"))
+            })?;
+            if name.starts_with("AWS_BATCH") {
+                return Err(ApiError::client(format!(
+                    "{field}.name: {name} is reserved; names starting with AWS_BATCH are set by Muster"
+                )));
+            }
+            Ok((name, kv.value.clone().unwrap_or_default()))
+        })
+        .collect()
+}
+
+/// Validates `resourceRequirements`: known types, each at most once, sensible values.
+pub(crate) fn resource_requirements(
+    field: &str,
+    shapes: &[ResourceRequirementShape],
+) -> Result<Vec<ResourceRequirement>, ApiError> {
+    let mut out: Vec<ResourceRequirement> = Vec::new();
+    for shape in shapes {
+        let Some(resource_type) = ResourceType::parse(&shape.resource_type) else {
+            return Err(ApiError::client(format!(
+                "{field}.type: {} must be one of VCPU | MEMORY | GPU",
+                shape.resource_type
+            )));
+        };
+        if out.iter().any(|r| r.resource_type == resource_type) {
+            return Err(ApiError::client(format!("{field}.type: {} is given twice", shape.resource_type)));
+        }
+        let value = shape.value.trim();
+        let ok = match resource_type {
+            ResourceType::Vcpu => muster_core::validate::parse_vcpus(value).is_some(),
+            ResourceType::Memory => value.parse::<u64>().is_ok_and(|m| m >= 4),
+            ResourceType::Gpu => value.parse::<u32>().is_ok_and(|g| g >= 1),
+        };
+        if !ok {
+            let rule = match resource_type {
+                ResourceType::Vcpu => "a positive number of vCPUs",
+                ResourceType::Memory => "a whole number of MiB, at least 4",
+                ResourceType::Gpu => "a whole number of GPUs, at least 1",
+            };
+            return Err(ApiError::client(format!(
+                "{field}.value: {} for {} must be {rule}",
+                shape.value, shape.resource_type
+            )));
+        }
+        out.push(ResourceRequirement { resource_type, value: value.to_owned() });
+    }
+    out.sort_by_key(|r| r.resource_type);
+    Ok(out)
+}
+
+pub(crate) fn requirement_shapes(reqs: &[ResourceRequirement]) -> Vec<ResourceRequirementShape> {
+    reqs.iter()
+        .map(|r| ResourceRequirementShape { resource_type: r.resource_type.as_aws().to_owned(), value: r.value.clone() })
+        .collect()
+}
+
+/// Validates tags as AWS limits them.
+pub(crate) fn tags(field: &str, tags: Option<Tags>) -> Result<Tags, ApiError> {
+    let tags = tags.unwrap_or_default();
+    if tags.len() > 50 {
+        return Err(ApiError::client(format!("{field}: at most 50 tags are allowed (got {})", tags.len())));
+    }
+    for (k, v) in &tags {
+        if k.is_empty() || k.len() > 128 {
+            return Err(ApiError::client(format!("{field}: tag key '{k}' must be 1 to 128 characters")));
+        }
+        if v.len() > 256 {
+            return Err(ApiError::client(format!("{field}: value of tag '{k}' must be at most 256 characters")));
+        }
+        if k.to_ascii_lowercase().starts_with("aws:") {
+            return Err(ApiError::client(format!("{field}: tag key '{k}' uses the reserved prefix aws:")));
+        }
+    }
+    Ok(tags)
+}
+
+/// Page size: `maxResults` within `1..=max`, `max` when absent.
+pub(crate) fn page_size(max_results: Option<i64>, max: usize) -> Result<usize, ApiError> {
+    match max_results {
+        None => Ok(max),
+        Some(n) if n >= 1 && n as usize <= max => Ok(n as usize),
+        Some(n) => Err(ApiError::client(format!("maxResults: {n} must be between 1 and {max}"))),
+    }
+}
