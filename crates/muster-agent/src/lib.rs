@@ -1,0 +1,19 @@
+//! `muster-agent`: the worker agent.
+//!
+//! It registers its machine ([`inventory`]) into the compute environment named in its config,
+//! heartbeats, and holds a stream of the attempts the leader wants it to run. Each message of
+//! that stream is the complete set (level-triggered), so the agent reconciles: it starts what
+//! is new, stops what is no longer listed (TerminateJob, a superseded attempt), and reports
+//! every attempt's RUNNING and exit. Sets from a leader term older than the newest one seen
+//! are ignored (fencing).
+//!
+//! Jobs run through an [`executor::Executor`]: Docker (bollard) or plain processes.
+
+mod agent;
+mod config;
+pub mod executor;
+pub mod inventory;
+mod reporter;
+
+pub use agent::Agent;
+pub use config::{AgentConfig, ExecutorKind, RawAgentConfig};

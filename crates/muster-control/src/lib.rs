@@ -1,0 +1,29 @@
+//! `muster-control`: one Muster control node.
+//!
+//! [`ControlNode::start`] wires the pieces together on listeners the caller already bound
+//! (so tests use port 0): the sled store, openraft, the gRPC server (Raft peers and the
+//! [`AgentGateway`]), the AWS Batch API, and the leader loops — today the scheduler with its
+//! plan applier ([`scheduler`]).
+//!
+//! Every background loop has the same shape: it runs until the node's shutdown signal fires.
+
+mod config;
+mod gateway;
+mod local_cluster;
+mod node;
+mod plane;
+pub mod scheduler;
+
+pub use config::{PeerConfig, RawServerConfig, ServerConfig};
+pub use gateway::AgentGateway;
+pub use local_cluster::{ClusterError, LocalCluster};
+pub use node::{ControlNode, Listeners, StartError};
+pub use muster_raft::RaftNode;
+pub use plane::RaftPlane;
+
+/// Milliseconds since the Unix epoch, read once per command at its edge: the state machine
+/// only ever sees the value.
+pub fn now_millis() -> muster_core::Timestamp {
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    muster_core::Timestamp(since.as_millis() as u64)
+}

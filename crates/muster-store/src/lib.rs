@@ -18,6 +18,9 @@ mod snapshot;
 
 pub use mem::MemLogStore;
 pub use sled_store::{SledLogStore, open_sled};
+
+/// A node's open database, shared by its log and snapshot stores.
+pub type Database = sled::Db;
 pub use snapshot::{MemSnapshotStore, SledSnapshotStore, SnapshotStore, StoredSnapshot};
 
 /// Version of every value this crate writes.

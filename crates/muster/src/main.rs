@@ -1,1 +1,95 @@
-fn main(){}
+//! `muster`: the one binary. `server` runs a control node, `agent` a worker, `dev` a whole
+//! local cluster with an agent in one process.
+
+mod dev;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "muster", version, about = "AWS Batch that you run yourself")]
+struct Cli {
+    #[command(subcommand)]
+    command: Commands,
+}
+
+#[derive(Subcommand)]
+enum Commands {
+    /// Run one control node.
+    Server {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Run one worker agent.
+    Agent {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Run three control nodes and an agent in this process: a complete local cluster.
+    Dev {
+        #[arg(long, default_value = "./muster-data")]
+        data_dir: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:7070")]
+        api_addr: SocketAddr,
+        /// `docker` or `process`; by default docker when the engine answers.
+        #[arg(long)]
+        executor: Option<String>,
+    },
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MUSTER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,muster=info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn install_metrics() -> anyhow::Result<metrics_exporter_prometheus::PrometheusHandle> {
+    metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder().context("installing the metrics recorder")
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_tracing();
+    match cli.command {
+        Commands::Server { config } => server(config).await,
+        Commands::Agent { config } => agent(config).await,
+        Commands::Dev { data_dir, api_addr, executor } => dev::run(data_dir, api_addr, executor.as_deref(), install_metrics()?).await,
+    }
+}
+
+async fn server(path: PathBuf) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let config = muster_control::RawServerConfig::from_toml(&text)?.validate()?;
+    let listeners = muster_control::Listeners {
+        grpc: tokio::net::TcpListener::bind(config.grpc_addr).await.with_context(|| format!("binding {}", config.grpc_addr))?,
+        api: tokio::net::TcpListener::bind(config.api_addr).await.with_context(|| format!("binding {}", config.api_addr))?,
+    };
+    let node = muster_control::ControlNode::start(config, listeners, Some(install_metrics()?)).await?;
+    shutdown_signal().await;
+    node.shutdown().await;
+    Ok(())
+}
+
+async fn agent(path: PathBuf) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let config = muster_agent::RawAgentConfig::from_toml(&text)?.validate()?;
+    let agent = muster_agent::Agent::new(config).await?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let running = tokio::spawn(agent.run(stopped));
+    shutdown_signal().await;
+    let _ = stop.send(true);
+    running.await?;
+    Ok(())
+}
+
+/// Ctrl-C or SIGTERM.
+pub(crate) async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+    }
+}

@@ -1,0 +1,228 @@
+//! The agent's main loops: register, heartbeat, watch assignments, run attempts.
+
+use crate::executor::{DockerExecutor, Executor, ProcessExecutor};
+use crate::reporter::{ControlClient, Event, report};
+use crate::{AgentConfig, ExecutorKind, inventory};
+use muster_core::Assignment;
+use muster_proto::pb::{HeartbeatRequest, RegisterRequest, WatchRequest};
+use muster_proto::{LEADER_METADATA_KEY, assignment_from_pb, inventory_to_pb};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tokio::sync::{oneshot, watch};
+
+/// An assignment stream that says nothing for this long is presumed dead and reopened
+/// (the leader resends every few seconds).
+const STREAM_SILENCE: Duration = Duration::from_secs(15);
+const RETRY_PAUSE: Duration = Duration::from_millis(200);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("the docker executor needs a Docker engine: {0}")]
+    Docker(String),
+}
+
+pub struct Agent {
+    config: AgentConfig,
+    executor: Arc<Executor>,
+    control: ControlClient,
+}
+
+/// One attempt this agent started.
+struct Slot {
+    /// Set to `true` to stop the attempt.
+    stop: watch::Sender<bool>,
+    /// The attempt ended and its exit was reported.
+    done: Arc<AtomicBool>,
+}
+
+impl Agent {
+    pub async fn new(config: AgentConfig) -> Result<Self, AgentError> {
+        let executor = match config.executor {
+            ExecutorKind::Docker => Executor::Docker(
+                DockerExecutor::connect(&config.compute_environment).await.map_err(|e| AgentError::Docker(e.to_string()))?,
+            ),
+            ExecutorKind::Process => Executor::Process(ProcessExecutor),
+        };
+        let control = ControlClient::new(config.control_plane.clone());
+        Ok(Self { config, executor: Arc::new(executor), control })
+    }
+
+    pub fn executor_kind(&self) -> &'static str {
+        self.executor.kind()
+    }
+
+    /// Runs until `shutdown` flips to `true`, then stops the attempts it runs.
+    pub async fn run(self, shutdown: watch::Receiver<bool>) {
+        if !self.register(&shutdown).await {
+            return;
+        }
+        let heartbeat = tokio::spawn(heartbeat_loop(self.config.clone(), self.control.clone(), shutdown.clone()));
+        let mut slots = HashMap::new();
+        self.watch_loop(&mut slots, shutdown.clone()).await;
+        for slot in slots.values() {
+            let _ = slot.stop.send(true);
+        }
+        // Give stopped attempts their grace period to end (and try to report it).
+        let deadline = tokio::time::Instant::now() + self.config.stop_grace + Duration::from_secs(2);
+        while slots.values().any(|s| !s.done.load(Ordering::SeqCst)) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        heartbeat.abort();
+    }
+
+    /// Registers with any control node; retries until it succeeds or the agent stops.
+    async fn register(&self, shutdown: &watch::Receiver<bool>) -> bool {
+        let request = RegisterRequest {
+            node_id: self.config.node_id.clone(),
+            compute_environment: self.config.compute_environment.clone(),
+            inventory: Some(inventory_to_pb(&inventory::collect(&self.config, "127.0.0.1".into()))),
+        };
+        loop {
+            for addr in &self.control.addrs {
+                let Some(mut client) = self.control.client(addr) else { continue };
+                match client.register(request.clone()).await {
+                    Ok(_) => {
+                        tracing::info!(node = %self.config.node_id, ce = %self.config.compute_environment, "agent registered");
+                        return true;
+                    }
+                    Err(e) => tracing::warn!(addr, error = %e.message(), "registration failed"),
+                }
+            }
+            if *shutdown.borrow() {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    async fn watch_loop(&self, slots: &mut HashMap<(String, u32), Slot>, mut shutdown: watch::Receiver<bool>) {
+        let mut leader_hint: Option<String> = None;
+        let mut next = 0usize;
+        let mut max_term = 0u64;
+        while !*shutdown.borrow() {
+            let addr = leader_hint.take().unwrap_or_else(|| {
+                next += 1;
+                self.control.addrs[next % self.control.addrs.len()].clone()
+            });
+            let Some(mut client) = self.control.client(&addr) else { continue };
+            let request = WatchRequest { node_id: self.config.node_id.clone() };
+            let mut stream = match client.watch_assignments(request).await {
+                Ok(response) => response.into_inner(),
+                Err(status) => {
+                    leader_hint = status.metadata().get(LEADER_METADATA_KEY).and_then(|v| v.to_str().ok()).map(str::to_owned);
+                    if leader_hint.is_none() {
+                        tokio::select! {
+                            _ = shutdown.changed() => {}
+                            _ = tokio::time::sleep(RETRY_PAUSE) => {}
+                        }
+                    }
+                    continue;
+                }
+            };
+            tracing::debug!(addr, "watching assignments");
+            loop {
+                let message = tokio::select! {
+                    _ = shutdown.changed() => return,
+                    m = tokio::time::timeout(STREAM_SILENCE, stream.message()) => m,
+                };
+                match message {
+                    Ok(Ok(Some(set))) => {
+                        // Fencing: a set from an older leader term is stale.
+                        if set.term < max_term {
+                            continue;
+                        }
+                        max_term = set.term;
+                        let desired: Vec<Assignment> = set.assignments.iter().map(assignment_from_pb).collect();
+                        self.reconcile(slots, desired, &shutdown);
+                    }
+                    _ => break,
+                }
+            }
+        }
+    }
+
+    /// Starts what is newly assigned and stops what is no longer assigned.
+    fn reconcile(&self, slots: &mut HashMap<(String, u32), Slot>, desired: Vec<Assignment>, shutdown: &watch::Receiver<bool>) {
+        let wanted: HashMap<(String, u32), Assignment> =
+            desired.into_iter().map(|a| ((a.job.0.clone(), a.attempt), a)).collect();
+        slots.retain(|key, slot| {
+            if wanted.contains_key(key) {
+                return true;
+            }
+            let _ = slot.stop.send(true);
+            !slot.done.load(Ordering::SeqCst)
+        });
+        for (key, assignment) in wanted {
+            if slots.contains_key(&key) {
+                continue;
+            }
+            let (stop, stop_rx) = watch::channel(false);
+            let done = Arc::new(AtomicBool::new(false));
+            tokio::spawn(run_attempt(
+                self.executor.clone(),
+                self.control.clone(),
+                self.config.node_id.clone(),
+                assignment,
+                self.log_path(&key),
+                stop_rx,
+                done.clone(),
+                self.config.stop_grace,
+                shutdown.clone(),
+            ));
+            slots.insert(key, Slot { stop, done });
+        }
+    }
+
+    fn log_path(&self, (job, attempt): &(String, u32)) -> PathBuf {
+        self.config.work_dir.join("logs").join(job.replace([':', '/'], "_")).join(format!("{attempt}.log"))
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_attempt(
+    executor: Arc<Executor>,
+    control: ControlClient,
+    node_id: String,
+    assignment: Assignment,
+    log_path: PathBuf,
+    stop: watch::Receiver<bool>,
+    done: Arc<AtomicBool>,
+    grace: Duration,
+    shutdown: watch::Receiver<bool>,
+) {
+    let job = assignment.job.0.clone();
+    let attempt = assignment.attempt;
+    tracing::info!(job, attempt, "starting attempt");
+    let (started_tx, started_rx) = oneshot::channel();
+    let running = async {
+        if started_rx.await.is_ok() {
+            report(&control, &node_id, &job, attempt, Event::Running, &shutdown).await;
+        }
+    };
+    // RUNNING is reported while the attempt runs; the exit only after RUNNING was delivered.
+    let (exit, ()) = tokio::join!(executor.run(&assignment, &log_path, started_tx, stop, grace), running);
+    tracing::info!(job, attempt, exit_code = ?exit.exit_code, reason = ?exit.reason, "attempt ended");
+    report(&control, &node_id, &job, attempt, Event::Exited { exit_code: exit.exit_code, reason: exit.reason }, &shutdown)
+        .await;
+    done.store(true, Ordering::SeqCst);
+}
+
+async fn heartbeat_loop(config: AgentConfig, control: ControlClient, mut shutdown: watch::Receiver<bool>) {
+    let mut next = 0usize;
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tokio::time::sleep(config.heartbeat) => {}
+        }
+        next += 1;
+        let addr = &control.addrs[next % control.addrs.len()];
+        if let Some(mut client) = control.client(addr)
+            && let Err(e) = client.heartbeat(HeartbeatRequest { node_id: config.node_id.clone() }).await
+        {
+            tracing::debug!(addr, error = %e.message(), "heartbeat not delivered");
+        }
+    }
+}

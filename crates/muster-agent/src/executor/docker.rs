@@ -1,0 +1,131 @@
+//! The Docker executor (bollard): one container per attempt, labelled with the job id and
+//! attempt so that it can be found again.
+
+use super::{AttemptExit, STOPPED_BY_MUSTER, stopped};
+use bollard::Docker;
+use bollard::models::{ContainerCreateBody, HostConfig};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder, StopContainerOptionsBuilder,
+    WaitContainerOptions,
+};
+use futures::StreamExt;
+use muster_core::Assignment;
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::Path;
+use std::time::Duration;
+use tokio::sync::{oneshot, watch};
+
+pub struct DockerExecutor {
+    docker: Docker,
+    cluster: String,
+}
+
+impl DockerExecutor {
+    /// Connects to the local engine and agrees on an API version it speaks.
+    pub async fn connect(cluster: &str) -> Result<Self, bollard::errors::Error> {
+        let docker = Docker::connect_with_local_defaults()?.negotiate_version().await?;
+        docker.ping().await?;
+        Ok(Self { docker, cluster: cluster.to_owned() })
+    }
+
+    pub async fn run(
+        &self,
+        a: &Assignment,
+        log_path: &Path,
+        started: oneshot::Sender<()>,
+        mut stop: watch::Receiver<bool>,
+        grace: Duration,
+    ) -> AttemptExit {
+        if let Err(e) = self.docker.inspect_image(&a.image).await {
+            tracing::debug!(image = %a.image, error = %e, "image not available");
+            return AttemptExit::failed_to_start(format!(
+                "CannotPullContainerError: image {} is not present on this host and no registry is configured",
+                a.image
+            ));
+        }
+        let name = format!("muster-{}-{}", a.job.0.replace(':', "-"), a.attempt);
+        let labels = HashMap::from([
+            ("muster.job-id".to_owned(), a.job.0.clone()),
+            ("muster.attempt".to_owned(), a.attempt.to_string()),
+            ("muster.cluster".to_owned(), self.cluster.clone()),
+        ]);
+        let memory = (a.resources.memory_mib * 1024 * 1024) as i64;
+        let body = ContainerCreateBody {
+            image: Some(a.image.clone()),
+            cmd: (!a.command.is_empty()).then(|| a.command.clone()),
+            env: Some(a.environment.iter().map(|(k, v)| format!("{k}={v}")).collect()),
+            labels: Some(labels),
+            host_config: Some(HostConfig {
+                nano_cpus: Some((a.resources.millicpus * 1_000_000) as i64),
+                memory: Some(memory),
+                // Swap off: the memory limit is the whole budget.
+                memory_swap: Some(memory),
+                security_opt: Some(vec!["no-new-privileges".to_owned()]),
+                privileged: Some(false),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        // A container left by an earlier try of this same attempt is replaced.
+        let _ = self.docker.remove_container(&name, Some(RemoveContainerOptionsBuilder::default().force(true).build())).await;
+        let created = match self.docker.create_container(Some(CreateContainerOptionsBuilder::default().name(&name).build()), body).await {
+            Ok(c) => c,
+            Err(e) => return AttemptExit::failed_to_start(format!("CannotCreateContainerError: {e}")),
+        };
+        let id = created.id;
+        if let Err(e) = self.docker.start_container(&id, None).await {
+            self.remove(&id).await;
+            return AttemptExit::failed_to_start(format!("CannotStartContainerError: {e}"));
+        }
+        let _ = started.send(());
+
+        let logs = tokio::spawn(copy_logs(self.docker.clone(), id.clone(), log_path.to_owned()));
+        let mut wait = self.docker.wait_container(&id, None::<WaitContainerOptions>);
+        let stopped = tokio::select! {
+            _ = wait.next() => false,
+            _ = stopped(&mut stop) => {
+                let t = grace.as_secs().min(i32::MAX as u64) as i32;
+                let _ = self.docker.stop_container(&id, Some(StopContainerOptionsBuilder::default().t(t).build())).await;
+                true
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(10), logs).await;
+        let exit = match self.docker.inspect_container(&id, None).await {
+            Ok(info) => {
+                let state = info.state.unwrap_or_default();
+                let reason = if stopped {
+                    Some(STOPPED_BY_MUSTER.to_owned())
+                } else if state.oom_killed == Some(true) {
+                    Some("OutOfMemoryError: Container killed due to memory usage".to_owned())
+                } else {
+                    None
+                };
+                AttemptExit { exit_code: state.exit_code.map(|c| c as i32), reason }
+            }
+            Err(e) => AttemptExit { exit_code: None, reason: Some(format!("container state unknown: {e}")) },
+        };
+        self.remove(&id).await;
+        exit
+    }
+
+    async fn remove(&self, id: &str) {
+        let _ = self.docker.remove_container(id, Some(RemoveContainerOptionsBuilder::default().force(true).build())).await;
+    }
+}
+
+/// Copies the container's stdout and stderr, with Docker's timestamps, into the attempt's log.
+async fn copy_logs(docker: Docker, id: String, path: std::path::PathBuf) {
+    let options = LogsOptionsBuilder::default().follow(true).stdout(true).stderr(true).timestamps(true).build();
+    let mut stream = docker.logs(&id, Some(options));
+    let file = path.parent().map(std::fs::create_dir_all).transpose().and_then(|_| {
+        std::fs::OpenOptions::new().create(true).append(true).open(&path)
+    });
+    let Ok(mut file) = file else {
+        tracing::warn!(path = %path.display(), "cannot open attempt log");
+        return;
+    };
+    while let Some(Ok(chunk)) = stream.next().await {
+        let _ = file.write_all(&chunk.into_bytes());
+    }
+}

@@ -1,0 +1,64 @@
+//! Executors: how an attempt becomes a running container or process.
+
+mod docker;
+mod process;
+
+pub use docker::DockerExecutor;
+pub use process::ProcessExecutor;
+
+use muster_core::Assignment;
+use std::path::Path;
+use tokio::sync::{oneshot, watch};
+
+/// How an attempt ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptExit {
+    /// `None` when the attempt never started; `reason` then says why.
+    pub exit_code: Option<i32>,
+    pub reason: Option<String>,
+}
+
+impl AttemptExit {
+    pub fn failed_to_start(reason: impl Into<String>) -> Self {
+        Self { exit_code: None, reason: Some(reason.into()) }
+    }
+}
+
+pub enum Executor {
+    Docker(DockerExecutor),
+    Process(ProcessExecutor),
+}
+
+impl Executor {
+    /// Runs one attempt to its end. `started` fires once the workload runs; `stop` asks for
+    /// it to be stopped (SIGTERM, then SIGKILL after `grace`). Output goes to `log_path`.
+    pub async fn run(
+        &self,
+        assignment: &Assignment,
+        log_path: &Path,
+        started: oneshot::Sender<()>,
+        stop: watch::Receiver<bool>,
+        grace: std::time::Duration,
+    ) -> AttemptExit {
+        match self {
+            Executor::Docker(d) => d.run(assignment, log_path, started, stop, grace).await,
+            Executor::Process(p) => p.run(assignment, log_path, started, stop, grace).await,
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Executor::Docker(_) => "docker",
+            Executor::Process(_) => "process",
+        }
+    }
+}
+
+/// Why a stopped attempt ended, as reported in `container.reason`.
+pub const STOPPED_BY_MUSTER: &str = "Stopped by Muster";
+
+/// Resolves once `stop` turns `true` (or its sender is gone). Holds no borrow of the value
+/// across an await, so futures using it stay `Send`.
+pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}

@@ -1,0 +1,92 @@
+//! The process executor: runs the job's command directly on the host, for machines without
+//! Docker and for tests. The image is not used; the environment is the same as in a container.
+
+use super::{AttemptExit, STOPPED_BY_MUSTER, stopped};
+use muster_core::Assignment;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::process::Command;
+use tokio::sync::{oneshot, watch};
+
+#[derive(Default)]
+pub struct ProcessExecutor;
+
+impl ProcessExecutor {
+    pub async fn run(
+        &self,
+        assignment: &Assignment,
+        log_path: &Path,
+        started: oneshot::Sender<()>,
+        mut stop: watch::Receiver<bool>,
+        grace: Duration,
+    ) -> AttemptExit {
+        let Some((program, args)) = assignment.command.split_first() else {
+            return AttemptExit::failed_to_start("CannotStartContainerError: the job has no command");
+        };
+        let log = match open_log(log_path) {
+            Ok(f) => f,
+            Err(e) => return AttemptExit::failed_to_start(format!("CannotStartContainerError: cannot open log: {e}")),
+        };
+        let (stdout, stderr) = match (log.try_clone(), log.try_clone()) {
+            (Ok(a), Ok(b)) => (a, b),
+            _ => return AttemptExit::failed_to_start("CannotStartContainerError: cannot share the log file"),
+        };
+        let mut child = match Command::new(program)
+            .args(args)
+            .envs(assignment.environment.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            // Its own process group, so that stopping it reaches everything it started.
+            .process_group(0)
+            .kill_on_drop(true)
+            .spawn()
+        {
+            Ok(child) => child,
+            Err(e) => return AttemptExit::failed_to_start(format!("CannotStartContainerError: {program}: {e}")),
+        };
+        let _ = started.send(());
+        let pgid = child.id().map(|pid| pid as i32);
+        tokio::select! {
+            status = child.wait() => AttemptExit { exit_code: Some(exit_code(status)), reason: None },
+            _ = stopped(&mut stop) => {
+                signal_group(pgid, libc::SIGTERM);
+                let status = match tokio::time::timeout(grace, child.wait()).await {
+                    Ok(status) => status,
+                    Err(_) => {
+                        signal_group(pgid, libc::SIGKILL);
+                        child.wait().await
+                    }
+                };
+                AttemptExit { exit_code: Some(exit_code(status)), reason: Some(STOPPED_BY_MUSTER.to_owned()) }
+            }
+        }
+    }
+}
+
+fn open_log(path: &Path) -> std::io::Result<std::fs::File> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::OpenOptions::new().create(true).append(true).open(path)
+}
+
+/// Exit code as a shell reports it: the code, or 128 + the signal that ended the process.
+fn exit_code(status: std::io::Result<std::process::ExitStatus>) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    match status {
+        Ok(s) => s.code().or_else(|| s.signal().map(|sig| 128 + sig)).unwrap_or(-1),
+        Err(_) => -1,
+    }
+}
+
+fn signal_group(pgid: Option<i32>, signal: i32) {
+    if let Some(pgid) = pgid.filter(|p| *p > 0) {
+        // SAFETY: kill(2) with a negative pid signals the process group we created; it has no
+        // memory-safety preconditions.
+        unsafe {
+            libc::kill(-pgid, signal);
+        }
+    }
+}

@@ -1,0 +1,93 @@
+//! Control node configuration: TOML → [`RawServerConfig`] → `validate()` → [`ServerConfig`].
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    pub id: u64,
+    /// The peer's gRPC address (Raft and agents).
+    pub grpc_addr: String,
+}
+
+/// The file as written. See `deploy/config/server.example.toml` for every field explained.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServerConfig {
+    pub node_id: u64,
+    pub grpc_addr: String,
+    pub api_addr: String,
+    pub data_dir: PathBuf,
+    #[serde(default = "default_cluster_name")]
+    pub cluster_name: String,
+    #[serde(default)]
+    pub peers: Vec<PeerConfig>,
+}
+
+fn default_cluster_name() -> String {
+    "muster".to_owned()
+}
+
+/// A checked configuration.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub node_id: u64,
+    pub grpc_addr: SocketAddr,
+    pub api_addr: SocketAddr,
+    pub data_dir: PathBuf,
+    pub cluster_name: String,
+    /// Every voter's gRPC address, this node's included.
+    pub peers: BTreeMap<u64, String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot parse config: {0}")]
+    Parse(#[from] toml::de::Error),
+    #[error("{field}: {message}")]
+    Invalid { field: &'static str, message: String },
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { field, message: message.into() }
+}
+
+impl RawServerConfig {
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        Ok(toml::from_str(text)?)
+    }
+
+    pub fn validate(self) -> Result<ServerConfig, ConfigError> {
+        if self.node_id == 0 {
+            return Err(invalid("node_id", "must be at least 1"));
+        }
+        let grpc_addr = self.grpc_addr.parse().map_err(|e| invalid("grpc_addr", format!("{}: {e}", self.grpc_addr)))?;
+        let api_addr = self.api_addr.parse().map_err(|e| invalid("api_addr", format!("{}: {e}", self.api_addr)))?;
+        let mut peers = BTreeMap::new();
+        for p in self.peers {
+            if peers.insert(p.id, p.grpc_addr).is_some() {
+                return Err(invalid("peers", format!("node id {} is listed twice", p.id)));
+            }
+        }
+        match peers.get(&self.node_id) {
+            Some(addr) if *addr != self.grpc_addr => {
+                return Err(invalid("peers", format!("this node ({}) is listed with another address", self.node_id)));
+            }
+            Some(_) => {}
+            None => {
+                peers.insert(self.node_id, self.grpc_addr.clone());
+            }
+        }
+        Ok(ServerConfig {
+            node_id: self.node_id,
+            grpc_addr,
+            api_addr,
+            data_dir: self.data_dir,
+            cluster_name: self.cluster_name,
+            peers,
+        })
+    }
+}

@@ -1,0 +1,146 @@
+//! AgentService: how worker agents join, learn what to run, and report.
+
+use muster_core::{AttemptEvent, Command, JobId, NodeId, Outcome};
+use muster_proto::pb::agent_service_server::AgentService;
+use muster_proto::pb::{
+    AssignmentSet, AttemptReport, HeartbeatReply, HeartbeatRequest, RegisterReply, RegisterRequest, ReportReply,
+    WatchRequest, attempt_report,
+};
+use muster_proto::{LEADER_METADATA_KEY, assignment_to_pb, inventory_from_pb};
+use muster_raft::RaftNode;
+use std::pin::Pin;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+/// How often an unchanged assignment set is sent again, so that a silent stream is noticed.
+const RESEND: Duration = Duration::from_secs(5);
+
+pub struct AgentGateway {
+    node: RaftNode,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl AgentGateway {
+    pub fn new(node: RaftNode, shutdown: watch::Receiver<bool>) -> Self {
+        Self { node, shutdown }
+    }
+
+    async fn propose(&self, command: Command) -> Result<Outcome, Status> {
+        match self.node.propose(command).await {
+            Ok(Outcome::Rejected(r)) => Err(Status::invalid_argument(r.message)),
+            Ok(outcome) => Ok(outcome),
+            Err(e) => Err(Status::unavailable(e.to_string())),
+        }
+    }
+
+    fn not_leader(&self) -> Status {
+        let mut status = Status::failed_precondition("this control node is not the leader");
+        if let Some(addr) = self.node.leader().0.and_then(|l| self.node.peers.addr(l))
+            && let Ok(v) = addr.parse()
+        {
+            status.metadata_mut().insert(LEADER_METADATA_KEY, v);
+        }
+        status
+    }
+}
+
+type AssignmentStream = Pin<Box<dyn Stream<Item = Result<AssignmentSet, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AgentService for AgentGateway {
+    async fn register(&self, request: Request<RegisterRequest>) -> Result<Response<RegisterReply>, Status> {
+        let req = request.into_inner();
+        let inventory = req.inventory.as_ref().ok_or_else(|| Status::invalid_argument("inventory is required"))?;
+        if req.node_id.is_empty() {
+            return Err(Status::invalid_argument("node_id is required"));
+        }
+        self.propose(Command::RegisterNode {
+            node: NodeId(req.node_id),
+            compute_environment: req.compute_environment,
+            inventory: inventory_from_pb(inventory),
+            at: crate::now_millis(),
+        })
+        .await?;
+        Ok(Response::new(RegisterReply {}))
+    }
+
+    async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> Result<Response<HeartbeatReply>, Status> {
+        // Liveness tracking (marking silent nodes lost) is the leader's next loop; for now a
+        // heartbeat only proves the path works.
+        let node = NodeId(request.into_inner().node_id);
+        if self.node.state.read().state.node(&node).is_none() {
+            return Err(Status::not_found(format!("node {node} is not registered")));
+        }
+        Ok(Response::new(HeartbeatReply {}))
+    }
+
+    type WatchAssignmentsStream = AssignmentStream;
+
+    async fn watch_assignments(
+        &self,
+        request: Request<WatchRequest>,
+    ) -> Result<Response<Self::WatchAssignmentsStream>, Status> {
+        if !self.node.is_leader() {
+            return Err(self.not_leader());
+        }
+        let node_id = NodeId(request.into_inner().node_id);
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(stream_assignments(self.node.clone(), node_id, tx, self.shutdown.clone()));
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn report_attempt(&self, request: Request<AttemptReport>) -> Result<Response<ReportReply>, Status> {
+        let req = request.into_inner();
+        let event = match req.event {
+            Some(attempt_report::Event::Running(_)) => AttemptEvent::Running,
+            Some(attempt_report::Event::Exited(e)) => AttemptEvent::Exited { exit_code: e.exit_code, reason: e.reason },
+            None => return Err(Status::invalid_argument("event is required")),
+        };
+        self.propose(Command::ReportAttempt {
+            job: JobId(req.job_id),
+            attempt: req.attempt,
+            node: NodeId(req.node_id),
+            event,
+            at: crate::now_millis(),
+        })
+        .await?;
+        Ok(Response::new(ReportReply {}))
+    }
+}
+
+/// Sends `node`'s full assignment set whenever it changes (and every [`RESEND`]) while this
+/// control node leads; ends the stream when leadership is lost so the agent finds the new
+/// leader.
+async fn stream_assignments(
+    node: RaftNode,
+    agent: NodeId,
+    tx: mpsc::Sender<Result<AssignmentSet, Status>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut applied = node.state.applied_index();
+    let mut last_sent = None;
+    let mut last_sent_at = tokio::time::Instant::now();
+    loop {
+        let (leader, term) = node.leader();
+        if leader != Some(node.id) {
+            let _ = tx.send(Err(Status::failed_precondition("leadership moved"))).await;
+            return;
+        }
+        let assignments = node.state.read().state.assignments_for(&agent);
+        if last_sent.as_ref() != Some(&assignments) || last_sent_at.elapsed() >= RESEND {
+            let set = AssignmentSet { term, assignments: assignments.iter().map(assignment_to_pb).collect() };
+            if tx.send(Ok(set)).await.is_err() {
+                return;
+            }
+            last_sent = Some(assignments);
+            last_sent_at = tokio::time::Instant::now();
+        }
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            changed = applied.changed() => if changed.is_err() { return },
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+    }
+}

@@ -1,0 +1,151 @@
+//! Several control nodes in one process, each with its own data directory and ports: what
+//! `muster dev` runs and what the integration tests kill and restart.
+
+use crate::{ControlNode, Listeners, ServerConfig};
+use metrics_exporter_prometheus::PrometheusHandle;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+
+pub struct LocalCluster {
+    data_dir: PathBuf,
+    cluster_name: String,
+    metrics: Option<PrometheusHandle>,
+    /// `None` while a node is stopped.
+    nodes: BTreeMap<u64, Option<ControlNode>>,
+    grpc_addrs: BTreeMap<u64, SocketAddr>,
+    api_addrs: BTreeMap<u64, SocketAddr>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("cannot bind {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Start(#[from] crate::node::StartError),
+    #[error("no leader was elected within {0:?}")]
+    NoLeader(Duration),
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, ClusterError> {
+    // A node restarted in place takes its old ports back; the old sockets may take a moment
+    // to be released.
+    let mut last = None;
+    for _ in 0..50 {
+        match TcpListener::bind(addr).await {
+            Ok(l) => return Ok(l),
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(ClusterError::Bind { addr, source: last.unwrap_or_else(|| std::io::Error::other("bind failed")) })
+}
+
+impl LocalCluster {
+    /// Starts `size` control nodes under `data_dir/node-<id>`, all on 127.0.0.1. Node 1's API
+    /// listens on `first_api_addr` (port 0 picks one); every other port is picked freely.
+    pub async fn start(
+        data_dir: &Path,
+        size: u64,
+        first_api_addr: SocketAddr,
+        metrics: Option<PrometheusHandle>,
+    ) -> Result<Self, ClusterError> {
+        let any: SocketAddr = "127.0.0.1:0".parse().expect("literal address");
+        let mut grpc = BTreeMap::new();
+        let mut api = BTreeMap::new();
+        for id in 1..=size {
+            let g = bind(any).await?;
+            let a = bind(if id == 1 { first_api_addr } else { any }).await?;
+            grpc.insert(id, g);
+            api.insert(id, a);
+        }
+        let addr = |l: &TcpListener| l.local_addr().expect("bound listener has an address");
+        let mut cluster = LocalCluster {
+            data_dir: data_dir.to_owned(),
+            cluster_name: "muster-dev".to_owned(),
+            metrics,
+            nodes: BTreeMap::new(),
+            grpc_addrs: grpc.iter().map(|(id, l)| (*id, addr(l))).collect(),
+            api_addrs: api.iter().map(|(id, l)| (*id, addr(l))).collect(),
+        };
+        for (id, g) in grpc {
+            let a = api.remove(&id).expect("one API listener per node");
+            let node = ControlNode::start(cluster.config(id), Listeners { grpc: g, api: a }, cluster.metrics.clone()).await?;
+            cluster.nodes.insert(id, Some(node));
+        }
+        Ok(cluster)
+    }
+
+    fn config(&self, id: u64) -> ServerConfig {
+        ServerConfig {
+            node_id: id,
+            grpc_addr: self.grpc_addrs[&id],
+            api_addr: self.api_addrs[&id],
+            data_dir: self.data_dir.join(format!("node-{id}")),
+            cluster_name: self.cluster_name.clone(),
+            peers: self.grpc_addrs.iter().map(|(id, a)| (*id, a.to_string())).collect(),
+        }
+    }
+
+    pub fn node(&self, id: u64) -> Option<&ControlNode> {
+        self.nodes.get(&id).and_then(Option::as_ref)
+    }
+
+    pub fn running(&self) -> impl Iterator<Item = &ControlNode> {
+        self.nodes.values().flatten()
+    }
+
+    pub fn api_addr(&self, id: u64) -> SocketAddr {
+        self.api_addrs[&id]
+    }
+
+    pub fn grpc_addrs(&self) -> Vec<String> {
+        self.grpc_addrs.values().map(SocketAddr::to_string).collect()
+    }
+
+    /// The leader, if the running nodes agree on one that is itself running.
+    pub fn leader(&self) -> Option<u64> {
+        let mut seen = self.running().filter_map(|n| n.raft.leader().0);
+        let first = seen.next()?;
+        (self.node(first).is_some_and(|n| n.raft.is_leader())).then_some(first)
+    }
+
+    pub async fn wait_for_leader(&self, within: Duration) -> Result<u64, ClusterError> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(leader) = self.leader() {
+                return Ok(leader);
+            }
+            if Instant::now() >= deadline {
+                return Err(ClusterError::NoLeader(within));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops one node as a crash would look to its peers: its connections drop and it
+    /// answers nothing until restarted.
+    pub async fn stop_node(&mut self, id: u64) {
+        if let Some(node) = self.nodes.get_mut(&id).and_then(Option::take) {
+            node.shutdown().await;
+        }
+    }
+
+    /// Restarts a stopped node from its data directory on its old ports.
+    pub async fn restart_node(&mut self, id: u64) -> Result<(), ClusterError> {
+        self.stop_node(id).await;
+        let listeners = Listeners { grpc: bind(self.grpc_addrs[&id]).await?, api: bind(self.api_addrs[&id]).await? };
+        let node = ControlNode::start(self.config(id), listeners, self.metrics.clone()).await?;
+        self.nodes.insert(id, Some(node));
+        Ok(())
+    }
+
+    pub async fn shutdown(mut self) {
+        let ids: Vec<u64> = self.nodes.keys().copied().collect();
+        for id in ids {
+            self.stop_node(id).await;
+        }
+    }
+}

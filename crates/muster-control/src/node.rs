@@ -1,0 +1,149 @@
+//! Starting and stopping one control node.
+
+use crate::{AgentGateway, RaftPlane, ServerConfig, scheduler};
+use axum::routing::get;
+use metrics_exporter_prometheus::PrometheusHandle;
+use muster_api::ApiConfig;
+use muster_proto::pb::agent_service_server::AgentServiceServer;
+use muster_proto::pb::raft_service_server::RaftServiceServer;
+use muster_raft::{PeerDirectory, PeerNetwork, Raft, RaftGrpc, RaftNode, StateMachine};
+use muster_store::{SledLogStore, SledSnapshotStore, open_sled};
+use openraft::BasicNode;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// Listeners bound by the caller (port 0 in tests).
+pub struct Listeners {
+    /// Raft peers and agents.
+    pub grpc: TcpListener,
+    /// The AWS Batch API.
+    pub api: TcpListener,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot open the data directory {path}: {source}")]
+    Storage { path: String, source: std::io::Error },
+    #[error("raft failed to start: {0}")]
+    Raft(String),
+    #[error("listener has no local address: {0}")]
+    Listener(std::io::Error),
+}
+
+/// A running control node. Dropping it does not stop it; call [`ControlNode::shutdown`].
+pub struct ControlNode {
+    pub raft: RaftNode,
+    pub grpc_addr: SocketAddr,
+    pub api_addr: SocketAddr,
+    /// Flipped to `true` once to stop every loop and server of this node.
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl ControlNode {
+    pub async fn start(
+        config: ServerConfig,
+        listeners: Listeners,
+        metrics: Option<PrometheusHandle>,
+    ) -> Result<Self, StartError> {
+        let grpc_addr = listeners.grpc.local_addr().map_err(StartError::Listener)?;
+        let api_addr = listeners.api.local_addr().map_err(StartError::Listener)?;
+        let raft_dir = config.data_dir.join("raft");
+        let storage_err = |source| StartError::Storage { path: raft_dir.display().to_string(), source };
+        std::fs::create_dir_all(&raft_dir).map_err(storage_err)?;
+        let db = open_with_retry(&raft_dir).await.map_err(storage_err)?;
+        let log = SledLogStore::new(&db).map_err(storage_err)?;
+        let snapshots = SledSnapshotStore::new(&db).map_err(storage_err)?;
+        let state_machine = StateMachine::open(snapshots).map_err(|e| StartError::Raft(e.to_string()))?;
+        let state = state_machine.handle();
+
+        let peers = PeerDirectory::default();
+        for (id, addr) in &config.peers {
+            peers.set(*id, addr.clone());
+        }
+        let raft_config = muster_raft::raft_config(&config.cluster_name)
+            .validate()
+            .map_err(|e| StartError::Raft(e.to_string()))?;
+        let raft = Raft::new(config.node_id, Arc::new(raft_config), PeerNetwork { directory: peers.clone() }, log, state_machine)
+            .await
+            .map_err(|e| StartError::Raft(e.to_string()))?;
+        let node = RaftNode { id: config.node_id, raft: raft.clone(), state, peers };
+
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+
+        let grpc = tonic::transport::Server::builder()
+            .add_service(RaftServiceServer::new(RaftGrpc::new(raft.clone())))
+            .add_service(AgentServiceServer::new(AgentGateway::new(node.clone(), shutdown_rx.clone())));
+        let incoming = tonic::transport::server::TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
+        let stop = signal(shutdown_rx.clone());
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = grpc.serve_with_incoming_shutdown(incoming, stop).await {
+                tracing::error!(error = %e, "gRPC server failed");
+            }
+        }));
+
+        let mut router = muster_api::router(RaftPlane { node: node.clone() }, &ApiConfig::default());
+        if let Some(handle) = metrics {
+            router = router.route("/metrics", get(move || std::future::ready(handle.render())));
+        }
+        let stop = signal(shutdown_rx.clone());
+        let api = listeners.api;
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = axum::serve(api, router).with_graceful_shutdown(stop).await {
+                tracing::error!(error = %e, "API server failed");
+            }
+        }));
+
+        tasks.push(tokio::spawn(scheduler::run(node.clone(), Default::default(), shutdown_rx.clone())));
+
+        // The lowest-numbered voter founds the cluster, once: afterwards its log is not empty
+        // and it restarts from its data directory like everyone else.
+        let founder = config.peers.keys().min() == Some(&config.node_id);
+        if founder && !raft.is_initialized().await.map_err(|e| StartError::Raft(e.to_string()))? {
+            let members: BTreeMap<u64, BasicNode> =
+                config.peers.iter().map(|(id, addr)| (*id, BasicNode { addr: addr.clone() })).collect();
+            if let Err(e) = raft.initialize(members).await {
+                tracing::warn!(error = %e, "cluster initialisation refused");
+            }
+        }
+        tracing::info!(node = config.node_id, %grpc_addr, %api_addr, "control node started");
+        Ok(Self { raft: node, grpc_addr, api_addr, shutdown, tasks })
+    }
+
+    /// Stops the servers and loops, then Raft, and waits for all of it. The data directory
+    /// is released when this returns.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        if let Err(e) = self.raft.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft did not shut down cleanly");
+        }
+        for task in self.tasks {
+            // Servers stop accepting at once; open streams end with the shutdown signal.
+            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        }
+    }
+}
+
+async fn signal(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+/// sled locks its directory; a node restarted in the same process may find the previous
+/// instance still letting go of it for a moment.
+async fn open_with_retry(dir: &std::path::Path) -> Result<muster_store::Database, std::io::Error> {
+    let mut last = None;
+    for _ in 0..50 {
+        match open_sled(dir) {
+            Ok(db) => return Ok(db),
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("cannot open sled")))
+}

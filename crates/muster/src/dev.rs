@@ -1,0 +1,143 @@
+//! `muster dev`: three control nodes and one agent in one process, with AWS Batch's
+//! getting-started defaults (a compute environment and a job queue named `default`).
+
+use anyhow::Context;
+use muster_agent::{Agent, ExecutorKind, RawAgentConfig};
+use muster_control::LocalCluster;
+use muster_core::{
+    Arn, CeOrder, CeType, Command, ComputeEnvironment, EnabledState, JobQueue, NodeId, Outcome,
+};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+const DEFAULT: &str = "default";
+const AGENT_ID: &str = "dev-agent";
+
+pub async fn run(
+    data_dir: PathBuf,
+    api_addr: SocketAddr,
+    executor: Option<&str>,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    write_aws_files(&data_dir)?;
+    let cluster = LocalCluster::start(&data_dir, 3, api_addr, Some(metrics)).await?;
+    let leader = cluster.wait_for_leader(Duration::from_secs(15)).await?;
+    let node = &cluster.node(leader).context("leader is running")?.raft;
+    ensure_defaults(node).await?;
+
+    let executor = choose_executor(executor).await?;
+    let agent_config = RawAgentConfig {
+        node_id: Some(AGENT_ID.to_owned()),
+        compute_environment: DEFAULT.to_owned(),
+        control_plane: cluster.grpc_addrs(),
+        executor,
+        work_dir: data_dir.join("agent"),
+        reserved: Default::default(),
+        vcpus: None,
+        memory_mib: None,
+        heartbeat_secs: 2,
+        stop_grace_secs: 10,
+    }
+    .validate()?;
+    let agent = Agent::new(agent_config).await?;
+    eprintln!("muster dev: jobs run with the {} executor", agent.executor_kind());
+    let (stop_agent, agent_stopped) = tokio::sync::watch::channel(false);
+    let agent_task = tokio::spawn(agent.run(agent_stopped));
+
+    // Ready once the agent has joined: a first job can then run.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let joined = node.read(|s| s.node(&NodeId(AGENT_ID.to_owned())).is_some()).await.unwrap_or(false);
+        if joined {
+            break;
+        }
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "the dev agent did not register");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("muster dev ready: AWS Batch API at http://{}", cluster.api_addr(1));
+
+    crate::shutdown_signal().await;
+    eprintln!("muster dev: shutting down");
+    let _ = stop_agent.send(true);
+    let _ = agent_task.await;
+    cluster.shutdown().await;
+    Ok(())
+}
+
+async fn choose_executor(requested: Option<&str>) -> anyhow::Result<ExecutorKind> {
+    match requested {
+        Some("docker") => Ok(ExecutorKind::Docker),
+        Some("process") => Ok(ExecutorKind::Process),
+        Some(other) => anyhow::bail!("--executor {other}: must be docker or process"),
+        None => Ok(match muster_agent::executor::DockerExecutor::connect(DEFAULT).await {
+            Ok(_) => ExecutorKind::Docker,
+            Err(e) => {
+                eprintln!("muster dev: no Docker engine answered ({e}); using the process executor");
+                ExecutorKind::Process
+            }
+        }),
+    }
+}
+
+/// Creates the `default` compute environment and job queue, once.
+async fn ensure_defaults(node: &muster_control::RaftNode) -> anyhow::Result<()> {
+    let (has_ce, has_queue) = node
+        .read(|s| (s.compute_environment(DEFAULT).is_some(), s.queue(DEFAULT).is_some()))
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let now = muster_control::now_millis();
+    if !has_ce {
+        let ce = ComputeEnvironment {
+            name: DEFAULT.to_owned(),
+            arn: Arn(String::new()),
+            uuid: uuid::Uuid::new_v4().to_string(),
+            ce_type: CeType::Unmanaged,
+            state: EnabledState::Enabled,
+            unmanaged_vcpus: None,
+            service_role: None,
+            tags: Default::default(),
+            created_at: now,
+        };
+        expect_done(node.propose(Command::CreateComputeEnvironment(ce)).await?)?;
+    }
+    if !has_queue {
+        let queue = JobQueue {
+            name: DEFAULT.to_owned(),
+            arn: Arn(String::new()),
+            priority: 1,
+            state: EnabledState::Enabled,
+            compute_environment_order: vec![CeOrder { order: 1, compute_environment: DEFAULT.to_owned() }],
+            tags: Default::default(),
+            created_at: now,
+        };
+        expect_done(node.propose(Command::CreateJobQueue(queue)).await?)?;
+    }
+    Ok(())
+}
+
+fn expect_done(outcome: Outcome) -> anyhow::Result<()> {
+    match outcome {
+        Outcome::Rejected(r) => anyhow::bail!("creating dev defaults: {}", r.message),
+        _ => Ok(()),
+    }
+}
+
+/// Writes `DIR/aws/credentials` and `DIR/aws/config` for the aws CLI and boto3. The key
+/// pair is made once and kept, so a restarted `muster dev` serves the same one.
+fn write_aws_files(data_dir: &Path) -> anyhow::Result<()> {
+    let dir = data_dir.join("aws");
+    std::fs::create_dir_all(&dir)?;
+    let credentials = dir.join("credentials");
+    if !credentials.exists() {
+        let id = format!("AKIA{}", uuid::Uuid::new_v4().simple().to_string()[..16].to_ascii_uppercase());
+        let secret = format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
+        std::fs::write(
+            &credentials,
+            format!("[default]\naws_access_key_id = {id}\naws_secret_access_key = {}\n", &secret[..40]),
+        )?;
+    }
+    std::fs::write(dir.join("config"), "[default]\nregion = us-east-1\noutput = json\n")?;
+    Ok(())
+}
