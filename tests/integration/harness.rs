@@ -1,0 +1,141 @@
+//! A cluster under test: control nodes, agents, and clients, with deadlines for every wait.
+
+use muster_agent::{Agent, ExecutorKind, RawAgentConfig};
+use muster_client::BatchClient;
+use muster_control::LocalCluster;
+use serde_json::{Value, json};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+pub struct TestCluster {
+    pub dir: tempfile::TempDir,
+    pub cluster: LocalCluster,
+    agents: Vec<(watch::Sender<bool>, JoinHandle<()>)>,
+}
+
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MUSTER_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,openraft=error")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+impl TestCluster {
+    pub async fn start(size: u64) -> TestCluster {
+        init_tracing();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let cluster = LocalCluster::start(dir.path(), size, "127.0.0.1:0".parse().unwrap(), None)
+            .await
+            .expect("cluster starts");
+        cluster.wait_for_leader(DEADLINE).await.expect("a leader is elected");
+        TestCluster { dir, cluster, agents: Vec::new() }
+    }
+
+    /// A client of node `id`'s API.
+    pub fn client(&self, id: u64) -> BatchClient {
+        BatchClient::new(format!("http://{}", self.cluster.api_addr(id)))
+    }
+
+    /// A client of some running node that is not the leader.
+    pub fn follower_client(&self) -> BatchClient {
+        let leader = self.cluster.leader();
+        let follower = self.cluster.running().map(|n| n.raft.id).find(|id| Some(*id) != leader).expect("a follower");
+        self.client(follower)
+    }
+
+    /// Joins a process-executor agent offering `vcpus` and `memory_mib` to compute
+    /// environment `ce`.
+    pub async fn add_agent(&mut self, name: &str, ce: &str, vcpus: f64, memory_mib: u64) {
+        let config = RawAgentConfig {
+            node_id: Some(name.to_owned()),
+            compute_environment: ce.to_owned(),
+            control_plane: self.cluster.grpc_addrs(),
+            executor: ExecutorKind::Process,
+            work_dir: self.dir.path().join(format!("agent-{name}")),
+            reserved: Default::default(),
+            vcpus: Some(vcpus),
+            memory_mib: Some(memory_mib),
+            heartbeat_secs: 1,
+            stop_grace_secs: 2,
+        }
+        .validate()
+        .expect("agent config");
+        let agent = Agent::new(config).await.expect("agent starts");
+        let (stop, stopped) = watch::channel(false);
+        self.agents.push((stop, tokio::spawn(agent.run(stopped))));
+    }
+
+    pub fn agent_log(&self, agent: &str, job_id: &str, attempt: u32) -> String {
+        let path = self.dir.path().join(format!("agent-{agent}")).join("logs").join(job_id).join(format!("{attempt}.log"));
+        std::fs::read_to_string(&path).unwrap_or_default()
+    }
+
+    pub async fn shutdown(mut self) {
+        for (stop, task) in self.agents.drain(..) {
+            let _ = stop.send(true);
+            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+        }
+        self.cluster.shutdown().await;
+    }
+}
+
+/// Creates compute environment `ce`, queue `queue` on it and definition `def` (1 vCPU,
+/// 64 MiB, running `sh -c "exit 0"` unless overridden).
+pub async fn create_basics(client: &BatchClient, ce: &str, queue: &str, def: &str) {
+    ok(client.call("CreateComputeEnvironment", json!({"computeEnvironmentName": ce, "type": "UNMANAGED"})).await);
+    ok(client
+        .call(
+            "CreateJobQueue",
+            json!({"jobQueueName": queue, "priority": 10, "computeEnvironmentOrder": [{"order": 1, "computeEnvironment": ce}]}),
+        )
+        .await);
+    ok(client
+        .call(
+            "RegisterJobDefinition",
+            json!({"jobDefinitionName": def, "type": "container",
+                   "containerProperties": {"image": "unused-by-process-executor", "command": ["sh", "-c", "exit 0"],
+                                           "resourceRequirements": [{"type": "VCPU", "value": "1"}, {"type": "MEMORY", "value": "64"}]}}),
+        )
+        .await);
+}
+
+#[track_caller]
+pub fn ok(result: Result<Value, muster_client::CallError>) -> Value {
+    match result {
+        Ok(v) => v,
+        Err(e) => panic!("call failed: {e}"),
+    }
+}
+
+pub async fn submit(client: &BatchClient, queue: &str, def: &str, name: &str, command: &[&str]) -> String {
+    let body = json!({"jobName": name, "jobQueue": queue, "jobDefinition": def,
+                      "containerOverrides": {"command": command}});
+    ok(client.call("SubmitJob", body).await)["jobId"].as_str().expect("jobId").to_owned()
+}
+
+pub async fn describe(client: &BatchClient, job_id: &str) -> Option<Value> {
+    let out = client.call("DescribeJobs", json!({"jobs": [job_id]})).await.ok()?;
+    out["jobs"].as_array()?.first().cloned()
+}
+
+/// Polls until the job's status is one of `statuses`; returns its description.
+pub async fn wait_for_status(client: &BatchClient, job_id: &str, statuses: &[&str]) -> Value {
+    let deadline = Instant::now() + DEADLINE;
+    let mut last = None;
+    while Instant::now() < deadline {
+        if let Some(job) = describe(client, job_id).await {
+            if statuses.contains(&job["status"].as_str().unwrap_or_default()) {
+                return job;
+            }
+            last = Some(job);
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("job {job_id} did not reach {statuses:?} within {DEADLINE:?}; last seen: {last:?}");
+}

@@ -1,0 +1,55 @@
+//! Jobs running on an agent with the process executor.
+
+use crate::harness::{TestCluster, create_basics, submit, wait_for_status};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn jobs_run_to_succeeded_or_failed_with_their_exit_code() {
+    let mut t = TestCluster::start(3).await;
+    let client = t.client(1);
+    create_basics(&client, "ce", "q", "d").await;
+    t.add_agent("worker-a", "ce", 2.0, 1024).await;
+
+    let script = "echo job=$AWS_BATCH_JOB_ID attempt=$AWS_BATCH_JOB_ATTEMPT queue=$AWS_BATCH_JQ_NAME ce=$AWS_BATCH_CE_NAME";
+    let good = submit(&client, "q", "d", "good", &["sh", "-c", script]).await;
+    let bad = submit(&client, "q", "d", "bad", &["sh", "-c", "echo failing >&2; exit 7"]).await;
+
+    let done = wait_for_status(&client, &good, &["SUCCEEDED", "FAILED"]).await;
+    assert_eq!(done["status"], "SUCCEEDED", "{done}");
+    assert_eq!(done["container"]["exitCode"], 0);
+    assert_eq!(done["attempts"].as_array().unwrap().len(), 1);
+    let (created, started, stopped) =
+        (done["createdAt"].as_u64().unwrap(), done["startedAt"].as_u64().unwrap(), done["stoppedAt"].as_u64().unwrap());
+    assert!(created <= started && started <= stopped, "timestamps out of order: {done}");
+    let log = t.agent_log("worker-a", &good, 1);
+    assert_eq!(log.trim(), format!("job={good} attempt=1 queue=q ce=ce"));
+
+    let failed = wait_for_status(&client, &bad, &["SUCCEEDED", "FAILED"]).await;
+    assert_eq!(failed["status"], "FAILED", "{failed}");
+    assert_eq!(failed["container"]["exitCode"], 7);
+    assert_eq!(failed["attempts"][0]["container"]["exitCode"], 7);
+    assert_eq!(failed["statusReason"], "Essential container in task exited");
+    assert!(t.agent_log("worker-a", &bad, 1).contains("failing"));
+    t.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn terminate_stops_a_running_job() {
+    let mut t = TestCluster::start(3).await;
+    let client = t.client(1);
+    create_basics(&client, "ce", "q", "d").await;
+    t.add_agent("worker-a", "ce", 1.0, 1024).await;
+    let long = submit(&client, "q", "d", "long", &["sleep", "600"]).await;
+    wait_for_status(&client, &long, &["RUNNING"]).await;
+    // Queued behind it (1 vCPU node): terminated before it ever runs.
+    let queued = submit(&client, "q", "d", "queued", &["sleep", "600"]).await;
+    crate::harness::ok(client.call("TerminateJob", serde_json::json!({"jobId": queued, "reason": "not needed"})).await);
+    crate::harness::ok(client.call("TerminateJob", serde_json::json!({"jobId": long, "reason": "user asked"})).await);
+    let ended = wait_for_status(&client, &long, &["SUCCEEDED", "FAILED"]).await;
+    assert_eq!(ended["status"], "FAILED");
+    assert_eq!(ended["statusReason"], "user asked");
+    assert_eq!(ended["isTerminated"], true);
+    let never_ran = wait_for_status(&client, &queued, &["FAILED"]).await;
+    assert_eq!(never_ran["statusReason"], "not needed");
+    assert!(never_ran.get("startedAt").is_none());
+    t.shutdown().await;
+}

@@ -1,0 +1,40 @@
+//! Stopping the whole cluster and starting it again from its data directories.
+
+use crate::harness::{DEADLINE, TestCluster, create_basics, ok, submit, wait_for_status};
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn whole_cluster_restart_keeps_queues_definitions_and_jobs() {
+    let mut t = TestCluster::start(3).await;
+    let client = t.client(1);
+    create_basics(&client, "ce", "q", "d").await;
+    t.add_agent("worker-a", "ce", 2.0, 1024).await;
+    let finished = submit(&client, "q", "d", "finished", &["sh", "-c", "exit 0"]).await;
+    wait_for_status(&client, &finished, &["SUCCEEDED"]).await;
+
+    let read_all = |client: muster_client::BatchClient, job: String| async move {
+        (
+            ok(client.call("DescribeComputeEnvironments", json!({})).await),
+            ok(client.call("DescribeJobQueues", json!({})).await),
+            ok(client.call("DescribeJobDefinitions", json!({})).await),
+            ok(client.call("DescribeJobs", json!({ "jobs": [job] })).await),
+        )
+    };
+    let before = read_all(client.clone(), finished.clone()).await;
+
+    for id in 1..=3 {
+        t.cluster.stop_node(id).await;
+    }
+    for id in 1..=3 {
+        t.cluster.restart_node(id).await.expect("node restarts from its data dir");
+    }
+    t.cluster.wait_for_leader(DEADLINE).await.expect("leader after restart");
+    for id in 1..=3 {
+        let after = read_all(t.client(id), finished.clone()).await;
+        assert_eq!(after, before, "node {id} lost state across the restart");
+    }
+    // And the restarted cluster still runs jobs.
+    let again = submit(&client, "q", "d", "after-restart", &["true"]).await;
+    wait_for_status(&client, &again, &["SUCCEEDED"]).await;
+    t.shutdown().await;
+}
