@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Muster's one test command (the README's, and CI's): every Rust test, then the real-client
+# suite (pinned boto3 and awscli in a venv) against `muster dev` running jobs in Docker.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+cargo build --locked -p muster
+if command -v cargo-nextest >/dev/null 2>&1; then
+  cargo nextest run --workspace --locked --no-fail-fast
+else
+  cargo test --workspace --locked --no-fail-fast
+fi
+
+bash tests/images/build.sh
+
+venv=.venv
+stamp="$venv/.requirements.sha256"
+want="$(sha256sum tests/python/requirements.txt | cut -d' ' -f1)"
+if [ ! -x "$venv/bin/pytest" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check -r tests/python/requirements.txt
+  echo "$want" > "$stamp"
+fi
+MUSTER_BIN="$PWD/target/debug/muster" PATH="$PWD/$venv/bin:$PATH" "$venv/bin/pytest" -q tests/python
