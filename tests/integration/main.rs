@@ -4,6 +4,7 @@
 
 mod bad_input;
 mod cluster;
+mod config;
 mod failover;
 mod harness;
 mod jobs;
