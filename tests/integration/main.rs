@@ -9,4 +9,5 @@ mod failover;
 mod harness;
 mod jobs;
 mod layering;
+mod processes;
 mod restart;
