@@ -14,15 +14,31 @@ async fn bad_submits_are_refused_and_write_nothing() {
     let before = log_index();
 
     let cases = [
-        (json!({"jobName": "j", "jobQueue": "no-such-queue", "jobDefinition": "d"}), "jobQueue"),
-        (json!({"jobName": "j", "jobQueue": "q", "jobDefinition": "no-such-definition"}), "jobDefinition"),
+        (
+            json!({"jobName": "j", "jobQueue": "no-such-queue", "jobDefinition": "d"}),
+            "jobQueue",
+        ),
+        (
+            json!({"jobName": "j", "jobQueue": "q", "jobDefinition": "no-such-definition"}),
+            "jobDefinition",
+        ),
         (json!({"jobQueue": "q", "jobDefinition": "d"}), "jobName"),
-        (json!({"jobName": "n".repeat(129), "jobQueue": "q", "jobDefinition": "d"}), "jobName"),
-        (json!({"jobName": "j", "jobQueue": "q", "jobDefinition": "d", "containerOverrides": {"vcpus": 0}}), "vcpus"),
+        (
+            json!({"jobName": "n".repeat(129), "jobQueue": "q", "jobDefinition": "d"}),
+            "jobName",
+        ),
+        (
+            json!({"jobName": "j", "jobQueue": "q", "jobDefinition": "d", "containerOverrides": {"vcpus": 0}}),
+            "vcpus",
+        ),
     ];
     for (body, field) in cases {
         match client.call("SubmitJob", body.clone()).await {
-            Err(muster_client::CallError::Api { status, code, message }) => {
+            Err(muster_client::CallError::Api {
+                status,
+                code,
+                message,
+            }) => {
                 assert_eq!((status, code.as_str()), (400, "ClientException"), "{body}");
                 assert!(message.contains(field), "{message:?} does not name {field}");
             }
@@ -31,13 +47,32 @@ async fn bad_submits_are_refused_and_write_nothing() {
     }
     let zero_vcpus = json!({"jobDefinitionName": "z", "type": "container",
                             "containerProperties": {"image": "i", "vcpus": 0, "memory": 64}});
-    let refused = client.call("RegisterJobDefinition", zero_vcpus).await.unwrap_err();
-    assert!(refused.to_string().contains("containerProperties.vcpus"), "{refused}");
+    let refused = client
+        .call("RegisterJobDefinition", zero_vcpus)
+        .await
+        .unwrap_err();
+    assert!(
+        refused.to_string().contains("containerProperties.vcpus"),
+        "{refused}"
+    );
 
-    assert_eq!(log_index(), before, "a refused request reached the Raft log");
-    let listed = client.call("ListJobs", json!({"jobQueue": "q", "jobStatus": "RUNNABLE"})).await.unwrap();
+    assert_eq!(
+        log_index(),
+        before,
+        "a refused request reached the Raft log"
+    );
+    let listed = client
+        .call(
+            "ListJobs",
+            json!({"jobQueue": "q", "jobStatus": "RUNNABLE"}),
+        )
+        .await
+        .unwrap();
     assert_eq!(listed["jobSummaryList"], json!([]));
-    let defs = client.call("DescribeJobDefinitions", json!({"jobDefinitionName": "z"})).await.unwrap();
+    let defs = client
+        .call("DescribeJobDefinitions", json!({"jobDefinitionName": "z"}))
+        .await
+        .unwrap();
     assert_eq!(defs["jobDefinitions"], json!([]));
     t.shutdown().await;
 }

@@ -3,7 +3,10 @@
 #[test]
 fn example_server_config_is_valid() {
     let text = include_str!("../../deploy/config/server.example.toml");
-    let config = muster_control::RawServerConfig::from_toml(text).unwrap().validate().unwrap();
+    let config = muster_control::RawServerConfig::from_toml(text)
+        .unwrap()
+        .validate()
+        .unwrap();
     assert_eq!(config.node_id, 1);
     assert_eq!(config.peers.len(), 3);
 }
@@ -11,7 +14,10 @@ fn example_server_config_is_valid() {
 #[test]
 fn example_agent_config_is_valid() {
     let text = include_str!("../../deploy/config/agent.example.toml");
-    let config = muster_agent::RawAgentConfig::from_toml(text).unwrap().validate().unwrap();
+    let config = muster_agent::RawAgentConfig::from_toml(text)
+        .unwrap()
+        .validate()
+        .unwrap();
     assert_eq!(config.compute_environment, "cpu");
     assert_eq!(config.reserved_millicpus, 500);
 }

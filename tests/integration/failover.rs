@@ -12,7 +12,14 @@ async fn leader_killed_while_a_job_runs_loses_nothing() {
     create_basics(&client, "ce", "q", "d").await;
     t.add_agent("worker-a", "ce", 4.0, 4096).await;
 
-    let running = submit(&client, "q", "d", "spans-failover", &["sh", "-c", "sleep 2; exit 0"]).await;
+    let running = submit(
+        &client,
+        "q",
+        "d",
+        "spans-failover",
+        &["sh", "-c", "sleep 2; exit 0"],
+    )
+    .await;
     wait_for_status(&client, &running, &["RUNNING"]).await;
     // Every submit acknowledged before the kill must survive it.
     let mut acknowledged = Vec::new();
@@ -21,7 +28,11 @@ async fn leader_killed_while_a_job_runs_loses_nothing() {
     }
 
     t.cluster.stop_node(leader).await;
-    let new_leader = t.cluster.wait_for_leader(DEADLINE).await.expect("a new leader");
+    let new_leader = t
+        .cluster
+        .wait_for_leader(DEADLINE)
+        .await
+        .expect("a new leader");
     assert_ne!(new_leader, leader);
 
     let done = wait_for_status(&client, &running, &["SUCCEEDED", "FAILED"]).await;
@@ -46,7 +57,10 @@ async fn leader_killed_while_a_job_runs_loses_nothing() {
 async fn futures_views(t: &TestCluster, nodes: &[u64], ids: &[String]) -> Vec<serde_json::Value> {
     let mut views = Vec::new();
     for id in nodes {
-        views.push(ok(t.client(*id).call("DescribeJobs", json!({ "jobs": ids })).await));
+        views.push(ok(t
+            .client(*id)
+            .call("DescribeJobs", json!({ "jobs": ids }))
+            .await));
     }
     views
 }

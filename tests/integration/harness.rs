@@ -33,8 +33,15 @@ impl TestCluster {
         let cluster = LocalCluster::start(dir.path(), size, "127.0.0.1:0".parse().unwrap(), None)
             .await
             .expect("cluster starts");
-        cluster.wait_for_leader(DEADLINE).await.expect("a leader is elected");
-        TestCluster { dir, cluster, agents: Vec::new() }
+        cluster
+            .wait_for_leader(DEADLINE)
+            .await
+            .expect("a leader is elected");
+        TestCluster {
+            dir,
+            cluster,
+            agents: Vec::new(),
+        }
     }
 
     /// A client of node `id`'s API.
@@ -45,7 +52,12 @@ impl TestCluster {
     /// A client of some running node that is not the leader.
     pub fn follower_client(&self) -> BatchClient {
         let leader = self.cluster.leader();
-        let follower = self.cluster.running().map(|n| n.raft.id).find(|id| Some(*id) != leader).expect("a follower");
+        let follower = self
+            .cluster
+            .running()
+            .map(|n| n.raft.id)
+            .find(|id| Some(*id) != leader)
+            .expect("a follower");
         self.client(follower)
     }
 
@@ -72,7 +84,13 @@ impl TestCluster {
     }
 
     pub fn agent_log(&self, agent: &str, job_id: &str, attempt: u32) -> String {
-        let path = self.dir.path().join(format!("agent-{agent}")).join("logs").join(job_id).join(format!("{attempt}.log"));
+        let path = self
+            .dir
+            .path()
+            .join(format!("agent-{agent}"))
+            .join("logs")
+            .join(job_id)
+            .join(format!("{attempt}.log"));
         std::fs::read_to_string(&path).unwrap_or_default()
     }
 
@@ -88,7 +106,12 @@ impl TestCluster {
 /// Creates compute environment `ce`, queue `queue` on it and definition `def` (1 vCPU,
 /// 64 MiB, running `sh -c "exit 0"` unless overridden).
 pub async fn create_basics(client: &BatchClient, ce: &str, queue: &str, def: &str) {
-    ok(client.call("CreateComputeEnvironment", json!({"computeEnvironmentName": ce, "type": "UNMANAGED"})).await);
+    ok(client
+        .call(
+            "CreateComputeEnvironment",
+            json!({"computeEnvironmentName": ce, "type": "UNMANAGED"}),
+        )
+        .await);
     ok(client
         .call(
             "CreateJobQueue",
@@ -113,14 +136,26 @@ pub fn ok(result: Result<Value, muster_client::CallError>) -> Value {
     }
 }
 
-pub async fn submit(client: &BatchClient, queue: &str, def: &str, name: &str, command: &[&str]) -> String {
+pub async fn submit(
+    client: &BatchClient,
+    queue: &str,
+    def: &str,
+    name: &str,
+    command: &[&str],
+) -> String {
     let body = json!({"jobName": name, "jobQueue": queue, "jobDefinition": def,
                       "containerOverrides": {"command": command}});
-    ok(client.call("SubmitJob", body).await)["jobId"].as_str().expect("jobId").to_owned()
+    ok(client.call("SubmitJob", body).await)["jobId"]
+        .as_str()
+        .expect("jobId")
+        .to_owned()
 }
 
 pub async fn describe(client: &BatchClient, job_id: &str) -> Option<Value> {
-    let out = client.call("DescribeJobs", json!({"jobs": [job_id]})).await.ok()?;
+    let out = client
+        .call("DescribeJobs", json!({"jobs": [job_id]}))
+        .await
+        .ok()?;
     out["jobs"].as_array()?.first().cloned()
 }
 

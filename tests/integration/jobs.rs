@@ -11,15 +11,28 @@ async fn jobs_run_to_succeeded_or_failed_with_their_exit_code() {
 
     let script = "echo job=$AWS_BATCH_JOB_ID attempt=$AWS_BATCH_JOB_ATTEMPT queue=$AWS_BATCH_JQ_NAME ce=$AWS_BATCH_CE_NAME";
     let good = submit(&client, "q", "d", "good", &["sh", "-c", script]).await;
-    let bad = submit(&client, "q", "d", "bad", &["sh", "-c", "echo failing >&2; exit 7"]).await;
+    let bad = submit(
+        &client,
+        "q",
+        "d",
+        "bad",
+        &["sh", "-c", "echo failing >&2; exit 7"],
+    )
+    .await;
 
     let done = wait_for_status(&client, &good, &["SUCCEEDED", "FAILED"]).await;
     assert_eq!(done["status"], "SUCCEEDED", "{done}");
     assert_eq!(done["container"]["exitCode"], 0);
     assert_eq!(done["attempts"].as_array().unwrap().len(), 1);
-    let (created, started, stopped) =
-        (done["createdAt"].as_u64().unwrap(), done["startedAt"].as_u64().unwrap(), done["stoppedAt"].as_u64().unwrap());
-    assert!(created <= started && started <= stopped, "timestamps out of order: {done}");
+    let (created, started, stopped) = (
+        done["createdAt"].as_u64().unwrap(),
+        done["startedAt"].as_u64().unwrap(),
+        done["stoppedAt"].as_u64().unwrap(),
+    );
+    assert!(
+        created <= started && started <= stopped,
+        "timestamps out of order: {done}"
+    );
     let log = t.agent_log("worker-a", &good, 1);
     assert_eq!(log.trim(), format!("job={good} attempt=1 queue=q ce=ce"));
 
@@ -42,8 +55,22 @@ async fn terminate_stops_a_running_job() {
     wait_for_status(&client, &long, &["RUNNING"]).await;
     // Queued behind it (1 vCPU node): terminated before it ever runs.
     let queued = submit(&client, "q", "d", "queued", &["sleep", "600"]).await;
-    crate::harness::ok(client.call("TerminateJob", serde_json::json!({"jobId": queued, "reason": "not needed"})).await);
-    crate::harness::ok(client.call("TerminateJob", serde_json::json!({"jobId": long, "reason": "user asked"})).await);
+    crate::harness::ok(
+        client
+            .call(
+                "TerminateJob",
+                serde_json::json!({"jobId": queued, "reason": "not needed"}),
+            )
+            .await,
+    );
+    crate::harness::ok(
+        client
+            .call(
+                "TerminateJob",
+                serde_json::json!({"jobId": long, "reason": "user asked"}),
+            )
+            .await,
+    );
     let ended = wait_for_status(&client, &long, &["SUCCEEDED", "FAILED"]).await;
     assert_eq!(ended["status"], "FAILED");
     assert_eq!(ended["statusReason"], "user asked");

@@ -13,7 +13,11 @@ fn pure_crates_do_not_depend_on_io_crates() {
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .expect("cargo metadata runs");
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let metadata: Value = serde_json::from_slice(&output.stdout).unwrap();
     let names: BTreeMap<&str, &str> = metadata["packages"]
         .as_array()
@@ -31,14 +35,24 @@ fn pure_crates_do_not_depend_on_io_crates() {
                 .as_array()
                 .unwrap()
                 .iter()
-                .filter(|d| d["dep_kinds"].as_array().unwrap().iter().any(|k| k["kind"].is_null()))
+                .filter(|d| {
+                    d["dep_kinds"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .any(|k| k["kind"].is_null())
+                })
                 .map(|d| d["pkg"].as_str().unwrap())
                 .collect();
             (n["id"].as_str().unwrap(), deps)
         })
         .collect();
     for root in ["muster-core", "muster-sched"] {
-        let start = names.iter().find(|(_, n)| **n == root).map(|(id, _)| *id).expect("crate in workspace");
+        let start = names
+            .iter()
+            .find(|(_, n)| **n == root)
+            .map(|(id, _)| *id)
+            .expect("crate in workspace");
         let mut seen = BTreeSet::new();
         let mut stack = vec![start];
         while let Some(id) = stack.pop() {
@@ -48,8 +62,14 @@ fn pure_crates_do_not_depend_on_io_crates() {
         }
         let reached: BTreeSet<&str> = seen.iter().map(|id| names[id]).collect();
         for bad in FORBIDDEN {
-            assert!(!reached.contains(bad), "{root} depends on {bad} (through {reached:?})");
+            assert!(
+                !reached.contains(bad),
+                "{root} depends on {bad} (through {reached:?})"
+            );
         }
-        assert!(reached.contains("serde"), "the walk found {root}'s dependencies");
+        assert!(
+            reached.contains("serde"),
+            "the walk found {root}'s dependencies"
+        );
     }
 }

@@ -16,13 +16,25 @@ fn muster_bin() -> PathBuf {
         return path.into();
     }
     let exe = std::env::current_exe().expect("test binary path");
-    let bin = exe.parent().and_then(Path::parent).expect("target dir").join("muster");
-    assert!(bin.exists(), "{} is missing: run `cargo build -p muster` first (tests/run.sh does)", bin.display());
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("muster");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build -p muster` first (tests/run.sh does)",
+        bin.display()
+    );
     bin
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 struct Proc(Child);
@@ -77,8 +89,15 @@ async fn three_server_processes_and_an_agent_process() {
     let dir = tempfile::tempdir().unwrap();
     let grpc: Vec<u16> = (0..3).map(|_| free_port()).collect();
     let api: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let peers: String =
-        (0..3).map(|i| format!("[[peers]]\nid = {}\ngrpc_addr = \"127.0.0.1:{}\"\n", i + 1, grpc[i])).collect();
+    let peers: String = (0..3)
+        .map(|i| {
+            format!(
+                "[[peers]]\nid = {}\ngrpc_addr = \"127.0.0.1:{}\"\n",
+                i + 1,
+                grpc[i]
+            )
+        })
+        .collect();
     let mut configs = Vec::new();
     for i in 0..3 {
         let path = dir.path().join(format!("server-{}.toml", i + 1));
@@ -121,7 +140,10 @@ async fn three_server_processes_and_an_agent_process() {
     let client = BatchClient::new(format!("http://127.0.0.1:{}", api[1]));
     wait_until_serving(&client).await;
     create_basics(&client, "ce", "q", "d").await;
-    let agent = Proc::spawn(&["agent", "--config", agent_config.to_str().unwrap()], &dir.path().join("agent.log"));
+    let agent = Proc::spawn(
+        &["agent", "--config", agent_config.to_str().unwrap()],
+        &dir.path().join("agent.log"),
+    );
     let job = submit(&client, "q", "d", "in-a-process", &["sh", "-c", "exit 0"]).await;
     wait_for_status(&client, &job, &["SUCCEEDED"]).await;
     agent.stop();
@@ -139,7 +161,10 @@ async fn three_server_processes_and_an_agent_process() {
     assert_eq!(described["jobs"][0]["status"], "SUCCEEDED");
     for i in 1..=3 {
         let log = std::fs::read_to_string(dir.path().join(format!("server-{i}-2.log"))).unwrap();
-        assert!(!log.contains("cluster initialisation refused"), "node {i} tried to found the cluster again: {log}");
+        assert!(
+            !log.contains("cluster initialisation refused"),
+            "node {i} tried to found the cluster again: {log}"
+        );
     }
     for s in servers {
         s.stop();

@@ -26,9 +26,15 @@ async fn whole_cluster_restart_keeps_queues_definitions_and_jobs() {
         t.cluster.stop_node(id).await;
     }
     for id in 1..=3 {
-        t.cluster.restart_node(id).await.expect("node restarts from its data dir");
+        t.cluster
+            .restart_node(id)
+            .await
+            .expect("node restarts from its data dir");
     }
-    t.cluster.wait_for_leader(DEADLINE).await.expect("leader after restart");
+    t.cluster
+        .wait_for_leader(DEADLINE)
+        .await
+        .expect("leader after restart");
     for id in 1..=3 {
         let after = read_all(t.client(id), finished.clone()).await;
         assert_eq!(after, before, "node {id} lost state across the restart");

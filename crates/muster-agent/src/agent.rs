@@ -42,12 +42,18 @@ impl Agent {
     pub async fn new(config: AgentConfig) -> Result<Self, AgentError> {
         let executor = match config.executor {
             ExecutorKind::Docker => Executor::Docker(
-                DockerExecutor::connect(&config.compute_environment).await.map_err(|e| AgentError::Docker(e.to_string()))?,
+                DockerExecutor::connect(&config.compute_environment)
+                    .await
+                    .map_err(|e| AgentError::Docker(e.to_string()))?,
             ),
             ExecutorKind::Process => Executor::Process(ProcessExecutor),
         };
         let control = ControlClient::new(config.control_plane.clone());
-        Ok(Self { config, executor: Arc::new(executor), control })
+        Ok(Self {
+            config,
+            executor: Arc::new(executor),
+            control,
+        })
     }
 
     pub fn executor_kind(&self) -> &'static str {
@@ -59,15 +65,22 @@ impl Agent {
         if !self.register(&shutdown).await {
             return;
         }
-        let heartbeat = tokio::spawn(heartbeat_loop(self.config.clone(), self.control.clone(), shutdown.clone()));
+        let heartbeat = tokio::spawn(heartbeat_loop(
+            self.config.clone(),
+            self.control.clone(),
+            shutdown.clone(),
+        ));
         let mut slots = HashMap::new();
         self.watch_loop(&mut slots, shutdown.clone()).await;
         for slot in slots.values() {
             let _ = slot.stop.send(true);
         }
         // Give stopped attempts their grace period to end (and try to report it).
-        let deadline = tokio::time::Instant::now() + self.config.stop_grace + Duration::from_secs(2);
-        while slots.values().any(|s| !s.done.load(Ordering::SeqCst)) && tokio::time::Instant::now() < deadline {
+        let deadline =
+            tokio::time::Instant::now() + self.config.stop_grace + Duration::from_secs(2);
+        while slots.values().any(|s| !s.done.load(Ordering::SeqCst))
+            && tokio::time::Instant::now() < deadline
+        {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         heartbeat.abort();
@@ -78,11 +91,16 @@ impl Agent {
         let request = RegisterRequest {
             node_id: self.config.node_id.clone(),
             compute_environment: self.config.compute_environment.clone(),
-            inventory: Some(inventory_to_pb(&inventory::collect(&self.config, "127.0.0.1".into()))),
+            inventory: Some(inventory_to_pb(&inventory::collect(
+                &self.config,
+                "127.0.0.1".into(),
+            ))),
         };
         loop {
             for addr in &self.control.addrs {
-                let Some(mut client) = self.control.client(addr) else { continue };
+                let Some(mut client) = self.control.client(addr) else {
+                    continue;
+                };
                 match client.register(request.clone()).await {
                     Ok(_) => {
                         tracing::info!(node = %self.config.node_id, ce = %self.config.compute_environment, "agent registered");
@@ -98,7 +116,11 @@ impl Agent {
         }
     }
 
-    async fn watch_loop(&self, slots: &mut HashMap<(String, u32), Slot>, mut shutdown: watch::Receiver<bool>) {
+    async fn watch_loop(
+        &self,
+        slots: &mut HashMap<(String, u32), Slot>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
         let mut leader_hint: Option<String> = None;
         let mut next = 0usize;
         let mut max_term = 0u64;
@@ -107,12 +129,20 @@ impl Agent {
                 next += 1;
                 self.control.addrs[next % self.control.addrs.len()].clone()
             });
-            let Some(mut client) = self.control.client(&addr) else { continue };
-            let request = WatchRequest { node_id: self.config.node_id.clone() };
+            let Some(mut client) = self.control.client(&addr) else {
+                continue;
+            };
+            let request = WatchRequest {
+                node_id: self.config.node_id.clone(),
+            };
             let mut stream = match client.watch_assignments(request).await {
                 Ok(response) => response.into_inner(),
                 Err(status) => {
-                    leader_hint = status.metadata().get(LEADER_METADATA_KEY).and_then(|v| v.to_str().ok()).map(str::to_owned);
+                    leader_hint = status
+                        .metadata()
+                        .get(LEADER_METADATA_KEY)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned);
                     if leader_hint.is_none() {
                         tokio::select! {
                             _ = shutdown.changed() => {}
@@ -135,7 +165,8 @@ impl Agent {
                             continue;
                         }
                         max_term = set.term;
-                        let desired: Vec<Assignment> = set.assignments.iter().map(assignment_from_pb).collect();
+                        let desired: Vec<Assignment> =
+                            set.assignments.iter().map(assignment_from_pb).collect();
                         self.reconcile(slots, desired, &shutdown);
                     }
                     _ => break,
@@ -145,9 +176,16 @@ impl Agent {
     }
 
     /// Starts what is newly assigned and stops what is no longer assigned.
-    fn reconcile(&self, slots: &mut HashMap<(String, u32), Slot>, desired: Vec<Assignment>, shutdown: &watch::Receiver<bool>) {
-        let wanted: HashMap<(String, u32), Assignment> =
-            desired.into_iter().map(|a| ((a.job.0.clone(), a.attempt), a)).collect();
+    fn reconcile(
+        &self,
+        slots: &mut HashMap<(String, u32), Slot>,
+        desired: Vec<Assignment>,
+        shutdown: &watch::Receiver<bool>,
+    ) {
+        let wanted: HashMap<(String, u32), Assignment> = desired
+            .into_iter()
+            .map(|a| ((a.job.0.clone(), a.attempt), a))
+            .collect();
         slots.retain(|key, slot| {
             if wanted.contains_key(key) {
                 return true;
@@ -177,7 +215,11 @@ impl Agent {
     }
 
     fn log_path(&self, (job, attempt): &(String, u32)) -> PathBuf {
-        self.config.work_dir.join("logs").join(job.replace([':', '/'], "_")).join(format!("{attempt}.log"))
+        self.config
+            .work_dir
+            .join("logs")
+            .join(job.replace([':', '/'], "_"))
+            .join(format!("{attempt}.log"))
     }
 }
 
@@ -203,14 +245,31 @@ async fn run_attempt(
         }
     };
     // RUNNING is reported while the attempt runs; the exit only after RUNNING was delivered.
-    let (exit, ()) = tokio::join!(executor.run(&assignment, &log_path, started_tx, stop, grace), running);
+    let (exit, ()) = tokio::join!(
+        executor.run(&assignment, &log_path, started_tx, stop, grace),
+        running
+    );
     tracing::info!(job, attempt, exit_code = ?exit.exit_code, reason = ?exit.reason, "attempt ended");
-    report(&control, &node_id, &job, attempt, Event::Exited { exit_code: exit.exit_code, reason: exit.reason }, &shutdown)
-        .await;
+    report(
+        &control,
+        &node_id,
+        &job,
+        attempt,
+        Event::Exited {
+            exit_code: exit.exit_code,
+            reason: exit.reason,
+        },
+        &shutdown,
+    )
+    .await;
     done.store(true, Ordering::SeqCst);
 }
 
-async fn heartbeat_loop(config: AgentConfig, control: ControlClient, mut shutdown: watch::Receiver<bool>) {
+async fn heartbeat_loop(
+    config: AgentConfig,
+    control: ControlClient,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut next = 0usize;
     loop {
         tokio::select! {
@@ -220,7 +279,15 @@ async fn heartbeat_loop(config: AgentConfig, control: ControlClient, mut shutdow
         next += 1;
         let addr = &control.addrs[next % control.addrs.len()];
         if let Some(mut client) = control.client(addr)
-            && let Err(e) = client.heartbeat(HeartbeatRequest { node_id: config.node_id.clone() }).await
+            && let Err(e) = client
+                .heartbeat(HeartbeatRequest {
+                    node_id: config.node_id.clone(),
+                    inventory: Some(inventory_to_pb(&inventory::collect(
+                        &config,
+                        "127.0.0.1".into(),
+                    ))),
+                })
+                .await
         {
             tracing::debug!(addr, error = %e.message(), "heartbeat not delivered");
         }

@@ -79,7 +79,10 @@ pub enum ConfigError {
     #[error("cannot parse config: {0}")]
     Parse(#[from] toml::de::Error),
     #[error("{field}: {message}")]
-    Invalid { field: &'static str, message: String },
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
 }
 
 impl RawAgentConfig {
@@ -88,12 +91,21 @@ impl RawAgentConfig {
     }
 
     pub fn validate(self) -> Result<AgentConfig, ConfigError> {
-        let invalid = |field, message: &str| ConfigError::Invalid { field, message: message.to_owned() };
+        let invalid = |field, message: &str| ConfigError::Invalid {
+            field,
+            message: message.to_owned(),
+        };
         if self.control_plane.is_empty() {
-            return Err(invalid("control_plane", "list at least one control node gRPC address"));
+            return Err(invalid(
+                "control_plane",
+                "list at least one control node gRPC address",
+            ));
         }
         if self.compute_environment.is_empty() {
-            return Err(invalid("compute_environment", "must name the UNMANAGED compute environment to join"));
+            return Err(invalid(
+                "compute_environment",
+                "must name the UNMANAGED compute environment to join",
+            ));
         }
         if self.reserved.vcpus < 0.0 {
             return Err(invalid("reserved.vcpus", "must not be negative"));

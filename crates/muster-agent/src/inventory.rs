@@ -22,13 +22,21 @@ fn machine_memory_mib() -> u64 {
     meminfo
         .lines()
         .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
         .map_or(0, |kib| kib / 1024)
 }
 
 pub fn collect(config: &AgentConfig, address: String) -> NodeInventory {
     let millicpus = config.vcpus_override.unwrap_or_else(machine_millicpus);
-    let memory = config.memory_override_mib.unwrap_or_else(machine_memory_mib);
+    let memory = config
+        .memory_override_mib
+        .unwrap_or_else(machine_memory_mib);
     NodeInventory {
         capacity: Resources::new(
             millicpus.saturating_sub(config.reserved_millicpus),

@@ -17,7 +17,10 @@ pub(crate) struct ControlClient {
 
 impl ControlClient {
     pub fn new(addrs: Vec<String>) -> Self {
-        Self { addrs, channels: Arc::default() }
+        Self {
+            addrs,
+            channels: Arc::default(),
+        }
     }
 
     pub fn client(&self, addr: &str) -> Option<AgentServiceClient<Channel>> {
@@ -37,7 +40,10 @@ impl ControlClient {
 
 pub(crate) enum Event {
     Running,
-    Exited { exit_code: Option<i32>, reason: Option<String> },
+    Exited {
+        exit_code: Option<i32>,
+        reason: Option<String>,
+    },
 }
 
 /// Sends one attempt report, trying every control node in turn until one accepts it (any
@@ -54,19 +60,30 @@ pub(crate) async fn report(
 ) {
     let event = match event {
         Event::Running => attempt_report::Event::Running(AttemptRunning {}),
-        Event::Exited { exit_code, reason } => attempt_report::Event::Exited(AttemptExited { exit_code, reason }),
+        Event::Exited { exit_code, reason } => {
+            attempt_report::Event::Exited(AttemptExited { exit_code, reason })
+        }
     };
-    let request = AttemptReport { node_id: node_id.to_owned(), job_id: job.to_owned(), attempt, event: Some(event) };
+    let request = AttemptReport {
+        node_id: node_id.to_owned(),
+        job_id: job.to_owned(),
+        attempt,
+        event: Some(event),
+    };
     loop {
         for addr in &control.addrs {
-            let Some(mut client) = control.client(addr) else { continue };
+            let Some(mut client) = control.client(addr) else {
+                continue;
+            };
             match client.report_attempt(request.clone()).await {
                 Ok(_) => return,
                 Err(status) if status.code() == tonic::Code::InvalidArgument => {
                     tracing::warn!(job, attempt, error = %status.message(), "report refused");
                     return;
                 }
-                Err(status) => tracing::debug!(job, attempt, addr, error = %status, "report not delivered"),
+                Err(status) => {
+                    tracing::debug!(job, attempt, addr, error = %status, "report not delivered")
+                }
             }
         }
         if *shutdown.borrow() {

@@ -31,16 +31,24 @@ pub(crate) async fn create<P: ControlPlane>(plane: &P, body: &[u8]) -> Result<Va
                 "type: MANAGED compute environments are not supported by Muster yet; use UNMANAGED and join agents to it",
             ));
         }
-        other => return Err(ApiError::client(format!("type: {other} must be one of MANAGED | UNMANAGED"))),
+        other => {
+            return Err(ApiError::client(format!(
+                "type: {other} must be one of MANAGED | UNMANAGED"
+            )));
+        }
     };
     if req.compute_resources.is_some() {
-        return Err(ApiError::client("computeResources: only MANAGED compute environments take computeResources"));
+        return Err(ApiError::client(
+            "computeResources: only MANAGED compute environments take computeResources",
+        ));
     }
     let state = parse_state("state", req.state.as_deref())?;
     if let Some(v) = req.unmanaged_vcpus
         && v < 0
     {
-        return Err(ApiError::client(format!("unmanagedvCpus: {v} must not be negative")));
+        return Err(ApiError::client(format!(
+            "unmanagedvCpus: {v} must not be negative"
+        )));
     }
     let ce = ComputeEnvironment {
         name: name.clone(),
@@ -55,7 +63,10 @@ pub(crate) async fn create<P: ControlPlane>(plane: &P, body: &[u8]) -> Result<Va
     };
     check_and_propose(plane, Command::CreateComputeEnvironment(ce)).await?;
     let arn = plane
-        .read(move |s| s.compute_environment(&name).map(|ce| (ce.name.clone(), ce.arn.0.clone())))
+        .read(move |s| {
+            s.compute_environment(&name)
+                .map(|ce| (ce.name.clone(), ce.arn.0.clone()))
+        })
         .await
         .map_err(ApiError::server)?
         .ok_or_else(|| ApiError::server("compute environment vanished after commit"))?;
@@ -65,8 +76,9 @@ pub(crate) async fn create<P: ControlPlane>(plane: &P, body: &[u8]) -> Result<Va
 pub(crate) fn parse_state(field: &str, state: Option<&str>) -> Result<EnabledState, ApiError> {
     match state {
         None => Ok(EnabledState::Enabled),
-        Some(s) => EnabledState::parse(s)
-            .ok_or_else(|| ApiError::client(format!("{field}: {s} must be one of ENABLED | DISABLED"))),
+        Some(s) => EnabledState::parse(s).ok_or_else(|| {
+            ApiError::client(format!("{field}: {s} must be one of ENABLED | DISABLED"))
+        }),
     }
 }
 
@@ -117,7 +129,9 @@ pub(crate) async fn describe<P: ControlPlane>(plane: &P, body: &[u8]) -> Result<
     let req: DescribeRequest = parse(body)?;
     let wanted = req.compute_environments.unwrap_or_default();
     if wanted.len() > 100 {
-        return Err(ApiError::client("computeEnvironments: at most 100 may be described at once"));
+        return Err(ApiError::client(
+            "computeEnvironments: at most 100 may be described at once",
+        ));
     }
     let limit = page_size(req.max_results, 100)?;
     let after = req.next_token;
@@ -125,14 +139,19 @@ pub(crate) async fn describe<P: ControlPlane>(plane: &P, body: &[u8]) -> Result<
         .read(move |s| {
             let mut matching = s
                 .compute_environments()
-                .filter(|ce| wanted.is_empty() || wanted.iter().any(|w| *w == ce.name || *w == ce.arn.0))
+                .filter(|ce| {
+                    wanted.is_empty() || wanted.iter().any(|w| *w == ce.name || *w == ce.arn.0)
+                })
                 .filter(|ce| after.as_ref().is_none_or(|a| ce.name > *a));
             let page: Vec<Detail> = matching.by_ref().take(limit).map(detail).collect();
             (page, matching.next().is_some())
         })
         .await
         .map_err(ApiError::server)?;
-    let token = page.last().filter(|_| more).map(|last| last.compute_environment_name.clone());
+    let token = page
+        .last()
+        .filter(|_| more)
+        .map(|last| last.compute_environment_name.clone());
     let mut out = json!({ "computeEnvironments": page });
     if let Some(token) = token {
         out["nextToken"] = json!(token);

@@ -17,13 +17,21 @@ pub struct ApiError {
 impl ApiError {
     /// `400 ClientException`: the caller can fix this. The message names the field.
     pub fn client(message: impl Into<String>) -> Self {
-        Self { status: StatusCode::BAD_REQUEST, code: "ClientException", message: message.into() }
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            code: "ClientException",
+            message: message.into(),
+        }
     }
 
     /// `500 ServerException`: the cluster could not answer (no leader, for example).
     /// Clients retry these, so it is never used for bad input.
     pub fn server(message: impl Into<String>) -> Self {
-        Self { status: StatusCode::INTERNAL_SERVER_ERROR, code: "ServerException", message: message.into() }
+        Self {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            code: "ServerException",
+            message: message.into(),
+        }
     }
 }
 
@@ -37,7 +45,9 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = serde_json::json!({ "__type": self.code, "message": self.message });
         let mut response = (self.status, axum::Json(body)).into_response();
-        response.headers_mut().insert("x-amzn-ErrorType", HeaderValue::from_static(self.code));
+        response
+            .headers_mut()
+            .insert("x-amzn-ErrorType", HeaderValue::from_static(self.code));
         response
     }
 }

@@ -1,11 +1,13 @@
 //! RegisterJobDefinition, DescribeJobDefinitions.
 
 use crate::request::{
-    KeyValuePair, ResourceRequirementShape, environment, page_size, parse, required, requirement_shapes,
-    resource_requirements, tags,
+    KeyValuePair, ResourceRequirementShape, environment, page_size, parse, required,
+    requirement_shapes, resource_requirements, tags,
 };
 use crate::{ApiError, ControlPlane, check_and_propose};
-use muster_core::{Command, ContainerSpec, DefinitionStatus, JobDefinition, JobDefinitionSpec, Outcome, Tags};
+use muster_core::{
+    Command, ContainerSpec, DefinitionStatus, JobDefinition, JobDefinitionSpec, Outcome, Tags,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
@@ -48,15 +50,21 @@ fn unsupported_retry(field: &str, retry: &Option<RetryStrategyShape>) -> Result<
     if let Some(r) = retry {
         match r.attempts {
             Some(a) if !(1..=10).contains(&a) => {
-                return Err(ApiError::client(format!("{field}.attempts: {a} must be between 1 and 10")));
+                return Err(ApiError::client(format!(
+                    "{field}.attempts: {a} must be between 1 and 10"
+                )));
             }
             Some(a) if a > 1 => {
-                return Err(ApiError::client(format!("{field}.attempts: retries are not supported by Muster yet")));
+                return Err(ApiError::client(format!(
+                    "{field}.attempts: retries are not supported by Muster yet"
+                )));
             }
             _ => {}
         }
         if r.evaluate_on_exit.as_ref().is_some_and(|e| !e.is_empty()) {
-            return Err(ApiError::client(format!("{field}.evaluateOnExit: not supported by Muster yet")));
+            return Err(ApiError::client(format!(
+                "{field}.evaluateOnExit: not supported by Muster yet"
+            )));
         }
     }
     Ok(())
@@ -70,21 +78,31 @@ pub(crate) fn check_retry_strategy(field: &str, value: &Option<Value>) -> Result
 }
 
 fn container_spec(c: ContainerPropertiesShape) -> Result<ContainerSpec, ApiError> {
-    let image = c.image.filter(|i| !i.is_empty()).ok_or_else(|| ApiError::client("containerProperties.image is required"))?;
+    let image = c
+        .image
+        .filter(|i| !i.is_empty())
+        .ok_or_else(|| ApiError::client("containerProperties.image is required"))?;
     if let Some(v) = c.vcpus
         && v < 1
     {
-        return Err(ApiError::client(format!("containerProperties.vcpus: {v} must be at least 1")));
+        return Err(ApiError::client(format!(
+            "containerProperties.vcpus: {v} must be at least 1"
+        )));
     }
     if let Some(m) = c.memory
         && m < 4
     {
-        return Err(ApiError::client(format!("containerProperties.memory: {m} must be at least 4 (MiB)")));
+        return Err(ApiError::client(format!(
+            "containerProperties.memory: {m} must be at least 4 (MiB)"
+        )));
     }
     let spec = ContainerSpec {
         image,
         command: c.command.unwrap_or_default(),
-        environment: environment("containerProperties.environment", &c.environment.unwrap_or_default())?,
+        environment: environment(
+            "containerProperties.environment",
+            &c.environment.unwrap_or_default(),
+        )?,
         vcpus: c.vcpus,
         memory: c.memory,
         resource_requirements: resource_requirements(
@@ -112,23 +130,44 @@ pub(crate) async fn register<P: ControlPlane>(plane: &P, body: &[u8]) -> Result<
     muster_core::validate::name("jobDefinitionName", &name)?;
     match required("type", &req.definition_type)? {
         "container" => {}
-        "multinode" => return Err(ApiError::client("type: multinode job definitions are not supported by Muster yet")),
-        other => return Err(ApiError::client(format!("type: {other} must be one of container | multinode"))),
+        "multinode" => {
+            return Err(ApiError::client(
+                "type: multinode job definitions are not supported by Muster yet",
+            ));
+        }
+        other => {
+            return Err(ApiError::client(format!(
+                "type: {other} must be one of container | multinode"
+            )));
+        }
     }
     if req.node_properties.is_some() {
-        return Err(ApiError::client("nodeProperties: only multinode job definitions take nodeProperties"));
+        return Err(ApiError::client(
+            "nodeProperties: only multinode job definitions take nodeProperties",
+        ));
     }
     unsupported_retry("retryStrategy", &req.retry_strategy)?;
     if req.timeout.is_some() {
-        return Err(ApiError::client("timeout: attempt timeouts are not supported by Muster yet"));
+        return Err(ApiError::client(
+            "timeout: attempt timeouts are not supported by Muster yet",
+        ));
     }
-    let container = container_spec(
-        req.container_properties.ok_or_else(|| ApiError::client("containerProperties is required for type container"))?,
-    )?;
-    let spec =
-        JobDefinitionSpec { name, container, parameters: req.parameters.unwrap_or_default(), tags: tags("tags", req.tags)? };
+    let container =
+        container_spec(req.container_properties.ok_or_else(|| {
+            ApiError::client("containerProperties is required for type container")
+        })?)?;
+    let spec = JobDefinitionSpec {
+        name,
+        container,
+        parameters: req.parameters.unwrap_or_default(),
+        tags: tags("tags", req.tags)?,
+    };
     match check_and_propose(plane, Command::RegisterJobDefinition(spec)).await? {
-        Outcome::DefinitionRegistered { name, revision, arn } => {
+        Outcome::DefinitionRegistered {
+            name,
+            revision,
+            arn,
+        } => {
             Ok(json!({ "jobDefinitionName": name, "jobDefinitionArn": arn, "revision": revision }))
         }
         other => Err(ApiError::server(format!("unexpected outcome {other:?}"))),
@@ -161,7 +200,10 @@ pub(crate) fn container_shape(c: &ContainerSpec) -> ContainerShape {
         environment: c
             .environment
             .iter()
-            .map(|(n, v)| KeyValuePair { name: Some(n.clone()), value: Some(v.clone()) })
+            .map(|(n, v)| KeyValuePair {
+                name: Some(n.clone()),
+                value: Some(v.clone()),
+            })
             .collect(),
         resource_requirements: requirement_shapes(&c.resource_requirements),
         volumes: Vec::new(),
@@ -216,13 +258,19 @@ pub(crate) async fn describe<P: ControlPlane>(plane: &P, body: &[u8]) -> Result<
     let req: DescribeRequest = parse(body)?;
     let wanted = req.job_definitions.unwrap_or_default();
     if wanted.len() > 100 {
-        return Err(ApiError::client("jobDefinitions: at most 100 may be described at once"));
+        return Err(ApiError::client(
+            "jobDefinitions: at most 100 may be described at once",
+        ));
     }
     let status = match req.status.as_deref() {
         None => None,
         Some("ACTIVE") => Some(DefinitionStatus::Active),
         Some("INACTIVE") => Some(DefinitionStatus::Inactive),
-        Some(other) => return Err(ApiError::client(format!("status: {other} must be one of ACTIVE | INACTIVE"))),
+        Some(other) => {
+            return Err(ApiError::client(format!(
+                "status: {other} must be one of ACTIVE | INACTIVE"
+            )));
+        }
     };
     let limit = page_size(req.max_results, 100)?;
     // Tokens are the ARN of the last definition returned; ARNs sort by name then revision
@@ -236,16 +284,28 @@ pub(crate) async fn describe<P: ControlPlane>(plane: &P, body: &[u8]) -> Result<
         .read(move |s| {
             let mut matching = s
                 .definitions()
-                .filter(|d| wanted.is_empty() || wanted.iter().any(|w| s.definition(w).is_some_and(|x| x.arn == d.arn)))
+                .filter(|d| {
+                    wanted.is_empty()
+                        || wanted
+                            .iter()
+                            .any(|w| s.definition(w).is_some_and(|x| x.arn == d.arn))
+                })
                 .filter(|d| name.as_ref().is_none_or(|n| *n == d.name))
                 .filter(|d| status.is_none_or(|st| st == d.status))
-                .filter(|d| after.as_ref().is_none_or(|(n, r)| (&d.name, d.revision) > (n, *r)));
+                .filter(|d| {
+                    after
+                        .as_ref()
+                        .is_none_or(|(n, r)| (&d.name, d.revision) > (n, *r))
+                });
             let page: Vec<Detail> = matching.by_ref().take(limit).map(detail).collect();
             (page, matching.next().is_some())
         })
         .await
         .map_err(ApiError::server)?;
-    let token = page.last().filter(|_| more).map(|d| format!("{}:{}", d.job_definition_name, d.revision));
+    let token = page
+        .last()
+        .filter(|_| more)
+        .map(|d| format!("{}:{}", d.job_definition_name, d.revision));
     let mut out = json!({ "jobDefinitions": page });
     if let Some(token) = token {
         out["nextToken"] = json!(token);

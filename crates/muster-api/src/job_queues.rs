@@ -30,15 +30,27 @@ pub(crate) async fn create<P: ControlPlane>(plane: &P, body: &[u8]) -> Result<Va
     let req: CreateRequest = parse(body)?;
     let name = required("jobQueueName", &req.job_queue_name)?.to_owned();
     muster_core::validate::name("jobQueueName", &name)?;
-    let priority = req.priority.ok_or_else(|| ApiError::client("priority is required"))?;
+    let priority = req
+        .priority
+        .ok_or_else(|| ApiError::client("priority is required"))?;
     if !(0..=1000).contains(&priority) {
-        return Err(ApiError::client(format!("priority: {priority} must be between 0 and 1000")));
+        return Err(ApiError::client(format!(
+            "priority: {priority} must be between 0 and 1000"
+        )));
     }
     if req.scheduling_policy_arn.is_some() {
-        return Err(ApiError::client("schedulingPolicyArn: scheduling policies are not supported by Muster yet"));
+        return Err(ApiError::client(
+            "schedulingPolicyArn: scheduling policies are not supported by Muster yet",
+        ));
     }
-    if req.job_state_time_limit_actions.as_ref().is_some_and(|a| !a.is_empty()) {
-        return Err(ApiError::client("jobStateTimeLimitActions: not supported by Muster yet"));
+    if req
+        .job_state_time_limit_actions
+        .as_ref()
+        .is_some_and(|a| !a.is_empty())
+    {
+        return Err(ApiError::client(
+            "jobStateTimeLimitActions: not supported by Muster yet",
+        ));
     }
     let order = req
         .compute_environment_order
@@ -46,11 +58,12 @@ pub(crate) async fn create<P: ControlPlane>(plane: &P, body: &[u8]) -> Result<Va
         .into_iter()
         .map(|o| {
             Ok(CeOrder {
-                order: o.order.ok_or_else(|| ApiError::client("computeEnvironmentOrder.order is required"))?,
-                compute_environment: o
-                    .compute_environment
-                    .filter(|c| !c.is_empty())
-                    .ok_or_else(|| ApiError::client("computeEnvironmentOrder.computeEnvironment is required"))?,
+                order: o
+                    .order
+                    .ok_or_else(|| ApiError::client("computeEnvironmentOrder.order is required"))?,
+                compute_environment: o.compute_environment.filter(|c| !c.is_empty()).ok_or_else(
+                    || ApiError::client("computeEnvironmentOrder.computeEnvironment is required"),
+                )?,
             })
         })
         .collect::<Result<Vec<_>, ApiError>>()?;
@@ -123,7 +136,9 @@ pub(crate) async fn describe<P: ControlPlane>(plane: &P, body: &[u8]) -> Result<
     let req: DescribeRequest = parse(body)?;
     let wanted = req.job_queues.unwrap_or_default();
     if wanted.len() > 100 {
-        return Err(ApiError::client("jobQueues: at most 100 may be described at once"));
+        return Err(ApiError::client(
+            "jobQueues: at most 100 may be described at once",
+        ));
     }
     let limit = page_size(req.max_results, 100)?;
     let after = req.next_token;
@@ -131,14 +146,23 @@ pub(crate) async fn describe<P: ControlPlane>(plane: &P, body: &[u8]) -> Result<
         .read(move |s| {
             let mut matching = s
                 .queues()
-                .filter(|q| wanted.is_empty() || wanted.iter().any(|w| *w == q.name || *w == q.arn.0))
+                .filter(|q| {
+                    wanted.is_empty() || wanted.iter().any(|w| *w == q.name || *w == q.arn.0)
+                })
                 .filter(|q| after.as_ref().is_none_or(|a| q.name > *a));
-            let page: Vec<Detail> = matching.by_ref().take(limit).map(|q| detail(s, q)).collect();
+            let page: Vec<Detail> = matching
+                .by_ref()
+                .take(limit)
+                .map(|q| detail(s, q))
+                .collect();
             (page, matching.next().is_some())
         })
         .await
         .map_err(ApiError::server)?;
-    let token = page.last().filter(|_| more).map(|last| last.job_queue_name.clone());
+    let token = page
+        .last()
+        .filter(|_| more)
+        .map(|last| last.job_queue_name.clone());
     let mut out = json!({ "jobQueues": page });
     if let Some(token) = token {
         out["nextToken"] = json!(token);

@@ -2,10 +2,14 @@
 
 use crate::job_definitions::{ContainerShape, check_retry_strategy, container_shape};
 use crate::request::{
-    KeyValuePair, ResourceRequirementShape, environment, page_size, parse, required, resource_requirements, tags,
+    KeyValuePair, ResourceRequirementShape, environment, page_size, parse, required,
+    resource_requirements, tags,
 };
 use crate::{ApiError, ControlPlane, check_and_propose};
-use muster_core::{Command, ContainerOverrides, Job, JobId, JobStatus, JobSubmission, Outcome, State, Tags, Timestamp};
+use muster_core::{
+    Command, ContainerOverrides, Job, JobId, JobStatus, JobSubmission, Outcome, State, Tags,
+    Timestamp,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
@@ -41,19 +45,28 @@ fn overrides(o: ContainerOverridesShape) -> Result<ContainerOverrides, ApiError>
     if let Some(v) = o.vcpus
         && v < 1
     {
-        return Err(ApiError::client(format!("containerOverrides.vcpus: {v} must be at least 1")));
+        return Err(ApiError::client(format!(
+            "containerOverrides.vcpus: {v} must be at least 1"
+        )));
     }
     if let Some(m) = o.memory
         && m < 4
     {
-        return Err(ApiError::client(format!("containerOverrides.memory: {m} must be at least 4 (MiB)")));
+        return Err(ApiError::client(format!(
+            "containerOverrides.memory: {m} must be at least 4 (MiB)"
+        )));
     }
     if o.instance_type.is_some() {
-        return Err(ApiError::client("containerOverrides.instanceType: only applies to multinode jobs"));
+        return Err(ApiError::client(
+            "containerOverrides.instanceType: only applies to multinode jobs",
+        ));
     }
     Ok(ContainerOverrides {
         command: o.command,
-        environment: environment("containerOverrides.environment", &o.environment.unwrap_or_default())?,
+        environment: environment(
+            "containerOverrides.environment",
+            &o.environment.unwrap_or_default(),
+        )?,
         vcpus: o.vcpus,
         memory: o.memory,
         resource_requirements: resource_requirements(
@@ -70,17 +83,25 @@ pub(crate) async fn submit<P: ControlPlane>(plane: &P, body: &[u8]) -> Result<Va
     let queue = required("jobQueue", &req.job_queue)?.to_owned();
     let definition = required("jobDefinition", &req.job_definition)?.to_owned();
     if req.array_properties.is_some() {
-        return Err(ApiError::client("arrayProperties: array jobs are not supported by Muster yet"));
+        return Err(ApiError::client(
+            "arrayProperties: array jobs are not supported by Muster yet",
+        ));
     }
     if req.depends_on.as_ref().is_some_and(|d| !d.is_empty()) {
-        return Err(ApiError::client("dependsOn: job dependencies are not supported by Muster yet"));
+        return Err(ApiError::client(
+            "dependsOn: job dependencies are not supported by Muster yet",
+        ));
     }
     if req.node_overrides.is_some() {
-        return Err(ApiError::client("nodeOverrides: multinode jobs are not supported by Muster yet"));
+        return Err(ApiError::client(
+            "nodeOverrides: multinode jobs are not supported by Muster yet",
+        ));
     }
     check_retry_strategy("retryStrategy", &req.retry_strategy)?;
     if req.timeout.is_some() {
-        return Err(ApiError::client("timeout: attempt timeouts are not supported by Muster yet"));
+        return Err(ApiError::client(
+            "timeout: attempt timeouts are not supported by Muster yet",
+        ));
     }
     let submission = JobSubmission {
         id: JobId(plane.new_id()),
@@ -93,7 +114,9 @@ pub(crate) async fn submit<P: ControlPlane>(plane: &P, body: &[u8]) -> Result<Va
         tags: tags("tags", req.tags)?,
     };
     match check_and_propose(plane, Command::SubmitJob(submission)).await? {
-        Outcome::JobSubmitted { id, arn, name } => Ok(json!({ "jobArn": arn, "jobName": name, "jobId": id.0 })),
+        Outcome::JobSubmitted { id, arn, name } => {
+            Ok(json!({ "jobArn": arn, "jobName": name, "jobId": id.0 }))
+        }
         other => Err(ApiError::server(format!("unexpected outcome {other:?}"))),
     }
 }
@@ -166,13 +189,19 @@ fn ms(t: Timestamp) -> u64 {
 
 fn job_detail(state: &State, job: &Job) -> JobDetail {
     let last = job.attempts.last();
-    let queue_arn = state.queue(&job.queue).map_or_else(|| job.queue.clone(), |q| q.arn.0.clone());
+    let queue_arn = state
+        .queue(&job.queue)
+        .map_or_else(|| job.queue.clone(), |q| q.arn.0.clone());
     let stream = job
         .active
         .as_ref()
         .map(|a| job.log_stream_name(a.number))
         .or_else(|| last.map(|a| a.log_stream_name.clone()));
-    let node = job.active.as_ref().map(|a| a.node.0.clone()).or_else(|| last.map(|a| a.node.0.clone()));
+    let node = job
+        .active
+        .as_ref()
+        .map(|a| a.node.0.clone())
+        .or_else(|| last.map(|a| a.node.0.clone()));
     JobDetail {
         job_arn: job.arn.0.clone(),
         job_name: job.name.clone(),
@@ -203,8 +232,14 @@ fn job_detail(state: &State, job: &Job) -> JobDetail {
         parameters: job.parameters.clone(),
         container: ContainerDetail {
             spec: container_shape(&job.container),
-            exit_code: job.active.as_ref().map_or_else(|| last.and_then(|a| a.exit_code), |_| None),
-            reason: job.active.as_ref().map_or_else(|| last.and_then(|a| a.reason.clone()), |_| None),
+            exit_code: job
+                .active
+                .as_ref()
+                .map_or_else(|| last.and_then(|a| a.exit_code), |_| None),
+            reason: job
+                .active
+                .as_ref()
+                .map_or_else(|| last.and_then(|a| a.reason.clone()), |_| None),
             log_stream_name: stream,
             container_instance_arn: node,
         },
@@ -223,14 +258,22 @@ struct DescribeRequest {
 
 pub(crate) async fn describe<P: ControlPlane>(plane: &P, body: &[u8]) -> Result<Value, ApiError> {
     let req: DescribeRequest = parse(body)?;
-    let ids = req.jobs.ok_or_else(|| ApiError::client("jobs is required"))?;
+    let ids = req
+        .jobs
+        .ok_or_else(|| ApiError::client("jobs is required"))?;
     if ids.len() > 100 {
-        return Err(ApiError::client(format!("jobs: at most 100 job ids may be described at once (got {})", ids.len())));
+        return Err(ApiError::client(format!(
+            "jobs: at most 100 job ids may be described at once (got {})",
+            ids.len()
+        )));
     }
     let details = plane
         .read(move |s| {
             // Unknown ids are left out, as AWS does.
-            ids.iter().filter_map(|id| s.job(&JobId(id.clone()))).map(|j| job_detail(s, j)).collect::<Vec<_>>()
+            ids.iter()
+                .filter_map(|id| s.job(&JobId(id.clone())))
+                .map(|j| job_detail(s, j))
+                .collect::<Vec<_>>()
         })
         .await
         .map_err(ApiError::server)?;
@@ -269,16 +312,20 @@ struct JobSummary {
 }
 
 fn summary(job: &Job) -> JobSummary {
-    let container = job.attempts.last().filter(|_| job.status.is_terminal()).map(|a| {
-        let mut c = json!({});
-        if let Some(code) = a.exit_code {
-            c["exitCode"] = json!(code);
-        }
-        if let Some(reason) = &a.reason {
-            c["reason"] = json!(reason);
-        }
-        c
-    });
+    let container = job
+        .attempts
+        .last()
+        .filter(|_| job.status.is_terminal())
+        .map(|a| {
+            let mut c = json!({});
+            if let Some(code) = a.exit_code {
+                c["exitCode"] = json!(code);
+            }
+            if let Some(reason) = &a.reason {
+                c["reason"] = json!(reason);
+            }
+            c
+        });
     JobSummary {
         job_arn: job.arn.0.clone(),
         job_id: job.id.0.clone(),
@@ -296,13 +343,19 @@ fn summary(job: &Job) -> JobSummary {
 pub(crate) async fn list<P: ControlPlane>(plane: &P, body: &[u8]) -> Result<Value, ApiError> {
     let req: ListRequest = parse(body)?;
     if req.array_job_id.is_some() {
-        return Err(ApiError::client("arrayJobId: array jobs are not supported by Muster yet"));
+        return Err(ApiError::client(
+            "arrayJobId: array jobs are not supported by Muster yet",
+        ));
     }
     if req.multi_node_job_id.is_some() {
-        return Err(ApiError::client("multiNodeJobId: multinode jobs are not supported by Muster yet"));
+        return Err(ApiError::client(
+            "multiNodeJobId: multinode jobs are not supported by Muster yet",
+        ));
     }
     if req.filters.as_ref().is_some_and(|f| !f.is_empty()) {
-        return Err(ApiError::client("filters: ListJobs filters are not supported by Muster yet"));
+        return Err(ApiError::client(
+            "filters: ListJobs filters are not supported by Muster yet",
+        ));
     }
     let queue = required("jobQueue", &req.job_queue)?.to_owned();
     // Without a status AWS lists RUNNING jobs.
@@ -326,20 +379,30 @@ pub(crate) async fn list<P: ControlPlane>(plane: &P, body: &[u8]) -> Result<Valu
     let result = plane
         .read(move |s| {
             let q = s.queue(&queue)?;
-            let mut matching = s
-                .jobs_in_queue(&q.name, Some(status))
-                .filter(|j| after.as_ref().is_none_or(|(at, id)| (j.created_at, &j.id.0) > (*at, id)));
+            let mut matching = s.jobs_in_queue(&q.name, Some(status)).filter(|j| {
+                after
+                    .as_ref()
+                    .is_none_or(|(at, id)| (j.created_at, &j.id.0) > (*at, id))
+            });
             let page: Vec<(JobSummary, String)> = matching
                 .by_ref()
                 .take(limit)
-                .map(|j| (summary(j), format!("{}/{}", j.created_at.as_millis(), j.id.0)))
+                .map(|j| {
+                    (
+                        summary(j),
+                        format!("{}/{}", j.created_at.as_millis(), j.id.0),
+                    )
+                })
                 .collect();
             Some((page, matching.next().is_some()))
         })
         .await
         .map_err(ApiError::server)?;
     let Some((page, more)) = result else {
-        return Err(ApiError::client(format!("jobQueue: job queue {} does not exist", req.job_queue.unwrap_or_default())));
+        return Err(ApiError::client(format!(
+            "jobQueue: job queue {} does not exist",
+            req.job_queue.unwrap_or_default()
+        )));
     };
     let token = page.last().filter(|_| more).map(|(_, t)| t.clone());
     let summaries: Vec<JobSummary> = page.into_iter().map(|(s, _)| s).collect();
@@ -361,6 +424,14 @@ pub(crate) async fn terminate<P: ControlPlane>(plane: &P, body: &[u8]) -> Result
     let req: TerminateRequest = parse(body)?;
     let job = JobId(required("jobId", &req.job_id)?.to_owned());
     let reason = required("reason", &req.reason)?.to_owned();
-    check_and_propose(plane, Command::TerminateJob { job, reason, at: plane.now() }).await?;
+    check_and_propose(
+        plane,
+        Command::TerminateJob {
+            job,
+            reason,
+            at: plane.now(),
+        },
+    )
+    .await?;
     Ok(json!({}))
 }

@@ -58,7 +58,9 @@ pub struct ApiConfig {
 
 impl Default for ApiConfig {
     fn default() -> Self {
-        Self { max_body_bytes: 1024 * 1024 }
+        Self {
+            max_body_bytes: 1024 * 1024,
+        }
     }
 }
 
@@ -99,7 +101,11 @@ async fn operation<P: ControlPlane>(
     response
 }
 
-async fn dispatch<P: ControlPlane>(api: &Api<P>, operation: &str, body: &[u8]) -> Result<serde_json::Value, ApiError> {
+async fn dispatch<P: ControlPlane>(
+    api: &Api<P>,
+    operation: &str,
+    body: &[u8],
+) -> Result<serde_json::Value, ApiError> {
     let plane = &api.plane;
     match operation {
         "createcomputeenvironment" => compute_environments::create(plane, body).await,
@@ -112,7 +118,9 @@ async fn dispatch<P: ControlPlane>(api: &Api<P>, operation: &str, body: &[u8]) -
         "describejobs" => jobs::describe(plane, body).await,
         "listjobs" => jobs::list(plane, body).await,
         "terminatejob" => jobs::terminate(plane, body).await,
-        other => Err(ApiError::client(format!("operation {other} is not supported by Muster yet"))),
+        other => Err(ApiError::client(format!(
+            "operation {other} is not supported by Muster yet"
+        ))),
     }
 }
 
@@ -122,9 +130,16 @@ async fn unknown_route() -> Response {
 
 /// Checks `command` against the current state, then proposes it. Nothing reaches the log
 /// unless the check passed; apply checks again against the state the command meets.
-async fn check_and_propose<P: ControlPlane>(plane: &P, command: Command) -> Result<Outcome, ApiError> {
+async fn check_and_propose<P: ControlPlane>(
+    plane: &P,
+    command: Command,
+) -> Result<Outcome, ApiError> {
     let probe = command.clone();
-    plane.read(move |state| state.check(&probe)).await.map_err(ApiError::server)?.map_err(ApiError::from)?;
+    plane
+        .read(move |state| state.check(&probe))
+        .await
+        .map_err(ApiError::server)?
+        .map_err(ApiError::from)?;
     match plane.propose(command).await.map_err(ApiError::server)? {
         Outcome::Rejected(rejection) => Err(rejection.into()),
         outcome => Ok(outcome),

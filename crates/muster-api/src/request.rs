@@ -8,7 +8,11 @@ use serde::{Deserialize, Serialize};
 /// Parses a JSON body into `T`. A type error names the path of the offending member
 /// (`containerProperties.vcpus`); an empty body counts as `{}` as botocore sends it.
 pub(crate) fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    let body = if body.iter().all(u8::is_ascii_whitespace) { b"{}".as_slice() } else { body };
+    let body = if body.iter().all(u8::is_ascii_whitespace) {
+        b"{}".as_slice()
+    } else {
+        body
+    };
     let de = &mut serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
@@ -17,7 +21,11 @@ pub(crate) fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
             ApiError::client(format!("request body is not valid JSON: {inner}"))
         } else if path == "." {
             // serde names a missing member itself: "missing field `jobName`".
-            ApiError::client(inner.to_string().replace("missing field", "missing required field"))
+            ApiError::client(
+                inner
+                    .to_string()
+                    .replace("missing field", "missing required field"),
+            )
         } else {
             ApiError::client(format!("{path}: {inner}"))
         }
@@ -46,7 +54,10 @@ pub(crate) struct ResourceRequirementShape {
 }
 
 /// Validates `environment` entries: each needs a name, and `AWS_BATCH*` names are reserved.
-pub(crate) fn environment(field: &str, entries: &[KeyValuePair]) -> Result<Vec<(String, String)>, ApiError> {
+pub(crate) fn environment(
+    field: &str,
+    entries: &[KeyValuePair],
+) -> Result<Vec<(String, String)>, ApiError> {
     entries
         .iter()
         .map(|kv| {
@@ -77,7 +88,10 @@ pub(crate) fn resource_requirements(
             )));
         };
         if out.iter().any(|r| r.resource_type == resource_type) {
-            return Err(ApiError::client(format!("{field}.type: {} is given twice", shape.resource_type)));
+            return Err(ApiError::client(format!(
+                "{field}.type: {} is given twice",
+                shape.resource_type
+            )));
         }
         let value = shape.value.trim();
         let ok = match resource_type {
@@ -96,7 +110,10 @@ pub(crate) fn resource_requirements(
                 shape.value, shape.resource_type
             )));
         }
-        out.push(ResourceRequirement { resource_type, value: value.to_owned() });
+        out.push(ResourceRequirement {
+            resource_type,
+            value: value.to_owned(),
+        });
     }
     out.sort_by_key(|r| r.resource_type);
     Ok(out)
@@ -104,7 +121,10 @@ pub(crate) fn resource_requirements(
 
 pub(crate) fn requirement_shapes(reqs: &[ResourceRequirement]) -> Vec<ResourceRequirementShape> {
     reqs.iter()
-        .map(|r| ResourceRequirementShape { resource_type: r.resource_type.as_aws().to_owned(), value: r.value.clone() })
+        .map(|r| ResourceRequirementShape {
+            resource_type: r.resource_type.as_aws().to_owned(),
+            value: r.value.clone(),
+        })
         .collect()
 }
 
@@ -112,17 +132,26 @@ pub(crate) fn requirement_shapes(reqs: &[ResourceRequirement]) -> Vec<ResourceRe
 pub(crate) fn tags(field: &str, tags: Option<Tags>) -> Result<Tags, ApiError> {
     let tags = tags.unwrap_or_default();
     if tags.len() > 50 {
-        return Err(ApiError::client(format!("{field}: at most 50 tags are allowed (got {})", tags.len())));
+        return Err(ApiError::client(format!(
+            "{field}: at most 50 tags are allowed (got {})",
+            tags.len()
+        )));
     }
     for (k, v) in &tags {
         if k.is_empty() || k.len() > 128 {
-            return Err(ApiError::client(format!("{field}: tag key '{k}' must be 1 to 128 characters")));
+            return Err(ApiError::client(format!(
+                "{field}: tag key '{k}' must be 1 to 128 characters"
+            )));
         }
         if v.len() > 256 {
-            return Err(ApiError::client(format!("{field}: value of tag '{k}' must be at most 256 characters")));
+            return Err(ApiError::client(format!(
+                "{field}: value of tag '{k}' must be at most 256 characters"
+            )));
         }
         if k.to_ascii_lowercase().starts_with("aws:") {
-            return Err(ApiError::client(format!("{field}: tag key '{k}' uses the reserved prefix aws:")));
+            return Err(ApiError::client(format!(
+                "{field}: tag key '{k}' uses the reserved prefix aws:"
+            )));
         }
     }
     Ok(tags)
@@ -133,6 +162,8 @@ pub(crate) fn page_size(max_results: Option<i64>, max: usize) -> Result<usize, A
     match max_results {
         None => Ok(max),
         Some(n) if n >= 1 && n as usize <= max => Ok(n as usize),
-        Some(n) => Err(ApiError::client(format!("maxResults: {n} must be between 1 and {max}"))),
+        Some(n) => Err(ApiError::client(format!(
+            "maxResults: {n} must be between 1 and {max}"
+        ))),
     }
 }

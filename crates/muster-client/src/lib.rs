@@ -15,7 +15,11 @@ pub enum CallError {
     Transport { endpoint: String, message: String },
     /// The API answered with an AWS error (`ClientException`, `ServerException`, …).
     #[error("{code} ({status}): {message}")]
-    Api { status: u16, code: String, message: String },
+    Api {
+        status: u16,
+        code: String,
+        message: String,
+    },
 }
 
 impl CallError {
@@ -49,24 +53,52 @@ impl BatchClient {
     /// Calls one operation (`"SubmitJob"` or `"submitjob"`) with a JSON body.
     pub async fn call(&self, operation: &str, body: Value) -> Result<Value, CallError> {
         let uri = format!("{}/v1/{}", self.endpoint, operation.to_ascii_lowercase());
-        let transport = |message: String| CallError::Transport { endpoint: self.endpoint.clone(), message };
+        let transport = |message: String| CallError::Transport {
+            endpoint: self.endpoint.clone(),
+            message,
+        };
         let request = hyper::Request::post(&uri)
             .header("content-type", "application/json")
             .body(Full::new(Bytes::from(body.to_string())))
             .map_err(|e| transport(e.to_string()))?;
-        let response = self.http.request(request).await.map_err(|e| transport(e.to_string()))?;
+        let response = self
+            .http
+            .request(request)
+            .await
+            .map_err(|e| transport(e.to_string()))?;
         let status = response.status().as_u16();
-        let error_type =
-            response.headers().get("x-amzn-ErrorType").and_then(|v| v.to_str().ok()).map(str::to_owned);
-        let bytes = response.into_body().collect().await.map_err(|e| transport(e.to_string()))?.to_bytes();
+        let error_type = response
+            .headers()
+            .get("x-amzn-ErrorType")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| transport(e.to_string()))?
+            .to_bytes();
         let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         if (200..300).contains(&status) {
             return Ok(value);
         }
         let code = error_type
-            .or_else(|| value.get("__type").and_then(Value::as_str).map(str::to_owned))
+            .or_else(|| {
+                value
+                    .get("__type")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+            })
             .unwrap_or_else(|| status.to_string());
-        let message = value.get("message").and_then(Value::as_str).unwrap_or_default().to_owned();
-        Err(CallError::Api { status, code, message })
+        let message = value
+            .get("message")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        Err(CallError::Api {
+            status,
+            code,
+            message,
+        })
     }
 }

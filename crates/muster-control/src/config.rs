@@ -48,11 +48,17 @@ pub enum ConfigError {
     #[error("cannot parse config: {0}")]
     Parse(#[from] toml::de::Error),
     #[error("{field}: {message}")]
-    Invalid { field: &'static str, message: String },
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
 }
 
 fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { field, message: message.into() }
+    ConfigError::Invalid {
+        field,
+        message: message.into(),
+    }
 }
 
 impl RawServerConfig {
@@ -64,17 +70,32 @@ impl RawServerConfig {
         if self.node_id == 0 {
             return Err(invalid("node_id", "must be at least 1"));
         }
-        let grpc_addr = self.grpc_addr.parse().map_err(|e| invalid("grpc_addr", format!("{}: {e}", self.grpc_addr)))?;
-        let api_addr = self.api_addr.parse().map_err(|e| invalid("api_addr", format!("{}: {e}", self.api_addr)))?;
+        let grpc_addr = self
+            .grpc_addr
+            .parse()
+            .map_err(|e| invalid("grpc_addr", format!("{}: {e}", self.grpc_addr)))?;
+        let api_addr = self
+            .api_addr
+            .parse()
+            .map_err(|e| invalid("api_addr", format!("{}: {e}", self.api_addr)))?;
         let mut peers = BTreeMap::new();
         for p in self.peers {
             if peers.insert(p.id, p.grpc_addr).is_some() {
-                return Err(invalid("peers", format!("node id {} is listed twice", p.id)));
+                return Err(invalid(
+                    "peers",
+                    format!("node id {} is listed twice", p.id),
+                ));
             }
         }
         match peers.get(&self.node_id) {
             Some(addr) if *addr != self.grpc_addr => {
-                return Err(invalid("peers", format!("this node ({}) is listed with another address", self.node_id)));
+                return Err(invalid(
+                    "peers",
+                    format!(
+                        "this node ({}) is listed with another address",
+                        self.node_id
+                    ),
+                ));
             }
             Some(_) => {}
             None => {

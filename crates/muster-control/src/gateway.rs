@@ -3,8 +3,8 @@
 use muster_core::{AttemptEvent, Command, JobId, NodeId, Outcome};
 use muster_proto::pb::agent_service_server::AgentService;
 use muster_proto::pb::{
-    AssignmentSet, AttemptReport, HeartbeatReply, HeartbeatRequest, RegisterReply, RegisterRequest, ReportReply,
-    WatchRequest, attempt_report,
+    AssignmentSet, AttemptReport, HeartbeatReply, HeartbeatRequest, RegisterReply, RegisterRequest,
+    ReportReply, WatchRequest, attempt_report,
 };
 use muster_proto::{LEADER_METADATA_KEY, assignment_to_pb, inventory_from_pb};
 use muster_raft::RaftNode;
@@ -50,9 +50,15 @@ type AssignmentStream = Pin<Box<dyn Stream<Item = Result<AssignmentSet, Status>>
 
 #[tonic::async_trait]
 impl AgentService for AgentGateway {
-    async fn register(&self, request: Request<RegisterRequest>) -> Result<Response<RegisterReply>, Status> {
+    async fn register(
+        &self,
+        request: Request<RegisterRequest>,
+    ) -> Result<Response<RegisterReply>, Status> {
         let req = request.into_inner();
-        let inventory = req.inventory.as_ref().ok_or_else(|| Status::invalid_argument("inventory is required"))?;
+        let inventory = req
+            .inventory
+            .as_ref()
+            .ok_or_else(|| Status::invalid_argument("inventory is required"))?;
         if req.node_id.is_empty() {
             return Err(Status::invalid_argument("node_id is required"));
         }
@@ -66,12 +72,33 @@ impl AgentService for AgentGateway {
         Ok(Response::new(RegisterReply {}))
     }
 
-    async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> Result<Response<HeartbeatReply>, Status> {
-        // Liveness tracking (marking silent nodes lost) is the leader's next loop; for now a
-        // heartbeat only proves the path works.
-        let node = NodeId(request.into_inner().node_id);
-        if self.node.state.read().state.node(&node).is_none() {
+    async fn heartbeat(
+        &self,
+        request: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatReply>, Status> {
+        // Liveness tracking (marking silent nodes lost) is a leader loop still to come; today a
+        // heartbeat keeps the node's inventory current.
+        let req = request.into_inner();
+        let node = NodeId(req.node_id);
+        let reported = req.inventory.as_ref().map(inventory_from_pb);
+        let known = {
+            let applied = self.node.state.read();
+            applied
+                .state
+                .node(&node)
+                .map(|n| (n.compute_environment.clone(), n.inventory.clone()))
+        };
+        let Some((compute_environment, inventory)) = known else {
             return Err(Status::not_found(format!("node {node} is not registered")));
+        };
+        if let Some(reported) = reported.filter(|r| *r != inventory) {
+            self.propose(Command::RegisterNode {
+                node,
+                compute_environment,
+                inventory: reported,
+                at: crate::now_millis(),
+            })
+            .await?;
         }
         Ok(Response::new(HeartbeatReply {}))
     }
@@ -87,15 +114,28 @@ impl AgentService for AgentGateway {
         }
         let node_id = NodeId(request.into_inner().node_id);
         let (tx, rx) = mpsc::channel(4);
-        tokio::spawn(stream_assignments(self.node.clone(), node_id, tx, self.shutdown.clone()));
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        tokio::spawn(stream_assignments(
+            self.node.clone(),
+            node_id,
+            tx,
+            self.shutdown.clone(),
+        ));
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
-    async fn report_attempt(&self, request: Request<AttemptReport>) -> Result<Response<ReportReply>, Status> {
+    async fn report_attempt(
+        &self,
+        request: Request<AttemptReport>,
+    ) -> Result<Response<ReportReply>, Status> {
         let req = request.into_inner();
         let event = match req.event {
             Some(attempt_report::Event::Running(_)) => AttemptEvent::Running,
-            Some(attempt_report::Event::Exited(e)) => AttemptEvent::Exited { exit_code: e.exit_code, reason: e.reason },
+            Some(attempt_report::Event::Exited(e)) => AttemptEvent::Exited {
+                exit_code: e.exit_code,
+                reason: e.reason,
+            },
             None => return Err(Status::invalid_argument("event is required")),
         };
         self.propose(Command::ReportAttempt {
@@ -125,12 +165,17 @@ async fn stream_assignments(
     loop {
         let (leader, term) = node.leader();
         if leader != Some(node.id) {
-            let _ = tx.send(Err(Status::failed_precondition("leadership moved"))).await;
+            let _ = tx
+                .send(Err(Status::failed_precondition("leadership moved")))
+                .await;
             return;
         }
         let assignments = node.state.read().state.assignments_for(&agent);
         if last_sent.as_ref() != Some(&assignments) || last_sent_at.elapsed() >= RESEND {
-            let set = AssignmentSet { term, assignments: assignments.iter().map(assignment_to_pb).collect() };
+            let set = AssignmentSet {
+                term,
+                assignments: assignments.iter().map(assignment_to_pb).collect(),
+            };
             if tx.send(Ok(set)).await.is_err() {
                 return;
             }

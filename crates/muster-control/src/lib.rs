@@ -17,13 +17,15 @@ pub mod scheduler;
 pub use config::{PeerConfig, RawServerConfig, ServerConfig};
 pub use gateway::AgentGateway;
 pub use local_cluster::{ClusterError, LocalCluster};
-pub use node::{ControlNode, Listeners, StartError};
 pub use muster_raft::RaftNode;
+pub use node::{ControlNode, Listeners, StartError};
 pub use plane::RaftPlane;
 
 /// Milliseconds since the Unix epoch, read once per command at its edge: the state machine
 /// only ever sees the value.
 pub fn now_millis() -> muster_core::Timestamp {
-    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
     muster_core::Timestamp(since.as_millis() as u64)
 }

@@ -22,7 +22,10 @@ pub struct LocalCluster {
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
     #[error("cannot bind {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Start(#[from] crate::node::StartError),
     #[error("no leader was elected within {0:?}")]
@@ -40,7 +43,10 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, ClusterError> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    Err(ClusterError::Bind { addr, source: last.unwrap_or_else(|| std::io::Error::other("bind failed")) })
+    Err(ClusterError::Bind {
+        addr,
+        source: last.unwrap_or_else(|| std::io::Error::other("bind failed")),
+    })
 }
 
 impl LocalCluster {
@@ -72,7 +78,12 @@ impl LocalCluster {
         };
         for (id, g) in grpc {
             let a = api.remove(&id).expect("one API listener per node");
-            let node = ControlNode::start(cluster.config(id), Listeners { grpc: g, api: a }, cluster.metrics.clone()).await?;
+            let node = ControlNode::start(
+                cluster.config(id),
+                Listeners { grpc: g, api: a },
+                cluster.metrics.clone(),
+            )
+            .await?;
             cluster.nodes.insert(id, Some(node));
         }
         Ok(cluster)
@@ -85,7 +96,11 @@ impl LocalCluster {
             api_addr: self.api_addrs[&id],
             data_dir: self.data_dir.join(format!("node-{id}")),
             cluster_name: self.cluster_name.clone(),
-            peers: self.grpc_addrs.iter().map(|(id, a)| (*id, a.to_string())).collect(),
+            peers: self
+                .grpc_addrs
+                .iter()
+                .map(|(id, a)| (*id, a.to_string()))
+                .collect(),
         }
     }
 
@@ -102,7 +117,10 @@ impl LocalCluster {
     }
 
     pub fn grpc_addrs(&self) -> Vec<String> {
-        self.grpc_addrs.values().map(SocketAddr::to_string).collect()
+        self.grpc_addrs
+            .values()
+            .map(SocketAddr::to_string)
+            .collect()
     }
 
     /// The leader, if the running nodes agree on one that is itself running.
@@ -136,7 +154,10 @@ impl LocalCluster {
     /// Restarts a stopped node from its data directory on its old ports.
     pub async fn restart_node(&mut self, id: u64) -> Result<(), ClusterError> {
         self.stop_node(id).await;
-        let listeners = Listeners { grpc: bind(self.grpc_addrs[&id]).await?, api: bind(self.api_addrs[&id]).await? };
+        let listeners = Listeners {
+            grpc: bind(self.grpc_addrs[&id]).await?,
+            api: bind(self.api_addrs[&id]).await?,
+        };
         let node = ControlNode::start(self.config(id), listeners, self.metrics.clone()).await?;
         self.nodes.insert(id, Some(node));
         Ok(())

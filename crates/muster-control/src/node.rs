@@ -28,7 +28,10 @@ pub struct Listeners {
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("cannot open the data directory {path}: {source}")]
-    Storage { path: String, source: std::io::Error },
+    Storage {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("raft failed to start: {0}")]
     Raft(String),
     #[error("listener has no local address: {0}")]
@@ -54,12 +57,16 @@ impl ControlNode {
         let grpc_addr = listeners.grpc.local_addr().map_err(StartError::Listener)?;
         let api_addr = listeners.api.local_addr().map_err(StartError::Listener)?;
         let raft_dir = config.data_dir.join("raft");
-        let storage_err = |source| StartError::Storage { path: raft_dir.display().to_string(), source };
+        let storage_err = |source| StartError::Storage {
+            path: raft_dir.display().to_string(),
+            source,
+        };
         std::fs::create_dir_all(&raft_dir).map_err(storage_err)?;
         let db = open_with_retry(&raft_dir).await.map_err(storage_err)?;
         let log = SledLogStore::new(&db).map_err(storage_err)?;
         let snapshots = SledSnapshotStore::new(&db).map_err(storage_err)?;
-        let state_machine = StateMachine::open(snapshots).map_err(|e| StartError::Raft(e.to_string()))?;
+        let state_machine =
+            StateMachine::open(snapshots).map_err(|e| StartError::Raft(e.to_string()))?;
         let state = state_machine.handle();
 
         let peers = PeerDirectory::default();
@@ -69,18 +76,35 @@ impl ControlNode {
         let raft_config = muster_raft::raft_config(&config.cluster_name)
             .validate()
             .map_err(|e| StartError::Raft(e.to_string()))?;
-        let raft = Raft::new(config.node_id, Arc::new(raft_config), PeerNetwork { directory: peers.clone() }, log, state_machine)
-            .await
-            .map_err(|e| StartError::Raft(e.to_string()))?;
-        let node = RaftNode { id: config.node_id, raft: raft.clone(), state, peers };
+        let raft = Raft::new(
+            config.node_id,
+            Arc::new(raft_config),
+            PeerNetwork {
+                directory: peers.clone(),
+            },
+            log,
+            state_machine,
+        )
+        .await
+        .map_err(|e| StartError::Raft(e.to_string()))?;
+        let node = RaftNode {
+            id: config.node_id,
+            raft: raft.clone(),
+            state,
+            peers,
+        };
 
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut tasks = Vec::new();
 
         let grpc = tonic::transport::Server::builder()
             .add_service(RaftServiceServer::new(RaftGrpc::new(raft.clone())))
-            .add_service(AgentServiceServer::new(AgentGateway::new(node.clone(), shutdown_rx.clone())));
-        let incoming = tonic::transport::server::TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
+            .add_service(AgentServiceServer::new(AgentGateway::new(
+                node.clone(),
+                shutdown_rx.clone(),
+            )));
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
         let stop = signal(shutdown_rx.clone());
         tasks.push(tokio::spawn(async move {
             if let Err(e) = grpc.serve_with_incoming_shutdown(incoming, stop).await {
@@ -88,7 +112,8 @@ impl ControlNode {
             }
         }));
 
-        let mut router = muster_api::router(RaftPlane { node: node.clone() }, &ApiConfig::default());
+        let mut router =
+            muster_api::router(RaftPlane { node: node.clone() }, &ApiConfig::default());
         if let Some(handle) = metrics {
             router = router.route("/metrics", get(move || std::future::ready(handle.render())));
         }
@@ -100,20 +125,38 @@ impl ControlNode {
             }
         }));
 
-        tasks.push(tokio::spawn(scheduler::run(node.clone(), Default::default(), shutdown_rx.clone())));
+        tasks.push(tokio::spawn(scheduler::run(
+            node.clone(),
+            Default::default(),
+            shutdown_rx.clone(),
+        )));
 
         // The lowest-numbered voter founds the cluster, once: afterwards its log is not empty
         // and it restarts from its data directory like everyone else.
         let founder = config.peers.keys().min() == Some(&config.node_id);
-        if founder && !raft.is_initialized().await.map_err(|e| StartError::Raft(e.to_string()))? {
-            let members: BTreeMap<u64, BasicNode> =
-                config.peers.iter().map(|(id, addr)| (*id, BasicNode { addr: addr.clone() })).collect();
+        if founder
+            && !raft
+                .is_initialized()
+                .await
+                .map_err(|e| StartError::Raft(e.to_string()))?
+        {
+            let members: BTreeMap<u64, BasicNode> = config
+                .peers
+                .iter()
+                .map(|(id, addr)| (*id, BasicNode { addr: addr.clone() }))
+                .collect();
             if let Err(e) = raft.initialize(members).await {
                 tracing::warn!(error = %e, "cluster initialisation refused");
             }
         }
         tracing::info!(node = config.node_id, %grpc_addr, %api_addr, "control node started");
-        Ok(Self { raft: node, grpc_addr, api_addr, shutdown, tasks })
+        Ok(Self {
+            raft: node,
+            grpc_addr,
+            api_addr,
+            shutdown,
+            tasks,
+        })
     }
 
     /// Stops the servers and loops, then Raft, and waits for all of it. The data directory

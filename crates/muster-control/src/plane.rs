@@ -14,7 +14,10 @@ impl ControlPlane for RaftPlane {
         self.node.propose(command).await.map_err(|e| e.to_string())
     }
 
-    async fn read<R: Send + 'static>(&self, f: impl FnOnce(&State) -> R + Send + 'static) -> Result<R, String> {
+    async fn read<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&State) -> R + Send + 'static,
+    ) -> Result<R, String> {
         self.node.read(f).await.map_err(|e| e.to_string())
     }
 

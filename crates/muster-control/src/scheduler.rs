@@ -45,13 +45,18 @@ async fn round(node: &RaftNode, config: &PlanConfig, term: u64) {
         return;
     }
     let count = checked.placements.len();
-    let command = Command::Place { term, at: crate::now_millis(), placements: checked.placements };
+    let command = Command::Place {
+        term,
+        at: crate::now_millis(),
+        placements: checked.placements,
+    };
     // Proposed on this node's Raft only: if leadership moved meanwhile, the write fails here
     // instead of being forwarded, and the new leader plans for itself.
     match node.raft.client_write(command).await {
         Ok(written) => {
             metrics::counter!("muster_scheduler_placements_total").increment(count as u64);
-            metrics::histogram!("muster_scheduler_round_seconds").record(started.elapsed().as_secs_f64());
+            metrics::histogram!("muster_scheduler_round_seconds")
+                .record(started.elapsed().as_secs_f64());
             tracing::debug!(count, outcome = ?written.data, "placements committed");
         }
         Err(e) => tracing::debug!(error = %e, "placement proposal not committed"),

@@ -2,8 +2,8 @@
 //! including ids and time stamped before proposing.
 
 use crate::{
-    ComputeEnvironment, ContainerOverrides, JobDefinitionSpec, JobId, JobQueue, NodeId, NodeInventory,
-    Tags, Timestamp,
+    ComputeEnvironment, ContainerOverrides, JobDefinitionSpec, JobId, JobQueue, NodeId,
+    NodeInventory, Tags, Timestamp,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -16,15 +16,34 @@ pub enum Command {
     CreateJobQueue(JobQueue),
     RegisterJobDefinition(JobDefinitionSpec),
     SubmitJob(JobSubmission),
-    TerminateJob { job: JobId, reason: String, at: Timestamp },
+    TerminateJob {
+        job: JobId,
+        reason: String,
+        at: Timestamp,
+    },
     /// An agent joining (or re-joining) the compute environment named in its config.
-    RegisterNode { node: NodeId, compute_environment: String, inventory: NodeInventory, at: Timestamp },
+    RegisterNode {
+        node: NodeId,
+        compute_environment: String,
+        inventory: NodeInventory,
+        at: Timestamp,
+    },
     /// One scheduling round's placements, already checked by the leader's plan applier;
     /// apply checks each again and refuses those that no longer fit.
-    Place { term: u64, at: Timestamp, placements: Vec<Placement> },
+    Place {
+        term: u64,
+        at: Timestamp,
+        placements: Vec<Placement>,
+    },
     /// An agent's report about one attempt. Reports for any attempt other than the job's
     /// active one are stale and ignored.
-    ReportAttempt { job: JobId, attempt: u32, node: NodeId, event: AttemptEvent, at: Timestamp },
+    ReportAttempt {
+        job: JobId,
+        attempt: u32,
+        node: NodeId,
+        event: AttemptEvent,
+        at: Timestamp,
+    },
 }
 
 /// SubmitJob's inputs, as the receiving node stamped them.
@@ -55,7 +74,10 @@ pub enum AttemptEvent {
     Running,
     /// The attempt ended. `exit_code` is `None` when it never started (for example the image
     /// could not be found); `reason` then says why.
-    Exited { exit_code: Option<i32>, reason: Option<String> },
+    Exited {
+        exit_code: Option<i32>,
+        reason: Option<String>,
+    },
 }
 
 /// Why a command was refused: the offending request field and a message naming it.
@@ -67,7 +89,10 @@ pub struct Rejection {
 
 impl Rejection {
     pub fn new(field: &str, message: impl Into<String>) -> Self {
-        Self { field: field.to_owned(), message: message.into() }
+        Self {
+            field: field.to_owned(),
+            message: message.into(),
+        }
     }
 }
 
@@ -81,9 +106,20 @@ impl std::fmt::Display for Rejection {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Outcome {
     Done,
-    DefinitionRegistered { name: String, revision: u32, arn: String },
-    JobSubmitted { id: JobId, arn: String, name: String },
-    Placed { placed: usize, refused: usize },
+    DefinitionRegistered {
+        name: String,
+        revision: u32,
+        arn: String,
+    },
+    JobSubmitted {
+        id: JobId,
+        arn: String,
+        name: String,
+    },
+    Placed {
+        placed: usize,
+        refused: usize,
+    },
     /// The command had no effect (a stale report, a repeated terminate).
     Ignored(String),
     Rejected(Rejection),

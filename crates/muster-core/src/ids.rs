@@ -5,7 +5,9 @@ use std::fmt;
 
 /// Milliseconds since the Unix epoch, stamped by the node that received a request.
 /// The state machine never reads a clock; it only compares and stores these.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
 pub struct Timestamp(pub u64);
 
 impl Timestamp {
@@ -62,13 +64,19 @@ pub struct ArnScope {
 
 impl Default for ArnScope {
     fn default() -> Self {
-        Self { region: "us-east-1".into(), account: "000000000000".into() }
+        Self {
+            region: "us-east-1".into(),
+            account: "000000000000".into(),
+        }
     }
 }
 
 impl ArnScope {
     /// `arn:aws:batch:<region>:<account>:<kind>/<name>`
     pub fn arn(&self, kind: &str, name: &str) -> Arn {
-        Arn(format!("arn:aws:batch:{}:{}:{}/{}", self.region, self.account, kind, name))
+        Arn(format!(
+            "arn:aws:batch:{}:{}:{}/{}",
+            self.region, self.account, kind, name
+        ))
     }
 }

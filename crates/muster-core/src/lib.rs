@@ -20,6 +20,9 @@ mod resources;
 mod state;
 pub mod validate;
 
+#[cfg(test)]
+mod state_tests;
+
 pub use command::{AttemptEvent, Command, JobSubmission, Outcome, Placement, Rejection};
 pub use ids::{Arn, ArnScope, JobId, NodeId, Timestamp};
 pub use model::*;

@@ -13,15 +13,25 @@ pub struct Resources {
 }
 
 impl Resources {
-    pub const ZERO: Resources = Resources { millicpus: 0, memory_mib: 0, gpus: 0 };
+    pub const ZERO: Resources = Resources {
+        millicpus: 0,
+        memory_mib: 0,
+        gpus: 0,
+    };
 
     pub fn new(millicpus: u64, memory_mib: u64, gpus: u32) -> Self {
-        Self { millicpus, memory_mib, gpus }
+        Self {
+            millicpus,
+            memory_mib,
+            gpus,
+        }
     }
 
     /// True when every dimension of `self` fits inside `other`.
     pub fn fits_in(&self, other: &Resources) -> bool {
-        self.millicpus <= other.millicpus && self.memory_mib <= other.memory_mib && self.gpus <= other.gpus
+        self.millicpus <= other.millicpus
+            && self.memory_mib <= other.memory_mib
+            && self.gpus <= other.gpus
     }
 
     pub fn saturating_sub(&self, other: &Resources) -> Resources {

@@ -3,9 +3,10 @@
 use crate::command::JobSubmission;
 use crate::ids::ArnScope;
 use crate::{
-    ActiveAttempt, AttemptEvent, AttemptRecord, CeType, Command, ComputeEnvironment, DefinitionStatus,
-    EnabledState, Job, JobDefinition, JobDefinitionSpec, JobId, JobQueue, JobStatus, Node, NodeId,
-    NodeInventory, NodeStatus, Outcome, Placement, Rejection, Resources, Timestamp,
+    ActiveAttempt, AttemptEvent, AttemptRecord, CeType, Command, ComputeEnvironment,
+    DefinitionStatus, EnabledState, Job, JobDefinition, JobDefinitionSpec, JobId, JobQueue,
+    JobStatus, Node, NodeId, NodeInventory, NodeStatus, Outcome, Placement, Rejection, Resources,
+    Timestamp,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -54,9 +55,15 @@ impl State {
         self.jobs_by_queue.clear();
         for job in self.jobs.values() {
             let key = (job.created_at, job.id.clone());
-            self.jobs_by_queue.entry(job.queue.clone()).or_default().insert(key.clone());
+            self.jobs_by_queue
+                .entry(job.queue.clone())
+                .or_default()
+                .insert(key.clone());
             if job.status == JobStatus::Runnable {
-                self.runnable.entry(job.queue.clone()).or_default().insert(key);
+                self.runnable
+                    .entry(job.queue.clone())
+                    .or_default()
+                    .insert(key);
             }
         }
     }
@@ -97,13 +104,17 @@ impl State {
     /// Finds a compute environment by name or ARN.
     pub fn compute_environment(&self, name_or_arn: &str) -> Option<&ComputeEnvironment> {
         let name = name_or_arn.rsplit('/').next().unwrap_or(name_or_arn);
-        self.compute_environments.get(name).filter(|ce| name == name_or_arn || ce.arn.0 == name_or_arn)
+        self.compute_environments
+            .get(name)
+            .filter(|ce| name == name_or_arn || ce.arn.0 == name_or_arn)
     }
 
     /// Finds a job queue by name or ARN.
     pub fn queue(&self, name_or_arn: &str) -> Option<&JobQueue> {
         let name = name_or_arn.rsplit('/').next().unwrap_or(name_or_arn);
-        self.queues.get(name).filter(|q| name == name_or_arn || q.arn.0 == name_or_arn)
+        self.queues
+            .get(name)
+            .filter(|q| name == name_or_arn || q.arn.0 == name_or_arn)
     }
 
     /// Resolves `name`, `name:revision`, or an ARN with or without `:revision`. Without a
@@ -120,12 +131,19 @@ impl State {
         let revisions = self.definitions.get(name)?;
         match revision {
             Some(r) => revisions.get((r as usize).checked_sub(1)?),
-            None => revisions.iter().rev().find(|d| d.status == DefinitionStatus::Active),
+            None => revisions
+                .iter()
+                .rev()
+                .find(|d| d.status == DefinitionStatus::Active),
         }
     }
 
     /// Jobs of a queue in submit order, optionally only those with `status`.
-    pub fn jobs_in_queue<'a>(&'a self, queue: &str, status: Option<JobStatus>) -> impl Iterator<Item = &'a Job> + 'a {
+    pub fn jobs_in_queue<'a>(
+        &'a self,
+        queue: &str,
+        status: Option<JobStatus>,
+    ) -> impl Iterator<Item = &'a Job> + 'a {
         self.jobs_by_queue
             .get(queue)
             .into_iter()
@@ -136,12 +154,18 @@ impl State {
 
     /// RUNNABLE jobs of a queue in FIFO order.
     pub fn runnable_jobs<'a>(&'a self, queue: &str) -> impl Iterator<Item = &'a Job> + 'a {
-        self.runnable.get(queue).into_iter().flatten().filter_map(|(_, id)| self.jobs.get(id))
+        self.runnable
+            .get(queue)
+            .into_iter()
+            .flatten()
+            .filter_map(|(_, id)| self.jobs.get(id))
     }
 
     /// What `node` should be running now: its active attempts that nobody asked to stop.
     pub fn assignments_for(&self, node: &NodeId) -> Vec<Assignment> {
-        let Some(n) = self.nodes.get(node) else { return Vec::new() };
+        let Some(n) = self.nodes.get(node) else {
+            return Vec::new();
+        };
         n.placed_jobs
             .iter()
             .filter_map(|id| self.jobs.get(id))
@@ -152,9 +176,15 @@ impl State {
                 environment.retain(|(k, _)| !k.starts_with("AWS_BATCH_"));
                 environment.extend([
                     ("AWS_BATCH_JOB_ID".to_owned(), job.id.0.clone()),
-                    ("AWS_BATCH_JOB_ATTEMPT".to_owned(), active.number.to_string()),
+                    (
+                        "AWS_BATCH_JOB_ATTEMPT".to_owned(),
+                        active.number.to_string(),
+                    ),
                     ("AWS_BATCH_JQ_NAME".to_owned(), job.queue.clone()),
-                    ("AWS_BATCH_CE_NAME".to_owned(), n.compute_environment.clone()),
+                    (
+                        "AWS_BATCH_CE_NAME".to_owned(),
+                        n.compute_environment.clone(),
+                    ),
                 ]);
                 Some(Assignment {
                     job: job.id.clone(),
@@ -179,7 +209,10 @@ impl State {
                 if self.compute_environments.contains_key(&ce.name) {
                     return Err(Rejection::new(
                         "computeEnvironmentName",
-                        format!("computeEnvironmentName: compute environment {} already exists", ce.name),
+                        format!(
+                            "computeEnvironmentName: compute environment {} already exists",
+                            ce.name
+                        ),
                     ));
                 }
                 Ok(())
@@ -206,7 +239,10 @@ impl State {
                 }
                 let mut orders = BTreeSet::new();
                 for entry in &q.compute_environment_order {
-                    if self.compute_environment(&entry.compute_environment).is_none() {
+                    if self
+                        .compute_environment(&entry.compute_environment)
+                        .is_none()
+                    {
                         return Err(Rejection::new(
                             "computeEnvironmentOrder.computeEnvironment",
                             format!(
@@ -218,29 +254,46 @@ impl State {
                     if !orders.insert(entry.order) {
                         return Err(Rejection::new(
                             "computeEnvironmentOrder.order",
-                            format!("computeEnvironmentOrder.order: order {} is used twice", entry.order),
+                            format!(
+                                "computeEnvironmentOrder.order: order {} is used twice",
+                                entry.order
+                            ),
                         ));
                     }
                 }
                 Ok(())
             }
-            Command::RegisterJobDefinition(spec) => crate::validate::name("jobDefinitionName", &spec.name),
+            Command::RegisterJobDefinition(spec) => {
+                crate::validate::name("jobDefinitionName", &spec.name)
+            }
             Command::SubmitJob(sub) => self.check_submit(sub).map(|_| ()),
             Command::TerminateJob { job, .. } => match self.jobs.get(job) {
                 Some(_) => Ok(()),
-                None => Err(Rejection::new("jobId", format!("jobId: job {job} does not exist"))),
+                None => Err(Rejection::new(
+                    "jobId",
+                    format!("jobId: job {job} does not exist"),
+                )),
             },
-            Command::RegisterNode { node, compute_environment, .. } => {
+            Command::RegisterNode {
+                node,
+                compute_environment,
+                ..
+            } => {
                 let Some(ce) = self.compute_environment(compute_environment) else {
                     return Err(Rejection::new(
                         "computeEnvironment",
-                        format!("computeEnvironment: compute environment {compute_environment} does not exist"),
+                        format!(
+                            "computeEnvironment: compute environment {compute_environment} does not exist"
+                        ),
                     ));
                 };
                 if ce.ce_type != CeType::Unmanaged {
                     return Err(Rejection::new(
                         "computeEnvironment",
-                        format!("computeEnvironment: agents may only join UNMANAGED compute environments; {} is MANAGED", ce.name),
+                        format!(
+                            "computeEnvironment: agents may only join UNMANAGED compute environments; {} is MANAGED",
+                            ce.name
+                        ),
                     ));
                 }
                 if let Some(existing) = self.nodes.get(node)
@@ -264,25 +317,43 @@ impl State {
     /// Resolves a submission against the state: its queue name and definition.
     fn check_submit(&self, sub: &JobSubmission) -> Result<(&JobQueue, &JobDefinition), Rejection> {
         crate::validate::name("jobName", &sub.name)?;
-        let queue = self
-            .queue(&sub.queue)
-            .ok_or_else(|| Rejection::new("jobQueue", format!("jobQueue: job queue {} does not exist", sub.queue)))?;
+        let queue = self.queue(&sub.queue).ok_or_else(|| {
+            Rejection::new(
+                "jobQueue",
+                format!("jobQueue: job queue {} does not exist", sub.queue),
+            )
+        })?;
         if queue.state != EnabledState::Enabled {
             return Err(Rejection::new(
                 "jobQueue",
-                format!("jobQueue: job queue {} is DISABLED and does not accept jobs", queue.name),
+                format!(
+                    "jobQueue: job queue {} is DISABLED and does not accept jobs",
+                    queue.name
+                ),
             ));
         }
         let definition = self.definition(&sub.definition).ok_or_else(|| {
-            Rejection::new("jobDefinition", format!("jobDefinition: job definition {} does not exist", sub.definition))
+            Rejection::new(
+                "jobDefinition",
+                format!(
+                    "jobDefinition: job definition {} does not exist",
+                    sub.definition
+                ),
+            )
         })?;
         if definition.status != DefinitionStatus::Active {
             return Err(Rejection::new(
                 "jobDefinition",
-                format!("jobDefinition: job definition {} is INACTIVE", definition.arn),
+                format!(
+                    "jobDefinition: job definition {} is INACTIVE",
+                    definition.arn
+                ),
             ));
         }
-        let resources = definition.container.with_overrides(&sub.overrides).resources();
+        let resources = definition
+            .container
+            .with_overrides(&sub.overrides)
+            .resources();
         if resources.millicpus == 0 {
             return Err(Rejection::new(
                 "containerOverrides.resourceRequirements",
@@ -324,18 +395,33 @@ impl State {
             Command::RegisterJobDefinition(spec) => self.register_definition(spec),
             Command::SubmitJob(sub) => self.submit(sub),
             Command::TerminateJob { job, reason, at } => self.terminate(&job, reason, at),
-            Command::RegisterNode { node, compute_environment, inventory, at } => {
-                self.register_node(node, &compute_environment, inventory, at)
-            }
-            Command::Place { term, at, placements } => self.place(term, at, placements),
-            Command::ReportAttempt { job, attempt, node, event, at } => self.report(&job, attempt, &node, event, at),
+            Command::RegisterNode {
+                node,
+                compute_environment,
+                inventory,
+                at,
+            } => self.register_node(node, &compute_environment, inventory, at),
+            Command::Place {
+                term,
+                at,
+                placements,
+            } => self.place(term, at, placements),
+            Command::ReportAttempt {
+                job,
+                attempt,
+                node,
+                event,
+                at,
+            } => self.report(&job, attempt, &node, event, at),
         }
     }
 
     fn register_definition(&mut self, spec: JobDefinitionSpec) -> Outcome {
         let revisions = self.definitions.entry(spec.name.clone()).or_default();
         let revision = revisions.len() as u32 + 1;
-        let arn = self.scope.arn("job-definition", &format!("{}:{}", spec.name, revision));
+        let arn = self
+            .scope
+            .arn("job-definition", &format!("{}:{}", spec.name, revision));
         revisions.push(JobDefinition {
             name: spec.name.clone(),
             revision,
@@ -345,14 +431,22 @@ impl State {
             parameters: spec.parameters,
             tags: spec.tags,
         });
-        Outcome::DefinitionRegistered { name: spec.name, revision, arn: arn.0 }
+        Outcome::DefinitionRegistered {
+            name: spec.name,
+            revision,
+            arn: arn.0,
+        }
     }
 
     fn submit(&mut self, sub: JobSubmission) -> Outcome {
         // A submit retried with the same id (a forward that timed out after commit) answers
         // with the job it already created.
         if let Some(existing) = self.jobs.get(&sub.id) {
-            return Outcome::JobSubmitted { id: existing.id.clone(), arn: existing.arn.0.clone(), name: existing.name.clone() };
+            return Outcome::JobSubmitted {
+                id: existing.id.clone(),
+                arn: existing.arn.0.clone(),
+                name: existing.name.clone(),
+            };
         }
         let (queue, definition) = match self.check_submit(&sub) {
             Ok(found) => found,
@@ -385,19 +479,34 @@ impl State {
             is_terminated: false,
         };
         let key = (job.created_at, job.id.clone());
-        self.jobs_by_queue.entry(job.queue.clone()).or_default().insert(key.clone());
-        self.runnable.entry(job.queue.clone()).or_default().insert(key);
-        let outcome = Outcome::JobSubmitted { id: job.id.clone(), arn: job.arn.0.clone(), name: job.name.clone() };
+        self.jobs_by_queue
+            .entry(job.queue.clone())
+            .or_default()
+            .insert(key.clone());
+        self.runnable
+            .entry(job.queue.clone())
+            .or_default()
+            .insert(key);
+        let outcome = Outcome::JobSubmitted {
+            id: job.id.clone(),
+            arn: job.arn.0.clone(),
+            name: job.name.clone(),
+        };
         self.jobs.insert(job.id.clone(), job);
         outcome
     }
 
     fn terminate(&mut self, id: &JobId, reason: String, at: Timestamp) -> Outcome {
         let Some(job) = self.jobs.get_mut(id) else {
-            return Outcome::Rejected(Rejection::new("jobId", format!("jobId: job {id} does not exist")));
+            return Outcome::Rejected(Rejection::new(
+                "jobId",
+                format!("jobId: job {id} does not exist"),
+            ));
         };
         match job.status {
-            s if s.is_terminal() => Outcome::Ignored(format!("job {id} already ended {}", s.as_aws())),
+            s if s.is_terminal() => {
+                Outcome::Ignored(format!("job {id} already ended {}", s.as_aws()))
+            }
             s if s.is_placed() => {
                 // The agent stops the container; the attempt's exit report ends the job.
                 job.is_terminated = true;
@@ -419,10 +528,21 @@ impl State {
         }
     }
 
-    fn register_node(&mut self, id: NodeId, ce: &str, inventory: NodeInventory, at: Timestamp) -> Outcome {
+    fn register_node(
+        &mut self,
+        id: NodeId,
+        ce: &str,
+        inventory: NodeInventory,
+        at: Timestamp,
+    ) -> Outcome {
         let ce_name = match self.compute_environment(ce) {
             Some(ce) => ce.name.clone(),
-            None => return Outcome::Rejected(Rejection::new("computeEnvironment", "unknown compute environment")),
+            None => {
+                return Outcome::Rejected(Rejection::new(
+                    "computeEnvironment",
+                    "unknown compute environment",
+                ));
+            }
         };
         let node = self.nodes.entry(id.clone()).or_insert_with(|| Node {
             id,
@@ -442,20 +562,30 @@ impl State {
 
     /// Why `placement` cannot be applied to this state, if it cannot.
     pub fn placement_conflict(&self, placement: &Placement) -> Option<String> {
-        let Some(job) = self.jobs.get(&placement.job) else { return Some("job does not exist".into()) };
+        let Some(job) = self.jobs.get(&placement.job) else {
+            return Some("job does not exist".into());
+        };
         if job.status != JobStatus::Runnable {
             return Some(format!("job is {}", job.status.as_aws()));
         }
-        let Some(node) = self.nodes.get(&placement.node) else { return Some("node does not exist".into()) };
+        let Some(node) = self.nodes.get(&placement.node) else {
+            return Some("node does not exist".into());
+        };
         if node.status != NodeStatus::Ready {
             return Some("node is not ready".into());
         }
         let queue = self.queues.get(&job.queue)?;
-        if !queue.compute_environment_order.iter().any(|e| e.compute_environment == node.compute_environment) {
+        if !queue
+            .compute_environment_order
+            .iter()
+            .any(|e| e.compute_environment == node.compute_environment)
+        {
             return Some("node is outside the queue's compute environments".into());
         }
-        let ce_enabled =
-            self.compute_environments.get(&node.compute_environment).is_some_and(|ce| ce.state == EnabledState::Enabled);
+        let ce_enabled = self
+            .compute_environments
+            .get(&node.compute_environment)
+            .is_some_and(|ce| ce.state == EnabledState::Enabled);
         if !ce_enabled {
             return Some("compute environment is disabled".into());
         }
@@ -472,7 +602,8 @@ impl State {
                 refused += 1;
                 continue;
             }
-            let (Some(job), Some(node)) = (self.jobs.get_mut(&p.job), self.nodes.get_mut(&p.node)) else {
+            let (Some(job), Some(node)) = (self.jobs.get_mut(&p.job), self.nodes.get_mut(&p.node))
+            else {
                 refused += 1;
                 continue;
             };
@@ -495,16 +626,33 @@ impl State {
         Outcome::Placed { placed, refused }
     }
 
-    fn report(&mut self, id: &JobId, attempt: u32, node: &NodeId, event: AttemptEvent, at: Timestamp) -> Outcome {
-        let Some(job) = self.jobs.get_mut(id) else { return Outcome::Ignored(format!("job {id} does not exist")) };
-        let current = job.active.as_ref().is_some_and(|a| a.number == attempt && &a.node == node);
+    fn report(
+        &mut self,
+        id: &JobId,
+        attempt: u32,
+        node: &NodeId,
+        event: AttemptEvent,
+        at: Timestamp,
+    ) -> Outcome {
+        let Some(job) = self.jobs.get_mut(id) else {
+            return Outcome::Ignored(format!("job {id} does not exist"));
+        };
+        let current = job
+            .active
+            .as_ref()
+            .is_some_and(|a| a.number == attempt && &a.node == node);
         if !current {
-            return Outcome::Ignored(format!("attempt {attempt} of job {id} on {node} is not the active one"));
+            return Outcome::Ignored(format!(
+                "attempt {attempt} of job {id} on {node} is not the active one"
+            ));
         }
         match event {
             AttemptEvent::Running => {
                 if job.status != JobStatus::Starting {
-                    return Outcome::Ignored(format!("job {id} is already {}", job.status.as_aws()));
+                    return Outcome::Ignored(format!(
+                        "job {id} is already {}",
+                        job.status.as_aws()
+                    ));
                 }
                 job.status = JobStatus::Running;
                 job.started_at = Some(at);
@@ -514,7 +662,9 @@ impl State {
                 Outcome::Done
             }
             AttemptEvent::Exited { exit_code, reason } => {
-                let Some(active) = job.active.take() else { return Outcome::Ignored("no active attempt".into()) };
+                let Some(active) = job.active.take() else {
+                    return Outcome::Ignored("no active attempt".into());
+                };
                 if let Some(n) = self.nodes.get_mut(&active.node) {
                     n.allocated = n.allocated - job.container.resources();
                     n.placed_jobs.remove(id);
@@ -535,7 +685,11 @@ impl State {
                     log_stream_name: job.log_stream_name(active.number),
                 });
                 let succeeded = exit_code == Some(0) && job.terminate_reason.is_none();
-                job.status = if succeeded { JobStatus::Succeeded } else { JobStatus::Failed };
+                job.status = if succeeded {
+                    JobStatus::Succeeded
+                } else {
+                    JobStatus::Failed
+                };
                 job.status_reason = Some(status_reason);
                 job.stopped_at = Some(at);
                 Outcome::Done
@@ -549,9 +703,14 @@ impl State {
 fn substitute_parameters(command: &[String], parameters: &BTreeMap<String, String>) -> Vec<String> {
     command
         .iter()
-        .map(|arg| match arg.strip_prefix("Ref::").and_then(|name| parameters.get(name)) {
-            Some(value) => value.clone(),
-            None => arg.clone(),
+        .map(|arg| {
+            match arg
+                .strip_prefix("Ref::")
+                .and_then(|name| parameters.get(name))
+            {
+                Some(value) => value.clone(),
+                None => arg.clone(),
+            }
         })
         .collect()
 }

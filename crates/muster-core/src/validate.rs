@@ -11,12 +11,19 @@ pub fn name(field: &str, value: &str) -> Result<(), Rejection> {
     if value.len() > 128 {
         return Err(Rejection::new(
             field,
-            format!("{field} must be at most 128 characters long (got {})", value.len()),
+            format!(
+                "{field} must be at most 128 characters long (got {})",
+                value.len()
+            ),
         ));
     }
     let mut chars = value.chars();
     let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric());
-    if !first_ok || !value.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+    if !first_ok
+        || !value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
         return Err(Rejection::new(
             field,
             format!(

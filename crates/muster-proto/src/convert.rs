@@ -4,11 +4,17 @@ use crate::pb;
 use muster_core::{Assignment, JobId, NodeInventory, Resources};
 
 fn resources_to_pb(r: &Resources) -> pb::Resources {
-    pb::Resources { millicpus: r.millicpus, memory_mib: r.memory_mib, gpus: r.gpus }
+    pb::Resources {
+        millicpus: r.millicpus,
+        memory_mib: r.memory_mib,
+        gpus: r.gpus,
+    }
 }
 
 fn resources_from_pb(r: Option<&pb::Resources>) -> Resources {
-    r.map_or(Resources::ZERO, |r| Resources::new(r.millicpus, r.memory_mib, r.gpus))
+    r.map_or(Resources::ZERO, |r| {
+        Resources::new(r.millicpus, r.memory_mib, r.gpus)
+    })
 }
 
 pub fn inventory_to_pb(inv: &NodeInventory) -> pb::Inventory {
@@ -39,7 +45,10 @@ pub fn assignment_to_pb(a: &Assignment) -> pb::Assignment {
         environment: a
             .environment
             .iter()
-            .map(|(name, value)| pb::EnvVar { name: name.clone(), value: value.clone() })
+            .map(|(name, value)| pb::EnvVar {
+                name: name.clone(),
+                value: value.clone(),
+            })
             .collect(),
         resources: Some(resources_to_pb(&a.resources)),
         log_stream_name: a.log_stream_name.clone(),
@@ -53,7 +62,11 @@ pub fn assignment_from_pb(a: &pb::Assignment) -> Assignment {
         term: a.term,
         image: a.image.clone(),
         command: a.command.clone(),
-        environment: a.environment.iter().map(|e| (e.name.clone(), e.value.clone())).collect(),
+        environment: a
+            .environment
+            .iter()
+            .map(|e| (e.name.clone(), e.value.clone()))
+            .collect(),
         resources: resources_from_pb(a.resources.as_ref()),
         log_stream_name: a.log_stream_name.clone(),
     }

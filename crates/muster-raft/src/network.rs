@@ -2,13 +2,15 @@
 
 use crate::{NodeId, TypeConfig};
 use muster_proto::pb::{RaftPayload, raft_service_client::RaftServiceClient};
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::BasicNode;
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
-    VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
 };
-use openraft::BasicNode;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::collections::BTreeMap;
@@ -28,11 +30,18 @@ pub struct PeerDirectory {
 
 impl PeerDirectory {
     pub fn set(&self, id: NodeId, addr: String) {
-        self.addrs.write().unwrap_or_else(|p| p.into_inner()).insert(id, addr);
+        self.addrs
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, addr);
     }
 
     pub fn addr(&self, id: NodeId) -> Option<String> {
-        self.addrs.read().unwrap_or_else(|p| p.into_inner()).get(&id).cloned()
+        self.addrs
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .cloned()
     }
 
     pub fn all(&self) -> BTreeMap<NodeId, String> {
@@ -54,7 +63,11 @@ impl PeerDirectory {
         Ok(ch)
     }
 
-    pub fn raft_client(&self, id: NodeId, fallback_addr: Option<&str>) -> Option<RaftServiceClient<Channel>> {
+    pub fn raft_client(
+        &self,
+        id: NodeId,
+        fallback_addr: Option<&str>,
+    ) -> Option<RaftServiceClient<Channel>> {
         let addr = self.addr(id).or_else(|| fallback_addr.map(str::to_owned))?;
         self.channel(&addr).ok().map(RaftServiceClient::new)
     }
@@ -70,7 +83,10 @@ impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Self::Network {
-        PeerClient { target, client: self.directory.raft_client(target, Some(&node.addr)) }
+        PeerClient {
+            target,
+            client: self.directory.raft_client(target, Some(&node.addr)),
+        }
     }
 }
 
@@ -80,7 +96,9 @@ pub struct PeerClient {
 }
 
 pub(crate) fn encode<T: Serialize>(value: &T) -> Result<RaftPayload, serde_json::Error> {
-    Ok(RaftPayload { data: serde_json::to_vec(value)? })
+    Ok(RaftPayload {
+        data: serde_json::to_vec(value)?,
+    })
 }
 
 pub(crate) fn decode<T: DeserializeOwned>(payload: &RaftPayload) -> Result<T, serde_json::Error> {
@@ -97,7 +115,8 @@ impl PeerClient {
         rpc: fn(
             RaftServiceClient<Channel>,
             tonic::Request<RaftPayload>,
-        ) -> futures_like::BoxFuture<Result<tonic::Response<RaftPayload>, tonic::Status>>,
+        )
+            -> futures_like::BoxFuture<Result<tonic::Response<RaftPayload>, tonic::Status>>,
     ) -> Result<Resp, RPCError<NodeId, BasicNode, E>>
     where
         Req: Serialize,
@@ -111,7 +130,9 @@ impl PeerClient {
         let payload = encode(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let mut request = tonic::Request::new(payload);
         request.set_timeout(option.hard_ttl());
-        let reply = rpc(client, request).await.map_err(|status| RPCError::Unreachable(Unreachable::new(&status)))?;
+        let reply = rpc(client, request)
+            .await
+            .map_err(|status| RPCError::Unreachable(Unreachable::new(&status)))?;
         let result: Result<Resp, E> =
             decode(reply.get_ref()).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
@@ -129,16 +150,24 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.call(&rpc, &option, |mut c, r| Box::pin(async move { c.append_entries(r).await })).await
+        self.call(&rpc, &option, |mut c, r| {
+            Box::pin(async move { c.append_entries(r).await })
+        })
+        .await
     }
 
     async fn install_snapshot(
         &mut self,
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>>
-    {
-        self.call(&rpc, &option, |mut c, r| Box::pin(async move { c.install_snapshot(r).await })).await
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
+    > {
+        self.call(&rpc, &option, |mut c, r| {
+            Box::pin(async move { c.install_snapshot(r).await })
+        })
+        .await
     }
 
     async fn vote(
@@ -146,6 +175,9 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.call(&rpc, &option, |mut c, r| Box::pin(async move { c.vote(r).await })).await
+        self.call(&rpc, &option, |mut c, r| {
+            Box::pin(async move { c.vote(r).await })
+        })
+        .await
     }
 }

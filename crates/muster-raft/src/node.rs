@@ -73,7 +73,11 @@ impl RaftNode {
         }
     }
 
-    async fn forward(&self, leader: NodeId, command: &Command) -> Result<ForwardedReply, tonic::Status> {
+    async fn forward(
+        &self,
+        leader: NodeId,
+        command: &Command,
+    ) -> Result<ForwardedReply, tonic::Status> {
         let mut client = self
             .peers
             .raft_client(leader, None)
@@ -101,10 +105,14 @@ impl RaftNode {
         loop {
             let leader = match self.raft.ensure_linearizable().await {
                 Ok(log_id) => return Ok(log_id.map_or(0, |l| l.index)),
-                Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f))) => f.leader_id,
+                Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(
+                    f,
+                ))) => f.leader_id,
                 Err(_) => None,
             };
-            if let Some(mut client) = leader.filter(|l| *l != self.id).and_then(|l| self.peers.raft_client(l, None))
+            if let Some(mut client) = leader
+                .filter(|l| *l != self.id)
+                .and_then(|l| self.peers.raft_client(l, None))
                 && let Ok(reply) = client.read_index(ReadIndexRequest {}).await
             {
                 return Ok(reply.get_ref().index);

@@ -1,8 +1,8 @@
 //! The Raft gRPC server each control node runs for its peers.
 
+use crate::Raft;
 use crate::network::{decode, encode};
 use crate::node::ForwardedReply;
-use crate::Raft;
 use muster_core::Command;
 use muster_proto::pb::raft_service_server::RaftService;
 use muster_proto::pb::{RaftPayload, ReadIndexReply, ReadIndexRequest};
@@ -24,12 +24,17 @@ fn bad_payload(e: serde_json::Error) -> Status {
 }
 
 fn reply<T: serde::Serialize>(value: &T) -> Result<Response<RaftPayload>, Status> {
-    encode(value).map(Response::new).map_err(|e| Status::internal(format!("cannot encode reply: {e}")))
+    encode(value)
+        .map(Response::new)
+        .map_err(|e| Status::internal(format!("cannot encode reply: {e}")))
 }
 
 #[tonic::async_trait]
 impl RaftService for RaftGrpc {
-    async fn append_entries(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+    async fn append_entries(
+        &self,
+        request: Request<RaftPayload>,
+    ) -> Result<Response<RaftPayload>, Status> {
         let rpc = decode(request.get_ref()).map_err(bad_payload)?;
         reply(&self.raft.append_entries(rpc).await)
     }
@@ -39,24 +44,37 @@ impl RaftService for RaftGrpc {
         reply(&self.raft.vote(rpc).await)
     }
 
-    async fn install_snapshot(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+    async fn install_snapshot(
+        &self,
+        request: Request<RaftPayload>,
+    ) -> Result<Response<RaftPayload>, Status> {
         let rpc = decode(request.get_ref()).map_err(bad_payload)?;
         reply(&self.raft.install_snapshot(rpc).await)
     }
 
-    async fn propose(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+    async fn propose(
+        &self,
+        request: Request<RaftPayload>,
+    ) -> Result<Response<RaftPayload>, Status> {
         let command: Command = decode(request.get_ref()).map_err(bad_payload)?;
         let answer = match self.raft.client_write(command).await {
             Ok(written) => ForwardedReply::Applied(written.data),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => ForwardedReply::NotLeader(f.leader_id),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                ForwardedReply::NotLeader(f.leader_id)
+            }
             Err(e) => ForwardedReply::Failed(e.to_string()),
         };
         reply(&answer)
     }
 
-    async fn read_index(&self, _request: Request<ReadIndexRequest>) -> Result<Response<ReadIndexReply>, Status> {
+    async fn read_index(
+        &self,
+        _request: Request<ReadIndexRequest>,
+    ) -> Result<Response<ReadIndexReply>, Status> {
         match self.raft.ensure_linearizable().await {
-            Ok(log_id) => Ok(Response::new(ReadIndexReply { index: log_id.map_or(0, |l| l.index) })),
+            Ok(log_id) => Ok(Response::new(ReadIndexReply {
+                index: log_id.map_or(0, |l| l.index),
+            })),
             Err(e) => Err(Status::failed_precondition(format!("not the leader: {e}"))),
         }
     }

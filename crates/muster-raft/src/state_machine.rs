@@ -5,8 +5,8 @@ use muster_core::{Outcome, State};
 use muster_store::{SnapshotStore, StoredSnapshot};
 use openraft::storage::RaftStateMachine;
 use openraft::{
-    BasicNode, Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, Snapshot, SnapshotMeta, StorageError,
-    StorageIOError, StoredMembership,
+    BasicNode, Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, Snapshot,
+    SnapshotMeta, StorageError, StorageIOError, StoredMembership,
 };
 use serde::{Deserialize, Serialize};
 use std::io::Cursor;
@@ -65,11 +65,20 @@ impl<S: SnapshotStore<TypeConfig> + Clone> StateMachine<S> {
         };
         let index = applied.last_applied.map_or(0, |l| l.index);
         let (applied_tx, applied_rx) = watch::channel(index);
-        Ok(Self { applied: Arc::new(RwLock::new(applied)), applied_tx, applied_rx, snapshots, snapshot_seq: 0 })
+        Ok(Self {
+            applied: Arc::new(RwLock::new(applied)),
+            applied_tx,
+            applied_rx,
+            snapshots,
+            snapshot_seq: 0,
+        })
     }
 
     pub fn handle(&self) -> StateHandle {
-        StateHandle { applied: self.applied.clone(), applied_index: self.applied_rx.clone() }
+        StateHandle {
+            applied: self.applied.clone(),
+            applied_index: self.applied_rx.clone(),
+        }
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, AppliedState> {
@@ -81,7 +90,10 @@ fn decode_image(bytes: &[u8]) -> Result<AppliedState, StorageError<NodeId>> {
     let image: SnapshotImage =
         serde_json::from_slice(bytes).map_err(|e| StorageIOError::read_snapshot(None, &e))?;
     if image.format_version != muster_core::STATE_FORMAT_VERSION {
-        let e = std::io::Error::other(format!("snapshot has unknown state format {}", image.format_version));
+        let e = std::io::Error::other(format!(
+            "snapshot has unknown state format {}",
+            image.format_version
+        ));
         return Err(StorageIOError::read_snapshot(None, &e).into());
     }
     let mut applied = image.applied;
@@ -93,12 +105,16 @@ impl<S: SnapshotStore<TypeConfig> + Clone> RaftSnapshotBuilder<TypeConfig> for S
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
         let (data, last_applied, membership) = {
             let applied = self.applied.read().unwrap_or_else(|p| p.into_inner());
-            let image = SnapshotImage { format_version: muster_core::STATE_FORMAT_VERSION, applied: AppliedState {
-                state: applied.state.clone(),
-                last_applied: applied.last_applied,
-                membership: applied.membership.clone(),
-            } };
-            let data = serde_json::to_vec(&image).map_err(|e| StorageIOError::write_state_machine(&e))?;
+            let image = SnapshotImage {
+                format_version: muster_core::STATE_FORMAT_VERSION,
+                applied: AppliedState {
+                    state: applied.state.clone(),
+                    last_applied: applied.last_applied,
+                    membership: applied.membership.clone(),
+                },
+            };
+            let data =
+                serde_json::to_vec(&image).map_err(|e| StorageIOError::write_state_machine(&e))?;
             (data, applied.last_applied, applied.membership.clone())
         };
         self.snapshot_seq += 1;
@@ -106,9 +122,21 @@ impl<S: SnapshotStore<TypeConfig> + Clone> RaftSnapshotBuilder<TypeConfig> for S
             Some(l) => format!("{}-{}-{}", l.leader_id, l.index, self.snapshot_seq),
             None => format!("--{}", self.snapshot_seq),
         };
-        let meta = SnapshotMeta { last_log_id: last_applied, last_membership: membership, snapshot_id };
-        self.snapshots.save(&StoredSnapshot { meta: meta.clone(), data: data.clone() }).await?;
-        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+        let meta = SnapshotMeta {
+            last_log_id: last_applied,
+            last_membership: membership,
+            snapshot_id,
+        };
+        self.snapshots
+            .save(&StoredSnapshot {
+                meta: meta.clone(),
+                data: data.clone(),
+            })
+            .await?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
     }
 }
 
@@ -117,7 +145,8 @@ impl<S: SnapshotStore<TypeConfig> + Clone> RaftStateMachine<TypeConfig> for Stat
 
     async fn applied_state(
         &mut self,
-    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>), StorageError<NodeId>> {
+    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>), StorageError<NodeId>>
+    {
         let applied = self.applied.read().unwrap_or_else(|p| p.into_inner());
         Ok((applied.last_applied, applied.membership.clone()))
     }
@@ -158,7 +187,9 @@ impl<S: SnapshotStore<TypeConfig> + Clone> RaftStateMachine<TypeConfig> for Stat
         }
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError<NodeId>> {
+    async fn begin_receiving_snapshot(
+        &mut self,
+    ) -> Result<Box<Cursor<Vec<u8>>>, StorageError<NodeId>> {
         Ok(Box::new(Cursor::new(Vec::new())))
     }
 
@@ -171,17 +202,24 @@ impl<S: SnapshotStore<TypeConfig> + Clone> RaftStateMachine<TypeConfig> for Stat
         let mut installed = decode_image(&data)?;
         installed.last_applied = meta.last_log_id;
         installed.membership = meta.last_membership.clone();
-        self.snapshots.save(&StoredSnapshot { meta: meta.clone(), data }).await?;
+        self.snapshots
+            .save(&StoredSnapshot {
+                meta: meta.clone(),
+                data,
+            })
+            .await?;
         let index = installed.last_applied.map_or(0, |l| l.index);
         *self.write() = installed;
         self.applied_tx.send_replace(index);
         Ok(())
     }
 
-    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
-        Ok(self
-            .snapshots
-            .load()?
-            .map(|stored| Snapshot { meta: stored.meta, snapshot: Box::new(Cursor::new(stored.data)) }))
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
+        Ok(self.snapshots.load()?.map(|stored| Snapshot {
+            meta: stored.meta,
+            snapshot: Box::new(Cursor::new(stored.data)),
+        }))
     }
 }

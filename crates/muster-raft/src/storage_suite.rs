@@ -8,13 +8,24 @@ use openraft::testing::{StoreBuilder, Suite};
 
 struct SledBuilder;
 
-impl StoreBuilder<TypeConfig, SledLogStore<TypeConfig>, StateMachine<SledSnapshotStore>, tempfile::TempDir>
-    for SledBuilder
+impl
+    StoreBuilder<
+        TypeConfig,
+        SledLogStore<TypeConfig>,
+        StateMachine<SledSnapshotStore>,
+        tempfile::TempDir,
+    > for SledBuilder
 {
     async fn build(
         &self,
-    ) -> Result<(tempfile::TempDir, SledLogStore<TypeConfig>, StateMachine<SledSnapshotStore>), StorageError<NodeId>>
-    {
+    ) -> Result<
+        (
+            tempfile::TempDir,
+            SledLogStore<TypeConfig>,
+            StateMachine<SledSnapshotStore>,
+        ),
+        StorageError<NodeId>,
+    > {
         let dir = tempfile::tempdir().expect("temp dir");
         let db = open_sled(dir.path()).expect("open sled");
         let log = SledLogStore::new(&db).expect("log trees");
@@ -25,11 +36,24 @@ impl StoreBuilder<TypeConfig, SledLogStore<TypeConfig>, StateMachine<SledSnapsho
 
 struct MemBuilder;
 
-impl StoreBuilder<TypeConfig, MemLogStore<TypeConfig>, StateMachine<MemSnapshotStore<TypeConfig>>> for MemBuilder {
+impl StoreBuilder<TypeConfig, MemLogStore<TypeConfig>, StateMachine<MemSnapshotStore<TypeConfig>>>
+    for MemBuilder
+{
     async fn build(
         &self,
-    ) -> Result<((), MemLogStore<TypeConfig>, StateMachine<MemSnapshotStore<TypeConfig>>), StorageError<NodeId>> {
-        Ok(((), MemLogStore::default(), StateMachine::open(MemSnapshotStore::default())?))
+    ) -> Result<
+        (
+            (),
+            MemLogStore<TypeConfig>,
+            StateMachine<MemSnapshotStore<TypeConfig>>,
+        ),
+        StorageError<NodeId>,
+    > {
+        Ok((
+            (),
+            MemLogStore::default(),
+            StateMachine::open(MemSnapshotStore::default())?,
+        ))
     }
 }
 
@@ -52,7 +76,9 @@ async fn sled_log_survives_reopen() {
         let db = open_sled(dir.path()).unwrap();
         let mut log = SledLogStore::<TypeConfig>::new(&db).unwrap();
         log.save_vote(&Vote::new(3, 1)).await.unwrap();
-        log.purge(LogId::new(CommittedLeaderId::new(3, 1), 5)).await.unwrap();
+        log.purge(LogId::new(CommittedLeaderId::new(3, 1), 5))
+            .await
+            .unwrap();
     }
     let db = open_sled(dir.path()).unwrap();
     let mut log = SledLogStore::<TypeConfig>::new(&db).unwrap();

@@ -26,7 +26,10 @@ pub struct PlanConfig {
 
 impl Default for PlanConfig {
     fn default() -> Self {
-        Self { max_placements: 10_000, max_examined_per_queue: 10_000 }
+        Self {
+            max_placements: 10_000,
+            max_examined_per_queue: 10_000,
+        }
     }
 }
 
@@ -34,7 +37,10 @@ impl Default for PlanConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WaitReason {
     /// No ready node in any of the queue's enabled compute environments has this much free.
-    InsufficientCapacity { needs: Resources, compute_environments: Vec<String> },
+    InsufficientCapacity {
+        needs: Resources,
+        compute_environments: Vec<String>,
+    },
     /// None of the queue's compute environments is enabled or has a ready node.
     NoNodes { compute_environments: Vec<String> },
 }
@@ -55,20 +61,37 @@ pub struct Plan {
 pub fn plan(state: &State, config: &PlanConfig) -> Plan {
     let mut out = Plan::default();
     // Free capacity as this plan consumes it.
-    let mut free: BTreeMap<&NodeId, Resources> =
-        state.nodes().filter(|n| n.status == NodeStatus::Ready).map(|n| (&n.id, n.free())).collect();
+    let mut free: BTreeMap<&NodeId, Resources> = state
+        .nodes()
+        .filter(|n| n.status == NodeStatus::Ready)
+        .map(|n| (&n.id, n.free()))
+        .collect();
 
-    let mut queues: Vec<_> = state.queues().filter(|q| q.state == EnabledState::Enabled).collect();
-    queues.sort_by(|a, b| b.priority.cmp(&a.priority).then_with(|| a.name.cmp(&b.name)));
+    let mut queues: Vec<_> = state
+        .queues()
+        .filter(|q| q.state == EnabledState::Enabled)
+        .collect();
+    queues.sort_by(|a, b| {
+        b.priority
+            .cmp(&a.priority)
+            .then_with(|| a.name.cmp(&b.name))
+    });
 
     for queue in queues {
         let ces: Vec<String> = queue
             .compute_environment_order
             .iter()
-            .filter(|e| state.compute_environment(&e.compute_environment).is_some_and(|ce| ce.state == EnabledState::Enabled))
+            .filter(|e| {
+                state
+                    .compute_environment(&e.compute_environment)
+                    .is_some_and(|ce| ce.state == EnabledState::Enabled)
+            })
             .map(|e| e.compute_environment.clone())
             .collect();
-        for job in state.runnable_jobs(&queue.name).take(config.max_examined_per_queue) {
+        for job in state
+            .runnable_jobs(&queue.name)
+            .take(config.max_examined_per_queue)
+        {
             if out.placements.len() >= config.max_placements {
                 return out;
             }
@@ -78,9 +101,15 @@ pub fn plan(state: &State, config: &PlanConfig) -> Plan {
                     if let Some(f) = free.get_mut(node) {
                         *f = f.saturating_sub(&need);
                     }
-                    out.placements.push(Placement { job: job.id.clone(), node: node.clone() });
+                    out.placements.push(Placement {
+                        job: job.id.clone(),
+                        node: node.clone(),
+                    });
                 }
-                None => out.unplaced.push(Unplaced { job: job.id.clone(), reason: why_unplaced(state, job, &ces) }),
+                None => out.unplaced.push(Unplaced {
+                    job: job.id.clone(),
+                    reason: why_unplaced(state, job, &ces),
+                }),
             }
         }
     }
@@ -102,18 +131,30 @@ fn best_fit<'s>(
             .filter(|n| &n.compute_environment == ce)
             .filter_map(|n| free.get(&n.id).map(|f| (&n.id, *f)))
             .filter(|(_, f)| need.fits_in(f))
-            .min_by_key(|(id, f)| (f.millicpus - need.millicpus, f.memory_mib - need.memory_mib, *id))
+            .min_by_key(|(id, f)| {
+                (
+                    f.millicpus - need.millicpus,
+                    f.memory_mib - need.memory_mib,
+                    *id,
+                )
+            })
             .map(|(id, _)| id)
     })
 }
 
 fn why_unplaced(state: &State, job: &Job, ces: &[String]) -> WaitReason {
-    let has_nodes =
-        state.nodes().any(|n| n.status == NodeStatus::Ready && ces.contains(&n.compute_environment));
+    let has_nodes = state
+        .nodes()
+        .any(|n| n.status == NodeStatus::Ready && ces.contains(&n.compute_environment));
     if has_nodes {
-        WaitReason::InsufficientCapacity { needs: job.container.resources(), compute_environments: ces.to_vec() }
+        WaitReason::InsufficientCapacity {
+            needs: job.container.resources(),
+            compute_environments: ces.to_vec(),
+        }
     } else {
-        WaitReason::NoNodes { compute_environments: ces.to_vec() }
+        WaitReason::NoNodes {
+            compute_environments: ces.to_vec(),
+        }
     }
 }
 
@@ -130,7 +171,9 @@ pub fn verify(state: &State, plan: Plan) -> Plan {
             if state.placement_conflict(p).is_some() || !seen_jobs.insert(p.job.clone()) {
                 return false;
             }
-            let (Some(job), Some(node)) = (state.job(&p.job), state.node(&p.node)) else { return false };
+            let (Some(job), Some(node)) = (state.job(&p.job), state.node(&p.node)) else {
+                return false;
+            };
             let need = job.container.resources();
             let already = used.entry(p.node.clone()).or_default();
             if !(*already + need).fits_in(&node.free()) {
@@ -140,7 +183,10 @@ pub fn verify(state: &State, plan: Plan) -> Plan {
             true
         })
         .collect();
-    Plan { placements, unplaced: plan.unplaced }
+    Plan {
+        placements,
+        unplaced: plan.unplaced,
+    }
 }
 
 #[cfg(test)]

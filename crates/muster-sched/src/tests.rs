@@ -1,7 +1,7 @@
 use super::*;
 use muster_core::{
-    Arn, CeOrder, CeType, Command, ComputeEnvironment, ContainerOverrides, ContainerSpec, JobDefinitionSpec,
-    JobQueue, JobStatus, JobSubmission, NodeInventory, Outcome, Timestamp,
+    Arn, CeOrder, CeType, Command, ComputeEnvironment, ContainerOverrides, ContainerSpec,
+    JobDefinitionSpec, JobQueue, JobStatus, JobSubmission, NodeInventory, Outcome, Timestamp,
 };
 use proptest::prelude::*;
 
@@ -37,7 +37,10 @@ fn cluster(queues: &[(&str, i64)], nodes: &[(u64, u64)]) -> State {
                 arn: Arn(String::new()),
                 priority: *priority,
                 state: EnabledState::Enabled,
-                compute_environment_order: vec![CeOrder { order: 1, compute_environment: "ce".into() }],
+                compute_environment_order: vec![CeOrder {
+                    order: 1,
+                    compute_environment: "ce".into(),
+                }],
                 tags: Default::default(),
                 created_at: Timestamp(0),
             }),
@@ -47,7 +50,12 @@ fn cluster(queues: &[(&str, i64)], nodes: &[(u64, u64)]) -> State {
         &mut s,
         Command::RegisterJobDefinition(JobDefinitionSpec {
             name: "def".into(),
-            container: ContainerSpec { image: "busybox".into(), vcpus: Some(1), memory: Some(64), ..Default::default() },
+            container: ContainerSpec {
+                image: "busybox".into(),
+                vcpus: Some(1),
+                memory: Some(64),
+                ..Default::default()
+            },
             parameters: Default::default(),
             tags: Default::default(),
         }),
@@ -80,7 +88,11 @@ fn submit(s: &mut State, queue: &str, id: &str, at: u64, vcpus: i64, memory: i64
             name: id.into(),
             queue: queue.into(),
             definition: "def".into(),
-            overrides: ContainerOverrides { vcpus: Some(vcpus), memory: Some(memory), ..Default::default() },
+            overrides: ContainerOverrides {
+                vcpus: Some(vcpus),
+                memory: Some(memory),
+                ..Default::default()
+            },
             parameters: Default::default(),
             tags: Default::default(),
         }),
@@ -89,13 +101,22 @@ fn submit(s: &mut State, queue: &str, id: &str, at: u64, vcpus: i64, memory: i64
 
 fn assert_no_overcommit(s: &State) {
     for node in s.nodes() {
-        assert!(node.allocated.fits_in(&node.inventory.capacity), "node {} over-committed: {:?}", node.id, node);
+        assert!(
+            node.allocated.fits_in(&node.inventory.capacity),
+            "node {} over-committed: {:?}",
+            node.id,
+            node
+        );
         let sum = node
             .placed_jobs
             .iter()
             .map(|id| s.job(id).unwrap().container.resources())
             .fold(Resources::ZERO, |a, b| a + b);
-        assert_eq!(sum, node.allocated, "allocation bookkeeping of {} drifted", node.id);
+        assert_eq!(
+            sum, node.allocated,
+            "allocation bookkeeping of {} drifted",
+            node.id
+        );
     }
 }
 
@@ -109,8 +130,14 @@ fn fifo_within_a_queue_and_best_fit_across_nodes() {
     assert_eq!(
         p.placements,
         vec![
-            Placement { job: JobId("a".into()), node: NodeId("n1".into()) },
-            Placement { job: JobId("b".into()), node: NodeId("n0".into()) },
+            Placement {
+                job: JobId("a".into()),
+                node: NodeId("n1".into())
+            },
+            Placement {
+                job: JobId("b".into()),
+                node: NodeId("n0".into())
+            },
         ]
     );
 }
@@ -121,8 +148,17 @@ fn higher_priority_queue_is_served_first() {
     submit(&mut s, "low", "l", 1, 1, 64);
     submit(&mut s, "high", "h", 2, 1, 64);
     let p = plan(&s, &PlanConfig::default());
-    assert_eq!(p.placements, vec![Placement { job: JobId("h".into()), node: NodeId("n0".into()) }]);
-    assert!(matches!(p.unplaced[0].reason, WaitReason::InsufficientCapacity { .. }));
+    assert_eq!(
+        p.placements,
+        vec![Placement {
+            job: JobId("h".into()),
+            node: NodeId("n0".into())
+        }]
+    );
+    assert!(matches!(
+        p.unplaced[0].reason,
+        WaitReason::InsufficientCapacity { .. }
+    ));
 }
 
 #[test]
@@ -131,7 +167,12 @@ fn jobs_without_nodes_say_so() {
     submit(&mut s, "q", "a", 1, 1, 64);
     let p = plan(&s, &PlanConfig::default());
     assert!(p.placements.is_empty());
-    assert_eq!(p.unplaced[0].reason, WaitReason::NoNodes { compute_environments: vec!["ce".into()] });
+    assert_eq!(
+        p.unplaced[0].reason,
+        WaitReason::NoNodes {
+            compute_environments: vec!["ce".into()]
+        }
+    );
 }
 
 #[test]
@@ -141,14 +182,29 @@ fn verify_drops_placements_that_no_longer_fit() {
     submit(&mut s, "q", "b", 2, 1, 64);
     let forged = Plan {
         placements: vec![
-            Placement { job: JobId("a".into()), node: NodeId("n0".into()) },
-            Placement { job: JobId("b".into()), node: NodeId("n0".into()) },
-            Placement { job: JobId("a".into()), node: NodeId("n0".into()) },
+            Placement {
+                job: JobId("a".into()),
+                node: NodeId("n0".into()),
+            },
+            Placement {
+                job: JobId("b".into()),
+                node: NodeId("n0".into()),
+            },
+            Placement {
+                job: JobId("a".into()),
+                node: NodeId("n0".into()),
+            },
         ],
         unplaced: vec![],
     };
     let checked = verify(&s, forged);
-    assert_eq!(checked.placements, vec![Placement { job: JobId("a".into()), node: NodeId("n0".into()) }]);
+    assert_eq!(
+        checked.placements,
+        vec![Placement {
+            job: JobId("a".into()),
+            node: NodeId("n0".into())
+        }]
+    );
 }
 
 proptest! {

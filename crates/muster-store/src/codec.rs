@@ -14,7 +14,9 @@ pub(crate) fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, io::Error> {
 pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, io::Error> {
     match bytes.split_first() {
         Some((&FORMAT_VERSION, body)) => serde_json::from_slice(body).map_err(io::Error::other),
-        Some((v, _)) => Err(io::Error::other(format!("stored value has unknown format version {v}"))),
+        Some((v, _)) => Err(io::Error::other(format!(
+            "stored value has unknown format version {v}"
+        ))),
         None => Err(io::Error::other("stored value is empty")),
     }
 }

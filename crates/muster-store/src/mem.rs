@@ -1,7 +1,10 @@
 //! The in-memory twin of the sled log store, for tests.
 
 use openraft::storage::{LogFlushed, RaftLogStorage};
-use openraft::{Entry, LogId, LogState, OptionalSend, RaftLogId, RaftLogReader, RaftTypeConfig, StorageError, Vote};
+use openraft::{
+    Entry, LogId, LogState, OptionalSend, RaftLogId, RaftLogReader, RaftTypeConfig, StorageError,
+    Vote,
+};
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::ops::RangeBounds;
@@ -21,14 +24,21 @@ pub struct MemLogStore<C: RaftTypeConfig> {
 
 impl<C: RaftTypeConfig> Clone for MemLogStore<C> {
     fn clone(&self) -> Self {
-        Self { inner: self.inner.clone() }
+        Self {
+            inner: self.inner.clone(),
+        }
     }
 }
 
 impl<C: RaftTypeConfig> Default for MemLogStore<C> {
     fn default() -> Self {
         Self {
-            inner: Arc::new(Mutex::new(Inner { logs: BTreeMap::new(), vote: None, committed: None, last_purged: None })),
+            inner: Arc::new(Mutex::new(Inner {
+                logs: BTreeMap::new(),
+                vote: None,
+                committed: None,
+                last_purged: None,
+            })),
         }
     }
 }
@@ -36,7 +46,9 @@ impl<C: RaftTypeConfig> Default for MemLogStore<C> {
 impl<C: RaftTypeConfig> MemLogStore<C> {
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner<C>> {
         // A panic while holding this lock already failed the test that caused it.
-        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -49,7 +61,12 @@ where
         &mut self,
         range: RB,
     ) -> Result<Vec<C::Entry>, StorageError<C::NodeId>> {
-        Ok(self.lock().logs.range(range).map(|(_, e)| e.clone()).collect())
+        Ok(self
+            .lock()
+            .logs
+            .range(range)
+            .map(|(_, e)| e.clone())
+            .collect())
     }
 }
 
@@ -62,8 +79,16 @@ where
 
     async fn get_log_state(&mut self) -> Result<LogState<C>, StorageError<C::NodeId>> {
         let inner = self.lock();
-        let last = inner.logs.values().next_back().map(|e| e.get_log_id().clone()).or(inner.last_purged.clone());
-        Ok(LogState { last_purged_log_id: inner.last_purged.clone(), last_log_id: last })
+        let last = inner
+            .logs
+            .values()
+            .next_back()
+            .map(|e| e.get_log_id().clone())
+            .or(inner.last_purged.clone());
+        Ok(LogState {
+            last_purged_log_id: inner.last_purged.clone(),
+            last_log_id: last,
+        })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -79,16 +104,25 @@ where
         Ok(self.lock().vote.clone())
     }
 
-    async fn save_committed(&mut self, committed: Option<LogId<C::NodeId>>) -> Result<(), StorageError<C::NodeId>> {
+    async fn save_committed(
+        &mut self,
+        committed: Option<LogId<C::NodeId>>,
+    ) -> Result<(), StorageError<C::NodeId>> {
         self.lock().committed = committed;
         Ok(())
     }
 
-    async fn read_committed(&mut self) -> Result<Option<LogId<C::NodeId>>, StorageError<C::NodeId>> {
+    async fn read_committed(
+        &mut self,
+    ) -> Result<Option<LogId<C::NodeId>>, StorageError<C::NodeId>> {
         Ok(self.lock().committed.clone())
     }
 
-    async fn append<I>(&mut self, entries: I, callback: LogFlushed<C>) -> Result<(), StorageError<C::NodeId>>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<C>,
+    ) -> Result<(), StorageError<C::NodeId>>
     where
         I: IntoIterator<Item = C::Entry> + OptionalSend,
         I::IntoIter: OptionalSend,

@@ -3,7 +3,8 @@
 use crate::codec::{decode, encode};
 use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{
-    Entry, LogId, LogState, OptionalSend, RaftLogId, RaftLogReader, RaftTypeConfig, StorageError, StorageIOError, Vote,
+    Entry, LogId, LogState, OptionalSend, RaftLogId, RaftLogReader, RaftTypeConfig, StorageError,
+    StorageIOError, Vote,
 };
 use std::fmt::Debug;
 use std::marker::PhantomData;
@@ -37,7 +38,12 @@ pub struct SledLogStore<C: RaftTypeConfig> {
 
 impl<C: RaftTypeConfig> Clone for SledLogStore<C> {
     fn clone(&self) -> Self {
-        Self { db: self.db.clone(), logs: self.logs.clone(), meta: self.meta.clone(), _types: PhantomData }
+        Self {
+            db: self.db.clone(),
+            logs: self.logs.clone(),
+            meta: self.meta.clone(),
+            _types: PhantomData,
+        }
     }
 }
 
@@ -54,15 +60,24 @@ where
         })
     }
 
-    fn read_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, std::io::Error> {
+    fn read_meta<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &[u8],
+    ) -> Result<Option<T>, std::io::Error> {
         match self.meta.get(key).map_err(std::io::Error::other)? {
             Some(bytes) => decode(&bytes).map(Some),
             None => Ok(None),
         }
     }
 
-    async fn write_meta<T: serde::Serialize>(&self, key: &[u8], value: &T) -> Result<(), std::io::Error> {
-        self.meta.insert(key, encode(value)?).map_err(std::io::Error::other)?;
+    async fn write_meta<T: serde::Serialize>(
+        &self,
+        key: &[u8],
+        value: &T,
+    ) -> Result<(), std::io::Error> {
+        self.meta
+            .insert(key, encode(value)?)
+            .map_err(std::io::Error::other)?;
         self.db.flush_async().await.map_err(std::io::Error::other)?;
         Ok(())
     }
@@ -122,8 +137,14 @@ where
 
     async fn get_log_state(&mut self) -> Result<LogState<C>, StorageError<C::NodeId>> {
         let last_purged_log_id = self.read_meta(LAST_PURGED).map_err(read_err)?;
-        let last_log_id = self.last_entry_log_id().map_err(read_err)?.or(last_purged_log_id.clone());
-        Ok(LogState { last_purged_log_id, last_log_id })
+        let last_log_id = self
+            .last_entry_log_id()
+            .map_err(read_err)?
+            .or(last_purged_log_id.clone());
+        Ok(LogState {
+            last_purged_log_id,
+            last_log_id,
+        })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -131,25 +152,42 @@ where
     }
 
     async fn save_vote(&mut self, vote: &Vote<C::NodeId>) -> Result<(), StorageError<C::NodeId>> {
-        self.write_meta(VOTE, vote).await.map_err(|e| StorageIOError::write_vote(&e).into())
+        self.write_meta(VOTE, vote)
+            .await
+            .map_err(|e| StorageIOError::write_vote(&e).into())
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<C::NodeId>>, StorageError<C::NodeId>> {
-        self.read_meta(VOTE).map_err(|e| StorageIOError::read_vote(&e).into())
+        self.read_meta(VOTE)
+            .map_err(|e| StorageIOError::read_vote(&e).into())
     }
 
-    async fn save_committed(&mut self, committed: Option<LogId<C::NodeId>>) -> Result<(), StorageError<C::NodeId>> {
+    async fn save_committed(
+        &mut self,
+        committed: Option<LogId<C::NodeId>>,
+    ) -> Result<(), StorageError<C::NodeId>> {
         // Not flushed on its own: a lost committed index is recomputed by Raft after restart.
         let bytes = encode(&committed).map_err(write_err)?;
-        self.meta.insert(COMMITTED, bytes).map_err(|e| write_err(std::io::Error::other(e)))?;
+        self.meta
+            .insert(COMMITTED, bytes)
+            .map_err(|e| write_err(std::io::Error::other(e)))?;
         Ok(())
     }
 
-    async fn read_committed(&mut self) -> Result<Option<LogId<C::NodeId>>, StorageError<C::NodeId>> {
-        Ok(self.read_meta::<Option<LogId<C::NodeId>>>(COMMITTED).map_err(read_err)?.flatten())
+    async fn read_committed(
+        &mut self,
+    ) -> Result<Option<LogId<C::NodeId>>, StorageError<C::NodeId>> {
+        Ok(self
+            .read_meta::<Option<LogId<C::NodeId>>>(COMMITTED)
+            .map_err(read_err)?
+            .flatten())
     }
 
-    async fn append<I>(&mut self, entries: I, callback: LogFlushed<C>) -> Result<(), StorageError<C::NodeId>>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<C>,
+    ) -> Result<(), StorageError<C::NodeId>>
     where
         I: IntoIterator<Item = C::Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -158,10 +196,15 @@ where
         // (which lets Raft acknowledge) fires only once the entries are on disk.
         let mut batch = sled::Batch::default();
         for entry in entries {
-            batch.insert(&key(entry.get_log_id().index), encode(&entry).map_err(write_err)?);
+            batch.insert(
+                &key(entry.get_log_id().index),
+                encode(&entry).map_err(write_err)?,
+            );
         }
         let result = async {
-            self.logs.apply_batch(batch).map_err(std::io::Error::other)?;
+            self.logs
+                .apply_batch(batch)
+                .map_err(std::io::Error::other)?;
             self.db.flush_async().await.map_err(std::io::Error::other)?;
             Ok::<(), std::io::Error>(())
         }
@@ -185,21 +228,30 @@ where
             let (k, _) = item.map_err(read_err)?;
             batch.remove(k);
         }
-        self.logs.apply_batch(batch).map_err(|e| write_err(std::io::Error::other(e)))?;
-        self.db.flush_async().await.map_err(|e| write_err(std::io::Error::other(e)))?;
+        self.logs
+            .apply_batch(batch)
+            .map_err(|e| write_err(std::io::Error::other(e)))?;
+        self.db
+            .flush_async()
+            .await
+            .map_err(|e| write_err(std::io::Error::other(e)))?;
         Ok(())
     }
 
     async fn purge(&mut self, log_id: LogId<C::NodeId>) -> Result<(), StorageError<C::NodeId>> {
         // Record the purge point first: a crash between the two steps leaves extra entries
         // below it, which are harmless, never a gap.
-        self.write_meta(LAST_PURGED, &log_id).await.map_err(write_err)?;
+        self.write_meta(LAST_PURGED, &log_id)
+            .await
+            .map_err(write_err)?;
         let mut batch = sled::Batch::default();
         for item in self.logs.range(..=key(log_id.index)) {
             let (k, _) = item.map_err(read_err)?;
             batch.remove(k);
         }
-        self.logs.apply_batch(batch).map_err(|e| write_err(std::io::Error::other(e)))?;
+        self.logs
+            .apply_batch(batch)
+            .map_err(|e| write_err(std::io::Error::other(e)))?;
         Ok(())
     }
 }

@@ -15,13 +15,19 @@ pub struct StoredSnapshot<C: RaftTypeConfig> {
 
 impl<C: RaftTypeConfig> Clone for StoredSnapshot<C> {
     fn clone(&self) -> Self {
-        Self { meta: self.meta.clone(), data: self.data.clone() }
+        Self {
+            meta: self.meta.clone(),
+            data: self.data.clone(),
+        }
     }
 }
 
 /// Keeps the one current snapshot. Saving replaces the previous one durably.
 pub trait SnapshotStore<C: RaftTypeConfig>: Send + Sync + 'static {
-    fn save(&self, snapshot: &StoredSnapshot<C>) -> impl Future<Output = Result<(), StorageError<C::NodeId>>> + Send;
+    fn save(
+        &self,
+        snapshot: &StoredSnapshot<C>,
+    ) -> impl Future<Output = Result<(), StorageError<C::NodeId>>> + Send;
     fn load(&self) -> Result<Option<StoredSnapshot<C>>, StorageError<C::NodeId>>;
 }
 
@@ -36,24 +42,39 @@ pub struct SledSnapshotStore {
 
 impl SledSnapshotStore {
     pub fn new(db: &sled::Db) -> Result<Self, std::io::Error> {
-        Ok(Self { db: db.clone(), tree: db.open_tree("snapshot").map_err(std::io::Error::other)? })
+        Ok(Self {
+            db: db.clone(),
+            tree: db.open_tree("snapshot").map_err(std::io::Error::other)?,
+        })
     }
 }
 
 impl<C: RaftTypeConfig> SnapshotStore<C> for SledSnapshotStore {
     async fn save(&self, snapshot: &StoredSnapshot<C>) -> Result<(), StorageError<C::NodeId>> {
         let sig = Some(snapshot.meta.signature());
-        let bytes = encode(snapshot).map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
-        self.tree.insert(CURRENT, bytes).map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
-        self.db.flush_async().await.map_err(|e| StorageIOError::write_snapshot(sig, &e))?;
+        let bytes =
+            encode(snapshot).map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
+        self.tree
+            .insert(CURRENT, bytes)
+            .map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
+        self.db
+            .flush_async()
+            .await
+            .map_err(|e| StorageIOError::write_snapshot(sig, &e))?;
         Ok(())
     }
 
     fn load(&self) -> Result<Option<StoredSnapshot<C>>, StorageError<C::NodeId>> {
-        let Some(bytes) = self.tree.get(CURRENT).map_err(|e| StorageIOError::read_snapshot(None, &e))? else {
+        let Some(bytes) = self
+            .tree
+            .get(CURRENT)
+            .map_err(|e| StorageIOError::read_snapshot(None, &e))?
+        else {
             return Ok(None);
         };
-        decode(&bytes).map(Some).map_err(|e| StorageIOError::read_snapshot(None, &e).into())
+        decode(&bytes)
+            .map(Some)
+            .map_err(|e| StorageIOError::read_snapshot(None, &e).into())
     }
 }
 
@@ -64,13 +85,17 @@ pub struct MemSnapshotStore<C: RaftTypeConfig> {
 
 impl<C: RaftTypeConfig> Default for MemSnapshotStore<C> {
     fn default() -> Self {
-        Self { current: Arc::new(Mutex::new(None)) }
+        Self {
+            current: Arc::new(Mutex::new(None)),
+        }
     }
 }
 
 impl<C: RaftTypeConfig> Clone for MemSnapshotStore<C> {
     fn clone(&self) -> Self {
-        Self { current: self.current.clone() }
+        Self {
+            current: self.current.clone(),
+        }
     }
 }
 
@@ -81,6 +106,10 @@ impl<C: RaftTypeConfig> SnapshotStore<C> for MemSnapshotStore<C> {
     }
 
     fn load(&self) -> Result<Option<StoredSnapshot<C>>, StorageError<C::NodeId>> {
-        Ok(self.current.lock().unwrap_or_else(|p| p.into_inner()).clone())
+        Ok(self
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone())
     }
 }

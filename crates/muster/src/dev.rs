@@ -20,7 +20,8 @@ pub async fn run(
     executor: Option<&str>,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
 ) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("creating {}", data_dir.display()))?;
     write_aws_files(&data_dir)?;
     let cluster = LocalCluster::start(&data_dir, 3, api_addr, Some(metrics)).await?;
     let leader = cluster.wait_for_leader(Duration::from_secs(15)).await?;
@@ -42,21 +43,33 @@ pub async fn run(
     }
     .validate()?;
     let agent = Agent::new(agent_config).await?;
-    eprintln!("muster dev: jobs run with the {} executor", agent.executor_kind());
+    eprintln!(
+        "muster dev: jobs run with the {} executor",
+        agent.executor_kind()
+    );
     let (stop_agent, agent_stopped) = tokio::sync::watch::channel(false);
     let agent_task = tokio::spawn(agent.run(agent_stopped));
 
     // Ready once the agent has joined: a first job can then run.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let joined = node.read(|s| s.node(&NodeId(AGENT_ID.to_owned())).is_some()).await.unwrap_or(false);
+        let joined = node
+            .read(|s| s.node(&NodeId(AGENT_ID.to_owned())).is_some())
+            .await
+            .unwrap_or(false);
         if joined {
             break;
         }
-        anyhow::ensure!(tokio::time::Instant::now() < deadline, "the dev agent did not register");
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the dev agent did not register"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    println!("muster dev ready: AWS Batch API at http://{}", cluster.api_addr(1));
+    println!(
+        "muster dev ready: AWS Batch API at http://{}",
+        cluster.api_addr(1)
+    );
 
     crate::shutdown_signal().await;
     eprintln!("muster dev: shutting down");
@@ -71,20 +84,29 @@ async fn choose_executor(requested: Option<&str>) -> anyhow::Result<ExecutorKind
         Some("docker") => Ok(ExecutorKind::Docker),
         Some("process") => Ok(ExecutorKind::Process),
         Some(other) => anyhow::bail!("--executor {other}: must be docker or process"),
-        None => Ok(match muster_agent::executor::DockerExecutor::connect(DEFAULT).await {
-            Ok(_) => ExecutorKind::Docker,
-            Err(e) => {
-                eprintln!("muster dev: no Docker engine answered ({e}); using the process executor");
-                ExecutorKind::Process
-            }
-        }),
+        None => Ok(
+            match muster_agent::executor::DockerExecutor::connect(DEFAULT).await {
+                Ok(_) => ExecutorKind::Docker,
+                Err(e) => {
+                    eprintln!(
+                        "muster dev: no Docker engine answered ({e}); using the process executor"
+                    );
+                    ExecutorKind::Process
+                }
+            },
+        ),
     }
 }
 
 /// Creates the `default` compute environment and job queue, once.
 async fn ensure_defaults(node: &muster_control::RaftNode) -> anyhow::Result<()> {
     let (has_ce, has_queue) = node
-        .read(|s| (s.compute_environment(DEFAULT).is_some(), s.queue(DEFAULT).is_some()))
+        .read(|s| {
+            (
+                s.compute_environment(DEFAULT).is_some(),
+                s.queue(DEFAULT).is_some(),
+            )
+        })
         .await
         .map_err(|e| anyhow::anyhow!(e))?;
     let now = muster_control::now_millis();
@@ -108,7 +130,10 @@ async fn ensure_defaults(node: &muster_control::RaftNode) -> anyhow::Result<()> 
             arn: Arn(String::new()),
             priority: 1,
             state: EnabledState::Enabled,
-            compute_environment_order: vec![CeOrder { order: 1, compute_environment: DEFAULT.to_owned() }],
+            compute_environment_order: vec![CeOrder {
+                order: 1,
+                compute_environment: DEFAULT.to_owned(),
+            }],
             tags: Default::default(),
             created_at: now,
         };
@@ -131,13 +156,26 @@ fn write_aws_files(data_dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir)?;
     let credentials = dir.join("credentials");
     if !credentials.exists() {
-        let id = format!("AKIA{}", uuid::Uuid::new_v4().simple().to_string()[..16].to_ascii_uppercase());
-        let secret = format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
+        let id = format!(
+            "AKIA{}",
+            uuid::Uuid::new_v4().simple().to_string()[..16].to_ascii_uppercase()
+        );
+        let secret = format!(
+            "{}{}",
+            uuid::Uuid::new_v4().simple(),
+            uuid::Uuid::new_v4().simple()
+        );
         std::fs::write(
             &credentials,
-            format!("[default]\naws_access_key_id = {id}\naws_secret_access_key = {}\n", &secret[..40]),
+            format!(
+                "[default]\naws_access_key_id = {id}\naws_secret_access_key = {}\n",
+                &secret[..40]
+            ),
         )?;
     }
-    std::fs::write(dir.join("config"), "[default]\nregion = us-east-1\noutput = json\n")?;
+    std::fs::write(
+        dir.join("config"),
+        "[default]\nregion = us-east-1\noutput = json\n",
+    )?;
     Ok(())
 }

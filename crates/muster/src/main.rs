@@ -42,11 +42,16 @@ enum Commands {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("MUSTER_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,muster=info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn install_metrics() -> anyhow::Result<metrics_exporter_prometheus::PrometheusHandle> {
-    metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder().context("installing the metrics recorder")
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .context("installing the metrics recorder")
 }
 
 #[tokio::main]
@@ -56,25 +61,36 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Commands::Server { config } => server(config).await,
         Commands::Agent { config } => agent(config).await,
-        Commands::Dev { data_dir, api_addr, executor } => dev::run(data_dir, api_addr, executor.as_deref(), install_metrics()?).await,
+        Commands::Dev {
+            data_dir,
+            api_addr,
+            executor,
+        } => dev::run(data_dir, api_addr, executor.as_deref(), install_metrics()?).await,
     }
 }
 
 async fn server(path: PathBuf) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let config = muster_control::RawServerConfig::from_toml(&text)?.validate()?;
     let listeners = muster_control::Listeners {
-        grpc: tokio::net::TcpListener::bind(config.grpc_addr).await.with_context(|| format!("binding {}", config.grpc_addr))?,
-        api: tokio::net::TcpListener::bind(config.api_addr).await.with_context(|| format!("binding {}", config.api_addr))?,
+        grpc: tokio::net::TcpListener::bind(config.grpc_addr)
+            .await
+            .with_context(|| format!("binding {}", config.grpc_addr))?,
+        api: tokio::net::TcpListener::bind(config.api_addr)
+            .await
+            .with_context(|| format!("binding {}", config.api_addr))?,
     };
-    let node = muster_control::ControlNode::start(config, listeners, Some(install_metrics()?)).await?;
+    let node =
+        muster_control::ControlNode::start(config, listeners, Some(install_metrics()?)).await?;
     shutdown_signal().await;
     node.shutdown().await;
     Ok(())
 }
 
 async fn agent(path: PathBuf) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let config = muster_agent::RawAgentConfig::from_toml(&text)?.validate()?;
     let agent = muster_agent::Agent::new(config).await?;
     let (stop, stopped) = tokio::sync::watch::channel(false);

@@ -5,8 +5,8 @@ use super::{AttemptExit, STOPPED_BY_MUSTER, stopped};
 use bollard::Docker;
 use bollard::models::{ContainerCreateBody, HostConfig};
 use bollard::query_parameters::{
-    CreateContainerOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder, StopContainerOptionsBuilder,
-    WaitContainerOptions,
+    CreateContainerOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
+    StopContainerOptionsBuilder, WaitContainerOptions,
 };
 use futures::StreamExt;
 use muster_core::Assignment;
@@ -24,9 +24,14 @@ pub struct DockerExecutor {
 impl DockerExecutor {
     /// Connects to the local engine and agrees on an API version it speaks.
     pub async fn connect(cluster: &str) -> Result<Self, bollard::errors::Error> {
-        let docker = Docker::connect_with_local_defaults()?.negotiate_version().await?;
+        let docker = Docker::connect_with_local_defaults()?
+            .negotiate_version()
+            .await?;
         docker.ping().await?;
-        Ok(Self { docker, cluster: cluster.to_owned() })
+        Ok(Self {
+            docker,
+            cluster: cluster.to_owned(),
+        })
     }
 
     pub async fn run(
@@ -54,7 +59,12 @@ impl DockerExecutor {
         let body = ContainerCreateBody {
             image: Some(a.image.clone()),
             cmd: (!a.command.is_empty()).then(|| a.command.clone()),
-            env: Some(a.environment.iter().map(|(k, v)| format!("{k}={v}")).collect()),
+            env: Some(
+                a.environment
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect(),
+            ),
             labels: Some(labels),
             host_config: Some(HostConfig {
                 nano_cpus: Some((a.resources.millicpus * 1_000_000) as i64),
@@ -68,10 +78,25 @@ impl DockerExecutor {
             ..Default::default()
         };
         // A container left by an earlier try of this same attempt is replaced.
-        let _ = self.docker.remove_container(&name, Some(RemoveContainerOptionsBuilder::default().force(true).build())).await;
-        let created = match self.docker.create_container(Some(CreateContainerOptionsBuilder::default().name(&name).build()), body).await {
+        let _ = self
+            .docker
+            .remove_container(
+                &name,
+                Some(RemoveContainerOptionsBuilder::default().force(true).build()),
+            )
+            .await;
+        let created = match self
+            .docker
+            .create_container(
+                Some(CreateContainerOptionsBuilder::default().name(&name).build()),
+                body,
+            )
+            .await
+        {
             Ok(c) => c,
-            Err(e) => return AttemptExit::failed_to_start(format!("CannotCreateContainerError: {e}")),
+            Err(e) => {
+                return AttemptExit::failed_to_start(format!("CannotCreateContainerError: {e}"));
+            }
         };
         let id = created.id;
         if let Err(e) = self.docker.start_container(&id, None).await {
@@ -80,8 +105,14 @@ impl DockerExecutor {
         }
         let _ = started.send(());
 
-        let logs = tokio::spawn(copy_logs(self.docker.clone(), id.clone(), log_path.to_owned()));
-        let mut wait = self.docker.wait_container(&id, None::<WaitContainerOptions>);
+        let logs = tokio::spawn(copy_logs(
+            self.docker.clone(),
+            id.clone(),
+            log_path.to_owned(),
+        ));
+        let mut wait = self
+            .docker
+            .wait_container(&id, None::<WaitContainerOptions>);
         let stopped = tokio::select! {
             _ = wait.next() => false,
             _ = stopped(&mut stop) => {
@@ -101,26 +132,50 @@ impl DockerExecutor {
                 } else {
                     None
                 };
-                AttemptExit { exit_code: state.exit_code.map(|c| c as i32), reason }
+                AttemptExit {
+                    exit_code: state.exit_code.map(|c| c as i32),
+                    reason,
+                }
             }
-            Err(e) => AttemptExit { exit_code: None, reason: Some(format!("container state unknown: {e}")) },
+            Err(e) => AttemptExit {
+                exit_code: None,
+                reason: Some(format!("container state unknown: {e}")),
+            },
         };
         self.remove(&id).await;
         exit
     }
 
     async fn remove(&self, id: &str) {
-        let _ = self.docker.remove_container(id, Some(RemoveContainerOptionsBuilder::default().force(true).build())).await;
+        let _ = self
+            .docker
+            .remove_container(
+                id,
+                Some(RemoveContainerOptionsBuilder::default().force(true).build()),
+            )
+            .await;
     }
 }
 
 /// Copies the container's stdout and stderr, with Docker's timestamps, into the attempt's log.
 async fn copy_logs(docker: Docker, id: String, path: std::path::PathBuf) {
-    let options = LogsOptionsBuilder::default().follow(true).stdout(true).stderr(true).timestamps(true).build();
+    let options = LogsOptionsBuilder::default()
+        .follow(true)
+        .stdout(true)
+        .stderr(true)
+        .timestamps(true)
+        .build();
     let mut stream = docker.logs(&id, Some(options));
-    let file = path.parent().map(std::fs::create_dir_all).transpose().and_then(|_| {
-        std::fs::OpenOptions::new().create(true).append(true).open(&path)
-    });
+    let file = path
+        .parent()
+        .map(std::fs::create_dir_all)
+        .transpose()
+        .and_then(|_| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+        });
     let Ok(mut file) = file else {
         tracing::warn!(path = %path.display(), "cannot open attempt log");
         return;

@@ -20,7 +20,10 @@ pub struct AttemptExit {
 
 impl AttemptExit {
     pub fn failed_to_start(reason: impl Into<String>) -> Self {
-        Self { exit_code: None, reason: Some(reason.into()) }
+        Self {
+            exit_code: None,
+            reason: Some(reason.into()),
+        }
     }
 }
 

@@ -22,15 +22,25 @@ impl ProcessExecutor {
         grace: Duration,
     ) -> AttemptExit {
         let Some((program, args)) = assignment.command.split_first() else {
-            return AttemptExit::failed_to_start("CannotStartContainerError: the job has no command");
+            return AttemptExit::failed_to_start(
+                "CannotStartContainerError: the job has no command",
+            );
         };
         let log = match open_log(log_path) {
             Ok(f) => f,
-            Err(e) => return AttemptExit::failed_to_start(format!("CannotStartContainerError: cannot open log: {e}")),
+            Err(e) => {
+                return AttemptExit::failed_to_start(format!(
+                    "CannotStartContainerError: cannot open log: {e}"
+                ));
+            }
         };
         let (stdout, stderr) = match (log.try_clone(), log.try_clone()) {
             (Ok(a), Ok(b)) => (a, b),
-            _ => return AttemptExit::failed_to_start("CannotStartContainerError: cannot share the log file"),
+            _ => {
+                return AttemptExit::failed_to_start(
+                    "CannotStartContainerError: cannot share the log file",
+                );
+            }
         };
         let mut child = match Command::new(program)
             .args(args)
@@ -44,7 +54,11 @@ impl ProcessExecutor {
             .spawn()
         {
             Ok(child) => child,
-            Err(e) => return AttemptExit::failed_to_start(format!("CannotStartContainerError: {program}: {e}")),
+            Err(e) => {
+                return AttemptExit::failed_to_start(format!(
+                    "CannotStartContainerError: {program}: {e}"
+                ));
+            }
         };
         let _ = started.send(());
         let pgid = child.id().map(|pid| pid as i32);
@@ -69,14 +83,20 @@ fn open_log(path: &Path) -> std::io::Result<std::fs::File> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    std::fs::OpenOptions::new().create(true).append(true).open(path)
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
 }
 
 /// Exit code as a shell reports it: the code, or 128 + the signal that ended the process.
 fn exit_code(status: std::io::Result<std::process::ExitStatus>) -> i32 {
     use std::os::unix::process::ExitStatusExt;
     match status {
-        Ok(s) => s.code().or_else(|| s.signal().map(|sig| 128 + sig)).unwrap_or(-1),
+        Ok(s) => s
+            .code()
+            .or_else(|| s.signal().map(|sig| 128 + sig))
+            .unwrap_or(-1),
         Err(_) => -1,
     }
 }

@@ -65,7 +65,9 @@ impl ContainerSpec {
         );
         for req in &self.resource_requirements {
             match req.resource_type {
-                ResourceType::Vcpu => r.millicpus = crate::validate::parse_vcpus(&req.value).unwrap_or(0),
+                ResourceType::Vcpu => {
+                    r.millicpus = crate::validate::parse_vcpus(&req.value).unwrap_or(0)
+                }
                 ResourceType::Memory => r.memory_mib = req.value.trim().parse().unwrap_or(0),
                 ResourceType::Gpu => r.gpus = req.value.trim().parse().unwrap_or(0),
             }
@@ -93,7 +95,8 @@ impl ContainerSpec {
             spec.memory = Some(m);
         }
         for req in &o.resource_requirements {
-            spec.resource_requirements.retain(|r| r.resource_type != req.resource_type);
+            spec.resource_requirements
+                .retain(|r| r.resource_type != req.resource_type);
             spec.resource_requirements.push(req.clone());
         }
         spec.resource_requirements.sort_by_key(|r| r.resource_type);

@@ -1,0 +1,295 @@
+//! Table and property tests of the state machine.
+
+use crate::*;
+use proptest::prelude::*;
+
+fn ce(name: &str) -> Command {
+    Command::CreateComputeEnvironment(ComputeEnvironment {
+        name: name.into(),
+        arn: Arn(String::new()),
+        uuid: format!("uuid-{name}"),
+        ce_type: CeType::Unmanaged,
+        state: EnabledState::Enabled,
+        unmanaged_vcpus: None,
+        service_role: None,
+        tags: Default::default(),
+        created_at: Timestamp(1),
+    })
+}
+
+fn queue(name: &str, ce: &str) -> Command {
+    Command::CreateJobQueue(JobQueue {
+        name: name.into(),
+        arn: Arn(String::new()),
+        priority: 1,
+        state: EnabledState::Enabled,
+        compute_environment_order: vec![CeOrder {
+            order: 1,
+            compute_environment: ce.into(),
+        }],
+        tags: Default::default(),
+        created_at: Timestamp(1),
+    })
+}
+
+fn definition(name: &str, command: &[&str]) -> Command {
+    Command::RegisterJobDefinition(JobDefinitionSpec {
+        name: name.into(),
+        container: ContainerSpec {
+            image: "img".into(),
+            command: command.iter().map(|s| s.to_string()).collect(),
+            vcpus: Some(1),
+            memory: Some(64),
+            ..Default::default()
+        },
+        parameters: [("who".to_owned(), "world".to_owned())].into(),
+        tags: Default::default(),
+    })
+}
+
+fn submit(id: &str, at: u64, definition: &str) -> Command {
+    Command::SubmitJob(JobSubmission {
+        id: JobId(id.into()),
+        at: Timestamp(at),
+        name: id.into(),
+        queue: "q".into(),
+        definition: definition.into(),
+        overrides: Default::default(),
+        parameters: Default::default(),
+        tags: Default::default(),
+    })
+}
+
+fn node(id: &str) -> Command {
+    Command::RegisterNode {
+        node: NodeId(id.into()),
+        compute_environment: "ce".into(),
+        inventory: NodeInventory {
+            capacity: Resources::new(2000, 1024, 0),
+            hostname: id.into(),
+            address: "127.0.0.1".into(),
+            executor: "process".into(),
+        },
+        at: Timestamp(2),
+    }
+}
+
+fn base() -> State {
+    let mut s = State::default();
+    for cmd in [
+        ce("ce"),
+        queue("q", "ce"),
+        definition("d", &["echo", "Ref::who"]),
+        node("n1"),
+    ] {
+        assert!(!matches!(s.apply(cmd), Outcome::Rejected(_)));
+    }
+    s
+}
+
+#[test]
+fn definitions_get_revisions_and_resolve_by_name_revision_and_arn() {
+    let mut s = base();
+    let second = s.apply(definition("d", &["true"]));
+    assert_eq!(
+        second,
+        Outcome::DefinitionRegistered {
+            name: "d".into(),
+            revision: 2,
+            arn: "arn:aws:batch:us-east-1:000000000000:job-definition/d:2".into()
+        }
+    );
+    assert_eq!(s.definition("d").unwrap().revision, 2);
+    assert_eq!(s.definition("d:1").unwrap().revision, 1);
+    assert_eq!(
+        s.definition("arn:aws:batch:us-east-1:000000000000:job-definition/d:1")
+            .unwrap()
+            .revision,
+        1
+    );
+    assert!(s.definition("d:3").is_none());
+    assert!(s.definition("d:0").is_none());
+    assert!(s.definition("d:x").is_none());
+}
+
+#[test]
+fn a_job_goes_through_its_lifecycle_and_parameters_fill_the_command() {
+    let mut s = base();
+    assert!(matches!(
+        s.apply(submit("j", 10, "d")),
+        Outcome::JobSubmitted { .. }
+    ));
+    assert_eq!(
+        s.job(&JobId("j".into())).unwrap().status,
+        JobStatus::Runnable
+    );
+    let placed = s.apply(Command::Place {
+        term: 3,
+        at: Timestamp(11),
+        placements: vec![Placement {
+            job: JobId("j".into()),
+            node: NodeId("n1".into()),
+        }],
+    });
+    assert_eq!(
+        placed,
+        Outcome::Placed {
+            placed: 1,
+            refused: 0
+        }
+    );
+    let assignments = s.assignments_for(&NodeId("n1".into()));
+    assert_eq!(assignments[0].command, vec!["echo", "world"]);
+    assert_eq!(assignments[0].term, 3);
+    assert!(
+        assignments[0]
+            .environment
+            .contains(&("AWS_BATCH_JOB_ATTEMPT".into(), "1".into()))
+    );
+    let report = |event, at| Command::ReportAttempt {
+        job: JobId("j".into()),
+        attempt: 1,
+        node: NodeId("n1".into()),
+        event,
+        at: Timestamp(at),
+    };
+    assert_eq!(s.apply(report(AttemptEvent::Running, 12)), Outcome::Done);
+    // A report for another attempt number is stale.
+    let stale = Command::ReportAttempt {
+        job: JobId("j".into()),
+        attempt: 2,
+        node: NodeId("n1".into()),
+        event: AttemptEvent::Exited {
+            exit_code: Some(0),
+            reason: None,
+        },
+        at: Timestamp(13),
+    };
+    assert!(matches!(s.apply(stale), Outcome::Ignored(_)));
+    assert_eq!(
+        s.apply(report(
+            AttemptEvent::Exited {
+                exit_code: Some(4),
+                reason: None
+            },
+            14
+        )),
+        Outcome::Done
+    );
+    let job = s.job(&JobId("j".into())).unwrap();
+    assert_eq!(job.status, JobStatus::Failed);
+    assert_eq!(
+        (job.started_at, job.stopped_at),
+        (Some(Timestamp(12)), Some(Timestamp(14)))
+    );
+    assert_eq!(job.attempts[0].exit_code, Some(4));
+    assert_eq!(
+        s.node(&NodeId("n1".into())).unwrap().allocated,
+        Resources::ZERO
+    );
+    // A terminal job never changes again.
+    assert!(matches!(
+        s.apply(report(AttemptEvent::Running, 15)),
+        Outcome::Ignored(_)
+    ));
+}
+
+#[test]
+fn submits_are_refused_for_unknown_or_disabled_targets() {
+    let mut s = base();
+    let Outcome::Rejected(r) = s.apply(submit("j", 1, "nope")) else {
+        panic!()
+    };
+    assert_eq!(r.field, "jobDefinition");
+    let mut sub = submit("j", 1, "d");
+    if let Command::SubmitJob(ref mut j) = sub {
+        j.queue = "missing".into();
+    }
+    let Outcome::Rejected(r) = s.apply(sub) else {
+        panic!()
+    };
+    assert_eq!(r.field, "jobQueue");
+    assert_eq!(s.job_count(), 0);
+}
+
+#[test]
+fn resubmitting_the_same_id_returns_the_first_job() {
+    let mut s = base();
+    let first = s.apply(submit("j", 1, "d"));
+    assert_eq!(s.apply(submit("j", 2, "d")), first);
+    assert_eq!(s.job_count(), 1);
+}
+
+fn any_command() -> impl Strategy<Value = Command> {
+    let ids = prop::sample::select(vec!["a", "b", "c", "d", "e"]);
+    prop_oneof![
+        (ids.clone(), 0u64..100).prop_map(|(id, at)| submit(id, at, "d")),
+        (ids.clone(), prop::sample::select(vec!["n1", "n2"])).prop_map(|(id, n)| Command::Place {
+            term: 1,
+            at: Timestamp(200),
+            placements: vec![Placement {
+                job: JobId(id.into()),
+                node: NodeId(n.into())
+            }],
+        }),
+        (ids.clone(), 1u32..3, prop::bool::ANY, -1i32..3).prop_map(
+            |(id, attempt, running, code)| {
+                Command::ReportAttempt {
+                    job: JobId(id.into()),
+                    attempt,
+                    node: NodeId("n1".into()),
+                    event: if running {
+                        AttemptEvent::Running
+                    } else {
+                        AttemptEvent::Exited {
+                            exit_code: (code >= 0).then_some(code),
+                            reason: None,
+                        }
+                    },
+                    at: Timestamp(300),
+                }
+            }
+        ),
+        ids.prop_map(|id| Command::TerminateJob {
+            job: JobId(id.into()),
+            reason: "r".into(),
+            at: Timestamp(400)
+        }),
+        Just(node("n2")),
+        Just(definition("d", &["true"])),
+    ]
+}
+
+proptest! {
+    /// Replaying the same log gives the same state and outcomes; a snapshot taken at any point
+    /// and restored behaves exactly like the original; no node is ever over its capacity.
+    #[test]
+    fn apply_is_deterministic_and_snapshots_are_faithful(commands in prop::collection::vec(any_command(), 0..60), cut in 0usize..60) {
+        let mut a = base();
+        let mut b = base();
+        let mut restored: Option<State> = None;
+        for (i, cmd) in commands.iter().enumerate() {
+            if i == cut.min(commands.len()) {
+                let bytes = serde_json::to_vec(&a).unwrap();
+                let mut s: State = serde_json::from_slice(&bytes).unwrap();
+                s.rebuild_indexes();
+                restored = Some(s);
+            }
+            let out_a = a.apply(cmd.clone());
+            let out_b = b.apply(cmd.clone());
+            prop_assert_eq!(&out_a, &out_b);
+            if let Some(r) = restored.as_mut() {
+                prop_assert_eq!(&r.apply(cmd.clone()), &out_a);
+            }
+            for n in a.nodes() {
+                prop_assert!(n.allocated.fits_in(&n.inventory.capacity));
+            }
+        }
+        prop_assert_eq!(serde_json::to_string(&a).unwrap(), serde_json::to_string(&b).unwrap());
+        if let Some(r) = restored {
+            prop_assert_eq!(serde_json::to_string(&a).unwrap(), serde_json::to_string(&r).unwrap());
+            prop_assert_eq!(a.runnable_jobs("q").map(|j| j.id.clone()).collect::<Vec<_>>(),
+                            r.runnable_jobs("q").map(|j| j.id.clone()).collect::<Vec<_>>());
+        }
+    }
+}
