@@ -22,14 +22,14 @@ def free_port():
 
 
 class Dev:
-    def __init__(self, binary):
+    def __init__(self, binary, executor="docker"):
         self.data_dir = tempfile.mkdtemp(prefix="muster-dev-")
         self.port = free_port()
         self.log_path = os.path.join(self.data_dir, "muster.log")
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
             [binary, "dev", "--data-dir", self.data_dir, "--api-addr", f"127.0.0.1:{self.port}",
-             "--executor", "docker"],
+             "--executor", executor],
             stdout=subprocess.PIPE, stderr=self.log, text=True,
         )
         self.endpoint = self._wait_ready(deadline=time.monotonic() + 60)

@@ -26,6 +26,8 @@ pub enum AgentError {
 
 pub struct Agent {
     config: AgentConfig,
+    /// Found once at start: GPUs do not come and go while the agent runs.
+    gpus: Vec<muster_core::GpuDevice>,
     executor: Arc<Executor>,
     control: ControlClient,
 }
@@ -51,9 +53,15 @@ impl Agent {
         let control = ControlClient::new(config.control_plane.clone());
         Ok(Self {
             config,
+            gpus: inventory::gpus(),
             executor: Arc::new(executor),
             control,
         })
+    }
+
+    /// What this agent offers to the cluster.
+    pub fn inventory(&self) -> muster_core::NodeInventory {
+        inventory::collect(&self.config, "127.0.0.1".into(), self.gpus.clone())
     }
 
     pub fn executor_kind(&self) -> &'static str {
@@ -67,6 +75,7 @@ impl Agent {
         }
         let heartbeat = tokio::spawn(heartbeat_loop(
             self.config.clone(),
+            self.inventory(),
             self.control.clone(),
             shutdown.clone(),
         ));
@@ -91,10 +100,7 @@ impl Agent {
         let request = RegisterRequest {
             node_id: self.config.node_id.clone(),
             compute_environment: self.config.compute_environment.clone(),
-            inventory: Some(inventory_to_pb(&inventory::collect(
-                &self.config,
-                "127.0.0.1".into(),
-            ))),
+            inventory: Some(inventory_to_pb(&self.inventory())),
         };
         loop {
             for addr in &self.control.addrs {
@@ -267,6 +273,7 @@ async fn run_attempt(
 
 async fn heartbeat_loop(
     config: AgentConfig,
+    offered: muster_core::NodeInventory,
     control: ControlClient,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -282,10 +289,7 @@ async fn heartbeat_loop(
             && let Err(e) = client
                 .heartbeat(HeartbeatRequest {
                     node_id: config.node_id.clone(),
-                    inventory: Some(inventory_to_pb(&inventory::collect(
-                        &config,
-                        "127.0.0.1".into(),
-                    ))),
+                    inventory: Some(inventory_to_pb(&offered)),
                 })
                 .await
         {

@@ -1,7 +1,8 @@
-//! What this machine offers: logical CPUs and memory from the OS, less what is reserved.
+//! What this machine offers: logical CPUs and memory from the OS and GPUs through NVML, less
+//! what is reserved for the system.
 
 use crate::AgentConfig;
-use muster_core::{NodeInventory, Resources};
+use muster_core::{GpuDevice, NodeInventory, Resources};
 
 pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -32,7 +33,41 @@ fn machine_memory_mib() -> u64 {
         .map_or(0, |kib| kib / 1024)
 }
 
-pub fn collect(config: &AgentConfig, address: String) -> NodeInventory {
+/// The GPUs NVML reports. No NVIDIA driver (no `libnvidia-ml.so.1`) or no GPU is not an
+/// error: the node simply offers none, and says so once in the log.
+pub fn gpus() -> Vec<GpuDevice> {
+    use nvml_wrapper::Nvml;
+    let nvml = match Nvml::init() {
+        Ok(nvml) => nvml,
+        Err(e) => {
+            tracing::info!(reason = %e, "no GPUs: NVML is not available");
+            return Vec::new();
+        }
+    };
+    let count = match nvml.device_count() {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(error = %e, "NVML could not count GPUs; offering none");
+            return Vec::new();
+        }
+    };
+    (0..count)
+        .filter_map(|index| {
+            let device = nvml
+                .device_by_index(index)
+                .map_err(|e| tracing::warn!(index, error = %e, "skipping GPU"))
+                .ok()?;
+            Some(GpuDevice {
+                index,
+                uuid: device.uuid().unwrap_or_default(),
+                model: device.name().unwrap_or_default(),
+                memory_mib: device.memory_info().map_or(0, |m| m.total / (1024 * 1024)),
+            })
+        })
+        .collect()
+}
+
+pub fn collect(config: &AgentConfig, address: String, gpus: Vec<GpuDevice>) -> NodeInventory {
     let millicpus = config.vcpus_override.unwrap_or_else(machine_millicpus);
     let memory = config
         .memory_override_mib
@@ -41,10 +76,11 @@ pub fn collect(config: &AgentConfig, address: String) -> NodeInventory {
         capacity: Resources::new(
             millicpus.saturating_sub(config.reserved_millicpus),
             memory.saturating_sub(config.reserved_memory_mib),
-            0,
+            gpus.len() as u32,
         ),
         hostname: hostname(),
         address,
         executor: config.executor.as_str().to_owned(),
+        gpus,
     }
 }

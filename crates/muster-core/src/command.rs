@@ -66,6 +66,9 @@ pub struct JobSubmission {
 pub struct Placement {
     pub job: JobId,
     pub node: NodeId,
+    /// NVML indices of the node's GPUs given to the attempt; exactly as many as it asks for.
+    #[serde(default)]
+    pub gpus: Vec<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -46,6 +46,8 @@ pub struct Assignment {
     pub environment: Vec<(String, String)>,
     pub resources: Resources,
     pub log_stream_name: String,
+    /// The node's GPUs given to this attempt (empty when it asked for none).
+    pub gpus: Vec<crate::GpuDevice>,
 }
 
 impl State {
@@ -172,8 +174,47 @@ impl State {
             .filter(|job| job.terminate_reason.is_none())
             .filter_map(|job| {
                 let active = job.active.as_ref()?;
+                let gpus: Vec<crate::GpuDevice> = active
+                    .gpus
+                    .iter()
+                    .map(|i| {
+                        n.inventory
+                            .gpus
+                            .iter()
+                            .find(|g| g.index == *i)
+                            .cloned()
+                            .unwrap_or(crate::GpuDevice {
+                                index: *i,
+                                uuid: String::new(),
+                                model: String::new(),
+                                memory_mib: 0,
+                            })
+                    })
+                    .collect();
                 let mut environment = job.container.environment.clone();
-                environment.retain(|(k, _)| !k.starts_with("AWS_BATCH_"));
+                // Muster decides which GPUs a job sees; values the user set are replaced.
+                environment.retain(|(k, _)| {
+                    !k.starts_with("AWS_BATCH_")
+                        && k != "NVIDIA_VISIBLE_DEVICES"
+                        && k != "CUDA_VISIBLE_DEVICES"
+                });
+                if n.inventory.capacity.gpus > 0 || !gpus.is_empty() {
+                    let uuids: Vec<&str> = gpus
+                        .iter()
+                        .map(|g| g.uuid.as_str())
+                        .filter(|u| !u.is_empty())
+                        .collect();
+                    let indices: Vec<String> = gpus.iter().map(|g| g.index.to_string()).collect();
+                    let nvidia = if gpus.is_empty() {
+                        "void".to_owned()
+                    } else if uuids.len() == gpus.len() {
+                        uuids.join(",")
+                    } else {
+                        indices.join(",")
+                    };
+                    environment.push(("NVIDIA_VISIBLE_DEVICES".to_owned(), nvidia));
+                    environment.push(("CUDA_VISIBLE_DEVICES".to_owned(), indices.join(",")));
+                }
                 environment.extend([
                     ("AWS_BATCH_JOB_ID".to_owned(), job.id.0.clone()),
                     (
@@ -195,6 +236,7 @@ impl State {
                     environment,
                     resources: job.container.resources(),
                     log_stream_name: job.log_stream_name(active.number),
+                    gpus,
                 })
             })
             .collect()
@@ -551,6 +593,7 @@ impl State {
             status: NodeStatus::Ready,
             allocated: Resources::ZERO,
             placed_jobs: BTreeSet::new(),
+            gpus_in_use: BTreeSet::new(),
             registered_at: at,
         });
         node.compute_environment = ce_name;
@@ -592,6 +635,18 @@ impl State {
         if !job.container.resources().fits_in(&node.free()) {
             return Some("node lacks free capacity".into());
         }
+        let wanted = job.container.resources().gpus as usize;
+        let distinct: BTreeSet<u32> = placement.gpus.iter().copied().collect();
+        if placement.gpus.len() != wanted || distinct.len() != wanted {
+            return Some(format!(
+                "placement names {} GPUs for a job that needs {wanted}",
+                placement.gpus.len()
+            ));
+        }
+        let free: BTreeSet<u32> = node.free_gpus().collect();
+        if !distinct.is_subset(&free) {
+            return Some("a named GPU is not free on the node".into());
+        }
         None
     }
 
@@ -618,7 +673,9 @@ impl State {
                 term,
                 placed_at: at,
                 started_at: None,
+                gpus: p.gpus.clone(),
             });
+            node.gpus_in_use.extend(p.gpus.iter().copied());
             node.allocated = node.allocated + job.container.resources();
             node.placed_jobs.insert(job.id.clone());
             placed += 1;
@@ -668,6 +725,9 @@ impl State {
                 if let Some(n) = self.nodes.get_mut(&active.node) {
                     n.allocated = n.allocated - job.container.resources();
                     n.placed_jobs.remove(id);
+                    for gpu in &active.gpus {
+                        n.gpus_in_use.remove(gpu);
+                    }
                 }
                 let status_reason = match (&job.terminate_reason, exit_code, &reason) {
                     (Some(terminated), _, _) => terminated.clone(),

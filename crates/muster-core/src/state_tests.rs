@@ -69,6 +69,7 @@ fn node(id: &str) -> Command {
             hostname: id.into(),
             address: "127.0.0.1".into(),
             executor: "process".into(),
+            gpus: Vec::new(),
         },
         at: Timestamp(2),
     }
@@ -129,6 +130,7 @@ fn a_job_goes_through_its_lifecycle_and_parameters_fill_the_command() {
         placements: vec![Placement {
             job: JobId("j".into()),
             node: NodeId("n1".into()),
+            gpus: vec![],
         }],
     });
     assert_eq!(
@@ -229,7 +231,8 @@ fn any_command() -> impl Strategy<Value = Command> {
             at: Timestamp(200),
             placements: vec![Placement {
                 job: JobId(id.into()),
-                node: NodeId(n.into())
+                node: NodeId(n.into()),
+                gpus: vec![]
             }],
         }),
         (ids.clone(), 1u32..3, prop::bool::ANY, -1i32..3).prop_map(
@@ -292,4 +295,104 @@ proptest! {
                             r.runnable_jobs("q").map(|j| j.id.clone()).collect::<Vec<_>>());
         }
     }
+}
+
+#[test]
+fn jobs_see_exactly_their_gpus_whatever_they_set() {
+    let mut s = base();
+    s.apply(Command::RegisterNode {
+        node: NodeId("gpu".into()),
+        compute_environment: "ce".into(),
+        inventory: NodeInventory {
+            capacity: Resources::new(4000, 4096, 2),
+            hostname: "gpu".into(),
+            address: "127.0.0.1".into(),
+            executor: "process".into(),
+            gpus: (0..2)
+                .map(|i| GpuDevice {
+                    index: i,
+                    uuid: format!("GPU-{i}"),
+                    model: "H100".into(),
+                    memory_mib: 81559,
+                })
+                .collect(),
+        },
+        at: Timestamp(3),
+    });
+    let mut with_gpu = submit("g", 10, "d");
+    if let Command::SubmitJob(ref mut j) = with_gpu {
+        j.overrides.resource_requirements = vec![ResourceRequirement {
+            resource_type: ResourceType::Gpu,
+            value: "1".into(),
+        }];
+        j.overrides.environment = vec![("NVIDIA_VISIBLE_DEVICES".into(), "all".into())];
+    }
+    s.apply(with_gpu);
+    s.apply(submit("c", 11, "d"));
+    let gpu = NodeId("gpu".into());
+    let placements = vec![
+        Placement {
+            job: JobId("g".into()),
+            node: gpu.clone(),
+            gpus: vec![1],
+        },
+        Placement {
+            job: JobId("c".into()),
+            node: gpu.clone(),
+            gpus: vec![],
+        },
+    ];
+    assert_eq!(
+        s.apply(Command::Place {
+            term: 1,
+            at: Timestamp(12),
+            placements
+        }),
+        Outcome::Placed {
+            placed: 2,
+            refused: 0
+        }
+    );
+    let env = |job: &str| {
+        let a = s
+            .assignments_for(&gpu)
+            .into_iter()
+            .find(|a| a.job.0 == job)
+            .unwrap();
+        let get = |k: &str| {
+            a.environment
+                .iter()
+                .filter(|(n, _)| n == k)
+                .map(|(_, v)| v.clone())
+                .collect::<Vec<_>>()
+        };
+        (
+            get("NVIDIA_VISIBLE_DEVICES"),
+            get("CUDA_VISIBLE_DEVICES"),
+            a.gpus.len(),
+        )
+    };
+    assert_eq!(
+        env("g"),
+        (vec!["GPU-1".to_owned()], vec!["1".to_owned()], 1)
+    );
+    assert_eq!(env("c"), (vec!["void".to_owned()], vec![String::new()], 0));
+    // A placement naming a GPU already held, or the wrong number of GPUs, is refused.
+    s.apply(submit("h", 13, "d"));
+    let wrong = vec![Placement {
+        job: JobId("h".into()),
+        node: gpu.clone(),
+        gpus: vec![1],
+    }];
+    assert_eq!(
+        s.apply(Command::Place {
+            term: 1,
+            at: Timestamp(14),
+            placements: wrong
+        }),
+        Outcome::Placed {
+            placed: 0,
+            refused: 1
+        }
+    );
 }

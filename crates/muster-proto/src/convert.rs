@@ -1,7 +1,25 @@
 //! Conversions between wire messages and core types.
 
 use crate::pb;
-use muster_core::{Assignment, JobId, NodeInventory, Resources};
+use muster_core::{Assignment, GpuDevice, JobId, NodeInventory, Resources};
+
+fn gpu_to_pb(g: &GpuDevice) -> pb::Gpu {
+    pb::Gpu {
+        index: g.index,
+        uuid: g.uuid.clone(),
+        model: g.model.clone(),
+        memory_mib: g.memory_mib,
+    }
+}
+
+fn gpu_from_pb(g: &pb::Gpu) -> GpuDevice {
+    GpuDevice {
+        index: g.index,
+        uuid: g.uuid.clone(),
+        model: g.model.clone(),
+        memory_mib: g.memory_mib,
+    }
+}
 
 fn resources_to_pb(r: &Resources) -> pb::Resources {
     pb::Resources {
@@ -23,6 +41,7 @@ pub fn inventory_to_pb(inv: &NodeInventory) -> pb::Inventory {
         hostname: inv.hostname.clone(),
         address: inv.address.clone(),
         executor: inv.executor.clone(),
+        gpus: inv.gpus.iter().map(gpu_to_pb).collect(),
     }
 }
 
@@ -32,6 +51,7 @@ pub fn inventory_from_pb(inv: &pb::Inventory) -> NodeInventory {
         hostname: inv.hostname.clone(),
         address: inv.address.clone(),
         executor: inv.executor.clone(),
+        gpus: inv.gpus.iter().map(gpu_from_pb).collect(),
     }
 }
 
@@ -52,6 +72,7 @@ pub fn assignment_to_pb(a: &Assignment) -> pb::Assignment {
             .collect(),
         resources: Some(resources_to_pb(&a.resources)),
         log_stream_name: a.log_stream_name.clone(),
+        gpus: a.gpus.iter().map(gpu_to_pb).collect(),
     }
 }
 
@@ -69,6 +90,7 @@ pub fn assignment_from_pb(a: &pb::Assignment) -> Assignment {
             .collect(),
         resources: resources_from_pb(a.resources.as_ref()),
         log_stream_name: a.log_stream_name.clone(),
+        gpus: a.gpus.iter().map(gpu_from_pb).collect(),
     }
 }
 
@@ -87,6 +109,12 @@ mod tests {
             environment: vec![("A".into(), "1".into())],
             resources: Resources::new(1500, 256, 1),
             log_stream_name: "x/default/j-1-2".into(),
+            gpus: vec![GpuDevice {
+                index: 1,
+                uuid: "GPU-1".into(),
+                model: "H100".into(),
+                memory_mib: 81559,
+            }],
         };
         assert_eq!(assignment_from_pb(&assignment_to_pb(&a)), a);
     }

@@ -13,7 +13,7 @@
 //! Must not depend on: tokio, tonic, prost, sled, openraft, clocks, randomness or any IO.
 
 use muster_core::{EnabledState, Job, JobId, NodeId, NodeStatus, Placement, Resources, State};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// Limits on one planning round, so that a round stays short however long the queues are.
 #[derive(Debug, Clone)]
@@ -67,6 +67,9 @@ pub fn plan(state: &State, config: &PlanConfig) -> Plan {
         .map(|n| (&n.id, n.free()))
         .collect();
 
+    // GPU indices this plan has already handed out, per node.
+    let mut gpus_taken: BTreeMap<&NodeId, BTreeSet<u32>> = BTreeMap::new();
+
     let mut queues: Vec<_> = state
         .queues()
         .filter(|q| q.state == EnabledState::Enabled)
@@ -101,9 +104,19 @@ pub fn plan(state: &State, config: &PlanConfig) -> Plan {
                     if let Some(f) = free.get_mut(node) {
                         *f = f.saturating_sub(&need);
                     }
+                    let held = gpus_taken.entry(node).or_default();
+                    let gpus: Vec<u32> = state
+                        .node(node)
+                        .into_iter()
+                        .flat_map(|n| n.free_gpus())
+                        .filter(|i| !held.contains(i))
+                        .take(need.gpus as usize)
+                        .collect();
+                    held.extend(gpus.iter().copied());
                     out.placements.push(Placement {
                         job: job.id.clone(),
                         node: node.clone(),
+                        gpus,
                     });
                 }
                 None => out.unplaced.push(Unplaced {
@@ -163,7 +176,8 @@ fn why_unplaced(state: &State, job: &Job, ces: &[String]) -> WaitReason {
 /// the placements kept before it) and drops the rest.
 pub fn verify(state: &State, plan: Plan) -> Plan {
     let mut used: BTreeMap<NodeId, Resources> = BTreeMap::new();
-    let mut seen_jobs = std::collections::BTreeSet::new();
+    let mut gpus_used: BTreeSet<(NodeId, u32)> = BTreeSet::new();
+    let mut seen_jobs = BTreeSet::new();
     let placements = plan
         .placements
         .into_iter()
@@ -179,7 +193,14 @@ pub fn verify(state: &State, plan: Plan) -> Plan {
             if !(*already + need).fits_in(&node.free()) {
                 return false;
             }
+            if p.gpus
+                .iter()
+                .any(|g| gpus_used.contains(&(p.node.clone(), *g)))
+            {
+                return false;
+            }
             *already = *already + need;
+            gpus_used.extend(p.gpus.iter().map(|g| (p.node.clone(), *g)));
             true
         })
         .collect();

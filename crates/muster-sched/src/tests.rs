@@ -14,6 +14,11 @@ fn must(state: &mut State, cmd: Command) -> Outcome {
 /// A state with one UNMANAGED compute environment `ce`, queues `(name, priority)` on it,
 /// nodes with the given (millicpus, memory) and a definition `def` of 1 vCPU / 64 MiB.
 fn cluster(queues: &[(&str, i64)], nodes: &[(u64, u64)]) -> State {
+    let with_gpus: Vec<(u64, u64, u32)> = nodes.iter().map(|(c, m)| (*c, *m, 0)).collect();
+    gpu_cluster(queues, &with_gpus)
+}
+
+fn gpu_cluster(queues: &[(&str, i64)], nodes: &[(u64, u64, u32)]) -> State {
     let mut s = State::default();
     must(
         &mut s,
@@ -60,17 +65,18 @@ fn cluster(queues: &[(&str, i64)], nodes: &[(u64, u64)]) -> State {
             tags: Default::default(),
         }),
     );
-    for (i, (millicpus, memory_mib)) in nodes.iter().enumerate() {
+    for (i, (millicpus, memory_mib, gpus)) in nodes.iter().enumerate() {
         must(
             &mut s,
             Command::RegisterNode {
                 node: NodeId(format!("n{i}")),
                 compute_environment: "ce".into(),
                 inventory: NodeInventory {
-                    capacity: Resources::new(*millicpus, *memory_mib, 0),
+                    capacity: Resources::new(*millicpus, *memory_mib, *gpus),
                     hostname: format!("n{i}"),
                     address: "127.0.0.1".into(),
                     executor: "process".into(),
+                    gpus: Vec::new(),
                 },
                 at: Timestamp(0),
             },
@@ -80,6 +86,18 @@ fn cluster(queues: &[(&str, i64)], nodes: &[(u64, u64)]) -> State {
 }
 
 fn submit(s: &mut State, queue: &str, id: &str, at: u64, vcpus: i64, memory: i64) {
+    submit_gpu(s, queue, id, at, vcpus, memory, 0);
+}
+
+fn submit_gpu(s: &mut State, queue: &str, id: &str, at: u64, vcpus: i64, memory: i64, gpus: u32) {
+    let resource_requirements = if gpus > 0 {
+        vec![muster_core::ResourceRequirement {
+            resource_type: muster_core::ResourceType::Gpu,
+            value: gpus.to_string(),
+        }]
+    } else {
+        Vec::new()
+    };
     must(
         s,
         Command::SubmitJob(JobSubmission {
@@ -91,6 +109,7 @@ fn submit(s: &mut State, queue: &str, id: &str, at: u64, vcpus: i64, memory: i64
             overrides: ContainerOverrides {
                 vcpus: Some(vcpus),
                 memory: Some(memory),
+                resource_requirements,
                 ..Default::default()
             },
             parameters: Default::default(),
@@ -112,6 +131,19 @@ fn assert_no_overcommit(s: &State) {
             .iter()
             .map(|id| s.job(id).unwrap().container.resources())
             .fold(Resources::ZERO, |a, b| a + b);
+        let mut held: Vec<u32> = node
+            .placed_jobs
+            .iter()
+            .flat_map(|id| s.job(id).unwrap().active.as_ref().unwrap().gpus.clone())
+            .collect();
+        held.sort();
+        let distinct: Vec<u32> = node.gpus_in_use.iter().copied().collect();
+        assert_eq!(
+            held, distinct,
+            "GPUs of {} handed out twice or lost",
+            node.id
+        );
+        assert!(held.iter().all(|g| *g < node.inventory.capacity.gpus));
         assert_eq!(
             sum, node.allocated,
             "allocation bookkeeping of {} drifted",
@@ -132,11 +164,13 @@ fn fifo_within_a_queue_and_best_fit_across_nodes() {
         vec![
             Placement {
                 job: JobId("a".into()),
-                node: NodeId("n1".into())
+                node: NodeId("n1".into()),
+                gpus: vec![]
             },
             Placement {
                 job: JobId("b".into()),
-                node: NodeId("n0".into())
+                node: NodeId("n0".into()),
+                gpus: vec![]
             },
         ]
     );
@@ -152,7 +186,8 @@ fn higher_priority_queue_is_served_first() {
         p.placements,
         vec![Placement {
             job: JobId("h".into()),
-            node: NodeId("n0".into())
+            node: NodeId("n0".into()),
+            gpus: vec![]
         }]
     );
     assert!(matches!(
@@ -185,14 +220,17 @@ fn verify_drops_placements_that_no_longer_fit() {
             Placement {
                 job: JobId("a".into()),
                 node: NodeId("n0".into()),
+                gpus: vec![],
             },
             Placement {
                 job: JobId("b".into()),
                 node: NodeId("n0".into()),
+                gpus: vec![],
             },
             Placement {
                 job: JobId("a".into()),
                 node: NodeId("n0".into()),
+                gpus: vec![],
             },
         ],
         unplaced: vec![],
@@ -202,9 +240,66 @@ fn verify_drops_placements_that_no_longer_fit() {
         checked.placements,
         vec![Placement {
             job: JobId("a".into()),
-            node: NodeId("n0".into())
+            node: NodeId("n0".into()),
+            gpus: vec![]
         }]
     );
+}
+
+#[test]
+fn gpus_are_assigned_by_index_and_never_shared() {
+    let mut s = gpu_cluster(&[("q", 1)], &[(8000, 8192, 2)]);
+    for (i, id) in ["a", "b", "c"].iter().enumerate() {
+        submit_gpu(&mut s, "q", id, i as u64, 1, 64, 1);
+    }
+    let p = verify(&s, plan(&s, &PlanConfig::default()));
+    let given: Vec<(String, Vec<u32>)> = p
+        .placements
+        .iter()
+        .map(|p| (p.job.0.clone(), p.gpus.clone()))
+        .collect();
+    assert_eq!(given, vec![("a".into(), vec![0]), ("b".into(), vec![1])]);
+    assert!(matches!(
+        p.unplaced[0].reason,
+        WaitReason::InsufficientCapacity { .. }
+    ));
+    s.apply(Command::Place {
+        term: 1,
+        at: Timestamp(10),
+        placements: p.placements,
+    });
+    // `a` ends: its GPU 0 goes to `c`.
+    let node = NodeId("n0".into());
+    let exited = muster_core::AttemptEvent::Exited {
+        exit_code: Some(0),
+        reason: None,
+    };
+    s.apply(Command::ReportAttempt {
+        job: JobId("a".into()),
+        attempt: 1,
+        node: node.clone(),
+        event: exited,
+        at: Timestamp(11),
+    });
+    let p = plan(&s, &PlanConfig::default());
+    assert_eq!(
+        p.placements,
+        vec![Placement {
+            job: JobId("c".into()),
+            node,
+            gpus: vec![0]
+        }]
+    );
+    // A forged plan that hands out a GPU already in use is dropped by the applier's check.
+    let forged = Plan {
+        placements: vec![Placement {
+            job: JobId("c".into()),
+            node: NodeId("n0".into()),
+            gpus: vec![1],
+        }],
+        unplaced: vec![],
+    };
+    assert!(verify(&s, forged).placements.is_empty());
 }
 
 proptest! {
@@ -212,14 +307,14 @@ proptest! {
     /// on a node than it has, and replaying a snapshot gives the same plan.
     #[test]
     fn plans_never_overcommit(
-        nodes in prop::collection::vec((1u64..8, 64u64..4096), 1..6),
-        jobs in prop::collection::vec((0usize..3, 1i64..6, 4i64..2048), 1..60),
+        nodes in prop::collection::vec((1u64..8, 64u64..4096, 0u32..4), 1..6),
+        jobs in prop::collection::vec((0usize..3, 1i64..6, 4i64..2048, 0u32..3), 1..60),
         finish_every in 1usize..4,
     ) {
-        let nodes: Vec<(u64, u64)> = nodes.into_iter().map(|(c, m)| (c * 1000, m)).collect();
-        let mut s = cluster(&[("q0", 1), ("q1", 5), ("q2", 5)], &nodes);
-        for (i, (q, vcpus, memory)) in jobs.iter().enumerate() {
-            submit(&mut s, &format!("q{q}"), &format!("j{i}"), i as u64, *vcpus, *memory);
+        let nodes: Vec<(u64, u64, u32)> = nodes.into_iter().map(|(c, m, g)| (c * 1000, m, g)).collect();
+        let mut s = gpu_cluster(&[("q0", 1), ("q1", 5), ("q2", 5)], &nodes);
+        for (i, (q, vcpus, memory, gpus)) in jobs.iter().enumerate() {
+            submit_gpu(&mut s, &format!("q{q}"), &format!("j{i}"), i as u64, *vcpus, *memory, *gpus);
         }
         for round in 0..(jobs.len() as u64 + 2) {
             let p = plan(&s, &PlanConfig::default());
@@ -241,9 +336,11 @@ proptest! {
         }
         // Every job that fits on some node eventually ran.
         let biggest = nodes.iter().copied().fold((0, 0), |a, b| (a.0.max(b.0), a.1.max(b.1)));
-        for (i, (_, vcpus, memory)) in jobs.iter().enumerate() {
+        for (i, (_, vcpus, memory, gpus)) in jobs.iter().enumerate() {
             let job = s.job(&JobId(format!("j{i}"))).unwrap();
-            let fits_somewhere = nodes.iter().any(|(c, m)| (*vcpus as u64) * 1000 <= *c && (*memory as u64) <= *m);
+            let fits_somewhere = nodes
+                .iter()
+                .any(|(c, m, g)| (*vcpus as u64) * 1000 <= *c && (*memory as u64) <= *m && gpus <= g);
             if fits_somewhere && finish_every == 1 {
                 prop_assert_eq!(job.status, JobStatus::Succeeded, "job {} never ran (biggest node {:?})", i, biggest);
             }

@@ -24,8 +24,11 @@ enum Commands {
     },
     /// Run one worker agent.
     Agent {
+        #[arg(long, required_unless_present = "print_inventory")]
+        config: Option<PathBuf>,
+        /// Print what this machine would offer (CPUs, memory, GPUs) as JSON, and exit.
         #[arg(long)]
-        config: PathBuf,
+        print_inventory: bool,
     },
     /// Run three control nodes and an agent in this process: a complete local cluster.
     Dev {
@@ -60,7 +63,15 @@ async fn main() -> anyhow::Result<()> {
     init_tracing();
     match cli.command {
         Commands::Server { config } => server(config).await,
-        Commands::Agent { config } => agent(config).await,
+        Commands::Agent {
+            config,
+            print_inventory: true,
+        } => print_inventory(config),
+        Commands::Agent {
+            config: Some(config),
+            ..
+        } => agent(config).await,
+        Commands::Agent { config: None, .. } => anyhow::bail!("--config is required"),
         Commands::Dev {
             data_dir,
             api_addr,
@@ -98,6 +109,26 @@ async fn agent(path: PathBuf) -> anyhow::Result<()> {
     shutdown_signal().await;
     let _ = stop.send(true);
     running.await?;
+    Ok(())
+}
+
+fn print_inventory(path: Option<PathBuf>) -> anyhow::Result<()> {
+    let raw = match path {
+        Some(path) => {
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            muster_agent::RawAgentConfig::from_toml(&text)?
+        }
+        None => muster_agent::RawAgentConfig::from_toml(
+            "compute_environment = \"none\"\ncontrol_plane = [\"none\"]\nexecutor = \"process\"\nwork_dir = \".\"\n",
+        )?,
+    };
+    let config = raw.validate()?;
+    let started = std::time::Instant::now();
+    let gpus = muster_agent::inventory::gpus();
+    eprintln!("GPU discovery took {} ms", started.elapsed().as_millis());
+    let inventory = muster_agent::inventory::collect(&config, "127.0.0.1".into(), gpus);
+    println!("{}", serde_json::to_string_pretty(&inventory)?);
     Ok(())
 }
 

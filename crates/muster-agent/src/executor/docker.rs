@@ -3,7 +3,7 @@
 
 use super::{AttemptExit, STOPPED_BY_MUSTER, stopped};
 use bollard::Docker;
-use bollard::models::{ContainerCreateBody, HostConfig};
+use bollard::models::{ContainerCreateBody, DeviceRequest, HostConfig};
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
     StopContainerOptionsBuilder, WaitContainerOptions,
@@ -72,6 +72,15 @@ impl DockerExecutor {
                 // Swap off: the memory limit is the whole budget.
                 memory_swap: Some(memory),
                 security_opt: Some(vec!["no-new-privileges".to_owned()]),
+                // Exactly the GPUs Muster assigned, by UUID (the NVIDIA runtime hook).
+                device_requests: (!a.gpus.is_empty()).then(|| {
+                    vec![DeviceRequest {
+                        driver: Some("nvidia".to_owned()),
+                        device_ids: Some(a.gpus.iter().map(|g| g.uuid.clone()).collect()),
+                        capabilities: Some(vec![vec!["gpu".to_owned()]]),
+                        ..Default::default()
+                    }]
+                }),
                 privileged: Some(false),
                 ..Default::default()
             }),

@@ -64,6 +64,9 @@ pub struct ActiveAttempt {
     pub term: u64,
     pub placed_at: Timestamp,
     pub started_at: Option<Timestamp>,
+    /// NVML indices of the GPUs the attempt holds on its node.
+    #[serde(default)]
+    pub gpus: Vec<u32>,
 }
 
 /// One finished attempt (`attempts[]` in DescribeJobs).

@@ -14,6 +14,18 @@ pub struct NodeInventory {
     pub address: String,
     /// `docker` or `process`.
     pub executor: String,
+    /// The node's GPUs, in NVML index order; `capacity.gpus` counts them.
+    #[serde(default)]
+    pub gpus: Vec<GpuDevice>,
+}
+
+/// One GPU as the agent found it through NVML.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuDevice {
+    pub index: u32,
+    pub uuid: String,
+    pub model: String,
+    pub memory_mib: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,11 +46,27 @@ pub struct Node {
     pub allocated: Resources,
     /// Jobs whose active attempt is on this node.
     pub placed_jobs: BTreeSet<JobId>,
+    /// GPU indices held by those jobs' attempts.
+    #[serde(default)]
+    pub gpus_in_use: BTreeSet<u32>,
     pub registered_at: Timestamp,
 }
 
 impl Node {
     pub fn free(&self) -> Resources {
         self.inventory.capacity.saturating_sub(&self.allocated)
+    }
+
+    /// Indices of the GPUs no attempt holds, ascending. A node that counts GPUs without
+    /// reporting devices numbers them `0..count`.
+    pub fn free_gpus(&self) -> impl Iterator<Item = u32> + '_ {
+        let indices: Vec<u32> = if self.inventory.gpus.is_empty() {
+            (0..self.inventory.capacity.gpus).collect()
+        } else {
+            self.inventory.gpus.iter().map(|g| g.index).collect()
+        };
+        indices
+            .into_iter()
+            .filter(|i| !self.gpus_in_use.contains(i))
     }
 }
