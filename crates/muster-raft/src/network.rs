@@ -112,11 +112,7 @@ impl PeerClient {
         &mut self,
         req: &Req,
         option: &RPCOption,
-        rpc: fn(
-            RaftServiceClient<Channel>,
-            tonic::Request<RaftPayload>,
-        )
-            -> futures_like::BoxFuture<Result<tonic::Response<RaftPayload>, tonic::Status>>,
+        rpc: RpcFn,
     ) -> Result<Resp, RPCError<NodeId, BasicNode, E>>
     where
         Req: Serialize,
@@ -139,10 +135,16 @@ impl PeerClient {
     }
 }
 
-/// Boxed futures for the generated client's methods, so one `call` serves every RPC.
-mod futures_like {
-    pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
-}
+/// One generated client method, boxed, so that one `call` serves every RPC.
+type RpcFn = fn(
+    RaftServiceClient<Channel>,
+    tonic::Request<RaftPayload>,
+) -> std::pin::Pin<
+    Box<
+        dyn std::future::Future<Output = Result<tonic::Response<RaftPayload>, tonic::Status>>
+            + Send,
+    >,
+>;
 
 impl RaftNetwork<TypeConfig> for PeerClient {
     async fn append_entries(

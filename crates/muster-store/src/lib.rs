@@ -11,6 +11,8 @@
 //! This is the only crate that names sled. It stores bytes and openraft types, and knows
 //! nothing of Muster's domain.
 
+#![allow(clippy::result_large_err)] // openraft's StorageError is large by design
+
 mod codec;
 mod mem;
 mod sled_store;
