@@ -13,6 +13,8 @@ pub const DEADLINE: Duration = Duration::from_secs(30);
 pub struct TestCluster {
     pub dir: tempfile::TempDir,
     pub cluster: LocalCluster,
+    /// The root user's key, made when the cluster started.
+    pub credentials: muster_client::Credentials,
     agents: Vec<(watch::Sender<bool>, JoinHandle<()>)>,
 }
 
@@ -37,16 +39,29 @@ impl TestCluster {
             .wait_for_leader(DEADLINE)
             .await
             .expect("a leader is elected");
+        let root = cluster
+            .ensure_root(&dir.path().join("aws"))
+            .await
+            .expect("root user");
+        let credentials = muster_client::Credentials {
+            access_key_id: root.access_key_id,
+            secret_access_key: root.secret_access_key,
+            region: "us-east-1".into(),
+        };
         TestCluster {
             dir,
             cluster,
+            credentials,
             agents: Vec::new(),
         }
     }
 
     /// A client of node `id`'s API.
     pub fn client(&self, id: u64) -> BatchClient {
-        BatchClient::new(format!("http://{}", self.cluster.api_addr(id)))
+        BatchClient::new(
+            format!("http://{}", self.cluster.api_addr(id)),
+            self.credentials.clone(),
+        )
     }
 
     /// A client of some running node that is not the leader.

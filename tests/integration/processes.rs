@@ -73,6 +73,126 @@ unsafe extern "C" {
     fn libc_kill(pid: i32, sig: i32) -> i32;
 }
 
+async fn wait_for_credentials(path: &Path) -> muster_client::Credentials {
+    let deadline = Instant::now() + DEADLINE;
+    while Instant::now() < deadline {
+        if let Some(c) = muster_control::bootstrap::read_credentials(path) {
+            return muster_client::Credentials {
+                access_key_id: c.access_key_id,
+                secret_access_key: c.secret_access_key,
+                region: "us-east-1".into(),
+            };
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("{} was never written", path.display());
+}
+
+/// `muster iam` as an administrator uses it: finds the cluster and its key the way the aws CLI
+/// does.
+fn muster_iam(aws_dir: &Path, api_port: u16, args: &[&str]) -> std::process::Output {
+    Command::new(muster_bin())
+        .arg("iam")
+        .args(args)
+        .env(
+            "AWS_ENDPOINT_URL_BATCH",
+            format!("http://127.0.0.1:{api_port}"),
+        )
+        .env("AWS_SHARED_CREDENTIALS_FILE", aws_dir.join("credentials"))
+        .env("AWS_CONFIG_FILE", aws_dir.join("config"))
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env_remove("AWS_PROFILE")
+        .output()
+        .expect("muster iam runs")
+}
+
+async fn iam_cli_creates_a_user_whose_policy_is_enforced(aws_dir: &Path, api_port: u16) {
+    // The root key may need a moment to be committed after the file appears.
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let out = muster_iam(aws_dir, api_port, &["create-user", "--user-name", "alice"]);
+        if out.status.success() {
+            let user: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            assert_eq!(user["User"]["UserName"], "alice");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "create-user kept failing: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let out = muster_iam(
+        aws_dir,
+        api_port,
+        &["create-access-key", "--user-name", "alice"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let key: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(key["AccessKey"]["Status"], "Active");
+    let policy = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"batch:Describe*","Resource":"*"}]}"#;
+    let out = muster_iam(
+        aws_dir,
+        api_port,
+        &[
+            "put-user-policy",
+            "--user-name",
+            "alice",
+            "--policy-name",
+            "read",
+            "--policy-document",
+            policy,
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed = muster_iam(
+        aws_dir,
+        api_port,
+        &["list-access-keys", "--user-name", "alice"],
+    );
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert!(
+        listed["AccessKeyMetadata"][0]
+            .get("SecretAccessKey")
+            .is_none(),
+        "secrets are shown only once"
+    );
+
+    let alice = BatchClient::new(
+        format!("http://127.0.0.1:{api_port}"),
+        muster_client::Credentials {
+            access_key_id: key["AccessKey"]["AccessKeyId"].as_str().unwrap().into(),
+            secret_access_key: key["AccessKey"]["SecretAccessKey"].as_str().unwrap().into(),
+            region: "us-east-1".into(),
+        },
+    );
+    ok(alice.call("DescribeJobQueues", json!({})).await);
+    let denied = alice
+        .call(
+            "CreateComputeEnvironment",
+            json!({"computeEnvironmentName": "x", "type": "UNMANAGED"}),
+        )
+        .await;
+    assert_eq!(denied.unwrap_err().code(), Some("AccessDeniedException"));
+    // Errors read like the aws CLI's, with its exit code.
+    let out = muster_iam(aws_dir, api_port, &["delete-user", "--user-name", "nobody"]);
+    assert_eq!(out.status.code(), Some(255));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("An error occurred (ClientException) when calling the DeleteUser operation")
+    );
+}
+
 async fn wait_until_serving(client: &BatchClient) {
     let deadline = Instant::now() + DEADLINE;
     while Instant::now() < deadline {
@@ -137,8 +257,12 @@ async fn three_server_processes_and_an_agent_process() {
     };
 
     let servers = start_servers(1);
-    let client = BatchClient::new(format!("http://127.0.0.1:{}", api[1]));
+    // The founder (node 1) makes the root user and writes its key under its data dir.
+    let aws_dir = dir.path().join("data-1").join("aws");
+    let credentials = wait_for_credentials(&aws_dir.join("credentials")).await;
+    let client = BatchClient::new(format!("http://127.0.0.1:{}", api[1]), credentials.clone());
     wait_until_serving(&client).await;
+    iam_cli_creates_a_user_whose_policy_is_enforced(&aws_dir, api[0]).await;
     create_basics(&client, "ce", "q", "d").await;
     let agent = Proc::spawn(
         &["agent", "--config", agent_config.to_str().unwrap()],
@@ -153,7 +277,7 @@ async fn three_server_processes_and_an_agent_process() {
 
     // Restarted from their data directories: the same state, no second founding.
     let servers = start_servers(2);
-    let other = BatchClient::new(format!("http://127.0.0.1:{}", api[2]));
+    let other = BatchClient::new(format!("http://127.0.0.1:{}", api[2]), credentials);
     wait_until_serving(&other).await;
     let queues = ok(other.call("DescribeJobQueues", json!({})).await);
     assert_eq!(queues["jobQueues"].as_array().unwrap().len(), 1, "{queues}");

@@ -23,6 +23,7 @@ def free_port():
 
 class Dev:
     def __init__(self, binary, executor="docker"):
+        self.binary = binary
         self.data_dir = tempfile.mkdtemp(prefix="muster-dev-")
         self.port = free_port()
         self.log_path = os.path.join(self.data_dir, "muster.log")

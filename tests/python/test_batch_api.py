@@ -122,15 +122,99 @@ def test_bad_submits_are_client_exceptions_naming_the_field(batch, kwargs, field
     assert batch.list_jobs(jobQueue="default", jobStatus="RUNNABLE")["jobSummaryList"] == before
 
 
-def test_missing_job_name_on_the_wire_is_a_client_exception(dev):
-    # botocore refuses to send a request without jobName, so this one goes raw.
-    req = urllib.request.Request(f"{dev.endpoint}/v1/submitjob", method="POST",
-                                 data=json.dumps({"jobQueue": "default", "jobDefinition": "x"}).encode())
+def raw_signed(dev, path, body, credentials=None, service="batch"):
+    """A request botocore signs but does not validate, for bodies botocore would refuse."""
+    import botocore.auth
+    import botocore.awsrequest
+    import botocore.credentials
+    session = dev_session()
+    creds = credentials or session.get_credentials()
+    req = botocore.awsrequest.AWSRequest(method="POST", url=f"{dev.endpoint}{path}", data=body,
+                                         headers={"Content-Type": "application/json"})
+    botocore.auth.SigV4Auth(creds, service, "us-east-1").add_auth(req)
+    prepared = req.prepare()
+    return urllib.request.Request(prepared.url, data=body.encode(), method="POST", headers=dict(prepared.headers))
+
+
+def dev_session():
+    import boto3
+    return boto3.session.Session()
+
+
+def test_missing_job_name_on_the_wire_is_a_client_exception(dev, batch):
+    # botocore refuses to send a request without jobName, so this one is signed by hand.
+    req = raw_signed(dev, "/v1/submitjob", json.dumps({"jobQueue": "default", "jobDefinition": "x"}))
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(req)
     assert err.value.code == 400
     assert err.value.headers["x-amzn-ErrorType"] == "ClientException"
     assert "jobName" in json.loads(err.value.read())["message"]
+
+
+def test_unsigned_and_badly_signed_requests_are_refused(dev, batch):
+    import botocore.credentials
+    unsigned = urllib.request.Request(f"{dev.endpoint}/v1/describejobqueues", data=b"{}", method="POST")
+    wrong_secret = botocore.credentials.Credentials(dev_session().get_credentials().access_key, "not-the-secret")
+    unknown_key = botocore.credentials.Credentials("AKIANOTAKEYATALL000", "whatever")
+    for req, code in [
+        (unsigned, "MissingAuthenticationTokenException"),
+        (raw_signed(dev, "/v1/describejobqueues", "{}", wrong_secret), "InvalidSignatureException"),
+        (raw_signed(dev, "/v1/describejobqueues", "{}", unknown_key), "UnrecognizedClientException"),
+    ]:
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(req)
+        assert (err.value.code, err.value.headers["x-amzn-ErrorType"]) == (403, code)
+    # botocore surfaces them as ClientError with the code, and does not retry a 403.
+    bad = dev_session().client("batch", aws_access_key_id="AKIANOTAKEYATALL000", aws_secret_access_key="x")
+    with pytest.raises(botocore.exceptions.ClientError) as err:
+        bad.describe_job_queues()
+    assert err.value.response["Error"]["Code"] == "UnrecognizedClientException"
+    assert err.value.response["ResponseMetadata"]["RetryAttempts"] == 0
+
+
+def test_sts_get_caller_identity_names_the_signed_caller(dev, batch):
+    import os
+    os.environ["AWS_ENDPOINT_URL_STS"] = dev.endpoint
+    try:
+        identity = dev_session().client("sts").get_caller_identity()
+    finally:
+        del os.environ["AWS_ENDPOINT_URL_STS"]
+    assert identity["Arn"].endswith(":user/root")
+    assert identity["Account"] == "000000000000"
+
+
+def test_a_user_made_with_muster_iam_is_held_to_its_policy(dev, batch):
+    import subprocess
+    def iam(*args):
+        out = subprocess.run([dev.binary, "iam", *args], env=dev.env, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout) if out.stdout.strip() else {}
+    user = unique("reader")
+    iam("create-user", "--user-name", user)
+    key = iam("create-access-key", "--user-name", user)["AccessKey"]
+    policy = json.dumps({"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": ["batch:Describe*", "batch:ListJobs"], "Resource": "*"},
+        {"Effect": "Allow", "Action": "batch:SubmitJob",
+         "Resource": ["arn:aws:batch:*:*:job-queue/default", "arn:aws:batch:*:*:job-definition/allowed-*"]}]})
+    iam("put-user-policy", "--user-name", user, "--policy-name", "limited", "--policy-document", policy)
+    assert [u["UserName"] for u in iam("list-users")["Users"]].count(user) == 1
+
+    reader = dev_session().client("batch", aws_access_key_id=key["AccessKeyId"],
+                                  aws_secret_access_key=key["SecretAccessKey"])
+    assert reader.describe_job_queues()["jobQueues"]
+    with pytest.raises(botocore.exceptions.ClientError) as err:
+        reader.create_compute_environment(computeEnvironmentName=unique("no"), type="UNMANAGED")
+    assert err.value.response["Error"]["Code"] == "AccessDeniedException"
+    assert err.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+
+    denied_def = unique("denied")
+    allowed_def = unique("allowed")
+    register_busybox(batch, denied_def, ["true"])
+    register_busybox(batch, allowed_def, ["true"])
+    with pytest.raises(botocore.exceptions.ClientError) as err:
+        reader.submit_job(jobName="x", jobQueue="default", jobDefinition=denied_def)
+    assert err.value.response["Error"]["Code"] == "AccessDeniedException"
+    assert reader.submit_job(jobName="x", jobQueue="default", jobDefinition=allowed_def)["jobId"]
 
 
 def test_zero_vcpus_definition_is_refused(batch):

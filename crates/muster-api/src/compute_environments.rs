@@ -1,7 +1,7 @@
 //! CreateComputeEnvironment, DescribeComputeEnvironments.
 
 use crate::request::{page_size, parse, required, tags};
-use crate::{ApiError, ControlPlane, check_and_propose};
+use crate::{ApiError, ControlPlane, Principal, arn_of, check_and_propose};
 use muster_core::{Arn, CeType, Command, ComputeEnvironment, EnabledState, Tags};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -20,10 +20,18 @@ struct CreateRequest {
     tags: Option<Tags>,
 }
 
-pub(crate) async fn create<P: ControlPlane>(plane: &P, body: &[u8]) -> Result<Value, ApiError> {
+pub(crate) async fn create<P: ControlPlane>(
+    plane: &P,
+    caller: &Principal,
+    body: &[u8],
+) -> Result<Value, ApiError> {
     let req: CreateRequest = parse(body)?;
     let name = required("computeEnvironmentName", &req.compute_environment_name)?.to_owned();
     muster_core::validate::name("computeEnvironmentName", &name)?;
+    caller.authorize(
+        "batch:CreateComputeEnvironment",
+        &[&arn_of(plane, "compute-environment", &name)],
+    )?;
     let ce_type = match required("type", &req.ce_type)? {
         "UNMANAGED" => CeType::Unmanaged,
         "MANAGED" => {
@@ -125,7 +133,12 @@ fn detail(ce: &ComputeEnvironment) -> Detail {
     }
 }
 
-pub(crate) async fn describe<P: ControlPlane>(plane: &P, body: &[u8]) -> Result<Value, ApiError> {
+pub(crate) async fn describe<P: ControlPlane>(
+    plane: &P,
+    caller: &Principal,
+    body: &[u8],
+) -> Result<Value, ApiError> {
+    caller.authorize("batch:DescribeComputeEnvironments", &["*"])?;
     let req: DescribeRequest = parse(body)?;
     let wanted = req.compute_environments.unwrap_or_default();
     if wanted.len() > 100 {

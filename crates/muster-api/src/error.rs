@@ -24,6 +24,16 @@ impl ApiError {
         }
     }
 
+    /// `403` with an authentication or authorisation code (`InvalidSignatureException`,
+    /// `UnrecognizedClientException`, `AccessDeniedException`, …).
+    pub fn forbidden(code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::FORBIDDEN,
+            code,
+            message: message.into(),
+        }
+    }
+
     /// `500 ServerException`: the cluster could not answer (no leader, for example).
     /// Clients retry these, so it is never used for bad input.
     pub fn server(message: impl Into<String>) -> Self {

@@ -4,7 +4,7 @@ use crate::request::{
     KeyValuePair, ResourceRequirementShape, environment, page_size, parse, required,
     requirement_shapes, resource_requirements, tags,
 };
-use crate::{ApiError, ControlPlane, check_and_propose};
+use crate::{ApiError, ControlPlane, Principal, arn_of, check_and_propose};
 use muster_core::{
     Command, ContainerSpec, DefinitionStatus, JobDefinition, JobDefinitionSpec, Outcome, Tags,
 };
@@ -124,10 +124,18 @@ fn container_spec(c: ContainerPropertiesShape) -> Result<ContainerSpec, ApiError
     Ok(spec)
 }
 
-pub(crate) async fn register<P: ControlPlane>(plane: &P, body: &[u8]) -> Result<Value, ApiError> {
+pub(crate) async fn register<P: ControlPlane>(
+    plane: &P,
+    caller: &Principal,
+    body: &[u8],
+) -> Result<Value, ApiError> {
     let req: RegisterRequest = parse(body)?;
     let name = required("jobDefinitionName", &req.job_definition_name)?.to_owned();
     muster_core::validate::name("jobDefinitionName", &name)?;
+    caller.authorize(
+        "batch:RegisterJobDefinition",
+        &[&arn_of(plane, "job-definition", &name)],
+    )?;
     match required("type", &req.definition_type)? {
         "container" => {}
         "multinode" => {
@@ -254,7 +262,12 @@ struct DescribeRequest {
     next_token: Option<String>,
 }
 
-pub(crate) async fn describe<P: ControlPlane>(plane: &P, body: &[u8]) -> Result<Value, ApiError> {
+pub(crate) async fn describe<P: ControlPlane>(
+    plane: &P,
+    caller: &Principal,
+    body: &[u8],
+) -> Result<Value, ApiError> {
+    caller.authorize("batch:DescribeJobDefinitions", &["*"])?;
     let req: DescribeRequest = parse(body)?;
     let wanted = req.job_definitions.unwrap_or_default();
     if wanted.len() > 100 {

@@ -2,7 +2,7 @@
 
 use crate::compute_environments::parse_state;
 use crate::request::{page_size, parse, required, tags};
-use crate::{ApiError, ControlPlane, check_and_propose};
+use crate::{ApiError, ControlPlane, Principal, arn_of, check_and_propose};
 use muster_core::{Arn, CeOrder, Command, JobQueue, State, Tags};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -26,10 +26,18 @@ struct CreateRequest {
     tags: Option<Tags>,
 }
 
-pub(crate) async fn create<P: ControlPlane>(plane: &P, body: &[u8]) -> Result<Value, ApiError> {
+pub(crate) async fn create<P: ControlPlane>(
+    plane: &P,
+    caller: &Principal,
+    body: &[u8],
+) -> Result<Value, ApiError> {
     let req: CreateRequest = parse(body)?;
     let name = required("jobQueueName", &req.job_queue_name)?.to_owned();
     muster_core::validate::name("jobQueueName", &name)?;
+    caller.authorize(
+        "batch:CreateJobQueue",
+        &[&arn_of(plane, "job-queue", &name)],
+    )?;
     let priority = req
         .priority
         .ok_or_else(|| ApiError::client("priority is required"))?;
@@ -132,7 +140,12 @@ fn detail(state: &State, q: &JobQueue) -> Detail {
     }
 }
 
-pub(crate) async fn describe<P: ControlPlane>(plane: &P, body: &[u8]) -> Result<Value, ApiError> {
+pub(crate) async fn describe<P: ControlPlane>(
+    plane: &P,
+    caller: &Principal,
+    body: &[u8],
+) -> Result<Value, ApiError> {
+    caller.authorize("batch:DescribeJobQueues", &["*"])?;
     let req: DescribeRequest = parse(body)?;
     let wanted = req.job_queues.unwrap_or_default();
     if wanted.len() > 100 {

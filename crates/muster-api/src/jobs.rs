@@ -5,7 +5,7 @@ use crate::request::{
     KeyValuePair, ResourceRequirementShape, environment, page_size, parse, required,
     resource_requirements, tags,
 };
-use crate::{ApiError, ControlPlane, check_and_propose};
+use crate::{ApiError, ControlPlane, Principal, arn_of, check_and_propose};
 use muster_core::{
     Command, ContainerOverrides, Job, JobId, JobStatus, JobSubmission, Outcome, State, Tags,
     Timestamp,
@@ -76,7 +76,11 @@ fn overrides(o: ContainerOverridesShape) -> Result<ContainerOverrides, ApiError>
     })
 }
 
-pub(crate) async fn submit<P: ControlPlane>(plane: &P, body: &[u8]) -> Result<Value, ApiError> {
+pub(crate) async fn submit<P: ControlPlane>(
+    plane: &P,
+    caller: &Principal,
+    body: &[u8],
+) -> Result<Value, ApiError> {
     let req: SubmitRequest = parse(body)?;
     let name = required("jobName", &req.job_name)?.to_owned();
     muster_core::validate::name("jobName", &name)?;
@@ -98,6 +102,27 @@ pub(crate) async fn submit<P: ControlPlane>(plane: &P, body: &[u8]) -> Result<Va
         ));
     }
     check_retry_strategy("retryStrategy", &req.retry_strategy)?;
+    // SubmitJob needs both the queue and the job definition allowed (as AWS Batch does).
+    let (queue_arn, definition_arn) = plane.read_local(|s| {
+        (
+            s.queue(&queue).map_or_else(
+                || s.arn_scope().arn("job-queue", &queue).0,
+                |q| q.arn.0.clone(),
+            ),
+            s.definition(&definition).map_or_else(
+                || {
+                    s.arn_scope()
+                        .arn(
+                            "job-definition",
+                            definition.rsplit('/').next().unwrap_or(&definition),
+                        )
+                        .0
+                },
+                |d| d.arn.0.clone(),
+            ),
+        )
+    });
+    caller.authorize("batch:SubmitJob", &[&queue_arn, &definition_arn])?;
     if req.timeout.is_some() {
         return Err(ApiError::client(
             "timeout: attempt timeouts are not supported by Muster yet",
@@ -256,7 +281,12 @@ struct DescribeRequest {
     jobs: Option<Vec<String>>,
 }
 
-pub(crate) async fn describe<P: ControlPlane>(plane: &P, body: &[u8]) -> Result<Value, ApiError> {
+pub(crate) async fn describe<P: ControlPlane>(
+    plane: &P,
+    caller: &Principal,
+    body: &[u8],
+) -> Result<Value, ApiError> {
+    caller.authorize("batch:DescribeJobs", &["*"])?;
     let req: DescribeRequest = parse(body)?;
     let ids = req
         .jobs
@@ -340,7 +370,12 @@ fn summary(job: &Job) -> JobSummary {
     }
 }
 
-pub(crate) async fn list<P: ControlPlane>(plane: &P, body: &[u8]) -> Result<Value, ApiError> {
+pub(crate) async fn list<P: ControlPlane>(
+    plane: &P,
+    caller: &Principal,
+    body: &[u8],
+) -> Result<Value, ApiError> {
+    caller.authorize("batch:ListJobs", &["*"])?;
     let req: ListRequest = parse(body)?;
     if req.array_job_id.is_some() {
         return Err(ApiError::client(
@@ -372,7 +407,7 @@ pub(crate) async fn list<P: ControlPlane>(plane: &P, body: &[u8]) -> Result<Valu
         None => None,
         Some(t) => Some(
             t.split_once('/')
-                .and_then(|(at, id)| Some((Timestamp(at.parse().ok()?), id.to_owned())))
+                .and_then(|(seq, id)| Some((seq.parse::<u64>().ok()?, id.to_owned())))
                 .ok_or_else(|| ApiError::client("nextToken: not a token this API returned"))?,
         ),
     };
@@ -382,17 +417,12 @@ pub(crate) async fn list<P: ControlPlane>(plane: &P, body: &[u8]) -> Result<Valu
             let mut matching = s.jobs_in_queue(&q.name, Some(status)).filter(|j| {
                 after
                     .as_ref()
-                    .is_none_or(|(at, id)| (j.created_at, &j.id.0) > (*at, id))
+                    .is_none_or(|(seq, id)| (j.seq, &j.id.0) > (*seq, id))
             });
             let page: Vec<(JobSummary, String)> = matching
                 .by_ref()
                 .take(limit)
-                .map(|j| {
-                    (
-                        summary(j),
-                        format!("{}/{}", j.created_at.as_millis(), j.id.0),
-                    )
-                })
+                .map(|j| (summary(j), format!("{}/{}", j.seq, j.id.0)))
                 .collect();
             Some((page, matching.next().is_some()))
         })
@@ -420,9 +450,14 @@ struct TerminateRequest {
     reason: Option<String>,
 }
 
-pub(crate) async fn terminate<P: ControlPlane>(plane: &P, body: &[u8]) -> Result<Value, ApiError> {
+pub(crate) async fn terminate<P: ControlPlane>(
+    plane: &P,
+    caller: &Principal,
+    body: &[u8],
+) -> Result<Value, ApiError> {
     let req: TerminateRequest = parse(body)?;
     let job = JobId(required("jobId", &req.job_id)?.to_owned());
+    caller.authorize("batch:TerminateJob", &[&arn_of(plane, "job", &job.0)])?;
     let reason = required("reason", &req.reason)?.to_owned();
     check_and_propose(
         plane,

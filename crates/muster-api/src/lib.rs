@@ -12,19 +12,24 @@
 //! The API reaches the cluster only through [`ControlPlane`]; it must not use sled or
 //! openraft directly.
 
+mod auth;
 mod compute_environments;
 mod error;
+mod iam;
 mod job_definitions;
 mod job_queues;
 mod jobs;
 mod request;
+mod sts;
 
+pub use auth::{MAX_CLOCK_SKEW_SECS, Principal};
 pub use error::ApiError;
 
+use auth::SignedRequest;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, State as AxumState};
-use axum::http::{HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use muster_core::{Command, Outcome, State, Timestamp};
@@ -42,6 +47,10 @@ pub trait ControlPlane: Send + Sync + 'static {
         f: impl FnOnce(&State) -> R + Send + 'static,
     ) -> impl Future<Output = Result<R, String>> + Send;
 
+    /// Runs `f` on this node's replica as it is now, without asking the leader: for lookups
+    /// where a slightly old answer is safe (the access key of a caller).
+    fn read_local<R>(&self, f: impl FnOnce(&State) -> R) -> R;
+
     /// Wall-clock time to stamp on commands (the state machine never reads a clock).
     fn now(&self) -> Timestamp;
 
@@ -49,45 +58,81 @@ pub trait ControlPlane: Send + Sync + 'static {
     fn new_id(&self) -> String;
 }
 
-/// Limits the API enforces that users may tune.
+/// Limits and identity the API enforces that operators may tune.
 #[derive(Debug, Clone)]
 pub struct ApiConfig {
     /// Largest request body accepted, in bytes.
     pub max_body_bytes: usize,
+    /// The region requests must be signed for (and that ARNs name).
+    pub region: String,
 }
 
 impl Default for ApiConfig {
     fn default() -> Self {
         Self {
             max_body_bytes: 1024 * 1024,
+            region: "us-east-1".to_owned(),
         }
     }
 }
 
 struct Api<P> {
     plane: P,
+    config: ApiConfig,
 }
 
-/// The AWS Batch router over `plane`.
+/// The AWS Batch router over `plane`, with the IAM administration routes Muster adds and
+/// STS `GetCallerIdentity`. Every route needs a valid SigV4 signature.
 pub fn router<P: ControlPlane>(plane: P, config: &ApiConfig) -> Router {
-    let api = Arc::new(Api { plane });
+    let api = Arc::new(Api {
+        plane,
+        config: config.clone(),
+    });
     Router::new()
-        .route("/v1/{operation}", post(operation::<P>))
+        .route("/v1/iam/{operation}", post(iam_operation::<P>))
+        .route("/v1/{operation}", post(batch_operation::<P>))
+        .route("/", post(sts_operation::<P>))
         .fallback(unknown_route)
         .layer(axum::extract::DefaultBodyLimit::max(config.max_body_bytes))
         .with_state(api)
 }
 
-async fn operation<P: ControlPlane>(
-    AxumState(api): AxumState<Arc<Api<P>>>,
-    Path(operation): Path<String>,
-    body: Bytes,
+/// Verifies the caller's signature for `service`.
+async fn caller<P: ControlPlane>(
+    api: &Api<P>,
+    service: &str,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Principal, ApiError> {
+    let headers = headers
+        .iter()
+        .map(|(n, v)| {
+            (
+                n.as_str().to_owned(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    let req = SignedRequest {
+        method: method.as_str(),
+        path: uri.path(),
+        query: uri.query().unwrap_or(""),
+        headers,
+        body,
+    };
+    auth::authenticate(&api.plane, &req, service, &api.config.region).await
+}
+
+fn respond<P: ControlPlane>(
+    api: &Api<P>,
+    operation: &str,
+    started: std::time::Instant,
+    result: Result<serde_json::Value, ApiError>,
 ) -> Response {
-    let started = std::time::Instant::now();
-    let result = dispatch(&api, &operation, &body).await;
-    metrics::histogram!("muster_api_request_seconds", "operation" => operation.clone())
+    metrics::histogram!("muster_api_request_seconds", "operation" => operation.to_owned())
         .record(started.elapsed().as_secs_f64());
-    let request_id = api.plane.new_id();
     let mut response = match result {
         Ok(body) => (StatusCode::OK, axum::Json(body)).into_response(),
         Err(e) => {
@@ -95,29 +140,75 @@ async fn operation<P: ControlPlane>(
             e.into_response()
         }
     };
-    if let Ok(v) = HeaderValue::from_str(&request_id) {
+    if let Ok(v) = HeaderValue::from_str(&api.plane.new_id()) {
         response.headers_mut().insert("x-amzn-RequestId", v);
     }
     response
 }
 
+async fn batch_operation<P: ControlPlane>(
+    AxumState(api): AxumState<Arc<Api<P>>>,
+    Path(operation): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let started = std::time::Instant::now();
+    let result = match caller(&api, "batch", &method, &uri, &headers, &body).await {
+        Ok(principal) => dispatch(&api, &principal, &operation, &body).await,
+        Err(e) => Err(e),
+    };
+    respond(&api, &operation, started, result)
+}
+
+async fn iam_operation<P: ControlPlane>(
+    AxumState(api): AxumState<Arc<Api<P>>>,
+    Path(operation): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let started = std::time::Instant::now();
+    let result = match caller(&api, "batch", &method, &uri, &headers, &body).await {
+        Ok(principal) => iam::dispatch(&api.plane, &principal, &operation, &body).await,
+        Err(e) => Err(e),
+    };
+    respond(&api, &operation, started, result)
+}
+
+async fn sts_operation<P: ControlPlane>(
+    AxumState(api): AxumState<Arc<Api<P>>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    match caller(&api, "sts", &method, &uri, &headers, &body).await {
+        Ok(principal) => sts::answer(&principal, &body, &api.plane.new_id()),
+        Err(e) => sts::error(&e),
+    }
+}
+
 async fn dispatch<P: ControlPlane>(
     api: &Api<P>,
+    caller: &Principal,
     operation: &str,
     body: &[u8],
 ) -> Result<serde_json::Value, ApiError> {
     let plane = &api.plane;
     match operation {
-        "createcomputeenvironment" => compute_environments::create(plane, body).await,
-        "describecomputeenvironments" => compute_environments::describe(plane, body).await,
-        "createjobqueue" => job_queues::create(plane, body).await,
-        "describejobqueues" => job_queues::describe(plane, body).await,
-        "registerjobdefinition" => job_definitions::register(plane, body).await,
-        "describejobdefinitions" => job_definitions::describe(plane, body).await,
-        "submitjob" => jobs::submit(plane, body).await,
-        "describejobs" => jobs::describe(plane, body).await,
-        "listjobs" => jobs::list(plane, body).await,
-        "terminatejob" => jobs::terminate(plane, body).await,
+        "createcomputeenvironment" => compute_environments::create(plane, caller, body).await,
+        "describecomputeenvironments" => compute_environments::describe(plane, caller, body).await,
+        "createjobqueue" => job_queues::create(plane, caller, body).await,
+        "describejobqueues" => job_queues::describe(plane, caller, body).await,
+        "registerjobdefinition" => job_definitions::register(plane, caller, body).await,
+        "describejobdefinitions" => job_definitions::describe(plane, caller, body).await,
+        "submitjob" => jobs::submit(plane, caller, body).await,
+        "describejobs" => jobs::describe(plane, caller, body).await,
+        "listjobs" => jobs::list(plane, caller, body).await,
+        "terminatejob" => jobs::terminate(plane, caller, body).await,
         other => Err(ApiError::client(format!(
             "operation {other} is not supported by Muster yet"
         ))),
@@ -126,6 +217,11 @@ async fn dispatch<P: ControlPlane>(
 
 async fn unknown_route() -> Response {
     ApiError::client("unknown route: AWS Batch operations are POST /v1/<operation>").into_response()
+}
+
+/// The ARN a resource of `kind` named `name` has (or would have) in this cluster.
+fn arn_of<P: ControlPlane>(plane: &P, kind: &str, name: &str) -> String {
+    plane.read_local(|s| s.arn_scope().arn(kind, name).0)
 }
 
 /// Checks `command` against the current state, then proposes it. Nothing reaches the log

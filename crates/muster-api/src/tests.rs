@@ -11,6 +11,9 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tower::ServiceExt;
 
+const ROOT_KEY: (&str, &str) = ("AKIAROOTROOTROOTROOT", "root-secret");
+const NOW_MS: u64 = 1_795_656_225_000;
+
 #[derive(Default)]
 struct LocalPlane {
     state: Mutex<State>,
@@ -31,8 +34,12 @@ impl ControlPlane for Arc<LocalPlane> {
         Ok(f(&self.state.lock().unwrap()))
     }
 
+    fn read_local<R>(&self, f: impl FnOnce(&State) -> R) -> R {
+        f(&self.state.lock().unwrap())
+    }
+
     fn now(&self) -> Timestamp {
-        Timestamp(1_700_000_000_000 + self.ids.load(Ordering::SeqCst))
+        Timestamp(NOW_MS)
     }
 
     fn new_id(&self) -> String {
@@ -40,10 +47,40 @@ impl ControlPlane for Arc<LocalPlane> {
     }
 }
 
-async fn call(app: &Router, op: &str, body: Value) -> (u16, Value, Option<String>) {
-    let req = Request::post(format!("/v1/{op}"))
-        .body(Body::from(body.to_string()))
-        .unwrap();
+/// A request signed by `key` at `signed_at` (seconds), as botocore would sign it.
+fn signed(
+    path: &str,
+    body: &str,
+    key: (&str, &str),
+    service: &str,
+    signed_at: u64,
+) -> Request<Body> {
+    let headers = vec![
+        ("content-type".to_owned(), "application/json".to_owned()),
+        ("host".to_owned(), "muster".to_owned()),
+    ];
+    let extra = muster_sigv4::sign(
+        &muster_sigv4::Request {
+            method: "POST",
+            path,
+            query: "",
+            headers: &headers,
+            body: body.as_bytes(),
+        },
+        key.0,
+        key.1,
+        "us-east-1",
+        service,
+        &muster_sigv4::format_amz_date(signed_at),
+    );
+    let mut req = Request::post(path);
+    for (n, v) in headers.iter().chain(&extra) {
+        req = req.header(n, v);
+    }
+    req.body(Body::from(body.to_owned())).unwrap()
+}
+
+async fn send(app: &Router, req: Request<Body>) -> (u16, Value, Option<String>) {
     let resp = app.clone().oneshot(req).await.unwrap();
     let status = resp.status().as_u16();
     let kind = resp
@@ -58,8 +95,60 @@ async fn call(app: &Router, op: &str, body: Value) -> (u16, Value, Option<String
     )
 }
 
+async fn call_as(
+    app: &Router,
+    key: (&str, &str),
+    op: &str,
+    body: Value,
+) -> (u16, Value, Option<String>) {
+    send(
+        app,
+        signed(
+            &format!("/v1/{op}"),
+            &body.to_string(),
+            key,
+            "batch",
+            NOW_MS / 1000,
+        ),
+    )
+    .await
+}
+
+async fn call(app: &Router, op: &str, body: Value) -> (u16, Value, Option<String>) {
+    call_as(app, ROOT_KEY, op, body).await
+}
+
+fn user_with_policy(state: &mut State, name: &str, key: (&str, &str), policy: &str) {
+    for cmd in [
+        muster_core::IamCommand::CreateUser {
+            name: name.into(),
+            user_id: format!("AIDA{name}"),
+            at: Timestamp(1),
+        },
+        muster_core::IamCommand::CreateAccessKey {
+            user: name.into(),
+            id: key.0.into(),
+            secret: key.1.into(),
+            at: Timestamp(1),
+        },
+        muster_core::IamCommand::PutUserPolicy {
+            user: name.into(),
+            policy_name: "p".into(),
+            policy: muster_core::Policy::parse(policy).unwrap(),
+        },
+    ] {
+        assert_eq!(state.apply(Command::Iam(cmd)), Outcome::Done);
+    }
+}
+
 async fn setup() -> (Router, Arc<LocalPlane>) {
     let plane = Arc::new(LocalPlane::default());
+    user_with_policy(
+        &mut plane.state.lock().unwrap(),
+        "root",
+        ROOT_KEY,
+        r#"{"Statement":{"Effect":"Allow","Action":"*","Resource":"*"}}"#,
+    );
     let app = router(plane.clone(), &ApiConfig::default());
     let ok = |r: (u16, Value, Option<String>)| assert_eq!(r.0, 200, "{:?}", r.1);
     ok(call(
@@ -190,9 +279,13 @@ async fn garbage_never_answers_5xx() {
             let (status, out, _) = call(&app, op, body.clone()).await;
             assert!(status < 500, "{op} {body} answered {status} {out}");
         }
-        let req = Request::post(format!("/v1/{op}"))
-            .body(Body::from("{not json"))
-            .unwrap();
+        let req = signed(
+            &format!("/v1/{op}"),
+            "{not json",
+            ROOT_KEY,
+            "batch",
+            NOW_MS / 1000,
+        );
         assert_eq!(app.clone().oneshot(req).await.unwrap().status(), 400);
     }
 }
@@ -277,4 +370,296 @@ async fn pages_cover_every_job_once() {
     }
     let expected: Vec<String> = (0..25).map(|i| format!("j{i}")).collect();
     assert_eq!(seen, expected);
+}
+
+#[tokio::test]
+async fn every_call_must_be_signed_by_a_known_key_within_five_minutes() {
+    let (app, plane) = setup().await;
+    let body = json!({"jobName": "j", "jobQueue": "q", "jobDefinition": "d"}).to_string();
+    let before = plane.proposals.load(Ordering::SeqCst);
+    let unsigned = Request::post("/v1/submitjob")
+        .body(Body::from(body.clone()))
+        .unwrap();
+    let cases = [
+        (unsigned, "MissingAuthenticationTokenException"),
+        (
+            signed(
+                "/v1/submitjob",
+                &body,
+                ("AKIAUNKNOWN", "x"),
+                "batch",
+                NOW_MS / 1000,
+            ),
+            "UnrecognizedClientException",
+        ),
+        (
+            signed(
+                "/v1/submitjob",
+                &body,
+                (ROOT_KEY.0, "wrong"),
+                "batch",
+                NOW_MS / 1000,
+            ),
+            "InvalidSignatureException",
+        ),
+        (
+            signed(
+                "/v1/submitjob",
+                &body,
+                ROOT_KEY,
+                "batch",
+                NOW_MS / 1000 - 301,
+            ),
+            "InvalidSignatureException",
+        ),
+        (
+            signed(
+                "/v1/submitjob",
+                &body,
+                ROOT_KEY,
+                "batch",
+                NOW_MS / 1000 + 301,
+            ),
+            "InvalidSignatureException",
+        ),
+        (
+            signed("/v1/submitjob", &body, ROOT_KEY, "s3", NOW_MS / 1000),
+            "InvalidSignatureException",
+        ),
+    ];
+    for (req, code) in cases {
+        let (status, out, kind) = send(&app, req).await;
+        assert_eq!((status, kind.as_deref()), (403, Some(code)), "{out}");
+    }
+    // A body changed after signing is caught.
+    let mut req = signed("/v1/submitjob", &body, ROOT_KEY, "batch", NOW_MS / 1000);
+    *req.body_mut() = Body::from(body.replace("\"j\"", "\"k\""));
+    assert_eq!(
+        send(&app, req).await.2.as_deref(),
+        Some("InvalidSignatureException")
+    );
+    // Within the window is fine.
+    let (status, _, _) = send(
+        &app,
+        signed(
+            "/v1/submitjob",
+            &body,
+            ROOT_KEY,
+            "batch",
+            NOW_MS / 1000 - 299,
+        ),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        plane.proposals.load(Ordering::SeqCst),
+        before + 1,
+        "only the valid call was proposed"
+    );
+}
+
+#[tokio::test]
+async fn policies_decide_and_submit_needs_both_queue_and_definition() {
+    let (app, plane) = setup().await;
+    call(
+        &app,
+        "createjobqueue",
+        json!({"jobQueueName": "other", "priority": 1,
+        "computeEnvironmentOrder": [{"order": 1, "computeEnvironment": "ce"}]}),
+    )
+    .await;
+    let alice = ("AKIAALICE", "alice-secret");
+    user_with_policy(
+        &mut plane.state.lock().unwrap(),
+        "alice",
+        alice,
+        r#"{"Statement":[
+            {"Effect":"Allow","Action":["batch:SubmitJob","batch:Describe*"],"Resource":"*"},
+            {"Effect":"Deny","Action":"batch:SubmitJob","Resource":"arn:aws:batch:*:*:job-queue/other"}]}"#,
+    );
+    let before = plane.proposals.load(Ordering::SeqCst);
+    let (status, _, _) = call_as(
+        &app,
+        alice,
+        "submitjob",
+        json!({"jobName": "a", "jobQueue": "q", "jobDefinition": "d"}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, out, kind) = call_as(
+        &app,
+        alice,
+        "submitjob",
+        json!({"jobName": "a", "jobQueue": "other", "jobDefinition": "d"}),
+    )
+    .await;
+    assert_eq!(
+        (status, kind.as_deref()),
+        (403, Some("AccessDeniedException")),
+        "{out}"
+    );
+    assert!(out["message"].as_str().unwrap().contains("job-queue/other"));
+    let (status, _, kind) = call_as(
+        &app,
+        alice,
+        "createcomputeenvironment",
+        json!({"computeEnvironmentName": "x", "type": "UNMANAGED"}),
+    )
+    .await;
+    assert_eq!(
+        (status, kind.as_deref()),
+        (403, Some("AccessDeniedException"))
+    );
+    let (status, _, _) = call_as(&app, alice, "describejobqueues", json!({})).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        plane.proposals.load(Ordering::SeqCst),
+        before + 1,
+        "refused calls proposed nothing"
+    );
+
+    // Allowed on the queue but not on the definition: refused.
+    let bob = ("AKIABOB", "bob-secret");
+    user_with_policy(
+        &mut plane.state.lock().unwrap(),
+        "bob",
+        bob,
+        r#"{"Statement":{"Effect":"Allow","Action":"batch:SubmitJob","Resource":"arn:aws:batch:*:*:job-queue/*"}}"#,
+    );
+    let (status, out, _) = call_as(
+        &app,
+        bob,
+        "submitjob",
+        json!({"jobName": "b", "jobQueue": "q", "jobDefinition": "d"}),
+    )
+    .await;
+    assert_eq!(status, 403);
+    assert!(
+        out["message"]
+            .as_str()
+            .unwrap()
+            .contains("job-definition/d:1"),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn sts_answers_who_is_calling() {
+    let (app, _) = setup().await;
+    let req = signed(
+        "/",
+        "Action=GetCallerIdentity&Version=2011-06-15",
+        ROOT_KEY,
+        "sts",
+        NOW_MS / 1000,
+    );
+    let resp = app.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = String::from_utf8(
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(
+        body.contains("<Arn>arn:aws:iam::000000000000:user/root</Arn>"),
+        "{body}"
+    );
+    assert!(body.contains("<Account>000000000000</Account>"));
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+    /// Whatever JSON arrives, signed, at whatever route: never a 5xx, never a panic.
+    #[test]
+    fn random_json_never_answers_5xx(op in proptest::sample::select(vec![
+        "createcomputeenvironment", "describecomputeenvironments", "createjobqueue", "describejobqueues",
+        "registerjobdefinition", "describejobdefinitions", "submitjob", "describejobs", "listjobs", "terminatejob",
+        "iam/createuser", "iam/putuserpolicy", "iam/createaccesskey", "iam/listusers", "iam/deleteuser",
+    ]), body in arbitrary_json(3)) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let (app, _) = setup().await;
+            let (status, out, _) = send(&app, signed(&format!("/v1/{op}"), &body.to_string(), ROOT_KEY, "batch", NOW_MS / 1000)).await;
+            assert!(status < 500, "{op} {body} -> {status} {out}");
+        });
+    }
+}
+
+fn arbitrary_json(depth: u32) -> impl proptest::strategy::Strategy<Value = Value> {
+    use proptest::prelude::*;
+    let names = prop::sample::select(vec![
+        "jobName",
+        "jobQueue",
+        "jobDefinition",
+        "containerOverrides",
+        "vcpus",
+        "memory",
+        "command",
+        "environment",
+        "resourceRequirements",
+        "type",
+        "value",
+        "name",
+        "computeEnvironmentName",
+        "computeEnvironmentOrder",
+        "order",
+        "computeEnvironment",
+        "priority",
+        "state",
+        "jobQueueName",
+        "jobDefinitionName",
+        "containerProperties",
+        "image",
+        "jobs",
+        "jobStatus",
+        "maxResults",
+        "nextToken",
+        "jobId",
+        "reason",
+        "tags",
+        "UserName",
+        "PolicyName",
+        "PolicyDocument",
+        "parameters",
+        "retryStrategy",
+        "attempts",
+    ]);
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::from),
+        any::<i64>().prop_map(Value::from),
+        any::<f64>()
+            .prop_filter("finite", |f| f.is_finite())
+            .prop_map(Value::from),
+        prop::sample::select(vec![
+            "",
+            "q",
+            "d",
+            "ce",
+            "UNMANAGED",
+            "ENABLED",
+            "VCPU",
+            "MEMORY",
+            "GPU",
+            "0",
+            "1",
+            "-1",
+            "x:y",
+            "arn:aws:batch:us-east-1:000000000000:job-queue/q"
+        ])
+        .prop_map(Value::from),
+        ".{0,40}".prop_map(Value::from),
+    ];
+    leaf.prop_recursive(depth, 64, 8, move |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..5).prop_map(Value::Array),
+            prop::collection::btree_map(names.clone(), inner, 0..8).prop_map(|m| Value::Object(
+                m.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+            )),
+        ]
+    })
 }

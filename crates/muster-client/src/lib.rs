@@ -1,6 +1,8 @@
 //! `muster-client`: a small typed client for Muster's AWS Batch API, used by the `muster`
 //! CLI, the integration tests and benchmarks. It speaks the same REST-JSON as boto3
-//! (`POST /v1/<operation>`) and surfaces AWS-shaped errors.
+//! (`POST /v1/<operation>`), signs every request with SigV4 as botocore does, and surfaces
+//! AWS-shaped errors. [`BatchClient::from_environment`] finds the endpoint and credentials
+//! the way the aws CLI does.
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -8,6 +10,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
+use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CallError {
@@ -20,46 +23,175 @@ pub enum CallError {
         code: String,
         message: String,
     },
+    #[error("{0}")]
+    Config(String),
 }
 
 impl CallError {
     pub fn code(&self) -> Option<&str> {
         match self {
             CallError::Api { code, .. } => Some(code),
-            CallError::Transport { .. } => None,
+            _ => None,
         }
     }
+}
+
+/// An access key pair and the region requests are signed for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    pub region: String,
 }
 
 #[derive(Clone)]
 pub struct BatchClient {
     endpoint: String,
+    credentials: Credentials,
     http: Client<HttpConnector, Full<Bytes>>,
+}
+
+/// `[profile]` values from an AWS shared credentials or config file.
+fn ini_value(path: &PathBuf, section: &str, key: &str) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let mut inside = false;
+    for line in text.lines().map(str::trim) {
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            inside = name.trim() == section;
+        } else if inside
+            && let Some((k, v)) = line.split_once('=')
+            && k.trim() == key
+        {
+            return Some(v.trim().to_owned());
+        }
+    }
+    None
 }
 
 impl BatchClient {
     /// `endpoint` like `http://127.0.0.1:7070`.
-    pub fn new(endpoint: impl Into<String>) -> Self {
+    pub fn new(endpoint: impl Into<String>, credentials: Credentials) -> Self {
         Self {
             endpoint: endpoint.into().trim_end_matches('/').to_owned(),
+            credentials,
             http: Client::builder(TokioExecutor::new()).build_http(),
         }
+    }
+
+    /// Endpoint from `endpoint_url` or `AWS_ENDPOINT_URL_BATCH` (or `AWS_ENDPOINT_URL`);
+    /// credentials from `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY` or the shared credentials
+    /// file (`AWS_SHARED_CREDENTIALS_FILE`, default `~/.aws/credentials`) for `AWS_PROFILE`;
+    /// region from `AWS_REGION`, `AWS_DEFAULT_REGION` or the config file, else `us-east-1`.
+    pub fn from_environment(endpoint_url: Option<String>) -> Result<Self, CallError> {
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let endpoint = endpoint_url
+            .or_else(|| env("AWS_ENDPOINT_URL_BATCH"))
+            .or_else(|| env("AWS_ENDPOINT_URL"))
+            .ok_or_else(|| {
+                CallError::Config(
+                    "no endpoint: set AWS_ENDPOINT_URL_BATCH or pass --endpoint-url".into(),
+                )
+            })?;
+        let home = PathBuf::from(env("HOME").unwrap_or_default());
+        let profile = env("AWS_PROFILE").unwrap_or_else(|| "default".into());
+        let credentials_file = env("AWS_SHARED_CREDENTIALS_FILE")
+            .map(PathBuf::from)
+            .unwrap_or(home.join(".aws/credentials"));
+        let config_file = env("AWS_CONFIG_FILE")
+            .map(PathBuf::from)
+            .unwrap_or(home.join(".aws/config"));
+        let (id, secret) = match (env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY")) {
+            (Some(id), Some(secret)) => (id, secret),
+            _ => ini_value(&credentials_file, &profile, "aws_access_key_id")
+                .zip(ini_value(
+                    &credentials_file,
+                    &profile,
+                    "aws_secret_access_key",
+                ))
+                .ok_or_else(|| {
+                    CallError::Config(format!(
+                        "no credentials for profile {profile} in {}",
+                        credentials_file.display()
+                    ))
+                })?,
+        };
+        let config_section = if profile == "default" {
+            "default".to_owned()
+        } else {
+            format!("profile {profile}")
+        };
+        let region = env("AWS_REGION")
+            .or_else(|| env("AWS_DEFAULT_REGION"))
+            .or_else(|| ini_value(&config_file, &config_section, "region"))
+            .unwrap_or_else(|| "us-east-1".into());
+        Ok(Self::new(
+            endpoint,
+            Credentials {
+                access_key_id: id,
+                secret_access_key: secret,
+                region,
+            },
+        ))
     }
 
     pub fn endpoint(&self) -> &str {
         &self.endpoint
     }
 
-    /// Calls one operation (`"SubmitJob"` or `"submitjob"`) with a JSON body.
+    /// Calls one AWS Batch operation (`"SubmitJob"` or `"submitjob"`) with a JSON body.
     pub async fn call(&self, operation: &str, body: Value) -> Result<Value, CallError> {
-        let uri = format!("{}/v1/{}", self.endpoint, operation.to_ascii_lowercase());
+        self.post(&format!("/v1/{}", operation.to_ascii_lowercase()), body)
+            .await
+    }
+
+    /// Calls one IAM administration operation (`"CreateUser"`, …).
+    pub async fn call_iam(&self, operation: &str, body: Value) -> Result<Value, CallError> {
+        self.post(&format!("/v1/iam/{}", operation.to_ascii_lowercase()), body)
+            .await
+    }
+
+    async fn post(&self, path: &str, body: Value) -> Result<Value, CallError> {
         let transport = |message: String| CallError::Transport {
             endpoint: self.endpoint.clone(),
             message,
         };
-        let request = hyper::Request::post(&uri)
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body.to_string())))
+        let body = Bytes::from(body.to_string());
+        let host = self
+            .endpoint
+            .split("://")
+            .nth(1)
+            .unwrap_or(&self.endpoint)
+            .split('/')
+            .next()
+            .unwrap_or_default();
+        let headers = vec![
+            ("content-type".to_owned(), "application/json".to_owned()),
+            ("host".to_owned(), host.to_owned()),
+        ];
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let signed = muster_sigv4::sign(
+            &muster_sigv4::Request {
+                method: "POST",
+                path,
+                query: "",
+                headers: &headers,
+                body: &body,
+            },
+            &self.credentials.access_key_id,
+            &self.credentials.secret_access_key,
+            &self.credentials.region,
+            "batch",
+            &muster_sigv4::format_amz_date(now),
+        );
+        let mut request = hyper::Request::post(format!("{}{path}", self.endpoint));
+        for (name, value) in headers.iter().chain(&signed) {
+            request = request.header(name, value);
+        }
+        let request = request
+            .body(Full::new(body))
             .map_err(|e| transport(e.to_string()))?;
         let response = self
             .http

@@ -41,6 +41,9 @@ pub struct ServerConfig {
     pub cluster_name: String,
     /// Every voter's gRPC address, this node's included.
     pub peers: BTreeMap<u64, String>,
+    /// Where the founding node writes the first administrator's credentials (`None`: the
+    /// caller bootstraps them itself, as `muster dev` does).
+    pub root_credentials_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -103,6 +106,7 @@ impl RawServerConfig {
             }
         }
         Ok(ServerConfig {
+            root_credentials_dir: Some(self.data_dir.join("aws")),
             node_id: self.node_id,
             grpc_addr,
             api_addr,

@@ -101,6 +101,7 @@ impl LocalCluster {
                 .iter()
                 .map(|(id, a)| (*id, a.to_string()))
                 .collect(),
+            root_credentials_dir: None,
         }
     }
 
@@ -161,6 +162,19 @@ impl LocalCluster {
         let node = ControlNode::start(self.config(id), listeners, self.metrics.clone()).await?;
         self.nodes.insert(id, Some(node));
         Ok(())
+    }
+
+    /// Makes the root user and its key (kept in `dir/credentials`) exist; see
+    /// [`crate::bootstrap::ensure_root`].
+    pub async fn ensure_root(
+        &self,
+        dir: &Path,
+    ) -> Result<crate::bootstrap::Credentials, crate::bootstrap::BootstrapError> {
+        let node = self
+            .running()
+            .next()
+            .ok_or_else(|| crate::bootstrap::BootstrapError::Refused("no node runs".into()))?;
+        crate::bootstrap::ensure_root(&node.raft, dir, "us-east-1").await
     }
 
     pub async fn shutdown(mut self) {

@@ -132,8 +132,11 @@ impl ControlNode {
         )));
 
         // The lowest-numbered voter founds the cluster, once: afterwards its log is not empty
-        // and it restarts from its data directory like everyone else.
+        // and it restarts from its data directory like everyone else. The founder also makes
+        // the first administrator and writes its key under `data_dir/aws`.
         let founder = config.peers.keys().min() == Some(&config.node_id);
+
+        let mut founded = false;
         if founder
             && !raft
                 .is_initialized()
@@ -145,9 +148,25 @@ impl ControlNode {
                 .iter()
                 .map(|(id, addr)| (*id, BasicNode { addr: addr.clone() }))
                 .collect();
-            if let Err(e) = raft.initialize(members).await {
-                tracing::warn!(error = %e, "cluster initialisation refused");
+            match raft.initialize(members).await {
+                Ok(()) => founded = true,
+                Err(e) => tracing::warn!(error = %e, "cluster initialisation refused"),
             }
+        }
+        if let Some(credentials_dir) = config.root_credentials_dir.clone()
+            && (founded || (founder && credentials_dir.join("credentials").exists()))
+        {
+            let (node, region) = (node.clone(), ApiConfig::default().region);
+            tasks.push(tokio::spawn(async move {
+                match crate::bootstrap::ensure_root(&node, &credentials_dir, &region).await {
+                    Ok(c) => tracing::info!(
+                        access_key_id = %c.access_key_id,
+                        path = %credentials_dir.join("credentials").display(),
+                        "root credentials ready"
+                    ),
+                    Err(e) => tracing::error!(error = %e, "could not create the root user"),
+                }
+            }));
         }
         tracing::info!(node = config.node_id, %grpc_addr, %api_addr, "control node started");
         Ok(Self {

@@ -21,6 +21,10 @@ impl ControlPlane for RaftPlane {
         self.node.read(f).await.map_err(|e| e.to_string())
     }
 
+    fn read_local<R>(&self, f: impl FnOnce(&State) -> R) -> R {
+        f(&self.node.state.read().state)
+    }
+
     fn now(&self) -> Timestamp {
         crate::now_millis()
     }

@@ -44,6 +44,41 @@ pub enum Command {
         event: AttemptEvent,
         at: Timestamp,
     },
+    /// Users, access keys and policies.
+    Iam(IamCommand),
+}
+
+/// Changes to who may call the API. Ids and secrets are chosen by the node that accepted the
+/// request, before proposing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum IamCommand {
+    CreateUser {
+        name: String,
+        user_id: String,
+        at: Timestamp,
+    },
+    DeleteUser {
+        name: String,
+    },
+    CreateAccessKey {
+        user: String,
+        id: String,
+        secret: String,
+        at: Timestamp,
+    },
+    DeleteAccessKey {
+        user: String,
+        id: String,
+    },
+    PutUserPolicy {
+        user: String,
+        policy_name: String,
+        policy: crate::Policy,
+    },
+    DeleteUserPolicy {
+        user: String,
+        policy_name: String,
+    },
 }
 
 /// SubmitJob's inputs, as the receiving node stamped them.

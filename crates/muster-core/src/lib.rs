@@ -23,7 +23,9 @@ pub mod validate;
 #[cfg(test)]
 mod state_tests;
 
-pub use command::{AttemptEvent, Command, JobSubmission, Outcome, Placement, Rejection};
+pub use command::{
+    AttemptEvent, Command, IamCommand, JobSubmission, Outcome, Placement, Rejection,
+};
 pub use ids::{Arn, ArnScope, JobId, NodeId, Timestamp};
 pub use model::*;
 pub use resources::Resources;

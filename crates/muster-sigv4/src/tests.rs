@@ -159,3 +159,14 @@ fn malformed_headers_are_refused() {
         assert!(parse_authorization(bad).is_err(), "{bad:?}");
     }
 }
+
+#[test]
+fn amz_dates_round_trip() {
+    assert_eq!(parse_amz_date("19700101T000000Z"), Some(0));
+    assert_eq!(parse_amz_date("20261126T012345Z"), Some(1_795_656_225));
+    for t in [0u64, 951_782_400, 1_795_656_225, 4_102_444_799] {
+        assert_eq!(parse_amz_date(&format_amz_date(t)), Some(t));
+    }
+    assert_eq!(parse_amz_date("20261326T012345Z"), None);
+    assert_eq!(parse_amz_date("2026-11-26T01:23:45Z"), None);
+}

@@ -8,7 +8,7 @@ use muster_core::{
     Arn, CeOrder, CeType, Command, ComputeEnvironment, EnabledState, JobQueue, NodeId, Outcome,
 };
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 const DEFAULT: &str = "default";
@@ -22,10 +22,11 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating {}", data_dir.display()))?;
-    write_aws_files(&data_dir)?;
     let cluster = LocalCluster::start(&data_dir, 3, api_addr, Some(metrics)).await?;
     let leader = cluster.wait_for_leader(Duration::from_secs(15)).await?;
     let node = &cluster.node(leader).context("leader is running")?.raft;
+    // The root user's key, written as DIR/aws/credentials and DIR/aws/config.
+    cluster.ensure_root(&data_dir.join("aws")).await?;
     ensure_defaults(node).await?;
 
     let executor = choose_executor(executor).await?;
@@ -147,35 +148,4 @@ fn expect_done(outcome: Outcome) -> anyhow::Result<()> {
         Outcome::Rejected(r) => anyhow::bail!("creating dev defaults: {}", r.message),
         _ => Ok(()),
     }
-}
-
-/// Writes `DIR/aws/credentials` and `DIR/aws/config` for the aws CLI and boto3. The key
-/// pair is made once and kept, so a restarted `muster dev` serves the same one.
-fn write_aws_files(data_dir: &Path) -> anyhow::Result<()> {
-    let dir = data_dir.join("aws");
-    std::fs::create_dir_all(&dir)?;
-    let credentials = dir.join("credentials");
-    if !credentials.exists() {
-        let id = format!(
-            "AKIA{}",
-            uuid::Uuid::new_v4().simple().to_string()[..16].to_ascii_uppercase()
-        );
-        let secret = format!(
-            "{}{}",
-            uuid::Uuid::new_v4().simple(),
-            uuid::Uuid::new_v4().simple()
-        );
-        std::fs::write(
-            &credentials,
-            format!(
-                "[default]\naws_access_key_id = {id}\naws_secret_access_key = {}\n",
-                &secret[..40]
-            ),
-        )?;
-    }
-    std::fs::write(
-        dir.join("config"),
-        "[default]\nregion = us-east-1\noutput = json\n",
-    )?;
-    Ok(())
 }

@@ -30,6 +30,14 @@ enum Commands {
         #[arg(long)]
         print_inventory: bool,
     },
+    /// Manage users, access keys and policies (like `aws iam`).
+    Iam {
+        /// The cluster's API; default: AWS_ENDPOINT_URL_BATCH.
+        #[arg(long, global = true)]
+        endpoint_url: Option<String>,
+        #[command(subcommand)]
+        command: IamCommand,
+    },
     /// Run three control nodes and an agent in this process: a complete local cluster.
     Dev {
         #[arg(long, default_value = "./muster-data")]
@@ -40,6 +48,142 @@ enum Commands {
         #[arg(long)]
         executor: Option<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum IamCommand {
+    CreateUser {
+        #[arg(long)]
+        user_name: String,
+    },
+    DeleteUser {
+        #[arg(long)]
+        user_name: String,
+    },
+    ListUsers,
+    /// Prints the new key's secret: the only time it is shown.
+    CreateAccessKey {
+        #[arg(long)]
+        user_name: String,
+    },
+    ListAccessKeys {
+        #[arg(long)]
+        user_name: String,
+    },
+    DeleteAccessKey {
+        #[arg(long)]
+        user_name: String,
+        #[arg(long)]
+        access_key_id: String,
+    },
+    /// The document is JSON, or `file://PATH`.
+    PutUserPolicy {
+        #[arg(long)]
+        user_name: String,
+        #[arg(long)]
+        policy_name: String,
+        #[arg(long)]
+        policy_document: String,
+    },
+    GetUserPolicy {
+        #[arg(long)]
+        user_name: String,
+        #[arg(long)]
+        policy_name: String,
+    },
+    ListUserPolicies {
+        #[arg(long)]
+        user_name: String,
+    },
+    DeleteUserPolicy {
+        #[arg(long)]
+        user_name: String,
+        #[arg(long)]
+        policy_name: String,
+    },
+}
+
+impl IamCommand {
+    /// The operation's name and request body, with IAM's member names.
+    fn request(self) -> anyhow::Result<(&'static str, serde_json::Value)> {
+        use serde_json::json;
+        Ok(match self {
+            IamCommand::CreateUser { user_name } => {
+                ("CreateUser", json!({ "UserName": user_name }))
+            }
+            IamCommand::DeleteUser { user_name } => {
+                ("DeleteUser", json!({ "UserName": user_name }))
+            }
+            IamCommand::ListUsers => ("ListUsers", json!({})),
+            IamCommand::CreateAccessKey { user_name } => {
+                ("CreateAccessKey", json!({ "UserName": user_name }))
+            }
+            IamCommand::ListAccessKeys { user_name } => {
+                ("ListAccessKeys", json!({ "UserName": user_name }))
+            }
+            IamCommand::DeleteAccessKey {
+                user_name,
+                access_key_id,
+            } => (
+                "DeleteAccessKey",
+                json!({ "UserName": user_name, "AccessKeyId": access_key_id }),
+            ),
+            IamCommand::PutUserPolicy {
+                user_name,
+                policy_name,
+                policy_document,
+            } => {
+                let document = match policy_document.strip_prefix("file://") {
+                    Some(path) => {
+                        std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?
+                    }
+                    None => policy_document,
+                };
+                (
+                    "PutUserPolicy",
+                    json!({ "UserName": user_name, "PolicyName": policy_name, "PolicyDocument": document }),
+                )
+            }
+            IamCommand::GetUserPolicy {
+                user_name,
+                policy_name,
+            } => (
+                "GetUserPolicy",
+                json!({ "UserName": user_name, "PolicyName": policy_name }),
+            ),
+            IamCommand::ListUserPolicies { user_name } => {
+                ("ListUserPolicies", json!({ "UserName": user_name }))
+            }
+            IamCommand::DeleteUserPolicy {
+                user_name,
+                policy_name,
+            } => (
+                "DeleteUserPolicy",
+                json!({ "UserName": user_name, "PolicyName": policy_name }),
+            ),
+        })
+    }
+}
+
+/// Runs one IAM call and prints its JSON answer; errors read and exit like the aws CLI's.
+async fn iam(endpoint_url: Option<String>, command: IamCommand) -> anyhow::Result<()> {
+    let (operation, body) = command.request()?;
+    let client = muster_client::BatchClient::from_environment(endpoint_url)?;
+    match client.call_iam(operation, body).await {
+        Ok(answer) => {
+            if answer.as_object().is_some_and(|o| !o.is_empty()) {
+                println!("{}", serde_json::to_string_pretty(&answer)?);
+            }
+            Ok(())
+        }
+        Err(muster_client::CallError::Api { code, message, .. }) => {
+            eprintln!(
+                "An error occurred ({code}) when calling the {operation} operation: {message}"
+            );
+            std::process::exit(255);
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn init_tracing() {
@@ -72,6 +216,10 @@ async fn main() -> anyhow::Result<()> {
             ..
         } => agent(config).await,
         Commands::Agent { config: None, .. } => anyhow::bail!("--config is required"),
+        Commands::Iam {
+            endpoint_url,
+            command,
+        } => iam(endpoint_url, command).await,
         Commands::Dev {
             data_dir,
             api_addr,

@@ -85,6 +85,8 @@ pub struct AttemptRecord {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Job {
     pub id: JobId,
+    /// Position in submission (log) order; FIFO and listings follow it.
+    pub seq: u64,
     pub arn: Arn,
     pub name: String,
     pub queue: String,

@@ -2,11 +2,13 @@
 
 mod definition;
 mod environment;
+mod iam;
 mod job;
 mod node;
 
 pub use definition::*;
 pub use environment::*;
+pub use iam::*;
 pub use job::*;
 pub use node::*;
 

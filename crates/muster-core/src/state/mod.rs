@@ -11,6 +11,8 @@ use crate::{
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
+mod iam;
+
 /// AWS's reason for an attempt whose container ran and exited.
 const CONTAINER_EXITED: &str = "Essential container in task exited";
 
@@ -24,13 +26,19 @@ pub struct State {
     definitions: BTreeMap<String, Vec<JobDefinition>>,
     jobs: BTreeMap<JobId, Job>,
     nodes: BTreeMap<NodeId, Node>,
+    users: BTreeMap<String, crate::User>,
+    /// Access keys by id.
+    access_keys: BTreeMap<String, crate::AccessKey>,
 
+    /// Submission order: the next job's `seq`. Log order, not clocks, decides who came first.
+    #[serde(default)]
+    next_job_seq: u64,
     /// RUNNABLE jobs per queue in submit order: the scheduler's FIFO. Derived from `jobs`.
     #[serde(skip)]
-    runnable: BTreeMap<String, BTreeSet<(Timestamp, JobId)>>,
+    runnable: BTreeMap<String, BTreeSet<(u64, JobId)>>,
     /// All jobs per queue in submit order, for ListJobs. Derived from `jobs`.
     #[serde(skip)]
-    jobs_by_queue: BTreeMap<String, BTreeSet<(Timestamp, JobId)>>,
+    jobs_by_queue: BTreeMap<String, BTreeSet<(u64, JobId)>>,
 }
 
 /// What an agent must be running: one per active attempt placed on its node.
@@ -56,7 +64,7 @@ impl State {
         self.runnable.clear();
         self.jobs_by_queue.clear();
         for job in self.jobs.values() {
-            let key = (job.created_at, job.id.clone());
+            let key = (job.seq, job.id.clone());
             self.jobs_by_queue
                 .entry(job.queue.clone())
                 .or_default()
@@ -353,6 +361,7 @@ impl State {
                 Ok(())
             }
             Command::Place { .. } | Command::ReportAttempt { .. } => Ok(()),
+            Command::Iam(iam) => self.check_iam(iam),
         }
     }
 
@@ -455,6 +464,7 @@ impl State {
                 event,
                 at,
             } => self.report(&job, attempt, &node, event, at),
+            Command::Iam(iam) => self.apply_iam(iam),
         }
     }
 
@@ -500,7 +510,9 @@ impl State {
         for (k, v) in &definition.tags {
             tags.entry(k.clone()).or_insert_with(|| v.clone());
         }
+        let seq = self.next_job_seq;
         let job = Job {
+            seq,
             arn: self.scope.arn("job", &sub.id.0),
             id: sub.id.clone(),
             name: sub.name.clone(),
@@ -520,7 +532,7 @@ impl State {
             terminate_reason: None,
             is_terminated: false,
         };
-        let key = (job.created_at, job.id.clone());
+        let key = (job.seq, job.id.clone());
         self.jobs_by_queue
             .entry(job.queue.clone())
             .or_default()
@@ -535,6 +547,7 @@ impl State {
             name: job.name.clone(),
         };
         self.jobs.insert(job.id.clone(), job);
+        self.next_job_seq += 1;
         outcome
     }
 
@@ -559,7 +572,7 @@ impl State {
                 if s == JobStatus::Runnable
                     && let Some(fifo) = self.runnable.get_mut(&job.queue)
                 {
-                    fifo.remove(&(job.created_at, job.id.clone()));
+                    fifo.remove(&(job.seq, job.id.clone()));
                 }
                 job.status = JobStatus::Failed;
                 job.status_reason = Some(reason);
@@ -663,7 +676,7 @@ impl State {
                 continue;
             };
             if let Some(fifo) = self.runnable.get_mut(&job.queue) {
-                fifo.remove(&(job.created_at, job.id.clone()));
+                fifo.remove(&(job.seq, job.id.clone()));
             }
             job.status = JobStatus::Starting;
             job.status_reason = None;

@@ -1,0 +1,165 @@
+//! The first administrator: a `root` user with an allow-all policy and one access key, made
+//! once per cluster and written as an AWS shared credentials file so that the aws CLI, boto3
+//! and `muster` itself can use it at once.
+
+use muster_core::{Command, IamCommand, Outcome, Policy};
+use muster_raft::RaftNode;
+use std::path::{Path, PathBuf};
+
+pub const ROOT_USER: &str = "root";
+const ROOT_POLICY: &str = "allow-all";
+const ALLOW_ALL: &str =
+    r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"*","Resource":"*"}]}"#;
+
+/// An access key pair.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub access_key_id: String,
+    pub secret_access_key: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BootstrapError {
+    #[error("cannot write {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the cluster refused the root user: {0}")]
+    Refused(String),
+}
+
+fn random_upper(n: usize) -> String {
+    let mut s = String::new();
+    while s.len() < n {
+        s.push_str(
+            &uuid::Uuid::new_v4()
+                .simple()
+                .to_string()
+                .to_ascii_uppercase(),
+        );
+    }
+    s.truncate(n);
+    s
+}
+
+/// Reads `[default]` credentials from an AWS shared credentials file.
+pub fn read_credentials(path: &Path) -> Option<Credentials> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let mut in_default = false;
+    let (mut id, mut secret) = (None, None);
+    for line in text.lines().map(str::trim) {
+        if line.starts_with('[') {
+            in_default = line == "[default]";
+        } else if in_default && let Some((k, v)) = line.split_once('=') {
+            match k.trim() {
+                "aws_access_key_id" => id = Some(v.trim().to_owned()),
+                "aws_secret_access_key" => secret = Some(v.trim().to_owned()),
+                _ => {}
+            }
+        }
+    }
+    Some(Credentials {
+        access_key_id: id?,
+        secret_access_key: secret?,
+    })
+}
+
+/// Makes sure the root user, its policy and the key in `dir/credentials` exist in the cluster,
+/// creating the key (and the files `dir/credentials` and `dir/config`) the first time.
+pub async fn ensure_root(
+    node: &RaftNode,
+    dir: &Path,
+    region: &str,
+) -> Result<Credentials, BootstrapError> {
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| BootstrapError::Io { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let credentials_path = dir.join("credentials");
+    let credentials = match read_credentials(&credentials_path) {
+        Some(c) => c,
+        None => {
+            let c = Credentials {
+                access_key_id: format!("AKIA{}", random_upper(16)),
+                secret_access_key: format!(
+                    "{}{}",
+                    uuid::Uuid::new_v4().simple(),
+                    &uuid::Uuid::new_v4().simple().to_string()[..8]
+                ),
+            };
+            let text = format!(
+                "[default]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
+                c.access_key_id, c.secret_access_key
+            );
+            write_private(&credentials_path, &text).map_err(io(&credentials_path))?;
+            c
+        }
+    };
+    let config_path = dir.join("config");
+    std::fs::write(
+        &config_path,
+        format!("[default]\nregion = {region}\noutput = json\n"),
+    )
+    .map_err(io(&config_path))?;
+
+    let key_id = credentials.access_key_id.clone();
+    let (has_user, has_policy, has_key) = node
+        .read(move |s| {
+            let user = s.user(ROOT_USER);
+            (
+                user.is_some(),
+                user.is_some_and(|u| u.policies.contains_key(ROOT_POLICY)),
+                s.access_key(&key_id).is_some_and(|k| k.user == ROOT_USER),
+            )
+        })
+        .await
+        .map_err(|e| BootstrapError::Refused(e.to_string()))?;
+    let now = crate::now_millis();
+    let mut commands = Vec::new();
+    if !has_user {
+        commands.push(IamCommand::CreateUser {
+            name: ROOT_USER.into(),
+            user_id: format!("AIDA{}", random_upper(17)),
+            at: now,
+        });
+    }
+    if !has_policy {
+        let policy = Policy::parse(ALLOW_ALL).expect("the built-in policy parses");
+        commands.push(IamCommand::PutUserPolicy {
+            user: ROOT_USER.into(),
+            policy_name: ROOT_POLICY.into(),
+            policy,
+        });
+    }
+    if !has_key {
+        commands.push(IamCommand::CreateAccessKey {
+            user: ROOT_USER.into(),
+            id: credentials.access_key_id.clone(),
+            secret: credentials.secret_access_key.clone(),
+            at: now,
+        });
+    }
+    for cmd in commands {
+        match node.propose(Command::Iam(cmd)).await {
+            Ok(Outcome::Rejected(r)) => return Err(BootstrapError::Refused(r.message)),
+            Ok(_) => {}
+            Err(e) => return Err(BootstrapError::Refused(e.to_string())),
+        }
+    }
+    Ok(credentials)
+}
+
+/// Writes a file only its owner can read.
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(text.as_bytes())
+}
