@@ -250,3 +250,170 @@ def test_the_aws_cli_drives_the_same_operations(aws):
     refused = aws("submit-job", "--job-name", "x", "--job-queue", "nope", "--job-definition", name, check=False)
     assert refused.returncode == 255
     assert "ClientException" in refused.stderr and "jobQueue" in refused.stderr
+
+
+def test_compute_environments_update_and_delete_as_aws_does(batch):
+    name = unique("ce")
+    arn = batch.create_compute_environment(computeEnvironmentName=name, type="UNMANAGED", unmanagedvCpus=4,
+                                           tags={"team": "hpc"})["computeEnvironmentArn"]
+    with pytest.raises(batch.exceptions.ClientException) as err:
+        batch.delete_compute_environment(computeEnvironment=name)
+    assert "DISABLED" in err.value.response["Error"]["Message"]
+    updated = batch.update_compute_environment(computeEnvironment=arn, state="DISABLED", unmanagedvCpus=8)
+    assert updated["computeEnvironmentArn"] == arn
+    ce = batch.describe_compute_environments(computeEnvironments=[arn])["computeEnvironments"][0]
+    assert (ce["state"], ce["unmanagedvCpus"], ce["tags"]) == ("DISABLED", 8, {"team": "hpc"})
+    batch.delete_compute_environment(computeEnvironment=arn)
+    assert batch.describe_compute_environments(computeEnvironments=[arn])["computeEnvironments"] == []
+
+
+def test_managed_environments_are_stored_with_their_compute_resources(batch):
+    name = unique("managed")
+    resources = {"type": "EC2", "minvCpus": 0, "maxvCpus": 64, "instanceTypes": ["optimal"],
+                 "subnets": ["subnet-1"], "securityGroupIds": ["sg-1"], "instanceRole": "ecsInstanceRole",
+                 "allocationStrategy": "BEST_FIT_PROGRESSIVE"}
+    batch.create_compute_environment(computeEnvironmentName=name, type="MANAGED", computeResources=resources,
+                                     serviceRole="arn:aws:iam::000000000000:role/batch")
+    ce = batch.describe_compute_environments(computeEnvironments=[name])["computeEnvironments"][0]
+    assert ce["type"] == "MANAGED"
+    assert ce["computeResources"] == resources
+    with pytest.raises(batch.exceptions.ClientException) as err:
+        batch.create_compute_environment(computeEnvironmentName=unique("bad"), type="MANAGED",
+                                         computeResources={"type": "EC2", "maxvCpus": 1, "minvCpus": 4,
+                                                           "subnets": [], "instanceRole": "r"})
+    assert "computeResources.minvCpus" in err.value.response["Error"]["Message"]
+
+
+def test_queues_update_snapshot_and_delete(batch):
+    ce = batch.create_compute_environment(computeEnvironmentName=unique("qce"), type="UNMANAGED")["computeEnvironmentArn"]
+    name = unique("q")
+    actions = [{"reason": "CAPACITY:INSUFFICIENT_INSTANCE_CAPACITY", "state": "RUNNABLE", "maxTimeSeconds": 600,
+                "action": "CANCEL"}]
+    batch.create_job_queue(jobQueueName=name, priority=3, jobStateTimeLimitActions=actions,
+                           computeEnvironmentOrder=[{"order": 1, "computeEnvironment": ce}])
+    definition = unique("def")
+    register_busybox(batch, definition, ["true"])
+    first = batch.submit_job(jobName="front", jobQueue=name, jobDefinition=definition)
+    snapshot = batch.get_job_queue_snapshot(jobQueue=name)["frontOfQueue"]
+    assert [j["jobArn"] for j in snapshot["jobs"]] == [first["jobArn"]]
+
+    batch.update_job_queue(jobQueue=name, priority=9, state="DISABLED")
+    q = batch.describe_job_queues(jobQueues=[name])["jobQueues"][0]
+    assert (q["priority"], q["state"], q["jobStateTimeLimitActions"]) == (9, "DISABLED", actions)
+    with pytest.raises(batch.exceptions.ClientException) as err:
+        batch.submit_job(jobName="late", jobQueue=name, jobDefinition=definition)
+    assert "DISABLED" in err.value.response["Error"]["Message"]
+    batch.delete_job_queue(jobQueue=name)
+    assert batch.describe_job_queues(jobQueues=[name])["jobQueues"] == []
+    job = batch.describe_jobs(jobs=[first["jobId"]])["jobs"][0]
+    assert job["status"] == "FAILED" and "deleted" in job["statusReason"]
+
+
+def test_definitions_keep_every_member_and_deregister(batch):
+    name = unique("full")
+    props = {"image": TEST_IMAGE, "command": ["true"], "vcpus": 1, "memory": 64,
+             "volumes": [{"name": "scratch", "host": {"sourcePath": "/tmp"}}],
+             "mountPoints": [{"sourceVolume": "scratch", "containerPath": "/scratch", "readOnly": False}],
+             "ulimits": [{"name": "nofile", "softLimit": 1024, "hardLimit": 4096}], "user": "nobody",
+             "linuxParameters": {"initProcessEnabled": True}}
+    batch.register_job_definition(jobDefinitionName=name, type="container", containerProperties=props,
+                                  parameters={"x": "1"}, platformCapabilities=["EC2"], propagateTags=True,
+                                  tags={"k": "v"})
+    second = batch.register_job_definition(jobDefinitionName=name, type="container", containerProperties=props)
+    assert second["revision"] == 2
+    d = batch.describe_job_definitions(jobDefinitions=[f"{name}:1"])["jobDefinitions"][0]
+    for key, value in props.items():
+        assert d["containerProperties"][key] == value, key
+    assert (d["parameters"], d["platformCapabilities"], d["propagateTags"], d["tags"]) == ({"x": "1"}, ["EC2"], True, {"k": "v"})
+    batch.deregister_job_definition(jobDefinition=f"{name}:1")
+    statuses = {x["revision"]: x["status"] for x in batch.describe_job_definitions(jobDefinitionName=name)["jobDefinitions"]}
+    assert statuses == {1: "INACTIVE", 2: "ACTIVE"}
+    active = batch.describe_job_definitions(jobDefinitionName=name, status="ACTIVE")["jobDefinitions"]
+    assert [x["revision"] for x in active] == [2]
+
+
+def test_cancel_fails_waiting_jobs_and_leaves_running_ones(batch):
+    ce = batch.create_compute_environment(computeEnvironmentName=unique("cce"), type="UNMANAGED")["computeEnvironmentArn"]
+    queue = unique("cq")
+    batch.create_job_queue(jobQueueName=queue, priority=1, computeEnvironmentOrder=[{"order": 1, "computeEnvironment": ce}])
+    definition = unique("def")
+    register_busybox(batch, definition, ["true"])
+    waiting = batch.submit_job(jobName="waiting", jobQueue=queue, jobDefinition=definition)["jobId"]
+    batch.cancel_job(jobId=waiting, reason="not needed")
+    batch.cancel_job(jobId=waiting, reason="again")  # idempotent
+    job = batch.describe_jobs(jobs=[waiting])["jobs"][0]
+    assert (job["status"], job["statusReason"], job["isCancelled"]) == ("FAILED", "not needed", True)
+
+    sleeper_def = unique("sleeper")
+    register_busybox(batch, sleeper_def, ["sleep", "30"])
+    running = batch.submit_job(jobName="sleeper", jobQueue="default", jobDefinition=sleeper_def)["jobId"]
+    wait_for(batch, running, {"RUNNING"})
+    batch.cancel_job(jobId=running, reason="too late")
+    assert batch.describe_jobs(jobs=[running])["jobs"][0]["status"] == "RUNNING"
+    batch.terminate_job(jobId=running, reason="stop it")
+    assert wait_for(batch, running, {"FAILED"})["statusReason"] == "stop it"
+
+
+def test_scheduling_policies_round_trip(batch):
+    name = unique("fair")
+    policy = {"shareDecaySeconds": 3600, "computeReservation": 10,
+              "shareDistribution": [{"shareIdentifier": "teamA", "weightFactor": 0.5}, {"shareIdentifier": "teamB*"}]}
+    arn = batch.create_scheduling_policy(name=name, fairsharePolicy=policy, tags={"o": "p"})["arn"]
+    got = batch.describe_scheduling_policies(arns=[arn])["schedulingPolicies"][0]
+    assert got["fairsharePolicy"]["shareDistribution"][1] == {"shareIdentifier": "teamB*", "weightFactor": 1.0}
+    assert got["tags"] == {"o": "p"}
+    bare = batch.create_scheduling_policy(name=unique("bare"))["arn"]
+    assert batch.describe_scheduling_policies(arns=[bare])["schedulingPolicies"][0]["fairsharePolicy"] == \
+        {"computeReservation": 0, "shareDecaySeconds": 0, "shareDistribution": []}
+    assert arn in [p["arn"] for p in batch.list_scheduling_policies()["schedulingPolicies"]]
+    batch.update_scheduling_policy(arn=arn, fairsharePolicy={"computeReservation": 50})
+    assert batch.describe_scheduling_policies(arns=[arn])["schedulingPolicies"][0]["fairsharePolicy"]["computeReservation"] == 50
+    with pytest.raises(batch.exceptions.ClientException) as err:
+        batch.create_scheduling_policy(name=unique("bad"), fairsharePolicy={"computeReservation": 100})
+    assert "computeReservation" in err.value.response["Error"]["Message"]
+    batch.delete_scheduling_policy(arn=arn)
+    assert batch.describe_scheduling_policies(arns=[arn])["schedulingPolicies"] == []
+
+
+def test_tags_on_the_percent_encoded_arn_route(batch):
+    ce = batch.create_compute_environment(computeEnvironmentName=unique("tce"), type="UNMANAGED")["computeEnvironmentArn"]
+    queue = batch.create_job_queue(jobQueueName=unique("tq"), priority=1,
+                                   computeEnvironmentOrder=[{"order": 1, "computeEnvironment": ce}])["jobQueueArn"]
+    batch.tag_resource(resourceArn=queue, tags={"team": "hpc", "cost center": "42"})
+    assert batch.list_tags_for_resource(resourceArn=queue)["tags"] == {"team": "hpc", "cost center": "42"}
+    batch.untag_resource(resourceArn=queue, tagKeys=["cost center"])
+    assert batch.list_tags_for_resource(resourceArn=queue)["tags"] == {"team": "hpc"}
+    with pytest.raises(batch.exceptions.ClientException) as err:
+        batch.tag_resource(resourceArn=queue, tags={f"k{i}": "v" for i in range(50)})
+    assert "50" in err.value.response["Error"]["Message"]
+    with pytest.raises(batch.exceptions.ClientException):
+        batch.tag_resource(resourceArn=queue, tags={"aws:reserved": "x"})
+    with pytest.raises(batch.exceptions.ClientException):
+        batch.list_tags_for_resource(resourceArn="arn:aws:batch:us-east-1:000000000000:job-queue/nope")
+
+
+def test_list_jobs_pages_through_250_jobs(batch):
+    ce = batch.create_compute_environment(computeEnvironmentName=unique("pce"), type="UNMANAGED")["computeEnvironmentArn"]
+    queue = unique("pq")
+    batch.create_job_queue(jobQueueName=queue, priority=1, computeEnvironmentOrder=[{"order": 1, "computeEnvironment": ce}])
+    definition = unique("def")
+    register_busybox(batch, definition, ["true"])
+    ids = [batch.submit_job(jobName=f"p{i}", jobQueue=queue, jobDefinition=definition)["jobId"] for i in range(250)]
+    pages = list(batch.get_paginator("list_jobs").paginate(jobQueue=queue, jobStatus="RUNNABLE",
+                                                           PaginationConfig={"PageSize": 100}))
+    assert [len(p["jobSummaryList"]) for p in pages] == [100, 100, 50]
+    assert [j["jobId"] for p in pages for j in p["jobSummaryList"]] == ids
+    assert "nextToken" not in pages[-1]
+
+
+def test_the_aws_cli_manages_policies_and_tags(aws):
+    policy_arn = json.loads(aws("create-scheduling-policy", "--name", unique("cli-fair")).stdout)["arn"]
+    aws("tag-resource", "--resource-arn", policy_arn, "--tags", "owner=cli")
+    tags = json.loads(aws("list-tags-for-resource", "--resource-arn", policy_arn).stdout)["tags"]
+    assert tags == {"owner": "cli"}
+    aws("untag-resource", "--resource-arn", policy_arn, "--tag-keys", "owner")
+    assert json.loads(aws("list-tags-for-resource", "--resource-arn", policy_arn).stdout)["tags"] == {}
+    aws("delete-scheduling-policy", "--arn", policy_arn)
+    bad = aws("create-job-queue", "--job-queue-name", "q", "--priority", "1", "--state", "JUNK",
+              "--compute-environment-order", "order=1,computeEnvironment=default", check=False)
+    assert bad.returncode == 255 and "state" in bad.stderr

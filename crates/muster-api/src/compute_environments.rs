@@ -2,7 +2,7 @@
 
 use crate::request::{page_size, parse, required, tags};
 use crate::{ApiError, ControlPlane, Principal, arn_of, check_and_propose};
-use muster_core::{Arn, CeType, Command, ComputeEnvironment, EnabledState, Tags};
+use muster_core::{AdminCommand, Arn, CeType, Command, ComputeEnvironment, EnabledState, Tags};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -34,21 +34,27 @@ pub(crate) async fn create<P: ControlPlane>(
     )?;
     let ce_type = match required("type", &req.ce_type)? {
         "UNMANAGED" => CeType::Unmanaged,
-        "MANAGED" => {
-            return Err(ApiError::client(
-                "type: MANAGED compute environments are not supported by Muster yet; use UNMANAGED and join agents to it",
-            ));
-        }
+        // Stored with its computeResources; Muster does not provision instances for it yet.
+        "MANAGED" => CeType::Managed,
         other => {
             return Err(ApiError::client(format!(
                 "type: {other} must be one of MANAGED | UNMANAGED"
             )));
         }
     };
-    if req.compute_resources.is_some() {
-        return Err(ApiError::client(
-            "computeResources: only MANAGED compute environments take computeResources",
-        ));
+    match (ce_type, &req.compute_resources) {
+        (CeType::Unmanaged, Some(_)) => {
+            return Err(ApiError::client(
+                "computeResources: only MANAGED compute environments take computeResources",
+            ));
+        }
+        (CeType::Managed, None) => {
+            return Err(ApiError::client(
+                "computeResources is required for a MANAGED compute environment",
+            ));
+        }
+        (CeType::Managed, Some(resources)) => check_compute_resources(resources, true)?,
+        (CeType::Unmanaged, None) => {}
     }
     let state = parse_state("state", req.state.as_deref())?;
     if let Some(v) = req.unmanaged_vcpus
@@ -68,6 +74,17 @@ pub(crate) async fn create<P: ControlPlane>(
         service_role: req.service_role,
         tags: tags("tags", req.tags)?,
         created_at: plane.now(),
+        extra: crate::request::extra(
+            body,
+            &[
+                "computeEnvironmentName",
+                "type",
+                "state",
+                "unmanagedvCpus",
+                "serviceRole",
+                "tags",
+            ],
+        ),
     };
     check_and_propose(plane, Command::CreateComputeEnvironment(ce)).await?;
     let arn = plane
@@ -79,6 +96,167 @@ pub(crate) async fn create<P: ControlPlane>(
         .map_err(ApiError::server)?
         .ok_or_else(|| ApiError::server("compute environment vanished after commit"))?;
     Ok(json!({ "computeEnvironmentName": arn.0, "computeEnvironmentArn": arn.1 }))
+}
+
+/// `computeResources` as AWS constrains it: a known `type`, `maxvCpus` (required on
+/// create), `minvCpus <= desiredvCpus <= maxvCpus`, a known `allocationStrategy`.
+fn check_compute_resources(value: &Value, creating: bool) -> Result<(), ApiError> {
+    let Some(obj) = value.as_object() else {
+        return Err(ApiError::client("computeResources must be an object"));
+    };
+    let int = |key: &str| -> Result<Option<i64>, ApiError> {
+        match obj.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v.as_i64().filter(|n| *n >= 0).map(Some).ok_or_else(|| {
+                ApiError::client(format!(
+                    "computeResources.{key} must be a whole number, at least 0"
+                ))
+            }),
+        }
+    };
+    match obj.get("type").and_then(Value::as_str) {
+        Some("EC2" | "SPOT" | "FARGATE" | "FARGATE_SPOT") => {}
+        None if !creating => {}
+        other => {
+            return Err(ApiError::client(format!(
+                "computeResources.type: {} must be one of EC2 | SPOT | FARGATE | FARGATE_SPOT",
+                other.unwrap_or("(missing)")
+            )));
+        }
+    }
+    let (min, desired, max) = (int("minvCpus")?, int("desiredvCpus")?, int("maxvCpus")?);
+    if creating && max.is_none() {
+        return Err(ApiError::client("computeResources.maxvCpus is required"));
+    }
+    if let (Some(min), Some(max)) = (min, max)
+        && min > max
+    {
+        return Err(ApiError::client(format!(
+            "computeResources.minvCpus: {min} is above maxvCpus {max}"
+        )));
+    }
+    if let (Some(d), Some(max)) = (desired, max)
+        && d > max
+    {
+        return Err(ApiError::client(format!(
+            "computeResources.desiredvCpus: {d} is above maxvCpus {max}"
+        )));
+    }
+    if let Some(strategy) = obj.get("allocationStrategy").and_then(Value::as_str) {
+        const KNOWN: [&str; 6] = [
+            "BEST_FIT",
+            "BEST_FIT_PROGRESSIVE",
+            "BEST_FIT_PROGRESSIVE_ORDERED",
+            "SPOT_CAPACITY_OPTIMIZED",
+            "SPOT_PRICE_CAPACITY_OPTIMIZED",
+            "SPOT_CAPACITY_OPTIMIZED_PRIORITIZED",
+        ];
+        if !KNOWN.contains(&strategy) {
+            return Err(ApiError::client(format!(
+                "computeResources.allocationStrategy: {strategy} must be one of {}",
+                KNOWN.join(" | ")
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct UpdateRequest {
+    compute_environment: Option<String>,
+    state: Option<String>,
+    #[serde(rename = "unmanagedvCpus")]
+    unmanaged_vcpus: Option<i64>,
+    compute_resources: Option<Value>,
+    service_role: Option<String>,
+}
+
+pub(crate) async fn update<P: ControlPlane>(
+    plane: &P,
+    caller: &Principal,
+    body: &[u8],
+) -> Result<Value, ApiError> {
+    let req: UpdateRequest = parse(body)?;
+    let target = required("computeEnvironment", &req.compute_environment)?.to_owned();
+    let (name, arn, ce_type) = resolve(plane, &target)?;
+    caller.authorize("batch:UpdateComputeEnvironment", &[&arn])?;
+    if let Some(resources) = &req.compute_resources {
+        if ce_type == CeType::Unmanaged {
+            return Err(ApiError::client(
+                "computeResources: only MANAGED compute environments take computeResources",
+            ));
+        }
+        check_compute_resources(resources, false)?;
+    }
+    if let Some(v) = req.unmanaged_vcpus
+        && v < 0
+    {
+        return Err(ApiError::client(format!(
+            "unmanagedvCpus: {v} must not be negative"
+        )));
+    }
+    let state = req
+        .state
+        .as_deref()
+        .map(|s| parse_state("state", Some(s)))
+        .transpose()?;
+    let extra = crate::request::extra(
+        body,
+        &[
+            "computeEnvironment",
+            "state",
+            "unmanagedvCpus",
+            "serviceRole",
+        ],
+    );
+    let cmd = AdminCommand::UpdateComputeEnvironment {
+        compute_environment: target,
+        state,
+        unmanaged_vcpus: req.unmanaged_vcpus,
+        service_role: req.service_role,
+        extra,
+    };
+    check_and_propose(plane, Command::Admin(cmd)).await?;
+    Ok(json!({ "computeEnvironmentName": name, "computeEnvironmentArn": arn }))
+}
+
+pub(crate) async fn delete<P: ControlPlane>(
+    plane: &P,
+    caller: &Principal,
+    body: &[u8],
+) -> Result<Value, ApiError> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct DeleteRequest {
+        compute_environment: Option<String>,
+    }
+    let req: DeleteRequest = parse(body)?;
+    let target = required("computeEnvironment", &req.compute_environment)?.to_owned();
+    let (_, arn, _) = resolve(plane, &target)?;
+    caller.authorize("batch:DeleteComputeEnvironment", &[&arn])?;
+    check_and_propose(
+        plane,
+        Command::Admin(AdminCommand::DeleteComputeEnvironment {
+            compute_environment: target,
+        }),
+    )
+    .await?;
+    Ok(json!({}))
+}
+
+/// Name, ARN and type of an existing compute environment named by name or ARN.
+fn resolve<P: ControlPlane>(plane: &P, target: &str) -> Result<(String, String, CeType), ApiError> {
+    plane
+        .read_local(|s| {
+            s.compute_environment(target)
+                .map(|c| (c.name.clone(), c.arn.0.clone(), c.ce_type))
+        })
+        .ok_or_else(|| {
+            ApiError::client(format!(
+                "computeEnvironment: compute environment {target} does not exist"
+            ))
+        })
 }
 
 pub(crate) fn parse_state(field: &str, state: Option<&str>) -> Result<EnabledState, ApiError> {
@@ -156,15 +334,21 @@ pub(crate) async fn describe<P: ControlPlane>(
                     wanted.is_empty() || wanted.iter().any(|w| *w == ce.name || *w == ce.arn.0)
                 })
                 .filter(|ce| after.as_ref().is_none_or(|a| ce.name > *a));
-            let page: Vec<Detail> = matching.by_ref().take(limit).map(detail).collect();
+            let page: Vec<Value> = matching
+                .by_ref()
+                .take(limit)
+                .map(|c| crate::request::echo(&c.extra, detail(c)))
+                .collect();
             (page, matching.next().is_some())
         })
         .await
         .map_err(ApiError::server)?;
-    let token = page
-        .last()
-        .filter(|_| more)
-        .map(|last| last.compute_environment_name.clone());
+    let token = page.last().filter(|_| more).map(|last| {
+        last["computeEnvironmentName"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    });
     let mut out = json!({ "computeEnvironments": page });
     if let Some(token) = token {
         out["nextToken"] = json!(token);

@@ -169,6 +169,7 @@ pub(crate) async fn register<P: ControlPlane>(
         container,
         parameters: req.parameters.unwrap_or_default(),
         tags: tags("tags", req.tags)?,
+        extra: crate::request::extra(body, &["jobDefinitionName", "parameters", "tags"]),
     };
     match check_and_propose(plane, Command::RegisterJobDefinition(spec)).await? {
         Outcome::DefinitionRegistered {
@@ -193,10 +194,6 @@ pub(crate) struct ContainerShape {
     pub command: Vec<String>,
     pub environment: Vec<KeyValuePair>,
     pub resource_requirements: Vec<ResourceRequirementShape>,
-    pub volumes: Vec<Value>,
-    pub mount_points: Vec<Value>,
-    pub ulimits: Vec<Value>,
-    pub secrets: Vec<Value>,
 }
 
 pub(crate) fn container_shape(c: &ContainerSpec) -> ContainerShape {
@@ -214,10 +211,6 @@ pub(crate) fn container_shape(c: &ContainerSpec) -> ContainerShape {
             })
             .collect(),
         resource_requirements: requirement_shapes(&c.resource_requirements),
-        volumes: Vec::new(),
-        mount_points: Vec::new(),
-        ulimits: Vec::new(),
-        secrets: Vec::new(),
     }
 }
 
@@ -233,7 +226,6 @@ struct Detail {
     parameters: BTreeMap<String, String>,
     container_properties: ContainerShape,
     tags: Tags,
-    platform_capabilities: Vec<&'static str>,
     container_orchestration_type: &'static str,
 }
 
@@ -247,7 +239,6 @@ fn detail(d: &JobDefinition) -> Detail {
         parameters: d.parameters.clone(),
         container_properties: container_shape(&d.container),
         tags: d.tags.clone(),
-        platform_capabilities: vec!["EC2"],
         container_orchestration_type: "ECS",
     }
 }
@@ -310,15 +301,29 @@ pub(crate) async fn describe<P: ControlPlane>(
                         .as_ref()
                         .is_none_or(|(n, r)| (&d.name, d.revision) > (n, *r))
                 });
-            let page: Vec<Detail> = matching.by_ref().take(limit).map(detail).collect();
+            let page: Vec<Value> = matching
+                .by_ref()
+                .take(limit)
+                .map(|d| {
+                    let mut shown = crate::request::echo(&d.extra, detail(d));
+                    if let Some(obj) = shown.as_object_mut() {
+                        obj.entry("platformCapabilities")
+                            .or_insert_with(|| json!(["EC2"]));
+                    }
+                    shown
+                })
+                .collect();
             (page, matching.next().is_some())
         })
         .await
         .map_err(ApiError::server)?;
-    let token = page
-        .last()
-        .filter(|_| more)
-        .map(|d| format!("{}:{}", d.job_definition_name, d.revision));
+    let token = page.last().filter(|_| more).map(|d| {
+        format!(
+            "{}:{}",
+            d["jobDefinitionName"].as_str().unwrap_or_default(),
+            d["revision"]
+        )
+    });
     let mut out = json!({ "jobDefinitions": page });
     if let Some(token) = token {
         out["nextToken"] = json!(token);
@@ -331,4 +336,30 @@ fn parse_token(token: &str) -> Result<(String, u32), ApiError> {
         .rsplit_once(':')
         .and_then(|(n, r)| Some((n.to_owned(), r.parse().ok()?)))
         .ok_or_else(|| ApiError::client("nextToken: not a token this API returned"))
+}
+
+pub(crate) async fn deregister<P: ControlPlane>(
+    plane: &P,
+    caller: &Principal,
+    body: &[u8],
+) -> Result<Value, ApiError> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct DeregisterRequest {
+        job_definition: Option<String>,
+    }
+    let req: DeregisterRequest = parse(body)?;
+    let target = required("jobDefinition", &req.job_definition)?.to_owned();
+    let arn = plane
+        .read_local(|s| s.definition(&target).map(|d| d.arn.0.clone()))
+        .unwrap_or_else(|| arn_of(plane, "job-definition", &target));
+    caller.authorize("batch:DeregisterJobDefinition", &[&arn])?;
+    check_and_propose(
+        plane,
+        Command::Admin(muster_core::AdminCommand::DeregisterJobDefinition {
+            job_definition: target,
+        }),
+    )
+    .await?;
+    Ok(json!({}))
 }

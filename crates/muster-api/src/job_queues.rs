@@ -1,9 +1,9 @@
-//! CreateJobQueue, DescribeJobQueues.
+//! CreateJobQueue, UpdateJobQueue, DeleteJobQueue, DescribeJobQueues, GetJobQueueSnapshot.
 
 use crate::compute_environments::parse_state;
-use crate::request::{page_size, parse, required, tags};
+use crate::request::{echo, extra, page_size, parse, required, tags};
 use crate::{ApiError, ControlPlane, Principal, arn_of, check_and_propose};
-use muster_core::{Arn, CeOrder, Command, JobQueue, State, Tags};
+use muster_core::{AdminCommand, Arn, CeOrder, Command, JobQueue, State, Tags};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -26,6 +26,82 @@ struct CreateRequest {
     tags: Option<Tags>,
 }
 
+/// Members typed here; the rest of a create or update request is stored as sent.
+const TYPED: [&str; 7] = [
+    "jobQueueName",
+    "jobQueue",
+    "priority",
+    "state",
+    "schedulingPolicyArn",
+    "computeEnvironmentOrder",
+    "tags",
+];
+
+fn check_priority(priority: i64) -> Result<(), ApiError> {
+    if (0..=1000).contains(&priority) {
+        Ok(())
+    } else {
+        Err(ApiError::client(format!(
+            "priority: {priority} must be between 0 and 1000"
+        )))
+    }
+}
+
+fn ce_order(shapes: Vec<CeOrderShape>) -> Result<Vec<CeOrder>, ApiError> {
+    shapes
+        .into_iter()
+        .map(|o| {
+            Ok(CeOrder {
+                order: o
+                    .order
+                    .ok_or_else(|| ApiError::client("computeEnvironmentOrder.order is required"))?,
+                compute_environment: o.compute_environment.filter(|c| !c.is_empty()).ok_or_else(
+                    || ApiError::client("computeEnvironmentOrder.computeEnvironment is required"),
+                )?,
+            })
+        })
+        .collect()
+}
+
+/// `jobStateTimeLimitActions`: stored and echoed; Muster does not act on them yet.
+fn check_time_limit_actions(actions: &[Value]) -> Result<(), ApiError> {
+    const FIELD: &str = "jobStateTimeLimitActions";
+    if actions.len() > 5 {
+        return Err(ApiError::client(format!(
+            "{FIELD}: at most 5 actions are allowed"
+        )));
+    }
+    for a in actions {
+        let reason = a
+            .get("reason")
+            .and_then(Value::as_str)
+            .filter(|r| !r.is_empty());
+        if reason.is_none() {
+            return Err(ApiError::client(format!("{FIELD}.reason is required")));
+        }
+        if a.get("state").and_then(Value::as_str) != Some("RUNNABLE") {
+            return Err(ApiError::client(format!("{FIELD}.state must be RUNNABLE")));
+        }
+        match a.get("maxTimeSeconds").and_then(Value::as_i64) {
+            Some(t) if (600..=86_400).contains(&t) => {}
+            _ => {
+                return Err(ApiError::client(format!(
+                    "{FIELD}.maxTimeSeconds must be between 600 and 86400"
+                )));
+            }
+        }
+        if !matches!(
+            a.get("action").and_then(Value::as_str),
+            Some("CANCEL" | "TERMINATE")
+        ) {
+            return Err(ApiError::client(format!(
+                "{FIELD}.action must be one of CANCEL | TERMINATE"
+            )));
+        }
+    }
+    Ok(())
+}
+
 pub(crate) async fn create<P: ControlPlane>(
     plane: &P,
     caller: &Principal,
@@ -41,56 +117,109 @@ pub(crate) async fn create<P: ControlPlane>(
     let priority = req
         .priority
         .ok_or_else(|| ApiError::client("priority is required"))?;
-    if !(0..=1000).contains(&priority) {
+    check_priority(priority)?;
+    check_time_limit_actions(
+        req.job_state_time_limit_actions
+            .as_deref()
+            .unwrap_or_default(),
+    )?;
+    if let Some(arn) = &req.scheduling_policy_arn
+        && plane.read_local(|s| s.scheduling_policy(arn).is_none())
+    {
         return Err(ApiError::client(format!(
-            "priority: {priority} must be between 0 and 1000"
+            "schedulingPolicyArn: scheduling policy {arn} does not exist"
         )));
     }
-    if req.scheduling_policy_arn.is_some() {
-        return Err(ApiError::client(
-            "schedulingPolicyArn: scheduling policies are not supported by Muster yet",
-        ));
-    }
-    if req
-        .job_state_time_limit_actions
-        .as_ref()
-        .is_some_and(|a| !a.is_empty())
-    {
-        return Err(ApiError::client(
-            "jobStateTimeLimitActions: not supported by Muster yet",
-        ));
-    }
-    let order = req
-        .compute_environment_order
-        .unwrap_or_default()
-        .into_iter()
-        .map(|o| {
-            Ok(CeOrder {
-                order: o
-                    .order
-                    .ok_or_else(|| ApiError::client("computeEnvironmentOrder.order is required"))?,
-                compute_environment: o.compute_environment.filter(|c| !c.is_empty()).ok_or_else(
-                    || ApiError::client("computeEnvironmentOrder.computeEnvironment is required"),
-                )?,
-            })
-        })
-        .collect::<Result<Vec<_>, ApiError>>()?;
     let queue = JobQueue {
         name: name.clone(),
         arn: Arn(String::new()),
         priority,
         state: parse_state("state", req.state.as_deref())?,
-        compute_environment_order: order,
+        compute_environment_order: ce_order(req.compute_environment_order.unwrap_or_default())?,
         tags: tags("tags", req.tags)?,
         created_at: plane.now(),
+        scheduling_policy_arn: req.scheduling_policy_arn,
+        extra: extra(body, &TYPED),
     };
     check_and_propose(plane, Command::CreateJobQueue(queue)).await?;
-    let arn = plane
-        .read(move |s| s.queue(&name).map(|q| (q.name.clone(), q.arn.0.clone())))
-        .await
-        .map_err(ApiError::server)?
-        .ok_or_else(|| ApiError::server("job queue vanished after commit"))?;
-    Ok(json!({ "jobQueueName": arn.0, "jobQueueArn": arn.1 }))
+    let arn = arn_of(plane, "job-queue", &name);
+    Ok(json!({ "jobQueueName": name, "jobQueueArn": arn }))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct UpdateRequest {
+    job_queue: Option<String>,
+    state: Option<String>,
+    scheduling_policy_arn: Option<String>,
+    priority: Option<i64>,
+    compute_environment_order: Option<Vec<CeOrderShape>>,
+    job_state_time_limit_actions: Option<Vec<Value>>,
+}
+
+/// Name and ARN of an existing queue named by name or ARN.
+fn resolve<P: ControlPlane>(plane: &P, target: &str) -> Result<(String, String), ApiError> {
+    plane
+        .read_local(|s| s.queue(target).map(|q| (q.name.clone(), q.arn.0.clone())))
+        .ok_or_else(|| ApiError::client(format!("jobQueue: job queue {target} does not exist")))
+}
+
+pub(crate) async fn update<P: ControlPlane>(
+    plane: &P,
+    caller: &Principal,
+    body: &[u8],
+) -> Result<Value, ApiError> {
+    let req: UpdateRequest = parse(body)?;
+    let target = required("jobQueue", &req.job_queue)?.to_owned();
+    let (name, arn) = resolve(plane, &target)?;
+    caller.authorize("batch:UpdateJobQueue", &[&arn])?;
+    if let Some(p) = req.priority {
+        check_priority(p)?;
+    }
+    check_time_limit_actions(
+        req.job_state_time_limit_actions
+            .as_deref()
+            .unwrap_or_default(),
+    )?;
+    let cmd = AdminCommand::UpdateJobQueue {
+        job_queue: target,
+        state: req
+            .state
+            .as_deref()
+            .map(|s| parse_state("state", Some(s)))
+            .transpose()?,
+        priority: req.priority,
+        compute_environment_order: req.compute_environment_order.map(ce_order).transpose()?,
+        scheduling_policy_arn: req.scheduling_policy_arn,
+        extra: extra(body, &TYPED),
+    };
+    check_and_propose(plane, Command::Admin(cmd)).await?;
+    Ok(json!({ "jobQueueName": name, "jobQueueArn": arn }))
+}
+
+pub(crate) async fn delete<P: ControlPlane>(
+    plane: &P,
+    caller: &Principal,
+    body: &[u8],
+) -> Result<Value, ApiError> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct DeleteRequest {
+        job_queue: Option<String>,
+    }
+    let req: DeleteRequest = parse(body)?;
+    let target = required("jobQueue", &req.job_queue)?.to_owned();
+    let (_, arn) = resolve(plane, &target)?;
+    caller.authorize("batch:DeleteJobQueue", &[&arn])?;
+    check_and_propose(
+        plane,
+        Command::Admin(AdminCommand::DeleteJobQueue {
+            job_queue: target,
+            at: plane.now(),
+        }),
+    )
+    .await?;
+    Ok(json!({}))
 }
 
 #[derive(Deserialize)]
@@ -110,19 +239,22 @@ struct Detail {
     status: &'static str,
     status_reason: &'static str,
     priority: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scheduling_policy_arn: Option<String>,
     compute_environment_order: Vec<CeOrderShape>,
     job_state_time_limit_actions: Vec<Value>,
     tags: Tags,
 }
 
-fn detail(state: &State, q: &JobQueue) -> Detail {
-    Detail {
+fn detail(state: &State, q: &JobQueue) -> Value {
+    let shape = Detail {
         job_queue_name: q.name.clone(),
         job_queue_arn: q.arn.0.clone(),
         state: q.state.as_aws(),
         status: "VALID",
         status_reason: "JobQueue Healthy",
         priority: q.priority,
+        scheduling_policy_arn: q.scheduling_policy_arn.clone(),
         compute_environment_order: q
             .compute_environment_order
             .iter()
@@ -135,9 +267,15 @@ fn detail(state: &State, q: &JobQueue) -> Detail {
                 ),
             })
             .collect(),
-        job_state_time_limit_actions: Vec::new(),
+        job_state_time_limit_actions: q
+            .extra
+            .get("jobStateTimeLimitActions")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default(),
         tags: q.tags.clone(),
-    }
+    };
+    echo(&q.extra, shape)
 }
 
 pub(crate) async fn describe<P: ControlPlane>(
@@ -163,7 +301,7 @@ pub(crate) async fn describe<P: ControlPlane>(
                     wanted.is_empty() || wanted.iter().any(|w| *w == q.name || *w == q.arn.0)
                 })
                 .filter(|q| after.as_ref().is_none_or(|a| q.name > *a));
-            let page: Vec<Detail> = matching
+            let page: Vec<Value> = matching
                 .by_ref()
                 .take(limit)
                 .map(|q| detail(s, q))
@@ -175,10 +313,38 @@ pub(crate) async fn describe<P: ControlPlane>(
     let token = page
         .last()
         .filter(|_| more)
-        .map(|last| last.job_queue_name.clone());
+        .map(|q| q["jobQueueName"].as_str().unwrap_or_default().to_owned());
     let mut out = json!({ "jobQueues": page });
     if let Some(token) = token {
         out["nextToken"] = json!(token);
     }
     Ok(out)
+}
+
+/// The front of the queue: the RUNNABLE jobs in the order they will be considered.
+pub(crate) async fn snapshot<P: ControlPlane>(
+    plane: &P,
+    caller: &Principal,
+    body: &[u8],
+) -> Result<Value, ApiError> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct SnapshotRequest {
+        job_queue: Option<String>,
+    }
+    let req: SnapshotRequest = parse(body)?;
+    let target = required("jobQueue", &req.job_queue)?.to_owned();
+    let (name, arn) = resolve(plane, &target)?;
+    caller.authorize("batch:GetJobQueueSnapshot", &[&arn])?;
+    let now = plane.now().as_millis();
+    let jobs = plane
+        .read(move |s| {
+            s.runnable_jobs(&name)
+                .take(100)
+                .map(|j| json!({"jobArn": j.arn.0, "earliestTimeAtPosition": j.created_at.as_millis()}))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .map_err(ApiError::server)?;
+    Ok(json!({"frontOfQueue": {"jobs": jobs, "lastUpdatedAt": now}}))
 }

@@ -206,6 +206,7 @@ struct JobDetail {
     propagate_tags: bool,
     platform_capabilities: Vec<&'static str>,
     is_terminated: bool,
+    is_cancelled: bool,
 }
 
 fn ms(t: Timestamp) -> u64 {
@@ -272,6 +273,7 @@ fn job_detail(state: &State, job: &Job) -> JobDetail {
         propagate_tags: false,
         platform_capabilities: vec!["EC2"],
         is_terminated: job.is_terminated,
+        is_cancelled: job.is_cancelled,
     }
 }
 
@@ -468,5 +470,25 @@ pub(crate) async fn terminate<P: ControlPlane>(
         },
     )
     .await?;
+    Ok(json!({}))
+}
+
+/// CancelJob: fails a job that has not reached STARTING (and says nothing about one that
+/// has, as AWS does); idempotent.
+pub(crate) async fn cancel<P: ControlPlane>(
+    plane: &P,
+    caller: &Principal,
+    body: &[u8],
+) -> Result<Value, ApiError> {
+    let req: TerminateRequest = parse(body)?;
+    let job = JobId(required("jobId", &req.job_id)?.to_owned());
+    let reason = required("reason", &req.reason)?.to_owned();
+    caller.authorize("batch:CancelJob", &[&arn_of(plane, "job", &job.0)])?;
+    let cmd = muster_core::AdminCommand::CancelJob {
+        job,
+        reason,
+        at: plane.now(),
+    };
+    check_and_propose(plane, Command::Admin(cmd)).await?;
     Ok(json!({}))
 }

@@ -20,7 +20,9 @@ mod job_definitions;
 mod job_queues;
 mod jobs;
 mod request;
+mod scheduling_policies;
 mod sts;
+mod tags;
 
 pub use auth::{MAX_CLOCK_SKEW_SECS, Principal};
 pub use error::ApiError;
@@ -31,7 +33,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, State as AxumState};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{any, post};
 use muster_core::{Command, Outcome, State, Timestamp};
 use std::future::Future;
 use std::sync::Arc;
@@ -91,6 +93,8 @@ pub fn router<P: ControlPlane>(plane: P, config: &ApiConfig) -> Router {
     Router::new()
         .route("/v1/iam/{operation}", post(iam_operation::<P>))
         .route("/v1/{operation}", post(batch_operation::<P>))
+        // botocore percent-encodes the whole ARN into one segment; other clients send it raw.
+        .route("/v1/tags/{*arn}", any(tags_operation::<P>))
         .route("/", post(sts_operation::<P>))
         .fallback(unknown_route)
         .layer(axum::extract::DefaultBodyLimit::max(config.max_body_bytes))
@@ -178,6 +182,33 @@ async fn iam_operation<P: ControlPlane>(
     respond(&api, &operation, started, result)
 }
 
+async fn tags_operation<P: ControlPlane>(
+    AxumState(api): AxumState<Arc<Api<P>>>,
+    Path(arn): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let started = std::time::Instant::now();
+    let arn = arn.trim_start_matches('/').to_owned();
+    let result = match caller(&api, "batch", &method, &uri, &headers, &body).await {
+        Ok(principal) => {
+            tags::dispatch(
+                &api.plane,
+                &principal,
+                method.as_str(),
+                &arn,
+                uri.query().unwrap_or(""),
+                &body,
+            )
+            .await
+        }
+        Err(e) => Err(e),
+    };
+    respond(&api, "tags", started, result)
+}
+
 async fn sts_operation<P: ControlPlane>(
     AxumState(api): AxumState<Arc<Api<P>>>,
     method: Method,
@@ -201,14 +232,26 @@ async fn dispatch<P: ControlPlane>(
     match operation {
         "createcomputeenvironment" => compute_environments::create(plane, caller, body).await,
         "describecomputeenvironments" => compute_environments::describe(plane, caller, body).await,
+        "updatecomputeenvironment" => compute_environments::update(plane, caller, body).await,
+        "deletecomputeenvironment" => compute_environments::delete(plane, caller, body).await,
         "createjobqueue" => job_queues::create(plane, caller, body).await,
         "describejobqueues" => job_queues::describe(plane, caller, body).await,
+        "updatejobqueue" => job_queues::update(plane, caller, body).await,
+        "deletejobqueue" => job_queues::delete(plane, caller, body).await,
+        "getjobqueuesnapshot" => job_queues::snapshot(plane, caller, body).await,
         "registerjobdefinition" => job_definitions::register(plane, caller, body).await,
         "describejobdefinitions" => job_definitions::describe(plane, caller, body).await,
         "submitjob" => jobs::submit(plane, caller, body).await,
         "describejobs" => jobs::describe(plane, caller, body).await,
         "listjobs" => jobs::list(plane, caller, body).await,
         "terminatejob" => jobs::terminate(plane, caller, body).await,
+        "canceljob" => jobs::cancel(plane, caller, body).await,
+        "deregisterjobdefinition" => job_definitions::deregister(plane, caller, body).await,
+        "createschedulingpolicy" => scheduling_policies::create(plane, caller, body).await,
+        "updateschedulingpolicy" => scheduling_policies::update(plane, caller, body).await,
+        "deleteschedulingpolicy" => scheduling_policies::delete(plane, caller, body).await,
+        "describeschedulingpolicies" => scheduling_policies::describe(plane, caller, body).await,
+        "listschedulingpolicies" => scheduling_policies::list(plane, caller, body).await,
         other => Err(ApiError::client(format!(
             "operation {other} is not supported by Muster yet"
         ))),

@@ -32,6 +32,46 @@ pub(crate) fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     })
 }
 
+/// The request's members other than `typed` ones, kept verbatim to be echoed back.
+pub(crate) fn extra(body: &[u8], typed: &[&str]) -> muster_core::Extra {
+    let body = if body.iter().all(u8::is_ascii_whitespace) {
+        b"{}".as_slice()
+    } else {
+        body
+    };
+    match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(serde_json::Value::Object(map)) => map
+            .into_iter()
+            .filter(|(k, v)| !typed.contains(&k.as_str()) && !v.is_null())
+            .collect(),
+        _ => Default::default(),
+    }
+}
+
+/// A describe answer: the typed `shape` Muster computes, plus every stored member it does not
+/// compute (`extra`). Objects present in both are merged one level deep, Muster's fields
+/// winning (so `containerProperties` keeps members like `volumes` as the user sent them).
+pub(crate) fn echo(extra: &muster_core::Extra, shape: impl Serialize) -> serde_json::Value {
+    let mut out = serde_json::to_value(shape).unwrap_or_default();
+    let Some(obj) = out.as_object_mut() else {
+        return out;
+    };
+    for (k, v) in extra {
+        match (obj.get_mut(k), v) {
+            (Some(serde_json::Value::Object(ours)), serde_json::Value::Object(theirs)) => {
+                for (ik, iv) in theirs {
+                    ours.entry(ik.clone()).or_insert_with(|| iv.clone());
+                }
+            }
+            (Some(_), _) => {}
+            (None, _) => {
+                obj.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    out
+}
+
 /// Fails unless `value` is present and non-empty.
 pub(crate) fn required<'a>(field: &str, value: &'a Option<String>) -> Result<&'a str, ApiError> {
     match value.as_deref() {

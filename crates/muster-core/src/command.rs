@@ -46,6 +46,9 @@ pub enum Command {
     },
     /// Users, access keys and policies.
     Iam(IamCommand),
+    /// Changes to compute environments, queues, definitions, policies and tags after creation,
+    /// and cancelling jobs.
+    Admin(AdminCommand),
 }
 
 /// Changes to who may call the API. Ids and secrets are chosen by the node that accepted the
@@ -78,6 +81,60 @@ pub enum IamCommand {
     DeleteUserPolicy {
         user: String,
         policy_name: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum AdminCommand {
+    UpdateComputeEnvironment {
+        /// Name or ARN.
+        compute_environment: String,
+        state: Option<crate::EnabledState>,
+        unmanaged_vcpus: Option<i64>,
+        service_role: Option<String>,
+        /// Members replaced as sent.
+        extra: crate::Extra,
+    },
+    DeleteComputeEnvironment {
+        compute_environment: String,
+    },
+    UpdateJobQueue {
+        job_queue: String,
+        state: Option<crate::EnabledState>,
+        priority: Option<i64>,
+        compute_environment_order: Option<Vec<crate::CeOrder>>,
+        scheduling_policy_arn: Option<String>,
+        extra: crate::Extra,
+    },
+    /// The queue's jobs that have not ended fail (or are stopped, if running).
+    DeleteJobQueue {
+        job_queue: String,
+        at: Timestamp,
+    },
+    DeregisterJobDefinition {
+        job_definition: String,
+    },
+    /// Fails a job that has not reached STARTING; does nothing to one already placed.
+    CancelJob {
+        job: JobId,
+        reason: String,
+        at: Timestamp,
+    },
+    CreateSchedulingPolicy(crate::SchedulingPolicy),
+    UpdateSchedulingPolicy {
+        arn: String,
+        fairshare: Option<serde_json::Value>,
+    },
+    DeleteSchedulingPolicy {
+        arn: String,
+    },
+    TagResource {
+        arn: String,
+        tags: Tags,
+    },
+    UntagResource {
+        arn: String,
+        keys: Vec<String>,
     },
 }
 

@@ -24,7 +24,7 @@ pub mod validate;
 mod state_tests;
 
 pub use command::{
-    AttemptEvent, Command, IamCommand, JobSubmission, Outcome, Placement, Rejection,
+    AdminCommand, AttemptEvent, Command, IamCommand, JobSubmission, Outcome, Placement, Rejection,
 };
 pub use ids::{Arn, ArnScope, JobId, NodeId, Timestamp};
 pub use model::*;

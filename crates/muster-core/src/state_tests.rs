@@ -29,6 +29,8 @@ fn queue(name: &str, ce: &str) -> Command {
         }],
         tags: Default::default(),
         created_at: Timestamp(1),
+        scheduling_policy_arn: None,
+        extra: Default::default(),
     })
 }
 

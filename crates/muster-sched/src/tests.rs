@@ -32,6 +32,7 @@ fn gpu_cluster(queues: &[(&str, i64)], nodes: &[(u64, u64, u32)]) -> State {
             service_role: None,
             tags: Default::default(),
             created_at: Timestamp(0),
+            extra: Default::default(),
         }),
     );
     for (name, priority) in queues {
@@ -48,6 +49,8 @@ fn gpu_cluster(queues: &[(&str, i64)], nodes: &[(u64, u64, u32)]) -> State {
                 }],
                 tags: Default::default(),
                 created_at: Timestamp(0),
+                scheduling_policy_arn: None,
+                extra: Default::default(),
             }),
         );
     }

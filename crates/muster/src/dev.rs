@@ -122,6 +122,7 @@ async fn ensure_defaults(node: &muster_control::RaftNode) -> anyhow::Result<()> 
             service_role: None,
             tags: Default::default(),
             created_at: now,
+            extra: Default::default(),
         };
         expect_done(node.propose(Command::CreateComputeEnvironment(ce)).await?)?;
     }
@@ -137,6 +138,8 @@ async fn ensure_defaults(node: &muster_control::RaftNode) -> anyhow::Result<()> 
             }],
             tags: Default::default(),
             created_at: now,
+            scheduling_policy_arn: None,
+            extra: Default::default(),
         };
         expect_done(node.propose(Command::CreateJobQueue(queue)).await?)?;
     }

@@ -136,6 +136,9 @@ pub struct JobDefinitionSpec {
     pub container: ContainerSpec,
     pub parameters: BTreeMap<String, String>,
     pub tags: Tags,
+    /// Other members as sent (`containerProperties` in full, `platformCapabilities`, …).
+    #[serde(default)]
+    pub extra: super::Extra,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -147,4 +150,6 @@ pub struct JobDefinition {
     pub container: ContainerSpec,
     pub parameters: BTreeMap<String, String>,
     pub tags: Tags,
+    #[serde(default)]
+    pub extra: super::Extra,
 }

@@ -1,6 +1,6 @@
 //! Compute environments (where jobs may run) and job queues (how they wait).
 
-use super::{EnabledState, Tags};
+use super::{EnabledState, Extra, Tags};
 use crate::{Arn, Timestamp};
 use serde::{Deserialize, Serialize};
 
@@ -32,6 +32,10 @@ pub struct ComputeEnvironment {
     pub service_role: Option<String>,
     pub tags: Tags,
     pub created_at: Timestamp,
+    /// Members Muster stores and echoes but does not act on (`computeResources` of a MANAGED
+    /// environment, `eksConfiguration`, `updatePolicy`, `context`), as the user sent them.
+    #[serde(default)]
+    pub extra: Extra,
 }
 
 /// One entry of a queue's `computeEnvironmentOrder`: lower `order` is tried first.
@@ -53,4 +57,19 @@ pub struct JobQueue {
     pub compute_environment_order: Vec<CeOrder>,
     pub tags: Tags,
     pub created_at: Timestamp,
+    #[serde(default)]
+    pub scheduling_policy_arn: Option<String>,
+    /// Members stored and echoed as sent (`jobStateTimeLimitActions`, `jobQueueType`, …).
+    #[serde(default)]
+    pub extra: Extra,
+}
+
+/// A fair-share scheduling policy (stored; the planner's use of it comes with fair share).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SchedulingPolicy {
+    pub name: String,
+    pub arn: Arn,
+    /// `fairsharePolicy` as validated and sent.
+    pub fairshare: Option<serde_json::Value>,
+    pub tags: Tags,
 }

@@ -108,6 +108,9 @@ pub struct Job {
     /// with this reason.
     pub terminate_reason: Option<String>,
     pub is_terminated: bool,
+    /// Ended by CancelJob before it was placed.
+    #[serde(default)]
+    pub is_cancelled: bool,
 }
 
 impl Job {

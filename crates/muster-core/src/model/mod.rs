@@ -19,6 +19,9 @@ use std::collections::BTreeMap;
 /// identically on every node.
 pub type Tags = BTreeMap<String, String>;
 
+/// Request members kept verbatim, by their AWS name, and echoed back on describe.
+pub type Extra = BTreeMap<String, serde_json::Value>;
+
 /// `ENABLED | DISABLED`, shared by compute environments and job queues.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum EnabledState {

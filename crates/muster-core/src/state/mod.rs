@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
 mod iam;
+mod resources;
 
 /// AWS's reason for an attempt whose container ran and exited.
 const CONTAINER_EXITED: &str = "Essential container in task exited";
@@ -26,6 +27,7 @@ pub struct State {
     definitions: BTreeMap<String, Vec<JobDefinition>>,
     jobs: BTreeMap<JobId, Job>,
     nodes: BTreeMap<NodeId, Node>,
+    scheduling_policies: BTreeMap<String, crate::SchedulingPolicy>,
     users: BTreeMap<String, crate::User>,
     /// Access keys by id.
     access_keys: BTreeMap<String, crate::AccessKey>,
@@ -39,6 +41,13 @@ pub struct State {
     /// All jobs per queue in submit order, for ListJobs. Derived from `jobs`.
     #[serde(skip)]
     jobs_by_queue: BTreeMap<String, BTreeSet<(u64, JobId)>>,
+}
+
+/// How a job is ended by a user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Ending {
+    Terminate,
+    Cancel,
 }
 
 /// What an agent must be running: one per active attempt placed on its node.
@@ -275,41 +284,14 @@ impl State {
                         format!("jobQueueName: job queue {} already exists", q.name),
                     ));
                 }
-                if q.compute_environment_order.is_empty() {
+                self.check_ce_order(&q.compute_environment_order)?;
+                if let Some(arn) = &q.scheduling_policy_arn
+                    && self.scheduling_policy(arn).is_none()
+                {
                     return Err(Rejection::new(
-                        "computeEnvironmentOrder",
-                        "computeEnvironmentOrder: at least one compute environment must be provided",
+                        "schedulingPolicyArn",
+                        format!("schedulingPolicyArn: scheduling policy {arn} does not exist"),
                     ));
-                }
-                if q.compute_environment_order.len() > 3 {
-                    return Err(Rejection::new(
-                        "computeEnvironmentOrder",
-                        "computeEnvironmentOrder: at most 3 compute environments may be associated with a queue",
-                    ));
-                }
-                let mut orders = BTreeSet::new();
-                for entry in &q.compute_environment_order {
-                    if self
-                        .compute_environment(&entry.compute_environment)
-                        .is_none()
-                    {
-                        return Err(Rejection::new(
-                            "computeEnvironmentOrder.computeEnvironment",
-                            format!(
-                                "computeEnvironmentOrder.computeEnvironment: compute environment {} does not exist",
-                                entry.compute_environment
-                            ),
-                        ));
-                    }
-                    if !orders.insert(entry.order) {
-                        return Err(Rejection::new(
-                            "computeEnvironmentOrder.order",
-                            format!(
-                                "computeEnvironmentOrder.order: order {} is used twice",
-                                entry.order
-                            ),
-                        ));
-                    }
                 }
                 Ok(())
             }
@@ -362,6 +344,7 @@ impl State {
             }
             Command::Place { .. } | Command::ReportAttempt { .. } => Ok(()),
             Command::Iam(iam) => self.check_iam(iam),
+            Command::Admin(admin) => self.check_admin(admin),
         }
     }
 
@@ -434,12 +417,8 @@ impl State {
             }
             Command::CreateJobQueue(mut q) => {
                 q.arn = self.scope.arn("job-queue", &q.name);
-                for entry in &mut q.compute_environment_order {
-                    if let Some(ce) = self.compute_environment(&entry.compute_environment) {
-                        entry.compute_environment = ce.name.clone();
-                    }
-                }
-                q.compute_environment_order.sort_by_key(|e| e.order);
+                q.compute_environment_order =
+                    self.resolve_ce_order(std::mem::take(&mut q.compute_environment_order));
                 self.queues.insert(q.name.clone(), q);
                 Outcome::Done
             }
@@ -465,6 +444,7 @@ impl State {
                 at,
             } => self.report(&job, attempt, &node, event, at),
             Command::Iam(iam) => self.apply_iam(iam),
+            Command::Admin(admin) => self.apply_admin(admin),
         }
     }
 
@@ -482,6 +462,7 @@ impl State {
             container: spec.container,
             parameters: spec.parameters,
             tags: spec.tags,
+            extra: spec.extra,
         });
         Outcome::DefinitionRegistered {
             name: spec.name,
@@ -531,6 +512,7 @@ impl State {
             attempts: Vec::new(),
             terminate_reason: None,
             is_terminated: false,
+            is_cancelled: false,
         };
         let key = (job.seq, job.id.clone());
         self.jobs_by_queue
@@ -552,6 +534,18 @@ impl State {
     }
 
     fn terminate(&mut self, id: &JobId, reason: String, at: Timestamp) -> Outcome {
+        self.end_job(id, reason, at, Ending::Terminate)
+    }
+
+    /// Ends a job that has not ended: one not yet placed fails at once; a placed one is
+    /// stopped by its agent (terminate) or left alone (cancel), as AWS Batch does.
+    pub(super) fn end_job(
+        &mut self,
+        id: &JobId,
+        reason: String,
+        at: Timestamp,
+        how: Ending,
+    ) -> Outcome {
         let Some(job) = self.jobs.get_mut(id) else {
             return Outcome::Rejected(Rejection::new(
                 "jobId",
@@ -562,6 +556,10 @@ impl State {
             s if s.is_terminal() => {
                 Outcome::Ignored(format!("job {id} already ended {}", s.as_aws()))
             }
+            s if s.is_placed() && how == Ending::Cancel => Outcome::Ignored(format!(
+                "job {id} is already {}; CancelJob does not stop it",
+                s.as_aws()
+            )),
             s if s.is_placed() => {
                 // The agent stops the container; the attempt's exit report ends the job.
                 job.is_terminated = true;
@@ -576,7 +574,8 @@ impl State {
                 }
                 job.status = JobStatus::Failed;
                 job.status_reason = Some(reason);
-                job.is_terminated = true;
+                job.is_terminated = how == Ending::Terminate;
+                job.is_cancelled = how == Ending::Cancel;
                 job.stopped_at = Some(at);
                 Outcome::Done
             }
