@@ -14,6 +14,7 @@ fn ce(name: &str) -> Command {
         service_role: None,
         tags: Default::default(),
         created_at: Timestamp(1),
+        extra: Default::default(),
     })
 }
 
@@ -46,6 +47,7 @@ fn definition(name: &str, command: &[&str]) -> Command {
         },
         parameters: [("who".to_owned(), "world".to_owned())].into(),
         tags: Default::default(),
+        extra: Default::default(),
     })
 }
 

@@ -66,6 +66,7 @@ fn gpu_cluster(queues: &[(&str, i64)], nodes: &[(u64, u64, u32)]) -> State {
             },
             parameters: Default::default(),
             tags: Default::default(),
+            extra: Default::default(),
         }),
     );
     for (i, (millicpus, memory_mib, gpus)) in nodes.iter().enumerate() {
