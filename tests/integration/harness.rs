@@ -30,11 +30,21 @@ pub fn init_tracing() {
 
 impl TestCluster {
     pub async fn start(size: u64) -> TestCluster {
+        Self::start_with_limits(size, muster_api::Limits::default()).await
+    }
+
+    pub async fn start_with_limits(size: u64, limits: muster_api::Limits) -> TestCluster {
         init_tracing();
         let dir = tempfile::tempdir().expect("temp dir");
-        let cluster = LocalCluster::start(dir.path(), size, "127.0.0.1:0".parse().unwrap(), None)
-            .await
-            .expect("cluster starts");
+        let cluster = LocalCluster::start_with_limits(
+            dir.path(),
+            size,
+            "127.0.0.1:0".parse().unwrap(),
+            None,
+            limits,
+        )
+        .await
+        .expect("cluster starts");
         cluster
             .wait_for_leader(DEADLINE)
             .await

@@ -11,3 +11,4 @@ mod jobs;
 mod layering;
 mod processes;
 mod restart;
+mod semantics;

@@ -250,11 +250,36 @@ async fn run_attempt(
             report(&control, &node_id, &job, attempt, Event::Running, &shutdown).await;
         }
     };
+    // The attempt's own stop signal: the leader's (TerminateJob, a superseded attempt) or the
+    // attempt's timeout, whichever comes first.
+    let (own_stop, own_stop_rx) = watch::channel(false);
+    let timed_out = Arc::new(AtomicBool::new(false));
+    let watchdog = {
+        let (own_stop, timed_out, mut stop) = (own_stop.clone(), timed_out.clone(), stop);
+        let timeout = assignment.timeout_secs.map(Duration::from_secs);
+        tokio::spawn(async move {
+            let limit = async {
+                match timeout {
+                    Some(t) => tokio::time::sleep(t).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = crate::executor::stopped(&mut stop) => {}
+                _ = limit => timed_out.store(true, Ordering::SeqCst),
+            }
+            let _ = own_stop.send(true);
+        })
+    };
     // RUNNING is reported while the attempt runs; the exit only after RUNNING was delivered.
-    let (exit, ()) = tokio::join!(
-        executor.run(&assignment, &log_path, started_tx, stop, grace),
+    let (mut exit, ()) = tokio::join!(
+        executor.run(&assignment, &log_path, started_tx, own_stop_rx, grace),
         running
     );
+    watchdog.abort();
+    if timed_out.load(Ordering::SeqCst) {
+        exit.reason = Some(muster_core::ATTEMPT_TIMED_OUT.to_owned());
+    }
     tracing::info!(job, attempt, exit_code = ?exit.exit_code, reason = ?exit.reason, "attempt ended");
     report(
         &control,

@@ -25,13 +25,6 @@ pub(crate) struct ContainerPropertiesShape {
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct RetryStrategyShape {
-    attempts: Option<i64>,
-    evaluate_on_exit: Option<Vec<Value>>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
 struct RegisterRequest {
     job_definition_name: Option<String>,
     #[serde(rename = "type")]
@@ -39,42 +32,9 @@ struct RegisterRequest {
     parameters: Option<BTreeMap<String, String>>,
     container_properties: Option<ContainerPropertiesShape>,
     node_properties: Option<Value>,
-    retry_strategy: Option<RetryStrategyShape>,
+    retry_strategy: Option<Value>,
     timeout: Option<Value>,
     tags: Option<Tags>,
-}
-
-/// Rejects the parts of a submission or definition whose semantics Muster does not carry out
-/// yet, rather than accept them and behave differently from AWS Batch.
-fn unsupported_retry(field: &str, retry: &Option<RetryStrategyShape>) -> Result<(), ApiError> {
-    if let Some(r) = retry {
-        match r.attempts {
-            Some(a) if !(1..=10).contains(&a) => {
-                return Err(ApiError::client(format!(
-                    "{field}.attempts: {a} must be between 1 and 10"
-                )));
-            }
-            Some(a) if a > 1 => {
-                return Err(ApiError::client(format!(
-                    "{field}.attempts: retries are not supported by Muster yet"
-                )));
-            }
-            _ => {}
-        }
-        if r.evaluate_on_exit.as_ref().is_some_and(|e| !e.is_empty()) {
-            return Err(ApiError::client(format!(
-                "{field}.evaluateOnExit: not supported by Muster yet"
-            )));
-        }
-    }
-    Ok(())
-}
-
-pub(crate) fn check_retry_strategy(field: &str, value: &Option<Value>) -> Result<(), ApiError> {
-    let Some(v) = value else { return Ok(()) };
-    let shape: RetryStrategyShape =
-        serde_json::from_value(v.clone()).map_err(|e| ApiError::client(format!("{field}: {e}")))?;
-    unsupported_retry(field, &Some(shape))
 }
 
 fn container_spec(c: ContainerPropertiesShape) -> Result<ContainerSpec, ApiError> {
@@ -154,12 +114,12 @@ pub(crate) async fn register<P: ControlPlane>(
             "nodeProperties: only multinode job definitions take nodeProperties",
         ));
     }
-    unsupported_retry("retryStrategy", &req.retry_strategy)?;
-    if req.timeout.is_some() {
-        return Err(ApiError::client(
-            "timeout: attempt timeouts are not supported by Muster yet",
-        ));
-    }
+    let retry = crate::semantics::retry_strategy("retryStrategy", &req.retry_strategy)?;
+    let timeout_secs = crate::semantics::timeout(
+        "timeout",
+        &req.timeout,
+        plane.limits().min_attempt_duration_secs,
+    )?;
     let container =
         container_spec(req.container_properties.ok_or_else(|| {
             ApiError::client("containerProperties is required for type container")
@@ -169,6 +129,8 @@ pub(crate) async fn register<P: ControlPlane>(
         container,
         parameters: req.parameters.unwrap_or_default(),
         tags: tags("tags", req.tags)?,
+        retry,
+        timeout_secs,
         extra: crate::request::extra(body, &["jobDefinitionName", "parameters", "tags"]),
     };
     match check_and_propose(plane, Command::RegisterJobDefinition(spec)).await? {

@@ -1,14 +1,14 @@
 //! SubmitJob, DescribeJobs, ListJobs, TerminateJob.
 
-use crate::job_definitions::{ContainerShape, check_retry_strategy, container_shape};
+use crate::job_definitions::{ContainerShape, container_shape};
 use crate::request::{
     KeyValuePair, ResourceRequirementShape, environment, page_size, parse, required,
     resource_requirements, tags,
 };
 use crate::{ApiError, ControlPlane, Principal, arn_of, check_and_propose};
 use muster_core::{
-    Command, ContainerOverrides, Job, JobId, JobStatus, JobSubmission, Outcome, State, Tags,
-    Timestamp,
+    ArrayRole, Command, ContainerOverrides, Job, JobId, JobStatus, JobSubmission, Outcome, State,
+    Tags, Timestamp,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -39,6 +39,8 @@ struct SubmitRequest {
     node_overrides: Option<Value>,
     retry_strategy: Option<Value>,
     timeout: Option<Value>,
+    share_identifier: Option<String>,
+    scheduling_priority_override: Option<i64>,
 }
 
 fn overrides(o: ContainerOverridesShape) -> Result<ContainerOverrides, ApiError> {
@@ -86,22 +88,39 @@ pub(crate) async fn submit<P: ControlPlane>(
     muster_core::validate::name("jobName", &name)?;
     let queue = required("jobQueue", &req.job_queue)?.to_owned();
     let definition = required("jobDefinition", &req.job_definition)?.to_owned();
-    if req.array_properties.is_some() {
-        return Err(ApiError::client(
-            "arrayProperties: array jobs are not supported by Muster yet",
-        ));
-    }
-    if req.depends_on.as_ref().is_some_and(|d| !d.is_empty()) {
-        return Err(ApiError::client(
-            "dependsOn: job dependencies are not supported by Muster yet",
-        ));
-    }
     if req.node_overrides.is_some() {
         return Err(ApiError::client(
             "nodeOverrides: multinode jobs are not supported by Muster yet",
         ));
     }
-    check_retry_strategy("retryStrategy", &req.retry_strategy)?;
+    let limits = plane.limits();
+    let retry = crate::semantics::retry_strategy("retryStrategy", &req.retry_strategy)?;
+    let timeout_secs =
+        crate::semantics::timeout("timeout", &req.timeout, limits.min_attempt_duration_secs)?;
+    let array_size = crate::semantics::array_size(&req.array_properties)?;
+    let depends_on = crate::semantics::depends_on(&req.depends_on, limits.max_depends_on)?;
+    if let Some(p) = req.scheduling_priority_override
+        && !(0..=9999).contains(&p)
+    {
+        return Err(ApiError::client(format!(
+            "schedulingPriorityOverride: {p} must be between 0 and 9999"
+        )));
+    }
+    let fair_share =
+        plane.read_local(|s| s.queue(&queue).map(|q| q.scheduling_policy_arn.is_some()));
+    match (fair_share, &req.share_identifier) {
+        (Some(true), None) => {
+            return Err(ApiError::client(
+                "shareIdentifier is required on a queue with a fair-share scheduling policy",
+            ));
+        }
+        (Some(false), Some(_)) => {
+            return Err(ApiError::client(
+                "shareIdentifier: only queues with a fair-share scheduling policy take one",
+            ));
+        }
+        _ => {}
+    }
     // SubmitJob needs both the queue and the job definition allowed (as AWS Batch does).
     let (queue_arn, definition_arn) = plane.read_local(|s| {
         (
@@ -123,11 +142,6 @@ pub(crate) async fn submit<P: ControlPlane>(
         )
     });
     caller.authorize("batch:SubmitJob", &[&queue_arn, &definition_arn])?;
-    if req.timeout.is_some() {
-        return Err(ApiError::client(
-            "timeout: attempt timeouts are not supported by Muster yet",
-        ));
-    }
     let submission = JobSubmission {
         id: JobId(plane.new_id()),
         at: plane.now(),
@@ -137,6 +151,23 @@ pub(crate) async fn submit<P: ControlPlane>(
         overrides: overrides(req.container_overrides.unwrap_or_default())?,
         parameters: req.parameters.unwrap_or_default(),
         tags: tags("tags", req.tags)?,
+        retry,
+        timeout_secs,
+        depends_on,
+        array_size,
+        extra: crate::request::extra(
+            body,
+            &[
+                "jobName",
+                "jobQueue",
+                "jobDefinition",
+                "containerOverrides",
+                "parameters",
+                "tags",
+                "arrayProperties",
+                "dependsOn",
+            ],
+        ),
     };
     match check_and_propose(plane, Command::SubmitJob(submission)).await? {
         Outcome::JobSubmitted { id, arn, name } => {
@@ -199,14 +230,67 @@ struct JobDetail {
     #[serde(skip_serializing_if = "Option::is_none")]
     stopped_at: Option<u64>,
     depends_on: Vec<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    array_properties: Option<Value>,
+    retry_strategy: Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    timeout: Option<Value>,
     job_definition: String,
     parameters: BTreeMap<String, String>,
     container: ContainerDetail,
     tags: Tags,
-    propagate_tags: bool,
     platform_capabilities: Vec<&'static str>,
     is_terminated: bool,
     is_cancelled: bool,
+}
+
+fn depends_on_shape(job: &Job) -> Vec<Value> {
+    job.depends_on
+        .iter()
+        .map(|d| {
+            let mut v = json!({});
+            if let Some(id) = &d.job {
+                v["jobId"] = json!(id.0);
+            }
+            if let Some(t) = d.kind.as_aws() {
+                v["type"] = json!(t);
+            }
+            v
+        })
+        .collect()
+}
+
+fn retry_shape(r: &muster_core::RetryStrategy) -> Value {
+    let rules: Vec<Value> = r
+        .evaluate_on_exit
+        .iter()
+        .map(|rule| {
+            let mut v = json!({"action": if rule.action == muster_core::RetryAction::Retry { "RETRY" } else { "EXIT" }});
+            for (key, value) in [("onStatusReason", &rule.on_status_reason), ("onReason", &rule.on_reason), ("onExitCode", &rule.on_exit_code)] {
+                if let Some(p) = value {
+                    v[key] = json!(p);
+                }
+            }
+            v
+        })
+        .collect();
+    json!({"attempts": r.attempts, "evaluateOnExit": rules})
+}
+
+/// `arrayProperties`: the parent's size and per-status counts of its children; a child's
+/// index.
+fn array_shape(state: &State, job: &Job) -> Option<Value> {
+    match job.array.as_ref()? {
+        ArrayRole::Parent { size, .. } => {
+            let mut summary: BTreeMap<&str, u32> =
+                JobStatus::ALL.iter().map(|s| (s.as_aws(), 0)).collect();
+            for child in state.array_children(&job.id) {
+                *summary.entry(child.status.as_aws()).or_default() += 1;
+            }
+            Some(json!({"size": size, "statusSummary": summary}))
+        }
+        ArrayRole::Child { index, size, .. } => Some(json!({"index": index, "size": size})),
+    }
 }
 
 fn ms(t: Timestamp) -> u64 {
@@ -253,7 +337,12 @@ fn job_detail(state: &State, job: &Job) -> JobDetail {
         created_at: ms(job.created_at),
         started_at: job.started_at.map(ms),
         stopped_at: job.stopped_at.map(ms),
-        depends_on: Vec::new(),
+        depends_on: depends_on_shape(job),
+        array_properties: array_shape(state, job),
+        retry_strategy: retry_shape(&job.retry),
+        timeout: job
+            .timeout_secs
+            .map(|t| json!({"attemptDurationSeconds": t})),
         job_definition: job.definition_arn.0.clone(),
         parameters: job.parameters.clone(),
         container: ContainerDetail {
@@ -270,7 +359,6 @@ fn job_detail(state: &State, job: &Job) -> JobDetail {
             container_instance_arn: node,
         },
         tags: job.tags.clone(),
-        propagate_tags: false,
         platform_capabilities: vec!["EC2"],
         is_terminated: job.is_terminated,
         is_cancelled: job.is_cancelled,
@@ -304,7 +392,7 @@ pub(crate) async fn describe<P: ControlPlane>(
             // Unknown ids are left out, as AWS does.
             ids.iter()
                 .filter_map(|id| s.job(&JobId(id.clone())))
-                .map(|j| job_detail(s, j))
+                .map(|j| crate::request::echo(&j.extra, job_detail(s, j)))
                 .collect::<Vec<_>>()
         })
         .await
@@ -340,10 +428,17 @@ struct JobSummary {
     stopped_at: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     container: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    array_properties: Option<Value>,
     job_definition: String,
 }
 
 fn summary(job: &Job) -> JobSummary {
+    let array_properties = match &job.array {
+        Some(ArrayRole::Parent { size, .. }) => Some(json!({"size": size})),
+        Some(ArrayRole::Child { index, size, .. }) => Some(json!({"index": index, "size": size})),
+        None => None,
+    };
     let container = job
         .attempts
         .last()
@@ -368,6 +463,7 @@ fn summary(job: &Job) -> JobSummary {
         started_at: job.started_at.map(ms),
         stopped_at: job.stopped_at.map(ms),
         container,
+        array_properties,
         job_definition: job.definition_arn.0.clone(),
     }
 }
@@ -379,32 +475,32 @@ pub(crate) async fn list<P: ControlPlane>(
 ) -> Result<Value, ApiError> {
     caller.authorize("batch:ListJobs", &["*"])?;
     let req: ListRequest = parse(body)?;
-    if req.array_job_id.is_some() {
-        return Err(ApiError::client(
-            "arrayJobId: array jobs are not supported by Muster yet",
-        ));
-    }
     if req.multi_node_job_id.is_some() {
         return Err(ApiError::client(
             "multiNodeJobId: multinode jobs are not supported by Muster yet",
         ));
     }
-    if req.filters.as_ref().is_some_and(|f| !f.is_empty()) {
-        return Err(ApiError::client(
-            "filters: ListJobs filters are not supported by Muster yet",
-        ));
-    }
-    let queue = required("jobQueue", &req.job_queue)?.to_owned();
-    // Without a status AWS lists RUNNING jobs.
-    let status = match req.job_status.as_deref() {
-        None => JobStatus::Running,
-        Some(s) => JobStatus::parse(s).ok_or_else(|| {
+    let filters = list_filters(req.filters.as_deref().unwrap_or_default())?;
+    let source = match (&req.job_queue, &req.array_job_id) {
+        (Some(q), None) if !q.is_empty() => Source::Queue(q.clone()),
+        (None, Some(a)) if !a.is_empty() => Source::Array(JobId(a.clone())),
+        _ => {
+            return Err(ApiError::client(
+                "give exactly one of jobQueue, arrayJobId or multiNodeJobId",
+            ));
+        }
+    };
+    // Without a status AWS lists RUNNING jobs; with filters it lists every status.
+    let status = match (req.job_status.as_deref(), filters.is_empty()) {
+        (_, false) => None,
+        (None, true) => Some(JobStatus::Running),
+        (Some(s), true) => Some(JobStatus::parse(s).ok_or_else(|| {
             ApiError::client(format!(
                 "jobStatus: {s} must be one of SUBMITTED | PENDING | RUNNABLE | STARTING | RUNNING | SUCCEEDED | FAILED"
             ))
-        })?,
+        })?),
     };
-    let limit = page_size(req.max_results, 1000)?;
+    let limit = page_size(req.max_results, if filters.is_empty() { 1000 } else { 100 })?;
     let after = match req.next_token.as_deref() {
         None => None,
         Some(t) => Some(
@@ -415,12 +511,28 @@ pub(crate) async fn list<P: ControlPlane>(
     };
     let result = plane
         .read(move |s| {
-            let q = s.queue(&queue)?;
-            let mut matching = s.jobs_in_queue(&q.name, Some(status)).filter(|j| {
-                after
-                    .as_ref()
-                    .is_none_or(|(seq, id)| (j.seq, &j.id.0) > (*seq, id))
-            });
+            let listed: Box<dyn Iterator<Item = &Job>> = match &source {
+                Source::Queue(queue) => {
+                    let q = s.queue(queue)?;
+                    // Array children are listed through their parent (arrayJobId).
+                    Box::new(
+                        s.jobs_in_queue(&q.name, None)
+                            .filter(|j| !matches!(j.array, Some(ArrayRole::Child { .. }))),
+                    )
+                }
+                Source::Array(parent) => {
+                    s.job(parent)?;
+                    Box::new(s.array_children(parent))
+                }
+            };
+            let mut matching = listed
+                .filter(|j| status.is_none_or(|st| j.status == st))
+                .filter(|j| filters.iter().all(|f| f.matches(j)))
+                .filter(|j| {
+                    after
+                        .as_ref()
+                        .is_none_or(|(seq, id)| (j.seq, &j.id.0) > (*seq, id))
+                });
             let page: Vec<(JobSummary, String)> = matching
                 .by_ref()
                 .take(limit)
@@ -431,10 +543,13 @@ pub(crate) async fn list<P: ControlPlane>(
         .await
         .map_err(ApiError::server)?;
     let Some((page, more)) = result else {
-        return Err(ApiError::client(format!(
-            "jobQueue: job queue {} does not exist",
-            req.job_queue.unwrap_or_default()
-        )));
+        return Err(match req.array_job_id {
+            Some(a) => ApiError::client(format!("arrayJobId: array job {a} does not exist")),
+            None => ApiError::client(format!(
+                "jobQueue: job queue {} does not exist",
+                req.job_queue.unwrap_or_default()
+            )),
+        });
     };
     let token = page.last().filter(|_| more).map(|(_, t)| t.clone());
     let summaries: Vec<JobSummary> = page.into_iter().map(|(s, _)| s).collect();
@@ -443,6 +558,67 @@ pub(crate) async fn list<P: ControlPlane>(
         out["nextToken"] = json!(token);
     }
     Ok(out)
+}
+
+enum Source {
+    Queue(String),
+    Array(JobId),
+}
+
+/// One ListJobs filter.
+enum Filter {
+    /// `JOB_NAME`: exact, or a prefix when the value ends in `*`.
+    Name(String),
+    /// `JOB_DEFINITION`: name, `name:revision` or ARN, prefix with `*`.
+    Definition(String),
+    BeforeCreatedAt(u64),
+    AfterCreatedAt(u64),
+}
+
+impl Filter {
+    fn matches(&self, job: &Job) -> bool {
+        match self {
+            Filter::Name(p) => muster_core::glob(p, &job.name),
+            Filter::Definition(p) => {
+                let arn = &job.definition_arn.0;
+                let short = arn.rsplit('/').next().unwrap_or(arn);
+                let name = short.split(':').next().unwrap_or(short);
+                [arn.as_str(), short, name]
+                    .iter()
+                    .any(|c| muster_core::glob(p, c))
+            }
+            Filter::BeforeCreatedAt(t) => job.created_at.as_millis() < *t,
+            Filter::AfterCreatedAt(t) => job.created_at.as_millis() > *t,
+        }
+    }
+}
+
+fn list_filters(raw: &[Value]) -> Result<Vec<Filter>, ApiError> {
+    raw.iter()
+        .map(|f| {
+            let name = f.get("name").and_then(Value::as_str).unwrap_or_default();
+            let values: Vec<&str> = f.get("values").and_then(Value::as_array).map_or_else(Vec::new, |v| {
+                v.iter().filter_map(Value::as_str).collect()
+            });
+            let [value] = values[..] else {
+                return Err(ApiError::client(format!("filters.values: {name} takes exactly one value")));
+            };
+            let time = || {
+                value.parse::<u64>().map_err(|_| ApiError::client(format!("filters.values: {name} needs epoch milliseconds")))
+            };
+            Ok(match name {
+                "JOB_NAME" => Filter::Name(value.to_owned()),
+                "JOB_DEFINITION" => Filter::Definition(value.to_owned()),
+                "BEFORE_CREATED_AT" => Filter::BeforeCreatedAt(time()?),
+                "AFTER_CREATED_AT" => Filter::AfterCreatedAt(time()?),
+                other => {
+                    return Err(ApiError::client(format!(
+                        "filters.name: {other} must be one of JOB_NAME | JOB_DEFINITION | BEFORE_CREATED_AT | AFTER_CREATED_AT"
+                    )));
+                }
+            })
+        })
+        .collect()
 }
 
 #[derive(Deserialize)]

@@ -21,6 +21,7 @@ mod job_queues;
 mod jobs;
 mod request;
 mod scheduling_policies;
+mod semantics;
 mod sts;
 mod tags;
 
@@ -58,6 +59,29 @@ pub trait ControlPlane: Send + Sync + 'static {
 
     /// A fresh unique id (a UUID) for a new job or resource.
     fn new_id(&self) -> String;
+
+    /// Limits operators may tune.
+    fn limits(&self) -> Limits {
+        Limits::default()
+    }
+}
+
+/// Request limits that differ between deployments (and that tests lower).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Smallest `timeout.attemptDurationSeconds` accepted. AWS's 60; only tests lower it.
+    pub min_attempt_duration_secs: u64,
+    /// Most `dependsOn` entries in one SubmitJob (AWS allows 20, which users find too few).
+    pub max_depends_on: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            min_attempt_duration_secs: 60,
+            max_depends_on: 1000,
+        }
+    }
 }
 
 /// Limits and identity the API enforces that operators may tune.

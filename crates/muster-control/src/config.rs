@@ -44,6 +44,8 @@ pub struct ServerConfig {
     /// Where the founding node writes the first administrator's credentials (`None`: the
     /// caller bootstraps them itself, as `muster dev` does).
     pub root_credentials_dir: Option<PathBuf>,
+    /// API limits. Not read from config files: only tests lower the AWS minimums.
+    pub limits: muster_api::Limits,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +108,7 @@ impl RawServerConfig {
             }
         }
         Ok(ServerConfig {
+            limits: muster_api::Limits::default(),
             root_credentials_dir: Some(self.data_dir.join("aws")),
             node_id: self.node_id,
             grpc_addr,

@@ -17,6 +17,7 @@ pub struct LocalCluster {
     nodes: BTreeMap<u64, Option<ControlNode>>,
     grpc_addrs: BTreeMap<u64, SocketAddr>,
     api_addrs: BTreeMap<u64, SocketAddr>,
+    limits: muster_api::Limits,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +59,25 @@ impl LocalCluster {
         first_api_addr: SocketAddr,
         metrics: Option<PrometheusHandle>,
     ) -> Result<Self, ClusterError> {
+        Self::start_with_limits(
+            data_dir,
+            size,
+            first_api_addr,
+            metrics,
+            muster_api::Limits::default(),
+        )
+        .await
+    }
+
+    /// [`LocalCluster::start`] with API limits other than AWS's (tests lower the minimum
+    /// attempt timeout so that timeouts can be tested in seconds).
+    pub async fn start_with_limits(
+        data_dir: &Path,
+        size: u64,
+        first_api_addr: SocketAddr,
+        metrics: Option<PrometheusHandle>,
+        limits: muster_api::Limits,
+    ) -> Result<Self, ClusterError> {
         let any: SocketAddr = "127.0.0.1:0".parse().expect("literal address");
         let mut grpc = BTreeMap::new();
         let mut api = BTreeMap::new();
@@ -75,6 +95,7 @@ impl LocalCluster {
             nodes: BTreeMap::new(),
             grpc_addrs: grpc.iter().map(|(id, l)| (*id, addr(l))).collect(),
             api_addrs: api.iter().map(|(id, l)| (*id, addr(l))).collect(),
+            limits,
         };
         for (id, g) in grpc {
             let a = api.remove(&id).expect("one API listener per node");
@@ -102,6 +123,7 @@ impl LocalCluster {
                 .map(|(id, a)| (*id, a.to_string()))
                 .collect(),
             root_credentials_dir: None,
+            limits: self.limits,
         }
     }
 

@@ -112,8 +112,13 @@ impl ControlNode {
             }
         }));
 
-        let mut router =
-            muster_api::router(RaftPlane { node: node.clone() }, &ApiConfig::default());
+        let mut router = muster_api::router(
+            RaftPlane {
+                node: node.clone(),
+                limits: config.limits,
+            },
+            &ApiConfig::default(),
+        );
         if let Some(handle) = metrics {
             router = router.route("/metrics", get(move || std::future::ready(handle.render())));
         }

@@ -7,6 +7,7 @@ use muster_raft::RaftNode;
 #[derive(Clone)]
 pub struct RaftPlane {
     pub node: RaftNode,
+    pub limits: muster_api::Limits,
 }
 
 impl ControlPlane for RaftPlane {
@@ -27,6 +28,10 @@ impl ControlPlane for RaftPlane {
 
     fn now(&self) -> Timestamp {
         crate::now_millis()
+    }
+
+    fn limits(&self) -> muster_api::Limits {
+        self.limits
     }
 
     fn new_id(&self) -> String {

@@ -151,6 +151,19 @@ pub struct JobSubmission {
     pub overrides: ContainerOverrides,
     pub parameters: BTreeMap<String, String>,
     pub tags: Tags,
+    /// Replaces the definition's.
+    #[serde(default)]
+    pub retry: Option<crate::RetryStrategy>,
+    /// Replaces the definition's.
+    #[serde(default)]
+    pub timeout_secs: Option<u64>,
+    #[serde(default)]
+    pub depends_on: Vec<crate::Dependency>,
+    /// `arrayProperties.size`: 2 to 10,000 children.
+    #[serde(default)]
+    pub array_size: Option<u32>,
+    #[serde(default)]
+    pub extra: crate::Extra,
 }
 
 /// One job attempt placed on one node.

@@ -23,13 +23,16 @@ pub mod validate;
 #[cfg(test)]
 mod state_tests;
 
+#[cfg(test)]
+mod lifecycle_tests;
+
 pub use command::{
     AdminCommand, AttemptEvent, Command, IamCommand, JobSubmission, Outcome, Placement, Rejection,
 };
 pub use ids::{Arn, ArnScope, JobId, NodeId, Timestamp};
 pub use model::*;
 pub use resources::Resources;
-pub use state::{Assignment, State};
+pub use state::{ATTEMPT_TIMED_OUT, Assignment, State};
 
 /// Version of the serialized [`State`] inside a snapshot; bumped on any incompatible change.
 pub const STATE_FORMAT_VERSION: u32 = 1;

@@ -47,6 +47,8 @@ fn definition(name: &str, command: &[&str]) -> Command {
         },
         parameters: [("who".to_owned(), "world".to_owned())].into(),
         tags: Default::default(),
+        retry: None,
+        timeout_secs: None,
         extra: Default::default(),
     })
 }
@@ -61,6 +63,11 @@ fn submit(id: &str, at: u64, definition: &str) -> Command {
         overrides: Default::default(),
         parameters: Default::default(),
         tags: Default::default(),
+        retry: None,
+        timeout_secs: None,
+        depends_on: Vec::new(),
+        array_size: None,
+        extra: Default::default(),
     })
 }
 

@@ -73,6 +73,7 @@ pub fn assignment_to_pb(a: &Assignment) -> pb::Assignment {
         resources: Some(resources_to_pb(&a.resources)),
         log_stream_name: a.log_stream_name.clone(),
         gpus: a.gpus.iter().map(gpu_to_pb).collect(),
+        timeout_seconds: a.timeout_secs,
     }
 }
 
@@ -91,6 +92,7 @@ pub fn assignment_from_pb(a: &pb::Assignment) -> Assignment {
         resources: resources_from_pb(a.resources.as_ref()),
         log_stream_name: a.log_stream_name.clone(),
         gpus: a.gpus.iter().map(gpu_from_pb).collect(),
+        timeout_secs: a.timeout_seconds,
     }
 }
 
@@ -109,6 +111,7 @@ mod tests {
             environment: vec![("A".into(), "1".into())],
             resources: Resources::new(1500, 256, 1),
             log_stream_name: "x/default/j-1-2".into(),
+            timeout_secs: Some(60),
             gpus: vec![GpuDevice {
                 index: 1,
                 uuid: "GPU-1".into(),

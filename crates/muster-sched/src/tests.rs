@@ -66,6 +66,8 @@ fn gpu_cluster(queues: &[(&str, i64)], nodes: &[(u64, u64, u32)]) -> State {
             },
             parameters: Default::default(),
             tags: Default::default(),
+            retry: None,
+            timeout_secs: None,
             extra: Default::default(),
         }),
     );
@@ -118,6 +120,11 @@ fn submit_gpu(s: &mut State, queue: &str, id: &str, at: u64, vcpus: i64, memory:
             },
             parameters: Default::default(),
             tags: Default::default(),
+            retry: None,
+            timeout_secs: None,
+            depends_on: Vec::new(),
+            array_size: None,
+            extra: Default::default(),
         }),
     );
 }

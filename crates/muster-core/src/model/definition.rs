@@ -136,6 +136,10 @@ pub struct JobDefinitionSpec {
     pub container: ContainerSpec,
     pub parameters: BTreeMap<String, String>,
     pub tags: Tags,
+    #[serde(default)]
+    pub retry: Option<crate::RetryStrategy>,
+    #[serde(default)]
+    pub timeout_secs: Option<u64>,
     /// Other members as sent (`containerProperties` in full, `platformCapabilities`, …).
     #[serde(default)]
     pub extra: super::Extra,
@@ -150,6 +154,10 @@ pub struct JobDefinition {
     pub container: ContainerSpec,
     pub parameters: BTreeMap<String, String>,
     pub tags: Tags,
+    #[serde(default)]
+    pub retry: Option<crate::RetryStrategy>,
+    #[serde(default)]
+    pub timeout_secs: Option<u64>,
     #[serde(default)]
     pub extra: super::Extra,
 }

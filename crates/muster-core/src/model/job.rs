@@ -54,6 +54,103 @@ impl JobStatus {
     }
 }
 
+/// `retryStrategy`: how many attempts a job gets, and which failures are worth another.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetryStrategy {
+    /// 1 to 10, counting the first attempt.
+    pub attempts: u32,
+    /// Checked in order; the first rule that matches decides. No match means retry.
+    pub evaluate_on_exit: Vec<ExitRule>,
+}
+
+impl Default for RetryStrategy {
+    fn default() -> Self {
+        Self {
+            attempts: 1,
+            evaluate_on_exit: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RetryAction {
+    Retry,
+    Exit,
+}
+
+/// One `evaluateOnExit` rule. Patterns may end in `*` (a prefix match); every pattern given
+/// must match.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitRule {
+    pub on_status_reason: Option<String>,
+    pub on_reason: Option<String>,
+    pub on_exit_code: Option<String>,
+    pub action: RetryAction,
+}
+
+impl RetryStrategy {
+    /// Whether a failed attempt (`attempts_made` so far) earns another.
+    pub fn retries(
+        &self,
+        attempts_made: u32,
+        exit_code: Option<i32>,
+        reason: Option<&str>,
+        status_reason: &str,
+    ) -> bool {
+        if attempts_made >= self.attempts {
+            return false;
+        }
+        let matches = |pattern: &Option<String>, value: Option<&str>| match pattern {
+            None => true,
+            Some(p) => value.is_some_and(|v| crate::glob(p, v)),
+        };
+        let code = exit_code.map(|c| c.to_string());
+        let rule = self.evaluate_on_exit.iter().find(|r| {
+            matches(&r.on_status_reason, Some(status_reason))
+                && matches(&r.on_reason, reason)
+                && matches(&r.on_exit_code, code.as_deref())
+        });
+        rule.is_none_or(|r| r.action == RetryAction::Retry)
+    }
+}
+
+/// `dependsOn[].type`: plain (no type), `N_TO_N` or `SEQUENTIAL` (array jobs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DependencyKind {
+    Plain,
+    NToN,
+    Sequential,
+}
+
+impl DependencyKind {
+    pub fn as_aws(self) -> Option<&'static str> {
+        match self {
+            DependencyKind::Plain => None,
+            DependencyKind::NToN => Some("N_TO_N"),
+            DependencyKind::Sequential => Some("SEQUENTIAL"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dependency {
+    /// `None` only for SEQUENTIAL, which links the children of the job's own array.
+    pub job: Option<JobId>,
+    pub kind: DependencyKind,
+}
+
+/// Where a job sits in an array job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ArrayRole {
+    /// Never runs itself; its status follows its children.
+    Parent { size: u32, ended: u32, failed: u32 },
+    Child {
+        parent: JobId,
+        index: u32,
+        size: u32,
+    },
+}
+
 /// The attempt in flight: where it was placed and by which leader term (for fencing).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ActiveAttempt {
@@ -111,6 +208,22 @@ pub struct Job {
     /// Ended by CancelJob before it was placed.
     #[serde(default)]
     pub is_cancelled: bool,
+    #[serde(default)]
+    pub retry: RetryStrategy,
+    /// `timeout.attemptDurationSeconds`: each attempt is stopped after this long.
+    #[serde(default)]
+    pub timeout_secs: Option<u64>,
+    /// `dependsOn` as submitted.
+    #[serde(default)]
+    pub depends_on: Vec<Dependency>,
+    /// The dependencies that have not succeeded yet; the job is PENDING while any remain.
+    #[serde(default)]
+    pub waiting_on: std::collections::BTreeSet<JobId>,
+    #[serde(default)]
+    pub array: Option<ArrayRole>,
+    /// Submit members stored and echoed as sent (`shareIdentifier`, `propagateTags`, …).
+    #[serde(default)]
+    pub extra: super::Extra,
 }
 
 impl Job {

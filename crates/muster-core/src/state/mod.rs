@@ -12,10 +12,14 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
 mod iam;
+mod lifecycle;
 mod resources;
 
 /// AWS's reason for an attempt whose container ran and exited.
 const CONTAINER_EXITED: &str = "Essential container in task exited";
+
+/// AWS's reason for an attempt stopped at its `attemptDurationSeconds`; agents report it.
+pub const ATTEMPT_TIMED_OUT: &str = "Job attempt duration exceeded timeout";
 
 /// Everything the control plane agrees on. Identical on every node that applied the same log.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -38,6 +42,9 @@ pub struct State {
     /// RUNNABLE jobs per queue in submit order: the scheduler's FIFO. Derived from `jobs`.
     #[serde(skip)]
     runnable: BTreeMap<String, BTreeSet<(u64, JobId)>>,
+    /// For each job, the PENDING jobs waiting on it. Derived from `jobs` (`waiting_on`).
+    #[serde(skip)]
+    dependents: BTreeMap<JobId, BTreeSet<JobId>>,
     /// All jobs per queue in submit order, for ListJobs. Derived from `jobs`.
     #[serde(skip)]
     jobs_by_queue: BTreeMap<String, BTreeSet<(u64, JobId)>>,
@@ -65,6 +72,8 @@ pub struct Assignment {
     pub log_stream_name: String,
     /// The node's GPUs given to this attempt (empty when it asked for none).
     pub gpus: Vec<crate::GpuDevice>,
+    /// Stop the attempt after this long (`attemptDurationSeconds`).
+    pub timeout_secs: Option<u64>,
 }
 
 impl State {
@@ -72,6 +81,7 @@ impl State {
     pub fn rebuild_indexes(&mut self) {
         self.runnable.clear();
         self.jobs_by_queue.clear();
+        self.dependents.clear();
         for job in self.jobs.values() {
             let key = (job.seq, job.id.clone());
             self.jobs_by_queue
@@ -83,6 +93,12 @@ impl State {
                     .entry(job.queue.clone())
                     .or_default()
                     .insert(key);
+            }
+            for dep in &job.waiting_on {
+                self.dependents
+                    .entry(dep.clone())
+                    .or_default()
+                    .insert(job.id.clone());
             }
         }
     }
@@ -244,6 +260,10 @@ impl State {
                         n.compute_environment.clone(),
                     ),
                 ]);
+                if let Some(crate::ArrayRole::Child { index, size, .. }) = &job.array {
+                    environment.push(("AWS_BATCH_JOB_ARRAY_INDEX".to_owned(), index.to_string()));
+                    environment.push(("AWS_BATCH_JOB_ARRAY_SIZE".to_owned(), size.to_string()));
+                }
                 Some(Assignment {
                     job: job.id.clone(),
                     attempt: active.number,
@@ -254,6 +274,7 @@ impl State {
                     resources: job.container.resources(),
                     log_stream_name: job.log_stream_name(active.number),
                     gpus,
+                    timeout_secs: job.timeout_secs,
                 })
             })
             .collect()
@@ -384,6 +405,7 @@ impl State {
                 ),
             ));
         }
+        self.check_dependencies(sub)?;
         let resources = definition
             .container
             .with_overrides(&sub.overrides)
@@ -462,6 +484,8 @@ impl State {
             container: spec.container,
             parameters: spec.parameters,
             tags: spec.tags,
+            retry: spec.retry,
+            timeout_secs: spec.timeout_secs,
             extra: spec.extra,
         });
         Outcome::DefinitionRegistered {
@@ -469,68 +493,6 @@ impl State {
             revision,
             arn: arn.0,
         }
-    }
-
-    fn submit(&mut self, sub: JobSubmission) -> Outcome {
-        // A submit retried with the same id (a forward that timed out after commit) answers
-        // with the job it already created.
-        if let Some(existing) = self.jobs.get(&sub.id) {
-            return Outcome::JobSubmitted {
-                id: existing.id.clone(),
-                arn: existing.arn.0.clone(),
-                name: existing.name.clone(),
-            };
-        }
-        let (queue, definition) = match self.check_submit(&sub) {
-            Ok(found) => found,
-            Err(rejection) => return Outcome::Rejected(rejection),
-        };
-        let mut parameters = definition.parameters.clone();
-        parameters.extend(sub.parameters);
-        let mut tags = sub.tags;
-        for (k, v) in &definition.tags {
-            tags.entry(k.clone()).or_insert_with(|| v.clone());
-        }
-        let seq = self.next_job_seq;
-        let job = Job {
-            seq,
-            arn: self.scope.arn("job", &sub.id.0),
-            id: sub.id.clone(),
-            name: sub.name.clone(),
-            queue: queue.name.clone(),
-            definition_arn: definition.arn.clone(),
-            // A job without dependencies passes SUBMITTED and PENDING within the same apply.
-            status: JobStatus::Runnable,
-            status_reason: None,
-            container: definition.container.with_overrides(&sub.overrides),
-            parameters,
-            tags,
-            created_at: sub.at,
-            started_at: None,
-            stopped_at: None,
-            active: None,
-            attempts: Vec::new(),
-            terminate_reason: None,
-            is_terminated: false,
-            is_cancelled: false,
-        };
-        let key = (job.seq, job.id.clone());
-        self.jobs_by_queue
-            .entry(job.queue.clone())
-            .or_default()
-            .insert(key.clone());
-        self.runnable
-            .entry(job.queue.clone())
-            .or_default()
-            .insert(key);
-        let outcome = Outcome::JobSubmitted {
-            id: job.id.clone(),
-            arn: job.arn.0.clone(),
-            name: job.name.clone(),
-        };
-        self.jobs.insert(job.id.clone(), job);
-        self.next_job_seq += 1;
-        outcome
     }
 
     fn terminate(&mut self, id: &JobId, reason: String, at: Timestamp) -> Outcome {
@@ -573,10 +535,20 @@ impl State {
                     fifo.remove(&(job.seq, job.id.clone()));
                 }
                 job.status = JobStatus::Failed;
-                job.status_reason = Some(reason);
+                job.status_reason = Some(reason.clone());
                 job.is_terminated = how == Ending::Terminate;
                 job.is_cancelled = how == Ending::Cancel;
                 job.stopped_at = Some(at);
+                let children = match job.array {
+                    Some(crate::ArrayRole::Parent { size, .. }) => size,
+                    _ => 0,
+                };
+                // Ending an array parent ends its children the same way.
+                for index in 0..children {
+                    let child = JobId(format!("{id}:{index}"));
+                    self.end_job(&child, reason.clone(), at, how);
+                }
+                self.settle(id, at);
                 Outcome::Done
             }
         }
@@ -743,10 +715,19 @@ impl State {
                 }
                 let status_reason = match (&job.terminate_reason, exit_code, &reason) {
                     (Some(terminated), _, _) => terminated.clone(),
+                    (None, _, Some(why)) if why == ATTEMPT_TIMED_OUT => why.clone(),
                     (None, Some(_), _) => CONTAINER_EXITED.to_owned(),
                     (None, None, Some(why)) => why.clone(),
                     (None, None, None) => "Attempt ended without an exit code".to_owned(),
                 };
+                let retry = exit_code != Some(0)
+                    && job.terminate_reason.is_none()
+                    && job.retry.retries(
+                        active.number,
+                        exit_code,
+                        reason.as_deref(),
+                        &status_reason,
+                    );
                 job.attempts.push(AttemptRecord {
                     node: active.node,
                     started_at: active.started_at,
@@ -756,14 +737,25 @@ impl State {
                     status_reason: status_reason.clone(),
                     log_stream_name: job.log_stream_name(active.number),
                 });
+                job.status_reason = Some(status_reason);
+                if retry {
+                    // Back in line, at its original place in submit order.
+                    job.status = JobStatus::Runnable;
+                    let key = (job.seq, job.id.clone());
+                    self.runnable
+                        .entry(job.queue.clone())
+                        .or_default()
+                        .insert(key);
+                    return Outcome::Done;
+                }
                 let succeeded = exit_code == Some(0) && job.terminate_reason.is_none();
                 job.status = if succeeded {
                     JobStatus::Succeeded
                 } else {
                     JobStatus::Failed
                 };
-                job.status_reason = Some(status_reason);
                 job.stopped_at = Some(at);
+                self.settle(id, at);
                 Outcome::Done
             }
         }

@@ -1,0 +1,321 @@
+//! Submitting jobs (single, array, with dependencies) and what follows when a job ends:
+//! dependents released or failed, array parents completed.
+
+use super::State;
+use crate::{
+    ArrayRole, DependencyKind, Job, JobId, JobStatus, JobSubmission, Outcome, Rejection, Timestamp,
+};
+use std::collections::BTreeSet;
+
+pub const MAX_ARRAY_SIZE: u32 = 10_000;
+
+impl State {
+    /// Checks `dependsOn` against the jobs that exist: known ids, N_TO_N between arrays of one
+    /// size, SEQUENTIAL only on arrays.
+    pub(super) fn check_dependencies(&self, sub: &JobSubmission) -> Result<(), Rejection> {
+        if let Some(size) = sub.array_size
+            && !(2..=MAX_ARRAY_SIZE).contains(&size)
+        {
+            return Err(Rejection::new(
+                "arrayProperties.size",
+                format!("arrayProperties.size: {size} must be between 2 and {MAX_ARRAY_SIZE}"),
+            ));
+        }
+        for dep in &sub.depends_on {
+            match (dep.kind, &dep.job) {
+                (DependencyKind::Sequential, _) if sub.array_size.is_none() => {
+                    return Err(Rejection::new(
+                        "dependsOn",
+                        "dependsOn: SEQUENTIAL applies only to array jobs",
+                    ));
+                }
+                (DependencyKind::Sequential, _) => {}
+                (_, None) => {
+                    return Err(Rejection::new(
+                        "dependsOn.jobId",
+                        "dependsOn.jobId is required",
+                    ));
+                }
+                (kind, Some(id)) => {
+                    let Some(target) = self.jobs.get(id) else {
+                        return Err(Rejection::new(
+                            "dependsOn.jobId",
+                            format!("dependsOn.jobId: job {id} does not exist"),
+                        ));
+                    };
+                    if kind == DependencyKind::NToN {
+                        let size = match target.array {
+                            Some(ArrayRole::Parent { size, .. }) => Some(size),
+                            _ => None,
+                        };
+                        if sub.array_size.is_none() || size != sub.array_size {
+                            return Err(Rejection::new(
+                                "dependsOn.type",
+                                format!(
+                                    "dependsOn.type: N_TO_N needs two array jobs of the same size; {id} is not"
+                                ),
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn submit(&mut self, sub: JobSubmission) -> Outcome {
+        // A submit retried with the same id (a forward that timed out after commit) answers
+        // with the job it already created.
+        if let Some(existing) = self.jobs.get(&sub.id) {
+            return Outcome::JobSubmitted {
+                id: existing.id.clone(),
+                arn: existing.arn.0.clone(),
+                name: existing.name.clone(),
+            };
+        }
+        let (queue, definition) = match self.check_submit(&sub) {
+            Ok(found) => found,
+            Err(rejection) => return Outcome::Rejected(rejection),
+        };
+        let mut parameters = definition.parameters.clone();
+        parameters.extend(sub.parameters.clone());
+        let mut tags = sub.tags.clone();
+        for (k, v) in &definition.tags {
+            tags.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+        let template = Job {
+            seq: 0,
+            arn: self.scope.arn("job", &sub.id.0),
+            id: sub.id.clone(),
+            name: sub.name.clone(),
+            queue: queue.name.clone(),
+            definition_arn: definition.arn.clone(),
+            status: JobStatus::Submitted,
+            status_reason: None,
+            container: definition.container.with_overrides(&sub.overrides),
+            parameters,
+            tags,
+            created_at: sub.at,
+            started_at: None,
+            stopped_at: None,
+            active: None,
+            attempts: Vec::new(),
+            terminate_reason: None,
+            is_terminated: false,
+            is_cancelled: false,
+            retry: sub
+                .retry
+                .clone()
+                .or_else(|| definition.retry.clone())
+                .unwrap_or_default(),
+            timeout_secs: sub.timeout_secs.or(definition.timeout_secs),
+            depends_on: sub.depends_on.clone(),
+            waiting_on: BTreeSet::new(),
+            array: None,
+            extra: sub.extra.clone(),
+        };
+        let outcome = Outcome::JobSubmitted {
+            id: sub.id.clone(),
+            arn: template.arn.0.clone(),
+            name: template.name.clone(),
+        };
+        let plain: BTreeSet<JobId> = sub
+            .depends_on
+            .iter()
+            .filter(|d| d.kind == DependencyKind::Plain)
+            .filter_map(|d| d.job.clone())
+            .collect();
+        match sub.array_size {
+            None => {
+                let mut job = template;
+                job.waiting_on = plain;
+                self.admit(job, sub.at);
+            }
+            Some(size) => {
+                let mut parent = template.clone();
+                parent.array = Some(ArrayRole::Parent {
+                    size,
+                    ended: 0,
+                    failed: 0,
+                });
+                // The parent never runs; it stays PENDING until its children end.
+                parent.status = JobStatus::Pending;
+                parent.depends_on = sub.depends_on.clone();
+                self.insert_job(parent);
+                for index in 0..size {
+                    let mut child = template.clone();
+                    child.id = JobId(format!("{}:{index}", sub.id));
+                    child.arn = self.scope.arn("job", &child.id.0);
+                    child.array = Some(ArrayRole::Child {
+                        parent: sub.id.clone(),
+                        index,
+                        size,
+                    });
+                    child.depends_on = Vec::new();
+                    child.tags = Default::default();
+                    let mut waiting = plain.clone();
+                    for dep in &sub.depends_on {
+                        match (dep.kind, &dep.job) {
+                            (DependencyKind::NToN, Some(other)) => {
+                                waiting.insert(JobId(format!("{other}:{index}")));
+                            }
+                            (DependencyKind::Sequential, _) if index > 0 => {
+                                waiting.insert(JobId(format!("{}:{}", sub.id, index - 1)));
+                            }
+                            _ => {}
+                        }
+                    }
+                    child.waiting_on = waiting;
+                    self.admit(child, sub.at);
+                }
+            }
+        }
+        outcome
+    }
+
+    fn insert_job(&mut self, mut job: Job) {
+        job.seq = self.next_job_seq;
+        self.next_job_seq += 1;
+        let key = (job.seq, job.id.clone());
+        self.jobs_by_queue
+            .entry(job.queue.clone())
+            .or_default()
+            .insert(key);
+        self.jobs.insert(job.id.clone(), job);
+    }
+
+    /// Stores a new job and moves it past SUBMITTED: FAILED if a dependency already failed,
+    /// PENDING while any has not succeeded, RUNNABLE otherwise.
+    fn admit(&mut self, mut job: Job, at: Timestamp) {
+        let mut failed_dependency = None;
+        job.waiting_on
+            .retain(|dep| match self.jobs.get(dep).map(|d| d.status) {
+                Some(JobStatus::Succeeded) => false,
+                Some(JobStatus::Failed) => {
+                    failed_dependency.get_or_insert_with(|| dep.clone());
+                    true
+                }
+                // A dependency on a sibling created later in this same submit waits for it.
+                _ => true,
+            });
+        let id = job.id.clone();
+        if let Some(dep) = failed_dependency {
+            job.status = JobStatus::Failed;
+            job.status_reason = Some(format!("Dependent Job {dep} failed"));
+            job.stopped_at = Some(at);
+            job.waiting_on.clear();
+            self.insert_job(job);
+            self.settle(&id, at);
+            return;
+        }
+        for dep in &job.waiting_on {
+            self.dependents
+                .entry(dep.clone())
+                .or_default()
+                .insert(id.clone());
+        }
+        job.status = if job.waiting_on.is_empty() {
+            JobStatus::Runnable
+        } else {
+            JobStatus::Pending
+        };
+        let runnable = job.status == JobStatus::Runnable;
+        let queue = job.queue.clone();
+        self.insert_job(job);
+        if runnable {
+            let seq = self.jobs[&id].seq;
+            self.runnable.entry(queue).or_default().insert((seq, id));
+        }
+    }
+
+    /// Follows a job that just ended: its dependents are released (it succeeded) or fail in
+    /// turn (it failed), and its array parent ends once every child has. Iterative, so a
+    /// chain of 10,000 jobs costs time linear in its edges.
+    pub(super) fn settle(&mut self, ended: &JobId, at: Timestamp) {
+        let mut work = vec![ended.clone()];
+        while let Some(id) = work.pop() {
+            let Some(job) = self.jobs.get(&id) else {
+                continue;
+            };
+            let succeeded = job.status == JobStatus::Succeeded;
+            let parent = match &job.array {
+                Some(ArrayRole::Child { parent, .. }) => Some(parent.clone()),
+                _ => None,
+            };
+            for dependent in self.dependents.remove(&id).unwrap_or_default() {
+                let Some(d) = self.jobs.get_mut(&dependent) else {
+                    continue;
+                };
+                if d.status.is_terminal() {
+                    continue;
+                }
+                if succeeded {
+                    d.waiting_on.remove(&id);
+                    if d.waiting_on.is_empty()
+                        && d.status == JobStatus::Pending
+                        && d.array
+                            .as_ref()
+                            .is_none_or(|a| !matches!(a, ArrayRole::Parent { .. }))
+                    {
+                        d.status = JobStatus::Runnable;
+                        let key = (d.seq, d.id.clone());
+                        self.runnable
+                            .entry(d.queue.clone())
+                            .or_default()
+                            .insert(key);
+                    }
+                } else {
+                    d.status = JobStatus::Failed;
+                    d.status_reason = Some(format!("Dependent Job {id} failed"));
+                    d.stopped_at = Some(at);
+                    let waited: Vec<JobId> =
+                        std::mem::take(&mut d.waiting_on).into_iter().collect();
+                    for other in waited {
+                        if let Some(set) = self.dependents.get_mut(&other) {
+                            set.remove(&dependent);
+                        }
+                    }
+                    work.push(dependent);
+                }
+            }
+            if let Some(parent_id) = parent
+                && let Some(p) = self.jobs.get_mut(&parent_id)
+                && !p.status.is_terminal()
+                && let Some(ArrayRole::Parent {
+                    size,
+                    ended,
+                    failed,
+                }) = p.array.as_mut()
+            {
+                *ended += 1;
+                if !succeeded {
+                    *failed += 1;
+                }
+                if *ended == *size {
+                    let any_failed = *failed > 0;
+                    p.status = if any_failed {
+                        JobStatus::Failed
+                    } else {
+                        JobStatus::Succeeded
+                    };
+                    p.status_reason = Some(if any_failed {
+                        format!("{failed} of {size} child jobs failed")
+                    } else {
+                        "All child jobs succeeded".to_owned()
+                    });
+                    p.stopped_at = Some(at);
+                    work.push(parent_id);
+                }
+            }
+        }
+    }
+
+    /// Children of an array job, in index order.
+    pub fn array_children<'a>(&'a self, parent: &'a JobId) -> impl Iterator<Item = &'a Job> + 'a {
+        let size = match self.jobs.get(parent).and_then(|p| p.array.as_ref()) {
+            Some(ArrayRole::Parent { size, .. }) => *size,
+            _ => 0,
+        };
+        (0..size).filter_map(move |i| self.jobs.get(&JobId(format!("{parent}:{i}"))))
+    }
+}

@@ -1,0 +1,105 @@
+//! Job semantics through a real cluster and a process agent: retries, attempt timeouts,
+//! array jobs and dependencies.
+
+use crate::harness::{TestCluster, create_basics, ok, wait_for_status};
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn retries_timeouts_arrays_and_dependencies() {
+    // Tests may lower AWS's 60-second minimum timeout; the API never can.
+    let limits = muster_api::Limits {
+        min_attempt_duration_secs: 1,
+        ..Default::default()
+    };
+    let mut t = TestCluster::start_with_limits(3, limits).await;
+    let client = t.client(2);
+    create_basics(&client, "ce", "q", "d").await;
+    t.add_agent("worker-a", "ce", 4.0, 4096).await;
+    let submit = |body: serde_json::Value| {
+        let client = client.clone();
+        async move {
+            let mut body = body;
+            body["jobQueue"] = json!("q");
+            body["jobDefinition"] = json!("d");
+            ok(client.call("SubmitJob", body).await)["jobId"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        }
+    };
+
+    // Fails twice, then succeeds: the attempt number is in the environment.
+    let flaky = submit(json!({"jobName": "flaky", "retryStrategy": {"attempts": 3},
+        "containerOverrides": {"command": ["sh", "-c", "test $AWS_BATCH_JOB_ATTEMPT -ge 3"]}}))
+    .await;
+    // Runs past its timeout every time: stopped, failed with AWS's reason, retried once.
+    let slow = submit(json!({"jobName": "slow", "timeout": {"attemptDurationSeconds": 1}, "retryStrategy": {"attempts": 2},
+        "containerOverrides": {"command": ["sleep", "30"]}}))
+    .await;
+    // An array whose children see their index, and a job that waits for the whole array.
+    let array = submit(json!({"jobName": "arr", "arrayProperties": {"size": 3},
+        "containerOverrides": {"command": ["sh", "-c", "echo index=$AWS_BATCH_JOB_ARRAY_INDEX size=$AWS_BATCH_JOB_ARRAY_SIZE"]}}))
+    .await;
+    let after = submit(json!({"jobName": "after", "dependsOn": [{"jobId": array}],
+        "containerOverrides": {"command": ["true"]}}))
+    .await;
+
+    let done = wait_for_status(&client, &flaky, &["SUCCEEDED", "FAILED"]).await;
+    assert_eq!(done["status"], "SUCCEEDED", "{done}");
+    let codes: Vec<i64> = done["attempts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["container"]["exitCode"].as_i64().unwrap())
+        .collect();
+    assert_eq!(codes, vec![1, 1, 0]);
+
+    let timed_out = wait_for_status(&client, &slow, &["SUCCEEDED", "FAILED"]).await;
+    assert_eq!(timed_out["status"], "FAILED");
+    assert_eq!(
+        timed_out["statusReason"],
+        "Job attempt duration exceeded timeout"
+    );
+    assert_eq!(timed_out["attempts"].as_array().unwrap().len(), 2);
+    for attempt in timed_out["attempts"].as_array().unwrap() {
+        let ran_ms =
+            attempt["stoppedAt"].as_u64().unwrap() - attempt["startedAt"].as_u64().unwrap();
+        assert!(
+            ran_ms < 10_000,
+            "the attempt was stopped near its 1 s timeout, not after {ran_ms} ms"
+        );
+    }
+
+    let parent = wait_for_status(&client, &array, &["SUCCEEDED", "FAILED"]).await;
+    assert_eq!(parent["status"], "SUCCEEDED");
+    assert_eq!(parent["arrayProperties"]["statusSummary"]["SUCCEEDED"], 3);
+    for i in 0..3 {
+        let child = format!("{array}:{i}");
+        let log = t.agent_log("worker-a", &child.replace(':', "_"), 1);
+        assert_eq!(log.trim(), format!("index={i} size=3"));
+    }
+    let children = ok(client
+        .call(
+            "ListJobs",
+            json!({"arrayJobId": array, "jobStatus": "SUCCEEDED"}),
+        )
+        .await);
+    assert_eq!(children["jobSummaryList"].as_array().unwrap().len(), 3);
+    assert_eq!(
+        wait_for_status(&client, &after, &["SUCCEEDED", "FAILED"]).await["status"],
+        "SUCCEEDED"
+    );
+
+    // Below the lowered minimum is still refused, naming the field.
+    let refused = client
+        .call("SubmitJob", json!({"jobName": "x", "jobQueue": "q", "jobDefinition": "d", "timeout": {"attemptDurationSeconds": 0}}))
+        .await
+        .unwrap_err();
+    assert!(
+        refused
+            .to_string()
+            .contains("timeout.attemptDurationSeconds"),
+        "{refused}"
+    );
+    t.shutdown().await;
+}
