@@ -417,3 +417,80 @@ def test_the_aws_cli_manages_policies_and_tags(aws):
     bad = aws("create-job-queue", "--job-queue-name", "q", "--priority", "1", "--state", "JUNK",
               "--compute-environment-order", "order=1,computeEnvironment=default", check=False)
     assert bad.returncode == 255 and "state" in bad.stderr
+
+
+def test_array_jobs_with_n_to_n_and_sequential_dependencies(batch):
+    name = unique("arr")
+    register_busybox(batch, name, ["sh", "-c", "test \"$AWS_BATCH_JOB_ARRAY_INDEX\" -lt \"$AWS_BATCH_JOB_ARRAY_SIZE\""])
+    first = batch.submit_job(jobName="first", jobQueue="default", jobDefinition=name, arrayProperties={"size": 3})
+    assert ":" not in first["jobId"]
+    second = batch.submit_job(jobName="second", jobQueue="default", jobDefinition=name, arrayProperties={"size": 3},
+                              dependsOn=[{"jobId": first["jobId"], "type": "N_TO_N"}])
+    seq = batch.submit_job(jobName="seq", jobQueue="default", jobDefinition=name, arrayProperties={"size": 2},
+                           dependsOn=[{"type": "SEQUENTIAL"}])
+    last = batch.submit_job(jobName="last", jobQueue="default", jobDefinition=name, dependsOn=[{"jobId": second["jobId"]}],
+                            containerOverrides={"command": ["true"]})
+    done = wait_for(batch, last["jobId"], {"SUCCEEDED", "FAILED"}, timeout=120)
+    assert done["status"] == "SUCCEEDED", done
+    parent = batch.describe_jobs(jobs=[second["jobId"]])["jobs"][0]
+    assert parent["status"] == "SUCCEEDED"
+    assert parent["arrayProperties"]["size"] == 3
+    assert parent["arrayProperties"]["statusSummary"]["SUCCEEDED"] == 3
+    assert parent["dependsOn"] == [{"jobId": first["jobId"], "type": "N_TO_N"}]
+    child = batch.describe_jobs(jobs=[f"{second['jobId']}:1"])["jobs"][0]
+    assert child["arrayProperties"]["index"] == 1
+    # Child i of `second` started only after child i of `first` stopped.
+    first_child = batch.describe_jobs(jobs=[f"{first['jobId']}:1"])["jobs"][0]
+    assert child["startedAt"] >= first_child["stoppedAt"]
+    assert wait_for(batch, seq["jobId"], {"SUCCEEDED", "FAILED"})["status"] == "SUCCEEDED"
+    children = batch.list_jobs(arrayJobId=seq["jobId"], jobStatus="SUCCEEDED")["jobSummaryList"]
+    assert sorted(c["arrayProperties"]["index"] for c in children) == [0, 1]
+    s0, s1 = (batch.describe_jobs(jobs=[f"{seq['jobId']}:{i}"])["jobs"][0] for i in (0, 1))
+    assert s1["startedAt"] >= s0["stoppedAt"]
+    with pytest.raises(batch.exceptions.ClientException) as err:
+        batch.submit_job(jobName="x", jobQueue="default", jobDefinition=name, arrayProperties={"size": 10001})
+    assert "arrayProperties.size" in err.value.response["Error"]["Message"]
+
+
+def test_a_failed_dependency_fails_its_dependents(batch):
+    failing = unique("failing")
+    register_busybox(batch, failing, ["sh", "-c", "exit 2"])
+    ok_def = unique("ok")
+    register_busybox(batch, ok_def, ["true"])
+    bad = batch.submit_job(jobName="bad", jobQueue="default", jobDefinition=failing)["jobId"]
+    child = batch.submit_job(jobName="child", jobQueue="default", jobDefinition=ok_def, dependsOn=[{"jobId": bad}])["jobId"]
+    grandchild = batch.submit_job(jobName="grandchild", jobQueue="default", jobDefinition=ok_def,
+                                  dependsOn=[{"jobId": child}])["jobId"]
+    assert batch.describe_jobs(jobs=[child])["jobs"][0]["status"] in ("PENDING", "FAILED")
+    done = wait_for(batch, grandchild, {"SUCCEEDED", "FAILED"})
+    assert done["status"] == "FAILED"
+    assert wait_for(batch, child, {"FAILED"})["statusReason"] == f"Dependent Job {bad} failed"
+    with pytest.raises(batch.exceptions.ClientException) as err:
+        batch.submit_job(jobName="x", jobQueue="default", jobDefinition=ok_def, dependsOn=[{"jobId": "no-such-job"}])
+    assert "dependsOn" in err.value.response["Error"]["Message"]
+
+
+def test_retry_strategies_and_parameters(batch):
+    name = unique("retry")
+    batch.register_job_definition(
+        jobDefinitionName=name, type="container", parameters={"code": "5"},
+        retryStrategy={"attempts": 3, "evaluateOnExit": [{"onExitCode": "5", "action": "EXIT"}]},
+        containerProperties={"image": TEST_IMAGE, "command": ["sh", "-c", "exit $0", "Ref::code"],
+                             "resourceRequirements": [{"type": "VCPU", "value": "1"}, {"type": "MEMORY", "value": "32"}]})
+    exits = batch.submit_job(jobName="exits", jobQueue="default", jobDefinition=name)["jobId"]
+    retried = batch.submit_job(jobName="retried", jobQueue="default", jobDefinition=name, parameters={"code": "7"})["jobId"]
+    job = wait_for(batch, exits, {"SUCCEEDED", "FAILED"})
+    assert (job["status"], len(job["attempts"]), job["container"]["exitCode"]) == ("FAILED", 1, 5)
+    job = wait_for(batch, retried, {"SUCCEEDED", "FAILED"}, timeout=90)
+    assert (job["status"], len(job["attempts"])) == ("FAILED", 3)
+    assert job["retryStrategy"]["attempts"] == 3
+    assert job["container"]["command"] == ["sh", "-c", "exit $0", "Ref::code"]
+    assert job["parameters"] == {"code": "7"}
+    for bad, field in [({"attempts": 11}, "attempts"), ({"attempts": 2, "evaluateOnExit": [{"action": "RETRY"}] * 6}, "evaluateOnExit"),
+                       ({"attempts": 2, "evaluateOnExit": [{"onExitCode": "1x", "action": "EXIT"}]}, "onExitCode")]:
+        with pytest.raises(batch.exceptions.ClientException) as err:
+            batch.submit_job(jobName="x", jobQueue="default", jobDefinition=name, retryStrategy=bad)
+        assert field in err.value.response["Error"]["Message"]
+    with pytest.raises(batch.exceptions.ClientException) as err:
+        batch.submit_job(jobName="x", jobQueue="default", jobDefinition=name, timeout={"attemptDurationSeconds": 59})
+    assert "attemptDurationSeconds" in err.value.response["Error"]["Message"]
