@@ -103,3 +103,53 @@ async fn retries_timeouts_arrays_and_dependencies() {
     );
     t.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn jobs_that_can_never_fit_are_cancelled_by_the_queues_time_limit() {
+    let limits = muster_api::Limits {
+        min_state_time_limit_secs: 1,
+        ..Default::default()
+    };
+    let mut t = TestCluster::start_with_limits(3, limits).await;
+    let client = t.client(1);
+    ok(client
+        .call(
+            "CreateComputeEnvironment",
+            json!({"computeEnvironmentName": "small", "type": "UNMANAGED"}),
+        )
+        .await);
+    ok(client
+        .call(
+            "CreateJobQueue",
+            json!({"jobQueueName": "q", "priority": 1,
+                   "computeEnvironmentOrder": [{"order": 1, "computeEnvironment": "small"}],
+                   "jobStateTimeLimitActions": [{"reason": "MISCONFIGURATION:JOB_RESOURCE_REQUIREMENT",
+                                                 "state": "RUNNABLE", "maxTimeSeconds": 1, "action": "CANCEL"}]}),
+        )
+        .await);
+    ok(client
+        .call(
+            "RegisterJobDefinition",
+            json!({"jobDefinitionName": "big", "type": "container",
+                   "containerProperties": {"image": "x", "command": ["true"], "vcpus": 8, "memory": 64}}),
+        )
+        .await);
+    t.add_agent("tiny", "small", 1.0, 1024).await;
+    let job = ok(client
+        .call(
+            "SubmitJob",
+            json!({"jobName": "big", "jobQueue": "q", "jobDefinition": "big"}),
+        )
+        .await)["jobId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let ended = wait_for_status(&client, &job, &["FAILED", "SUCCEEDED"]).await;
+    assert_eq!(
+        ended["statusReason"],
+        "MISCONFIGURATION:JOB_RESOURCE_REQUIREMENT"
+    );
+    assert_eq!(ended["isCancelled"], true);
+    assert!(ended["stoppedAt"].as_u64().unwrap() - ended["createdAt"].as_u64().unwrap() >= 1000);
+    t.shutdown().await;
+}

@@ -64,7 +64,7 @@ fn ce_order(shapes: Vec<CeOrderShape>) -> Result<Vec<CeOrder>, ApiError> {
 }
 
 /// `jobStateTimeLimitActions`: stored and echoed; Muster does not act on them yet.
-fn check_time_limit_actions(actions: &[Value]) -> Result<(), ApiError> {
+fn check_time_limit_actions(actions: &[Value], min_secs: u64) -> Result<(), ApiError> {
     const FIELD: &str = "jobStateTimeLimitActions";
     if actions.len() > 5 {
         return Err(ApiError::client(format!(
@@ -83,10 +83,10 @@ fn check_time_limit_actions(actions: &[Value]) -> Result<(), ApiError> {
             return Err(ApiError::client(format!("{FIELD}.state must be RUNNABLE")));
         }
         match a.get("maxTimeSeconds").and_then(Value::as_i64) {
-            Some(t) if (600..=86_400).contains(&t) => {}
+            Some(t) if t >= 0 && (min_secs..=86_400).contains(&(t as u64)) => {}
             _ => {
                 return Err(ApiError::client(format!(
-                    "{FIELD}.maxTimeSeconds must be between 600 and 86400"
+                    "{FIELD}.maxTimeSeconds must be between {min_secs} and 86400"
                 )));
             }
         }
@@ -122,6 +122,7 @@ pub(crate) async fn create<P: ControlPlane>(
         req.job_state_time_limit_actions
             .as_deref()
             .unwrap_or_default(),
+        plane.limits().min_state_time_limit_secs,
     )?;
     if let Some(arn) = &req.scheduling_policy_arn
         && plane.read_local(|s| s.scheduling_policy(arn).is_none())
@@ -180,6 +181,7 @@ pub(crate) async fn update<P: ControlPlane>(
         req.job_state_time_limit_actions
             .as_deref()
             .unwrap_or_default(),
+        plane.limits().min_state_time_limit_secs,
     )?;
     let cmd = AdminCommand::UpdateJobQueue {
         job_queue: target,

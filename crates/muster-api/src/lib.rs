@@ -73,6 +73,8 @@ pub struct Limits {
     pub min_attempt_duration_secs: u64,
     /// Most `dependsOn` entries in one SubmitJob (AWS allows 20, which users find too few).
     pub max_depends_on: usize,
+    /// Smallest `jobStateTimeLimitActions.maxTimeSeconds`. AWS's 600; only tests lower it.
+    pub min_state_time_limit_secs: u64,
 }
 
 impl Default for Limits {
@@ -80,6 +82,7 @@ impl Default for Limits {
         Self {
             min_attempt_duration_secs: 60,
             max_depends_on: 1000,
+            min_state_time_limit_secs: 600,
         }
     }
 }

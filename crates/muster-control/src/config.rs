@@ -25,6 +25,13 @@ pub struct RawServerConfig {
     pub cluster_name: String,
     #[serde(default)]
     pub peers: Vec<PeerConfig>,
+    /// Days a job is kept after it ended.
+    #[serde(default = "default_retention_days")]
+    pub job_retention_days: u64,
+}
+
+fn default_retention_days() -> u64 {
+    7
 }
 
 fn default_cluster_name() -> String {
@@ -44,6 +51,8 @@ pub struct ServerConfig {
     /// Where the founding node writes the first administrator's credentials (`None`: the
     /// caller bootstraps them itself, as `muster dev` does).
     pub root_credentials_dir: Option<PathBuf>,
+    /// How long a job is kept after it ended before it is purged.
+    pub job_retention: std::time::Duration,
     /// API limits. Not read from config files: only tests lower the AWS minimums.
     pub limits: muster_api::Limits,
 }
@@ -107,7 +116,11 @@ impl RawServerConfig {
                 peers.insert(self.node_id, self.grpc_addr.clone());
             }
         }
+        if self.job_retention_days == 0 {
+            return Err(invalid("job_retention_days", "must be at least 1"));
+        }
         Ok(ServerConfig {
+            job_retention: std::time::Duration::from_secs(self.job_retention_days * 86_400),
             limits: muster_api::Limits::default(),
             root_credentials_dir: Some(self.data_dir.join("aws")),
             node_id: self.node_id,

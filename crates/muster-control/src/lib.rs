@@ -10,6 +10,7 @@
 pub mod bootstrap;
 mod config;
 mod gateway;
+mod housekeeping;
 mod local_cluster;
 mod node;
 mod plane;

@@ -123,6 +123,7 @@ impl LocalCluster {
                 .map(|(id, a)| (*id, a.to_string()))
                 .collect(),
             root_credentials_dir: None,
+            job_retention: std::time::Duration::from_secs(7 * 86_400),
             limits: self.limits,
         }
     }

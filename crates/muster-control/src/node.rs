@@ -135,6 +135,11 @@ impl ControlNode {
             Default::default(),
             shutdown_rx.clone(),
         )));
+        tasks.push(tokio::spawn(crate::housekeeping::run(
+            node.clone(),
+            config.job_retention,
+            shutdown_rx.clone(),
+        )));
 
         // The lowest-numbered voter founds the cluster, once: afterwards its log is not empty
         // and it restarts from its data directory like everyone else. The founder also makes

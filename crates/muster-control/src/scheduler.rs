@@ -5,9 +5,9 @@
 //! proposes what still holds as one `Place` command. Only the leader proposes: a follower's
 //! loop idles, and a deposed leader's proposal is refused by Raft rather than forwarded.
 
-use muster_core::Command;
+use muster_core::{AdminCommand, Command, JobId, State, Timestamp};
 use muster_raft::RaftNode;
-use muster_sched::{PlanConfig, plan, verify};
+use muster_sched::{PlanConfig, Unplaced, plan, verify};
 use std::time::Duration;
 use tokio::sync::watch;
 
@@ -33,10 +33,28 @@ pub async fn run(node: RaftNode, config: PlanConfig, mut shutdown: watch::Receiv
     }
 }
 
-/// One scheduling round: plan, re-check, propose.
+/// One scheduling round: plan, re-check, propose; and cancel the jobs that have waited in
+/// RUNNABLE longer than their queue's `jobStateTimeLimitActions` allow.
 async fn round(node: &RaftNode, config: &PlanConfig, term: u64) {
     let started = std::time::Instant::now();
-    let planned = plan(&node.state.read().state, config);
+    let now = crate::now_millis();
+    let (planned, expired) = {
+        let applied = node.state.read();
+        let planned = plan(&applied.state, config);
+        let expired = past_time_limits(&applied.state, &planned.unplaced, now);
+        (planned, expired)
+    };
+    for (job, reason) in expired {
+        let cancel = Command::Admin(AdminCommand::CancelJob {
+            job,
+            reason,
+            at: now,
+        });
+        if let Err(e) = node.raft.client_write(cancel).await {
+            tracing::debug!(error = %e, "time-limit cancel not committed");
+            return;
+        }
+    }
     if planned.placements.is_empty() {
         return;
     }
@@ -47,7 +65,7 @@ async fn round(node: &RaftNode, config: &PlanConfig, term: u64) {
     let count = checked.placements.len();
     let command = Command::Place {
         term,
-        at: crate::now_millis(),
+        at: now,
         placements: checked.placements,
     };
     // Proposed on this node's Raft only: if leadership moved meanwhile, the write fails here
@@ -61,4 +79,41 @@ async fn round(node: &RaftNode, config: &PlanConfig, term: u64) {
         }
         Err(e) => tracing::debug!(error = %e, "placement proposal not committed"),
     }
+}
+
+/// Unplaced jobs whose wait matches one of their queue's `jobStateTimeLimitActions` and has
+/// lasted at least its `maxTimeSeconds`, with the action's reason.
+fn past_time_limits(state: &State, unplaced: &[Unplaced], now: Timestamp) -> Vec<(JobId, String)> {
+    let mut out = Vec::new();
+    for u in unplaced {
+        let Some(job) = state.job(&u.job) else {
+            continue;
+        };
+        let Some(queue) = state.queue(&job.queue) else {
+            continue;
+        };
+        let Some(actions) = queue
+            .extra
+            .get("jobStateTimeLimitActions")
+            .and_then(|a| a.as_array())
+        else {
+            continue;
+        };
+        let waited_ms = now
+            .as_millis()
+            .saturating_sub(job.runnable_since.unwrap_or(job.created_at).as_millis());
+        let hit = actions.iter().find(|a| {
+            a.get("reason").and_then(|r| r.as_str()) == Some(u.reason.category())
+                && a.get("maxTimeSeconds")
+                    .and_then(|t| t.as_u64())
+                    .is_some_and(|t| waited_ms >= t * 1000)
+        });
+        if let Some(action) = hit {
+            out.push((
+                job.id.clone(),
+                action["reason"].as_str().unwrap_or_default().to_owned(),
+            ));
+        }
+    }
+    out
 }

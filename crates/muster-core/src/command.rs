@@ -46,6 +46,10 @@ pub enum Command {
     },
     /// Users, access keys and policies.
     Iam(IamCommand),
+    /// Forget jobs that ended before `before` (retention).
+    PurgeJobs {
+        before: Timestamp,
+    },
     /// Changes to compute environments, queues, definitions, policies and tags after creation,
     /// and cancelling jobs.
     Admin(AdminCommand),
@@ -227,6 +231,9 @@ pub enum Outcome {
     Placed {
         placed: usize,
         refused: usize,
+    },
+    Purged {
+        jobs: usize,
     },
     /// The command had no effect (a stale report, a repeated terminate).
     Ignored(String),

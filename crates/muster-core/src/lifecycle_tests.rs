@@ -411,3 +411,40 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_client_token_makes_submit_idempotent_and_purge_forgets_old_jobs() {
+    let mut s = setup(1);
+    let with_token = |id: &str| {
+        let Command::SubmitJob(mut sub) = submission(id, vec![], None, None) else {
+            unreachable!()
+        };
+        sub.tags
+            .insert("muster:client-token".into(), "tok-1".into());
+        Command::SubmitJob(sub)
+    };
+    let first = s.apply(with_token("first"));
+    assert_eq!(
+        s.apply(with_token("second")),
+        first,
+        "the retried submit returns the first job"
+    );
+    assert!(s.job(&JobId("second".into())).is_none());
+
+    s.apply(submission("arr", vec![], Some(2), None));
+    s.apply(submission("waiting", vec![after("arr")], None, None));
+    run_until_idle(&mut s, |_, _| 0);
+    s.apply(submission("open", vec![], None, None)); // not placed again: still RUNNABLE
+    let Outcome::Purged { jobs } = s.apply(Command::PurgeJobs {
+        before: Timestamp(1_000_000),
+    }) else {
+        panic!()
+    };
+    assert_eq!(jobs, 5, "first, the array with its 2 children, and waiting");
+    assert!(s.job(&JobId("arr:1".into())).is_none());
+    assert_eq!(status(&s, "open"), JobStatus::Runnable);
+    // The token is forgotten with its job: the same token now makes a new job.
+    assert!(
+        matches!(s.apply(with_token("third")), Outcome::JobSubmitted { id, .. } if id.0 == "third")
+    );
+}

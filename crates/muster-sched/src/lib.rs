@@ -43,6 +43,23 @@ pub enum WaitReason {
     },
     /// None of the queue's compute environments is enabled or has a ready node.
     NoNodes { compute_environments: Vec<String> },
+    /// Bigger than every ready node of the queue's compute environments, even empty.
+    NeverFits {
+        needs: Resources,
+        compute_environments: Vec<String>,
+    },
+}
+
+impl WaitReason {
+    /// The category AWS Batch names in `statusReason` and in `jobStateTimeLimitActions`.
+    pub fn category(&self) -> &'static str {
+        match self {
+            WaitReason::NeverFits { .. } => "MISCONFIGURATION:JOB_RESOURCE_REQUIREMENT",
+            WaitReason::InsufficientCapacity { .. } | WaitReason::NoNodes { .. } => {
+                "CAPACITY:INSUFFICIENT_INSTANCE_CAPACITY"
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -159,7 +176,17 @@ fn why_unplaced(state: &State, job: &Job, ces: &[String]) -> WaitReason {
     let has_nodes = state
         .nodes()
         .any(|n| n.status == NodeStatus::Ready && ces.contains(&n.compute_environment));
-    if has_nodes {
+    let need = job.container.resources();
+    let fits_an_empty_node = state
+        .nodes()
+        .filter(|n| n.status == NodeStatus::Ready && ces.contains(&n.compute_environment))
+        .any(|n| need.fits_in(&n.inventory.capacity));
+    if has_nodes && !fits_an_empty_node {
+        WaitReason::NeverFits {
+            needs: need,
+            compute_environments: ces.to_vec(),
+        }
+    } else if has_nodes {
         WaitReason::InsufficientCapacity {
             needs: job.container.resources(),
             compute_environments: ces.to_vec(),

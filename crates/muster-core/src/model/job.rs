@@ -221,6 +221,9 @@ pub struct Job {
     pub waiting_on: std::collections::BTreeSet<JobId>,
     #[serde(default)]
     pub array: Option<ArrayRole>,
+    /// When the job last became RUNNABLE (for `jobStateTimeLimitActions`).
+    #[serde(default)]
+    pub runnable_since: Option<Timestamp>,
     /// Submit members stored and echoed as sent (`shareIdentifier`, `propagateTags`, …).
     #[serde(default)]
     pub extra: super::Extra,

@@ -9,6 +9,9 @@ use std::collections::BTreeSet;
 
 pub const MAX_ARRAY_SIZE: u32 = 10_000;
 
+/// The tag whose value makes SubmitJob idempotent (beyond AWS, which has no such key).
+pub const CLIENT_TOKEN_TAG: &str = "muster:client-token";
+
 impl State {
     /// Checks `dependsOn` against the jobs that exist: known ids, N_TO_N between arrays of one
     /// size, SEQUENTIAL only on arrays.
@@ -66,7 +69,16 @@ impl State {
     pub(super) fn submit(&mut self, sub: JobSubmission) -> Outcome {
         // A submit retried with the same id (a forward that timed out after commit) answers
         // with the job it already created.
-        if let Some(existing) = self.jobs.get(&sub.id) {
+        let token = sub
+            .tags
+            .get(CLIENT_TOKEN_TAG)
+            .map(|t| format!("{}/{t}", sub.queue));
+        let first = token
+            .as_ref()
+            .and_then(|t| self.client_tokens.get(t))
+            .cloned()
+            .unwrap_or_else(|| sub.id.clone());
+        if let Some(existing) = self.jobs.get(&first) {
             return Outcome::JobSubmitted {
                 id: existing.id.clone(),
                 arn: existing.arn.0.clone(),
@@ -112,8 +124,12 @@ impl State {
             depends_on: sub.depends_on.clone(),
             waiting_on: BTreeSet::new(),
             array: None,
+            runnable_since: None,
             extra: sub.extra.clone(),
         };
+        if let Some(t) = token {
+            self.client_tokens.insert(t, sub.id.clone());
+        }
         let outcome = Outcome::JobSubmitted {
             id: sub.id.clone(),
             arn: template.arn.0.clone(),
@@ -219,6 +235,9 @@ impl State {
         } else {
             JobStatus::Pending
         };
+        if job.status == JobStatus::Runnable {
+            job.runnable_since = Some(at);
+        }
         let runnable = job.status == JobStatus::Runnable;
         let queue = job.queue.clone();
         self.insert_job(job);
@@ -258,6 +277,7 @@ impl State {
                             .is_none_or(|a| !matches!(a, ArrayRole::Parent { .. }))
                     {
                         d.status = JobStatus::Runnable;
+                        d.runnable_since = Some(at);
                         let key = (d.seq, d.id.clone());
                         self.runnable
                             .entry(d.queue.clone())
@@ -308,6 +328,44 @@ impl State {
                 }
             }
         }
+    }
+
+    /// Whether any job ended before `before` (so a purge would have work).
+    pub fn has_jobs_ended_before(&self, before: Timestamp) -> bool {
+        self.jobs
+            .values()
+            .any(|j| j.status.is_terminal() && j.stopped_at.is_some_and(|t| t < before))
+    }
+
+    /// Forgets terminal jobs that stopped before `before` (an array with its children, once
+    /// the whole array has ended). Jobs still depended on by a job that has not ended stay.
+    pub(super) fn purge(&mut self, before: Timestamp) -> Outcome {
+        let old: Vec<JobId> = self
+            .jobs
+            .values()
+            .filter(|j| j.status.is_terminal() && j.stopped_at.is_some_and(|t| t < before))
+            .filter(|j| !matches!(j.array, Some(ArrayRole::Child { .. })))
+            .filter(|j| !self.dependents.contains_key(&j.id))
+            .map(|j| j.id.clone())
+            .collect();
+        let mut purged = 0;
+        for id in old {
+            let children: Vec<JobId> = self.array_children(&id).map(|c| c.id.clone()).collect();
+            if children.iter().any(|c| self.dependents.contains_key(c)) {
+                continue;
+            }
+            for job_id in children.into_iter().chain([id]) {
+                if let Some(job) = self.jobs.remove(&job_id) {
+                    if let Some(set) = self.jobs_by_queue.get_mut(&job.queue) {
+                        set.remove(&(job.seq, job.id.clone()));
+                    }
+                    purged += 1;
+                }
+            }
+        }
+        let jobs = &self.jobs;
+        self.client_tokens.retain(|_, id| jobs.contains_key(id));
+        Outcome::Purged { jobs: purged }
     }
 
     /// Children of an array job, in index order.

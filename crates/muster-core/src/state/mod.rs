@@ -33,6 +33,10 @@ pub struct State {
     nodes: BTreeMap<NodeId, Node>,
     scheduling_policies: BTreeMap<String, crate::SchedulingPolicy>,
     users: BTreeMap<String, crate::User>,
+    /// Client tokens of submits (the `muster:client-token` tag) and the job each created, so
+    /// that a retried SubmitJob returns the first job instead of making a second.
+    #[serde(default)]
+    client_tokens: BTreeMap<String, JobId>,
     /// Access keys by id.
     access_keys: BTreeMap<String, crate::AccessKey>,
 
@@ -365,6 +369,7 @@ impl State {
             }
             Command::Place { .. } | Command::ReportAttempt { .. } => Ok(()),
             Command::Iam(iam) => self.check_iam(iam),
+            Command::PurgeJobs { .. } => Ok(()),
             Command::Admin(admin) => self.check_admin(admin),
         }
     }
@@ -466,6 +471,7 @@ impl State {
                 at,
             } => self.report(&job, attempt, &node, event, at),
             Command::Iam(iam) => self.apply_iam(iam),
+            Command::PurgeJobs { before } => self.purge(before),
             Command::Admin(admin) => self.apply_admin(admin),
         }
     }
@@ -741,6 +747,7 @@ impl State {
                 if retry {
                     // Back in line, at its original place in submit order.
                     job.status = JobStatus::Runnable;
+                    job.runnable_since = Some(at);
                     let key = (job.seq, job.id.clone());
                     self.runnable
                         .entry(job.queue.clone())
