@@ -494,3 +494,14 @@ def test_retry_strategies_and_parameters(batch):
     with pytest.raises(batch.exceptions.ClientException) as err:
         batch.submit_job(jobName="x", jobQueue="default", jobDefinition=name, timeout={"attemptDurationSeconds": 59})
     assert "attemptDurationSeconds" in err.value.response["Error"]["Message"]
+
+
+def test_a_client_token_makes_submit_idempotent(batch):
+    name = unique("idem")
+    register_busybox(batch, name, ["true"])
+    token = {"muster:client-token": unique("token")}
+    first = batch.submit_job(jobName="once", jobQueue="default", jobDefinition=name, tags=token)
+    again = batch.submit_job(jobName="once", jobQueue="default", jobDefinition=name, tags=token)
+    assert again["jobId"] == first["jobId"]
+    other = batch.submit_job(jobName="once", jobQueue="default", jobDefinition=name)
+    assert other["jobId"] != first["jobId"]
