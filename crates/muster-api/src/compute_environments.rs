@@ -1,6 +1,6 @@
 //! CreateComputeEnvironment, DescribeComputeEnvironments.
 
-use crate::request::{page_size, parse, required, tags};
+use crate::request::{named_page, page_size, parse, required, tags};
 use crate::{ApiError, ControlPlane, Principal, arn_of, check_and_propose};
 use muster_core::{AdminCommand, Arn, CeType, Command, ComputeEnvironment, EnabledState, Tags};
 use serde::{Deserialize, Serialize};
@@ -326,29 +326,20 @@ pub(crate) async fn describe<P: ControlPlane>(
     }
     let limit = page_size(req.max_results, 100)?;
     let after = req.next_token;
-    let (page, more) = plane
+    let (page, token) = plane
         .read(move |s| {
-            let mut matching = s
-                .compute_environments()
-                .filter(|ce| {
-                    wanted.is_empty() || wanted.iter().any(|w| *w == ce.name || *w == ce.arn.0)
-                })
-                .filter(|ce| after.as_ref().is_none_or(|a| ce.name > *a));
-            let page: Vec<Value> = matching
-                .by_ref()
-                .take(limit)
-                .map(|c| crate::request::echo(&c.extra, detail(c)))
-                .collect();
-            (page, matching.next().is_some())
+            let show = |c: &ComputeEnvironment| crate::request::echo(&c.extra, detail(c));
+            named_page(
+                s.compute_environments(),
+                |c| (&c.name, &c.arn.0),
+                &wanted,
+                after.as_deref(),
+                limit,
+                show,
+            )
         })
         .await
         .map_err(ApiError::server)?;
-    let token = page.last().filter(|_| more).map(|last| {
-        last["computeEnvironmentName"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned()
-    });
     let mut out = json!({ "computeEnvironments": page });
     if let Some(token) = token {
         out["nextToken"] = json!(token);

@@ -1,7 +1,7 @@
 //! CreateJobQueue, UpdateJobQueue, DeleteJobQueue, DescribeJobQueues, GetJobQueueSnapshot.
 
 use crate::compute_environments::parse_state;
-use crate::request::{echo, extra, page_size, parse, required, tags};
+use crate::request::{echo, extra, named_page, page_size, parse, required, tags};
 use crate::{ApiError, ControlPlane, Principal, arn_of, check_and_propose};
 use muster_core::{AdminCommand, Arn, CeOrder, Command, JobQueue, State, Tags};
 use serde::{Deserialize, Serialize};
@@ -295,27 +295,19 @@ pub(crate) async fn describe<P: ControlPlane>(
     }
     let limit = page_size(req.max_results, 100)?;
     let after = req.next_token;
-    let (page, more) = plane
+    let (page, token) = plane
         .read(move |s| {
-            let mut matching = s
-                .queues()
-                .filter(|q| {
-                    wanted.is_empty() || wanted.iter().any(|w| *w == q.name || *w == q.arn.0)
-                })
-                .filter(|q| after.as_ref().is_none_or(|a| q.name > *a));
-            let page: Vec<Value> = matching
-                .by_ref()
-                .take(limit)
-                .map(|q| detail(s, q))
-                .collect();
-            (page, matching.next().is_some())
+            named_page(
+                s.queues(),
+                |q| (&q.name, &q.arn.0),
+                &wanted,
+                after.as_deref(),
+                limit,
+                |q| detail(s, q),
+            )
         })
         .await
         .map_err(ApiError::server)?;
-    let token = page
-        .last()
-        .filter(|_| more)
-        .map(|q| q["jobQueueName"].as_str().unwrap_or_default().to_owned());
     let mut out = json!({ "jobQueues": page });
     if let Some(token) = token {
         out["nextToken"] = json!(token);

@@ -207,3 +207,28 @@ pub(crate) fn page_size(max_results: Option<i64>, max: usize) -> Result<usize, A
         ))),
     }
 }
+
+/// One page of a describe over named resources: those named in `wanted` (by name or ARN; all
+/// when it is empty), in name order, after the `after` token, at most `limit`. Returns the
+/// page and the token for the next one (absent on the last page, as botocore expects).
+pub(crate) fn named_page<'a, T: 'a>(
+    items: impl Iterator<Item = &'a T>,
+    name_and_arn: impl Fn(&T) -> (&str, &str),
+    wanted: &[String],
+    after: Option<&str>,
+    limit: usize,
+    show: impl Fn(&T) -> serde_json::Value,
+) -> (Vec<serde_json::Value>, Option<String>) {
+    let mut matching = items
+        .filter(|item| {
+            let (name, arn) = name_and_arn(item);
+            wanted.is_empty() || wanted.iter().any(|w| w == name || w == arn)
+        })
+        .filter(|item| after.is_none_or(|a| name_and_arn(item).0 > a));
+    let page: Vec<&T> = matching.by_ref().take(limit).collect();
+    let token = page
+        .last()
+        .filter(|_| matching.next().is_some())
+        .map(|last| name_and_arn(last).0.to_owned());
+    (page.into_iter().map(show).collect(), token)
+}

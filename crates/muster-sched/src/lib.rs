@@ -22,6 +22,9 @@ pub struct PlanConfig {
     pub max_placements: usize,
     /// RUNNABLE jobs examined per queue per round.
     pub max_examined_per_queue: usize,
+    /// A queue stops being examined after this many jobs in a row found no room: deeper in
+    /// a full queue the answer is the same, and a round must stay short.
+    pub max_misses_in_a_row: usize,
 }
 
 impl Default for PlanConfig {
@@ -29,6 +32,7 @@ impl Default for PlanConfig {
         Self {
             max_placements: 10_000,
             max_examined_per_queue: 10_000,
+            max_misses_in_a_row: 256,
         }
     }
 }
@@ -108,12 +112,16 @@ pub fn plan(state: &State, config: &PlanConfig) -> Plan {
             })
             .map(|e| e.compute_environment.clone())
             .collect();
+        let mut misses = 0;
         for job in state
             .runnable_jobs(&queue.name)
             .take(config.max_examined_per_queue)
         {
             if out.placements.len() >= config.max_placements {
                 return out;
+            }
+            if misses >= config.max_misses_in_a_row {
+                break;
             }
             match best_fit(state, job, &ces, &free) {
                 Some(node) => {
@@ -135,11 +143,19 @@ pub fn plan(state: &State, config: &PlanConfig) -> Plan {
                         node: node.clone(),
                         gpus,
                     });
+                    misses = 0;
                 }
-                None => out.unplaced.push(Unplaced {
-                    job: job.id.clone(),
-                    reason: why_unplaced(state, job, &ces),
-                }),
+                None => {
+                    let reason = why_unplaced(state, job, &ces);
+                    // A job that fits no node at all says nothing about the jobs behind it.
+                    if !matches!(reason, WaitReason::NeverFits { .. }) {
+                        misses += 1;
+                    }
+                    out.unplaced.push(Unplaced {
+                        job: job.id.clone(),
+                        reason,
+                    });
+                }
             }
         }
     }

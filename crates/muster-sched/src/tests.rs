@@ -313,6 +313,34 @@ fn gpus_are_assigned_by_index_and_never_shared() {
     assert!(verify(&s, forged).placements.is_empty());
 }
 
+#[test]
+fn a_full_queue_is_not_scanned_to_its_end_but_oversized_jobs_do_not_block() {
+    let mut s = cluster(&[("q", 1)], &[(2000, 4096)]);
+    for i in 0..300 {
+        submit(&mut s, "q", &format!("huge{i}"), i, 64, 64); // can never fit
+    }
+    submit(&mut s, "q", "small", 300, 1, 64);
+    for i in 0..600 {
+        submit(&mut s, "q", &format!("more{i}"), 301 + i, 2, 64);
+    }
+    let p = plan(&s, &PlanConfig::default());
+    // `small` is found behind 300 oversized jobs; then one 1-vCPU slot is left, so the
+    // 2-vCPU jobs miss, and the scan stops after 256 of them rather than all 600.
+    assert_eq!(
+        p.placements
+            .iter()
+            .map(|p| p.job.0.as_str())
+            .collect::<Vec<_>>(),
+        vec!["small"]
+    );
+    assert_eq!(p.unplaced.len(), 300 + 256);
+    assert!(
+        p.unplaced[..300]
+            .iter()
+            .all(|u| u.reason.category() == "MISCONFIGURATION:JOB_RESOURCE_REQUIREMENT")
+    );
+}
+
 proptest! {
     /// Plans applied round after round, with attempts finishing in between, never put more
     /// on a node than it has, and replaying a snapshot gives the same plan.
