@@ -87,6 +87,9 @@ impl Default for Limits {
     }
 }
 
+/// The largest SubmitJob request AWS Batch accepts.
+pub const SUBMIT_JOB_MAX_BYTES: usize = 30 * 1024;
+
 /// Limits and identity the API enforces that operators may tune.
 #[derive(Debug, Clone)]
 pub struct ApiConfig {
@@ -124,7 +127,11 @@ pub fn router<P: ControlPlane>(plane: P, config: &ApiConfig) -> Router {
         .route("/v1/tags/{*arn}", any(tags_operation::<P>))
         .route("/", post(sts_operation::<P>))
         .fallback(unknown_route)
-        .layer(axum::extract::DefaultBodyLimit::max(config.max_body_bytes))
+        // One byte over the limit still reaches the handlers, which answer it in AWS's terms;
+        // anything larger is cut off by the server with a plain 413.
+        .layer(axum::extract::DefaultBodyLimit::max(
+            config.max_body_bytes + 1,
+        ))
         .with_state(api)
 }
 
@@ -186,9 +193,22 @@ async fn batch_operation<P: ControlPlane>(
     body: Bytes,
 ) -> Response {
     let started = std::time::Instant::now();
-    let result = match caller(&api, "batch", &method, &uri, &headers, &body).await {
-        Ok(principal) => dispatch(&api, &principal, &operation, &body).await,
-        Err(e) => Err(e),
+    // AWS limits a SubmitJob request to 30 KiB; other requests to the configured maximum.
+    let limit = if operation == "submitjob" {
+        SUBMIT_JOB_MAX_BYTES
+    } else {
+        api.config.max_body_bytes
+    };
+    let result = if body.len() > limit {
+        Err(ApiError::client(format!(
+            "request body: {} bytes is over the limit of {limit} bytes",
+            body.len()
+        )))
+    } else {
+        match caller(&api, "batch", &method, &uri, &headers, &body).await {
+            Ok(principal) => dispatch(&api, &principal, &operation, &body).await,
+            Err(e) => Err(e),
+        }
     };
     respond(&api, &operation, started, result)
 }

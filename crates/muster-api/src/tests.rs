@@ -663,3 +663,25 @@ fn arbitrary_json(depth: u32) -> impl proptest::strategy::Strategy<Value = Value
         ]
     })
 }
+
+#[tokio::test]
+async fn oversized_bodies_are_client_exceptions() {
+    let (app, plane) = setup().await;
+    let before = plane.proposals.load(Ordering::SeqCst);
+    let big = "x".repeat(SUBMIT_JOB_MAX_BYTES);
+    let body =
+        json!({"jobName": "j", "jobQueue": "q", "jobDefinition": "d", "parameters": {"p": big}})
+            .to_string();
+    let (status, out, kind) = send(
+        &app,
+        signed("/v1/submitjob", &body, ROOT_KEY, "batch", NOW_MS / 1000),
+    )
+    .await;
+    assert_eq!(
+        (status, kind.as_deref()),
+        (400, Some("ClientException")),
+        "{out}"
+    );
+    assert!(out["message"].as_str().unwrap().contains("request body"));
+    assert_eq!(plane.proposals.load(Ordering::SeqCst), before);
+}
