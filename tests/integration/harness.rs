@@ -15,7 +15,13 @@ pub struct TestCluster {
     pub cluster: LocalCluster,
     /// The root user's key, made when the cluster started.
     pub credentials: muster_client::Credentials,
-    agents: Vec<(watch::Sender<bool>, JoinHandle<()>)>,
+    /// Each agent runs on a runtime of its own, so that killing it takes every task and
+    /// process it started with it, as a crash of the agent's machine would.
+    agents: Vec<(
+        watch::Sender<bool>,
+        JoinHandle<()>,
+        Option<tokio::runtime::Runtime>,
+    )>,
 }
 
 pub fn init_tracing() {
@@ -30,18 +36,29 @@ pub fn init_tracing() {
 
 impl TestCluster {
     pub async fn start(size: u64) -> TestCluster {
-        Self::start_with_limits(size, muster_api::Limits::default()).await
+        Self::start_tuned(size, muster_control::Tuning::default()).await
     }
 
     pub async fn start_with_limits(size: u64, limits: muster_api::Limits) -> TestCluster {
+        Self::start_tuned(
+            size,
+            muster_control::Tuning {
+                limits,
+                ..Default::default()
+            },
+        )
+        .await
+    }
+
+    pub async fn start_tuned(size: u64, tuning: muster_control::Tuning) -> TestCluster {
         init_tracing();
         let dir = tempfile::tempdir().expect("temp dir");
-        let cluster = LocalCluster::start_with_limits(
+        let cluster = LocalCluster::start_tuned(
             dir.path(),
             size,
             "127.0.0.1:0".parse().unwrap(),
             None,
-            limits,
+            tuning,
         )
         .await
         .expect("cluster starts");
@@ -103,9 +120,27 @@ impl TestCluster {
         }
         .validate()
         .expect("agent config");
-        let agent = Agent::new(config).await.expect("agent starts");
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("agent runtime");
+        let agent = runtime
+            .spawn(Agent::new(config))
+            .await
+            .expect("agent task")
+            .expect("agent starts");
         let (stop, stopped) = watch::channel(false);
-        self.agents.push((stop, tokio::spawn(agent.run(stopped))));
+        let task = runtime.spawn(agent.run(stopped));
+        self.agents.push((stop, task, Some(runtime)));
+    }
+
+    /// Ends the `index`th agent as a crash would: its task and its processes die, and it
+    /// reports nothing.
+    pub fn kill_agent(&mut self, index: usize) {
+        if let Some(runtime) = self.agents[index].2.take() {
+            runtime.shutdown_background();
+        }
     }
 
     pub fn agent_log(&self, agent: &str, job_id: &str, attempt: u32) -> String {
@@ -120,9 +155,12 @@ impl TestCluster {
     }
 
     pub async fn shutdown(mut self) {
-        for (stop, task) in self.agents.drain(..) {
+        for (stop, task, runtime) in self.agents.drain(..) {
             let _ = stop.send(true);
             let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+            if let Some(runtime) = runtime {
+                runtime.shutdown_background();
+            }
         }
         self.cluster.shutdown().await;
     }

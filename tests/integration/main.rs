@@ -9,6 +9,7 @@ mod failover;
 mod harness;
 mod jobs;
 mod layering;
+mod liveness;
 mod processes;
 mod restart;
 mod semantics;

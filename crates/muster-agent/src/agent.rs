@@ -296,29 +296,51 @@ async fn run_attempt(
     done.store(true, Ordering::SeqCst);
 }
 
+/// Heartbeats every control node (so that whichever leads, now or after an election, has
+/// heard from this agent), and registers again with a node that no longer knows it (the
+/// node was marked lost while this agent was cut off).
 async fn heartbeat_loop(
     config: AgentConfig,
     offered: muster_core::NodeInventory,
     control: ControlClient,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut next = 0usize;
+    let beat = HeartbeatRequest {
+        node_id: config.node_id.clone(),
+        inventory: Some(inventory_to_pb(&offered)),
+    };
     loop {
         tokio::select! {
             _ = shutdown.changed() => return,
             _ = tokio::time::sleep(config.heartbeat) => {}
         }
-        next += 1;
-        let addr = &control.addrs[next % control.addrs.len()];
-        if let Some(mut client) = control.client(addr)
-            && let Err(e) = client
-                .heartbeat(HeartbeatRequest {
-                    node_id: config.node_id.clone(),
-                    inventory: Some(inventory_to_pb(&offered)),
-                })
-                .await
-        {
-            tracing::debug!(addr, error = %e.message(), "heartbeat not delivered");
+        let mut unknown = false;
+        for addr in &control.addrs {
+            let Some(mut client) = control.client(addr) else {
+                continue;
+            };
+            match client.heartbeat(beat.clone()).await {
+                Ok(_) => {}
+                Err(status) if status.code() == tonic::Code::NotFound => unknown = true,
+                Err(status) => {
+                    tracing::debug!(addr, error = %status.message(), "heartbeat not delivered")
+                }
+            }
+        }
+        if unknown {
+            let register = RegisterRequest {
+                node_id: config.node_id.clone(),
+                compute_environment: config.compute_environment.clone(),
+                inventory: Some(inventory_to_pb(&offered)),
+            };
+            for addr in &control.addrs {
+                if let Some(mut client) = control.client(addr)
+                    && client.register(register.clone()).await.is_ok()
+                {
+                    tracing::info!(node = %config.node_id, "registered again after being marked lost");
+                    break;
+                }
+            }
         }
     }
 }

@@ -28,6 +28,13 @@ pub struct RawServerConfig {
     /// Days a job is kept after it ended.
     #[serde(default = "default_retention_days")]
     pub job_retention_days: u64,
+    /// Seconds without a heartbeat after which the leader marks an agent lost.
+    #[serde(default = "default_node_lost_after_secs")]
+    pub node_lost_after_secs: u64,
+}
+
+fn default_node_lost_after_secs() -> u64 {
+    30
 }
 
 fn default_retention_days() -> u64 {
@@ -51,6 +58,8 @@ pub struct ServerConfig {
     /// Where the founding node writes the first administrator's credentials (`None`: the
     /// caller bootstraps them itself, as `muster dev` does).
     pub root_credentials_dir: Option<PathBuf>,
+    /// How long an agent may stay silent before its node is marked lost.
+    pub node_lost_after: std::time::Duration,
     /// How long a job is kept after it ended before it is purged.
     pub job_retention: std::time::Duration,
     /// API limits. Not read from config files: only tests lower the AWS minimums.
@@ -119,7 +128,11 @@ impl RawServerConfig {
         if self.job_retention_days == 0 {
             return Err(invalid("job_retention_days", "must be at least 1"));
         }
+        if self.node_lost_after_secs < 2 {
+            return Err(invalid("node_lost_after_secs", "must be at least 2"));
+        }
         Ok(ServerConfig {
+            node_lost_after: std::time::Duration::from_secs(self.node_lost_after_secs),
             job_retention: std::time::Duration::from_secs(self.job_retention_days * 86_400),
             limits: muster_api::Limits::default(),
             root_credentials_dir: Some(self.data_dir.join("aws")),

@@ -20,11 +20,20 @@ const RESEND: Duration = Duration::from_secs(5);
 pub struct AgentGateway {
     node: RaftNode,
     shutdown: watch::Receiver<bool>,
+    heartbeats: crate::liveness::Heartbeats,
 }
 
 impl AgentGateway {
-    pub fn new(node: RaftNode, shutdown: watch::Receiver<bool>) -> Self {
-        Self { node, shutdown }
+    pub fn new(
+        node: RaftNode,
+        shutdown: watch::Receiver<bool>,
+        heartbeats: crate::liveness::Heartbeats,
+    ) -> Self {
+        Self {
+            node,
+            shutdown,
+            heartbeats,
+        }
     }
 
     async fn propose(&self, command: Command) -> Result<Outcome, Status> {
@@ -62,6 +71,7 @@ impl AgentService for AgentGateway {
         if req.node_id.is_empty() {
             return Err(Status::invalid_argument("node_id is required"));
         }
+        self.heartbeats.record(&NodeId(req.node_id.clone()));
         self.propose(Command::RegisterNode {
             node: NodeId(req.node_id),
             compute_environment: req.compute_environment,
@@ -76,19 +86,21 @@ impl AgentService for AgentGateway {
         &self,
         request: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatReply>, Status> {
-        // Liveness tracking (marking silent nodes lost) is a leader loop still to come; today a
-        // heartbeat keeps the node's inventory current.
+        // A heartbeat keeps the node alive (see `liveness`) and its inventory current.
         let req = request.into_inner();
         let node = NodeId(req.node_id);
+        self.heartbeats.record(&node);
         let reported = req.inventory.as_ref().map(inventory_from_pb);
         let known = {
             let applied = self.node.state.read();
             applied
                 .state
                 .node(&node)
+                .filter(|n| n.status == muster_core::NodeStatus::Ready)
                 .map(|n| (n.compute_environment.clone(), n.inventory.clone()))
         };
         let Some((compute_environment, inventory)) = known else {
+            // Unknown or lost: the agent registers again.
             return Err(Status::not_found(format!("node {node} is not registered")));
         };
         if let Some(reported) = reported.filter(|r| *r != inventory) {

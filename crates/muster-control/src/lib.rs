@@ -11,6 +11,7 @@ pub mod bootstrap;
 mod config;
 mod gateway;
 mod housekeeping;
+mod liveness;
 mod local_cluster;
 mod node;
 mod plane;
@@ -18,7 +19,7 @@ pub mod scheduler;
 
 pub use config::{PeerConfig, RawServerConfig, ServerConfig};
 pub use gateway::AgentGateway;
-pub use local_cluster::{ClusterError, LocalCluster};
+pub use local_cluster::{ClusterError, LocalCluster, Tuning};
 pub use muster_raft::RaftNode;
 pub use node::{ControlNode, Listeners, StartError};
 pub use plane::RaftPlane;

@@ -9,6 +9,22 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 
+/// Limits and timings of a local cluster.
+#[derive(Debug, Clone, Copy)]
+pub struct Tuning {
+    pub limits: muster_api::Limits,
+    pub node_lost_after: std::time::Duration,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Self {
+            limits: muster_api::Limits::default(),
+            node_lost_after: std::time::Duration::from_secs(30),
+        }
+    }
+}
+
 pub struct LocalCluster {
     data_dir: PathBuf,
     cluster_name: String,
@@ -18,6 +34,8 @@ pub struct LocalCluster {
     grpc_addrs: BTreeMap<u64, SocketAddr>,
     api_addrs: BTreeMap<u64, SocketAddr>,
     limits: muster_api::Limits,
+    /// Heartbeat silence after which the leader marks an agent lost.
+    node_lost_after: std::time::Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -59,25 +77,22 @@ impl LocalCluster {
         first_api_addr: SocketAddr,
         metrics: Option<PrometheusHandle>,
     ) -> Result<Self, ClusterError> {
-        Self::start_with_limits(
-            data_dir,
-            size,
-            first_api_addr,
-            metrics,
-            muster_api::Limits::default(),
-        )
-        .await
+        Self::start_tuned(data_dir, size, first_api_addr, metrics, Tuning::default()).await
     }
 
-    /// [`LocalCluster::start`] with API limits other than AWS's (tests lower the minimum
-    /// attempt timeout so that timeouts can be tested in seconds).
-    pub async fn start_with_limits(
+    /// [`LocalCluster::start`] with other limits and timings (tests lower AWS's minimums and
+    /// the node-lost TTL so that they can be tested in seconds).
+    pub async fn start_tuned(
         data_dir: &Path,
         size: u64,
         first_api_addr: SocketAddr,
         metrics: Option<PrometheusHandle>,
-        limits: muster_api::Limits,
+        tuning: Tuning,
     ) -> Result<Self, ClusterError> {
+        let Tuning {
+            limits,
+            node_lost_after,
+        } = tuning;
         let any: SocketAddr = "127.0.0.1:0".parse().expect("literal address");
         let mut grpc = BTreeMap::new();
         let mut api = BTreeMap::new();
@@ -96,6 +111,7 @@ impl LocalCluster {
             grpc_addrs: grpc.iter().map(|(id, l)| (*id, addr(l))).collect(),
             api_addrs: api.iter().map(|(id, l)| (*id, addr(l))).collect(),
             limits,
+            node_lost_after,
         };
         for (id, g) in grpc {
             let a = api.remove(&id).expect("one API listener per node");
@@ -124,6 +140,7 @@ impl LocalCluster {
                 .collect(),
             root_credentials_dir: None,
             job_retention: std::time::Duration::from_secs(7 * 86_400),
+            node_lost_after: self.node_lost_after,
             limits: self.limits,
         }
     }

@@ -95,6 +95,7 @@ impl ControlNode {
         };
 
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let heartbeats = crate::liveness::Heartbeats::default();
         let mut tasks = Vec::new();
 
         let grpc = tonic::transport::Server::builder()
@@ -102,6 +103,7 @@ impl ControlNode {
             .add_service(AgentServiceServer::new(AgentGateway::new(
                 node.clone(),
                 shutdown_rx.clone(),
+                heartbeats.clone(),
             )));
         let incoming =
             tonic::transport::server::TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
@@ -133,6 +135,12 @@ impl ControlNode {
         tasks.push(tokio::spawn(scheduler::run(
             node.clone(),
             Default::default(),
+            shutdown_rx.clone(),
+        )));
+        tasks.push(tokio::spawn(crate::liveness::run(
+            node.clone(),
+            heartbeats.clone(),
+            config.node_lost_after,
             shutdown_rx.clone(),
         )));
         tasks.push(tokio::spawn(crate::housekeeping::run(

@@ -46,6 +46,12 @@ pub enum Command {
     },
     /// Users, access keys and policies.
     Iam(IamCommand),
+    /// The leader stopped hearing from a node: it is lost, and the attempts it ran fail with
+    /// `Host <node> terminated.` (and are retried as their strategy says).
+    NodeLost {
+        node: NodeId,
+        at: Timestamp,
+    },
     /// Forget jobs that ended before `before` (retention).
     PurgeJobs {
         before: Timestamp,

@@ -448,3 +448,64 @@ fn a_client_token_makes_submit_idempotent_and_purge_forgets_old_jobs() {
         matches!(s.apply(with_token("third")), Outcome::JobSubmitted { id, .. } if id.0 == "third")
     );
 }
+
+#[test]
+fn a_lost_host_fails_its_attempts_which_retry_on_host_reasons() {
+    let mut s = setup(2);
+    let strategy = RetryStrategy {
+        attempts: 2,
+        evaluate_on_exit: vec![
+            ExitRule {
+                on_status_reason: Some("Host*".into()),
+                on_reason: None,
+                on_exit_code: None,
+                action: RetryAction::Retry,
+            },
+            ExitRule {
+                on_status_reason: Some("*".into()),
+                on_reason: None,
+                on_exit_code: None,
+                action: RetryAction::Exit,
+            },
+        ],
+    };
+    s.apply(submission("retried", vec![], None, Some(strategy)));
+    s.apply(submission("once", vec![], None, None));
+    let placements = ["retried", "once"]
+        .iter()
+        .map(|j| Placement {
+            job: JobId((*j).into()),
+            node: NodeId("n".into()),
+            gpus: vec![],
+        })
+        .collect();
+    s.apply(Command::Place {
+        term: 1,
+        at: Timestamp(2),
+        placements,
+    });
+    assert_eq!(
+        s.apply(Command::NodeLost {
+            node: NodeId("n".into()),
+            at: Timestamp(3)
+        }),
+        Outcome::Done
+    );
+    let retried = s.job(&JobId("retried".into())).unwrap();
+    assert_eq!(retried.status, JobStatus::Runnable);
+    assert_eq!(retried.attempts[0].status_reason, "Host n terminated.");
+    assert_eq!(status(&s, "once"), JobStatus::Failed);
+    let node = s.node(&NodeId("n".into())).unwrap();
+    assert_eq!(
+        (node.status, node.allocated),
+        (NodeStatus::Lost, Resources::ZERO)
+    );
+    // Lost again is a no-op; the planner does not use a lost node.
+    assert!(matches!(
+        s.apply(Command::NodeLost {
+            node: NodeId("n".into()),
+            at: Timestamp(4)
+        }),
+        Outcome::Ignored(_)
+    ));
+}

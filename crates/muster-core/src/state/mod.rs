@@ -369,7 +369,7 @@ impl State {
             }
             Command::Place { .. } | Command::ReportAttempt { .. } => Ok(()),
             Command::Iam(iam) => self.check_iam(iam),
-            Command::PurgeJobs { .. } => Ok(()),
+            Command::PurgeJobs { .. } | Command::NodeLost { .. } => Ok(()),
             Command::Admin(admin) => self.check_admin(admin),
         }
     }
@@ -472,6 +472,7 @@ impl State {
             } => self.report(&job, attempt, &node, event, at),
             Command::Iam(iam) => self.apply_iam(iam),
             Command::PurgeJobs { before } => self.purge(before),
+            Command::NodeLost { node, at } => self.node_lost(&node, at),
             Command::Admin(admin) => self.apply_admin(admin),
         }
     }
@@ -590,6 +591,34 @@ impl State {
         node.inventory = inventory;
         node.status = NodeStatus::Ready;
         node.registered_at = at;
+        Outcome::Done
+    }
+
+    fn node_lost(&mut self, id: &NodeId, at: Timestamp) -> Outcome {
+        let Some(node) = self
+            .nodes
+            .get_mut(id)
+            .filter(|n| n.status == NodeStatus::Ready)
+        else {
+            return Outcome::Ignored(format!("node {id} is not ready"));
+        };
+        node.status = NodeStatus::Lost;
+        let placed: Vec<JobId> = node.placed_jobs.iter().cloned().collect();
+        for job in placed {
+            let Some(attempt) = self
+                .jobs
+                .get(&job)
+                .and_then(|j| j.active.as_ref())
+                .map(|a| a.number)
+            else {
+                continue;
+            };
+            let event = AttemptEvent::Exited {
+                exit_code: None,
+                reason: Some(format!("Host {id} terminated.")),
+            };
+            self.report(&job, attempt, id, event, at);
+        }
         Outcome::Done
     }
 

@@ -1,0 +1,82 @@
+//! A worker that stops heartbeating is marked lost; its attempts fail with
+//! `Host <node> terminated.` and retry elsewhere. A leader change alone loses no worker.
+
+use crate::harness::{DEADLINE, TestCluster, create_basics, ok, wait_for_status};
+use serde_json::json;
+use std::time::{Duration, Instant};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_silent_worker_is_lost_and_its_job_retries_elsewhere() {
+    let tuning = muster_control::Tuning {
+        node_lost_after: Duration::from_secs(2),
+        ..Default::default()
+    };
+    let mut t = TestCluster::start_tuned(3, tuning).await;
+    let client = t.client(1);
+    create_basics(&client, "ce", "q", "d").await;
+    t.add_agent("doomed", "ce", 1.0, 1024).await;
+    let job = ok(client
+        .call(
+            "SubmitJob",
+            json!({"jobName": "survivor", "jobQueue": "q", "jobDefinition": "d",
+                   "retryStrategy": {"attempts": 2, "evaluateOnExit": [{"onStatusReason": "Host*", "action": "RETRY"},
+                                                                        {"onReason": "*", "action": "EXIT"}]},
+                   "containerOverrides": {"command": ["sh", "-c", "test $AWS_BATCH_JOB_ATTEMPT -ge 2 || sleep 600"]}}),
+        )
+        .await)["jobId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    wait_for_status(&client, &job, &["RUNNING"]).await;
+
+    // A leader change alone must not cost the (healthy) worker its node.
+    let leader = t.cluster.leader().unwrap();
+    t.cluster.stop_node(leader).await;
+    t.cluster.wait_for_leader(DEADLINE).await.unwrap();
+    let client = t.follower_client();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let still = crate::harness::describe(&client, &job).await.unwrap();
+    assert_eq!(
+        still["status"], "RUNNING",
+        "an election alone marked the worker lost: {still}"
+    );
+    t.cluster.restart_node(leader).await.unwrap();
+
+    // Now the worker dies without a word; another one joins.
+    t.kill_agent(0);
+    t.add_agent("spare", "ce", 1.0, 1024).await;
+    let done = wait_for_status(&client, &job, &["SUCCEEDED", "FAILED"]).await;
+    assert_eq!(done["status"], "SUCCEEDED", "{done}");
+    assert_eq!(
+        done["attempts"][0]["statusReason"],
+        "Host doomed terminated."
+    );
+    assert_eq!(
+        done["attempts"][1]["container"]["containerInstanceArn"],
+        "spare"
+    );
+
+    let started = Instant::now();
+    loop {
+        let lost = t
+            .cluster
+            .running()
+            .next()
+            .unwrap()
+            .raft
+            .state
+            .read()
+            .state
+            .node(&muster_core::NodeId("doomed".into()))
+            .map(|n| n.status);
+        if lost == Some(muster_core::NodeStatus::Lost) {
+            break;
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "the dead worker was never marked lost"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    t.shutdown().await;
+}
