@@ -30,7 +30,9 @@ class Dev:
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
             [binary, "dev", "--data-dir", self.data_dir, "--api-addr", f"127.0.0.1:{self.port}",
-             "--executor", executor],
+             "--executor", executor,
+             # Test-only: lets timeouts and RUNNABLE time limits be tested in seconds.
+             "--test-min-attempt-duration-secs", "1", "--test-min-state-time-limit-secs", "1"],
             stdout=subprocess.PIPE, stderr=self.log, text=True,
         )
         self.endpoint = self._wait_ready(deadline=time.monotonic() + 60)

@@ -492,7 +492,7 @@ def test_retry_strategies_and_parameters(batch):
             batch.submit_job(jobName="x", jobQueue="default", jobDefinition=name, retryStrategy=bad)
         assert field in err.value.response["Error"]["Message"]
     with pytest.raises(batch.exceptions.ClientException) as err:
-        batch.submit_job(jobName="x", jobQueue="default", jobDefinition=name, timeout={"attemptDurationSeconds": 59})
+        batch.submit_job(jobName="x", jobQueue="default", jobDefinition=name, timeout={"attemptDurationSeconds": 0})
     assert "attemptDurationSeconds" in err.value.response["Error"]["Message"]
 
 
@@ -505,3 +505,49 @@ def test_a_client_token_makes_submit_idempotent(batch):
     assert again["jobId"] == first["jobId"]
     other = batch.submit_job(jobName="once", jobQueue="default", jobDefinition=name)
     assert other["jobId"] != first["jobId"]
+
+
+def test_attempt_timeouts_stop_the_container_and_retry(batch):
+    name = unique("slow")
+    register_busybox(batch, name, ["sleep", "600"])
+    job_id = batch.submit_job(jobName="slow", jobQueue="default", jobDefinition=name,
+                              timeout={"attemptDurationSeconds": 2}, retryStrategy={"attempts": 2})["jobId"]
+    job = wait_for(batch, job_id, {"SUCCEEDED", "FAILED"}, timeout=120)
+    assert job["status"] == "FAILED"
+    assert job["statusReason"] == "Job attempt duration exceeded timeout"
+    assert [a["statusReason"] for a in job["attempts"]] == ["Job attempt duration exceeded timeout"] * 2
+    assert job["timeout"] == {"attemptDurationSeconds": 2}
+    for attempt in job["attempts"]:
+        assert attempt["stoppedAt"] - attempt["startedAt"] < 20_000
+
+
+def test_runnable_time_limits_cancel_jobs_that_cannot_fit(batch):
+    queue = unique("limited")
+    batch.create_job_queue(jobQueueName=queue, priority=1, computeEnvironmentOrder=[{"order": 1, "computeEnvironment": "default"}],
+                           jobStateTimeLimitActions=[{"reason": "MISCONFIGURATION:JOB_RESOURCE_REQUIREMENT", "state": "RUNNABLE",
+                                                      "maxTimeSeconds": 1, "action": "CANCEL"}])
+    name = unique("huge")
+    batch.register_job_definition(jobDefinitionName=name, type="container",
+                                  containerProperties={"image": TEST_IMAGE, "command": ["true"], "vcpus": 4096, "memory": 64})
+    job_id = batch.submit_job(jobName="huge", jobQueue=queue, jobDefinition=name)["jobId"]
+    job = wait_for(batch, job_id, {"FAILED", "SUCCEEDED"}, timeout=60)
+    assert (job["status"], job["statusReason"], job["isCancelled"]) == \
+        ("FAILED", "MISCONFIGURATION:JOB_RESOURCE_REQUIREMENT", True)
+
+
+def test_multinode_definitions_are_stored_but_cannot_run_yet(batch):
+    name = unique("mnp")
+    node_properties = {"numNodes": 4, "mainNode": 0, "nodeRangeProperties": [
+        {"targetNodes": "0", "container": {"image": TEST_IMAGE, "command": ["main"], "vcpus": 1, "memory": 64}},
+        {"targetNodes": "1:", "container": {"image": TEST_IMAGE, "command": ["worker"], "vcpus": 1, "memory": 64}}]}
+    batch.register_job_definition(jobDefinitionName=name, type="multinode", nodeProperties=node_properties)
+    d = batch.describe_job_definitions(jobDefinitionName=name)["jobDefinitions"][0]
+    assert (d["type"], d["nodeProperties"]) == ("multinode", node_properties)
+    with pytest.raises(batch.exceptions.ClientException) as err:
+        batch.submit_job(jobName="mnp", jobQueue="default", jobDefinition=name)
+    assert "multi-node" in err.value.response["Error"]["Message"]
+    with pytest.raises(batch.exceptions.ClientException) as err:
+        batch.register_job_definition(jobDefinitionName=name, type="multinode",
+                                      nodeProperties={"numNodes": 2, "mainNode": 0, "nodeRangeProperties": [
+                                          {"targetNodes": "0", "container": {"image": TEST_IMAGE, "vcpus": 1, "memory": 8}}]})
+    assert "node 1 is in no range" in err.value.response["Error"]["Message"]

@@ -37,6 +37,91 @@ struct RegisterRequest {
     tags: Option<Tags>,
 }
 
+/// Checks `nodeProperties` (numNodes, mainNode, node ranges that cover every node) and returns
+/// the main node's container. Multi-node definitions are stored and echoed; their jobs cannot
+/// run until gang scheduling exists.
+fn main_node_container(nodes: &Value) -> Result<ContainerSpec, ApiError> {
+    let field = "nodeProperties";
+    let num = nodes
+        .get("numNodes")
+        .and_then(Value::as_u64)
+        .filter(|n| (1..=1000).contains(n))
+        .ok_or_else(|| ApiError::client(format!("{field}.numNodes must be between 1 and 1000")))?;
+    let main = nodes
+        .get("mainNode")
+        .and_then(Value::as_u64)
+        .filter(|m| *m < num)
+        .ok_or_else(|| {
+            ApiError::client(format!(
+                "{field}.mainNode must be a node index below numNodes ({num})"
+            ))
+        })?;
+    let ranges = nodes
+        .get("nodeRangeProperties")
+        .and_then(Value::as_array)
+        .filter(|r| !r.is_empty())
+        .ok_or_else(|| {
+            ApiError::client(format!(
+                "{field}.nodeRangeProperties must list at least one range"
+            ))
+        })?;
+    let mut covered = vec![false; num as usize];
+    let mut main_container = None;
+    for range in ranges {
+        let target = range
+            .get("targetNodes")
+            .and_then(Value::as_str)
+            .ok_or_else(|| {
+                ApiError::client(format!(
+                    "{field}.nodeRangeProperties.targetNodes is required"
+                ))
+            })?;
+        let bad = || {
+            ApiError::client(format!(
+                "{field}.nodeRangeProperties.targetNodes: '{target}' is not i, i:, :j or i:j within numNodes"
+            ))
+        };
+        let bound = |s: &str, default: u64| {
+            if s.is_empty() {
+                Ok(default)
+            } else {
+                s.parse::<u64>().map_err(|_| bad())
+            }
+        };
+        let (from, to) = match target.split_once(':') {
+            Some((a, b)) => (bound(a, 0)?, bound(b, num - 1)?),
+            None => {
+                let i = bound(target, u64::MAX)?;
+                (i, i)
+            }
+        };
+        if from > to || to >= num {
+            return Err(bad());
+        }
+        for i in from..=to {
+            covered[i as usize] = true;
+        }
+        if (from..=to).contains(&main) {
+            let shape: ContainerPropertiesShape =
+                serde_json::from_value(range.get("container").cloned().unwrap_or_default())
+                    .map_err(|e| {
+                        ApiError::client(format!("{field}.nodeRangeProperties.container: {e}"))
+                    })?;
+            main_container = Some(container_spec(shape)?);
+        }
+    }
+    if let Some(missing) = covered.iter().position(|c| !c) {
+        return Err(ApiError::client(format!(
+            "{field}.nodeRangeProperties: node {missing} is in no range"
+        )));
+    }
+    main_container.ok_or_else(|| {
+        ApiError::client(format!(
+            "{field}.nodeRangeProperties: no range covers the main node"
+        ))
+    })
+}
+
 fn container_spec(c: ContainerPropertiesShape) -> Result<ContainerSpec, ApiError> {
     let image = c
         .image
@@ -96,34 +181,41 @@ pub(crate) async fn register<P: ControlPlane>(
         "batch:RegisterJobDefinition",
         &[&arn_of(plane, "job-definition", &name)],
     )?;
-    match required("type", &req.definition_type)? {
-        "container" => {}
-        "multinode" => {
-            return Err(ApiError::client(
-                "type: multinode job definitions are not supported by Muster yet",
-            ));
-        }
+    let multinode = match required("type", &req.definition_type)? {
+        "container" => false,
+        "multinode" => true,
         other => {
             return Err(ApiError::client(format!(
                 "type: {other} must be one of container | multinode"
             )));
         }
-    }
-    if req.node_properties.is_some() {
-        return Err(ApiError::client(
-            "nodeProperties: only multinode job definitions take nodeProperties",
-        ));
-    }
+    };
+    let container_properties = match (multinode, &req.node_properties) {
+        (false, Some(_)) => {
+            return Err(ApiError::client(
+                "nodeProperties: only multinode job definitions take nodeProperties",
+            ));
+        }
+        (true, None) => {
+            return Err(ApiError::client(
+                "nodeProperties is required for type multinode",
+            ));
+        }
+        (true, Some(nodes)) => Some(main_node_container(nodes)?),
+        (false, None) => None,
+    };
     let retry = crate::semantics::retry_strategy("retryStrategy", &req.retry_strategy)?;
     let timeout_secs = crate::semantics::timeout(
         "timeout",
         &req.timeout,
         plane.limits().min_attempt_duration_secs,
     )?;
-    let container =
-        container_spec(req.container_properties.ok_or_else(|| {
+    let container = match container_properties {
+        Some(main) => main,
+        None => container_spec(req.container_properties.ok_or_else(|| {
             ApiError::client("containerProperties is required for type container")
-        })?)?;
+        })?)?,
+    };
     let spec = JobDefinitionSpec {
         name,
         container,
@@ -197,7 +289,11 @@ fn detail(d: &JobDefinition) -> Detail {
         job_definition_arn: d.arn.0.clone(),
         revision: d.revision,
         status: d.status.as_aws(),
-        definition_type: "container",
+        definition_type: if d.extra.get("type").and_then(Value::as_str) == Some("multinode") {
+            "multinode"
+        } else {
+            "container"
+        },
         parameters: d.parameters.clone(),
         container_properties: container_shape(&d.container),
         tags: d.tags.clone(),

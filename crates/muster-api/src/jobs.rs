@@ -142,6 +142,15 @@ pub(crate) async fn submit<P: ControlPlane>(
         )
     });
     caller.authorize("batch:SubmitJob", &[&queue_arn, &definition_arn])?;
+    let multinode = plane.read_local(|s| {
+        s.definition(&definition)
+            .is_some_and(|d| d.extra.get("type").and_then(Value::as_str) == Some("multinode"))
+    });
+    if multinode {
+        return Err(ApiError::client(
+            "jobDefinition: multi-node parallel jobs cannot run on Muster yet (gang scheduling is still to come)",
+        ));
+    }
     let submission = JobSubmission {
         id: JobId(plane.new_id()),
         at: plane.now(),

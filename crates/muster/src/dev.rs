@@ -19,10 +19,21 @@ pub async fn run(
     api_addr: SocketAddr,
     executor: Option<&str>,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
+    limits: muster_api::Limits,
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating {}", data_dir.display()))?;
-    let cluster = LocalCluster::start(&data_dir, 3, api_addr, Some(metrics)).await?;
+    let cluster = LocalCluster::start_tuned(
+        &data_dir,
+        3,
+        api_addr,
+        Some(metrics),
+        muster_control::Tuning {
+            limits,
+            ..Default::default()
+        },
+    )
+    .await?;
     let leader = cluster.wait_for_leader(Duration::from_secs(15)).await?;
     let node = &cluster.node(leader).context("leader is running")?.raft;
     // The root user's key, written as DIR/aws/credentials and DIR/aws/config.

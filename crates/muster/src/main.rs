@@ -47,6 +47,12 @@ enum Commands {
         /// `docker` or `process`; by default docker when the engine answers.
         #[arg(long)]
         executor: Option<String>,
+        /// For tests only: lower AWS's 60-second minimum `attemptDurationSeconds`.
+        #[arg(long, hide = true, default_value_t = 60)]
+        test_min_attempt_duration_secs: u64,
+        /// For tests only: lower AWS's 600-second minimum for `jobStateTimeLimitActions`.
+        #[arg(long, hide = true, default_value_t = 600)]
+        test_min_state_time_limit_secs: u64,
     },
 }
 
@@ -224,7 +230,23 @@ async fn main() -> anyhow::Result<()> {
             data_dir,
             api_addr,
             executor,
-        } => dev::run(data_dir, api_addr, executor.as_deref(), install_metrics()?).await,
+            test_min_attempt_duration_secs,
+            test_min_state_time_limit_secs,
+        } => {
+            let limits = muster_api::Limits {
+                min_attempt_duration_secs: test_min_attempt_duration_secs,
+                min_state_time_limit_secs: test_min_state_time_limit_secs,
+                ..Default::default()
+            };
+            dev::run(
+                data_dir,
+                api_addr,
+                executor.as_deref(),
+                install_metrics()?,
+                limits,
+            )
+            .await
+        }
     }
 }
 
