@@ -9,6 +9,8 @@ fn example_server_config_is_valid() {
         .unwrap();
     assert_eq!(config.node_id, 1);
     assert_eq!(config.peers.len(), 3);
+    assert_eq!(config.limits.max_depends_on, 1000);
+    assert_eq!(config.node_lost_after, std::time::Duration::from_secs(30));
 }
 
 #[test]

@@ -28,9 +28,16 @@ pub struct RawServerConfig {
     /// Days a job is kept after it ended.
     #[serde(default = "default_retention_days")]
     pub job_retention_days: u64,
+    /// Most `dependsOn` entries one SubmitJob may carry (AWS allows 20).
+    #[serde(default = "default_max_depends_on")]
+    pub max_depends_on: usize,
     /// Seconds without a heartbeat after which the leader marks an agent lost.
     #[serde(default = "default_node_lost_after_secs")]
     pub node_lost_after_secs: u64,
+}
+
+fn default_max_depends_on() -> usize {
+    muster_api::Limits::default().max_depends_on
 }
 
 fn default_node_lost_after_secs() -> u64 {
@@ -134,7 +141,7 @@ impl RawServerConfig {
         Ok(ServerConfig {
             node_lost_after: std::time::Duration::from_secs(self.node_lost_after_secs),
             job_retention: std::time::Duration::from_secs(self.job_retention_days * 86_400),
-            limits: muster_api::Limits::default(),
+            limits: muster_api::Limits { max_depends_on: self.max_depends_on, ..Default::default() },
             root_credentials_dir: Some(self.data_dir.join("aws")),
             node_id: self.node_id,
             grpc_addr,
