@@ -141,7 +141,10 @@ impl RawServerConfig {
         Ok(ServerConfig {
             node_lost_after: std::time::Duration::from_secs(self.node_lost_after_secs),
             job_retention: std::time::Duration::from_secs(self.job_retention_days * 86_400),
-            limits: muster_api::Limits { max_depends_on: self.max_depends_on, ..Default::default() },
+            limits: muster_api::Limits {
+                max_depends_on: self.max_depends_on,
+                ..Default::default()
+            },
             root_credentials_dir: Some(self.data_dir.join("aws")),
             node_id: self.node_id,
             grpc_addr,
