@@ -98,6 +98,15 @@ def test_queue_without_capacity_holds_jobs_runnable_lists_them_and_terminates_th
     listed = [j["jobId"] for page in pages for j in page["jobSummaryList"]]
     assert listed == ids
     assert batch.list_jobs(jobQueue=queue)["jobSummaryList"] == []  # no status means RUNNING
+    # Waiting jobs say why, and where they stand.
+    deadline = time.monotonic() + 30
+    reason = None
+    while time.monotonic() < deadline:
+        reason = batch.describe_jobs(jobs=[ids[3]])["jobs"][0].get("statusReason")
+        if reason:
+            break
+        time.sleep(0.2)
+    assert reason == f"RUNNABLE: no ready node in {ce}; 3 jobs ahead"
 
     batch.terminate_job(jobId=ids[0], reason="cleaning up")
     job = batch.describe_jobs(jobs=[ids[0]])["jobs"][0]

@@ -14,8 +14,13 @@ use tokio::sync::watch;
 /// How often the loop looks even when nothing was applied (a safety net, not the trigger).
 const TICK: Duration = Duration::from_millis(500);
 
+/// How often waiting jobs' `statusReason`s are brought up to date. Positions in a queue
+/// change with every placement; rewriting them on every round would multiply the log.
+const REASONS_EVERY: Duration = Duration::from_secs(2);
+
 pub async fn run(node: RaftNode, config: PlanConfig, mut shutdown: watch::Receiver<bool>) {
     let mut applied = node.state.applied_index();
+    let mut reasons_written = std::time::Instant::now() - REASONS_EVERY;
     loop {
         tokio::select! {
             _ = shutdown.changed() => return,
@@ -29,21 +34,38 @@ pub async fn run(node: RaftNode, config: PlanConfig, mut shutdown: watch::Receiv
         if leader != Some(node.id) {
             continue;
         }
-        round(&node, &config, term).await;
+        let refresh = reasons_written.elapsed() >= REASONS_EVERY;
+        if refresh {
+            reasons_written = std::time::Instant::now();
+        }
+        round(&node, &config, term, refresh).await;
     }
 }
 
 /// One scheduling round: plan, re-check, propose; and cancel the jobs that have waited in
 /// RUNNABLE longer than their queue's `jobStateTimeLimitActions` allow.
-async fn round(node: &RaftNode, config: &PlanConfig, term: u64) {
+async fn round(node: &RaftNode, config: &PlanConfig, term: u64, refresh_reasons: bool) {
     let started = std::time::Instant::now();
     let now = crate::now_millis();
-    let (planned, expired) = {
+    let (planned, expired, reasons) = {
         let applied = node.state.read();
         let planned = plan(&applied.state, config);
         let expired = past_time_limits(&applied.state, &planned.unplaced, now);
-        (planned, expired)
+        let reasons = if refresh_reasons {
+            changed_reasons(&applied.state, &planned.unplaced)
+        } else {
+            Vec::new()
+        };
+        (planned, expired, reasons)
     };
+    if !reasons.is_empty()
+        && let Err(e) = node
+            .raft
+            .client_write(Command::SetWaitReasons { reasons })
+            .await
+    {
+        tracing::debug!(error = %e, "wait reasons not committed");
+    }
     for (job, reason) in expired {
         let cancel = Command::Admin(AdminCommand::CancelJob {
             job,
@@ -79,6 +101,18 @@ async fn round(node: &RaftNode, config: &PlanConfig, term: u64) {
         }
         Err(e) => tracing::debug!(error = %e, "placement proposal not committed"),
     }
+}
+
+/// The `statusReason` of each unplaced job whose reason changed since it was last written.
+fn changed_reasons(state: &State, unplaced: &[Unplaced]) -> Vec<(JobId, String)> {
+    unplaced
+        .iter()
+        .filter_map(|u| {
+            let reason = u.status_reason();
+            let current = state.job(&u.job)?.status_reason.as_deref();
+            (current != Some(reason.as_str())).then(|| (u.job.clone(), reason))
+        })
+        .collect()
 }
 
 /// Unplaced jobs whose wait matches one of their queue's `jobStateTimeLimitActions` and has

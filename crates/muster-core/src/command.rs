@@ -52,6 +52,11 @@ pub enum Command {
         node: NodeId,
         at: Timestamp,
     },
+    /// Why RUNNABLE jobs still wait, as the leader's planner saw it (`statusReason`). Jobs that
+    /// are no longer RUNNABLE when this applies are left alone.
+    SetWaitReasons {
+        reasons: Vec<(JobId, String)>,
+    },
     /// Forget jobs that ended before `before` (retention).
     PurgeJobs {
         before: Timestamp,

@@ -70,6 +70,61 @@ impl WaitReason {
 pub struct Unplaced {
     pub job: JobId,
     pub reason: WaitReason,
+    /// RUNNABLE jobs of the same queue ahead of this one.
+    pub jobs_ahead: usize,
+}
+
+fn describe_resources(r: &Resources) -> String {
+    let mut parts = vec![
+        format!("{} vCPU", r.vcpus()),
+        format!("{} MiB", r.memory_mib),
+    ];
+    if r.gpus > 0 {
+        parts.push(format!("{} GPU", r.gpus));
+    }
+    parts.join(", ")
+}
+
+impl Unplaced {
+    /// The `statusReason` a user reads: what is short, where, and how many jobs are ahead;
+    /// or, for a job no node can ever hold, AWS's `MISCONFIGURATION:` prefix that workflow
+    /// engines act on.
+    pub fn status_reason(&self) -> String {
+        match &self.reason {
+            WaitReason::InsufficientCapacity {
+                needs,
+                compute_environments,
+            } => format!(
+                "RUNNABLE: waiting for {} in {}; {} jobs ahead",
+                describe_resources(needs),
+                compute_environments.join(", "),
+                self.jobs_ahead
+            ),
+            WaitReason::NoNodes {
+                compute_environments,
+            } if compute_environments.is_empty() => {
+                format!(
+                    "RUNNABLE: the queue has no enabled compute environment; {} jobs ahead",
+                    self.jobs_ahead
+                )
+            }
+            WaitReason::NoNodes {
+                compute_environments,
+            } => format!(
+                "RUNNABLE: no ready node in {}; {} jobs ahead",
+                compute_environments.join(", "),
+                self.jobs_ahead
+            ),
+            WaitReason::NeverFits {
+                needs,
+                compute_environments,
+            } => format!(
+                "MISCONFIGURATION:JOB_RESOURCE_REQUIREMENT - the job needs {}; no node in {} is that large",
+                describe_resources(needs),
+                compute_environments.join(", ")
+            ),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -113,9 +168,10 @@ pub fn plan(state: &State, config: &PlanConfig) -> Plan {
             .map(|e| e.compute_environment.clone())
             .collect();
         let mut misses = 0;
-        for job in state
+        for (position, job) in state
             .runnable_jobs(&queue.name)
             .take(config.max_examined_per_queue)
+            .enumerate()
         {
             if out.placements.len() >= config.max_placements {
                 return out;
@@ -154,6 +210,7 @@ pub fn plan(state: &State, config: &PlanConfig) -> Plan {
                     out.unplaced.push(Unplaced {
                         job: job.id.clone(),
                         reason,
+                        jobs_ahead: position,
                     });
                 }
             }

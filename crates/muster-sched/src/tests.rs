@@ -208,6 +208,25 @@ fn higher_priority_queue_is_served_first() {
 }
 
 #[test]
+fn waiting_jobs_say_what_is_short_where_and_how_many_are_ahead() {
+    let mut s = cluster(&[("q", 1)], &[(2000, 4096)]);
+    submit(&mut s, "q", "a", 1, 2, 64);
+    submit(&mut s, "q", "b", 2, 2, 64);
+    submit(&mut s, "q", "c", 3, 2, 64);
+    submit(&mut s, "q", "huge", 4, 8, 64);
+    let p = plan(&s, &PlanConfig::default());
+    let reasons: Vec<String> = p.unplaced.iter().map(|u| u.status_reason()).collect();
+    assert_eq!(
+        reasons,
+        vec![
+            "RUNNABLE: waiting for 2 vCPU, 64 MiB in ce; 1 jobs ahead".to_owned(),
+            "RUNNABLE: waiting for 2 vCPU, 64 MiB in ce; 2 jobs ahead".to_owned(),
+            "MISCONFIGURATION:JOB_RESOURCE_REQUIREMENT - the job needs 8 vCPU, 64 MiB; no node in ce is that large".to_owned(),
+        ]
+    );
+}
+
+#[test]
 fn jobs_without_nodes_say_so() {
     let mut s = cluster(&[("q", 1)], &[]);
     submit(&mut s, "q", "a", 1, 1, 64);

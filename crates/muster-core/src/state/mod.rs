@@ -369,7 +369,9 @@ impl State {
             }
             Command::Place { .. } | Command::ReportAttempt { .. } => Ok(()),
             Command::Iam(iam) => self.check_iam(iam),
-            Command::PurgeJobs { .. } | Command::NodeLost { .. } => Ok(()),
+            Command::PurgeJobs { .. }
+            | Command::NodeLost { .. }
+            | Command::SetWaitReasons { .. } => Ok(()),
             Command::Admin(admin) => self.check_admin(admin),
         }
     }
@@ -473,6 +475,18 @@ impl State {
             Command::Iam(iam) => self.apply_iam(iam),
             Command::PurgeJobs { before } => self.purge(before),
             Command::NodeLost { node, at } => self.node_lost(&node, at),
+            Command::SetWaitReasons { reasons } => {
+                for (id, reason) in reasons {
+                    if let Some(job) = self
+                        .jobs
+                        .get_mut(&id)
+                        .filter(|j| j.status == JobStatus::Runnable)
+                    {
+                        job.status_reason = Some(reason);
+                    }
+                }
+                Outcome::Done
+            }
             Command::Admin(admin) => self.apply_admin(admin),
         }
     }
