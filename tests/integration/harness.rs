@@ -13,6 +13,8 @@ pub const DEADLINE: Duration = Duration::from_secs(30);
 pub struct TestCluster {
     pub dir: tempfile::TempDir,
     pub cluster: LocalCluster,
+    /// `stop_after_secs` of the agents added from now on.
+    pub agent_stop_after_secs: u64,
     /// The root user's key, made when the cluster started.
     pub credentials: muster_client::Credentials,
     /// Each agent runs on a runtime of its own, so that killing it takes every task and
@@ -80,6 +82,7 @@ impl TestCluster {
             cluster,
             credentials,
             agents: Vec::new(),
+            agent_stop_after_secs: 20,
         }
     }
 
@@ -117,6 +120,7 @@ impl TestCluster {
             memory_mib: Some(memory_mib),
             heartbeat_secs: 1,
             stop_grace_secs: 2,
+            stop_after_secs: self.agent_stop_after_secs,
         }
         .validate()
         .expect("agent config");

@@ -80,3 +80,61 @@ async fn a_silent_worker_is_lost_and_its_job_retries_elsewhere() {
     }
     t.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_cut_off_from_the_control_plane_stops_its_jobs_itself() {
+    let tuning = muster_control::Tuning {
+        node_lost_after: Duration::from_secs(4),
+        ..Default::default()
+    };
+    let mut t = TestCluster::start_tuned(3, tuning).await;
+    let client = t.client(1);
+    create_basics(&client, "ce", "q", "d").await;
+    t.agent_stop_after_secs = 1;
+    t.add_agent("isolated", "ce", 1.0, 1024).await;
+    let pid_file = t.dir.path().join("pid");
+    let script = format!("echo $$ > {}; exec sleep 600", pid_file.display());
+    let job = ok(client
+        .call(
+            "SubmitJob",
+            json!({"jobName": "long", "jobQueue": "q", "jobDefinition": "d",
+                   "containerOverrides": {"command": ["sh", "-c", script]}}),
+        )
+        .await)["jobId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    wait_for_status(&client, &job, &["RUNNING"]).await;
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let alive = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|stat| !stat.contains(") Z "))
+    };
+    assert!(alive(pid));
+
+    // Every control node goes away: the agent can reach nobody.
+    for id in 1..=3 {
+        t.cluster.stop_node(id).await;
+    }
+    let started = Instant::now();
+    while alive(pid) {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "the cut-off agent kept its job running"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Back again: the attempt ends FAILED (no retries were asked for) and ran only once.
+    for id in 1..=3 {
+        t.cluster.restart_node(id).await.unwrap();
+    }
+    t.cluster.wait_for_leader(DEADLINE).await.unwrap();
+    let ended = wait_for_status(&t.client(1), &job, &["FAILED", "SUCCEEDED"]).await;
+    assert_eq!(ended["status"], "FAILED", "{ended}");
+    assert_eq!(ended["attempts"].as_array().unwrap().len(), 1);
+    t.shutdown().await;
+}

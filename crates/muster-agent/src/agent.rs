@@ -26,6 +26,8 @@ pub enum AgentError {
 
 pub struct Agent {
     config: AgentConfig,
+    /// When a control node last answered (a heartbeat or an assignment set).
+    last_contact: Arc<std::sync::Mutex<tokio::time::Instant>>,
     /// Found once at start: GPUs do not come and go while the agent runs.
     gpus: Vec<muster_core::GpuDevice>,
     executor: Arc<Executor>,
@@ -53,6 +55,7 @@ impl Agent {
         let control = ControlClient::new(config.control_plane.clone());
         Ok(Self {
             config,
+            last_contact: Arc::new(std::sync::Mutex::new(tokio::time::Instant::now())),
             gpus: inventory::gpus(),
             executor: Arc::new(executor),
             control,
@@ -77,6 +80,7 @@ impl Agent {
             self.config.clone(),
             self.inventory(),
             self.control.clone(),
+            self.last_contact.clone(),
             shutdown.clone(),
         ));
         let mut slots = HashMap::new();
@@ -131,6 +135,7 @@ impl Agent {
         let mut next = 0usize;
         let mut max_term = 0u64;
         while !*shutdown.borrow() {
+            self.stop_if_cut_off(slots);
             let addr = leader_hint.take().unwrap_or_else(|| {
                 next += 1;
                 self.control.addrs[next % self.control.addrs.len()].clone()
@@ -163,9 +168,14 @@ impl Agent {
                 let message = tokio::select! {
                     _ = shutdown.changed() => return,
                     m = tokio::time::timeout(STREAM_SILENCE, stream.message()) => m,
+                    _ = tokio::time::sleep(self.config.stop_after / 4) => {
+                        self.stop_if_cut_off(slots);
+                        continue;
+                    }
                 };
                 match message {
                     Ok(Ok(Some(set))) => {
+                        touch(&self.last_contact);
                         // Fencing: a set from an older leader term is stale.
                         if set.term < max_term {
                             continue;
@@ -177,6 +187,32 @@ impl Agent {
                     }
                     _ => break,
                 }
+            }
+        }
+    }
+
+    /// Stops every attempt once no control node has answered for `stop_after`: the cluster
+    /// will soon mark this node lost and retry its attempts elsewhere, and two copies of an
+    /// attempt must never run at once. Their exits are reported when contact returns (and
+    /// ignored if the attempt was superseded meanwhile).
+    fn stop_if_cut_off(&self, slots: &HashMap<(String, u32), Slot>) {
+        let silent = self
+            .last_contact
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .elapsed();
+        if silent <= self.config.stop_after {
+            return;
+        }
+        for ((job, attempt), slot) in slots {
+            if !slot.done.load(Ordering::SeqCst) && !*slot.stop.borrow() {
+                tracing::warn!(
+                    job,
+                    attempt,
+                    ?silent,
+                    "cut off from the control plane: stopping the attempt"
+                );
+                let _ = slot.stop.send(true);
             }
         }
     }
@@ -299,10 +335,15 @@ async fn run_attempt(
 /// Heartbeats every control node (so that whichever leads, now or after an election, has
 /// heard from this agent), and registers again with a node that no longer knows it (the
 /// node was marked lost while this agent was cut off).
+fn touch(last_contact: &std::sync::Mutex<tokio::time::Instant>) {
+    *last_contact.lock().unwrap_or_else(|p| p.into_inner()) = tokio::time::Instant::now();
+}
+
 async fn heartbeat_loop(
     config: AgentConfig,
     offered: muster_core::NodeInventory,
     control: ControlClient,
+    last_contact: Arc<std::sync::Mutex<tokio::time::Instant>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let beat = HeartbeatRequest {
@@ -320,7 +361,7 @@ async fn heartbeat_loop(
                 continue;
             };
             match client.heartbeat(beat.clone()).await {
-                Ok(_) => {}
+                Ok(_) => touch(&last_contact),
                 Err(status) if status.code() == tonic::Code::NotFound => unknown = true,
                 Err(status) => {
                     tracing::debug!(addr, error = %status.message(), "heartbeat not delivered")

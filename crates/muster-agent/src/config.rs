@@ -39,6 +39,11 @@ pub struct RawAgentConfig {
     pub heartbeat_secs: u64,
     #[serde(default = "default_stop_grace_secs")]
     pub stop_grace_secs: u64,
+    /// Seconds without reaching any control node after which the agent stops its attempts
+    /// itself. Keep it below the servers' `node_lost_after_secs`, so that an attempt the
+    /// cluster retries elsewhere is never still running here.
+    #[serde(default = "default_stop_after_secs")]
+    pub stop_after_secs: u64,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -52,6 +57,10 @@ pub struct Reserved {
 
 fn default_heartbeat_secs() -> u64 {
     2
+}
+
+fn default_stop_after_secs() -> u64 {
+    20
 }
 
 fn default_stop_grace_secs() -> u64 {
@@ -72,6 +81,8 @@ pub struct AgentConfig {
     pub heartbeat: Duration,
     /// Between SIGTERM and SIGKILL when an attempt is stopped.
     pub stop_grace: Duration,
+    /// Cut off from every control node this long, the agent stops its attempts.
+    pub stop_after: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -124,8 +135,11 @@ impl RawAgentConfig {
             reserved_memory_mib: self.reserved.memory_mib,
             vcpus_override: self.vcpus.map(|v| (v * 1000.0).round() as u64),
             memory_override_mib: self.memory_mib,
-            heartbeat: std::time::Duration::from_secs(self.heartbeat_secs.max(1)),
+            // Heartbeats also prove contact for `stop_after`: beat at least three times in it.
+            heartbeat: std::time::Duration::from_secs(self.heartbeat_secs.max(1))
+                .min(std::time::Duration::from_secs(self.stop_after_secs.max(1)) / 3),
             stop_grace: std::time::Duration::from_secs(self.stop_grace_secs),
+            stop_after: std::time::Duration::from_secs(self.stop_after_secs.max(1)),
         })
     }
 }

@@ -52,6 +52,7 @@ pub async fn run(
         memory_mib: None,
         heartbeat_secs: 2,
         stop_grace_secs: 10,
+        stop_after_secs: 20,
     }
     .validate()?;
     let agent = Agent::new(agent_config).await?;
