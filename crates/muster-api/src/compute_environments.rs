@@ -340,9 +340,9 @@ pub(crate) async fn describe<P: ControlPlane>(
         })
         .await
         .map_err(ApiError::server)?;
-    let mut out = json!({ "computeEnvironments": page });
-    if let Some(token) = token {
-        out["nextToken"] = json!(token);
-    }
-    Ok(out)
+    Ok(crate::request::page_answer(
+        "computeEnvironments",
+        page,
+        token,
+    ))
 }

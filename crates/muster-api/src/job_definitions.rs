@@ -382,11 +382,7 @@ pub(crate) async fn describe<P: ControlPlane>(
             d["revision"]
         )
     });
-    let mut out = json!({ "jobDefinitions": page });
-    if let Some(token) = token {
-        out["nextToken"] = json!(token);
-    }
-    Ok(out)
+    Ok(crate::request::page_answer("jobDefinitions", page, token))
 }
 
 fn parse_token(token: &str) -> Result<(String, u32), ApiError> {

@@ -308,11 +308,7 @@ pub(crate) async fn describe<P: ControlPlane>(
         })
         .await
         .map_err(ApiError::server)?;
-    let mut out = json!({ "jobQueues": page });
-    if let Some(token) = token {
-        out["nextToken"] = json!(token);
-    }
-    Ok(out)
+    Ok(crate::request::page_answer("jobQueues", page, token))
 }
 
 /// The front of the queue: the RUNNABLE jobs in the order they will be considered.

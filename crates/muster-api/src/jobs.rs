@@ -562,11 +562,11 @@ pub(crate) async fn list<P: ControlPlane>(
     };
     let token = page.last().filter(|_| more).map(|(_, t)| t.clone());
     let summaries: Vec<JobSummary> = page.into_iter().map(|(s, _)| s).collect();
-    let mut out = json!({ "jobSummaryList": summaries });
-    if let Some(token) = token {
-        out["nextToken"] = json!(token);
-    }
-    Ok(out)
+    Ok(crate::request::page_answer(
+        "jobSummaryList",
+        summaries,
+        token,
+    ))
 }
 
 enum Source {

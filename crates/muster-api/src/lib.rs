@@ -205,10 +205,11 @@ async fn batch_operation<P: ControlPlane>(
             body.len()
         )))
     } else {
-        match caller(&api, "batch", &method, &uri, &headers, &body).await {
-            Ok(principal) => dispatch(&api, &principal, &operation, &body).await,
-            Err(e) => Err(e),
+        async {
+            let principal = caller(&api, "batch", &method, &uri, &headers, &body).await?;
+            dispatch(&api, &principal, &operation, &body).await
         }
+        .await
     };
     respond(&api, &operation, started, result)
 }
@@ -222,10 +223,11 @@ async fn iam_operation<P: ControlPlane>(
     body: Bytes,
 ) -> Response {
     let started = std::time::Instant::now();
-    let result = match caller(&api, "batch", &method, &uri, &headers, &body).await {
-        Ok(principal) => iam::dispatch(&api.plane, &principal, &operation, &body).await,
-        Err(e) => Err(e),
-    };
+    let result = async {
+        let principal = caller(&api, "batch", &method, &uri, &headers, &body).await?;
+        iam::dispatch(&api.plane, &principal, &operation, &body).await
+    }
+    .await;
     respond(&api, &operation, started, result)
 }
 
@@ -239,20 +241,12 @@ async fn tags_operation<P: ControlPlane>(
 ) -> Response {
     let started = std::time::Instant::now();
     let arn = arn.trim_start_matches('/').to_owned();
-    let result = match caller(&api, "batch", &method, &uri, &headers, &body).await {
-        Ok(principal) => {
-            tags::dispatch(
-                &api.plane,
-                &principal,
-                method.as_str(),
-                &arn,
-                uri.query().unwrap_or(""),
-                &body,
-            )
-            .await
-        }
-        Err(e) => Err(e),
-    };
+    let result = async {
+        let principal = caller(&api, "batch", &method, &uri, &headers, &body).await?;
+        let query = uri.query().unwrap_or("");
+        tags::dispatch(&api.plane, &principal, method.as_str(), &arn, query, &body).await
+    }
+    .await;
     respond(&api, "tags", started, result)
 }
 

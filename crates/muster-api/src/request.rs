@@ -232,3 +232,16 @@ pub(crate) fn named_page<'a, T: 'a>(
         .map(|last| name_and_arn(last).0.to_owned());
     (page.into_iter().map(show).collect(), token)
 }
+
+/// A paginated answer: `items` under `key`, and `nextToken` only when there is another page.
+pub(crate) fn page_answer(
+    key: &str,
+    items: impl Serialize,
+    token: Option<String>,
+) -> serde_json::Value {
+    let mut out = serde_json::json!({ key: items });
+    if let Some(token) = token {
+        out["nextToken"] = serde_json::json!(token);
+    }
+    out
+}

@@ -214,9 +214,10 @@ pub(crate) async fn list<P: ControlPlane>(
         .await
         .map_err(ApiError::server)?;
     let token = page.last().filter(|_| more).map(|(n, _)| n.clone());
-    let mut out = json!({ "schedulingPolicies": page.iter().map(|(_, arn)| json!({"arn": arn})).collect::<Vec<_>>() });
-    if let Some(t) = token {
-        out["nextToken"] = json!(t);
-    }
-    Ok(out)
+    let arns: Vec<Value> = page.iter().map(|(_, arn)| json!({"arn": arn})).collect();
+    Ok(crate::request::page_answer(
+        "schedulingPolicies",
+        arns,
+        token,
+    ))
 }
