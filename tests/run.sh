@@ -4,6 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Every package of the lock file, for all targets: the layering test reads the whole graph
+# with `cargo metadata --offline`.
+cargo fetch --locked
 cargo build --locked -p muster
 if command -v cargo-nextest >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast

@@ -121,6 +121,8 @@ impl TestCluster {
             heartbeat_secs: 1,
             stop_grace_secs: 2,
             stop_after_secs: self.agent_stop_after_secs,
+            topology_domain: None,
+            labels: Default::default(),
         }
         .validate()
         .expect("agent config");

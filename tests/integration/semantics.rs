@@ -105,25 +105,36 @@ async fn retries_timeouts_arrays_and_dependencies() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn jobs_that_can_never_fit_are_cancelled_by_the_queues_time_limit() {
+async fn jobs_that_can_never_fit_fail_fast_and_waiting_ones_meet_the_queues_time_limit() {
     let limits = muster_api::Limits {
         min_state_time_limit_secs: 1,
         ..Default::default()
     };
     let mut t = TestCluster::start_with_limits(3, limits).await;
     let client = t.client(1);
-    ok(client
-        .call(
-            "CreateComputeEnvironment",
-            json!({"computeEnvironmentName": "small", "type": "UNMANAGED"}),
-        )
-        .await);
+    for ce in ["small", "empty"] {
+        ok(client
+            .call(
+                "CreateComputeEnvironment",
+                json!({"computeEnvironmentName": ce, "type": "UNMANAGED"}),
+            )
+            .await);
+    }
     ok(client
         .call(
             "CreateJobQueue",
             json!({"jobQueueName": "q", "priority": 1,
-                   "computeEnvironmentOrder": [{"order": 1, "computeEnvironment": "small"}],
-                   "jobStateTimeLimitActions": [{"reason": "MISCONFIGURATION:JOB_RESOURCE_REQUIREMENT",
+                   "computeEnvironmentOrder": [{"order": 1, "computeEnvironment": "small"}]}),
+        )
+        .await);
+    // A queue whose only environment has no node yet: its jobs wait for capacity, until the
+    // queue's time limit for that reason cancels them.
+    ok(client
+        .call(
+            "CreateJobQueue",
+            json!({"jobQueueName": "waiting", "priority": 1,
+                   "computeEnvironmentOrder": [{"order": 1, "computeEnvironment": "empty"}],
+                   "jobStateTimeLimitActions": [{"reason": "CAPACITY:INSUFFICIENT_INSTANCE_CAPACITY",
                                                  "state": "RUNNABLE", "maxTimeSeconds": 1, "action": "CANCEL"}]}),
         )
         .await);
@@ -135,19 +146,31 @@ async fn jobs_that_can_never_fit_are_cancelled_by_the_queues_time_limit() {
         )
         .await);
     t.add_agent("tiny", "small", 1.0, 1024).await;
-    let job = ok(client
-        .call(
-            "SubmitJob",
-            json!({"jobName": "big", "jobQueue": "q", "jobDefinition": "big"}),
-        )
-        .await)["jobId"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let ended = wait_for_status(&client, &job, &["FAILED", "SUCCEEDED"]).await;
+    let submit = |queue: &'static str| {
+        let client = client.clone();
+        async move {
+            ok(client
+                .call(
+                    "SubmitJob",
+                    json!({"jobName": "big", "jobQueue": queue, "jobDefinition": "big"}),
+                )
+                .await)["jobId"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        }
+    };
+    let never = submit("q").await;
+    let ended = wait_for_status(&client, &never, &["FAILED", "SUCCEEDED"]).await;
     assert_eq!(
         ended["statusReason"],
-        "MISCONFIGURATION:JOB_RESOURCE_REQUIREMENT"
+        "MISCONFIGURATION:JOB_RESOURCE_REQUIREMENT - the job needs 8 vCPU, 64 MiB; no node in small can hold it"
+    );
+    let waiting = submit("waiting").await;
+    let ended = wait_for_status(&client, &waiting, &["FAILED", "SUCCEEDED"]).await;
+    assert_eq!(
+        ended["statusReason"],
+        "CAPACITY:INSUFFICIENT_INSTANCE_CAPACITY"
     );
     assert_eq!(ended["isCancelled"], true);
     assert!(ended["stoppedAt"].as_u64().unwrap() - ended["createdAt"].as_u64().unwrap() >= 1000);

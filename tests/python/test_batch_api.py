@@ -530,18 +530,29 @@ def test_attempt_timeouts_stop_the_container_and_retry(batch):
         assert attempt["stoppedAt"] - attempt["startedAt"] < 20_000
 
 
-def test_runnable_time_limits_cancel_jobs_that_cannot_fit(batch):
-    queue = unique("limited")
-    batch.create_job_queue(jobQueueName=queue, priority=1, computeEnvironmentOrder=[{"order": 1, "computeEnvironment": "default"}],
-                           jobStateTimeLimitActions=[{"reason": "MISCONFIGURATION:JOB_RESOURCE_REQUIREMENT", "state": "RUNNABLE",
-                                                      "maxTimeSeconds": 1, "action": "CANCEL"}])
+def test_jobs_that_can_never_fit_fail_fast_with_a_misconfiguration_reason(batch):
     name = unique("huge")
     batch.register_job_definition(jobDefinitionName=name, type="container",
                                   containerProperties={"image": TEST_IMAGE, "command": ["true"], "vcpus": 4096, "memory": 64})
-    job_id = batch.submit_job(jobName="huge", jobQueue=queue, jobDefinition=name)["jobId"]
+    job_id = batch.submit_job(jobName="huge", jobQueue="default", jobDefinition=name)["jobId"]
+    job = wait_for(batch, job_id, {"FAILED", "SUCCEEDED"}, timeout=30)
+    assert job["status"] == "FAILED"
+    assert job["statusReason"].startswith("MISCONFIGURATION:JOB_RESOURCE_REQUIREMENT - the job needs 4096 vCPU")
+
+
+def test_runnable_time_limits_cancel_jobs_that_wait_for_capacity(batch):
+    ce = unique("empty")
+    batch.create_compute_environment(computeEnvironmentName=ce, type="UNMANAGED")
+    queue = unique("limited")
+    batch.create_job_queue(jobQueueName=queue, priority=1, computeEnvironmentOrder=[{"order": 1, "computeEnvironment": ce}],
+                           jobStateTimeLimitActions=[{"reason": "CAPACITY:INSUFFICIENT_INSTANCE_CAPACITY", "state": "RUNNABLE",
+                                                      "maxTimeSeconds": 1, "action": "CANCEL"}])
+    name = unique("def")
+    register_busybox(batch, name, ["true"])
+    job_id = batch.submit_job(jobName="waits", jobQueue=queue, jobDefinition=name)["jobId"]
     job = wait_for(batch, job_id, {"FAILED", "SUCCEEDED"}, timeout=60)
     assert (job["status"], job["statusReason"], job["isCancelled"]) == \
-        ("FAILED", "MISCONFIGURATION:JOB_RESOURCE_REQUIREMENT", True)
+        ("FAILED", "CAPACITY:INSUFFICIENT_INSTANCE_CAPACITY", True)
 
 
 def test_multinode_definitions_are_stored_but_cannot_run_yet(batch):

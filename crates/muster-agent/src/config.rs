@@ -1,6 +1,7 @@
 //! Agent configuration: TOML → [`RawAgentConfig`] → `validate()` → [`AgentConfig`].
 
 use serde::Deserialize;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -44,6 +45,12 @@ pub struct RawAgentConfig {
     /// cluster retries elsewhere is never still running here.
     #[serde(default = "default_stop_after_secs")]
     pub stop_after_secs: u64,
+    /// The network topology domain this machine sits in (a switch, a placement group);
+    /// reported as the `topology-domain` label.
+    pub topology_domain: Option<String>,
+    /// Free-form labels jobs may require with `muster:node.<label>` tags.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -54,6 +61,9 @@ pub struct Reserved {
     #[serde(default)]
     pub memory_mib: u64,
 }
+
+/// The label that carries `topology_domain`; gang scheduling prefers nodes sharing one.
+pub const TOPOLOGY_DOMAIN_LABEL: &str = "topology-domain";
 
 fn default_heartbeat_secs() -> u64 {
     2
@@ -83,6 +93,8 @@ pub struct AgentConfig {
     pub stop_grace: Duration,
     /// Cut off from every control node this long, the agent stops its attempts.
     pub stop_after: Duration,
+    /// Labels from the config, `topology-domain` included.
+    pub labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -121,6 +133,30 @@ impl RawAgentConfig {
         if self.reserved.vcpus < 0.0 {
             return Err(invalid("reserved.vcpus", "must not be negative"));
         }
+        let mut labels = self.labels;
+        if let Some(domain) = self.topology_domain {
+            labels.insert(TOPOLOGY_DOMAIN_LABEL.to_owned(), domain);
+        }
+        for (key, value) in &labels {
+            let valid = |s: &str| {
+                !s.is_empty()
+                    && s.len() <= 128
+                    && s.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_./:".contains(c))
+            };
+            if !valid(key) {
+                return Err(invalid(
+                    "labels",
+                    &format!("{key:?}: a label is 1 to 128 letters, digits and - _ . / :"),
+                ));
+            }
+            if value.len() > 256 {
+                return Err(invalid(
+                    "labels",
+                    &format!("{key}: value over 256 characters"),
+                ));
+            }
+        }
         let node_id = match self.node_id {
             Some(id) if !id.is_empty() => id,
             _ => crate::inventory::hostname(),
@@ -140,6 +176,7 @@ impl RawAgentConfig {
                 .min(std::time::Duration::from_secs(self.stop_after_secs.max(1)) / 3),
             stop_grace: std::time::Duration::from_secs(self.stop_grace_secs),
             stop_after: std::time::Duration::from_secs(self.stop_after_secs.max(1)),
+            labels,
         })
     }
 }

@@ -3,6 +3,8 @@
 
 use crate::AgentConfig;
 use muster_core::{GpuDevice, NodeInventory, Resources};
+use std::collections::BTreeMap;
+use std::path::Path;
 
 pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -82,5 +84,36 @@ pub fn collect(config: &AgentConfig, address: String, gpus: Vec<GpuDevice>) -> N
         address,
         executor: config.executor.as_str().to_owned(),
         gpus,
+        labels: labels(config, &rdma_devices(Path::new(RDMA_CLASS_DIR))),
     }
+}
+
+/// Where the kernel lists RDMA devices: InfiniBand HCAs and AWS EFA adapters alike.
+const RDMA_CLASS_DIR: &str = "/sys/class/infiniband";
+
+/// Names of the RDMA devices under `dir`, sorted; none when it does not exist.
+pub fn rdma_devices(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// The node's labels: `rdma-devices` and `efa` when the machine has such devices, then the
+/// config's labels (which win).
+pub fn labels(config: &AgentConfig, rdma: &[String]) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    if !rdma.is_empty() {
+        out.insert("rdma-devices".to_owned(), rdma.join(","));
+        let efa = rdma
+            .iter()
+            .any(|d| d.starts_with("efa") || d.starts_with("rdmap"));
+        out.insert("efa".to_owned(), efa.to_string());
+    }
+    out.extend(config.labels.clone());
+    out
 }

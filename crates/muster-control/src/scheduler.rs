@@ -7,7 +7,7 @@
 
 use muster_core::{AdminCommand, Command, JobId, State, Timestamp};
 use muster_raft::RaftNode;
-use muster_sched::{PlanConfig, Unplaced, plan, verify};
+use muster_sched::{PlanConfig, Unplaced, WaitReason, plan, verify};
 use std::time::Duration;
 use tokio::sync::watch;
 
@@ -47,17 +47,36 @@ pub async fn run(node: RaftNode, config: PlanConfig, mut shutdown: watch::Receiv
 async fn round(node: &RaftNode, config: &PlanConfig, term: u64, refresh_reasons: bool) {
     let started = std::time::Instant::now();
     let now = crate::now_millis();
-    let (planned, expired, reasons) = {
+    let (planned, expired, reasons, unplaceable) = {
         let applied = node.state.read();
-        let planned = plan(&applied.state, config);
+        let planned = plan(&applied.state, config, now);
         let expired = past_time_limits(&applied.state, &planned.unplaced, now);
+        let unplaceable: Vec<(JobId, String)> = planned
+            .unplaced
+            .iter()
+            .filter(|u| matches!(u.reason, WaitReason::NeverFits { .. }))
+            .map(|u| (u.job.clone(), u.status_reason()))
+            .collect();
         let reasons = if refresh_reasons {
             changed_reasons(&applied.state, &planned.unplaced)
         } else {
             Vec::new()
         };
-        (planned, expired, reasons)
+        (planned, expired, reasons, unplaceable)
     };
+    // A job no node could ever hold fails now rather than waiting for capacity that cannot
+    // come: workflow engines act on its MISCONFIGURATION reason.
+    if !unplaceable.is_empty()
+        && let Err(e) = node
+            .raft
+            .client_write(Command::FailUnplaceable {
+                jobs: unplaceable,
+                at: now,
+            })
+            .await
+    {
+        tracing::debug!(error = %e, "unplaceable jobs not failed");
+    }
     if !reasons.is_empty()
         && let Err(e) = node
             .raft

@@ -57,6 +57,13 @@ pub enum Command {
     SetWaitReasons {
         reasons: Vec<(JobId, String)>,
     },
+    /// RUNNABLE jobs the leader's planner found no node could ever hold: each ends FAILED
+    /// with its reason (`MISCONFIGURATION:JOB_RESOURCE_REQUIREMENT - …`), and its dependents
+    /// with it. Jobs no longer RUNNABLE when this applies are left alone.
+    FailUnplaceable {
+        jobs: Vec<(JobId, String)>,
+        at: Timestamp,
+    },
     /// Forget jobs that ended before `before` (retention).
     PurgeJobs {
         before: Timestamp,

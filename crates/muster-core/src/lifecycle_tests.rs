@@ -56,6 +56,7 @@ fn setup(vcpus: u64) -> State {
                 address: "a".into(),
                 executor: "process".into(),
                 gpus: Vec::new(),
+                labels: Default::default(),
             },
             at: Timestamp(0),
         },

@@ -81,6 +81,7 @@ fn node(id: &str) -> Command {
             address: "127.0.0.1".into(),
             executor: "process".into(),
             gpus: Vec::new(),
+            labels: Default::default(),
         },
         at: Timestamp(2),
     }
@@ -327,6 +328,7 @@ fn jobs_see_exactly_their_gpus_whatever_they_set() {
                     memory_mib: 81559,
                 })
                 .collect(),
+            labels: Default::default(),
         },
         at: Timestamp(3),
     });

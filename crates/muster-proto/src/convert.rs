@@ -42,6 +42,7 @@ pub fn inventory_to_pb(inv: &NodeInventory) -> pb::Inventory {
         address: inv.address.clone(),
         executor: inv.executor.clone(),
         gpus: inv.gpus.iter().map(gpu_to_pb).collect(),
+        labels: inv.labels.clone().into_iter().collect(),
     }
 }
 
@@ -52,6 +53,7 @@ pub fn inventory_from_pb(inv: &pb::Inventory) -> NodeInventory {
         address: inv.address.clone(),
         executor: inv.executor.clone(),
         gpus: inv.gpus.iter().map(gpu_from_pb).collect(),
+        labels: inv.labels.clone().into_iter().collect(),
     }
 }
 

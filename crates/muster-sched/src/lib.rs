@@ -1,18 +1,37 @@
 //! `muster-sched`: the pure planner.
 //!
-//! [`plan`] looks at a read-only [`State`] and returns a [`Plan`]: which RUNNABLE job goes to
-//! which node, and for every job it looked at but could not place, why (as data). [`verify`]
-//! is the plan applier's re-check against the newest state before the plan is proposed.
-//! Neither writes anything; only the leader's plan applier turns a plan into a command.
+//! [`plan`] looks at a read-only [`State`] at a given time and returns a [`Plan`]: which
+//! RUNNABLE job goes to which node (and which of its GPUs), and for every job it looked at but
+//! could not place, why (as data). [`verify`] is the plan applier's re-check against the
+//! newest state before the plan is proposed. Neither writes anything; only the leader's plan
+//! applier turns a plan into a command.
 //!
-//! Order: queues in descending priority (then by name, so that equal priorities are
-//! deterministic); FIFO by submit time within a queue; each queue tries its compute
-//! environments in `order`. Fit: vCPU, memory and GPU count; best fit picks the node that
-//! leaves the least free vCPU, then memory.
+//! - **Order**: queues in descending priority (then by name, so that equal priorities are
+//!   deterministic); within a queue first in, first out, or fair share when the queue has a
+//!   scheduling policy ([`order`]); each queue tries its compute environments in `order`.
+//! - **Fit**: vCPU, memory, GPU count, GPU model and node labels the job requires; best fit
+//!   (least free vCPU, then memory, left behind) unless the compute environment asks for
+//!   spread ([`pool`]).
+//! - **Head of line**: the first job of each queue that does not fit gets a reservation on
+//!   the node where it fits soonest; later jobs run around it only where their timeouts
+//!   prove they cannot delay it ([`reservations`]).
+//! - **Cost**: a round examines at most `max_examined_per_queue` jobs a queue and stops a
+//!   queue after `max_misses_in_a_row` misses, so a million waiting jobs behind a blocked
+//!   head cost what 256 do; nodes are found by range lookups on free capacity.
 //!
 //! Must not depend on: tokio, tonic, prost, sled, openraft, clocks, randomness or any IO.
 
-use muster_core::{EnabledState, Job, JobId, NodeId, NodeStatus, Placement, Resources, State};
+mod order;
+mod pool;
+mod reservations;
+
+pub use pool::{ALLOCATION_STRATEGY_TAG, AllocationStrategy};
+pub use reservations::Reservation;
+
+use muster_core::{EnabledState, JobId, NodeId, Placement, Resources, State, Timestamp};
+use order::QueueOrder;
+use pool::Pool;
+use reservations::Reservations;
 use std::collections::{BTreeMap, BTreeSet};
 
 /// Limits on one planning round, so that a round stays short however long the queues are.
@@ -47,9 +66,15 @@ pub enum WaitReason {
     },
     /// None of the queue's compute environments is enabled or has a ready node.
     NoNodes { compute_environments: Vec<String> },
-    /// Bigger than every ready node of the queue's compute environments, even empty.
+    /// The queue's fair-share policy keeps the rest for share identifiers not running yet
+    /// (`computeReservation`).
+    ShareReserve { share: String, percent: u64 },
+    /// No node of the queue's compute environments, even empty, can hold it (too large, or
+    /// lacking a label or GPU model it requires).
     NeverFits {
         needs: Resources,
+        /// The labels and GPU model it requires, as ` with k=v, GPU model M` (or empty).
+        requirements: String,
         compute_environments: Vec<String>,
     },
 }
@@ -59,9 +84,9 @@ impl WaitReason {
     pub fn category(&self) -> &'static str {
         match self {
             WaitReason::NeverFits { .. } => "MISCONFIGURATION:JOB_RESOURCE_REQUIREMENT",
-            WaitReason::InsufficientCapacity { .. } | WaitReason::NoNodes { .. } => {
-                "CAPACITY:INSUFFICIENT_INSTANCE_CAPACITY"
-            }
+            WaitReason::InsufficientCapacity { .. }
+            | WaitReason::NoNodes { .. }
+            | WaitReason::ShareReserve { .. } => "CAPACITY:INSUFFICIENT_INSTANCE_CAPACITY",
         }
     }
 }
@@ -72,6 +97,8 @@ pub struct Unplaced {
     pub reason: WaitReason,
     /// RUNNABLE jobs of the same queue ahead of this one.
     pub jobs_ahead: usize,
+    /// The room held for it, when it is the head of its queue and backfill applies.
+    pub reservation: Option<Reservation>,
 }
 
 fn describe_resources(r: &Resources) -> String {
@@ -95,9 +122,17 @@ impl Unplaced {
                 needs,
                 compute_environments,
             } => format!(
-                "RUNNABLE: waiting for {} in {}; {} jobs ahead",
+                "RUNNABLE: waiting for {} in {}; {} jobs ahead{}",
                 describe_resources(needs),
                 compute_environments.join(", "),
+                self.jobs_ahead,
+                self.reservation
+                    .as_ref()
+                    .map(|r| format!("; room reserved on {}", r.node))
+                    .unwrap_or_default()
+            ),
+            WaitReason::ShareReserve { share, percent } => format!(
+                "RUNNABLE: share {share} waits; the queue's fair-share policy keeps {percent}% of capacity for share identifiers not running yet; {} jobs ahead",
                 self.jobs_ahead
             ),
             WaitReason::NoNodes {
@@ -117,10 +152,12 @@ impl Unplaced {
             ),
             WaitReason::NeverFits {
                 needs,
+                requirements,
                 compute_environments,
             } => format!(
-                "MISCONFIGURATION:JOB_RESOURCE_REQUIREMENT - the job needs {}; no node in {} is that large",
+                "MISCONFIGURATION:JOB_RESOURCE_REQUIREMENT - the job needs {}{}; no node in {} can hold it",
                 describe_resources(needs),
+                requirements,
                 compute_environments.join(", ")
             ),
         }
@@ -133,18 +170,12 @@ pub struct Plan {
     pub unplaced: Vec<Unplaced>,
 }
 
-/// Plans one round. Deterministic: the same state and config give the same plan.
-pub fn plan(state: &State, config: &PlanConfig) -> Plan {
+/// Plans one round at time `now`. Deterministic: the same state, config and time give the
+/// same plan.
+pub fn plan(state: &State, config: &PlanConfig, now: Timestamp) -> Plan {
     let mut out = Plan::default();
-    // Free capacity as this plan consumes it.
-    let mut free: BTreeMap<&NodeId, Resources> = state
-        .nodes()
-        .filter(|n| n.status == NodeStatus::Ready)
-        .map(|n| (&n.id, n.free()))
-        .collect();
-
-    // GPU indices this plan has already handed out, per node.
-    let mut gpus_taken: BTreeMap<&NodeId, BTreeSet<u32>> = BTreeMap::new();
+    let mut pool = Pool::new(state);
+    let mut reservations = Reservations::default();
 
     let mut queues: Vec<_> = state
         .queues()
@@ -167,33 +198,39 @@ pub fn plan(state: &State, config: &PlanConfig) -> Plan {
             })
             .map(|e| e.compute_environment.clone())
             .collect();
+        let mut order = QueueOrder::new(state, queue, now);
+        let mut head_reserved = false;
         let mut misses = 0;
-        for (position, job) in state
-            .runnable_jobs(&queue.name)
-            .take(config.max_examined_per_queue)
-            .enumerate()
-        {
+        let mut position = 0;
+        while let Some(job) = order.next() {
+            if position >= config.max_examined_per_queue || misses >= config.max_misses_in_a_row {
+                break;
+            }
             if out.placements.len() >= config.max_placements {
                 return out;
             }
-            if misses >= config.max_misses_in_a_row {
-                break;
-            }
-            match best_fit(state, job, &ces, &free) {
-                Some(node) => {
-                    let need = job.container.resources();
-                    if let Some(f) = free.get_mut(node) {
-                        *f = f.saturating_sub(&need);
-                    }
-                    let held = gpus_taken.entry(node).or_default();
-                    let gpus: Vec<u32> = state
-                        .node(node)
-                        .into_iter()
-                        .flat_map(|n| n.free_gpus())
-                        .filter(|i| !held.contains(i))
-                        .take(need.gpus as usize)
-                        .collect();
-                    held.extend(gpus.iter().copied());
+            position += 1;
+            let jobs_ahead = position - 1;
+            let need = job.container.resources();
+            let ends_by = reservations::ends_by(job, now);
+            let (capacity, free) = pool.millicpus(&ces);
+            let found = if order.within_reservation(job, need.millicpus, capacity, free) {
+                pool.find(job, &ces, &reservations, ends_by)
+                    .ok_or_else(|| why_unplaced(&pool, job, &ces))
+            } else {
+                let QueueOrder::FairShare(fs) = &order else {
+                    unreachable!("only fair-share queues keep a reserve")
+                };
+                Err(WaitReason::ShareReserve {
+                    share: job.share_identifier.clone().unwrap_or_default(),
+                    percent: fs.policy.compute_reservation,
+                })
+            };
+            match found {
+                Ok(node) => {
+                    let gpus = pool.take(node, job, ends_by);
+                    reservations.charge(node, &need, ends_by);
+                    order.placed(job);
                     out.placements.push(Placement {
                         job: job.id.clone(),
                         node: node.clone(),
@@ -201,16 +238,27 @@ pub fn plan(state: &State, config: &PlanConfig) -> Plan {
                     });
                     misses = 0;
                 }
-                None => {
-                    let reason = why_unplaced(state, job, &ces);
-                    // A job that fits no node at all says nothing about the jobs behind it.
-                    if !matches!(reason, WaitReason::NeverFits { .. }) {
-                        misses += 1;
+                Err(reason) => {
+                    let mut reservation = None;
+                    match reason {
+                        // A job that fits no node at all says nothing about the jobs behind it.
+                        WaitReason::NeverFits { .. } => {}
+                        WaitReason::InsufficientCapacity { .. } if !head_reserved => {
+                            head_reserved = true;
+                            reservation = reservations.reserve(state, &pool, job, &ces, now);
+                            misses += 1;
+                            order.missed(job);
+                        }
+                        _ => {
+                            misses += 1;
+                            order.missed(job);
+                        }
                     }
                     out.unplaced.push(Unplaced {
                         job: job.id.clone(),
                         reason,
-                        jobs_ahead: position,
+                        jobs_ahead,
+                        reservation,
                     });
                 }
             }
@@ -219,54 +267,34 @@ pub fn plan(state: &State, config: &PlanConfig) -> Plan {
     out
 }
 
-/// The node in the first compute environment (in queue order) that fits the job, leaving the
-/// least free vCPU and then memory behind.
-fn best_fit<'s>(
-    state: &'s State,
-    job: &Job,
-    ces: &[String],
-    free: &BTreeMap<&'s NodeId, Resources>,
-) -> Option<&'s NodeId> {
-    let need = job.container.resources();
-    ces.iter().find_map(|ce| {
-        state
-            .nodes()
-            .filter(|n| &n.compute_environment == ce)
-            .filter_map(|n| free.get(&n.id).map(|f| (&n.id, *f)))
-            .filter(|(_, f)| need.fits_in(f))
-            .min_by_key(|(id, f)| {
-                (
-                    f.millicpus - need.millicpus,
-                    f.memory_mib - need.memory_mib,
-                    *id,
-                )
-            })
-            .map(|(id, _)| id)
-    })
-}
-
-fn why_unplaced(state: &State, job: &Job, ces: &[String]) -> WaitReason {
-    let has_nodes = state
-        .nodes()
-        .any(|n| n.status == NodeStatus::Ready && ces.contains(&n.compute_environment));
-    let need = job.container.resources();
-    let fits_an_empty_node = state
-        .nodes()
-        .filter(|n| n.status == NodeStatus::Ready && ces.contains(&n.compute_environment))
-        .any(|n| need.fits_in(&n.inventory.capacity));
-    if has_nodes && !fits_an_empty_node {
-        WaitReason::NeverFits {
-            needs: need,
-            compute_environments: ces.to_vec(),
+fn why_unplaced(pool: &Pool, job: &muster_core::Job, ces: &[String]) -> WaitReason {
+    let needs = job.container.resources();
+    let compute_environments = ces.to_vec();
+    if !pool.has_ready_node(ces) {
+        WaitReason::NoNodes {
+            compute_environments,
         }
-    } else if has_nodes {
-        WaitReason::InsufficientCapacity {
-            needs: job.container.resources(),
-            compute_environments: ces.to_vec(),
+    } else if !pool.could_ever_hold(job, ces) {
+        let mut requirements: Vec<String> = job
+            .required_labels()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        if let Some(model) = job.required_gpu_model() {
+            requirements.push(format!("GPU model {model}"));
+        }
+        WaitReason::NeverFits {
+            needs,
+            requirements: if requirements.is_empty() {
+                String::new()
+            } else {
+                format!(" with {}", requirements.join(", "))
+            },
+            compute_environments,
         }
     } else {
-        WaitReason::NoNodes {
-            compute_environments: ces.to_vec(),
+        WaitReason::InsufficientCapacity {
+            needs,
+            compute_environments,
         }
     }
 }
@@ -312,3 +340,6 @@ pub fn verify(state: &State, plan: Plan) -> Plan {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod policy_tests;

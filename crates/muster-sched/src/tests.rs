@@ -1,9 +1,12 @@
 use super::*;
 use muster_core::{
     Arn, CeOrder, CeType, Command, ComputeEnvironment, ContainerOverrides, ContainerSpec,
-    JobDefinitionSpec, JobQueue, JobStatus, JobSubmission, NodeInventory, Outcome, Timestamp,
+    JobDefinitionSpec, JobQueue, JobStatus, JobSubmission, NodeInventory, NodeStatus, Outcome,
+    Timestamp,
 };
 use proptest::prelude::*;
+
+const NOW: Timestamp = Timestamp(1_000_000);
 
 fn must(state: &mut State, cmd: Command) -> Outcome {
     let outcome = state.apply(cmd);
@@ -83,6 +86,7 @@ fn gpu_cluster(queues: &[(&str, i64)], nodes: &[(u64, u64, u32)]) -> State {
                     address: "127.0.0.1".into(),
                     executor: "process".into(),
                     gpus: Vec::new(),
+                    labels: Default::default(),
                 },
                 at: Timestamp(0),
             },
@@ -168,7 +172,7 @@ fn fifo_within_a_queue_and_best_fit_across_nodes() {
     let mut s = cluster(&[("q", 1)], &[(4000, 4096), (2000, 4096)]);
     submit(&mut s, "q", "a", 1, 2, 64);
     submit(&mut s, "q", "b", 2, 4, 64);
-    let p = plan(&s, &PlanConfig::default());
+    let p = plan(&s, &PlanConfig::default(), NOW);
     // `a` (2 vCPU) fits exactly on the 2-vCPU node; `b` (4 vCPU) then takes the big one.
     assert_eq!(
         p.placements,
@@ -192,7 +196,7 @@ fn higher_priority_queue_is_served_first() {
     let mut s = cluster(&[("low", 1), ("high", 10)], &[(1000, 1024)]);
     submit(&mut s, "low", "l", 1, 1, 64);
     submit(&mut s, "high", "h", 2, 1, 64);
-    let p = plan(&s, &PlanConfig::default());
+    let p = plan(&s, &PlanConfig::default(), NOW);
     assert_eq!(
         p.placements,
         vec![Placement {
@@ -214,14 +218,15 @@ fn waiting_jobs_say_what_is_short_where_and_how_many_are_ahead() {
     submit(&mut s, "q", "b", 2, 2, 64);
     submit(&mut s, "q", "c", 3, 2, 64);
     submit(&mut s, "q", "huge", 4, 8, 64);
-    let p = plan(&s, &PlanConfig::default());
+    let p = plan(&s, &PlanConfig::default(), NOW);
     let reasons: Vec<String> = p.unplaced.iter().map(|u| u.status_reason()).collect();
     assert_eq!(
         reasons,
         vec![
-            "RUNNABLE: waiting for 2 vCPU, 64 MiB in ce; 1 jobs ahead".to_owned(),
+            "RUNNABLE: waiting for 2 vCPU, 64 MiB in ce; 1 jobs ahead; room reserved on n0"
+                .to_owned(),
             "RUNNABLE: waiting for 2 vCPU, 64 MiB in ce; 2 jobs ahead".to_owned(),
-            "MISCONFIGURATION:JOB_RESOURCE_REQUIREMENT - the job needs 8 vCPU, 64 MiB; no node in ce is that large".to_owned(),
+            "MISCONFIGURATION:JOB_RESOURCE_REQUIREMENT - the job needs 8 vCPU, 64 MiB; no node in ce can hold it".to_owned(),
         ]
     );
 }
@@ -230,7 +235,7 @@ fn waiting_jobs_say_what_is_short_where_and_how_many_are_ahead() {
 fn jobs_without_nodes_say_so() {
     let mut s = cluster(&[("q", 1)], &[]);
     submit(&mut s, "q", "a", 1, 1, 64);
-    let p = plan(&s, &PlanConfig::default());
+    let p = plan(&s, &PlanConfig::default(), NOW);
     assert!(p.placements.is_empty());
     assert_eq!(
         p.unplaced[0].reason,
@@ -282,7 +287,7 @@ fn gpus_are_assigned_by_index_and_never_shared() {
     for (i, id) in ["a", "b", "c"].iter().enumerate() {
         submit_gpu(&mut s, "q", id, i as u64, 1, 64, 1);
     }
-    let p = verify(&s, plan(&s, &PlanConfig::default()));
+    let p = verify(&s, plan(&s, &PlanConfig::default(), NOW));
     let given: Vec<(String, Vec<u32>)> = p
         .placements
         .iter()
@@ -311,7 +316,7 @@ fn gpus_are_assigned_by_index_and_never_shared() {
         event: exited,
         at: Timestamp(11),
     });
-    let p = plan(&s, &PlanConfig::default());
+    let p = plan(&s, &PlanConfig::default(), NOW);
     assert_eq!(
         p.placements,
         vec![Placement {
@@ -342,7 +347,7 @@ fn a_full_queue_is_not_scanned_to_its_end_but_oversized_jobs_do_not_block() {
     for i in 0..600 {
         submit(&mut s, "q", &format!("more{i}"), 301 + i, 2, 64);
     }
-    let p = plan(&s, &PlanConfig::default());
+    let p = plan(&s, &PlanConfig::default(), NOW);
     // `small` is found behind 300 oversized jobs; then one 1-vCPU slot is left, so the
     // 2-vCPU jobs miss, and the scan stops after 256 of them rather than all 600.
     assert_eq!(
@@ -375,8 +380,8 @@ proptest! {
             submit_gpu(&mut s, &format!("q{q}"), &format!("j{i}"), i as u64, *vcpus, *memory, *gpus);
         }
         for round in 0..(jobs.len() as u64 + 2) {
-            let p = plan(&s, &PlanConfig::default());
-            prop_assert_eq!(&p, &plan(&s.clone(), &PlanConfig::default()));
+            let p = plan(&s, &PlanConfig::default(), NOW);
+            prop_assert_eq!(&p, &plan(&s.clone(), &PlanConfig::default(), NOW));
             let p = verify(&s, p);
             let n = p.placements.len();
             let outcome = s.apply(Command::Place { term: 1, at: Timestamp(1000 + round), placements: p.placements });
@@ -401,6 +406,188 @@ proptest! {
                 .any(|(c, m, g)| (*vcpus as u64) * 1000 <= *c && (*memory as u64) <= *m && gpus <= g);
             if fits_somewhere && finish_every == 1 {
                 prop_assert_eq!(job.status, JobStatus::Succeeded, "job {} never ran (biggest node {:?})", i, biggest);
+            }
+        }
+    }
+}
+
+/// One step of the interleaving property below.
+#[derive(Debug, Clone)]
+enum Step {
+    /// Plan on the state as it is now and keep the plan (it may be applied much later).
+    Plan,
+    /// Re-check the oldest kept plan against the state as it is now and apply it.
+    ApplyOldest,
+    LoseNode(usize),
+    Rejoin(usize),
+    /// End one running attempt with this exit code.
+    Finish(i32),
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        3 => Just(Step::Plan),
+        3 => Just(Step::ApplyOldest),
+        1 => (0usize..4).prop_map(Step::LoseNode),
+        1 => (0usize..4).prop_map(Step::Rejoin),
+        2 => prop_oneof![Just(0), Just(1)].prop_map(Step::Finish),
+    ]
+}
+
+/// A lower-priority queue took nothing that an unplaced higher-priority job needed: for
+/// every waiting job of `hi`, no node would fit it even with the `lo` placements undone.
+fn assert_not_starved(s: &State, p: &Plan) {
+    let mut free: BTreeMap<&NodeId, Resources> = s
+        .nodes()
+        .filter(|n| n.status == NodeStatus::Ready)
+        .map(|n| (&n.id, n.free()))
+        .collect();
+    let mut taken_by_lo: BTreeMap<&NodeId, Resources> = BTreeMap::new();
+    for placement in &p.placements {
+        let job = s.job(&placement.job).unwrap();
+        let need = job.container.resources();
+        let f = free.get_mut(&placement.node).unwrap();
+        *f = f.saturating_sub(&need);
+        if job.queue == "lo" {
+            let t = taken_by_lo.entry(&placement.node).or_default();
+            *t = *t + need;
+        }
+    }
+    // Room held for a reservation may go to jobs that cannot delay it, from any queue.
+    let reserved: BTreeSet<&NodeId> = p
+        .unplaced
+        .iter()
+        .filter_map(|u| u.reservation.as_ref().map(|r| &r.node))
+        .collect();
+    free.retain(|node, _| !reserved.contains(node));
+    for u in &p.unplaced {
+        let job = s.job(&u.job).unwrap();
+        if job.queue != "hi" || !matches!(u.reason, WaitReason::InsufficientCapacity { .. }) {
+            continue;
+        }
+        for (node, f) in &free {
+            let without_lo = *f + taken_by_lo.get(node).copied().unwrap_or_default();
+            assert!(
+                !job.container.resources().fits_in(&without_lo),
+                "{} of `hi` waits while `lo` jobs hold room it fits in on {node}",
+                job.id
+            );
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+    /// Plans applied late, in any interleaving with node loss, rejoins and attempts ending,
+    /// never over-commit a node or hand out a GPU twice; no job is placed before its
+    /// dependencies succeeded; a lower-priority queue never takes room a waiting
+    /// higher-priority job fits in; and the same snapshot and time give the same plan.
+    #[test]
+    fn interleavings_with_node_loss_stay_safe(
+        nodes in prop::collection::vec((1u64..8, 64u64..4096, 0u32..3), 1..5),
+        jobs in prop::collection::vec(
+            (any::<bool>(), 1i64..5, 4i64..1024, 0u32..2, prop::option::of(0usize..40)),
+            1..40,
+        ),
+        steps in prop::collection::vec(step(), 1..80),
+    ) {
+        let nodes: Vec<(u64, u64, u32)> = nodes.into_iter().map(|(c, m, g)| (c * 1000, m, g)).collect();
+        let mut s = gpu_cluster(&[("hi", 10), ("lo", 1)], &nodes);
+        for (i, (high, vcpus, memory, gpus, dep)) in jobs.iter().enumerate() {
+            let queue = if *high { "hi" } else { "lo" };
+            let depends_on: Vec<muster_core::Dependency> = dep
+                .filter(|d| *d < i)
+                .map(|d| muster_core::Dependency {
+                    job: Some(JobId(format!("j{d}"))),
+                    kind: muster_core::DependencyKind::Plain,
+                })
+                .into_iter()
+                .collect();
+            let resource_requirements = if *gpus > 0 {
+                vec![muster_core::ResourceRequirement {
+                    resource_type: muster_core::ResourceType::Gpu,
+                    value: gpus.to_string(),
+                }]
+            } else {
+                Vec::new()
+            };
+            must(&mut s, Command::SubmitJob(JobSubmission {
+                id: JobId(format!("j{i}")),
+                at: Timestamp(i as u64),
+                name: format!("j{i}"),
+                queue: queue.into(),
+                definition: "def".into(),
+                overrides: ContainerOverrides {
+                    vcpus: Some(*vcpus),
+                    memory: Some(*memory),
+                    resource_requirements,
+                    ..Default::default()
+                },
+                parameters: Default::default(),
+                tags: Default::default(),
+                retry: None,
+                timeout_secs: None,
+                depends_on,
+                array_size: None,
+                extra: Default::default(),
+            }));
+        }
+        let mut kept: std::collections::VecDeque<Plan> = Default::default();
+        let mut clock = 10_000u64;
+        for step in steps {
+            clock += 1;
+            let now = Timestamp(clock);
+            match step {
+                Step::Plan => {
+                    let p = plan(&s, &PlanConfig::default(), now);
+                    prop_assert_eq!(&p, &plan(&s.clone(), &PlanConfig::default(), now));
+                    assert_not_starved(&s, &p);
+                    kept.push_back(p);
+                }
+                Step::ApplyOldest => {
+                    if let Some(p) = kept.pop_front() {
+                        let checked = verify(&s, p);
+                        let n = checked.placements.len();
+                        let outcome = s.apply(Command::Place { term: 1, at: now, placements: checked.placements });
+                        prop_assert_eq!(outcome, Outcome::Placed { placed: n, refused: 0 });
+                    }
+                }
+                Step::LoseNode(i) => {
+                    s.apply(Command::NodeLost { node: NodeId(format!("n{}", i % nodes.len())), at: now });
+                }
+                Step::Rejoin(i) => {
+                    let i = i % nodes.len();
+                    let (c, m, g) = nodes[i];
+                    s.apply(Command::RegisterNode {
+                        node: NodeId(format!("n{i}")),
+                        compute_environment: "ce".into(),
+                        inventory: NodeInventory {
+                            capacity: Resources::new(c, m, g),
+                            hostname: format!("n{i}"),
+                            address: "127.0.0.1".into(),
+                            executor: "process".into(),
+                            gpus: Vec::new(),
+                            labels: Default::default(),
+                        },
+                        at: now,
+                    });
+                }
+                Step::Finish(code) => {
+                    let placed = s.nodes().flat_map(|n| n.placed_jobs.iter().cloned().map(|j| (j, n.id.clone()))).next();
+                    if let Some((job, node)) = placed {
+                        let attempt = s.job(&job).unwrap().active.as_ref().unwrap().number;
+                        s.apply(Command::ReportAttempt { job, attempt, node, event: muster_core::AttemptEvent::Exited { exit_code: Some(code), reason: None }, at: now });
+                    }
+                }
+            }
+            assert_no_overcommit(&s);
+            for n in s.nodes() {
+                for id in &n.placed_jobs {
+                    let job = s.job(id).unwrap();
+                    for dep in job.depends_on.iter().filter_map(|d| d.job.as_ref()) {
+                        prop_assert_eq!(s.job(dep).unwrap().status, JobStatus::Succeeded, "{} placed before {}", id, dep);
+                    }
+                }
             }
         }
     }

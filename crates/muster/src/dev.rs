@@ -53,6 +53,8 @@ pub async fn run(
         heartbeat_secs: 2,
         stop_grace_secs: 10,
         stop_after_secs: 20,
+        topology_domain: None,
+        labels: Default::default(),
     }
     .validate()?;
     let agent = Agent::new(agent_config).await?;

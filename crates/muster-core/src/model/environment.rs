@@ -73,3 +73,101 @@ pub struct SchedulingPolicy {
     pub fairshare: Option<serde_json::Value>,
     pub tags: Tags,
 }
+
+/// A fair-share policy as the planner uses it, read from [`SchedulingPolicy::fairshare`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct FairsharePolicy {
+    /// Half-life of past usage; 0 counts only what runs now.
+    pub share_decay_seconds: u64,
+    /// Percent of capacity kept for share identifiers that are not active yet.
+    pub compute_reservation: u64,
+    /// `(shareIdentifier, weightFactor)`; an identifier ending in `*` is a prefix.
+    pub weights: Vec<(String, f64)>,
+}
+
+impl SchedulingPolicy {
+    pub fn fairshare_policy(&self) -> FairsharePolicy {
+        let policy = self.fairshare.as_ref();
+        let number = |key: &str| {
+            policy
+                .and_then(|p| p.get(key))
+                .and_then(serde_json::Value::as_u64)
+                .unwrap_or(0)
+        };
+        let weights = policy
+            .and_then(|p| p.get("shareDistribution"))
+            .and_then(serde_json::Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|share| {
+                let id = share.get("shareIdentifier")?.as_str()?.to_owned();
+                let weight = share
+                    .get("weightFactor")
+                    .and_then(serde_json::Value::as_f64)
+                    .unwrap_or(1.0);
+                Some((id, weight))
+            })
+            .collect();
+        FairsharePolicy {
+            share_decay_seconds: number("shareDecaySeconds"),
+            compute_reservation: number("computeReservation").min(99),
+            weights,
+        }
+    }
+}
+
+impl FairsharePolicy {
+    /// The weight factor of `share`: an exact entry, else the longest matching `prefix*`
+    /// entry, else 1. A lower weight gets a larger share (AWS's meaning).
+    pub fn weight_of(&self, share: &str) -> f64 {
+        if let Some((_, w)) = self.weights.iter().find(|(id, _)| id == share) {
+            return *w;
+        }
+        self.weights
+            .iter()
+            .filter_map(|(id, w)| {
+                let prefix = id.strip_suffix('*')?;
+                share.starts_with(prefix).then_some((prefix.len(), *w))
+            })
+            .max_by_key(|(len, _)| *len)
+            .map_or(1.0, |(_, w)| w)
+    }
+}
+
+/// What a share identifier has used, in millicpu-seconds (1000 per vCPU-second), decayed to
+/// `as_of` with the policy's half-life.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShareUsage {
+    pub millicpu_seconds: u64,
+    pub as_of: Timestamp,
+}
+
+impl ShareUsage {
+    /// The usage as it stands at `at`: halved every `half_life_secs` (linearly between
+    /// halvings, so that every node computes the same integer).
+    pub fn decayed_to(&self, at: Timestamp, half_life_secs: u64) -> u64 {
+        if half_life_secs == 0 {
+            return 0;
+        }
+        let half_ms = half_life_secs.saturating_mul(1000);
+        let elapsed = at.as_millis().saturating_sub(self.as_of.as_millis());
+        let halvings = elapsed / half_ms;
+        if halvings >= 64 {
+            return 0;
+        }
+        let v = self.millicpu_seconds >> halvings;
+        let into = elapsed % half_ms;
+        // 2^-x ≈ 1 - x/2 on [0, 1): within 6% of the curve, and exact at every halving.
+        v - ((v as u128 * into as u128) / (2 * half_ms as u128)) as u64
+    }
+
+    /// This usage decayed to `at` plus `millicpu_seconds` more.
+    pub fn add(&self, millicpu_seconds: u64, at: Timestamp, half_life_secs: u64) -> ShareUsage {
+        ShareUsage {
+            millicpu_seconds: self
+                .decayed_to(at, half_life_secs)
+                .saturating_add(millicpu_seconds),
+            as_of: at,
+        }
+    }
+}

@@ -179,6 +179,12 @@ pub struct AttemptRecord {
     pub log_stream_name: String,
 }
 
+/// Tag prefix by which a job requires a node label: `muster:node.rack=r12`.
+pub const NODE_LABEL_TAG_PREFIX: &str = "muster:node.";
+
+/// Tag by which a job requires a GPU model: `muster:gpu-model=NVIDIA H100 80GB HBM3`.
+pub const GPU_MODEL_TAG: &str = "muster:gpu-model";
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Job {
     pub id: JobId,
@@ -224,12 +230,34 @@ pub struct Job {
     /// When the job last became RUNNABLE (for `jobStateTimeLimitActions`).
     #[serde(default)]
     pub runnable_since: Option<Timestamp>,
+    /// `shareIdentifier`: the fair-share group the job is charged to.
+    #[serde(default)]
+    pub share_identifier: Option<String>,
+    /// `schedulingPriorityOverride`, else the definition's `schedulingPriority`, else 0.
+    /// Higher runs first within a share identifier of a fair-share queue.
+    #[serde(default)]
+    pub scheduling_priority: i64,
     /// Submit members stored and echoed as sent (`shareIdentifier`, `propagateTags`, …).
     #[serde(default)]
     pub extra: super::Extra,
 }
 
 impl Job {
+    /// Node labels the job requires (`muster:node.<label>` tags, from the submit or the
+    /// definition): `(label, value)` pairs a node must carry to run it.
+    pub fn required_labels(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.tags.iter().filter_map(|(k, v)| {
+            k.strip_prefix(NODE_LABEL_TAG_PREFIX)
+                .map(|label| (label, v.as_str()))
+        })
+    }
+
+    /// The GPU model the job requires (the `muster:gpu-model` tag), matched against the
+    /// model name NVML reports.
+    pub fn required_gpu_model(&self) -> Option<&str> {
+        self.tags.get(GPU_MODEL_TAG).map(String::as_str)
+    }
+
     /// The CloudWatch-shaped stream name the agent writes the attempt's output under.
     pub fn log_stream_name(&self, attempt: u32) -> String {
         format!("{}/default/{}-{}", self.name, self.id, attempt)

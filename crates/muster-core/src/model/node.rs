@@ -2,7 +2,7 @@
 
 use crate::{JobId, NodeId, Resources, Timestamp};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// What an agent reports about its machine when it registers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -17,6 +17,10 @@ pub struct NodeInventory {
     /// The node's GPUs, in NVML index order; `capacity.gpus` counts them.
     #[serde(default)]
     pub gpus: Vec<GpuDevice>,
+    /// Free-form labels from the agent's config (`rack`, `topology-domain`, …) that jobs
+    /// may require with `muster:node.<label>` tags.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
 }
 
 /// One GPU as the agent found it through NVML.
@@ -55,6 +59,29 @@ pub struct Node {
 impl Node {
     pub fn free(&self) -> Resources {
         self.inventory.capacity.saturating_sub(&self.allocated)
+    }
+
+    /// True when the node carries every label `job` requires and, if it names a GPU model,
+    /// has GPUs of that model.
+    pub fn satisfies(&self, job: &crate::Job) -> bool {
+        job.required_labels()
+            .all(|(k, v)| self.inventory.labels.get(k).is_some_and(|have| have == v))
+            && job
+                .required_gpu_model()
+                .is_none_or(|m| self.inventory.gpus.iter().any(|g| g.model == m))
+    }
+
+    /// Indices of the free GPUs a job may be given: of its required model if it names one.
+    pub fn free_gpus_for<'a>(&'a self, job: &'a crate::Job) -> impl Iterator<Item = u32> + 'a {
+        let model = job.required_gpu_model();
+        self.free_gpus().filter(move |i| {
+            model.is_none_or(|m| {
+                self.inventory
+                    .gpus
+                    .iter()
+                    .any(|g| g.index == *i && g.model == m)
+            })
+        })
     }
 
     /// Indices of the GPUs no attempt holds, ascending. A node that counts GPUs without

@@ -125,6 +125,17 @@ impl State {
             waiting_on: BTreeSet::new(),
             array: None,
             runnable_since: None,
+            share_identifier: sub
+                .extra
+                .get("shareIdentifier")
+                .and_then(|v| v.as_str())
+                .map(str::to_owned),
+            scheduling_priority: sub
+                .extra
+                .get("schedulingPriorityOverride")
+                .or_else(|| definition.extra.get("schedulingPriority"))
+                .and_then(|v| v.as_i64())
+                .unwrap_or(0),
             extra: sub.extra.clone(),
         };
         if let Some(t) = token {
@@ -239,11 +250,9 @@ impl State {
             job.runnable_since = Some(at);
         }
         let runnable = job.status == JobStatus::Runnable;
-        let queue = job.queue.clone();
         self.insert_job(job);
         if runnable {
-            let seq = self.jobs[&id].seq;
-            self.runnable.entry(queue).or_default().insert((seq, id));
+            self.runnable.insert(&self.jobs[&id]);
         }
     }
 
@@ -278,11 +287,7 @@ impl State {
                     {
                         d.status = JobStatus::Runnable;
                         d.runnable_since = Some(at);
-                        let key = (d.seq, d.id.clone());
-                        self.runnable
-                            .entry(d.queue.clone())
-                            .or_default()
-                            .insert(key);
+                        self.runnable.insert(d);
                     }
                 } else {
                     d.status = JobStatus::Failed;

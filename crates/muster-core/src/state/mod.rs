@@ -14,6 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 mod iam;
 mod lifecycle;
 mod resources;
+mod runnable;
 
 /// AWS's reason for an attempt whose container ran and exited.
 const CONTAINER_EXITED: &str = "Essential container in task exited";
@@ -43,9 +44,15 @@ pub struct State {
     /// Submission order: the next job's `seq`. Log order, not clocks, decides who came first.
     #[serde(default)]
     next_job_seq: u64,
-    /// RUNNABLE jobs per queue in submit order: the scheduler's FIFO. Derived from `jobs`.
+    /// RUNNABLE jobs per queue, for the scheduler. Derived from `jobs`.
     #[serde(skip)]
-    runnable: BTreeMap<String, BTreeSet<(u64, JobId)>>,
+    runnable: runnable::RunnableIndex,
+    /// Past use of each fair-share identifier, per queue: queue → share → usage.
+    #[serde(default)]
+    share_usage: BTreeMap<String, BTreeMap<String, crate::ShareUsage>>,
+    /// Millicpus held now by placed jobs of each share identifier, per queue. Derived.
+    #[serde(skip)]
+    share_running: BTreeMap<String, BTreeMap<String, u64>>,
     /// For each job, the PENDING jobs waiting on it. Derived from `jobs` (`waiting_on`).
     #[serde(skip)]
     dependents: BTreeMap<JobId, BTreeSet<JobId>>,
@@ -84,6 +91,7 @@ impl State {
     /// Rebuilds the derived indexes after the state was read from a snapshot.
     pub fn rebuild_indexes(&mut self) {
         self.runnable.clear();
+        self.share_running.clear();
         self.jobs_by_queue.clear();
         self.dependents.clear();
         for job in self.jobs.values() {
@@ -93,10 +101,10 @@ impl State {
                 .or_default()
                 .insert(key.clone());
             if job.status == JobStatus::Runnable {
-                self.runnable
-                    .entry(job.queue.clone())
-                    .or_default()
-                    .insert(key);
+                self.runnable.insert(job);
+            }
+            if job.active.is_some() {
+                track_share(&mut self.share_running, job, true);
             }
             for dep in &job.waiting_on {
                 self.dependents
@@ -193,11 +201,37 @@ impl State {
 
     /// RUNNABLE jobs of a queue in FIFO order.
     pub fn runnable_jobs<'a>(&'a self, queue: &str) -> impl Iterator<Item = &'a Job> + 'a {
+        self.runnable.fifo(queue).filter_map(|id| self.jobs.get(id))
+    }
+
+    /// How many jobs of a queue are RUNNABLE.
+    pub fn runnable_count(&self, queue: &str) -> usize {
+        self.runnable.count(queue)
+    }
+
+    /// RUNNABLE jobs of a queue grouped by share identifier (`""` for jobs without one),
+    /// each group by scheduling priority (highest first) then submit order.
+    pub fn runnable_by_share<'a>(
+        &'a self,
+        queue: &str,
+    ) -> impl Iterator<Item = (&'a str, impl Iterator<Item = &'a Job> + 'a)> + 'a {
         self.runnable
+            .shares(queue)
+            .map(|(share, ids)| (share, ids.filter_map(|id| self.jobs.get(id))))
+    }
+
+    /// Millicpus that placed jobs of a share identifier of a queue hold now.
+    pub fn share_running_millicpus(&self, queue: &str, share: &str) -> u64 {
+        self.share_running
             .get(queue)
-            .into_iter()
-            .flatten()
-            .filter_map(|(_, id)| self.jobs.get(id))
+            .and_then(|shares| shares.get(share))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Past use of a share identifier of a queue (before decay to any later time).
+    pub fn share_usage(&self, queue: &str, share: &str) -> Option<&crate::ShareUsage> {
+        self.share_usage.get(queue)?.get(share)
     }
 
     /// What `node` should be running now: its active attempts that nobody asked to stop.
@@ -371,7 +405,8 @@ impl State {
             Command::Iam(iam) => self.check_iam(iam),
             Command::PurgeJobs { .. }
             | Command::NodeLost { .. }
-            | Command::SetWaitReasons { .. } => Ok(()),
+            | Command::SetWaitReasons { .. }
+            | Command::FailUnplaceable { .. } => Ok(()),
             Command::Admin(admin) => self.check_admin(admin),
         }
     }
@@ -475,6 +510,18 @@ impl State {
             Command::Iam(iam) => self.apply_iam(iam),
             Command::PurgeJobs { before } => self.purge(before),
             Command::NodeLost { node, at } => self.node_lost(&node, at),
+            Command::FailUnplaceable { jobs, at } => {
+                for (id, reason) in jobs {
+                    if self
+                        .jobs
+                        .get(&id)
+                        .is_some_and(|j| j.status == JobStatus::Runnable)
+                    {
+                        self.end_job(&id, reason, at, Ending::Cancel);
+                    }
+                }
+                Outcome::Done
+            }
             Command::SetWaitReasons { reasons } => {
                 for (id, reason) in reasons {
                     if let Some(job) = self
@@ -550,10 +597,8 @@ impl State {
                 Outcome::Done
             }
             s => {
-                if s == JobStatus::Runnable
-                    && let Some(fifo) = self.runnable.get_mut(&job.queue)
-                {
-                    fifo.remove(&(job.seq, job.id.clone()));
+                if s == JobStatus::Runnable {
+                    self.runnable.remove(job);
                 }
                 job.status = JobStatus::Failed;
                 job.status_reason = Some(reason.clone());
@@ -676,9 +721,14 @@ impl State {
                 placement.gpus.len()
             ));
         }
-        let free: BTreeSet<u32> = node.free_gpus().collect();
+        if !node.satisfies(job) {
+            return Some("node lacks a label or GPU model the job requires".into());
+        }
+        let free: BTreeSet<u32> = node.free_gpus_for(job).collect();
         if !distinct.is_subset(&free) {
-            return Some("a named GPU is not free on the node".into());
+            return Some(
+                "a named GPU is not free on the node, or not of the required model".into(),
+            );
         }
         None
     }
@@ -695,9 +745,7 @@ impl State {
                 refused += 1;
                 continue;
             };
-            if let Some(fifo) = self.runnable.get_mut(&job.queue) {
-                fifo.remove(&(job.seq, job.id.clone()));
-            }
+            self.runnable.remove(job);
             job.status = JobStatus::Starting;
             job.status_reason = None;
             job.active = Some(ActiveAttempt {
@@ -710,6 +758,7 @@ impl State {
             });
             node.gpus_in_use.extend(p.gpus.iter().copied());
             node.allocated = node.allocated + job.container.resources();
+            track_share(&mut self.share_running, job, true);
             node.placed_jobs.insert(job.id.clone());
             placed += 1;
         }
@@ -755,6 +804,26 @@ impl State {
                 let Some(active) = job.active.take() else {
                     return Outcome::Ignored("no active attempt".into());
                 };
+                track_share(&mut self.share_running, job, false);
+                if let Some(share) = &job.share_identifier {
+                    let half_life = self
+                        .queues
+                        .get(&job.queue)
+                        .and_then(|q| q.scheduling_policy_arn.as_deref())
+                        .and_then(|arn| self.scheduling_policies.values().find(|p| p.arn.0 == arn))
+                        .map_or(0, |p| p.fairshare_policy().share_decay_seconds);
+                    if half_life > 0 {
+                        let ran_ms = at.as_millis().saturating_sub(active.placed_at.as_millis());
+                        let used = job.container.resources().millicpus * ran_ms / 1000;
+                        let usage = self
+                            .share_usage
+                            .entry(job.queue.clone())
+                            .or_default()
+                            .entry(share.clone())
+                            .or_default();
+                        *usage = usage.add(used, at, half_life);
+                    }
+                }
                 if let Some(n) = self.nodes.get_mut(&active.node) {
                     n.allocated = n.allocated - job.container.resources();
                     n.placed_jobs.remove(id);
@@ -791,11 +860,7 @@ impl State {
                     // Back in line, at its original place in submit order.
                     job.status = JobStatus::Runnable;
                     job.runnable_since = Some(at);
-                    let key = (job.seq, job.id.clone());
-                    self.runnable
-                        .entry(job.queue.clone())
-                        .or_default()
-                        .insert(key);
+                    self.runnable.insert(job);
                     return Outcome::Done;
                 }
                 let succeeded = exit_code == Some(0) && job.terminate_reason.is_none();
@@ -827,4 +892,22 @@ fn substitute_parameters(command: &[String], parameters: &BTreeMap<String, Strin
             }
         })
         .collect()
+}
+
+/// Adds (`placed`) or removes a placed job's vCPUs to its share identifier's running total.
+fn track_share(running: &mut BTreeMap<String, BTreeMap<String, u64>>, job: &Job, placed: bool) {
+    let Some(share) = &job.share_identifier else {
+        return;
+    };
+    let millicpus = job.container.resources().millicpus;
+    let shares = running.entry(job.queue.clone()).or_default();
+    let total = shares.entry(share.clone()).or_default();
+    if placed {
+        *total += millicpus;
+    } else {
+        *total = total.saturating_sub(millicpus);
+        if *total == 0 {
+            shares.remove(share);
+        }
+    }
 }

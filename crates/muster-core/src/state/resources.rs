@@ -366,7 +366,8 @@ impl State {
                     );
                 }
                 self.queues.remove(&name);
-                self.runnable.remove(&name);
+                self.runnable.remove_queue(&name);
+                self.share_usage.remove(&name);
             }
             AdminCommand::DeregisterJobDefinition { job_definition } => {
                 let Some((name, revision)) = self

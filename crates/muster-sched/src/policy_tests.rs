@@ -1,0 +1,479 @@
+//! Backfill, spread, labels and GPU models, and fair share.
+
+use super::*;
+use muster_core::{
+    Arn, AttemptEvent, CeOrder, CeType, Command, ComputeEnvironment, ContainerOverrides,
+    ContainerSpec, GpuDevice, Job, JobDefinitionSpec, JobQueue, JobSubmission, NodeInventory,
+    Outcome, SchedulingPolicy, Tags,
+};
+
+const NOW: Timestamp = Timestamp(1_000_000);
+
+fn must(state: &mut State, cmd: Command) {
+    let outcome = state.apply(cmd);
+    assert!(!matches!(outcome, Outcome::Rejected(_)), "{outcome:?}");
+}
+
+/// One UNMANAGED environment `ce` (with `ce_tags`), queue `q` on it (fair share when
+/// `fairshare` is given), definition `def`.
+fn cluster(ce_tags: &[(&str, &str)], fairshare: Option<serde_json::Value>) -> State {
+    let mut s = State::default();
+    let tags: Tags = ce_tags
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    must(
+        &mut s,
+        Command::CreateComputeEnvironment(ComputeEnvironment {
+            name: "ce".into(),
+            arn: Arn("arn:aws:batch:r:1:compute-environment/ce".into()),
+            uuid: "u".into(),
+            ce_type: CeType::Unmanaged,
+            state: EnabledState::Enabled,
+            unmanaged_vcpus: None,
+            service_role: None,
+            tags,
+            created_at: Timestamp(0),
+            extra: Default::default(),
+        }),
+    );
+    let policy_arn = fairshare.map(|f| {
+        let arn = "arn:aws:batch:r:1:scheduling-policy/fair".to_owned();
+        must(
+            &mut s,
+            Command::Admin(muster_core::AdminCommand::CreateSchedulingPolicy(
+                SchedulingPolicy {
+                    name: "fair".into(),
+                    arn: Arn(arn.clone()),
+                    fairshare: Some(f),
+                    tags: Default::default(),
+                },
+            )),
+        );
+        // The state names the policy in its own ARN scope.
+        s.scheduling_policies().next().unwrap().arn.0.clone()
+    });
+    must(
+        &mut s,
+        Command::CreateJobQueue(JobQueue {
+            name: "q".into(),
+            arn: Arn("arn:aws:batch:r:1:job-queue/q".into()),
+            priority: 1,
+            state: EnabledState::Enabled,
+            compute_environment_order: vec![CeOrder {
+                order: 1,
+                compute_environment: "ce".into(),
+            }],
+            tags: Default::default(),
+            created_at: Timestamp(0),
+            scheduling_policy_arn: policy_arn,
+            extra: Default::default(),
+        }),
+    );
+    must(
+        &mut s,
+        Command::RegisterJobDefinition(JobDefinitionSpec {
+            name: "def".into(),
+            container: ContainerSpec {
+                image: "busybox".into(),
+                vcpus: Some(1),
+                memory: Some(64),
+                ..Default::default()
+            },
+            parameters: Default::default(),
+            tags: Default::default(),
+            retry: None,
+            timeout_secs: None,
+            extra: Default::default(),
+        }),
+    );
+    s
+}
+
+fn node(s: &mut State, id: &str, vcpus: u64, gpus: &[&str], labels: &[(&str, &str)]) {
+    must(
+        s,
+        Command::RegisterNode {
+            node: NodeId(id.into()),
+            compute_environment: "ce".into(),
+            inventory: NodeInventory {
+                capacity: Resources::new(vcpus * 1000, 65536, gpus.len() as u32),
+                hostname: id.into(),
+                address: "127.0.0.1".into(),
+                executor: "process".into(),
+                gpus: gpus
+                    .iter()
+                    .enumerate()
+                    .map(|(i, model)| GpuDevice {
+                        index: i as u32,
+                        uuid: format!("GPU-{id}-{i}"),
+                        model: (*model).into(),
+                        memory_mib: 81920,
+                    })
+                    .collect(),
+                labels: labels
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect(),
+            },
+            at: Timestamp(0),
+        },
+    );
+}
+
+#[derive(Default, Clone)]
+struct Spec {
+    vcpus: i64,
+    gpus: u32,
+    timeout_secs: Option<u64>,
+    tags: Vec<(&'static str, &'static str)>,
+    share: Option<&'static str>,
+    priority: Option<i64>,
+}
+
+fn submit(s: &mut State, id: &str, spec: Spec) {
+    let mut extra = muster_core::Extra::new();
+    if let Some(share) = spec.share {
+        extra.insert("shareIdentifier".into(), share.into());
+    }
+    if let Some(p) = spec.priority {
+        extra.insert("schedulingPriorityOverride".into(), p.into());
+    }
+    let resource_requirements = if spec.gpus > 0 {
+        vec![muster_core::ResourceRequirement {
+            resource_type: muster_core::ResourceType::Gpu,
+            value: spec.gpus.to_string(),
+        }]
+    } else {
+        Vec::new()
+    };
+    must(
+        s,
+        Command::SubmitJob(JobSubmission {
+            id: JobId(id.into()),
+            at: NOW,
+            name: id.into(),
+            queue: "q".into(),
+            definition: "def".into(),
+            overrides: ContainerOverrides {
+                vcpus: Some(spec.vcpus),
+                memory: Some(64),
+                resource_requirements,
+                ..Default::default()
+            },
+            parameters: Default::default(),
+            tags: spec
+                .tags
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            retry: None,
+            timeout_secs: spec.timeout_secs,
+            depends_on: Vec::new(),
+            array_size: None,
+            extra,
+        }),
+    );
+}
+
+fn vcpus(n: i64) -> Spec {
+    Spec {
+        vcpus: n,
+        ..Default::default()
+    }
+}
+
+/// Plans, applies, and marks what was placed RUNNING at `NOW`.
+fn round(s: &mut State) -> Vec<(String, String)> {
+    let p = verify(s, plan(s, &PlanConfig::default(), NOW));
+    let placed: Vec<(String, String)> = p
+        .placements
+        .iter()
+        .map(|p| (p.job.0.clone(), p.node.0.clone()))
+        .collect();
+    must(
+        s,
+        Command::Place {
+            term: 1,
+            at: NOW,
+            placements: p.placements.clone(),
+        },
+    );
+    for p in p.placements {
+        must(
+            s,
+            Command::ReportAttempt {
+                job: p.job,
+                attempt: 1,
+                node: p.node,
+                event: AttemptEvent::Running,
+                at: NOW,
+            },
+        );
+    }
+    placed
+}
+
+fn names(placed: &[(String, String)]) -> Vec<&str> {
+    placed.iter().map(|(j, _)| j.as_str()).collect()
+}
+
+fn finish(s: &mut State, job: &str) {
+    let j: &Job = s.job(&JobId(job.into())).unwrap();
+    let a = j.active.clone().unwrap();
+    must(
+        s,
+        Command::ReportAttempt {
+            job: JobId(job.into()),
+            attempt: a.number,
+            node: a.node,
+            event: AttemptEvent::Exited {
+                exit_code: Some(0),
+                reason: None,
+            },
+            at: NOW,
+        },
+    );
+}
+
+#[test]
+fn small_jobs_backfill_only_where_their_timeout_proves_they_cannot_delay_the_head() {
+    let mut s = cluster(&[], None);
+    node(&mut s, "n0", 4, &[], &[]);
+    submit(
+        &mut s,
+        "running",
+        Spec {
+            vcpus: 2,
+            timeout_secs: Some(100),
+            ..Default::default()
+        },
+    );
+    assert_eq!(names(&round(&mut s)), vec!["running"]);
+    // The head needs the whole node: it can start when `running` times out, at NOW + 100 s.
+    submit(&mut s, "head", vcpus(4));
+    let bounded = |t| Spec {
+        vcpus: 2,
+        timeout_secs: Some(t),
+        ..Default::default()
+    };
+    submit(&mut s, "ends-in-time", bounded(60));
+    submit(&mut s, "no-timeout", vcpus(2));
+    submit(&mut s, "ends-too-late", bounded(200));
+    let p = plan(&s, &PlanConfig::default(), NOW);
+    assert_eq!(
+        p.placements
+            .iter()
+            .map(|p| p.job.0.as_str())
+            .collect::<Vec<_>>(),
+        vec!["ends-in-time"]
+    );
+    let head = &p.unplaced[0];
+    assert_eq!(head.job.0, "head");
+    let r = head
+        .reservation
+        .as_ref()
+        .expect("the head holds a reservation");
+    assert_eq!(
+        (r.node.0.as_str(), r.starts_at),
+        ("n0", Some(NOW.0 + 100_000))
+    );
+    assert!(head.status_reason().ends_with("room reserved on n0"));
+}
+
+#[test]
+fn a_big_job_is_not_starved_by_a_stream_of_small_ones() {
+    let mut s = cluster(&[], None);
+    node(&mut s, "n0", 4, &[], &[]);
+    for i in 0..4 {
+        submit(&mut s, &format!("early{i}"), vcpus(1));
+    }
+    assert_eq!(round(&mut s).len(), 4);
+    submit(&mut s, "big", vcpus(4));
+    for i in 0..20 {
+        submit(&mut s, &format!("late{i}"), vcpus(1));
+    }
+    // As the early jobs end one by one, their room is held for `big`, not handed to the
+    // later small jobs (which have no timeout and so cannot prove they would end in time).
+    for i in 0..4 {
+        finish(&mut s, &format!("early{i}"));
+        let placed = round(&mut s);
+        if i < 3 {
+            assert!(placed.is_empty(), "{placed:?}");
+        } else {
+            assert_eq!(names(&placed), vec!["big"]);
+        }
+    }
+}
+
+#[test]
+fn best_fit_packs_and_spread_spreads() {
+    for (tags, expected_nodes) in [
+        (vec![], vec!["n0", "n0"]),
+        (vec![(ALLOCATION_STRATEGY_TAG, "SPREAD")], vec!["n0", "n1"]),
+    ] {
+        let mut s = cluster(&tags, None);
+        node(&mut s, "n0", 4, &[], &[]);
+        node(&mut s, "n1", 4, &[], &[]);
+        submit(&mut s, "a", vcpus(1));
+        submit(&mut s, "b", vcpus(1));
+        let placed = round(&mut s);
+        let mut nodes: Vec<&str> = placed.iter().map(|(_, n)| n.as_str()).collect();
+        nodes.sort();
+        assert_eq!(nodes, expected_nodes, "{tags:?}");
+    }
+}
+
+#[test]
+fn labels_and_gpu_models_decide_where_a_job_may_run() {
+    let mut s = cluster(&[], None);
+    node(&mut s, "plain", 8, &["NVIDIA A10G"], &[("rack", "r1")]);
+    node(
+        &mut s,
+        "fast",
+        8,
+        &["NVIDIA A10G", "NVIDIA H100"],
+        &[("rack", "r2")],
+    );
+    let spec = |tags| Spec {
+        vcpus: 1,
+        gpus: 1,
+        tags,
+        ..Default::default()
+    };
+    submit(&mut s, "h100", spec(vec![(GPU_MODEL, "NVIDIA H100")]));
+    submit(&mut s, "r1", spec(vec![("muster:node.rack", "r1")]));
+    submit(&mut s, "r9", spec(vec![("muster:node.rack", "r9")]));
+    submit(&mut s, "b200", spec(vec![(GPU_MODEL, "NVIDIA B200")]));
+    let p = plan(&s, &PlanConfig::default(), NOW);
+    let placed: Vec<(&str, &str, Vec<u32>)> = p
+        .placements
+        .iter()
+        .map(|p| (p.job.0.as_str(), p.node.0.as_str(), p.gpus.clone()))
+        .collect();
+    // The H100 is index 1 on `fast`; the A10G at index 0 is not handed to that job.
+    assert_eq!(
+        placed,
+        vec![("h100", "fast", vec![1]), ("r1", "plain", vec![0])]
+    );
+    let reasons: Vec<String> = p.unplaced.iter().map(|u| u.status_reason()).collect();
+    assert_eq!(
+        reasons,
+        vec![
+            "MISCONFIGURATION:JOB_RESOURCE_REQUIREMENT - the job needs 1 vCPU, 64 MiB, 1 GPU with rack=r9; no node in ce can hold it",
+            "MISCONFIGURATION:JOB_RESOURCE_REQUIREMENT - the job needs 1 vCPU, 64 MiB, 1 GPU with GPU model NVIDIA B200; no node in ce can hold it",
+        ]
+    );
+    // The plan applier refuses a placement that ignores the requirement.
+    let forged = Plan {
+        placements: vec![Placement {
+            job: JobId("h100".into()),
+            node: NodeId("fast".into()),
+            gpus: vec![0],
+        }],
+        unplaced: vec![],
+    };
+    assert!(verify(&s, forged).placements.is_empty());
+}
+
+const GPU_MODEL: &str = muster_core::GPU_MODEL_TAG;
+
+fn fair(weights: &[(&str, f64)], reservation: u64) -> serde_json::Value {
+    serde_json::json!({
+        "shareDecaySeconds": 3600,
+        "computeReservation": reservation,
+        "shareDistribution": weights
+            .iter()
+            .map(|(id, w)| serde_json::json!({"shareIdentifier": id, "weightFactor": w}))
+            .collect::<Vec<_>>(),
+    })
+}
+
+fn shared(share: &'static str, priority: Option<i64>) -> Spec {
+    Spec {
+        vcpus: 1,
+        share: Some(share),
+        priority,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn fair_share_divides_capacity_by_weight_not_by_arrival() {
+    // A lower weight factor buys a larger share: `gold` (0.5) gets twice what `lead` (1) gets.
+    let mut s = cluster(&[], Some(fair(&[("gold", 0.5), ("lead", 1.0)], 0)));
+    node(&mut s, "n0", 6, &[], &[]);
+    for i in 0..10 {
+        submit(&mut s, &format!("lead{i}"), shared("lead", None));
+    }
+    for i in 0..10 {
+        submit(&mut s, &format!("gold{i}"), shared("gold", None));
+    }
+    let placed = round(&mut s);
+    let gold = placed.iter().filter(|(j, _)| j.starts_with("gold")).count();
+    assert_eq!((gold, placed.len() - gold), (4, 2), "{placed:?}");
+}
+
+#[test]
+fn within_a_share_higher_scheduling_priority_runs_first() {
+    let mut s = cluster(&[], Some(fair(&[], 0)));
+    node(&mut s, "n0", 2, &[], &[]);
+    submit(&mut s, "low", shared("a", Some(1)));
+    submit(&mut s, "high", shared("a", Some(50)));
+    submit(&mut s, "mid", shared("a", Some(10)));
+    assert_eq!(names(&round(&mut s)), vec!["high", "mid"]);
+}
+
+#[test]
+fn past_usage_counts_until_it_decays() {
+    let mut s = cluster(&[], Some(fair(&[], 0)));
+    node(&mut s, "n0", 1, &[], &[]);
+    submit(&mut s, "a-first", shared("a", None));
+    assert_eq!(names(&round(&mut s)), vec!["a-first"]);
+    // `a-first` ran for an hour; `a` has used more than `b` since, so `b` goes first.
+    let j = s.job(&JobId("a-first".into())).unwrap();
+    let node = j.active.as_ref().unwrap().node.clone();
+    must(
+        &mut s,
+        Command::ReportAttempt {
+            job: JobId("a-first".into()),
+            attempt: 1,
+            node,
+            event: AttemptEvent::Exited {
+                exit_code: Some(0),
+                reason: None,
+            },
+            at: Timestamp(NOW.0 + 3_600_000),
+        },
+    );
+    submit(&mut s, "a-second", shared("a", None));
+    submit(&mut s, "b-first", shared("b", None));
+    let later = Timestamp(NOW.0 + 3_600_000);
+    let p = plan(&s, &PlanConfig::default(), later);
+    assert_eq!(p.placements[0].job.0, "b-first");
+    // Forty half-lives later that hour counts for nothing, and submit order decides again.
+    let much_later = Timestamp(later.0 + 40 * 3_600_000);
+    let p = plan(&s, &PlanConfig::default(), much_later);
+    assert_eq!(p.placements[0].job.0, "a-second");
+}
+
+#[test]
+fn compute_reservation_keeps_room_for_share_identifiers_not_yet_running() {
+    // 50 % reserved with one active share: `a` may fill half of the 4 vCPUs, not more.
+    let mut s = cluster(&[], Some(fair(&[], 50)));
+    node(&mut s, "n0", 4, &[], &[]);
+    for i in 0..4 {
+        submit(&mut s, &format!("a{i}"), shared("a", None));
+    }
+    let placed = round(&mut s);
+    assert_eq!(placed.len(), 2, "{placed:?}");
+    let p = plan(&s, &PlanConfig::default(), NOW);
+    assert!(
+        p.unplaced[0]
+            .status_reason()
+            .contains("keeps 50% of capacity")
+    );
+    // A newcomer share still gets in.
+    submit(&mut s, "b0", shared("b", None));
+    assert_eq!(names(&round(&mut s)), vec!["b0"]);
+}

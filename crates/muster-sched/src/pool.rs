@@ -1,0 +1,207 @@
+//! Free capacity as a plan consumes it, indexed so that finding a node costs a range lookup
+//! instead of a scan of every node.
+
+use crate::reservations::Reservations;
+use muster_core::{EnabledState, Job, Node, NodeId, NodeStatus, Resources, State};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Tag on a compute environment that picks how its nodes are filled.
+pub const ALLOCATION_STRATEGY_TAG: &str = "muster:allocation-strategy";
+
+/// How a compute environment chooses among the nodes a job fits on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AllocationStrategy {
+    /// The node left with the least free vCPU, then memory: packs nodes, keeps big holes.
+    BestFit,
+    /// The node with the most free vCPU, then memory: spreads load across nodes.
+    Spread,
+}
+
+static NO_NODE: NodeId = NodeId(String::new());
+
+/// A ready node and what this plan has left of it.
+pub(crate) struct Room<'s> {
+    pub node: &'s Node,
+    pub free: Resources,
+    /// GPU indices this plan has handed out.
+    pub gpus_taken: BTreeSet<u32>,
+    /// Jobs this plan placed here, with when they end at the latest (`None`: no timeout).
+    pub placed: Vec<(Resources, Option<u64>)>,
+}
+
+/// What a node of a compute environment could hold when empty, for "can this job ever
+/// run here?". Nodes with equal shapes are kept once, so a uniform fleet is one entry.
+#[derive(PartialEq)]
+struct Shape<'s> {
+    capacity: Resources,
+    labels: &'s BTreeMap<String, String>,
+    gpu_models: BTreeMap<&'s str, u32>,
+}
+
+impl Shape<'_> {
+    fn could_hold(&self, job: &Job) -> bool {
+        let need = job.container.resources();
+        need.fits_in(&self.capacity)
+            && job
+                .required_labels()
+                .all(|(k, v)| self.labels.get(k).is_some_and(|have| have == v))
+            && job
+                .required_gpu_model()
+                .is_none_or(|m| self.gpu_models.get(m).copied().unwrap_or(0) >= need.gpus)
+    }
+}
+
+pub(crate) struct Pool<'s> {
+    rooms: BTreeMap<&'s NodeId, Room<'s>>,
+    /// Ready nodes of each enabled compute environment by (free millicpus, free memory).
+    by_free: BTreeMap<&'s str, BTreeSet<(u64, u64, &'s NodeId)>>,
+    /// Every registered node's shape (lost ones too: they may come back), per environment.
+    shapes: BTreeMap<&'s str, Vec<Shape<'s>>>,
+    strategies: BTreeMap<&'s str, AllocationStrategy>,
+}
+
+impl<'s> Pool<'s> {
+    pub fn new(state: &'s State) -> Self {
+        let mut pool = Pool {
+            rooms: BTreeMap::new(),
+            by_free: BTreeMap::new(),
+            shapes: BTreeMap::new(),
+            strategies: BTreeMap::new(),
+        };
+        for ce in state.compute_environments() {
+            let strategy = match ce.tags.get(ALLOCATION_STRATEGY_TAG).map(String::as_str) {
+                Some("SPREAD") => AllocationStrategy::Spread,
+                _ => AllocationStrategy::BestFit,
+            };
+            pool.strategies.insert(ce.name.as_str(), strategy);
+        }
+        for node in state.nodes() {
+            let ce = node.compute_environment.as_str();
+            let mut gpu_models: BTreeMap<&str, u32> = BTreeMap::new();
+            for g in &node.inventory.gpus {
+                *gpu_models.entry(g.model.as_str()).or_default() += 1;
+            }
+            let shape = Shape {
+                capacity: node.inventory.capacity,
+                labels: &node.inventory.labels,
+                gpu_models,
+            };
+            let shapes = pool.shapes.entry(ce).or_default();
+            if !shapes.contains(&shape) {
+                shapes.push(shape);
+            }
+            let enabled = state
+                .compute_environment(ce)
+                .is_some_and(|c| c.state == EnabledState::Enabled);
+            if node.status != NodeStatus::Ready || !enabled {
+                continue;
+            }
+            let free = node.free();
+            pool.by_free
+                .entry(ce)
+                .or_default()
+                .insert((free.millicpus, free.memory_mib, &node.id));
+            pool.rooms.insert(
+                &node.id,
+                Room {
+                    node,
+                    free,
+                    gpus_taken: BTreeSet::new(),
+                    placed: Vec::new(),
+                },
+            );
+        }
+        pool
+    }
+
+    pub fn rooms_in<'p>(&'p self, ce: &'p str) -> impl Iterator<Item = &'p Room<'s>> + 'p {
+        self.by_free
+            .get(ce)
+            .into_iter()
+            .flatten()
+            .filter_map(|(_, _, id)| self.rooms.get(id))
+    }
+
+    /// True when some ready node of `ces` exists.
+    pub fn has_ready_node(&self, ces: &[String]) -> bool {
+        ces.iter()
+            .any(|ce| self.by_free.get(ce.as_str()).is_some_and(|s| !s.is_empty()))
+    }
+
+    /// True when some registered node of `ces`, empty, could hold `job`.
+    pub fn could_ever_hold(&self, job: &Job, ces: &[String]) -> bool {
+        ces.iter().any(|ce| {
+            self.shapes
+                .get(ce.as_str())
+                .is_some_and(|shapes| shapes.iter().any(|s| s.could_hold(job)))
+        })
+    }
+
+    /// Sum of capacity and of free vCPU of the ready nodes of `ces`, in millicpus.
+    pub fn millicpus(&self, ces: &[String]) -> (u64, u64) {
+        ces.iter()
+            .flat_map(|ce| self.rooms_in(ce))
+            .fold((0, 0), |(cap, free), r| {
+                (
+                    cap + r.node.inventory.capacity.millicpus,
+                    free + r.free.millicpus,
+                )
+            })
+    }
+
+    /// The node `job` goes to: in the first of `ces` (queue order) with a node it fits on
+    /// now without delaying a reservation, chosen by that environment's strategy.
+    pub fn find(
+        &self,
+        job: &Job,
+        ces: &[String],
+        reservations: &Reservations,
+        ends_by: Option<u64>,
+    ) -> Option<&'s NodeId> {
+        let need = job.container.resources();
+        let fits = |id: &NodeId| {
+            let room = &self.rooms[id];
+            need.fits_in(&room.free)
+                && room.node.satisfies(job)
+                && self.free_gpus(room, job).take(need.gpus as usize).count() == need.gpus as usize
+                && reservations.permits(id, &need, ends_by)
+        };
+        ces.iter().find_map(|ce| {
+            let index = self.by_free.get(ce.as_str())?;
+            let from = (need.millicpus, 0, &NO_NODE);
+            match self.strategies.get(ce.as_str()) {
+                Some(AllocationStrategy::Spread) => index
+                    .range(from..)
+                    .rev()
+                    .find(|(_, memory, id)| *memory >= need.memory_mib && fits(id)),
+                _ => index
+                    .range(from..)
+                    .find(|(_, memory, id)| *memory >= need.memory_mib && fits(id)),
+            }
+            .map(|(_, _, id)| *id)
+        })
+    }
+
+    fn free_gpus<'a>(&'a self, room: &'a Room<'s>, job: &'a Job) -> impl Iterator<Item = u32> + 'a {
+        room.node
+            .free_gpus_for(job)
+            .filter(|i| !room.gpus_taken.contains(i))
+    }
+
+    /// Takes `job`'s resources on `node` and returns the GPU indices it gets.
+    pub fn take(&mut self, node: &'s NodeId, job: &Job, ends_by: Option<u64>) -> Vec<u32> {
+        let need = job.container.resources();
+        let room = &self.rooms[node];
+        let gpus: Vec<u32> = self.free_gpus(room, job).take(need.gpus as usize).collect();
+        let ce = room.node.compute_environment.as_str();
+        let room = self.rooms.get_mut(node).expect("taken from a known room");
+        if let Some(index) = self.by_free.get_mut(ce) {
+            index.remove(&(room.free.millicpus, room.free.memory_mib, node));
+            room.free = room.free.saturating_sub(&need);
+            index.insert((room.free.millicpus, room.free.memory_mib, node));
+        }
+        room.gpus_taken.extend(gpus.iter().copied());
+        room.placed.push((need, ends_by));
+        gpus
+    }
+}

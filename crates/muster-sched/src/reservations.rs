@@ -1,0 +1,147 @@
+//! Backfill: the job at the head of a queue that does not fit now holds a reservation on the
+//! node where it will fit soonest, and later jobs run around it only where they cannot delay
+//! it, as Slurm's backfill does. Attempt timeouts are the only runtime bounds Muster knows: a
+//! job without one is assumed to run forever, so it never backfills into reserved room.
+
+use crate::pool::Pool;
+use muster_core::{Job, NodeId, Resources, State, Timestamp};
+use std::collections::BTreeMap;
+
+/// Room held for a waiting job on one node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reservation {
+    pub job: muster_core::JobId,
+    pub node: NodeId,
+    /// When the node will have room for the job (milliseconds), given the timeouts of what
+    /// runs there; `None` when that depends on jobs without a timeout.
+    pub starts_at: Option<u64>,
+    /// What the node will still have free at `starts_at` beyond the reserved job's needs:
+    /// the most that jobs running past `starts_at` may still take.
+    pub spare: Resources,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Reservations {
+    by_node: BTreeMap<NodeId, Vec<Reservation>>,
+}
+
+/// When a job placed at `now` ends at the latest: its attempt timeout, if it has one.
+pub(crate) fn ends_by(job: &Job, now: Timestamp) -> Option<u64> {
+    job.timeout_secs
+        .map(|t| now.as_millis().saturating_add(t.saturating_mul(1000)))
+}
+
+impl Reservations {
+    /// True when placing a job needing `need` and ending by `ends_by` on `node` now delays
+    /// none of the node's reservations.
+    pub fn permits(&self, node: &NodeId, need: &Resources, ends_by: Option<u64>) -> bool {
+        self.by_node.get(node).is_none_or(|held| {
+            held.iter()
+                .all(|r| ends_before(ends_by, r.starts_at) || need.fits_in(&r.spare))
+        })
+    }
+
+    /// Records a job placed on `node`: it takes from the spare room of every reservation it
+    /// may outlive.
+    pub fn charge(&mut self, node: &NodeId, need: &Resources, ends_by: Option<u64>) {
+        for r in self.by_node.get_mut(node).into_iter().flatten() {
+            if !ends_before(ends_by, r.starts_at) {
+                r.spare = r.spare.saturating_sub(need);
+            }
+        }
+    }
+
+    /// Reserves room for `job` on the node of `ces` where it will fit soonest (then with the
+    /// least left over), if any node it could ever fit on exists.
+    pub fn reserve(
+        &mut self,
+        state: &State,
+        pool: &Pool,
+        job: &Job,
+        ces: &[String],
+        now: Timestamp,
+    ) -> Option<Reservation> {
+        let need = job.container.resources();
+        let mut best: Option<((u64, bool, u64, NodeId), Reservation)> = None;
+        for room in ces.iter().flat_map(|ce| pool.rooms_in(ce)) {
+            let node = room.node;
+            if !need.fits_in(&node.inventory.capacity) || !node.satisfies(job) {
+                continue;
+            }
+            // What will leave the node, soonest first; jobs without a timeout never do.
+            let mut leaving: Vec<(Option<u64>, Resources)> = node
+                .placed_jobs
+                .iter()
+                .filter_map(|id| state.job(id))
+                .map(|j| (running_ends_by(j, now), j.container.resources()))
+                .chain(room.placed.iter().map(|(r, end)| (*end, *r)))
+                .collect();
+            leaving.sort_by_key(|(end, _)| end.unwrap_or(u64::MAX));
+            let mut free = room.free;
+            let mut starts_at = Some(now.as_millis());
+            let mut fits = need.fits_in(&free);
+            for (end, resources) in &leaving {
+                if fits {
+                    break;
+                }
+                let Some(end) = end else {
+                    break;
+                };
+                free = free + *resources;
+                starts_at = Some(*end);
+                fits = need.fits_in(&free);
+            }
+            if !fits {
+                // Only jobs without a timeout stand in the way, and when they end is unknown.
+                // The node still drains for the job: nothing without a timeout may take the
+                // room they free.
+                starts_at = None;
+                free = leaving
+                    .iter()
+                    .filter(|(end, _)| end.is_some())
+                    .fold(room.free, |f, (_, r)| f + *r);
+            }
+            let candidate = Reservation {
+                job: job.id.clone(),
+                node: node.id.clone(),
+                starts_at,
+                spare: free.saturating_sub(&need),
+            };
+            // Soonest first; then where the job fits at once when that is known, with the
+            // least vCPU left over.
+            let key = (
+                starts_at.unwrap_or(u64::MAX),
+                !need.fits_in(&free),
+                free.millicpus.saturating_sub(need.millicpus),
+                node.id.clone(),
+            );
+            if best.as_ref().is_none_or(|(k, _)| key < *k) {
+                best = Some((key, candidate));
+            }
+        }
+        let (_, reservation) = best?;
+        self.by_node
+            .entry(reservation.node.clone())
+            .or_default()
+            .push(reservation.clone());
+        Some(reservation)
+    }
+}
+
+/// A job that ends by `ends_by` is gone before a reservation starting at `starts_at`.
+fn ends_before(ends_by: Option<u64>, starts_at: Option<u64>) -> bool {
+    match (ends_by, starts_at) {
+        (Some(end), Some(start)) => end <= start,
+        // The reservation waits on jobs without a timeout: any bounded job ends first.
+        (Some(_), None) => true,
+        (None, _) => false,
+    }
+}
+
+/// When a placed job's attempt ends at the latest (never before `now`).
+fn running_ends_by(job: &Job, now: Timestamp) -> Option<u64> {
+    let active = job.active.as_ref()?;
+    let since = active.started_at.unwrap_or(active.placed_at).as_millis();
+    job.timeout_secs
+        .map(|t| since.saturating_add(t * 1000).max(now.as_millis()))
+}
