@@ -1,6 +1,6 @@
 //! AgentService: how worker agents join, learn what to run, and report.
 
-use muster_core::{AttemptEvent, Command, JobId, NodeId, Outcome};
+use muster_core::{AttemptEvent, AttemptReport as Report, Command, JobId, NodeId, Outcome};
 use muster_proto::pb::agent_service_server::AgentService;
 use muster_proto::pb::{
     AssignmentSet, AttemptReport, HeartbeatReply, HeartbeatRequest, RegisterReply, RegisterRequest,
@@ -10,17 +10,61 @@ use muster_proto::{LEADER_METADATA_KEY, assignment_to_pb, inventory_from_pb};
 use muster_raft::RaftNode;
 use std::pin::Pin;
 use std::time::Duration;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 /// How often an unchanged assignment set is sent again, so that a silent stream is noticed.
 const RESEND: Duration = Duration::from_secs(5);
 
+/// Most reports committed as one entry.
+const REPORT_BATCH_MAX: usize = 4096;
+
 pub struct AgentGateway {
     node: RaftNode,
     shutdown: watch::Receiver<bool>,
     heartbeats: crate::liveness::Heartbeats,
+    reports: mpsc::Sender<PendingReport>,
+}
+
+/// A report waiting for the batch it goes out in, and who to tell when that is committed.
+struct PendingReport {
+    report: Report,
+    committed: oneshot::Sender<Result<(), String>>,
+}
+
+/// Commits attempt reports in batches: whatever arrived while the previous batch was being
+/// committed goes out together as one `ReportAttempts` entry. Thousands of agents each
+/// reporting every attempt twice would otherwise cost one Raft entry per report.
+fn spawn_report_batcher(node: RaftNode) -> mpsc::Sender<PendingReport> {
+    let (tx, mut rx) = mpsc::channel::<PendingReport>(REPORT_BATCH_MAX);
+    tokio::spawn(async move {
+        while let Some(first) = rx.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < REPORT_BATCH_MAX {
+                match rx.try_recv() {
+                    Ok(more) => batch.push(more),
+                    Err(_) => break,
+                }
+            }
+            let (reports, waiting): (Vec<Report>, Vec<_>) =
+                batch.into_iter().map(|p| (p.report, p.committed)).unzip();
+            metrics::histogram!("muster_gateway_report_batch_size").record(reports.len() as f64);
+            let command = Command::ReportAttempts {
+                reports,
+                at: crate::now_millis(),
+            };
+            let result = match node.propose(command).await {
+                Ok(Outcome::Rejected(r)) => Err(r.message),
+                Ok(_) => Ok(()),
+                Err(e) => Err(e.to_string()),
+            };
+            for w in waiting {
+                let _ = w.send(result.clone());
+            }
+        }
+    });
+    tx
 }
 
 impl AgentGateway {
@@ -30,6 +74,7 @@ impl AgentGateway {
         heartbeats: crate::liveness::Heartbeats,
     ) -> Self {
         Self {
+            reports: spawn_report_batcher(node.clone()),
             node,
             shutdown,
             heartbeats,
@@ -150,14 +195,24 @@ impl AgentService for AgentGateway {
             },
             None => return Err(Status::invalid_argument("event is required")),
         };
-        self.propose(Command::ReportAttempt {
-            job: JobId(req.job_id),
-            attempt: req.attempt,
-            node: NodeId(req.node_id),
-            event,
-            at: crate::now_millis(),
-        })
-        .await?;
+        let (committed, answer) = oneshot::channel();
+        let pending = PendingReport {
+            report: Report {
+                job: JobId(req.job_id),
+                attempt: req.attempt,
+                node: NodeId(req.node_id),
+                event,
+            },
+            committed,
+        };
+        self.reports
+            .send(pending)
+            .await
+            .map_err(|_| Status::unavailable("this control node is shutting down"))?;
+        answer
+            .await
+            .map_err(|_| Status::unavailable("this control node is shutting down"))?
+            .map_err(Status::unavailable)?;
         Ok(Response::new(ReportReply {}))
     }
 }
@@ -171,9 +226,13 @@ async fn stream_assignments(
     tx: mpsc::Sender<Result<AssignmentSet, Status>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut applied = node.state.applied_index();
+    // Woken only when an applied command may have changed this agent's assignments; the
+    // tick below catches a lost leadership and resends an unchanged set now and then.
+    let mut changes = node.state.node_changes(&agent);
     let mut last_sent = None;
     let mut last_sent_at = tokio::time::Instant::now();
+    // Whether the assignments must be looked at again (a change, or time to resend).
+    let mut look = true;
     loop {
         let (leader, term) = node.leader();
         if leader != Some(node.id) {
@@ -182,22 +241,29 @@ async fn stream_assignments(
                 .await;
             return;
         }
-        let assignments = node.state.read().state.assignments_for(&agent);
-        if last_sent.as_ref() != Some(&assignments) || last_sent_at.elapsed() >= RESEND {
-            let set = AssignmentSet {
-                term,
-                assignments: assignments.iter().map(assignment_to_pb).collect(),
-            };
-            if tx.send(Ok(set)).await.is_err() {
-                return;
+        if look || last_sent_at.elapsed() >= RESEND {
+            let assignments = node.state.read().state.assignments_for(&agent);
+            if last_sent.as_ref() != Some(&assignments) || last_sent_at.elapsed() >= RESEND {
+                let set = AssignmentSet {
+                    term,
+                    assignments: assignments.iter().map(assignment_to_pb).collect(),
+                };
+                if tx.send(Ok(set)).await.is_err() {
+                    return;
+                }
+                last_sent = Some(assignments);
+                last_sent_at = tokio::time::Instant::now();
             }
-            last_sent = Some(assignments);
-            last_sent_at = tokio::time::Instant::now();
         }
         tokio::select! {
             _ = shutdown.changed() => return,
-            changed = applied.changed() => if changed.is_err() { return },
-            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                look = true;
+            }
+            _ = tokio::time::sleep(Duration::from_millis(250)) => look = false,
         }
     }
 }

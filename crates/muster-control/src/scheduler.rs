@@ -14,6 +14,11 @@ use tokio::sync::watch;
 /// How often the loop looks even when nothing was applied (a safety net, not the trigger).
 const TICK: Duration = Duration::from_millis(500);
 
+/// Least time between two rounds. Every applied entry wakes the loop, and a round costs time
+/// in the number of nodes; under a stream of submits, back-to-back rounds would take a core
+/// while placing nothing new. Whatever arrives meanwhile is placed by the next round.
+const ROUND_GAP: Duration = Duration::from_millis(5);
+
 /// How often waiting jobs' `statusReason`s are brought up to date. Positions in a queue
 /// change with every placement; rewriting them on every round would multiply the log.
 const REASONS_EVERY: Duration = Duration::from_secs(2);
@@ -39,6 +44,7 @@ pub async fn run(node: RaftNode, config: PlanConfig, mut shutdown: watch::Receiv
             reasons_written = std::time::Instant::now();
         }
         round(&node, &config, term, refresh).await;
+        tokio::time::sleep(ROUND_GAP).await;
     }
 }
 

@@ -44,6 +44,12 @@ pub enum Command {
         event: AttemptEvent,
         at: Timestamp,
     },
+    /// Many agents' reports in one entry, applied in order as if each were a
+    /// `ReportAttempt` (the agent gateway batches what arrives together).
+    ReportAttempts {
+        reports: Vec<AttemptReport>,
+        at: Timestamp,
+    },
     /// Users, access keys and policies.
     Iam(IamCommand),
     /// The leader stopped hearing from a node: it is lost, and the attempts it ran fail with
@@ -186,6 +192,15 @@ pub struct JobSubmission {
     pub array_size: Option<u32>,
     #[serde(default)]
     pub extra: crate::Extra,
+}
+
+/// One report inside [`Command::ReportAttempts`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttemptReport {
+    pub job: JobId,
+    pub attempt: u32,
+    pub node: NodeId,
+    pub event: AttemptEvent,
 }
 
 /// One job attempt placed on one node.

@@ -27,12 +27,13 @@ mod state_tests;
 mod lifecycle_tests;
 
 pub use command::{
-    AdminCommand, AttemptEvent, Command, IamCommand, JobSubmission, Outcome, Placement, Rejection,
+    AdminCommand, AttemptEvent, AttemptReport, Command, IamCommand, JobSubmission, Outcome,
+    Placement, Rejection,
 };
 pub use ids::{Arn, ArnScope, JobId, NodeId, Timestamp};
 pub use model::*;
 pub use resources::Resources;
-pub use state::{ATTEMPT_TIMED_OUT, Assignment, State};
+pub use state::{ATTEMPT_TIMED_OUT, AffectedNodes, Assignment, State};
 
 /// Version of the serialized [`State`] inside a snapshot; bumped on any incompatible change.
 pub const STATE_FORMAT_VERSION: u32 = 1;

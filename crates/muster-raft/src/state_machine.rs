@@ -1,7 +1,7 @@
 //! The replicated state behind openraft's state machine trait.
 
 use crate::{NodeId, TypeConfig};
-use muster_core::{Outcome, State};
+use muster_core::{AffectedNodes, Outcome, State};
 use muster_store::{SnapshotStore, StoredSnapshot};
 use openraft::storage::RaftStateMachine;
 use openraft::{
@@ -9,8 +9,9 @@ use openraft::{
     SnapshotMeta, StorageError, StorageIOError, StoredMembership,
 };
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::io::Cursor;
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use tokio::sync::watch;
 
 /// The state machine's contents: Muster's state plus what Raft needs to resume.
@@ -33,8 +34,43 @@ struct SnapshotImage {
 #[derive(Clone)]
 pub struct StateHandle {
     applied: Arc<RwLock<AppliedState>>,
-    /// Last applied log index; wakes the scheduler and the assignment streams.
+    /// Last applied log index; wakes the scheduler.
     applied_index: watch::Receiver<u64>,
+    node_signals: NodeSignals,
+}
+
+/// A change counter per worker node, bumped when an applied command may have changed that
+/// node's assignments: each agent's assignment stream wakes for its own node only, not for
+/// every entry the cluster applies.
+#[derive(Clone, Default)]
+pub struct NodeSignals(Arc<Mutex<HashMap<muster_core::NodeId, watch::Sender<u64>>>>);
+
+impl NodeSignals {
+    pub fn subscribe(&self, node: &muster_core::NodeId) -> watch::Receiver<u64> {
+        let mut senders = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        senders
+            .entry(node.clone())
+            .or_insert_with(|| watch::channel(0).0)
+            .subscribe()
+    }
+
+    fn notify(&self, affected: &AffectedNodes) {
+        let mut senders = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let bump = |tx: &watch::Sender<u64>| tx.send_modify(|v| *v = v.wrapping_add(1));
+        match affected {
+            AffectedNodes::Some(nodes) => {
+                for node in nodes {
+                    if let Some(tx) = senders.get(node) {
+                        bump(tx);
+                    }
+                }
+            }
+            AffectedNodes::All => {
+                senders.retain(|_, tx| tx.receiver_count() > 0);
+                senders.values().for_each(bump);
+            }
+        }
+    }
 }
 
 impl StateHandle {
@@ -46,12 +82,18 @@ impl StateHandle {
     pub fn applied_index(&self) -> watch::Receiver<u64> {
         self.applied_index.clone()
     }
+
+    /// A receiver that changes whenever `node`'s assignments may have changed.
+    pub fn node_changes(&self, node: &muster_core::NodeId) -> watch::Receiver<u64> {
+        self.node_signals.subscribe(node)
+    }
 }
 
 pub struct StateMachine<S> {
     applied: Arc<RwLock<AppliedState>>,
     applied_tx: watch::Sender<u64>,
     applied_rx: watch::Receiver<u64>,
+    node_signals: NodeSignals,
     snapshots: S,
     snapshot_seq: u64,
 }
@@ -69,6 +111,7 @@ impl<S: SnapshotStore<TypeConfig> + Clone> StateMachine<S> {
             applied: Arc::new(RwLock::new(applied)),
             applied_tx,
             applied_rx,
+            node_signals: NodeSignals::default(),
             snapshots,
             snapshot_seq: 0,
         })
@@ -78,6 +121,7 @@ impl<S: SnapshotStore<TypeConfig> + Clone> StateMachine<S> {
         StateHandle {
             applied: self.applied.clone(),
             applied_index: self.applied_rx.clone(),
+            node_signals: self.node_signals.clone(),
         }
     }
 
@@ -163,7 +207,11 @@ impl<S: SnapshotStore<TypeConfig> + Clone> RaftStateMachine<TypeConfig> for Stat
                 applied.last_applied = Some(entry.log_id);
                 let outcome = match entry.payload {
                     EntryPayload::Blank => Outcome::Done,
-                    EntryPayload::Normal(command) => applied.state.apply(command),
+                    EntryPayload::Normal(command) => {
+                        self.node_signals
+                            .notify(&applied.state.nodes_affected_by(&command));
+                        applied.state.apply(command)
+                    }
                     EntryPayload::Membership(m) => {
                         applied.membership = StoredMembership::new(Some(entry.log_id), m);
                         Outcome::Done
@@ -182,6 +230,7 @@ impl<S: SnapshotStore<TypeConfig> + Clone> RaftStateMachine<TypeConfig> for Stat
             applied: self.applied.clone(),
             applied_tx: self.applied_tx.clone(),
             applied_rx: self.applied_rx.clone(),
+            node_signals: self.node_signals.clone(),
             snapshots: self.snapshots.clone(),
             snapshot_seq: self.snapshot_seq,
         }
@@ -211,6 +260,7 @@ impl<S: SnapshotStore<TypeConfig> + Clone> RaftStateMachine<TypeConfig> for Stat
         let index = installed.last_applied.map_or(0, |l| l.index);
         *self.write() = installed;
         self.applied_tx.send_replace(index);
+        self.node_signals.notify(&AffectedNodes::All);
         Ok(())
     }
 

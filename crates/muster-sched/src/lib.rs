@@ -213,8 +213,7 @@ pub fn plan(state: &State, config: &PlanConfig, now: Timestamp) -> Plan {
             let jobs_ahead = position - 1;
             let need = job.container.resources();
             let ends_by = reservations::ends_by(job, now);
-            let (capacity, free) = pool.millicpus(&ces);
-            let found = if order.within_reservation(job, need.millicpus, capacity, free) {
+            let found = if order.within_reservation(job, need.millicpus, || pool.millicpus(&ces)) {
                 pool.find(job, &ces, &reservations, ends_by)
                     .ok_or_else(|| why_unplaced(&pool, job, &ces))
             } else {

@@ -94,9 +94,14 @@ impl<'s> QueueOrder<'s> {
 
     /// For a fair-share queue with `computeReservation`, whether a job of an active share
     /// identifier may take `millicpus` more, given the capacity and free vCPU of the queue's
-    /// compute environments: `(computeReservation/100)^active` of it stays for share
+    /// compute environments (computed only when needed): `(computeReservation/100)^active` of it stays for share
     /// identifiers that are not active yet.
-    pub fn within_reservation(&self, job: &Job, millicpus: u64, capacity: u64, free: u64) -> bool {
+    pub fn within_reservation(
+        &self,
+        job: &Job,
+        millicpus: u64,
+        capacity_and_free: impl FnOnce() -> (u64, u64),
+    ) -> bool {
         let QueueOrder::FairShare(fs) = self else {
             return true;
         };
@@ -109,6 +114,7 @@ impl<'s> QueueOrder<'s> {
             return true;
         }
         let kept = (fs.policy.compute_reservation as f64 / 100.0).powi(active.len() as i32);
+        let (capacity, free) = capacity_and_free();
         let used = capacity.saturating_sub(free) + millicpus;
         used as f64 <= capacity as f64 * (1.0 - kept)
     }

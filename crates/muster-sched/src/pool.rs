@@ -68,12 +68,16 @@ impl<'s> Pool<'s> {
             shapes: BTreeMap::new(),
             strategies: BTreeMap::new(),
         };
+        let mut enabled = BTreeSet::new();
         for ce in state.compute_environments() {
             let strategy = match ce.tags.get(ALLOCATION_STRATEGY_TAG).map(String::as_str) {
                 Some("SPREAD") => AllocationStrategy::Spread,
                 _ => AllocationStrategy::BestFit,
             };
             pool.strategies.insert(ce.name.as_str(), strategy);
+            if ce.state == EnabledState::Enabled {
+                enabled.insert(ce.name.as_str());
+            }
         }
         for node in state.nodes() {
             let ce = node.compute_environment.as_str();
@@ -90,10 +94,7 @@ impl<'s> Pool<'s> {
             if !shapes.contains(&shape) {
                 shapes.push(shape);
             }
-            let enabled = state
-                .compute_environment(ce)
-                .is_some_and(|c| c.state == EnabledState::Enabled);
-            if node.status != NodeStatus::Ready || !enabled {
+            if node.status != NodeStatus::Ready || !enabled.contains(ce) {
                 continue;
             }
             let free = node.free();

@@ -1,6 +1,8 @@
 //! `muster`: the one binary. `server` runs a control node, `agent` a worker, `dev` a whole
-//! local cluster with an agent in one process.
+//! local cluster with an agent in one process, `bench` a cluster with simulated agents under
+//! load.
 
+mod bench;
 mod dev;
 
 use anyhow::Context;
@@ -54,6 +56,8 @@ enum Commands {
         #[arg(long, hide = true, default_value_t = 600)]
         test_min_state_time_limit_secs: u64,
     },
+    /// Measure a three-node cluster under load from simulated agents (see BENCHMARKS.md).
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -247,6 +251,7 @@ async fn main() -> anyhow::Result<()> {
             )
             .await
         }
+        Commands::Bench(args) => bench::run(args).await,
     }
 }
 

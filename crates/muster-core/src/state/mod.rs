@@ -61,6 +61,13 @@ pub struct State {
     jobs_by_queue: BTreeMap<String, BTreeSet<(u64, JobId)>>,
 }
 
+/// See [`State::nodes_affected_by`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AffectedNodes {
+    Some(Vec<NodeId>),
+    All,
+}
+
 /// How a job is ended by a user.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Ending {
@@ -401,7 +408,9 @@ impl State {
                 }
                 Ok(())
             }
-            Command::Place { .. } | Command::ReportAttempt { .. } => Ok(()),
+            Command::Place { .. }
+            | Command::ReportAttempt { .. }
+            | Command::ReportAttempts { .. } => Ok(()),
             Command::Iam(iam) => self.check_iam(iam),
             Command::PurgeJobs { .. }
             | Command::NodeLost { .. }
@@ -507,6 +516,12 @@ impl State {
                 event,
                 at,
             } => self.report(&job, attempt, &node, event, at),
+            Command::ReportAttempts { reports, at } => {
+                for r in reports {
+                    self.report(&r.job, r.attempt, &r.node, r.event, at);
+                }
+                Outcome::Done
+            }
             Command::Iam(iam) => self.apply_iam(iam),
             Command::PurgeJobs { before } => self.purge(before),
             Command::NodeLost { node, at } => self.node_lost(&node, at),
@@ -679,6 +694,41 @@ impl State {
             self.report(&job, attempt, id, event, at);
         }
         Outcome::Done
+    }
+
+    /// The worker nodes whose assignments `cmd` may change when applied to this state, so
+    /// that only their agents' streams need a fresh look.
+    pub fn nodes_affected_by(&self, cmd: &Command) -> AffectedNodes {
+        let node_of = |job: &JobId| {
+            self.jobs
+                .get(job)
+                .and_then(|j| j.active.as_ref())
+                .map(|a| a.node.clone())
+        };
+        match cmd {
+            Command::Place { placements, .. } => {
+                AffectedNodes::Some(placements.iter().map(|p| p.node.clone()).collect())
+            }
+            Command::ReportAttempt { node, .. }
+            | Command::NodeLost { node, .. }
+            | Command::RegisterNode { node, .. } => AffectedNodes::Some(vec![node.clone()]),
+            Command::ReportAttempts { reports, .. } => {
+                AffectedNodes::Some(reports.iter().map(|r| r.node.clone()).collect())
+            }
+            Command::TerminateJob { job, .. } => {
+                AffectedNodes::Some(node_of(job).into_iter().collect())
+            }
+            Command::SubmitJob(_)
+            | Command::SetWaitReasons { .. }
+            | Command::FailUnplaceable { .. }
+            | Command::PurgeJobs { .. }
+            | Command::Iam(_)
+            | Command::CreateComputeEnvironment(_)
+            | Command::CreateJobQueue(_)
+            | Command::RegisterJobDefinition(_) => AffectedNodes::Some(Vec::new()),
+            // Rare, and some end placed jobs wholesale (a deleted queue terminates its jobs).
+            Command::Admin(_) => AffectedNodes::All,
+        }
     }
 
     /// Why `placement` cannot be applied to this state, if it cannot.
