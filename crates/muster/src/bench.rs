@@ -95,7 +95,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     bench.latency().await?;
     bench.memory(&args).await?;
     bench.placements(&args).await?;
+    // Each measurement starts with every follower caught up, so that one phase's
+    // replication backlog is not billed to the next.
+    bench.settle().await?;
     bench.submit_rate(&args).await?;
+    bench.settle().await?;
     bench.failover().await?;
     agents.stop();
     bench.cluster.shutdown().await;
@@ -107,6 +111,24 @@ impl Bench {
         let leader = self.cluster.leader()?;
         let node = self.cluster.node(leader)?;
         Some(f(&node.raft.state.read().state))
+    }
+
+    /// Waits until every running node has applied what the leader has.
+    async fn settle(&self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            let applied: Vec<u64> = self
+                .cluster
+                .running()
+                .map(|n| *n.raft.state.applied_index().borrow())
+                .collect();
+            if applied.iter().min() == applied.iter().max() {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                return Ok(());
+            }
+            anyhow::ensure!(Instant::now() < deadline, "followers did not catch up");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     fn client(&self) -> &BatchClient {
