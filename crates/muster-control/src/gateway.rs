@@ -116,11 +116,27 @@ impl AgentService for AgentGateway {
         if req.node_id.is_empty() {
             return Err(Status::invalid_argument("node_id is required"));
         }
-        self.heartbeats.record(&NodeId(req.node_id.clone()));
+        let node = NodeId(req.node_id.clone());
+        self.heartbeats.record(&node);
+        let inventory = inventory_from_pb(inventory);
+        // An agent that re-registers after a leader change, unchanged and still ready, needs
+        // no write: after a failover every agent does this at once. (Should a NodeLost be in
+        // flight, the agent's next heartbeat is refused and it registers again.)
+        let unchanged = self.node.is_leader() && {
+            let applied = self.node.state.read();
+            applied.state.node(&node).is_some_and(|n| {
+                n.status == muster_core::NodeStatus::Ready
+                    && n.compute_environment == req.compute_environment
+                    && n.inventory == inventory
+            })
+        };
+        if unchanged {
+            return Ok(Response::new(RegisterReply {}));
+        }
         self.propose(Command::RegisterNode {
             node: NodeId(req.node_id),
             compute_environment: req.compute_environment,
-            inventory: inventory_from_pb(inventory),
+            inventory,
             at: crate::now_millis(),
         })
         .await?;
