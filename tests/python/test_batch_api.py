@@ -571,3 +571,47 @@ def test_multinode_definitions_are_stored_but_cannot_run_yet(batch):
                                       nodeProperties={"numNodes": 2, "mainNode": 0, "nodeRangeProperties": [
                                           {"targetNodes": "0", "container": {"image": TEST_IMAGE, "vcpus": 1, "memory": 8}}]})
     assert "node 1 is in no range" in err.value.response["Error"]["Message"]
+
+
+def test_a_fair_share_queue_runs_every_share_and_reports_priorities(batch):
+    policy = batch.create_scheduling_policy(name=unique("fair"), fairsharePolicy={
+        "shareDecaySeconds": 600, "computeReservation": 0,
+        "shareDistribution": [{"shareIdentifier": "gold", "weightFactor": 0.5},
+                              {"shareIdentifier": "lead*", "weightFactor": 1.0}]})
+    queue = unique("fair-q")
+    batch.create_job_queue(jobQueueName=queue, priority=1, schedulingPolicyArn=policy["arn"],
+                           computeEnvironmentOrder=[{"order": 1, "computeEnvironment": "default"}])
+    name = unique("def")
+    register_busybox(batch, name, ["true"])
+    with pytest.raises(batch.exceptions.ClientException) as err:
+        batch.submit_job(jobName="no-share", jobQueue=queue, jobDefinition=name)
+    assert "shareIdentifier" in err.value.response["Error"]["Message"]
+    submitted = [(share, prio, batch.submit_job(jobName=f"f-{share}", jobQueue=queue, jobDefinition=name,
+                                                shareIdentifier=share, schedulingPriorityOverride=prio)["jobId"])
+                 for share, prio in [("gold", 5), ("leadA", 1), ("gold", 9), ("leadB", 0)]]
+    for share, prio, job_id in submitted:
+        job = wait_for(batch, job_id, {"SUCCEEDED", "FAILED"})
+        assert (job["status"], job["shareIdentifier"], job["schedulingPriority"]) == ("SUCCEEDED", share, prio)
+
+
+def test_jobs_requiring_a_label_no_node_has_fail_fast_and_say_which(batch):
+    name = unique("def")
+    register_busybox(batch, name, ["true"])
+    job_id = batch.submit_job(jobName="picky", jobQueue="default", jobDefinition=name,
+                              tags={"muster:node.rack": "r99"})["jobId"]
+    job = wait_for(batch, job_id, {"FAILED", "SUCCEEDED"}, timeout=30)
+    assert job["status"] == "FAILED"
+    assert job["statusReason"].startswith("MISCONFIGURATION:JOB_RESOURCE_REQUIREMENT")
+    assert "rack=r99" in job["statusReason"]
+
+
+def test_allocation_strategy_tag_is_checked(batch):
+    with pytest.raises(batch.exceptions.ClientException) as err:
+        batch.create_compute_environment(computeEnvironmentName=unique("ce"), type="UNMANAGED",
+                                         tags={"muster:allocation-strategy": "RANDOM"})
+    assert "muster:allocation-strategy" in err.value.response["Error"]["Message"]
+    ce = unique("spread")
+    batch.create_compute_environment(computeEnvironmentName=ce, type="UNMANAGED",
+                                     tags={"muster:allocation-strategy": "SPREAD"})
+    described = batch.describe_compute_environments(computeEnvironments=[ce])["computeEnvironments"][0]
+    assert described["tags"]["muster:allocation-strategy"] == "SPREAD"

@@ -56,6 +56,17 @@ pub(crate) async fn create<P: ControlPlane>(
         (CeType::Managed, Some(resources)) => check_compute_resources(resources, true)?,
         (CeType::Unmanaged, None) => {}
     }
+    if let Some(strategy) = req
+        .tags
+        .as_ref()
+        .and_then(|t| t.get(muster_core::ALLOCATION_STRATEGY_TAG))
+        && !["BEST_FIT", "SPREAD"].contains(&strategy.as_str())
+    {
+        return Err(ApiError::client(format!(
+            "tags.{}: {strategy} must be BEST_FIT or SPREAD",
+            muster_core::ALLOCATION_STRATEGY_TAG
+        )));
+    }
     let state = parse_state("state", req.state.as_deref())?;
     if let Some(v) = req.unmanaged_vcpus
         && v < 0

@@ -232,6 +232,9 @@ struct JobDetail {
     status: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     status_reason: Option<String>,
+    /// The priority fair share orders the job by within its share identifier.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scheduling_priority: Option<i64>,
     attempts: Vec<AttemptDetail>,
     created_at: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -328,6 +331,10 @@ fn job_detail(state: &State, job: &Job) -> JobDetail {
         job_queue: queue_arn,
         status: job.status.as_aws(),
         status_reason: job.status_reason.clone(),
+        scheduling_priority: job
+            .share_identifier
+            .as_ref()
+            .map(|_| job.scheduling_priority),
         attempts: job
             .attempts
             .iter()

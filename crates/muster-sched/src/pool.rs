@@ -5,8 +5,7 @@ use crate::reservations::Reservations;
 use muster_core::{EnabledState, Job, Node, NodeId, NodeStatus, Resources, State};
 use std::collections::{BTreeMap, BTreeSet};
 
-/// Tag on a compute environment that picks how its nodes are filled.
-pub const ALLOCATION_STRATEGY_TAG: &str = "muster:allocation-strategy";
+pub use muster_core::ALLOCATION_STRATEGY_TAG;
 
 /// How a compute environment chooses among the nodes a job fits on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

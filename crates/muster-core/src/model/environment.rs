@@ -20,6 +20,10 @@ impl CeType {
     }
 }
 
+/// Tag on a compute environment that picks how the planner fills its nodes: `BEST_FIT` (the
+/// default: pack) or `SPREAD`.
+pub const ALLOCATION_STRATEGY_TAG: &str = "muster:allocation-strategy";
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ComputeEnvironment {
     pub name: String,
