@@ -123,6 +123,9 @@ impl TestCluster {
             stop_after_secs: self.agent_stop_after_secs,
             topology_domain: None,
             labels: Default::default(),
+            log_listen_addr: "127.0.0.1:0".parse().expect("literal address"),
+            log_advertise_address: None,
+            log_retention_days: 7,
         }
         .validate()
         .expect("agent config");
@@ -149,15 +152,19 @@ impl TestCluster {
         }
     }
 
+    /// The text of an attempt's output as the agent stored it, without the time stamps.
     pub fn agent_log(&self, agent: &str, job_id: &str, attempt: u32) -> String {
-        let path = self
-            .dir
-            .path()
-            .join(format!("agent-{agent}"))
-            .join("logs")
-            .join(job_id)
-            .join(format!("{attempt}.log"));
-        std::fs::read_to_string(&path).unwrap_or_default()
+        let path = muster_agent::logs::attempt_log_path(
+            &self.dir.path().join(format!("agent-{agent}")),
+            job_id,
+            attempt,
+        );
+        std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .lines()
+            .map(|line| line.split_once(' ').map_or(line, |(_, text)| text))
+            .map(|text| format!("{text}\n"))
+            .collect()
     }
 
     pub async fn shutdown(mut self) {

@@ -80,3 +80,67 @@ async fn terminate_stops_a_running_job() {
     assert!(never_ran.get("startedAt").is_none());
     t.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn output_is_served_after_the_job_ends_and_after_the_agent_restarts() {
+    let mut t = TestCluster::start(3).await;
+    let client = t.client(1);
+    create_basics(&client, "ce", "q", "d").await;
+    t.add_agent("worker-a", "ce", 2.0, 1024).await;
+    let job = submit(
+        &client,
+        "q",
+        "d",
+        "talker",
+        &[
+            "sh",
+            "-c",
+            "echo one; sleep 0.1; echo two >&2; sleep 0.1; echo three",
+        ],
+    )
+    .await;
+    let done = wait_for_status(&client, &job, &["SUCCEEDED", "FAILED"]).await;
+    assert_eq!(done["status"], "SUCCEEDED", "{done}");
+    let stream = done["container"]["logStreamName"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let read = |client: muster_client::BatchClient, stream: String| async move {
+        let page = client
+            .call_logs(
+                "GetLogEvents",
+                serde_json::json!({"logGroupName": "/aws/batch/job", "logStreamName": stream,
+                                   "startFromHead": true}),
+            )
+            .await?;
+        let messages: Vec<String> = page["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["message"].as_str().unwrap().to_owned())
+            .collect();
+        Ok::<_, muster_client::CallError>(messages)
+    };
+    // Read through a follower: any control node answers.
+    let before = read(t.follower_client(), stream.clone()).await.unwrap();
+    assert_eq!(before, ["one", "two", "three"]);
+
+    // The agent process dies and comes back (new log port, same disk): the output is still
+    // there, found through the address the agent registered again.
+    t.kill_agent(0);
+    let refused = read(client.clone(), stream.clone()).await;
+    assert!(refused.is_err(), "{refused:?}");
+    t.add_agent("worker-a", "ce", 2.0, 1024).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        match read(client.clone(), stream.clone()).await {
+            Ok(after) => {
+                assert_eq!(after, before);
+                break;
+            }
+            Err(e) => assert!(std::time::Instant::now() < deadline, "{e}"),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    t.shutdown().await;
+}

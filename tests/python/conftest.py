@@ -41,6 +41,7 @@ class Dev:
             AWS_SHARED_CREDENTIALS_FILE=os.path.join(self.data_dir, "aws", "credentials"),
             AWS_CONFIG_FILE=os.path.join(self.data_dir, "aws", "config"),
             AWS_ENDPOINT_URL_BATCH=self.endpoint,
+            AWS_ENDPOINT_URL_CLOUDWATCH_LOGS=self.endpoint,
         )
         for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
                     "AWS_DEFAULT_REGION", "AWS_REGION"):
@@ -81,7 +82,7 @@ class Dev:
         for key in list(os.environ):
             if key.startswith("AWS_"):
                 del os.environ[key]
-        for key in ("AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "AWS_ENDPOINT_URL_BATCH"):
+        for key in ("AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "AWS_ENDPOINT_URL_BATCH", "AWS_ENDPOINT_URL_CLOUDWATCH_LOGS"):
             os.environ[key] = self.env[key]
 
 

@@ -1,10 +1,12 @@
 """The walking skeleton through the real clients: boto3 and the aws CLI against `muster dev`."""
 
 import json
+import subprocess
 import time
 import urllib.request
 import uuid
 
+import boto3
 import botocore.exceptions
 import pytest
 
@@ -615,3 +617,42 @@ def test_allocation_strategy_tag_is_checked(batch):
                                      tags={"muster:allocation-strategy": "SPREAD"})
     described = batch.describe_compute_environments(computeEnvironments=[ce])["computeEnvironments"][0]
     assert described["tags"]["muster:allocation-strategy"] == "SPREAD"
+
+
+def test_job_output_is_served_as_cloudwatch_log_events(dev, batch):
+    name = unique("def")
+    register_busybox(batch, name, ["sh", "-c", "echo first; echo second >&2; sleep 0.1; echo third"])
+    job_id = batch.submit_job(jobName="talker", jobQueue="default", jobDefinition=name)["jobId"]
+    job = wait_for(batch, job_id, {"SUCCEEDED", "FAILED"})
+    assert job["status"] == "SUCCEEDED"
+    stream = job["container"]["logStreamName"]
+    assert stream == job["attempts"][0]["container"]["logStreamName"]
+
+    logs = boto3.client("logs")
+    page = logs.get_log_events(logGroupName="/aws/batch/job", logStreamName=stream, startFromHead=True)
+    messages = [e["message"] for e in page["events"]]
+    assert sorted(messages[:2]) == ["first", "second"] and messages[2:] == ["third"]
+    assert all(job["startedAt"] - 5000 <= e["timestamp"] <= job["stoppedAt"] + 5000 for e in page["events"])
+    # Paging as Airflow and Nextflow do: follow nextForwardToken until it stops moving.
+    first = logs.get_log_events(logGroupName="/aws/batch/job", logStreamName=stream, startFromHead=True, limit=2)
+    rest = logs.get_log_events(logGroupName="/aws/batch/job", logStreamName=stream,
+                               nextToken=first["nextForwardToken"], limit=2)
+    end = logs.get_log_events(logGroupName="/aws/batch/job", logStreamName=stream, nextToken=rest["nextForwardToken"])
+    assert [e["message"] for e in first["events"] + rest["events"]] == messages
+    assert end["events"] == [] and end["nextForwardToken"] == rest["nextForwardToken"]
+    # Without startFromHead, the latest events.
+    tail = logs.get_log_events(logGroupName="/aws/batch/job", logStreamName=stream, limit=1)
+    assert [e["message"] for e in tail["events"]] == ["third"]
+
+    with pytest.raises(logs.exceptions.ResourceNotFoundException):
+        logs.get_log_events(logGroupName="/aws/batch/job", logStreamName="nope/default/nothing-1")
+
+    cli = subprocess.run(["aws", "logs", "get-log-events", "--log-group-name", "/aws/batch/job",
+                          "--log-stream-name", stream, "--start-from-head", "--output", "json"],
+                         env=dev.env, capture_output=True, text=True, timeout=60)
+    assert cli.returncode == 0, cli.stderr
+    assert [e["message"] for e in json.loads(cli.stdout)["events"]] == messages
+
+    own = subprocess.run([dev.binary, "job", "logs", job_id], env=dev.env, capture_output=True, text=True, timeout=60)
+    assert own.returncode == 0, own.stderr
+    assert own.stdout.splitlines() == messages

@@ -22,6 +22,8 @@ const RETRY_PAUSE: Duration = Duration::from_millis(200);
 pub enum AgentError {
     #[error("the docker executor needs a Docker engine: {0}")]
     Docker(String),
+    #[error("cannot listen for log reads on {0}: {1}")]
+    LogListener(std::net::SocketAddr, std::io::Error),
 }
 
 pub struct Agent {
@@ -32,6 +34,10 @@ pub struct Agent {
     gpus: Vec<muster_core::GpuDevice>,
     executor: Arc<Executor>,
     control: ControlClient,
+    /// Bound at start; served by [`Agent::run`].
+    log_listener: std::sync::Mutex<Option<tokio::net::TcpListener>>,
+    /// Where control nodes reach this agent's log service.
+    log_address: String,
 }
 
 /// One attempt this agent started.
@@ -53,7 +59,22 @@ impl Agent {
             ExecutorKind::Process => Executor::Process(ProcessExecutor),
         };
         let control = ControlClient::new(config.control_plane.clone());
+        let log_listener = tokio::net::TcpListener::bind(config.log_listen_addr)
+            .await
+            .map_err(|e| AgentError::LogListener(config.log_listen_addr, e))?;
+        let bound = log_listener
+            .local_addr()
+            .map_err(|e| AgentError::LogListener(config.log_listen_addr, e))?;
+        let log_address = match &config.log_advertise_address {
+            Some(a) => a.clone(),
+            None if bound.ip().is_unspecified() => {
+                format!("{}:{}", inventory::hostname(), bound.port())
+            }
+            None => bound.to_string(),
+        };
         Ok(Self {
+            log_listener: std::sync::Mutex::new(Some(log_listener)),
+            log_address,
             config,
             last_contact: Arc::new(std::sync::Mutex::new(tokio::time::Instant::now())),
             gpus: inventory::gpus(),
@@ -64,7 +85,9 @@ impl Agent {
 
     /// What this agent offers to the cluster.
     pub fn inventory(&self) -> muster_core::NodeInventory {
-        inventory::collect(&self.config, "127.0.0.1".into(), self.gpus.clone())
+        let mut inventory = inventory::collect(&self.config, "127.0.0.1".into(), self.gpus.clone());
+        inventory.log_address = self.log_address.clone();
+        inventory
     }
 
     pub fn executor_kind(&self) -> &'static str {
@@ -73,6 +96,13 @@ impl Agent {
 
     /// Runs until `shutdown` flips to `true`, then stops the attempts it runs.
     pub async fn run(self, shutdown: watch::Receiver<bool>) {
+        let listener = self
+            .log_listener
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let log_server =
+            listener.map(|l| tokio::spawn(serve_logs(self.config.clone(), l, shutdown.clone())));
         if !self.register(&shutdown).await {
             return;
         }
@@ -97,6 +127,9 @@ impl Agent {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         heartbeat.abort();
+        if let Some(server) = log_server {
+            server.abort();
+        }
     }
 
     /// Registers with any control node; retries until it succeeds or the agent stops.
@@ -257,12 +290,47 @@ impl Agent {
     }
 
     fn log_path(&self, (job, attempt): &(String, u32)) -> PathBuf {
-        self.config
-            .work_dir
-            .join("logs")
-            .join(job.replace([':', '/'], "_"))
-            .join(format!("{attempt}.log"))
+        crate::logs::attempt_log_path(&self.config.work_dir, job, *attempt)
     }
+}
+
+/// Serves `AgentLogs` until shutdown, and removes logs past their retention once an hour.
+async fn serve_logs(
+    config: AgentConfig,
+    listener: tokio::net::TcpListener,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let work_dir = config.work_dir.clone();
+    let retention = config.log_retention;
+    let sweeper = tokio::spawn(async move {
+        loop {
+            let dir = work_dir.clone();
+            let _ =
+                tokio::task::spawn_blocking(move || crate::logs::remove_expired(&dir, retention))
+                    .await;
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        }
+    });
+    let service =
+        muster_proto::pb::agent_logs_server::AgentLogsServer::new(crate::logs::LogService {
+            work_dir: config.work_dir.clone(),
+        });
+    let incoming = tonic::transport::server::TcpIncoming::from(listener);
+    let stop = async move {
+        while !*shutdown.borrow() {
+            if shutdown.changed().await.is_err() {
+                break;
+            }
+        }
+    };
+    if let Err(e) = tonic::transport::Server::builder()
+        .add_service(service)
+        .serve_with_incoming_shutdown(incoming, stop)
+        .await
+    {
+        tracing::error!(error = %e, "log service failed");
+    }
+    sweeper.abort();
 }
 
 #[allow(clippy::too_many_arguments)]

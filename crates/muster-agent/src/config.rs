@@ -51,6 +51,15 @@ pub struct RawAgentConfig {
     /// Free-form labels jobs may require with `muster:node.<label>` tags.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Where the log service listens for control nodes reading attempt output.
+    #[serde(default = "default_log_listen_addr")]
+    pub log_listen_addr: std::net::SocketAddr,
+    /// The `host:port` control nodes use to reach the log service (by default this host's
+    /// name, or the listen address when it names one).
+    pub log_advertise_address: Option<String>,
+    /// Days attempt output is kept after it was last written.
+    #[serde(default = "default_log_retention_days")]
+    pub log_retention_days: u64,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -64,6 +73,14 @@ pub struct Reserved {
 
 /// The label that carries `topology_domain`; gang scheduling prefers nodes sharing one.
 pub const TOPOLOGY_DOMAIN_LABEL: &str = "topology-domain";
+
+fn default_log_listen_addr() -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([0, 0, 0, 0], 7102))
+}
+
+fn default_log_retention_days() -> u64 {
+    7
+}
 
 fn default_heartbeat_secs() -> u64 {
     2
@@ -95,6 +112,9 @@ pub struct AgentConfig {
     pub stop_after: Duration,
     /// Labels from the config, `topology-domain` included.
     pub labels: BTreeMap<String, String>,
+    pub log_listen_addr: std::net::SocketAddr,
+    pub log_advertise_address: Option<String>,
+    pub log_retention: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -177,6 +197,9 @@ impl RawAgentConfig {
             stop_grace: std::time::Duration::from_secs(self.stop_grace_secs),
             stop_after: std::time::Duration::from_secs(self.stop_after_secs.max(1)),
             labels,
+            log_listen_addr: self.log_listen_addr,
+            log_advertise_address: self.log_advertise_address,
+            log_retention: Duration::from_secs(self.log_retention_days.max(1) * 86_400),
         })
     }
 }

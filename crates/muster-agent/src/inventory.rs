@@ -85,6 +85,8 @@ pub fn collect(config: &AgentConfig, address: String, gpus: Vec<GpuDevice>) -> N
         executor: config.executor.as_str().to_owned(),
         gpus,
         labels: labels(config, &rdma_devices(Path::new(RDMA_CLASS_DIR))),
+        // Filled in by the agent once its log service is listening.
+        log_address: String::new(),
     }
 }
 

@@ -7,12 +7,14 @@
 //! every attempt's RUNNING and exit. Sets from a leader term older than the newest one seen
 //! are ignored (fencing).
 //!
-//! Jobs run through an [`executor::Executor`]: Docker (bollard) or plain processes.
+//! Jobs run through an [`executor::Executor`]: Docker (bollard) or plain processes. Their
+//! output stays on the agent's disk and is served to control nodes by [`logs`].
 
 mod agent;
 mod config;
 pub mod executor;
 pub mod inventory;
+pub mod logs;
 mod reporter;
 
 pub use agent::Agent;

@@ -19,6 +19,8 @@ mod iam;
 mod job_definitions;
 mod job_queues;
 mod jobs;
+mod logs;
+pub use logs::LOG_GROUP;
 mod request;
 mod scheduling_policies;
 mod semantics;
@@ -64,6 +66,39 @@ pub trait ControlPlane: Send + Sync + 'static {
     fn limits(&self) -> Limits {
         Limits::default()
     }
+
+    /// Reads a page of an attempt's output from the agent that ran it.
+    fn read_log(
+        &self,
+        request: LogRequest,
+    ) -> impl Future<Output = Result<LogPage, String>> + Send {
+        async move {
+            Err(format!(
+                "no agent log service at {:?} can be reached",
+                request.log_address
+            ))
+        }
+    }
+}
+
+/// Which page of which attempt's output to read, and from which agent.
+#[derive(Debug, Clone)]
+pub struct LogRequest {
+    pub log_address: String,
+    pub job: String,
+    pub attempt: u32,
+    pub offset: u64,
+    pub limit: usize,
+    /// The last `limit` events instead of those from `offset`.
+    pub from_end: bool,
+}
+
+/// Events as `(unix milliseconds, message)`, and the byte offsets around them.
+#[derive(Debug, Clone, Default)]
+pub struct LogPage {
+    pub events: Vec<(u64, String)>,
+    pub start_offset: u64,
+    pub next_offset: u64,
 }
 
 /// Request limits that differ between deployments (and that tests lower).
@@ -125,7 +160,8 @@ pub fn router<P: ControlPlane>(plane: P, config: &ApiConfig) -> Router {
         .route("/v1/{operation}", post(batch_operation::<P>))
         // botocore percent-encodes the whole ARN into one segment; other clients send it raw.
         .route("/v1/tags/{*arn}", any(tags_operation::<P>))
-        .route("/", post(sts_operation::<P>))
+        // STS (query protocol) and CloudWatch Logs (JSON 1.1, told apart by X-Amz-Target).
+        .route("/", post(root_operation::<P>))
         .fallback(unknown_route)
         // One byte over the limit still reaches the handlers, which answer it in AWS's terms;
         // anything larger is cut off by the server with a plain 413.
@@ -250,13 +286,29 @@ async fn tags_operation<P: ControlPlane>(
     respond(&api, "tags", started, result)
 }
 
-async fn sts_operation<P: ControlPlane>(
+async fn root_operation<P: ControlPlane>(
     AxumState(api): AxumState<Arc<Api<P>>>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let target = headers
+        .get("x-amz-target")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    if let Some(operation) = target
+        .as_deref()
+        .and_then(|t| t.strip_prefix(logs::TARGET_PREFIX))
+    {
+        let started = std::time::Instant::now();
+        let result = async {
+            let principal = caller(&api, "logs", &method, &uri, &headers, &body).await?;
+            logs::dispatch(&api.plane, &principal, operation, &body).await
+        }
+        .await;
+        return logs::respond(respond(&api, operation, started, result));
+    }
     match caller(&api, "sts", &method, &uri, &headers, &body).await {
         Ok(principal) => sts::answer(&principal, &body, &api.plane.new_id()),
         Err(e) => sts::error(&e),

@@ -150,7 +150,32 @@ impl BatchClient {
             .await
     }
 
+    /// Calls one CloudWatch Logs operation (`"GetLogEvents"`), as `aws logs` does.
+    pub async fn call_logs(&self, operation: &str, body: Value) -> Result<Value, CallError> {
+        self.send(
+            "/",
+            body,
+            "logs",
+            &[
+                ("content-type", "application/x-amz-json-1.1"),
+                ("x-amz-target", &format!("Logs_20140328.{operation}")),
+            ],
+        )
+        .await
+    }
+
     async fn post(&self, path: &str, body: Value) -> Result<Value, CallError> {
+        self.send(path, body, "batch", &[("content-type", "application/json")])
+            .await
+    }
+
+    async fn send(
+        &self,
+        path: &str,
+        body: Value,
+        service: &str,
+        extra_headers: &[(&str, &str)],
+    ) -> Result<Value, CallError> {
         let transport = |message: String| CallError::Transport {
             endpoint: self.endpoint.clone(),
             message,
@@ -164,10 +189,11 @@ impl BatchClient {
             .split('/')
             .next()
             .unwrap_or_default();
-        let headers = vec![
-            ("content-type".to_owned(), "application/json".to_owned()),
-            ("host".to_owned(), host.to_owned()),
-        ];
+        let mut headers: Vec<(String, String)> = extra_headers
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        headers.push(("host".to_owned(), host.to_owned()));
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default()
@@ -183,7 +209,7 @@ impl BatchClient {
             &self.credentials.access_key_id,
             &self.credentials.secret_access_key,
             &self.credentials.region,
-            "batch",
+            service,
             &muster_sigv4::format_amz_date(now),
         );
         let mut request = hyper::Request::post(format!("{}{path}", self.endpoint));

@@ -1,6 +1,6 @@
 //! The API's view of the cluster, over Raft.
 
-use muster_api::ControlPlane;
+use muster_api::{ControlPlane, LogPage, LogRequest};
 use muster_core::{Command, Outcome, State, Timestamp};
 use muster_raft::RaftNode;
 
@@ -37,4 +37,38 @@ impl ControlPlane for RaftPlane {
     fn new_id(&self) -> String {
         uuid::Uuid::new_v4().to_string()
     }
+
+    async fn read_log(&self, request: LogRequest) -> Result<LogPage, String> {
+        use muster_proto::pb::ReadLogRequest;
+        use muster_proto::pb::agent_logs_client::AgentLogsClient;
+        let endpoint =
+            tonic::transport::Endpoint::from_shared(format!("http://{}", request.log_address))
+                .map_err(|e| e.to_string())?
+                .connect_timeout(LOG_READ_TIMEOUT)
+                .timeout(LOG_READ_TIMEOUT);
+        let mut client = AgentLogsClient::new(endpoint.connect().await.map_err(|e| e.to_string())?);
+        let page = client
+            .read_log(ReadLogRequest {
+                job_id: request.job,
+                attempt: request.attempt,
+                offset: request.offset,
+                limit: request.limit as u32,
+                from_end: request.from_end,
+            })
+            .await
+            .map_err(|e| e.message().to_owned())?
+            .into_inner();
+        Ok(LogPage {
+            events: page
+                .events
+                .into_iter()
+                .map(|e| (e.timestamp_ms, e.message))
+                .collect(),
+            start_offset: page.start_offset,
+            next_offset: page.next_offset,
+        })
+    }
 }
+
+/// How long a control node waits for an agent's log service.
+const LOG_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);

@@ -57,6 +57,7 @@ fn setup(vcpus: u64) -> State {
                 executor: "process".into(),
                 gpus: Vec::new(),
                 labels: Default::default(),
+                log_address: String::new(),
             },
             at: Timestamp(0),
         },

@@ -82,6 +82,7 @@ fn node(id: &str) -> Command {
             executor: "process".into(),
             gpus: Vec::new(),
             labels: Default::default(),
+            log_address: String::new(),
         },
         at: Timestamp(2),
     }
@@ -329,6 +330,7 @@ fn jobs_see_exactly_their_gpus_whatever_they_set() {
                 })
                 .collect(),
             labels: Default::default(),
+            log_address: String::new(),
         },
         at: Timestamp(3),
     });

@@ -43,6 +43,7 @@ pub fn inventory_to_pb(inv: &NodeInventory) -> pb::Inventory {
         executor: inv.executor.clone(),
         gpus: inv.gpus.iter().map(gpu_to_pb).collect(),
         labels: inv.labels.clone().into_iter().collect(),
+        log_address: inv.log_address.clone(),
     }
 }
 
@@ -54,6 +55,7 @@ pub fn inventory_from_pb(inv: &pb::Inventory) -> NodeInventory {
         executor: inv.executor.clone(),
         gpus: inv.gpus.iter().map(gpu_from_pb).collect(),
         labels: inv.labels.clone().into_iter().collect(),
+        log_address: inv.log_address.clone(),
     }
 }
 

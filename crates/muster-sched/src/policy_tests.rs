@@ -115,6 +115,7 @@ fn node(s: &mut State, id: &str, vcpus: u64, gpus: &[&str], labels: &[(&str, &st
                     .iter()
                     .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                     .collect(),
+                log_address: String::new(),
             },
             at: Timestamp(0),
         },

@@ -87,6 +87,7 @@ fn gpu_cluster(queues: &[(&str, i64)], nodes: &[(u64, u64, u32)]) -> State {
                     executor: "process".into(),
                     gpus: Vec::new(),
                     labels: Default::default(),
+                    log_address: String::new(),
                 },
                 at: Timestamp(0),
             },
@@ -568,6 +569,7 @@ proptest! {
                             executor: "process".into(),
                             gpus: Vec::new(),
                             labels: Default::default(),
+                            log_address: String::new(),
                         },
                         at: now,
                     });

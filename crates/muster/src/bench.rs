@@ -478,6 +478,7 @@ impl SimAgent {
             executor: "simulated".into(),
             gpus: Vec::new(),
             labels: Default::default(),
+            log_address: String::new(),
         }
     }
 

@@ -55,6 +55,9 @@ pub async fn run(
         stop_after_secs: 20,
         topology_domain: None,
         labels: Default::default(),
+        log_listen_addr: "127.0.0.1:0".parse().expect("literal address"),
+        log_advertise_address: None,
+        log_retention_days: 7,
     }
     .validate()?;
     let agent = Agent::new(agent_config).await?;

@@ -4,6 +4,7 @@
 
 mod bench;
 mod dev;
+mod job_logs;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -56,8 +57,30 @@ enum Commands {
         #[arg(long, hide = true, default_value_t = 600)]
         test_min_state_time_limit_secs: u64,
     },
+    /// Work with jobs beyond what `aws batch` offers.
+    Job {
+        /// The cluster's API; default: AWS_ENDPOINT_URL_BATCH.
+        #[arg(long, global = true)]
+        endpoint_url: Option<String>,
+        #[command(subcommand)]
+        command: JobCommand,
+    },
     /// Measure a three-node cluster under load from simulated agents (see BENCHMARKS.md).
     Bench(bench::BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum JobCommand {
+    /// Print a job's output (stdout and stderr), kept by the agent that ran it.
+    Logs {
+        job_id: String,
+        /// Which attempt (1-based); the latest by default.
+        #[arg(long)]
+        attempt: Option<u32>,
+        /// Keep printing new output until the job ends.
+        #[arg(long)]
+        follow: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -252,6 +275,18 @@ async fn main() -> anyhow::Result<()> {
             .await
         }
         Commands::Bench(args) => bench::run(args).await,
+        Commands::Job {
+            endpoint_url,
+            command:
+                JobCommand::Logs {
+                    job_id,
+                    attempt,
+                    follow,
+                },
+        } => {
+            let client = muster_client::BatchClient::from_environment(endpoint_url)?;
+            job_logs::print(&client, &job_id, attempt, follow).await
+        }
     }
 }
 

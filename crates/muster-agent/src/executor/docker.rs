@@ -11,7 +11,6 @@ use bollard::query_parameters::{
 use futures::StreamExt;
 use muster_core::Assignment;
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
 use tokio::sync::{oneshot, watch};
@@ -189,7 +188,12 @@ async fn copy_logs(docker: Docker, id: String, path: std::path::PathBuf) {
         tracing::warn!(path = %path.display(), "cannot open attempt log");
         return;
     };
+    // Docker stamps every line (`timestamps`); the log keeps that time in milliseconds.
     while let Some(Ok(chunk)) = stream.next().await {
-        let _ = file.write_all(&chunk.into_bytes());
+        let bytes = chunk.into_bytes();
+        for line in bytes.split_inclusive(|b| *b == b'\n') {
+            let (at, text) = crate::logs::split_docker_line(line, crate::logs::now_millis());
+            let _ = crate::logs::write_line(&mut file, at, text);
+        }
     }
 }

@@ -27,27 +27,19 @@ impl ProcessExecutor {
             );
         };
         let log = match open_log(log_path) {
-            Ok(f) => f,
+            Ok(f) => std::sync::Arc::new(std::sync::Mutex::new(f)),
             Err(e) => {
                 return AttemptExit::failed_to_start(format!(
                     "CannotStartContainerError: cannot open log: {e}"
                 ));
             }
         };
-        let (stdout, stderr) = match (log.try_clone(), log.try_clone()) {
-            (Ok(a), Ok(b)) => (a, b),
-            _ => {
-                return AttemptExit::failed_to_start(
-                    "CannotStartContainerError: cannot share the log file",
-                );
-            }
-        };
         let mut child = match Command::new(program)
             .args(args)
             .envs(assignment.environment.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(stderr)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
             // Its own process group, so that stopping it reaches everything it started.
             .process_group(0)
             .kill_on_drop(true)
@@ -61,8 +53,19 @@ impl ProcessExecutor {
             }
         };
         let _ = started.send(());
+        // Each line is stamped as it arrives, as Docker does for containers.
+        let copies = [
+            child
+                .stdout
+                .take()
+                .map(|o| tokio::spawn(copy_lines(o, log.clone()))),
+            child
+                .stderr
+                .take()
+                .map(|e| tokio::spawn(copy_lines(e, log.clone()))),
+        ];
         let pgid = child.id().map(|pid| pid as i32);
-        tokio::select! {
+        let exit = tokio::select! {
             status = child.wait() => AttemptExit { exit_code: Some(exit_code(status)), reason: None },
             _ = stopped(&mut stop) => {
                 signal_group(pgid, libc::SIGTERM);
@@ -74,6 +77,31 @@ impl ProcessExecutor {
                     }
                 };
                 AttemptExit { exit_code: Some(exit_code(status)), reason: Some(STOPPED_BY_MUSTER.to_owned()) }
+            }
+        };
+        // A background process the job left behind may hold the pipes open: do not wait on it.
+        for copy in copies.into_iter().flatten() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), copy).await;
+        }
+        exit
+    }
+}
+
+/// Copies `from` into the attempt's log line by line, each stamped with when it arrived.
+async fn copy_lines(
+    from: impl tokio::io::AsyncRead + Unpin,
+    log: std::sync::Arc<std::sync::Mutex<std::fs::File>>,
+) {
+    use tokio::io::AsyncBufReadExt;
+    let mut reader = tokio::io::BufReader::new(from);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match reader.read_until(b'\n', &mut line).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {
+                let mut file = log.lock().unwrap_or_else(|p| p.into_inner());
+                let _ = crate::logs::write_line(&mut *file, crate::logs::now_millis(), &line);
             }
         }
     }

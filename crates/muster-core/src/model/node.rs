@@ -21,6 +21,9 @@ pub struct NodeInventory {
     /// may require with `muster:node.<label>` tags.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// `host:port` of the agent's log service (empty for agents that serve none).
+    #[serde(default)]
+    pub log_address: String,
 }
 
 /// One GPU as the agent found it through NVML.

@@ -1,0 +1,242 @@
+//! Attempt output on the agent's disk, and the `AgentLogs` service control nodes read it from.
+//!
+//! Each attempt's stdout and stderr go to `work_dir/logs/<job>/<attempt>.log`, one line per
+//! output line: `<unix milliseconds> <text>`. The file outlives the job and the agent process
+//! (files older than the configured retention are removed), so `GetLogEvents` answers after
+//! the container is gone and after the agent restarted.
+
+use muster_proto::pb::agent_logs_server::AgentLogs;
+use muster_proto::pb::{LogEvent, LogPage, ReadLogRequest};
+use std::io::{BufRead, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+use tonic::{Request, Response, Status};
+
+/// Most events one page carries (CloudWatch's `GetLogEvents` maximum).
+pub const PAGE_MAX: usize = 10_000;
+
+/// Where the output of attempt `attempt` of `job` is kept under `work_dir`.
+pub fn attempt_log_path(work_dir: &Path, job: &str, attempt: u32) -> PathBuf {
+    // Array children are `<parent>:<index>`; keep the name one path component.
+    work_dir
+        .join("logs")
+        .join(job.replace(['/', ':'], "_"))
+        .join(format!("{attempt}.log"))
+}
+
+pub fn now_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Appends one output line (without its newline) stamped `at`.
+pub fn write_line(out: &mut impl Write, at: u64, text: &[u8]) -> std::io::Result<()> {
+    let text = text.strip_suffix(b"\n").unwrap_or(text);
+    let text = text.strip_suffix(b"\r").unwrap_or(text);
+    write!(out, "{at} ")?;
+    out.write_all(text)?;
+    out.write_all(b"\n")
+}
+
+/// Splits a line Docker wrote with `timestamps: true` (`2026-11-26T05:00:00.123456789Z text`)
+/// into milliseconds and text; lines without a readable stamp get `fallback`.
+pub fn split_docker_line(line: &[u8], fallback: u64) -> (u64, &[u8]) {
+    let Some(space) = line.iter().position(|b| *b == b' ') else {
+        return (fallback, line);
+    };
+    match std::str::from_utf8(&line[..space])
+        .ok()
+        .and_then(rfc3339_millis)
+    {
+        Some(ms) => (ms, &line[space + 1..]),
+        None => (fallback, line),
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SS[.fraction]Z` as Unix milliseconds.
+fn rfc3339_millis(s: &str) -> Option<u64> {
+    let s = s.strip_suffix('Z')?;
+    let (date, time) = s.split_once('T')?;
+    let mut d = date.splitn(3, '-').map(|p| p.parse::<i64>().ok());
+    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
+    let (hms, fraction) = time.split_once('.').unwrap_or((time, "0"));
+    let mut t = hms.splitn(3, ':').map(|p| p.parse::<i64>().ok());
+    let (hh, mm, ss) = (t.next()??, t.next()??, t.next()??);
+    let millis: i64 = format!("{fraction:0<3}")[..3].parse().ok()?;
+    // Days from 1970-01-01 to the civil date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + hh * 3600 + mm * 60 + ss;
+    u64::try_from(secs * 1000 + millis).ok()
+}
+
+/// Reads up to `limit` events of the log at `path` from byte `offset`, or the last `limit`
+/// events when `from_end`. A missing file is an empty log.
+pub fn read_page(
+    path: &Path,
+    offset: u64,
+    limit: usize,
+    from_end: bool,
+) -> std::io::Result<LogPage> {
+    let limit = limit.clamp(1, PAGE_MAX);
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(LogPage {
+                events: Vec::new(),
+                start_offset: offset,
+                next_offset: offset,
+            });
+        }
+        Err(e) => return Err(e),
+    };
+    let mut reader = std::io::BufReader::new(file);
+    let start = if from_end { 0 } else { offset };
+    reader.seek(SeekFrom::Start(start))?;
+    let mut events: std::collections::VecDeque<(u64, LogEvent)> = Default::default();
+    let mut position = start;
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n = reader.read_until(b'\n', &mut line)?;
+        // Only whole lines: a line still being written is read by the next page.
+        if n == 0 || line.last() != Some(&b'\n') {
+            break;
+        }
+        let at = position;
+        position += n as u64;
+        let text = &line[..n - 1];
+        let (ms, message) = match text.iter().position(|b| *b == b' ') {
+            Some(i) => (
+                std::str::from_utf8(&text[..i])
+                    .ok()
+                    .and_then(|t| t.parse().ok()),
+                &text[i + 1..],
+            ),
+            None => (None, text),
+        };
+        events.push_back((
+            at,
+            LogEvent {
+                timestamp_ms: ms.unwrap_or(0),
+                message: String::from_utf8_lossy(message).into_owned(),
+            },
+        ));
+        if events.len() > limit {
+            if from_end {
+                events.pop_front();
+            } else {
+                events.pop_back();
+                position = at;
+                break;
+            }
+        }
+    }
+    let start_offset = events.front().map_or(position, |(at, _)| *at);
+    Ok(LogPage {
+        events: events.into_iter().map(|(_, e)| e).collect(),
+        start_offset,
+        next_offset: position,
+    })
+}
+
+/// Removes attempt logs not written to for `retention`.
+pub fn remove_expired(work_dir: &Path, retention: Duration) {
+    let Ok(jobs) = std::fs::read_dir(work_dir.join("logs")) else {
+        return;
+    };
+    for job in jobs.flatten() {
+        let Ok(files) = std::fs::read_dir(job.path()) else {
+            continue;
+        };
+        for file in files.flatten() {
+            let old = file
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > retention);
+            if old {
+                let _ = std::fs::remove_file(file.path());
+            }
+        }
+        let _ = std::fs::remove_dir(job.path()); // only succeeds once empty
+    }
+}
+
+/// The `AgentLogs` service over this agent's work directory.
+pub struct LogService {
+    pub work_dir: PathBuf,
+}
+
+#[tonic::async_trait]
+impl AgentLogs for LogService {
+    async fn read_log(
+        &self,
+        request: Request<ReadLogRequest>,
+    ) -> Result<Response<LogPage>, Status> {
+        let req = request.into_inner();
+        let path = attempt_log_path(&self.work_dir, &req.job_id, req.attempt);
+        let page = tokio::task::spawn_blocking(move || {
+            read_page(&path, req.offset, req.limit as usize, req.from_end)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| Status::internal(format!("cannot read the attempt's log: {e}")))?;
+        Ok(Response::new(page))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn docker_stamps_become_milliseconds() {
+        let (ms, text) = split_docker_line(b"2026-11-26T05:00:01.5Z hello world", 7);
+        assert_eq!((ms, text), (1_795_669_201_500, &b"hello world"[..]));
+        assert_eq!(
+            split_docker_line(b"no stamp here", 7),
+            (7, &b"no stamp here"[..])
+        );
+    }
+
+    #[test]
+    fn pages_follow_offsets_and_the_tail_is_the_last_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.log");
+        let mut f = std::fs::File::create(&path).unwrap();
+        for i in 0..5 {
+            write_line(&mut f, 1000 + i, format!("line {i}\n").as_bytes()).unwrap();
+        }
+        f.write_all(b"1010 half a line").unwrap();
+        let first = read_page(&path, 0, 2, false).unwrap();
+        let texts = |p: &LogPage| {
+            p.events
+                .iter()
+                .map(|e| e.message.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(texts(&first), vec!["line 0", "line 1"]);
+        assert_eq!(first.events[1].timestamp_ms, 1001);
+        let rest = read_page(&path, first.next_offset, 100, false).unwrap();
+        assert_eq!(texts(&rest), vec!["line 2", "line 3", "line 4"]);
+        // At the end, the next page starts where this one did: nothing new yet.
+        let end = read_page(&path, rest.next_offset, 100, false).unwrap();
+        assert!(end.events.is_empty());
+        assert_eq!(end.next_offset, rest.next_offset);
+        let tail = read_page(&path, 0, 2, true).unwrap();
+        assert_eq!(texts(&tail), vec!["line 3", "line 4"]);
+        assert!(
+            read_page(&dir.path().join("missing.log"), 0, 10, false)
+                .unwrap()
+                .events
+                .is_empty()
+        );
+    }
+}
