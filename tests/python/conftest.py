@@ -24,18 +24,11 @@ def free_port():
 class Dev:
     def __init__(self, binary, executor="docker"):
         self.binary = binary
+        self.executor = executor
         self.data_dir = tempfile.mkdtemp(prefix="muster-dev-")
         self.port = free_port()
         self.log_path = os.path.join(self.data_dir, "muster.log")
-        self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(
-            [binary, "dev", "--data-dir", self.data_dir, "--api-addr", f"127.0.0.1:{self.port}",
-             "--executor", executor,
-             # Test-only: lets timeouts and RUNNABLE time limits be tested in seconds.
-             "--test-min-attempt-duration-secs", "1", "--test-min-state-time-limit-secs", "1"],
-            stdout=subprocess.PIPE, stderr=self.log, text=True,
-        )
-        self.endpoint = self._wait_ready(deadline=time.monotonic() + 60)
+        self._start()
         self.env = dict(
             os.environ,
             AWS_SHARED_CREDENTIALS_FILE=os.path.join(self.data_dir, "aws", "credentials"),
@@ -46,6 +39,24 @@ class Dev:
         for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
                     "AWS_DEFAULT_REGION", "AWS_REGION"):
             self.env.pop(key, None)
+
+    def _start(self):
+        self.log = open(self.log_path, "a")
+        self.proc = subprocess.Popen(
+            [self.binary, "dev", "--data-dir", self.data_dir, "--api-addr", f"127.0.0.1:{self.port}",
+             "--executor", self.executor,
+             # Test-only: lets timeouts and RUNNABLE time limits be tested in seconds.
+             "--test-min-attempt-duration-secs", "1", "--test-min-state-time-limit-secs", "1"],
+            stdout=subprocess.PIPE, stderr=self.log, text=True,
+        )
+        self.endpoint = self._wait_ready(deadline=time.monotonic() + 60)
+
+    def crash_and_restart(self):
+        """kill -9, as a power cut or the OOM killer would, then start again on the same data."""
+        self.proc.kill()
+        self.proc.wait(timeout=30)
+        self.log.close()
+        self._start()
 
     def _wait_ready(self, deadline):
         lines = []

@@ -1,6 +1,8 @@
 """The walking skeleton through the real clients: boto3 and the aws CLI against `muster dev`."""
 
 import json
+import os
+import shutil
 import subprocess
 import time
 import urllib.request
@@ -656,3 +658,49 @@ def test_job_output_is_served_as_cloudwatch_log_events(dev, batch):
     own = subprocess.run([dev.binary, "job", "logs", job_id], env=dev.env, capture_output=True, text=True, timeout=60)
     assert own.returncode == 0, own.stderr
     assert own.stdout.splitlines() == messages
+
+
+def clients_for(d):
+    """boto3 clients for another `muster dev` than the session's, from the files it wrote."""
+    import configparser
+    credentials = configparser.ConfigParser()
+    credentials.read(os.path.join(d.data_dir, "aws", "credentials"))
+    keys = credentials["default"]
+    make = lambda service: boto3.client(service, endpoint_url=d.endpoint, region_name="us-east-1",
+                                        aws_access_key_id=keys["aws_access_key_id"],
+                                        aws_secret_access_key=keys["aws_secret_access_key"])
+    return make("batch"), make("logs")
+
+
+def containers_of(job_id):
+    out = subprocess.run(["docker", "ps", "-q", "--filter", f"label=muster.job-id={job_id}"],
+                         capture_output=True, text=True, check=True)
+    return out.stdout.split()
+
+
+def test_after_kill_9_the_agent_readopts_its_running_container(dev):
+    from conftest import Dev
+    own = Dev(dev.binary)  # its own cluster: this test kills it
+    try:
+        batch, logs = clients_for(own)
+        name = unique("def")
+        register_busybox(batch, name, ["sh", "-c", "echo before; sleep 6; echo after"])
+        job_id = batch.submit_job(jobName="survivor", jobQueue="default", jobDefinition=name)["jobId"]
+        wait_for(batch, job_id, {"RUNNING"})
+        container = containers_of(job_id)
+        assert len(container) == 1
+
+        own.crash_and_restart()  # agent and control plane die with SIGKILL; the container lives
+        assert containers_of(job_id) == container
+        batch, logs = clients_for(own)
+        job = wait_for(batch, job_id, {"SUCCEEDED", "FAILED"})
+        assert (job["status"], len(job["attempts"])) == ("SUCCEEDED", 1), job
+        assert job["container"]["exitCode"] == 0
+        assert containers_of(job_id) == []
+        events = logs.get_log_events(logGroupName="/aws/batch/job", startFromHead=True,
+                                     logStreamName=job["container"]["logStreamName"])["events"]
+        # One run of the container: a restarted attempt would have said "before" twice.
+        assert [e["message"] for e in events] == ["before", "after"]
+    finally:
+        own.stop()
+        shutil.rmtree(own.data_dir, ignore_errors=True)

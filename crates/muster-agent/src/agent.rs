@@ -167,6 +167,7 @@ impl Agent {
         let mut leader_hint: Option<String> = None;
         let mut next = 0usize;
         let mut max_term = 0u64;
+        let mut swept = false;
         while !*shutdown.borrow() {
             self.stop_if_cut_off(slots);
             let addr = leader_hint.take().unwrap_or_else(|| {
@@ -216,6 +217,16 @@ impl Agent {
                         max_term = set.term;
                         let desired: Vec<Assignment> =
                             set.assignments.iter().map(assignment_from_pb).collect();
+                        if !swept {
+                            // Containers of attempts the leader no longer assigns to this
+                            // node (it moved or ended them while the agent was down) go.
+                            swept = true;
+                            let keep = desired
+                                .iter()
+                                .map(|a| (a.job.0.clone(), a.attempt))
+                                .collect();
+                            self.executor.remove_strays(&keep).await;
+                        }
                         self.reconcile(slots, desired, &shutdown);
                     }
                     _ => break,

@@ -15,6 +15,12 @@ use std::path::Path;
 use std::time::Duration;
 use tokio::sync::{oneshot, watch};
 
+/// The container of attempt `attempt` of `job`: one name per attempt, so a restarted agent
+/// finds it again.
+fn container_name(job: &str, attempt: u32) -> String {
+    format!("muster-{}-{attempt}", job.replace(':', "-"))
+}
+
 pub struct DockerExecutor {
     docker: Docker,
     cluster: String,
@@ -38,7 +44,7 @@ impl DockerExecutor {
         a: &Assignment,
         log_path: &Path,
         started: oneshot::Sender<()>,
-        mut stop: watch::Receiver<bool>,
+        stop: watch::Receiver<bool>,
         grace: Duration,
     ) -> AttemptExit {
         if let Err(e) = self.docker.inspect_image(&a.image).await {
@@ -48,7 +54,12 @@ impl DockerExecutor {
                 a.image
             ));
         }
-        let name = format!("muster-{}-{}", a.job.0.replace(':', "-"), a.attempt);
+        let name = container_name(&a.job.0, a.attempt);
+        // An agent restarted while this attempt's container ran: take it back instead of
+        // starting the attempt again.
+        if let Some(found) = self.find_own(&name, a).await {
+            return self.adopt(found, log_path, started, stop, grace).await;
+        }
         let labels = HashMap::from([
             ("muster.job-id".to_owned(), a.job.0.clone()),
             ("muster.attempt".to_owned(), a.attempt.to_string()),
@@ -112,11 +123,66 @@ impl DockerExecutor {
             return AttemptExit::failed_to_start(format!("CannotStartContainerError: {e}"));
         }
         let _ = started.send(());
+        self.follow(id, log_path, None, stop, grace).await
+    }
 
+    /// The container of this very attempt, left by an earlier run of the agent, if there is
+    /// one that started: `(id, still running)`.
+    async fn find_own(&self, name: &str, a: &Assignment) -> Option<(String, bool)> {
+        let info = self.docker.inspect_container(name, None).await.ok()?;
+        let labels = info.config.as_ref()?.labels.as_ref()?;
+        let ours = labels.get("muster.job-id") == Some(&a.job.0)
+            && labels.get("muster.attempt") == Some(&a.attempt.to_string())
+            && labels.get("muster.cluster") == Some(&self.cluster);
+        let state = info.state?;
+        let ever_started = state
+            .started_at
+            .as_deref()
+            .is_some_and(|t| !t.starts_with("0001-"));
+        (ours && ever_started).then(|| {
+            (
+                info.id.unwrap_or_else(|| name.to_owned()),
+                state.running == Some(true),
+            )
+        })
+    }
+
+    /// Carries on with a container found again after a restart: follows it if it still runs,
+    /// or reports how it ended while nobody watched.
+    async fn adopt(
+        &self,
+        (id, running): (String, bool),
+        log_path: &Path,
+        started: oneshot::Sender<()>,
+        stop: watch::Receiver<bool>,
+        grace: Duration,
+    ) -> AttemptExit {
+        tracing::info!(container = %id, running, "re-adopting the container of an attempt");
+        let _ = started.send(());
+        // Output written before the restart is in the log already; take up from its last line.
+        let since = std::fs::metadata(log_path)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_secs() as i32 + 1);
+        self.follow(id, log_path, since, stop, grace).await
+    }
+
+    /// Copies the container's output, waits for it to end (or stops it when asked), reports
+    /// how it ended, and removes it.
+    async fn follow(
+        &self,
+        id: String,
+        log_path: &Path,
+        since: Option<i32>,
+        mut stop: watch::Receiver<bool>,
+        grace: Duration,
+    ) -> AttemptExit {
         let logs = tokio::spawn(copy_logs(
             self.docker.clone(),
             id.clone(),
             log_path.to_owned(),
+            since,
         ));
         let mut wait = self
             .docker
@@ -154,6 +220,36 @@ impl DockerExecutor {
         exit
     }
 
+    /// Removes this cluster's containers whose attempt is not in `keep`: left by an earlier
+    /// run of the agent for attempts the leader has since given up on or moved.
+    pub async fn remove_strays(&self, keep: &std::collections::HashSet<(String, u32)>) {
+        let filters = HashMap::from([(
+            "label".to_owned(),
+            vec![format!("muster.cluster={}", self.cluster)],
+        )]);
+        let options = bollard::query_parameters::ListContainersOptionsBuilder::default()
+            .all(true)
+            .filters(&filters)
+            .build();
+        let Ok(containers) = self.docker.list_containers(Some(options)).await else {
+            return;
+        };
+        for c in containers {
+            let labels = c.labels.unwrap_or_default();
+            let attempt = labels
+                .get("muster.attempt")
+                .and_then(|a| a.parse::<u32>().ok());
+            let key = labels.get("muster.job-id").cloned().zip(attempt);
+            if key.as_ref().is_some_and(|k| keep.contains(k)) {
+                continue;
+            }
+            if let Some(id) = c.id {
+                tracing::info!(container = %id, ?key, "removing a container no attempt owns any more");
+                self.remove(&id).await;
+            }
+        }
+    }
+
     async fn remove(&self, id: &str) {
         let _ = self
             .docker
@@ -166,13 +262,16 @@ impl DockerExecutor {
 }
 
 /// Copies the container's stdout and stderr, with Docker's timestamps, into the attempt's log.
-async fn copy_logs(docker: Docker, id: String, path: std::path::PathBuf) {
-    let options = LogsOptionsBuilder::default()
+async fn copy_logs(docker: Docker, id: String, path: std::path::PathBuf, since: Option<i32>) {
+    let mut options = LogsOptionsBuilder::default()
         .follow(true)
         .stdout(true)
         .stderr(true)
-        .timestamps(true)
-        .build();
+        .timestamps(true);
+    if let Some(since) = since {
+        options = options.since(since);
+    }
+    let options = options.build();
     let mut stream = docker.logs(&id, Some(options));
     let file = path
         .parent()

@@ -49,6 +49,15 @@ impl Executor {
         }
     }
 
+    /// Removes what an earlier run of the agent left for attempts not in `keep` (called once
+    /// the first assignment set after a start is known).
+    pub async fn remove_strays(&self, keep: &std::collections::HashSet<(String, u32)>) {
+        match self {
+            Executor::Docker(d) => d.remove_strays(keep).await,
+            Executor::Process(_) => {}
+        }
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
             Executor::Docker(_) => "docker",
