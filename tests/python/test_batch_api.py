@@ -704,3 +704,55 @@ def test_after_kill_9_the_agent_readopts_its_running_container(dev):
     finally:
         own.stop()
         shutil.rmtree(own.data_dir, ignore_errors=True)
+
+
+def test_containers_get_their_limits_mounts_user_and_ulimits(batch, tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "in.txt").write_text("from the host\n")
+    shared.chmod(0o755)
+    script = "; ".join([
+        "set -e",
+        "echo uid=$(id -u)",
+        "echo ulimit=$(ulimit -n)",
+        "cat /data/in.txt",
+        "if touch /rootfs-probe 2>/dev/null; then echo rootfs=writable; else echo rootfs=readonly; fi",
+        # cgroup v2 or v1, whichever the host runs
+        "echo memory=$(cat /sys/fs/cgroup/memory.max 2>/dev/null || cat /sys/fs/cgroup/memory/memory.limit_in_bytes)",
+        "echo cpu=$(cat /sys/fs/cgroup/cpu.max 2>/dev/null || cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us)",
+        "echo job=$AWS_BATCH_JOB_ID attempt=$AWS_BATCH_JOB_ATTEMPT queue=$AWS_BATCH_JQ_NAME ce=$AWS_BATCH_CE_NAME",
+    ])
+    name = unique("limits")
+    batch.register_job_definition(
+        jobDefinitionName=name, type="container",
+        containerProperties={
+            "image": TEST_IMAGE, "command": ["sh", "-c", script],
+            "resourceRequirements": [{"type": "VCPU", "value": "0.5"}, {"type": "MEMORY", "value": "96"}],
+            "volumes": [{"name": "shared", "host": {"sourcePath": str(shared)}}],
+            "mountPoints": [{"sourceVolume": "shared", "containerPath": "/data", "readOnly": True}],
+            "user": "4321", "readonlyRootFilesystem": True,
+            "ulimits": [{"name": "nofile", "softLimit": 321, "hardLimit": 654}],
+        })
+    job_id = batch.submit_job(jobName="limited", jobQueue="default", jobDefinition=name)["jobId"]
+    job = wait_for(batch, job_id, {"SUCCEEDED", "FAILED"})
+    events = boto3.client("logs").get_log_events(
+        logGroupName="/aws/batch/job", logStreamName=job["container"]["logStreamName"], startFromHead=True)["events"]
+    lines = [e["message"] for e in events]
+    assert job["status"] == "SUCCEEDED", (job, lines)
+    assert lines[:4] == ["uid=4321", "ulimit=321", "from the host", "rootfs=readonly"], lines
+    assert lines[4] == f"memory={96 * 1024 * 1024}", lines
+    assert lines[5] in ("cpu=50000 100000", "cpu=50000"), lines  # v2 "quota period", v1 quota
+    assert lines[6] == f"job={job_id} attempt=1 queue=default ce=default"
+
+
+@pytest.mark.parametrize("props, field", [
+    ({"mountPoints": [{"sourceVolume": "nope", "containerPath": "/x"}]}, "mountPoints.sourceVolume"),
+    ({"volumes": [{"name": "v", "host": {"sourcePath": "relative"}}]}, "sourcePath"),
+    ({"ulimits": [{"name": "nofile", "softLimit": 9, "hardLimit": 1}]}, "ulimits"),
+])
+def test_bad_container_options_are_refused_naming_the_field(batch, props, field):
+    with pytest.raises(batch.exceptions.ClientException) as err:
+        batch.register_job_definition(
+            jobDefinitionName=unique("bad"), type="container",
+            containerProperties={"image": TEST_IMAGE, "command": ["true"], "vcpus": 1, "memory": 64, **props})
+    assert field in err.value.response["Error"]["Message"]

@@ -169,6 +169,62 @@ fn container_spec(c: ContainerPropertiesShape) -> Result<ContainerSpec, ApiError
     Ok(spec)
 }
 
+/// The Docker options Muster applies (`volumes`, `mountPoints`, `user`,
+/// `readonlyRootFilesystem`, `ulimits`) must make sense before they reach an agent.
+fn check_container_options(props: &Value) -> Result<(), ApiError> {
+    const FIELD: &str = "containerProperties";
+    let options = muster_core::ContainerOptions::from_properties(props);
+    let listed = |key: &str| props.get(key).and_then(Value::as_array).map_or(0, Vec::len);
+    if options.volumes.len() != listed("volumes") {
+        return Err(ApiError::client(format!(
+            "{FIELD}.volumes: every volume needs a name"
+        )));
+    }
+    for v in &options.volumes {
+        if v.host_path.as_deref().is_some_and(|p| !p.starts_with('/')) {
+            return Err(ApiError::client(format!(
+                "{FIELD}.volumes.host.sourcePath of {}: must be an absolute path",
+                v.name
+            )));
+        }
+    }
+    if options.mount_points.len() != listed("mountPoints") {
+        return Err(ApiError::client(format!(
+            "{FIELD}.mountPoints: every mount point needs a sourceVolume and a containerPath"
+        )));
+    }
+    for m in &options.mount_points {
+        if !options.volumes.iter().any(|v| v.name == m.source_volume) {
+            return Err(ApiError::client(format!(
+                "{FIELD}.mountPoints.sourceVolume: {} names no volume in {FIELD}.volumes",
+                m.source_volume
+            )));
+        }
+        if !m.container_path.starts_with('/') {
+            return Err(ApiError::client(format!(
+                "{FIELD}.mountPoints.containerPath: {} must be an absolute path",
+                m.container_path
+            )));
+        }
+    }
+    if options.ulimits.len() != listed("ulimits") {
+        return Err(ApiError::client(format!(
+            "{FIELD}.ulimits: every ulimit needs a name, softLimit and hardLimit"
+        )));
+    }
+    if let Some(u) = options
+        .ulimits
+        .iter()
+        .find(|u| u.soft > u.hard || u.soft < 0)
+    {
+        return Err(ApiError::client(format!(
+            "{FIELD}.ulimits: {} softLimit must be between 0 and its hardLimit",
+            u.name
+        )));
+    }
+    Ok(())
+}
+
 pub(crate) async fn register<P: ControlPlane>(
     plane: &P,
     caller: &Principal,
@@ -216,6 +272,10 @@ pub(crate) async fn register<P: ControlPlane>(
             ApiError::client("containerProperties is required for type container")
         })?)?,
     };
+    let extra = crate::request::extra(body, &["jobDefinitionName", "parameters", "tags"]);
+    if let Some(props) = extra.get("containerProperties") {
+        check_container_options(props)?;
+    }
     let spec = JobDefinitionSpec {
         name,
         container,
@@ -223,7 +283,7 @@ pub(crate) async fn register<P: ControlPlane>(
         tags: tags("tags", req.tags)?,
         retry,
         timeout_secs,
-        extra: crate::request::extra(body, &["jobDefinitionName", "parameters", "tags"]),
+        extra,
     };
     match check_and_propose(plane, Command::RegisterJobDefinition(spec)).await? {
         Outcome::DefinitionRegistered {

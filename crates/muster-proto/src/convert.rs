@@ -1,7 +1,10 @@
 //! Conversions between wire messages and core types.
 
 use crate::pb;
-use muster_core::{Assignment, GpuDevice, JobId, NodeInventory, Resources};
+use muster_core::{
+    Assignment, ContainerOptions, GpuDevice, JobId, MountPoint, NodeInventory, Resources, Ulimit,
+    Volume,
+};
 
 fn gpu_to_pb(g: &GpuDevice) -> pb::Gpu {
     pb::Gpu {
@@ -78,6 +81,37 @@ pub fn assignment_to_pb(a: &Assignment) -> pb::Assignment {
         log_stream_name: a.log_stream_name.clone(),
         gpus: a.gpus.iter().map(gpu_to_pb).collect(),
         timeout_seconds: a.timeout_secs,
+        volumes: a
+            .options
+            .volumes
+            .iter()
+            .map(|v| pb::Volume {
+                name: v.name.clone(),
+                host_path: v.host_path.clone(),
+            })
+            .collect(),
+        mount_points: a
+            .options
+            .mount_points
+            .iter()
+            .map(|m| pb::MountPoint {
+                source_volume: m.source_volume.clone(),
+                container_path: m.container_path.clone(),
+                read_only: m.read_only,
+            })
+            .collect(),
+        user: a.options.user.clone(),
+        readonly_root_filesystem: a.options.readonly_root_filesystem,
+        ulimits: a
+            .options
+            .ulimits
+            .iter()
+            .map(|u| pb::Ulimit {
+                name: u.name.clone(),
+                soft: u.soft,
+                hard: u.hard,
+            })
+            .collect(),
     }
 }
 
@@ -97,6 +131,36 @@ pub fn assignment_from_pb(a: &pb::Assignment) -> Assignment {
         log_stream_name: a.log_stream_name.clone(),
         gpus: a.gpus.iter().map(gpu_from_pb).collect(),
         timeout_secs: a.timeout_seconds,
+        options: ContainerOptions {
+            volumes: a
+                .volumes
+                .iter()
+                .map(|v| Volume {
+                    name: v.name.clone(),
+                    host_path: v.host_path.clone(),
+                })
+                .collect(),
+            mount_points: a
+                .mount_points
+                .iter()
+                .map(|m| MountPoint {
+                    source_volume: m.source_volume.clone(),
+                    container_path: m.container_path.clone(),
+                    read_only: m.read_only,
+                })
+                .collect(),
+            user: a.user.clone(),
+            readonly_root_filesystem: a.readonly_root_filesystem,
+            ulimits: a
+                .ulimits
+                .iter()
+                .map(|u| Ulimit {
+                    name: u.name.clone(),
+                    soft: u.soft,
+                    hard: u.hard,
+                })
+                .collect(),
+        },
     }
 }
 
@@ -116,6 +180,24 @@ mod tests {
             resources: Resources::new(1500, 256, 1),
             log_stream_name: "x/default/j-1-2".into(),
             timeout_secs: Some(60),
+            options: ContainerOptions {
+                volumes: vec![Volume {
+                    name: "data".into(),
+                    host_path: Some("/srv/data".into()),
+                }],
+                mount_points: vec![MountPoint {
+                    source_volume: "data".into(),
+                    container_path: "/data".into(),
+                    read_only: true,
+                }],
+                user: Some("1000".into()),
+                readonly_root_filesystem: true,
+                ulimits: vec![Ulimit {
+                    name: "nofile".into(),
+                    soft: 256,
+                    hard: 512,
+                }],
+            },
             gpus: vec![GpuDevice {
                 index: 1,
                 uuid: "GPU-1".into(),

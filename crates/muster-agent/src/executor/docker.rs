@@ -3,7 +3,7 @@
 
 use super::{AttemptExit, STOPPED_BY_MUSTER, stopped};
 use bollard::Docker;
-use bollard::models::{ContainerCreateBody, DeviceRequest, HostConfig};
+use bollard::models::{ContainerCreateBody, DeviceRequest, HostConfig, ResourcesUlimits};
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
     StopContainerOptionsBuilder, WaitContainerOptions,
@@ -14,6 +14,23 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 use tokio::sync::{oneshot, watch};
+
+/// `host:container[:ro]` for each mount point: a host path, or a Docker volume by name.
+fn binds(options: &muster_core::ContainerOptions) -> Vec<String> {
+    options
+        .mount_points
+        .iter()
+        .filter_map(|m| {
+            let volume = options.volumes.iter().find(|v| v.name == m.source_volume)?;
+            let source = volume
+                .host_path
+                .clone()
+                .unwrap_or_else(|| volume.name.clone());
+            let mode = if m.read_only { ":ro" } else { "" };
+            Some(format!("{source}:{}{mode}", m.container_path))
+        })
+        .collect()
+}
 
 /// The container of attempt `attempt` of `job`: one name per attempt, so a restarted agent
 /// finds it again.
@@ -92,8 +109,22 @@ impl DockerExecutor {
                     }]
                 }),
                 privileged: Some(false),
+                binds: Some(binds(&a.options)),
+                readonly_rootfs: Some(a.options.readonly_root_filesystem),
+                ulimits: (!a.options.ulimits.is_empty()).then(|| {
+                    a.options
+                        .ulimits
+                        .iter()
+                        .map(|u| ResourcesUlimits {
+                            name: Some(u.name.clone()),
+                            soft: Some(u.soft),
+                            hard: Some(u.hard),
+                        })
+                        .collect()
+                }),
                 ..Default::default()
             }),
+            user: a.options.user.clone(),
             ..Default::default()
         };
         // A container left by an earlier try of this same attempt is replaced.

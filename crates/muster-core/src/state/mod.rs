@@ -92,6 +92,8 @@ pub struct Assignment {
     pub gpus: Vec<crate::GpuDevice>,
     /// Stop the attempt after this long (`attemptDurationSeconds`).
     pub timeout_secs: Option<u64>,
+    /// Volumes, mount points, user, read-only root, ulimits from the definition.
+    pub options: crate::ContainerOptions,
 }
 
 impl State {
@@ -320,6 +322,11 @@ impl State {
                     log_stream_name: job.log_stream_name(active.number),
                     gpus,
                     timeout_secs: job.timeout_secs,
+                    options: self
+                        .definition(&job.definition_arn.0)
+                        .and_then(|d| d.extra.get("containerProperties"))
+                        .map(crate::ContainerOptions::from_properties)
+                        .unwrap_or_default(),
                 })
             })
             .collect()
