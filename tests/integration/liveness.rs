@@ -138,3 +138,77 @@ async fn a_worker_cut_off_from_the_control_plane_stops_its_jobs_itself() {
     assert_eq!(ended["attempts"].as_array().unwrap().len(), 1);
     t.shutdown().await;
 }
+
+/// A node whose agent says it cannot run jobs (its Docker engine is gone) gets nothing
+/// placed on it and its waiting jobs say why; once it says it is healthy, they run there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unhealthy_node_gets_no_work_until_it_recovers() {
+    use muster_proto::pb;
+    let t = TestCluster::start(3).await;
+    let client = t.client(1);
+    create_basics(&client, "ce", "q", "d").await;
+    let leader = t.cluster.leader().expect("a leader");
+    let grpc = t.cluster.grpc_addrs()[(leader - 1) as usize].clone();
+    let mut agent = pb::agent_service_client::AgentServiceClient::connect(format!("http://{grpc}"))
+        .await
+        .expect("gRPC connects");
+    // Speaks the agent protocol by hand, so that it can say what a broken engine would.
+    let inventory = pb::Inventory {
+        capacity: Some(pb::Resources {
+            millicpus: 4000,
+            memory_mib: 4096,
+            gpus: 0,
+        }),
+        hostname: "sick".into(),
+        address: "127.0.0.1".into(),
+        executor: "docker".into(),
+        ..Default::default()
+    };
+    agent
+        .register(pb::RegisterRequest {
+            node_id: "sick".into(),
+            compute_environment: "ce".into(),
+            inventory: Some(inventory.clone()),
+        })
+        .await
+        .expect("registers");
+    let beat = |unhealthy: Option<&str>| pb::HeartbeatRequest {
+        node_id: "sick".into(),
+        inventory: Some(inventory.clone()),
+        unhealthy: unhealthy.map(str::to_owned),
+    };
+    agent
+        .heartbeat(beat(Some("DockerEngineUnavailable: connection refused")))
+        .await
+        .expect("heartbeat accepted");
+    let job = ok(client
+        .call(
+            "SubmitJob",
+            json!({"jobName": "waits", "jobQueue": "q", "jobDefinition": "d"}),
+        )
+        .await)["jobId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // It waits, saying there is no ready node, and is not placed.
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let job = crate::harness::describe(&client, &job).await.unwrap();
+        if job["statusReason"]
+            .as_str()
+            .is_some_and(|r| r.contains("no ready node in ce"))
+        {
+            assert_eq!(job["status"], "RUNNABLE");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{job}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    agent
+        .heartbeat(beat(None))
+        .await
+        .expect("heartbeat accepted");
+    // `sick` is the only node of `ce`: the job is placed there once it recovers.
+    wait_for_status(&client, &job, &["STARTING", "RUNNING"]).await;
+    t.shutdown().await;
+}

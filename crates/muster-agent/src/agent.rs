@@ -109,6 +109,7 @@ impl Agent {
         let heartbeat = tokio::spawn(heartbeat_loop(
             self.config.clone(),
             self.inventory(),
+            self.executor.clone(),
             self.control.clone(),
             self.last_contact.clone(),
             shutdown.clone(),
@@ -411,28 +412,38 @@ async fn run_attempt(
     done.store(true, Ordering::SeqCst);
 }
 
-/// Heartbeats every control node (so that whichever leads, now or after an election, has
-/// heard from this agent), and registers again with a node that no longer knows it (the
-/// node was marked lost while this agent was cut off).
 fn touch(last_contact: &std::sync::Mutex<tokio::time::Instant>) {
     *last_contact.lock().unwrap_or_else(|p| p.into_inner()) = tokio::time::Instant::now();
 }
 
+/// Heartbeats every control node (so that whichever leads, now or after an election, has
+/// heard from this agent) with whether the executor can run jobs, and registers again with a
+/// node that no longer knows it (the node was marked lost while this agent was cut off).
 async fn heartbeat_loop(
     config: AgentConfig,
     offered: muster_core::NodeInventory,
+    executor: Arc<Executor>,
     control: ControlClient,
     last_contact: Arc<std::sync::Mutex<tokio::time::Instant>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let beat = HeartbeatRequest {
+    let mut beat = HeartbeatRequest {
         node_id: config.node_id.clone(),
         inventory: Some(inventory_to_pb(&offered)),
+        unhealthy: None,
     };
     loop {
         tokio::select! {
             _ = shutdown.changed() => return,
             _ = tokio::time::sleep(config.heartbeat) => {}
+        }
+        let unhealthy = executor.health().await;
+        if unhealthy != beat.unhealthy {
+            match &unhealthy {
+                Some(why) => tracing::error!(reason = %why, "this node cannot run jobs"),
+                None => tracing::info!("this node can run jobs again"),
+            }
+            beat.unhealthy = unhealthy;
         }
         let mut unknown = false;
         for addr in &control.addrs {

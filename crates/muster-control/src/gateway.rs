@@ -157,13 +157,27 @@ impl AgentService for AgentGateway {
             applied
                 .state
                 .node(&node)
-                .filter(|n| n.status == muster_core::NodeStatus::Ready)
-                .map(|n| (n.compute_environment.clone(), n.inventory.clone()))
+                .filter(|n| n.status != muster_core::NodeStatus::Lost)
+                .map(|n| {
+                    (
+                        n.compute_environment.clone(),
+                        n.inventory.clone(),
+                        n.unhealthy_reason.clone(),
+                    )
+                })
         };
-        let Some((compute_environment, inventory)) = known else {
+        let Some((compute_environment, inventory, unhealthy)) = known else {
             // Unknown or lost: the agent registers again.
             return Err(Status::not_found(format!("node {node} is not registered")));
         };
+        if req.unhealthy != unhealthy {
+            self.propose(Command::NodeHealth {
+                node: node.clone(),
+                unhealthy: req.unhealthy.clone(),
+                at: crate::now_millis(),
+            })
+            .await?;
+        }
         if let Some(reported) = reported.filter(|r| *r != inventory) {
             self.propose(Command::RegisterNode {
                 node,

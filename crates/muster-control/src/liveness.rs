@@ -58,7 +58,7 @@ pub async fn run(
             .read()
             .state
             .nodes()
-            .filter(|n| n.status == NodeStatus::Ready)
+            .filter(|n| n.status != NodeStatus::Lost)
             .map(|n| (n.id.clone(), n.registered_at))
             .collect();
         let now = crate::now_millis().as_millis();

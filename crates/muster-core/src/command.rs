@@ -58,6 +58,14 @@ pub enum Command {
         node: NodeId,
         at: Timestamp,
     },
+    /// A node's agent reports it cannot run jobs (`reason`), or, with `None`, that it can
+    /// again. Nothing is placed on an unhealthy node; what runs there ends as the agent
+    /// reports it.
+    NodeHealth {
+        node: NodeId,
+        unhealthy: Option<String>,
+        at: Timestamp,
+    },
     /// Why RUNNABLE jobs still wait, as the leader's planner saw it (`statusReason`). Jobs that
     /// are no longer RUNNABLE when this applies are left alone.
     SetWaitReasons {

@@ -519,7 +519,7 @@ impl SimAgent {
                 tokio::select! {
                     _ = stopped.changed() => return,
                     _ = beat.tick() => {
-                        let beat = pb::HeartbeatRequest { node_id: this.id.clone(), inventory: None };
+                        let beat = pb::HeartbeatRequest { node_id: this.id.clone(), inventory: None, unhealthy: None };
                         if client.heartbeat(beat).await.is_err() {
                             break;
                         }

@@ -64,12 +64,21 @@ impl DockerExecutor {
         stop: watch::Receiver<bool>,
         grace: Duration,
     ) -> AttemptExit {
-        if let Err(e) = self.docker.inspect_image(&a.image).await {
-            tracing::debug!(image = %a.image, error = %e, "image not available");
-            return AttemptExit::failed_to_start(format!(
-                "CannotPullContainerError: image {} is not present on this host and no registry is configured",
-                a.image
-            ));
+        match self.docker.inspect_image(&a.image).await {
+            Ok(_) => {}
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => {
+                return AttemptExit::failed_to_start(format!(
+                    "CannotPullContainerError: image {} is not present on this host and no registry is configured",
+                    a.image
+                ));
+            }
+            Err(e) => {
+                return AttemptExit::failed_to_start(format!(
+                    "CannotPullContainerError: the Docker engine did not answer: {e}"
+                ));
+            }
         }
         let name = container_name(&a.job.0, a.attempt);
         // An agent restarted while this attempt's container ran: take it back instead of
@@ -244,11 +253,22 @@ impl DockerExecutor {
             }
             Err(e) => AttemptExit {
                 exit_code: None,
-                reason: Some(format!("container state unknown: {e}")),
+                reason: Some(format!(
+                    "CannotInspectContainerError: the Docker engine did not answer while the container ran: {e}"
+                )),
             },
         };
         self.remove(&id).await;
         exit
+    }
+
+    /// `Some(reason)` when the engine does not answer a ping within a few seconds.
+    pub async fn health(&self) -> Option<String> {
+        match tokio::time::timeout(Duration::from_secs(3), self.docker.ping()).await {
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) => Some(format!("DockerEngineUnavailable: {e}")),
+            Err(_) => Some("DockerEngineUnavailable: no answer to a ping within 3 s".to_owned()),
+        }
     }
 
     /// Removes this cluster's containers whose attempt is not in `keep`: left by an earlier

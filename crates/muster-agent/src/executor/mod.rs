@@ -49,6 +49,14 @@ impl Executor {
         }
     }
 
+    /// Why this executor cannot run jobs now, if it cannot (the Docker engine does not answer).
+    pub async fn health(&self) -> Option<String> {
+        match self {
+            Executor::Docker(d) => d.health().await,
+            Executor::Process(_) => None,
+        }
+    }
+
     /// Removes what an earlier run of the agent left for attempts not in `keep` (called once
     /// the first assignment set after a start is known).
     pub async fn remove_strays(&self, keep: &std::collections::HashSet<(String, u32)>) {

@@ -38,6 +38,9 @@ pub struct GpuDevice {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum NodeStatus {
     Ready,
+    /// The agent is alive but cannot run jobs (its Docker engine does not answer): nothing is
+    /// placed on it until it says it is healthy again.
+    Unhealthy,
     Lost,
 }
 
@@ -57,6 +60,9 @@ pub struct Node {
     #[serde(default)]
     pub gpus_in_use: BTreeSet<u32>,
     pub registered_at: Timestamp,
+    /// Why the node is `Unhealthy`, as its agent said.
+    #[serde(default)]
+    pub unhealthy_reason: Option<String>,
 }
 
 impl Node {

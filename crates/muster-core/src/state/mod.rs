@@ -422,7 +422,8 @@ impl State {
             Command::PurgeJobs { .. }
             | Command::NodeLost { .. }
             | Command::SetWaitReasons { .. }
-            | Command::FailUnplaceable { .. } => Ok(()),
+            | Command::FailUnplaceable { .. }
+            | Command::NodeHealth { .. } => Ok(()),
             Command::Admin(admin) => self.check_admin(admin),
         }
     }
@@ -532,6 +533,26 @@ impl State {
             Command::Iam(iam) => self.apply_iam(iam),
             Command::PurgeJobs { before } => self.purge(before),
             Command::NodeLost { node, at } => self.node_lost(&node, at),
+            Command::NodeHealth {
+                node,
+                unhealthy,
+                at: _,
+            } => {
+                let Some(n) = self
+                    .nodes
+                    .get_mut(&node)
+                    .filter(|n| n.status != NodeStatus::Lost)
+                else {
+                    return Outcome::Ignored(format!("node {node} is not registered"));
+                };
+                n.status = if unhealthy.is_some() {
+                    NodeStatus::Unhealthy
+                } else {
+                    NodeStatus::Ready
+                };
+                n.unhealthy_reason = unhealthy;
+                Outcome::Done
+            }
             Command::FailUnplaceable { jobs, at } => {
                 for (id, reason) in jobs {
                     if self
@@ -667,10 +688,12 @@ impl State {
             placed_jobs: BTreeSet::new(),
             gpus_in_use: BTreeSet::new(),
             registered_at: at,
+            unhealthy_reason: None,
         });
         node.compute_environment = ce_name;
         node.inventory = inventory;
         node.status = NodeStatus::Ready;
+        node.unhealthy_reason = None;
         node.registered_at = at;
         Outcome::Done
     }
@@ -679,9 +702,9 @@ impl State {
         let Some(node) = self
             .nodes
             .get_mut(id)
-            .filter(|n| n.status == NodeStatus::Ready)
+            .filter(|n| n.status != NodeStatus::Lost)
         else {
-            return Outcome::Ignored(format!("node {id} is not ready"));
+            return Outcome::Ignored(format!("node {id} is already lost"));
         };
         node.status = NodeStatus::Lost;
         let placed: Vec<JobId> = node.placed_jobs.iter().cloned().collect();
@@ -718,6 +741,7 @@ impl State {
             }
             Command::ReportAttempt { node, .. }
             | Command::NodeLost { node, .. }
+            | Command::NodeHealth { node, .. }
             | Command::RegisterNode { node, .. } => AffectedNodes::Some(vec![node.clone()]),
             Command::ReportAttempts { reports, .. } => {
                 AffectedNodes::Some(reports.iter().map(|r| r.node.clone()).collect())
