@@ -26,6 +26,17 @@ impl ProcessExecutor {
                 "CannotStartContainerError: the job has no command",
             );
         };
+        // This attempt ran here before the agent restarted: its processes cannot be waited
+        // on by a new parent, so they are ended, and the attempt is reported lost rather than
+        // run a second time behind the leader's back (it retries per its strategy).
+        let pid_path = log_path.with_extension("pid");
+        if let Some(orphan) = orphan_group(&pid_path, assignment) {
+            signal_group(Some(orphan), libc::SIGKILL);
+            let _ = std::fs::remove_file(&pid_path);
+            return AttemptExit::failed_to_start(
+                "Host agent restarted: the attempt's processes could not be re-adopted and were stopped",
+            );
+        }
         let log = match open_log(log_path) {
             Ok(f) => std::sync::Arc::new(std::sync::Mutex::new(f)),
             Err(e) => {
@@ -65,6 +76,9 @@ impl ProcessExecutor {
                 .map(|e| tokio::spawn(copy_lines(e, log.clone()))),
         ];
         let pgid = child.id().map(|pid| pid as i32);
+        if let Some(pgid) = pgid {
+            let _ = std::fs::write(&pid_path, pgid.to_string());
+        }
         let exit = tokio::select! {
             status = child.wait() => AttemptExit { exit_code: Some(exit_code(status)), reason: None },
             _ = stopped(&mut stop) => {
@@ -83,6 +97,7 @@ impl ProcessExecutor {
         for copy in copies.into_iter().flatten() {
             let _ = tokio::time::timeout(Duration::from_secs(2), copy).await;
         }
+        let _ = std::fs::remove_file(&pid_path);
         exit
     }
 }
@@ -129,6 +144,22 @@ fn exit_code(status: std::io::Result<std::process::ExitStatus>) -> i32 {
     }
 }
 
+/// The process group recorded in `pid_path` if it is still alive and is this attempt's:
+/// its leader's environment names the same job and attempt (so a reused pid is never
+/// signalled).
+fn orphan_group(pid_path: &Path, a: &Assignment) -> Option<i32> {
+    let pgid: i32 = std::fs::read_to_string(pid_path)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let environ = std::fs::read(format!("/proc/{pgid}/environ")).ok()?;
+    let has = |entry: String| environ.split(|b| *b == 0).any(|e| e == entry.as_bytes());
+    (has(format!("AWS_BATCH_JOB_ID={}", a.job.0))
+        && has(format!("AWS_BATCH_JOB_ATTEMPT={}", a.attempt)))
+    .then_some(pgid)
+}
+
 fn signal_group(pgid: Option<i32>, signal: i32) {
     if let Some(pgid) = pgid.filter(|p| *p > 0) {
         // SAFETY: kill(2) with a negative pid signals the process group we created; it has no
@@ -136,5 +167,86 @@ fn signal_group(pgid: Option<i32>, signal: i32) {
         unsafe {
             libc::kill(-pgid, signal);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use muster_core::{JobId, Resources};
+
+    #[tokio::test]
+    async fn an_attempt_left_running_by_a_killed_agent_is_stopped_not_run_twice() {
+        use std::os::unix::process::CommandExt;
+        let dir = tempfile::tempdir().unwrap();
+        let log_path = dir.path().join("1.log");
+        let environment = vec![
+            ("AWS_BATCH_JOB_ID".to_owned(), "orphaned".to_owned()),
+            ("AWS_BATCH_JOB_ATTEMPT".to_owned(), "1".to_owned()),
+        ];
+        // What a killed agent leaves behind: the attempt's process group and its pid file.
+        let mut orphan = std::process::Command::new("sleep")
+            .arg("30")
+            .envs(environment.iter().map(|(k, v)| (k, v)))
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        std::fs::write(log_path.with_extension("pid"), orphan.id().to_string()).unwrap();
+        let assignment = Assignment {
+            job: JobId("orphaned".into()),
+            attempt: 1,
+            term: 1,
+            image: String::new(),
+            command: vec!["sh".into(), "-c".into(), "echo ran again".into()],
+            environment,
+            resources: Resources::new(1000, 64, 0),
+            log_stream_name: String::new(),
+            gpus: Vec::new(),
+            timeout_secs: None,
+            options: Default::default(),
+        };
+        let (started, _) = oneshot::channel();
+        let (_stop, stop) = watch::channel(false);
+        let exit = ProcessExecutor
+            .run(
+                &assignment,
+                &log_path,
+                started,
+                stop,
+                Duration::from_secs(1),
+            )
+            .await;
+        assert_eq!(exit.exit_code, None);
+        assert!(exit.reason.unwrap().contains("could not be re-adopted"));
+        // The orphan is gone (killed by the signal), and nothing ran a second time.
+        let status = orphan.wait().unwrap();
+        assert!(!status.success());
+        assert!(!log_path.exists());
+        assert!(!log_path.with_extension("pid").exists());
+
+        // A pid file naming someone else's process (a reused pid) is not acted on.
+        let mut stranger = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        std::fs::write(log_path.with_extension("pid"), stranger.id().to_string()).unwrap();
+        let (started, _) = oneshot::channel();
+        let (_stop, stop) = watch::channel(false);
+        let exit = ProcessExecutor
+            .run(
+                &assignment,
+                &log_path,
+                started,
+                stop,
+                Duration::from_secs(1),
+            )
+            .await;
+        assert_eq!(exit.exit_code, Some(0));
+        assert!(
+            stranger.try_wait().unwrap().is_none(),
+            "the stranger was left alone"
+        );
+        stranger.kill().unwrap();
+        let _ = stranger.wait();
     }
 }
