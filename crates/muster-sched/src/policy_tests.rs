@@ -1,18 +1,12 @@
 //! Backfill, spread, labels and GPU models, and fair share.
 
 use super::*;
+use crate::test_support::{JobSpec, compute_environment, definition, must, queue, submission};
 use muster_core::{
-    Arn, AttemptEvent, CeOrder, CeType, Command, ComputeEnvironment, ContainerOverrides,
-    ContainerSpec, GpuDevice, Job, JobDefinitionSpec, JobQueue, JobSubmission, NodeInventory,
-    Outcome, SchedulingPolicy, Tags,
+    Arn, AttemptEvent, Command, GpuDevice, Job, NodeInventory, SchedulingPolicy, Tags,
 };
 
 const NOW: Timestamp = Timestamp(1_000_000);
-
-fn must(state: &mut State, cmd: Command) {
-    let outcome = state.apply(cmd);
-    assert!(!matches!(outcome, Outcome::Rejected(_)), "{outcome:?}");
-}
 
 /// One UNMANAGED environment `ce` (with `ce_tags`), queue `q` on it (fair share when
 /// `fairshare` is given), definition `def`.
@@ -22,29 +16,14 @@ fn cluster(ce_tags: &[(&str, &str)], fairshare: Option<serde_json::Value>) -> St
         .iter()
         .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
         .collect();
-    must(
-        &mut s,
-        Command::CreateComputeEnvironment(ComputeEnvironment {
-            name: "ce".into(),
-            arn: Arn("arn:aws:batch:r:1:compute-environment/ce".into()),
-            uuid: "u".into(),
-            ce_type: CeType::Unmanaged,
-            state: EnabledState::Enabled,
-            unmanaged_vcpus: None,
-            service_role: None,
-            tags,
-            created_at: Timestamp(0),
-            extra: Default::default(),
-        }),
-    );
+    must(&mut s, compute_environment(tags));
     let policy_arn = fairshare.map(|f| {
-        let arn = "arn:aws:batch:r:1:scheduling-policy/fair".to_owned();
         must(
             &mut s,
             Command::Admin(muster_core::AdminCommand::CreateSchedulingPolicy(
                 SchedulingPolicy {
                     name: "fair".into(),
-                    arn: Arn(arn.clone()),
+                    arn: Arn(String::new()),
                     fairshare: Some(f),
                     tags: Default::default(),
                 },
@@ -53,40 +32,8 @@ fn cluster(ce_tags: &[(&str, &str)], fairshare: Option<serde_json::Value>) -> St
         // The state names the policy in its own ARN scope.
         s.scheduling_policies().next().unwrap().arn.0.clone()
     });
-    must(
-        &mut s,
-        Command::CreateJobQueue(JobQueue {
-            name: "q".into(),
-            arn: Arn("arn:aws:batch:r:1:job-queue/q".into()),
-            priority: 1,
-            state: EnabledState::Enabled,
-            compute_environment_order: vec![CeOrder {
-                order: 1,
-                compute_environment: "ce".into(),
-            }],
-            tags: Default::default(),
-            created_at: Timestamp(0),
-            scheduling_policy_arn: policy_arn,
-            extra: Default::default(),
-        }),
-    );
-    must(
-        &mut s,
-        Command::RegisterJobDefinition(JobDefinitionSpec {
-            name: "def".into(),
-            container: ContainerSpec {
-                image: "busybox".into(),
-                vcpus: Some(1),
-                memory: Some(64),
-                ..Default::default()
-            },
-            parameters: Default::default(),
-            tags: Default::default(),
-            retry: None,
-            timeout_secs: None,
-            extra: Default::default(),
-        }),
-    );
+    must(&mut s, queue("q", 1, policy_arn));
+    must(&mut s, definition());
     s
 }
 
@@ -140,41 +87,22 @@ fn submit(s: &mut State, id: &str, spec: Spec) {
     if let Some(p) = spec.priority {
         extra.insert("schedulingPriorityOverride".into(), p.into());
     }
-    let resource_requirements = if spec.gpus > 0 {
-        vec![muster_core::ResourceRequirement {
-            resource_type: muster_core::ResourceType::Gpu,
-            value: spec.gpus.to_string(),
-        }]
-    } else {
-        Vec::new()
+    let job = JobSpec {
+        queue: "q".into(),
+        at: NOW.0,
+        vcpus: spec.vcpus,
+        memory: 64,
+        gpus: spec.gpus,
+        timeout_secs: spec.timeout_secs,
+        tags: spec
+            .tags
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+        extra,
+        ..Default::default()
     };
-    must(
-        s,
-        Command::SubmitJob(JobSubmission {
-            id: JobId(id.into()),
-            at: NOW,
-            name: id.into(),
-            queue: "q".into(),
-            definition: "def".into(),
-            overrides: ContainerOverrides {
-                vcpus: Some(spec.vcpus),
-                memory: Some(64),
-                resource_requirements,
-                ..Default::default()
-            },
-            parameters: Default::default(),
-            tags: spec
-                .tags
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect(),
-            retry: None,
-            timeout_secs: spec.timeout_secs,
-            depends_on: Vec::new(),
-            array_size: None,
-            extra,
-        }),
-    );
+    must(s, submission(id, job));
 }
 
 fn vcpus(n: i64) -> Spec {

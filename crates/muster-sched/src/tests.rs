@@ -1,18 +1,9 @@
 use super::*;
-use muster_core::{
-    Arn, CeOrder, CeType, Command, ComputeEnvironment, ContainerOverrides, ContainerSpec,
-    JobDefinitionSpec, JobQueue, JobStatus, JobSubmission, NodeInventory, NodeStatus, Outcome,
-    Timestamp,
-};
+use crate::test_support::{JobSpec, compute_environment, definition, must, queue, submission};
+use muster_core::{Command, JobStatus, NodeInventory, NodeStatus, Outcome, Timestamp};
 use proptest::prelude::*;
 
 const NOW: Timestamp = Timestamp(1_000_000);
-
-fn must(state: &mut State, cmd: Command) -> Outcome {
-    let outcome = state.apply(cmd);
-    assert!(!matches!(outcome, Outcome::Rejected(_)), "{outcome:?}");
-    outcome
-}
 
 /// A state with one UNMANAGED compute environment `ce`, queues `(name, priority)` on it,
 /// nodes with the given (millicpus, memory) and a definition `def` of 1 vCPU / 64 MiB.
@@ -23,57 +14,11 @@ fn cluster(queues: &[(&str, i64)], nodes: &[(u64, u64)]) -> State {
 
 fn gpu_cluster(queues: &[(&str, i64)], nodes: &[(u64, u64, u32)]) -> State {
     let mut s = State::default();
-    must(
-        &mut s,
-        Command::CreateComputeEnvironment(ComputeEnvironment {
-            name: "ce".into(),
-            arn: Arn(String::new()),
-            uuid: "u".into(),
-            ce_type: CeType::Unmanaged,
-            state: EnabledState::Enabled,
-            unmanaged_vcpus: None,
-            service_role: None,
-            tags: Default::default(),
-            created_at: Timestamp(0),
-            extra: Default::default(),
-        }),
-    );
+    must(&mut s, compute_environment(Default::default()));
     for (name, priority) in queues {
-        must(
-            &mut s,
-            Command::CreateJobQueue(JobQueue {
-                name: (*name).into(),
-                arn: Arn(String::new()),
-                priority: *priority,
-                state: EnabledState::Enabled,
-                compute_environment_order: vec![CeOrder {
-                    order: 1,
-                    compute_environment: "ce".into(),
-                }],
-                tags: Default::default(),
-                created_at: Timestamp(0),
-                scheduling_policy_arn: None,
-                extra: Default::default(),
-            }),
-        );
+        must(&mut s, queue(name, *priority, None));
     }
-    must(
-        &mut s,
-        Command::RegisterJobDefinition(JobDefinitionSpec {
-            name: "def".into(),
-            container: ContainerSpec {
-                image: "busybox".into(),
-                vcpus: Some(1),
-                memory: Some(64),
-                ..Default::default()
-            },
-            parameters: Default::default(),
-            tags: Default::default(),
-            retry: None,
-            timeout_secs: None,
-            extra: Default::default(),
-        }),
-    );
+    must(&mut s, definition());
     for (i, (millicpus, memory_mib, gpus)) in nodes.iter().enumerate() {
         must(
             &mut s,
@@ -101,37 +46,15 @@ fn submit(s: &mut State, queue: &str, id: &str, at: u64, vcpus: i64, memory: i64
 }
 
 fn submit_gpu(s: &mut State, queue: &str, id: &str, at: u64, vcpus: i64, memory: i64, gpus: u32) {
-    let resource_requirements = if gpus > 0 {
-        vec![muster_core::ResourceRequirement {
-            resource_type: muster_core::ResourceType::Gpu,
-            value: gpus.to_string(),
-        }]
-    } else {
-        Vec::new()
+    let spec = JobSpec {
+        queue: queue.into(),
+        at,
+        vcpus,
+        memory,
+        gpus,
+        ..Default::default()
     };
-    must(
-        s,
-        Command::SubmitJob(JobSubmission {
-            id: JobId(id.into()),
-            at: Timestamp(at),
-            name: id.into(),
-            queue: queue.into(),
-            definition: "def".into(),
-            overrides: ContainerOverrides {
-                vcpus: Some(vcpus),
-                memory: Some(memory),
-                resource_requirements,
-                ..Default::default()
-            },
-            parameters: Default::default(),
-            tags: Default::default(),
-            retry: None,
-            timeout_secs: None,
-            depends_on: Vec::new(),
-            array_size: None,
-            extra: Default::default(),
-        }),
-    );
+    must(s, submission(id, spec));
 }
 
 fn assert_no_overcommit(s: &State) {
@@ -504,34 +427,16 @@ proptest! {
                 })
                 .into_iter()
                 .collect();
-            let resource_requirements = if *gpus > 0 {
-                vec![muster_core::ResourceRequirement {
-                    resource_type: muster_core::ResourceType::Gpu,
-                    value: gpus.to_string(),
-                }]
-            } else {
-                Vec::new()
-            };
-            must(&mut s, Command::SubmitJob(JobSubmission {
-                id: JobId(format!("j{i}")),
-                at: Timestamp(i as u64),
-                name: format!("j{i}"),
+            let spec = JobSpec {
                 queue: queue.into(),
-                definition: "def".into(),
-                overrides: ContainerOverrides {
-                    vcpus: Some(*vcpus),
-                    memory: Some(*memory),
-                    resource_requirements,
-                    ..Default::default()
-                },
-                parameters: Default::default(),
-                tags: Default::default(),
-                retry: None,
-                timeout_secs: None,
+                at: i as u64,
+                vcpus: *vcpus,
+                memory: *memory,
+                gpus: *gpus,
                 depends_on,
-                array_size: None,
-                extra: Default::default(),
-            }));
+                ..Default::default()
+            };
+            must(&mut s, submission(&format!("j{i}"), spec));
         }
         let mut kept: std::collections::VecDeque<Plan> = Default::default();
         let mut clock = 10_000u64;

@@ -175,6 +175,14 @@ mod tests {
     use super::*;
     use muster_core::{JobId, Resources};
 
+    async fn run_once(assignment: &Assignment, log_path: &Path) -> AttemptExit {
+        let (started, _) = oneshot::channel();
+        let (_stop, stop) = watch::channel(false);
+        ProcessExecutor
+            .run(assignment, log_path, started, stop, Duration::from_secs(1))
+            .await
+    }
+
     #[tokio::test]
     async fn an_attempt_left_running_by_a_killed_agent_is_stopped_not_run_twice() {
         use std::os::unix::process::CommandExt;
@@ -205,17 +213,7 @@ mod tests {
             timeout_secs: None,
             options: Default::default(),
         };
-        let (started, _) = oneshot::channel();
-        let (_stop, stop) = watch::channel(false);
-        let exit = ProcessExecutor
-            .run(
-                &assignment,
-                &log_path,
-                started,
-                stop,
-                Duration::from_secs(1),
-            )
-            .await;
+        let exit = run_once(&assignment, &log_path).await;
         assert_eq!(exit.exit_code, None);
         assert!(exit.reason.unwrap().contains("could not be re-adopted"));
         // The orphan is gone (killed by the signal), and nothing ran a second time.
@@ -230,17 +228,7 @@ mod tests {
             .spawn()
             .unwrap();
         std::fs::write(log_path.with_extension("pid"), stranger.id().to_string()).unwrap();
-        let (started, _) = oneshot::channel();
-        let (_stop, stop) = watch::channel(false);
-        let exit = ProcessExecutor
-            .run(
-                &assignment,
-                &log_path,
-                started,
-                stop,
-                Duration::from_secs(1),
-            )
-            .await;
+        let exit = run_once(&assignment, &log_path).await;
         assert_eq!(exit.exit_code, Some(0));
         assert!(
             stranger.try_wait().unwrap().is_none(),
