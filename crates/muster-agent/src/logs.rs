@@ -15,6 +15,54 @@ use tonic::{Request, Response, Status};
 /// Most events one page carries (CloudWatch's `GetLogEvents` maximum).
 pub const PAGE_MAX: usize = 10_000;
 
+/// Most bytes one attempt's log keeps: output past it is dropped, with one line saying so,
+/// so that a job printing without end cannot fill the agent's disk.
+pub const ATTEMPT_LOG_MAX_BYTES: u64 = 256 * 1024 * 1024;
+
+/// An attempt's log file, open for appending, bounded to a size.
+pub struct AttemptLog {
+    file: std::fs::File,
+    size: u64,
+    max: u64,
+    cut: bool,
+}
+
+impl AttemptLog {
+    /// Opens (creating it and its directory) the log at `path`, bounded to `max` bytes.
+    pub fn open(path: &Path, max: u64) -> std::io::Result<Self> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        let size = file.metadata()?.len();
+        Ok(Self {
+            file,
+            size,
+            max,
+            cut: size >= max,
+        })
+    }
+
+    /// Appends one stamped line, unless the log is full.
+    pub fn write_line(&mut self, at: u64, text: &[u8]) -> std::io::Result<()> {
+        if self.cut {
+            return Ok(());
+        }
+        let mut line = Vec::with_capacity(text.len() + 24);
+        write_line(&mut line, at, text)?;
+        if self.size + line.len() as u64 > self.max {
+            self.cut = true;
+            let note = format!("[muster: output past {} bytes was dropped]", self.max);
+            return write_line(&mut self.file, at, note.as_bytes());
+        }
+        self.size += line.len() as u64;
+        self.file.write_all(&line)
+    }
+}
+
 /// Where the output of attempt `attempt` of `job` is kept under `work_dir`.
 pub fn attempt_log_path(work_dir: &Path, job: &str, attempt: u32) -> PathBuf {
     // Array children are `<parent>:<index>`; keep the name one path component.
@@ -195,6 +243,31 @@ impl AgentLogs for LogService {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_log_stops_growing_at_its_bound_and_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("attempt").join("1.log");
+        let mut log = AttemptLog::open(&path, 40).unwrap();
+        for i in 0..10 {
+            log.write_line(1000 + i, b"0123456789").unwrap();
+        }
+        let page = read_page(&path, 0, 100, false).unwrap();
+        let texts: Vec<&str> = page.events.iter().map(|e| e.message.as_str()).collect();
+        // Two 16-byte lines fit in 40 bytes; the third would not.
+        assert_eq!(
+            texts,
+            [
+                "0123456789",
+                "0123456789",
+                "[muster: output past 40 bytes was dropped]"
+            ]
+        );
+        // Reopened (an agent restart), a full log stays full.
+        let mut again = AttemptLog::open(&path, 40).unwrap();
+        again.write_line(2000, b"more").unwrap();
+        assert_eq!(read_page(&path, 0, 100, false).unwrap().events.len(), 3);
+    }
 
     #[test]
     fn docker_stamps_become_milliseconds() {

@@ -324,17 +324,8 @@ async fn copy_logs(docker: Docker, id: String, path: std::path::PathBuf, since: 
     }
     let options = options.build();
     let mut stream = docker.logs(&id, Some(options));
-    let file = path
-        .parent()
-        .map(std::fs::create_dir_all)
-        .transpose()
-        .and_then(|_| {
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)
-        });
-    let Ok(mut file) = file else {
+    let Ok(mut file) = crate::logs::AttemptLog::open(&path, crate::logs::ATTEMPT_LOG_MAX_BYTES)
+    else {
         tracing::warn!(path = %path.display(), "cannot open attempt log");
         return;
     };
@@ -343,7 +334,7 @@ async fn copy_logs(docker: Docker, id: String, path: std::path::PathBuf, since: 
         let bytes = chunk.into_bytes();
         for line in bytes.split_inclusive(|b| *b == b'\n') {
             let (at, text) = crate::logs::split_docker_line(line, crate::logs::now_millis());
-            let _ = crate::logs::write_line(&mut file, at, text);
+            let _ = file.write_line(at, text);
         }
     }
 }

@@ -105,7 +105,7 @@ impl ProcessExecutor {
 /// Copies `from` into the attempt's log line by line, each stamped with when it arrived.
 async fn copy_lines(
     from: impl tokio::io::AsyncRead + Unpin,
-    log: std::sync::Arc<std::sync::Mutex<std::fs::File>>,
+    log: std::sync::Arc<std::sync::Mutex<crate::logs::AttemptLog>>,
 ) {
     use tokio::io::AsyncBufReadExt;
     let mut reader = tokio::io::BufReader::new(from);
@@ -116,20 +116,14 @@ async fn copy_lines(
             Ok(0) | Err(_) => return,
             Ok(_) => {
                 let mut file = log.lock().unwrap_or_else(|p| p.into_inner());
-                let _ = crate::logs::write_line(&mut *file, crate::logs::now_millis(), &line);
+                let _ = file.write_line(crate::logs::now_millis(), &line);
             }
         }
     }
 }
 
-fn open_log(path: &Path) -> std::io::Result<std::fs::File> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
+fn open_log(path: &Path) -> std::io::Result<crate::logs::AttemptLog> {
+    crate::logs::AttemptLog::open(path, crate::logs::ATTEMPT_LOG_MAX_BYTES)
 }
 
 /// Exit code as a shell reports it: the code, or 128 + the signal that ended the process.
