@@ -756,3 +756,14 @@ def test_bad_container_options_are_refused_naming_the_field(batch, props, field)
             jobDefinitionName=unique("bad"), type="container",
             containerProperties={"image": TEST_IMAGE, "command": ["true"], "vcpus": 1, "memory": 64, **props})
     assert field in err.value.response["Error"]["Message"]
+
+
+def test_an_image_that_cannot_be_pulled_fails_the_attempt_with_the_pull_error(batch):
+    name = unique("unpullable")
+    batch.register_job_definition(jobDefinitionName=name, type="container", containerProperties={
+        # A registry nobody listens on: the pull fails at once instead of hanging.
+        "image": "127.0.0.1:9/muster-absent:1", "command": ["true"], "vcpus": 1, "memory": 64})
+    job_id = batch.submit_job(jobName="unpullable", jobQueue="default", jobDefinition=name)["jobId"]
+    job = wait_for(batch, job_id, {"FAILED", "SUCCEEDED"}, timeout=60)
+    assert job["status"] == "FAILED"
+    assert job["statusReason"].startswith("CannotPullContainerError: pulling 127.0.0.1:9/muster-absent:1"), job

@@ -54,7 +54,8 @@ impl Agent {
             ExecutorKind::Docker => Executor::Docker(
                 DockerExecutor::connect(&config.compute_environment)
                     .await
-                    .map_err(|e| AgentError::Docker(e.to_string()))?,
+                    .map_err(|e| AgentError::Docker(e.to_string()))?
+                    .with_pull(config.image_pull, config.image_pull_timeout),
             ),
             ExecutorKind::Process => Executor::Process(ProcessExecutor),
         };

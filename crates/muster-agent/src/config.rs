@@ -5,6 +5,17 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// When the Docker executor pulls an image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ImagePull {
+    /// Pull an image this host does not have (as AWS Batch's agents do).
+    #[default]
+    IfMissing,
+    /// Never pull: a missing image fails the attempt at once.
+    Never,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ExecutorKind {
@@ -60,6 +71,12 @@ pub struct RawAgentConfig {
     /// Days attempt output is kept after it was last written.
     #[serde(default = "default_log_retention_days")]
     pub log_retention_days: u64,
+    /// `if-missing` (default) or `never`.
+    #[serde(default)]
+    pub image_pull: ImagePull,
+    /// A pull taking longer fails the attempt.
+    #[serde(default = "default_image_pull_timeout_secs")]
+    pub image_pull_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -76,6 +93,10 @@ pub const TOPOLOGY_DOMAIN_LABEL: &str = "topology-domain";
 
 fn default_log_listen_addr() -> std::net::SocketAddr {
     std::net::SocketAddr::from(([0, 0, 0, 0], 7102))
+}
+
+fn default_image_pull_timeout_secs() -> u64 {
+    600
 }
 
 fn default_log_retention_days() -> u64 {
@@ -115,6 +136,8 @@ pub struct AgentConfig {
     pub log_listen_addr: std::net::SocketAddr,
     pub log_advertise_address: Option<String>,
     pub log_retention: Duration,
+    pub image_pull: ImagePull,
+    pub image_pull_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -200,6 +223,8 @@ impl RawAgentConfig {
             log_listen_addr: self.log_listen_addr,
             log_advertise_address: self.log_advertise_address,
             log_retention: Duration::from_secs(self.log_retention_days.max(1) * 86_400),
+            image_pull: self.image_pull,
+            image_pull_timeout: Duration::from_secs(self.image_pull_timeout_secs.max(1)),
         })
     }
 }

@@ -18,4 +18,4 @@ pub mod logs;
 mod reporter;
 
 pub use agent::Agent;
-pub use config::{AgentConfig, ExecutorKind, RawAgentConfig};
+pub use config::{AgentConfig, ExecutorKind, ImagePull, RawAgentConfig};

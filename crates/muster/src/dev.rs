@@ -58,6 +58,8 @@ pub async fn run(
         log_listen_addr: "127.0.0.1:0".parse().expect("literal address"),
         log_advertise_address: None,
         log_retention_days: 7,
+        image_pull: Default::default(),
+        image_pull_timeout_secs: 600,
     }
     .validate()?;
     let agent = Agent::new(agent_config).await?;

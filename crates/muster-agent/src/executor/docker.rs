@@ -41,6 +41,8 @@ fn container_name(job: &str, attempt: u32) -> String {
 pub struct DockerExecutor {
     docker: Docker,
     cluster: String,
+    pull: crate::ImagePull,
+    pull_timeout: Duration,
 }
 
 impl DockerExecutor {
@@ -53,7 +55,28 @@ impl DockerExecutor {
         Ok(Self {
             docker,
             cluster: cluster.to_owned(),
+            pull: crate::ImagePull::default(),
+            pull_timeout: Duration::from_secs(600),
         })
+    }
+
+    /// Sets when images are pulled, and how long a pull may take.
+    pub fn with_pull(mut self, pull: crate::ImagePull, timeout: Duration) -> Self {
+        self.pull = pull;
+        self.pull_timeout = timeout;
+        self
+    }
+
+    /// Pulls `image` from its registry, to the end of the engine's progress stream.
+    async fn pull(&self, image: &str) -> Result<(), String> {
+        let options = bollard::query_parameters::CreateImageOptionsBuilder::default()
+            .from_image(image)
+            .build();
+        let mut progress = self.docker.create_image(Some(options), None, None);
+        while let Some(step) = progress.next().await {
+            step.map_err(|e| e.to_string())?;
+        }
+        Ok(())
     }
 
     pub async fn run(
@@ -68,12 +91,30 @@ impl DockerExecutor {
             Ok(_) => {}
             Err(bollard::errors::Error::DockerResponseServerError {
                 status_code: 404, ..
-            }) => {
+            }) if self.pull == crate::ImagePull::Never => {
                 return AttemptExit::failed_to_start(format!(
-                    "CannotPullContainerError: image {} is not present on this host and no registry is configured",
+                    "CannotPullContainerError: image {} is not present on this host and image_pull is never",
                     a.image
                 ));
             }
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => match tokio::time::timeout(self.pull_timeout, self.pull(&a.image)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    return AttemptExit::failed_to_start(format!(
+                        "CannotPullContainerError: pulling {}: {e}",
+                        a.image
+                    ));
+                }
+                Err(_) => {
+                    return AttemptExit::failed_to_start(format!(
+                        "CannotPullContainerError: pulling {} took longer than {} s",
+                        a.image,
+                        self.pull_timeout.as_secs()
+                    ));
+                }
+            },
             Err(e) => {
                 return AttemptExit::failed_to_start(format!(
                     "CannotPullContainerError: the Docker engine did not answer: {e}"

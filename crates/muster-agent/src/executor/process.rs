@@ -194,6 +194,19 @@ mod tests {
             .spawn()
             .unwrap();
         std::fs::write(log_path.with_extension("pid"), orphan.id().to_string()).unwrap();
+        // Until the child has exec'd, its environment is still the test's.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !std::fs::read(format!("/proc/{}/environ", orphan.id()))
+            .unwrap_or_default()
+            .windows(b"AWS_BATCH_JOB_ID=orphaned".len())
+            .any(|w| w == b"AWS_BATCH_JOB_ID=orphaned")
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the orphan never started"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let assignment = Assignment {
             job: JobId("orphaned".into()),
             attempt: 1,
