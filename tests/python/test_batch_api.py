@@ -678,22 +678,28 @@ def containers_of(job_id):
     return out.stdout.split()
 
 
-def test_after_kill_9_the_agent_readopts_its_running_container(dev):
+def test_after_kill_9_the_agent_readopts_its_running_container(dev, batch):
     from conftest import Dev
+    # A job of the session's cluster runs on the same Docker engine throughout: the restarted
+    # agent must neither adopt nor remove it.
+    neighbour_def = unique("def")
+    register_busybox(batch, neighbour_def, ["sh", "-c", "sleep 10"])
+    neighbour = batch.submit_job(jobName="neighbour", jobQueue="default", jobDefinition=neighbour_def)["jobId"]
+    wait_for(batch, neighbour, {"RUNNING"})
     own = Dev(dev.binary)  # its own cluster: this test kills it
     try:
-        batch, logs = clients_for(own)
+        mine, logs = clients_for(own)
         name = unique("def")
-        register_busybox(batch, name, ["sh", "-c", "echo before; sleep 6; echo after"])
-        job_id = batch.submit_job(jobName="survivor", jobQueue="default", jobDefinition=name)["jobId"]
-        wait_for(batch, job_id, {"RUNNING"})
+        register_busybox(mine, name, ["sh", "-c", "echo before; sleep 6; echo after"])
+        job_id = mine.submit_job(jobName="survivor", jobQueue="default", jobDefinition=name)["jobId"]
+        wait_for(mine, job_id, {"RUNNING"})
         container = containers_of(job_id)
         assert len(container) == 1
 
         own.crash_and_restart()  # agent and control plane die with SIGKILL; the container lives
         assert containers_of(job_id) == container
-        batch, logs = clients_for(own)
-        job = wait_for(batch, job_id, {"SUCCEEDED", "FAILED"})
+        mine, logs = clients_for(own)
+        job = wait_for(mine, job_id, {"SUCCEEDED", "FAILED"})
         assert (job["status"], len(job["attempts"])) == ("SUCCEEDED", 1), job
         assert job["container"]["exitCode"] == 0
         assert containers_of(job_id) == []
@@ -701,6 +707,8 @@ def test_after_kill_9_the_agent_readopts_its_running_container(dev):
                                      logStreamName=job["container"]["logStreamName"])["events"]
         # One run of the container: a restarted attempt would have said "before" twice.
         assert [e["message"] for e in events] == ["before", "after"]
+        done = wait_for(batch, neighbour, {"SUCCEEDED", "FAILED"})
+        assert (done["status"], len(done["attempts"]), done["container"]["exitCode"]) == ("SUCCEEDED", 1, 0), done
     finally:
         own.stop()
         shutil.rmtree(own.data_dir, ignore_errors=True)

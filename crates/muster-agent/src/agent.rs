@@ -22,6 +22,8 @@ const RETRY_PAUSE: Duration = Duration::from_millis(200);
 pub enum AgentError {
     #[error("the docker executor needs a Docker engine: {0}")]
     Docker(String),
+    #[error("cannot use the work directory: {0}")]
+    WorkDir(std::io::Error),
     #[error("cannot listen for log reads on {0}: {1}")]
     LogListener(std::net::SocketAddr, std::io::Error),
 }
@@ -55,6 +57,7 @@ impl Agent {
                 DockerExecutor::connect(&config.compute_environment)
                     .await
                     .map_err(|e| AgentError::Docker(e.to_string()))?
+                    .with_owner(agent_identity(&config.work_dir).map_err(AgentError::WorkDir)?)
                     .with_pull(config.image_pull, config.image_pull_timeout),
             ),
             ExecutorKind::Process => Executor::Process(ProcessExecutor),
@@ -305,6 +308,24 @@ impl Agent {
     fn log_path(&self, (job, attempt): &(String, u32)) -> PathBuf {
         crate::logs::attempt_log_path(&self.config.work_dir, job, *attempt)
     }
+}
+
+/// This agent's identity on its host, made once and kept in `work_dir/agent-id`: the same
+/// across restarts, different for every agent (every work directory) sharing the host.
+fn agent_identity(work_dir: &std::path::Path) -> std::io::Result<String> {
+    let path = work_dir.join("agent-id");
+    if let Ok(id) = std::fs::read_to_string(&path)
+        && !id.trim().is_empty()
+    {
+        return Ok(id.trim().to_owned());
+    }
+    std::fs::create_dir_all(work_dir)?;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let id = format!("{nanos:x}-{:x}", std::process::id());
+    std::fs::write(&path, &id)?;
+    Ok(id)
 }
 
 /// Serves `AgentLogs` until shutdown, and removes logs past their retention once an hour.

@@ -41,6 +41,9 @@ fn container_name(job: &str, attempt: u32) -> String {
 pub struct DockerExecutor {
     docker: Docker,
     cluster: String,
+    /// This agent's identity on the host (kept in its work directory): two agents sharing a
+    /// Docker engine never take or remove each other's containers.
+    owner: String,
     pull: crate::ImagePull,
     pull_timeout: Duration,
 }
@@ -55,9 +58,16 @@ impl DockerExecutor {
         Ok(Self {
             docker,
             cluster: cluster.to_owned(),
+            owner: String::new(),
             pull: crate::ImagePull::default(),
             pull_timeout: Duration::from_secs(600),
         })
+    }
+
+    /// Sets the identity this agent labels its containers with.
+    pub fn with_owner(mut self, owner: impl Into<String>) -> Self {
+        self.owner = owner.into();
+        self
     }
 
     /// Sets when images are pulled, and how long a pull may take.
@@ -131,6 +141,7 @@ impl DockerExecutor {
             ("muster.job-id".to_owned(), a.job.0.clone()),
             ("muster.attempt".to_owned(), a.attempt.to_string()),
             ("muster.cluster".to_owned(), self.cluster.clone()),
+            ("muster.agent".to_owned(), self.owner.clone()),
         ]);
         let memory = (a.resources.memory_mib * 1024 * 1024) as i64;
         let body = ContainerCreateBody {
@@ -214,7 +225,8 @@ impl DockerExecutor {
         let labels = info.config.as_ref()?.labels.as_ref()?;
         let ours = labels.get("muster.job-id") == Some(&a.job.0)
             && labels.get("muster.attempt") == Some(&a.attempt.to_string())
-            && labels.get("muster.cluster") == Some(&self.cluster);
+            && labels.get("muster.cluster") == Some(&self.cluster)
+            && labels.get("muster.agent") == Some(&self.owner);
         let state = info.state?;
         let ever_started = state
             .started_at
@@ -312,12 +324,12 @@ impl DockerExecutor {
         }
     }
 
-    /// Removes this cluster's containers whose attempt is not in `keep`: left by an earlier
-    /// run of the agent for attempts the leader has since given up on or moved.
+    /// Removes this agent's containers whose attempt is not in `keep`: left by an earlier run
+    /// of the agent for attempts the leader has since given up on or moved.
     pub async fn remove_strays(&self, keep: &std::collections::HashSet<(String, u32)>) {
         let filters = HashMap::from([(
             "label".to_owned(),
-            vec![format!("muster.cluster={}", self.cluster)],
+            vec![format!("muster.agent={}", self.owner)],
         )]);
         let options = bollard::query_parameters::ListContainersOptionsBuilder::default()
             .all(true)
