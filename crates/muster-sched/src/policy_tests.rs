@@ -1,10 +1,10 @@
 //! Backfill, spread, labels and GPU models, and fair share.
 
 use super::*;
-use crate::test_support::{JobSpec, compute_environment, definition, must, queue, submission};
-use muster_core::{
-    Arn, AttemptEvent, Command, GpuDevice, Job, NodeInventory, SchedulingPolicy, Tags,
+use crate::test_support::{
+    JobSpec, compute_environment, definition, must, node_registration, queue, submission,
 };
+use muster_core::{Arn, AttemptEvent, Command, GpuDevice, Job, SchedulingPolicy, Tags};
 
 const NOW: Timestamp = Timestamp(1_000_000);
 
@@ -38,34 +38,24 @@ fn cluster(ce_tags: &[(&str, &str)], fairshare: Option<serde_json::Value>) -> St
 }
 
 fn node(s: &mut State, id: &str, vcpus: u64, gpus: &[&str], labels: &[(&str, &str)]) {
+    let devices = gpus
+        .iter()
+        .enumerate()
+        .map(|(i, model)| GpuDevice {
+            index: i as u32,
+            uuid: format!("GPU-{id}-{i}"),
+            model: (*model).into(),
+            memory_mib: 81920,
+        })
+        .collect();
+    let labels = labels
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    let capacity = Resources::new(vcpus * 1000, 65536, gpus.len() as u32);
     must(
         s,
-        Command::RegisterNode {
-            node: NodeId(id.into()),
-            compute_environment: "ce".into(),
-            inventory: NodeInventory {
-                capacity: Resources::new(vcpus * 1000, 65536, gpus.len() as u32),
-                hostname: id.into(),
-                address: "127.0.0.1".into(),
-                executor: "process".into(),
-                gpus: gpus
-                    .iter()
-                    .enumerate()
-                    .map(|(i, model)| GpuDevice {
-                        index: i as u32,
-                        uuid: format!("GPU-{id}-{i}"),
-                        model: (*model).into(),
-                        memory_mib: 81920,
-                    })
-                    .collect(),
-                labels: labels
-                    .iter()
-                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                    .collect(),
-                log_address: String::new(),
-            },
-            at: Timestamp(0),
-        },
+        node_registration(id, capacity, devices, labels, Timestamp(0)),
     );
 }
 

@@ -6,6 +6,7 @@ use muster_core::{
     Dependency, EnabledState, Extra, JobDefinitionSpec, JobId, JobQueue, JobSubmission, Outcome,
     ResourceRequirement, ResourceType, State, Tags, Timestamp,
 };
+use muster_core::{NodeId, NodeInventory, Resources};
 
 pub fn must(state: &mut State, cmd: Command) -> Outcome {
     let outcome = state.apply(cmd);
@@ -108,4 +109,28 @@ pub fn submission(id: &str, spec: JobSpec) -> Command {
         array_size: None,
         extra: spec.extra,
     })
+}
+
+/// Registers (or re-registers) node `id` of `ce` offering `capacity`, with these GPUs and labels.
+pub fn node_registration(
+    id: &str,
+    capacity: Resources,
+    gpus: Vec<muster_core::GpuDevice>,
+    labels: std::collections::BTreeMap<String, String>,
+    at: Timestamp,
+) -> Command {
+    Command::RegisterNode {
+        node: NodeId(id.into()),
+        compute_environment: "ce".into(),
+        inventory: NodeInventory {
+            capacity,
+            hostname: id.into(),
+            address: "127.0.0.1".into(),
+            executor: "process".into(),
+            gpus,
+            labels,
+            log_address: String::new(),
+        },
+        at,
+    }
 }

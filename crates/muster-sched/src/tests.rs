@@ -1,6 +1,8 @@
 use super::*;
-use crate::test_support::{JobSpec, compute_environment, definition, must, queue, submission};
-use muster_core::{Command, JobStatus, NodeInventory, NodeStatus, Outcome, Timestamp};
+use crate::test_support::{
+    JobSpec, compute_environment, definition, must, node_registration, queue, submission,
+};
+use muster_core::{Command, JobStatus, NodeStatus, Outcome, Timestamp};
 use proptest::prelude::*;
 
 const NOW: Timestamp = Timestamp(1_000_000);
@@ -20,23 +22,15 @@ fn gpu_cluster(queues: &[(&str, i64)], nodes: &[(u64, u64, u32)]) -> State {
     }
     must(&mut s, definition());
     for (i, (millicpus, memory_mib, gpus)) in nodes.iter().enumerate() {
-        must(
-            &mut s,
-            Command::RegisterNode {
-                node: NodeId(format!("n{i}")),
-                compute_environment: "ce".into(),
-                inventory: NodeInventory {
-                    capacity: Resources::new(*millicpus, *memory_mib, *gpus),
-                    hostname: format!("n{i}"),
-                    address: "127.0.0.1".into(),
-                    executor: "process".into(),
-                    gpus: Vec::new(),
-                    labels: Default::default(),
-                    log_address: String::new(),
-                },
-                at: Timestamp(0),
-            },
+        let capacity = Resources::new(*millicpus, *memory_mib, *gpus);
+        let register = node_registration(
+            &format!("n{i}"),
+            capacity,
+            Vec::new(),
+            Default::default(),
+            Timestamp(0),
         );
+        must(&mut s, register);
     }
     s
 }
@@ -464,20 +458,7 @@ proptest! {
                 Step::Rejoin(i) => {
                     let i = i % nodes.len();
                     let (c, m, g) = nodes[i];
-                    s.apply(Command::RegisterNode {
-                        node: NodeId(format!("n{i}")),
-                        compute_environment: "ce".into(),
-                        inventory: NodeInventory {
-                            capacity: Resources::new(c, m, g),
-                            hostname: format!("n{i}"),
-                            address: "127.0.0.1".into(),
-                            executor: "process".into(),
-                            gpus: Vec::new(),
-                            labels: Default::default(),
-                            log_address: String::new(),
-                        },
-                        at: now,
-                    });
+                    s.apply(node_registration(&format!("n{i}"), Resources::new(c, m, g), Vec::new(), Default::default(), now));
                 }
                 Step::Finish(code) => {
                     let placed = s.nodes().flat_map(|n| n.placed_jobs.iter().cloned().map(|j| (j, n.id.clone()))).next();
