@@ -294,3 +294,31 @@ async fn three_server_processes_and_an_agent_process() {
         s.stop();
     }
 }
+
+/// SIGTERM that arrives while a server is still starting (its ports are bound, its storage and
+/// Raft are not yet up) is kept and honoured once the start is done: a clean exit, not death by
+/// the default disposition with half-opened storage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_stopped_while_it_starts_exits_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (grpc, api) = (free_port(), free_port());
+    let config = dir.path().join("server.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "node_id = 1\ngrpc_addr = \"127.0.0.1:{grpc}\"\napi_addr = \"127.0.0.1:{api}\"\ndata_dir = {:?}\n[[peers]]\nid = 1\ngrpc_addr = \"127.0.0.1:{grpc}\"\n",
+            dir.path().join("data")
+        ),
+    )
+    .unwrap();
+    let server = Proc::spawn(
+        &["server", "--config", config.to_str().unwrap()],
+        &dir.path().join("server.log"),
+    );
+    let deadline = Instant::now() + DEADLINE;
+    while std::net::TcpStream::connect(("127.0.0.1", api)).is_err() {
+        assert!(Instant::now() < deadline, "the API port was never bound");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    server.stop();
+}

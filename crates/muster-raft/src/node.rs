@@ -35,6 +35,8 @@ pub enum ReadError {
     NoLeader(Duration),
     #[error("this node did not catch up with the leader's read index: {0}")]
     Lagging(String),
+    #[error("this node's Raft has stopped: {0}")]
+    Stopped(String),
 }
 
 /// One control node's Raft, with the state it applies and the directory of its peers.
@@ -108,7 +110,12 @@ impl RaftNode {
                 Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(
                     f,
                 ))) => f.leader_id,
-                Err(_) => None,
+                // A stopped node will never confirm a read: waiting out the deadline would
+                // only hold up shutdown.
+                Err(RaftError::Fatal(fatal)) => return Err(ReadError::Stopped(fatal.to_string())),
+                Err(RaftError::APIError(openraft::error::CheckIsLeaderError::QuorumNotEnough(
+                    _,
+                ))) => None,
             };
             if let Some(mut client) = leader
                 .filter(|l| *l != self.id)

@@ -21,6 +21,7 @@ pub async fn run(
     metrics: metrics_exporter_prometheus::PrometheusHandle,
     limits: muster_api::Limits,
 ) -> anyhow::Result<()> {
+    let shutdown = crate::ShutdownSignal::install()?;
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating {}", data_dir.display()))?;
     let cluster = LocalCluster::start_tuned(
@@ -91,7 +92,7 @@ pub async fn run(
         cluster.api_addr(1)
     );
 
-    crate::shutdown_signal().await;
+    shutdown.received().await;
     eprintln!("muster dev: shutting down");
     let _ = stop_agent.send(true);
     let _ = agent_task.await;

@@ -291,6 +291,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn server(path: PathBuf) -> anyhow::Result<()> {
+    let shutdown = ShutdownSignal::install()?;
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let config = muster_control::RawServerConfig::from_toml(&text)?.validate()?;
@@ -304,19 +305,20 @@ async fn server(path: PathBuf) -> anyhow::Result<()> {
     };
     let node =
         muster_control::ControlNode::start(config, listeners, Some(install_metrics()?)).await?;
-    shutdown_signal().await;
+    shutdown.received().await;
     node.shutdown().await;
     Ok(())
 }
 
 async fn agent(path: PathBuf) -> anyhow::Result<()> {
+    let shutdown = ShutdownSignal::install()?;
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let config = muster_agent::RawAgentConfig::from_toml(&text)?.validate()?;
     let agent = muster_agent::Agent::new(config).await?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let running = tokio::spawn(agent.run(stopped));
-    shutdown_signal().await;
+    shutdown.received().await;
     let _ = stop.send(true);
     running.await?;
     Ok(())
@@ -342,11 +344,27 @@ fn print_inventory(path: Option<PathBuf>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Ctrl-C or SIGTERM.
-pub(crate) async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+/// Ctrl-C or SIGTERM, listened for from the moment it is made: a signal that arrives while a
+/// node is still opening its storage or joining is kept, and the node shuts down cleanly as soon
+/// as it has started instead of dying half-started to the default disposition.
+pub(crate) struct ShutdownSignal {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignal {
+    pub(crate) fn install() -> anyhow::Result<ShutdownSignal> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(ShutdownSignal {
+            interrupt: signal(SignalKind::interrupt()).context("listening for SIGINT")?,
+            terminate: signal(SignalKind::terminate()).context("listening for SIGTERM")?,
+        })
+    }
+
+    pub(crate) async fn received(mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
     }
 }
