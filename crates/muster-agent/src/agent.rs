@@ -228,7 +228,7 @@ impl Agent {
                             swept = true;
                             let keep = desired
                                 .iter()
-                                .map(|a| (a.job.0.clone(), a.attempt))
+                                .map(|a| (a.job.to_string(), a.attempt))
                                 .collect();
                             self.executor.remove_strays(&keep).await;
                         }
@@ -275,7 +275,7 @@ impl Agent {
     ) {
         let wanted: HashMap<(String, u32), Assignment> = desired
             .into_iter()
-            .map(|a| ((a.job.0.clone(), a.attempt), a))
+            .map(|a| ((a.job.to_string(), a.attempt), a))
             .collect();
         slots.retain(|key, slot| {
             if wanted.contains_key(key) {
@@ -379,7 +379,7 @@ async fn run_attempt(
     grace: Duration,
     shutdown: watch::Receiver<bool>,
 ) {
-    let job = assignment.job.0.clone();
+    let job = assignment.job.to_string();
     let attempt = assignment.attempt;
     tracing::info!(job, attempt, "starting attempt");
     let (started_tx, started_rx) = oneshot::channel();

@@ -331,7 +331,7 @@ pub(crate) async fn snapshot<P: ControlPlane>(
         .read(move |s| {
             s.runnable_jobs(&name)
                 .take(100)
-                .map(|j| json!({"jobArn": j.arn.0, "earliestTimeAtPosition": j.created_at.as_millis()}))
+                .map(|j| json!({"jobArn": j.arn(s.arn_scope()).0, "earliestTimeAtPosition": j.created_at.as_millis()}))
                 .collect::<Vec<_>>()
         })
         .await

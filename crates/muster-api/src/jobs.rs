@@ -152,7 +152,7 @@ pub(crate) async fn submit<P: ControlPlane>(
         ));
     }
     let submission = JobSubmission {
-        id: JobId(plane.new_id()),
+        id: JobId::from(plane.new_id()),
         at: plane.now(),
         name,
         queue,
@@ -257,7 +257,7 @@ struct JobDetail {
 }
 
 fn depends_on_shape(job: &Job) -> Vec<Value> {
-    job.depends_on
+    job.reported_depends_on()
         .iter()
         .map(|d| {
             let mut v = json!({});
@@ -312,8 +312,8 @@ fn ms(t: Timestamp) -> u64 {
 fn job_detail(state: &State, job: &Job) -> JobDetail {
     let last = job.attempts.last();
     let queue_arn = state
-        .queue(&job.queue)
-        .map_or_else(|| job.queue.clone(), |q| q.arn.0.clone());
+        .queue(&job.spec.queue)
+        .map_or_else(|| job.spec.queue.clone(), |q| q.arn.0.clone());
     let stream = job
         .active
         .as_ref()
@@ -325,16 +325,17 @@ fn job_detail(state: &State, job: &Job) -> JobDetail {
         .map(|a| a.node.0.clone())
         .or_else(|| last.map(|a| a.node.0.clone()));
     JobDetail {
-        job_arn: job.arn.0.clone(),
-        job_name: job.name.clone(),
-        job_id: job.id.0.clone(),
+        job_arn: job.arn(state.arn_scope()).0,
+        job_name: job.spec.name.clone(),
+        job_id: job.id.to_string(),
         job_queue: queue_arn,
         status: job.status.as_aws(),
         status_reason: job.status_reason.clone(),
         scheduling_priority: job
+            .spec
             .share_identifier
             .as_ref()
-            .map(|_| job.scheduling_priority),
+            .map(|_| job.spec.scheduling_priority),
         attempts: job
             .attempts
             .iter()
@@ -355,14 +356,15 @@ fn job_detail(state: &State, job: &Job) -> JobDetail {
         stopped_at: job.stopped_at.map(ms),
         depends_on: depends_on_shape(job),
         array_properties: array_shape(state, job),
-        retry_strategy: retry_shape(&job.retry),
+        retry_strategy: retry_shape(&job.spec.retry),
         timeout: job
+            .spec
             .timeout_secs
             .map(|t| json!({"attemptDurationSeconds": t})),
-        job_definition: job.definition_arn.0.clone(),
-        parameters: job.parameters.clone(),
+        job_definition: job.spec.definition_arn.0.clone(),
+        parameters: job.spec.parameters.clone(),
         container: ContainerDetail {
-            spec: container_shape(&job.container),
+            spec: container_shape(&job.spec.container),
             exit_code: job
                 .active
                 .as_ref()
@@ -374,7 +376,7 @@ fn job_detail(state: &State, job: &Job) -> JobDetail {
             log_stream_name: stream,
             container_instance_arn: node,
         },
-        tags: job.tags.clone(),
+        tags: job.reported_tags().clone(),
         platform_capabilities: vec!["EC2"],
         is_terminated: job.is_terminated,
         is_cancelled: job.is_cancelled,
@@ -407,8 +409,8 @@ pub(crate) async fn describe<P: ControlPlane>(
         .read(move |s| {
             // Unknown ids are left out, as AWS does.
             ids.iter()
-                .filter_map(|id| s.job(&JobId(id.clone())))
-                .map(|j| crate::request::echo(&j.extra, job_detail(s, j)))
+                .filter_map(|id| s.job(&JobId::from(id.clone())))
+                .map(|j| crate::request::echo(&j.spec.extra, job_detail(s, j)))
                 .collect::<Vec<_>>()
         })
         .await
@@ -449,7 +451,7 @@ struct JobSummary {
     job_definition: String,
 }
 
-fn summary(job: &Job) -> JobSummary {
+fn summary(scope: &muster_core::ArnScope, job: &Job) -> JobSummary {
     let array_properties = match &job.array {
         Some(ArrayRole::Parent { size, .. }) => Some(json!({"size": size})),
         Some(ArrayRole::Child { index, size, .. }) => Some(json!({"index": index, "size": size})),
@@ -470,9 +472,9 @@ fn summary(job: &Job) -> JobSummary {
             c
         });
     JobSummary {
-        job_arn: job.arn.0.clone(),
-        job_id: job.id.0.clone(),
-        job_name: job.name.clone(),
+        job_arn: job.arn(scope).0,
+        job_id: job.id.to_string(),
+        job_name: job.spec.name.clone(),
         created_at: ms(job.created_at),
         status: job.status.as_aws(),
         status_reason: job.status_reason.clone(),
@@ -480,7 +482,7 @@ fn summary(job: &Job) -> JobSummary {
         stopped_at: job.stopped_at.map(ms),
         container,
         array_properties,
-        job_definition: job.definition_arn.0.clone(),
+        job_definition: job.spec.definition_arn.0.clone(),
     }
 }
 
@@ -499,7 +501,7 @@ pub(crate) async fn list<P: ControlPlane>(
     let filters = list_filters(req.filters.as_deref().unwrap_or_default())?;
     let source = match (&req.job_queue, &req.array_job_id) {
         (Some(q), None) if !q.is_empty() => Source::Queue(q.clone()),
-        (None, Some(a)) if !a.is_empty() => Source::Array(JobId(a.clone())),
+        (None, Some(a)) if !a.is_empty() => Source::Array(JobId::from(a.clone())),
         _ => {
             return Err(ApiError::client(
                 "give exactly one of jobQueue, arrayJobId or multiNodeJobId",
@@ -547,12 +549,12 @@ pub(crate) async fn list<P: ControlPlane>(
                 .filter(|j| {
                     after
                         .as_ref()
-                        .is_none_or(|(seq, id)| (j.seq, &j.id.0) > (*seq, id))
+                        .is_none_or(|(seq, id)| (j.seq, j.id.as_str()) > (*seq, id.as_str()))
                 });
             let page: Vec<(JobSummary, String)> = matching
                 .by_ref()
                 .take(limit)
-                .map(|j| (summary(j), format!("{}/{}", j.seq, j.id.0)))
+                .map(|j| (summary(s.arn_scope(), j), format!("{}/{}", j.seq, j.id.0)))
                 .collect();
             Some((page, matching.next().is_some()))
         })
@@ -594,9 +596,9 @@ enum Filter {
 impl Filter {
     fn matches(&self, job: &Job) -> bool {
         match self {
-            Filter::Name(p) => muster_core::glob(p, &job.name),
+            Filter::Name(p) => muster_core::glob(p, &job.spec.name),
             Filter::Definition(p) => {
-                let arn = &job.definition_arn.0;
+                let arn = &job.spec.definition_arn.0;
                 let short = arn.rsplit('/').next().unwrap_or(arn);
                 let name = short.split(':').next().unwrap_or(short);
                 [arn.as_str(), short, name]
@@ -650,7 +652,7 @@ pub(crate) async fn terminate<P: ControlPlane>(
     body: &[u8],
 ) -> Result<Value, ApiError> {
     let req: TerminateRequest = parse(body)?;
-    let job = JobId(required("jobId", &req.job_id)?.to_owned());
+    let job = JobId::from(required("jobId", &req.job_id)?.to_owned());
     caller.authorize("batch:TerminateJob", &[&arn_of(plane, "job", &job.0)])?;
     let reason = required("reason", &req.reason)?.to_owned();
     check_and_propose(
@@ -673,7 +675,7 @@ pub(crate) async fn cancel<P: ControlPlane>(
     body: &[u8],
 ) -> Result<Value, ApiError> {
     let req: TerminateRequest = parse(body)?;
-    let job = JobId(required("jobId", &req.job_id)?.to_owned());
+    let job = JobId::from(required("jobId", &req.job_id)?.to_owned());
     let reason = required("reason", &req.reason)?.to_owned();
     caller.authorize("batch:CancelJob", &[&arn_of(plane, "job", &job.0)])?;
     let cmd = muster_core::AdminCommand::CancelJob {

@@ -128,7 +128,7 @@ async fn get_log_events<P: ControlPlane>(
     let page = plane
         .read_log(LogRequest {
             log_address,
-            job: job.0,
+            job: job.to_string(),
             attempt,
             offset,
             limit,
@@ -170,7 +170,7 @@ fn parse_token(token: &str) -> Result<Start, ApiError> {
 fn parse_stream(stream: &str) -> Option<(JobId, u32)> {
     let (_, last) = stream.rsplit_once('/')?;
     let (job, attempt) = last.rsplit_once('-')?;
-    Some((JobId(job.to_owned()), attempt.parse().ok()?))
+    Some((JobId::from(job.to_owned()), attempt.parse().ok()?))
 }
 
 /// The log service of the node that ran `attempt` of `job`, if the stream is that attempt's.
@@ -200,7 +200,7 @@ mod tests {
         let (job, attempt) =
             parse_stream("train/default/1b4e28ba-2fa1-11d2-883f-0016d3cca427:7-2").unwrap();
         assert_eq!(
-            (job.0.as_str(), attempt),
+            (job.as_str(), attempt),
             ("1b4e28ba-2fa1-11d2-883f-0016d3cca427:7", 2)
         );
         assert!(parse_stream("no-slash").is_none());

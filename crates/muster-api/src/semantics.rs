@@ -171,7 +171,7 @@ pub(crate) fn depends_on(
                 .get("jobId")
                 .and_then(Value::as_str)
                 .filter(|j| !j.is_empty())
-                .map(|j| JobId(j.to_owned()));
+                .map(|j| JobId::from(j.to_owned()));
             if job.is_none() && kind != DependencyKind::Sequential {
                 return Err(ApiError::client("dependsOn.jobId is required"));
             }

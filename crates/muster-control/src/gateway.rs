@@ -228,7 +228,7 @@ impl AgentService for AgentGateway {
         let (committed, answer) = oneshot::channel();
         let pending = PendingReport {
             report: Report {
-                job: JobId(req.job_id),
+                job: JobId::from(req.job_id),
                 attempt: req.attempt,
                 node: NodeId(req.node_id),
                 event,

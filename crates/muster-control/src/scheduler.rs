@@ -148,7 +148,7 @@ fn past_time_limits(state: &State, unplaced: &[Unplaced], now: Timestamp) -> Vec
         let Some(job) = state.job(&u.job) else {
             continue;
         };
-        let Some(queue) = state.queue(&job.queue) else {
+        let Some(queue) = state.queue(&job.spec.queue) else {
             continue;
         };
         let Some(actions) = queue

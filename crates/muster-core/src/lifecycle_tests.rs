@@ -75,7 +75,7 @@ fn submission(
     retry: Option<RetryStrategy>,
 ) -> Command {
     Command::SubmitJob(JobSubmission {
-        id: JobId(id.into()),
+        id: JobId::from(id),
         at: Timestamp(1),
         name: "j".into(),
         queue: "q".into(),
@@ -93,13 +93,13 @@ fn submission(
 
 fn after(id: &str) -> Dependency {
     Dependency {
-        job: Some(JobId(id.into())),
+        job: Some(JobId::from(id)),
         kind: DependencyKind::Plain,
     }
 }
 
 fn status(s: &State, id: &str) -> JobStatus {
-    s.job(&JobId(id.into())).unwrap().status
+    s.job(&JobId::from(id)).unwrap().status
 }
 
 /// Places every RUNNABLE job that fits and lets `exit` decide each attempt's exit code.
@@ -206,7 +206,7 @@ fn retries_follow_evaluate_on_exit_first_match_wins() {
     ));
     let ran = run_until_idle(&mut s, |_, attempt| if attempt < 3 { 1 } else { 0 });
     assert_eq!(ran.len(), 3);
-    let job = s.job(&JobId("flaky".into())).unwrap();
+    let job = s.job(&JobId::from("flaky")).unwrap();
     assert_eq!(job.status, JobStatus::Succeeded);
     assert_eq!(
         job.attempts.iter().map(|a| a.exit_code).collect::<Vec<_>>(),
@@ -215,7 +215,7 @@ fn retries_follow_evaluate_on_exit_first_match_wins() {
 
     s.apply(submission("doomed", vec![], None, Some(strategy)));
     run_until_idle(&mut s, |_, _| 42);
-    let job = s.job(&JobId("doomed".into())).unwrap();
+    let job = s.job(&JobId::from("doomed")).unwrap();
     assert_eq!(
         (job.status, job.attempts.len()),
         (JobStatus::Failed, 1),
@@ -236,14 +236,14 @@ fn dependencies_release_and_failures_cascade() {
         panic!()
     };
     assert_eq!(r.field, "dependsOn.jobId");
-    run_until_idle(&mut s, |id, _| if id.0 == "x" { 3 } else { 0 });
+    run_until_idle(&mut s, |id, _| if id.as_str() == "x" { 3 } else { 0 });
     assert_eq!(
         [status(&s, "a"), status(&s, "b"), status(&s, "c")],
         [JobStatus::Succeeded; 3]
     );
     assert_eq!(status(&s, "y"), JobStatus::Failed);
     assert_eq!(
-        s.job(&JobId("y".into())).unwrap().status_reason.as_deref(),
+        s.job(&JobId::from("y")).unwrap().status_reason.as_deref(),
         Some("Dependent Job x failed")
     );
     // Depending on a job that already failed fails at once.
@@ -264,7 +264,7 @@ fn a_chain_of_ten_thousand_resolves() {
         ));
     }
     s.apply(Command::TerminateJob {
-        job: JobId("j0".into()),
+        job: JobId::from("j0"),
         reason: "stop".into(),
         at: Timestamp(5),
     });
@@ -277,7 +277,7 @@ fn arrays_have_children_a_summary_and_array_dependencies() {
     let mut s = setup(2);
     s.apply(submission("arr", vec![], Some(3), None));
     assert_eq!(status(&s, "arr"), JobStatus::Pending);
-    assert_eq!(s.array_children(&JobId("arr".into())).count(), 3);
+    assert_eq!(s.array_children(&JobId::from("arr")).count(), 3);
     s.apply(submission(
         "seq",
         vec![Dependency {
@@ -290,7 +290,7 @@ fn arrays_have_children_a_summary_and_array_dependencies() {
     s.apply(submission(
         "nn",
         vec![Dependency {
-            job: Some(JobId("arr".into())),
+            job: Some(JobId::from("arr")),
             kind: DependencyKind::NToN,
         }],
         Some(3),
@@ -303,7 +303,7 @@ fn arrays_have_children_a_summary_and_array_dependencies() {
     let Outcome::Rejected(r) = s.apply(submission(
         "bad",
         vec![Dependency {
-            job: Some(JobId("arr".into())),
+            job: Some(JobId::from("arr")),
             kind: DependencyKind::NToN,
         }],
         Some(4),
@@ -316,14 +316,14 @@ fn arrays_have_children_a_summary_and_array_dependencies() {
     let env_of = |s: &State, id: &str| {
         s.assignments_for(&NodeId("n".into()))
             .into_iter()
-            .find(|a| a.job.0 == id)
+            .find(|a| a.job.as_str() == id)
             .map(|a| a.environment)
     };
     s.apply(Command::Place {
         term: 1,
         at: Timestamp(2),
         placements: vec![Placement {
-            job: JobId("arr:1".into()),
+            job: JobId::from("arr:1"),
             node: NodeId("n".into()),
             gpus: vec![],
         }],
@@ -335,7 +335,7 @@ fn arrays_have_children_a_summary_and_array_dependencies() {
     let mut order = Vec::new();
     let ran = run_until_idle(&mut s, |id, _| {
         order.push(id.0.clone());
-        if id.0 == "arr:2" { 1 } else { 0 }
+        if id.as_str() == "arr:2" { 1 } else { 0 }
     });
     assert!(!ran.is_empty());
     assert_eq!(status(&s, "arr"), JobStatus::Failed, "one child failed");
@@ -348,7 +348,11 @@ fn arrays_have_children_a_summary_and_array_dependencies() {
         ]
     );
     assert_eq!(status(&s, "after-all"), JobStatus::Failed);
-    let seq: Vec<&String> = order.iter().filter(|o| o.starts_with("seq:")).collect();
+    let seq: Vec<&str> = order
+        .iter()
+        .map(|o| &**o)
+        .filter(|o| o.starts_with("seq:"))
+        .collect();
     assert_eq!(
         seq,
         ["seq:0", "seq:1", "seq:2"],
@@ -362,7 +366,7 @@ fn cancelling_a_parent_cancels_its_children() {
     let mut s = setup(1);
     s.apply(submission("arr", vec![], Some(4), None));
     s.apply(Command::Admin(AdminCommand::CancelJob {
-        job: JobId("arr".into()),
+        job: JobId::from("arr"),
         reason: "no".into(),
         at: Timestamp(3),
     }));
@@ -401,7 +405,7 @@ proptest! {
         };
         for (i, _) in edges.iter().enumerate() {
             let id = format!("j{i}");
-            let job = s.job(&JobId(id.clone())).unwrap();
+            let job = s.job(&JobId::from(id.clone())).unwrap();
             prop_assert!(job.status.is_terminal(), "{} ended {:?}", id, job.status);
             prop_assert!(job.attempts.len() as u32 <= attempts[i]);
             if job.status == JobStatus::Succeeded {
@@ -409,7 +413,7 @@ proptest! {
                     prop_assert_eq!(status(&s, d), JobStatus::Succeeded);
                 }
             }
-            prop_assert_eq!(restored.job(&JobId(id.clone())).unwrap().status, job.status);
+            prop_assert_eq!(restored.job(&JobId::from(id.clone())).unwrap().status, job.status);
         }
     }
 }
@@ -431,7 +435,7 @@ fn a_client_token_makes_submit_idempotent_and_purge_forgets_old_jobs() {
         first,
         "the retried submit returns the first job"
     );
-    assert!(s.job(&JobId("second".into())).is_none());
+    assert!(s.job(&JobId::from("second")).is_none());
 
     s.apply(submission("arr", vec![], Some(2), None));
     s.apply(submission("waiting", vec![after("arr")], None, None));
@@ -443,11 +447,11 @@ fn a_client_token_makes_submit_idempotent_and_purge_forgets_old_jobs() {
         panic!()
     };
     assert_eq!(jobs, 5, "first, the array with its 2 children, and waiting");
-    assert!(s.job(&JobId("arr:1".into())).is_none());
+    assert!(s.job(&JobId::from("arr:1")).is_none());
     assert_eq!(status(&s, "open"), JobStatus::Runnable);
     // The token is forgotten with its job: the same token now makes a new job.
     assert!(
-        matches!(s.apply(with_token("third")), Outcome::JobSubmitted { id, .. } if id.0 == "third")
+        matches!(s.apply(with_token("third")), Outcome::JobSubmitted { id, .. } if id.as_str() == "third")
     );
 }
 
@@ -476,7 +480,7 @@ fn a_lost_host_fails_its_attempts_which_retry_on_host_reasons() {
     let placements = ["retried", "once"]
         .iter()
         .map(|j| Placement {
-            job: JobId((*j).into()),
+            job: JobId::from(*j),
             node: NodeId("n".into()),
             gpus: vec![],
         })
@@ -493,7 +497,7 @@ fn a_lost_host_fails_its_attempts_which_retry_on_host_reasons() {
         }),
         Outcome::Done
     );
-    let retried = s.job(&JobId("retried".into())).unwrap();
+    let retried = s.job(&JobId::from("retried")).unwrap();
     assert_eq!(retried.status, JobStatus::Runnable);
     assert_eq!(retried.attempts[0].status_reason, "Host n terminated.");
     assert_eq!(status(&s, "once"), JobStatus::Failed);
@@ -510,4 +514,61 @@ fn a_lost_host_fails_its_attempts_which_retry_on_host_reasons() {
         }),
         Outcome::Ignored(_)
     ));
+}
+
+#[test]
+fn an_arrays_children_share_one_spec_in_memory_and_in_snapshots() {
+    let mut s = setup(2);
+    s.apply(submission("arr", vec![], Some(1000), None));
+    s.apply(submission("single", vec![], None, None));
+    let spec = |s: &State, id: &str| s.job(&JobId::from(id)).unwrap().spec.clone();
+    let shares_parents = |s: &State| {
+        (0..1000).all(|i| std::sync::Arc::ptr_eq(&spec(s, "arr"), &spec(s, &format!("arr:{i}"))))
+    };
+    assert!(shares_parents(&s));
+    assert!(!std::sync::Arc::ptr_eq(
+        &spec(&s, "arr"),
+        &spec(&s, "single")
+    ));
+
+    let snapshot = serde_json::to_string(&s).unwrap();
+    // One copy for the array and one for the single job, not 1,002.
+    assert_eq!(
+        snapshot.matches("\"definition_arn\"").count(),
+        2,
+        "{snapshot:.2000}"
+    );
+    let mut restored: State = serde_json::from_str(&snapshot).unwrap();
+    restored.rebuild_indexes();
+    assert!(shares_parents(&restored));
+    assert_eq!(
+        spec(&restored, "arr:999").container.command,
+        spec(&s, "arr").container.command
+    );
+    assert_eq!(serde_json::to_string(&restored).unwrap(), snapshot);
+
+    // Children report no tags of their own and cannot be tagged; the parent can.
+    let arn = |s: &State, id: &str| s.job(&JobId::from(id)).unwrap().arn(s.arn_scope()).0;
+    let tag = |arn: String| {
+        Command::Admin(AdminCommand::TagResource {
+            arn,
+            tags: [("team".to_owned(), "a".to_owned())].into(),
+        })
+    };
+    assert!(matches!(
+        s.apply(tag(arn(&s, "arr:7"))),
+        Outcome::Rejected(_)
+    ));
+    assert!(!matches!(
+        s.apply(tag(arn(&s, "arr"))),
+        Outcome::Rejected(_)
+    ));
+    assert_eq!(s.tags_of(&arn(&s, "arr")).unwrap().len(), 1);
+    assert!(s.tags_of(&arn(&s, "arr:7")).is_none());
+    assert!(
+        s.job(&JobId::from("arr:7"))
+            .unwrap()
+            .reported_tags()
+            .is_empty()
+    );
 }

@@ -55,7 +55,7 @@ fn definition(name: &str, command: &[&str]) -> Command {
 
 fn submit(id: &str, at: u64, definition: &str) -> Command {
     Command::SubmitJob(JobSubmission {
-        id: JobId(id.into()),
+        id: JobId::from(id),
         at: Timestamp(at),
         name: id.into(),
         queue: "q".into(),
@@ -134,14 +134,14 @@ fn a_job_goes_through_its_lifecycle_and_parameters_fill_the_command() {
         Outcome::JobSubmitted { .. }
     ));
     assert_eq!(
-        s.job(&JobId("j".into())).unwrap().status,
+        s.job(&JobId::from("j")).unwrap().status,
         JobStatus::Runnable
     );
     let placed = s.apply(Command::Place {
         term: 3,
         at: Timestamp(11),
         placements: vec![Placement {
-            job: JobId("j".into()),
+            job: JobId::from("j"),
             node: NodeId("n1".into()),
             gpus: vec![],
         }],
@@ -162,7 +162,7 @@ fn a_job_goes_through_its_lifecycle_and_parameters_fill_the_command() {
             .contains(&("AWS_BATCH_JOB_ATTEMPT".into(), "1".into()))
     );
     let report = |event, at| Command::ReportAttempt {
-        job: JobId("j".into()),
+        job: JobId::from("j"),
         attempt: 1,
         node: NodeId("n1".into()),
         event,
@@ -171,7 +171,7 @@ fn a_job_goes_through_its_lifecycle_and_parameters_fill_the_command() {
     assert_eq!(s.apply(report(AttemptEvent::Running, 12)), Outcome::Done);
     // A report for another attempt number is stale.
     let stale = Command::ReportAttempt {
-        job: JobId("j".into()),
+        job: JobId::from("j"),
         attempt: 2,
         node: NodeId("n1".into()),
         event: AttemptEvent::Exited {
@@ -191,7 +191,7 @@ fn a_job_goes_through_its_lifecycle_and_parameters_fill_the_command() {
         )),
         Outcome::Done
     );
-    let job = s.job(&JobId("j".into())).unwrap();
+    let job = s.job(&JobId::from("j")).unwrap();
     assert_eq!(job.status, JobStatus::Failed);
     assert_eq!(
         (job.started_at, job.stopped_at),
@@ -243,7 +243,7 @@ fn any_command() -> impl Strategy<Value = Command> {
             term: 1,
             at: Timestamp(200),
             placements: vec![Placement {
-                job: JobId(id.into()),
+                job: JobId::from(id),
                 node: NodeId(n.into()),
                 gpus: vec![]
             }],
@@ -251,7 +251,7 @@ fn any_command() -> impl Strategy<Value = Command> {
         (ids.clone(), 1u32..3, prop::bool::ANY, -1i32..3).prop_map(
             |(id, attempt, running, code)| {
                 Command::ReportAttempt {
-                    job: JobId(id.into()),
+                    job: JobId::from(id),
                     attempt,
                     node: NodeId("n1".into()),
                     event: if running {
@@ -267,7 +267,7 @@ fn any_command() -> impl Strategy<Value = Command> {
             }
         ),
         ids.prop_map(|id| Command::TerminateJob {
-            job: JobId(id.into()),
+            job: JobId::from(id),
             reason: "r".into(),
             at: Timestamp(400)
         }),
@@ -347,12 +347,12 @@ fn jobs_see_exactly_their_gpus_whatever_they_set() {
     let gpu = NodeId("gpu".into());
     let placements = vec![
         Placement {
-            job: JobId("g".into()),
+            job: JobId::from("g"),
             node: gpu.clone(),
             gpus: vec![1],
         },
         Placement {
-            job: JobId("c".into()),
+            job: JobId::from("c"),
             node: gpu.clone(),
             gpus: vec![],
         },
@@ -372,7 +372,7 @@ fn jobs_see_exactly_their_gpus_whatever_they_set() {
         let a = s
             .assignments_for(&gpu)
             .into_iter()
-            .find(|a| a.job.0 == job)
+            .find(|a| a.job.as_str() == job)
             .unwrap();
         let get = |k: &str| {
             a.environment
@@ -395,7 +395,7 @@ fn jobs_see_exactly_their_gpus_whatever_they_set() {
     // A placement naming a GPU already held, or the wrong number of GPUs, is refused.
     s.apply(submit("h", 13, "d"));
     let wrong = vec![Placement {
-        job: JobId("h".into()),
+        job: JobId::from("h"),
         node: gpu.clone(),
         gpus: vec![1],
     }];

@@ -64,7 +64,7 @@ pub fn inventory_from_pb(inv: &pb::Inventory) -> NodeInventory {
 
 pub fn assignment_to_pb(a: &Assignment) -> pb::Assignment {
     pb::Assignment {
-        job_id: a.job.0.clone(),
+        job_id: a.job.to_string(),
         attempt: a.attempt,
         term: a.term,
         image: a.image.clone(),
@@ -117,7 +117,7 @@ pub fn assignment_to_pb(a: &Assignment) -> pb::Assignment {
 
 pub fn assignment_from_pb(a: &pb::Assignment) -> Assignment {
     Assignment {
-        job: JobId(a.job_id.clone()),
+        job: JobId::from(a.job_id.clone()),
         attempt: a.attempt,
         term: a.term,
         image: a.image.clone(),
@@ -171,7 +171,7 @@ mod tests {
     #[test]
     fn assignment_round_trips() {
         let a = Assignment {
-            job: JobId("j-1".into()),
+            job: JobId::from("j-1"),
             attempt: 2,
             term: 7,
             image: "busybox".into(),

@@ -211,7 +211,7 @@ pub fn plan(state: &State, config: &PlanConfig, now: Timestamp) -> Plan {
             }
             position += 1;
             let jobs_ahead = position - 1;
-            let need = job.container.resources();
+            let need = job.spec.container.resources();
             let ends_by = reservations::ends_by(job, now);
             let found = if order.within_reservation(job, need.millicpus, || pool.millicpus(&ces)) {
                 pool.find(job, &ces, &reservations, ends_by)
@@ -221,7 +221,7 @@ pub fn plan(state: &State, config: &PlanConfig, now: Timestamp) -> Plan {
                     unreachable!("only fair-share queues keep a reserve")
                 };
                 Err(WaitReason::ShareReserve {
-                    share: job.share_identifier.clone().unwrap_or_default(),
+                    share: job.spec.share_identifier.clone().unwrap_or_default(),
                     percent: fs.policy.compute_reservation,
                 })
             };
@@ -267,7 +267,7 @@ pub fn plan(state: &State, config: &PlanConfig, now: Timestamp) -> Plan {
 }
 
 fn why_unplaced(pool: &Pool, job: &muster_core::Job, ces: &[String]) -> WaitReason {
-    let needs = job.container.resources();
+    let needs = job.spec.container.resources();
     let compute_environments = ces.to_vec();
     if !pool.has_ready_node(ces) {
         WaitReason::NoNodes {
@@ -315,7 +315,7 @@ pub fn verify(state: &State, plan: Plan) -> Plan {
             let (Some(job), Some(node)) = (state.job(&p.job), state.node(&p.node)) else {
                 return false;
             };
-            let need = job.container.resources();
+            let need = job.spec.container.resources();
             let already = used.entry(p.node.clone()).or_default();
             if !(*already + need).fits_in(&node.free()) {
                 return false;

@@ -73,9 +73,9 @@ impl<'s> QueueOrder<'s> {
     /// Tells the order that `job` was placed, so that its share's usage grows.
     pub fn placed(&mut self, job: &Job) {
         if let QueueOrder::FairShare(fs) = self {
-            let share = job.share_identifier.as_deref().unwrap_or_default();
+            let share = job.spec.share_identifier.as_deref().unwrap_or_default();
             if let Some(s) = fs.shares.iter_mut().find(|s| s.name == share) {
-                s.usage += job.container.resources().vcpus();
+                s.usage += job.spec.container.resources().vcpus();
                 s.active = true;
                 s.misses = 0;
             }
@@ -85,7 +85,7 @@ impl<'s> QueueOrder<'s> {
     /// Tells the order that `job` found no room.
     pub fn missed(&mut self, job: &Job) {
         if let QueueOrder::FairShare(fs) = self {
-            let share = job.share_identifier.as_deref().unwrap_or_default();
+            let share = job.spec.share_identifier.as_deref().unwrap_or_default();
             if let Some(s) = fs.shares.iter_mut().find(|s| s.name == share) {
                 s.misses += 1;
             }
@@ -108,7 +108,7 @@ impl<'s> QueueOrder<'s> {
         if fs.policy.compute_reservation == 0 {
             return true;
         }
-        let share = job.share_identifier.as_deref().unwrap_or_default();
+        let share = job.spec.share_identifier.as_deref().unwrap_or_default();
         let active: Vec<&Share> = fs.shares.iter().filter(|s| s.active).collect();
         if !active.iter().any(|s| s.name == share) {
             return true;

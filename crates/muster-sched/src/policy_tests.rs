@@ -108,7 +108,7 @@ fn round(s: &mut State) -> Vec<(String, String)> {
     let placed: Vec<(String, String)> = p
         .placements
         .iter()
-        .map(|p| (p.job.0.clone(), p.node.0.clone()))
+        .map(|p| (p.job.to_string(), p.node.0.clone()))
         .collect();
     must(
         s,
@@ -138,12 +138,12 @@ fn names(placed: &[(String, String)]) -> Vec<&str> {
 }
 
 fn finish(s: &mut State, job: &str) {
-    let j: &Job = s.job(&JobId(job.into())).unwrap();
+    let j: &Job = s.job(&JobId::from(job)).unwrap();
     let a = j.active.clone().unwrap();
     must(
         s,
         Command::ReportAttempt {
-            job: JobId(job.into()),
+            job: JobId::from(job),
             attempt: a.number,
             node: a.node,
             event: AttemptEvent::Exited {
@@ -183,12 +183,12 @@ fn small_jobs_backfill_only_where_their_timeout_proves_they_cannot_delay_the_hea
     assert_eq!(
         p.placements
             .iter()
-            .map(|p| p.job.0.as_str())
+            .map(|p| p.job.as_str())
             .collect::<Vec<_>>(),
         vec!["ends-in-time"]
     );
     let head = &p.unplaced[0];
-    assert_eq!(head.job.0, "head");
+    assert_eq!(head.job.as_str(), "head");
     let r = head
         .reservation
         .as_ref()
@@ -268,7 +268,7 @@ fn labels_and_gpu_models_decide_where_a_job_may_run() {
     let placed: Vec<(&str, &str, Vec<u32>)> = p
         .placements
         .iter()
-        .map(|p| (p.job.0.as_str(), p.node.0.as_str(), p.gpus.clone()))
+        .map(|p| (p.job.as_str(), p.node.0.as_str(), p.gpus.clone()))
         .collect();
     // The H100 is index 1 on `fast`; the A10G at index 0 is not handed to that job.
     assert_eq!(
@@ -286,7 +286,7 @@ fn labels_and_gpu_models_decide_where_a_job_may_run() {
     // The plan applier refuses a placement that ignores the requirement.
     let forged = Plan {
         placements: vec![Placement {
-            job: JobId("h100".into()),
+            job: JobId::from("h100"),
             node: NodeId("fast".into()),
             gpus: vec![0],
         }],
@@ -350,12 +350,12 @@ fn past_usage_counts_until_it_decays() {
     submit(&mut s, "a-first", shared("a", None));
     assert_eq!(names(&round(&mut s)), vec!["a-first"]);
     // `a-first` ran for an hour; `a` has used more than `b` since, so `b` goes first.
-    let j = s.job(&JobId("a-first".into())).unwrap();
+    let j = s.job(&JobId::from("a-first")).unwrap();
     let node = j.active.as_ref().unwrap().node.clone();
     must(
         &mut s,
         Command::ReportAttempt {
-            job: JobId("a-first".into()),
+            job: JobId::from("a-first"),
             attempt: 1,
             node,
             event: AttemptEvent::Exited {
@@ -369,11 +369,11 @@ fn past_usage_counts_until_it_decays() {
     submit(&mut s, "b-first", shared("b", None));
     let later = Timestamp(NOW.0 + 3_600_000);
     let p = plan(&s, &PlanConfig::default(), later);
-    assert_eq!(p.placements[0].job.0, "b-first");
+    assert_eq!(p.placements[0].job.as_str(), "b-first");
     // Forty half-lives later that hour counts for nothing, and submit order decides again.
     let much_later = Timestamp(later.0 + 40 * 3_600_000);
     let p = plan(&s, &PlanConfig::default(), much_later);
-    assert_eq!(p.placements[0].job.0, "a-second");
+    assert_eq!(p.placements[0].job.as_str(), "a-second");
 }
 
 #[test]

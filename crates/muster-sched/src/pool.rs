@@ -39,7 +39,7 @@ struct Shape<'s> {
 
 impl Shape<'_> {
     fn could_hold(&self, job: &Job) -> bool {
-        let need = job.container.resources();
+        let need = job.spec.container.resources();
         need.fits_in(&self.capacity)
             && job
                 .required_labels()
@@ -158,7 +158,7 @@ impl<'s> Pool<'s> {
         reservations: &Reservations,
         ends_by: Option<u64>,
     ) -> Option<&'s NodeId> {
-        let need = job.container.resources();
+        let need = job.spec.container.resources();
         let fits = |id: &NodeId| {
             let room = &self.rooms[id];
             need.fits_in(&room.free)
@@ -190,7 +190,7 @@ impl<'s> Pool<'s> {
 
     /// Takes `job`'s resources on `node` and returns the GPU indices it gets.
     pub fn take(&mut self, node: &'s NodeId, job: &Job, ends_by: Option<u64>) -> Vec<u32> {
-        let need = job.container.resources();
+        let need = job.spec.container.resources();
         let room = &self.rooms[node];
         let gpus: Vec<u32> = self.free_gpus(room, job).take(need.gpus as usize).collect();
         let ce = room.node.compute_environment.as_str();

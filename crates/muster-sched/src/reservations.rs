@@ -27,7 +27,8 @@ pub(crate) struct Reservations {
 
 /// When a job placed at `now` ends at the latest: its attempt timeout, if it has one.
 pub(crate) fn ends_by(job: &Job, now: Timestamp) -> Option<u64> {
-    job.timeout_secs
+    job.spec
+        .timeout_secs
         .map(|t| now.as_millis().saturating_add(t.saturating_mul(1000)))
 }
 
@@ -61,7 +62,7 @@ impl Reservations {
         ces: &[String],
         now: Timestamp,
     ) -> Option<Reservation> {
-        let need = job.container.resources();
+        let need = job.spec.container.resources();
         let mut best: Option<((u64, bool, u64, NodeId), Reservation)> = None;
         for room in ces.iter().flat_map(|ce| pool.rooms_in(ce)) {
             let node = room.node;
@@ -73,7 +74,7 @@ impl Reservations {
                 .placed_jobs
                 .iter()
                 .filter_map(|id| state.job(id))
-                .map(|j| (running_ends_by(j, now), j.container.resources()))
+                .map(|j| (running_ends_by(j, now), j.spec.container.resources()))
                 .chain(room.placed.iter().map(|(r, end)| (*end, *r)))
                 .collect();
             leaving.sort_by_key(|(end, _)| end.unwrap_or(u64::MAX));
@@ -142,6 +143,7 @@ fn ends_before(ends_by: Option<u64>, starts_at: Option<u64>) -> bool {
 fn running_ends_by(job: &Job, now: Timestamp) -> Option<u64> {
     let active = job.active.as_ref()?;
     let since = active.started_at.unwrap_or(active.placed_at).as_millis();
-    job.timeout_secs
+    job.spec
+        .timeout_secs
         .map(|t| since.saturating_add(t * 1000).max(now.as_millis()))
 }

@@ -90,7 +90,7 @@ pub fn submission(id: &str, spec: JobSpec) -> Command {
         Vec::new()
     };
     Command::SubmitJob(JobSubmission {
-        id: JobId(id.into()),
+        id: JobId::from(id),
         at: Timestamp(spec.at),
         name: id.into(),
         queue: spec.queue,

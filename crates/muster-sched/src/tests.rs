@@ -62,7 +62,7 @@ fn assert_no_overcommit(s: &State) {
         let sum = node
             .placed_jobs
             .iter()
-            .map(|id| s.job(id).unwrap().container.resources())
+            .map(|id| s.job(id).unwrap().spec.container.resources())
             .fold(Resources::ZERO, |a, b| a + b);
         let mut held: Vec<u32> = node
             .placed_jobs
@@ -96,12 +96,12 @@ fn fifo_within_a_queue_and_best_fit_across_nodes() {
         p.placements,
         vec![
             Placement {
-                job: JobId("a".into()),
+                job: JobId::from("a"),
                 node: NodeId("n1".into()),
                 gpus: vec![]
             },
             Placement {
-                job: JobId("b".into()),
+                job: JobId::from("b"),
                 node: NodeId("n0".into()),
                 gpus: vec![]
             },
@@ -118,7 +118,7 @@ fn higher_priority_queue_is_served_first() {
     assert_eq!(
         p.placements,
         vec![Placement {
-            job: JobId("h".into()),
+            job: JobId::from("h"),
             node: NodeId("n0".into()),
             gpus: vec![]
         }]
@@ -171,17 +171,17 @@ fn verify_drops_placements_that_no_longer_fit() {
     let forged = Plan {
         placements: vec![
             Placement {
-                job: JobId("a".into()),
+                job: JobId::from("a"),
                 node: NodeId("n0".into()),
                 gpus: vec![],
             },
             Placement {
-                job: JobId("b".into()),
+                job: JobId::from("b"),
                 node: NodeId("n0".into()),
                 gpus: vec![],
             },
             Placement {
-                job: JobId("a".into()),
+                job: JobId::from("a"),
                 node: NodeId("n0".into()),
                 gpus: vec![],
             },
@@ -192,7 +192,7 @@ fn verify_drops_placements_that_no_longer_fit() {
     assert_eq!(
         checked.placements,
         vec![Placement {
-            job: JobId("a".into()),
+            job: JobId::from("a"),
             node: NodeId("n0".into()),
             gpus: vec![]
         }]
@@ -209,7 +209,7 @@ fn gpus_are_assigned_by_index_and_never_shared() {
     let given: Vec<(String, Vec<u32>)> = p
         .placements
         .iter()
-        .map(|p| (p.job.0.clone(), p.gpus.clone()))
+        .map(|p| (p.job.to_string(), p.gpus.clone()))
         .collect();
     assert_eq!(given, vec![("a".into(), vec![0]), ("b".into(), vec![1])]);
     assert!(matches!(
@@ -228,7 +228,7 @@ fn gpus_are_assigned_by_index_and_never_shared() {
         reason: None,
     };
     s.apply(Command::ReportAttempt {
-        job: JobId("a".into()),
+        job: JobId::from("a"),
         attempt: 1,
         node: node.clone(),
         event: exited,
@@ -238,7 +238,7 @@ fn gpus_are_assigned_by_index_and_never_shared() {
     assert_eq!(
         p.placements,
         vec![Placement {
-            job: JobId("c".into()),
+            job: JobId::from("c"),
             node,
             gpus: vec![0]
         }]
@@ -246,7 +246,7 @@ fn gpus_are_assigned_by_index_and_never_shared() {
     // A forged plan that hands out a GPU already in use is dropped by the applier's check.
     let forged = Plan {
         placements: vec![Placement {
-            job: JobId("c".into()),
+            job: JobId::from("c"),
             node: NodeId("n0".into()),
             gpus: vec![1],
         }],
@@ -271,7 +271,7 @@ fn a_full_queue_is_not_scanned_to_its_end_but_oversized_jobs_do_not_block() {
     assert_eq!(
         p.placements
             .iter()
-            .map(|p| p.job.0.as_str())
+            .map(|p| p.job.as_str())
             .collect::<Vec<_>>(),
         vec!["small"]
     );
@@ -318,7 +318,7 @@ proptest! {
         // Every job that fits on some node eventually ran.
         let biggest = nodes.iter().copied().fold((0, 0), |a, b| (a.0.max(b.0), a.1.max(b.1)));
         for (i, (_, vcpus, memory, gpus)) in jobs.iter().enumerate() {
-            let job = s.job(&JobId(format!("j{i}"))).unwrap();
+            let job = s.job(&JobId::from(format!("j{i}"))).unwrap();
             let fits_somewhere = nodes
                 .iter()
                 .any(|(c, m, g)| (*vcpus as u64) * 1000 <= *c && (*memory as u64) <= *m && gpus <= g);
@@ -363,10 +363,10 @@ fn assert_not_starved(s: &State, p: &Plan) {
     let mut taken_by_lo: BTreeMap<&NodeId, Resources> = BTreeMap::new();
     for placement in &p.placements {
         let job = s.job(&placement.job).unwrap();
-        let need = job.container.resources();
+        let need = job.spec.container.resources();
         let f = free.get_mut(&placement.node).unwrap();
         *f = f.saturating_sub(&need);
-        if job.queue == "lo" {
+        if job.spec.queue == "lo" {
             let t = taken_by_lo.entry(&placement.node).or_default();
             *t = *t + need;
         }
@@ -380,13 +380,13 @@ fn assert_not_starved(s: &State, p: &Plan) {
     free.retain(|node, _| !reserved.contains(node));
     for u in &p.unplaced {
         let job = s.job(&u.job).unwrap();
-        if job.queue != "hi" || !matches!(u.reason, WaitReason::InsufficientCapacity { .. }) {
+        if job.spec.queue != "hi" || !matches!(u.reason, WaitReason::InsufficientCapacity { .. }) {
             continue;
         }
         for (node, f) in &free {
             let without_lo = *f + taken_by_lo.get(node).copied().unwrap_or_default();
             assert!(
-                !job.container.resources().fits_in(&without_lo),
+                !job.spec.container.resources().fits_in(&without_lo),
                 "{} of `hi` waits while `lo` jobs hold room it fits in on {node}",
                 job.id
             );
@@ -416,7 +416,7 @@ proptest! {
             let depends_on: Vec<muster_core::Dependency> = dep
                 .filter(|d| *d < i)
                 .map(|d| muster_core::Dependency {
-                    job: Some(JobId(format!("j{d}"))),
+                    job: Some(JobId::from(format!("j{d}"))),
                     kind: muster_core::DependencyKind::Plain,
                 })
                 .into_iter()
@@ -472,7 +472,7 @@ proptest! {
             for n in s.nodes() {
                 for id in &n.placed_jobs {
                     let job = s.job(id).unwrap();
-                    for dep in job.depends_on.iter().filter_map(|d| d.job.as_ref()) {
+                    for dep in job.spec.depends_on.iter().filter_map(|d| d.job.as_ref()) {
                         prop_assert_eq!(s.job(dep).unwrap().status, JobStatus::Succeeded, "{} placed before {}", id, dep);
                     }
                 }

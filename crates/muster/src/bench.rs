@@ -205,7 +205,7 @@ impl Bench {
             let deadline = Instant::now() + Duration::from_secs(10);
             loop {
                 let times = self.leader_state(|s| {
-                    s.job(&muster_core::JobId(id.clone()))
+                    s.job(&muster_core::JobId::from(id.clone()))
                         .and_then(|j| Some((j.created_at.0, j.started_at?.0)))
                 });
                 if let Some(Some((created, started))) = times {

@@ -138,7 +138,7 @@ impl DockerExecutor {
             return self.adopt(found, log_path, started, stop, grace).await;
         }
         let labels = HashMap::from([
-            ("muster.job-id".to_owned(), a.job.0.clone()),
+            ("muster.job-id".to_owned(), a.job.to_string()),
             ("muster.attempt".to_owned(), a.attempt.to_string()),
             ("muster.cluster".to_owned(), self.cluster.clone()),
             ("muster.agent".to_owned(), self.owner.clone()),
@@ -223,7 +223,7 @@ impl DockerExecutor {
     async fn find_own(&self, name: &str, a: &Assignment) -> Option<(String, bool)> {
         let info = self.docker.inspect_container(name, None).await.ok()?;
         let labels = info.config.as_ref()?.labels.as_ref()?;
-        let ours = labels.get("muster.job-id") == Some(&a.job.0)
+        let ours = labels.get("muster.job-id").map(String::as_str) == Some(a.job.as_str())
             && labels.get("muster.attempt") == Some(&a.attempt.to_string())
             && labels.get("muster.cluster") == Some(&self.cluster)
             && labels.get("muster.agent") == Some(&self.owner);

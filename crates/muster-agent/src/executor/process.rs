@@ -208,7 +208,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         let assignment = Assignment {
-            job: JobId("orphaned".into()),
+            job: JobId::from("orphaned"),
             attempt: 1,
             term: 1,
             image: String::new(),

@@ -1,9 +1,11 @@
 //! Jobs and their attempts.
 
 use super::{ContainerSpec, Tags};
+use crate::ids::ArnScope;
 use crate::{Arn, JobId, NodeId, Timestamp};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 /// AWS Batch's job states, in lifecycle order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -144,11 +146,8 @@ pub struct Dependency {
 pub enum ArrayRole {
     /// Never runs itself; its status follows its children.
     Parent { size: u32, ended: u32, failed: u32 },
-    Child {
-        parent: JobId,
-        index: u32,
-        size: u32,
-    },
+    /// Its id is `<parent id>:<index>`.
+    Child { index: u32, size: u32 },
 }
 
 /// The attempt in flight: where it was placed and by which leader term (for fencing).
@@ -185,51 +184,28 @@ pub const NODE_LABEL_TAG_PREFIX: &str = "muster:node.";
 /// Tag by which a job requires a GPU model: `muster:gpu-model=NVIDIA H100 80GB HBM3`.
 pub const GPU_MODEL_TAG: &str = "muster:gpu-model";
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Job {
-    pub id: JobId,
-    /// Position in submission (log) order; FIFO and listings follow it.
-    pub seq: u64,
-    pub arn: Arn,
+/// What one SubmitJob fixed for good. A job holds it behind an `Arc`, and an array's parent
+/// and all its children hold the same one: a 10,000-child array keeps one copy of its
+/// container, parameters and tags, not 10,001.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct JobSpec {
     pub name: String,
     pub queue: String,
     /// ARN of the exact definition revision the job was submitted from.
     pub definition_arn: Arn,
-    pub status: JobStatus,
-    pub status_reason: Option<String>,
     /// The container after submit-time overrides.
     pub container: ContainerSpec,
     pub parameters: BTreeMap<String, String>,
+    /// The submit's tags with the definition's added (see [`Job::reported_tags`]).
     pub tags: Tags,
-    pub created_at: Timestamp,
-    /// When the latest attempt reached RUNNING.
-    pub started_at: Option<Timestamp>,
-    pub stopped_at: Option<Timestamp>,
-    pub active: Option<ActiveAttempt>,
-    pub attempts: Vec<AttemptRecord>,
-    /// Set by TerminateJob on a placed job: the agent stops it, and the attempt ends FAILED
-    /// with this reason.
-    pub terminate_reason: Option<String>,
-    pub is_terminated: bool,
-    /// Ended by CancelJob before it was placed.
-    #[serde(default)]
-    pub is_cancelled: bool,
     #[serde(default)]
     pub retry: RetryStrategy,
     /// `timeout.attemptDurationSeconds`: each attempt is stopped after this long.
     #[serde(default)]
     pub timeout_secs: Option<u64>,
-    /// `dependsOn` as submitted.
+    /// `dependsOn` as submitted (array children report none: theirs is in `waiting_on`).
     #[serde(default)]
     pub depends_on: Vec<Dependency>,
-    /// The dependencies that have not succeeded yet; the job is PENDING while any remain.
-    #[serde(default)]
-    pub waiting_on: std::collections::BTreeSet<JobId>,
-    #[serde(default)]
-    pub array: Option<ArrayRole>,
-    /// When the job last became RUNNABLE (for `jobStateTimeLimitActions`).
-    #[serde(default)]
-    pub runnable_since: Option<Timestamp>,
     /// `shareIdentifier`: the fair-share group the job is charged to.
     #[serde(default)]
     pub share_identifier: Option<String>,
@@ -242,11 +218,82 @@ pub struct Job {
     pub extra: super::Extra,
 }
 
+/// One job: the submit it came from ([`JobSpec`], shared) and where it is in its life. Kept
+/// small, because a deep queue holds a million of these on every control node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    pub id: JobId,
+    /// Position in submission (log) order; FIFO and listings follow it.
+    pub seq: u64,
+    /// Written once per run of jobs that share it by the state's job table, not per job.
+    #[serde(skip)]
+    pub spec: Arc<JobSpec>,
+    pub status: JobStatus,
+    pub status_reason: Option<String>,
+    pub created_at: Timestamp,
+    /// When the latest attempt reached RUNNING.
+    pub started_at: Option<Timestamp>,
+    pub stopped_at: Option<Timestamp>,
+    pub active: Option<Box<ActiveAttempt>>,
+    pub attempts: Vec<AttemptRecord>,
+    /// Set by TerminateJob on a placed job: the agent stops it, and the attempt ends FAILED
+    /// with this reason.
+    pub terminate_reason: Option<String>,
+    pub is_terminated: bool,
+    /// Ended by CancelJob before it was placed.
+    #[serde(default)]
+    pub is_cancelled: bool,
+    /// The dependencies that have not succeeded yet; the job is PENDING while any remain.
+    #[serde(default)]
+    pub waiting_on: std::collections::BTreeSet<JobId>,
+    #[serde(default)]
+    pub array: Option<ArrayRole>,
+    /// When the job last became RUNNABLE (for `jobStateTimeLimitActions`).
+    #[serde(default)]
+    pub runnable_since: Option<Timestamp>,
+}
+
 impl Job {
+    /// `arn:aws:batch:<region>:<account>:job/<id>`, made when asked rather than stored with
+    /// every job.
+    pub fn arn(&self, scope: &ArnScope) -> Arn {
+        scope.arn("job", &self.id.0)
+    }
+
+    /// The array parent's id, for a child.
+    pub fn array_parent(&self) -> Option<JobId> {
+        match self.array {
+            Some(ArrayRole::Child { .. }) => self
+                .id
+                .0
+                .rsplit_once(':')
+                .map(|(parent, _)| JobId::from(parent.to_owned())),
+            _ => None,
+        }
+    }
+
+    /// Tags as DescribeJobs reports them: array children carry no tags of their own (they
+    /// cannot be tagged), though they obey the `muster:` requirements of their parent's.
+    pub fn reported_tags(&self) -> &Tags {
+        static NONE: Tags = Tags::new();
+        match self.array {
+            Some(ArrayRole::Child { .. }) => &NONE,
+            _ => &self.spec.tags,
+        }
+    }
+
+    /// `dependsOn` as DescribeJobs reports it: an array child has none of its own.
+    pub fn reported_depends_on(&self) -> &[Dependency] {
+        match self.array {
+            Some(ArrayRole::Child { .. }) => &[],
+            _ => &self.spec.depends_on,
+        }
+    }
+
     /// Node labels the job requires (`muster:node.<label>` tags, from the submit or the
     /// definition): `(label, value)` pairs a node must carry to run it.
     pub fn required_labels(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.tags.iter().filter_map(|(k, v)| {
+        self.spec.tags.iter().filter_map(|(k, v)| {
             k.strip_prefix(NODE_LABEL_TAG_PREFIX)
                 .map(|label| (label, v.as_str()))
         })
@@ -255,11 +302,11 @@ impl Job {
     /// The GPU model the job requires (the `muster:gpu-model` tag), matched against the
     /// model name NVML reports.
     pub fn required_gpu_model(&self) -> Option<&str> {
-        self.tags.get(GPU_MODEL_TAG).map(String::as_str)
+        self.spec.tags.get(GPU_MODEL_TAG).map(String::as_str)
     }
 
     /// The CloudWatch-shaped stream name the agent writes the attempt's output under.
     pub fn log_stream_name(&self, attempt: u32) -> String {
-        format!("{}/default/{}-{}", self.name, self.id, attempt)
+        format!("{}/default/{}-{}", self.spec.name, self.id, attempt)
     }
 }

@@ -3,7 +3,8 @@
 
 use super::State;
 use crate::{
-    ArrayRole, DependencyKind, Job, JobId, JobStatus, JobSubmission, Outcome, Rejection, Timestamp,
+    ArrayRole, DependencyKind, Job, JobId, JobSpec, JobStatus, JobSubmission, Outcome, Rejection,
+    Timestamp,
 };
 use std::collections::BTreeSet;
 
@@ -81,8 +82,8 @@ impl State {
         if let Some(existing) = self.jobs.get(&first) {
             return Outcome::JobSubmitted {
                 id: existing.id.clone(),
-                arn: existing.arn.0.clone(),
-                name: existing.name.clone(),
+                arn: existing.arn(&self.scope).0,
+                name: existing.spec.name.clone(),
             };
         }
         let (queue, definition) = match self.check_submit(&sub) {
@@ -95,26 +96,13 @@ impl State {
         for (k, v) in &definition.tags {
             tags.entry(k.clone()).or_insert_with(|| v.clone());
         }
-        let template = Job {
-            seq: 0,
-            arn: self.scope.arn("job", &sub.id.0),
-            id: sub.id.clone(),
+        let spec = std::sync::Arc::new(JobSpec {
             name: sub.name.clone(),
             queue: queue.name.clone(),
             definition_arn: definition.arn.clone(),
-            status: JobStatus::Submitted,
-            status_reason: None,
             container: definition.container.with_overrides(&sub.overrides),
             parameters,
             tags,
-            created_at: sub.at,
-            started_at: None,
-            stopped_at: None,
-            active: None,
-            attempts: Vec::new(),
-            terminate_reason: None,
-            is_terminated: false,
-            is_cancelled: false,
             retry: sub
                 .retry
                 .clone()
@@ -122,9 +110,6 @@ impl State {
                 .unwrap_or_default(),
             timeout_secs: sub.timeout_secs.or(definition.timeout_secs),
             depends_on: sub.depends_on.clone(),
-            waiting_on: BTreeSet::new(),
-            array: None,
-            runnable_since: None,
             share_identifier: sub
                 .extra
                 .get("shareIdentifier")
@@ -137,14 +122,32 @@ impl State {
                 .and_then(|v| v.as_i64())
                 .unwrap_or(0),
             extra: sub.extra.clone(),
+        });
+        let template = Job {
+            seq: 0,
+            id: sub.id.clone(),
+            spec,
+            status: JobStatus::Submitted,
+            status_reason: None,
+            created_at: sub.at,
+            started_at: None,
+            stopped_at: None,
+            active: None,
+            attempts: Vec::new(),
+            terminate_reason: None,
+            is_terminated: false,
+            is_cancelled: false,
+            waiting_on: BTreeSet::new(),
+            array: None,
+            runnable_since: None,
         };
         if let Some(t) = token {
             self.client_tokens.insert(t, sub.id.clone());
         }
         let outcome = Outcome::JobSubmitted {
             id: sub.id.clone(),
-            arn: template.arn.0.clone(),
-            name: template.name.clone(),
+            arn: template.arn(&self.scope).0,
+            name: sub.name.clone(),
         };
         let plain: BTreeSet<JobId> = sub
             .depends_on
@@ -167,27 +170,19 @@ impl State {
                 });
                 // The parent never runs; it stays PENDING until its children end.
                 parent.status = JobStatus::Pending;
-                parent.depends_on = sub.depends_on.clone();
                 self.insert_job(parent);
                 for index in 0..size {
                     let mut child = template.clone();
-                    child.id = JobId(format!("{}:{index}", sub.id));
-                    child.arn = self.scope.arn("job", &child.id.0);
-                    child.array = Some(ArrayRole::Child {
-                        parent: sub.id.clone(),
-                        index,
-                        size,
-                    });
-                    child.depends_on = Vec::new();
-                    child.tags = Default::default();
+                    child.id = JobId::from(format!("{}:{index}", sub.id));
+                    child.array = Some(ArrayRole::Child { index, size });
                     let mut waiting = plain.clone();
                     for dep in &sub.depends_on {
                         match (dep.kind, &dep.job) {
                             (DependencyKind::NToN, Some(other)) => {
-                                waiting.insert(JobId(format!("{other}:{index}")));
+                                waiting.insert(JobId::from(format!("{other}:{index}")));
                             }
                             (DependencyKind::Sequential, _) if index > 0 => {
-                                waiting.insert(JobId(format!("{}:{}", sub.id, index - 1)));
+                                waiting.insert(JobId::from(format!("{}:{}", sub.id, index - 1)));
                             }
                             _ => {}
                         }
@@ -205,7 +200,7 @@ impl State {
         self.next_job_seq += 1;
         let key = (job.seq, job.id.clone());
         self.jobs_by_queue
-            .entry(job.queue.clone())
+            .entry(job.spec.queue.clone())
             .or_default()
             .insert(key);
         self.jobs.insert(job.id.clone(), job);
@@ -266,10 +261,7 @@ impl State {
                 continue;
             };
             let succeeded = job.status == JobStatus::Succeeded;
-            let parent = match &job.array {
-                Some(ArrayRole::Child { parent, .. }) => Some(parent.clone()),
-                _ => None,
-            };
+            let parent = job.array_parent();
             for dependent in self.dependents.remove(&id).unwrap_or_default() {
                 let Some(d) = self.jobs.get_mut(&dependent) else {
                     continue;
@@ -361,7 +353,7 @@ impl State {
             }
             for job_id in children.into_iter().chain([id]) {
                 if let Some(job) = self.jobs.remove(&job_id) {
-                    if let Some(set) = self.jobs_by_queue.get_mut(&job.queue) {
+                    if let Some(set) = self.jobs_by_queue.get_mut(&job.spec.queue) {
                         set.remove(&(job.seq, job.id.clone()));
                     }
                     purged += 1;
@@ -379,6 +371,6 @@ impl State {
             Some(ArrayRole::Parent { size, .. }) => *size,
             _ => 0,
         };
-        (0..size).filter_map(move |i| self.jobs.get(&JobId(format!("{parent}:{i}"))))
+        (0..size).filter_map(move |i| self.jobs.get(&JobId::from(format!("{parent}:{i}"))))
     }
 }

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
 mod iam;
+mod job_table;
 mod lifecycle;
 mod resources;
 mod runnable;
@@ -30,6 +31,7 @@ pub struct State {
     queues: BTreeMap<String, JobQueue>,
     /// Revisions of each definition name, revision `n` at index `n - 1`.
     definitions: BTreeMap<String, Vec<JobDefinition>>,
+    #[serde(with = "job_table")]
     jobs: BTreeMap<JobId, Job>,
     nodes: BTreeMap<NodeId, Node>,
     scheduling_policies: BTreeMap<String, crate::SchedulingPolicy>,
@@ -106,7 +108,7 @@ impl State {
         for job in self.jobs.values() {
             let key = (job.seq, job.id.clone());
             self.jobs_by_queue
-                .entry(job.queue.clone())
+                .entry(job.spec.queue.clone())
                 .or_default()
                 .insert(key.clone());
             if job.status == JobStatus::Runnable {
@@ -271,7 +273,7 @@ impl State {
                             })
                     })
                     .collect();
-                let mut environment = job.container.environment.clone();
+                let mut environment = job.spec.container.environment.clone();
                 // Muster decides which GPUs a job sees; values the user set are replaced.
                 environment.retain(|(k, _)| {
                     !k.starts_with("AWS_BATCH_")
@@ -296,12 +298,12 @@ impl State {
                     environment.push(("CUDA_VISIBLE_DEVICES".to_owned(), indices.join(",")));
                 }
                 environment.extend([
-                    ("AWS_BATCH_JOB_ID".to_owned(), job.id.0.clone()),
+                    ("AWS_BATCH_JOB_ID".to_owned(), job.id.to_string()),
                     (
                         "AWS_BATCH_JOB_ATTEMPT".to_owned(),
                         active.number.to_string(),
                     ),
-                    ("AWS_BATCH_JQ_NAME".to_owned(), job.queue.clone()),
+                    ("AWS_BATCH_JQ_NAME".to_owned(), job.spec.queue.clone()),
                     (
                         "AWS_BATCH_CE_NAME".to_owned(),
                         n.compute_environment.clone(),
@@ -315,15 +317,18 @@ impl State {
                     job: job.id.clone(),
                     attempt: active.number,
                     term: active.term,
-                    image: job.container.image.clone(),
-                    command: substitute_parameters(&job.container.command, &job.parameters),
+                    image: job.spec.container.image.clone(),
+                    command: substitute_parameters(
+                        &job.spec.container.command,
+                        &job.spec.parameters,
+                    ),
                     environment,
-                    resources: job.container.resources(),
+                    resources: job.spec.container.resources(),
                     log_stream_name: job.log_stream_name(active.number),
                     gpus,
-                    timeout_secs: job.timeout_secs,
+                    timeout_secs: job.spec.timeout_secs,
                     options: self
-                        .definition(&job.definition_arn.0)
+                        .definition(&job.spec.definition_arn.0)
                         .and_then(|d| d.extra.get("containerProperties"))
                         .map(crate::ContainerOptions::from_properties)
                         .unwrap_or_default(),
@@ -654,7 +659,7 @@ impl State {
                 };
                 // Ending an array parent ends its children the same way.
                 for index in 0..children {
-                    let child = JobId(format!("{id}:{index}"));
+                    let child = JobId::from(format!("{id}:{index}"));
                     self.end_job(&child, reason.clone(), at, how);
                 }
                 self.settle(id, at);
@@ -776,7 +781,7 @@ impl State {
         if node.status != NodeStatus::Ready {
             return Some("node is not ready".into());
         }
-        let queue = self.queues.get(&job.queue)?;
+        let queue = self.queues.get(&job.spec.queue)?;
         if !queue
             .compute_environment_order
             .iter()
@@ -791,10 +796,10 @@ impl State {
         if !ce_enabled {
             return Some("compute environment is disabled".into());
         }
-        if !job.container.resources().fits_in(&node.free()) {
+        if !job.spec.container.resources().fits_in(&node.free()) {
             return Some("node lacks free capacity".into());
         }
-        let wanted = job.container.resources().gpus as usize;
+        let wanted = job.spec.container.resources().gpus as usize;
         let distinct: BTreeSet<u32> = placement.gpus.iter().copied().collect();
         if placement.gpus.len() != wanted || distinct.len() != wanted {
             return Some(format!(
@@ -829,16 +834,16 @@ impl State {
             self.runnable.remove(job);
             job.status = JobStatus::Starting;
             job.status_reason = None;
-            job.active = Some(ActiveAttempt {
+            job.active = Some(Box::new(ActiveAttempt {
                 number: job.attempts.len() as u32 + 1,
                 node: node.id.clone(),
                 term,
                 placed_at: at,
                 started_at: None,
                 gpus: p.gpus.clone(),
-            });
+            }));
             node.gpus_in_use.extend(p.gpus.iter().copied());
-            node.allocated = node.allocated + job.container.resources();
+            node.allocated = node.allocated + job.spec.container.resources();
             track_share(&mut self.share_running, job, true);
             node.placed_jobs.insert(job.id.clone());
             placed += 1;
@@ -886,19 +891,19 @@ impl State {
                     return Outcome::Ignored("no active attempt".into());
                 };
                 track_share(&mut self.share_running, job, false);
-                if let Some(share) = &job.share_identifier {
+                if let Some(share) = &job.spec.share_identifier {
                     let half_life = self
                         .queues
-                        .get(&job.queue)
+                        .get(&job.spec.queue)
                         .and_then(|q| q.scheduling_policy_arn.as_deref())
                         .and_then(|arn| self.scheduling_policies.values().find(|p| p.arn.0 == arn))
                         .map_or(0, |p| p.fairshare_policy().share_decay_seconds);
                     if half_life > 0 {
                         let ran_ms = at.as_millis().saturating_sub(active.placed_at.as_millis());
-                        let used = job.container.resources().millicpus * ran_ms / 1000;
+                        let used = job.spec.container.resources().millicpus * ran_ms / 1000;
                         let usage = self
                             .share_usage
-                            .entry(job.queue.clone())
+                            .entry(job.spec.queue.clone())
                             .or_default()
                             .entry(share.clone())
                             .or_default();
@@ -906,7 +911,7 @@ impl State {
                     }
                 }
                 if let Some(n) = self.nodes.get_mut(&active.node) {
-                    n.allocated = n.allocated - job.container.resources();
+                    n.allocated = n.allocated - job.spec.container.resources();
                     n.placed_jobs.remove(id);
                     for gpu in &active.gpus {
                         n.gpus_in_use.remove(gpu);
@@ -921,7 +926,7 @@ impl State {
                 };
                 let retry = exit_code != Some(0)
                     && job.terminate_reason.is_none()
-                    && job.retry.retries(
+                    && job.spec.retry.retries(
                         active.number,
                         exit_code,
                         reason.as_deref(),
@@ -977,11 +982,11 @@ fn substitute_parameters(command: &[String], parameters: &BTreeMap<String, Strin
 
 /// Adds (`placed`) or removes a placed job's vCPUs to its share identifier's running total.
 fn track_share(running: &mut BTreeMap<String, BTreeMap<String, u64>>, job: &Job, placed: bool) {
-    let Some(share) = &job.share_identifier else {
+    let Some(share) = &job.spec.share_identifier else {
         return;
     };
-    let millicpus = job.container.resources().millicpus;
-    let shares = running.entry(job.queue.clone()).or_default();
+    let millicpus = job.spec.container.resources().millicpus;
+    let shares = running.entry(job.spec.queue.clone()).or_default();
     let total = shares.entry(share.clone()).or_default();
     if placed {
         *total += millicpus;

@@ -52,7 +52,7 @@ impl State {
             // Children of array and multi-node jobs carry no tags of their own.
             "job" if !name.contains(':') && !name.contains('#') => self
                 .jobs
-                .get(&crate::JobId(name.to_owned()))
+                .get(&crate::JobId::from(name.to_owned()))
                 .map(|j| Tagged::Job(j.id.clone())),
             "scheduling-policy" => self
                 .scheduling_policy(arn)
@@ -68,7 +68,7 @@ impl State {
             Tagged::ComputeEnvironment(n) => &self.compute_environments[&n].tags,
             Tagged::JobQueue(n) => &self.queues[&n].tags,
             Tagged::Definition(n, r) => &self.definitions[&n][r as usize - 1].tags,
-            Tagged::Job(id) => &self.jobs[&id].tags,
+            Tagged::Job(id) => self.jobs[&id].reported_tags(),
             Tagged::SchedulingPolicy(n) => &self.scheduling_policies[&n].tags,
         })
     }
@@ -80,7 +80,10 @@ impl State {
             Tagged::Definition(n, r) => {
                 &mut self.definitions.get_mut(&n)?.get_mut(r as usize - 1)?.tags
             }
-            Tagged::Job(id) => &mut self.jobs.get_mut(&id)?.tags,
+            // Only jobs that share their spec with no other can be tagged (children cannot).
+            Tagged::Job(id) => {
+                &mut std::sync::Arc::make_mut(&mut self.jobs.get_mut(&id)?.spec).tags
+            }
             Tagged::SchedulingPolicy(n) => &mut self.scheduling_policies.get_mut(&n)?.tags,
         })
     }

@@ -18,7 +18,11 @@ pub(super) struct RunnableIndex {
 type ShareKey = (Reverse<i64>, u64, JobId);
 
 fn share_key(job: &Job) -> ShareKey {
-    (Reverse(job.scheduling_priority), job.seq, job.id.clone())
+    (
+        Reverse(job.spec.scheduling_priority),
+        job.seq,
+        job.id.clone(),
+    )
 }
 
 impl RunnableIndex {
@@ -29,26 +33,26 @@ impl RunnableIndex {
 
     pub fn insert(&mut self, job: &Job) {
         self.fifo
-            .entry(job.queue.clone())
+            .entry(job.spec.queue.clone())
             .or_default()
             .insert((job.seq, job.id.clone()));
         self.by_share
-            .entry(job.queue.clone())
+            .entry(job.spec.queue.clone())
             .or_default()
-            .entry(job.share_identifier.clone().unwrap_or_default())
+            .entry(job.spec.share_identifier.clone().unwrap_or_default())
             .or_default()
             .insert(share_key(job));
     }
 
     pub fn remove(&mut self, job: &Job) {
-        if let Some(fifo) = self.fifo.get_mut(&job.queue) {
+        if let Some(fifo) = self.fifo.get_mut(&job.spec.queue) {
             fifo.remove(&(job.seq, job.id.clone()));
             if fifo.is_empty() {
-                self.fifo.remove(&job.queue);
+                self.fifo.remove(&job.spec.queue);
             }
         }
-        let share = job.share_identifier.as_deref().unwrap_or_default();
-        if let Some(shares) = self.by_share.get_mut(&job.queue) {
+        let share = job.spec.share_identifier.as_deref().unwrap_or_default();
+        if let Some(shares) = self.by_share.get_mut(&job.spec.queue) {
             if let Some(set) = shares.get_mut(share) {
                 set.remove(&share_key(job));
                 if set.is_empty() {
@@ -56,7 +60,7 @@ impl RunnableIndex {
                 }
             }
             if shares.is_empty() {
-                self.by_share.remove(&job.queue);
+                self.by_share.remove(&job.spec.queue);
             }
         }
     }
