@@ -27,3 +27,62 @@ async fn three_nodes_elect_one_leader_and_every_node_serves_the_api() {
     }
     t.shutdown().await;
 }
+
+/// Concurrent SubmitJob calls reaching one node are group-committed: each client gets its own
+/// job, every job is there on every replica, and the log grew by fewer entries than submits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_submits_share_raft_entries_and_each_gets_its_own_job() {
+    let tc = TestCluster::start(3).await;
+    let client = tc.follower_client();
+    create_basics(&client, "ce", "q", "d").await;
+    let last_index = |tc: &TestCluster| {
+        let leader = tc.cluster.leader().expect("a leader");
+        let node = tc.cluster.node(leader).expect("leader runs");
+        node.raft
+            .raft
+            .metrics()
+            .borrow()
+            .last_log_index
+            .unwrap_or(0)
+    };
+    let before = last_index(&tc);
+    const SUBMITS: usize = 200;
+    let calls: Vec<_> = (0..SUBMITS)
+        .map(|i| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let body =
+                    json!({"jobName": format!("j{i}"), "jobQueue": "q", "jobDefinition": "d"});
+                let reply = ok(client.call("SubmitJob", body).await);
+                assert_eq!(reply["jobName"], format!("j{i}"), "{reply}");
+                reply["jobId"].as_str().unwrap().to_owned()
+            })
+        })
+        .collect();
+    let mut ids = std::collections::BTreeSet::new();
+    for call in calls {
+        ids.insert(call.await.unwrap());
+    }
+    assert_eq!(ids.len(), SUBMITS, "every submit made its own job");
+    let entries = last_index(&tc) - before;
+    assert!(
+        entries < SUBMITS as u64 / 2,
+        "{SUBMITS} concurrent submits took {entries} log entries"
+    );
+    let deadline = std::time::Instant::now() + DEADLINE;
+    for node in tc.cluster.running() {
+        while node
+            .raft
+            .state
+            .read()
+            .state
+            .jobs_in_queue("q", None)
+            .count()
+            < SUBMITS
+        {
+            assert!(std::time::Instant::now() < deadline, "a replica lacks jobs");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+    tc.shutdown().await;
+}

@@ -366,12 +366,19 @@ async fn check_and_propose<P: ControlPlane>(
     plane: &P,
     command: Command,
 ) -> Result<Outcome, ApiError> {
-    let probe = command.clone();
-    plane
-        .read(move |state| state.check(&probe))
-        .await
-        .map_err(ApiError::server)?
-        .map_err(ApiError::from)?;
+    // Refused input never reaches the log. This node's replica answers first, without a
+    // round trip; only when it refuses is the refusal confirmed on a linearizable view (the
+    // replica may not have applied, say, a queue created a moment ago through another node).
+    // Applying re-checks everything, so a command that passes here and then races with
+    // another is still refused with the same error.
+    if plane.read_local(|state| state.check(&command)).is_err() {
+        let probe = command.clone();
+        plane
+            .read(move |state| state.check(&probe))
+            .await
+            .map_err(ApiError::server)?
+            .map_err(ApiError::from)?;
+    }
     match plane.propose(command).await.map_err(ApiError::server)? {
         Outcome::Rejected(rejection) => Err(rejection.into()),
         outcome => Ok(outcome),

@@ -1,5 +1,6 @@
 //! AgentService: how worker agents join, learn what to run, and report.
 
+use crate::batcher::Batcher;
 use muster_core::{AttemptEvent, AttemptReport as Report, Command, JobId, NodeId, Outcome};
 use muster_proto::pb::agent_service_server::AgentService;
 use muster_proto::pb::{
@@ -10,7 +11,7 @@ use muster_proto::{LEADER_METADATA_KEY, assignment_to_pb, inventory_from_pb};
 use muster_raft::RaftNode;
 use std::pin::Pin;
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
@@ -24,47 +25,9 @@ pub struct AgentGateway {
     node: RaftNode,
     shutdown: watch::Receiver<bool>,
     heartbeats: crate::liveness::Heartbeats,
-    reports: mpsc::Sender<PendingReport>,
-}
-
-/// A report waiting for the batch it goes out in, and who to tell when that is committed.
-struct PendingReport {
-    report: Report,
-    committed: oneshot::Sender<Result<(), String>>,
-}
-
-/// Commits attempt reports in batches: whatever arrived while the previous batch was being
-/// committed goes out together as one `ReportAttempts` entry. Thousands of agents each
-/// reporting every attempt twice would otherwise cost one Raft entry per report.
-fn spawn_report_batcher(node: RaftNode) -> mpsc::Sender<PendingReport> {
-    let (tx, mut rx) = mpsc::channel::<PendingReport>(REPORT_BATCH_MAX);
-    tokio::spawn(async move {
-        while let Some(first) = rx.recv().await {
-            let mut batch = vec![first];
-            while batch.len() < REPORT_BATCH_MAX {
-                match rx.try_recv() {
-                    Ok(more) => batch.push(more),
-                    Err(_) => break,
-                }
-            }
-            let (reports, waiting): (Vec<Report>, Vec<_>) =
-                batch.into_iter().map(|p| (p.report, p.committed)).unzip();
-            metrics::histogram!("muster_gateway_report_batch_size").record(reports.len() as f64);
-            let command = Command::ReportAttempts {
-                reports,
-                at: crate::now_millis(),
-            };
-            let result = match node.propose(command).await {
-                Ok(Outcome::Rejected(r)) => Err(r.message),
-                Ok(_) => Ok(()),
-                Err(e) => Err(e.to_string()),
-            };
-            for w in waiting {
-                let _ = w.send(result.clone());
-            }
-        }
-    });
-    tx
+    /// Reports are committed in batches: thousands of agents each reporting every attempt
+    /// twice would otherwise cost one Raft entry per report.
+    reports: Batcher<Report>,
 }
 
 impl AgentGateway {
@@ -74,7 +37,12 @@ impl AgentGateway {
         heartbeats: crate::liveness::Heartbeats,
     ) -> Self {
         Self {
-            reports: spawn_report_batcher(node.clone()),
+            reports: Batcher::spawn(node.clone(), "reports", REPORT_BATCH_MAX, |reports| {
+                Command::ReportAttempts {
+                    reports,
+                    at: crate::now_millis(),
+                }
+            }),
             node,
             shutdown,
             heartbeats,
@@ -225,24 +193,17 @@ impl AgentService for AgentGateway {
             },
             None => return Err(Status::invalid_argument("event is required")),
         };
-        let (committed, answer) = oneshot::channel();
-        let pending = PendingReport {
-            report: Report {
-                job: JobId::from(req.job_id),
-                attempt: req.attempt,
-                node: NodeId(req.node_id),
-                event,
-            },
-            committed,
+        let report = Report {
+            job: JobId::from(req.job_id),
+            attempt: req.attempt,
+            node: NodeId(req.node_id),
+            event,
         };
-        self.reports
-            .send(pending)
-            .await
-            .map_err(|_| Status::unavailable("this control node is shutting down"))?;
-        answer
-            .await
-            .map_err(|_| Status::unavailable("this control node is shutting down"))?
-            .map_err(Status::unavailable)?;
+        match self.reports.commit(report).await {
+            Ok(Outcome::Rejected(r)) => return Err(Status::unavailable(r.message)),
+            Ok(_) => {}
+            Err(e) => return Err(Status::unavailable(e)),
+        }
         Ok(Response::new(ReportReply {}))
     }
 }

@@ -7,6 +7,7 @@
 //!
 //! Every background loop has the same shape: it runs until the node's shutdown signal fires.
 
+mod batcher;
 pub mod bootstrap;
 mod config;
 mod gateway;

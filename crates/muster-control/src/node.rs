@@ -115,10 +115,7 @@ impl ControlNode {
         }));
 
         let mut router = muster_api::router(
-            RaftPlane {
-                node: node.clone(),
-                limits: config.limits,
-            },
+            RaftPlane::new(node.clone(), config.limits),
             &ApiConfig::default(),
         );
         if let Some(handle) = metrics {

@@ -1,18 +1,41 @@
 //! The API's view of the cluster, over Raft.
 
+use crate::batcher::Batcher;
 use muster_api::{ControlPlane, LogPage, LogRequest};
-use muster_core::{Command, Outcome, State, Timestamp};
+use muster_core::{Command, JobSubmission, Outcome, State, Timestamp};
 use muster_raft::RaftNode;
+
+/// Most submits committed as one entry.
+const SUBMIT_BATCH_MAX: usize = 1024;
 
 #[derive(Clone)]
 pub struct RaftPlane {
-    pub node: RaftNode,
-    pub limits: muster_api::Limits,
+    node: RaftNode,
+    limits: muster_api::Limits,
+    /// SubmitJob calls are group-committed: concurrent clients share Raft entries.
+    submits: Batcher<JobSubmission>,
+}
+
+impl RaftPlane {
+    /// Must be called inside the runtime: it starts the submit batcher.
+    pub fn new(node: RaftNode, limits: muster_api::Limits) -> Self {
+        let submits = Batcher::spawn(node.clone(), "submits", SUBMIT_BATCH_MAX, |subs| {
+            Command::SubmitJobs(subs)
+        });
+        Self {
+            node,
+            limits,
+            submits,
+        }
+    }
 }
 
 impl ControlPlane for RaftPlane {
     async fn propose(&self, command: Command) -> Result<Outcome, String> {
-        self.node.propose(command).await.map_err(|e| e.to_string())
+        match command {
+            Command::SubmitJob(submission) => self.submits.commit(submission).await,
+            command => self.node.propose(command).await.map_err(|e| e.to_string()),
+        }
     }
 
     async fn read<R: Send + 'static>(

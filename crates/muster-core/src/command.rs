@@ -16,6 +16,9 @@ pub enum Command {
     CreateJobQueue(JobQueue),
     RegisterJobDefinition(JobDefinitionSpec),
     SubmitJob(JobSubmission),
+    /// Submits that reached one node together, committed as one entry and applied in order
+    /// as if each were a `SubmitJob`; the outcome is [`Outcome::Each`], one per submit.
+    SubmitJobs(Vec<JobSubmission>),
     TerminateJob {
         job: JobId,
         reason: String,
@@ -279,4 +282,6 @@ pub enum Outcome {
     /// The command had no effect (a stale report, a repeated terminate).
     Ignored(String),
     Rejected(Rejection),
+    /// One outcome per command of a batch, in order.
+    Each(Vec<Outcome>),
 }

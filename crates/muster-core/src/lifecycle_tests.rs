@@ -572,3 +572,42 @@ fn an_arrays_children_share_one_spec_in_memory_and_in_snapshots() {
             .is_empty()
     );
 }
+
+#[test]
+fn submits_batched_in_one_entry_are_applied_in_order_each_with_its_own_outcome() {
+    let mut s = setup(1);
+    let sub = |id: &str, queue: &str, token: Option<&str>| {
+        let Command::SubmitJob(mut sub) = submission(id, vec![], None, None) else {
+            unreachable!()
+        };
+        sub.queue = queue.into();
+        if let Some(t) = token {
+            sub.tags.insert("muster:client-token".into(), t.into());
+        }
+        sub
+    };
+    let Outcome::Each(outcomes) = s.apply(Command::SubmitJobs(vec![
+        sub("a", "q", Some("t")),
+        sub("b", "no-such-queue", None),
+        sub("c", "q", Some("t")),
+        sub("d", "q", None),
+    ])) else {
+        panic!("a batch answers per submit")
+    };
+    let ids: Vec<Option<&str>> = outcomes
+        .iter()
+        .map(|o| match o {
+            Outcome::JobSubmitted { id, .. } => Some(id.as_str()),
+            _ => None,
+        })
+        .collect();
+    // The retry of "a" (same client token) in the same batch gets "a" back.
+    assert_eq!(ids, [Some("a"), None, Some("a"), Some("d")]);
+    assert!(matches!(&outcomes[1], Outcome::Rejected(r) if r.message.contains("jobQueue")));
+    assert!(s.job(&JobId::from("c")).is_none());
+    let seqs: Vec<u64> = ["a", "d"]
+        .iter()
+        .map(|id| s.job(&JobId::from(*id)).unwrap().seq)
+        .collect();
+    assert!(seqs[0] < seqs[1], "submit order is batch order");
+}

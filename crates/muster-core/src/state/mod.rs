@@ -377,6 +377,8 @@ impl State {
                 crate::validate::name("jobDefinitionName", &spec.name)
             }
             Command::SubmitJob(sub) => self.check_submit(sub).map(|_| ()),
+            // Each submit of a batch is accepted or refused on its own when applied.
+            Command::SubmitJobs(_) => Ok(()),
             Command::TerminateJob { job, .. } => match self.jobs.get(job) {
                 Some(_) => Ok(()),
                 None => Err(Rejection::new(
@@ -510,6 +512,9 @@ impl State {
             }
             Command::RegisterJobDefinition(spec) => self.register_definition(spec),
             Command::SubmitJob(sub) => self.submit(sub),
+            Command::SubmitJobs(subs) => {
+                Outcome::Each(subs.into_iter().map(|sub| self.submit(sub)).collect())
+            }
             Command::TerminateJob { job, reason, at } => self.terminate(&job, reason, at),
             Command::RegisterNode {
                 node,
@@ -755,6 +760,7 @@ impl State {
                 AffectedNodes::Some(node_of(job).into_iter().collect())
             }
             Command::SubmitJob(_)
+            | Command::SubmitJobs(_)
             | Command::SetWaitReasons { .. }
             | Command::FailUnplaceable { .. }
             | Command::PurgeJobs { .. }
