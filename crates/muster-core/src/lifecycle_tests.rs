@@ -134,7 +134,7 @@ fn run_until_idle(s: &mut State, mut exit: impl FnMut(&JobId, u32) -> i32) -> Ve
         for id in placed {
             let attempt = s.job(&id).unwrap().active.as_ref().unwrap().number;
             // No job runs before every dependency succeeded.
-            for dep in &s.job(&id).unwrap().waiting_on {
+            if let Some(dep) = s.job(&id).unwrap().waiting_on.first() {
                 panic!("{id} runs while waiting on {dep}");
             }
             let node = NodeId("n".into());

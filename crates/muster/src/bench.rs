@@ -334,7 +334,7 @@ impl Bench {
         let before = resident_kib();
         let mut left = args.queued_jobs;
         while left > 0 {
-            let size = left.min(ARRAY_MAX).max(2);
+            let size = left.clamp(2, ARRAY_MAX);
             self.submit("parked", size).await?;
             left = left.saturating_sub(size);
         }

@@ -35,7 +35,7 @@ impl State {
             return None;
         };
         let (kind, name) = resource.split_once('/')?;
-        let found = match kind {
+        match kind {
             "compute-environment" => self
                 .compute_environments
                 .get(name)
@@ -52,14 +52,13 @@ impl State {
             // Children of array and multi-node jobs carry no tags of their own.
             "job" if !name.contains(':') && !name.contains('#') => self
                 .jobs
-                .get(&crate::JobId::from(name.to_owned()))
+                .get(&crate::JobId::from(name))
                 .map(|j| Tagged::Job(j.id.clone())),
             "scheduling-policy" => self
                 .scheduling_policy(arn)
                 .map(|p| Tagged::SchedulingPolicy(p.name.clone())),
             _ => None,
-        };
-        found
+        }
     }
 
     /// The tags of the resource `arn` names, if it exists and takes tags.
