@@ -44,3 +44,53 @@ async fn whole_cluster_restart_keeps_queues_definitions_and_jobs() {
     wait_for_status(&client, &again, &["SUCCEEDED"]).await;
     t.shutdown().await;
 }
+
+/// A follower that was down while megabytes of submits were committed (batched into entries
+/// of several MiB each) catches up when it returns: the catch-up messages are larger than
+/// gRPC's default limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_follower_catches_up_on_megabytes_of_entries() {
+    let mut t = TestCluster::start(3).await;
+    let leader = t.cluster.leader().expect("a leader");
+    let client = t.client(leader);
+    create_basics(&client, "ce", "q", "d").await;
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    t.cluster.stop_node(follower).await;
+
+    // 256 submits near SubmitJob's 30 KiB body limit: about 6 MiB.
+    const SUBMITS: usize = 256;
+    let padding = "x".repeat(24 * 1024);
+    let calls: Vec<_> = (0..SUBMITS)
+        .map(|i| {
+            let (client, padding) = (client.clone(), padding.clone());
+            tokio::spawn(async move {
+                let body = json!({"jobName": format!("big{i}"), "jobQueue": "q", "jobDefinition": "d",
+                    "containerOverrides": {"environment": [{"name": "PADDING", "value": padding}]}});
+                ok(client.call("SubmitJob", body).await);
+            })
+        })
+        .collect();
+    for call in calls {
+        call.await.unwrap();
+    }
+
+    t.cluster.restart_node(follower).await.expect("restarts");
+    let node = t.cluster.node(follower).expect("running");
+    let deadline = std::time::Instant::now() + DEADLINE;
+    while node
+        .raft
+        .state
+        .read()
+        .state
+        .jobs_in_queue("q", None)
+        .count()
+        < SUBMITS
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the follower did not catch up"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    t.shutdown().await;
+}

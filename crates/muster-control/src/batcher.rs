@@ -7,10 +7,20 @@ use muster_core::{Command, Outcome};
 use muster_raft::RaftNode;
 use tokio::sync::{mpsc, oneshot};
 
-/// An item waiting for the batch it goes out in, and who to tell how that went.
+/// An item waiting for the batch it goes out in, its size in the entry, and who to tell how
+/// that went.
 struct Pending<T> {
     item: T,
+    bytes: usize,
     done: oneshot::Sender<Result<Outcome, String>>,
+}
+
+/// How large one batch may grow.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BatchLimits {
+    pub items: usize,
+    /// Encoded bytes; an item larger than this goes out alone.
+    pub bytes: usize,
 }
 
 /// Commits items of one kind in batches; see the module docs.
@@ -27,22 +37,39 @@ impl<T> Clone for Batcher<T> {
 }
 
 impl<T: Send + 'static> Batcher<T> {
-    /// Starts the committing task. `command` makes one entry of up to `max` items; when the
-    /// entry's outcome is [`Outcome::Each`] with one outcome per item, each caller gets its
-    /// own, otherwise all get the batch's.
+    /// Starts the committing task. `command` makes one entry of the items that arrived
+    /// together, within `limits`; when the entry's outcome is [`Outcome::Each`] with one
+    /// outcome per item, each caller gets its own, otherwise all get the batch's.
     pub(crate) fn spawn(
         node: RaftNode,
         name: &'static str,
-        max: usize,
+        limits: BatchLimits,
         command: impl Fn(Vec<T>) -> Command + Send + 'static,
     ) -> Self {
-        let (queue, mut arrivals) = mpsc::channel::<Pending<T>>(max);
+        let (queue, mut arrivals) = mpsc::channel::<Pending<T>>(limits.items);
         tokio::spawn(async move {
-            while let Some(first) = arrivals.recv().await {
+            // An arrival that did not fit the previous batch opens the next one.
+            let mut held: Option<Pending<T>> = None;
+            loop {
+                let first = match held.take() {
+                    Some(p) => p,
+                    None => match arrivals.recv().await {
+                        Some(p) => p,
+                        None => break,
+                    },
+                };
+                let mut bytes = first.bytes;
                 let mut batch = vec![first];
-                while batch.len() < max {
+                while batch.len() < limits.items {
                     match arrivals.try_recv() {
-                        Ok(more) => batch.push(more),
+                        Ok(more) if bytes + more.bytes > limits.bytes => {
+                            held = Some(more);
+                            break;
+                        }
+                        Ok(more) => {
+                            bytes += more.bytes;
+                            batch.push(more);
+                        }
                         Err(_) => break,
                     }
                 }
@@ -67,11 +94,12 @@ impl<T: Send + 'static> Batcher<T> {
         Self { queue }
     }
 
-    /// Queues `item` and waits until the entry it went out in is committed and applied.
-    pub(crate) async fn commit(&self, item: T) -> Result<Outcome, String> {
+    /// Queues `item` (`bytes` long once encoded) and waits until the entry it went out in is
+    /// committed and applied.
+    pub(crate) async fn commit(&self, item: T, bytes: usize) -> Result<Outcome, String> {
         let (done, outcome) = oneshot::channel();
         self.queue
-            .send(Pending { item, done })
+            .send(Pending { item, bytes, done })
             .await
             .map_err(|_| "this control node is shutting down".to_owned())?;
         outcome

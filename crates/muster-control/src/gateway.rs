@@ -1,6 +1,6 @@
 //! AgentService: how worker agents join, learn what to run, and report.
 
-use crate::batcher::Batcher;
+use crate::batcher::{BatchLimits, Batcher};
 use muster_core::{AttemptEvent, AttemptReport as Report, Command, JobId, NodeId, Outcome};
 use muster_proto::pb::agent_service_server::AgentService;
 use muster_proto::pb::{
@@ -18,8 +18,11 @@ use tonic::{Request, Response, Status};
 /// How often an unchanged assignment set is sent again, so that a silent stream is noticed.
 const RESEND: Duration = Duration::from_secs(5);
 
-/// Most reports committed as one entry.
-const REPORT_BATCH_MAX: usize = 4096;
+/// Most reports committed as one entry (each is small and of bounded size).
+const REPORT_BATCH: BatchLimits = BatchLimits {
+    items: 4096,
+    bytes: usize::MAX,
+};
 
 pub struct AgentGateway {
     node: RaftNode,
@@ -37,7 +40,7 @@ impl AgentGateway {
         heartbeats: crate::liveness::Heartbeats,
     ) -> Self {
         Self {
-            reports: Batcher::spawn(node.clone(), "reports", REPORT_BATCH_MAX, |reports| {
+            reports: Batcher::spawn(node.clone(), "reports", REPORT_BATCH, |reports| {
                 Command::ReportAttempts {
                     reports,
                     at: crate::now_millis(),
@@ -199,7 +202,7 @@ impl AgentService for AgentGateway {
             node: NodeId(req.node_id),
             event,
         };
-        match self.reports.commit(report).await {
+        match self.reports.commit(report, 0).await {
             Ok(Outcome::Rejected(r)) => return Err(Status::unavailable(r.message)),
             Ok(_) => {}
             Err(e) => return Err(Status::unavailable(e)),

@@ -99,7 +99,11 @@ impl ControlNode {
         let mut tasks = Vec::new();
 
         let grpc = tonic::transport::Server::builder()
-            .add_service(RaftServiceServer::new(RaftGrpc::new(raft.clone())))
+            .add_service(
+                RaftServiceServer::new(RaftGrpc::new(raft.clone()))
+                    .max_decoding_message_size(muster_raft::MAX_RAFT_MESSAGE_BYTES)
+                    .max_encoding_message_size(muster_raft::MAX_RAFT_MESSAGE_BYTES),
+            )
             .add_service(AgentServiceServer::new(AgentGateway::new(
                 node.clone(),
                 shutdown_rx.clone(),

@@ -1,12 +1,15 @@
 //! The API's view of the cluster, over Raft.
 
-use crate::batcher::Batcher;
+use crate::batcher::{BatchLimits, Batcher};
 use muster_api::{ControlPlane, LogPage, LogRequest};
 use muster_core::{Command, JobSubmission, Outcome, State, Timestamp};
 use muster_raft::RaftNode;
 
-/// Most submits committed as one entry.
-const SUBMIT_BATCH_MAX: usize = 1024;
+/// How many submits, and how many encoded bytes of them, one entry holds at most.
+const SUBMIT_BATCH: BatchLimits = BatchLimits {
+    items: 1024,
+    bytes: 512 * 1024,
+};
 
 #[derive(Clone)]
 pub struct RaftPlane {
@@ -19,7 +22,7 @@ pub struct RaftPlane {
 impl RaftPlane {
     /// Must be called inside the runtime: it starts the submit batcher.
     pub fn new(node: RaftNode, limits: muster_api::Limits) -> Self {
-        let submits = Batcher::spawn(node.clone(), "submits", SUBMIT_BATCH_MAX, |subs| {
+        let submits = Batcher::spawn(node.clone(), "submits", SUBMIT_BATCH, |subs| {
             Command::SubmitJobs(subs)
         });
         Self {
@@ -33,7 +36,11 @@ impl RaftPlane {
 impl ControlPlane for RaftPlane {
     async fn propose(&self, command: Command) -> Result<Outcome, String> {
         match command {
-            Command::SubmitJob(submission) => self.submits.commit(submission).await,
+            Command::SubmitJob(submission) => {
+                // The entry is JSON: measuring the submit the same way bounds it exactly.
+                let bytes = serde_json::to_vec(&submission).map_or(0, |v| v.len());
+                self.submits.commit(submission, bytes).await
+            }
             command => self.node.propose(command).await.map_err(|e| e.to_string()),
         }
     }

@@ -41,6 +41,16 @@ pub type Raft = openraft::Raft<TypeConfig>;
 /// it ate most of a 2-core machine once 20,000 jobs were stored (see BENCHMARKS.md).
 pub const SNAPSHOT_EVERY_ENTRIES: u64 = 100_000;
 
+/// Entries openraft sends in one AppendEntries. With entries of up to a few MiB (a batch of
+/// submits, a round of 10,000 placements) this keeps a message well under
+/// [`MAX_RAFT_MESSAGE_BYTES`], so a follower far behind still catches up.
+pub const MAX_ENTRIES_PER_APPEND: u64 = 32;
+
+/// The largest gRPC message between control nodes, both ways. tonic's 4 MiB default was
+/// smaller than a catch-up AppendEntries after a failover under load, which the follower then
+/// refused forever.
+pub const MAX_RAFT_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
+
 /// The Raft timing Muster runs with. Elections settle in well under a second on a LAN.
 pub fn raft_config(cluster_name: &str) -> openraft::Config {
     openraft::Config {
@@ -49,6 +59,7 @@ pub fn raft_config(cluster_name: &str) -> openraft::Config {
         election_timeout_min: 300,
         election_timeout_max: 600,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(SNAPSHOT_EVERY_ENTRIES),
+        max_payload_entries: MAX_ENTRIES_PER_APPEND,
         ..Default::default()
     }
 }

@@ -69,7 +69,11 @@ impl PeerDirectory {
         fallback_addr: Option<&str>,
     ) -> Option<RaftServiceClient<Channel>> {
         let addr = self.addr(id).or_else(|| fallback_addr.map(str::to_owned))?;
-        self.channel(&addr).ok().map(RaftServiceClient::new)
+        self.channel(&addr).ok().map(|channel| {
+            RaftServiceClient::new(channel)
+                .max_decoding_message_size(crate::MAX_RAFT_MESSAGE_BYTES)
+                .max_encoding_message_size(crate::MAX_RAFT_MESSAGE_BYTES)
+        })
     }
 }
 
@@ -146,16 +150,73 @@ type RpcFn = fn(
     >,
 >;
 
+/// Encoded entries one AppendEntries carries at most (a single larger entry goes alone).
+///
+/// openraft gives every AppendEntries one heartbeat interval to complete, follower's fsync
+/// included, and retries a timed-out one unchanged: a follower far behind, sent megabytes at a
+/// time, would time out forever. Sending a prefix and reporting it as a partial success keeps
+/// every message small enough to land in time, and the follower catches up a prefix at a time.
+pub const APPEND_ENTRIES_BUDGET_BYTES: usize = 1024 * 1024;
+
+/// [`AppendEntriesRequest`] as it goes on the wire, its entries already encoded: the same JSON
+/// the follower decodes as an `AppendEntriesRequest`.
+#[derive(Serialize)]
+struct EncodedAppendEntries<'a> {
+    vote: &'a openraft::Vote<NodeId>,
+    prev_log_id: &'a Option<openraft::LogId<NodeId>>,
+    entries: Vec<Box<serde_json::value::RawValue>>,
+    leader_commit: &'a Option<openraft::LogId<NodeId>>,
+}
+
+impl<'a> EncodedAppendEntries<'a> {
+    /// Encodes entries from the front of `rpc` until the next would pass `budget`; returns
+    /// the message and the id of the last entry it holds when it holds fewer than all.
+    fn within(
+        rpc: &'a AppendEntriesRequest<TypeConfig>,
+        budget: usize,
+    ) -> Result<(Self, Option<openraft::LogId<NodeId>>), serde_json::Error> {
+        let mut entries = Vec::new();
+        let mut bytes = 0;
+        for entry in &rpc.entries {
+            let encoded = serde_json::value::to_raw_value(entry)?;
+            if !entries.is_empty() && bytes + encoded.get().len() > budget {
+                break;
+            }
+            bytes += encoded.get().len();
+            entries.push(encoded);
+        }
+        let cut_after =
+            (entries.len() < rpc.entries.len()).then(|| rpc.entries[entries.len() - 1].log_id);
+        let message = EncodedAppendEntries {
+            vote: &rpc.vote,
+            prev_log_id: &rpc.prev_log_id,
+            entries,
+            leader_commit: &rpc.leader_commit,
+        };
+        Ok((message, cut_after))
+    }
+}
+
 impl RaftNetwork<TypeConfig> for PeerClient {
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.call(&rpc, &option, |mut c, r| {
-            Box::pin(async move { c.append_entries(r).await })
+        let (message, cut_after) = EncodedAppendEntries::within(&rpc, APPEND_ENTRIES_BUDGET_BYTES)
+            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let reply = self
+            .call(&message, &option, |mut c, r| {
+                Box::pin(async move { c.append_entries(r).await })
+            })
+            .await?;
+        Ok(match (reply, cut_after) {
+            // The follower holds everything up to the last entry sent, and no more.
+            (AppendEntriesResponse::Success, Some(last)) => {
+                AppendEntriesResponse::PartialSuccess(Some(last))
+            }
+            (reply, _) => reply,
         })
-        .await
     }
 
     async fn install_snapshot(
