@@ -210,6 +210,11 @@ impl State {
             .filter(move |j| status.is_none_or(|s| j.status == s))
     }
 
+    /// How many jobs a queue holds, whatever their status (array parents included).
+    pub fn job_count_in_queue(&self, queue: &str) -> usize {
+        self.jobs_by_queue.get(queue).map_or(0, BTreeSet::len)
+    }
+
     /// RUNNABLE jobs of a queue in FIFO order.
     pub fn runnable_jobs<'a>(&'a self, queue: &str) -> impl Iterator<Item = &'a Job> + 'a {
         self.runnable.fifo(queue).filter_map(|id| self.jobs.get(id))
