@@ -7,7 +7,7 @@ use muster_core::Assignment;
 use muster_proto::pb::{HeartbeatRequest, RegisterRequest, WatchRequest};
 use muster_proto::{LEADER_METADATA_KEY, assignment_from_pb, inventory_to_pb};
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -60,7 +60,9 @@ impl Agent {
                     .with_owner(agent_identity(&config.work_dir).map_err(AgentError::WorkDir)?)
                     .with_pull(config.image_pull, config.image_pull_timeout),
             ),
-            ExecutorKind::Process => Executor::Process(ProcessExecutor),
+            ExecutorKind::Process => {
+                Executor::Process(ProcessExecutor::new(Path::new("/sys/fs/cgroup")))
+            }
         };
         let control = ControlClient::new(config.control_plane.clone());
         let log_listener = tokio::net::TcpListener::bind(config.log_listen_addr)

@@ -7,7 +7,7 @@ use muster_api::ApiConfig;
 use muster_proto::pb::agent_service_server::AgentServiceServer;
 use muster_proto::pb::raft_service_server::RaftServiceServer;
 use muster_raft::{PeerDirectory, PeerNetwork, Raft, RaftGrpc, RaftNode, StateMachine};
-use muster_store::{SledLogStore, SledSnapshotStore, open_sled};
+use muster_store::{SledLogStore, SledSnapshotStore, open_sled_waiting};
 use openraft::BasicNode;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -62,7 +62,7 @@ impl ControlNode {
             source,
         };
         std::fs::create_dir_all(&raft_dir).map_err(storage_err)?;
-        let db = open_with_retry(&raft_dir).await.map_err(storage_err)?;
+        let db = open_sled_waiting(&raft_dir).await.map_err(storage_err)?;
         let log = SledLogStore::new(&db).map_err(storage_err)?;
         let snapshots = SledSnapshotStore::new(&db).map_err(storage_err)?;
         let state_machine =
@@ -213,18 +213,4 @@ impl ControlNode {
 
 async fn signal(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|stop| *stop).await;
-}
-
-/// sled locks its directory; a node restarted in the same process may find the previous
-/// instance still letting go of it for a moment.
-async fn open_with_retry(dir: &std::path::Path) -> Result<muster_store::Database, std::io::Error> {
-    let mut last = None;
-    for _ in 0..50 {
-        match open_sled(dir) {
-            Ok(db) => return Ok(db),
-            Err(e) => last = Some(e),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Err(last.unwrap_or_else(|| std::io::Error::other("cannot open sled")))
 }

@@ -80,7 +80,7 @@ async fn sled_log_survives_reopen() {
             .await
             .unwrap();
     }
-    let db = open_sled(dir.path()).unwrap();
+    let db = muster_store::open_sled_waiting(dir.path()).await.unwrap();
     let mut log = SledLogStore::<TypeConfig>::new(&db).unwrap();
     assert_eq!(log.read_vote().await.unwrap(), Some(Vote::new(3, 1)));
     let state = log.get_log_state().await.unwrap();

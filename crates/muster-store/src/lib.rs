@@ -19,7 +19,7 @@ mod sled_store;
 mod snapshot;
 
 pub use mem::MemLogStore;
-pub use sled_store::{SledLogStore, open_sled};
+pub use sled_store::{SledLogStore, open_sled, open_sled_waiting};
 
 /// A node's open database, shared by its log and snapshot stores.
 pub type Database = sled::Db;

@@ -27,6 +27,21 @@ pub fn open_sled(dir: &Path) -> Result<sled::Db, std::io::Error> {
         .map_err(std::io::Error::other)
 }
 
+/// [`open_sled`], waiting up to five seconds for the directory's lock: a database reopened in
+/// the same process (a node restarted in place) may find the previous instance's background
+/// flusher still letting go of it for a moment.
+pub async fn open_sled_waiting(dir: &Path) -> Result<sled::Db, std::io::Error> {
+    let mut tries = 0;
+    loop {
+        match open_sled(dir) {
+            Ok(db) => return Ok(db),
+            Err(e) if tries >= 50 => return Err(e),
+            Err(_) => tries += 1,
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 /// Raft log entries keyed by big-endian index, plus vote and bookkeeping in a meta tree.
 /// Cloning shares the same trees (sled trees are reference counted).
 pub struct SledLogStore<C: RaftTypeConfig> {

@@ -1,5 +1,6 @@
 //! Executors: how an attempt becomes a running container or process.
 
+mod cgroup;
 mod docker;
 mod process;
 

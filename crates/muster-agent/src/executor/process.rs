@@ -1,6 +1,7 @@
 //! The process executor: runs the job's command directly on the host, for machines without
 //! Docker and for tests. The image is not used; the environment is the same as in a container.
 
+use super::cgroup::Hierarchy;
 use super::{AttemptExit, STOPPED_BY_MUSTER, stopped};
 use muster_core::Assignment;
 use std::path::Path;
@@ -9,10 +10,29 @@ use std::time::Duration;
 use tokio::process::Command;
 use tokio::sync::{oneshot, watch};
 
+/// Runs attempts as host processes, each in a cgroup that holds it to its vCPUs and memory
+/// where the host lets the agent make cgroups.
 #[derive(Default)]
-pub struct ProcessExecutor;
+pub struct ProcessExecutor {
+    cgroups: Option<Hierarchy>,
+}
 
 impl ProcessExecutor {
+    /// Limits attempts through the cgroup hierarchy under `cgroup_root` if this process may
+    /// make groups there; otherwise says why not, and runs them unlimited.
+    pub fn new(cgroup_root: &Path) -> Self {
+        match Hierarchy::detect(cgroup_root) {
+            Ok(h) => {
+                tracing::info!(hierarchy = ?h, "process attempts get cgroup limits");
+                Self { cgroups: Some(h) }
+            }
+            Err(why) => {
+                tracing::warn!(%why, "process attempts run without memory or CPU limits");
+                Self { cgroups: None }
+            }
+        }
+    }
+
     pub async fn run(
         &self,
         assignment: &Assignment,
@@ -45,7 +65,29 @@ impl ProcessExecutor {
                 ));
             }
         };
-        let mut child = match Command::new(program)
+        let cgroup = match &self.cgroups {
+            None => None,
+            Some(h) => {
+                let name = format!("{}-{}", assignment.job, assignment.attempt);
+                match h.create(&name, &assignment.resources) {
+                    Ok(g) => Some(std::sync::Arc::new(g)),
+                    Err(e) => {
+                        return AttemptExit::failed_to_start(format!(
+                            "CannotStartContainerError: cannot set resource limits: {e}"
+                        ));
+                    }
+                }
+            }
+        };
+        let mut command = Command::new(program);
+        if let Some(group) = &cgroup {
+            let group = group.clone();
+            // SAFETY: the closure only opens and writes files (see `enter_from_child`).
+            unsafe {
+                command.pre_exec(move || group.enter_from_child());
+            }
+        }
+        let mut child = match command
             .args(args)
             .envs(assignment.environment.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
@@ -98,6 +140,13 @@ impl ProcessExecutor {
             let _ = tokio::time::timeout(Duration::from_secs(2), copy).await;
         }
         let _ = std::fs::remove_file(&pid_path);
+        let mut exit = exit;
+        if let Some(group) = cgroup {
+            if group.oom_killed() {
+                exit.reason = Some("OutOfMemoryError: Container killed due to memory usage".into());
+            }
+            group.remove();
+        }
         exit
     }
 }
@@ -172,7 +221,7 @@ mod tests {
     async fn run_once(assignment: &Assignment, log_path: &Path) -> AttemptExit {
         let (started, _) = oneshot::channel();
         let (_stop, stop) = watch::channel(false);
-        ProcessExecutor
+        ProcessExecutor::default()
             .run(assignment, log_path, started, stop, Duration::from_secs(1))
             .await
     }
@@ -243,5 +292,105 @@ mod tests {
         );
         stranger.kill().unwrap();
         let _ = stranger.wait();
+    }
+
+    #[tokio::test]
+    async fn an_attempt_is_held_to_its_vcpus_and_memory_by_a_cgroup() {
+        let root = Path::new("/sys/fs/cgroup");
+        let hierarchy = match Hierarchy::detect(root) {
+            Ok(h) => h,
+            // SAFETY: geteuid has no preconditions.
+            Err(why) if unsafe { libc::geteuid() } != 0 => {
+                // Only root makes cgroups: anyone else gets an executor that says so and runs
+                // attempts unlimited.
+                assert!(ProcessExecutor::new(root).cgroups.is_none(), "{why}");
+                return;
+            }
+            Err(why) => panic!("running as root, yet no cgroup hierarchy: {why}"),
+        };
+        let executor = ProcessExecutor {
+            cgroups: Some(hierarchy.clone()),
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let job = format!("cgroup-test-{}", std::process::id());
+        let (cpu_file, cpu_expected, memory_file) = match &hierarchy {
+            Hierarchy::Unified { base } => (
+                base.join(format!("{job}-1/cpu.max")),
+                "50000 100000",
+                base.join(format!("{job}-1/memory.max")),
+            ),
+            Hierarchy::Split { memory, cpu } => (
+                cpu.as_ref()
+                    .expect("a cpu controller")
+                    .join(format!("{job}-1/cpu.cfs_quota_us")),
+                "50000",
+                memory.join(format!("{job}-1/memory.limit_in_bytes")),
+            ),
+        };
+        let run = |attempt: u32, script: String| {
+            let assignment = Assignment {
+                job: JobId::from(job.as_str()),
+                attempt,
+                term: 1,
+                image: String::new(),
+                command: vec!["sh".into(), "-c".into(), script],
+                environment: Vec::new(),
+                // Half a vCPU and 32 MiB.
+                resources: Resources::new(500, 32, 0),
+                log_stream_name: String::new(),
+                gpus: Vec::new(),
+                timeout_secs: None,
+                options: Default::default(),
+            };
+            let log_path = dir.path().join(format!("{attempt}.log"));
+            let executor = &executor;
+            async move {
+                let (started, _) = oneshot::channel();
+                let (_stop, stop) = watch::channel(false);
+                let exit = executor
+                    .run(
+                        &assignment,
+                        &log_path,
+                        started,
+                        stop,
+                        Duration::from_secs(1),
+                    )
+                    .await;
+                (exit, std::fs::read_to_string(&log_path).unwrap_or_default())
+            }
+        };
+
+        // The job runs inside its group, whose limits are its vCPUs and memory.
+        let (exit, log) = run(
+            1,
+            format!(
+                "cat /proc/self/cgroup; cat {}; cat {}",
+                cpu_file.display(),
+                memory_file.display()
+            ),
+        )
+        .await;
+        assert_eq!(exit.exit_code, Some(0), "{exit:?} {log}");
+        assert!(log.contains(&format!("/muster/{job}-1")), "{log}");
+        assert!(log.contains(cpu_expected), "{log}");
+        assert!(log.contains(&(32 * 1024 * 1024).to_string()), "{log}");
+        assert!(
+            !cpu_file.parent().unwrap().exists(),
+            "the group is removed after the attempt"
+        );
+
+        // Going over the memory limit gets the job killed, reported as AWS Batch does.
+        let (exit, log) = run(
+            2,
+            "x=$(head -c 200000000 /dev/zero | tr '\\0' a); echo survived ${#x}".to_owned(),
+        )
+        .await;
+        assert_ne!(exit.exit_code, Some(0), "{exit:?} {log}");
+        assert!(!log.contains("survived"), "{log}");
+        assert_eq!(
+            exit.reason.as_deref(),
+            Some("OutOfMemoryError: Container killed due to memory usage"),
+            "{log}"
+        );
     }
 }
