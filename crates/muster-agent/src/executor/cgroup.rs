@@ -168,6 +168,30 @@ impl AttemptCgroup {
         }
     }
 
+    /// Kills whatever is left in the group once the job's own process has ended, as a
+    /// container's processes end with it, and waits (briefly) for them to be gone.
+    pub fn kill_all(&self) {
+        let procs = self.memory_dir().join("cgroup.procs");
+        for _ in 0..100 {
+            let pids: Vec<i32> = std::fs::read_to_string(&procs)
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| l.trim().parse().ok())
+                .collect();
+            if pids.is_empty() {
+                return;
+            }
+            for pid in pids {
+                // SAFETY: kill(2) has no memory-safety preconditions; the pids are this
+                // attempt's processes, read from its own group.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
     /// Removes the group once its processes are gone.
     pub fn remove(&self) {
         for dir in &self.dirs {

@@ -135,7 +135,12 @@ impl ProcessExecutor {
                 AttemptExit { exit_code: Some(exit_code(status)), reason: Some(STOPPED_BY_MUSTER.to_owned()) }
             }
         };
-        // A background process the job left behind may hold the pipes open: do not wait on it.
+        // What the job left running ends with it (and lets go of its output pipes).
+        if let Some(group) = &cgroup {
+            group.kill_all();
+        }
+        // Without a cgroup, a background process the job left behind may hold the pipes open:
+        // do not wait on it.
         for copy in copies.into_iter().flatten() {
             let _ = tokio::time::timeout(Duration::from_secs(2), copy).await;
         }
@@ -360,11 +365,14 @@ mod tests {
             }
         };
 
-        // The job runs inside its group, whose limits are its vCPUs and memory.
+        // The job runs inside its group, whose limits are its vCPUs and memory; what it leaves
+        // running in the background ends with it.
+        let pid_file = dir.path().join("background.pid");
         let (exit, log) = run(
             1,
             format!(
-                "cat /proc/self/cgroup; cat {}; cat {}",
+                "sleep 600 & echo $! > {}; cat /proc/self/cgroup; cat {}; cat {}",
+                pid_file.display(),
                 cpu_file.display(),
                 memory_file.display()
             ),
