@@ -220,9 +220,12 @@ async fn stream_assignments(
     tx: mpsc::Sender<Result<AssignmentSet, Status>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    // Woken only when an applied command may have changed this agent's assignments; the
-    // tick below catches a lost leadership and resends an unchanged set now and then.
+    // Woken only when an applied command may have changed this agent's assignments, when
+    // this node's Raft role or leader changes (openraft's server metrics, which do not move
+    // with every applied entry), and when an unchanged set is due to be resent. Ten thousand
+    // streams polling on a timer instead cost more than the work they watch for.
     let mut changes = node.state.node_changes(&agent);
+    let mut role = node.raft.server_metrics();
     let mut last_sent = None;
     let mut last_sent_at = tokio::time::Instant::now();
     // Whether the assignments must be looked at again (a change, or time to resend).
@@ -257,7 +260,13 @@ async fn stream_assignments(
                 }
                 look = true;
             }
-            _ = tokio::time::sleep(Duration::from_millis(250)) => look = false,
+            changed = role.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                look = false;
+            }
+            _ = tokio::time::sleep_until(last_sent_at + RESEND) => look = false,
         }
     }
 }

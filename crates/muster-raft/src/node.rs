@@ -133,7 +133,9 @@ impl RaftNode {
 
     /// The current leader and term as this node sees them.
     pub fn leader(&self) -> (Option<NodeId>, u64) {
-        let m = self.raft.metrics().borrow().clone();
+        // Borrowed, not cloned: thousands of assignment streams ask this.
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
         (m.current_leader, m.current_term)
     }
 

@@ -245,6 +245,7 @@ impl Bench {
         let submitted = started.elapsed();
         let (mut all_placed, mut all_done) = (None, None);
         let deadline = Instant::now() + Duration::from_secs(1800);
+        let mut progress = Instant::now();
         while all_done.is_none() {
             let (placed, done) = self.placed_so_far();
             if all_placed.is_none() && placed - before.0 >= args.jobs {
@@ -257,6 +258,16 @@ impl Bench {
                 Instant::now() < deadline,
                 "placed {placed}, done {done} after 30 min"
             );
+            if progress.elapsed() >= Duration::from_secs(10) {
+                progress = Instant::now();
+                eprintln!(
+                    "bench: {:.0} s: {} placed, {} done of {}",
+                    started.elapsed().as_secs_f64(),
+                    placed - before.0,
+                    done - before.1,
+                    args.jobs
+                );
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let placed = all_placed.unwrap_or_default().as_secs_f64();
