@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 /// How long a request waits for a leader (an election, a forward) before giving up.
 const LEADER_WAIT: Duration = Duration::from_secs(10);
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
+/// How long a follower waits for the leader to answer one forwarded proposal.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The leader's answer to a forwarded proposal.
 #[derive(Serialize, Deserialize)]
@@ -63,6 +65,15 @@ impl RaftNode {
                 match self.forward(leader, &command).await {
                     Ok(ForwardedReply::Applied(outcome)) => return Ok(outcome),
                     Ok(ForwardedReply::Failed(e)) => return Err(ProposeError::Failed(e)),
+                    // The leader took the command and did not answer in time: it may or may
+                    // not have been applied, so the caller decides (every command carries the
+                    // ids that make a retry harmless).
+                    Err(status) if status.code() == tonic::Code::DeadlineExceeded => {
+                        return Err(ProposeError::Failed(format!(
+                            "the leader did not answer within {FORWARD_TIMEOUT:?}: {}",
+                            status.message()
+                        )));
+                    }
                     // Leadership moved, or the leader is unreachable before the command was
                     // delivered: safe to try again.
                     Ok(ForwardedReply::NotLeader(_)) | Err(_) => {}
@@ -85,7 +96,11 @@ impl RaftNode {
             .raft_client(leader, None)
             .ok_or_else(|| tonic::Status::unavailable(format!("no address for node {leader}")))?;
         let payload = encode(command).map_err(|e| tonic::Status::internal(e.to_string()))?;
-        let reply = client.propose(payload).await?;
+        // Without a deadline, a leader that stalls mid-request would hold this caller (and a
+        // batcher behind it, with everything queued there) forever.
+        let mut request = tonic::Request::new(payload);
+        request.set_timeout(FORWARD_TIMEOUT);
+        let reply = client.propose(request).await?;
         decode(reply.get_ref()).map_err(|e| tonic::Status::internal(e.to_string()))
     }
 

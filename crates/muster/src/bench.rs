@@ -431,6 +431,9 @@ fn resident_kib() -> u64 {
         .unwrap_or(0)
 }
 
+/// How long a simulated agent waits for one report to be answered.
+const REPORT_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// The simulated agents: tasks that speak AgentService like `muster agent` does, without
 /// running anything.
 struct Agents {
@@ -579,9 +582,13 @@ impl SimAgent {
             attempt,
             event: Some(event),
         };
-        let _ = client
-            .report_attempt(report(Event::Running(pb::AttemptRunning {})))
-            .await;
+        // As the real agent's reporter: a call that hangs fails after a while (and the exit
+        // is retried), rather than holding the attempt forever.
+        let _ = tokio::time::timeout(
+            REPORT_TIMEOUT,
+            client.report_attempt(report(Event::Running(pb::AttemptRunning {}))),
+        )
+        .await;
         if self.job_millis > 0 {
             tokio::time::sleep(Duration::from_millis(self.job_millis)).await;
         }
@@ -590,11 +597,8 @@ impl SimAgent {
             reason: None,
         };
         for _ in 0..50 {
-            if client
-                .report_attempt(report(Event::Exited(exited.clone())))
-                .await
-                .is_ok()
-            {
+            let call = client.report_attempt(report(Event::Exited(exited.clone())));
+            if let Ok(Ok(_)) = tokio::time::timeout(REPORT_TIMEOUT, call).await {
                 self.tally.ended.fetch_add(1, Ordering::Relaxed);
                 return;
             }
