@@ -1,6 +1,6 @@
 //! Leader election and replication across three nodes.
 
-use crate::harness::{DEADLINE, TestCluster, create_basics, ok};
+use crate::harness::{DEADLINE, TestCluster, create_basics, ok, wait_until_replica_holds};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -69,20 +69,8 @@ async fn concurrent_submits_share_raft_entries_and_each_gets_its_own_job() {
         entries < SUBMITS as u64 / 2,
         "{SUBMITS} concurrent submits took {entries} log entries"
     );
-    let deadline = std::time::Instant::now() + DEADLINE;
     for node in tc.cluster.running() {
-        while node
-            .raft
-            .state
-            .read()
-            .state
-            .jobs_in_queue("q", None)
-            .count()
-            < SUBMITS
-        {
-            assert!(std::time::Instant::now() < deadline, "a replica lacks jobs");
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
+        wait_until_replica_holds(node, "q", SUBMITS).await;
     }
     tc.shutdown().await;
 }

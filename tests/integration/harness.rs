@@ -252,3 +252,20 @@ pub async fn wait_for_status(client: &BatchClient, job_id: &str, statuses: &[&st
     }
     panic!("job {job_id} did not reach {statuses:?} within {DEADLINE:?}; last seen: {last:?}");
 }
+
+/// Waits until control node `node`'s replica holds `count` jobs in `queue`.
+pub async fn wait_until_replica_holds(
+    node: &muster_control::ControlNode,
+    queue: &str,
+    count: usize,
+) {
+    let deadline = Instant::now() + DEADLINE;
+    while node.raft.state.read().state.job_count_in_queue(queue) < count {
+        assert!(
+            Instant::now() < deadline,
+            "node {} never held {count} jobs in {queue}",
+            node.raft.id
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -1,6 +1,8 @@
 //! Stopping the whole cluster and starting it again from its data directories.
 
-use crate::harness::{DEADLINE, TestCluster, create_basics, ok, submit, wait_for_status};
+use crate::harness::{
+    DEADLINE, TestCluster, create_basics, ok, submit, wait_for_status, wait_until_replica_holds,
+};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -76,21 +78,6 @@ async fn a_follower_catches_up_on_megabytes_of_entries() {
 
     t.cluster.restart_node(follower).await.expect("restarts");
     let node = t.cluster.node(follower).expect("running");
-    let deadline = std::time::Instant::now() + DEADLINE;
-    while node
-        .raft
-        .state
-        .read()
-        .state
-        .jobs_in_queue("q", None)
-        .count()
-        < SUBMITS
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the follower did not catch up"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    wait_until_replica_holds(node, "q", SUBMITS).await;
     t.shutdown().await;
 }
