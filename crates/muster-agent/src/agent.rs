@@ -1,5 +1,6 @@
 //! The agent's main loops: register, heartbeat, watch assignments, run attempts.
 
+use crate::backoff::Backoff;
 use crate::executor::{DockerExecutor, Executor, ProcessExecutor};
 use crate::reporter::{ControlClient, Event, report};
 use crate::{AgentConfig, ExecutorKind, inventory};
@@ -16,7 +17,10 @@ use tokio::sync::{oneshot, watch};
 /// An assignment stream that says nothing for this long is presumed dead and reopened
 /// (the leader resends every few seconds).
 const STREAM_SILENCE: Duration = Duration::from_secs(15);
-const RETRY_PAUSE: Duration = Duration::from_millis(200);
+/// The first and the longest wait before calling the control plane again after a failure
+/// (see [`Backoff`]).
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -146,6 +150,8 @@ impl Agent {
             compute_environment: self.config.compute_environment.clone(),
             inventory: Some(inventory_to_pb(&self.inventory())),
         };
+        let mut backoff = Backoff::new(RETRY_FIRST, RETRY_MAX, &self.config.node_id);
+        let mut shutdown = shutdown.clone();
         loop {
             for addr in &self.control.addrs {
                 let Some(mut client) = self.control.client(addr) else {
@@ -162,7 +168,10 @@ impl Agent {
             if *shutdown.borrow() {
                 return false;
             }
-            tokio::time::sleep(Duration::from_secs(1)).await;
+            tokio::select! {
+                _ = shutdown.changed() => return false,
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
+            }
         }
     }
 
@@ -172,6 +181,7 @@ impl Agent {
         mut shutdown: watch::Receiver<bool>,
     ) {
         let mut leader_hint: Option<String> = None;
+        let mut backoff = Backoff::new(RETRY_FIRST, RETRY_MAX, &self.config.node_id);
         let mut next = 0usize;
         let mut max_term = 0u64;
         let mut swept = false;
@@ -190,15 +200,24 @@ impl Agent {
             let mut stream = match client.watch_assignments(request).await {
                 Ok(response) => response.into_inner(),
                 Err(status) => {
-                    leader_hint = status
+                    // A refusal that names the leader is followed at once, but only once in
+                    // a row: during an election, nodes may name each other or a leader that
+                    // is gone, and a fleet looping on such hints would drown the election.
+                    let hint = status
                         .metadata()
                         .get(LEADER_METADATA_KEY)
                         .and_then(|v| v.to_str().ok())
                         .map(str::to_owned);
-                    if leader_hint.is_none() {
-                        tokio::select! {
-                            _ = shutdown.changed() => {}
-                            _ = tokio::time::sleep(RETRY_PAUSE) => {}
+                    let pause = backoff.failing();
+                    let delay = backoff.next_delay();
+                    match hint {
+                        Some(hint) if !pause => leader_hint = Some(hint),
+                        hint => {
+                            leader_hint = hint;
+                            tokio::select! {
+                                _ = shutdown.changed() => {}
+                                _ = tokio::time::sleep(delay) => {}
+                            }
                         }
                     }
                     continue;
@@ -217,6 +236,7 @@ impl Agent {
                 match message {
                     Ok(Ok(Some(set))) => {
                         touch(&self.last_contact);
+                        backoff.reset();
                         // Fencing: a set from an older leader term is stale.
                         if set.term < max_term {
                             continue;

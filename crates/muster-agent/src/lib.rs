@@ -11,6 +11,7 @@
 //! output stays on the agent's disk and is served to control nodes by [`logs`].
 
 mod agent;
+pub mod backoff;
 mod config;
 pub mod executor;
 pub mod inventory;

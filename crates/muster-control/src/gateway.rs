@@ -90,10 +90,12 @@ impl AgentService for AgentGateway {
         let node = NodeId(req.node_id.clone());
         self.heartbeats.record(&node);
         let inventory = inventory_from_pb(inventory);
-        // An agent that re-registers after a leader change, unchanged and still ready, needs
-        // no write: after a failover every agent does this at once. (Should a NodeLost be in
-        // flight, the agent's next heartbeat is refused and it registers again.)
-        let unchanged = self.node.is_leader() && {
+        // An agent that registers again, unchanged and still ready, needs no write: after a
+        // failover or a restart of many agents, thousands do this at once, and each write
+        // would be a Raft entry. This node's replica may lag the leader's; should the leader
+        // have marked the node lost meanwhile, the agent's next heartbeat there is refused
+        // and it registers again.
+        let unchanged = {
             let applied = self.node.state.read();
             applied.state.node(&node).is_some_and(|n| {
                 n.status == muster_core::NodeStatus::Ready
