@@ -5,6 +5,7 @@
 //! measurement, for BENCHMARKS.md. A benchmark, not a test: it asserts nothing.
 
 use anyhow::Context;
+use muster_agent::backoff::Backoff;
 use muster_client::{BatchClient, Credentials};
 use muster_control::LocalCluster;
 use muster_core::State;
@@ -45,8 +46,13 @@ pub struct BenchArgs {
     pub data_dir: Option<PathBuf>,
 }
 
-/// Simulated agents share this many gRPC connections per control node.
-const CONNECTIONS: usize = 32;
+/// Simulated agents share a gRPC connection to each control node this many at a time (a real
+/// agent has its own). Many more per connection, and the answers to their reports arrive
+/// faster than two cores let their tasks read them: h2 counts each small unread DATA frame
+/// against a per-connection budget and closes the connection when it runs out
+/// (`GOAWAY ENHANCE_YOUR_CALM "too_many_data_frames"`), which with 312 agents per connection
+/// broke every stream on it, over and over, until the leader declared the agents lost.
+const AGENTS_PER_CONNECTION: usize = 4;
 const ARRAY_MAX: u64 = 10_000;
 
 struct Bench {
@@ -261,11 +267,12 @@ impl Bench {
             if progress.elapsed() >= Duration::from_secs(10) {
                 progress = Instant::now();
                 eprintln!(
-                    "bench: {:.0} s: {} placed, {} done of {}",
+                    "bench: {:.0} s: {} placed, {} done of {}; {}",
                     started.elapsed().as_secs_f64(),
                     placed - before.0,
                     done - before.1,
-                    args.jobs
+                    args.jobs,
+                    self.health()
                 );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -291,6 +298,53 @@ impl Bench {
             &format!("{:.0}/s", 2.0 * args.jobs as f64 / done),
         );
         Ok(())
+    }
+
+    /// One line on the cluster's health for the progress report: the leader and its term,
+    /// what it thinks of the agents and the bench queue, and the agents' failed calls.
+    fn health(&self) -> String {
+        let leader = self.cluster.leader();
+        let view = self.leader_state(|s| {
+            let ready = s
+                .nodes()
+                .filter(|n| n.status == muster_core::NodeStatus::Ready)
+                .count();
+            let active = |status| s.jobs_in_queue("bench", Some(status)).count();
+            (
+                ready,
+                s.nodes().count(),
+                s.runnable_count("bench"),
+                active(muster_core::JobStatus::Starting),
+                active(muster_core::JobStatus::Running),
+            )
+        });
+        let term = leader
+            .and_then(|l| self.cluster.node(l))
+            .map(|n| n.raft.leader().1);
+        let (ready, nodes, runnable, starting, running) = view.unwrap_or_default();
+        let views: Vec<String> = self
+            .cluster
+            .running()
+            .map(|n| {
+                let m = n.raft.raft.metrics().borrow().clone();
+                format!(
+                    "{}:{:?}/t{}/l{:?}/a{}",
+                    n.raft.id,
+                    m.state,
+                    m.current_term,
+                    m.current_leader,
+                    m.last_applied.map_or(0, |l| l.index)
+                )
+            })
+            .collect();
+        format!(
+            "[{}] leader {leader:?} term {term:?}; {ready}/{nodes} agents ready; {runnable} runnable, \
+             {starting} starting, {running} running; \
+             {} reconnects, {} failed reports",
+            views.join(" "),
+            self.tally.reconnects.load(Ordering::Relaxed),
+            self.tally.report_failures.load(Ordering::Relaxed)
+        )
     }
 
     /// (attempts the agents were handed, attempts whose exit was committed) so far. Counted
@@ -431,6 +485,10 @@ fn resident_kib() -> u64 {
         .unwrap_or(0)
 }
 
+/// As the real agent paces its retries.
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
 /// How long a simulated agent waits for one report to be answered.
 const REPORT_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -448,17 +506,26 @@ struct Tally {
     placed: AtomicU64,
     /// Attempts whose exit report was committed.
     ended: AtomicU64,
+    /// Times an agent lost its control node (a failed register, watch or heartbeat, or an
+    /// ended stream) and started over.
+    reconnects: AtomicU64,
+    /// Report calls that failed or timed out (each is retried).
+    report_failures: AtomicU64,
 }
 
 impl Agents {
     async fn start(cluster: &LocalCluster, args: &BenchArgs) -> anyhow::Result<Self> {
-        let addrs = cluster.grpc_addrs();
+        let addrs = Arc::new(cluster.grpc_addrs());
+        let connections = args.agents.div_ceil(AGENTS_PER_CONNECTION);
         let mut pools: Vec<Vec<Channel>> = Vec::new();
-        for addr in &addrs {
+        for addr in addrs.iter() {
             let mut pool = Vec::new();
-            for _ in 0..CONNECTIONS {
+            for _ in 0..connections {
+                // As the real agent's reporter sets them: a call that hangs fails.
                 pool.push(
                     Endpoint::from_shared(format!("http://{addr}"))?
+                        .connect_timeout(Duration::from_millis(500))
+                        .timeout(REPORT_TIMEOUT)
                         .http2_adaptive_window(true)
                         .connect_lazy(),
                 );
@@ -468,10 +535,14 @@ impl Agents {
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let tally = Arc::new(Tally::default());
         for i in 0..args.agents {
-            let channels: Vec<Channel> = pools.iter().map(|p| p[i % CONNECTIONS].clone()).collect();
+            let channels: Vec<Channel> = pools
+                .iter()
+                .map(|p| p[i / AGENTS_PER_CONNECTION].clone())
+                .collect();
             let agent = SimAgent {
                 id: format!("sim-{i:05}"),
                 channels,
+                addrs: addrs.clone(),
                 vcpus: args.agent_vcpus,
                 job_millis: args.job_millis,
                 tally: tally.clone(),
@@ -488,8 +559,9 @@ impl Agents {
 
 struct SimAgent {
     id: String,
-    /// One channel per control node.
+    /// One channel per control node, and the node's address.
     channels: Vec<Channel>,
+    addrs: Arc<Vec<String>>,
     vcpus: u64,
     job_millis: u64,
     tally: Arc<Tally>,
@@ -512,50 +584,70 @@ impl SimAgent {
         }
     }
 
+    /// As `muster agent` does: registers once, then watches its assignments at the leader
+    /// (following the leader hint a follower answers with), heartbeats where it watches, and
+    /// registers again only when a control node no longer knows it.
     async fn run(self, mut stopped: tokio::sync::watch::Receiver<bool>) {
         let this = Arc::new(self);
         let mut seen: HashSet<(String, u32)> = HashSet::new();
         let mut node = 0usize;
+        let mut registered = false;
+        let mut backoff = Backoff::new(RETRY_FIRST, RETRY_MAX, &this.id);
         loop {
             if *stopped.borrow() {
                 return;
             }
             let mut client = AgentServiceClient::new(this.channels[node].clone());
-            let registered = client
-                .register(pb::RegisterRequest {
+            if !registered {
+                let register = pb::RegisterRequest {
                     node_id: this.id.clone(),
                     compute_environment: "bench".into(),
                     inventory: Some(this.inventory()),
-                })
-                .await;
-            if registered.is_err() {
-                node = (node + 1) % this.channels.len();
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
+                };
+                if client.register(register).await.is_err() {
+                    this.tally.reconnects.fetch_add(1, Ordering::Relaxed);
+                    node = (node + 1) % this.channels.len();
+                    tokio::time::sleep(backoff.next_delay()).await;
+                    continue;
+                }
+                registered = true;
             }
-            let watch = client
-                .watch_assignments(pb::WatchRequest {
-                    node_id: this.id.clone(),
-                })
-                .await;
-            let Ok(watch) = watch else {
-                node = (node + 1) % this.channels.len();
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
+            let watch = pb::WatchRequest {
+                node_id: this.id.clone(),
             };
-            let mut stream = watch.into_inner();
+            let mut stream = match client.watch_assignments(watch).await {
+                Ok(watch) => watch.into_inner(),
+                Err(status) => {
+                    this.tally.reconnects.fetch_add(1, Ordering::Relaxed);
+                    let pause = backoff.failing();
+                    let delay = backoff.next_delay();
+                    match this.leader_hint(&status) {
+                        Some(leader) if !pause => node = leader,
+                        hint => {
+                            node = hint.unwrap_or((node + 1) % this.channels.len());
+                            tokio::time::sleep(delay).await;
+                        }
+                    }
+                    continue;
+                }
+            };
             let mut beat = tokio::time::interval(Duration::from_secs(5));
             loop {
                 tokio::select! {
                     _ = stopped.changed() => return,
                     _ = beat.tick() => {
                         let beat = pb::HeartbeatRequest { node_id: this.id.clone(), inventory: None, unhealthy: None };
-                        if client.heartbeat(beat).await.is_err() {
-                            break;
+                        match client.heartbeat(beat).await {
+                            Ok(_) => {}
+                            Err(status) => {
+                                registered = status.code() != tonic::Code::NotFound;
+                                break;
+                            }
                         }
                     }
                     message = stream.message() => {
                         let Ok(Some(set)) = message else { break };
+                        backoff.reset();
                         for a in set.assignments {
                             if seen.insert((a.job_id.clone(), a.attempt)) {
                                 this.tally.placed.fetch_add(1, Ordering::Relaxed);
@@ -565,8 +657,19 @@ impl SimAgent {
                     }
                 }
             }
+            this.tally.reconnects.fetch_add(1, Ordering::Relaxed);
             node = (node + 1) % this.channels.len();
         }
+    }
+
+    /// Which control node a refusal named as the leader.
+    fn leader_hint(&self, status: &tonic::Status) -> Option<usize> {
+        let hint = status
+            .metadata()
+            .get(muster_proto::LEADER_METADATA_KEY)?
+            .to_str()
+            .ok()?;
+        self.addrs.iter().position(|a| a == hint)
     }
 
     async fn run_attempt(
@@ -584,11 +687,14 @@ impl SimAgent {
         };
         // As the real agent's reporter: a call that hangs fails after a while (and the exit
         // is retried), rather than holding the attempt forever.
-        let _ = tokio::time::timeout(
+        let running = tokio::time::timeout(
             REPORT_TIMEOUT,
             client.report_attempt(report(Event::Running(pb::AttemptRunning {}))),
         )
         .await;
+        if !matches!(running, Ok(Ok(_))) {
+            self.tally.report_failures.fetch_add(1, Ordering::Relaxed);
+        }
         if self.job_millis > 0 {
             tokio::time::sleep(Duration::from_millis(self.job_millis)).await;
         }
@@ -602,6 +708,7 @@ impl SimAgent {
                 self.tally.ended.fetch_add(1, Ordering::Relaxed);
                 return;
             }
+            self.tally.report_failures.fetch_add(1, Ordering::Relaxed);
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
