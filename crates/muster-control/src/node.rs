@@ -80,6 +80,7 @@ impl ControlNode {
             config.node_id,
             Arc::new(raft_config),
             PeerNetwork {
+                id: config.node_id,
                 directory: peers.clone(),
             },
             log,

@@ -2,15 +2,15 @@
 
 use crate::{NodeId, TypeConfig};
 use muster_proto::pb::{RaftPayload, raft_service_client::RaftServiceClient};
-use openraft::BasicNode;
 use openraft::error::{
-    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Timeout, Unreachable,
 };
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
+use openraft::{BasicNode, RPCTypes};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::collections::BTreeMap;
@@ -80,6 +80,8 @@ impl PeerDirectory {
 /// openraft's network factory: hands out one [`PeerClient`] per target.
 #[derive(Clone)]
 pub struct PeerNetwork {
+    /// This node.
+    pub id: NodeId,
     pub directory: PeerDirectory,
 }
 
@@ -88,6 +90,7 @@ impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Self::Network {
         PeerClient {
+            source: self.id,
             target,
             client: self.directory.raft_client(target, Some(&node.addr)),
         }
@@ -95,6 +98,7 @@ impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
 }
 
 pub struct PeerClient {
+    source: NodeId,
     target: NodeId,
     client: Option<RaftServiceClient<Channel>>,
 }
@@ -110,10 +114,16 @@ pub(crate) fn decode<T: DeserializeOwned>(payload: &RaftPayload) -> Result<T, se
 }
 
 impl PeerClient {
-    /// Sends one RPC and unpacks the remote `Result`. A transport failure is `Unreachable`
-    /// (openraft backs off) and a garbled reply is a `Network` error.
+    /// Sends one RPC and unpacks the remote `Result`. A call that ran out of time is a
+    /// `Timeout`; one that could not reach the peer is `Unreachable` (openraft then sends it
+    /// nothing, heartbeats included, for 500 ms); a garbled reply is a `Network` error.
+    ///
+    /// The distinction matters: a busy follower that answers an AppendEntries late reported
+    /// as unreachable got no heartbeat for half a second, longer than its election timeout,
+    /// and called an election in a healthy cluster.
     async fn call<Req, Resp, E>(
         &mut self,
+        action: RPCTypes,
         req: &Req,
         option: &RPCOption,
         rpc: RpcFn,
@@ -132,7 +142,21 @@ impl PeerClient {
         request.set_timeout(option.hard_ttl());
         let reply = rpc(client, request)
             .await
-            .map_err(|status| RPCError::Unreachable(Unreachable::new(&status)))?;
+            .map_err(|status| match status.code() {
+                // tonic's own deadline ends a call as Cancelled ("Timeout expired").
+                tonic::Code::Cancelled | tonic::Code::DeadlineExceeded => {
+                    RPCError::Timeout(Timeout {
+                        action,
+                        id: self.source,
+                        target: self.target,
+                        timeout: option.hard_ttl(),
+                    })
+                }
+                tonic::Code::Unavailable | tonic::Code::Unknown => {
+                    RPCError::Unreachable(Unreachable::new(&status))
+                }
+                _ => RPCError::Network(NetworkError::new(&status)),
+            })?;
         let result: Result<Resp, E> =
             decode(reply.get_ref()).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
@@ -206,7 +230,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         let (message, cut_after) = EncodedAppendEntries::within(&rpc, APPEND_ENTRIES_BUDGET_BYTES)
             .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let reply = self
-            .call(&message, &option, |mut c, r| {
+            .call(RPCTypes::AppendEntries, &message, &option, |mut c, r| {
                 Box::pin(async move { c.append_entries(r).await })
             })
             .await?;
@@ -227,7 +251,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         InstallSnapshotResponse<NodeId>,
         RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
     > {
-        self.call(&rpc, &option, |mut c, r| {
+        self.call(RPCTypes::InstallSnapshot, &rpc, &option, |mut c, r| {
             Box::pin(async move { c.install_snapshot(r).await })
         })
         .await
@@ -238,9 +262,90 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.call(&rpc, &option, |mut c, r| {
+        self.call(RPCTypes::Vote, &rpc, &option, |mut c, r| {
             Box::pin(async move { c.vote(r).await })
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use muster_proto::pb::raft_service_server::{RaftService, RaftServiceServer};
+    use muster_proto::pb::{ReadIndexReply, ReadIndexRequest};
+    use openraft::Vote;
+    use tonic::{Request, Response, Status};
+
+    /// A peer that takes far longer than any Raft timeout to answer.
+    struct SlowPeer;
+
+    async fn late<T>() -> Result<Response<T>, Status> {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        Err(Status::internal("too late"))
+    }
+
+    #[tonic::async_trait]
+    impl RaftService for SlowPeer {
+        async fn append_entries(
+            &self,
+            _: Request<RaftPayload>,
+        ) -> Result<Response<RaftPayload>, Status> {
+            late().await
+        }
+        async fn vote(&self, _: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+            late().await
+        }
+        async fn install_snapshot(
+            &self,
+            _: Request<RaftPayload>,
+        ) -> Result<Response<RaftPayload>, Status> {
+            late().await
+        }
+        async fn propose(&self, _: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+            late().await
+        }
+        async fn read_index(
+            &self,
+            _: Request<ReadIndexRequest>,
+        ) -> Result<Response<ReadIndexReply>, Status> {
+            late().await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_late_answer_is_a_timeout_and_a_closed_port_is_unreachable() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let slow = listener.local_addr().unwrap().to_string();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(RaftServiceServer::new(SlowPeer))
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .to_string();
+        let mut network = PeerNetwork {
+            id: 1,
+            directory: PeerDirectory::default(),
+        };
+        let vote = VoteRequest::new(Vote::new(1, 1), None);
+
+        let mut busy = network.new_client(2, &BasicNode::new(&slow)).await;
+        let err = busy
+            .vote(vote.clone(), RPCOption::new(Duration::from_millis(200)))
+            .await
+            .unwrap_err();
+        // Unreachable would stop heartbeats to a live follower for 500 ms.
+        assert!(matches!(err, RPCError::Timeout(_)), "{err:?}");
+
+        let mut gone = network.new_client(3, &BasicNode::new(&closed)).await;
+        let err = gone
+            .vote(vote, RPCOption::new(Duration::from_secs(5)))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, RPCError::Unreachable(_)), "{err:?}");
     }
 }
