@@ -86,7 +86,7 @@ pub async fn run(
                 node: lost_node,
                 at: crate::now_millis(),
             };
-            if let Err(e) = node.raft.client_write(cmd).await {
+            if let Err(e) = node.raft.client_write(cmd.into()).await {
                 tracing::debug!(error = %e, "node-lost not committed");
                 break;
             }

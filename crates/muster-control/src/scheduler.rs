@@ -75,10 +75,13 @@ async fn round(node: &RaftNode, config: &PlanConfig, term: u64, refresh_reasons:
     if !unplaceable.is_empty()
         && let Err(e) = node
             .raft
-            .client_write(Command::FailUnplaceable {
-                jobs: unplaceable,
-                at: now,
-            })
+            .client_write(
+                Command::FailUnplaceable {
+                    jobs: unplaceable,
+                    at: now,
+                }
+                .into(),
+            )
             .await
     {
         tracing::debug!(error = %e, "unplaceable jobs not failed");
@@ -86,7 +89,7 @@ async fn round(node: &RaftNode, config: &PlanConfig, term: u64, refresh_reasons:
     if !reasons.is_empty()
         && let Err(e) = node
             .raft
-            .client_write(Command::SetWaitReasons { reasons })
+            .client_write(Command::SetWaitReasons { reasons }.into())
             .await
     {
         tracing::debug!(error = %e, "wait reasons not committed");
@@ -97,7 +100,7 @@ async fn round(node: &RaftNode, config: &PlanConfig, term: u64, refresh_reasons:
             reason,
             at: now,
         });
-        if let Err(e) = node.raft.client_write(cancel).await {
+        if let Err(e) = node.raft.client_write(cancel.into()).await {
             tracing::debug!(error = %e, "time-limit cancel not committed");
             return;
         }
@@ -117,7 +120,7 @@ async fn round(node: &RaftNode, config: &PlanConfig, term: u64, refresh_reasons:
     };
     // Proposed on this node's Raft only: if leadership moved meanwhile, the write fails here
     // instead of being forwarded, and the new leader plans for itself.
-    match node.raft.client_write(command).await {
+    match node.raft.client_write(command.into()).await {
         Ok(written) => {
             metrics::counter!("muster_scheduler_placements_total").increment(count as u64);
             metrics::histogram!("muster_scheduler_round_seconds")

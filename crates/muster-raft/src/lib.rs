@@ -20,14 +20,40 @@ pub use service::RaftGrpc;
 pub use state_machine::{AppliedState, StateHandle, StateMachine};
 
 use std::io::Cursor;
+use std::sync::Arc;
 
 /// Control nodes are numbered; the number is fixed in each node's config.
 pub type NodeId = u64;
 
+/// A command as openraft carries it. openraft copies an entry's payload as it goes (the
+/// proposal, the log cache, every follower's AppendEntries); shared, a copy costs a
+/// reference count rather than a deep copy of up to thousands of placements or submits.
+/// Encoded exactly as the [`Command`](muster_core::Command) it holds.
+#[derive(Debug, Clone)]
+pub struct LoggedCommand(pub Arc<muster_core::Command>);
+
+impl From<muster_core::Command> for LoggedCommand {
+    fn from(command: muster_core::Command) -> Self {
+        Self(Arc::new(command))
+    }
+}
+
+impl serde::Serialize for LoggedCommand {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(serializer)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for LoggedCommand {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        muster_core::Command::deserialize(deserializer).map(Self::from)
+    }
+}
+
 openraft::declare_raft_types!(
     /// Muster's openraft type configuration.
     pub TypeConfig:
-        D = muster_core::Command,
+        D = LoggedCommand,
         R = muster_core::Outcome,
         NodeId = NodeId,
         Node = openraft::BasicNode,

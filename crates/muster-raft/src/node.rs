@@ -2,7 +2,7 @@
 //! whichever node the request arrived at.
 
 use crate::network::{decode, encode};
-use crate::{NodeId, PeerDirectory, Raft, StateHandle};
+use crate::{LoggedCommand, NodeId, PeerDirectory, Raft, StateHandle};
 use muster_core::{Command, Outcome, State};
 use muster_proto::pb::ReadIndexRequest;
 use openraft::error::{ClientWriteError, RaftError};
@@ -55,6 +55,7 @@ impl RaftNode {
     /// leader; during an election it waits for one.
     pub async fn propose(&self, command: Command) -> Result<Outcome, ProposeError> {
         let deadline = Instant::now() + LEADER_WAIT;
+        let command = LoggedCommand::from(command);
         loop {
             let leader = match self.raft.client_write(command.clone()).await {
                 Ok(written) => return Ok(written.data),
@@ -62,7 +63,7 @@ impl RaftNode {
                 Err(e) => return Err(ProposeError::Failed(e.to_string())),
             };
             if let Some(leader) = leader.filter(|l| *l != self.id) {
-                match self.forward(leader, &command).await {
+                match self.forward(leader, &command.0).await {
                     Ok(ForwardedReply::Applied(outcome)) => return Ok(outcome),
                     Ok(ForwardedReply::Failed(e)) => return Err(ProposeError::Failed(e)),
                     // The leader took the command and did not answer in time: it may or may

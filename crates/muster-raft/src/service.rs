@@ -1,9 +1,9 @@
 //! The Raft gRPC server each control node runs for its peers.
 
+use crate::LoggedCommand;
 use crate::Raft;
 use crate::network::{decode, encode};
 use crate::node::ForwardedReply;
-use muster_core::Command;
 use muster_proto::pb::raft_service_server::RaftService;
 use muster_proto::pb::{RaftPayload, ReadIndexReply, ReadIndexRequest};
 use openraft::error::{ClientWriteError, RaftError};
@@ -56,7 +56,7 @@ impl RaftService for RaftGrpc {
         &self,
         request: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
-        let command: Command = decode(request.get_ref()).map_err(bad_payload)?;
+        let command: LoggedCommand = decode(request.get_ref()).map_err(bad_payload)?;
         let answer = match self.raft.client_write(command).await {
             Ok(written) => ForwardedReply::Applied(written.data),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {

@@ -209,8 +209,9 @@ impl<S: SnapshotStore<TypeConfig> + Clone> RaftStateMachine<TypeConfig> for Stat
                     EntryPayload::Blank => Outcome::Done,
                     EntryPayload::Normal(command) => {
                         self.node_signals
-                            .notify(&applied.state.nodes_affected_by(&command));
-                        applied.state.apply(command)
+                            .notify(&applied.state.nodes_affected_by(&command.0));
+                        // A deep copy only while the log's cache still shares the command.
+                        applied.state.apply(Arc::unwrap_or_clone(command.0))
                     }
                     EntryPayload::Membership(m) => {
                         applied.membership = StoredMembership::new(Some(entry.log_id), m);

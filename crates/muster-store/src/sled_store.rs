@@ -6,10 +6,12 @@ use openraft::{
     Entry, LogId, LogState, OptionalSend, RaftLogId, RaftLogReader, RaftTypeConfig, StorageError,
     StorageIOError, Vote,
 };
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::marker::PhantomData;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 const VOTE: &[u8] = b"vote";
 const COMMITTED: &[u8] = b"committed";
@@ -43,11 +45,12 @@ pub async fn open_sled_waiting(dir: &Path) -> Result<sled::Db, std::io::Error> {
 }
 
 /// Raft log entries keyed by big-endian index, plus vote and bookkeeping in a meta tree.
-/// Cloning shares the same trees (sled trees are reference counted).
+/// Cloning shares the same trees (sled trees are reference counted) and the same cache.
 pub struct SledLogStore<C: RaftTypeConfig> {
     db: sled::Db,
     logs: sled::Tree,
     meta: sled::Tree,
+    recent: Arc<Mutex<RecentEntries<C::Entry>>>,
     _types: PhantomData<C>,
 }
 
@@ -57,8 +60,65 @@ impl<C: RaftTypeConfig> Clone for SledLogStore<C> {
             db: self.db.clone(),
             logs: self.logs.clone(),
             meta: self.meta.clone(),
+            recent: self.recent.clone(),
             _types: PhantomData,
         }
+    }
+}
+
+/// Encoded bytes of the newest entries kept decoded in memory, per log.
+const RECENT_ENTRIES_BYTES: usize = 16 * 1024 * 1024;
+
+/// The newest entries of the log, decoded, without gaps and ending at the log's last entry
+/// (appends add at the end, truncation cuts the end, purges and the size bound cut the
+/// start). The leader reads every entry back once per follower to replicate it, just after
+/// appending it; decoding it from sled each time was most of what replication cost.
+struct RecentEntries<E> {
+    entries: BTreeMap<u64, (E, usize)>,
+    bytes: usize,
+}
+
+impl<E> RecentEntries<E> {
+    fn push(&mut self, index: u64, entry: E, bytes: usize) {
+        if let Some((_, old)) = self.entries.insert(index, (entry, bytes)) {
+            self.bytes -= old;
+        }
+        self.bytes += bytes;
+        while self.bytes > RECENT_ENTRIES_BYTES
+            && let Some((_, (_, evicted))) = self.entries.pop_first()
+        {
+            self.bytes -= evicted;
+        }
+    }
+
+    /// Drops the entries from `index` on, or (`up_to`) those up to and including it.
+    fn cut(&mut self, index: u64, up_to: bool) {
+        let dropped = if up_to {
+            let kept = self.entries.split_off(&(index + 1));
+            std::mem::replace(&mut self.entries, kept)
+        } else {
+            self.entries.split_off(&index)
+        };
+        self.bytes -= dropped.values().map(|(_, b)| b).sum::<usize>();
+    }
+
+    /// Entries `start..end` (`end` = `None`: to the last), if all of them are here.
+    fn get(&self, start: u64, end: Option<u64>) -> Option<Vec<E>>
+    where
+        E: Clone,
+    {
+        let (&first, _) = self.entries.first_key_value()?;
+        let (&last, _) = self.entries.last_key_value()?;
+        let end = end.unwrap_or(last + 1);
+        if start < first || end > last + 1 {
+            return None;
+        }
+        Some(
+            self.entries
+                .range(start..end)
+                .map(|(_, (e, _))| e.clone())
+                .collect(),
+        )
     }
 }
 
@@ -71,6 +131,10 @@ where
             db: db.clone(),
             logs: db.open_tree("raft_log").map_err(std::io::Error::other)?,
             meta: db.open_tree("raft_meta").map_err(std::io::Error::other)?,
+            recent: Arc::new(Mutex::new(RecentEntries {
+                entries: BTreeMap::new(),
+                bytes: 0,
+            })),
             _types: PhantomData,
         })
     }
@@ -97,6 +161,10 @@ where
         Ok(())
     }
 
+    fn recent(&self) -> std::sync::MutexGuard<'_, RecentEntries<C::Entry>> {
+        self.recent.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn last_entry_log_id(&self) -> Result<Option<LogId<C::NodeId>>, std::io::Error> {
         match self.logs.last().map_err(std::io::Error::other)? {
             Some((_, bytes)) => Ok(Some(decode::<Entry<C>>(&bytes)?.get_log_id().clone())),
@@ -120,6 +188,7 @@ fn read_err<NID: openraft::NodeId>(e: impl std::error::Error + 'static) -> Stora
 impl<C> RaftLogReader<C> for SledLogStore<C>
 where
     C: RaftTypeConfig<Entry = Entry<C>>,
+    C::Entry: Clone,
 {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
         &mut self,
@@ -130,10 +199,17 @@ where
             Bound::Excluded(&i) => i + 1,
             Bound::Unbounded => 0,
         };
-        let end = match range.end_bound() {
-            Bound::Included(&i) => Bound::Included(key(i)),
-            Bound::Excluded(&i) => Bound::Excluded(key(i)),
-            Bound::Unbounded => Bound::Unbounded,
+        let end_index = match range.end_bound() {
+            Bound::Included(&i) => Some(i + 1),
+            Bound::Excluded(&i) => Some(i),
+            Bound::Unbounded => None,
+        };
+        if let Some(entries) = self.recent().get(start, end_index) {
+            return Ok(entries);
+        }
+        let end = match end_index {
+            Some(i) => Bound::Excluded(key(i)),
+            None => Bound::Unbounded,
         };
         let mut entries = Vec::new();
         for item in self.logs.range((Bound::Included(key(start)), end)) {
@@ -147,6 +223,7 @@ where
 impl<C> RaftLogStorage<C> for SledLogStore<C>
 where
     C: RaftTypeConfig<Entry = Entry<C>>,
+    C::Entry: Clone,
 {
     type LogReader = Self;
 
@@ -210,11 +287,20 @@ where
         // One batch and one flush for everything openraft hands us at once; the callback
         // (which lets Raft acknowledge) fires only once the entries are on disk.
         let mut batch = sled::Batch::default();
+        let mut appended = Vec::new();
         for entry in entries {
-            batch.insert(
-                &key(entry.get_log_id().index),
-                encode(&entry).map_err(write_err)?,
-            );
+            let index = entry.get_log_id().index;
+            let bytes = encode(&entry).map_err(write_err)?;
+            appended.push((index, bytes.len(), entry));
+            batch.insert(&key(index), bytes);
+        }
+        {
+            // Cached before the write completes: until the callback fires, openraft reads
+            // none of these entries, and if the write fails the node stops.
+            let mut recent = self.recent();
+            for (index, bytes, entry) in appended {
+                recent.push(index, entry, bytes);
+            }
         }
         let result = async {
             self.logs
@@ -238,6 +324,7 @@ where
     }
 
     async fn truncate(&mut self, log_id: LogId<C::NodeId>) -> Result<(), StorageError<C::NodeId>> {
+        self.recent().cut(log_id.index, false);
         let mut batch = sled::Batch::default();
         for item in self.logs.range(key(log_id.index)..) {
             let (k, _) = item.map_err(read_err)?;
@@ -259,6 +346,7 @@ where
         self.write_meta(LAST_PURGED, &log_id)
             .await
             .map_err(write_err)?;
+        self.recent().cut(log_id.index, true);
         let mut batch = sled::Batch::default();
         for item in self.logs.range(..=key(log_id.index)) {
             let (k, _) = item.map_err(read_err)?;
@@ -268,5 +356,50 @@ where
             .apply_batch(batch)
             .map_err(|e| write_err(std::io::Error::other(e)))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn recent(indexes: std::ops::RangeInclusive<u64>, bytes: usize) -> RecentEntries<u64> {
+        let mut recent = RecentEntries {
+            entries: BTreeMap::new(),
+            bytes: 0,
+        };
+        for i in indexes {
+            recent.push(i, i, bytes);
+        }
+        recent
+    }
+
+    #[test]
+    fn recent_entries_answer_only_ranges_they_hold_whole() {
+        let recent = recent(5..=9, 10);
+        assert_eq!(recent.get(5, Some(10)), Some(vec![5, 6, 7, 8, 9]));
+        assert_eq!(recent.get(7, None), Some(vec![7, 8, 9]));
+        assert_eq!(recent.get(9, Some(9)), Some(vec![]));
+        // Starts before the cache, or runs past the log's end: sled answers.
+        assert_eq!(recent.get(4, Some(8)), None);
+        assert_eq!(recent.get(6, Some(11)), None);
+    }
+
+    #[test]
+    fn recent_entries_stay_within_their_byte_bound_and_follow_truncation_and_purge() {
+        let entry = RECENT_ENTRIES_BYTES / 4;
+        let mut recent = recent(1..=6, entry);
+        assert_eq!(recent.bytes, 4 * entry);
+        assert_eq!(recent.get(3, None), Some(vec![3, 4, 5, 6]));
+        assert_eq!(recent.get(2, None), None, "the oldest were evicted");
+
+        recent.cut(5, false);
+        assert_eq!(recent.get(3, None), Some(vec![3, 4]));
+        recent.push(5, 50, entry);
+        assert_eq!(recent.get(3, None), Some(vec![3, 4, 50]));
+
+        recent.cut(3, true);
+        assert_eq!(recent.get(4, None), Some(vec![4, 50]));
+        assert_eq!(recent.bytes, 2 * entry);
     }
 }
