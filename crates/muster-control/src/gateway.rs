@@ -18,9 +18,13 @@ use tonic::{Request, Response, Status};
 /// How often an unchanged assignment set is sent again, so that a silent stream is noticed.
 const RESEND: Duration = Duration::from_secs(5);
 
+/// How long a watch that arrives during an election waits for a leader to be known.
+const LEADER_WAIT: Duration = Duration::from_secs(3);
+
 /// Most reports committed as one entry (each is small and of bounded size).
 const REPORT_BATCH: BatchLimits = BatchLimits {
-    items: 4096,
+    // Small enough that an entry reaches a loaded follower within one heartbeat interval.
+    items: 1024,
     bytes: usize::MAX,
 };
 
@@ -58,6 +62,16 @@ impl AgentGateway {
             Ok(outcome) => Ok(outcome),
             Err(e) => Err(Status::unavailable(e.to_string())),
         }
+    }
+
+    /// While an election runs no node can name the leader. A watch arriving then is held
+    /// until one is known (or [`LEADER_WAIT`] passes) rather than refused at once: after a
+    /// leader fails, every agent of the fleet calls within milliseconds, and answered at once
+    /// they would only call again and again while the election needs the CPU.
+    async fn wait_for_a_leader(&self) {
+        let mut metrics = self.node.raft.server_metrics();
+        let known = metrics.wait_for(|m| m.current_leader.is_some());
+        let _ = tokio::time::timeout(LEADER_WAIT, known).await;
     }
 
     fn not_leader(&self) -> Status {
@@ -170,7 +184,10 @@ impl AgentService for AgentGateway {
         request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchAssignmentsStream>, Status> {
         if !self.node.is_leader() {
-            return Err(self.not_leader());
+            self.wait_for_a_leader().await;
+            if !self.node.is_leader() {
+                return Err(self.not_leader());
+            }
         }
         let node_id = NodeId(request.into_inner().node_id);
         let (tx, rx) = mpsc::channel(4);
@@ -228,7 +245,10 @@ async fn stream_assignments(
     // streams polling on a timer instead cost more than the work they watch for.
     let mut changes = node.state.node_changes(&agent);
     let mut role = node.raft.server_metrics();
-    let mut last_sent = None;
+    // Which attempts the last set sent held. An attempt's assignment never changes once
+    // placed, so a set is described in full only when its attempts changed (or is resent):
+    // describing it on every wake-up was most of the leader's CPU under load.
+    let mut last_sent: Option<Vec<(JobId, u32)>> = None;
     let mut last_sent_at = tokio::time::Instant::now();
     // Whether the assignments must be looked at again (a change, or time to resend).
     let mut look = true;
@@ -240,9 +260,17 @@ async fn stream_assignments(
                 .await;
             return;
         }
-        if look || last_sent_at.elapsed() >= RESEND {
-            let assignments = node.state.read().state.assignments_for(&agent);
-            if last_sent.as_ref() != Some(&assignments) || last_sent_at.elapsed() >= RESEND {
+        let resend = last_sent_at.elapsed() >= RESEND;
+        if look || resend {
+            let set = {
+                let applied = node.state.read();
+                let keys = applied.state.assignment_keys(&agent);
+                (resend || last_sent.as_ref() != Some(&keys)).then(|| {
+                    let assignments = applied.state.assignments_for(&agent);
+                    (keys, assignments)
+                })
+            };
+            if let Some((keys, assignments)) = set {
                 let set = AssignmentSet {
                     term,
                     assignments: assignments.iter().map(assignment_to_pb).collect(),
@@ -250,7 +278,7 @@ async fn stream_assignments(
                 if tx.send(Ok(set)).await.is_err() {
                     return;
                 }
-                last_sent = Some(assignments);
+                last_sent = Some(keys);
                 last_sent_at = tokio::time::Instant::now();
             }
         }

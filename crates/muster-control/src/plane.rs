@@ -5,10 +5,11 @@ use muster_api::{ControlPlane, LogPage, LogRequest};
 use muster_core::{Command, JobSubmission, Outcome, State, Timestamp};
 use muster_raft::RaftNode;
 
-/// How many submits, and how many encoded bytes of them, one entry holds at most.
+/// How many submits, and how many encoded bytes of them, one entry holds at most (an entry
+/// must reach a loaded follower within one heartbeat interval).
 const SUBMIT_BATCH: BatchLimits = BatchLimits {
     items: 1024,
-    bytes: 512 * 1024,
+    bytes: 256 * 1024,
 };
 
 #[derive(Clone)]

@@ -26,19 +26,34 @@ const REASONS_EVERY: Duration = Duration::from_secs(2);
 pub async fn run(node: RaftNode, config: PlanConfig, mut shutdown: watch::Receiver<bool>) {
     let mut applied = node.state.applied_index();
     let mut reasons_written = std::time::Instant::now() - REASONS_EVERY;
+    // The state's placement epoch and term the last round planned on. An entry that moved
+    // neither (an attempt reported RUNNING, the commonest under load) gives a round nothing
+    // new to place, and with a full cluster and a long queue a round is not cheap: the head
+    // job's reservation looks at every node.
+    // Time-based decisions (queue time limits, wait reasons) still need a round every TICK.
+    let mut planned_on = None;
+    let mut last_round = std::time::Instant::now();
     loop {
         tokio::select! {
             _ = shutdown.changed() => return,
             _ = applied.changed() => {}
             _ = tokio::time::sleep(TICK) => {}
         }
+        let ticked = last_round.elapsed() >= TICK;
         if *shutdown.borrow() {
             return;
         }
         let (leader, term) = node.leader();
         if leader != Some(node.id) {
+            planned_on = None;
             continue;
         }
+        let epoch = (node.state.read().state.placement_epoch(), term);
+        if !ticked && planned_on == Some(epoch) {
+            continue;
+        }
+        planned_on = Some(epoch);
+        last_round = std::time::Instant::now();
         let refresh = reasons_written.elapsed() >= REASONS_EVERY;
         if refresh {
             reasons_written = std::time::Instant::now();

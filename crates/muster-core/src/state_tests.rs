@@ -209,6 +209,62 @@ fn a_job_goes_through_its_lifecycle_and_parameters_fill_the_command() {
     ));
 }
 
+/// The scheduler plans again only when the placement epoch moves, and an agent's stream
+/// looks again only when its node is affected: an attempt reported RUNNING moves neither,
+/// everything that frees room or adds work does.
+#[test]
+fn only_what_can_change_placements_or_assignments_wakes_the_scheduler_or_a_stream() {
+    let mut s = base();
+    let n1 = NodeId("n1".into());
+    let epoch = s.placement_epoch();
+    s.apply(submit("j", 10, "d"));
+    assert!(s.placement_epoch() > epoch, "a submit adds work");
+    s.apply(Command::Place {
+        term: 1,
+        at: Timestamp(11),
+        placements: vec![Placement {
+            job: JobId::from("j"),
+            node: n1.clone(),
+            gpus: vec![],
+        }],
+    });
+    assert_eq!(
+        s.assignment_keys(&n1),
+        s.assignments_for(&n1)
+            .iter()
+            .map(|a| (a.job.clone(), a.attempt))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(s.assignment_keys(&n1), vec![(JobId::from("j"), 1)]);
+    let reports = |event| Command::ReportAttempts {
+        reports: vec![AttemptReport {
+            job: JobId::from("j"),
+            attempt: 1,
+            node: n1.clone(),
+            event,
+        }],
+        at: Timestamp(12),
+    };
+    let running = reports(AttemptEvent::Running);
+    assert_eq!(s.nodes_affected_by(&running), AffectedNodes::Some(vec![]));
+    let epoch = s.placement_epoch();
+    s.apply(running);
+    assert_eq!(s.placement_epoch(), epoch, "RUNNING frees nothing");
+    assert_eq!(s.assignment_keys(&n1).len(), 1);
+
+    let exited = reports(AttemptEvent::Exited {
+        exit_code: Some(0),
+        reason: None,
+    });
+    assert_eq!(
+        s.nodes_affected_by(&exited),
+        AffectedNodes::Some(vec![n1.clone()])
+    );
+    s.apply(exited);
+    assert!(s.placement_epoch() > epoch, "an exit frees room");
+    assert!(s.assignment_keys(&n1).is_empty());
+}
+
 #[test]
 fn submits_are_refused_for_unknown_or_disabled_targets() {
     let mut s = base();

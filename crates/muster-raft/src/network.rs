@@ -180,7 +180,9 @@ type RpcFn = fn(
 /// included, and retries a timed-out one unchanged: a follower far behind, sent megabytes at a
 /// time, would time out forever. Sending a prefix and reporting it as a partial success keeps
 /// every message small enough to land in time, and the follower catches up a prefix at a time.
-pub const APPEND_ENTRIES_BUDGET_BYTES: usize = 1024 * 1024;
+/// Entries themselves are kept well under this by whoever proposes them (placements per round,
+/// reports and submits per batch), since an entry cannot be split.
+pub const APPEND_ENTRIES_BUDGET_BYTES: usize = 512 * 1024;
 
 /// [`AppendEntriesRequest`] as it goes on the wire, its entries already encoded: the same JSON
 /// the follower decodes as an `AppendEntriesRequest`.

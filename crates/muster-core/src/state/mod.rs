@@ -61,6 +61,10 @@ pub struct State {
     /// All jobs per queue in submit order, for ListJobs. Derived from `jobs`.
     #[serde(skip)]
     jobs_by_queue: BTreeMap<String, BTreeSet<(u64, JobId)>>,
+    /// Counts applied commands that may let the scheduler place something it could not
+    /// before; see [`State::placement_epoch`]. Not stored: it starts again at 0 on load.
+    #[serde(skip)]
+    placement_epoch: u64,
 }
 
 /// See [`State::nodes_affected_by`].
@@ -255,12 +259,8 @@ impl State {
         let Some(n) = self.nodes.get(node) else {
             return Vec::new();
         };
-        n.placed_jobs
-            .iter()
-            .filter_map(|id| self.jobs.get(id))
-            .filter(|job| job.terminate_reason.is_none())
-            .filter_map(|job| {
-                let active = job.active.as_ref()?;
+        self.assigned_attempts(n)
+            .map(|(job, active)| {
                 let gpus: Vec<crate::GpuDevice> = active
                     .gpus
                     .iter()
@@ -318,7 +318,7 @@ impl State {
                     environment.push(("AWS_BATCH_JOB_ARRAY_INDEX".to_owned(), index.to_string()));
                     environment.push(("AWS_BATCH_JOB_ARRAY_SIZE".to_owned(), size.to_string()));
                 }
-                Some(Assignment {
+                Assignment {
                     job: job.id.clone(),
                     attempt: active.number,
                     term: active.term,
@@ -337,9 +337,55 @@ impl State {
                         .and_then(|d| d.extra.get("containerProperties"))
                         .map(crate::ContainerOptions::from_properties)
                         .unwrap_or_default(),
-                })
+                }
             })
             .collect()
+    }
+
+    /// Changes whenever an applied command may have made room, work or a node for a
+    /// placement: a scheduler that already planned on this epoch and placed all it could
+    /// has nothing new to find until it moves (or time passes, for time-based decisions).
+    /// Under load most entries are attempts reported RUNNING, which change none of that.
+    pub fn placement_epoch(&self) -> u64 {
+        self.placement_epoch
+    }
+
+    fn may_enable_placements(cmd: &Command) -> bool {
+        match cmd {
+            Command::ReportAttempt {
+                event: AttemptEvent::Running,
+                ..
+            }
+            | Command::SetWaitReasons { .. } => false,
+            Command::ReportAttempts { reports, .. } => reports
+                .iter()
+                .any(|r| !matches!(r.event, AttemptEvent::Running)),
+            _ => true,
+        }
+    }
+
+    /// Which attempts [`Self::assignments_for`] would describe, as (job, attempt) in the same
+    /// order: a cheap way to tell whether a node's assignments changed. What an assignment
+    /// says is fixed when its attempt is placed.
+    pub fn assignment_keys(&self, node: &NodeId) -> Vec<(JobId, u32)> {
+        let Some(n) = self.nodes.get(node) else {
+            return Vec::new();
+        };
+        self.assigned_attempts(n)
+            .map(|(job, active)| (job.id.clone(), active.number))
+            .collect()
+    }
+
+    /// The attempts placed on `node` that it should be running.
+    fn assigned_attempts<'a>(
+        &'a self,
+        node: &'a Node,
+    ) -> impl Iterator<Item = (&'a Job, &'a crate::ActiveAttempt)> + 'a {
+        node.placed_jobs
+            .iter()
+            .filter_map(|id| self.jobs.get(id))
+            .filter(|job| job.terminate_reason.is_none())
+            .filter_map(|job| Some((job, job.active.as_deref()?)))
     }
 
     /// Checks a command against this state without changing it. The API calls this before
@@ -501,6 +547,9 @@ impl State {
     pub fn apply(&mut self, cmd: Command) -> Outcome {
         if let Err(rejection) = self.check(&cmd) {
             return Outcome::Rejected(rejection);
+        }
+        if Self::may_enable_placements(&cmd) {
+            self.placement_epoch += 1;
         }
         match cmd {
             Command::CreateComputeEnvironment(mut ce) => {
@@ -754,13 +803,22 @@ impl State {
             Command::Place { placements, .. } => {
                 AffectedNodes::Some(placements.iter().map(|p| p.node.clone()).collect())
             }
+            // An attempt reported RUNNING stays assigned; one that exited is no longer.
+            Command::ReportAttempt {
+                event: AttemptEvent::Running,
+                ..
+            } => AffectedNodes::Some(Vec::new()),
             Command::ReportAttempt { node, .. }
             | Command::NodeLost { node, .. }
             | Command::NodeHealth { node, .. }
             | Command::RegisterNode { node, .. } => AffectedNodes::Some(vec![node.clone()]),
-            Command::ReportAttempts { reports, .. } => {
-                AffectedNodes::Some(reports.iter().map(|r| r.node.clone()).collect())
-            }
+            Command::ReportAttempts { reports, .. } => AffectedNodes::Some(
+                reports
+                    .iter()
+                    .filter(|r| !matches!(r.event, AttemptEvent::Running))
+                    .map(|r| r.node.clone())
+                    .collect(),
+            ),
             Command::TerminateJob { job, .. } => {
                 AffectedNodes::Some(node_of(job).into_iter().collect())
             }
