@@ -20,7 +20,9 @@ const STREAM_SILENCE: Duration = Duration::from_secs(15);
 /// The first and the longest wait before calling the control plane again after a failure
 /// (see [`Backoff`]).
 const RETRY_FIRST: Duration = Duration::from_millis(100);
-const RETRY_MAX: Duration = Duration::from_secs(5);
+/// After a failover, an agent's next try comes at most this long after the new leader is
+/// up: the scheduler may already have placed work on it.
+const RETRY_MAX: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {

@@ -198,13 +198,15 @@ impl ControlNode {
         })
     }
 
-    /// Stops the servers and loops, then Raft, and waits for all of it. The data directory
-    /// is released when this returns.
+    /// Stops Raft, then the servers and loops, and waits for all of it. The data directory
+    /// is released when this returns. Raft goes first: a leader that keeps heartbeating
+    /// while its servers drain only delays the election of its successor, and sends the
+    /// agents that lose their streams back to it.
     pub async fn shutdown(self) {
-        let _ = self.shutdown.send(true);
         if let Err(e) = self.raft.raft.shutdown().await {
             tracing::warn!(error = %e, "raft did not shut down cleanly");
         }
+        let _ = self.shutdown.send(true);
         for task in self.tasks {
             // Servers stop accepting at once; open streams end with the shutdown signal.
             let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
