@@ -309,19 +309,12 @@ impl Bench {
                 .nodes()
                 .filter(|n| n.status == muster_core::NodeStatus::Ready)
                 .count();
-            let active = |status| s.jobs_in_queue("bench", Some(status)).count();
-            (
-                ready,
-                s.nodes().count(),
-                s.runnable_count("bench"),
-                active(muster_core::JobStatus::Starting),
-                active(muster_core::JobStatus::Running),
-            )
+            (ready, s.nodes().count(), s.runnable_count("bench"))
         });
         let term = leader
             .and_then(|l| self.cluster.node(l))
             .map(|n| n.raft.leader().1);
-        let (ready, nodes, runnable, starting, running) = view.unwrap_or_default();
+        let (ready, nodes, runnable) = view.unwrap_or_default();
         let views: Vec<String> = self
             .cluster
             .running()
@@ -338,8 +331,7 @@ impl Bench {
             })
             .collect();
         format!(
-            "[{}] leader {leader:?} term {term:?}; {ready}/{nodes} agents ready; {runnable} runnable, \
-             {starting} starting, {running} running; \
+            "[{}] leader {leader:?} term {term:?}; {ready}/{nodes} agents ready; {runnable} runnable; \
              {} reconnects, {} failed reports",
             views.join(" "),
             self.tally.reconnects.load(Ordering::Relaxed),
@@ -444,33 +436,67 @@ impl Bench {
         let tally = self.tally.clone();
         let placed_before = tally.placed.load(Ordering::Relaxed);
         let survivor = self.clients[(leader % 3) as usize].clone();
+        let survivor_raft = self
+            .cluster
+            .node(leader % 3 + 1)
+            .context("no survivor")?
+            .raft
+            .clone();
         let stopped = Instant::now();
+        let elected = {
+            let survivor_raft = survivor_raft.clone();
+            async move {
+                loop {
+                    if let (Some(l), _) = survivor_raft.leader()
+                        && l != leader
+                    {
+                        return stopped.elapsed();
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        };
         let measure = async move {
             let deadline = Instant::now() + Duration::from_secs(60);
-            loop {
+            let job = loop {
                 let body = json!({"jobName": "after-failover", "jobQueue": "bench",
                                   "jobDefinition": "sim"});
-                if survivor.call("SubmitJob", body).await.is_ok() {
-                    break;
+                if let Ok(answer) = survivor.call("SubmitJob", body).await {
+                    break muster_core::JobId::from(answer["jobId"].as_str().unwrap_or_default());
                 }
                 anyhow::ensure!(Instant::now() < deadline, "no survivor accepted a submit");
                 tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            };
             let accepted = stopped.elapsed();
-            while tally.placed.load(Ordering::Relaxed) <= placed_before {
+            // Committed: the survivor has applied the job's placement (and maybe its end).
+            let waiting = |s: &State| {
+                s.job(&job).is_none_or(|j| {
+                    use muster_core::JobStatus::*;
+                    matches!(j.status, Submitted | Pending | Runnable)
+                })
+            };
+            while waiting(&survivor_raft.state.read().state) {
                 anyhow::ensure!(Instant::now() < deadline, "nothing placed after failover");
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            Ok((accepted, stopped.elapsed()))
+            let committed = stopped.elapsed();
+            while tally.placed.load(Ordering::Relaxed) <= placed_before {
+                anyhow::ensure!(Instant::now() < deadline, "no agent was handed it");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Ok((accepted, committed, stopped.elapsed()))
         };
-        let (_, measured) = tokio::join!(self.cluster.stop_node(leader), measure);
-        let (accepted, placed) = measured?;
+        let (_, measured, elected) = tokio::join!(self.cluster.stop_node(leader), measure, elected);
+        let (accepted, committed, received) = measured?;
         row(
             "leader stopped → next placement committed by the new leader",
             &format!(
-                "{} ms (a survivor accepted a submit after {} ms)",
-                placed.as_millis(),
-                accepted.as_millis()
+                "{} ms (new leader after {} ms, a survivor accepted a submit after {} ms; \
+                 its agent had it after {} ms)",
+                committed.as_millis(),
+                elected.as_millis(),
+                accepted.as_millis(),
+                received.as_millis()
             ),
         );
         Ok(())
@@ -495,7 +521,7 @@ fn resident_kib() -> u64 {
 
 /// As the real agent paces its retries.
 const RETRY_FIRST: Duration = Duration::from_millis(100);
-const RETRY_MAX: Duration = Duration::from_secs(5);
+const RETRY_MAX: Duration = Duration::from_secs(1);
 
 /// How long a simulated agent waits for one report to be answered.
 const REPORT_TIMEOUT: Duration = Duration::from_secs(15);
