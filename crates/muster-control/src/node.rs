@@ -203,14 +203,25 @@ impl ControlNode {
     /// while its servers drain only delays the election of its successor, and sends the
     /// agents that lose their streams back to it.
     pub async fn shutdown(self) {
-        if let Err(e) = self.raft.raft.shutdown().await {
+        let Self {
+            raft,
+            shutdown,
+            tasks,
+            ..
+        } = self;
+        if let Err(e) = raft.raft.shutdown().await {
             tracing::warn!(error = %e, "raft did not shut down cleanly");
         }
-        let _ = self.shutdown.send(true);
-        for task in self.tasks {
+        let _ = shutdown.send(true);
+        for task in tasks {
             // Servers stop accepting at once; open streams end with the shutdown signal.
             let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
         }
+        // Freeing a state of a million jobs takes seconds: off the async threads, which the
+        // other nodes of this process (`muster dev`, tests, the bench) are using meanwhile.
+        let state = raft.state.clone();
+        drop(raft);
+        let _ = tokio::task::spawn_blocking(move || drop(state)).await;
     }
 }
 
