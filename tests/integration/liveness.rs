@@ -1,7 +1,8 @@
 //! A worker that stops heartbeating is marked lost; its attempts fail with
 //! `Host <node> terminated.` and retry elsewhere. A leader change alone loses no worker.
+//! What a worker reports applies once; a bad batch of reports is refused whole.
 
-use crate::harness::{DEADLINE, TestCluster, create_basics, ok, wait_for_status};
+use crate::harness::{DEADLINE, TestCluster, create_basics, describe, ok, wait_for_status};
 use serde_json::json;
 use std::time::{Duration, Instant};
 
@@ -210,5 +211,133 @@ async fn an_unhealthy_node_gets_no_work_until_it_recovers() {
         .expect("heartbeat accepted");
     // `sick` is the only node of `ce`: the job is placed there once it recovers.
     wait_for_status(&client, &job, &["STARTING", "RUNNING"]).await;
+    t.shutdown().await;
+}
+
+/// An agent may report an attempt's RUNNING and exit in one call (a job that ends at once):
+/// the job ends with the time it started, a batch sent again changes nothing, and a malformed
+/// or oversized batch is refused whole, naming what is wrong, with nothing applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reports_sent_together_apply_once_and_bad_batches_are_refused_whole() {
+    use muster_proto::pb;
+    use pb::attempt_report::Event;
+    let t = TestCluster::start(3).await;
+    let client = t.client(1);
+    create_basics(&client, "ce", "q", "d").await;
+    let leader = t.cluster.leader().expect("a leader");
+    // Reports may go to any node; a follower forwards them.
+    let follower = if leader == 1 { 2 } else { 1 };
+    let grpc = |id: u64| format!("http://{}", t.cluster.grpc_addrs()[(id - 1) as usize]);
+    let mut agent = pb::agent_service_client::AgentServiceClient::connect(grpc(leader))
+        .await
+        .expect("gRPC connects");
+    let mut reporter = pb::agent_service_client::AgentServiceClient::connect(grpc(follower))
+        .await
+        .expect("gRPC connects");
+    agent
+        .register(pb::RegisterRequest {
+            node_id: "hand".into(),
+            compute_environment: "ce".into(),
+            inventory: Some(pb::Inventory {
+                capacity: Some(pb::Resources {
+                    millicpus: 4000,
+                    memory_mib: 4096,
+                    gpus: 0,
+                }),
+                hostname: "hand".into(),
+                address: "127.0.0.1".into(),
+                executor: "process".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("registers");
+    let job = ok(client
+        .call(
+            "SubmitJob",
+            json!({"jobName": "quick", "jobQueue": "q", "jobDefinition": "d"}),
+        )
+        .await)["jobId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut watch = agent
+        .watch_assignments(pb::WatchRequest {
+            node_id: "hand".into(),
+        })
+        .await
+        .expect("watches")
+        .into_inner();
+    let attempt = loop {
+        let set = watch.message().await.expect("stream").expect("a set");
+        if let Some(a) = set.assignments.iter().find(|a| a.job_id == job) {
+            break a.attempt;
+        }
+    };
+    let report = |event| pb::AttemptReport {
+        node_id: "hand".into(),
+        job_id: job.clone(),
+        attempt,
+        event: Some(event),
+    };
+    let exited = |code| {
+        Event::Exited(pb::AttemptExited {
+            exit_code: Some(code),
+            reason: None,
+        })
+    };
+    let both = pb::AttemptReports {
+        reports: vec![
+            report(Event::Running(pb::AttemptRunning {})),
+            report(exited(0)),
+        ],
+    };
+
+    // Refused whole: one report without an event, or more than one entry's worth.
+    let mut malformed = both.clone();
+    malformed.reports.push(pb::AttemptReport {
+        event: None,
+        ..report(exited(0))
+    });
+    let refused = reporter.report_attempts(malformed).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(
+        refused.message().contains("event is required"),
+        "{refused:?}"
+    );
+    let oversized = pb::AttemptReports {
+        reports: vec![report(Event::Running(pb::AttemptRunning {})); 1025],
+    };
+    let refused = reporter.report_attempts(oversized).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(
+        refused.message().contains("reports: at most 1024"),
+        "{refused:?}"
+    );
+    let described = describe(&client, &job).await.unwrap();
+    assert_eq!(
+        described["status"], "STARTING",
+        "nothing applied: {described}"
+    );
+
+    reporter
+        .report_attempts(both.clone())
+        .await
+        .expect("accepted");
+    let done = describe(&client, &job).await.unwrap();
+    assert_eq!(done["status"], "SUCCEEDED", "{done}");
+    assert!(done["startedAt"].as_u64().is_some(), "it ran: {done}");
+    // Sent again (as after a lost answer), and a late failure report: nothing changes.
+    reporter.report_attempts(both).await.expect("accepted");
+    reporter
+        .report_attempts(pb::AttemptReports {
+            reports: vec![report(exited(1))],
+        })
+        .await
+        .expect("accepted");
+    let again = describe(&client, &job).await.unwrap();
+    assert_eq!(again["status"], "SUCCEEDED", "{again}");
+    assert_eq!(again["attempts"].as_array().unwrap().len(), 1, "{again}");
+    assert_eq!(again["container"]["exitCode"], 0, "{again}");
     t.shutdown().await;
 }

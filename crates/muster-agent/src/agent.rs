@@ -2,7 +2,7 @@
 
 use crate::backoff::Backoff;
 use crate::executor::{DockerExecutor, Executor, ProcessExecutor};
-use crate::reporter::{ControlClient, Event, report};
+use crate::reporter::{ControlClient, Event, Reporter};
 use crate::{AgentConfig, ExecutorKind, inventory};
 use muster_core::Assignment;
 use muster_proto::pb::{HeartbeatRequest, RegisterRequest, WatchRequest};
@@ -126,8 +126,21 @@ impl Agent {
             self.last_contact.clone(),
             shutdown.clone(),
         ));
+        let channels = self
+            .control
+            .addrs
+            .iter()
+            .filter_map(|addr| self.control.channel(addr))
+            .collect();
+        let reporter = Reporter::spawn(
+            &self.config.node_id,
+            channels,
+            Arc::default(),
+            shutdown.clone(),
+        );
         let mut slots = HashMap::new();
-        self.watch_loop(&mut slots, shutdown.clone()).await;
+        self.watch_loop(&mut slots, &reporter, shutdown.clone())
+            .await;
         for slot in slots.values() {
             let _ = slot.stop.send(true);
         }
@@ -180,6 +193,7 @@ impl Agent {
     async fn watch_loop(
         &self,
         slots: &mut HashMap<(String, u32), Slot>,
+        reporter: &Reporter,
         mut shutdown: watch::Receiver<bool>,
     ) {
         let mut leader_hint: Option<String> = None;
@@ -256,7 +270,7 @@ impl Agent {
                                 .collect();
                             self.executor.remove_strays(&keep).await;
                         }
-                        self.reconcile(slots, desired, &shutdown);
+                        self.reconcile(slots, desired, reporter);
                     }
                     _ => break,
                 }
@@ -295,7 +309,7 @@ impl Agent {
         &self,
         slots: &mut HashMap<(String, u32), Slot>,
         desired: Vec<Assignment>,
-        shutdown: &watch::Receiver<bool>,
+        reporter: &Reporter,
     ) {
         let wanted: HashMap<(String, u32), Assignment> = desired
             .into_iter()
@@ -316,14 +330,12 @@ impl Agent {
             let done = Arc::new(AtomicBool::new(false));
             tokio::spawn(run_attempt(
                 self.executor.clone(),
-                self.control.clone(),
-                self.config.node_id.clone(),
+                reporter.clone(),
                 assignment,
                 self.log_path(&key),
                 stop_rx,
                 done.clone(),
                 self.config.stop_grace,
-                shutdown.clone(),
             ));
             slots.insert(key, Slot { stop, done });
         }
@@ -394,22 +406,23 @@ async fn serve_logs(
 #[allow(clippy::too_many_arguments)]
 async fn run_attempt(
     executor: Arc<Executor>,
-    control: ControlClient,
-    node_id: String,
+    reporter: Reporter,
     assignment: Assignment,
     log_path: PathBuf,
     stop: watch::Receiver<bool>,
     done: Arc<AtomicBool>,
     grace: Duration,
-    shutdown: watch::Receiver<bool>,
 ) {
     let job = assignment.job.to_string();
     let attempt = assignment.attempt;
     tracing::info!(job, attempt, "starting attempt");
     let (started_tx, started_rx) = oneshot::channel();
+    // RUNNING is queued when the attempt starts and need not be delivered before it ends:
+    // the reporter sends reports in the order they were made, so the exit never overtakes it,
+    // and a job that ends at once reports both in one call.
     let running = async {
         if started_rx.await.is_ok() {
-            report(&control, &node_id, &job, attempt, Event::Running, &shutdown).await;
+            drop(reporter.report(&job, attempt, Event::Running));
         }
     };
     // The attempt's own stop signal: the leader's (TerminateJob, a superseded attempt) or the
@@ -433,7 +446,6 @@ async fn run_attempt(
             let _ = own_stop.send(true);
         })
     };
-    // RUNNING is reported while the attempt runs; the exit only after RUNNING was delivered.
     let (mut exit, ()) = tokio::join!(
         executor.run(&assignment, &log_path, started_tx, own_stop_rx, grace),
         running
@@ -443,18 +455,11 @@ async fn run_attempt(
         exit.reason = Some(muster_core::ATTEMPT_TIMED_OUT.to_owned());
     }
     tracing::info!(job, attempt, exit_code = ?exit.exit_code, reason = ?exit.reason, "attempt ended");
-    report(
-        &control,
-        &node_id,
-        &job,
-        attempt,
-        Event::Exited {
-            exit_code: exit.exit_code,
-            reason: exit.reason,
-        },
-        &shutdown,
-    )
-    .await;
+    let exited = Event::Exited {
+        exit_code: exit.exit_code,
+        reason: exit.reason,
+    };
+    reporter.report(&job, attempt, exited).await;
     done.store(true, Ordering::SeqCst);
 }
 

@@ -16,7 +16,7 @@ mod config;
 pub mod executor;
 pub mod inventory;
 pub mod logs;
-mod reporter;
+pub mod reporter;
 
 pub use agent::Agent;
 pub use config::{AgentConfig, ExecutorKind, ImagePull, RawAgentConfig};

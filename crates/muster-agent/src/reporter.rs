@@ -1,12 +1,15 @@
-//! Talking to the control plane: cached channels to every control node, and reports that
-//! are retried until some node accepts them.
+//! Talking to the control plane: cached channels to every control node, and reports sent in
+//! batches, in order, retried until some node accepts them.
 
 use muster_proto::pb::agent_service_client::AgentServiceClient;
-use muster_proto::pb::{AttemptExited, AttemptReport, AttemptRunning, attempt_report};
+use muster_proto::pb::{
+    AttemptExited, AttemptReport, AttemptReports, AttemptRunning, attempt_report,
+};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use tonic::transport::{Channel, Endpoint};
 
 #[derive(Clone)]
@@ -24,9 +27,14 @@ impl ControlClient {
     }
 
     pub fn client(&self, addr: &str) -> Option<AgentServiceClient<Channel>> {
+        self.channel(addr).map(AgentServiceClient::new)
+    }
+
+    /// The channel to the control node at `addr` (connected on first use).
+    pub fn channel(&self, addr: &str) -> Option<Channel> {
         let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(ch) = channels.get(addr) {
-            return Some(AgentServiceClient::new(ch.clone()));
+            return Some(ch.clone());
         }
         let ch = Endpoint::from_shared(format!("http://{addr}"))
             .ok()?
@@ -34,11 +42,11 @@ impl ControlClient {
             .timeout(Duration::from_secs(15))
             .connect_lazy();
         channels.insert(addr.to_owned(), ch.clone());
-        Some(AgentServiceClient::new(ch))
+        Some(ch)
     }
 }
 
-pub(crate) enum Event {
+pub enum Event {
     Running,
     Exited {
         exit_code: Option<i32>,
@@ -46,49 +54,130 @@ pub(crate) enum Event {
     },
 }
 
-/// Sends one attempt report, trying every control node in turn until one accepts it (any
-/// node forwards to the leader). Reports are idempotent, so resending after an unknown
-/// outcome is safe. Gives up only when the control plane refuses the report outright or the
-/// agent shuts down.
-pub(crate) async fn report(
-    control: &ControlClient,
-    node_id: &str,
-    job: &str,
-    attempt: u32,
-    event: Event,
-    shutdown: &watch::Receiver<bool>,
-) {
-    let event = match event {
-        Event::Running => attempt_report::Event::Running(AttemptRunning {}),
-        Event::Exited { exit_code, reason } => {
-            attempt_report::Event::Exited(AttemptExited { exit_code, reason })
+/// Most reports sent in one call.
+const MAX_BATCH: usize = 512;
+
+/// How long to wait after every control node failed a batch before sending it again.
+const RETRY_PAUSE: Duration = Duration::from_millis(200);
+
+/// Sends an agent's attempt reports in the order they were made, batched: reports made while
+/// the previous call is under way go out together in the next call, so an agent whose jobs
+/// end together, or a job that starts and ends within one call, costs one call. A RUNNING
+/// report is therefore never committed after its attempt's exit, and a batch is retried
+/// whole (reports are idempotent) until some control node accepts it (any node forwards to
+/// the leader), the control plane refuses it outright, or the agent shuts down.
+#[derive(Clone)]
+pub struct Reporter {
+    node_id: Arc<str>,
+    queue: mpsc::UnboundedSender<Queued>,
+}
+
+struct Queued {
+    report: AttemptReport,
+    delivered: oneshot::Sender<bool>,
+}
+
+impl Reporter {
+    /// Starts the sending task; `channels` reach the control nodes, tried in turn starting
+    /// with the one that last accepted a batch. Every call that fails adds one to
+    /// `failed_calls`.
+    pub fn spawn(
+        node_id: &str,
+        channels: Vec<Channel>,
+        failed_calls: Arc<AtomicU64>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        let (queue, arrivals) = mpsc::unbounded_channel();
+        tokio::spawn(send_batches(channels, arrivals, failed_calls, shutdown));
+        Self {
+            node_id: node_id.into(),
+            queue,
         }
-    };
-    let request = AttemptReport {
-        node_id: node_id.to_owned(),
-        job_id: job.to_owned(),
-        attempt,
-        event: Some(event),
-    };
+    }
+
+    /// Queues a report behind every report queued before it. The returned future tells
+    /// whether it was delivered (`false`: refused, or the agent stopped first); it need not be
+    /// awaited for the report to be sent.
+    pub fn report(
+        &self,
+        job: &str,
+        attempt: u32,
+        event: Event,
+    ) -> impl std::future::Future<Output = bool> + Send + 'static {
+        let event = match event {
+            Event::Running => attempt_report::Event::Running(AttemptRunning {}),
+            Event::Exited { exit_code, reason } => {
+                attempt_report::Event::Exited(AttemptExited { exit_code, reason })
+            }
+        };
+        let report = AttemptReport {
+            node_id: self.node_id.to_string(),
+            job_id: job.to_owned(),
+            attempt,
+            event: Some(event),
+        };
+        let (delivered, outcome) = oneshot::channel();
+        let queued = self.queue.send(Queued { report, delivered }).is_ok();
+        async move { queued && outcome.await.unwrap_or(false) }
+    }
+}
+
+async fn send_batches(
+    channels: Vec<Channel>,
+    mut arrivals: mpsc::UnboundedReceiver<Queued>,
+    failed_calls: Arc<AtomicU64>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let mut preferred = 0;
+    let mut batch: Vec<Queued> = Vec::new();
     loop {
-        for addr in &control.addrs {
-            let Some(mut client) = control.client(addr) else {
-                continue;
-            };
-            match client.report_attempt(request.clone()).await {
-                Ok(_) => return,
+        if batch.is_empty() {
+            match arrivals.recv().await {
+                Some(first) => batch.push(first),
+                None => return,
+            }
+        }
+        while batch.len() < MAX_BATCH {
+            match arrivals.try_recv() {
+                Ok(more) => batch.push(more),
+                Err(_) => break,
+            }
+        }
+        let request = AttemptReports {
+            reports: batch.iter().map(|q| q.report.clone()).collect(),
+        };
+        let mut outcome = None;
+        for turn in 0..channels.len() {
+            let node = (preferred + turn) % channels.len();
+            let mut client = AgentServiceClient::new(channels[node].clone());
+            match client.report_attempts(request.clone()).await {
+                Ok(_) => {
+                    preferred = node;
+                    outcome = Some(true);
+                    break;
+                }
                 Err(status) if status.code() == tonic::Code::InvalidArgument => {
-                    tracing::warn!(job, attempt, error = %status.message(), "report refused");
-                    return;
+                    tracing::warn!(error = %status.message(), reports = batch.len(), "reports refused");
+                    outcome = Some(false);
+                    break;
                 }
                 Err(status) => {
-                    tracing::debug!(job, attempt, addr, error = %status, "report not delivered")
+                    failed_calls.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(node, error = %status, reports = batch.len(), "reports not delivered")
                 }
             }
         }
-        if *shutdown.borrow() {
-            return;
+        if outcome.is_none() && *shutdown.borrow() {
+            outcome = Some(false);
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        match outcome {
+            Some(delivered) => {
+                for q in batch.drain(..) {
+                    let _ = q.delivered.send(delivered);
+                }
+            }
+            // Sent again, with whatever was queued meanwhile behind it.
+            None => tokio::time::sleep(RETRY_PAUSE).await,
+        }
     }
 }

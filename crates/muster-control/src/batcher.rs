@@ -1,26 +1,35 @@
-//! Group commit: requests that arrive at one node while its previous batch is being committed
-//! go out together as one Raft entry. A thousand agents reporting, or sixty-four clients
-//! submitting, then cost one log append, one fsync on each replica and (on a follower) one
-//! forward to the leader per batch instead of per request.
+//! Group commit: requests that arrive at one node while its previous batches are being
+//! committed go out together as one Raft entry. A thousand agents reporting, or sixty-four
+//! clients submitting, then cost one log append, one fsync on each replica and (on a follower)
+//! one forward to the leader per batch instead of per request.
+//!
+//! A few batches are in flight at once, so that a batch waits for room in the pipeline, not
+//! for the whole commit of the one before it (an entry's commit is mostly waiting: fsyncs on
+//! three replicas and a network round trip). Batches in flight may commit in any order; what
+//! must stay in order is sent as one group, which is never split between entries.
 
 use muster_core::{Command, Outcome};
 use muster_raft::RaftNode;
-use tokio::sync::{mpsc, oneshot};
+use std::sync::Arc;
+use tokio::sync::{Semaphore, mpsc, oneshot};
 
-/// An item waiting for the batch it goes out in, its size in the entry, and who to tell how
-/// that went.
+/// Items that go into the log together and in this order, the size they add to the entry,
+/// and who to tell how that went.
 struct Pending<T> {
-    item: T,
+    items: Vec<T>,
     bytes: usize,
-    done: oneshot::Sender<Result<Outcome, String>>,
+    done: oneshot::Sender<Result<Vec<Outcome>, String>>,
 }
 
 /// How large one batch may grow.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct BatchLimits {
+    /// Items; a larger group goes out alone.
     pub items: usize,
-    /// Encoded bytes; an item larger than this goes out alone.
+    /// Encoded bytes; a larger group goes out alone.
     pub bytes: usize,
+    /// Batches being committed at the same time.
+    pub in_flight: usize,
 }
 
 /// Commits items of one kind in batches; see the module docs.
@@ -39,18 +48,24 @@ impl<T> Clone for Batcher<T> {
 impl<T: Send + 'static> Batcher<T> {
     /// Starts the committing task. `command` makes one entry of the items that arrived
     /// together, within `limits`; when the entry's outcome is [`Outcome::Each`] with one
-    /// outcome per item, each caller gets its own, otherwise all get the batch's.
+    /// outcome per item, each item gets its own, otherwise all get the batch's.
     pub(crate) fn spawn(
         node: RaftNode,
         name: &'static str,
         limits: BatchLimits,
-        command: impl Fn(Vec<T>) -> Command + Send + 'static,
+        command: impl Fn(Vec<T>) -> Command + Send + Sync + 'static,
     ) -> Self {
         let (queue, mut arrivals) = mpsc::channel::<Pending<T>>(limits.items);
+        let command = Arc::new(command);
         tokio::spawn(async move {
-            // An arrival that did not fit the previous batch opens the next one.
+            let pipeline = Arc::new(Semaphore::new(limits.in_flight.max(1)));
+            // A group that did not fit the previous batch opens the next one.
             let mut held: Option<Pending<T>> = None;
             loop {
+                // Waiting for room first lets what arrives meanwhile gather into one batch.
+                let Ok(room) = pipeline.clone().acquire_owned().await else {
+                    break;
+                };
                 let first = match held.take() {
                     Some(p) => p,
                     None => match arrivals.recv().await {
@@ -58,37 +73,51 @@ impl<T: Send + 'static> Batcher<T> {
                         None => break,
                     },
                 };
-                let mut bytes = first.bytes;
+                let (mut items, mut bytes) = (first.items.len(), first.bytes);
                 let mut batch = vec![first];
-                while batch.len() < limits.items {
+                while items < limits.items {
                     match arrivals.try_recv() {
-                        Ok(more) if bytes + more.bytes > limits.bytes => {
+                        Ok(more)
+                            if items + more.items.len() > limits.items
+                                || bytes + more.bytes > limits.bytes =>
+                        {
                             held = Some(more);
                             break;
                         }
                         Ok(more) => {
+                            items += more.items.len();
                             bytes += more.bytes;
                             batch.push(more);
                         }
                         Err(_) => break,
                     }
                 }
-                metrics::histogram!("muster_batch_size", "kind" => name).record(batch.len() as f64);
-                let (items, waiting): (Vec<T>, Vec<_>) =
-                    batch.into_iter().map(|p| (p.item, p.done)).unzip();
-                match node.propose(command(items)).await {
-                    Ok(Outcome::Each(outcomes)) if outcomes.len() == waiting.len() => {
-                        for (w, outcome) in waiting.into_iter().zip(outcomes) {
-                            let _ = w.send(Ok(outcome));
+                metrics::histogram!("muster_batch_size", "kind" => name).record(items as f64);
+                let (node, command) = (node.clone(), command.clone());
+                tokio::spawn(async move {
+                    let mut groups = Vec::with_capacity(batch.len());
+                    let mut all = Vec::with_capacity(items);
+                    for pending in batch {
+                        groups.push((pending.items.len(), pending.done));
+                        all.extend(pending.items);
+                    }
+                    let outcome = node.propose(command(all)).await;
+                    drop(room);
+                    match outcome {
+                        Ok(Outcome::Each(outcomes)) if outcomes.len() == items => {
+                            let mut outcomes = outcomes.into_iter();
+                            for (len, done) in groups {
+                                let _ = done.send(Ok(outcomes.by_ref().take(len).collect()));
+                            }
+                        }
+                        result => {
+                            let result = result.map_err(|e| e.to_string());
+                            for (len, done) in groups {
+                                let _ = done.send(result.clone().map(|o| vec![o; len]));
+                            }
                         }
                     }
-                    result => {
-                        let result = result.map_err(|e| e.to_string());
-                        for w in waiting {
-                            let _ = w.send(result.clone());
-                        }
-                    }
-                }
+                });
             }
         });
         Self { queue }
@@ -97,13 +126,24 @@ impl<T: Send + 'static> Batcher<T> {
     /// Queues `item` (`bytes` long once encoded) and waits until the entry it went out in is
     /// committed and applied.
     pub(crate) async fn commit(&self, item: T, bytes: usize) -> Result<Outcome, String> {
+        let mut outcomes = self.commit_in_order(vec![item], bytes).await?;
+        outcomes.pop().ok_or_else(|| SHUTTING_DOWN.to_owned())
+    }
+
+    /// Queues `items` (`bytes` long together) to go into one entry in this order, and waits
+    /// until it is committed and applied: one outcome per item.
+    pub(crate) async fn commit_in_order(
+        &self,
+        items: Vec<T>,
+        bytes: usize,
+    ) -> Result<Vec<Outcome>, String> {
         let (done, outcome) = oneshot::channel();
         self.queue
-            .send(Pending { item, bytes, done })
+            .send(Pending { items, bytes, done })
             .await
-            .map_err(|_| "this control node is shutting down".to_owned())?;
-        outcome
-            .await
-            .map_err(|_| "this control node is shutting down".to_owned())?
+            .map_err(|_| SHUTTING_DOWN.to_owned())?;
+        outcome.await.map_err(|_| SHUTTING_DOWN.to_owned())?
     }
 }
+
+const SHUTTING_DOWN: &str = "this control node is shutting down";

@@ -4,8 +4,8 @@ use crate::batcher::{BatchLimits, Batcher};
 use muster_core::{AttemptEvent, AttemptReport as Report, Command, JobId, NodeId, Outcome};
 use muster_proto::pb::agent_service_server::AgentService;
 use muster_proto::pb::{
-    AssignmentSet, AttemptReport, HeartbeatReply, HeartbeatRequest, RegisterReply, RegisterRequest,
-    ReportReply, WatchRequest, attempt_report,
+    AssignmentSet, AttemptReport, AttemptReports, HeartbeatReply, HeartbeatRequest, RegisterReply,
+    RegisterRequest, ReportReply, WatchRequest, attempt_report,
 };
 use muster_proto::{LEADER_METADATA_KEY, assignment_to_pb, inventory_from_pb};
 use muster_raft::RaftNode;
@@ -26,6 +26,7 @@ const REPORT_BATCH: BatchLimits = BatchLimits {
     // Small enough that an entry reaches a loaded follower within one heartbeat interval.
     items: 1024,
     bytes: usize::MAX,
+    in_flight: 4,
 };
 
 pub struct AgentGateway {
@@ -202,32 +203,59 @@ impl AgentService for AgentGateway {
         )))
     }
 
-    async fn report_attempt(
+    async fn report_attempts(
         &self,
-        request: Request<AttemptReport>,
+        request: Request<AttemptReports>,
     ) -> Result<Response<ReportReply>, Status> {
-        let req = request.into_inner();
-        let event = match req.event {
-            Some(attempt_report::Event::Running(_)) => AttemptEvent::Running,
-            Some(attempt_report::Event::Exited(e)) => AttemptEvent::Exited {
-                exit_code: e.exit_code,
-                reason: e.reason,
-            },
-            None => return Err(Status::invalid_argument("event is required")),
-        };
-        let report = Report {
-            job: JobId::from(req.job_id),
-            attempt: req.attempt,
-            node: NodeId(req.node_id),
-            event,
-        };
-        match self.reports.commit(report, 0).await {
-            Ok(Outcome::Rejected(r)) => return Err(Status::unavailable(r.message)),
-            Ok(_) => {}
-            Err(e) => return Err(Status::unavailable(e)),
+        let reports = request
+            .into_inner()
+            .reports
+            .into_iter()
+            .map(report_from_pb)
+            .collect::<Result<Vec<_>, _>>()?;
+        if reports.len() > REPORT_BATCH.items {
+            return Err(Status::invalid_argument(format!(
+                "reports: at most {} in one call, got {}",
+                REPORT_BATCH.items,
+                reports.len()
+            )));
+        }
+        // One group, so the reports go into the log together and in the order sent: a
+        // RUNNING is never applied after the same attempt's exit.
+        let outcomes = self
+            .reports
+            .commit_in_order(reports, 0)
+            .await
+            .map_err(Status::unavailable)?;
+        if let Some(Outcome::Rejected(r)) =
+            outcomes.iter().find(|o| matches!(o, Outcome::Rejected(_)))
+        {
+            return Err(Status::unavailable(r.message.clone()));
         }
         Ok(Response::new(ReportReply {}))
     }
+}
+
+fn report_from_pb(report: AttemptReport) -> Result<Report, Status> {
+    let event = match report.event {
+        Some(attempt_report::Event::Running(_)) => AttemptEvent::Running,
+        Some(attempt_report::Event::Exited(e)) => AttemptEvent::Exited {
+            exit_code: e.exit_code,
+            reason: e.reason,
+        },
+        None => {
+            return Err(Status::invalid_argument(format!(
+                "event is required (attempt {} of job {})",
+                report.attempt, report.job_id
+            )));
+        }
+    };
+    Ok(Report {
+        job: JobId::from(report.job_id),
+        attempt: report.attempt,
+        node: NodeId(report.node_id),
+        event,
+    })
 }
 
 /// Sends `node`'s full assignment set whenever it changes (and every [`RESEND`]) while this

@@ -10,6 +10,7 @@ use muster_raft::RaftNode;
 const SUBMIT_BATCH: BatchLimits = BatchLimits {
     items: 1024,
     bytes: 256 * 1024,
+    in_flight: 4,
 };
 
 #[derive(Clone)]

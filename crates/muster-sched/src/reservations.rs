@@ -3,7 +3,7 @@
 //! it, as Slurm's backfill does. Attempt timeouts are the only runtime bounds Muster knows: a
 //! job without one is assumed to run forever, so it never backfills into reserved room.
 
-use crate::pool::Pool;
+use crate::pool::{Pool, Room};
 use muster_core::{Job, NodeId, Resources, State, Timestamp};
 use std::collections::BTreeMap;
 
@@ -63,70 +63,92 @@ impl Reservations {
         now: Timestamp,
     ) -> Option<Reservation> {
         let need = job.spec.container.resources();
-        let mut best: Option<((u64, bool, u64, NodeId), Reservation)> = None;
+        // The best node so far: its rank, when the job could start there and what is free then.
+        let mut best: Option<(Rank, Option<u64>, Resources)> = None;
         for room in ces.iter().flat_map(|ce| pool.rooms_in(ce)) {
             let node = room.node;
             if !need.fits_in(&node.inventory.capacity) || !node.satisfies(job) {
                 continue;
             }
-            // What will leave the node, soonest first; jobs without a timeout never do.
-            let mut leaving: Vec<(Option<u64>, Resources)> = node
-                .placed_jobs
+            // All the node will ever have free while its jobs without a timeout run: what is
+            // free now plus what every job with a timeout holds.
+            let bounded = room
+                .placed
                 .iter()
-                .filter_map(|id| state.job(id))
-                .map(|j| (running_ends_by(j, now), j.spec.container.resources()))
-                .chain(room.placed.iter().map(|(r, end)| (*end, *r)))
-                .collect();
-            leaving.sort_by_key(|(end, _)| end.unwrap_or(u64::MAX));
-            let mut free = room.free;
-            let mut starts_at = Some(now.as_millis());
-            let mut fits = need.fits_in(&free);
-            for (end, resources) in &leaving {
-                if fits {
-                    break;
-                }
-                let Some(end) = end else {
-                    break;
-                };
-                free = free + *resources;
-                starts_at = Some(*end);
-                fits = need.fits_in(&free);
+                .filter(|(_, end)| end.is_some())
+                .fold(node.allocated - node.allocated_unbounded, |f, (r, _)| {
+                    f + *r
+                });
+            let mut free = room.free + bounded;
+            let mut starts_at = None;
+            // Only when the job fits once the jobs with a timeout are gone does it matter when
+            // they end, and only then are they looked at one by one: a full cluster of jobs
+            // without timeouts costs one comparison a node, not a lookup a job.
+            if need.fits_in(&free) {
+                (starts_at, free) = soonest_fit(state, room, &need, now);
             }
-            if !fits {
-                // Only jobs without a timeout stand in the way, and when they end is unknown.
-                // The node still drains for the job: nothing without a timeout may take the
-                // room they free.
-                starts_at = None;
-                free = leaving
-                    .iter()
-                    .filter(|(end, _)| end.is_some())
-                    .fold(room.free, |f, (_, r)| f + *r);
-            }
-            let candidate = Reservation {
-                job: job.id.clone(),
-                node: node.id.clone(),
-                starts_at,
-                spare: free.saturating_sub(&need),
-            };
             // Soonest first; then where the job fits at once when that is known, with the
             // least vCPU left over.
             let key = (
                 starts_at.unwrap_or(u64::MAX),
                 !need.fits_in(&free),
                 free.millicpus.saturating_sub(need.millicpus),
-                node.id.clone(),
+                &node.id,
             );
-            if best.as_ref().is_none_or(|(k, _)| key < *k) {
-                best = Some((key, candidate));
+            if best.as_ref().is_none_or(|(k, _, _)| key < *k) {
+                best = Some((key, starts_at, free));
             }
         }
-        let (_, reservation) = best?;
+        let ((_, _, _, node), starts_at, free) = best?;
+        let reservation = Reservation {
+            job: job.id.clone(),
+            node: node.clone(),
+            starts_at,
+            spare: free.saturating_sub(&need),
+        };
         self.by_node
             .entry(reservation.node.clone())
             .or_default()
             .push(reservation.clone());
         Some(reservation)
     }
+}
+
+/// How a node ranks for a reservation (lower is better): when the job could start there,
+/// whether it does not fit at once, the vCPU it would leave over, and the node's id.
+type Rank<'s> = (u64, bool, u64, &'s NodeId);
+
+/// When `need` fits on `room`'s node as its jobs with a timeout end (soonest first), and what
+/// is free then. The caller knows it fits once they have all ended.
+fn soonest_fit(
+    state: &State,
+    room: &Room,
+    need: &Resources,
+    now: Timestamp,
+) -> (Option<u64>, Resources) {
+    let mut leaving: Vec<(u64, Resources)> = room
+        .node
+        .placed_jobs
+        .iter()
+        .filter_map(|id| state.job(id))
+        .filter_map(|j| Some((running_ends_by(j, now)?, j.spec.container.resources())))
+        .chain(
+            room.placed
+                .iter()
+                .filter_map(|(r, end)| Some(((*end)?, *r))),
+        )
+        .collect();
+    leaving.sort_by_key(|(end, _)| *end);
+    let mut free = room.free;
+    let mut starts_at = now.as_millis();
+    for (end, resources) in leaving {
+        if need.fits_in(&free) {
+            break;
+        }
+        free = free + resources;
+        starts_at = end;
+    }
+    (Some(starts_at), free)
 }
 
 /// A job that ends by `ends_by` is gone before a reservation starting at `starts_at`.

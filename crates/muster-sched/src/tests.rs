@@ -82,6 +82,17 @@ fn assert_no_overcommit(s: &State) {
             "allocation bookkeeping of {} drifted",
             node.id
         );
+        let unbounded = node
+            .placed_jobs
+            .iter()
+            .map(|id| s.job(id).unwrap())
+            .filter(|j| j.spec.timeout_secs.is_none())
+            .fold(Resources::ZERO, |a, j| a + j.spec.container.resources());
+        assert_eq!(
+            unbounded, node.allocated_unbounded,
+            "bookkeeping of {}'s jobs without a timeout drifted",
+            node.id
+        );
     }
 }
 

@@ -6,6 +6,7 @@
 
 use anyhow::Context;
 use muster_agent::backoff::Backoff;
+use muster_agent::reporter::{Event as ReportEvent, Reporter};
 use muster_client::{BatchClient, Credentials};
 use muster_control::LocalCluster;
 use muster_core::State;
@@ -547,7 +548,7 @@ struct Tally {
     /// ended stream) and started over.
     reconnects: AtomicU64,
     /// Report calls that failed or timed out (each is retried).
-    report_failures: AtomicU64,
+    report_failures: Arc<AtomicU64>,
 }
 
 impl Agents {
@@ -643,6 +644,12 @@ impl SimAgent {
     /// registers again only when a control node no longer knows it.
     async fn run(self, mut stopped: tokio::sync::watch::Receiver<bool>) {
         let this = Arc::new(self);
+        let reporter = Reporter::spawn(
+            &this.id,
+            this.channels.clone(),
+            this.tally.report_failures.clone(),
+            stopped.clone(),
+        );
         let mut seen: HashSet<(String, u32)> = HashSet::new();
         let mut node = 0usize;
         let mut registered = false;
@@ -705,7 +712,7 @@ impl SimAgent {
                         for a in set.assignments {
                             if seen.insert((a.job_id.clone(), a.attempt)) {
                                 this.tally.placed.fetch_add(1, Ordering::Relaxed);
-                                tokio::spawn(this.clone().run_attempt(client.clone(), a.job_id, a.attempt));
+                                tokio::spawn(this.clone().run_attempt(reporter.clone(), a.job_id, a.attempt));
                             }
                         }
                     }
@@ -726,44 +733,19 @@ impl SimAgent {
         self.addrs.iter().position(|a| a == hint)
     }
 
-    async fn run_attempt(
-        self: Arc<Self>,
-        mut client: AgentServiceClient<Channel>,
-        job_id: String,
-        attempt: u32,
-    ) {
-        use pb::attempt_report::Event;
-        let report = |event| pb::AttemptReport {
-            node_id: self.id.clone(),
-            job_id: job_id.clone(),
-            attempt,
-            event: Some(event),
-        };
-        // As the real agent's reporter: a call that hangs fails after a while (and the exit
-        // is retried), rather than holding the attempt forever.
-        let running = tokio::time::timeout(
-            REPORT_TIMEOUT,
-            client.report_attempt(report(Event::Running(pb::AttemptRunning {}))),
-        )
-        .await;
-        if !matches!(running, Ok(Ok(_))) {
-            self.tally.report_failures.fetch_add(1, Ordering::Relaxed);
-        }
+    /// As the real agent: RUNNING is queued when the attempt starts and the exit when it
+    /// ends, and the agent's reporter sends what is queued in order, in batches.
+    async fn run_attempt(self: Arc<Self>, reporter: Reporter, job_id: String, attempt: u32) {
+        drop(reporter.report(&job_id, attempt, ReportEvent::Running));
         if self.job_millis > 0 {
             tokio::time::sleep(Duration::from_millis(self.job_millis)).await;
         }
-        let exited = pb::AttemptExited {
+        let exited = ReportEvent::Exited {
             exit_code: Some(0),
             reason: None,
         };
-        for _ in 0..50 {
-            let call = client.report_attempt(report(Event::Exited(exited.clone())));
-            if let Ok(Ok(_)) = tokio::time::timeout(REPORT_TIMEOUT, call).await {
-                self.tally.ended.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
-            self.tally.report_failures.fetch_add(1, Ordering::Relaxed);
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        if reporter.report(&job_id, attempt, exited).await {
+            self.tally.ended.fetch_add(1, Ordering::Relaxed);
         }
     }
 }

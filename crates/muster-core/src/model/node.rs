@@ -54,6 +54,11 @@ pub struct Node {
     /// Sum of the resources of jobs placed here (STARTING or RUNNING). Kept by apply so that
     /// the planner and the plan check never recompute it.
     pub allocated: Resources,
+    /// The part of `allocated` held by jobs without an attempt timeout: they may never end,
+    /// so a reservation never counts on the room they hold, and the planner need not look
+    /// at each of them to know it. Derived: rebuilt from the jobs when a state is loaded.
+    #[serde(skip)]
+    pub allocated_unbounded: Resources,
     /// Jobs whose active attempt is on this node.
     pub placed_jobs: BTreeSet<JobId>,
     /// GPU indices held by those jobs' attempts.

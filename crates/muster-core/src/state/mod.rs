@@ -109,6 +109,9 @@ impl State {
         self.share_running.clear();
         self.jobs_by_queue.clear();
         self.dependents.clear();
+        for node in self.nodes.values_mut() {
+            node.allocated_unbounded = Resources::ZERO;
+        }
         for job in self.jobs.values() {
             let key = (job.seq, job.id.clone());
             self.jobs_by_queue
@@ -118,8 +121,14 @@ impl State {
             if job.status == JobStatus::Runnable {
                 self.runnable.insert(job);
             }
-            if job.active.is_some() {
+            if let Some(active) = &job.active {
                 track_share(&mut self.share_running, job, true);
+                if job.spec.timeout_secs.is_none()
+                    && let Some(node) = self.nodes.get_mut(&active.node)
+                {
+                    node.allocated_unbounded =
+                        node.allocated_unbounded + job.spec.container.resources();
+                }
             }
             for dep in &job.waiting_on {
                 self.dependents
@@ -749,6 +758,7 @@ impl State {
             inventory: inventory.clone(),
             status: NodeStatus::Ready,
             allocated: Resources::ZERO,
+            allocated_unbounded: Resources::ZERO,
             placed_jobs: BTreeSet::new(),
             gpus_in_use: BTreeSet::new(),
             registered_at: at,
@@ -913,6 +923,10 @@ impl State {
             }));
             node.gpus_in_use.extend(p.gpus.iter().copied());
             node.allocated = node.allocated + job.spec.container.resources();
+            if job.spec.timeout_secs.is_none() {
+                node.allocated_unbounded =
+                    node.allocated_unbounded + job.spec.container.resources();
+            }
             track_share(&mut self.share_running, job, true);
             node.placed_jobs.insert(job.id.clone());
             placed += 1;
@@ -981,6 +995,10 @@ impl State {
                 }
                 if let Some(n) = self.nodes.get_mut(&active.node) {
                     n.allocated = n.allocated - job.spec.container.resources();
+                    if job.spec.timeout_secs.is_none() {
+                        n.allocated_unbounded =
+                            n.allocated_unbounded - job.spec.container.resources();
+                    }
                     n.placed_jobs.remove(id);
                     for gpu in &active.gpus {
                         n.gpus_in_use.remove(gpu);
@@ -1001,9 +1019,15 @@ impl State {
                         reason.as_deref(),
                         &status_reason,
                     );
+                // An exit code means the container ran, also when the RUNNING report was
+                // lost on the way (an agent sends it again with the exit, which is then late).
+                let started_at = active.started_at.or(exit_code.map(|_| at));
+                if job.started_at.is_none() {
+                    job.started_at = started_at;
+                }
                 job.attempts.push(AttemptRecord {
                     node: active.node,
-                    started_at: active.started_at,
+                    started_at,
                     stopped_at: at,
                     exit_code,
                     reason,
