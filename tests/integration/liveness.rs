@@ -1,6 +1,7 @@
 //! A worker that stops heartbeating is marked lost; its attempts fail with
 //! `Host <node> terminated.` and retry elsewhere. A leader change alone loses no worker.
-//! What a worker reports applies once; a bad batch of reports is refused whole.
+//! An agent's stream describes each attempt once; what it reports applies once, and a bad
+//! batch of reports is refused whole.
 
 use crate::harness::{DEADLINE, TestCluster, create_basics, describe, ok, wait_for_status};
 use serde_json::json;
@@ -214,11 +215,12 @@ async fn an_unhealthy_node_gets_no_work_until_it_recovers() {
     t.shutdown().await;
 }
 
-/// An agent may report an attempt's RUNNING and exit in one call (a job that ends at once):
-/// the job ends with the time it started, a batch sent again changes nothing, and a malformed
-/// or oversized batch is refused whole, naming what is wrong, with nothing applied.
+/// The agent protocol by hand: an assignment stream describes each attempt once and then names
+/// it by key. An agent may report an attempt's RUNNING and exit in one call (a job that ends
+/// at once): the job ends with the time it started, a batch sent again changes nothing, and a
+/// malformed or oversized batch is refused whole, naming what is wrong, with nothing applied.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn reports_sent_together_apply_once_and_bad_batches_are_refused_whole() {
+async fn streams_describe_an_attempt_once_and_reports_apply_once() {
     use muster_proto::pb;
     use pb::attempt_report::Event;
     let t = TestCluster::start(3).await;
@@ -274,6 +276,32 @@ async fn reports_sent_together_apply_once_and_bad_batches_are_refused_whole() {
             break a.attempt;
         }
     };
+    // A later set describes only what is new and names the attempt it described before.
+    let second = ok(client
+        .call(
+            "SubmitJob",
+            json!({"jobName": "second", "jobQueue": "q", "jobDefinition": "d"}),
+        )
+        .await)["jobId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    loop {
+        let set = watch.message().await.expect("stream").expect("a set");
+        if set.assignments.iter().any(|a| a.job_id == second) {
+            assert!(
+                set.assignments.iter().all(|a| a.job_id != job),
+                "described twice: {set:?}"
+            );
+            assert!(
+                set.continuing
+                    .iter()
+                    .any(|k| k.job_id == job && k.attempt == attempt),
+                "{set:?}"
+            );
+            break;
+        }
+    }
     let report = |event| pb::AttemptReport {
         node_id: "hand".into(),
         job_id: job.clone(),

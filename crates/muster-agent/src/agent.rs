@@ -5,7 +5,7 @@ use crate::executor::{DockerExecutor, Executor, ProcessExecutor};
 use crate::reporter::{ControlClient, Event, Reporter};
 use crate::{AgentConfig, ExecutorKind, inventory};
 use muster_core::Assignment;
-use muster_proto::pb::{HeartbeatRequest, RegisterRequest, WatchRequest};
+use muster_proto::pb::{AssignmentSet, HeartbeatRequest, RegisterRequest, WatchRequest};
 use muster_proto::{LEADER_METADATA_KEY, assignment_from_pb, inventory_to_pb};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -240,6 +240,8 @@ impl Agent {
                 }
             };
             tracing::debug!(addr, "watching assignments");
+            // What this stream has described: its later sets name these by key only.
+            let mut described: HashMap<(String, u32), Assignment> = HashMap::new();
             loop {
                 let message = tokio::select! {
                     _ = shutdown.changed() => return,
@@ -258,8 +260,13 @@ impl Agent {
                             continue;
                         }
                         max_term = set.term;
-                        let desired: Vec<Assignment> =
-                            set.assignments.iter().map(assignment_from_pb).collect();
+                        let Some(desired) = desired_set(&set, &mut described) else {
+                            tracing::warn!(
+                                addr,
+                                "an assignment set named an attempt it never described; watching again"
+                            );
+                            break;
+                        };
                         if !swept {
                             // Containers of attempts the leader no longer assigns to this
                             // node (it moved or ended them while the agent was down) go.
@@ -463,6 +470,27 @@ async fn run_attempt(
     done.store(true, Ordering::SeqCst);
 }
 
+/// The attempts `set` asks for: those it describes, and those it names that an earlier set
+/// of the stream described (`described`, which is left holding exactly the set). `None` when
+/// it names one never described, which a stream never does.
+fn desired_set(
+    set: &AssignmentSet,
+    described: &mut HashMap<(String, u32), Assignment>,
+) -> Option<Vec<Assignment>> {
+    let mut desired: HashMap<(String, u32), Assignment> = set
+        .assignments
+        .iter()
+        .map(|a| ((a.job_id.clone(), a.attempt), assignment_from_pb(a)))
+        .collect();
+    for key in &set.continuing {
+        let key = (key.job_id.clone(), key.attempt);
+        let assignment = described.remove(&key)?;
+        desired.insert(key, assignment);
+    }
+    *described = desired;
+    Some(described.values().cloned().collect())
+}
+
 fn touch(last_contact: &std::sync::Mutex<tokio::time::Instant>) {
     *last_contact.lock().unwrap_or_else(|p| p.into_inner()) = tokio::time::Instant::now();
 }
@@ -524,5 +552,80 @@ async fn heartbeat_loop(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::desired_set;
+    use muster_proto::pb::{self, AssignmentSet, AttemptKey};
+    use std::collections::HashMap;
+
+    fn described(job: &str, attempt: u32, image: &str) -> pb::Assignment {
+        pb::Assignment {
+            job_id: job.into(),
+            attempt,
+            image: image.into(),
+            resources: Some(pb::Resources {
+                millicpus: 1000,
+                memory_mib: 64,
+                gpus: 0,
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn named(job: &str, attempt: u32) -> AttemptKey {
+        AttemptKey {
+            job_id: job.into(),
+            attempt,
+        }
+    }
+
+    fn images(desired: Option<Vec<muster_core::Assignment>>) -> Vec<(String, u32, String)> {
+        let mut out: Vec<_> = desired
+            .expect("a consistent set")
+            .into_iter()
+            .map(|a| (a.job.to_string(), a.attempt, a.image))
+            .collect();
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn a_set_names_what_the_stream_described_before_and_describes_what_is_new() {
+        let mut known = HashMap::new();
+        let first = AssignmentSet {
+            term: 1,
+            assignments: vec![described("a", 1, "img-a"), described("b", 1, "img-b")],
+            continuing: vec![],
+        };
+        assert_eq!(
+            images(desired_set(&first, &mut known)),
+            [
+                ("a".into(), 1, "img-a".into()),
+                ("b".into(), 1, "img-b".into())
+            ]
+        );
+        // `a` ended, `b` goes on (named only), `c` is new.
+        let second = AssignmentSet {
+            term: 1,
+            assignments: vec![described("c", 2, "img-c")],
+            continuing: vec![named("b", 1)],
+        };
+        assert_eq!(
+            images(desired_set(&second, &mut known)),
+            [
+                ("b".into(), 1, "img-b".into()),
+                ("c".into(), 2, "img-c".into())
+            ]
+        );
+        // `a` left the set, so it can no longer be named; a set that does is inconsistent.
+        let third = AssignmentSet {
+            term: 1,
+            assignments: vec![],
+            continuing: vec![named("a", 1)],
+        };
+        assert!(desired_set(&third, &mut known).is_none());
     }
 }

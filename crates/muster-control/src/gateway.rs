@@ -4,8 +4,8 @@ use crate::batcher::{BatchLimits, Batcher};
 use muster_core::{AttemptEvent, AttemptReport as Report, Command, JobId, NodeId, Outcome};
 use muster_proto::pb::agent_service_server::AgentService;
 use muster_proto::pb::{
-    AssignmentSet, AttemptReport, AttemptReports, HeartbeatReply, HeartbeatRequest, RegisterReply,
-    RegisterRequest, ReportReply, WatchRequest, attempt_report,
+    AssignmentSet, AttemptKey, AttemptReport, AttemptReports, HeartbeatReply, HeartbeatRequest,
+    RegisterReply, RegisterRequest, ReportReply, WatchRequest, attempt_report,
 };
 use muster_proto::{LEADER_METADATA_KEY, assignment_to_pb, inventory_from_pb};
 use muster_raft::RaftNode;
@@ -273,9 +273,11 @@ async fn stream_assignments(
     // streams polling on a timer instead cost more than the work they watch for.
     let mut changes = node.state.node_changes(&agent);
     let mut role = node.raft.server_metrics();
-    // Which attempts the last set sent held. An attempt's assignment never changes once
-    // placed, so a set is described in full only when its attempts changed (or is resent):
-    // describing it on every wake-up was most of the leader's CPU under load.
+    // Which attempts the last set sent held, in `assignment_keys` order (by job). An
+    // attempt's assignment never changes once placed, so a set is looked at closely only when
+    // its attempts changed (or is resent), and describes in full only the attempts this
+    // stream has not described before: describing every attempt on every change was most of
+    // the leader's CPU under load, and most of the agents' too.
     let mut last_sent: Option<Vec<(JobId, u32)>> = None;
     let mut last_sent_at = tokio::time::Instant::now();
     // Whether the assignments must be looked at again (a change, or time to resend).
@@ -294,15 +296,32 @@ async fn stream_assignments(
                 let applied = node.state.read();
                 let keys = applied.state.assignment_keys(&agent);
                 (resend || last_sent.as_ref() != Some(&keys)).then(|| {
-                    let assignments = applied.state.assignments_for(&agent);
-                    (keys, assignments)
+                    let described = |job: &JobId, attempt: u32| {
+                        last_sent.as_ref().is_some_and(|sent| {
+                            sent.binary_search_by(|(j, a)| (j, *a).cmp(&(job, attempt)))
+                                .is_ok()
+                        })
+                    };
+                    let new = applied
+                        .state
+                        .assignments_among(&agent, |job, attempt| !described(job, attempt));
+                    let continuing = keys
+                        .iter()
+                        .filter(|(job, attempt)| described(job, *attempt))
+                        .map(|(job, attempt)| AttemptKey {
+                            job_id: job.to_string(),
+                            attempt: *attempt,
+                        })
+                        .collect();
+                    let set = AssignmentSet {
+                        term,
+                        assignments: new.iter().map(assignment_to_pb).collect(),
+                        continuing,
+                    };
+                    (keys, set)
                 })
             };
-            if let Some((keys, assignments)) = set {
-                let set = AssignmentSet {
-                    term,
-                    assignments: assignments.iter().map(assignment_to_pb).collect(),
-                };
+            if let Some((keys, set)) = set {
                 if tx.send(Ok(set)).await.is_err() {
                     return;
                 }

@@ -265,10 +265,21 @@ impl State {
 
     /// What `node` should be running now: its active attempts that nobody asked to stop.
     pub fn assignments_for(&self, node: &NodeId) -> Vec<Assignment> {
+        self.assignments_among(node, |_, _| true)
+    }
+
+    /// The assignments of `node` whose (job, attempt) `wanted` accepts, in the order of
+    /// [`Self::assignment_keys`]: describing an assignment costs more than naming it.
+    pub fn assignments_among(
+        &self,
+        node: &NodeId,
+        wanted: impl Fn(&JobId, u32) -> bool,
+    ) -> Vec<Assignment> {
         let Some(n) = self.nodes.get(node) else {
             return Vec::new();
         };
         self.assigned_attempts(n)
+            .filter(|(job, active)| wanted(&job.id, active.number))
             .map(|(job, active)| {
                 let gpus: Vec<crate::GpuDevice> = active
                     .gpus
