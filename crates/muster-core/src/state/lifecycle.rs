@@ -67,7 +67,7 @@ impl State {
         Ok(())
     }
 
-    pub(super) fn submit(&mut self, sub: JobSubmission) -> Outcome {
+    pub(super) fn submit(&mut self, mut sub: JobSubmission) -> Outcome {
         // A submit retried with the same id (a forward that timed out after commit) answers
         // with the job it already created.
         let token = sub
@@ -90,9 +90,11 @@ impl State {
             Ok(found) => found,
             Err(rejection) => return Outcome::Rejected(rejection),
         };
+        // Moved out of the submission rather than copied: this runs on every replica for
+        // every job submitted.
         let mut parameters = definition.parameters.clone();
-        parameters.extend(sub.parameters.clone());
-        let mut tags = sub.tags.clone();
+        parameters.extend(std::mem::take(&mut sub.parameters));
+        let mut tags = std::mem::take(&mut sub.tags);
         for (k, v) in &definition.tags {
             tags.entry(k.clone()).or_insert_with(|| v.clone());
         }
@@ -105,7 +107,7 @@ impl State {
             tags,
             retry: sub
                 .retry
-                .clone()
+                .take()
                 .or_else(|| definition.retry.clone())
                 .unwrap_or_default(),
             timeout_secs: sub.timeout_secs.or(definition.timeout_secs),
@@ -121,7 +123,7 @@ impl State {
                 .or_else(|| definition.extra.get("schedulingPriority"))
                 .and_then(|v| v.as_i64())
                 .unwrap_or(0),
-            extra: sub.extra.clone(),
+            extra: std::mem::take(&mut sub.extra),
         });
         let template = Job {
             seq: 0,
