@@ -217,14 +217,37 @@ impl ControlNode {
             // Servers stop accepting at once; open streams end with the shutdown signal.
             let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
         }
-        // Freeing a state of a million jobs takes seconds: off the async threads, which the
-        // other nodes of this process (`muster dev`, tests, the bench) are using meanwhile.
+        // Freeing a state of a million jobs takes seconds of CPU: on a thread of its own at the
+        // lowest priority, so that the other nodes of this process (`muster dev`, tests, the
+        // bench), electing a new leader meanwhile, get the cores first, as they would if this
+        // node were a process the kernel had killed.
         let state = raft.state.clone();
         drop(raft);
-        let _ = tokio::task::spawn_blocking(move || drop(state)).await;
+        let (freed, done) = tokio::sync::oneshot::channel();
+        let spawned = std::thread::Builder::new()
+            .name("free-state".into())
+            .spawn(move || {
+                lowest_priority_for_this_thread();
+                drop(state);
+                let _ = freed.send(());
+            });
+        if spawned.is_ok() {
+            let _ = done.await;
+        }
     }
 }
 
 async fn signal(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|stop| *stop).await;
+}
+
+/// Lowers the calling thread's scheduling priority as far as it goes (Linux schedules threads
+/// one by one, so this leaves the rest of the process as it was). Best effort: where it is
+/// refused, the thread runs at the priority it had.
+fn lowest_priority_for_this_thread() {
+    // SAFETY: gettid and setpriority take no pointers and only affect this thread.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, 19);
+    }
 }

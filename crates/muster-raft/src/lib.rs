@@ -79,16 +79,17 @@ pub const MAX_RAFT_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
 
 /// The Raft timing Muster runs with. openraft has a follower that heard from a leader wait
 /// out the leader's lease (`election_timeout_max`) plus its own election timeout (drawn once
-/// from `min..max`) before it stands, so a failed leader is replaced 1.2–1.6 s after its
+/// from `min..max`) before it stands, so a failed leader is replaced 1.0–1.2 s after its
 /// last heartbeat. A vote gets `election_timeout_min` to be answered: 300 ms was too short
 /// for control nodes busy with 10,000 agents, whose candidates then failed election after
-/// election (BENCHMARKS.md).
+/// election; 400–600 ms ran 1,000,000 jobs on 10,000 simulated agents without a leader
+/// change (BENCHMARKS.md).
 pub fn raft_config(cluster_name: &str) -> openraft::Config {
     openraft::Config {
         cluster_name: cluster_name.to_owned(),
         heartbeat_interval: 100,
         election_timeout_min: 400,
-        election_timeout_max: 800,
+        election_timeout_max: 600,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(SNAPSHOT_EVERY_ENTRIES),
         max_payload_entries: MAX_ENTRIES_PER_APPEND,
         ..Default::default()
