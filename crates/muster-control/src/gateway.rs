@@ -21,6 +21,20 @@ const RESEND: Duration = Duration::from_secs(5);
 /// How long a watch that arrives during an election waits for a leader to be known.
 const LEADER_WAIT: Duration = Duration::from_secs(3);
 
+/// Over how long the watches held during an election are let go; see
+/// [`AgentGateway::wait_for_a_leader`].
+const RECONNECT_SPREAD: Duration = Duration::from_secs(1);
+
+/// Where in [`RECONNECT_SPREAD`] `agent`'s held watch is let go: fixed per agent, spread
+/// evenly over a fleet.
+fn reconnect_delay(agent: &NodeId) -> Duration {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    agent.hash(&mut hasher);
+    let spread = RECONNECT_SPREAD.as_millis() as u64;
+    Duration::from_millis(hasher.finish() % spread)
+}
+
 /// Most reports committed as one entry (each is small and of bounded size).
 const REPORT_BATCH: BatchLimits = BatchLimits {
     // Small enough that an entry reaches a loaded follower within one heartbeat interval.
@@ -69,10 +83,20 @@ impl AgentGateway {
     /// until one is known (or [`LEADER_WAIT`] passes) rather than refused at once: after a
     /// leader fails, every agent of the fleet calls within milliseconds, and answered at once
     /// they would only call again and again while the election needs the CPU.
-    async fn wait_for_a_leader(&self) {
+    ///
+    /// Once the leader is known, the held watches are let go over [`RECONNECT_SPREAD`], each
+    /// at a moment drawn from its agent's id: let go together, ten thousand agents reach the
+    /// new leader in the same instant, and its first commits (the next placement among them)
+    /// waited a second behind them.
+    async fn wait_for_a_leader(&self, agent: &NodeId) {
         let mut metrics = self.node.raft.server_metrics();
+        if metrics.borrow().current_leader.is_some() {
+            return;
+        }
         let known = metrics.wait_for(|m| m.current_leader.is_some());
-        let _ = tokio::time::timeout(LEADER_WAIT, known).await;
+        if tokio::time::timeout(LEADER_WAIT, known).await.is_ok() {
+            tokio::time::sleep(reconnect_delay(agent)).await;
+        }
     }
 
     fn not_leader(&self) -> Status {
@@ -184,13 +208,13 @@ impl AgentService for AgentGateway {
         &self,
         request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchAssignmentsStream>, Status> {
+        let node_id = NodeId(request.into_inner().node_id);
         if !self.node.is_leader() {
-            self.wait_for_a_leader().await;
+            self.wait_for_a_leader(&node_id).await;
             if !self.node.is_leader() {
                 return Err(self.not_leader());
             }
         }
-        let node_id = NodeId(request.into_inner().node_id);
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(stream_assignments(
             self.node.clone(),
@@ -345,5 +369,33 @@ async fn stream_assignments(
             }
             _ = tokio::time::sleep_until(last_sent_at + RESEND) => look = false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{NodeId, RECONNECT_SPREAD, reconnect_delay};
+
+    #[test]
+    fn held_watches_are_let_go_spread_over_the_window_each_at_its_own_moment() {
+        let delays: Vec<_> = (0..1000)
+            .map(|i| reconnect_delay(&NodeId(format!("worker-{i}"))))
+            .collect();
+        assert!(delays.iter().all(|d| *d < RECONNECT_SPREAD));
+        // Spread: every tenth of the window gets some of a thousand agents.
+        let tenth = RECONNECT_SPREAD / 10;
+        for slot in 0..10 {
+            let (from, to) = (tenth * slot, tenth * (slot + 1));
+            let count = delays.iter().filter(|d| **d >= from && **d < to).count();
+            assert!(
+                (50..=150).contains(&count),
+                "{count} agents in tenth {slot}"
+            );
+        }
+        // Fixed per agent: an agent that calls again is let go at the same moment.
+        assert_eq!(
+            reconnect_delay(&NodeId("worker-7".into())),
+            reconnect_delay(&NodeId("worker-7".into()))
+        );
     }
 }
