@@ -640,8 +640,9 @@ impl SimAgent {
     }
 
     /// As `muster agent` does: registers once, then watches its assignments at the leader
-    /// (following the leader hint a follower answers with), heartbeats where it watches, and
-    /// registers again only when a control node no longer knows it.
+    /// (following the leader hint a follower answers with) and registers again only when a
+    /// control node no longer knows it. Unlike it, heartbeats only the node it watches (a
+    /// real agent heartbeats every control node: three calls where this makes one).
     async fn run(self, mut stopped: tokio::sync::watch::Receiver<bool>) {
         let this = Arc::new(self);
         let reporter = Reporter::spawn(
