@@ -3,7 +3,7 @@
 //! An agent's stream describes each attempt once; what it reports applies once, and a bad
 //! batch of reports is refused whole.
 
-use crate::harness::{DEADLINE, TestCluster, create_basics, describe, ok, wait_for_status};
+use crate::harness::{DEADLINE, TestCluster, create_basics, describe, ok, submit, wait_for_status};
 use serde_json::json;
 use std::time::{Duration, Instant};
 
@@ -254,15 +254,7 @@ async fn streams_describe_an_attempt_once_and_reports_apply_once() {
         })
         .await
         .expect("registers");
-    let job = ok(client
-        .call(
-            "SubmitJob",
-            json!({"jobName": "quick", "jobQueue": "q", "jobDefinition": "d"}),
-        )
-        .await)["jobId"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let job = submit(&client, "q", "d", "quick", &["true"]).await;
     let mut watch = agent
         .watch_assignments(pb::WatchRequest {
             node_id: "hand".into(),
@@ -277,15 +269,7 @@ async fn streams_describe_an_attempt_once_and_reports_apply_once() {
         }
     };
     // A later set describes only what is new and names the attempt it described before.
-    let second = ok(client
-        .call(
-            "SubmitJob",
-            json!({"jobName": "second", "jobQueue": "q", "jobDefinition": "d"}),
-        )
-        .await)["jobId"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let second = submit(&client, "q", "d", "second", &["true"]).await;
     loop {
         let set = watch.message().await.expect("stream").expect("a set");
         if set.assignments.iter().any(|a| a.job_id == second) {
