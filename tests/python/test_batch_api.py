@@ -775,3 +775,24 @@ def test_an_image_that_cannot_be_pulled_fails_the_attempt_with_the_pull_error(ba
     job = wait_for(batch, job_id, {"FAILED", "SUCCEEDED"}, timeout=60)
     assert job["status"] == "FAILED"
     assert job["statusReason"].startswith("CannotPullContainerError: pulling 127.0.0.1:9/muster-absent:1"), job
+
+
+def test_an_image_the_host_lacks_is_pulled_from_its_registry_and_runs(batch):
+    from registry import Registry
+    registry = Registry()
+    tag = uuid.uuid4().hex[:8]
+    image = registry.add(TEST_IMAGE, "muster-pulled/busybox", tag)
+    try:
+        assert subprocess.run(["docker", "image", "inspect", image], capture_output=True).returncode != 0, \
+            "the host must not have the image before the job runs"
+        name = unique("pulled")
+        batch.register_job_definition(jobDefinitionName=name, type="container", containerProperties={
+            "image": image, "command": ["sh", "-c", "echo pulled and ran"], "vcpus": 1, "memory": 64})
+        job_id = batch.submit_job(jobName="pulled", jobQueue="default", jobDefinition=name)["jobId"]
+        job = wait_for(batch, job_id, {"FAILED", "SUCCEEDED"}, timeout=60)
+        assert job["status"] == "SUCCEEDED", (job.get("statusReason"), job.get("attempts"))
+        assert set(registry.pulled) == {"muster-pulled/busybox"}, registry.pulled
+        assert subprocess.run(["docker", "image", "inspect", image], capture_output=True).returncode == 0
+    finally:
+        registry.close()
+        subprocess.run(["docker", "image", "rm", "-f", image], capture_output=True)
