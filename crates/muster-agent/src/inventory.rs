@@ -53,18 +53,53 @@ pub fn gpus() -> Vec<GpuDevice> {
             return Vec::new();
         }
     };
-    (0..count)
+    let devices: Vec<(u32, nvml_wrapper::Device)> = (0..count)
         .filter_map(|index| {
             let device = nvml
                 .device_by_index(index)
                 .map_err(|e| tracing::warn!(index, error = %e, "skipping GPU"))
                 .ok()?;
-            Some(GpuDevice {
-                index,
-                uuid: device.uuid().unwrap_or_default(),
-                model: device.name().unwrap_or_default(),
-                memory_mib: device.memory_info().map_or(0, |m| m.total / (1024 * 1024)),
-            })
+            Some((index, device))
+        })
+        .collect();
+    let indices: Vec<u32> = devices.iter().map(|(index, _)| *index).collect();
+    let peers = nvlink_peers(&indices, |a, b| {
+        use nvml_wrapper::enum_wrappers::device::{P2pCapabilitiesIndex, P2pStatus};
+        let (Some((_, a)), Some((_, b))) = (
+            devices.iter().find(|(i, _)| *i == a),
+            devices.iter().find(|(i, _)| *i == b),
+        ) else {
+            return false;
+        };
+        matches!(
+            a.p2p_status(b, P2pCapabilitiesIndex::NvLink),
+            Ok(P2pStatus::Ok)
+        )
+    });
+    devices
+        .iter()
+        .zip(peers)
+        .map(|((index, device), nvlink_peers)| GpuDevice {
+            index: *index,
+            uuid: device.uuid().unwrap_or_default(),
+            model: device.name().unwrap_or_default(),
+            memory_mib: device.memory_info().map_or(0, |m| m.total / (1024 * 1024)),
+            nvlink_peers,
+        })
+        .collect()
+}
+
+/// For each GPU of `indices`, the others it reaches over NVLink, as `linked(from, to)` (NVML's
+/// peer-to-peer status over NVLink, which also covers GPUs joined through an NVSwitch) says.
+fn nvlink_peers(indices: &[u32], linked: impl Fn(u32, u32) -> bool) -> Vec<Vec<u32>> {
+    indices
+        .iter()
+        .map(|&from| {
+            indices
+                .iter()
+                .copied()
+                .filter(|&to| to != from && linked(from, to))
+                .collect()
         })
         .collect()
 }
@@ -118,4 +153,26 @@ pub fn labels(config: &AgentConfig, rdma: &[String]) -> BTreeMap<String, String>
     }
     out.extend(config.labels.clone());
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::nvlink_peers;
+
+    #[test]
+    fn each_gpu_lists_the_others_it_reaches_over_nvlink() {
+        // Two NVLink pairs, (0, 1) and (2, 3), as on a PCIe host with bridged pairs; GPU 4
+        // has no NVLink at all.
+        let pairs = [(0, 1), (2, 3)];
+        let linked = |a: u32, b: u32| pairs.contains(&(a, b)) || pairs.contains(&(b, a));
+        assert_eq!(
+            nvlink_peers(&[0, 1, 2, 3, 4], linked),
+            vec![vec![1], vec![0], vec![3], vec![2], vec![]]
+        );
+        // Behind an NVSwitch every GPU reaches every other; a GPU is never its own peer.
+        assert_eq!(
+            nvlink_peers(&[0, 1, 2], |_, _| true),
+            vec![vec![1, 2], vec![0, 2], vec![0, 1]]
+        );
+    }
 }

@@ -383,6 +383,7 @@ fn jobs_see_exactly_their_gpus_whatever_they_set() {
                     uuid: format!("GPU-{i}"),
                     model: "H100".into(),
                     memory_mib: 81559,
+                    nvlink_peers: vec![1 - i],
                 })
                 .collect(),
             labels: Default::default(),

@@ -12,6 +12,7 @@ fn gpu_to_pb(g: &GpuDevice) -> pb::Gpu {
         uuid: g.uuid.clone(),
         model: g.model.clone(),
         memory_mib: g.memory_mib,
+        nvlink_peers: g.nvlink_peers.clone(),
     }
 }
 
@@ -21,6 +22,7 @@ fn gpu_from_pb(g: &pb::Gpu) -> GpuDevice {
         uuid: g.uuid.clone(),
         model: g.model.clone(),
         memory_mib: g.memory_mib,
+        nvlink_peers: g.nvlink_peers.clone(),
     }
 }
 
@@ -203,6 +205,7 @@ mod tests {
                 uuid: "GPU-1".into(),
                 model: "H100".into(),
                 memory_mib: 81559,
+                nvlink_peers: vec![0, 2, 3],
             }],
         };
         assert_eq!(assignment_from_pb(&assignment_to_pb(&a)), a);

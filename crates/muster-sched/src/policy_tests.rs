@@ -46,6 +46,7 @@ fn node(s: &mut State, id: &str, vcpus: u64, gpus: &[&str], labels: &[(&str, &st
             uuid: format!("GPU-{id}-{i}"),
             model: (*model).into(),
             memory_mib: 81920,
+            nvlink_peers: Vec::new(),
         })
         .collect();
     let labels = labels

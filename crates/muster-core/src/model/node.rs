@@ -33,6 +33,10 @@ pub struct GpuDevice {
     pub uuid: String,
     pub model: String,
     pub memory_mib: u64,
+    /// Indices of the node's other GPUs this one reaches over NVLink, where NVML tells (peer
+    /// to peer over NVLink, directly or through an NVSwitch).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nvlink_peers: Vec<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -295,6 +295,7 @@ impl State {
                                 uuid: String::new(),
                                 model: String::new(),
                                 memory_mib: 0,
+                                nvlink_peers: Vec::new(),
                             })
                     })
                     .collect();
