@@ -296,6 +296,60 @@ fn labels_and_gpu_models_decide_where_a_job_may_run() {
     assert!(verify(&s, forged).placements.is_empty());
 }
 
+/// A job asking for several GPUs gets ones joined by NVLink when the node has such a set, and
+/// the lowest free indices when it has none.
+#[test]
+fn multi_gpu_jobs_get_gpus_joined_by_nvlink() {
+    let mut s = cluster(&[], None);
+    // On `pairs`, NVLink joins 0 with 2 and 1 with 3 (not neighbours by index); `plain` has
+    // no NVLink.
+    let peers = [vec![2], vec![3], vec![0], vec![1]];
+    let devices = peers
+        .into_iter()
+        .enumerate()
+        .map(|(i, nvlink_peers)| GpuDevice {
+            index: i as u32,
+            uuid: format!("GPU-pairs-{i}"),
+            model: "NVIDIA H100".into(),
+            memory_mib: 81920,
+            nvlink_peers,
+        })
+        .collect();
+    let capacity = Resources::new(8000, 65536, 4);
+    must(
+        &mut s,
+        node_registration("pairs", capacity, devices, Default::default(), Timestamp(0)),
+    );
+    node(&mut s, "plain", 8, &["NVIDIA H100"; 4], &[]);
+    let two = Spec {
+        vcpus: 1,
+        gpus: 2,
+        ..Default::default()
+    };
+    for id in ["a", "b", "c"] {
+        submit(&mut s, id, two.clone());
+    }
+    let p = plan(&s, &PlanConfig::default(), NOW);
+    let placed: Vec<(&str, &str, Vec<u32>)> = p
+        .placements
+        .iter()
+        .map(|p| (p.job.as_str(), p.node.0.as_str(), p.gpus.clone()))
+        .collect();
+    assert_eq!(
+        placed,
+        vec![
+            ("a", "pairs", vec![0, 2]),
+            ("b", "pairs", vec![1, 3]),
+            ("c", "plain", vec![0, 1]),
+        ]
+    );
+    assert_eq!(
+        verify(&s, p.clone()),
+        p,
+        "the plan applier keeps what NVLink chose"
+    );
+}
+
 const GPU_MODEL: &str = muster_core::GPU_MODEL_TAG;
 
 fn fair(weights: &[(&str, f64)], reservation: u64) -> serde_json::Value {

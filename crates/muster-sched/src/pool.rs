@@ -192,7 +192,8 @@ impl<'s> Pool<'s> {
     pub fn take(&mut self, node: &'s NodeId, job: &Job, ends_by: Option<u64>) -> Vec<u32> {
         let need = job.spec.container.resources();
         let room = &self.rooms[node];
-        let gpus: Vec<u32> = self.free_gpus(room, job).take(need.gpus as usize).collect();
+        let free: Vec<u32> = self.free_gpus(room, job).collect();
+        let gpus = choose_gpus(&free, need.gpus as usize, &room.node.inventory.gpus);
         let ce = room.node.compute_environment.as_str();
         let room = self.rooms.get_mut(node).expect("taken from a known room");
         if let Some(index) = self.by_free.get_mut(ce) {
@@ -204,4 +205,36 @@ impl<'s> Pool<'s> {
         room.placed.push((need, ends_by));
         gpus
     }
+}
+
+/// Which `count` of the `free` GPU indices (ascending) a job gets: the lowest-numbered set in
+/// which every GPU reaches every other over NVLink, when the node has one (a job spread over
+/// GPUs that talk through PCIe runs its collectives at a fraction of the speed); otherwise the
+/// lowest `count` indices.
+fn choose_gpus(free: &[u32], count: usize, devices: &[muster_core::GpuDevice]) -> Vec<u32> {
+    let linked = |a: u32, b: u32| {
+        devices
+            .iter()
+            .any(|g| g.index == a && g.nvlink_peers.contains(&b))
+    };
+    if count > 1 {
+        for (at, &seed) in free.iter().enumerate() {
+            let mut set = vec![seed];
+            for &next in &free[at + 1..] {
+                if set.len() == count {
+                    break;
+                }
+                if set
+                    .iter()
+                    .all(|&member| linked(member, next) && linked(next, member))
+                {
+                    set.push(next);
+                }
+            }
+            if set.len() == count {
+                return set;
+            }
+        }
+    }
+    free.iter().copied().take(count).collect()
 }
