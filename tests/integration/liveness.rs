@@ -218,7 +218,8 @@ async fn an_unhealthy_node_gets_no_work_until_it_recovers() {
 /// The agent protocol by hand: an assignment stream describes each attempt once and then names
 /// it by key. An agent may report an attempt's RUNNING and exit in one call (a job that ends
 /// at once): the job ends with the time it started, a batch sent again changes nothing, and a
-/// malformed or oversized batch is refused whole, naming what is wrong, with nothing applied.
+/// malformed or oversized batch is refused whole, naming what is wrong, with nothing applied
+/// (and an empty one writes nothing).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn streams_describe_an_attempt_once_and_reports_apply_once() {
     use muster_proto::pb;
@@ -331,6 +332,14 @@ async fn streams_describe_an_attempt_once_and_reports_apply_once() {
         described["status"], "STARTING",
         "nothing applied: {described}"
     );
+    // An empty batch is answered and writes nothing.
+    let index = t.cluster.node(leader).unwrap().raft.state.applied_index();
+    let before = *index.borrow();
+    reporter
+        .report_attempts(pb::AttemptReports { reports: vec![] })
+        .await
+        .expect("accepted");
+    assert_eq!(*index.borrow(), before, "an empty batch wrote an entry");
 
     reporter
         .report_attempts(both.clone())
