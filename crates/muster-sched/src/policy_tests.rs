@@ -266,11 +266,7 @@ fn labels_and_gpu_models_decide_where_a_job_may_run() {
     submit(&mut s, "r9", spec(vec![("muster:node.rack", "r9")]));
     submit(&mut s, "b200", spec(vec![(GPU_MODEL, "NVIDIA B200")]));
     let p = plan(&s, &PlanConfig::default(), NOW);
-    let placed: Vec<(&str, &str, Vec<u32>)> = p
-        .placements
-        .iter()
-        .map(|p| (p.job.as_str(), p.node.0.as_str(), p.gpus.clone()))
-        .collect();
+    let placed = placed_with_gpus(&p);
     // The H100 is index 1 on `fast`; the A10G at index 0 is not handed to that job.
     assert_eq!(
         placed,
@@ -330,11 +326,7 @@ fn multi_gpu_jobs_get_gpus_joined_by_nvlink() {
         submit(&mut s, id, two.clone());
     }
     let p = plan(&s, &PlanConfig::default(), NOW);
-    let placed: Vec<(&str, &str, Vec<u32>)> = p
-        .placements
-        .iter()
-        .map(|p| (p.job.as_str(), p.node.0.as_str(), p.gpus.clone()))
-        .collect();
+    let placed = placed_with_gpus(&p);
     assert_eq!(
         placed,
         vec![
@@ -351,6 +343,14 @@ fn multi_gpu_jobs_get_gpus_joined_by_nvlink() {
 }
 
 const GPU_MODEL: &str = muster_core::GPU_MODEL_TAG;
+
+/// A plan's placements as (job, node, GPU indices).
+fn placed_with_gpus(p: &Plan) -> Vec<(&str, &str, Vec<u32>)> {
+    p.placements
+        .iter()
+        .map(|p| (p.job.as_str(), p.node.0.as_str(), p.gpus.clone()))
+        .collect()
+}
 
 fn fair(weights: &[(&str, f64)], reservation: u64) -> serde_json::Value {
     serde_json::json!({
