@@ -74,3 +74,57 @@ async fn concurrent_submits_share_raft_entries_and_each_gets_its_own_job() {
     }
     tc.shutdown().await;
 }
+
+/// Raft runs on threads of its own: with every worker of the runtime that serves agents and
+/// the API held, the leader still commits, and the stall makes no election.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raft_commits_while_the_runtime_serving_agents_is_stalled() {
+    let t = TestCluster::start(3).await;
+    let leader = t.cluster.wait_for_leader(DEADLINE).await.unwrap();
+    let node = t.cluster.node(leader).unwrap().raft.clone();
+    let term = node.leader().1;
+
+    // Both workers of this runtime wait on a barrier; the test's own thread is not a worker.
+    let (stalled, released) = (
+        std::sync::Arc::new(std::sync::Barrier::new(3)),
+        std::sync::Arc::new(std::sync::Barrier::new(3)),
+    );
+    for _ in 0..2 {
+        let (stalled, released) = (stalled.clone(), released.clone());
+        tokio::spawn(async move {
+            stalled.wait();
+            released.wait();
+        });
+    }
+    stalled.wait();
+    let proposer = node.clone();
+    let committed = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let purge = muster_core::Command::PurgeJobs {
+                before: muster_core::Timestamp(0),
+            };
+            let outcome =
+                tokio::time::timeout(std::time::Duration::from_secs(3), proposer.propose(purge))
+                    .await;
+            // Held past the election timeout: a follower that missed heartbeats would stand.
+            std::thread::sleep(std::time::Duration::from_millis(1_000));
+            outcome
+        })
+    })
+    .join()
+    .unwrap();
+    released.wait();
+
+    assert!(
+        matches!(committed, Ok(Ok(_))),
+        "no commit while the runtime was stalled: {committed:?}"
+    );
+    for n in t.cluster.running() {
+        assert_eq!(n.raft.leader(), (Some(leader), term), "node {}", n.raft.id);
+    }
+    t.shutdown().await;
+}

@@ -26,7 +26,44 @@ fn example_agent_config_is_valid() {
 
 #[test]
 fn unknown_config_fields_are_refused() {
-    let text = "node_id = 1\ngrpc_addr = \"127.0.0.1:1\"\napi_addr = \"127.0.0.1:2\"\ndata_dir = \"d\"\nnode_idd = 2\n";
+    let text = "node_id = 1\ngrpc_addr = \"127.0.0.1:1\"\nraft_addr = \"127.0.0.1:3\"\napi_addr = \"127.0.0.1:2\"\ndata_dir = \"d\"\nnode_idd = 2\n";
     let err = muster_control::RawServerConfig::from_toml(text).unwrap_err();
     assert!(err.to_string().contains("node_idd"), "{err}");
+}
+
+fn server_config(listeners: &str, peers: &str) -> Result<muster_control::ServerConfig, String> {
+    let text = format!("node_id = 1\n{listeners}data_dir = \"d\"\n{peers}");
+    muster_control::RawServerConfig::from_toml(&text)
+        .map_err(|e| e.to_string())?
+        .validate()
+        .map_err(|e| e.to_string())
+}
+
+#[test]
+fn raft_has_a_listener_of_its_own() {
+    let apart =
+        "grpc_addr = \"127.0.0.1:1\"\nraft_addr = \"127.0.0.1:3\"\napi_addr = \"127.0.0.1:2\"\n";
+    let config = server_config(apart, "").unwrap();
+    let this_node = &config.peers[&1];
+    assert_eq!(
+        (this_node.raft.as_str(), this_node.agents.as_str()),
+        ("127.0.0.1:3", "127.0.0.1:1")
+    );
+
+    let shared =
+        "grpc_addr = \"127.0.0.1:1\"\nraft_addr = \"127.0.0.1:1\"\napi_addr = \"127.0.0.1:2\"\n";
+    let err = server_config(shared, "").unwrap_err();
+    assert!(err.starts_with("raft_addr: must differ"), "{err}");
+
+    let missing = "grpc_addr = \"127.0.0.1:1\"\napi_addr = \"127.0.0.1:2\"\n";
+    let err = server_config(missing, "").unwrap_err();
+    assert!(err.contains("raft_addr"), "{err}");
+
+    let other_raft_addr =
+        "[[peers]]\nid = 1\ngrpc_addr = \"127.0.0.1:1\"\nraft_addr = \"127.0.0.1:4\"\n";
+    let err = server_config(apart, other_raft_addr).unwrap_err();
+    assert!(
+        err.starts_with("peers: this node (1) is listed with other addresses"),
+        "{err}"
+    );
 }

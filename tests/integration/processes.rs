@@ -208,13 +208,15 @@ async fn wait_until_serving(client: &BatchClient) {
 async fn three_server_processes_and_an_agent_process() {
     let dir = tempfile::tempdir().unwrap();
     let grpc: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let raft: Vec<u16> = (0..3).map(|_| free_port()).collect();
     let api: Vec<u16> = (0..3).map(|_| free_port()).collect();
     let peers: String = (0..3)
         .map(|i| {
             format!(
-                "[[peers]]\nid = {}\ngrpc_addr = \"127.0.0.1:{}\"\n",
+                "[[peers]]\nid = {}\ngrpc_addr = \"127.0.0.1:{}\"\nraft_addr = \"127.0.0.1:{}\"\n",
                 i + 1,
-                grpc[i]
+                grpc[i],
+                raft[i]
             )
         })
         .collect();
@@ -225,9 +227,10 @@ async fn three_server_processes_and_an_agent_process() {
         std::fs::write(
             &path,
             format!(
-                "node_id = {}\ngrpc_addr = \"127.0.0.1:{}\"\napi_addr = \"127.0.0.1:{}\"\ndata_dir = {:?}\n{peers}",
+                "node_id = {}\ngrpc_addr = \"127.0.0.1:{}\"\nraft_addr = \"127.0.0.1:{}\"\napi_addr = \"127.0.0.1:{}\"\ndata_dir = {:?}\n{peers}",
                 i + 1,
                 grpc[i],
+                raft[i],
                 api[i],
                 data
             ),
@@ -301,12 +304,12 @@ async fn three_server_processes_and_an_agent_process() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_stopped_while_it_starts_exits_cleanly() {
     let dir = tempfile::tempdir().unwrap();
-    let (grpc, api) = (free_port(), free_port());
+    let (grpc, raft, api) = (free_port(), free_port(), free_port());
     let config = dir.path().join("server.toml");
     std::fs::write(
         &config,
         format!(
-            "node_id = 1\ngrpc_addr = \"127.0.0.1:{grpc}\"\napi_addr = \"127.0.0.1:{api}\"\ndata_dir = {:?}\n[[peers]]\nid = 1\ngrpc_addr = \"127.0.0.1:{grpc}\"\n",
+            "node_id = 1\ngrpc_addr = \"127.0.0.1:{grpc}\"\nraft_addr = \"127.0.0.1:{raft}\"\napi_addr = \"127.0.0.1:{api}\"\ndata_dir = {:?}\n[[peers]]\nid = 1\ngrpc_addr = \"127.0.0.1:{grpc}\"\nraft_addr = \"127.0.0.1:{raft}\"\n",
             dir.path().join("data")
         ),
     )

@@ -1,5 +1,6 @@
 //! Control node configuration: TOML → [`RawServerConfig`] → `validate()` → [`ServerConfig`].
 
+use muster_raft::PeerAddrs;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -9,8 +10,10 @@ use std::path::PathBuf;
 #[serde(deny_unknown_fields)]
 pub struct PeerConfig {
     pub id: u64,
-    /// The peer's gRPC address (Raft and agents).
+    /// The peer's gRPC address for agents.
     pub grpc_addr: String,
+    /// The peer's gRPC address for the other control nodes (Raft).
+    pub raft_addr: String,
 }
 
 /// The file as written. See `deploy/config/server.example.toml` for every field explained.
@@ -19,6 +22,7 @@ pub struct PeerConfig {
 pub struct RawServerConfig {
     pub node_id: u64,
     pub grpc_addr: String,
+    pub raft_addr: String,
     pub api_addr: String,
     pub data_dir: PathBuf,
     #[serde(default = "default_cluster_name")]
@@ -56,12 +60,15 @@ fn default_cluster_name() -> String {
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub node_id: u64,
+    /// Where agents connect.
     pub grpc_addr: SocketAddr,
+    /// Where the other control nodes connect.
+    pub raft_addr: SocketAddr,
     pub api_addr: SocketAddr,
     pub data_dir: PathBuf,
     pub cluster_name: String,
-    /// Every voter's gRPC address, this node's included.
-    pub peers: BTreeMap<u64, String>,
+    /// Every voter's addresses, this node's included.
+    pub peers: BTreeMap<u64, PeerAddrs>,
     /// Where the founding node writes the first administrator's credentials (`None`: the
     /// caller bootstraps them itself, as `muster dev` does).
     pub root_credentials_dir: Option<PathBuf>,
@@ -100,17 +107,33 @@ impl RawServerConfig {
         if self.node_id == 0 {
             return Err(invalid("node_id", "must be at least 1"));
         }
-        let grpc_addr = self
-            .grpc_addr
-            .parse()
-            .map_err(|e| invalid("grpc_addr", format!("{}: {e}", self.grpc_addr)))?;
-        let api_addr = self
-            .api_addr
-            .parse()
-            .map_err(|e| invalid("api_addr", format!("{}: {e}", self.api_addr)))?;
+        let listener = |field: &'static str, addr: &str| -> Result<SocketAddr, ConfigError> {
+            addr.parse()
+                .map_err(|e| invalid(field, format!("{addr}: {e}")))
+        };
+        let grpc_addr = listener("grpc_addr", &self.grpc_addr)?;
+        let raft_addr = listener("raft_addr", &self.raft_addr)?;
+        let api_addr = listener("api_addr", &self.api_addr)?;
+        if raft_addr == grpc_addr || raft_addr == api_addr {
+            return Err(invalid(
+                "raft_addr",
+                "must differ from grpc_addr and api_addr: Raft has a listener of its own",
+            ));
+        }
+        if grpc_addr == api_addr {
+            return Err(invalid("api_addr", "must differ from grpc_addr"));
+        }
+        let this_node = PeerAddrs {
+            raft: self.raft_addr.clone(),
+            agents: self.grpc_addr.clone(),
+        };
         let mut peers = BTreeMap::new();
         for p in self.peers {
-            if peers.insert(p.id, p.grpc_addr).is_some() {
+            let addrs = PeerAddrs {
+                raft: p.raft_addr,
+                agents: p.grpc_addr,
+            };
+            if peers.insert(p.id, addrs).is_some() {
                 return Err(invalid(
                     "peers",
                     format!("node id {} is listed twice", p.id),
@@ -118,18 +141,18 @@ impl RawServerConfig {
             }
         }
         match peers.get(&self.node_id) {
-            Some(addr) if *addr != self.grpc_addr => {
+            Some(addrs) if *addrs != this_node => {
                 return Err(invalid(
                     "peers",
                     format!(
-                        "this node ({}) is listed with another address",
+                        "this node ({}) is listed with other addresses than its grpc_addr and raft_addr",
                         self.node_id
                     ),
                 ));
             }
             Some(_) => {}
             None => {
-                peers.insert(self.node_id, self.grpc_addr.clone());
+                peers.insert(self.node_id, this_node);
             }
         }
         if self.job_retention_days == 0 {
@@ -148,6 +171,7 @@ impl RawServerConfig {
             root_credentials_dir: Some(self.data_dir.join("aws")),
             node_id: self.node_id,
             grpc_addr,
+            raft_addr,
             api_addr,
             data_dir: self.data_dir,
             cluster_name: self.cluster_name,

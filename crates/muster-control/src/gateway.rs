@@ -101,7 +101,11 @@ impl AgentGateway {
 
     fn not_leader(&self) -> Status {
         let mut status = Status::failed_precondition("this control node is not the leader");
-        if let Some(addr) = self.node.leader().0.and_then(|l| self.node.peers.addr(l))
+        if let Some(addr) = self
+            .node
+            .leader()
+            .0
+            .and_then(|l| self.node.peers.agent_addr(l))
             && let Ok(v) = addr.parse()
         {
             status.metadata_mut().insert(LEADER_METADATA_KEY, v);

@@ -3,6 +3,7 @@
 
 use crate::{ControlNode, Listeners, ServerConfig};
 use metrics_exporter_prometheus::PrometheusHandle;
+use muster_raft::PeerAddrs;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -32,6 +33,7 @@ pub struct LocalCluster {
     /// `None` while a node is stopped.
     nodes: BTreeMap<u64, Option<ControlNode>>,
     grpc_addrs: BTreeMap<u64, SocketAddr>,
+    raft_addrs: BTreeMap<u64, SocketAddr>,
     api_addrs: BTreeMap<u64, SocketAddr>,
     limits: muster_api::Limits,
     /// Heartbeat silence after which the leader marks an agent lost.
@@ -95,12 +97,12 @@ impl LocalCluster {
         } = tuning;
         let any: SocketAddr = "127.0.0.1:0".parse().expect("literal address");
         let mut grpc = BTreeMap::new();
+        let mut raft = BTreeMap::new();
         let mut api = BTreeMap::new();
         for id in 1..=size {
-            let g = bind(any).await?;
-            let a = bind(if id == 1 { first_api_addr } else { any }).await?;
-            grpc.insert(id, g);
-            api.insert(id, a);
+            grpc.insert(id, bind(any).await?);
+            raft.insert(id, bind(any).await?);
+            api.insert(id, bind(if id == 1 { first_api_addr } else { any }).await?);
         }
         let addr = |l: &TcpListener| l.local_addr().expect("bound listener has an address");
         let mut cluster = LocalCluster {
@@ -109,18 +111,19 @@ impl LocalCluster {
             metrics,
             nodes: BTreeMap::new(),
             grpc_addrs: grpc.iter().map(|(id, l)| (*id, addr(l))).collect(),
+            raft_addrs: raft.iter().map(|(id, l)| (*id, addr(l))).collect(),
             api_addrs: api.iter().map(|(id, l)| (*id, addr(l))).collect(),
             limits,
             node_lost_after,
         };
-        for (id, g) in grpc {
-            let a = api.remove(&id).expect("one API listener per node");
-            let node = ControlNode::start(
-                cluster.config(id),
-                Listeners { grpc: g, api: a },
-                cluster.metrics.clone(),
-            )
-            .await?;
+        for (id, grpc) in grpc {
+            let listeners = Listeners {
+                grpc,
+                raft: raft.remove(&id).expect("one Raft listener per node"),
+                api: api.remove(&id).expect("one API listener per node"),
+            };
+            let node =
+                ControlNode::start(cluster.config(id), listeners, cluster.metrics.clone()).await?;
             cluster.nodes.insert(id, Some(node));
         }
         Ok(cluster)
@@ -130,13 +133,20 @@ impl LocalCluster {
         ServerConfig {
             node_id: id,
             grpc_addr: self.grpc_addrs[&id],
+            raft_addr: self.raft_addrs[&id],
             api_addr: self.api_addrs[&id],
             data_dir: self.data_dir.join(format!("node-{id}")),
             cluster_name: self.cluster_name.clone(),
             peers: self
                 .grpc_addrs
                 .iter()
-                .map(|(id, a)| (*id, a.to_string()))
+                .map(|(id, agents)| {
+                    let addrs = PeerAddrs {
+                        raft: self.raft_addrs[id].to_string(),
+                        agents: agents.to_string(),
+                    };
+                    (*id, addrs)
+                })
                 .collect(),
             root_credentials_dir: None,
             job_retention: std::time::Duration::from_secs(7 * 86_400),
@@ -197,6 +207,7 @@ impl LocalCluster {
         self.stop_node(id).await;
         let listeners = Listeners {
             grpc: bind(self.grpc_addrs[&id]).await?,
+            raft: bind(self.raft_addrs[&id]).await?,
             api: bind(self.api_addrs[&id]).await?,
         };
         let node = ControlNode::start(self.config(id), listeners, self.metrics.clone()).await?;

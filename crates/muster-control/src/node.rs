@@ -14,13 +14,15 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 /// Listeners bound by the caller (port 0 in tests).
 pub struct Listeners {
-    /// Raft peers and agents.
+    /// Agents.
     pub grpc: TcpListener,
+    /// The other control nodes (Raft).
+    pub raft: TcpListener,
     /// The AWS Batch API.
     pub api: TcpListener,
 }
@@ -36,16 +38,21 @@ pub enum StartError {
     Raft(String),
     #[error("listener has no local address: {0}")]
     Listener(std::io::Error),
+    #[error("cannot start the Raft threads: {0}")]
+    Threads(std::io::Error),
 }
 
 /// A running control node. Dropping it does not stop it; call [`ControlNode::shutdown`].
 pub struct ControlNode {
     pub raft: RaftNode,
     pub grpc_addr: SocketAddr,
+    pub raft_addr: SocketAddr,
     pub api_addr: SocketAddr,
     /// Flipped to `true` once to stop every loop and server of this node.
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    /// Resolves once the Raft threads have stopped and dropped what they held.
+    raft_threads_stopped: oneshot::Receiver<()>,
 }
 
 impl ControlNode {
@@ -55,6 +62,7 @@ impl ControlNode {
         metrics: Option<PrometheusHandle>,
     ) -> Result<Self, StartError> {
         let grpc_addr = listeners.grpc.local_addr().map_err(StartError::Listener)?;
+        let raft_addr = listeners.raft.local_addr().map_err(StartError::Listener)?;
         let api_addr = listeners.api.local_addr().map_err(StartError::Listener)?;
         let raft_dir = config.data_dir.join("raft");
         let storage_err = |source| StartError::Storage {
@@ -70,24 +78,28 @@ impl ControlNode {
         let state = state_machine.handle();
 
         let peers = PeerDirectory::default();
-        for (id, addr) in &config.peers {
-            peers.set(*id, addr.clone());
+        for (id, addrs) in &config.peers {
+            peers.set(*id, addrs.clone());
         }
         let raft_config = muster_raft::raft_config(&config.cluster_name)
             .validate()
             .map_err(|e| StartError::Raft(e.to_string()))?;
-        let raft = Raft::new(
-            config.node_id,
-            Arc::new(raft_config),
-            PeerNetwork {
-                id: config.node_id,
-                directory: peers.clone(),
-            },
-            log,
-            state_machine,
-        )
-        .await
-        .map_err(|e| StartError::Raft(e.to_string()))?;
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let (raft_runtime, raft_threads_stopped) =
+            start_raft_threads(config.node_id, shutdown_rx.clone()).map_err(StartError::Threads)?;
+        // Raft::new spawns openraft's tasks on the runtime it is called on.
+        let network = PeerNetwork::new(config.node_id, peers.clone());
+        let raft = raft_runtime
+            .spawn(Raft::new(
+                config.node_id,
+                Arc::new(raft_config),
+                network,
+                log,
+                state_machine,
+            ))
+            .await
+            .map_err(|e| StartError::Raft(e.to_string()))?
+            .map_err(|e| StartError::Raft(e.to_string()))?;
         let node = RaftNode {
             id: config.node_id,
             raft: raft.clone(),
@@ -95,21 +107,39 @@ impl ControlNode {
             peers,
         };
 
-        let (shutdown, shutdown_rx) = watch::channel(false);
         let heartbeats = crate::liveness::Heartbeats::default();
         let mut tasks = Vec::new();
 
-        let grpc = tonic::transport::Server::builder()
-            .add_service(
-                RaftServiceServer::new(RaftGrpc::new(raft.clone()))
-                    .max_decoding_message_size(muster_raft::MAX_RAFT_MESSAGE_BYTES)
-                    .max_encoding_message_size(muster_raft::MAX_RAFT_MESSAGE_BYTES),
-            )
-            .add_service(AgentServiceServer::new(AgentGateway::new(
-                node.clone(),
-                shutdown_rx.clone(),
-                heartbeats.clone(),
-            )));
+        let raft_server = tonic::transport::Server::builder().add_service(
+            RaftServiceServer::new(RaftGrpc::new(raft.clone()))
+                .max_decoding_message_size(muster_raft::MAX_RAFT_MESSAGE_BYTES)
+                .max_encoding_message_size(muster_raft::MAX_RAFT_MESSAGE_BYTES),
+        );
+        // The listener is handed over unregistered, so that its connections are driven by the
+        // Raft runtime's own reactor.
+        let raft_listener = listeners.raft.into_std().map_err(StartError::Listener)?;
+        let stop = signal(shutdown_rx.clone());
+        tasks.push(tokio::spawn(async move {
+            let served = raft_runtime.spawn(async move {
+                let listener = TcpListener::from_std(raft_listener)?;
+                let incoming =
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+                raft_server
+                    .serve_with_incoming_shutdown(incoming, stop)
+                    .await
+                    .map_err(std::io::Error::other)
+            });
+            match served.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "Raft gRPC server failed"),
+                // The Raft runtime was dropped under it: the node is stopping.
+                Err(_) => {}
+            }
+        }));
+
+        let grpc = tonic::transport::Server::builder().add_service(AgentServiceServer::new(
+            AgentGateway::new(node.clone(), shutdown_rx.clone(), heartbeats.clone()),
+        ));
         let incoming =
             tonic::transport::server::TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
         let stop = signal(shutdown_rx.clone());
@@ -166,7 +196,10 @@ impl ControlNode {
             let members: BTreeMap<u64, BasicNode> = config
                 .peers
                 .iter()
-                .map(|(id, addr)| (*id, BasicNode { addr: addr.clone() }))
+                .map(|(id, addrs)| {
+                    let addr = addrs.raft.clone();
+                    (*id, BasicNode { addr })
+                })
                 .collect();
             match raft.initialize(members).await {
                 Ok(()) => founded = true,
@@ -188,13 +221,21 @@ impl ControlNode {
                 }
             }));
         }
-        tracing::info!(node = config.node_id, %grpc_addr, %api_addr, "control node started");
+        tracing::info!(
+            node = config.node_id,
+            %grpc_addr,
+            %raft_addr,
+            %api_addr,
+            "control node started"
+        );
         Ok(Self {
             raft: node,
             grpc_addr,
+            raft_addr,
             api_addr,
             shutdown,
             tasks,
+            raft_threads_stopped,
         })
     }
 
@@ -207,6 +248,7 @@ impl ControlNode {
             raft,
             shutdown,
             tasks,
+            raft_threads_stopped,
             ..
         } = self;
         if let Err(e) = raft.raft.shutdown().await {
@@ -217,6 +259,8 @@ impl ControlNode {
             // Servers stop accepting at once; open streams end with the shutdown signal.
             let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
         }
+        // The log and snapshot store are released with the Raft runtime's tasks.
+        let _ = raft_threads_stopped.await;
         // Freeing a state of a million jobs takes seconds of CPU: on a thread of its own at the
         // lowest priority, so that the other nodes of this process (`muster dev`, tests, the
         // bench), electing a new leader meanwhile, get the cores first, as they would if this
@@ -235,6 +279,34 @@ impl ControlNode {
             let _ = done.await;
         }
     }
+}
+
+/// Starts the threads Raft runs on: openraft's tasks (elections, replication, the log and
+/// the state machine) and the server the other control nodes call. Under the load of
+/// thousands of agents, a vote or heartbeat queued on the runtime that serves them waited
+/// past its timeout and the cluster changed leader for nothing; on threads of their own, which
+/// the kernel schedules beside that runtime's, they are answered in milliseconds. The runtime
+/// lives until `shutdown` turns true (or its sender is dropped) and is dropped on its own
+/// thread; the returned receiver resolves after that.
+fn start_raft_threads(
+    node_id: u64,
+    shutdown: watch::Receiver<bool>,
+) -> std::io::Result<(tokio::runtime::Handle, oneshot::Receiver<()>)> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name(format!("raft-{node_id}"))
+        .enable_all()
+        .build()?;
+    let handle = runtime.handle().clone();
+    let (stopped, raft_threads_stopped) = oneshot::channel();
+    std::thread::Builder::new()
+        .name(format!("raft-{node_id}-owner"))
+        .spawn(move || {
+            runtime.block_on(signal(shutdown));
+            drop(runtime);
+            let _ = stopped.send(());
+        })?;
+    Ok((handle, raft_threads_stopped))
 }
 
 async fn signal(mut rx: watch::Receiver<bool>) {

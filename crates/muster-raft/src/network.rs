@@ -18,25 +18,36 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
 
-/// Where each control node's gRPC server listens. Filled from config, and by tests that bind
-/// port 0; it wins over the address stored in the Raft membership, so that a node restarted
-/// on a new port is still found.
+/// How to reach one control node: two listeners, so that votes and log replication between
+/// control nodes never queue behind the traffic of thousands of agents (as etcd keeps its
+/// peer port apart from its client port).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerAddrs {
+    /// Its Raft listener: votes, replication and snapshots, writes and reads forwarded to it.
+    pub raft: String,
+    /// Its agent listener, which agents are sent to when this node leads.
+    pub agents: String,
+}
+
+/// Where each control node listens. Filled from config, and by tests that bind port 0; it
+/// wins over the address stored in the Raft membership, so that a node restarted on a new
+/// port is still found.
 #[derive(Clone, Default)]
 pub struct PeerDirectory {
-    addrs: Arc<RwLock<BTreeMap<NodeId, String>>>,
-    /// One lazily connecting channel per peer address, shared by every user of the directory.
-    channels: Arc<Mutex<BTreeMap<String, Channel>>>,
+    addrs: Arc<RwLock<BTreeMap<NodeId, PeerAddrs>>>,
+    /// Channels for writes and reads this node forwards to the leader.
+    channels: ChannelCache,
 }
 
 impl PeerDirectory {
-    pub fn set(&self, id: NodeId, addr: String) {
+    pub fn set(&self, id: NodeId, addrs: PeerAddrs) {
         self.addrs
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(id, addr);
+            .insert(id, addrs);
     }
 
-    pub fn addr(&self, id: NodeId) -> Option<String> {
+    fn get(&self, id: NodeId) -> Option<PeerAddrs> {
         self.addrs
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -44,14 +55,29 @@ impl PeerDirectory {
             .cloned()
     }
 
-    pub fn all(&self) -> BTreeMap<NodeId, String> {
-        self.addrs.read().unwrap_or_else(|p| p.into_inner()).clone()
+    /// Where agents reach node `id`.
+    pub fn agent_addr(&self, id: NodeId) -> Option<String> {
+        self.get(id).map(|a| a.agents)
     }
 
+    /// A client for node `id`'s Raft listener, over this directory's own channels.
+    pub fn raft_client(&self, id: NodeId) -> Option<RaftServiceClient<Channel>> {
+        let addr = self.get(id)?.raft;
+        self.channels.raft_client(&addr)
+    }
+}
+
+/// One lazily connecting channel per address. A channel's connection is driven by a task on
+/// the runtime that first asked for it, so each runtime keeps a cache of its own: Raft's
+/// messages never wait on the runtime that serves agents.
+#[derive(Clone, Default)]
+struct ChannelCache(Arc<Mutex<BTreeMap<String, Channel>>>);
+
+impl ChannelCache {
     /// The cached channel to `addr`, created on first use. Connecting is lazy: a peer that is
     /// down costs nothing until a call is made, and the channel reconnects by itself.
-    pub fn channel(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
-        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+    fn channel(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
+        let mut channels = self.0.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(ch) = channels.get(addr) {
             return Ok(ch.clone());
         }
@@ -63,13 +89,8 @@ impl PeerDirectory {
         Ok(ch)
     }
 
-    pub fn raft_client(
-        &self,
-        id: NodeId,
-        fallback_addr: Option<&str>,
-    ) -> Option<RaftServiceClient<Channel>> {
-        let addr = self.addr(id).or_else(|| fallback_addr.map(str::to_owned))?;
-        self.channel(&addr).ok().map(|channel| {
+    fn raft_client(&self, addr: &str) -> Option<RaftServiceClient<Channel>> {
+        self.channel(addr).ok().map(|channel| {
             RaftServiceClient::new(channel)
                 .max_decoding_message_size(crate::MAX_RAFT_MESSAGE_BYTES)
                 .max_encoding_message_size(crate::MAX_RAFT_MESSAGE_BYTES)
@@ -77,22 +98,38 @@ impl PeerDirectory {
     }
 }
 
-/// openraft's network factory: hands out one [`PeerClient`] per target.
+/// openraft's network factory: hands out one [`PeerClient`] per target. Created on the Raft
+/// runtime, with channels of its own that live there.
 #[derive(Clone)]
 pub struct PeerNetwork {
     /// This node.
-    pub id: NodeId,
-    pub directory: PeerDirectory,
+    id: NodeId,
+    directory: PeerDirectory,
+    channels: ChannelCache,
+}
+
+impl PeerNetwork {
+    pub fn new(id: NodeId, directory: PeerDirectory) -> Self {
+        Self {
+            id,
+            directory,
+            channels: ChannelCache::default(),
+        }
+    }
 }
 
 impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Self::Network {
+        let addr = self
+            .directory
+            .get(target)
+            .map_or_else(|| node.addr.clone(), |a| a.raft);
         PeerClient {
             source: self.id,
             target,
-            client: self.directory.raft_client(target, Some(&node.addr)),
+            client: self.channels.raft_client(&addr),
         }
     }
 }
@@ -329,10 +366,7 @@ mod tests {
             .local_addr()
             .unwrap()
             .to_string();
-        let mut network = PeerNetwork {
-            id: 1,
-            directory: PeerDirectory::default(),
-        };
+        let mut network = PeerNetwork::new(1, PeerDirectory::default());
         let vote = VoteRequest::new(Vote::new(1, 1), None);
 
         let mut busy = network.new_client(2, &BasicNode::new(&slow)).await;

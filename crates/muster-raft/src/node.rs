@@ -94,7 +94,7 @@ impl RaftNode {
     ) -> Result<ForwardedReply, tonic::Status> {
         let mut client = self
             .peers
-            .raft_client(leader, None)
+            .raft_client(leader)
             .ok_or_else(|| tonic::Status::unavailable(format!("no address for node {leader}")))?;
         let payload = encode(command).map_err(|e| tonic::Status::internal(e.to_string()))?;
         // Without a deadline, a leader that stalls mid-request would hold this caller (and a
@@ -135,7 +135,7 @@ impl RaftNode {
             };
             if let Some(mut client) = leader
                 .filter(|l| *l != self.id)
-                .and_then(|l| self.peers.raft_client(l, None))
+                .and_then(|l| self.peers.raft_client(l))
                 && let Ok(reply) = client.read_index(ReadIndexRequest {}).await
             {
                 return Ok(reply.get_ref().index);

@@ -299,6 +299,9 @@ async fn server(path: PathBuf) -> anyhow::Result<()> {
         grpc: tokio::net::TcpListener::bind(config.grpc_addr)
             .await
             .with_context(|| format!("binding {}", config.grpc_addr))?,
+        raft: tokio::net::TcpListener::bind(config.raft_addr)
+            .await
+            .with_context(|| format!("binding {}", config.raft_addr))?,
         api: tokio::net::TcpListener::bind(config.api_addr)
             .await
             .with_context(|| format!("binding {}", config.api_addr))?,
