@@ -73,24 +73,15 @@ impl<T: Send + 'static> Batcher<T> {
                         None => break,
                     },
                 };
-                let (mut items, mut bytes) = (first.items.len(), first.bytes);
-                let mut batch = vec![first];
-                while items < limits.items {
-                    match arrivals.try_recv() {
-                        Ok(more)
-                            if items + more.items.len() > limits.items
-                                || bytes + more.bytes > limits.bytes =>
-                        {
-                            held = Some(more);
-                            break;
-                        }
-                        Ok(more) => {
-                            items += more.items.len();
-                            bytes += more.bytes;
-                            batch.push(more);
-                        }
-                        Err(_) => break,
-                    }
+                let batch = gather(first, &mut arrivals, &mut held, limits);
+                let abandoned = batch.abandoned;
+                if abandoned > 0 {
+                    metrics::counter!("muster_batch_abandoned_total", "kind" => name)
+                        .increment(abandoned as u64);
+                }
+                let (batch, items) = (batch.pending, batch.items);
+                if batch.is_empty() {
+                    continue;
                 }
                 metrics::histogram!("muster_batch_size", "kind" => name).record(items as f64);
                 let (node, command) = (node.clone(), command.clone());
@@ -146,4 +137,123 @@ impl<T: Send + 'static> Batcher<T> {
     }
 }
 
+/// What goes out as one entry.
+struct Gathered<T> {
+    pending: Vec<Pending<T>>,
+    items: usize,
+    /// Groups left out because their callers stopped waiting.
+    abandoned: usize,
+}
+
+/// Takes `first` and whatever else has arrived, within `limits`; a group that would overflow
+/// the batch is put in `held` to open the next one. A group whose caller stopped waiting (its
+/// deadline passed, its connection closed) is left out: it was never answered, so its caller
+/// sends it again if it still wants it, and committing it as well would only apply it twice.
+/// Under overload this is what keeps retries from doubling the work: an agent's reports that
+/// waited past its deadline come back in its next call.
+fn gather<T>(
+    first: Pending<T>,
+    arrivals: &mut mpsc::Receiver<Pending<T>>,
+    held: &mut Option<Pending<T>>,
+    limits: BatchLimits,
+) -> Gathered<T> {
+    let mut gathered = Gathered {
+        pending: Vec::new(),
+        items: 0,
+        abandoned: 0,
+    };
+    let mut bytes = 0;
+    let mut next = Some(first);
+    while let Some(more) = next.take() {
+        if more.done.is_closed() {
+            gathered.abandoned += 1;
+        } else if !gathered.pending.is_empty()
+            && (gathered.items + more.items.len() > limits.items
+                || bytes + more.bytes > limits.bytes)
+        {
+            *held = Some(more);
+            break;
+        } else {
+            gathered.items += more.items.len();
+            bytes += more.bytes;
+            gathered.pending.push(more);
+        }
+        if gathered.items < limits.items {
+            next = arrivals.try_recv().ok();
+        }
+    }
+    gathered
+}
+
 const SHUTTING_DOWN: &str = "this control node is shutting down";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: BatchLimits = BatchLimits {
+        items: 4,
+        bytes: 1_000,
+        in_flight: 1,
+    };
+
+    /// A group of `items`, and the receiver its caller waits on.
+    fn group(
+        items: Vec<u32>,
+    ) -> (
+        Pending<u32>,
+        oneshot::Receiver<Result<Vec<Outcome>, String>>,
+    ) {
+        let (done, waiting) = oneshot::channel();
+        let bytes = items.len() * 10;
+        (Pending { items, bytes, done }, waiting)
+    }
+
+    fn items(gathered: &Gathered<u32>) -> Vec<u32> {
+        gathered
+            .pending
+            .iter()
+            .flat_map(|p| p.items.clone())
+            .collect()
+    }
+
+    #[test]
+    fn groups_whose_callers_stopped_waiting_are_left_out() {
+        let (queue, mut arrivals) = mpsc::channel(16);
+        let (first, _first_waits) = group(vec![1]);
+        let (gave_up, gone) = group(vec![2, 3]);
+        drop(gone);
+        let (last, _last_waits) = group(vec![4]);
+        queue.try_send(gave_up).ok().unwrap();
+        queue.try_send(last).ok().unwrap();
+        let mut held = None;
+        let gathered = gather(first, &mut arrivals, &mut held, LIMITS);
+        assert_eq!(items(&gathered), vec![1, 4]);
+        assert_eq!((gathered.items, gathered.abandoned), (2, 1));
+        assert!(held.is_none());
+
+        // Even a batch's first group.
+        let (alone, gone) = group(vec![5]);
+        drop(gone);
+        let gathered = gather(alone, &mut arrivals, &mut held, LIMITS);
+        assert!(gathered.pending.is_empty());
+        assert_eq!(gathered.abandoned, 1);
+    }
+
+    #[test]
+    fn a_group_that_would_overflow_opens_the_next_batch_and_a_large_one_goes_alone() {
+        let (queue, mut arrivals) = mpsc::channel(16);
+        let (first, _a) = group(vec![1, 2, 3]);
+        let (overflows, _b) = group(vec![4, 5]);
+        queue.try_send(overflows).ok().unwrap();
+        let mut held = None;
+        let gathered = gather(first, &mut arrivals, &mut held, LIMITS);
+        assert_eq!(items(&gathered), vec![1, 2, 3]);
+        let next = held.take().expect("held for the next batch");
+        assert_eq!(next.items, vec![4, 5]);
+
+        let (large, _c) = group(vec![6, 7, 8, 9, 10]);
+        let gathered = gather(large, &mut arrivals, &mut held, LIMITS);
+        assert_eq!(items(&gathered), vec![6, 7, 8, 9, 10]);
+    }
+}
