@@ -94,8 +94,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     bench.setup().await?;
 
     println!(
-        "machine: {} logical CPUs; {} simulated agents × {} vCPU",
+        "machine: {} logical CPUs, calibration {} ms; {} simulated agents × {} vCPU",
         std::thread::available_parallelism().map_or(1, |n| n.get()),
+        calibration_ms(),
         args.agents,
         args.agent_vcpus
     );
@@ -502,6 +503,24 @@ impl Bench {
         );
         Ok(())
     }
+}
+
+/// A fixed piece of single-threaded work of the kind the control plane does most (allocating,
+/// comparing and freeing keyed strings), timed before the cluster is loaded. The same VM type
+/// has run the same binary at very different speeds on different days; this figure, printed
+/// with every run, tells a slower machine from slower code.
+fn calibration_ms() -> u128 {
+    let started = Instant::now();
+    let mut keyed = std::collections::BTreeMap::new();
+    for i in 0..1_000_000u64 {
+        keyed.insert(
+            format!("job-{:016x}", i.wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+            i,
+        );
+    }
+    std::hint::black_box(&keyed);
+    drop(keyed);
+    started.elapsed().as_millis()
 }
 
 fn row(what: &str, result: &str) {
