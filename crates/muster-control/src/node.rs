@@ -42,7 +42,8 @@ pub enum StartError {
     Threads(std::io::Error),
 }
 
-/// A running control node. Dropping it does not stop it; call [`ControlNode::shutdown`].
+/// A running control node. Dropping it stops its servers, loops and Raft without waiting for
+/// them; [`ControlNode::shutdown`] stops them in order and waits.
 pub struct ControlNode {
     pub raft: RaftNode,
     pub grpc_addr: SocketAddr,
