@@ -313,10 +313,8 @@ mod tests {
     use super::*;
     use muster_store::MemSnapshotStore;
 
-    // The read held across awaits is the point: it stands for a scheduler round.
-    #[allow(clippy::await_holding_lock)]
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn an_apply_waiting_for_a_long_read_lets_other_readers_in() {
+    #[test]
+    fn an_apply_waiting_for_a_long_read_lets_other_readers_in() {
         let mut machine = StateMachine::open(MemSnapshotStore::default()).unwrap();
         let handle = machine.handle();
         let round = handle.read(); // a scheduler round, planning
@@ -324,15 +322,34 @@ mod tests {
             log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), 1),
             payload: EntryPayload::Blank,
         };
-        let applying = tokio::spawn(async move { machine.apply([entry]).await.map(|o| o.len()) });
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        assert!(!applying.is_finished(), "applied under a reader");
+        let (first_try, tried) = std::sync::mpsc::channel();
+        let applier = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let mut applying = std::pin::pin!(machine.apply([entry]));
+                // One poll: the apply tries the lock and finds the round's read.
+                let waiting = std::future::poll_fn(|cx| {
+                    std::task::Poll::Ready(applying.as_mut().poll(cx).is_pending())
+                })
+                .await;
+                first_try.send(waiting).unwrap();
+                applying.await.map(|o| o.len())
+            })
+        });
+        assert_eq!(
+            tried.recv_timeout(Duration::from_secs(5)),
+            Ok(true),
+            "applied under a reader, or blocked in its first try"
+        );
         assert!(
             handle.applied.try_read().is_ok(),
             "a reader was kept out by the waiting apply"
         );
         drop(round);
-        assert_eq!(applying.await.unwrap().unwrap(), 1);
+        assert_eq!(applier.join().unwrap().unwrap(), 1);
         assert_eq!(handle.read().last_applied.map(|l| l.index), Some(1));
     }
 }
