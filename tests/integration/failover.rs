@@ -54,6 +54,40 @@ async fn leader_killed_while_a_job_runs_loses_nothing() {
     t.shutdown().await;
 }
 
+/// A leader that is shutting down stops Raft before its servers, so for a moment it still
+/// takes forwarded writes it can no longer commit. The follower that forwarded one must take
+/// it to the next leader, not fail the caller's request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_forwarded_to_a_stopping_leader_goes_to_the_next_one() {
+    let t = TestCluster::start(3).await;
+    let leader = t.cluster.wait_for_leader(DEADLINE).await.unwrap();
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    let client = t.client(follower);
+    create_basics(&client, "ce", "q", "d").await;
+
+    let stopping = t
+        .cluster
+        .node(leader)
+        .expect("the leader")
+        .raft
+        .raft
+        .clone();
+    stopping.shutdown().await.expect("raft stops");
+    // The follower still names the old leader (its election timeout has not passed) and
+    // forwards there first.
+    assert_eq!(
+        t.cluster.node(follower).unwrap().raft.leader().0,
+        Some(leader)
+    );
+    let id = submit(&client, "q", "d", "during-the-stop", &["true"]).await;
+
+    assert!(
+        describe(&client, &id).await.is_some(),
+        "{id} was acknowledged"
+    );
+    t.shutdown().await;
+}
+
 async fn futures_views(t: &TestCluster, nodes: &[u64], ids: &[String]) -> Vec<serde_json::Value> {
     let mut views = Vec::new();
     for id in nodes {

@@ -57,6 +57,12 @@ impl RaftService for RaftGrpc {
         request: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
         let command: LoggedCommand = decode(request.get_ref()).map_err(bad_payload)?;
+        // A leader shutting down stops Raft before its servers: a command arriving then was
+        // never taken, so the sender may safely take it to the next leader. (One taken and
+        // then cut off by the stop is `Failed`: it may yet commit, and the caller decides.)
+        if self.raft.metrics().borrow().running_state.is_err() {
+            return reply(&ForwardedReply::NotLeader(None));
+        }
         let answer = match self.raft.client_write(command).await {
             Ok(written) => ForwardedReply::Applied(written.data),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
