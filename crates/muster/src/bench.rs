@@ -572,6 +572,13 @@ struct Tally {
 
 impl Agents {
     fn start(cluster: &LocalCluster, args: &BenchArgs) -> anyhow::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .thread_name("sim-agent")
+            .enable_all()
+            .build()?;
+        // A channel's connection is driven by a task on the runtime it is made on: made here,
+        // the agents' side of every call would run on the control nodes' threads.
+        let entered = runtime.enter();
         let addrs = Arc::new(cluster.grpc_addrs());
         let connections = args.agents.div_ceil(AGENTS_PER_CONNECTION);
         let mut pools: Vec<Vec<Channel>> = Vec::new();
@@ -589,10 +596,7 @@ impl Agents {
             }
             pools.push(pool);
         }
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .thread_name("sim-agent")
-            .enable_all()
-            .build()?;
+        drop(entered);
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let tally = Arc::new(Tally::default());
         for i in 0..args.agents {
