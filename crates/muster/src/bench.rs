@@ -114,7 +114,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     bench.settle().await?;
     bench.submit_rate(&args).await?;
     bench.settle().await?;
-    bench.failover().await?;
+    bench.failover(args.agents).await?;
     agents.stop();
     bench.cluster.shutdown().await;
     Ok(())
@@ -431,7 +431,7 @@ impl Bench {
     /// Time from stopping the leader to the next placement committed by its successor.
     /// The clock runs while the old leader shuts down (its servers drain for a while), as it
     /// would while a killed leader's sockets time out: the survivors do not wait for either.
-    async fn failover(&mut self) -> anyhow::Result<()> {
+    async fn failover(&mut self, fleet: usize) -> anyhow::Result<()> {
         let Some(leader) = self.cluster.leader() else {
             anyhow::bail!("no leader");
         };
@@ -488,17 +488,39 @@ impl Bench {
             }
             Ok((accepted, committed, stopped.elapsed()))
         };
-        let (_, measured, elected) = tokio::join!(self.cluster.stop_node(leader), measure, elected);
+        let fleet = fleet as u64;
+        let opened_before = self.tally.streams_opened.load(Ordering::Relaxed);
+        let tally = self.tally.clone();
+        // When half and then all of the fleet had a stream at the new leader again.
+        let returned = async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let back = || tally.streams_opened.load(Ordering::Relaxed) - opened_before;
+            let mut half = None;
+            while back() < fleet && Instant::now() < deadline {
+                if half.is_none() && back() >= fleet / 2 {
+                    half = Some(stopped.elapsed());
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (half, (back() >= fleet).then(|| stopped.elapsed()))
+        };
+        let (_, measured, elected, (half_back, all_back)) =
+            tokio::join!(self.cluster.stop_node(leader), measure, elected, returned);
         let (accepted, committed, received) = measured?;
+        let millis =
+            |d: Option<Duration>| d.map_or("—".to_owned(), |d| d.as_millis().to_string());
         row(
             "leader stopped → next placement committed by the new leader",
             &format!(
                 "{} ms (new leader after {} ms, a survivor accepted a submit after {} ms; \
-                 its agent had it after {} ms)",
+                 its agent had it after {} ms; half the agents watching the new leader after \
+                 {} ms, all after {} ms)",
                 committed.as_millis(),
                 elected.as_millis(),
                 accepted.as_millis(),
-                received.as_millis()
+                received.as_millis(),
+                millis(half_back),
+                millis(all_back),
             ),
         );
         Ok(())
@@ -566,6 +588,9 @@ struct Tally {
     /// Times an agent lost its control node (a failed register, watch or heartbeat, or an
     /// ended stream) and started over.
     reconnects: AtomicU64,
+    /// Assignment streams that delivered their first set: how far a fleet has come back
+    /// after a failover.
+    streams_opened: AtomicU64,
     /// Report calls that failed or timed out (each is retried).
     report_failures: Arc<AtomicU64>,
 }
@@ -717,6 +742,7 @@ impl SimAgent {
                 }
             };
             let mut beat = tokio::time::interval(Duration::from_secs(5));
+            let mut first_set = true;
             loop {
                 tokio::select! {
                     _ = stopped.changed() => return,
@@ -733,6 +759,9 @@ impl SimAgent {
                     message = stream.message() => {
                         let Ok(Some(set)) = message else { break };
                         backoff.reset();
+                        if std::mem::take(&mut first_set) {
+                            this.tally.streams_opened.fetch_add(1, Ordering::Relaxed);
+                        }
                         for a in set.assignments {
                             if seen.insert((a.job_id.clone(), a.attempt)) {
                                 this.tally.placed.fetch_add(1, Ordering::Relaxed);
