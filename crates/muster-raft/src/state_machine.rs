@@ -11,9 +11,12 @@ use openraft::{
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::io::Cursor;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+// Tokio's clock, which tests can pause.
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 /// How long an apply waits for the state without queueing for it; see
 /// [`StateMachine::write_when_free`].
@@ -28,10 +31,35 @@ pub struct AppliedState {
 }
 
 /// The image inside a snapshot, tagged with the state format version.
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 struct SnapshotImage {
     format_version: u32,
     applied: AppliedState,
+}
+
+/// [`SnapshotImage`] as it is written: borrowing the applied state rather than a copy of it
+/// (copying a million jobs took as long again as writing them).
+#[derive(Serialize)]
+struct SnapshotImageOf<'a> {
+    format_version: u32,
+    applied: &'a AppliedState,
+}
+
+/// Raised while a snapshot is being written from the state (see
+/// [`StateMachine::write_when_free`]); lowered when dropped, also by a panic.
+struct ReadingForSnapshot(Arc<AtomicBool>);
+
+impl ReadingForSnapshot {
+    fn raise(flag: &Arc<AtomicBool>) -> Self {
+        flag.store(true, Ordering::Release);
+        Self(flag.clone())
+    }
+}
+
+impl Drop for ReadingForSnapshot {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 /// A read handle on the applied state, shared by the API, the scheduler and the agent
@@ -101,6 +129,8 @@ pub struct StateMachine<S> {
     node_signals: NodeSignals,
     snapshots: S,
     snapshot_seq: u64,
+    /// Whether a snapshot is being written from the state right now.
+    reading_for_snapshot: Arc<AtomicBool>,
 }
 
 impl<S: SnapshotStore<TypeConfig> + Clone> StateMachine<S> {
@@ -119,6 +149,7 @@ impl<S: SnapshotStore<TypeConfig> + Clone> StateMachine<S> {
             node_signals: NodeSignals::default(),
             snapshots,
             snapshot_seq: 0,
+            reading_for_snapshot: Arc::default(),
         })
     }
 
@@ -149,13 +180,20 @@ impl<S: SnapshotStore<TypeConfig> + Clone> StateMachine<S> {
     /// heartbeat and API read on the other runtime for the rest of it. So the write is tried
     /// every millisecond, and queued for only after [`WAIT_POLITELY_FOR`], which bounds how
     /// long a stream of readers can hold an apply off.
+    ///
+    /// Never while a snapshot is being written from the state: that read lasts as long as
+    /// writing the whole state takes (over a second with a million jobs), and an apply
+    /// queued behind it would shut every reader out and block one of Raft's two threads
+    /// for all that time. The apply waits it out politely, and the clock starts again after.
     async fn write_when_free(&self) -> RwLockWriteGuard<'_, AppliedState> {
-        let queue_after = Instant::now() + WAIT_POLITELY_FOR;
+        let mut queue_after = Instant::now() + WAIT_POLITELY_FOR;
         loop {
             if let Some(guard) = self.try_write() {
                 return guard;
             }
-            if Instant::now() >= queue_after {
+            if self.reading_for_snapshot.load(Ordering::Acquire) {
+                queue_after = Instant::now() + WAIT_POLITELY_FOR;
+            } else if Instant::now() >= queue_after {
                 return self.write();
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
@@ -180,20 +218,28 @@ fn decode_image(bytes: &[u8]) -> Result<AppliedState, StorageError<NodeId>> {
 
 impl<S: SnapshotStore<TypeConfig> + Clone> RaftSnapshotBuilder<TypeConfig> for StateMachine<S> {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
-        let (data, last_applied, membership) = {
-            let applied = self.applied.read().unwrap_or_else(|p| p.into_inner());
-            let image = SnapshotImage {
+        // Written straight from the shared state, under its read lock, on a thread that may
+        // block: with a million jobs this is over a second of CPU, which on one of the Raft
+        // runtime's threads would hold up heartbeats and votes.
+        let applied = self.applied.clone();
+        let reading = self.reading_for_snapshot.clone();
+        let (data, last_applied, membership) = tokio::task::spawn_blocking(move || {
+            let applied = applied.read().unwrap_or_else(|p| p.into_inner());
+            let _raised = ReadingForSnapshot::raise(&reading);
+            let image = SnapshotImageOf {
                 format_version: muster_core::STATE_FORMAT_VERSION,
-                applied: AppliedState {
-                    state: applied.state.clone(),
-                    last_applied: applied.last_applied,
-                    membership: applied.membership.clone(),
-                },
+                applied: &applied,
             };
             let data =
                 serde_json::to_vec(&image).map_err(|e| StorageIOError::write_state_machine(&e))?;
-            (data, applied.last_applied, applied.membership.clone())
-        };
+            Ok::<_, StorageIOError<NodeId>>((
+                data,
+                applied.last_applied,
+                applied.membership.clone(),
+            ))
+        })
+        .await
+        .map_err(|e| StorageIOError::write_state_machine(&e))??;
         self.snapshot_seq += 1;
         let snapshot_id = match last_applied {
             Some(l) => format!("{}-{}-{}", l.leader_id, l.index, self.snapshot_seq),
@@ -267,6 +313,7 @@ impl<S: SnapshotStore<TypeConfig> + Clone> RaftStateMachine<TypeConfig> for Stat
             node_signals: self.node_signals.clone(),
             snapshots: self.snapshots.clone(),
             snapshot_seq: self.snapshot_seq,
+            reading_for_snapshot: self.reading_for_snapshot.clone(),
         }
     }
 
@@ -282,7 +329,12 @@ impl<S: SnapshotStore<TypeConfig> + Clone> RaftStateMachine<TypeConfig> for Stat
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError<NodeId>> {
         let data = snapshot.into_inner();
-        let mut installed = decode_image(&data)?;
+        // Decoding a large state is seconds of CPU: not on one of Raft's threads.
+        let (mut installed, data) = tokio::task::spawn_blocking(move || {
+            decode_image(&data).map(|installed| (installed, data))
+        })
+        .await
+        .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))??;
         installed.last_applied = meta.last_log_id;
         installed.membership = meta.last_membership.clone();
         self.snapshots
@@ -292,7 +344,9 @@ impl<S: SnapshotStore<TypeConfig> + Clone> RaftStateMachine<TypeConfig> for Stat
             })
             .await?;
         let index = installed.last_applied.map_or(0, |l| l.index);
-        *self.write() = installed;
+        let replaced = std::mem::replace(&mut *self.write_when_free().await, installed);
+        // Freeing the state it replaces takes a while too: after the lock, off Raft's threads.
+        tokio::task::spawn_blocking(move || drop(replaced));
         self.applied_tx.send_replace(index);
         self.node_signals.notify(&AffectedNodes::All);
         Ok(())
@@ -351,5 +405,83 @@ mod tests {
         drop(round);
         assert_eq!(applier.join().unwrap().unwrap(), 1);
         assert_eq!(handle.read().last_applied.map(|l| l.index), Some(1));
+    }
+
+    #[test]
+    fn an_apply_waits_out_a_snapshot_being_written_without_shutting_readers_out() {
+        let mut machine = StateMachine::open(MemSnapshotStore::default()).unwrap();
+        let handle = machine.handle();
+        let snapshot_read = handle.read();
+        let writing = ReadingForSnapshot::raise(&machine.reading_for_snapshot);
+        let entry = Entry::<TypeConfig> {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), 1),
+            payload: EntryPayload::Blank,
+        };
+        let (still_waiting, waited) = std::sync::mpsc::channel();
+        let applier = std::thread::spawn(move || {
+            // Paused: the clock jumps ahead whenever the apply sleeps.
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .start_paused(true)
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let mut applying = std::pin::pin!(machine.apply([entry]));
+                let long_past_politeness = WAIT_POLITELY_FOR * 20;
+                let outcome = tokio::time::timeout(long_past_politeness, applying.as_mut()).await;
+                still_waiting.send(outcome.is_err()).unwrap();
+                applying.await.map(|o| o.len())
+            })
+        });
+        assert_eq!(
+            waited.recv_timeout(Duration::from_secs(5)),
+            Ok(true),
+            "the apply took the state under the snapshot's read, or queued for it and blocked"
+        );
+        assert!(
+            handle.applied.try_read().is_ok(),
+            "a reader was kept out while the snapshot was written"
+        );
+        drop(writing);
+        drop(snapshot_read);
+        assert_eq!(applier.join().unwrap().unwrap(), 1);
+        assert_eq!(handle.read().last_applied.map(|l| l.index), Some(1));
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_built_from_the_state_installs_as_the_same_state() {
+        let mut source = StateMachine::open(MemSnapshotStore::default()).unwrap();
+        let entry = Entry::<TypeConfig> {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), 3),
+            payload: EntryPayload::Normal(crate::LoggedCommand::from(muster_core::Command::Iam(
+                muster_core::IamCommand::CreateUser {
+                    name: "alice".into(),
+                    user_id: "AIDA0001".into(),
+                    at: muster_core::Timestamp(2),
+                },
+            ))),
+        };
+        source.apply([entry]).await.unwrap();
+        let built = source
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        assert!(!source.reading_for_snapshot.load(Ordering::Acquire));
+
+        let mut target = StateMachine::open(MemSnapshotStore::default()).unwrap();
+        target
+            .install_snapshot(&built.meta, built.snapshot)
+            .await
+            .unwrap();
+        let (source, target) = (source.handle(), target.handle());
+        let (source, target) = (source.read(), target.read());
+        assert_eq!(target.last_applied, source.last_applied);
+        assert!(target.state.user("alice").is_some());
+        assert_eq!(
+            serde_json::to_value(&target.state).unwrap(),
+            serde_json::to_value(&source.state).unwrap()
+        );
     }
 }
