@@ -81,3 +81,79 @@ async fn a_follower_catches_up_on_megabytes_of_entries() {
     wait_until_replica_holds(node, "q", SUBMITS).await;
     t.shutdown().await;
 }
+
+/// A follower that returns after the leader has folded the log into a snapshot and purged it
+/// is sent the snapshot (several chunks of it) over the peers' gRPC, installs it, and loads it
+/// from its own disk when it restarts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_follower_behind_a_purged_log_catches_up_from_a_snapshot_and_keeps_it() {
+    let mut t = TestCluster::start(3).await;
+    let leader = t.cluster.wait_for_leader(DEADLINE).await.unwrap();
+    let client = t.client(leader);
+    create_basics(&client, "ce", "q", "d").await;
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    t.cluster.stop_node(follower).await;
+
+    // About 4 MiB of state: more than one of openraft's 3 MiB snapshot chunks.
+    const SUBMITS: usize = 160;
+    let padding = "x".repeat(24 * 1024);
+    let calls: Vec<_> = (0..SUBMITS)
+        .map(|i| {
+            let (client, padding) = (client.clone(), padding.clone());
+            tokio::spawn(async move {
+                let body = json!({"jobName": format!("big{i}"), "jobQueue": "q", "jobDefinition": "d",
+                    "containerOverrides": {"environment": [{"name": "PADDING", "value": padding}]}});
+                ok(client.call("SubmitJob", body).await);
+            })
+        })
+        .collect();
+    for call in calls {
+        call.await.unwrap();
+    }
+
+    let raft = t.cluster.node(leader).unwrap().raft.raft.clone();
+    raft.trigger().snapshot().await.unwrap();
+    let snapshot = wait_for_metric(&raft, |m| m.snapshot.map(|s| s.index)).await;
+    raft.trigger().purge_log(snapshot).await.unwrap();
+    wait_for_metric(&raft, |m| {
+        m.purged.filter(|p| p.index >= snapshot).map(|p| p.index)
+    })
+    .await;
+
+    t.cluster.restart_node(follower).await.expect("restarts");
+    let node = t.cluster.node(follower).expect("running");
+    wait_until_replica_holds(node, "q", SUBMITS).await;
+    let installed = wait_for_metric(&node.raft.raft, |m| m.snapshot.map(|s| s.index)).await;
+    assert!(
+        installed >= snapshot,
+        "caught up from snapshot {installed}, not {snapshot}"
+    );
+
+    // Its own copy of the snapshot is what it starts from next time.
+    t.cluster.stop_node(follower).await;
+    t.cluster
+        .restart_node(follower)
+        .await
+        .expect("restarts again");
+    let node = t.cluster.node(follower).expect("running");
+    assert!(
+        node.raft.state.read().state.job_count_in_queue("q") >= SUBMITS,
+        "the stored snapshot was not loaded at start"
+    );
+    t.shutdown().await;
+}
+
+/// Polls `raft`'s metrics until `f` finds a value.
+async fn wait_for_metric(
+    raft: &muster_raft::Raft,
+    f: impl Fn(&openraft::RaftMetrics<u64, openraft::BasicNode>) -> Option<u64>,
+) -> u64 {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        if let Some(v) = f(&raft.metrics().borrow()) {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "metric never came");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

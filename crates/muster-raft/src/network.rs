@@ -143,7 +143,30 @@ pub struct PeerClient {
 pub(crate) fn encode<T: Serialize>(value: &T) -> Result<RaftPayload, serde_json::Error> {
     Ok(RaftPayload {
         data: serde_json::to_vec(value)?,
+        snapshot_chunk: Vec::new(),
     })
+}
+
+/// An InstallSnapshot request with its chunk beside the JSON rather than inside it.
+pub(crate) fn encode_snapshot_chunk(
+    mut rpc: InstallSnapshotRequest<TypeConfig>,
+) -> Result<RaftPayload, serde_json::Error> {
+    let chunk = std::mem::take(&mut rpc.data);
+    let mut payload = encode(&rpc)?;
+    payload.snapshot_chunk = chunk;
+    Ok(payload)
+}
+
+/// The inverse of [`encode_snapshot_chunk`]. A sender that put the chunk inside the JSON (an
+/// earlier Muster) is understood too.
+pub(crate) fn decode_snapshot_chunk(
+    payload: RaftPayload,
+) -> Result<InstallSnapshotRequest<TypeConfig>, serde_json::Error> {
+    let mut rpc: InstallSnapshotRequest<TypeConfig> = decode(&payload)?;
+    if !payload.snapshot_chunk.is_empty() {
+        rpc.data = payload.snapshot_chunk;
+    }
+    Ok(rpc)
 }
 
 pub(crate) fn decode<T: DeserializeOwned>(payload: &RaftPayload) -> Result<T, serde_json::Error> {
@@ -158,15 +181,14 @@ impl PeerClient {
     /// The distinction matters: a busy follower that answers an AppendEntries late reported
     /// as unreachable got no heartbeat for half a second, longer than its election timeout,
     /// and called an election in a healthy cluster.
-    async fn call<Req, Resp, E>(
+    async fn call<Resp, E>(
         &mut self,
         action: RPCTypes,
-        req: &Req,
+        payload: Result<RaftPayload, serde_json::Error>,
         option: &RPCOption,
         rpc: RpcFn,
     ) -> Result<Resp, RPCError<NodeId, BasicNode, E>>
     where
-        Req: Serialize,
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
@@ -174,7 +196,7 @@ impl PeerClient {
             let e = std::io::Error::other(format!("no address known for node {}", self.target));
             return Err(RPCError::Unreachable(Unreachable::new(&e)));
         };
-        let payload = encode(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let payload = payload.map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let mut request = tonic::Request::new(payload);
         request.set_timeout(option.hard_ttl());
         let reply = rpc(client, request)
@@ -269,9 +291,12 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         let (message, cut_after) = EncodedAppendEntries::within(&rpc, APPEND_ENTRIES_BUDGET_BYTES)
             .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let reply = self
-            .call(RPCTypes::AppendEntries, &message, &option, |mut c, r| {
-                Box::pin(async move { c.append_entries(r).await })
-            })
+            .call(
+                RPCTypes::AppendEntries,
+                encode(&message),
+                &option,
+                |mut c, r| Box::pin(async move { c.append_entries(r).await }),
+            )
             .await?;
         Ok(match (reply, cut_after) {
             // The follower holds everything up to the last entry sent, and no more.
@@ -290,7 +315,8 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         InstallSnapshotResponse<NodeId>,
         RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
     > {
-        self.call(RPCTypes::InstallSnapshot, &rpc, &option, |mut c, r| {
+        let payload = encode_snapshot_chunk(rpc);
+        self.call(RPCTypes::InstallSnapshot, payload, &option, |mut c, r| {
             Box::pin(async move { c.install_snapshot(r).await })
         })
         .await
@@ -301,7 +327,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.call(RPCTypes::Vote, &rpc, &option, |mut c, r| {
+        self.call(RPCTypes::Vote, encode(&rpc), &option, |mut c, r| {
             Box::pin(async move { c.vote(r).await })
         })
         .await

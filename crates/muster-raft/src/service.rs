@@ -2,7 +2,7 @@
 
 use crate::LoggedCommand;
 use crate::Raft;
-use crate::network::{decode, encode};
+use crate::network::{decode, decode_snapshot_chunk, encode};
 use crate::node::ForwardedReply;
 use muster_proto::pb::raft_service_server::RaftService;
 use muster_proto::pb::{RaftPayload, ReadIndexReply, ReadIndexRequest};
@@ -48,7 +48,7 @@ impl RaftService for RaftGrpc {
         &self,
         request: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
-        let rpc = decode(request.get_ref()).map_err(bad_payload)?;
+        let rpc = decode_snapshot_chunk(request.into_inner()).map_err(bad_payload)?;
         reply(&self.raft.install_snapshot(rpc).await)
     }
 
