@@ -108,6 +108,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     bench.wait_for_nodes(args.agents).await?;
     bench.latency().await?;
     bench.memory(&args).await?;
+    bench.snapshot().await?;
     bench.placements(&args).await?;
     // Each measurement starts with every follower caught up, so that one phase's
     // replication backlog is not billed to the next.
@@ -423,6 +424,50 @@ impl Bench {
                 "{per_job:.0} B (process RSS {} → {} MiB)",
                 before / 1024,
                 after / 1024
+            ),
+        );
+        Ok(())
+    }
+
+    /// How long the leader takes to write its whole state into a snapshot and save it, and
+    /// the slowest of the submits answered meanwhile: a node writing a snapshot must go on
+    /// committing and answering.
+    async fn snapshot(&self) -> anyhow::Result<()> {
+        let leader = self.cluster.leader().context("no leader")?;
+        let raft = self.cluster.node(leader).context("no leader")?.raft.clone();
+        let jobs = raft.state.read().state.job_count();
+        let before = raft.raft.metrics().borrow().snapshot;
+        let started = Instant::now();
+        raft.raft.trigger().snapshot().await?;
+        let written = std::sync::atomic::AtomicBool::new(false);
+        let saved = async {
+            let deadline = started + Duration::from_secs(600);
+            while raft.raft.metrics().borrow().snapshot == before {
+                anyhow::ensure!(Instant::now() < deadline, "no snapshot after 10 min");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            written.store(true, Ordering::Relaxed);
+            Ok(started.elapsed())
+        };
+        let probe = async {
+            let (mut slowest, mut answered) = (Duration::ZERO, 0);
+            while !written.load(Ordering::Relaxed) {
+                let sent = Instant::now();
+                self.submit("parked", 1).await?;
+                slowest = slowest.max(sent.elapsed());
+                answered += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Ok::<_, anyhow::Error>((slowest, answered))
+        };
+        let (saved, probed) = tokio::join!(saved, probe);
+        let (saved, (slowest, answered)) = (saved?, probed?);
+        row(
+            &format!("leader writes and saves a snapshot of its state ({jobs} jobs)"),
+            &format!(
+                "{} ms (slowest of {answered} SubmitJobs answered meanwhile: {} ms)",
+                saved.as_millis(),
+                slowest.as_millis()
             ),
         );
         Ok(())
