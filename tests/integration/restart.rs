@@ -61,20 +61,7 @@ async fn a_follower_catches_up_on_megabytes_of_entries() {
 
     // 256 submits near SubmitJob's 30 KiB body limit: about 6 MiB.
     const SUBMITS: usize = 256;
-    let padding = "x".repeat(24 * 1024);
-    let calls: Vec<_> = (0..SUBMITS)
-        .map(|i| {
-            let (client, padding) = (client.clone(), padding.clone());
-            tokio::spawn(async move {
-                let body = json!({"jobName": format!("big{i}"), "jobQueue": "q", "jobDefinition": "d",
-                    "containerOverrides": {"environment": [{"name": "PADDING", "value": padding}]}});
-                ok(client.call("SubmitJob", body).await);
-            })
-        })
-        .collect();
-    for call in calls {
-        call.await.unwrap();
-    }
+    submit_padded(&client, SUBMITS).await;
 
     t.cluster.restart_node(follower).await.expect("restarts");
     let node = t.cluster.node(follower).expect("running");
@@ -96,20 +83,7 @@ async fn a_follower_behind_a_purged_log_catches_up_from_a_snapshot_and_keeps_it(
 
     // About 4 MiB of state: more than one of openraft's 3 MiB snapshot chunks.
     const SUBMITS: usize = 160;
-    let padding = "x".repeat(24 * 1024);
-    let calls: Vec<_> = (0..SUBMITS)
-        .map(|i| {
-            let (client, padding) = (client.clone(), padding.clone());
-            tokio::spawn(async move {
-                let body = json!({"jobName": format!("big{i}"), "jobQueue": "q", "jobDefinition": "d",
-                    "containerOverrides": {"environment": [{"name": "PADDING", "value": padding}]}});
-                ok(client.call("SubmitJob", body).await);
-            })
-        })
-        .collect();
-    for call in calls {
-        call.await.unwrap();
-    }
+    submit_padded(&client, SUBMITS).await;
 
     let raft = t.cluster.node(leader).unwrap().raft.raft.clone();
     raft.trigger().snapshot().await.unwrap();
@@ -141,6 +115,25 @@ async fn a_follower_behind_a_purged_log_catches_up_from_a_snapshot_and_keeps_it(
         "the stored snapshot was not loaded at start"
     );
     t.shutdown().await;
+}
+
+/// `count` concurrent submits to queue `q` of definition `d`, each carrying 24 KiB of
+/// environment (near SubmitJob's 30 KiB body limit).
+async fn submit_padded(client: &muster_client::BatchClient, count: usize) {
+    let padding = "x".repeat(24 * 1024);
+    let calls: Vec<_> = (0..count)
+        .map(|i| {
+            let (client, padding) = (client.clone(), padding.clone());
+            tokio::spawn(async move {
+                let body = json!({"jobName": format!("big{i}"), "jobQueue": "q", "jobDefinition": "d",
+                    "containerOverrides": {"environment": [{"name": "PADDING", "value": padding}]}});
+                ok(client.call("SubmitJob", body).await);
+            })
+        })
+        .collect();
+    for call in calls {
+        call.await.unwrap();
+    }
 }
 
 /// Polls `raft`'s metrics until `f` finds a value.

@@ -367,15 +367,19 @@ mod tests {
     use super::*;
     use muster_store::MemSnapshotStore;
 
+    fn blank_entry(index: u64) -> Entry<TypeConfig> {
+        Entry {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Blank,
+        }
+    }
+
     #[test]
     fn an_apply_waiting_for_a_long_read_lets_other_readers_in() {
         let mut machine = StateMachine::open(MemSnapshotStore::default()).unwrap();
         let handle = machine.handle();
         let round = handle.read(); // a scheduler round, planning
-        let entry = Entry::<TypeConfig> {
-            log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), 1),
-            payload: EntryPayload::Blank,
-        };
+        let entry = blank_entry(1);
         let (first_try, tried) = std::sync::mpsc::channel();
         let applier = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -413,10 +417,7 @@ mod tests {
         let handle = machine.handle();
         let snapshot_read = handle.read();
         let writing = ReadingForSnapshot::raise(&machine.reading_for_snapshot);
-        let entry = Entry::<TypeConfig> {
-            log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), 1),
-            payload: EntryPayload::Blank,
-        };
+        let entry = blank_entry(1);
         let (still_waiting, waited) = std::sync::mpsc::channel();
         let applier = std::thread::spawn(move || {
             // Paused: the clock jumps ahead whenever the apply sleeps.
