@@ -224,8 +224,10 @@ impl<S: SnapshotStore<TypeConfig> + Clone> RaftSnapshotBuilder<TypeConfig> for S
         let applied = self.applied.clone();
         let reading = self.reading_for_snapshot.clone();
         let (data, last_applied, membership) = tokio::task::spawn_blocking(move || {
-            let applied = applied.read().unwrap_or_else(|p| p.into_inner());
+            // Raised first: an apply that saw it down and queued now would wait out the
+            // whole write.
             let _raised = ReadingForSnapshot::raise(&reading);
+            let applied = applied.read().unwrap_or_else(|p| p.into_inner());
             let image = SnapshotImageOf {
                 format_version: muster_core::STATE_FORMAT_VERSION,
                 applied: &applied,
