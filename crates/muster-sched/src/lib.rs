@@ -178,13 +178,21 @@ pub struct Plan {
 /// same plan.
 pub fn plan(state: &State, config: &PlanConfig, now: Timestamp) -> Plan {
     let mut out = Plan::default();
-    let mut pool = Pool::new(state);
     let mut reservations = Reservations::default();
 
     let mut queues: Vec<_> = state
         .queues()
         .filter(|q| q.state == EnabledState::Enabled)
         .collect();
+    // Only environments that a queue with jobs waiting reaches: submits piling up in one
+    // queue do not make every round look at the nodes of environments nobody waits for.
+    let wanted = queues
+        .iter()
+        .filter(|q| state.runnable_count(&q.name) > 0)
+        .flat_map(|q| &q.compute_environment_order)
+        .map(|e| e.compute_environment.as_str())
+        .collect();
+    let mut pool = Pool::new(state, &wanted);
     queues.sort_by(|a, b| {
         b.priority
             .cmp(&a.priority)

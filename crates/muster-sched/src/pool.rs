@@ -60,7 +60,9 @@ pub(crate) struct Pool<'s> {
 }
 
 impl<'s> Pool<'s> {
-    pub fn new(state: &'s State) -> Self {
+    /// The pool of the compute environments in `wanted`; nodes of the others are not looked
+    /// at (a round pays for the environments someone is waiting on, not for the fleet).
+    pub fn new(state: &'s State, wanted: &BTreeSet<&str>) -> Self {
         let mut pool = Pool {
             rooms: BTreeMap::new(),
             by_free: BTreeMap::new(),
@@ -80,6 +82,9 @@ impl<'s> Pool<'s> {
         }
         for node in state.nodes() {
             let ce = node.compute_environment.as_str();
+            if !wanted.contains(ce) {
+                continue;
+            }
             let mut gpu_models: BTreeMap<&str, u32> = BTreeMap::new();
             for g in &node.inventory.gpus {
                 *gpu_models.entry(g.model.as_str()).or_default() += 1;

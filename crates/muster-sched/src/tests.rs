@@ -97,6 +97,17 @@ fn assert_no_overcommit(s: &State) {
 }
 
 #[test]
+fn a_pool_holds_only_the_environments_asked_for() {
+    let s = cluster(&[("q", 1)], &[(2000, 1024), (4000, 2048)]);
+    let everything = crate::pool::Pool::new(&s, &["ce"].into());
+    assert_eq!(everything.rooms_in("ce").count(), 2);
+    let nothing_waits = crate::pool::Pool::new(&s, &Default::default());
+    assert_eq!(nothing_waits.rooms_in("ce").count(), 0);
+    // And a round with nothing waiting in `q` plans nothing on `ce`.
+    assert!(plan(&s, &PlanConfig::default(), NOW).placements.is_empty());
+}
+
+#[test]
 fn fifo_within_a_queue_and_best_fit_across_nodes() {
     let mut s = cluster(&[("q", 1)], &[(4000, 4096), (2000, 4096)]);
     submit(&mut s, "q", "a", 1, 2, 64);
