@@ -136,17 +136,16 @@ async fn submit_padded(client: &muster_client::BatchClient, count: usize) {
     }
 }
 
-/// Polls `raft`'s metrics until `f` finds a value.
+/// Waits (on the metrics' watch channel, not a timer) until `f` finds a value in `raft`'s
+/// metrics.
 async fn wait_for_metric(
     raft: &muster_raft::Raft,
-    f: impl Fn(&openraft::RaftMetrics<u64, openraft::BasicNode>) -> Option<u64>,
+    f: impl Fn(&openraft::RaftMetrics<u64, openraft::BasicNode>) -> Option<u64> + Send + Sync,
 ) -> u64 {
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        if let Some(v) = f(&raft.metrics().borrow()) {
-            return v;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "metric never came");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    let metrics = raft
+        .wait(Some(DEADLINE))
+        .metrics(|m| f(m).is_some(), "the metric to come")
+        .await
+        .expect("metric never came");
+    f(&metrics).expect("found")
 }
