@@ -143,14 +143,16 @@ async fn send_batches(
                 Err(_) => break,
             }
         }
-        let request = AttemptReports {
-            reports: batch.iter().map(|q| q.report.clone()).collect(),
-        };
         let mut outcome = None;
         for turn in 0..channels.len() {
             let node = (preferred + turn) % channels.len();
             let mut client = AgentServiceClient::new(channels[node].clone());
-            match client.report_attempts(request.clone()).await {
+            // Built for each try from the queued reports: the call consumes it, and most
+            // batches need only the one.
+            let request = AttemptReports {
+                reports: batch.iter().map(|q| q.report.clone()).collect(),
+            };
+            match client.report_attempts(request).await {
                 Ok(_) => {
                     preferred = node;
                     outcome = Some(true);

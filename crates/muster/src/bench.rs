@@ -243,6 +243,7 @@ impl Bench {
     /// Placements committed per second while `args.jobs` jobs drain through the agents.
     async fn placements(&self, args: &BenchArgs) -> anyhow::Result<()> {
         let before = self.placed_so_far();
+        let resident_before = resident_kib();
         let started = Instant::now();
         let mut left = args.jobs;
         while left > 0 {
@@ -280,6 +281,7 @@ impl Bench {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        let resident_after = resident_kib();
         let placed = all_placed.unwrap_or_default().as_secs_f64();
         let done = all_done.unwrap_or_default().as_secs_f64();
         row(
@@ -299,6 +301,18 @@ impl Bench {
         row(
             "attempt reports committed (RUNNING + exit per job ÷ time to all SUCCEEDED)",
             &format!("{:.0}/s", 2.0 * args.jobs as f64 / done),
+        );
+        // Ended jobs stay in the state for the retention period (7 days by default), so what
+        // one costs bounds how many a cluster can keep describing.
+        let per_job =
+            resident_after.saturating_sub(resident_before) as f64 * 1024.0 / args.jobs as f64 / 3.0;
+        row(
+            "resident memory per SUCCEEDED job per control node (growth over the run)",
+            &format!(
+                "{per_job:.0} B (process RSS {} → {} MiB)",
+                resident_before / 1024,
+                resident_after / 1024
+            ),
         );
         Ok(())
     }
