@@ -223,6 +223,36 @@ fn retries_follow_evaluate_on_exit_first_match_wins() {
     );
 }
 
+/// Ended jobs stay for the retention period on every replica: one that made a single attempt
+/// holds room for one record, not the four a growing `Vec` would reserve.
+#[test]
+fn an_ended_job_holds_room_only_for_the_attempts_it_made() {
+    let mut s = setup(4);
+    s.apply(submission("once", vec![], None, None));
+    s.apply(submission(
+        "thrice",
+        vec![],
+        None,
+        Some(RetryStrategy {
+            attempts: 3,
+            evaluate_on_exit: vec![],
+        }),
+    ));
+    run_until_idle(&mut s, |id, attempt| {
+        if id.as_str() == "thrice" && attempt < 3 {
+            1
+        } else {
+            0
+        }
+    });
+    for (id, attempts) in [("once", 1), ("thrice", 3)] {
+        let job = s.job(&JobId::from(id)).unwrap();
+        assert_eq!(job.status, JobStatus::Succeeded);
+        assert_eq!(job.attempts.len(), attempts, "{id}");
+        assert_eq!(job.attempts.capacity(), attempts, "{id} keeps spare room");
+    }
+}
+
 #[test]
 fn dependencies_release_and_failures_cascade() {
     let mut s = setup(4);

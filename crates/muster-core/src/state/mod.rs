@@ -1037,6 +1037,9 @@ impl State {
                 if job.started_at.is_none() {
                     job.started_at = started_at;
                 }
+                // Most jobs end after one attempt: a first push would reserve room for four
+                // records (512 bytes), kept for the job's whole retention on every replica.
+                job.attempts.reserve_exact(1);
                 job.attempts.push(AttemptRecord {
                     node: active.node,
                     started_at,
