@@ -12,7 +12,7 @@ use std::fmt;
 use std::sync::Arc;
 
 pub(super) fn serialize<S: Serializer>(
-    jobs: &BTreeMap<JobId, Job>,
+    jobs: &BTreeMap<JobId, Box<Job>>,
     serializer: S,
 ) -> Result<S::Ok, S::Error> {
     let mut seq = serializer.serialize_seq(Some(jobs.len()))?;
@@ -30,14 +30,14 @@ pub(super) fn serialize<S: Serializer>(
 
 pub(super) fn deserialize<'de, D: Deserializer<'de>>(
     deserializer: D,
-) -> Result<BTreeMap<JobId, Job>, D::Error> {
+) -> Result<BTreeMap<JobId, Box<Job>>, D::Error> {
     deserializer.deserialize_seq(JobTable)
 }
 
 struct JobTable;
 
 impl<'de> Visitor<'de> for JobTable {
-    type Value = BTreeMap<JobId, Job>;
+    type Value = BTreeMap<JobId, Box<Job>>;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a sequence of [spec or null, job]")
@@ -53,7 +53,7 @@ impl<'de> Visitor<'de> for JobTable {
             job.spec = current
                 .clone()
                 .ok_or_else(|| A::Error::custom(format!("job {} has no spec", job.id)))?;
-            jobs.insert(job.id.clone(), job);
+            jobs.insert(job.id.clone(), Box::new(job));
         }
         Ok(jobs)
     }

@@ -205,7 +205,7 @@ impl State {
             .entry(job.spec.queue.clone())
             .or_default()
             .insert(key);
-        self.jobs.insert(job.id.clone(), job);
+        self.jobs.insert(job.id.clone(), Box::new(job));
     }
 
     /// Stores a new job and moves it past SUBMITTED: FAILED if a dependency already failed,
@@ -373,6 +373,6 @@ impl State {
             Some(ArrayRole::Parent { size, .. }) => *size,
             _ => 0,
         };
-        (0..size).filter_map(move |i| self.jobs.get(&JobId::from(format!("{parent}:{i}"))))
+        (0..size).filter_map(move |i| self.job(&JobId::from(format!("{parent}:{i}"))))
     }
 }

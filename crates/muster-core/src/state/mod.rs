@@ -31,8 +31,10 @@ pub struct State {
     queues: BTreeMap<String, JobQueue>,
     /// Revisions of each definition name, revision `n` at index `n - 1`.
     definitions: BTreeMap<String, Vec<JobDefinition>>,
+    /// Boxed: a map node holds eleven entries and is often half full, and a `Job` inline
+    /// (216 bytes) made that slack cost more than the job itself.
     #[serde(with = "job_table")]
-    jobs: BTreeMap<JobId, Job>,
+    jobs: BTreeMap<JobId, Box<Job>>,
     nodes: BTreeMap<NodeId, Node>,
     scheduling_policies: BTreeMap<String, crate::SchedulingPolicy>,
     users: BTreeMap<String, crate::User>,
@@ -160,7 +162,7 @@ impl State {
     }
 
     pub fn job(&self, id: &JobId) -> Option<&Job> {
-        self.jobs.get(id)
+        self.jobs.get(id).map(|job| &**job)
     }
 
     pub fn job_count(&self) -> usize {
@@ -219,7 +221,7 @@ impl State {
             .get(queue)
             .into_iter()
             .flatten()
-            .filter_map(|(_, id)| self.jobs.get(id))
+            .filter_map(|(_, id)| self.job(id))
             .filter(move |j| status.is_none_or(|s| j.status == s))
     }
 
@@ -230,7 +232,7 @@ impl State {
 
     /// RUNNABLE jobs of a queue in FIFO order.
     pub fn runnable_jobs<'a>(&'a self, queue: &str) -> impl Iterator<Item = &'a Job> + 'a {
-        self.runnable.fifo(queue).filter_map(|id| self.jobs.get(id))
+        self.runnable.fifo(queue).filter_map(|id| self.job(id))
     }
 
     /// How many jobs of a queue are RUNNABLE.
@@ -246,7 +248,7 @@ impl State {
     ) -> impl Iterator<Item = (&'a str, impl Iterator<Item = &'a Job> + 'a)> + 'a {
         self.runnable
             .shares(queue)
-            .map(|(share, ids)| (share, ids.filter_map(|id| self.jobs.get(id))))
+            .map(|(share, ids)| (share, ids.filter_map(|id| self.job(id))))
     }
 
     /// Millicpus that placed jobs of a share identifier of a queue hold now.
@@ -404,7 +406,7 @@ impl State {
     ) -> impl Iterator<Item = (&'a Job, &'a crate::ActiveAttempt)> + 'a {
         node.placed_jobs
             .iter()
-            .filter_map(|id| self.jobs.get(id))
+            .filter_map(|id| self.job(id))
             .filter(|job| job.terminate_reason.is_none())
             .filter_map(|job| Some((job, job.active.as_deref()?)))
     }
