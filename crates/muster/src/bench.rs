@@ -55,6 +55,11 @@ pub struct BenchArgs {
 /// broke every stream on it, over and over, until the leader declared the agents lost.
 const AGENTS_PER_CONNECTION: usize = 4;
 const ARRAY_MAX: u64 = 10_000;
+/// How every simulated job ends.
+const EXITED_0: ReportEvent = ReportEvent::Exited {
+    exit_code: Some(0),
+    reason: None,
+};
 
 struct Bench {
     cluster: LocalCluster,
@@ -826,11 +831,31 @@ impl SimAgent {
                         if std::mem::take(&mut first_set) {
                             this.tally.streams_opened.fetch_add(1, Ordering::Relaxed);
                         }
+                        // Jobs that end at once are reported from here, their exits awaited
+                        // by one task per set rather than one task per attempt: the agents
+                        // share the machine with the cluster they load.
+                        let mut exits = Vec::new();
                         for a in set.assignments {
-                            if seen.insert((a.job_id.clone(), a.attempt)) {
-                                this.tally.placed.fetch_add(1, Ordering::Relaxed);
-                                tokio::spawn(this.clone().run_attempt(reporter.clone(), a.job_id, a.attempt));
+                            if !seen.insert((a.job_id.clone(), a.attempt)) {
+                                continue;
                             }
+                            this.tally.placed.fetch_add(1, Ordering::Relaxed);
+                            drop(reporter.report(&a.job_id, a.attempt, ReportEvent::Running));
+                            if this.job_millis == 0 {
+                                exits.push(reporter.report(&a.job_id, a.attempt, EXITED_0));
+                            } else {
+                                tokio::spawn(this.clone().finish_attempt(reporter.clone(), a.job_id, a.attempt));
+                            }
+                        }
+                        if !exits.is_empty() {
+                            let tally = this.tally.clone();
+                            tokio::spawn(async move {
+                                for delivered in exits {
+                                    if delivered.await {
+                                        tally.ended.fetch_add(1, Ordering::Relaxed);
+                                    }
+                                }
+                            });
                         }
                     }
                 }
@@ -850,18 +875,11 @@ impl SimAgent {
         self.addrs.iter().position(|a| a == hint)
     }
 
-    /// As the real agent: RUNNING is queued when the attempt starts and the exit when it
-    /// ends, and the agent's reporter sends what is queued in order, in batches.
-    async fn run_attempt(self: Arc<Self>, reporter: Reporter, job_id: String, attempt: u32) {
-        drop(reporter.report(&job_id, attempt, ReportEvent::Running));
-        if self.job_millis > 0 {
-            tokio::time::sleep(Duration::from_millis(self.job_millis)).await;
-        }
-        let exited = ReportEvent::Exited {
-            exit_code: Some(0),
-            reason: None,
-        };
-        if reporter.report(&job_id, attempt, exited).await {
+    /// As the real agent: RUNNING is queued when the attempt starts (by the caller) and the
+    /// exit when it ends, and the agent's reporter sends what is queued in order, in batches.
+    async fn finish_attempt(self: Arc<Self>, reporter: Reporter, job_id: String, attempt: u32) {
+        tokio::time::sleep(Duration::from_millis(self.job_millis)).await;
+        if reporter.report(&job_id, attempt, EXITED_0).await {
             self.tally.ended.fetch_add(1, Ordering::Relaxed);
         }
     }
