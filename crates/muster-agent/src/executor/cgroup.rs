@@ -109,6 +109,25 @@ impl Hierarchy {
     }
 }
 
+impl Hierarchy {
+    /// The group `name` if it exists (an earlier run of the agent made it), to be emptied and
+    /// removed.
+    pub fn existing(&self, name: &str) -> Option<AttemptCgroup> {
+        let dirs: Vec<PathBuf> = match self {
+            Hierarchy::Unified { base } => vec![base.join(name)],
+            Hierarchy::Split { memory, cpu } => std::iter::once(memory.join(name))
+                .chain(cpu.as_ref().map(|c| c.join(name)))
+                .collect(),
+        };
+        let dirs: Vec<PathBuf> = dirs.into_iter().filter(|d| d.is_dir()).collect();
+        (!dirs.is_empty()).then(|| AttemptCgroup {
+            procs: Vec::new(),
+            unified: matches!(self, Hierarchy::Unified { .. }),
+            dirs,
+        })
+    }
+}
+
 /// One attempt's group (one directory per controller tree).
 #[derive(Debug)]
 pub struct AttemptCgroup {

@@ -96,7 +96,18 @@ impl DockerExecutor {
         started: oneshot::Sender<()>,
         stop: watch::Receiver<bool>,
         grace: Duration,
+        resumed: bool,
     ) -> AttemptExit {
+        let name = container_name(&a.job.0, a.attempt);
+        // An agent restarted while this attempt's container ran: take it back instead of
+        // starting the attempt again. One that started before and whose container is gone
+        // (removed after it ended, before its end was recorded) is not run a second time.
+        if resumed {
+            return match self.find_own(&name, a).await {
+                Some(found) => self.adopt(found, log_path, started, stop, grace).await,
+                None => AttemptExit::failed_to_start(super::LOST_IN_AGENT_RESTART),
+            };
+        }
         match self.docker.inspect_image(&a.image).await {
             Ok(_) => {}
             Err(bollard::errors::Error::DockerResponseServerError {
@@ -131,9 +142,8 @@ impl DockerExecutor {
                 ));
             }
         }
-        let name = container_name(&a.job.0, a.attempt);
-        // An agent restarted while this attempt's container ran: take it back instead of
-        // starting the attempt again.
+        // A container of this attempt without a record (an agent from before records were
+        // kept) is taken back all the same.
         if let Some(found) = self.find_own(&name, a).await {
             return self.adopt(found, log_path, started, stop, grace).await;
         }

@@ -3,9 +3,11 @@
 mod cgroup;
 mod docker;
 mod process;
+mod record;
 
 pub use docker::DockerExecutor;
 pub use process::ProcessExecutor;
+pub use record::{AttemptRecord, Recorded};
 
 use muster_core::Assignment;
 use std::path::Path;
@@ -36,6 +38,10 @@ pub enum Executor {
 impl Executor {
     /// Runs one attempt to its end. `started` fires once the workload runs; `stop` asks for
     /// it to be stopped (SIGTERM, then SIGKILL after `grace`). Output goes to `log_path`.
+    ///
+    /// An attempt runs at most once on a host, across agent restarts (see [`AttemptRecord`]):
+    /// one that ended before is reported as it ended, and one that started before is taken
+    /// back where the executor can (a container) or reported lost, never started again.
     pub async fn run(
         &self,
         assignment: &Assignment,
@@ -44,10 +50,37 @@ impl Executor {
         stop: watch::Receiver<bool>,
         grace: std::time::Duration,
     ) -> AttemptExit {
-        match self {
-            Executor::Docker(d) => d.run(assignment, log_path, started, stop, grace).await,
-            Executor::Process(p) => p.run(assignment, log_path, started, stop, grace).await,
+        let record = AttemptRecord::beside(log_path);
+        let resumed = match record.read() {
+            Recorded::Ended(exit) => {
+                tracing::info!(job = %assignment.job, attempt = assignment.attempt, ?exit, "the attempt ended before this agent started: reporting its recorded exit");
+                return exit;
+            }
+            Recorded::Started => true,
+            Recorded::Nothing => {
+                if let Err(e) = record.mark_started() {
+                    return AttemptExit::failed_to_start(format!(
+                        "CannotStartContainerError: cannot record the attempt at {}: {e}",
+                        record.path().display()
+                    ));
+                }
+                false
+            }
+        };
+        let exit = match self {
+            Executor::Docker(d) => {
+                d.run(assignment, log_path, started, stop, grace, resumed)
+                    .await
+            }
+            Executor::Process(p) => {
+                p.run(assignment, log_path, &record, started, stop, grace, resumed)
+                    .await
+            }
+        };
+        if let Err(e) = record.record_end(&exit) {
+            tracing::warn!(path = %record.path().display(), error = %e, "could not record how an attempt ended");
         }
+        exit
     }
 
     /// Why this executor cannot run jobs now, if it cannot (the Docker engine does not answer).
@@ -74,6 +107,11 @@ impl Executor {
         }
     }
 }
+
+/// Why an attempt that an earlier run of the agent started, and that cannot be taken back,
+/// is reported lost (and retried as a new attempt where its strategy allows).
+pub const LOST_IN_AGENT_RESTART: &str =
+    "Host agent restarted: the attempt's processes could not be re-adopted and were stopped";
 
 /// Why a stopped attempt ended, as reported in `container.reason`.
 pub const STOPPED_BY_MUSTER: &str = "Stopped by Muster";

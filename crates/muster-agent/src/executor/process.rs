@@ -2,7 +2,9 @@
 //! Docker and for tests. The image is not used; the environment is the same as in a container.
 
 use super::cgroup::Hierarchy;
-use super::{AttemptExit, STOPPED_BY_MUSTER, stopped};
+use super::{
+    AttemptExit, AttemptRecord, LOST_IN_AGENT_RESTART, Recorded, STOPPED_BY_MUSTER, stopped,
+};
 use muster_core::Assignment;
 use std::path::Path;
 use std::process::Stdio;
@@ -33,30 +35,32 @@ impl ProcessExecutor {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub async fn run(
         &self,
         assignment: &Assignment,
         log_path: &Path,
+        record: &AttemptRecord,
         started: oneshot::Sender<()>,
         mut stop: watch::Receiver<bool>,
         grace: Duration,
+        resumed: bool,
     ) -> AttemptExit {
         let Some((program, args)) = assignment.command.split_first() else {
             return AttemptExit::failed_to_start(
                 "CannotStartContainerError: the job has no command",
             );
         };
-        // This attempt ran here before the agent restarted: its processes cannot be waited
-        // on by a new parent, so they are ended, and the attempt is reported lost rather than
-        // run a second time behind the leader's back (it retries per its strategy).
         let pid_path = log_path.with_extension("pid");
-        if let Some(orphan) = orphan_group(&pid_path, assignment) {
-            signal_group(Some(orphan), libc::SIGKILL);
-            let _ = std::fs::remove_file(&pid_path);
-            return AttemptExit::failed_to_start(
-                "Host agent restarted: the attempt's processes could not be re-adopted and were stopped",
-            );
+        let cgroup_name = format!("{}-{}", assignment.job, assignment.attempt);
+        if resumed {
+            return self.take_back(assignment, &pid_path, &cgroup_name, record);
         }
+        let Some(program_path) = find_program(program, &assignment.environment) else {
+            return AttemptExit::failed_to_start(format!(
+                "CannotStartContainerError: {program}: no such executable file"
+            ));
+        };
         let log = match open_log(log_path) {
             Ok(f) => std::sync::Arc::new(std::sync::Mutex::new(f)),
             Err(e) => {
@@ -67,19 +71,24 @@ impl ProcessExecutor {
         };
         let cgroup = match &self.cgroups {
             None => None,
-            Some(h) => {
-                let name = format!("{}-{}", assignment.job, assignment.attempt);
-                match h.create(&name, &assignment.resources) {
-                    Ok(g) => Some(std::sync::Arc::new(g)),
-                    Err(e) => {
-                        return AttemptExit::failed_to_start(format!(
-                            "CannotStartContainerError: cannot set resource limits: {e}"
-                        ));
-                    }
+            Some(h) => match h.create(&cgroup_name, &assignment.resources) {
+                Ok(g) => Some(std::sync::Arc::new(g)),
+                Err(e) => {
+                    return AttemptExit::failed_to_start(format!(
+                        "CannotStartContainerError: cannot set resource limits: {e}"
+                    ));
                 }
-            }
+            },
         };
-        let mut command = Command::new(program);
+        // The job runs under a small shell that waits for it and records its exit beside the
+        // log, so that a job that ends while the agent is down is reported as it ended.
+        let mut command = Command::new("/bin/sh");
+        command
+            .arg("-c")
+            .arg(WRAPPER)
+            .arg("muster-attempt")
+            .arg(record.path())
+            .arg(&program_path);
         if let Some(group) = &cgroup {
             let group = group.clone();
             // SAFETY: the closure only opens and writes files (see `enter_from_child`).
@@ -144,6 +153,7 @@ impl ProcessExecutor {
         for copy in copies.into_iter().flatten() {
             let _ = tokio::time::timeout(Duration::from_secs(2), copy).await;
         }
+        // The attempt's record now holds its end: the pid has no more use.
         let _ = std::fs::remove_file(&pid_path);
         let mut exit = exit;
         if let Some(group) = cgroup {
@@ -154,6 +164,79 @@ impl ProcessExecutor {
         }
         exit
     }
+}
+
+/// Runs the job (`$2…`) and records how it ended in the attempt's record (`$1`), whole or
+/// not at all. SIGTERM reaches the job through its process group; the shell waits for the
+/// job's end rather than dying first, so the job's own exit status is what is recorded and
+/// returned.
+const WRAPPER: &str = r#"record=$1; shift
+trap : TERM INT HUP
+"$@"
+code=$?
+printf 'exited %s\n' "$code" > "$record.tmp" && mv -f "$record.tmp" "$record"
+exit "$code""#;
+
+impl ProcessExecutor {
+    /// An attempt an earlier run of this agent started and did not see end. Its processes
+    /// cannot be waited on by a new parent (nor their output read), so what still runs is
+    /// stopped, its cgroup removed, and the attempt reported as its record says if the job
+    /// ended meanwhile, or else lost — never run a second time behind the leader's back.
+    fn take_back(
+        &self,
+        assignment: &Assignment,
+        pid_path: &Path,
+        cgroup_name: &str,
+        record: &AttemptRecord,
+    ) -> AttemptExit {
+        // The group its pid file names; and, should the agent have died before writing that
+        // file, any process whose environment names this attempt.
+        let mut orphans: Vec<i32> = orphan_group(pid_path, assignment).into_iter().collect();
+        orphans.extend(processes_of(assignment));
+        for orphan in orphans {
+            tracing::warn!(job = %assignment.job, attempt = assignment.attempt, pid = orphan, "stopping an attempt an earlier run of this agent started");
+            signal_group(Some(orphan), libc::SIGKILL);
+            // SAFETY: kill(2) has no memory-safety preconditions; the pid's environment named
+            // this attempt a moment ago.
+            unsafe {
+                libc::kill(orphan, libc::SIGKILL);
+            }
+        }
+        if let Some(group) = self.cgroups.as_ref().and_then(|h| h.existing(cgroup_name)) {
+            group.kill_all();
+            group.remove();
+        }
+        let _ = std::fs::remove_file(pid_path);
+        match record.read() {
+            Recorded::Ended(exit) => exit,
+            _ => AttemptExit::failed_to_start(LOST_IN_AGENT_RESTART),
+        }
+    }
+}
+
+/// Where `program` is, as `execvp` would find it: itself when it names a path, else the first
+/// executable of that name on the job's `PATH` (the agent's when the job sets none).
+fn find_program(program: &str, environment: &[(String, String)]) -> Option<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &Path| {
+        p.metadata()
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if program.contains('/') {
+        let path = Path::new(program);
+        return executable(path).then(|| path.to_owned());
+    }
+    let search = environment
+        .iter()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.clone())
+        .or_else(|| std::env::var("PATH").ok())
+        .unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".to_owned());
+    search
+        .split(':')
+        .filter(|dir| !dir.is_empty())
+        .map(|dir| Path::new(dir).join(program))
+        .find(|p| executable(p))
 }
 
 /// Copies `from` into the attempt's log line by line, each stamped with when it arrived.
@@ -208,6 +291,25 @@ fn orphan_group(pid_path: &Path, a: &Assignment) -> Option<i32> {
     .then_some(pgid)
 }
 
+/// Every process on the host whose environment names this attempt (job id and attempt).
+fn processes_of(a: &Assignment) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else {
+                return false;
+            };
+            let has = |entry: String| environ.split(|b| *b == 0).any(|e| e == entry.as_bytes());
+            has(format!("AWS_BATCH_JOB_ID={}", a.job.0))
+                && has(format!("AWS_BATCH_JOB_ATTEMPT={}", a.attempt))
+        })
+        .collect()
+}
+
 fn signal_group(pgid: Option<i32>, signal: i32) {
     if let Some(pgid) = pgid.filter(|p| *p > 0) {
         // SAFETY: kill(2) with a negative pid signals the process group we created; it has no
@@ -223,12 +325,120 @@ mod tests {
     use super::*;
     use muster_core::{JobId, Resources};
 
-    async fn run_once(assignment: &Assignment, log_path: &Path) -> AttemptExit {
+    /// One attempt through the executor as the agent runs it (its record included).
+    async fn run_with(
+        executor: ProcessExecutor,
+        assignment: &Assignment,
+        log_path: &Path,
+    ) -> AttemptExit {
         let (started, _) = oneshot::channel();
         let (_stop, stop) = watch::channel(false);
-        ProcessExecutor::default()
+        super::super::Executor::Process(executor)
             .run(assignment, log_path, started, stop, Duration::from_secs(1))
             .await
+    }
+
+    async fn run_once(assignment: &Assignment, log_path: &Path) -> AttemptExit {
+        run_with(ProcessExecutor::default(), assignment, log_path).await
+    }
+
+    fn assignment(job: &str, attempt: u32, script: &str) -> Assignment {
+        Assignment {
+            job: JobId::from(job),
+            attempt,
+            term: 1,
+            image: String::new(),
+            command: vec!["sh".into(), "-c".into(), script.into()],
+            environment: vec![
+                ("AWS_BATCH_JOB_ID".to_owned(), job.to_owned()),
+                ("AWS_BATCH_JOB_ATTEMPT".to_owned(), attempt.to_string()),
+            ],
+            resources: Resources::new(1000, 64, 0),
+            log_stream_name: String::new(),
+            gpus: Vec::new(),
+            timeout_secs: None,
+            options: Default::default(),
+        }
+    }
+
+    /// Waits until a process whose environment names `job` runs (a child's environment is
+    /// the parent's until it has exec'd).
+    fn wait_for_exec(pid: u32, job: &str) {
+        let needle = format!("AWS_BATCH_JOB_ID={job}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !std::fs::read(format!("/proc/{pid}/environ"))
+            .unwrap_or_default()
+            .windows(needle.len())
+            .any(|w| w == needle.as_bytes())
+        {
+            assert!(std::time::Instant::now() < deadline, "{job} never started");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[tokio::test]
+    async fn an_attempt_that_ended_is_reported_as_it_ended_and_never_run_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let runs = dir.path().join("runs");
+        let log_path = dir.path().join("1.log");
+        let job = assignment(
+            "ran-once",
+            1,
+            &format!("echo ran >> {}; exit 3", runs.display()),
+        );
+        let first = run_once(&job, &log_path).await;
+        assert_eq!(first.exit_code, Some(3));
+        // The agent restarts before the exit is committed, and the leader assigns the attempt
+        // again: the same exit is reported, and the job does not run a second time.
+        let again = run_once(&job, &log_path).await;
+        assert_eq!(again, first);
+        assert_eq!(std::fs::read_to_string(&runs).unwrap(), "ran\n");
+    }
+
+    #[tokio::test]
+    async fn a_job_that_ended_while_the_agent_was_down_is_reported_with_its_own_exit() {
+        use std::os::unix::process::CommandExt;
+        let dir = tempfile::tempdir().unwrap();
+        let runs = dir.path().join("runs");
+        let log_path = dir.path().join("1.log");
+        let job = assignment(
+            "ended-unwatched",
+            1,
+            &format!("echo ran >> {}; exit 7", runs.display()),
+        );
+        // What a killed agent leaves: the attempt's record says it started, and the job runs
+        // on under its wrapper, which records its end.
+        let record = AttemptRecord::beside(&log_path);
+        record.mark_started().unwrap();
+        let mut wrapped = std::process::Command::new("/bin/sh")
+            .arg("-c")
+            .arg(WRAPPER)
+            .arg("muster-attempt")
+            .arg(record.path())
+            .args(&job.command)
+            .envs(job.environment.iter().map(|(k, v)| (k, v)))
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        std::fs::write(log_path.with_extension("pid"), wrapped.id().to_string()).unwrap();
+        assert_eq!(wrapped.wait().unwrap().code(), Some(7));
+        // The restarted agent is assigned the attempt again.
+        let exit = run_once(&job, &log_path).await;
+        assert_eq!(exit.exit_code, Some(7), "{exit:?}");
+        assert_eq!(std::fs::read_to_string(&runs).unwrap(), "ran\n");
+
+        // One that ended with no record of its end (the agent died before its wrapper ran)
+        // is reported lost, and not run.
+        let log_path = dir.path().join("2.log");
+        let lost = assignment(
+            "ended-unrecorded",
+            2,
+            &format!("echo ran >> {}", runs.display()),
+        );
+        AttemptRecord::beside(&log_path).mark_started().unwrap();
+        let exit = run_once(&lost, &log_path).await;
+        assert_eq!(exit, AttemptExit::failed_to_start(LOST_IN_AGENT_RESTART));
+        assert_eq!(std::fs::read_to_string(&runs).unwrap(), "ran\n");
     }
 
     #[tokio::test]
@@ -240,7 +450,9 @@ mod tests {
             ("AWS_BATCH_JOB_ID".to_owned(), "orphaned".to_owned()),
             ("AWS_BATCH_JOB_ATTEMPT".to_owned(), "1".to_owned()),
         ];
-        // What a killed agent leaves behind: the attempt's process group and its pid file.
+        // What a killed agent leaves behind: the attempt's record, its process group and its
+        // pid file.
+        AttemptRecord::beside(&log_path).mark_started().unwrap();
         let mut orphan = std::process::Command::new("sleep")
             .arg("30")
             .envs(environment.iter().map(|(k, v)| (k, v)))
@@ -276,21 +488,37 @@ mod tests {
         };
         let exit = run_once(&assignment, &log_path).await;
         assert_eq!(exit.exit_code, None);
-        assert!(exit.reason.unwrap().contains("could not be re-adopted"));
+        assert!(
+            exit.reason
+                .as_deref()
+                .unwrap()
+                .contains("could not be re-adopted")
+        );
         // The orphan is gone (killed by the signal), and nothing ran a second time.
         let status = orphan.wait().unwrap();
         assert!(!status.success());
         assert!(!log_path.exists());
         assert!(!log_path.with_extension("pid").exists());
 
+        // Assigned again, it is still not run: its record says how it ended.
+        assert_eq!(run_once(&assignment, &log_path).await, exit);
+        assert!(!log_path.exists());
+
         // A pid file naming someone else's process (a reused pid) is not acted on.
+        let log_path = dir.path().join("2.log");
+        let second = Assignment {
+            attempt: 2,
+            ..assignment.clone()
+        };
+        AttemptRecord::beside(&log_path).mark_started().unwrap();
         let mut stranger = std::process::Command::new("sleep")
             .arg("30")
             .spawn()
             .unwrap();
         std::fs::write(log_path.with_extension("pid"), stranger.id().to_string()).unwrap();
-        let exit = run_once(&assignment, &log_path).await;
-        assert_eq!(exit.exit_code, Some(0));
+        let exit = run_once(&second, &log_path).await;
+        assert_eq!(exit, AttemptExit::failed_to_start(LOST_IN_AGENT_RESTART));
+        assert!(!log_path.exists(), "not run");
         assert!(
             stranger.try_wait().unwrap().is_none(),
             "the stranger was left alone"
@@ -352,13 +580,16 @@ mod tests {
             async move {
                 let (started, _) = oneshot::channel();
                 let (_stop, stop) = watch::channel(false);
+                let record = AttemptRecord::beside(&log_path);
                 let exit = executor
                     .run(
                         &assignment,
                         &log_path,
+                        &record,
                         started,
                         stop,
                         Duration::from_secs(1),
+                        false,
                     )
                     .await;
                 (exit, std::fs::read_to_string(&log_path).unwrap_or_default())
@@ -400,5 +631,54 @@ mod tests {
             Some("OutOfMemoryError: Container killed due to memory usage"),
             "{log}"
         );
+
+        // An agent killed under a running attempt leaves its process in its group; the
+        // restarted agent, assigned the attempt again, stops it and removes the group.
+        let orphaned = assignment_in(&job, 3);
+        let log_path = dir.path().join("3.log");
+        AttemptRecord::beside(&log_path).mark_started().unwrap();
+        let group = hierarchy
+            .create(&format!("{job}-3"), &orphaned.resources)
+            .unwrap();
+        let group_dir = group.memory_dir().to_owned();
+        let mut orphan = {
+            use std::os::unix::process::CommandExt;
+            let group = std::sync::Arc::new(group);
+            let mut command = std::process::Command::new("sleep");
+            command
+                .arg("600")
+                .envs(orphaned.environment.iter().map(|(k, v)| (k, v)))
+                .process_group(0);
+            // SAFETY: the closure only opens and writes files (see `enter_from_child`).
+            unsafe {
+                command.pre_exec(move || group.enter_from_child());
+            }
+            command.spawn().unwrap()
+        };
+        wait_for_exec(orphan.id(), &job);
+        std::fs::write(log_path.with_extension("pid"), orphan.id().to_string()).unwrap();
+        assert!(group_dir.is_dir());
+        let exit = run_with(
+            ProcessExecutor {
+                cgroups: Some(hierarchy.clone()),
+            },
+            &orphaned,
+            &log_path,
+        )
+        .await;
+        assert_eq!(exit, AttemptExit::failed_to_start(LOST_IN_AGENT_RESTART));
+        assert!(!orphan.wait().unwrap().success(), "the orphan was killed");
+        assert!(
+            !group_dir.exists(),
+            "the orphan's cgroup {} is removed",
+            group_dir.display()
+        );
+    }
+
+    fn assignment_in(job: &str, attempt: u32) -> Assignment {
+        Assignment {
+            resources: Resources::new(500, 32, 0),
+            ..assignment(job, attempt, "true")
+        }
     }
 }
