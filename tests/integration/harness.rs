@@ -109,40 +109,15 @@ impl TestCluster {
     /// Joins a process-executor agent offering `vcpus` and `memory_mib` to compute
     /// environment `ce`.
     pub async fn add_agent(&mut self, name: &str, ce: &str, vcpus: f64, memory_mib: u64) {
-        let config = RawAgentConfig {
-            node_id: Some(name.to_owned()),
-            compute_environment: ce.to_owned(),
-            control_plane: self.cluster.grpc_addrs(),
-            executor: ExecutorKind::Process,
-            work_dir: self.dir.path().join(format!("agent-{name}")),
-            reserved: Default::default(),
-            vcpus: Some(vcpus),
-            memory_mib: Some(memory_mib),
-            heartbeat_secs: 1,
-            stop_grace_secs: 2,
-            stop_after_secs: self.agent_stop_after_secs,
-            topology_domain: None,
-            labels: Default::default(),
-            log_listen_addr: "127.0.0.1:0".parse().expect("literal address"),
-            log_advertise_address: None,
-            log_retention_days: 7,
-            image_pull: Default::default(),
-            image_pull_timeout_secs: 600,
-        }
-        .validate()
-        .expect("agent config");
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("agent runtime");
-        let agent = runtime
-            .spawn(Agent::new(config))
-            .await
-            .expect("agent task")
-            .expect("agent starts");
-        let (stop, stopped) = watch::channel(false);
-        let task = runtime.spawn(agent.run(stopped));
+        let config = process_agent(
+            name,
+            ce,
+            self.cluster.grpc_addrs(),
+            self.dir.path().join(format!("agent-{name}")),
+            (vcpus, memory_mib),
+            self.agent_stop_after_secs,
+        );
+        let (stop, task, runtime) = start_agent(config).await;
         self.agents.push((stop, task, Some(runtime)));
     }
 
@@ -179,6 +154,61 @@ impl TestCluster {
         }
         self.cluster.shutdown().await;
     }
+}
+
+/// The config of a process-executor agent `name` in compute environment `ce` that reaches the
+/// control plane at `control_plane`, offers `(vcpus, memory_mib)`, heartbeats every second and
+/// stops its attempts after `stop_after_secs` cut off.
+pub fn process_agent(
+    name: &str,
+    ce: &str,
+    control_plane: Vec<String>,
+    work_dir: std::path::PathBuf,
+    (vcpus, memory_mib): (f64, u64),
+    stop_after_secs: u64,
+) -> muster_agent::AgentConfig {
+    RawAgentConfig {
+        node_id: Some(name.to_owned()),
+        compute_environment: ce.to_owned(),
+        control_plane,
+        executor: ExecutorKind::Process,
+        work_dir,
+        reserved: Default::default(),
+        vcpus: Some(vcpus),
+        memory_mib: Some(memory_mib),
+        heartbeat_secs: 1,
+        stop_grace_secs: 2,
+        stop_after_secs,
+        topology_domain: None,
+        labels: Default::default(),
+        log_listen_addr: "127.0.0.1:0".parse().expect("literal address"),
+        log_advertise_address: None,
+        log_retention_days: 7,
+        image_pull: Default::default(),
+        image_pull_timeout_secs: 600,
+    }
+    .validate()
+    .expect("agent config")
+}
+
+/// Starts an agent on a runtime of its own, so that dropping the runtime takes every task and
+/// process it started with it, as a crash of the agent's machine would.
+pub async fn start_agent(
+    config: muster_agent::AgentConfig,
+) -> (watch::Sender<bool>, JoinHandle<()>, tokio::runtime::Runtime) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("agent runtime");
+    let agent = runtime
+        .spawn(Agent::new(config))
+        .await
+        .expect("agent task")
+        .expect("agent starts");
+    let (stop, stopped) = watch::channel(false);
+    let task = runtime.spawn(agent.run(stopped));
+    (stop, task, runtime)
 }
 
 /// Creates compute environment `ce`, queue `queue` on it and definition `def` (1 vCPU,

@@ -10,6 +10,7 @@ mod harness;
 mod jobs;
 mod layering;
 mod liveness;
+mod partitions;
 mod processes;
 mod restart;
 mod semantics;

@@ -118,12 +118,14 @@ impl Agent {
         if !self.register(&shutdown).await {
             return;
         }
+        let (leader_seen, seen) = watch::channel(None);
         let heartbeat = tokio::spawn(heartbeat_loop(
             self.config.clone(),
             self.inventory(),
             self.executor.clone(),
             self.control.clone(),
             self.last_contact.clone(),
+            leader_seen,
             shutdown.clone(),
         ));
         let channels = self
@@ -139,7 +141,7 @@ impl Agent {
             shutdown.clone(),
         );
         let mut slots = HashMap::new();
-        self.watch_loop(&mut slots, &reporter, shutdown.clone())
+        self.watch_loop(&mut slots, &reporter, seen, shutdown.clone())
             .await;
         for slot in slots.values() {
             let _ = slot.stop.send(true);
@@ -194,6 +196,7 @@ impl Agent {
         &self,
         slots: &mut HashMap<(String, u32), Slot>,
         reporter: &Reporter,
+        mut leader_seen: watch::Receiver<Option<SeenLeader>>,
         mut shutdown: watch::Receiver<bool>,
     ) {
         let mut leader_hint: Option<String> = None;
@@ -242,17 +245,39 @@ impl Agent {
             tracing::debug!(addr, "watching assignments");
             // What this stream has described: its later sets name these by key only.
             let mut described: HashMap<(String, u32), Assignment> = HashMap::new();
+            // Set once per stream and moved only by a message: a timer made afresh on every
+            // pass of the loop (which also wakes to check the cut-off) would never fire.
+            let mut silent_until = tokio::time::Instant::now() + STREAM_SILENCE;
             loop {
                 let message = tokio::select! {
                     _ = shutdown.changed() => return,
-                    m = tokio::time::timeout(STREAM_SILENCE, stream.message()) => m,
+                    m = stream.message() => m,
+                    _ = tokio::time::sleep_until(silent_until) => {
+                        tracing::warn!(addr, silent = ?STREAM_SILENCE, "the assignment stream went silent; watching again");
+                        break;
+                    }
                     _ = tokio::time::sleep(self.config.stop_after / 4) => {
                         self.stop_if_cut_off(slots);
                         continue;
                     }
+                    changed = leader_seen.changed(), if leader_seen.has_changed().is_ok() => {
+                        if changed.is_ok()
+                            && let Some(seen) = leader_seen.borrow_and_update().clone()
+                            && seen.term > max_term
+                            && seen.address != addr
+                        {
+                            // Another control node leads a newer term with a quorum: this
+                            // stream's node was deposed or cut off, whether or not it knows.
+                            tracing::info!(from = addr, to = seen.address, term = seen.term, "following the newer leader");
+                            leader_hint = Some(seen.address);
+                            break;
+                        }
+                        continue;
+                    }
                 };
                 match message {
-                    Ok(Ok(Some(set))) => {
+                    Ok(Some(set)) => {
+                        silent_until = tokio::time::Instant::now() + STREAM_SILENCE;
                         touch(&self.last_contact);
                         backoff.reset();
                         // Fencing: a set from an older leader term is stale.
@@ -495,15 +520,28 @@ fn touch(last_contact: &std::sync::Mutex<tokio::time::Instant>) {
     *last_contact.lock().unwrap_or_else(|p| p.into_inner()) = tokio::time::Instant::now();
 }
 
+/// A control node that answered a heartbeat as leader with a quorum.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct SeenLeader {
+    /// The agent address this agent reached it at.
+    address: String,
+    term: u64,
+}
+
 /// Heartbeats every control node (so that whichever leads, now or after an election, has
 /// heard from this agent) with whether the executor can run jobs, and registers again with a
 /// node that no longer knows it (the node was marked lost while this agent was cut off).
+///
+/// Only an answer from a leader that holds a quorum is contact (`last_contact`), and such an
+/// answer is published in `leader_seen`: the leader alone marks agents lost, so an agent that
+/// reaches only a follower, or a leader cut off from the other control nodes, is cut off.
 async fn heartbeat_loop(
     config: AgentConfig,
     offered: muster_core::NodeInventory,
     executor: Arc<Executor>,
     control: ControlClient,
     last_contact: Arc<std::sync::Mutex<tokio::time::Instant>>,
+    leader_seen: watch::Sender<Option<SeenLeader>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut beat = HeartbeatRequest {
@@ -530,7 +568,19 @@ async fn heartbeat_loop(
                 continue;
             };
             match client.heartbeat(beat.clone()).await {
-                Ok(_) => touch(&last_contact),
+                Ok(reply) if reply.get_ref().leading => {
+                    touch(&last_contact);
+                    let seen = SeenLeader {
+                        address: addr.clone(),
+                        term: reply.get_ref().term,
+                    };
+                    leader_seen.send_if_modified(|was| {
+                        let newer = was.as_ref() != Some(&seen);
+                        *was = Some(seen);
+                        newer
+                    });
+                }
+                Ok(_) => {}
                 Err(status) if status.code() == tonic::Code::NotFound => unknown = true,
                 Err(status) => {
                     tracing::debug!(addr, error = %status.message(), "heartbeat not delivered")

@@ -12,6 +12,11 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tonic::transport::{Channel, Endpoint};
 
+/// How often an agent pings each control node over an idle connection, and how long an
+/// unanswered ping is given before the connection is dropped.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+
 #[derive(Clone)]
 pub(crate) struct ControlClient {
     pub addrs: Vec<String>,
@@ -40,6 +45,11 @@ impl ControlClient {
             .ok()?
             .connect_timeout(Duration::from_millis(500))
             .timeout(Duration::from_secs(15))
+            // A control node that vanished without a reset (stopped, cut off) is noticed by
+            // its unanswered pings, and the connection made anew, within seconds.
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true)
             .connect_lazy();
         channels.insert(addr.to_owned(), ch.clone());
         Some(ch)

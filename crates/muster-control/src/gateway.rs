@@ -46,6 +46,9 @@ const REPORT_BATCH: BatchLimits = BatchLimits {
 pub struct AgentGateway {
     node: RaftNode,
     shutdown: watch::Receiver<bool>,
+    /// Whether this node leads with a quorum (`RaftNode::leadership`): streams end, and
+    /// watches are refused, when it does not.
+    leading: watch::Receiver<bool>,
     heartbeats: crate::liveness::Heartbeats,
     /// Reports are committed in batches: thousands of agents each reporting every attempt
     /// twice would otherwise cost one Raft entry per report.
@@ -59,6 +62,7 @@ impl AgentGateway {
         heartbeats: crate::liveness::Heartbeats,
     ) -> Self {
         Self {
+            leading: node.leadership(shutdown.clone()),
             reports: Batcher::spawn(node.clone(), "reports", REPORT_BATCH, |reports| {
                 Command::ReportAttempts {
                     reports,
@@ -88,29 +92,51 @@ impl AgentGateway {
     /// at a moment drawn from its agent's id: let go together, ten thousand agents reach the
     /// new leader in the same instant, and its first commits (the next placement among them)
     /// waited a second behind them.
+    ///
+    /// A node that has just been elected is confirmed by its first round of heartbeats, and a
+    /// watch arriving before that waits for it; a leader cut off from the quorum never is.
     async fn wait_for_a_leader(&self, agent: &NodeId) {
         let mut metrics = self.node.raft.server_metrics();
-        if metrics.borrow().current_leader.is_some() {
-            return;
-        }
-        let known = metrics.wait_for(|m| m.current_leader.is_some());
-        if tokio::time::timeout(LEADER_WAIT, known).await.is_ok() {
+        if metrics.borrow().current_leader.is_none() {
+            let known = metrics.wait_for(|m| m.current_leader.is_some());
+            if tokio::time::timeout(LEADER_WAIT, known).await.is_err() {
+                return;
+            }
             tokio::time::sleep(reconnect_delay(agent)).await;
+        }
+        if self.node.is_leader() {
+            let mut leading = self.leading.clone();
+            let confirmed = leading.wait_for(|l| *l);
+            let _ = tokio::time::timeout(muster_raft::election::QUORUM_LEASE, confirmed).await;
         }
     }
 
     fn not_leader(&self) -> Status {
-        let mut status = Status::failed_precondition("this control node is not the leader");
+        let mut status = Status::failed_precondition(
+            "this control node is not the leader, or leads without a quorum",
+        );
         if let Some(addr) = self
             .node
             .leader()
             .0
+            .filter(|l| *l != self.node.id)
             .and_then(|l| self.node.peers.agent_addr(l))
             && let Ok(v) = addr.parse()
         {
             status.metadata_mut().insert(LEADER_METADATA_KEY, v);
         }
         status
+    }
+
+    /// What a heartbeat is answered with: whether this node's answer is contact with the
+    /// cluster (it leads with a quorum), and who leads as far as it knows.
+    fn heartbeat_reply(&self) -> HeartbeatReply {
+        let (leader, term) = self.node.leader();
+        HeartbeatReply {
+            leading: self.node.leads_with_quorum(),
+            term,
+            leader_address: leader.and_then(|l| self.node.peers.agent_addr(l)),
+        }
     }
 }
 
@@ -203,7 +229,7 @@ impl AgentService for AgentGateway {
             })
             .await?;
         }
-        Ok(Response::new(HeartbeatReply {}))
+        Ok(Response::new(self.heartbeat_reply()))
     }
 
     type WatchAssignmentsStream = AssignmentStream;
@@ -213,9 +239,9 @@ impl AgentService for AgentGateway {
         request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchAssignmentsStream>, Status> {
         let node_id = NodeId(request.into_inner().node_id);
-        if !self.node.is_leader() {
+        if !*self.leading.borrow() {
             self.wait_for_a_leader(&node_id).await;
-            if !self.node.is_leader() {
+            if !*self.leading.borrow() {
                 return Err(self.not_leader());
             }
         }
@@ -224,6 +250,7 @@ impl AgentService for AgentGateway {
             self.node.clone(),
             node_id,
             tx,
+            self.leading.clone(),
             self.shutdown.clone(),
         ));
         Ok(Response::new(Box::pin(
@@ -291,12 +318,14 @@ fn report_from_pb(report: AttemptReport) -> Result<Report, Status> {
 }
 
 /// Sends `node`'s full assignment set whenever it changes (and every [`RESEND`]) while this
-/// control node leads; ends the stream when leadership is lost so the agent finds the new
-/// leader.
+/// control node leads with a quorum; ends the stream when it does not, so the agent finds the
+/// new leader (a leader cut off from the other control nodes is one no longer, although it
+/// does not know it yet).
 async fn stream_assignments(
     node: RaftNode,
     agent: NodeId,
     tx: mpsc::Sender<Result<AssignmentSet, Status>>,
+    mut leading: watch::Receiver<bool>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     // Woken only when an applied command may have changed this agent's assignments, when
@@ -316,9 +345,11 @@ async fn stream_assignments(
     let mut look = true;
     loop {
         let (leader, term) = node.leader();
-        if leader != Some(node.id) {
+        if leader != Some(node.id) || !*leading.borrow() {
             let _ = tx
-                .send(Err(Status::failed_precondition("leadership moved")))
+                .send(Err(Status::failed_precondition(
+                    "leadership moved, or this node lost its quorum",
+                )))
                 .await;
             return;
         }
@@ -370,6 +401,12 @@ async fn stream_assignments(
                 look = true;
             }
             changed = role.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                look = false;
+            }
+            changed = leading.changed() => {
                 if changed.is_err() {
                     return;
                 }

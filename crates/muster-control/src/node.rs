@@ -6,6 +6,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use muster_api::ApiConfig;
 use muster_proto::pb::agent_service_server::AgentServiceServer;
 use muster_proto::pb::raft_service_server::RaftServiceServer;
+use muster_raft::election::LeaderContact;
 use muster_raft::{PeerDirectory, PeerNetwork, Raft, RaftGrpc, RaftNode, StateMachine};
 use muster_store::{SledLogStore, SledSnapshotStore, open_sled_waiting};
 use openraft::BasicNode;
@@ -111,11 +112,22 @@ impl ControlNode {
         let heartbeats = crate::liveness::Heartbeats::default();
         let mut tasks = Vec::new();
 
-        let raft_server = tonic::transport::Server::builder().add_service(
-            RaftServiceServer::new(RaftGrpc::new(raft.clone()))
-                .max_decoding_message_size(muster_raft::MAX_RAFT_MESSAGE_BYTES)
-                .max_encoding_message_size(muster_raft::MAX_RAFT_MESSAGE_BYTES),
-        );
+        // Elections: openraft's own are off (see `muster_raft::election`); this node stands
+        // after a pre-vote, from the Raft runtime.
+        let leader_contact = LeaderContact::default();
+        raft_runtime.spawn(muster_raft::election::run_elections(
+            raft.clone(),
+            config.node_id,
+            node.peers.clone(),
+            leader_contact.clone(),
+            shutdown_rx.clone(),
+        ));
+        let raft_server = keepalive(tonic::transport::Server::builder(), Duration::from_secs(1))
+            .add_service(
+                RaftServiceServer::new(RaftGrpc::new(raft.clone(), leader_contact))
+                    .max_decoding_message_size(muster_raft::MAX_RAFT_MESSAGE_BYTES)
+                    .max_encoding_message_size(muster_raft::MAX_RAFT_MESSAGE_BYTES),
+            );
         // The listener is handed over unregistered, so that its connections are driven by the
         // Raft runtime's own reactor.
         let raft_listener = listeners.raft.into_std().map_err(StartError::Listener)?;
@@ -138,9 +150,13 @@ impl ControlNode {
             }
         }));
 
-        let grpc = tonic::transport::Server::builder().add_service(AgentServiceServer::new(
-            AgentGateway::new(node.clone(), shutdown_rx.clone(), heartbeats.clone()),
-        ));
+        // Agents ping too; thousands of them each pinged every second would cost the leader.
+        let grpc = keepalive(tonic::transport::Server::builder(), Duration::from_secs(5))
+            .add_service(AgentServiceServer::new(AgentGateway::new(
+                node.clone(),
+                shutdown_rx.clone(),
+                heartbeats.clone(),
+            )));
         let incoming =
             tonic::transport::server::TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
         let stop = signal(shutdown_rx.clone());
@@ -308,6 +324,15 @@ fn start_raft_threads(
             let _ = stopped.send(());
         })?;
     Ok((handle, raft_threads_stopped))
+}
+
+/// Both sides of every internal connection ping: a peer or agent that vanished without a reset
+/// (stopped, cut off) is dropped within seconds, and what it sent before is not acted on
+/// minutes later when TCP finally delivers it.
+fn keepalive(server: tonic::transport::Server, every: Duration) -> tonic::transport::Server {
+    server
+        .http2_keepalive_interval(Some(every))
+        .http2_keepalive_timeout(Some(every * 2))
 }
 
 async fn signal(mut rx: watch::Receiver<bool>) {

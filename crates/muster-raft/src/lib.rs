@@ -9,6 +9,7 @@
 //!   when this node is a follower) and `read` (linearizable through a read index).
 #![allow(clippy::result_large_err)]
 
+pub mod election;
 mod network;
 mod node;
 mod service;
@@ -78,19 +79,23 @@ pub const MAX_ENTRIES_PER_APPEND: u64 = 32;
 /// refused forever.
 pub const MAX_RAFT_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
 
-/// The Raft timing Muster runs with. openraft has a follower that heard from a leader wait
-/// out the leader's lease (`election_timeout_max`) plus its own election timeout (drawn once
-/// from `min..max`) before it stands, so a failed leader is replaced 1.0–1.2 s after its
-/// last heartbeat. A vote gets `election_timeout_min` to be answered: 300 ms was too short
-/// for control nodes busy with 10,000 agents, whose candidates then failed election after
-/// election; 400–600 ms ran 1,000,000 jobs on 10,000 simulated agents without a leader
+/// The Raft timing Muster runs with (the constants live in [`election`]). A follower that
+/// heard from a leader waits out the leader's lease (`election_timeout_max`) plus an election
+/// timeout drawn from `min..max` before it stands, so a failed leader is replaced 1.0–1.2 s
+/// after its last heartbeat. A vote gets `election_timeout_min` to be answered: 300 ms was
+/// too short for control nodes busy with 10,000 agents, whose candidates then failed election
+/// after election; 400–600 ms ran 1,000,000 jobs on 10,000 simulated agents without a leader
 /// change (BENCHMARKS.md).
+///
+/// openraft's own elections are off: [`election::run_elections`] stands a node only after a
+/// pre-vote, so that a node that cannot win never raises the term.
 pub fn raft_config(cluster_name: &str) -> openraft::Config {
     openraft::Config {
         cluster_name: cluster_name.to_owned(),
-        heartbeat_interval: 100,
-        election_timeout_min: 400,
-        election_timeout_max: 600,
+        heartbeat_interval: election::HEARTBEAT.as_millis() as u64,
+        election_timeout_min: election::ELECTION_TIMEOUT_MIN.as_millis() as u64,
+        election_timeout_max: election::ELECTION_TIMEOUT_MAX.as_millis() as u64,
+        enable_elect: false,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(SNAPSHOT_EVERY_ENTRIES),
         max_payload_entries: MAX_ENTRIES_PER_APPEND,
         ..Default::default()

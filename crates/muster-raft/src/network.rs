@@ -55,6 +55,11 @@ impl PeerDirectory {
             .cloned()
     }
 
+    /// Where node `id`'s Raft listener is.
+    pub(crate) fn raft_addr(&self, id: NodeId) -> Option<String> {
+        self.get(id).map(|a| a.raft)
+    }
+
     /// Where agents reach node `id`.
     pub fn agent_addr(&self, id: NodeId) -> Option<String> {
         self.get(id).map(|a| a.agents)
@@ -67,11 +72,16 @@ impl PeerDirectory {
     }
 }
 
+/// How often an idle connection to a peer is pinged, and how long a ping may go unanswered
+/// before the connection is dropped (and made anew on the next call).
+const PEER_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+const PEER_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// One lazily connecting channel per address. A channel's connection is driven by a task on
 /// the runtime that first asked for it, so each runtime keeps a cache of its own: Raft's
 /// messages never wait on the runtime that serves agents.
 #[derive(Clone, Default)]
-struct ChannelCache(Arc<Mutex<BTreeMap<String, Channel>>>);
+pub(crate) struct ChannelCache(Arc<Mutex<BTreeMap<String, Channel>>>);
 
 impl ChannelCache {
     /// The cached channel to `addr`, created on first use. Connecting is lazy: a peer that is
@@ -81,15 +91,20 @@ impl ChannelCache {
         if let Some(ch) = channels.get(addr) {
             return Ok(ch.clone());
         }
+        // HTTP/2 pings find a dead connection (a peer stopped or cut off without a reset) in
+        // seconds; without them a call waits on a connection TCP keeps retrying for minutes.
         let ch = Endpoint::from_shared(format!("http://{addr}"))?
             .connect_timeout(Duration::from_millis(500))
             .tcp_nodelay(true)
+            .http2_keep_alive_interval(PEER_KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(PEER_KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true)
             .connect_lazy();
         channels.insert(addr.to_owned(), ch.clone());
         Ok(ch)
     }
 
-    fn raft_client(&self, addr: &str) -> Option<RaftServiceClient<Channel>> {
+    pub(crate) fn raft_client(&self, addr: &str) -> Option<RaftServiceClient<Channel>> {
         self.channel(addr).ok().map(|channel| {
             RaftServiceClient::new(channel)
                 .max_decoding_message_size(crate::MAX_RAFT_MESSAGE_BYTES)
@@ -374,6 +389,9 @@ mod tests {
             &self,
             _: Request<ReadIndexRequest>,
         ) -> Result<Response<ReadIndexReply>, Status> {
+            late().await
+        }
+        async fn pre_vote(&self, _: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
             late().await
         }
     }

@@ -8,6 +8,7 @@ use muster_proto::pb::ReadIndexRequest;
 use openraft::error::{ClientWriteError, RaftError};
 use serde::{Deserialize, Serialize};
 use std::time::{Duration, Instant};
+use tokio::sync::watch;
 
 /// How long a request waits for a leader (an election, a forward) before giving up.
 const LEADER_WAIT: Duration = Duration::from_secs(10);
@@ -29,6 +30,23 @@ pub enum ProposeError {
     NoLeader(Duration),
     #[error("the leader failed the proposal: {0}")]
     Failed(String),
+    /// The leader held the command unanswered until another was elected, and whether it was
+    /// taken cannot be told from the state: it may or may not be applied.
+    #[error(
+        "leader {0} was replaced while it held the command; it may or may not have been applied"
+    )]
+    Superseded(NodeId),
+    /// This node leads without a quorum (cut off from the other control nodes); the command
+    /// was not taken.
+    #[error("this node leads without a quorum of control nodes; the command was not taken")]
+    NoQuorum,
+}
+
+/// How a forward to the leader ended.
+enum Forwarded {
+    Answered(Result<ForwardedReply, tonic::Status>),
+    /// This node learned of another leader while the one it forwarded to had not answered.
+    Superseded,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,13 +75,25 @@ impl RaftNode {
         let deadline = Instant::now() + LEADER_WAIT;
         let command = LoggedCommand::from(command);
         loop {
-            let leader = match self.raft.client_write(command.clone()).await {
-                Ok(written) => return Ok(written.data),
-                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => f.leader_id,
-                Err(e) => return Err(ProposeError::Failed(e.to_string())),
+            let leader = match self.write_here(&command).await? {
+                Ok(outcome) => return Ok(outcome),
+                Err(leader) => leader,
             };
             if let Some(leader) = leader.filter(|l| *l != self.id) {
-                match self.forward(leader, &command.0).await {
+                let answer = match self.forward_until_superseded(leader, &command.0).await {
+                    Forwarded::Answered(answer) => answer,
+                    // A stalled or cut-off leader: go to the new one at once if proposing
+                    // again cannot apply the command twice.
+                    Forwarded::Superseded if self.harmless_to_propose_again(&command.0).await => {
+                        tracing::info!(
+                            leader,
+                            "the leader was replaced while it held a forwarded write: taking it to the new one"
+                        );
+                        continue;
+                    }
+                    Forwarded::Superseded => return Err(ProposeError::Superseded(leader)),
+                };
+                match answer {
                     Ok(ForwardedReply::Applied(outcome)) => return Ok(outcome),
                     Ok(ForwardedReply::Failed(e)) => return Err(ProposeError::Failed(e)),
                     // The leader took the command and did not answer in time: it may or may
@@ -85,6 +115,44 @@ impl RaftNode {
             }
             tokio::time::sleep(RETRY_PAUSE).await;
         }
+    }
+
+    /// Forwards `command` to `leader` and waits for its answer, but no longer than until this
+    /// node hears of another leader: a leader that was stopped or cut off after the command
+    /// reached it would otherwise hold the caller until the forward's deadline, although its
+    /// successor was elected within about a second.
+    async fn forward_until_superseded(&self, leader: NodeId, command: &Command) -> Forwarded {
+        let mut metrics = self.raft.server_metrics();
+        let replaced = async move {
+            if metrics
+                .wait_for(|m| m.current_leader.is_some_and(|l| l != leader))
+                .await
+                .is_err()
+            {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            answer = self.forward(leader, command) => Forwarded::Answered(answer),
+            () = replaced => Forwarded::Superseded,
+        }
+    }
+
+    /// Whether proposing `command` again is harmless although a deposed leader may have taken
+    /// it. Attempt reports are idempotent. A submit that created none of its jobs had no
+    /// effect at all: once the new leader has committed an entry of its term (which a read
+    /// index waits for), an entry of the old term that is not applied by then never will be,
+    /// since a quorum has moved on to the new term.
+    async fn harmless_to_propose_again(&self, command: &Command) -> bool {
+        let submitted: Vec<&muster_core::JobId> = match command {
+            Command::ReportAttempt { .. } | Command::ReportAttempts { .. } => return true,
+            Command::SubmitJob(s) => vec![&s.id],
+            Command::SubmitJobs(all) => all.iter().map(|s| &s.id).collect(),
+            _ => return false,
+        };
+        self.read(|state| submitted.iter().all(|id| state.job(id).is_none()))
+            .await
+            .unwrap_or(false)
     }
 
     async fn forward(
@@ -157,5 +225,71 @@ impl RaftNode {
 
     pub fn is_leader(&self) -> bool {
         self.leader().0 == Some(self.id)
+    }
+
+    /// Whether this node leads and a quorum acknowledged it within
+    /// [`QUORUM_LEASE`](crate::election::QUORUM_LEASE). A leader cut off from the other
+    /// control nodes stays leader in openraft's eyes until it hears of the new term, but past
+    /// the lease another may lead: it must no longer act as leader towards agents.
+    pub fn leads_with_quorum(&self) -> bool {
+        crate::election::leads_with_quorum(&self.raft)
+    }
+
+    /// Hands `command` to this node's Raft, unless it leads without a quorum: a new leader is
+    /// given until its first heartbeats are answered, and a leader cut off from the quorum is
+    /// refused at once (the command is not taken, so the caller may go elsewhere). A command
+    /// taken before the quorum was lost fails once the lease has passed without it: it may
+    /// yet commit, should the quorum come back, so the caller decides.
+    async fn write_here(
+        &self,
+        command: &LoggedCommand,
+    ) -> Result<Result<Outcome, Option<NodeId>>, ProposeError> {
+        use crate::election::{HEARTBEAT, QUORUM_LEASE, leads_without_quorum};
+        let confirm_by = Instant::now() + QUORUM_LEASE;
+        while leads_without_quorum(&self.raft) {
+            if Instant::now() >= confirm_by {
+                return Err(ProposeError::NoQuorum);
+            }
+            tokio::time::sleep(HEARTBEAT).await;
+        }
+        let lost_quorum = async {
+            loop {
+                tokio::time::sleep(HEARTBEAT).await;
+                if leads_without_quorum(&self.raft) {
+                    return;
+                }
+            }
+        };
+        tokio::select! {
+            written = self.raft.client_write(command.clone()) => match written {
+                Ok(written) => Ok(Ok(written.data)),
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Ok(Err(f.leader_id)),
+                Err(e) => Err(ProposeError::Failed(e.to_string())),
+            },
+            () = lost_quorum => Err(ProposeError::Failed(
+                "this leader lost its quorum while the command was in flight; it may or may not be applied".into(),
+            )),
+        }
+    }
+
+    /// [`leads_with_quorum`](Self::leads_with_quorum) as a watch that changes only when the
+    /// answer does (checked every heartbeat interval), for the many tasks that act on it.
+    pub fn leadership(&self, mut shutdown: watch::Receiver<bool>) -> watch::Receiver<bool> {
+        let (tx, rx) = watch::channel(self.leads_with_quorum());
+        let node = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.wait_for(|s| *s) => return,
+                    _ = tokio::time::sleep(crate::election::HEARTBEAT) => {}
+                }
+                let leading = node.leads_with_quorum();
+                tx.send_if_modified(|was| std::mem::replace(was, leading) != leading);
+                if tx.is_closed() {
+                    return;
+                }
+            }
+        });
+        rx
     }
 }

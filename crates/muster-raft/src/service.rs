@@ -2,20 +2,24 @@
 
 use crate::LoggedCommand;
 use crate::Raft;
+use crate::election::{LeaderContact, PreVoteRequest, answer_pre_vote};
 use crate::network::{decode, decode_snapshot_chunk, encode};
 use crate::node::ForwardedReply;
 use muster_proto::pb::raft_service_server::RaftService;
 use muster_proto::pb::{RaftPayload, ReadIndexReply, ReadIndexRequest};
 use openraft::error::{ClientWriteError, RaftError};
+use openraft::raft::AppendEntriesResponse;
 use tonic::{Request, Response, Status};
 
 pub struct RaftGrpc {
     raft: Raft,
+    /// Touched whenever the leader's AppendEntries or snapshot is accepted here.
+    contact: LeaderContact,
 }
 
 impl RaftGrpc {
-    pub fn new(raft: Raft) -> Self {
-        Self { raft }
+    pub fn new(raft: Raft, contact: LeaderContact) -> Self {
+        Self { raft, contact }
     }
 }
 
@@ -36,7 +40,13 @@ impl RaftService for RaftGrpc {
         request: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
         let rpc = decode(request.get_ref()).map_err(bad_payload)?;
-        reply(&self.raft.append_entries(rpc).await)
+        let answer = self.raft.append_entries(rpc).await;
+        // Accepted (or merely behind): the sender leads this node's term. A higher vote
+        // refuses a deposed leader, which is no contact.
+        if matches!(&answer, Ok(r) if !matches!(r, AppendEntriesResponse::HigherVote(_))) {
+            self.contact.touch();
+        }
+        reply(&answer)
     }
 
     async fn vote(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
@@ -49,7 +59,23 @@ impl RaftService for RaftGrpc {
         request: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
         let rpc = decode_snapshot_chunk(request.into_inner()).map_err(bad_payload)?;
-        reply(&self.raft.install_snapshot(rpc).await)
+        let answer = self.raft.install_snapshot(rpc).await;
+        if answer.is_ok() {
+            self.contact.touch();
+        }
+        reply(&answer)
+    }
+
+    async fn pre_vote(
+        &self,
+        request: Request<RaftPayload>,
+    ) -> Result<Response<RaftPayload>, Status> {
+        let ask: PreVoteRequest = decode(request.get_ref()).map_err(bad_payload)?;
+        let answer = answer_pre_vote(&self.raft, &self.contact, &ask);
+        if !answer.granted {
+            tracing::debug!(candidate = ask.candidate, term = ask.term, why = ?answer.refused_because, "pre-vote refused");
+        }
+        reply(&answer)
     }
 
     async fn propose(
@@ -61,6 +87,11 @@ impl RaftService for RaftGrpc {
         // never taken, so the sender may safely take it to the next leader. (One taken and
         // then cut off by the stop is `Failed`: it may yet commit, and the caller decides.)
         if self.raft.metrics().borrow().running_state.is_err() {
+            return reply(&ForwardedReply::NotLeader(None));
+        }
+        // Nor is one taken by a leader cut off from the quorum: it could not commit it, and
+        // another leader may already be elected.
+        if crate::election::leads_without_quorum(&self.raft) {
             return reply(&ForwardedReply::NotLeader(None));
         }
         let answer = match self.raft.client_write(command).await {

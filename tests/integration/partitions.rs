@@ -1,0 +1,395 @@
+//! Network partitions between real control nodes and agents: every connection between two of
+//! them goes through a TCP proxy of this test's (a [`Link`]) that can be cut (its connections
+//! closed, new ones refused) and healed. The faults of FAULTS.md that the chaos runs found
+//! broke Muster: a follower behind a bad link raising the term and deposing a healthy leader;
+//! a leader cut off from the other control nodes keeping its agents; an agent that reaches
+//! only an isolated follower running its attempts on while the leader retries them elsewhere.
+
+use crate::harness::{
+    DEADLINE, create_basics, init_tracing, ok, process_agent, start_agent, submit, wait_for_status,
+};
+use muster_client::BatchClient;
+use muster_control::{ControlNode, Listeners, ServerConfig};
+use muster_raft::PeerAddrs;
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+/// One direction of traffic between two processes, through a proxy that can be cut.
+struct Link {
+    addr: SocketAddr,
+    cut: watch::Sender<bool>,
+}
+
+impl Link {
+    async fn to(target: SocketAddr) -> Link {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (cut, cut_rx) = watch::channel(false);
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                if *cut_rx.borrow() {
+                    continue; // refused: dropped at once
+                }
+                let mut cut_rx = cut_rx.clone();
+                tokio::spawn(async move {
+                    let Ok(outbound) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let _ = inbound.set_nodelay(true);
+                    let _ = outbound.set_nodelay(true);
+                    let (mut inbound, mut outbound) = (inbound, outbound);
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut_rx.wait_for(|c| *c) => {}
+                    }
+                });
+            }
+        });
+        Link { addr, cut }
+    }
+
+    fn set_cut(&self, cut: bool) {
+        self.cut.send_replace(cut);
+    }
+}
+
+/// Three control nodes whose every Raft connection (node → node) and every agent connection
+/// (agents → node) is a [`Link`].
+struct PartitionedCluster {
+    dir: tempfile::TempDir,
+    nodes: BTreeMap<u64, ControlNode>,
+    /// `(from, to)` → the link from node `from` to node `to`'s Raft listener.
+    raft_links: BTreeMap<(u64, u64), Link>,
+    /// Node → the link agents reach its agent listener through.
+    agent_links: BTreeMap<u64, Link>,
+    credentials: muster_client::Credentials,
+    agents: Vec<(watch::Sender<bool>, tokio::runtime::Runtime)>,
+}
+
+impl PartitionedCluster {
+    async fn start(node_lost_after: Duration) -> PartitionedCluster {
+        init_tracing();
+        let dir = tempfile::tempdir().unwrap();
+        let ids = [1u64, 2, 3];
+        let mut listeners = BTreeMap::new();
+        for id in ids {
+            let bind = || async { TcpListener::bind("127.0.0.1:0").await.unwrap() };
+            listeners.insert(id, (bind().await, bind().await, bind().await));
+        }
+        let real = |id: u64, which: usize| {
+            let (g, r, a) = &listeners[&id];
+            [g, r, a][which].local_addr().unwrap()
+        };
+        let mut raft_links = BTreeMap::new();
+        for from in ids {
+            for to in ids.iter().copied().filter(|t| *t != from) {
+                raft_links.insert((from, to), Link::to(real(to, 1)).await);
+            }
+        }
+        let mut agent_links = BTreeMap::new();
+        for id in ids {
+            agent_links.insert(id, Link::to(real(id, 0)).await);
+        }
+        let mut nodes = BTreeMap::new();
+        let config = |id: u64| ServerConfig {
+            node_id: id,
+            grpc_addr: real(id, 0),
+            raft_addr: real(id, 1),
+            api_addr: real(id, 2),
+            data_dir: dir.path().join(format!("node-{id}")),
+            cluster_name: "partitions".into(),
+            peers: ids
+                .iter()
+                .map(|peer| {
+                    let raft = if *peer == id {
+                        real(id, 1)
+                    } else {
+                        raft_links[&(id, *peer)].addr
+                    };
+                    let addrs = PeerAddrs {
+                        raft: raft.to_string(),
+                        agents: agent_links[peer].addr.to_string(),
+                    };
+                    (*peer, addrs)
+                })
+                .collect(),
+            root_credentials_dir: None,
+            node_lost_after,
+            job_retention: Duration::from_secs(86_400),
+            limits: Default::default(),
+        };
+        let configs: Vec<ServerConfig> = ids.iter().map(|id| config(*id)).collect();
+        for (config, id) in configs.into_iter().zip(ids) {
+            let (grpc, raft, api) = listeners.remove(&id).unwrap();
+            let node = ControlNode::start(config, Listeners { grpc, raft, api }, None)
+                .await
+                .expect("node starts");
+            nodes.insert(id, node);
+        }
+        let mut cluster = PartitionedCluster {
+            dir,
+            nodes,
+            raft_links,
+            agent_links,
+            credentials: muster_client::Credentials {
+                access_key_id: String::new(),
+                secret_access_key: String::new(),
+                region: "us-east-1".into(),
+            },
+            agents: Vec::new(),
+        };
+        cluster.wait_for_leader().await;
+        let root = muster_control::bootstrap::ensure_root(
+            &cluster.nodes[&1].raft,
+            &cluster.dir.path().join("aws"),
+            "us-east-1",
+        )
+        .await
+        .expect("root user");
+        cluster.credentials.access_key_id = root.access_key_id;
+        cluster.credentials.secret_access_key = root.secret_access_key;
+        cluster
+    }
+
+    /// The node that leads with a quorum, once there is one.
+    async fn wait_for_leader(&self) -> u64 {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some((id, _)) = self.nodes.iter().find(|(_, n)| n.raft.leads_with_quorum()) {
+                return *id;
+            }
+            assert!(Instant::now() < deadline, "no leader with a quorum");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn term(&self, id: u64) -> u64 {
+        self.nodes[&id].raft.leader().1
+    }
+
+    fn client(&self, id: u64) -> BatchClient {
+        BatchClient::new(
+            format!("http://{}", self.nodes[&id].api_addr),
+            self.credentials.clone(),
+        )
+    }
+
+    /// Cuts (or heals) every Raft link to and from `id`.
+    fn isolate(&self, id: u64, cut: bool) {
+        for ((from, to), link) in &self.raft_links {
+            if *from == id || *to == id {
+                link.set_cut(cut);
+            }
+        }
+    }
+
+    /// Joins a process agent that reaches each control node through `links` (the cluster's
+    /// own agent links when `None`).
+    async fn add_agent(&mut self, name: &str, stop_after_secs: u64, links: Option<&[Link]>) {
+        let control_plane = match links {
+            Some(links) => links.iter().map(|l| l.addr.to_string()).collect(),
+            None => self
+                .agent_links
+                .values()
+                .map(|l| l.addr.to_string())
+                .collect(),
+        };
+        let config = process_agent(
+            name,
+            "ce",
+            control_plane,
+            self.dir.path().join(format!("agent-{name}")),
+            (1.0, 256),
+            stop_after_secs,
+        );
+        let (stop, _, runtime) = start_agent(config).await;
+        self.agents.push((stop, runtime));
+    }
+
+    async fn shutdown(mut self) {
+        for (stop, runtime) in self.agents.drain(..) {
+            let _ = stop.send(true);
+            runtime.shutdown_background();
+        }
+        for (_, node) in std::mem::take(&mut self.nodes) {
+            node.shutdown().await;
+        }
+    }
+}
+
+/// A follower cut off from the others for many election timeouts stands for election only
+/// after a pre-vote, which the others (hearing from their leader) refuse: its term never rises,
+/// and when it comes back the leader stays, in the same term.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_follower_behind_a_broken_link_neither_raises_the_term_nor_deposes_the_leader() {
+    let cluster = PartitionedCluster::start(Duration::from_secs(30)).await;
+    let leader = cluster.wait_for_leader().await;
+    let term = cluster.term(leader);
+    let follower = *cluster.nodes.keys().find(|id| **id != leader).unwrap();
+
+    cluster.isolate(follower, true);
+    // Four seconds cut off: three or more election timeouts of the follower's.
+    let until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < until {
+        assert_eq!(
+            cluster.term(follower),
+            term,
+            "the isolated follower raised its term"
+        );
+        assert!(
+            cluster.nodes[&leader].raft.leads_with_quorum(),
+            "the leader lost its quorum"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    cluster.isolate(follower, false);
+    // Back: it catches up under the same leader, which is never deposed meanwhile.
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        for id in cluster.nodes.keys() {
+            assert_eq!(cluster.term(*id), term, "node {id} moved to another term");
+        }
+        assert!(
+            cluster.nodes[&leader].raft.is_leader(),
+            "the leader was deposed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(cluster.nodes[&follower].raft.leader().0, Some(leader));
+    cluster.shutdown().await;
+}
+
+/// A leader cut off from the other control nodes, its agent still reaching it: it stops acting
+/// as leader once a quorum has not acknowledged it within the lease, the agent moves its watch
+/// to the new leader, and jobs run while the partition lasts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leader_cut_off_from_the_quorum_lets_its_agents_go_to_the_new_one() {
+    let mut cluster = PartitionedCluster::start(Duration::from_secs(30)).await;
+    let old = cluster.wait_for_leader().await;
+    create_basics(&cluster.client(old), "ce", "q", "d").await;
+    cluster.add_agent("worker", 20, None).await;
+    let first = submit(
+        &cluster.client(old),
+        "q",
+        "d",
+        "before",
+        &["sh", "-c", "exit 0"],
+    )
+    .await;
+    wait_for_status(&cluster.client(old), &first, &["SUCCEEDED"]).await;
+
+    cluster.isolate(old, true);
+    let deadline = Instant::now() + DEADLINE;
+    let new = loop {
+        if let Some((id, _)) = cluster
+            .nodes
+            .iter()
+            .find(|(id, n)| **id != old && n.raft.leads_with_quorum())
+        {
+            break *id;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no new leader while the old one is cut off"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        !cluster.nodes[&old].raft.leads_with_quorum(),
+        "the cut-off leader still counts itself as leading"
+    );
+    let elected = Instant::now();
+    let during = submit(
+        &cluster.client(new),
+        "q",
+        "d",
+        "during",
+        &["sh", "-c", "exit 0"],
+    )
+    .await;
+    let job = wait_for_status(&cluster.client(new), &during, &["SUCCEEDED"]).await;
+    // Before leaders stepped down without a quorum, nothing ran until the partition healed.
+    assert!(
+        elected.elapsed() < Duration::from_secs(10),
+        "the job took {:?} after the new leader was elected",
+        elected.elapsed()
+    );
+    assert_eq!(job["attempts"].as_array().unwrap().len(), 1, "{job}");
+
+    cluster.isolate(old, false);
+    cluster.shutdown().await;
+}
+
+/// An agent that reaches only a follower cut off from the leader: the follower's answers are
+/// not contact, so the agent stops its attempt before the leader, having marked its node lost,
+/// retries the job on another agent. The two runs never overlap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_that_reaches_only_an_isolated_follower_stops_its_attempts() {
+    let mut cluster = PartitionedCluster::start(Duration::from_secs(4)).await;
+    let leader = cluster.wait_for_leader().await;
+    let client = cluster.client(leader);
+    create_basics(&client, "ce", "q", "d").await;
+    cluster.add_agent("first", 2, None).await;
+    let runs = cluster.dir.path().join("runs");
+    // Each run notes its start and its end (also when stopped) on the host.
+    let script = format!(
+        "echo start $AWS_BATCH_JOB_ATTEMPT $(date +%s%N) >> {runs}; \
+         trap 'echo end $AWS_BATCH_JOB_ATTEMPT $(date +%s%N) >> {runs}; exit 143' TERM; \
+         sleep 60 & wait; echo end $AWS_BATCH_JOB_ATTEMPT $(date +%s%N) >> {runs}",
+        runs = runs.display()
+    );
+    let body = json!({"jobName": "long", "jobQueue": "q", "jobDefinition": "d",
+                      "retryStrategy": {"attempts": 2},
+                      "containerOverrides": {"command": ["sh", "-c", script]}});
+    let job = ok(client.call("SubmitJob", body).await)["jobId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    wait_for_status(&client, &job, &["RUNNING"]).await;
+
+    // The agent now reaches only `follower`, and `follower` reaches no other control node.
+    let follower = *cluster.nodes.keys().find(|id| **id != leader).unwrap();
+    for (id, link) in &cluster.agent_links {
+        link.set_cut(*id != follower);
+    }
+    cluster.isolate(follower, true);
+    // A second agent, reaching every node through links of its own, takes the retry.
+    let mut second_links = Vec::new();
+    for node in cluster.nodes.values() {
+        second_links.push(Link::to(node.grpc_addr).await);
+    }
+    cluster.add_agent("second", 2, Some(&second_links)).await;
+
+    // The leader marks the first node lost (4 s without its heartbeats) and retries.
+    let deadline = Instant::now() + DEADLINE;
+    let text = loop {
+        let text = std::fs::read_to_string(&runs).unwrap_or_default();
+        if text.contains("start 2") || Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let retried = crate::harness::describe(&client, &job).await.unwrap();
+    assert_eq!(
+        retried["container"]["containerInstanceArn"], "second",
+        "{retried}"
+    );
+    let stamp = |what: &str| -> Option<u128> {
+        text.lines()
+            .find(|l| l.starts_with(what))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    };
+    let first_end = stamp("end 1").unwrap_or_else(|| panic!("attempt 1 never stopped: {text}"));
+    let second_start = stamp("start 2").unwrap_or_else(|| panic!("no second attempt: {text}"));
+    assert!(
+        first_end < second_start,
+        "attempt 1 ran on after attempt 2 started: {text}"
+    );
+    cluster.isolate(follower, false);
+    cluster.shutdown().await;
+}
