@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Muster's one test command (the README's, and CI's): every Rust test, then the real-client
-# suite (pinned boto3 and awscli in a venv) against `muster dev` running jobs in Docker.
+# suite (pinned boto3 and awscli in a venv) against `muster dev` running jobs in Docker, then
+# the fault harness's short form (three servers and two agents in network namespaces; root).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,4 +26,8 @@ if [ ! -x "$venv/bin/pytest" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; 
   "$venv/bin/pip" install --quiet --disable-pip-version-check -r tests/python/requirements.txt
   echo "$want" > "$stamp"
 fi
-MUSTER_BIN="$PWD/target/debug/muster" PATH="$PWD/$venv/bin:$PATH" "$venv/bin/pytest" -q tests/python
+MUSTER_BIN="$PWD/target/debug/muster" PATH="$PWD/$venv/bin:$PATH" "$venv/bin/pytest" -q tests/python chaos/tests
+
+# The fault harness's short form: every fault kind once, in namespaces of its own, then the
+# history checker (chaos/README.md; the long form is a documented command, not CI).
+MUSTER_BIN="$PWD/target/debug/muster" "$venv/bin/python" chaos/run.py --faults 10 --seed 1 --out target/chaos

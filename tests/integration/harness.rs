@@ -168,24 +168,12 @@ pub fn process_agent(
     stop_after_secs: u64,
 ) -> muster_agent::AgentConfig {
     RawAgentConfig {
-        node_id: Some(name.to_owned()),
-        compute_environment: ce.to_owned(),
-        control_plane,
-        executor: ExecutorKind::Process,
-        work_dir,
-        reserved: Default::default(),
         vcpus: Some(vcpus),
         memory_mib: Some(memory_mib),
         heartbeat_secs: 1,
         stop_grace_secs: 2,
         stop_after_secs,
-        topology_domain: None,
-        labels: Default::default(),
-        log_listen_addr: "127.0.0.1:0".parse().expect("literal address"),
-        log_advertise_address: None,
-        log_retention_days: 7,
-        image_pull: Default::default(),
-        image_pull_timeout_secs: 600,
+        ..RawAgentConfig::new(name, ce, control_plane, ExecutorKind::Process, work_dir)
     }
     .validate()
     .expect("agent config")

@@ -79,6 +79,40 @@ pub struct RawAgentConfig {
     pub image_pull_timeout_secs: u64,
 }
 
+impl RawAgentConfig {
+    /// An agent of `compute_environment` reaching `control_plane`, with every other setting
+    /// at the default a config file gets when it leaves it out (and its log service on a
+    /// free loopback port, for agents started in-process).
+    pub fn new(
+        node_id: &str,
+        compute_environment: &str,
+        control_plane: Vec<String>,
+        executor: ExecutorKind,
+        work_dir: PathBuf,
+    ) -> Self {
+        Self {
+            node_id: Some(node_id.to_owned()),
+            compute_environment: compute_environment.to_owned(),
+            control_plane,
+            executor,
+            work_dir,
+            reserved: Reserved::default(),
+            vcpus: None,
+            memory_mib: None,
+            heartbeat_secs: default_heartbeat_secs(),
+            stop_grace_secs: default_stop_grace_secs(),
+            stop_after_secs: default_stop_after_secs(),
+            topology_domain: None,
+            labels: BTreeMap::new(),
+            log_listen_addr: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            log_advertise_address: None,
+            log_retention_days: default_log_retention_days(),
+            image_pull: ImagePull::default(),
+            image_pull_timeout_secs: default_image_pull_timeout_secs(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Reserved {

@@ -192,6 +192,10 @@ impl ControlNode {
             config.node_lost_after,
             shutdown_rx.clone(),
         )));
+        tasks.push(tokio::spawn(report_raft_gauges(
+            node.clone(),
+            shutdown_rx.clone(),
+        )));
         tasks.push(tokio::spawn(crate::housekeeping::run(
             node.clone(),
             config.job_retention,
@@ -324,6 +328,38 @@ fn start_raft_threads(
             let _ = stopped.send(());
         })?;
     Ok((handle, raft_threads_stopped))
+}
+
+/// Publishes this node's view of Raft in `/metrics`, on every node, so that an operator (or
+/// the chaos harness) can tell who leads without asking the API: `muster_raft_term`,
+/// `muster_raft_leader` (the leader's id, 0 while none is known), `muster_raft_leading` (1
+/// while this node leads with a quorum), `muster_raft_last_log_index` and
+/// `muster_raft_applied_index`, each labelled with the node's id.
+async fn report_raft_gauges(node: RaftNode, mut shutdown: watch::Receiver<bool>) {
+    let id = node.id.to_string();
+    let gauge = |name: &'static str| metrics::gauge!(name, "node" => id.clone());
+    let (term, leader, leading, last_log, applied) = (
+        gauge("muster_raft_term"),
+        gauge("muster_raft_leader"),
+        gauge("muster_raft_leading"),
+        gauge("muster_raft_last_log_index"),
+        gauge("muster_raft_applied_index"),
+    );
+    loop {
+        {
+            let metrics = node.raft.metrics();
+            let m = metrics.borrow();
+            term.set(m.current_term as f64);
+            leader.set(m.current_leader.unwrap_or(0) as f64);
+            last_log.set(m.last_log_index.unwrap_or(0) as f64);
+            applied.set(m.last_applied.map_or(0, |l| l.index) as f64);
+        }
+        leading.set(if node.leads_with_quorum() { 1.0 } else { 0.0 });
+        tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => return,
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+    }
 }
 
 /// Both sides of every internal connection ping: a peer or agent that vanished without a reset

@@ -42,26 +42,13 @@ pub async fn run(
     ensure_defaults(node).await?;
 
     let executor = choose_executor(executor).await?;
-    let agent_config = RawAgentConfig {
-        node_id: Some(AGENT_ID.to_owned()),
-        compute_environment: DEFAULT.to_owned(),
-        control_plane: cluster.grpc_addrs(),
+    let agent_config = RawAgentConfig::new(
+        AGENT_ID,
+        DEFAULT,
+        cluster.grpc_addrs(),
         executor,
-        work_dir: data_dir.join("agent"),
-        reserved: Default::default(),
-        vcpus: None,
-        memory_mib: None,
-        heartbeat_secs: 2,
-        stop_grace_secs: 10,
-        stop_after_secs: 20,
-        topology_domain: None,
-        labels: Default::default(),
-        log_listen_addr: "127.0.0.1:0".parse().expect("literal address"),
-        log_advertise_address: None,
-        log_retention_days: 7,
-        image_pull: Default::default(),
-        image_pull_timeout_secs: 600,
-    }
+        data_dir.join("agent"),
+    )
     .validate()?;
     let agent = Agent::new(agent_config).await?;
     eprintln!(

@@ -1,0 +1,169 @@
+"""The faults, each applied to a running cluster under load and then healed. Each returns what
+it did, with the figures it measured."""
+
+import time
+
+from .workload import PROBE_QUEUE, classify
+
+
+class Context:
+    def __init__(self, cluster, net, rng, history):
+        self.cluster, self.net, self.rng, self.history = cluster, net, rng, history
+        self.probes = 0
+
+    def leader(self):
+        leader = self.cluster.wait_for_leader(timeout=30)
+        if leader is None:
+            raise RuntimeError("no leader with a quorum within 30 s")
+        return leader
+
+    def hold(self, seconds):
+        time.sleep(seconds)
+
+    def probe(self, server, timeout=30):
+        """Submits a probe job through `server` until one is acknowledged, then waits for it to
+        be placed; returns (accepted at, placed at), None where it did not happen in time. The
+        probes are calls of the history like any other."""
+        client = self.cluster.client(server, read_timeout=5)
+        deadline = time.time() + timeout
+        job = accepted = None
+        while time.time() < deadline and job is None:
+            self.probes += 1
+            name = f"probe-{self.probes}"
+            entry = {"op": "submit", "name": name, "node": server, "start": time.time()}
+            try:
+                job = client.submit_job(jobName=name, jobQueue=PROBE_QUEUE, jobDefinition="chaos",
+                                        containerOverrides={"command": ["true"]})["jobId"]
+                entry.update(result="ok", job=job)
+                accepted = time.time()
+            except Exception as e:
+                entry.update(result=classify(e), error=f"{type(e).__name__}: {e}"[:300])
+                time.sleep(0.05)
+            entry["end"] = time.time()
+            self.history.record(entry)
+        if job is None:
+            return None, None
+        while time.time() < deadline:
+            try:
+                status = client.describe_jobs(jobs=[job])["jobs"][0]["status"]
+                if status in ("STARTING", "RUNNING", "SUCCEEDED", "FAILED"):
+                    return accepted, time.time()
+            except Exception:
+                pass
+            time.sleep(0.02)
+        return accepted, None
+
+
+def leader_kill(ctx):
+    """F1: SIGKILL the leader; restart it a few seconds later."""
+    leader = ctx.leader()
+    proc = ctx.cluster.procs[leader]
+    killed = time.time()
+    proc.kill()
+    new = ctx.cluster.wait_for_leader(timeout=30, other_than=leader)
+    elected = time.time()
+    accepted, placed = ctx.probe(new) if new else (None, None)
+    ctx.hold(ctx.rng.uniform(1, 4))
+    proc.start()
+    ms = lambda t: None if t is None else round((t - killed) * 1000)
+    return {"killed": leader, "new_leader": new, "elected_ms": ms(elected if new else None),
+            "first_write_ms": ms(accepted), "placed_ms": ms(placed)}
+
+
+def follower_kill(ctx):
+    """F2: SIGKILL a follower; restart it after a while."""
+    victim = ctx.rng.choice(ctx.cluster.followers(ctx.leader()))
+    ctx.cluster.procs[victim].kill()
+    ctx.hold(ctx.rng.uniform(2, 6))
+    ctx.cluster.procs[victim].start()
+    return {"killed": victim}
+
+
+def leader_pause(ctx):
+    """F5: SIGSTOP the leader past the election timeout, then SIGCONT."""
+    leader = ctx.leader()
+    proc = ctx.cluster.procs[leader]
+    proc.pause()
+    ctx.hold(ctx.rng.uniform(3, 6))
+    proc.resume()
+    return {"paused": leader}
+
+
+def agent_kill(ctx):
+    """F11: SIGKILL an agent (its jobs run on); restart it."""
+    victim = ctx.rng.choice(ctx.cluster.agent_names)
+    ctx.cluster.procs[victim].kill()
+    ctx.hold(ctx.rng.uniform(1, 4))
+    ctx.cluster.procs[victim].start()
+    return {"killed": victim}
+
+
+def leader_isolated(ctx):
+    """F3: cut the leader off from the other control nodes; its agents still reach it."""
+    leader = ctx.leader()
+    ctx.net.isolate(leader, ctx.cluster.followers(leader))
+    ctx.hold(ctx.rng.uniform(4, 8))
+    ctx.net.heal()
+    return {"isolated": leader}
+
+
+def leader_one_way(ctx):
+    """What the leader sends to the other control nodes is lost; it still hears them."""
+    leader = ctx.leader()
+    for other in ctx.cluster.followers(leader):
+        ctx.net.drop(leader, other, one_way=True)
+    ctx.hold(ctx.rng.uniform(4, 8))
+    ctx.net.heal()
+    return {"muted": leader}
+
+
+def partial_partition(ctx):
+    """F4: two control nodes cannot reach each other; both reach the third."""
+    a, b = ctx.rng.sample(ctx.cluster.server_names, 2)
+    ctx.net.drop(a, b)
+    ctx.hold(ctx.rng.uniform(4, 8))
+    ctx.net.heal()
+    return {"split": [a, b]}
+
+
+def flaky_follower(ctx):
+    """F6 and the pre-vote case: a follower's links lose a third of their packets."""
+    leader = ctx.leader()
+    victim = ctx.rng.choice(ctx.cluster.followers(leader))
+    for other in ctx.cluster.server_names:
+        if other != victim:
+            ctx.net.drop(victim, other, loss=0.35)
+    ctx.hold(ctx.rng.uniform(5, 10))
+    ctx.net.heal()
+    return {"lossy": victim}
+
+
+def agent_cut_off(ctx):
+    """F13: an agent cut off from every control node, past its stop_after (and sometimes past
+    the node-lost TTL), then back."""
+    victim = ctx.rng.choice(ctx.cluster.agent_names)
+    for server in ctx.cluster.server_names:
+        ctx.net.drop(victim, server)
+    ctx.hold(ctx.rng.choice([6, 12]))
+    ctx.net.heal()
+    return {"cut_off": victim}
+
+
+def agent_reaches_isolated_follower(ctx):
+    """An agent that reaches only a follower that is itself cut off from the others."""
+    leader = ctx.leader()
+    follower = ctx.rng.choice(ctx.cluster.followers(leader))
+    victim = ctx.rng.choice(ctx.cluster.agent_names)
+    for server in ctx.cluster.server_names:
+        if server != follower:
+            ctx.net.drop(victim, server)
+    ctx.net.isolate(follower, [s for s in ctx.cluster.server_names if s != follower])
+    ctx.hold(12)
+    ctx.net.heal()
+    return {"agent": victim, "follower": follower}
+
+
+ALL = {f.__name__: f for f in [
+    leader_kill, follower_kill, leader_pause, agent_kill, leader_isolated, leader_one_way,
+    partial_partition, flaky_follower, agent_cut_off, agent_reaches_isolated_follower,
+]}

@@ -1,0 +1,83 @@
+"""Hosts of the harness's own: one Linux network namespace per process, joined by veth pairs
+to a bridge, and faults made with iptables inside the namespaces (drop, one-way drop, random
+loss). Every address lives in the harness's own subnet; nothing else is ever a target."""
+
+import shutil
+import subprocess
+
+
+def sh(*args, check=True):
+    return subprocess.run(args, check=check, capture_output=True, text=True)
+
+
+class Net:
+    def __init__(self, tag, subnet):
+        # Names stay under the 15 characters Linux allows for an interface.
+        self.tag = tag
+        self.bridge = f"{tag}br"
+        self.prefix = f"10.{subnet}.0"
+        self.hosts = {}  # name -> (namespace, ip)
+        self.cleanup()
+        sh("ip", "link", "add", self.bridge, "type", "bridge", "nf_call_iptables", "0")
+        sh("ip", "addr", "add", f"{self.prefix}.1/24", "dev", self.bridge)
+        sh("ip", "link", "set", self.bridge, "up")
+        # Where bridged frames pass the host's iptables (br_netfilter, loaded by Docker, whose
+        # FORWARD policy is DROP), the harness's bridge is let through, and only it.
+        for tool in self._iptables_tools():
+            sh(tool, "-I", "FORWARD", "-i", self.bridge, "-o", self.bridge, "-j", "ACCEPT", check=False)
+
+    def add_host(self, name):
+        index = len(self.hosts) + 10
+        ns, ip = f"{self.tag}-{name}", f"{self.prefix}.{index}"
+        veth = f"{self.tag}v{index}"
+        sh("ip", "netns", "add", ns)
+        sh("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
+        sh("ip", "link", "set", veth, "master", self.bridge, "up")
+        sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", "eth0")
+        sh("ip", "-n", ns, "link", "set", "eth0", "up")
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+        sh("ip", "-n", ns, "route", "add", "default", "via", f"{self.prefix}.1")
+        self.hosts[name] = (ns, ip)
+        return ip
+
+    def ns(self, name):
+        return self.hosts[name][0]
+
+    def ip(self, name):
+        return self.hosts[name][1]
+
+    def _rule(self, host, chain, peer_flag, peer, extra=()):
+        sh("ip", "netns", "exec", self.ns(host), "iptables", "-A", chain, peer_flag,
+           self.ip(peer), *extra, "-j", "DROP")
+
+    def drop(self, a, b, one_way=False, loss=None):
+        """Drops what `a` sends to `b` (and, unless `one_way`, what `b` sends to `a`); with
+        `loss`, only that share of the packets, at random."""
+        extra = ("-m", "statistic", "--mode", "random", "--probability", str(loss)) if loss else ()
+        self._rule(a, "OUTPUT", "-d", b, extra)
+        if not one_way:
+            self._rule(a, "INPUT", "-s", b, extra)
+
+    def isolate(self, host, others):
+        for other in others:
+            self.drop(host, other)
+            self.drop(other, host)
+
+    def heal(self):
+        for ns, _ in self.hosts.values():
+            sh("ip", "netns", "exec", ns, "iptables", "-F", check=False)
+
+    @staticmethod
+    def _iptables_tools():
+        return [t for t in ("iptables", "iptables-legacy") if shutil.which(t)]
+
+    def cleanup(self):
+        for tool in self._iptables_tools():
+            while sh(tool, "-D", "FORWARD", "-i", self.bridge, "-o", self.bridge, "-j", "ACCEPT",
+                     check=False).returncode == 0:
+                pass
+        listed = sh("ip", "netns", "list", check=False).stdout.split()
+        for ns in listed:
+            if ns.startswith(f"{self.tag}-"):
+                sh("ip", "netns", "del", ns, check=False)
+        sh("ip", "link", "del", self.bridge, check=False)
