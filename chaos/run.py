@@ -16,6 +16,7 @@ import os
 import random
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -88,6 +89,7 @@ def main():
     parser.add_argument("--rate", type=float, default=1.0, help="calls per second per client")
     parser.add_argument("--out", default="chaos/results")
     parser.add_argument("--subnet", type=int, default=77, help="the harness's hosts are 10.<subnet>.0.x")
+    parser.add_argument("--servers", type=int, default=3, help="control nodes (3 or 5)")
     args = parser.parse_args()
 
     if os.geteuid() != 0:
@@ -104,7 +106,7 @@ def main():
     workdir = tempfile.mkdtemp(prefix="muster-chaos-")
     runs_path = os.path.join(workdir, "runs")
     net = Net("mch", args.subnet)
-    cluster = Cluster(binary, workdir, net)
+    cluster = Cluster(binary, workdir, net, servers=args.servers)
     history = History()
     events, violations, summary = [], [], {}
     try:
@@ -159,10 +161,29 @@ def main():
             "failover_ms": {k: percentiles([d.get(k) for d in kills])
                             for k in ("elected_ms", "first_write_ms", "placed_ms")},
             "violations": violations,
+            # What did not simply succeed, for the post-mortem of a failed check.
+            "not_ok": [op for op in history.ops if op["result"] != "ok"][:300],
         }
     finally:
         cluster.stop()
         net.cleanup()
+    # Every node's committed log, replayed: no worker over-committed at any index.
+    replays = {}
+    for server in cluster.server_names:
+        out = subprocess.run([binary, "debug", "replay-log", "--data-dir",
+                              os.path.join(workdir, f"{server}-data")],
+                             capture_output=True, text=True, timeout=300)
+        try:
+            replay = json.loads(out.stdout)
+        except ValueError:
+            violations.append({"invariant": "log-replay", "detail": f"{server}: {out.stderr.strip()[-300:]}"})
+            continue
+        replays[server] = {k: replay[k] for k in ("committed", "commands", "jobs")}
+        for index, violation in replay["violations"]:
+            violations.append({"invariant": "over-commit-in-log", "detail": f"{server} at index {index}: {violation}"})
+    if summary:
+        summary["log_replays"] = replays
+        summary["violations"] = violations
     os.makedirs(args.out, exist_ok=True)
     out = os.path.join(args.out, f"run-{seed}.json")
     with open(out, "w") as f:

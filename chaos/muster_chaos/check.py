@@ -64,7 +64,8 @@ def check(ops, observed, views, runs_lines, retry_attempts):
             if len(made) > 1:
                 bad("unknown-submit-applied-twice", f"{name}: {made}")
         elif made:
-            bad("refused-submit-applied", f"{name} was refused, yet jobs {made} exist")
+            bad("refused-submit-applied",
+                f"{name} was refused ({op.get('error')}), yet jobs {made} exist")
     for name, ids in by_name.items():
         if name not in submits:
             bad("phantom-job", f"jobs {ids} named {name}, which no client submitted")

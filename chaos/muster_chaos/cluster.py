@@ -105,13 +105,14 @@ class Cluster:
 
     def client(self, server, read_timeout=10):
         """A boto3 Batch client of `server`'s API that never retries on its own, so that each
-        call in the history is one request."""
+        call in the history is one request. (botocore's `max_attempts` counts retries: 1 still
+        sends twice, and a first send that was applied then looked like a refused second one.)"""
         return boto3.client(
             "batch", region_name="us-east-1",
             endpoint_url=f"http://{self.net.ip(server)}:{API}",
             aws_access_key_id=self.credentials[0], aws_secret_access_key=self.credentials[1],
             config=Config(connect_timeout=2, read_timeout=read_timeout,
-                          retries={"max_attempts": 1, "mode": "standard"}))
+                          retries={"total_max_attempts": 1, "mode": "standard"}))
 
     def gauges(self, server):
         """The `muster_raft_*` gauges of `server`'s /metrics, or None if it does not answer."""

@@ -16,6 +16,7 @@ mod liveness;
 mod local_cluster;
 mod node;
 mod plane;
+pub mod replay;
 pub mod scheduler;
 
 pub use config::{PeerConfig, RawServerConfig, ServerConfig};

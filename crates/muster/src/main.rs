@@ -73,6 +73,23 @@ enum Commands {
     },
     /// Measure a three-node cluster under load from simulated agents (see BENCHMARKS.md).
     Bench(bench::BenchArgs),
+    /// Look into a stopped control node's data.
+    Debug {
+        #[command(subcommand)]
+        command: DebugCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DebugCommand {
+    /// Replay the node's committed log through a fresh state, checking after every entry
+    /// that no node is over-committed and every node's books match its jobs; prints JSON and
+    /// exits non-zero on a violation.
+    ReplayLog {
+        /// The node's `data_dir` (the node must be stopped).
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -281,6 +298,19 @@ async fn main() -> anyhow::Result<()> {
             .await
         }
         Commands::Bench(args) => bench::run(args).await,
+        Commands::Debug {
+            command: DebugCommand::ReplayLog { data_dir },
+        } => {
+            let replay = muster_control::replay::replay_log(&data_dir)
+                .await
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("replaying the log in {}", data_dir.display()))?;
+            println!("{}", serde_json::to_string_pretty(&replay)?);
+            if !replay.violations.is_empty() {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Commands::Job {
             endpoint_url,
             command:

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
 mod iam;
+mod invariants;
 mod job_table;
 mod lifecycle;
 mod resources;

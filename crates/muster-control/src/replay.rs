@@ -1,0 +1,79 @@
+//! Replaying a stopped control node's committed log through a fresh state, checking after
+//! every entry what no `apply` may break (`State::resource_violations`: no node over-committed,
+//! every node's books matching its jobs). The chaos harness runs it on every node's data
+//! directory after a run (`muster debug replay-log`).
+
+use muster_core::State;
+use muster_raft::TypeConfig;
+use muster_store::{SledLogStore, open_sled};
+use openraft::EntryPayload;
+use openraft::storage::{RaftLogReader, RaftLogStorage};
+use serde::Serialize;
+use std::path::Path;
+
+/// What a replay found.
+#[derive(Debug, Serialize)]
+pub struct Replay {
+    /// The last index this node knew to be committed (what is replayed).
+    pub committed: u64,
+    /// Its last log index (entries past `committed` may yet be replaced, and are not replayed).
+    pub last_log_index: u64,
+    pub commands: u64,
+    /// Each violation with the index of the entry after which it was first seen.
+    pub violations: Vec<(u64, String)>,
+    pub jobs: usize,
+}
+
+/// Replays the log under `data_dir/raft`. The node must be stopped (sled locks its files).
+pub async fn replay_log(data_dir: &Path) -> Result<Replay, String> {
+    let raft_dir = data_dir.join("raft");
+    let db = open_sled(&raft_dir).map_err(|e| format!("{}: {e}", raft_dir.display()))?;
+    let mut log: SledLogStore<TypeConfig> = SledLogStore::new(&db).map_err(|e| e.to_string())?;
+    let state_of_log = log.get_log_state().await.map_err(|e| e.to_string())?;
+    if let Some(purged) = state_of_log.last_purged_log_id {
+        return Err(format!(
+            "the log was purged up to {} by a snapshot; a replay needs the whole log",
+            purged.index
+        ));
+    }
+    let committed = log
+        .read_committed()
+        .await
+        .map_err(|e| e.to_string())?
+        .map_or(0, |c| c.index);
+    let last_log_index = state_of_log.last_log_id.map_or(0, |l| l.index);
+    let mut state = State::default();
+    let mut replay = Replay {
+        committed,
+        last_log_index,
+        commands: 0,
+        violations: Vec::new(),
+        jobs: 0,
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    let mut next = 0u64;
+    while next <= committed {
+        let upto = (next + 256).min(committed + 1);
+        let entries = log
+            .try_get_log_entries(next..upto)
+            .await
+            .map_err(|e| e.to_string())?;
+        if entries.is_empty() {
+            break;
+        }
+        for entry in entries {
+            next = entry.log_id.index + 1;
+            if let EntryPayload::Normal(command) = entry.payload {
+                state.apply(std::sync::Arc::unwrap_or_clone(command.0));
+                replay.commands += 1;
+                for violation in state.resource_violations() {
+                    if replay.violations.len() < 100 && seen.insert(violation.clone()) {
+                        replay.violations.push((entry.log_id.index, violation));
+                    }
+                }
+            }
+        }
+    }
+    replay.jobs = state.job_count();
+    Ok(replay)
+}
