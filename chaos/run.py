@@ -55,17 +55,20 @@ def view(client):
 
 
 def quiesce(cluster, bound):
-    """Reads every node until all jobs are terminal on all of them, or `bound` seconds pass."""
+    """Reads every node until all jobs are terminal on all of them, or `bound` seconds pass.
+    Returns the last views read, with None for a node that could not be read then."""
     deadline = time.time() + bound
     clients = {s: cluster.client(s, read_timeout=20) for s in cluster.server_names}
-    views = {}
     while True:
-        try:
-            views = {s: view(c) for s, c in clients.items()}
-            done = all(j["status"] in TERMINAL for v in views.values() for j in v.values())
-        except Exception as e:
-            print(f"  reading the nodes: {e}", flush=True)
-            done = False
+        views = {}
+        for server, client in clients.items():
+            try:
+                views[server] = view(client)
+            except Exception as e:
+                print(f"  reading {server}: {e}", flush=True)
+                views[server] = None
+        done = all(v is not None for v in views.values()) and all(
+            j["status"] in TERMINAL for v in views.values() for j in v.values())
         if done or time.time() > deadline:
             return views, time.time()
         time.sleep(1)
@@ -106,10 +109,11 @@ def main():
     workdir = tempfile.mkdtemp(prefix="muster-chaos-")
     runs_path = os.path.join(workdir, "runs")
     net = Net("mch", args.subnet)
-    cluster = Cluster(binary, workdir, net, servers=args.servers)
     history = History()
     events, violations, summary = [], [], {}
+    cluster = None
     try:
+        cluster = Cluster(binary, workdir, net, servers=args.servers)
         cluster.start()
         setup(cluster, runs_path)
         workload = Workload(cluster, history, runs_path, seed, rate=args.rate)
@@ -148,6 +152,13 @@ def main():
         healed = time.time()
         views, quiet = quiesce(cluster, bound=90)
         runs = open(runs_path).read().splitlines() if os.path.exists(runs_path) else []
+        for server, v in views.items():
+            if v is None:
+                violations.append({"invariant": "node-answers-after-heal",
+                                   "detail": f"{server} could not be read {90} s after the heal"})
+        views = {s: v for s, v in views.items() if v is not None}
+        if not views:
+            violations.append({"invariant": "node-answers-after-heal", "detail": "no node could be read"})
         violations += check(history.ops, history.observed, views, runs, RETRY_ATTEMPTS)
         results = {}
         for op in history.ops:
@@ -156,8 +167,10 @@ def main():
         kills = [e["detail"] for e in events if e["fault"] == "leader_kill" and e["detail"]]
         summary = {
             "seed": seed, "faults": events, "operations": results,
-            "jobs": len(next(iter(views.values()), {})), "runs_lines": len(runs),
+            "jobs": len(next(iter(views.values()), {}) or {}), "runs_lines": len(runs),
             "quiesced_after_heal_s": round(quiet - healed, 1),
+            # Processes that exited on their own and were restarted by the harness's supervisor.
+            "restarted_on_exit": {n: p.restarts for n, p in cluster.procs.items() if p.restarts},
             "failover_ms": {k: percentiles([d.get(k) for d in kills])
                             for k in ("elected_ms", "first_write_ms", "placed_ms")},
             "violations": violations,
@@ -165,11 +178,12 @@ def main():
             "not_ok": [op for op in history.ops if op["result"] != "ok"][:300],
         }
     finally:
-        cluster.stop()
+        if cluster:
+            cluster.stop()
         net.cleanup()
     # Every node's committed log, replayed: no worker over-committed at any index.
     replays = {}
-    for server in cluster.server_names:
+    for server in cluster.server_names if cluster else []:
         out = subprocess.run([binary, "debug", "replay-log", "--data-dir",
                               os.path.join(workdir, f"{server}-data")],
                              capture_output=True, text=True, timeout=300)
@@ -181,6 +195,8 @@ def main():
         replays[server] = {k: replay[k] for k in ("committed", "commands", "jobs")}
         for index, violation in replay["violations"]:
             violations.append({"invariant": "over-commit-in-log", "detail": f"{server} at index {index}: {violation}"})
+    if cluster:
+        cluster.unmount()
     if summary:
         summary["log_replays"] = replays
         summary["violations"] = violations

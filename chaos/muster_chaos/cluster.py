@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import subprocess
+import threading
 import time
 import urllib.request
 
@@ -13,6 +14,8 @@ import boto3
 from botocore.config import Config
 
 GRPC, RAFT, API, LOGS = 7101, 7102, 7070, 7103
+# Each control node's data directory is a tmpfs of this size (the disk a fault fills).
+DATA_DISK_MIB = 512
 
 
 class Proc:
@@ -20,8 +23,13 @@ class Proc:
         self.name, self.argv, self.log_path = name, argv, log_path
         self.popen = None
         self.paused = False
+        # Whether the harness wants it running: one that exits on its own is restarted, as
+        # systemd's Restart=on-failure would (deploy/systemd).
+        self.wanted = False
+        self.restarts = 0
 
     def start(self):
+        self.wanted = True
         log = open(self.log_path, "ab")
         self.popen = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=log,
                                       env={**os.environ, "MUSTER_LOG": "warn,muster=info,muster_raft=info"})
@@ -36,6 +44,7 @@ class Proc:
             os.kill(self.popen.pid, sig)
 
     def kill(self):
+        self.wanted = False
         if self.alive:
             self.signal(signal.SIGCONT)
             self.popen.kill()
@@ -65,7 +74,14 @@ class Cluster:
         peers = "".join(
             f'[[peers]]\nid = {i}\ngrpc_addr = "{net.ip(n)}:{GRPC}"\nraft_addr = "{net.ip(n)}:{RAFT}"\n'
             for i, n in enumerate(self.server_names, 1))
+        self.mounts = []
         for i, name in enumerate(self.server_names, 1):
+            # Each control node's data on a small filesystem of its own, so that a fault can
+            # fill one node's disk and no other's.
+            data = os.path.join(workdir, f"{name}-data")
+            os.makedirs(data)
+            subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={DATA_DISK_MIB}m", "tmpfs", data], check=True)
+            self.mounts.append(data)
             ip = net.ip(name)
             config = os.path.join(workdir, f"{name}.toml")
             with open(config, "w") as f:
@@ -83,6 +99,7 @@ class Cluster:
                         f'stop_after_secs = {agent_stop_after}\nlog_listen_addr = "{net.ip(name)}:{LOGS}"\n')
             self._proc(name, ["agent", "--config", config])
         self.credentials = None
+        self.stopped = threading.Event()
 
     def _proc(self, name, args):
         argv = ["ip", "netns", "exec", self.net.ns(name), self.binary, *args]
@@ -91,6 +108,7 @@ class Cluster:
     def start(self):
         for proc in self.procs.values():
             proc.start()
+        threading.Thread(target=self._supervise, daemon=True).start()
         path = os.path.join(self.workdir, "s1-data", "aws", "credentials")
         deadline = time.time() + 60
         while not os.path.exists(path):
@@ -145,6 +163,19 @@ class Cluster:
     def followers(self, leader):
         return [s for s in self.server_names if s != leader]
 
+    def _supervise(self):
+        while not self.stopped.wait(1.0):
+            for proc in list(self.procs.values()):
+                if proc.wanted and proc.popen is not None and proc.popen.poll() is not None:
+                    proc.restarts += 1
+                    proc.start()
+
     def stop(self):
+        self.stopped.set()
         for proc in self.procs.values():
             proc.kill()
+
+    def unmount(self):
+        for data in self.mounts:
+            subprocess.run(["umount", "-l", data], check=False)
+        self.mounts = []

@@ -1,6 +1,7 @@
 """The faults, each applied to a running cluster under load and then healed. Each returns what
 it did, with the figures it measured."""
 
+import os
 import time
 
 from .workload import PROBE_QUEUE, classify
@@ -163,7 +164,26 @@ def agent_reaches_isolated_follower(ctx):
     return {"agent": victim, "follower": follower}
 
 
+def disk_full(ctx):
+    """F8: one control node's data disk filled to the last byte, then freed."""
+    victim = ctx.rng.choice(ctx.cluster.server_names)
+    was_leader = victim == ctx.cluster.leader()
+    data = os.path.join(ctx.cluster.workdir, f"{victim}-data")
+    filler = os.path.join(data, "filler")
+    with open(filler, "wb") as f:
+        chunk = b"\0" * (1 << 20)
+        try:
+            while True:
+                f.write(chunk)
+                f.flush()
+        except OSError:
+            pass
+    ctx.hold(ctx.rng.uniform(5, 10))
+    os.remove(filler)
+    return {"filled": victim, "was_leader": was_leader}
+
+
 ALL = {f.__name__: f for f in [
     leader_kill, follower_kill, leader_pause, agent_kill, leader_isolated, leader_one_way,
-    partial_partition, flaky_follower, agent_cut_off, agent_reaches_isolated_follower,
+    partial_partition, flaky_follower, agent_cut_off, agent_reaches_isolated_follower, disk_full,
 ]}

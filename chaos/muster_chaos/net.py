@@ -4,10 +4,14 @@ loss). Every address lives in the harness's own subnet; nothing else is ever a t
 
 import shutil
 import subprocess
+import time
 
 
 def sh(*args, check=True):
-    return subprocess.run(args, check=check, capture_output=True, text=True)
+    done = subprocess.run(args, capture_output=True, text=True)
+    if check and done.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)}: exit {done.returncode}: {done.stderr.strip()}")
+    return done
 
 
 class Net:
@@ -79,5 +83,17 @@ class Net:
         listed = sh("ip", "netns", "list", check=False).stdout.split()
         for ns in listed:
             if ns.startswith(f"{self.tag}-"):
+                # What still runs there (a job a killed agent left) would keep the namespace,
+                # and its veth, alive after `del`.
+                for pid in sh("ip", "netns", "pids", ns, check=False).stdout.split():
+                    sh("kill", "-9", pid, check=False)
                 sh("ip", "netns", "del", ns, check=False)
+        for line in sh("ip", "-o", "link", check=False).stdout.splitlines():
+            name = line.split(":")[1].strip().split("@")[0] if ":" in line else ""
+            if name.startswith(f"{self.tag}v"):
+                sh("ip", "link", "del", name, check=False)
         sh("ip", "link", "del", self.bridge, check=False)
+        # A deleted namespace's veth ends go away asynchronously: wait for the names to be free.
+        deadline = time.time() + 15
+        while time.time() < deadline and f"{self.tag}v" in sh("ip", "-o", "link", check=False).stdout:
+            time.sleep(0.1)

@@ -260,6 +260,22 @@ impl ControlNode {
         })
     }
 
+    /// Resolves if this node's Raft stops on its own, with why: a storage failure (a full or
+    /// failing disk) ends openraft's core, and a node in that state can neither vote nor
+    /// replicate until it restarts from its data directory. `muster server` exits then, so
+    /// that its supervisor restarts it once the disk has room again.
+    pub async fn raft_failed(&self) -> String {
+        let mut metrics = self.raft.raft.metrics();
+        match metrics.wait_for(|m| m.running_state.is_err()).await {
+            Ok(m) => match &m.running_state {
+                Err(fatal) => fatal.to_string(),
+                Ok(()) => unreachable!("waited for an error"),
+            },
+            // The Raft handle is gone: this node is being dropped.
+            Err(_) => std::future::pending().await,
+        }
+    }
+
     /// Stops Raft, then the servers and loops, and waits for all of it. The data directory
     /// is released when this returns. Raft goes first: a leader that keeps heartbeating
     /// while its servers drain only delays the election of its successor, and sends the

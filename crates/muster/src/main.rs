@@ -344,9 +344,17 @@ async fn server(path: PathBuf) -> anyhow::Result<()> {
     };
     let node =
         muster_control::ControlNode::start(config, listeners, Some(install_metrics()?)).await?;
-    shutdown.received().await;
-    node.shutdown().await;
-    Ok(())
+    tokio::select! {
+        () = shutdown.received() => {
+            node.shutdown().await;
+            Ok(())
+        }
+        why = node.raft_failed() => {
+            tracing::error!(%why, "Raft stopped on its own (a storage failure?): exiting, to be restarted from the data directory");
+            node.shutdown().await;
+            anyhow::bail!("Raft stopped: {why}")
+        }
+    }
 }
 
 async fn agent(path: PathBuf) -> anyhow::Result<()> {
