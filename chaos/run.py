@@ -108,7 +108,7 @@ def main():
 
     workdir = tempfile.mkdtemp(prefix="muster-chaos-")
     runs_path = os.path.join(workdir, "runs")
-    net = Net("mch", args.subnet)
+    net = Net(f"m{args.subnet}", args.subnet)
     history = History()
     events, violations, summary = [], [], {}
     cluster = None

@@ -16,6 +16,8 @@ from botocore.config import Config
 GRPC, RAFT, API, LOGS = 7101, 7102, 7070, 7103
 # Each control node's data directory is a tmpfs of this size (the disk a fault fills).
 DATA_DISK_MIB = 512
+# Debian's faketime package (tests/run.sh installs it).
+LIBFAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1"
 
 
 class Proc:
@@ -27,12 +29,13 @@ class Proc:
         # systemd's Restart=on-failure would (deploy/systemd).
         self.wanted = False
         self.restarts = 0
+        self.extra_env = {}
 
     def start(self):
         self.wanted = True
         log = open(self.log_path, "ab")
-        self.popen = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=log,
-                                      env={**os.environ, "MUSTER_LOG": "warn,muster=info,muster_raft=info"})
+        env = {**os.environ, "MUSTER_LOG": "warn,muster=info,muster_raft=info", **self.extra_env}
+        self.popen = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=log, env=env)
         log.close()
 
     @property
@@ -89,6 +92,19 @@ class Cluster:
                         f'api_addr = "{ip}:{API}"\ndata_dir = "{workdir}/{name}-data"\n'
                         f'node_lost_after_secs = {node_lost_after}\n{peers}')
             self._proc(name, ["server", "--config", config])
+        # Each control node's wall clock can be stepped (libfaketime, reading an offset from a
+        # file of its own once a second; the monotonic clock, which Raft's timers use, is left
+        # alone).
+        self.clock_files = {}
+        if os.path.exists(LIBFAKETIME):
+            for name in self.server_names:
+                clock = os.path.join(workdir, f"{name}.clock")
+                with open(clock, "w") as f:
+                    f.write("+0\n")
+                self.clock_files[name] = clock
+                self.procs[name].extra_env = {
+                    "LD_PRELOAD": LIBFAKETIME, "FAKETIME_TIMESTAMP_FILE": clock,
+                    "FAKETIME_CACHE_DURATION": "1", "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
         control = ", ".join(f'"{net.ip(n)}:{GRPC}"' for n in self.server_names)
         for name in self.agent_names:
             config = os.path.join(workdir, f"{name}.toml")

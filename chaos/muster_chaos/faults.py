@@ -183,7 +183,36 @@ def disk_full(ctx):
     return {"filled": victim, "was_leader": was_leader}
 
 
+def clock_jump(ctx):
+    """F7: one control node's wall clock steps 10 minutes forward, then 20 back, then home.
+    Requests signed by clients (whose clocks are right) fall outside its 5-minute SigV4
+    window and are refused while it is off; nothing else may change."""
+    # Half the time the leader, whose clock liveness and stamps read.
+    victim = ctx.leader() if ctx.rng.random() < 0.5 else ctx.rng.choice(ctx.cluster.server_names)
+    clock = ctx.cluster.clock_files.get(victim)
+    if clock is None:
+        raise RuntimeError("libfaketime is not installed (apt-get install faketime)")
+    client = ctx.cluster.client(victim, read_timeout=5)
+    refused = {}
+    for offset in ("+600", "-600"):
+        with open(clock, "w") as f:
+            f.write(offset + "\n")
+        time.sleep(2)  # libfaketime reads the file once a second
+        try:
+            client.describe_jobs(jobs=[])
+            refused[offset] = False
+        except Exception as e:
+            refused[offset] = "403" in str(e) or "Signature" in str(e) or "Skew" in str(e)
+        ctx.hold(ctx.rng.uniform(3, 6))
+    with open(clock, "w") as f:
+        f.write("+0\n")
+    if not all(refused.values()):
+        raise RuntimeError(f"the clock step did not take effect on {victim}: {refused}")
+    return {"stepped": victim, "refused_while_off": refused}
+
+
 ALL = {f.__name__: f for f in [
     leader_kill, follower_kill, leader_pause, agent_kill, leader_isolated, leader_one_way,
     partial_partition, flaky_follower, agent_cut_off, agent_reaches_isolated_follower, disk_full,
+    clock_jump,
 ]}

@@ -325,3 +325,96 @@ async fn a_server_stopped_while_it_starts_exits_cleanly() {
     }
     server.stop();
 }
+
+/// A control node whose disk fills up: its Raft stops on the failed write, and the process
+/// exits non-zero (for its supervisor to restart it) rather than staying up without a Raft;
+/// restarted once there is room again, it serves what it had committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_whose_disk_fills_exits_and_restarts_whole() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc_geteuid() } != 0 {
+        eprintln!("skipped: mounting a small filesystem for the data directory needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"])
+        .arg(&data)
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mount a tmpfs at {}", data.display());
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(data.clone());
+
+    let (grpc, raft, api) = (free_port(), free_port(), free_port());
+    let config = dir.path().join("server.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "node_id = 1\ngrpc_addr = \"127.0.0.1:{grpc}\"\nraft_addr = \"127.0.0.1:{raft}\"\napi_addr = \"127.0.0.1:{api}\"\ndata_dir = {data:?}\n[[peers]]\nid = 1\ngrpc_addr = \"127.0.0.1:{grpc}\"\nraft_addr = \"127.0.0.1:{raft}\"\n"
+        ),
+    )
+    .unwrap();
+    let start = |round: u32| {
+        Proc::spawn(
+            &["server", "--config", config.to_str().unwrap()],
+            &dir.path().join(format!("server-{round}.log")),
+        )
+    };
+    let mut server = start(1);
+    let credentials = wait_for_credentials(&data.join("aws").join("credentials")).await;
+    let client = BatchClient::new(format!("http://127.0.0.1:{api}"), credentials);
+    wait_until_serving(&client).await;
+    create_basics(&client, "ce", "q", "d").await;
+    let kept = submit(&client, "q", "d", "before-the-disk-filled", &["true"]).await;
+
+    // Fill the disk, then write until the node gives up.
+    let filler = data.join("filler");
+    {
+        use std::io::Write;
+        let mut file = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0u8; 1 << 20];
+        while file.write_all(&chunk).and_then(|()| file.flush()).is_ok() {}
+    }
+    let deadline = Instant::now() + DEADLINE;
+    let status = loop {
+        if let Some(status) = server.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the server kept running on a full disk"
+        );
+        let _ = client
+            .call(
+                "SubmitJob",
+                json!({"jobName": "x".repeat(100), "jobQueue": "q", "jobDefinition": "d",
+                       "containerOverrides": {"command": ["echo", "y".repeat(20_000)]}}),
+            )
+            .await;
+    };
+    assert!(!status.success(), "exited with {status}");
+    let log = std::fs::read_to_string(dir.path().join("server-1.log")).unwrap();
+    assert!(log.contains("Raft stopped"), "{log}");
+
+    // Room again: restarted, it has what it committed.
+    std::fs::remove_file(&filler).unwrap();
+    let server2 = start(2);
+    wait_until_serving(&client).await;
+    let described = ok(client.call("DescribeJobs", json!({ "jobs": [kept] })).await);
+    assert_eq!(described["jobs"][0]["jobName"], "before-the-disk-filled");
+    drop(server);
+    server2.stop();
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
