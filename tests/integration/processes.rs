@@ -340,7 +340,7 @@ async fn a_server_whose_disk_fills_exits_and_restarts_whole() {
     let data = dir.path().join("data");
     std::fs::create_dir(&data).unwrap();
     let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"])
+        .args(["-t", "tmpfs", "-o", "size=128m", "tmpfs"])
         .arg(&data)
         .status()
         .unwrap();

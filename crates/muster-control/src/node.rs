@@ -37,6 +37,11 @@ pub enum StartError {
     },
     #[error("raft failed to start: {0}")]
     Raft(String),
+    #[error(
+        "the data directory {path} has {free_mib} MiB free; a control node needs at least {} MiB to start",
+        MIN_FREE_DISK_BYTES / (1024 * 1024)
+    )]
+    DiskFull { path: String, free_mib: u64 },
     #[error("listener has no local address: {0}")]
     Listener(std::io::Error),
     #[error("cannot start the Raft threads: {0}")]
@@ -72,6 +77,16 @@ impl ControlNode {
             source,
         };
         std::fs::create_dir_all(&raft_dir).map_err(storage_err)?;
+        // Opening the store writes to it (sled's recovery): never on a full disk, where a
+        // write cut short can leave it unreadable. A supervisor restarting this node after its
+        // disk filled gets this error until there is room again.
+        let free = free_bytes(&raft_dir).map_err(storage_err)?;
+        if free < MIN_FREE_DISK_BYTES {
+            return Err(StartError::DiskFull {
+                path: raft_dir.display().to_string(),
+                free_mib: free / (1024 * 1024),
+            });
+        }
         let db = open_sled_waiting(&raft_dir).await.map_err(storage_err)?;
         let log = SledLogStore::new(&db).map_err(storage_err)?;
         let snapshots = SledSnapshotStore::new(&db).map_err(storage_err)?;
@@ -376,6 +391,24 @@ async fn report_raft_gauges(node: RaftNode, mut shutdown: watch::Receiver<bool>)
             _ = tokio::time::sleep(Duration::from_millis(250)) => {}
         }
     }
+}
+
+/// The room a control node needs on its data disk to start.
+const MIN_FREE_DISK_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Bytes an unprivileged writer may still use on the filesystem holding `dir`.
+fn free_bytes(dir: &std::path::Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    let mut stat = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `path` is NUL-terminated and `stat` is written by the call before it is read.
+    let stat = unsafe {
+        if libc::statvfs(path.as_ptr(), stat.as_mut_ptr()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        stat.assume_init()
+    };
+    Ok(stat.f_bavail as u64 * stat.f_frsize as u64)
 }
 
 /// Both sides of every internal connection ping: a peer or agent that vanished without a reset
