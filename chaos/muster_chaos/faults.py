@@ -71,13 +71,16 @@ def leader_kill(ctx):
             "first_write_ms": ms(accepted), "placed_ms": ms(placed)}
 
 
-def follower_kill(ctx):
-    """F2: SIGKILL a follower; restart it after a while."""
-    victim = ctx.rng.choice(ctx.cluster.followers(ctx.leader()))
+def kill_and_restart(ctx, victim, down_for):
     ctx.cluster.procs[victim].kill()
-    ctx.hold(ctx.rng.uniform(2, 6))
+    ctx.hold(ctx.rng.uniform(*down_for))
     ctx.cluster.procs[victim].start()
     return {"killed": victim}
+
+
+def follower_kill(ctx):
+    """F2: SIGKILL a follower; restart it after a while."""
+    return kill_and_restart(ctx, ctx.rng.choice(ctx.cluster.followers(ctx.leader())), (2, 6))
 
 
 def leader_pause(ctx):
@@ -92,11 +95,7 @@ def leader_pause(ctx):
 
 def agent_kill(ctx):
     """F11: SIGKILL an agent (its jobs run on); restart it."""
-    victim = ctx.rng.choice(ctx.cluster.agent_names)
-    ctx.cluster.procs[victim].kill()
-    ctx.hold(ctx.rng.uniform(1, 4))
-    ctx.cluster.procs[victim].start()
-    return {"killed": victim}
+    return kill_and_restart(ctx, ctx.rng.choice(ctx.cluster.agent_names), (1, 4))
 
 
 def leader_isolated(ctx):
