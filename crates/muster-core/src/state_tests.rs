@@ -2,6 +2,7 @@
 
 use crate::*;
 use proptest::prelude::*;
+use std::collections::BTreeMap;
 
 fn ce(name: &str) -> Command {
     Command::CreateComputeEnvironment(ComputeEnvironment {
@@ -498,5 +499,21 @@ fn books_that_do_not_match_the_placed_jobs_are_reported() {
     assert!(
         found.iter().any(|v| v.contains("over-committed")),
         "{found:?}"
+    );
+}
+
+#[test]
+fn parameters_are_substituted_inside_arguments_longest_name_first() {
+    let parameters: BTreeMap<String, String> = [("msg", "hello"), ("a", "1"), ("ab", "2")]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    let command: Vec<String> = ["sh", "-c", "test Ref::msg = hello", "Ref::abc", "Ref::a", "Ref::zz Ref::", "Ref::msgRef::ab"]
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(
+        crate::state::substitute_parameters(&command, &parameters),
+        ["sh", "-c", "test hello = hello", "2c", "1", "Ref::zz Ref::", "hello2"]
     );
 }

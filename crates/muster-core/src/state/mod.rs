@@ -1074,21 +1074,46 @@ impl State {
     }
 }
 
-/// Replaces `Ref::name` tokens in a command with parameter values (AWS's parameter
-/// substitution); unknown references are left as written.
-fn substitute_parameters(command: &[String], parameters: &BTreeMap<String, String>) -> Vec<String> {
+/// Replaces every `Ref::name` in each argument of a command with the parameter's value (AWS's
+/// parameter substitution), also inside a longer argument (`"test Ref::msg = hello"`); where
+/// names share a prefix the longest that matches wins. Unknown references are left as written.
+pub(crate) fn substitute_parameters(
+    command: &[String],
+    parameters: &BTreeMap<String, String>,
+) -> Vec<String> {
     command
         .iter()
-        .map(|arg| {
-            match arg
-                .strip_prefix("Ref::")
-                .and_then(|name| parameters.get(name))
-            {
-                Some(value) => value.clone(),
-                None => arg.clone(),
-            }
-        })
+        .map(|arg| substitute_in(arg, parameters))
         .collect()
+}
+
+fn substitute_in(arg: &str, parameters: &BTreeMap<String, String>) -> String {
+    const MARK: &str = "Ref::";
+    if parameters.is_empty() || !arg.contains(MARK) {
+        return arg.to_owned();
+    }
+    let mut out = String::with_capacity(arg.len());
+    let mut rest = arg;
+    while let Some(at) = rest.find(MARK) {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + MARK.len()..];
+        let longest = parameters
+            .iter()
+            .filter(|(name, _)| !name.is_empty() && after.starts_with(name.as_str()))
+            .max_by_key(|(name, _)| name.len());
+        match longest {
+            Some((name, value)) => {
+                out.push_str(value);
+                rest = &after[name.len()..];
+            }
+            None => {
+                out.push_str(MARK);
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Adds (`placed`) or removes a placed job's vCPUs to its share identifier's running total.
