@@ -367,6 +367,14 @@ def test_cancel_fails_waiting_jobs_and_leaves_running_ones(batch):
     assert wait_for(batch, running, {"FAILED"})["statusReason"] == "stop it"
 
 
+def test_cancel_and_terminate_of_a_job_that_does_not_exist_answer_empty(batch):
+    # As AWS: clients that terminate defensively (Airflow's on_kill) get 200 and {}.
+    for call in (batch.cancel_job, batch.terminate_job):
+        response = call(jobId="no-such-job-0000", reason="defensive")
+        assert response["ResponseMetadata"]["HTTPStatusCode"] == 200
+        assert {k: v for k, v in response.items() if k != "ResponseMetadata"} == {}
+
+
 def test_scheduling_policies_round_trip(batch):
     name = unique("fair")
     policy = {"shareDecaySeconds": 3600, "computeReservation": 10,

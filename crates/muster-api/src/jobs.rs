@@ -655,6 +655,9 @@ pub(crate) async fn terminate<P: ControlPlane>(
     let job = JobId::from(required("jobId", &req.job_id)?.to_owned());
     caller.authorize("batch:TerminateJob", &[&arn_of(plane, "job", &job.0)])?;
     let reason = required("reason", &req.reason)?.to_owned();
+    if !job_exists(plane, &job).await? {
+        return Ok(json!({}));
+    }
     check_and_propose(
         plane,
         Command::TerminateJob {
@@ -665,6 +668,20 @@ pub(crate) async fn terminate<P: ControlPlane>(
     )
     .await?;
     Ok(json!({}))
+}
+
+/// Whether `job` exists: this node's replica first, and a linearizable read where it has not
+/// heard of it (it may lag). CancelJob and TerminateJob of a job that does not exist answer
+/// `{}` as AWS does (clients terminate defensively) and write nothing.
+async fn job_exists<P: ControlPlane>(plane: &P, job: &JobId) -> Result<bool, ApiError> {
+    if plane.read_local(|state| state.job(job).is_some()) {
+        return Ok(true);
+    }
+    let job = job.clone();
+    plane
+        .read(move |state| state.job(&job).is_some())
+        .await
+        .map_err(ApiError::server)
 }
 
 /// CancelJob: fails a job that has not reached STARTING (and says nothing about one that
@@ -678,6 +695,9 @@ pub(crate) async fn cancel<P: ControlPlane>(
     let job = JobId::from(required("jobId", &req.job_id)?.to_owned());
     let reason = required("reason", &req.reason)?.to_owned();
     caller.authorize("batch:CancelJob", &[&arn_of(plane, "job", &job.0)])?;
+    if !job_exists(plane, &job).await? {
+        return Ok(json!({}));
+    }
     let cmd = muster_core::AdminCommand::CancelJob {
         job,
         reason,

@@ -508,12 +508,28 @@ fn parameters_are_substituted_inside_arguments_longest_name_first() {
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect();
-    let command: Vec<String> = ["sh", "-c", "test Ref::msg = hello", "Ref::abc", "Ref::a", "Ref::zz Ref::", "Ref::msgRef::ab"]
-        .into_iter()
-        .map(str::to_owned)
-        .collect();
+    let command: Vec<String> = [
+        "sh",
+        "-c",
+        "test Ref::msg = hello",
+        "Ref::abc",
+        "Ref::a",
+        "Ref::zz Ref::",
+        "Ref::msgRef::ab",
+    ]
+    .into_iter()
+    .map(str::to_owned)
+    .collect();
     assert_eq!(
         crate::state::substitute_parameters(&command, &parameters),
-        ["sh", "-c", "test hello = hello", "2c", "1", "Ref::zz Ref::", "hello2"]
+        [
+            "sh",
+            "-c",
+            "test hello = hello",
+            "2c",
+            "1",
+            "Ref::zz Ref::",
+            "hello2"
+        ]
     );
 }

@@ -454,13 +454,8 @@ impl State {
             Command::SubmitJob(sub) => self.check_submit(sub).map(|_| ()),
             // Each submit of a batch is accepted or refused on its own when applied.
             Command::SubmitJobs(_) => Ok(()),
-            Command::TerminateJob { job, .. } => match self.jobs.get(job) {
-                Some(_) => Ok(()),
-                None => Err(Rejection::new(
-                    "jobId",
-                    format!("jobId: job {job} does not exist"),
-                )),
-            },
+            // As AWS: terminating a job that does not exist (or was purged) is no error.
+            Command::TerminateJob { .. } => Ok(()),
             Command::RegisterNode {
                 node,
                 compute_environment,
@@ -708,10 +703,7 @@ impl State {
         how: Ending,
     ) -> Outcome {
         let Some(job) = self.jobs.get_mut(id) else {
-            return Outcome::Rejected(Rejection::new(
-                "jobId",
-                format!("jobId: job {id} does not exist"),
-            ));
+            return Outcome::Ignored(format!("job {id} does not exist"));
         };
         match job.status {
             s if s.is_terminal() => {

@@ -182,11 +182,8 @@ impl State {
                     None => Err(not_found("jobDefinition", "job definition", job_definition)),
                 }
             }
-            AdminCommand::CancelJob { job, .. } => self
-                .jobs
-                .get(job)
-                .map(|_| ())
-                .ok_or_else(|| not_found("jobId", "job", &job.0)),
+            // As AWS: cancelling a job that does not exist (or was purged) is no error.
+            AdminCommand::CancelJob { .. } => Ok(()),
             AdminCommand::CreateSchedulingPolicy(p) => {
                 crate::validate::name("name", &p.name)?;
                 if self.scheduling_policies.contains_key(&p.name) {
