@@ -367,6 +367,21 @@ def test_cancel_fails_waiting_jobs_and_leaves_running_ones(batch):
     assert wait_for(batch, running, {"FAILED"})["statusReason"] == "stop it"
 
 
+def test_describing_definitions_by_name_without_a_revision_lists_every_revision(batch):
+    name = unique("revs")
+    for command in (["true"], ["false"]):
+        register_busybox(batch, name, command)
+    arn = batch.describe_job_definitions(jobDefinitions=[f"{name}:1"])["jobDefinitions"][0]["jobDefinitionArn"]
+    bare_arn = arn.rsplit(":", 1)[0]
+    for reference in (name, bare_arn):
+        found = batch.describe_job_definitions(jobDefinitions=[reference])["jobDefinitions"]
+        assert sorted(d["revision"] for d in found) == [1, 2], reference
+    assert [d["revision"] for d in batch.describe_job_definitions(jobDefinitions=[f"{name}:2"])["jobDefinitions"]] == [2]
+    batch.deregister_job_definition(jobDefinition=f"{name}:1")
+    active = batch.describe_job_definitions(jobDefinitions=[name], status="ACTIVE")["jobDefinitions"]
+    assert [d["revision"] for d in active] == [2]
+
+
 def test_cancel_and_terminate_of_a_job_that_does_not_exist_answer_empty(batch):
     # As AWS: clients that terminate defensively (Airflow's on_kill) get 200 and {}.
     for call in (batch.cancel_job, batch.terminate_job):

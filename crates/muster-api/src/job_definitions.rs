@@ -371,6 +371,15 @@ struct DescribeRequest {
     next_token: Option<String>,
 }
 
+/// The definition name `reference` gives without a revision (`name`, or an ARN ending in
+/// `job-definition/name`), if it gives none.
+fn unrevisioned_name(reference: &str) -> Option<&str> {
+    let tail = reference
+        .rsplit_once("job-definition/")
+        .map_or(reference, |(_, tail)| tail);
+    (!tail.contains(':')).then_some(tail)
+}
+
 pub(crate) async fn describe<P: ControlPlane>(
     plane: &P,
     caller: &Principal,
@@ -408,9 +417,11 @@ pub(crate) async fn describe<P: ControlPlane>(
                 .definitions()
                 .filter(|d| {
                     wanted.is_empty()
-                        || wanted
-                            .iter()
-                            .any(|w| s.definition(w).is_some_and(|x| x.arn == d.arn))
+                        || wanted.iter().any(|w| match unrevisioned_name(w) {
+                            // A name (or ARN) without a revision names every revision.
+                            Some(name) => name == d.name,
+                            None => s.definition(w).is_some_and(|x| x.arn == d.arn),
+                        })
                 })
                 .filter(|d| name.as_ref().is_none_or(|n| *n == d.name))
                 .filter(|d| status.is_none_or(|st| st == d.status))
