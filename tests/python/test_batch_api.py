@@ -382,6 +382,24 @@ def test_describing_definitions_by_name_without_a_revision_lists_every_revision(
     assert [d["revision"] for d in active] == [2]
 
 
+def test_evaluate_on_exit_actions_are_taken_in_any_case_and_echoed_in_lower_case(batch):
+    name = unique("actions")
+    rules = [{"onExitCode": "3", "action": "RETRY"}, {"onExitCode": "4", "action": "Exit"},
+             {"onReason": "x*", "action": "retry"}]
+    batch.register_job_definition(
+        jobDefinitionName=name, type="container", retryStrategy={"attempts": 2, "evaluateOnExit": rules},
+        containerProperties={"image": TEST_IMAGE, "command": ["true"],
+                             "resourceRequirements": [{"type": "VCPU", "value": "1"}, {"type": "MEMORY", "value": "64"}]})
+    shown = batch.describe_job_definitions(jobDefinitionName=name)["jobDefinitions"][0]["retryStrategy"]
+    assert [r["action"] for r in shown["evaluateOnExit"]] == ["retry", "exit", "retry"]
+    queue = unique("aq")
+    ce = batch.create_compute_environment(computeEnvironmentName=unique("ace"), type="UNMANAGED")["computeEnvironmentArn"]
+    batch.create_job_queue(jobQueueName=queue, priority=1, computeEnvironmentOrder=[{"order": 1, "computeEnvironment": ce}])
+    job = batch.submit_job(jobName="a", jobQueue=queue, jobDefinition=name)["jobId"]
+    described = batch.describe_jobs(jobs=[job])["jobs"][0]["retryStrategy"]
+    assert [r["action"] for r in described["evaluateOnExit"]] == ["retry", "exit", "retry"]
+
+
 def test_cancel_and_terminate_of_a_job_that_does_not_exist_answer_empty(batch):
     # As AWS: clients that terminate defensively (Airflow's on_kill) get 200 and {}.
     for call in (batch.cancel_job, batch.terminate_job):

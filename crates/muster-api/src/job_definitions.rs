@@ -272,9 +272,23 @@ pub(crate) async fn register<P: ControlPlane>(
             ApiError::client("containerProperties is required for type container")
         })?)?,
     };
-    let extra = crate::request::extra(body, &["jobDefinitionName", "parameters", "tags"]);
+    let mut extra = crate::request::extra(body, &["jobDefinitionName", "parameters", "tags"]);
     if let Some(props) = extra.get("containerProperties") {
         check_container_options(props)?;
+    }
+    // Taken in any case (`RETRY`, `retry`, `Exit`), echoed as AWS echoes it: lower case.
+    if let Some(rules) = extra
+        .get_mut("retryStrategy")
+        .and_then(|r| r.get_mut("evaluateOnExit"))
+        .and_then(Value::as_array_mut)
+    {
+        for rule in rules {
+            if let Some(action) = rule.get_mut("action")
+                && let Some(text) = action.as_str()
+            {
+                *action = Value::String(text.to_ascii_lowercase());
+            }
+        }
     }
     let spec = JobDefinitionSpec {
         name,

@@ -277,7 +277,8 @@ fn retry_shape(r: &muster_core::RetryStrategy) -> Value {
         .evaluate_on_exit
         .iter()
         .map(|rule| {
-            let mut v = json!({"action": if rule.action == muster_core::RetryAction::Retry { "RETRY" } else { "EXIT" }});
+            // AWS echoes the action in lower case, whatever case it was given in.
+            let mut v = json!({"action": if rule.action == muster_core::RetryAction::Retry { "retry" } else { "exit" }});
             for (key, value) in [("onStatusReason", &rule.on_status_reason), ("onReason", &rule.on_reason), ("onExitCode", &rule.on_exit_code)] {
                 if let Some(p) = value {
                     v[key] = json!(p);
