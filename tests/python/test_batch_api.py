@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -398,6 +399,15 @@ def test_evaluate_on_exit_actions_are_taken_in_any_case_and_echoed_in_lower_case
     job = batch.submit_job(jobName="a", jobQueue=queue, jobDefinition=name)["jobId"]
     described = batch.describe_jobs(jobs=[job])["jobs"][0]["retryStrategy"]
     assert [r["action"] for r in described["evaluateOnExit"]] == ["retry", "exit", "retry"]
+
+
+def test_job_queue_refusals_read_as_aws_words_them(batch):
+    ce = batch.create_compute_environment(computeEnvironmentName=unique("wce"), type="UNMANAGED")["computeEnvironmentArn"]
+    order = [{"order": 1, "computeEnvironment": ce}]
+    with pytest.raises(batch.exceptions.ClientException, match=re.escape("state JUNK must be one of ENABLED | DISABLED")):
+        batch.create_job_queue(jobQueueName=unique("wq"), priority=1, state="JUNK", computeEnvironmentOrder=order)
+    with pytest.raises(batch.exceptions.ClientException, match=re.escape("At least 1 compute environment must be provided")):
+        batch.create_job_queue(jobQueueName=unique("wq"), priority=1, computeEnvironmentOrder=[])
 
 
 def test_cancel_and_terminate_of_a_job_that_does_not_exist_answer_empty(batch):

@@ -274,7 +274,8 @@ pub(crate) fn parse_state(field: &str, state: Option<&str>) -> Result<EnabledSta
     match state {
         None => Ok(EnabledState::Enabled),
         Some(s) => EnabledState::parse(s).ok_or_else(|| {
-            ApiError::client(format!("{field}: {s} must be one of ENABLED | DISABLED"))
+            // AWS's own words, which clients match on.
+            ApiError::client(format!("{field} {s} must be one of ENABLED | DISABLED"))
         }),
     }
 }

@@ -244,7 +244,8 @@ impl State {
         if order.is_empty() {
             return Err(Rejection::new(
                 "computeEnvironmentOrder",
-                "computeEnvironmentOrder: at least one compute environment must be provided",
+                // AWS's own words, which clients match on.
+                "At least 1 compute environment must be provided",
             ));
         }
         if order.len() > 3 {
