@@ -410,6 +410,17 @@ def test_job_queue_refusals_read_as_aws_words_them(batch):
         batch.create_job_queue(jobQueueName=unique("wq"), priority=1, computeEnvironmentOrder=[])
 
 
+def test_container_lists_aws_always_returns_are_there_when_unset(batch):
+    name = unique("lists")
+    register_busybox(batch, name, ["true"])
+    props = batch.describe_job_definitions(jobDefinitionName=name)["jobDefinitions"][0]["containerProperties"]
+    lists = ["environment", "mountPoints", "secrets", "ulimits", "volumes"]
+    assert {k: props[k] for k in lists} == {k: [] for k in lists}
+    job = batch.submit_job(jobName="lists", jobQueue="default", jobDefinition=name)["jobId"]
+    container = batch.describe_jobs(jobs=[job])["jobs"][0]["container"]
+    assert {k: container[k] for k in lists} == {k: [] for k in lists}
+
+
 def test_cancel_and_terminate_of_a_job_that_does_not_exist_answer_empty(batch):
     # As AWS: clients that terminate defensively (Airflow's on_kill) get 200 and {}.
     for call in (batch.cancel_job, batch.terminate_job):

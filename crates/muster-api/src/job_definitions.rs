@@ -449,6 +449,7 @@ pub(crate) async fn describe<P: ControlPlane>(
                 .take(limit)
                 .map(|d| {
                     let mut shown = crate::request::echo(&d.extra, detail(d));
+                    crate::request::with_container_lists(&mut shown, "containerProperties");
                     if let Some(obj) = shown.as_object_mut() {
                         obj.entry("platformCapabilities")
                             .or_insert_with(|| json!(["EC2"]));

@@ -411,7 +411,11 @@ pub(crate) async fn describe<P: ControlPlane>(
             // Unknown ids are left out, as AWS does.
             ids.iter()
                 .filter_map(|id| s.job(&JobId::from(id.clone())))
-                .map(|j| crate::request::echo(&j.spec.extra, job_detail(s, j)))
+                .map(|j| {
+                    let mut described = crate::request::echo(&j.spec.extra, job_detail(s, j));
+                    crate::request::with_container_lists(&mut described, "container");
+                    described
+                })
                 .collect::<Vec<_>>()
         })
         .await

@@ -72,6 +72,28 @@ pub(crate) fn echo(extra: &muster_core::Extra, shape: impl Serialize) -> serde_j
     out
 }
 
+/// Fills the lists AWS always returns in a container's description with `[]` where the
+/// definition left them out (`containerProperties` in DescribeJobDefinitions, `container` in
+/// DescribeJobs): clients index them without looking first.
+pub(crate) fn with_container_lists(described: &mut serde_json::Value, key: &str) {
+    if let Some(container) = described
+        .get_mut(key)
+        .and_then(serde_json::Value::as_object_mut)
+    {
+        for list in [
+            "environment",
+            "mountPoints",
+            "secrets",
+            "ulimits",
+            "volumes",
+        ] {
+            container
+                .entry(list)
+                .or_insert_with(|| serde_json::Value::Array(Vec::new()));
+        }
+    }
+}
+
 /// Fails unless `value` is present and non-empty.
 pub(crate) fn required<'a>(field: &str, value: &'a Option<String>) -> Result<&'a str, ApiError> {
     match value.as_deref() {
