@@ -421,6 +421,24 @@ def test_container_lists_aws_always_returns_are_there_when_unset(batch):
     assert {k: container[k] for k in lists} == {k: [] for k in lists}
 
 
+def test_eks_and_ecs_definitions_are_kept_and_their_jobs_refused_with_a_reason(batch):
+    name = unique("eks")
+    pod = {"containers": [{"name": "main", "image": TEST_IMAGE, "command": ["true"]}]}
+    batch.register_job_definition(jobDefinitionName=name, type="container", eksProperties={"podProperties": pod})
+    shown = batch.describe_job_definitions(jobDefinitionName=name)["jobDefinitions"][0]
+    assert shown["containerOrchestrationType"] == "EKS"
+    assert shown["eksProperties"]["podProperties"]["containers"][0]["image"] == TEST_IMAGE
+    assert "containerProperties" not in shown
+    with pytest.raises(batch.exceptions.ClientException, match=re.escape("eksProperties.podProperties.containers must contain at least one container")):
+        batch.register_job_definition(jobDefinitionName=unique("eks"), type="container", eksProperties={"podProperties": {"containers": []}})
+    ecs = unique("ecs")
+    task = {"containers": [{"name": "main", "image": TEST_IMAGE, "command": ["true"]}]}
+    batch.register_job_definition(jobDefinitionName=ecs, type="container", ecsProperties={"taskProperties": [task]})
+    for definition, member in ((name, "eksProperties"), (ecs, "ecsProperties")):
+        with pytest.raises(batch.exceptions.ClientException, match=f"{member}; Muster runs container jobs"):
+            batch.submit_job(jobName="refused", jobQueue="default", jobDefinition=definition)
+
+
 def test_cancel_and_terminate_of_a_job_that_does_not_exist_answer_empty(batch):
     # As AWS: clients that terminate defensively (Airflow's on_kill) get 200 and {}.
     for call in (batch.cancel_job, batch.terminate_job):

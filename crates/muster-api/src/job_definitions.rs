@@ -6,7 +6,8 @@ use crate::request::{
 };
 use crate::{ApiError, ControlPlane, Principal, arn_of, check_and_propose};
 use muster_core::{
-    Command, ContainerSpec, DefinitionStatus, JobDefinition, JobDefinitionSpec, Outcome, Tags,
+    Command, ContainerSpec, DefinitionStatus, JobDefinition, JobDefinitionSpec, Orchestration,
+    Outcome, Tags,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -32,6 +33,8 @@ struct RegisterRequest {
     parameters: Option<BTreeMap<String, String>>,
     container_properties: Option<ContainerPropertiesShape>,
     node_properties: Option<Value>,
+    eks_properties: Option<Value>,
+    ecs_properties: Option<Value>,
     retry_strategy: Option<Value>,
     timeout: Option<Value>,
     tags: Option<Tags>,
@@ -225,6 +228,68 @@ fn check_container_options(props: &Value) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// Which of `containerProperties`, `eksProperties` and `ecsProperties` the definition uses
+/// (exactly one, for type container), with AWS's checks of the other two.
+fn orchestration(req: &RegisterRequest, multinode: bool) -> Result<Orchestration, ApiError> {
+    let given: Vec<Orchestration> = [
+        (req.container_properties.is_some(), Orchestration::Container),
+        (req.eks_properties.is_some(), Orchestration::Eks),
+        (req.ecs_properties.is_some(), Orchestration::Ecs),
+    ]
+    .into_iter()
+    .filter_map(|(set, o)| set.then_some(o))
+    .collect();
+    if given.len() > 1 {
+        return Err(ApiError::client(
+            "only one of containerProperties, eksProperties and ecsProperties may be given",
+        ));
+    }
+    let Some(kind) = given.first().copied() else {
+        return Ok(Orchestration::Container);
+    };
+    if multinode && kind != Orchestration::Container {
+        return Err(ApiError::client(format!(
+            "{}: multinode job definitions take nodeProperties",
+            kind.member()
+        )));
+    }
+    let containers_in = |value: &Value, path: &[&str]| -> usize {
+        path.iter()
+            .try_fold(value, |v, key| v.get(*key))
+            .and_then(Value::as_array)
+            .map_or(0, Vec::len)
+    };
+    match kind {
+        Orchestration::Container => {}
+        Orchestration::Eks => {
+            let eks = req.eks_properties.as_ref().unwrap_or(&Value::Null);
+            if containers_in(eks, &["podProperties", "containers"]) == 0 {
+                return Err(ApiError::client(
+                    "eksProperties.podProperties.containers must contain at least one container",
+                ));
+            }
+        }
+        Orchestration::Ecs => {
+            let ecs = req.ecs_properties.as_ref().unwrap_or(&Value::Null);
+            let tasks = ecs.get("taskProperties").and_then(Value::as_array);
+            if tasks.is_none_or(|t| t.len() != 1) {
+                return Err(ApiError::client(
+                    "ecsProperties.taskProperties must contain exactly one task",
+                ));
+            }
+            if tasks
+                .and_then(|t| t.first())
+                .is_none_or(|t| containers_in(t, &["containers"]) == 0)
+            {
+                return Err(ApiError::client(
+                    "ecsProperties.taskProperties[0].containers must contain at least one container",
+                ));
+            }
+        }
+    }
+    Ok(kind)
+}
+
 pub(crate) async fn register<P: ControlPlane>(
     plane: &P,
     caller: &Principal,
@@ -266,11 +331,18 @@ pub(crate) async fn register<P: ControlPlane>(
         &req.timeout,
         plane.limits().min_attempt_duration_secs,
     )?;
-    let container = match container_properties {
-        Some(main) => main,
-        None => container_spec(req.container_properties.ok_or_else(|| {
-            ApiError::client("containerProperties is required for type container")
-        })?)?,
+    let orchestration = orchestration(&req, multinode)?;
+    let container = match (container_properties, orchestration) {
+        (Some(main), _) => main,
+        // Stored and echoed; SubmitJob refuses them (the state machine says why).
+        (None, Orchestration::Eks | Orchestration::Ecs) => ContainerSpec::default(),
+        (None, Orchestration::Container) => {
+            container_spec(req.container_properties.ok_or_else(|| {
+                ApiError::client(
+                    "containerProperties is required for type container (or eksProperties, ecsProperties)",
+                )
+            })?)?
+        }
     };
     let mut extra = crate::request::extra(body, &["jobDefinitionName", "parameters", "tags"]);
     if let Some(props) = extra.get("containerProperties") {
@@ -298,6 +370,7 @@ pub(crate) async fn register<P: ControlPlane>(
         retry,
         timeout_secs,
         extra,
+        orchestration,
     };
     match check_and_propose(plane, Command::RegisterJobDefinition(spec)).await? {
         Outcome::DefinitionRegistered {
@@ -352,7 +425,8 @@ struct Detail {
     #[serde(rename = "type")]
     definition_type: &'static str,
     parameters: BTreeMap<String, String>,
-    container_properties: ContainerShape,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    container_properties: Option<ContainerShape>,
     tags: Tags,
     container_orchestration_type: &'static str,
 }
@@ -369,9 +443,14 @@ fn detail(d: &JobDefinition) -> Detail {
             "container"
         },
         parameters: d.parameters.clone(),
-        container_properties: container_shape(&d.container),
+        container_properties: (d.orchestration == Orchestration::Container)
+            .then(|| container_shape(&d.container)),
         tags: d.tags.clone(),
-        container_orchestration_type: "ECS",
+        container_orchestration_type: if d.orchestration == Orchestration::Eks {
+            "EKS"
+        } else {
+            "ECS"
+        },
     }
 }
 

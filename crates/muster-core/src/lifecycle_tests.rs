@@ -46,6 +46,7 @@ fn setup(vcpus: u64) -> State {
             retry: None,
             timeout_secs: None,
             extra: Default::default(),
+            orchestration: Default::default(),
         }),
         Command::RegisterNode {
             node: NodeId("n".into()),

@@ -51,6 +51,7 @@ fn definition(name: &str, command: &[&str]) -> Command {
         retry: None,
         timeout_secs: None,
         extra: Default::default(),
+        orchestration: Default::default(),
     })
 }
 
@@ -532,4 +533,20 @@ fn parameters_are_substituted_inside_arguments_longest_name_first() {
             "hello2"
         ]
     );
+}
+
+#[test]
+fn jobs_of_eks_and_ecs_definitions_are_refused_by_the_state_machine() {
+    let mut s = base();
+    let Command::RegisterJobDefinition(mut spec) = definition("pod", &["true"]) else {
+        unreachable!("definition() registers a definition")
+    };
+    spec.orchestration = Orchestration::Eks;
+    s.apply(Command::RegisterJobDefinition(spec));
+    let refused = s.apply(submit("p", 10, "pod"));
+    assert!(
+        matches!(&refused, Outcome::Rejected(r) if r.message.contains("eksProperties; Muster runs container jobs")),
+        "{refused:?}"
+    );
+    assert!(s.job(&JobId::from("p")).is_none());
 }

@@ -63,6 +63,7 @@ pub fn definition() -> Command {
         retry: None,
         timeout_secs: None,
         extra: Default::default(),
+        orchestration: Default::default(),
     })
 }
 

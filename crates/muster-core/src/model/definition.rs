@@ -143,6 +143,32 @@ pub struct JobDefinitionSpec {
     /// Other members as sent (`containerProperties` in full, `platformCapabilities`, …).
     #[serde(default)]
     pub extra: super::Extra,
+    /// What runs the definition's jobs; Muster runs only `Container` ones.
+    #[serde(default)]
+    pub orchestration: Orchestration,
+}
+
+/// What a job definition describes: a container (`containerProperties`, which Muster runs),
+/// or a Kubernetes pod (`eksProperties`) or ECS task (`ecsProperties`), which are stored and
+/// echoed but not run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Orchestration {
+    #[default]
+    Container,
+    Eks,
+    Ecs,
+}
+
+impl Orchestration {
+    /// The member that describes it (`eksProperties`, …).
+    pub fn member(self) -> &'static str {
+        match self {
+            Orchestration::Container => "containerProperties",
+            Orchestration::Eks => "eksProperties",
+            Orchestration::Ecs => "ecsProperties",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -160,6 +186,8 @@ pub struct JobDefinition {
     pub timeout_secs: Option<u64>,
     #[serde(default)]
     pub extra: super::Extra,
+    #[serde(default)]
+    pub orchestration: Orchestration,
 }
 
 /// The Docker options of a definition's `containerProperties` that the agent applies as

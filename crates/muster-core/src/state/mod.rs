@@ -541,6 +541,16 @@ impl State {
                 ),
             ));
         }
+        if definition.orchestration != crate::Orchestration::Container {
+            return Err(Rejection::new(
+                "jobDefinition",
+                format!(
+                    "jobDefinition: {} describes its jobs with {}; Muster runs container jobs (containerProperties) only",
+                    definition.arn,
+                    definition.orchestration.member()
+                ),
+            ));
+        }
         self.check_dependencies(sub)?;
         let resources = definition
             .container
@@ -681,6 +691,7 @@ impl State {
             retry: spec.retry,
             timeout_secs: spec.timeout_secs,
             extra: spec.extra,
+            orchestration: spec.orchestration,
         });
         Outcome::DefinitionRegistered {
             name: spec.name,
