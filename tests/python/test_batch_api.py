@@ -740,6 +740,52 @@ def test_job_output_is_served_as_cloudwatch_log_events(dev, batch):
     assert own.stdout.splitlines() == messages
 
 
+def test_log_events_page_backward_filter_by_time_and_pattern_and_streams_are_listed(dev, batch):
+    name = unique("lines")
+    register_busybox(batch, name, ["sh", "-c", "for i in 1 2 3 4 5 6; do echo line $i alpha; done; "
+                                               "echo 'error: disk \"full\"'; echo done beta"])
+    job_id = batch.submit_job(jobName=name, jobQueue="default", jobDefinition=name)["jobId"]
+    job = wait_for(batch, job_id, {"SUCCEEDED", "FAILED"})
+    stream = job["container"]["logStreamName"]
+    logs = boto3.client("logs")
+    group = "/aws/batch/job"
+    everything = logs.get_log_events(logGroupName=group, logStreamName=stream, startFromHead=True)["events"]
+    assert len(everything) == 8
+
+    # Tail first, then older pages through nextBackwardToken, as tail-first clients read.
+    seen, page = [], logs.get_log_events(logGroupName=group, logStreamName=stream, limit=3)
+    for _ in range(5):
+        seen = [e["message"] for e in page["events"]] + seen
+        older = logs.get_log_events(logGroupName=group, logStreamName=stream, limit=3,
+                                    nextToken=page["nextBackwardToken"])
+        if not older["events"]:
+            break
+        page = older
+    assert seen == [e["message"] for e in everything]
+
+    # startTime / endTime bound by time stamp (end excluded).
+    last = everything[-1]["timestamp"]
+    late = logs.get_log_events(logGroupName=group, logStreamName=stream, startFromHead=True, startTime=last)["events"]
+    assert late and all(e["timestamp"] >= last for e in late)
+    early = logs.get_log_events(logGroupName=group, logStreamName=stream, startFromHead=True, endTime=last)["events"]
+    assert all(e["timestamp"] < last for e in early)
+
+    listed = logs.describe_log_streams(logGroupName=group, logStreamNamePrefix=f"{name}/")["logStreams"]
+    assert [s["logStreamName"] for s in listed] == [stream]
+
+    def filtered(pattern):
+        out = logs.filter_log_events(logGroupName=group, logStreamNames=[stream], filterPattern=pattern)
+        return [e["message"] for e in out["events"]]
+    assert filtered("alpha 3") == ["line 3 alpha"]
+    assert filtered('"error: disk"') == ['error: disk "full"']
+    assert filtered("alpha -line") == []
+    assert len(filtered("")) == 8
+    paginator = logs.get_paginator("filter_log_events")
+    pages = list(paginator.paginate(logGroupName=group, logStreamNamePrefix=f"{name}/", filterPattern="beta"))
+    assert [e["message"] for p in pages for e in p["events"]] == ["done beta"]
+
+
+
 def clients_for(d):
     """boto3 clients for another `muster dev` than the session's, from the files it wrote."""
     import configparser

@@ -15,6 +15,9 @@ use tonic::{Request, Response, Status};
 /// Most events one page carries (CloudWatch's `GetLogEvents` maximum).
 pub const PAGE_MAX: usize = 10_000;
 
+/// About the most text one page carries (CloudWatch's 1 MB).
+pub const PAGE_MAX_BYTES: usize = 1024 * 1024;
+
 /// Most bytes one attempt's log keeps: output past it is dropped, with one line saying so,
 /// so that a job printing without end cannot fill the agent's disk.
 pub const ATTEMPT_LOG_MAX_BYTES: u64 = 256 * 1024 * 1024;
@@ -123,33 +126,59 @@ fn rfc3339_millis(s: &str) -> Option<u64> {
     u64::try_from(secs * 1000 + millis).ok()
 }
 
-/// Reads up to `limit` events of the log at `path` from byte `offset`, or the last `limit`
-/// events when `from_end`. A missing file is an empty log.
-pub fn read_page(
-    path: &Path,
-    offset: u64,
-    limit: usize,
-    from_end: bool,
-) -> std::io::Result<LogPage> {
+/// Which events of a log a page holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Window {
+    /// The first events from this byte offset on (a previous page's `next_offset`).
+    From(u64),
+    /// The last events of the log.
+    Last,
+    /// The last events that end at or before this byte offset (a page's `start_offset`):
+    /// the page before it.
+    Before(u64),
+}
+
+impl Window {
+    pub fn of(request: &ReadLogRequest) -> Self {
+        match (request.from_end, request.before) {
+            (true, Some(before)) => Window::Before(before),
+            (true, None) => Window::Last,
+            (false, _) => Window::From(request.offset),
+        }
+    }
+}
+
+/// Reads up to `limit` events (and about [`PAGE_MAX_BYTES`] of text) of the log at `path` in
+/// `window`. A missing file is an empty log.
+pub fn read_page(path: &Path, window: Window, limit: usize) -> std::io::Result<LogPage> {
     let limit = limit.clamp(1, PAGE_MAX);
+    let (start, end, from_end) = match window {
+        Window::From(offset) => (offset, u64::MAX, false),
+        Window::Last => (0, u64::MAX, true),
+        Window::Before(before) => (0, before, true),
+    };
     let file = match std::fs::File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let at = if from_end { end.min(start) } else { start };
             return Ok(LogPage {
                 events: Vec::new(),
-                start_offset: offset,
-                next_offset: offset,
+                start_offset: at,
+                next_offset: at,
             });
         }
         Err(e) => return Err(e),
     };
     let mut reader = std::io::BufReader::new(file);
-    let start = if from_end { 0 } else { offset };
     reader.seek(SeekFrom::Start(start))?;
     let mut events: std::collections::VecDeque<(u64, LogEvent)> = Default::default();
+    let mut bytes = 0usize;
     let mut position = start;
     let mut line = Vec::new();
     loop {
+        if position >= end {
+            break;
+        }
         line.clear();
         let n = reader.read_until(b'\n', &mut line)?;
         // Only whole lines: a line still being written is read by the next page.
@@ -168,6 +197,7 @@ pub fn read_page(
             ),
             None => (None, text),
         };
+        bytes += message.len();
         events.push_back((
             at,
             LogEvent {
@@ -175,14 +205,19 @@ pub fn read_page(
                 message: String::from_utf8_lossy(message).into_owned(),
             },
         ));
-        if events.len() > limit {
-            if from_end {
-                events.pop_front();
-            } else {
-                events.pop_back();
-                position = at;
-                break;
+        let over = |events: &std::collections::VecDeque<(u64, LogEvent)>, bytes: usize| {
+            events.len() > 1 && (events.len() > limit || bytes > PAGE_MAX_BYTES)
+        };
+        if from_end {
+            while over(&events, bytes) {
+                if let Some((_, first)) = events.pop_front() {
+                    bytes -= first.message.len();
+                }
             }
+        } else if over(&events, bytes) {
+            events.pop_back();
+            position = at;
+            break;
         }
     }
     let start_offset = events.front().map_or(position, |(at, _)| *at);
@@ -231,7 +266,7 @@ impl AgentLogs for LogService {
         let req = request.into_inner();
         let path = attempt_log_path(&self.work_dir, &req.job_id, req.attempt);
         let page = tokio::task::spawn_blocking(move || {
-            read_page(&path, req.offset, req.limit as usize, req.from_end)
+            read_page(&path, Window::of(&req), req.limit as usize)
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?
@@ -252,7 +287,7 @@ mod tests {
         for i in 0..10 {
             log.write_line(1000 + i, b"0123456789").unwrap();
         }
-        let page = read_page(&path, 0, 100, false).unwrap();
+        let page = read_page(&path, Window::From(0), 100).unwrap();
         let texts: Vec<&str> = page.events.iter().map(|e| e.message.as_str()).collect();
         // Two 16-byte lines fit in 40 bytes; the third would not.
         assert_eq!(
@@ -266,7 +301,26 @@ mod tests {
         // Reopened (an agent restart), a full log stays full.
         let mut again = AttemptLog::open(&path, 40).unwrap();
         again.write_line(2000, b"more").unwrap();
-        assert_eq!(read_page(&path, 0, 100, false).unwrap().events.len(), 3);
+        assert_eq!(
+            read_page(&path, Window::From(0), 100).unwrap().events.len(),
+            3
+        );
+    }
+
+    #[test]
+    fn a_page_holds_about_a_megabyte_at_most() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big.log");
+        let mut f = std::fs::File::create(&path).unwrap();
+        let line = format!("{}\n", "x".repeat(100 * 1024));
+        for i in 0..30 {
+            write_line(&mut f, i, line.as_bytes()).unwrap();
+        }
+        let forward = read_page(&path, Window::From(0), 10_000).unwrap();
+        assert_eq!(forward.events.len(), 10);
+        let last = read_page(&path, Window::Last, 10_000).unwrap();
+        assert_eq!(last.events.len(), 10);
+        assert_eq!(last.events[9].timestamp_ms, 29);
     }
 
     #[test]
@@ -288,7 +342,7 @@ mod tests {
             write_line(&mut f, 1000 + i, format!("line {i}\n").as_bytes()).unwrap();
         }
         f.write_all(b"1010 half a line").unwrap();
-        let first = read_page(&path, 0, 2, false).unwrap();
+        let first = read_page(&path, Window::From(0), 2).unwrap();
         let texts = |p: &LogPage| {
             p.events
                 .iter()
@@ -297,16 +351,24 @@ mod tests {
         };
         assert_eq!(texts(&first), vec!["line 0", "line 1"]);
         assert_eq!(first.events[1].timestamp_ms, 1001);
-        let rest = read_page(&path, first.next_offset, 100, false).unwrap();
+        let rest = read_page(&path, Window::From(first.next_offset), 100).unwrap();
         assert_eq!(texts(&rest), vec!["line 2", "line 3", "line 4"]);
         // At the end, the next page starts where this one did: nothing new yet.
-        let end = read_page(&path, rest.next_offset, 100, false).unwrap();
+        let end = read_page(&path, Window::From(rest.next_offset), 100).unwrap();
         assert!(end.events.is_empty());
         assert_eq!(end.next_offset, rest.next_offset);
-        let tail = read_page(&path, 0, 2, true).unwrap();
+        let tail = read_page(&path, Window::Last, 2).unwrap();
         assert_eq!(texts(&tail), vec!["line 3", "line 4"]);
+        // Backward from the tail: the pages before it, then nothing before the first line.
+        let before = read_page(&path, Window::Before(tail.start_offset), 2).unwrap();
+        assert_eq!(texts(&before), vec!["line 1", "line 2"]);
+        let first_again = read_page(&path, Window::Before(before.start_offset), 2).unwrap();
+        assert_eq!(texts(&first_again), vec!["line 0"]);
+        let nothing = read_page(&path, Window::Before(first_again.start_offset), 2).unwrap();
+        assert!(nothing.events.is_empty());
+        assert_eq!(nothing.start_offset, 0);
         assert!(
-            read_page(&dir.path().join("missing.log"), 0, 10, false)
+            read_page(&dir.path().join("missing.log"), Window::From(0), 10)
                 .unwrap()
                 .events
                 .is_empty()

@@ -87,10 +87,19 @@ pub struct LogRequest {
     pub log_address: String,
     pub job: String,
     pub attempt: u32,
-    pub offset: u64,
+    pub window: LogWindow,
     pub limit: usize,
-    /// The last `limit` events instead of those from `offset`.
-    pub from_end: bool,
+}
+
+/// Which events of an attempt's log a page holds (byte offsets into the agent's file).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogWindow {
+    /// From this offset on (a page's `next_offset`).
+    From(u64),
+    /// The last events.
+    Last,
+    /// The last events before this offset (a page's `start_offset`).
+    Before(u64),
 }
 
 /// Events as `(unix milliseconds, message)`, and the byte offsets around them.

@@ -4,7 +4,7 @@
 //! Muster. Jobs log to group `/aws/batch/job` under the stream in `container.logStreamName`;
 //! the events are read from the agent that ran the attempt.
 
-use crate::{ApiError, ControlPlane, LogRequest, Principal};
+use crate::{ApiError, ControlPlane, LogRequest, LogWindow, Principal};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::Response;
 use muster_core::{JobId, State};
@@ -16,8 +16,9 @@ pub(crate) const TARGET_PREFIX: &str = "Logs_20140328.";
 /// The one log group AWS Batch writes job output to.
 pub const LOG_GROUP: &str = "/aws/batch/job";
 
-/// Events per page when the caller sets no `limit` (CloudWatch's maximum is 10,000).
-const DEFAULT_LIMIT: usize = 1_000;
+/// Events per page when the caller sets no `limit`: CloudWatch's 10,000 (or 1 MB, which the
+/// agent bounds a page to).
+const DEFAULT_LIMIT: usize = 10_000;
 
 fn not_found(message: impl Into<String>) -> ApiError {
     ApiError {
@@ -52,8 +53,10 @@ pub(crate) async fn dispatch<P: ControlPlane>(
 ) -> Result<Value, ApiError> {
     match operation {
         "GetLogEvents" => get_log_events(plane, caller, body).await,
+        "DescribeLogStreams" => describe_log_streams(plane, caller, body).await,
+        "FilterLogEvents" => filter_log_events(plane, caller, body).await,
         other => Err(invalid(format!(
-            "operation {other}: Muster serves only GetLogEvents of CloudWatch Logs"
+            "operation {other}: Muster serves GetLogEvents, DescribeLogStreams and FilterLogEvents of CloudWatch Logs"
         ))),
     }
 }
@@ -67,13 +70,8 @@ struct GetLogEventsRequest {
     next_token: Option<String>,
     start_from_head: Option<bool>,
     limit: Option<i64>,
-}
-
-/// Where a page starts: a token this API handed out (`f/<offset>` forward, `b/<offset>`
-/// backward), or the head or the tail of the stream.
-enum Start {
-    Offset(u64),
-    Tail,
+    start_time: Option<u64>,
+    end_time: Option<u64>,
 }
 
 async fn get_log_events<P: ControlPlane>(
@@ -111,38 +109,25 @@ async fn get_log_events<P: ControlPlane>(
             "The specified log group does not exist: Muster's jobs log to {LOG_GROUP}"
         )));
     }
-    let start = match req.next_token.as_deref() {
+    let window = match req.next_token.as_deref() {
         Some(token) => parse_token(token)?,
-        None if req.start_from_head == Some(true) => Start::Offset(0),
-        None => Start::Tail,
+        None if req.start_from_head == Some(true) => LogWindow::From(0),
+        None => LogWindow::Last,
     };
     let (job, attempt) = parse_stream(&stream)
         .ok_or_else(|| not_found(format!("The specified log stream does not exist: {stream}")))?;
     let log_address = plane
         .read_local(|s| log_address_of(s, &job, attempt, &stream))
         .ok_or_else(|| not_found(format!("The specified log stream does not exist: {stream}")))?;
-    let (offset, from_end) = match start {
-        Start::Offset(o) => (o, false),
-        Start::Tail => (0, true),
+    let page = read_page(plane, log_address, &job, attempt, window, limit).await?;
+    // `startTime` and `endTime` bound the events by their time stamps, end excluded.
+    let within = |at: u64| {
+        req.start_time.is_none_or(|from| at >= from) && req.end_time.is_none_or(|to| at < to)
     };
-    let page = plane
-        .read_log(LogRequest {
-            log_address,
-            job: job.to_string(),
-            attempt,
-            offset,
-            limit,
-            from_end,
-        })
-        .await
-        .map_err(|e| ApiError {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            code: "ServiceUnavailableException",
-            message: format!("the agent that ran this attempt did not answer: {e}"),
-        })?;
     let events: Vec<Value> = page
         .events
         .iter()
+        .filter(|(at, _)| within(*at))
         .map(|(at, message)| json!({"timestamp": at, "message": message, "ingestionTime": at}))
         .collect();
     Ok(json!({
@@ -152,7 +137,9 @@ async fn get_log_events<P: ControlPlane>(
     }))
 }
 
-fn parse_token(token: &str) -> Result<Start, ApiError> {
+/// A token this API handed out: `f/<offset>` reads on from a page's end, `b/<offset>` the
+/// page before a page's start.
+fn parse_token(token: &str) -> Result<LogWindow, ApiError> {
     let bad = || {
         invalid(format!(
             "nextToken: {token} is not a token this API handed out"
@@ -161,8 +148,328 @@ fn parse_token(token: &str) -> Result<Start, ApiError> {
     let (direction, offset) = token.split_once('/').ok_or_else(bad)?;
     let offset: u64 = offset.parse().map_err(|_| bad())?;
     match direction {
-        "f" | "b" => Ok(Start::Offset(offset)),
+        "f" => Ok(LogWindow::From(offset)),
+        "b" => Ok(LogWindow::Before(offset)),
         _ => Err(bad()),
+    }
+}
+
+/// One page of an attempt's log from the agent that ran it.
+async fn read_page<P: ControlPlane>(
+    plane: &P,
+    log_address: String,
+    job: &JobId,
+    attempt: u32,
+    window: LogWindow,
+    limit: usize,
+) -> Result<crate::LogPage, ApiError> {
+    plane
+        .read_log(LogRequest {
+            log_address,
+            job: job.to_string(),
+            attempt,
+            window,
+            limit,
+        })
+        .await
+        .map_err(|e| ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: "ServiceUnavailableException",
+            message: format!("the agent that ran this attempt did not answer: {e}"),
+        })
+}
+
+/// Checks the group (only `/aws/batch/job` exists) and the caller's right to `action` on it.
+fn log_group<P: ControlPlane>(
+    plane: &P,
+    caller: &Principal,
+    action: &str,
+    group: Option<String>,
+) -> Result<(), ApiError> {
+    let group = group.ok_or_else(|| invalid("logGroupName is required"))?;
+    let (region, account) = plane.read_local(|s| {
+        let scope = s.arn_scope();
+        (scope.region.clone(), scope.account.clone())
+    });
+    caller.authorize(
+        action,
+        &[&format!(
+            "arn:aws:logs:{region}:{account}:log-group:{group}"
+        )],
+    )?;
+    if group != LOG_GROUP {
+        return Err(not_found(format!(
+            "The specified log group does not exist: Muster's jobs log to {LOG_GROUP}"
+        )));
+    }
+    Ok(())
+}
+
+/// Every attempt's stream whose name starts with `prefix`, by name: (name, job, attempt,
+/// when it was placed or started, when it stopped).
+fn streams(state: &State, prefix: &str) -> Vec<(String, JobId, u32, u64, Option<u64>)> {
+    let mut out = Vec::new();
+    for job in state.jobs() {
+        for (i, record) in job.attempts.iter().enumerate() {
+            let name = record.log_stream_name.clone();
+            if name.starts_with(prefix) {
+                let created = record.started_at.unwrap_or(record.stopped_at).as_millis();
+                out.push((
+                    name,
+                    job.id.clone(),
+                    i as u32 + 1,
+                    created,
+                    Some(record.stopped_at.as_millis()),
+                ));
+            }
+        }
+        if let Some(active) = &job.active {
+            let name = job.log_stream_name(active.number);
+            if name.starts_with(prefix) {
+                let created = active.started_at.unwrap_or(active.placed_at).as_millis();
+                out.push((name, job.id.clone(), active.number, created, None));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct DescribeLogStreamsRequest {
+    log_group_name: Option<String>,
+    log_group_identifier: Option<String>,
+    log_stream_name_prefix: Option<String>,
+    order_by: Option<String>,
+    descending: Option<bool>,
+    limit: Option<i64>,
+    next_token: Option<String>,
+}
+
+/// DescribeLogStreams of `/aws/batch/job`: every attempt's stream, by name (or by when it
+/// last ran, `orderBy: LastEventTime`), 50 a page.
+async fn describe_log_streams<P: ControlPlane>(
+    plane: &P,
+    caller: &Principal,
+    body: &[u8],
+) -> Result<Value, ApiError> {
+    let req: DescribeLogStreamsRequest = serde_json::from_slice(body).map_err(|e| {
+        invalid(format!(
+            "request body is not a DescribeLogStreams request: {e}"
+        ))
+    })?;
+    log_group(
+        plane,
+        caller,
+        "logs:DescribeLogStreams",
+        req.log_group_name.or(req.log_group_identifier),
+    )?;
+    let limit = match req.limit {
+        None => 50,
+        Some(n) if (1..=50).contains(&n) => n as usize,
+        Some(n) => return Err(invalid(format!("limit: {n} must be between 1 and 50"))),
+    };
+    let by_time = match req.order_by.as_deref() {
+        None | Some("LogStreamName") => false,
+        Some("LastEventTime") if req.log_stream_name_prefix.is_some() => {
+            return Err(invalid(
+                "Cannot order by LastEventTime with a logStreamNamePrefix.",
+            ));
+        }
+        Some("LastEventTime") => true,
+        Some(other) => {
+            return Err(invalid(format!(
+                "orderBy: {other} must be one of LogStreamName | LastEventTime"
+            )));
+        }
+    };
+    let prefix = req.log_stream_name_prefix.unwrap_or_default();
+    let mut all = plane.read_local(|s| streams(s, &prefix));
+    if by_time {
+        all.sort_by_key(|(name, _, _, created, stopped)| {
+            (stopped.unwrap_or(u64::MAX).max(*created), name.clone())
+        });
+    }
+    if req.descending == Some(true) {
+        all.reverse();
+    }
+    let skip = match req.next_token.as_deref() {
+        None => 0,
+        Some(t) => t
+            .parse::<usize>()
+            .map_err(|_| invalid(format!("nextToken: {t} is not a token this API handed out")))?,
+    };
+    let (region, account) = plane.read_local(|s| {
+        let scope = s.arn_scope();
+        (scope.region.clone(), scope.account.clone())
+    });
+    let page: Vec<Value> = all
+        .iter()
+        .skip(skip)
+        .take(limit)
+        .map(|(name, _, _, created, stopped)| {
+            let mut stream = json!({
+                "logStreamName": name,
+                "creationTime": created,
+                "arn": format!("arn:aws:logs:{region}:{account}:log-group:{LOG_GROUP}:log-stream:{name}"),
+                "storedBytes": 0,
+            });
+            if let Some(stopped) = stopped {
+                stream["lastEventTimestamp"] = json!(stopped);
+            }
+            stream
+        })
+        .collect();
+    let mut answer = json!({ "logStreams": page });
+    if skip + limit < all.len() {
+        answer["nextToken"] = json!((skip + limit).to_string());
+    }
+    Ok(answer)
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct FilterLogEventsRequest {
+    log_group_name: Option<String>,
+    log_group_identifier: Option<String>,
+    log_stream_names: Option<Vec<String>>,
+    log_stream_name_prefix: Option<String>,
+    start_time: Option<u64>,
+    end_time: Option<u64>,
+    filter_pattern: Option<String>,
+    limit: Option<i64>,
+    next_token: Option<String>,
+}
+
+/// Pages read from agents in one FilterLogEvents call at most; the rest is for the next call.
+const FILTER_PAGES_PER_CALL: usize = 64;
+
+/// FilterLogEvents of `/aws/batch/job`: the events of the named streams (or those with a
+/// prefix, or all) in stream order, within `startTime`..`endTime`, that match the pattern:
+/// plain terms and quoted phrases that must all appear, `-term` that must not.
+async fn filter_log_events<P: ControlPlane>(
+    plane: &P,
+    caller: &Principal,
+    body: &[u8],
+) -> Result<Value, ApiError> {
+    let req: FilterLogEventsRequest = serde_json::from_slice(body).map_err(|e| {
+        invalid(format!(
+            "request body is not a FilterLogEvents request: {e}"
+        ))
+    })?;
+    log_group(
+        plane,
+        caller,
+        "logs:FilterLogEvents",
+        req.log_group_name.or(req.log_group_identifier),
+    )?;
+    if req.log_stream_names.is_some() && req.log_stream_name_prefix.is_some() {
+        return Err(invalid(
+            "logStreamNames and logStreamNamePrefix cannot both be given",
+        ));
+    }
+    let limit = match req.limit {
+        None => DEFAULT_LIMIT,
+        Some(n) if (1..=10_000).contains(&n) => n as usize,
+        Some(n) => return Err(invalid(format!("limit: {n} must be between 1 and 10000"))),
+    };
+    let pattern = Pattern::parse(req.filter_pattern.as_deref().unwrap_or_default());
+    let prefix = req.log_stream_name_prefix.clone().unwrap_or_default();
+    let mut all = plane.read_local(|s| streams(s, &prefix));
+    if let Some(names) = &req.log_stream_names {
+        all.retain(|(name, ..)| names.contains(name));
+    }
+    // The token: the stream to go on with and the byte offset in it.
+    let (mut index, mut offset) = match req.next_token.as_deref() {
+        None => (0usize, 0u64),
+        Some(t) => t
+            .split_once('/')
+            .and_then(|(i, o)| Some((i.parse().ok()?, o.parse().ok()?)))
+            .ok_or_else(|| invalid(format!("nextToken: {t} is not a token this API handed out")))?,
+    };
+    let mut events = Vec::new();
+    let mut pages = 0;
+    while index < all.len() && events.len() < limit && pages < FILTER_PAGES_PER_CALL {
+        let (name, job, attempt, ..) = &all[index];
+        let Some(address) = plane.read_local(|s| log_address_of(s, job, *attempt, name)) else {
+            (index, offset) = (index + 1, 0);
+            continue;
+        };
+        let page = read_page(
+            plane,
+            address,
+            job,
+            *attempt,
+            LogWindow::From(offset),
+            limit - events.len(),
+        )
+        .await?;
+        pages += 1;
+        for (at, message) in &page.events {
+            let within = req.start_time.is_none_or(|from| *at >= from)
+                && req.end_time.is_none_or(|to| *at <= to);
+            if within && pattern.matches(message) {
+                events.push(json!({"logStreamName": name, "timestamp": at, "message": message,
+                                   "ingestionTime": at, "eventId": format!("{name}/{at}/{}", events.len())}));
+            }
+        }
+        if page.events.is_empty() || page.next_offset == offset {
+            (index, offset) = (index + 1, 0);
+        } else {
+            offset = page.next_offset;
+        }
+    }
+    let mut answer = json!({ "events": events, "searchedLogStreams": [] });
+    if index < all.len() {
+        answer["nextToken"] = json!(format!("{index}/{offset}"));
+    }
+    Ok(answer)
+}
+
+/// A CloudWatch filter pattern of plain terms and quoted phrases (all must appear, case
+/// sensitive, as CloudWatch matches them) and `-term`s (none may appear). Empty matches all.
+#[derive(Debug, Default, PartialEq)]
+struct Pattern {
+    required: Vec<String>,
+    excluded: Vec<String>,
+}
+
+impl Pattern {
+    fn parse(text: &str) -> Self {
+        let mut pattern = Pattern::default();
+        let mut rest = text.trim();
+        while !rest.is_empty() {
+            let (excluded, body) = match rest.strip_prefix('-') {
+                Some(after) => (true, after),
+                None => (false, rest),
+            };
+            let (term, after) = match body.strip_prefix('"') {
+                Some(quoted) => match quoted.find('"') {
+                    Some(end) => (&quoted[..end], &quoted[end + 1..]),
+                    None => (quoted, ""),
+                },
+                None => match body.find(char::is_whitespace) {
+                    Some(end) => (&body[..end], &body[end..]),
+                    None => (body, ""),
+                },
+            };
+            if !term.is_empty() {
+                let list = if excluded {
+                    &mut pattern.excluded
+                } else {
+                    &mut pattern.required
+                };
+                list.push(term.to_owned());
+            }
+            rest = after.trim_start();
+        }
+        pattern
+    }
+
+    fn matches(&self, message: &str) -> bool {
+        self.required.iter().all(|t| message.contains(t.as_str()))
+            && !self.excluded.iter().any(|t| message.contains(t.as_str()))
     }
 }
 
@@ -204,7 +511,24 @@ mod tests {
             ("1b4e28ba-2fa1-11d2-883f-0016d3cca427:7", 2)
         );
         assert!(parse_stream("no-slash").is_none());
-        assert!(matches!(parse_token("f/42"), Ok(Start::Offset(42))));
+        assert!(matches!(parse_token("f/42"), Ok(LogWindow::From(42))));
+        assert!(matches!(parse_token("b/42"), Ok(LogWindow::Before(42))));
         assert!(parse_token("x/1").is_err() && parse_token("f/nope").is_err());
+    }
+
+    #[test]
+    fn filter_patterns_take_terms_phrases_and_exclusions() {
+        let p = Pattern::parse(r#"ERROR "disk full" -retry"#);
+        assert_eq!(
+            p,
+            Pattern {
+                required: vec!["ERROR".into(), "disk full".into()],
+                excluded: vec!["retry".into()],
+            }
+        );
+        assert!(p.matches("ERROR: the disk full again"));
+        assert!(!p.matches("ERROR: disk is full"));
+        assert!(!p.matches("ERROR: disk full, retry"));
+        assert!(Pattern::parse("  ").matches("anything"));
     }
 }

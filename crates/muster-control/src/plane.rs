@@ -1,7 +1,7 @@
 //! The API's view of the cluster, over Raft.
 
 use crate::batcher::{BatchLimits, Batcher};
-use muster_api::{ControlPlane, LogPage, LogRequest};
+use muster_api::{ControlPlane, LogPage, LogRequest, LogWindow};
 use muster_core::{Command, JobSubmission, Outcome, State, Timestamp};
 use muster_raft::RaftNode;
 
@@ -83,9 +83,16 @@ impl ControlPlane for RaftPlane {
             .read_log(ReadLogRequest {
                 job_id: request.job,
                 attempt: request.attempt,
-                offset: request.offset,
+                offset: match request.window {
+                    LogWindow::From(offset) => offset,
+                    LogWindow::Last | LogWindow::Before(_) => 0,
+                },
                 limit: request.limit as u32,
-                from_end: request.from_end,
+                from_end: !matches!(request.window, LogWindow::From(_)),
+                before: match request.window {
+                    LogWindow::Before(offset) => Some(offset),
+                    _ => None,
+                },
             })
             .await
             .map_err(|e| e.message().to_owned())?

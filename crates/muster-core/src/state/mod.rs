@@ -170,6 +170,11 @@ impl State {
         self.jobs.len()
     }
 
+    /// Every job, by id.
+    pub fn jobs(&self) -> impl Iterator<Item = &Job> {
+        self.jobs.values().map(|job| &**job)
+    }
+
     /// Every revision of every definition, by name then revision.
     pub fn definitions(&self) -> impl Iterator<Item = &JobDefinition> {
         self.definitions.values().flatten()
