@@ -740,6 +740,26 @@ def test_job_output_is_served_as_cloudwatch_log_events(dev, batch):
     assert own.stdout.splitlines() == messages
 
 
+def test_a_custom_awslogs_group_serves_the_jobs_output_and_is_echoed(dev, batch):
+    name = unique("grouped")
+    group = f"/custom/{name}"
+    log_configuration = {"logDriver": "awslogs", "options": {"awslogs-group": group}}
+    batch.register_job_definition(
+        jobDefinitionName=name, type="container",
+        containerProperties={"image": TEST_IMAGE, "command": ["echo", "to my group"], "logConfiguration": log_configuration,
+                             "resourceRequirements": [{"type": "VCPU", "value": "1"}, {"type": "MEMORY", "value": "64"}]})
+    job_id = batch.submit_job(jobName=name, jobQueue="default", jobDefinition=name)["jobId"]
+    job = wait_for(batch, job_id, {"SUCCEEDED", "FAILED"})
+    assert job["container"]["logConfiguration"] == log_configuration
+    stream = job["container"]["logStreamName"]
+    logs = boto3.client("logs")
+    events = logs.get_log_events(logGroupName=group, logStreamName=stream, startFromHead=True)["events"]
+    assert [e["message"] for e in events] == ["to my group"]
+    with pytest.raises(logs.exceptions.ResourceNotFoundException):
+        logs.get_log_events(logGroupName="/aws/batch/job", logStreamName=stream)
+    assert [s["logStreamName"] for s in logs.describe_log_streams(logGroupName=group)["logStreams"]] == [stream]
+
+
 def test_log_events_page_backward_filter_by_time_and_pattern_and_streams_are_listed(dev, batch):
     name = unique("lines")
     register_busybox(batch, name, ["sh", "-c", "for i in 1 2 3 4 5 6; do echo line $i alpha; done; "

@@ -199,6 +199,9 @@ struct ContainerDetail {
     log_stream_name: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     container_instance_arn: Option<String>,
+    /// The definition's `logConfiguration`, as AWS echoes it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    log_configuration: Option<Value>,
 }
 
 #[derive(Serialize)]
@@ -376,6 +379,7 @@ fn job_detail(state: &State, job: &Job) -> JobDetail {
                 .map_or_else(|| last.and_then(|a| a.reason.clone()), |_| None),
             log_stream_name: stream,
             container_instance_arn: node,
+            log_configuration: crate::logs::log_configuration(state, job).cloned(),
         },
         tags: job.reported_tags().clone(),
         platform_capabilities: vec!["EC2"],

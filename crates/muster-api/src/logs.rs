@@ -20,6 +20,25 @@ pub const LOG_GROUP: &str = "/aws/batch/job";
 /// agent bounds a page to).
 const DEFAULT_LIMIT: usize = 10_000;
 
+/// The definition's `containerProperties.logConfiguration` of `job`, if it set one.
+pub(crate) fn log_configuration<'a>(state: &'a State, job: &muster_core::Job) -> Option<&'a Value> {
+    state
+        .definition(&job.spec.definition_arn.0)?
+        .extra
+        .get("containerProperties")?
+        .get("logConfiguration")
+}
+
+/// The log group `job`'s output is served in: its definition's `awslogs-group` where it uses
+/// the `awslogs` driver with one, else [`LOG_GROUP`].
+fn log_group_of(state: &State, job: &muster_core::Job) -> String {
+    log_configuration(state, job)
+        .filter(|c| c.get("logDriver").and_then(Value::as_str) == Some("awslogs"))
+        .and_then(|c| c.get("options")?.get("awslogs-group")?.as_str())
+        .unwrap_or(LOG_GROUP)
+        .to_owned()
+}
+
 fn not_found(message: impl Into<String>) -> ApiError {
     ApiError {
         status: StatusCode::BAD_REQUEST,
@@ -104,11 +123,6 @@ async fn get_log_events<P: ControlPlane>(
             region_account.0, region_account.1
         )],
     )?;
-    if group != LOG_GROUP {
-        return Err(not_found(format!(
-            "The specified log group does not exist: Muster's jobs log to {LOG_GROUP}"
-        )));
-    }
     let window = match req.next_token.as_deref() {
         Some(token) => parse_token(token)?,
         None if req.start_from_head == Some(true) => LogWindow::From(0),
@@ -116,9 +130,17 @@ async fn get_log_events<P: ControlPlane>(
     };
     let (job, attempt) = parse_stream(&stream)
         .ok_or_else(|| not_found(format!("The specified log stream does not exist: {stream}")))?;
-    let log_address = plane
-        .read_local(|s| log_address_of(s, &job, attempt, &stream))
+    let (log_address, job_group) = plane
+        .read_local(|s| {
+            let address = log_address_of(s, &job, attempt, &stream)?;
+            Some((address, log_group_of(s, s.job(&job)?)))
+        })
         .ok_or_else(|| not_found(format!("The specified log stream does not exist: {stream}")))?;
+    if group != job_group {
+        return Err(not_found(format!(
+            "The specified log stream does not exist in {group}: {stream} is in {job_group}"
+        )));
+    }
     let page = read_page(plane, log_address, &job, attempt, window, limit).await?;
     // `startTime` and `endTime` bound the events by their time stamps, end excluded.
     let within = |at: u64| {
@@ -179,13 +201,14 @@ async fn read_page<P: ControlPlane>(
         })
 }
 
-/// Checks the group (only `/aws/batch/job` exists) and the caller's right to `action` on it.
+/// Checks the caller's right to `action` on the group, and that it exists: `/aws/batch/job`,
+/// or a group that a definition's `awslogs-group` gives to jobs.
 fn log_group<P: ControlPlane>(
     plane: &P,
     caller: &Principal,
     action: &str,
     group: Option<String>,
-) -> Result<(), ApiError> {
+) -> Result<String, ApiError> {
     let group = group.ok_or_else(|| invalid("logGroupName is required"))?;
     let (region, account) = plane.read_local(|s| {
         let scope = s.arn_scope();
@@ -197,19 +220,25 @@ fn log_group<P: ControlPlane>(
             "arn:aws:logs:{region}:{account}:log-group:{group}"
         )],
     )?;
-    if group != LOG_GROUP {
+    let exists =
+        group == LOG_GROUP || plane.read_local(|s| s.jobs().any(|j| log_group_of(s, j) == group));
+    if !exists {
         return Err(not_found(format!(
-            "The specified log group does not exist: Muster's jobs log to {LOG_GROUP}"
+            "The specified log group does not exist: {group}"
         )));
     }
-    Ok(())
+    Ok(group)
 }
 
-/// Every attempt's stream whose name starts with `prefix`, by name: (name, job, attempt,
+/// Every attempt's stream in `group` whose name starts with `prefix`, by name: (name, job, attempt,
 /// when it was placed or started, when it stopped).
-fn streams(state: &State, prefix: &str) -> Vec<(String, JobId, u32, u64, Option<u64>)> {
+fn streams(
+    state: &State,
+    group: &str,
+    prefix: &str,
+) -> Vec<(String, JobId, u32, u64, Option<u64>)> {
     let mut out = Vec::new();
-    for job in state.jobs() {
+    for job in state.jobs().filter(|j| log_group_of(state, j) == group) {
         for (i, record) in job.attempts.iter().enumerate() {
             let name = record.log_stream_name.clone();
             if name.starts_with(prefix) {
@@ -259,7 +288,7 @@ async fn describe_log_streams<P: ControlPlane>(
             "request body is not a DescribeLogStreams request: {e}"
         ))
     })?;
-    log_group(
+    let group = log_group(
         plane,
         caller,
         "logs:DescribeLogStreams",
@@ -285,7 +314,7 @@ async fn describe_log_streams<P: ControlPlane>(
         }
     };
     let prefix = req.log_stream_name_prefix.unwrap_or_default();
-    let mut all = plane.read_local(|s| streams(s, &prefix));
+    let mut all = plane.read_local(|s| streams(s, &group, &prefix));
     if by_time {
         all.sort_by_key(|(name, _, _, created, stopped)| {
             (stopped.unwrap_or(u64::MAX).max(*created), name.clone())
@@ -312,7 +341,7 @@ async fn describe_log_streams<P: ControlPlane>(
             let mut stream = json!({
                 "logStreamName": name,
                 "creationTime": created,
-                "arn": format!("arn:aws:logs:{region}:{account}:log-group:{LOG_GROUP}:log-stream:{name}"),
+                "arn": format!("arn:aws:logs:{region}:{account}:log-group:{group}:log-stream:{name}"),
                 "storedBytes": 0,
             });
             if let Some(stopped) = stopped {
@@ -358,7 +387,7 @@ async fn filter_log_events<P: ControlPlane>(
             "request body is not a FilterLogEvents request: {e}"
         ))
     })?;
-    log_group(
+    let group = log_group(
         plane,
         caller,
         "logs:FilterLogEvents",
@@ -376,7 +405,7 @@ async fn filter_log_events<P: ControlPlane>(
     };
     let pattern = Pattern::parse(req.filter_pattern.as_deref().unwrap_or_default());
     let prefix = req.log_stream_name_prefix.clone().unwrap_or_default();
-    let mut all = plane.read_local(|s| streams(s, &prefix));
+    let mut all = plane.read_local(|s| streams(s, &group, &prefix));
     if let Some(names) = &req.log_stream_names {
         all.retain(|(name, ..)| names.contains(name));
     }
