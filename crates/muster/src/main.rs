@@ -73,6 +73,18 @@ enum Commands {
     },
     /// Measure a three-node cluster under load from simulated agents (see BENCHMARKS.md).
     Bench(bench::BenchArgs),
+    /// Call any AWS Batch operation, signed with SigV4 as the aws CLI signs it (endpoint and
+    /// credentials found the same way); prints the JSON answer. For scripts on machines
+    /// without the aws CLI: `muster api SubmitJob '{"jobName": …}'`.
+    Api {
+        /// The cluster's API; default: AWS_ENDPOINT_URL_BATCH.
+        #[arg(long)]
+        endpoint_url: Option<String>,
+        /// The operation, as AWS names it (`SubmitJob`, `DescribeJobs`, …).
+        operation: String,
+        /// The request body as JSON (default `{}`).
+        body: Option<String>,
+    },
     /// Look into a stopped control node's data.
     Debug {
         #[command(subcommand)]
@@ -298,6 +310,28 @@ async fn main() -> anyhow::Result<()> {
             .await
         }
         Commands::Bench(args) => bench::run(args).await,
+        Commands::Api {
+            endpoint_url,
+            operation,
+            body,
+        } => {
+            let body: serde_json::Value = serde_json::from_str(body.as_deref().unwrap_or("{}"))
+                .context("the request body is not JSON")?;
+            let client = muster_client::BatchClient::from_environment(endpoint_url)?;
+            match client.call(&operation, body).await {
+                Ok(answer) => {
+                    println!("{}", serde_json::to_string_pretty(&answer)?);
+                    Ok(())
+                }
+                Err(muster_client::CallError::Api { code, message, .. }) => {
+                    eprintln!(
+                        "An error occurred ({code}) when calling the {operation} operation: {message}"
+                    );
+                    std::process::exit(255);
+                }
+                Err(e) => Err(e.into()),
+            }
+        }
         Commands::Debug {
             command: DebugCommand::ReplayLog { data_dir },
         } => {
