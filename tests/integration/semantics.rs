@@ -1,7 +1,7 @@
 //! Job semantics through a real cluster and a process agent: retries, attempt timeouts,
 //! array jobs and dependencies.
 
-use crate::harness::{TestCluster, create_basics, ok, wait_for_status};
+use crate::harness::{DEADLINE, TestCluster, create_basics, ok, wait_for_status};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -174,5 +174,40 @@ async fn jobs_that_can_never_fit_fail_fast_and_waiting_ones_meet_the_queues_time
     );
     assert_eq!(ended["isCancelled"], true);
     assert!(ended["stoppedAt"].as_u64().unwrap() - ended["createdAt"].as_u64().unwrap() >= 1000);
+
+    // Many jobs past the limit at once end in one entry of the round, not an entry each.
+    let leader = t.cluster.wait_for_leader(DEADLINE).await.unwrap();
+    let log_index = |t: &TestCluster| {
+        t.cluster
+            .node(leader)
+            .unwrap()
+            .raft
+            .raft
+            .metrics()
+            .borrow()
+            .last_log_index
+            .unwrap_or(0)
+    };
+    let array = ok(client
+        .call(
+            "SubmitJob",
+            json!({"jobName": "many", "jobQueue": "waiting", "jobDefinition": "big",
+                   "arrayProperties": {"size": 40}}),
+        )
+        .await)["jobId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let submitted_at = log_index(&t);
+    let ended = wait_for_status(&client, &array, &["FAILED", "SUCCEEDED"]).await;
+    assert_eq!(
+        ended["arrayProperties"]["statusSummary"]["FAILED"], 40,
+        "{ended}"
+    );
+    let entries = log_index(&t) - submitted_at;
+    assert!(
+        entries < 10,
+        "40 jobs past their time limit took {entries} log entries"
+    );
     t.shutdown().await;
 }

@@ -5,7 +5,7 @@
 //! proposes what still holds as one `Place` command. Only the leader proposes: a follower's
 //! loop idles, and a deposed leader's proposal is refused by Raft rather than forwarded.
 
-use muster_core::{AdminCommand, Command, JobId, State, Timestamp};
+use muster_core::{Command, JobId, State, Timestamp};
 use muster_raft::RaftNode;
 use muster_sched::{PlanConfig, Unplaced, WaitReason, plan, verify};
 use std::time::Duration;
@@ -85,21 +85,46 @@ async fn round(node: &RaftNode, config: &PlanConfig, term: u64, refresh_reasons:
         };
         (planned, expired, reasons, unplaceable)
     };
-    // A job no node could ever hold fails now rather than waiting for capacity that cannot
-    // come: workflow engines act on its MISCONFIGURATION reason.
-    if !unplaceable.is_empty()
+    // Placements first: nothing else this round writes may hold them up.
+    if !planned.placements.is_empty() {
+        let checked = verify(&node.state.read().state, planned);
+        if !checked.placements.is_empty() {
+            let count = checked.placements.len();
+            let command = Command::Place {
+                term,
+                at: now,
+                placements: checked.placements,
+            };
+            // Proposed on this node's Raft only: if leadership moved meanwhile, the write
+            // fails here instead of being forwarded, and the new leader plans for itself.
+            match node.raft.client_write(command.into()).await {
+                Ok(written) => {
+                    metrics::counter!("muster_scheduler_placements_total").increment(count as u64);
+                    metrics::histogram!("muster_scheduler_round_seconds")
+                        .record(started.elapsed().as_secs_f64());
+                    tracing::debug!(count, outcome = ?written.data, "placements committed");
+                }
+                Err(e) => tracing::debug!(error = %e, "placement proposal not committed"),
+            }
+        }
+    }
+    // Then, in one entry, the RUNNABLE jobs that end: those no node could ever hold (they fail
+    // now rather than wait for capacity that cannot come: workflow engines act on their
+    // MISCONFIGURATION reason), and those past their queue's `jobStateTimeLimitActions`.
+    let ending: Vec<(JobId, String)> = unplaceable.into_iter().chain(expired).collect();
+    if !ending.is_empty()
         && let Err(e) = node
             .raft
             .client_write(
                 Command::FailUnplaceable {
-                    jobs: unplaceable,
+                    jobs: ending,
                     at: now,
                 }
                 .into(),
             )
             .await
     {
-        tracing::debug!(error = %e, "unplaceable jobs not failed");
+        tracing::debug!(error = %e, "ending jobs not committed");
     }
     if !reasons.is_empty()
         && let Err(e) = node
@@ -108,41 +133,6 @@ async fn round(node: &RaftNode, config: &PlanConfig, term: u64, refresh_reasons:
             .await
     {
         tracing::debug!(error = %e, "wait reasons not committed");
-    }
-    for (job, reason) in expired {
-        let cancel = Command::Admin(AdminCommand::CancelJob {
-            job,
-            reason,
-            at: now,
-        });
-        if let Err(e) = node.raft.client_write(cancel.into()).await {
-            tracing::debug!(error = %e, "time-limit cancel not committed");
-            return;
-        }
-    }
-    if planned.placements.is_empty() {
-        return;
-    }
-    let checked = verify(&node.state.read().state, planned);
-    if checked.placements.is_empty() {
-        return;
-    }
-    let count = checked.placements.len();
-    let command = Command::Place {
-        term,
-        at: now,
-        placements: checked.placements,
-    };
-    // Proposed on this node's Raft only: if leadership moved meanwhile, the write fails here
-    // instead of being forwarded, and the new leader plans for itself.
-    match node.raft.client_write(command.into()).await {
-        Ok(written) => {
-            metrics::counter!("muster_scheduler_placements_total").increment(count as u64);
-            metrics::histogram!("muster_scheduler_round_seconds")
-                .record(started.elapsed().as_secs_f64());
-            tracing::debug!(count, outcome = ?written.data, "placements committed");
-        }
-        Err(e) => tracing::debug!(error = %e, "placement proposal not committed"),
     }
 }
 

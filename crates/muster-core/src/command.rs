@@ -74,9 +74,11 @@ pub enum Command {
     SetWaitReasons {
         reasons: Vec<(JobId, String)>,
     },
-    /// RUNNABLE jobs the leader's planner found no node could ever hold: each ends FAILED
-    /// with its reason (`MISCONFIGURATION:JOB_RESOURCE_REQUIREMENT - …`), and its dependents
-    /// with it. Jobs no longer RUNNABLE when this applies are left alone.
+    /// RUNNABLE jobs the leader's scheduler ends, each FAILED and cancelled with its reason
+    /// (and its dependents with it): those no node could ever hold
+    /// (`MISCONFIGURATION:JOB_RESOURCE_REQUIREMENT - …`) and those past their queue's
+    /// `jobStateTimeLimitActions` (the action's reason), all of a round in one entry. Jobs no
+    /// longer RUNNABLE when this applies are left alone.
     FailUnplaceable {
         jobs: Vec<(JobId, String)>,
         at: Timestamp,
