@@ -44,12 +44,18 @@ fn default_max_depends_on() -> usize {
     muster_api::Limits::default().max_depends_on
 }
 
+/// Heartbeat silence after which the leader marks an agent lost, unless configured.
+pub const DEFAULT_NODE_LOST_AFTER: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// How long an ended job is kept, unless configured (`job_retention_days`).
+pub const DEFAULT_JOB_RETENTION_DAYS: u64 = 7;
+
 fn default_node_lost_after_secs() -> u64 {
-    30
+    DEFAULT_NODE_LOST_AFTER.as_secs()
 }
 
 fn default_retention_days() -> u64 {
-    7
+    DEFAULT_JOB_RETENTION_DAYS
 }
 
 fn default_cluster_name() -> String {

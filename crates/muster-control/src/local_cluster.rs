@@ -21,7 +21,7 @@ impl Default for Tuning {
     fn default() -> Self {
         Self {
             limits: muster_api::Limits::default(),
-            node_lost_after: std::time::Duration::from_secs(30),
+            node_lost_after: crate::config::DEFAULT_NODE_LOST_AFTER,
         }
     }
 }
@@ -149,7 +149,9 @@ impl LocalCluster {
                 })
                 .collect(),
             root_credentials_dir: None,
-            job_retention: std::time::Duration::from_secs(7 * 86_400),
+            job_retention: std::time::Duration::from_secs(
+                crate::config::DEFAULT_JOB_RETENTION_DAYS * 86_400,
+            ),
             node_lost_after: self.node_lost_after,
             limits: self.limits,
         }
