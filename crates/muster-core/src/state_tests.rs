@@ -550,3 +550,34 @@ fn jobs_of_eks_and_ecs_definitions_are_refused_by_the_state_machine() {
     );
     assert!(s.job(&JobId::from("p")).is_none());
 }
+
+#[test]
+fn a_share_identifier_is_refused_by_the_state_machine_on_a_fifo_queue() {
+    let mut s = base();
+    let Command::SubmitJob(mut sub) = submit("shared", 10, "d") else {
+        unreachable!("submit() makes a SubmitJob")
+    };
+    sub.extra
+        .insert("shareIdentifier".into(), serde_json::json!("teamA"));
+    let refused = s.apply(Command::SubmitJob(sub));
+    assert!(
+        matches!(&refused, Outcome::Rejected(r) if r.message.contains("only queues with a fair-share scheduling policy")),
+        "{refused:?}"
+    );
+}
+
+#[test]
+fn jobs_of_multinode_definitions_are_refused_by_the_state_machine() {
+    let mut s = base();
+    let Command::RegisterJobDefinition(mut spec) = definition("mpi", &["true"]) else {
+        unreachable!("definition() registers a definition")
+    };
+    spec.extra
+        .insert("type".into(), serde_json::json!("multinode"));
+    s.apply(Command::RegisterJobDefinition(spec));
+    let refused = s.apply(submit("m", 10, "mpi"));
+    assert!(
+        matches!(&refused, Outcome::Rejected(r) if r.message.contains("multi-node parallel jobs cannot run")),
+        "{refused:?}"
+    );
+}

@@ -528,6 +528,24 @@ impl State {
                 ),
             ));
         }
+        // A fair-share queue orders its jobs by share: each must name one, and a FIFO queue
+        // has no shares to name.
+        let share = sub.extra.get("shareIdentifier").and_then(|v| v.as_str());
+        match (queue.scheduling_policy_arn.is_some(), share) {
+            (true, None) => {
+                return Err(Rejection::new(
+                    "shareIdentifier",
+                    "shareIdentifier is required on a queue with a fair-share scheduling policy",
+                ));
+            }
+            (false, Some(_)) => {
+                return Err(Rejection::new(
+                    "shareIdentifier",
+                    "shareIdentifier: only queues with a fair-share scheduling policy take one",
+                ));
+            }
+            _ => {}
+        }
         let definition = self.definition(&sub.definition).ok_or_else(|| {
             Rejection::new(
                 "jobDefinition",
@@ -544,6 +562,12 @@ impl State {
                     "jobDefinition: job definition {} is INACTIVE",
                     definition.arn
                 ),
+            ));
+        }
+        if definition.extra.get("type").and_then(|t| t.as_str()) == Some("multinode") {
+            return Err(Rejection::new(
+                "jobDefinition",
+                "jobDefinition: multi-node parallel jobs cannot run on Muster yet (gang scheduling is still to come)",
             ));
         }
         if definition.orchestration != crate::Orchestration::Container {
