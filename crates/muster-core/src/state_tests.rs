@@ -522,7 +522,7 @@ fn parameters_are_substituted_inside_arguments_longest_name_first() {
     .map(str::to_owned)
     .collect();
     assert_eq!(
-        crate::state::substitute_parameters(&command, &parameters),
+        crate::state::assignments::substitute_parameters(&command, &parameters),
         [
             "sh",
             "-c",

@@ -1,0 +1,192 @@
+//! Whether a command is valid against the state: run by the API before proposing and by
+//! `apply` after commit.
+
+use super::*;
+
+impl State {
+    /// Checks a command against this state without changing it. The API calls this before
+    /// proposing; apply calls it again on the state the command meets after commit.
+    pub fn check(&self, cmd: &Command) -> Result<(), Rejection> {
+        match cmd {
+            Command::CreateComputeEnvironment(ce) => {
+                crate::validate::name("computeEnvironmentName", &ce.name)?;
+                if self.compute_environments.contains_key(&ce.name) {
+                    return Err(Rejection::new(
+                        "computeEnvironmentName",
+                        format!(
+                            "computeEnvironmentName: compute environment {} already exists",
+                            ce.name
+                        ),
+                    ));
+                }
+                Ok(())
+            }
+            Command::CreateJobQueue(q) => {
+                crate::validate::name("jobQueueName", &q.name)?;
+                if self.queues.contains_key(&q.name) {
+                    return Err(Rejection::new(
+                        "jobQueueName",
+                        format!("jobQueueName: job queue {} already exists", q.name),
+                    ));
+                }
+                self.check_ce_order(&q.compute_environment_order)?;
+                if let Some(arn) = &q.scheduling_policy_arn
+                    && self.scheduling_policy(arn).is_none()
+                {
+                    return Err(Rejection::new(
+                        "schedulingPolicyArn",
+                        format!("schedulingPolicyArn: scheduling policy {arn} does not exist"),
+                    ));
+                }
+                Ok(())
+            }
+            Command::RegisterJobDefinition(spec) => {
+                crate::validate::name("jobDefinitionName", &spec.name)
+            }
+            Command::SubmitJob(sub) => self.check_submit(sub).map(|_| ()),
+            // Each submit of a batch is accepted or refused on its own when applied.
+            Command::SubmitJobs(_) => Ok(()),
+            // As AWS: terminating a job that does not exist (or was purged) is no error.
+            Command::TerminateJob { .. } => Ok(()),
+            Command::RegisterNode {
+                node,
+                compute_environment,
+                ..
+            } => {
+                let Some(ce) = self.compute_environment(compute_environment) else {
+                    return Err(Rejection::new(
+                        "computeEnvironment",
+                        format!(
+                            "computeEnvironment: compute environment {compute_environment} does not exist"
+                        ),
+                    ));
+                };
+                if ce.ce_type != CeType::Unmanaged {
+                    return Err(Rejection::new(
+                        "computeEnvironment",
+                        format!(
+                            "computeEnvironment: agents may only join UNMANAGED compute environments; {} is MANAGED",
+                            ce.name
+                        ),
+                    ));
+                }
+                if let Some(existing) = self.nodes.get(node)
+                    && existing.compute_environment != ce.name
+                    && !existing.placed_jobs.is_empty()
+                {
+                    return Err(Rejection::new(
+                        "computeEnvironment",
+                        format!(
+                            "computeEnvironment: node {node} still runs jobs for {} and cannot move to {}",
+                            existing.compute_environment, ce.name
+                        ),
+                    ));
+                }
+                Ok(())
+            }
+            Command::Place { .. }
+            | Command::ReportAttempt { .. }
+            | Command::ReportAttempts { .. } => Ok(()),
+            Command::Iam(iam) => self.check_iam(iam),
+            Command::PurgeJobs { .. }
+            | Command::NodeLost { .. }
+            | Command::SetWaitReasons { .. }
+            | Command::FailUnplaceable { .. }
+            | Command::NodeHealth { .. } => Ok(()),
+            Command::Admin(admin) => self.check_admin(admin),
+        }
+    }
+
+    /// Resolves a submission against the state: its queue name and definition.
+    pub(super) fn check_submit(
+        &self,
+        sub: &JobSubmission,
+    ) -> Result<(&JobQueue, &JobDefinition), Rejection> {
+        crate::validate::name("jobName", &sub.name)?;
+        let queue = self.queue(&sub.queue).ok_or_else(|| {
+            Rejection::new(
+                "jobQueue",
+                format!("jobQueue: job queue {} does not exist", sub.queue),
+            )
+        })?;
+        if queue.state != EnabledState::Enabled {
+            return Err(Rejection::new(
+                "jobQueue",
+                format!(
+                    "jobQueue: job queue {} is DISABLED and does not accept jobs",
+                    queue.name
+                ),
+            ));
+        }
+        // A fair-share queue orders its jobs by share: each must name one, and a FIFO queue
+        // has no shares to name.
+        let share = sub.extra.get("shareIdentifier").and_then(|v| v.as_str());
+        match (queue.scheduling_policy_arn.is_some(), share) {
+            (true, None) => {
+                return Err(Rejection::new(
+                    "shareIdentifier",
+                    "shareIdentifier is required on a queue with a fair-share scheduling policy",
+                ));
+            }
+            (false, Some(_)) => {
+                return Err(Rejection::new(
+                    "shareIdentifier",
+                    "shareIdentifier: only queues with a fair-share scheduling policy take one",
+                ));
+            }
+            _ => {}
+        }
+        let definition = self.definition(&sub.definition).ok_or_else(|| {
+            Rejection::new(
+                "jobDefinition",
+                format!(
+                    "jobDefinition: job definition {} does not exist",
+                    sub.definition
+                ),
+            )
+        })?;
+        if definition.status != DefinitionStatus::Active {
+            return Err(Rejection::new(
+                "jobDefinition",
+                format!(
+                    "jobDefinition: job definition {} is INACTIVE",
+                    definition.arn
+                ),
+            ));
+        }
+        if definition.extra.get("type").and_then(|t| t.as_str()) == Some("multinode") {
+            return Err(Rejection::new(
+                "jobDefinition",
+                "jobDefinition: multi-node parallel jobs cannot run on Muster yet (gang scheduling is still to come)",
+            ));
+        }
+        if definition.orchestration != crate::Orchestration::Container {
+            return Err(Rejection::new(
+                "jobDefinition",
+                format!(
+                    "jobDefinition: {} describes its jobs with {}; Muster runs container jobs (containerProperties) only",
+                    definition.arn,
+                    definition.orchestration.member()
+                ),
+            ));
+        }
+        self.check_dependencies(sub)?;
+        let resources = definition
+            .container
+            .with_overrides(&sub.overrides)
+            .resources();
+        if resources.millicpus == 0 {
+            return Err(Rejection::new(
+                "containerOverrides.resourceRequirements",
+                "containerOverrides.resourceRequirements: the job must request at least one vCPU (VCPU)",
+            ));
+        }
+        if resources.memory_mib < 4 {
+            return Err(Rejection::new(
+                "containerOverrides.resourceRequirements",
+                "containerOverrides.resourceRequirements: the job must request at least 4 MiB of MEMORY",
+            ));
+        }
+        Ok((queue, definition))
+    }
+}
