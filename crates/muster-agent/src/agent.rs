@@ -1,18 +1,21 @@
 //! The agent's main loops: register, heartbeat, watch assignments, run attempts.
 
+use crate::attempt::run_attempt;
 use crate::backoff::Backoff;
 use crate::executor::{DockerExecutor, Executor, ProcessExecutor};
-use crate::reporter::{ControlClient, Event, Reporter};
+use crate::heartbeat::{SeenLeader, heartbeat_loop};
+use crate::logs::serve_logs;
+use crate::reporter::{ControlClient, Reporter};
 use crate::{AgentConfig, ExecutorKind, inventory};
 use muster_core::Assignment;
-use muster_proto::pb::{AssignmentSet, HeartbeatRequest, RegisterRequest, WatchRequest};
+use muster_proto::pb::{AssignmentSet, RegisterRequest, WatchRequest};
 use muster_proto::{LEADER_METADATA_KEY, assignment_from_pb, inventory_to_pb};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 
 /// An assignment stream that says nothing for this long is presumed dead and reopened
 /// (the leader resends every few seconds).
@@ -396,105 +399,6 @@ fn agent_identity(work_dir: &std::path::Path) -> std::io::Result<String> {
     Ok(id)
 }
 
-/// Serves `AgentLogs` until shutdown, and removes logs past their retention once an hour.
-async fn serve_logs(
-    config: AgentConfig,
-    listener: tokio::net::TcpListener,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let work_dir = config.work_dir.clone();
-    let retention = config.log_retention;
-    let sweeper = tokio::spawn(async move {
-        loop {
-            let dir = work_dir.clone();
-            let _ =
-                tokio::task::spawn_blocking(move || crate::logs::remove_expired(&dir, retention))
-                    .await;
-            tokio::time::sleep(Duration::from_secs(3600)).await;
-        }
-    });
-    let service =
-        muster_proto::pb::agent_logs_server::AgentLogsServer::new(crate::logs::LogService {
-            work_dir: config.work_dir.clone(),
-        });
-    let incoming = tonic::transport::server::TcpIncoming::from(listener);
-    let stop = async move {
-        while !*shutdown.borrow() {
-            if shutdown.changed().await.is_err() {
-                break;
-            }
-        }
-    };
-    if let Err(e) = tonic::transport::Server::builder()
-        .add_service(service)
-        .serve_with_incoming_shutdown(incoming, stop)
-        .await
-    {
-        tracing::error!(error = %e, "log service failed");
-    }
-    sweeper.abort();
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn run_attempt(
-    executor: Arc<Executor>,
-    reporter: Reporter,
-    assignment: Assignment,
-    log_path: PathBuf,
-    stop: watch::Receiver<bool>,
-    done: Arc<AtomicBool>,
-    grace: Duration,
-) {
-    let job = assignment.job.to_string();
-    let attempt = assignment.attempt;
-    tracing::info!(job, attempt, "starting attempt");
-    let (started_tx, started_rx) = oneshot::channel();
-    // RUNNING is queued when the attempt starts and need not be delivered before it ends:
-    // the reporter sends reports in the order they were made, so the exit never overtakes it,
-    // and a job that ends at once reports both in one call.
-    let running = async {
-        if started_rx.await.is_ok() {
-            drop(reporter.report(&job, attempt, Event::Running));
-        }
-    };
-    // The attempt's own stop signal: the leader's (TerminateJob, a superseded attempt) or the
-    // attempt's timeout, whichever comes first.
-    let (own_stop, own_stop_rx) = watch::channel(false);
-    let timed_out = Arc::new(AtomicBool::new(false));
-    let watchdog = {
-        let (own_stop, timed_out, mut stop) = (own_stop.clone(), timed_out.clone(), stop);
-        let timeout = assignment.timeout_secs.map(Duration::from_secs);
-        tokio::spawn(async move {
-            let limit = async {
-                match timeout {
-                    Some(t) => tokio::time::sleep(t).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                _ = crate::executor::stopped(&mut stop) => {}
-                _ = limit => timed_out.store(true, Ordering::SeqCst),
-            }
-            let _ = own_stop.send(true);
-        })
-    };
-    let (mut exit, ()) = tokio::join!(
-        executor.run(&assignment, &log_path, started_tx, own_stop_rx, grace),
-        running
-    );
-    watchdog.abort();
-    if timed_out.load(Ordering::SeqCst) {
-        exit.reason = Some(muster_core::ATTEMPT_TIMED_OUT.to_owned());
-    }
-    tracing::info!(job, attempt, exit_code = ?exit.exit_code, reason = ?exit.reason, "attempt ended");
-    let exited = Event::Exited {
-        exit_code: exit.exit_code,
-        reason: exit.reason,
-    };
-    reporter.report(&job, attempt, exited).await;
-    done.store(true, Ordering::SeqCst);
-}
-
 /// The attempts `set` asks for: those it describes, and those it names that an earlier set
 /// of the stream described (`described`, which is left holding exactly the set). `None` when
 /// it names one never described, which a stream never does.
@@ -516,93 +420,8 @@ fn desired_set(
     Some(described.values().cloned().collect())
 }
 
-fn touch(last_contact: &std::sync::Mutex<tokio::time::Instant>) {
+pub(crate) fn touch(last_contact: &std::sync::Mutex<tokio::time::Instant>) {
     *last_contact.lock().unwrap_or_else(|p| p.into_inner()) = tokio::time::Instant::now();
-}
-
-/// A control node that answered a heartbeat as leader with a quorum.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct SeenLeader {
-    /// The agent address this agent reached it at.
-    address: String,
-    term: u64,
-}
-
-/// Heartbeats every control node (so that whichever leads, now or after an election, has
-/// heard from this agent) with whether the executor can run jobs, and registers again with a
-/// node that no longer knows it (the node was marked lost while this agent was cut off).
-///
-/// Only an answer from a leader that holds a quorum is contact (`last_contact`), and such an
-/// answer is published in `leader_seen`: the leader alone marks agents lost, so an agent that
-/// reaches only a follower, or a leader cut off from the other control nodes, is cut off.
-async fn heartbeat_loop(
-    config: AgentConfig,
-    offered: muster_core::NodeInventory,
-    executor: Arc<Executor>,
-    control: ControlClient,
-    last_contact: Arc<std::sync::Mutex<tokio::time::Instant>>,
-    leader_seen: watch::Sender<Option<SeenLeader>>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let mut beat = HeartbeatRequest {
-        node_id: config.node_id.clone(),
-        inventory: Some(inventory_to_pb(&offered)),
-        unhealthy: None,
-    };
-    loop {
-        tokio::select! {
-            _ = shutdown.changed() => return,
-            _ = tokio::time::sleep(config.heartbeat) => {}
-        }
-        let unhealthy = executor.health().await;
-        if unhealthy != beat.unhealthy {
-            match &unhealthy {
-                Some(why) => tracing::error!(reason = %why, "this node cannot run jobs"),
-                None => tracing::info!("this node can run jobs again"),
-            }
-            beat.unhealthy = unhealthy;
-        }
-        let mut unknown = false;
-        for addr in &control.addrs {
-            let Some(mut client) = control.client(addr) else {
-                continue;
-            };
-            match client.heartbeat(beat.clone()).await {
-                Ok(reply) if reply.get_ref().leading => {
-                    touch(&last_contact);
-                    let seen = SeenLeader {
-                        address: addr.clone(),
-                        term: reply.get_ref().term,
-                    };
-                    leader_seen.send_if_modified(|was| {
-                        let newer = was.as_ref() != Some(&seen);
-                        *was = Some(seen);
-                        newer
-                    });
-                }
-                Ok(_) => {}
-                Err(status) if status.code() == tonic::Code::NotFound => unknown = true,
-                Err(status) => {
-                    tracing::debug!(addr, error = %status.message(), "heartbeat not delivered")
-                }
-            }
-        }
-        if unknown {
-            let register = RegisterRequest {
-                node_id: config.node_id.clone(),
-                compute_environment: config.compute_environment.clone(),
-                inventory: Some(inventory_to_pb(&offered)),
-            };
-            for addr in &control.addrs {
-                if let Some(mut client) = control.client(addr)
-                    && client.register(register.clone()).await.is_ok()
-                {
-                    tracing::info!(node = %config.node_id, "registered again after being marked lost");
-                    break;
-                }
-            }
-        }
-    }
 }
 
 #[cfg(test)]

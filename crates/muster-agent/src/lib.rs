@@ -11,9 +11,11 @@
 //! output stays on the agent's disk and is served to control nodes by [`logs`].
 
 mod agent;
+mod attempt;
 pub mod backoff;
 mod config;
 pub mod executor;
+mod heartbeat;
 pub mod inventory;
 pub mod logs;
 pub mod reporter;

@@ -5,11 +5,13 @@
 //! (files older than the configured retention are removed), so `GetLogEvents` answers after
 //! the container is gone and after the agent restarted.
 
+use crate::AgentConfig;
 use muster_proto::pb::agent_logs_server::AgentLogs;
 use muster_proto::pb::{LogEvent, LogPage, ReadLogRequest};
 use std::io::{BufRead, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
+use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
 /// Most events one page carries (CloudWatch's `GetLogEvents` maximum).
@@ -273,6 +275,45 @@ impl AgentLogs for LogService {
         .map_err(|e| Status::internal(format!("cannot read the attempt's log: {e}")))?;
         Ok(Response::new(page))
     }
+}
+
+/// Serves `AgentLogs` until shutdown, and removes logs past their retention once an hour.
+pub(crate) async fn serve_logs(
+    config: AgentConfig,
+    listener: tokio::net::TcpListener,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let work_dir = config.work_dir.clone();
+    let retention = config.log_retention;
+    let sweeper = tokio::spawn(async move {
+        loop {
+            let dir = work_dir.clone();
+            let _ =
+                tokio::task::spawn_blocking(move || crate::logs::remove_expired(&dir, retention))
+                    .await;
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        }
+    });
+    let service =
+        muster_proto::pb::agent_logs_server::AgentLogsServer::new(crate::logs::LogService {
+            work_dir: config.work_dir.clone(),
+        });
+    let incoming = tonic::transport::server::TcpIncoming::from(listener);
+    let stop = async move {
+        while !*shutdown.borrow() {
+            if shutdown.changed().await.is_err() {
+                break;
+            }
+        }
+    };
+    if let Err(e) = tonic::transport::Server::builder()
+        .add_service(service)
+        .serve_with_incoming_shutdown(incoming, stop)
+        .await
+    {
+        tracing::error!(error = %e, "log service failed");
+    }
+    sweeper.abort();
 }
 
 #[cfg(test)]

@@ -1,0 +1,96 @@
+//! Heartbeats to every control node, and what their answers say: contact with a leader that
+//! holds a quorum, and who that leader is.
+
+use crate::AgentConfig;
+use crate::agent::touch;
+use crate::executor::Executor;
+use crate::reporter::ControlClient;
+use muster_proto::inventory_to_pb;
+use muster_proto::pb::{HeartbeatRequest, RegisterRequest};
+use std::sync::Arc;
+use tokio::sync::watch;
+
+/// A control node that answered a heartbeat as leader with a quorum.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SeenLeader {
+    /// The agent address this agent reached it at.
+    pub(crate) address: String,
+    pub(crate) term: u64,
+}
+
+/// Heartbeats every control node (so that whichever leads, now or after an election, has
+/// heard from this agent) with whether the executor can run jobs, and registers again with a
+/// node that no longer knows it (the node was marked lost while this agent was cut off).
+///
+/// Only an answer from a leader that holds a quorum is contact (`last_contact`), and such an
+/// answer is published in `leader_seen`: the leader alone marks agents lost, so an agent that
+/// reaches only a follower, or a leader cut off from the other control nodes, is cut off.
+pub(crate) async fn heartbeat_loop(
+    config: AgentConfig,
+    offered: muster_core::NodeInventory,
+    executor: Arc<Executor>,
+    control: ControlClient,
+    last_contact: Arc<std::sync::Mutex<tokio::time::Instant>>,
+    leader_seen: watch::Sender<Option<SeenLeader>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut beat = HeartbeatRequest {
+        node_id: config.node_id.clone(),
+        inventory: Some(inventory_to_pb(&offered)),
+        unhealthy: None,
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tokio::time::sleep(config.heartbeat) => {}
+        }
+        let unhealthy = executor.health().await;
+        if unhealthy != beat.unhealthy {
+            match &unhealthy {
+                Some(why) => tracing::error!(reason = %why, "this node cannot run jobs"),
+                None => tracing::info!("this node can run jobs again"),
+            }
+            beat.unhealthy = unhealthy;
+        }
+        let mut unknown = false;
+        for addr in &control.addrs {
+            let Some(mut client) = control.client(addr) else {
+                continue;
+            };
+            match client.heartbeat(beat.clone()).await {
+                Ok(reply) if reply.get_ref().leading => {
+                    touch(&last_contact);
+                    let seen = SeenLeader {
+                        address: addr.clone(),
+                        term: reply.get_ref().term,
+                    };
+                    leader_seen.send_if_modified(|was| {
+                        let newer = was.as_ref() != Some(&seen);
+                        *was = Some(seen);
+                        newer
+                    });
+                }
+                Ok(_) => {}
+                Err(status) if status.code() == tonic::Code::NotFound => unknown = true,
+                Err(status) => {
+                    tracing::debug!(addr, error = %status.message(), "heartbeat not delivered")
+                }
+            }
+        }
+        if unknown {
+            let register = RegisterRequest {
+                node_id: config.node_id.clone(),
+                compute_environment: config.compute_environment.clone(),
+                inventory: Some(inventory_to_pb(&offered)),
+            };
+            for addr in &control.addrs {
+                if let Some(mut client) = control.client(addr)
+                    && client.register(register.clone()).await.is_ok()
+                {
+                    tracing::info!(node = %config.node_id, "registered again after being marked lost");
+                    break;
+                }
+            }
+        }
+    }
+}
