@@ -20,12 +20,6 @@ use tokio::sync::watch;
 /// An assignment stream that says nothing for this long is presumed dead and reopened
 /// (the leader resends every few seconds).
 const STREAM_SILENCE: Duration = Duration::from_secs(15);
-/// The first and the longest wait before calling the control plane again after a failure
-/// (see [`Backoff`]).
-const RETRY_FIRST: Duration = Duration::from_millis(100);
-/// After a failover, an agent's next try comes at most this long after the new leader is
-/// up: the scheduler may already have placed work on it.
-const RETRY_MAX: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -170,7 +164,7 @@ impl Agent {
             compute_environment: self.config.compute_environment.clone(),
             inventory: Some(inventory_to_pb(&self.inventory())),
         };
-        let mut backoff = Backoff::new(RETRY_FIRST, RETRY_MAX, &self.config.node_id);
+        let mut backoff = Backoff::for_control_plane(&self.config.node_id);
         let mut shutdown = shutdown.clone();
         loop {
             for addr in &self.control.addrs {
@@ -203,7 +197,7 @@ impl Agent {
         mut shutdown: watch::Receiver<bool>,
     ) {
         let mut leader_hint: Option<String> = None;
-        let mut backoff = Backoff::new(RETRY_FIRST, RETRY_MAX, &self.config.node_id);
+        let mut backoff = Backoff::for_control_plane(&self.config.node_id);
         let mut next = 0usize;
         let mut max_term = 0u64;
         let mut swept = false;

@@ -21,6 +21,18 @@ pub struct Backoff {
 }
 
 impl Backoff {
+    /// How an agent paces its calls to the control plane after a failure: 100 ms at first,
+    /// never more than a second apart, so that after a failover an agent's next try comes at
+    /// most a second after the new leader is up (the scheduler may already have placed work
+    /// on it). The bench's simulated agents pace theirs the same way.
+    pub fn for_control_plane(agent: &str) -> Self {
+        Self::new(
+            std::time::Duration::from_millis(100),
+            std::time::Duration::from_secs(1),
+            agent,
+        )
+    }
+
     /// `seed` (an agent's node id) decides the agent's jitter sequence.
     pub fn new(first: Duration, max: Duration, seed: &str) -> Self {
         let mut hasher = DefaultHasher::new();
