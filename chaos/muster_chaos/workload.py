@@ -27,7 +27,9 @@ def classify(error):
     """ok / fail / unknown for an exception a boto3 call raised."""
     if isinstance(error, botocore.exceptions.ClientError):
         status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 500)
-        return "fail" if 400 <= status < 500 else "unknown"
+        # Muster answers 503 only for what it certainly did not do (no leader took it), and
+        # the checker holds it to that; a 500 may have been applied.
+        return "fail" if 400 <= status < 500 or status == 503 else "unknown"
     # Nothing was sent: the connection was never made.
     if isinstance(error, (botocore.exceptions.EndpointConnectionError,
                           botocore.exceptions.ConnectTimeoutError)):

@@ -131,7 +131,7 @@ pub async fn authenticate<P: ControlPlane>(
     // reached it yet, so a miss is asked again linearizably.
     let found = match plane.read_local(lookup.clone()) {
         Some(found) => Some(found),
-        None => plane.read(lookup).await.map_err(ApiError::server)?,
+        None => plane.read(lookup).await.map_err(ApiError::from)?,
     };
     let Some((secret, principal)) = found else {
         return Err(ApiError::forbidden(

@@ -104,7 +104,7 @@ pub(crate) async fn create<P: ControlPlane>(
                 .map(|ce| (ce.name.clone(), ce.arn.0.clone()))
         })
         .await
-        .map_err(ApiError::server)?
+        .map_err(ApiError::from)?
         .ok_or_else(|| ApiError::server("compute environment vanished after commit"))?;
     Ok(json!({ "computeEnvironmentName": arn.0, "computeEnvironmentArn": arn.1 }))
 }
@@ -351,7 +351,7 @@ pub(crate) async fn describe<P: ControlPlane>(
             )
         })
         .await
-        .map_err(ApiError::server)?;
+        .map_err(ApiError::from)?;
     Ok(crate::request::page_answer(
         "computeEnvironments",
         page,

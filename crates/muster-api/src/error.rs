@@ -45,6 +45,21 @@ impl ApiError {
     }
 }
 
+impl From<crate::PlaneError> for ApiError {
+    /// A command certainly not taken is `503` (clients send it again); one that may have been
+    /// applied is `500 ServerException`, its message saying so.
+    fn from(e: crate::PlaneError) -> Self {
+        match e {
+            crate::PlaneError::Unavailable(message) => Self {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                code: "ServiceUnavailableException",
+                message,
+            },
+            crate::PlaneError::Indeterminate(message) => Self::server(message),
+        }
+    }
+}
+
 impl From<Rejection> for ApiError {
     fn from(r: Rejection) -> Self {
         ApiError::client(r.message)

@@ -84,7 +84,7 @@ pub(crate) async fn dispatch<P: ControlPlane>(
         let users = plane
             .read(|s| s.users().map(user_shape).collect::<Vec<_>>())
             .await
-            .map_err(ApiError::server)?;
+            .map_err(ApiError::from)?;
         return Ok(json!({ "Users": users }));
     }
     let user = required("UserName", &req.user_name)?.to_owned();
@@ -108,7 +108,7 @@ pub(crate) async fn dispatch<P: ControlPlane>(
             let shape = plane
                 .read(move |s| s.user(&user).map(user_shape))
                 .await
-                .map_err(ApiError::server)?;
+                .map_err(ApiError::from)?;
             Ok(json!({ "User": shape }))
         }
         "deleteuser" => {
@@ -145,7 +145,7 @@ pub(crate) async fn dispatch<P: ControlPlane>(
                     })
                 })
                 .await
-                .map_err(ApiError::server)?
+                .map_err(ApiError::from)?
                 .ok_or_else(|| ApiError::client("UserName: no such user"))?;
             Ok(json!({ "AccessKeyMetadata": keys }))
         }
@@ -183,7 +183,7 @@ pub(crate) async fn dispatch<P: ControlPlane>(
                     })
                 })
                 .await
-                .map_err(ApiError::server)?;
+                .map_err(ApiError::from)?;
             let (user, document) = found
                 .ok_or_else(|| ApiError::client("PolicyName: no such policy for this user"))?;
             Ok(json!({"UserName": user, "PolicyName": policy_name, "PolicyDocument": document}))
@@ -195,7 +195,7 @@ pub(crate) async fn dispatch<P: ControlPlane>(
                         .map(|u| u.policies.keys().cloned().collect::<Vec<_>>())
                 })
                 .await
-                .map_err(ApiError::server)?
+                .map_err(ApiError::from)?
                 .ok_or_else(|| ApiError::client("UserName: no such user"))?;
             Ok(json!({ "PolicyNames": names }))
         }

@@ -539,7 +539,7 @@ pub(crate) async fn describe<P: ControlPlane>(
             (page, matching.next().is_some())
         })
         .await
-        .map_err(ApiError::server)?;
+        .map_err(ApiError::from)?;
     let token = page.last().filter(|_| more).map(|d| {
         format!(
             "{}:{}",

@@ -307,7 +307,7 @@ pub(crate) async fn describe<P: ControlPlane>(
             )
         })
         .await
-        .map_err(ApiError::server)?;
+        .map_err(ApiError::from)?;
     Ok(crate::request::page_answer("jobQueues", page, token))
 }
 
@@ -335,6 +335,6 @@ pub(crate) async fn snapshot<P: ControlPlane>(
                 .collect::<Vec<_>>()
         })
         .await
-        .map_err(ApiError::server)?;
+        .map_err(ApiError::from)?;
     Ok(json!({"frontOfQueue": {"jobs": jobs, "lastUpdatedAt": now}}))
 }

@@ -423,7 +423,7 @@ pub(crate) async fn describe<P: ControlPlane>(
                 .collect::<Vec<_>>()
         })
         .await
-        .map_err(ApiError::server)?;
+        .map_err(ApiError::from)?;
     Ok(json!({ "jobs": details }))
 }
 
@@ -568,7 +568,7 @@ pub(crate) async fn list<P: ControlPlane>(
             Some((page, matching.next().is_some()))
         })
         .await
-        .map_err(ApiError::server)?;
+        .map_err(ApiError::from)?;
     let Some((page, more)) = result else {
         return Err(match req.array_job_id {
             Some(a) => ApiError::client(format!("arrayJobId: array job {a} does not exist")),
@@ -690,7 +690,7 @@ async fn job_exists<P: ControlPlane>(plane: &P, job: &JobId) -> Result<bool, Api
     plane
         .read(move |state| state.job(&job).is_some())
         .await
-        .map_err(ApiError::server)
+        .map_err(ApiError::from)
 }
 
 /// CancelJob: fails a job that has not reached STARTING (and says nothing about one that

@@ -41,16 +41,31 @@ use muster_core::{Command, Outcome, State, Timestamp};
 use std::future::Future;
 use std::sync::Arc;
 
+/// Why the cluster could not do what the API asked, told apart by whether the command may
+/// have been applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlaneError {
+    /// Not done, and safe to ask again: no leader could be reached, the leader lacked a
+    /// quorum, a read could not be confirmed, or the node is stopping.
+    #[error("{0}")]
+    Unavailable(String),
+    /// It may or may not have been applied: the leader failed, or was replaced, while it held
+    /// the command.
+    #[error("{0}")]
+    Indeterminate(String),
+}
+
 /// What the API needs from the cluster. Implemented by the control node over Raft.
 pub trait ControlPlane: Send + Sync + 'static {
     /// Commits a command (forwarded to the leader if need be) and returns its outcome.
-    fn propose(&self, command: Command) -> impl Future<Output = Result<Outcome, String>> + Send;
+    fn propose(&self, command: Command)
+    -> impl Future<Output = Result<Outcome, PlaneError>> + Send;
 
     /// Runs `f` on a linearizable view of the state.
     fn read<R: Send + 'static>(
         &self,
         f: impl FnOnce(&State) -> R + Send + 'static,
-    ) -> impl Future<Output = Result<R, String>> + Send;
+    ) -> impl Future<Output = Result<R, PlaneError>> + Send;
 
     /// Runs `f` on this node's replica as it is now, without asking the leader: for lookups
     /// where a slightly old answer is safe (the access key of a caller).
@@ -385,10 +400,10 @@ async fn check_and_propose<P: ControlPlane>(
         plane
             .read(move |state| state.check(&probe))
             .await
-            .map_err(ApiError::server)?
+            .map_err(ApiError::from)?
             .map_err(ApiError::from)?;
     }
-    match plane.propose(command).await.map_err(ApiError::server)? {
+    match plane.propose(command).await.map_err(ApiError::from)? {
         Outcome::Rejected(rejection) => Err(rejection.into()),
         outcome => Ok(outcome),
     }

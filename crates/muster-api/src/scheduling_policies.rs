@@ -180,7 +180,7 @@ pub(crate) async fn describe<P: ControlPlane>(
                 .collect::<Vec<_>>()
         })
         .await
-        .map_err(ApiError::server)?;
+        .map_err(ApiError::from)?;
     Ok(json!({ "schedulingPolicies": found }))
 }
 
@@ -212,7 +212,7 @@ pub(crate) async fn list<P: ControlPlane>(
             (page, all.next().is_some())
         })
         .await
-        .map_err(ApiError::server)?;
+        .map_err(ApiError::from)?;
     let token = page.last().filter(|_| more).map(|(n, _)| n.clone());
     let arns: Vec<Value> = page.iter().map(|(_, arn)| json!({"arn": arn})).collect();
     Ok(crate::request::page_answer(

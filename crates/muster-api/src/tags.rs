@@ -27,7 +27,7 @@ pub(crate) async fn dispatch<P: ControlPlane>(
             let found = plane
                 .read(move |s| s.tags_of(&wanted).cloned())
                 .await
-                .map_err(ApiError::server)?;
+                .map_err(ApiError::from)?;
             let tags = found.ok_or_else(|| {
                 ApiError::client(format!(
                     "resourceArn: {arn} does not name a taggable resource"

@@ -22,7 +22,7 @@ struct LocalPlane {
 }
 
 impl ControlPlane for Arc<LocalPlane> {
-    async fn propose(&self, command: Command) -> Result<Outcome, String> {
+    async fn propose(&self, command: Command) -> Result<Outcome, crate::PlaneError> {
         self.proposals.fetch_add(1, Ordering::SeqCst);
         Ok(self.state.lock().unwrap().apply(command))
     }
@@ -30,7 +30,7 @@ impl ControlPlane for Arc<LocalPlane> {
     async fn read<R: Send + 'static>(
         &self,
         f: impl FnOnce(&State) -> R + Send + 'static,
-    ) -> Result<R, String> {
+    ) -> Result<R, crate::PlaneError> {
         Ok(f(&self.state.lock().unwrap()))
     }
 
@@ -684,4 +684,18 @@ async fn oversized_bodies_are_client_exceptions() {
     );
     assert!(out["message"].as_str().unwrap().contains("request body"));
     assert_eq!(plane.proposals.load(Ordering::SeqCst), before);
+}
+
+#[test]
+fn what_was_certainly_not_done_is_503_and_what_may_have_been_is_500() {
+    let not_taken = ApiError::from(crate::PlaneError::Unavailable("no leader".into()));
+    assert_eq!(
+        (not_taken.status.as_u16(), not_taken.code),
+        (503, "ServiceUnavailableException")
+    );
+    let unknown = ApiError::from(crate::PlaneError::Indeterminate("replaced".into()));
+    assert_eq!(
+        (unknown.status.as_u16(), unknown.code),
+        (500, "ServerException")
+    );
 }

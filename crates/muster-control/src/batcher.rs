@@ -8,6 +8,7 @@
 //! three replicas and a network round trip). Batches in flight may commit in any order; what
 //! must stay in order is sent as one group, which is never split between entries.
 
+use muster_api::PlaneError;
 use muster_core::{Command, Outcome};
 use muster_raft::RaftNode;
 use std::sync::Arc;
@@ -18,7 +19,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 struct Pending<T> {
     items: Vec<T>,
     bytes: usize,
-    done: oneshot::Sender<Result<Vec<Outcome>, String>>,
+    done: oneshot::Sender<Result<Vec<Outcome>, PlaneError>>,
 }
 
 /// How large one batch may grow.
@@ -102,7 +103,7 @@ impl<T: Send + 'static> Batcher<T> {
                             }
                         }
                         result => {
-                            let result = result.map_err(|e| e.to_string());
+                            let result = result.map_err(crate::plane::plane_error);
                             for (len, done) in groups {
                                 let _ = done.send(result.clone().map(|o| vec![o; len]));
                             }
@@ -116,9 +117,9 @@ impl<T: Send + 'static> Batcher<T> {
 
     /// Queues `item` (`bytes` long once encoded) and waits until the entry it went out in is
     /// committed and applied.
-    pub(crate) async fn commit(&self, item: T, bytes: usize) -> Result<Outcome, String> {
+    pub(crate) async fn commit(&self, item: T, bytes: usize) -> Result<Outcome, PlaneError> {
         let mut outcomes = self.commit_in_order(vec![item], bytes).await?;
-        outcomes.pop().ok_or_else(|| SHUTTING_DOWN.to_owned())
+        outcomes.pop().ok_or_else(shutting_down)
     }
 
     /// Queues `items` (`bytes` long together) to go into one entry in this order, and waits
@@ -127,13 +128,13 @@ impl<T: Send + 'static> Batcher<T> {
         &self,
         items: Vec<T>,
         bytes: usize,
-    ) -> Result<Vec<Outcome>, String> {
+    ) -> Result<Vec<Outcome>, PlaneError> {
         let (done, outcome) = oneshot::channel();
         self.queue
             .send(Pending { items, bytes, done })
             .await
-            .map_err(|_| SHUTTING_DOWN.to_owned())?;
-        outcome.await.map_err(|_| SHUTTING_DOWN.to_owned())?
+            .map_err(|_| shutting_down())?;
+        outcome.await.map_err(|_| shutting_down())?
     }
 }
 
@@ -185,7 +186,10 @@ fn gather<T>(
     gathered
 }
 
-const SHUTTING_DOWN: &str = "this control node is shutting down";
+/// A batch that will never be sent: the node stops (the caller may go to another).
+fn shutting_down() -> PlaneError {
+    PlaneError::Unavailable("this control node is shutting down".to_owned())
+}
 
 #[cfg(test)]
 mod tests {
@@ -202,7 +206,7 @@ mod tests {
         items: Vec<u32>,
     ) -> (
         Pending<u32>,
-        oneshot::Receiver<Result<Vec<Outcome>, String>>,
+        oneshot::Receiver<Result<Vec<Outcome>, PlaneError>>,
     ) {
         let (done, waiting) = oneshot::channel();
         let bytes = items.len() * 10;

@@ -285,7 +285,7 @@ impl AgentService for AgentGateway {
             .reports
             .commit_in_order(reports, 0)
             .await
-            .map_err(Status::unavailable)?;
+            .map_err(|e| Status::unavailable(e.to_string()))?;
         if let Some(Outcome::Rejected(r)) =
             outcomes.iter().find(|o| matches!(o, Outcome::Rejected(_)))
         {

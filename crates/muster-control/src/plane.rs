@@ -1,8 +1,9 @@
 //! The API's view of the cluster, over Raft.
 
 use crate::batcher::{BatchLimits, Batcher};
-use muster_api::{ControlPlane, LogPage, LogRequest, LogWindow};
+use muster_api::{ControlPlane, LogPage, LogRequest, LogWindow, PlaneError};
 use muster_core::{Command, JobSubmission, Outcome, State, Timestamp};
+use muster_raft::ProposeError;
 use muster_raft::RaftNode;
 
 /// How many submits, and how many encoded bytes of them, one entry holds at most (an entry
@@ -36,22 +37,26 @@ impl RaftPlane {
 }
 
 impl ControlPlane for RaftPlane {
-    async fn propose(&self, command: Command) -> Result<Outcome, String> {
+    async fn propose(&self, command: Command) -> Result<Outcome, PlaneError> {
         match command {
             Command::SubmitJob(submission) => {
                 // The entry is JSON: measuring the submit the same way bounds it exactly.
                 let bytes = serde_json::to_vec(&submission).map_or(0, |v| v.len());
                 self.submits.commit(submission, bytes).await
             }
-            command => self.node.propose(command).await.map_err(|e| e.to_string()),
+            command => self.node.propose(command).await.map_err(plane_error),
         }
     }
 
     async fn read<R: Send + 'static>(
         &self,
         f: impl FnOnce(&State) -> R + Send + 'static,
-    ) -> Result<R, String> {
-        self.node.read(f).await.map_err(|e| e.to_string())
+    ) -> Result<R, PlaneError> {
+        // A read changes nothing: whatever kept it from an answer, it may be asked again.
+        self.node
+            .read(f)
+            .await
+            .map_err(|e| PlaneError::Unavailable(e.to_string()))
     }
 
     fn read_local<R>(&self, f: impl FnOnce(&State) -> R) -> R {
@@ -111,3 +116,16 @@ impl ControlPlane for RaftPlane {
 
 /// How long a control node waits for an agent's log service.
 const LOG_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Whether a proposal that failed may have been applied: one no leader took (none could be
+/// reached, or it had no quorum) certainly was not; one a leader failed or lost may have been.
+pub(crate) fn plane_error(e: ProposeError) -> PlaneError {
+    match e {
+        ProposeError::NoLeader(_) | ProposeError::NoQuorum => {
+            PlaneError::Unavailable(e.to_string())
+        }
+        ProposeError::Failed(_) | ProposeError::Superseded(_) => {
+            PlaneError::Indeterminate(e.to_string())
+        }
+    }
+}

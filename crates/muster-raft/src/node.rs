@@ -74,6 +74,9 @@ impl RaftNode {
     pub async fn propose(&self, command: Command) -> Result<Outcome, ProposeError> {
         let deadline = Instant::now() + LEADER_WAIT;
         let command = LoggedCommand::from(command);
+        // Whether a leader may hold a copy of the command that could still commit: then
+        // running out of time is no proof that it was not applied.
+        let mut maybe_taken = false;
         loop {
             let leader = match self.write_here(&command).await? {
                 Ok(outcome) => return Ok(outcome),
@@ -85,6 +88,7 @@ impl RaftNode {
                     // A stalled or cut-off leader: go to the new one at once if proposing
                     // again cannot apply the command twice.
                     Forwarded::Superseded if self.harmless_to_propose_again(&command.0).await => {
+                        maybe_taken = true;
                         tracing::info!(
                             leader,
                             "the leader was replaced while it held a forwarded write: taking it to the new one"
@@ -105,13 +109,32 @@ impl RaftNode {
                             status.message()
                         )));
                     }
-                    // Leadership moved, or the leader is unreachable before the command was
-                    // delivered: safe to try again.
-                    Ok(ForwardedReply::NotLeader(_)) | Err(_) => {}
+                    // Leadership moved, or no connection to the leader could be made: the
+                    // command was not delivered, and is safe to try again.
+                    Ok(ForwardedReply::NotLeader(_)) => {}
+                    Err(status) if never_sent(&status) => {}
+                    // The connection broke after the command went out: the leader may have
+                    // taken it (and replicated it before it failed). Again only if that is
+                    // harmless.
+                    Err(status) => {
+                        maybe_taken = true;
+                        if !self.harmless_to_propose_again(&command.0).await {
+                            return Err(ProposeError::Failed(format!(
+                                "the connection to leader {leader} broke while it held the command: {}",
+                                status.message()
+                            )));
+                        }
+                    }
                 }
             }
             if Instant::now() >= deadline {
-                return Err(ProposeError::NoLeader(LEADER_WAIT));
+                return Err(if maybe_taken {
+                    ProposeError::Failed(format!(
+                        "no leader answered within {LEADER_WAIT:?}, and one may hold the command"
+                    ))
+                } else {
+                    ProposeError::NoLeader(LEADER_WAIT)
+                });
             }
             tokio::time::sleep(RETRY_PAUSE).await;
         }
@@ -291,5 +314,54 @@ impl RaftNode {
             }
         });
         rx
+    }
+}
+
+/// Whether a forward failed before the command left this node: no connection to the leader
+/// could be made (refused, unreachable, timed out connecting), or no address is known.
+fn never_sent(status: &tonic::Status) -> bool {
+    use std::error::Error;
+    if status.code() != tonic::Code::Unavailable {
+        return false;
+    }
+    if status.message().starts_with("no address for node") {
+        return true;
+    }
+    // tonic reports a failed connect as a transport error whose cause is a `ConnectError`.
+    let mut source: Option<&dyn Error> = status.source();
+    while let Some(e) = source {
+        if e.to_string().contains("tcp connect error") {
+            return true;
+        }
+        source = e.source();
+    }
+    status.message().contains("tcp connect error")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::never_sent;
+    use muster_proto::pb::ReadIndexRequest;
+    use muster_proto::pb::raft_service_client::RaftServiceClient;
+
+    #[tokio::test]
+    async fn a_refused_connection_is_known_never_to_have_carried_the_command() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{closed}"))
+            .unwrap()
+            .connect_lazy();
+        let status = RaftServiceClient::new(channel)
+            .read_index(ReadIndexRequest {})
+            .await
+            .unwrap_err();
+        assert!(never_sent(&status), "{status:?}");
+        // A connection that broke under a call may have carried it.
+        assert!(!never_sent(&tonic::Status::unavailable(
+            "error reading a body from connection: connection reset"
+        )));
+        assert!(!never_sent(&tonic::Status::unknown("transport error")));
     }
 }
