@@ -581,3 +581,46 @@ fn jobs_of_multinode_definitions_are_refused_by_the_state_machine() {
         "{refused:?}"
     );
 }
+
+#[test]
+fn terminating_a_starting_job_ends_it_at_once_and_a_running_one_when_its_agent_reports() {
+    let mut s = base();
+    for id in ["starting", "running"] {
+        s.apply(submit(id, 10, "d"));
+        s.apply(Command::Place {
+            term: 1,
+            at: Timestamp(11),
+            placements: vec![Placement {
+                job: JobId::from(id),
+                node: NodeId("n1".into()),
+                gpus: vec![],
+            }],
+        });
+    }
+    s.apply(Command::ReportAttempt {
+        job: JobId::from("running"),
+        attempt: 1,
+        node: NodeId("n1".into()),
+        event: AttemptEvent::Running,
+        at: Timestamp(12),
+    });
+    for id in ["starting", "running"] {
+        s.apply(Command::TerminateJob {
+            job: JobId::from(id),
+            reason: "stop".into(),
+            at: Timestamp(13),
+        });
+    }
+    // Its agent may never have seen the STARTING attempt: nothing would ever report its end.
+    let starting = s.job(&JobId::from("starting")).unwrap();
+    assert_eq!(starting.status, JobStatus::Failed);
+    assert_eq!(starting.status_reason.as_deref(), Some("stop"));
+    assert_eq!(starting.attempts.len(), 1, "no retry after a terminate");
+    // The RUNNING one is stopped by its agent, whose report ends it.
+    assert_eq!(
+        s.job(&JobId::from("running")).unwrap().status,
+        JobStatus::Running
+    );
+    assert!(s.assignments_for(&NodeId("n1".into())).is_empty());
+    assert_eq!(s.resource_violations(), Vec::<String>::new());
+}

@@ -430,9 +430,25 @@ impl State {
                 s.as_aws()
             )),
             s if s.is_placed() => {
-                // The agent stops the container; the attempt's exit report ends the job.
                 job.is_terminated = true;
-                job.terminate_reason.get_or_insert(reason);
+                job.terminate_reason.get_or_insert(reason.clone());
+                // A RUNNING attempt ends when its agent, no longer assigned it, stops the
+                // container and reports the exit. A STARTING one ends now: its agent may never
+                // have received it (it leaves the node's assignments here), and then no report
+                // would ever come. Should it be running after all, the agent stops it, and its
+                // late report is ignored.
+                let starting = job
+                    .active
+                    .as_ref()
+                    .filter(|a| a.started_at.is_none())
+                    .map(|a| (a.number, a.node.clone()));
+                if let Some((attempt, node)) = starting {
+                    let event = AttemptEvent::Exited {
+                        exit_code: None,
+                        reason: Some(reason),
+                    };
+                    self.report(id, attempt, &node, event, at);
+                }
                 Outcome::Done
             }
             s => {
