@@ -176,6 +176,9 @@ def main():
             "violations": violations,
             # What did not simply succeed, for the post-mortem of a failed check.
             "not_ok": [op for op in history.ops if op["result"] != "ok"][:300],
+            # Jobs clients cancelled or terminated, for the same post-mortems.
+            "ended_by_clients": [(op["op"], op["job"]) for op in history.ops
+                                 if op["op"] in ("cancel", "terminate") and op["result"] == "ok"],
         }
     finally:
         if cluster:
