@@ -237,9 +237,19 @@ impl IamCommand {
 async fn iam(endpoint_url: Option<String>, command: IamCommand) -> anyhow::Result<()> {
     let (operation, body) = command.request()?;
     let client = muster_client::BatchClient::from_environment(endpoint_url)?;
-    match client.call_iam(operation, body).await {
+    print_answer(operation, client.call_iam(operation, body).await, false)
+}
+
+/// Prints a call's JSON answer (an empty object only when `empty_too`); an API error reads
+/// and exits as the aws CLI's does.
+fn print_answer(
+    operation: &str,
+    answer: Result<serde_json::Value, muster_client::CallError>,
+    empty_too: bool,
+) -> anyhow::Result<()> {
+    match answer {
         Ok(answer) => {
-            if answer.as_object().is_some_and(|o| !o.is_empty()) {
+            if empty_too || answer.as_object().is_some_and(|o| !o.is_empty()) {
                 println!("{}", serde_json::to_string_pretty(&answer)?);
             }
             Ok(())
@@ -318,19 +328,7 @@ async fn main() -> anyhow::Result<()> {
             let body: serde_json::Value = serde_json::from_str(body.as_deref().unwrap_or("{}"))
                 .context("the request body is not JSON")?;
             let client = muster_client::BatchClient::from_environment(endpoint_url)?;
-            match client.call(&operation, body).await {
-                Ok(answer) => {
-                    println!("{}", serde_json::to_string_pretty(&answer)?);
-                    Ok(())
-                }
-                Err(muster_client::CallError::Api { code, message, .. }) => {
-                    eprintln!(
-                        "An error occurred ({code}) when calling the {operation} operation: {message}"
-                    );
-                    std::process::exit(255);
-                }
-                Err(e) => Err(e.into()),
-            }
+            print_answer(&operation, client.call(&operation, body).await, true)
         }
         Commands::Debug {
             command: DebugCommand::ReplayLog { data_dir },
