@@ -122,6 +122,7 @@ impl ControlNode {
             raft: raft.clone(),
             state,
             peers,
+            elections: Arc::default(),
         };
 
         let heartbeats = crate::liveness::Heartbeats::default();
@@ -135,6 +136,7 @@ impl ControlNode {
             config.node_id,
             node.peers.clone(),
             leader_contact.clone(),
+            node.elections.clone(),
             shutdown_rx.clone(),
         ));
         let raft_server = keepalive(tonic::transport::Server::builder(), Duration::from_secs(1))

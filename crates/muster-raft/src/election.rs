@@ -86,6 +86,28 @@ pub fn leads_without_quorum(raft: &Raft) -> bool {
             .is_none_or(|ms| Duration::from_millis(ms) >= QUORUM_LEASE)
 }
 
+/// How this node's elections went since it started: what an operator (and a test) reads to
+/// tell a node that stood and lost from one that never stood.
+#[derive(Debug, Default)]
+pub struct ElectionTally {
+    /// Pre-votes this node asked for and lost (it did not stand, and no term was raised).
+    pub pre_votes_lost: std::sync::atomic::AtomicU64,
+    /// Elections it called after winning a pre-vote.
+    pub elections_called: std::sync::atomic::AtomicU64,
+}
+
+impl ElectionTally {
+    pub fn pre_votes_lost(&self) -> u64 {
+        self.pre_votes_lost
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn elections_called(&self) -> u64 {
+        self.elections_called
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 /// "Would you vote for me?", asked before a real election and changing no one's term.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct PreVoteRequest {
@@ -145,8 +167,10 @@ pub async fn run_elections(
     id: NodeId,
     peers: PeerDirectory,
     contact: LeaderContact,
+    tally: Arc<ElectionTally>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    use std::sync::atomic::Ordering;
     // Channels of this runtime's own (see `ChannelCache`).
     let channels = ChannelCache::default();
     let mut jitter = Jitter::new(id);
@@ -196,6 +220,7 @@ pub async fn run_elections(
                 voters,
                 "pre-vote won: standing for election"
             );
+            tally.elections_called.fetch_add(1, Ordering::Relaxed);
             if raft.trigger().elect().await.is_err() {
                 return;
             }
@@ -206,6 +231,7 @@ pub async fn run_elections(
                 voters,
                 "pre-vote lost: not standing"
             );
+            tally.pre_votes_lost.fetch_add(1, Ordering::Relaxed);
         }
         quiet_since = Instant::now();
         timeout = jitter.election_timeout();

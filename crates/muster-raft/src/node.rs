@@ -66,6 +66,8 @@ pub struct RaftNode {
     pub raft: Raft,
     pub state: StateHandle,
     pub peers: PeerDirectory,
+    /// How this node's pre-votes and elections went (`election::run_elections` counts).
+    pub elections: std::sync::Arc<crate::election::ElectionTally>,
 }
 
 impl RaftNode {
