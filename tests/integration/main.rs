@@ -14,3 +14,4 @@ mod partitions;
 mod processes;
 mod restart;
 mod semantics;
+mod sim;

@@ -137,6 +137,7 @@ impl ControlNode {
             node.peers.clone(),
             leader_contact.clone(),
             node.elections.clone(),
+            muster_raft::election::jitter_seed(),
             shutdown_rx.clone(),
         ));
         let raft_server = keepalive(tonic::transport::Server::builder(), Duration::from_secs(1))
@@ -198,26 +199,13 @@ impl ControlNode {
             }
         }));
 
-        tasks.push(tokio::spawn(scheduler::run(
-            node.clone(),
-            Default::default(),
-            shutdown_rx.clone(),
-        )));
-        tasks.push(tokio::spawn(crate::liveness::run(
-            node.clone(),
-            heartbeats.clone(),
+        tasks.extend(spawn_loops(
+            &node,
+            &heartbeats,
             config.node_lost_after,
-            shutdown_rx.clone(),
-        )));
-        tasks.push(tokio::spawn(report_raft_gauges(
-            node.clone(),
-            shutdown_rx.clone(),
-        )));
-        tasks.push(tokio::spawn(crate::housekeeping::run(
-            node.clone(),
             config.job_retention,
             shutdown_rx.clone(),
-        )));
+        ));
 
         // The lowest-numbered voter founds the cluster, once: afterwards its log is not empty
         // and it restarts from its data directory like everyone else. The founder also makes
@@ -411,6 +399,37 @@ fn free_bytes(dir: &std::path::Path) -> std::io::Result<u64> {
         stat.assume_init()
     };
     Ok(stat.f_bavail as u64 * stat.f_frsize as u64)
+}
+
+/// The loops every control node runs beside its servers, each until `shutdown`: the scheduler
+/// and its plan applier, agent liveness and job housekeeping (which act only while this node
+/// leads), and the Raft gauges. `node_lost_after` and `job_retention` as in [`ServerConfig`].
+pub fn spawn_loops(
+    node: &RaftNode,
+    heartbeats: &crate::Heartbeats,
+    node_lost_after: Duration,
+    job_retention: Duration,
+    shutdown: watch::Receiver<bool>,
+) -> Vec<JoinHandle<()>> {
+    vec![
+        tokio::spawn(scheduler::run(
+            node.clone(),
+            Default::default(),
+            shutdown.clone(),
+        )),
+        tokio::spawn(crate::liveness::run(
+            node.clone(),
+            heartbeats.clone(),
+            node_lost_after,
+            shutdown.clone(),
+        )),
+        tokio::spawn(report_raft_gauges(node.clone(), shutdown.clone())),
+        tokio::spawn(crate::housekeeping::run(
+            node.clone(),
+            job_retention,
+            shutdown,
+        )),
+    ]
 }
 
 /// Both sides of every internal connection ping: a peer or agent that vanished without a reset

@@ -1,13 +1,14 @@
 //! Replaying a stopped control node's committed log through a fresh state, checking after
 //! every entry what no `apply` may break (`State::resource_violations`: no node over-committed,
 //! every node's books matching its jobs). The chaos harness runs it on every node's data
-//! directory after a run (`muster debug replay-log`).
+//! directory after a run (`muster debug replay-log`), and the deterministic simulation on each
+//! simulated node's in-memory log.
 
 use muster_core::State;
 use muster_raft::TypeConfig;
 use muster_store::{SledLogStore, open_sled};
 use openraft::EntryPayload;
-use openraft::storage::{RaftLogReader, RaftLogStorage};
+use openraft::storage::RaftLogStorage;
 use serde::Serialize;
 use std::path::Path;
 
@@ -29,6 +30,15 @@ pub async fn replay_log(data_dir: &Path) -> Result<Replay, String> {
     let raft_dir = data_dir.join("raft");
     let db = open_sled(&raft_dir).map_err(|e| format!("{}: {e}", raft_dir.display()))?;
     let mut log: SledLogStore<TypeConfig> = SledLogStore::new(&db).map_err(|e| e.to_string())?;
+    replay_store(&mut log, |_, _| {}).await
+}
+
+/// Replays the committed entries of any log store (the deterministic simulation's in-memory
+/// one too), calling `after_each` with each entry's index and the state it left.
+pub async fn replay_store<L: RaftLogStorage<TypeConfig>>(
+    log: &mut L,
+    mut after_each: impl FnMut(u64, &State),
+) -> Result<Replay, String> {
     let state_of_log = log.get_log_state().await.map_err(|e| e.to_string())?;
     if let Some(purged) = state_of_log.last_purged_log_id {
         return Err(format!(
@@ -71,6 +81,7 @@ pub async fn replay_log(data_dir: &Path) -> Result<Replay, String> {
                         replay.violations.push((entry.log_id.index, violation));
                     }
                 }
+                after_each(entry.log_id.index, &state);
             }
         }
     }

@@ -25,14 +25,14 @@ const REASONS_EVERY: Duration = Duration::from_secs(2);
 
 pub async fn run(node: RaftNode, config: PlanConfig, mut shutdown: watch::Receiver<bool>) {
     let mut applied = node.state.applied_index();
-    let mut reasons_written = std::time::Instant::now() - REASONS_EVERY;
+    let mut reasons_written = tokio::time::Instant::now() - REASONS_EVERY;
     // The state's placement epoch and term the last round planned on. An entry that moved
     // neither (an attempt reported RUNNING, the commonest under load) gives a round nothing
     // new to place, and with a full cluster and a long queue a round is not cheap: the head
     // job's reservation looks at every node.
     // Time-based decisions (queue time limits, wait reasons) still need a round every TICK.
     let mut planned_on = None;
-    let mut last_round = std::time::Instant::now();
+    let mut last_round = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = shutdown.changed() => return,
@@ -53,10 +53,10 @@ pub async fn run(node: RaftNode, config: PlanConfig, mut shutdown: watch::Receiv
             continue;
         }
         planned_on = Some(epoch);
-        last_round = std::time::Instant::now();
+        last_round = tokio::time::Instant::now();
         let refresh = reasons_written.elapsed() >= REASONS_EVERY;
         if refresh {
-            reasons_written = std::time::Instant::now();
+            reasons_written = tokio::time::Instant::now();
         }
         round(&node, &config, term, refresh).await;
         tokio::time::sleep(ROUND_GAP).await;
@@ -66,7 +66,7 @@ pub async fn run(node: RaftNode, config: PlanConfig, mut shutdown: watch::Receiv
 /// One scheduling round: plan, re-check, propose; and cancel the jobs that have waited in
 /// RUNNABLE longer than their queue's `jobStateTimeLimitActions` allow.
 async fn round(node: &RaftNode, config: &PlanConfig, term: u64, refresh_reasons: bool) {
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     let now = crate::now_millis();
     let (planned, expired, reasons, unplaceable) = {
         let applied = node.state.read();

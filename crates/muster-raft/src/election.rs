@@ -21,7 +21,8 @@ use crate::{NodeId, PeerDirectory, Raft};
 use openraft::{LogId, ServerState};
 use serde::{Deserialize, Serialize};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 use tokio::sync::watch;
 
 /// How often the leader tells followers it is alive.
@@ -168,12 +169,13 @@ pub async fn run_elections(
     peers: PeerDirectory,
     contact: LeaderContact,
     tally: Arc<ElectionTally>,
+    jitter_seed: u64,
     mut shutdown: watch::Receiver<bool>,
 ) {
     use std::sync::atomic::Ordering;
     // Channels of this runtime's own (see `ChannelCache`).
-    let channels = ChannelCache::default();
-    let mut jitter = Jitter::new(id);
+    let channels = peers.new_channel_cache();
+    let mut jitter = Jitter::new(id, jitter_seed);
     let mut quiet_since = Instant::now();
     let mut timeout = jitter.election_timeout();
     loop {
@@ -272,15 +274,20 @@ async fn pre_vote(
 
 /// Election timeouts drawn uniformly from `LEADER_LEASE + [min, max)`, so that voters that
 /// lost their leader together do not all stand at the same moment. A small xorshift seeded
-/// from the node id and the start time: no two nodes draw the same sequence.
+/// from the node id and the caller's seed ([`jitter_seed`] in a real node, the simulation's
+/// own seed there): no two nodes draw the same sequence.
 struct Jitter(u64);
 
+/// A seed for a node's election timeouts: its start time, so that restarts draw anew.
+pub fn jitter_seed() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
 impl Jitter {
-    fn new(id: NodeId) -> Self {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64);
-        Self((nanos ^ id.wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1)
+    fn new(id: NodeId, seed: u64) -> Self {
+        Self((seed ^ id.wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1)
     }
 
     fn election_timeout(&mut self) -> Duration {
@@ -298,7 +305,7 @@ mod tests {
 
     #[test]
     fn election_timeouts_lie_past_the_lease_and_differ() {
-        let mut jitter = Jitter::new(1);
+        let mut jitter = Jitter::new(1, jitter_seed());
         let drawn: Vec<Duration> = (0..1000).map(|_| jitter.election_timeout()).collect();
         assert!(
             drawn

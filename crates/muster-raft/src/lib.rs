@@ -15,7 +15,7 @@ mod node;
 mod service;
 mod state_machine;
 
-pub use network::{PeerAddrs, PeerDirectory, PeerNetwork};
+pub use network::{Dialer, PeerAddrs, PeerDirectory, PeerNetwork};
 pub use node::{ProposeError, RaftNode, ReadError};
 pub use service::RaftGrpc;
 pub use state_machine::{AppliedState, StateHandle, StateMachine};

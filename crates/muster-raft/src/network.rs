@@ -39,7 +39,25 @@ pub struct PeerDirectory {
     channels: ChannelCache,
 }
 
+/// How a channel to a peer is made from its endpoint (already configured with timeouts and
+/// keepalive). Muster connects over TCP (`Endpoint::connect_lazy`); the deterministic
+/// simulation connects over its simulated network instead.
+pub type Dialer = Arc<dyn Fn(Endpoint) -> Channel + Send + Sync>;
+
 impl PeerDirectory {
+    /// A directory whose channels (and those of every cache made from it) are made by `dialer`.
+    pub fn with_dialer(dialer: Dialer) -> Self {
+        Self {
+            addrs: Arc::default(),
+            channels: ChannelCache::new(Some(dialer)),
+        }
+    }
+
+    /// An empty channel cache that dials as this directory does, for a runtime of its own.
+    pub(crate) fn new_channel_cache(&self) -> ChannelCache {
+        ChannelCache::new(self.channels.dialer.clone())
+    }
+
     pub fn set(&self, id: NodeId, addrs: PeerAddrs) {
         self.addrs
             .write()
@@ -81,25 +99,39 @@ const PEER_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
 /// the runtime that first asked for it, so each runtime keeps a cache of its own: Raft's
 /// messages never wait on the runtime that serves agents.
 #[derive(Clone, Default)]
-pub(crate) struct ChannelCache(Arc<Mutex<BTreeMap<String, Channel>>>);
+pub(crate) struct ChannelCache {
+    channels: Arc<Mutex<BTreeMap<String, Channel>>>,
+    /// `None`: TCP.
+    dialer: Option<Dialer>,
+}
 
 impl ChannelCache {
+    fn new(dialer: Option<Dialer>) -> Self {
+        Self {
+            channels: Arc::default(),
+            dialer,
+        }
+    }
+
     /// The cached channel to `addr`, created on first use. Connecting is lazy: a peer that is
     /// down costs nothing until a call is made, and the channel reconnects by itself.
     fn channel(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
-        let mut channels = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(ch) = channels.get(addr) {
             return Ok(ch.clone());
         }
         // HTTP/2 pings find a dead connection (a peer stopped or cut off without a reset) in
         // seconds; without them a call waits on a connection TCP keeps retrying for minutes.
-        let ch = Endpoint::from_shared(format!("http://{addr}"))?
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))?
             .connect_timeout(Duration::from_millis(500))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(PEER_KEEPALIVE_INTERVAL)
             .keep_alive_timeout(PEER_KEEPALIVE_TIMEOUT)
-            .keep_alive_while_idle(true)
-            .connect_lazy();
+            .keep_alive_while_idle(true);
+        let ch = match &self.dialer {
+            Some(dial) => dial(endpoint),
+            None => endpoint.connect_lazy(),
+        };
         channels.insert(addr.to_owned(), ch.clone());
         Ok(ch)
     }
@@ -127,8 +159,8 @@ impl PeerNetwork {
     pub fn new(id: NodeId, directory: PeerDirectory) -> Self {
         Self {
             id,
+            channels: directory.new_channel_cache(),
             directory,
-            channels: ChannelCache::default(),
         }
     }
 }

@@ -7,7 +7,8 @@ use muster_core::{Command, Outcome, State};
 use muster_proto::pb::ReadIndexRequest;
 use openraft::error::{ClientWriteError, RaftError};
 use serde::{Deserialize, Serialize};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 use tokio::sync::watch;
 
 /// How long a request waits for a leader (an election, a forward) before giving up.

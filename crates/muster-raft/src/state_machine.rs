@@ -9,7 +9,7 @@ use openraft::{
     SnapshotMeta, StorageError, StorageIOError, StoredMembership,
 };
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::io::Cursor;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockError};
@@ -76,7 +76,7 @@ pub struct StateHandle {
 /// node's assignments: each agent's assignment stream wakes for its own node only, not for
 /// every entry the cluster applies.
 #[derive(Clone, Default)]
-pub struct NodeSignals(Arc<Mutex<HashMap<muster_core::NodeId, watch::Sender<u64>>>>);
+pub struct NodeSignals(Arc<Mutex<BTreeMap<muster_core::NodeId, watch::Sender<u64>>>>);
 
 impl NodeSignals {
     pub fn subscribe(&self, node: &muster_core::NodeId) -> watch::Receiver<u64> {

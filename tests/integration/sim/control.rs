@@ -1,0 +1,133 @@
+//! A simulated control node: Muster's own Raft node (openraft, the state machine, pre-vote
+//! elections, forwarding), its Raft and agent gRPC services, and the loops every control node
+//! runs (scheduler and plan applier, liveness, housekeeping), over turmoil's network and clock,
+//! with the in-memory log and snapshot stores. The only part of `muster server` left out is
+//! the HTTP API: the node's client calls its `RaftPlane` (the API's plane) directly.
+
+use super::net;
+use super::records::{ControlDisk, Records};
+use super::workload;
+use muster_control::{AgentGateway, Heartbeats, RaftPlane};
+use muster_proto::pb::agent_service_server::AgentServiceServer;
+use muster_proto::pb::raft_service_server::RaftServiceServer;
+use muster_raft::election::LeaderContact;
+use muster_raft::{PeerAddrs, PeerDirectory, PeerNetwork, Raft, RaftGrpc, RaftNode, StateMachine};
+use openraft::BasicNode;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+pub const RAFT_PORT: u16 = 7000;
+pub const AGENT_PORT: u16 = 7001;
+
+/// Silence after which the leader marks an agent lost (`muster server`'s default).
+pub const NODE_LOST_AFTER: Duration = muster_control::DEFAULT_NODE_LOST_AFTER;
+
+pub fn host(id: u64) -> String {
+    format!("cp{id}")
+}
+
+pub fn agent_addr(id: u64) -> String {
+    format!("cp{id}:{AGENT_PORT}")
+}
+
+/// One incarnation of control node `id`; turmoil runs it again after a crash, on the same
+/// disk.
+pub async fn run(
+    id: u64,
+    voters: Vec<u64>,
+    disk: ControlDisk,
+    jitter_seed: u64,
+    records: Records,
+) -> turmoil::Result {
+    let state_machine = StateMachine::open(disk.snapshots.clone())?;
+    let state = state_machine.handle();
+    let peers = PeerDirectory::with_dialer(net::dialer());
+    for voter in &voters {
+        peers.set(
+            *voter,
+            PeerAddrs {
+                raft: format!("{}:{RAFT_PORT}", host(*voter)),
+                agents: agent_addr(*voter),
+            },
+        );
+    }
+    let config = Arc::new(muster_raft::raft_config("sim").validate()?);
+    let network = PeerNetwork::new(id, peers.clone());
+    let raft = Raft::new(id, config, network, disk.log.clone(), state_machine).await?;
+    let node = RaftNode {
+        id,
+        raft: raft.clone(),
+        state,
+        peers: peers.clone(),
+        elections: Arc::default(),
+    };
+    records.lock().nodes.insert(
+        id,
+        super::records::SimNode {
+            node: node.clone(),
+            raft_log: disk.log.clone(),
+        },
+    );
+
+    // Held for the life of this incarnation: the loops end when it is dropped with the host.
+    let (_shutdown_tx, shutdown) = watch::channel(false);
+    let contact = LeaderContact::default();
+    tokio::spawn(muster_raft::election::run_elections(
+        raft.clone(),
+        id,
+        peers,
+        contact.clone(),
+        node.elections.clone(),
+        jitter_seed,
+        shutdown.clone(),
+    ));
+    let raft_server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(1)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(2)))
+        .add_service(RaftServiceServer::new(RaftGrpc::new(raft.clone(), contact)));
+    let raft_incoming = net::incoming(RAFT_PORT).await?;
+    tokio::spawn(async move {
+        if let Err(e) = raft_server.serve_with_incoming(raft_incoming).await {
+            tracing::error!(error = %e, "simulated Raft server failed");
+        }
+    });
+    let heartbeats = Heartbeats::default();
+    let agent_server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(5)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(AgentServiceServer::new(AgentGateway::new(
+            node.clone(),
+            shutdown.clone(),
+            heartbeats.clone(),
+        )));
+    let agent_incoming = net::incoming(AGENT_PORT).await?;
+    tokio::spawn(async move {
+        if let Err(e) = agent_server.serve_with_incoming(agent_incoming).await {
+            tracing::error!(error = %e, "simulated agent server failed");
+        }
+    });
+    let _loops = muster_control::spawn_loops(
+        &node,
+        &heartbeats,
+        NODE_LOST_AFTER,
+        Duration::from_secs(24 * 3600),
+        shutdown.clone(),
+    );
+
+    // The lowest id founds the cluster, once, as `muster server` does.
+    if id == voters[0] && !raft.is_initialized().await? {
+        let members: std::collections::BTreeMap<u64, BasicNode> = voters
+            .iter()
+            .map(|v| (*v, BasicNode::new(format!("{}:{RAFT_PORT}", host(*v)))))
+            .collect();
+        if let Err(e) = raft.initialize(members).await {
+            tracing::warn!(error = %e, "initialisation refused");
+        }
+    }
+
+    let plane = RaftPlane::new(node.clone(), muster_api::Limits::default());
+    workload::client(id, plane, records).await;
+    std::future::pending::<()>().await;
+    Ok(())
+}
