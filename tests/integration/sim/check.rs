@@ -80,8 +80,8 @@ fn run_violations(state: &State, runs: &[Run]) -> Vec<String> {
         by_job.entry(run.job.as_str()).or_default().push(run);
         let Some(stopped) = run.stopped else {
             found.push(format!(
-                "{} still runs attempt {} of {} after the cluster quiesced",
-                run.agent, run.attempt, run.job
+                "{} still runs attempt {} of {} (started at {:?}) after the cluster quiesced",
+                run.agent, run.attempt, run.job, run.started
             ));
             continue;
         };
@@ -114,6 +114,16 @@ fn run_violations(state: &State, runs: &[Run]) -> Vec<String> {
                 "{} succeeded, but its attempt {} exited {:?} at {:?}",
                 run.job, run.attempt, run.exit_code, stopped
             ));
+        }
+    }
+    // No attempt ran twice, even one run after the other.
+    let mut by_attempt: BTreeMap<(&str, u32), usize> = BTreeMap::new();
+    for run in runs {
+        *by_attempt.entry((run.job.as_str(), run.attempt)).or_default() += 1;
+    }
+    for ((job, attempt), count) in by_attempt {
+        if count > 1 {
+            found.push(format!("attempt {attempt} of {job} ran {count} times"));
         }
     }
     // No job ran twice at once: not two runs of one attempt, nor of two attempts.

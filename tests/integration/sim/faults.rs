@@ -28,7 +28,12 @@ pub enum Fault {
 }
 
 impl Fault {
-    pub fn draw(rng: &mut Rng, controls: &[u64], agents: &[String]) -> (Fault, Duration) {
+    pub fn draw(
+        rng: &mut Rng,
+        mix: super::Mix,
+        controls: &[u64],
+        agents: &[String],
+    ) -> (Fault, Duration) {
         let control = controls[rng.between(0, controls.len() as u64) as usize];
         let other = {
             let rest: Vec<u64> = controls.iter().copied().filter(|c| *c != control).collect();
@@ -36,6 +41,15 @@ impl Fault {
         };
         let agent = agents[rng.between(0, agents.len() as u64) as usize].clone();
         let secs = |rng: &mut Rng, low: u64, high: u64| Duration::from_millis(rng.between(low * 1000, high * 1000));
+        if mix == super::Mix::LongCutOffs {
+            // Past the node-lost TTL (30 s), so that the leader places the attempts elsewhere.
+            let lasts = secs(rng, 32, 45);
+            return if rng.percent(50) {
+                (Fault::CutOffAgent(agent), lasts)
+            } else {
+                (Fault::AgentReachesOnly(agent, control), lasts)
+            };
+        }
         match rng.between(0, 8) {
             0 => (Fault::CrashControl(control), secs(rng, 1, 8)),
             1 => (Fault::IsolateControl(control), secs(rng, 1, 12)),

@@ -40,9 +40,46 @@ const FAULT_PHASE: Duration = Duration::from_secs(60);
 /// After the last fault heals, every job must have ended within this.
 const QUIESCE_WITHIN: Duration = Duration::from_secs(150);
 
+/// Seeds the sweep runs unless told otherwise (about 2.7 s each, spread over the cores).
+const SEEDS_BY_DEFAULT: u64 = 200;
+
+/// A bug planted on purpose, to show that the checker catches what it claims to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bug {
+    None,
+    /// Agents never stop their attempts when cut off from the leader.
+    AgentIgnoresCutOff,
+    /// A restarted agent forgets the attempts it started, and runs again those still assigned.
+    AgentForgetsItsAttempts,
+    /// Clients take an answer that says "may or may not have been applied" as applied.
+    IndeterminateCountsAsOk,
+}
+
+/// Which faults and jobs a seed draws. Every fifth seed runs [`Mix::LongCutOffs`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mix {
+    /// Every kind of fault, mostly short jobs.
+    Everything,
+    /// Agents cut off past the node-lost TTL while long jobs run on them: the race between an
+    /// agent stopping its attempts and the leader placing them elsewhere.
+    LongCutOffs,
+}
+
+impl Mix {
+    fn of(seed: u64) -> Self {
+        if seed % 5 == 0 {
+            Mix::LongCutOffs
+        } else {
+            Mix::Everything
+        }
+    }
+}
+
 /// How one seed went.
 #[derive(Debug)]
 pub struct Outcome {
+    /// The faults and heals, in order.
+    pub events: Vec<String>,
     pub digest: u64,
     pub violations: Vec<String>,
     pub summary: String,
@@ -89,7 +126,7 @@ fn simulated_wall_clock() -> Duration {
 }
 
 /// Runs one seed to the end and checks it.
-pub fn simulate(seed: u64) -> Outcome {
+pub fn simulate(seed: u64, bug: Bug) -> Outcome {
     use tracing_subscriber::layer::SubscriberExt;
     muster_control::simulate_wall_clock(simulated_wall_clock);
     let messages = MessageFaults::default();
@@ -97,7 +134,8 @@ pub fn simulate(seed: u64) -> Outcome {
         tracing_subscriber::registry().with(messages.clone()),
     );
 
-    let records = Records::new(seed);
+    let mix = Mix::of(seed);
+    let records = Records::new(seed, bug, mix);
     let mut sim = turmoil::Builder::new()
         .rng_seed(seed)
         .simulation_duration(Duration::from_secs(3600))
@@ -167,7 +205,7 @@ pub fn simulate(seed: u64) -> Outcome {
         }
         if now >= next_fault {
             next_fault = now + Duration::from_millis(rng.between(500, 4000));
-            let (fault, lasts) = Fault::draw(&mut rng, &CONTROLS, &agents);
+            let (fault, lasts) = Fault::draw(&mut rng, mix, &CONTROLS, &agents);
             // One control node away at a time, and one fault per agent.
             let clashes = active.iter().any(|(f, _)| {
                 (fault.control_node().is_some() && f.control_node().is_some())
@@ -232,8 +270,9 @@ pub fn simulate(seed: u64) -> Outcome {
             .count()
     };
     let unanswered = shared.calls.iter().filter(|c| c.ended.is_none()).count();
+    let term = leader.map_or(0, |l| shared.nodes[&l].node.raft.metrics().borrow().current_term);
     let summary = format!(
-        "seed {seed}: {injected} faults, {} messages dropped and {} held; {} calls ({} ok, {} failed, {} indeterminate, {} unanswered); {} runs; {entries} entries replayed; {:.0} s simulated",
+        "seed {seed} ({mix:?}): {injected} faults, {} messages dropped and {} held; {} calls ({} ok, {} failed, {} indeterminate, {} unanswered); {} runs; {entries} entries replayed; final term {term}; {:.0} s simulated",
         messages.dropped.load(Ordering::Relaxed),
         messages.held.load(Ordering::Relaxed),
         shared.calls.len(),
@@ -256,6 +295,7 @@ pub fn simulate(seed: u64) -> Outcome {
     }
     violations.hash(&mut hasher);
     Outcome {
+        events: shared.events.clone(),
         digest: hasher.finish(),
         violations,
         summary,
@@ -300,24 +340,28 @@ fn seeds_from_env() -> (u64, u64) {
         Some(seed) => (seed, 1),
         None => (
             number("MUSTER_SIM_FIRST_SEED").unwrap_or(1),
-            number("MUSTER_SIM_SEEDS").unwrap_or(40),
+            number("MUSTER_SIM_SEEDS").unwrap_or(SEEDS_BY_DEFAULT),
         ),
     }
 }
 
-/// Runs seeds one after another; fails listing every seed that broke something, each
-/// replayable alone with `MUSTER_SIM_SEED`.
-#[test]
-fn every_seed_keeps_every_invariant() {
+/// Runs this shard's seeds one after another; fails listing every seed that broke something,
+/// each replayable alone with `MUSTER_SIM_SEED`.
+fn sweep(shard: u64) {
     let (first, count) = seeds_from_env();
     let mut broken = Vec::new();
-    for seed in first..first + count {
-        let outcome = simulate(seed);
+    for seed in (first..first + count).filter(|s| (s - first) % SHARDS == shard) {
+        let outcome = simulate(seed, Bug::None);
         println!("{} (digest {:016x})", outcome.summary, outcome.digest);
         if !outcome.violations.is_empty() {
             println!("  seed {seed} broke {} invariants:", outcome.violations.len());
             for v in outcome.violations.iter().take(20) {
                 println!("    {v}");
+            }
+            if std::env::var_os("MUSTER_SIM_EVENTS").is_some() {
+                for e in &outcome.events {
+                    println!("    | {e}");
+                }
             }
             broken.push(seed);
         }
@@ -328,21 +372,73 @@ fn every_seed_keeps_every_invariant() {
     );
 }
 
+/// The sweep runs as this many tests, so that nextest spreads it over the cores.
+const SHARDS: u64 = 4;
+
+#[test]
+fn every_seed_keeps_every_invariant_shard_0() {
+    sweep(0)
+}
+
+#[test]
+fn every_seed_keeps_every_invariant_shard_1() {
+    sweep(1)
+}
+
+#[test]
+fn every_seed_keeps_every_invariant_shard_2() {
+    sweep(2)
+}
+
+#[test]
+fn every_seed_keeps_every_invariant_shard_3() {
+    sweep(3)
+}
+
 /// The same seed runs the same: every call, run, fault and the final state.
 #[test]
 fn the_same_seed_runs_the_same() {
     let seed = seeds_from_env().0;
-    let first = simulate(seed);
-    let second = simulate(seed);
+    let first = simulate(seed, Bug::None);
+    let second = simulate(seed, Bug::None);
     assert_eq!(
         first.digest, second.digest,
         "seed {seed} ran two different ways:\n{}\n{}",
         first.summary, second.summary
     );
-    let other = simulate(seed + 1);
+    let other = simulate(seed + 1, Bug::None);
     assert_ne!(
         first.digest, other.digest,
         "seeds {seed} and {} ran the same way: the seed decides nothing",
         seed + 1
     );
+}
+
+/// Each bug planted on purpose is caught within a few seeds, by the invariant it breaks:
+/// the checker can fail.
+#[test]
+fn the_checker_catches_planted_bugs() {
+    for (bug, expected) in [
+        (Bug::AgentIgnoresCutOff, "ran twice at once"),
+        (Bug::AgentForgetsItsAttempts, "times"),
+        (Bug::IndeterminateCountsAsOk, "was lost"),
+    ] {
+        let seeds: Vec<u64> = match bug {
+            // Only a long cut-off shows it.
+            Bug::AgentIgnoresCutOff => (1..=15).map(|s| s * 5).collect(),
+            _ => (1..=10).collect(),
+        };
+        let caught = seeds.into_iter().find_map(|seed| {
+            let outcome = simulate(seed, bug);
+            outcome
+                .violations
+                .iter()
+                .find(|v| v.contains(expected))
+                .map(|v| format!("seed {seed}: {v}"))
+        });
+        match caught {
+            Some(line) => println!("{bug:?} caught: {line}"),
+            None => panic!("{bug:?} was planted and none of its seeds showed \"{expected}\""),
+        }
+    }
 }

@@ -119,13 +119,18 @@ pub struct Shared {
 pub struct Records {
     shared: Arc<Mutex<Shared>>,
     rng: Arc<Mutex<Rng>>,
+    /// The bug planted in this run, if any.
+    pub bug: super::Bug,
+    pub mix: super::Mix,
 }
 
 impl Records {
-    pub fn new(seed: u64) -> Self {
+    pub fn new(seed: u64, bug: super::Bug, mix: super::Mix) -> Self {
         Self {
             shared: Arc::default(),
             rng: Arc::new(Mutex::new(Rng::new(seed ^ 0x5EED))),
+            bug,
+            mix,
         }
     }
 

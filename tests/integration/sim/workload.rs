@@ -108,7 +108,10 @@ pub async fn client(id: u64, plane: RaftPlane, records: Records) {
         records.lock().set_up = true;
     }
     loop {
-        let pause = records.rng().between(100, 800);
+        let pause = match records.mix {
+            super::Mix::Everything => records.rng().between(200, 1200),
+            super::Mix::LongCutOffs => records.rng().between(400, 2000),
+        };
         tokio::time::sleep(Duration::from_millis(pause)).await;
         let (over, set_up, known) = {
             let shared = records.lock();
@@ -122,12 +125,20 @@ pub async fn client(id: u64, plane: RaftPlane, records: Records) {
         }
         let (choice, pick, millis, fails) = {
             let mut rng = records.rng();
-            (
-                rng.between(0, 100),
-                rng.between(0, known.max(1)),
-                rng.between(200, 6000),
-                rng.percent(20),
-            )
+            let (choice, pick) = (rng.between(0, 100), rng.between(0, known.max(1)));
+            // Most jobs are short, and one in five of those fails (and is retried); one in ten
+            // (one in four in `Mix::LongCutOffs`) runs long enough to outlive an agent's
+            // cut-off and the node-lost TTL, and succeeds, so that its retries cannot outlast
+            // the quiescence bound.
+            let long = match records.mix {
+                super::Mix::Everything => 10,
+                super::Mix::LongCutOffs => 25,
+            };
+            if rng.percent(long) {
+                (choice, pick, rng.between(25_000, 50_000), false)
+            } else {
+                (choice, pick, rng.between(200, 6000), rng.percent(20))
+            }
         };
         let (kind, command) = if choice < 80 || known == 0 {
             let n = {
@@ -193,6 +204,10 @@ pub async fn client(id: u64, plane: RaftPlane, records: Records) {
             shared.calls.len() - 1
         };
         let answer = plane.propose(command).await;
-        records.lock().calls[index].ended = Some((now(), result_of(&answer)));
+        let mut result = result_of(&answer);
+        if records.bug == super::Bug::IndeterminateCountsAsOk && result == CallResult::Indeterminate {
+            result = CallResult::Ok;
+        }
+        records.lock().calls[index].ended = Some((now(), result));
     }
 }
