@@ -128,3 +128,44 @@ async fn raft_commits_while_the_runtime_serving_agents_is_stalled() {
     }
     t.shutdown().await;
 }
+
+/// A cluster founded for another region and account names them in every ARN, takes requests
+/// signed for that region only, and writes the region into the AWS config it generates.
+#[tokio::test]
+async fn the_cluster_region_and_account_are_in_every_arn_and_signature() {
+    let scope = muster_core::ArnScope {
+        region: "eu-west-3".into(),
+        account: "123456789012".into(),
+    };
+    let cluster = TestCluster::start_tuned(
+        3,
+        muster_control::Tuning {
+            scope,
+            ..Default::default()
+        },
+    )
+    .await;
+    let client = cluster.client(1);
+    let ce = ok(client
+        .call(
+            "CreateComputeEnvironment",
+            json!({"computeEnvironmentName": "ce", "type": "UNMANAGED"}),
+        )
+        .await);
+    assert_eq!(
+        ce["computeEnvironmentArn"],
+        "arn:aws:batch:eu-west-3:123456789012:compute-environment/ce"
+    );
+    let config = std::fs::read_to_string(cluster.dir.path().join("aws/config")).unwrap();
+    assert!(config.contains("region = eu-west-3"), "{config}");
+
+    let mut elsewhere = cluster.credentials.clone();
+    elsewhere.region = "us-east-1".into();
+    let other = muster_client::BatchClient::new(client.endpoint().to_owned(), elsewhere);
+    let err = other
+        .call("DescribeComputeEnvironments", json!({}))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some("InvalidSignatureException"), "{err}");
+    assert!(err.to_string().contains("eu-west-3"), "{err}");
+}

@@ -67,3 +67,22 @@ fn raft_has_a_listener_of_its_own() {
         "{err}"
     );
 }
+
+#[test]
+fn the_region_and_account_are_checked_and_named_in_errors() {
+    let listeners =
+        "grpc_addr = \"127.0.0.1:1\"\nraft_addr = \"127.0.0.1:3\"\napi_addr = \"127.0.0.1:2\"\n";
+    let config = server_config(listeners, "").unwrap();
+    assert_eq!(
+        (config.scope.region.as_str(), config.scope.account.as_str()),
+        ("us-east-1", "000000000000")
+    );
+    let set = |extra: &str| server_config(&format!("{listeners}{extra}"), "");
+    let config = set("region = \"eu-central-2\"\naccount_id = \"123456789012\"\n").unwrap();
+    assert_eq!(config.scope.region, "eu-central-2");
+    assert_eq!(config.scope.account, "123456789012");
+    let err = set("region = \"Frankfurt\"\n").unwrap_err();
+    assert!(err.starts_with("region: "), "{err}");
+    let err = set("account_id = \"42\"\n").unwrap_err();
+    assert!(err.starts_with("account_id: "), "{err}");
+}

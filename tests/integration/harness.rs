@@ -55,6 +55,7 @@ impl TestCluster {
     pub async fn start_tuned(size: u64, tuning: muster_control::Tuning) -> TestCluster {
         init_tracing();
         let dir = tempfile::tempdir().expect("temp dir");
+        let region = tuning.scope.region.clone();
         let cluster = LocalCluster::start_tuned(
             dir.path(),
             size,
@@ -75,7 +76,7 @@ impl TestCluster {
         let credentials = muster_client::Credentials {
             access_key_id: root.access_key_id,
             secret_access_key: root.secret_access_key,
-            region: "us-east-1".into(),
+            region,
         };
         TestCluster {
             dir,

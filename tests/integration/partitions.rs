@@ -163,6 +163,7 @@ impl PartitionedCluster {
             node_lost_after,
             job_retention: Duration::from_secs(86_400),
             limits: Default::default(),
+            scope: Default::default(),
         };
         let configs: Vec<ServerConfig> = ids.iter().map(|id| config(*id)).collect();
         for (config, id) in configs.into_iter().zip(ids) {
@@ -188,7 +189,7 @@ impl PartitionedCluster {
         let root = muster_control::bootstrap::ensure_root(
             &cluster.nodes[&1].raft,
             &cluster.dir.path().join("aws"),
-            "us-east-1",
+            &Default::default(),
         )
         .await
         .expect("root user");

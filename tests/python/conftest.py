@@ -66,7 +66,7 @@ class Dev:
             for line in self.proc.stdout:
                 lines.append(line)
                 if line.startswith(READY):
-                    found["endpoint"] = line[len(READY):].strip()
+                    found["endpoint"] = line[len(READY):].split()[0]
                     return
 
         reader = threading.Thread(target=read, daemon=True)

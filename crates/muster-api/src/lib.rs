@@ -154,15 +154,12 @@ pub const SUBMIT_JOB_MAX_BYTES: usize = 30 * 1024;
 pub struct ApiConfig {
     /// Largest request body accepted, in bytes.
     pub max_body_bytes: usize,
-    /// The region requests must be signed for (and that ARNs name).
-    pub region: String,
 }
 
 impl Default for ApiConfig {
     fn default() -> Self {
         Self {
             max_body_bytes: 1024 * 1024,
-            region: "us-east-1".to_owned(),
         }
     }
 }
@@ -220,7 +217,9 @@ async fn caller<P: ControlPlane>(
         headers,
         body,
     };
-    auth::authenticate(&api.plane, &req, service, &api.config.region).await
+    // Signed for the cluster's region, which it keeps in its state (set when it was founded).
+    let region = api.plane.read_local(|s| s.arn_scope().region.clone());
+    auth::authenticate(&api.plane, &req, service, &region).await
 }
 
 fn respond<P: ControlPlane>(

@@ -2,7 +2,7 @@
 //! once per cluster and written as an AWS shared credentials file so that the aws CLI, boto3
 //! and `muster` itself can use it at once.
 
-use muster_core::{Command, IamCommand, Outcome, Policy};
+use muster_core::{AdminCommand, ArnScope, Command, IamCommand, Outcome, Policy};
 use muster_raft::RaftNode;
 use std::path::{Path, PathBuf};
 
@@ -27,6 +27,8 @@ pub enum BootstrapError {
     },
     #[error("the cluster refused the root user: {0}")]
     Refused(String),
+    #[error("the cluster refused its region and account: {0}")]
+    Scope(String),
 }
 
 fn random_upper(n: usize) -> String {
@@ -65,13 +67,30 @@ pub fn read_credentials(path: &Path) -> Option<Credentials> {
     })
 }
 
-/// Makes sure the root user, its policy and the key in `dir/credentials` exist in the cluster,
-/// creating the key (and the files `dir/credentials` and `dir/config`) the first time.
+/// Sets the cluster's region and account, as the node that founds it does first: proposed
+/// again with the same values, nothing changes; with others, once anything has an ARN, the
+/// refusal says which the cluster has.
+pub async fn set_scope(node: &RaftNode, scope: &ArnScope) -> Result<(), BootstrapError> {
+    match node
+        .propose(Command::Admin(AdminCommand::SetArnScope(scope.clone())))
+        .await
+    {
+        Ok(Outcome::Rejected(r)) => Err(BootstrapError::Scope(r.message)),
+        Ok(_) => Ok(()),
+        Err(e) => Err(BootstrapError::Scope(e.to_string())),
+    }
+}
+
+/// Makes sure the cluster names `scope` in its ARNs ([`set_scope`]) and that the root user,
+/// its policy and the key in `dir/credentials` exist, creating the key (and the files
+/// `dir/credentials` and `dir/config`, which names the region) the first time.
 pub async fn ensure_root(
     node: &RaftNode,
     dir: &Path,
-    region: &str,
+    scope: &ArnScope,
 ) -> Result<Credentials, BootstrapError> {
+    set_scope(node, scope).await?;
+    let region = scope.region.as_str();
     let io = |path: &Path| {
         let path = path.to_owned();
         move |source| BootstrapError::Io { path, source }

@@ -38,6 +38,21 @@ pub struct RawServerConfig {
     /// Seconds without a heartbeat after which the leader marks an agent lost.
     #[serde(default = "default_node_lost_after_secs")]
     pub node_lost_after_secs: u64,
+    /// The region every ARN names and requests must be signed for. Read when the cluster is
+    /// founded; the cluster keeps it from then on.
+    #[serde(default = "default_region")]
+    pub region: String,
+    /// The twelve-digit account every ARN names. Read when the cluster is founded.
+    #[serde(default = "default_account_id")]
+    pub account_id: String,
+}
+
+fn default_region() -> String {
+    muster_core::ArnScope::default().region
+}
+
+fn default_account_id() -> String {
+    muster_core::ArnScope::default().account
 }
 
 fn default_max_depends_on() -> usize {
@@ -84,6 +99,8 @@ pub struct ServerConfig {
     pub job_retention: std::time::Duration,
     /// API limits. Not read from config files: only tests lower the AWS minimums.
     pub limits: muster_api::Limits,
+    /// The region and account a cluster this node founds names in its ARNs.
+    pub scope: muster_core::ArnScope,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -167,6 +184,13 @@ impl RawServerConfig {
         if self.node_lost_after_secs < 2 {
             return Err(invalid("node_lost_after_secs", "must be at least 2"));
         }
+        let scope = muster_core::ArnScope {
+            region: self.region,
+            account: self.account_id,
+        };
+        scope
+            .check()
+            .map_err(|(field, message)| invalid(field, message))?;
         Ok(ServerConfig {
             node_lost_after: std::time::Duration::from_secs(self.node_lost_after_secs),
             job_retention: std::time::Duration::from_secs(self.job_retention_days * 86_400),
@@ -175,6 +199,7 @@ impl RawServerConfig {
                 ..Default::default()
             },
             root_credentials_dir: Some(self.data_dir.join("aws")),
+            scope,
             node_id: self.node_id,
             grpc_addr,
             raft_addr,

@@ -11,10 +11,12 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 
 /// Limits and timings of a local cluster.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Tuning {
     pub limits: muster_api::Limits,
     pub node_lost_after: std::time::Duration,
+    /// The region and account the cluster's ARNs name.
+    pub scope: muster_core::ArnScope,
 }
 
 impl Default for Tuning {
@@ -22,6 +24,7 @@ impl Default for Tuning {
         Self {
             limits: muster_api::Limits::default(),
             node_lost_after: crate::config::DEFAULT_NODE_LOST_AFTER,
+            scope: Default::default(),
         }
     }
 }
@@ -38,6 +41,7 @@ pub struct LocalCluster {
     limits: muster_api::Limits,
     /// Heartbeat silence after which the leader marks an agent lost.
     node_lost_after: std::time::Duration,
+    scope: muster_core::ArnScope,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +98,7 @@ impl LocalCluster {
         let Tuning {
             limits,
             node_lost_after,
+            scope,
         } = tuning;
         let any: SocketAddr = "127.0.0.1:0".parse().expect("literal address");
         let mut grpc = BTreeMap::new();
@@ -115,6 +120,7 @@ impl LocalCluster {
             api_addrs: api.iter().map(|(id, l)| (*id, addr(l))).collect(),
             limits,
             node_lost_after,
+            scope,
         };
         for (id, grpc) in grpc {
             let listeners = Listeners {
@@ -154,6 +160,7 @@ impl LocalCluster {
             ),
             node_lost_after: self.node_lost_after,
             limits: self.limits,
+            scope: self.scope.clone(),
         }
     }
 
@@ -227,7 +234,7 @@ impl LocalCluster {
             .running()
             .next()
             .ok_or_else(|| crate::bootstrap::BootstrapError::Refused("no node runs".into()))?;
-        crate::bootstrap::ensure_root(&node.raft, dir, "us-east-1").await
+        crate::bootstrap::ensure_root(&node.raft, dir, &self.scope).await
     }
 
     pub async fn shutdown(mut self) {

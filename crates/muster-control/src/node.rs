@@ -232,18 +232,27 @@ impl ControlNode {
                 Err(e) => tracing::warn!(error = %e, "cluster initialisation refused"),
             }
         }
+        // The founder names the cluster's region and account first, before anything gets an
+        // ARN; then it makes the first administrator (`ensure_root` sets the scope too).
         if let Some(credentials_dir) = config.root_credentials_dir.clone()
             && (founded || (founder && credentials_dir.join("credentials").exists()))
         {
-            let (node, region) = (node.clone(), ApiConfig::default().region);
+            let (node, scope) = (node.clone(), config.scope.clone());
             tasks.push(tokio::spawn(async move {
-                match crate::bootstrap::ensure_root(&node, &credentials_dir, &region).await {
+                match crate::bootstrap::ensure_root(&node, &credentials_dir, &scope).await {
                     Ok(c) => tracing::info!(
                         access_key_id = %c.access_key_id,
                         path = %credentials_dir.join("credentials").display(),
                         "root credentials ready"
                     ),
                     Err(e) => tracing::error!(error = %e, "could not create the root user"),
+                }
+            }));
+        } else if founded {
+            let (node, scope) = (node.clone(), config.scope.clone());
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = crate::bootstrap::set_scope(&node, &scope).await {
+                    tracing::error!(error = %e, "could not set the cluster's region and account");
                 }
             }));
         }

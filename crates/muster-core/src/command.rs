@@ -127,6 +127,9 @@ pub enum IamCommand {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum AdminCommand {
+    /// The region and account every ARN names: proposed once by the node that founds the
+    /// cluster, from its `region` and `account_id` settings, before anything with an ARN exists.
+    SetArnScope(crate::ArnScope),
     UpdateComputeEnvironment {
         /// Name or ARN.
         compute_environment: String,

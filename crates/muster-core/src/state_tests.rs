@@ -624,3 +624,38 @@ fn terminating_a_starting_job_ends_it_at_once_and_a_running_one_when_its_agent_r
     assert!(s.assignments_for(&NodeId("n1".into())).is_empty());
     assert_eq!(s.resource_violations(), Vec::<String>::new());
 }
+
+#[test]
+fn the_region_and_account_are_set_before_anything_names_them_and_then_fixed() {
+    let scope = |region: &str, account: &str| {
+        Command::Admin(AdminCommand::SetArnScope(ArnScope {
+            region: region.into(),
+            account: account.into(),
+        }))
+    };
+    let mut state = State::default();
+    for (bad, field) in [
+        (scope("Mars", "123456789012"), "region"),
+        (scope("eu-west", "123456789012"), "region"),
+        (scope("eu-west-1", "1234"), "account_id"),
+        (scope("eu-west-1", "12345678901x"), "account_id"),
+    ] {
+        match state.apply(bad) {
+            Outcome::Rejected(r) => assert_eq!(r.field, field, "{}", r.message),
+            other => panic!("accepted: {other:?}"),
+        }
+    }
+    assert_eq!(state.apply(scope("eu-west-1", "123456789012")), Outcome::Done);
+    assert_eq!(state.apply(ce("ce")), Outcome::Done);
+    assert_eq!(
+        state.compute_environment("ce").map(|c| c.arn.0.clone()),
+        Some("arn:aws:batch:eu-west-1:123456789012:compute-environment/ce".into())
+    );
+    // The same again changes nothing; another is refused once an ARN exists.
+    assert_eq!(state.apply(scope("eu-west-1", "123456789012")), Outcome::Done);
+    match state.apply(scope("us-gov-west-1", "123456789012")) {
+        Outcome::Rejected(r) => assert!(r.message.contains("already name region eu-west-1")),
+        other => panic!("accepted: {other:?}"),
+    }
+    assert_eq!(state.arn_scope().region, "eu-west-1");
+}

@@ -20,6 +20,7 @@ pub async fn run(
     executor: Option<&str>,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
     limits: muster_api::Limits,
+    scope: muster_core::ArnScope,
 ) -> anyhow::Result<()> {
     let shutdown = crate::ShutdownSignal::install()?;
     std::fs::create_dir_all(&data_dir)
@@ -31,6 +32,7 @@ pub async fn run(
         Some(metrics),
         muster_control::Tuning {
             limits,
+            scope,
             ..Default::default()
         },
     )
@@ -74,9 +76,15 @@ pub async fn run(
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let scope = node
+        .read(|s| s.arn_scope().clone())
+        .await
+        .context("reading the cluster's region")?;
     println!(
-        "muster dev ready: AWS Batch API at http://{}",
-        cluster.api_addr(1)
+        "muster dev ready: AWS Batch API at http://{} (region {}, account {})",
+        cluster.api_addr(1),
+        scope.region,
+        scope.account
     );
 
     shutdown.received().await;

@@ -56,6 +56,13 @@ enum Commands {
         /// `docker` or `process`; by default docker when the engine answers.
         #[arg(long)]
         executor: Option<String>,
+        /// The region every ARN names and requests are signed for (set when the data
+        /// directory's cluster is founded; a later start keeps the first).
+        #[arg(long, default_value = "us-east-1")]
+        region: String,
+        /// The twelve-digit account every ARN names (as --region).
+        #[arg(long, default_value = "000000000000")]
+        account_id: String,
         /// For tests only: lower AWS's 60-second minimum `attemptDurationSeconds`.
         #[arg(long, hide = true, default_value_t = 60)]
         test_min_attempt_duration_secs: u64,
@@ -302,9 +309,18 @@ async fn main() -> anyhow::Result<()> {
             data_dir,
             api_addr,
             executor,
+            region,
+            account_id,
             test_min_attempt_duration_secs,
             test_min_state_time_limit_secs,
         } => {
+            let scope = muster_core::ArnScope {
+                region,
+                account: account_id,
+            };
+            if let Err((field, message)) = scope.check() {
+                anyhow::bail!("--{}: {message}", field.replace('_', "-"));
+            }
             let limits = muster_api::Limits {
                 min_attempt_duration_secs: test_min_attempt_duration_secs,
                 min_state_time_limit_secs: test_min_state_time_limit_secs,
@@ -316,6 +332,7 @@ async fn main() -> anyhow::Result<()> {
                 executor.as_deref(),
                 install_metrics()?,
                 limits,
+                scope,
             )
             .await
         }

@@ -89,6 +89,29 @@ impl State {
 
     pub(super) fn check_admin(&self, cmd: &AdminCommand) -> Result<(), Rejection> {
         match cmd {
+            AdminCommand::SetArnScope(scope) => {
+                if let Err((field, message)) = scope.check() {
+                    return Err(Rejection::new(field, format!("{field}: {message}")));
+                }
+                // ARNs are stored with what they name (compute environments, queues, users):
+                // the scope is fixed once anything has one.
+                let named_anything = !self.compute_environments.is_empty()
+                    || !self.queues.is_empty()
+                    || !self.definitions.is_empty()
+                    || !self.jobs.is_empty()
+                    || !self.scheduling_policies.is_empty()
+                    || !self.users.is_empty();
+                if *scope != self.scope && named_anything {
+                    return Err(Rejection::new(
+                        "region",
+                        format!(
+                            "region: this cluster's ARNs already name region {} and account {}; they are set when the cluster is founded",
+                            self.scope.region, self.scope.account
+                        ),
+                    ));
+                }
+                Ok(())
+            }
             AdminCommand::UpdateComputeEnvironment {
                 compute_environment,
                 ..
@@ -283,6 +306,7 @@ impl State {
 
     pub(super) fn apply_admin(&mut self, cmd: AdminCommand) -> Outcome {
         match cmd {
+            AdminCommand::SetArnScope(scope) => self.scope = scope,
             AdminCommand::UpdateComputeEnvironment {
                 compute_environment,
                 state,
