@@ -245,6 +245,9 @@ impl Agent {
             // Set once per stream and moved only by a message: a timer made afresh on every
             // pass of the loop (which also wakes to check the cut-off) would never fire.
             let mut silent_until = tokio::time::Instant::now() + STREAM_SILENCE;
+            // The cut-off check keeps its own cadence, however often sets arrive.
+            let mut lease_check = tokio::time::interval(self.config.stop_after / 4);
+            lease_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 let message = tokio::select! {
                     _ = shutdown.changed() => return,
@@ -253,8 +256,12 @@ impl Agent {
                         tracing::warn!(addr, silent = ?STREAM_SILENCE, "the assignment stream went silent; watching again");
                         break;
                     }
-                    _ = tokio::time::sleep(self.config.stop_after / 4) => {
+                    _ = lease_check.tick() => {
                         self.stop_if_cut_off(slots);
+                        // Attempts held back while cut off start once contact is back.
+                        if !self.cut_off() {
+                            self.reconcile(slots, described.values().cloned().collect(), reporter);
+                        }
                         continue;
                     }
                     changed = leader_seen.changed(), if leader_seen.has_changed().is_ok() => {
@@ -274,8 +281,10 @@ impl Agent {
                 };
                 match message {
                     Ok(Some(set)) => {
+                        // Not contact (see `heartbeat_loop`): the leader's liveness clock for
+                        // this node moves only with heartbeats, and a stream that still
+                        // delivers says nothing of whether they arrive.
                         silent_until = tokio::time::Instant::now() + STREAM_SILENCE;
-                        touch(&self.last_contact);
                         backoff.reset();
                         // Fencing: a set from an older leader term is stale.
                         if set.term < max_term {
@@ -311,6 +320,15 @@ impl Agent {
     /// will soon mark this node lost and retry its attempts elsewhere, and two copies of an
     /// attempt must never run at once. Their exits are reported when contact returns (and
     /// ignored if the attempt was superseded meanwhile).
+    /// Whether no quorum-holding leader has answered a heartbeat for `stop_after`.
+    fn cut_off(&self) -> bool {
+        self.last_contact
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .elapsed()
+            > self.config.stop_after
+    }
+
     fn stop_if_cut_off(&self, slots: &HashMap<(String, u32), Slot>) {
         let silent = self
             .last_contact
@@ -351,8 +369,11 @@ impl Agent {
             let _ = slot.stop.send(true);
             !slot.done.load(Ordering::SeqCst)
         });
+        // A node cut off starts nothing: the leader may already be retrying these attempts
+        // elsewhere. They start when contact is back and they are still assigned.
+        let cut_off = self.cut_off();
         for (key, assignment) in wanted {
-            if slots.contains_key(&key) {
+            if slots.contains_key(&key) || cut_off {
                 continue;
             }
             let (stop, stop_rx) = watch::channel(false);
@@ -414,8 +435,14 @@ fn desired_set(
     Some(described.values().cloned().collect())
 }
 
-pub(crate) fn touch(last_contact: &std::sync::Mutex<tokio::time::Instant>) {
-    *last_contact.lock().unwrap_or_else(|p| p.into_inner()) = tokio::time::Instant::now();
+/// Moves `last_contact` forward to `at` (never back: heartbeats to several nodes may answer
+/// out of order).
+pub(crate) fn touch(
+    last_contact: &std::sync::Mutex<tokio::time::Instant>,
+    at: tokio::time::Instant,
+) {
+    let mut last = last_contact.lock().unwrap_or_else(|p| p.into_inner());
+    *last = (*last).max(at);
 }
 
 #[cfg(test)]

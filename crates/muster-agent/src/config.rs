@@ -174,20 +174,11 @@ pub struct AgentConfig {
     pub image_pull_timeout: Duration,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot parse config: {0}")]
-    Parse(#[from] toml::de::Error),
-    #[error("{field}: {message}")]
-    Invalid {
-        field: &'static str,
-        message: String,
-    },
-}
+pub use muster_core::ConfigError;
 
 impl RawAgentConfig {
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        Ok(toml::from_str(text)?)
+        toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))
     }
 
     pub fn validate(self) -> Result<AgentConfig, ConfigError> {

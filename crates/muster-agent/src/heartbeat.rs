@@ -22,9 +22,11 @@ pub(crate) struct SeenLeader {
 /// heard from this agent) with whether the executor can run jobs, and registers again with a
 /// node that no longer knows it (the node was marked lost while this agent was cut off).
 ///
-/// Only an answer from a leader that holds a quorum is contact (`last_contact`), and such an
-/// answer is published in `leader_seen`: the leader alone marks agents lost, so an agent that
-/// reaches only a follower, or a leader cut off from the other control nodes, is cut off.
+/// Only an answer from a leader that holds a quorum is contact (`last_contact`, from when the
+/// heartbeat was sent), and such an answer is published in `leader_seen`: the leader alone
+/// marks agents lost, and only from heartbeats, so an agent that reaches only a follower, or a
+/// leader cut off from the other control nodes, is cut off, and so is one whose assignment
+/// stream still delivers while its heartbeats do not arrive.
 pub(crate) async fn heartbeat_loop(
     config: AgentConfig,
     offered: muster_core::NodeInventory,
@@ -52,14 +54,27 @@ pub(crate) async fn heartbeat_loop(
             }
             beat.unhealthy = unhealthy;
         }
+        // Every node at once, each answer awaited at most one interval: a node that does not
+        // answer (stopped, cut off) must not hold back the heartbeat to the one that leads.
+        // Contact counts from when the heartbeat left, never from when its answer came: the
+        // leader timed this node's silence from the heartbeat's arrival, which came first, so
+        // this node stops its attempts (`stop_after` past contact) before the leader may
+        // retry them elsewhere (`node_lost_after` past arrival), however slow the answer.
+        let sent_at = tokio::time::Instant::now();
+        let answers = futures::future::join_all(control.addrs.iter().filter_map(|addr| {
+            let mut client = control.client(addr)?;
+            let (beat, wait) = (beat.clone(), config.heartbeat);
+            Some(async move {
+                let answer = tokio::time::timeout(wait, client.heartbeat(beat)).await;
+                (addr, answer)
+            })
+        }))
+        .await;
         let mut unknown = false;
-        for addr in &control.addrs {
-            let Some(mut client) = control.client(addr) else {
-                continue;
-            };
-            match client.heartbeat(beat.clone()).await {
-                Ok(reply) if reply.get_ref().leading => {
-                    touch(&last_contact);
+        for (addr, answer) in answers {
+            match answer {
+                Ok(Ok(reply)) if reply.get_ref().leading => {
+                    touch(&last_contact, sent_at);
                     let seen = SeenLeader {
                         address: addr.clone(),
                         term: reply.get_ref().term,
@@ -70,11 +85,12 @@ pub(crate) async fn heartbeat_loop(
                         newer
                     });
                 }
-                Ok(_) => {}
-                Err(status) if status.code() == tonic::Code::NotFound => unknown = true,
-                Err(status) => {
+                Ok(Ok(_)) => {}
+                Ok(Err(status)) if status.code() == tonic::Code::NotFound => unknown = true,
+                Ok(Err(status)) => {
                     tracing::debug!(addr, error = %status.message(), "heartbeat not delivered")
                 }
+                Err(_) => tracing::debug!(addr, "heartbeat not answered within an interval"),
             }
         }
         if unknown {

@@ -103,27 +103,15 @@ pub struct ServerConfig {
     pub scope: muster_core::ArnScope,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot parse config: {0}")]
-    Parse(#[from] toml::de::Error),
-    #[error("{field}: {message}")]
-    Invalid {
-        field: &'static str,
-        message: String,
-    },
-}
+pub use muster_core::ConfigError;
 
 fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        field,
-        message: message.into(),
-    }
+    ConfigError::invalid(field, message)
 }
 
 impl RawServerConfig {
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        Ok(toml::from_str(text)?)
+        toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))
     }
 
     pub fn validate(self) -> Result<ServerConfig, ConfigError> {
@@ -188,9 +176,7 @@ impl RawServerConfig {
             region: self.region,
             account: self.account_id,
         };
-        scope
-            .check()
-            .map_err(|(field, message)| invalid(field, message))?;
+        scope.check()?;
         Ok(ServerConfig {
             node_lost_after: std::time::Duration::from_secs(self.node_lost_after_secs),
             job_retention: std::time::Duration::from_secs(self.job_retention_days * 86_400),

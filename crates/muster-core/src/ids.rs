@@ -115,8 +115,8 @@ impl Default for ArnScope {
 impl ArnScope {
     /// Whether `region` looks like an AWS region (`us-east-1`, `eu-central-2`,
     /// `us-gov-west-1`: lowercase words and a number) and `account` is twelve digits, as clients
-    /// that parse ARNs expect. The error names the setting.
-    pub fn check(&self) -> Result<(), (&'static str, String)> {
+    /// that parse ARNs expect. The error names the setting (`region`, `account_id`).
+    pub fn check(&self) -> Result<(), crate::ConfigError> {
         let parts: Vec<&str> = self.region.split('-').collect();
         let region_ok = parts.len() >= 3
             && parts[..parts.len() - 1]
@@ -124,7 +124,7 @@ impl ArnScope {
                 .all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_lowercase()))
             && parts[parts.len() - 1].parse::<u16>().is_ok();
         if !region_ok {
-            return Err((
+            return Err(crate::ConfigError::invalid(
                 "region",
                 format!(
                     "{:?} is not a region name like us-east-1 (lowercase words and a number, joined by '-')",
@@ -133,7 +133,7 @@ impl ArnScope {
             ));
         }
         if self.account.len() != 12 || !self.account.chars().all(|c| c.is_ascii_digit()) {
-            return Err((
+            return Err(crate::ConfigError::invalid(
                 "account_id",
                 format!("{:?} is not an account id: twelve digits", self.account),
             ));

@@ -34,6 +34,7 @@ pub use ids::{Arn, ArnScope, JobId, NodeId, Timestamp};
 pub use model::*;
 pub use resources::Resources;
 pub use state::{ATTEMPT_TIMED_OUT, AffectedNodes, Assignment, State};
+pub use validate::ConfigError;
 
 /// Version of the serialized [`State`] inside a snapshot; bumped on any incompatible change.
 pub const STATE_FORMAT_VERSION: u32 = 1;

@@ -645,14 +645,20 @@ fn the_region_and_account_are_set_before_anything_names_them_and_then_fixed() {
             other => panic!("accepted: {other:?}"),
         }
     }
-    assert_eq!(state.apply(scope("eu-west-1", "123456789012")), Outcome::Done);
+    assert_eq!(
+        state.apply(scope("eu-west-1", "123456789012")),
+        Outcome::Done
+    );
     assert_eq!(state.apply(ce("ce")), Outcome::Done);
     assert_eq!(
         state.compute_environment("ce").map(|c| c.arn.0.clone()),
         Some("arn:aws:batch:eu-west-1:123456789012:compute-environment/ce".into())
     );
     // The same again changes nothing; another is refused once an ARN exists.
-    assert_eq!(state.apply(scope("eu-west-1", "123456789012")), Outcome::Done);
+    assert_eq!(
+        state.apply(scope("eu-west-1", "123456789012")),
+        Outcome::Done
+    );
     match state.apply(scope("us-gov-west-1", "123456789012")) {
         Outcome::Rejected(r) => assert!(r.message.contains("already name region eu-west-1")),
         other => panic!("accepted: {other:?}"),

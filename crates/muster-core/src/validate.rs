@@ -2,6 +2,29 @@
 
 use crate::Rejection;
 
+/// A configuration file (a control node's or an agent's) that cannot be used: it does not
+/// parse, or one setting, named, is invalid. One type for both, so that `muster` reports them
+/// alike.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot parse config: {0}")]
+    Parse(String),
+    #[error("{field}: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+}
+
+impl ConfigError {
+    pub fn invalid(field: &'static str, message: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            field,
+            message: message.into(),
+        }
+    }
+}
+
 /// AWS Batch's rule for names of jobs, queues, compute environments and definitions:
 /// 1..128 characters, letters, digits, `-` and `_`, starting with a letter or digit.
 pub fn name(field: &str, value: &str) -> Result<(), Rejection> {

@@ -22,8 +22,8 @@ use openraft::{LogId, ServerState};
 use serde::{Deserialize, Serialize};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::time::Instant;
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 /// How often the leader tells followers it is alive.
 pub const HEARTBEAT: Duration = Duration::from_millis(100);

@@ -8,8 +8,8 @@ use muster_proto::pb::ReadIndexRequest;
 use openraft::error::{ClientWriteError, RaftError};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
-use tokio::time::Instant;
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 /// How long a request waits for a leader (an election, a forward) before giving up.
 const LEADER_WAIT: Duration = Duration::from_secs(10);

@@ -318,7 +318,7 @@ async fn main() -> anyhow::Result<()> {
                 region,
                 account: account_id,
             };
-            if let Err((field, message)) = scope.check() {
+            if let Err(muster_core::ConfigError::Invalid { field, message }) = scope.check() {
                 anyhow::bail!("--{}: {message}", field.replace('_', "-"));
             }
             let limits = muster_api::Limits {

@@ -1,6 +1,7 @@
 //! A simulated agent: the real agent's protocol and safety rules, with jobs that "run" by
 //! sleeping in simulated time. It registers, heartbeats every control node and counts only a
-//! quorum-holding leader's answers as contact, follows a newer leader named in those answers,
+//! quorum-holding leader's answers to heartbeats as contact (from when each was sent; never
+//! a message on the assignment stream), follows a newer leader named in those answers,
 //! watches its assignments from the leader and reconciles each set (fencing sets of older
 //! terms), stops every attempt once cut off for `STOP_AFTER`, and keeps attempt records on a
 //! disk that survives its crashes, so that a restart reports what it lost and never runs an
@@ -41,6 +42,8 @@ struct Agent {
     /// The agent address and term of the last quorum-holding leader that answered.
     leader_seen: watch::Sender<Option<(String, u64)>>,
     running: Mutex<BTreeMap<Key, JoinHandle<()>>>,
+    /// The latest assignment set: what was held back while cut off starts from it.
+    desired: Mutex<BTreeMap<Key, Vec<String>>>,
     reports: mpsc::UnboundedSender<AttemptReport>,
 }
 
@@ -81,8 +84,9 @@ impl Agent {
         });
     }
 
-    fn touch(&self) {
-        *self.last_contact.lock().unwrap() = Instant::now();
+    fn touch(&self, at: Instant) {
+        let mut last = self.last_contact.lock().unwrap();
+        *last = (*last).max(at);
     }
 
     /// Records the end of this agent's open run of `key`.
@@ -95,7 +99,8 @@ impl Agent {
             run.exit_code = exit_code;
         }
         let disk = shared.agent_disks.entry(self.name.clone()).or_default();
-        disk.started.insert(key.clone(), Some(exit_code.unwrap_or(-1)));
+        disk.started
+            .insert(key.clone(), Some(exit_code.unwrap_or(-1)));
     }
 
     fn start(self: &Arc<Self>, key: Key, command: &[String]) {
@@ -140,8 +145,16 @@ impl Agent {
         }
     }
 
-    /// Starts what the set names and this agent never started; stops what it no longer names.
+    fn cut_off(&self) -> bool {
+        self.records.bug != super::Bug::AgentIgnoresCutOff
+            && self.last_contact.lock().unwrap().elapsed() > STOP_AFTER
+    }
+
+    /// Starts what the set names and this agent never started (nothing while it is cut off);
+    /// stops what it no longer names.
     fn reconcile(self: &Arc<Self>, desired: &BTreeMap<Key, Vec<String>>) {
+        *self.desired.lock().unwrap() = desired.clone();
+        let cut_off = self.cut_off();
         let running: Vec<Key> = self.running.lock().unwrap().keys().cloned().collect();
         for key in running.iter().filter(|k| !desired.contains_key(*k)) {
             self.stop(key, "no longer assigned");
@@ -153,7 +166,7 @@ impl Agent {
                 .agent_disks
                 .get(&self.name)
                 .is_some_and(|d| d.started.contains_key(key));
-            if !known {
+            if !known && !cut_off {
                 self.start(key.clone(), command);
             }
         }
@@ -180,17 +193,24 @@ impl Agent {
     async fn heartbeats(self: Arc<Self>) {
         loop {
             tokio::time::sleep(HEARTBEAT).await;
-            let mut unknown = false;
-            for addr in &self.addrs {
+            // As the real agent: every node at once, contact from when the heartbeat left.
+            let sent_at = Instant::now();
+            let name = self.name.as_str();
+            let answers = futures::future::join_all(self.addrs.iter().map(|addr| async move {
                 let mut client = client(addr);
                 let call = client.heartbeat(HeartbeatRequest {
-                    node_id: self.name.clone(),
-                    inventory: Some(inventory(&self.name)),
+                    node_id: name.to_owned(),
+                    inventory: Some(inventory(name)),
                     unhealthy: None,
                 });
-                match tokio::time::timeout(CALL_TIMEOUT, call).await {
+                (addr, tokio::time::timeout(HEARTBEAT, call).await)
+            }))
+            .await;
+            let mut unknown = false;
+            for (addr, answer) in answers {
+                match answer {
                     Ok(Ok(reply)) if reply.get_ref().leading => {
-                        self.touch();
+                        self.touch(sent_at);
                         let seen = Some((addr.clone(), reply.get_ref().term));
                         self.leader_seen.send_if_modified(|was| {
                             let newer = *was != seen;
@@ -212,9 +232,10 @@ impl Agent {
     async fn lease(self: Arc<Self>) {
         loop {
             tokio::time::sleep(STOP_AFTER / 4).await;
-            if self.last_contact.lock().unwrap().elapsed() > STOP_AFTER
-                && self.records.bug != super::Bug::AgentIgnoresCutOff
-            {
+            if !self.cut_off() {
+                let desired = self.desired.lock().unwrap().clone();
+                self.reconcile(&desired);
+            } else {
                 let running: Vec<Key> = self.running.lock().unwrap().keys().cloned().collect();
                 for key in running {
                     self.stop(&key, "cut off from the control plane");
@@ -302,8 +323,8 @@ impl Agent {
                     }
                 };
                 let Ok(Some(set)) = message else { break };
+                // Not contact: the leader's liveness moves only with heartbeats.
                 silent_until = Instant::now() + STREAM_SILENCE;
-                self.touch();
                 if set.term < max_term {
                     continue;
                 }
@@ -338,12 +359,16 @@ impl Agent {
 pub async fn run(name: String, control_ids: Vec<u64>, records: Records) -> turmoil::Result {
     let (reports, queued) = mpsc::unbounded_channel();
     let agent = Arc::new(Agent {
-        addrs: control_ids.iter().map(|id| control::agent_addr(*id)).collect(),
+        addrs: control_ids
+            .iter()
+            .map(|id| control::agent_addr(*id))
+            .collect(),
         name: name.clone(),
         records: records.clone(),
         last_contact: Mutex::new(Instant::now()),
         leader_seen: watch::channel(None).0,
         running: Mutex::new(BTreeMap::new()),
+        desired: Mutex::new(BTreeMap::new()),
         reports,
     });
     // What an earlier incarnation left: an attempt with no recorded exit was running when the

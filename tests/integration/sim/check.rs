@@ -24,7 +24,9 @@ pub fn violations(records: &Records, leader: u64, replayed: &Replayed) -> Vec<St
                 theirs.last_applied, applied.last_applied
             ));
         } else if serde_json::to_string(&theirs.state).unwrap_or_default() != mine {
-            found.push(format!("node {id} holds another state than the leader {leader}"));
+            found.push(format!(
+                "node {id} holds another state than the leader {leader}"
+            ));
         }
     }
 
@@ -86,7 +88,10 @@ fn run_violations(state: &State, runs: &[Run]) -> Vec<String> {
             continue;
         };
         let Some(job) = state.job(&JobId::from(run.job.as_str())) else {
-            found.push(format!("{} ran {}, which does not exist", run.agent, run.job));
+            found.push(format!(
+                "{} ran {}, which does not exist",
+                run.agent, run.job
+            ));
             continue;
         };
         // The attempt it ran was placed on this agent.
@@ -119,7 +124,9 @@ fn run_violations(state: &State, runs: &[Run]) -> Vec<String> {
     // No attempt ran twice, even one run after the other.
     let mut by_attempt: BTreeMap<(&str, u32), usize> = BTreeMap::new();
     for run in runs {
-        *by_attempt.entry((run.job.as_str(), run.attempt)).or_default() += 1;
+        *by_attempt
+            .entry((run.job.as_str(), run.attempt))
+            .or_default() += 1;
     }
     for ((job, attempt), count) in by_attempt {
         if count > 1 {
@@ -156,9 +163,8 @@ pub struct Replayed {
 pub fn replay(log: &mut muster_store::MemLogStore<muster_raft::TypeConfig>) -> Replayed {
     let mut last: BTreeMap<JobId, JobStatus> = BTreeMap::new();
     let mut found = Vec::new();
-    let replay = futures::executor::block_on(muster_control::replay::replay_store(
-        log,
-        |index, state| {
+    let replay =
+        futures::executor::block_on(muster_control::replay::replay_store(log, |index, state| {
             for job in state.jobs() {
                 let was = last.insert(job.id.clone(), job.status);
                 let Some(was) = was else { continue };
@@ -179,8 +185,7 @@ pub fn replay(log: &mut muster_store::MemLogStore<muster_raft::TypeConfig>) -> R
                     ));
                 }
             }
-        },
-    ));
+        }));
     match replay {
         Ok(replay) => {
             found.extend(

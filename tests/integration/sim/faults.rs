@@ -40,7 +40,9 @@ impl Fault {
             rest[rng.between(0, rest.len() as u64) as usize]
         };
         let agent = agents[rng.between(0, agents.len() as u64) as usize].clone();
-        let secs = |rng: &mut Rng, low: u64, high: u64| Duration::from_millis(rng.between(low * 1000, high * 1000));
+        let secs = |rng: &mut Rng, low: u64, high: u64| {
+            Duration::from_millis(rng.between(low * 1000, high * 1000))
+        };
         if mix == super::Mix::LongCutOffs {
             // Past the node-lost TTL (30 s), so that the leader places the attempts elsewhere.
             let lasts = secs(rng, 32, 45);
@@ -76,9 +78,7 @@ impl Fault {
 
     pub fn agent(&self) -> Option<&str> {
         match self {
-            Fault::CrashAgent(a) | Fault::CutOffAgent(a) | Fault::AgentReachesOnly(a, _) => {
-                Some(a)
-            }
+            Fault::CrashAgent(a) | Fault::CutOffAgent(a) | Fault::AgentReachesOnly(a, _) => Some(a),
             _ => None,
         }
     }
@@ -106,7 +106,11 @@ impl Fault {
                 // Its jobs' processes die with it.
                 let at = sim.elapsed();
                 let mut shared = records.lock();
-                for run in shared.runs.iter_mut().filter(|r| r.agent == *a && r.stopped.is_none()) {
+                for run in shared
+                    .runs
+                    .iter_mut()
+                    .filter(|r| r.agent == *a && r.stopped.is_none())
+                {
                     run.stopped = Some(at);
                 }
             }
@@ -133,11 +137,9 @@ impl Fault {
                 }
             }
             Fault::Hold(a, b) => sim.release(control::host(*a), control::host(*b)),
-            Fault::Slow(a, b, _) => sim.set_link_latency(
-                control::host(*a),
-                control::host(*b),
-                super::LINK_LATENCY,
-            ),
+            Fault::Slow(a, b, _) => {
+                sim.set_link_latency(control::host(*a), control::host(*b), super::LINK_LATENCY)
+            }
             Fault::CrashAgent(a) => sim.bounce(a.as_str()),
             Fault::CutOffAgent(a) | Fault::AgentReachesOnly(a, _) => {
                 for c in controls {

@@ -130,9 +130,8 @@ pub fn simulate(seed: u64, bug: Bug) -> Outcome {
     use tracing_subscriber::layer::SubscriberExt;
     muster_control::simulate_wall_clock(simulated_wall_clock);
     let messages = MessageFaults::default();
-    let _tracing = tracing::subscriber::set_default(
-        tracing_subscriber::registry().with(messages.clone()),
-    );
+    let _tracing =
+        tracing::subscriber::set_default(tracing_subscriber::registry().with(messages.clone()));
 
     let mix = Mix::of(seed);
     let records = Records::new(seed, bug, mix);
@@ -201,7 +200,10 @@ pub fn simulate(seed: u64, bug: Bug) -> Outcome {
         active = kept;
         for (fault, _) in due {
             fault.heal(&mut sim, &CONTROLS);
-            records.lock().events.push(format!("{now:?} healed {fault:?}"));
+            records
+                .lock()
+                .events
+                .push(format!("{now:?} healed {fault:?}"));
         }
         if now >= next_fault {
             next_fault = now + Duration::from_millis(rng.between(500, 4000));
@@ -227,7 +229,10 @@ pub fn simulate(seed: u64, bug: Bug) -> Outcome {
     }
     let healed_at = sim.elapsed();
     records.lock().workload_over = true;
-    records.lock().events.push(format!("{healed_at:?} every fault healed"));
+    records
+        .lock()
+        .events
+        .push(format!("{healed_at:?} every fault healed"));
 
     // Quiesce: a leader, every node caught up, every job ended, nothing running.
     let mut quiet_since = None;
@@ -270,7 +275,9 @@ pub fn simulate(seed: u64, bug: Bug) -> Outcome {
             .count()
     };
     let unanswered = shared.calls.iter().filter(|c| c.ended.is_none()).count();
-    let term = leader.map_or(0, |l| shared.nodes[&l].node.raft.metrics().borrow().current_term);
+    let term = leader.map_or(0, |l| {
+        shared.nodes[&l].node.raft.metrics().borrow().current_term
+    });
     let summary = format!(
         "seed {seed} ({mix:?}): {injected} faults, {} messages dropped and {} held; {} calls ({} ok, {} failed, {} indeterminate, {} unanswered); {} runs; {entries} entries replayed; final term {term}; {:.0} s simulated",
         messages.dropped.load(Ordering::Relaxed),
@@ -350,11 +357,16 @@ fn seeds_from_env() -> (u64, u64) {
 fn sweep(shard: u64) {
     let (first, count) = seeds_from_env();
     let mut broken = Vec::new();
-    for seed in (first..first + count).filter(|s| (s - first) % SHARDS == shard) {
+    let regressions = REGRESSIONS.iter().copied().filter(|_| shard == 0);
+    let seeds = (first..first + count).filter(|s| (s - first) % SHARDS == shard);
+    for seed in regressions.chain(seeds) {
         let outcome = simulate(seed, Bug::None);
         println!("{} (digest {:016x})", outcome.summary, outcome.digest);
         if !outcome.violations.is_empty() {
-            println!("  seed {seed} broke {} invariants:", outcome.violations.len());
+            println!(
+                "  seed {seed} broke {} invariants:",
+                outcome.violations.len()
+            );
             for v in outcome.violations.iter().take(20) {
                 println!("    {v}");
             }
@@ -371,6 +383,9 @@ fn sweep(shard: u64) {
         "seeds {broken:?} broke invariants; replay one with MUSTER_SIM_SEED=<seed> cargo nextest run -p muster-tests sim::"
     );
 }
+
+/// Seeds that once broke an invariant (chaos/RESULTS.md), run by every sweep.
+const REGRESSIONS: [u64; 2] = [222, 1442];
 
 /// The sweep runs as this many tests, so that nextest spreads it over the cores.
 const SHARDS: u64 = 4;
@@ -408,7 +423,8 @@ fn the_same_seed_runs_the_same() {
     );
     let other = simulate(seed + 1, Bug::None);
     assert_ne!(
-        first.digest, other.digest,
+        first.digest,
+        other.digest,
         "seeds {seed} and {} ran the same way: the seed decides nothing",
         seed + 1
     );

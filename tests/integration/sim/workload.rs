@@ -7,9 +7,9 @@ use super::records::{Call, CallKind, CallResult, Records, now};
 use muster_api::{ControlPlane, PlaneError};
 use muster_control::RaftPlane;
 use muster_core::{
-    AdminCommand, Arn, CeOrder, CeType, Command, ComputeEnvironment, ContainerOverrides, ContainerSpec,
-    EnabledState, JobDefinitionSpec, JobId, JobQueue, JobSubmission, Outcome, RetryStrategy,
-    Timestamp,
+    AdminCommand, Arn, CeOrder, CeType, Command, ComputeEnvironment, ContainerOverrides,
+    ContainerSpec, EnabledState, JobDefinitionSpec, JobId, JobQueue, JobSubmission, Outcome,
+    RetryStrategy, Timestamp,
 };
 use std::time::Duration;
 
@@ -205,7 +205,8 @@ pub async fn client(id: u64, plane: RaftPlane, records: Records) {
         };
         let answer = plane.propose(command).await;
         let mut result = result_of(&answer);
-        if records.bug == super::Bug::IndeterminateCountsAsOk && result == CallResult::Indeterminate {
+        if records.bug == super::Bug::IndeterminateCountsAsOk && result == CallResult::Indeterminate
+        {
             result = CallResult::Ok;
         }
         records.lock().calls[index].ended = Some((now(), result));

@@ -3,7 +3,8 @@
 
 use super::{Ending, State};
 use crate::{
-    AdminCommand, DefinitionStatus, EnabledState, Outcome, Rejection, SchedulingPolicy, Tags,
+    AdminCommand, ConfigError, DefinitionStatus, EnabledState, Outcome, Rejection,
+    SchedulingPolicy, Tags,
 };
 
 fn not_found(field: &str, what: &str, name: &str) -> Rejection {
@@ -90,8 +91,12 @@ impl State {
     pub(super) fn check_admin(&self, cmd: &AdminCommand) -> Result<(), Rejection> {
         match cmd {
             AdminCommand::SetArnScope(scope) => {
-                if let Err((field, message)) = scope.check() {
-                    return Err(Rejection::new(field, format!("{field}: {message}")));
+                if let Err(e) = scope.check() {
+                    let field = match &e {
+                        ConfigError::Invalid { field, .. } => *field,
+                        ConfigError::Parse(_) => "region",
+                    };
+                    return Err(Rejection::new(field, e.to_string()));
                 }
                 // ARNs are stored with what they name (compute environments, queues, users):
                 // the scope is fixed once anything has one.
