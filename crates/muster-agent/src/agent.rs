@@ -248,6 +248,9 @@ impl Agent {
             // The cut-off check keeps its own cadence, however often sets arrive.
             let mut lease_check = tokio::time::interval(self.config.stop_after / 4);
             lease_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // Whether this stream has sent a set yet: before it has, `described` says nothing
+            // about what should run.
+            let mut got_set = false;
             loop {
                 let message = tokio::select! {
                     _ = shutdown.changed() => return,
@@ -259,7 +262,7 @@ impl Agent {
                     _ = lease_check.tick() => {
                         self.stop_if_cut_off(slots);
                         // Attempts held back while cut off start once contact is back.
-                        if !self.cut_off() {
+                        if got_set && !self.cut_off() {
                             self.reconcile(slots, described.values().cloned().collect(), reporter);
                         }
                         continue;
@@ -309,6 +312,7 @@ impl Agent {
                             self.executor.remove_strays(&keep).await;
                         }
                         self.reconcile(slots, desired, reporter);
+                        got_set = true;
                     }
                     _ => break,
                 }

@@ -54,8 +54,8 @@ pub(crate) async fn heartbeat_loop(
             }
             beat.unhealthy = unhealthy;
         }
-        // Every node at once, each answer awaited at most one interval: a node that does not
-        // answer (stopped, cut off) must not hold back the heartbeat to the one that leads.
+        // Every node at once, each answer awaited a bounded time: a node that does not answer
+        // (stopped, cut off) must not hold back the heartbeat to the one that leads.
         // Contact counts from when the heartbeat left, never from when its answer came: the
         // leader timed this node's silence from the heartbeat's arrival, which came first, so
         // this node stops its attempts (`stop_after` past contact) before the leader may
@@ -63,7 +63,10 @@ pub(crate) async fn heartbeat_loop(
         let sent_at = tokio::time::Instant::now();
         let answers = futures::future::join_all(control.addrs.iter().filter_map(|addr| {
             let mut client = control.client(addr)?;
-            let (beat, wait) = (beat.clone(), config.heartbeat);
+            // A reply waits for any inventory or health change it carries to commit; one that
+            // comes late still counts (from when the heartbeat left), so it is given a quarter
+            // of `stop_after` rather than one interval.
+            let (beat, wait) = (beat.clone(), config.heartbeat.max(config.stop_after / 4));
             Some(async move {
                 let answer = tokio::time::timeout(wait, client.heartbeat(beat)).await;
                 (addr, answer)
@@ -90,7 +93,7 @@ pub(crate) async fn heartbeat_loop(
                 Ok(Err(status)) => {
                     tracing::debug!(addr, error = %status.message(), "heartbeat not delivered")
                 }
-                Err(_) => tracing::debug!(addr, "heartbeat not answered within an interval"),
+                Err(_) => tracing::debug!(addr, "heartbeat not answered in time"),
             }
         }
         if unknown {
