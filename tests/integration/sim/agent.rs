@@ -203,7 +203,10 @@ impl Agent {
                     inventory: Some(inventory(name)),
                     unhealthy: None,
                 });
-                (addr, tokio::time::timeout(HEARTBEAT.max(STOP_AFTER / 4), call).await)
+                (
+                    addr,
+                    tokio::time::timeout(HEARTBEAT.max(STOP_AFTER / 4), call).await,
+                )
             }))
             .await;
             let mut unknown = false;
