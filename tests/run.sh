@@ -9,13 +9,13 @@ cd "$(dirname "$0")/.."
 # with `cargo metadata --offline`.
 cargo fetch --locked
 cargo build --locked -p muster
+# The image jobs run in, for the Rust tests on the Docker engine and the real-client suite.
+bash tests/images/build.sh
 if command -v cargo-nextest >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast
 else
   cargo test --workspace --locked --no-fail-fast
 fi
-
-bash tests/images/build.sh
 
 venv=.venv
 stamp="$venv/.requirements.sha256"

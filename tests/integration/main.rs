@@ -15,3 +15,4 @@ mod processes;
 mod restart;
 mod semantics;
 mod sim;
+mod warden;

@@ -193,6 +193,18 @@ async fn iam_cli_creates_a_user_whose_policy_is_enforced(aws_dir: &Path, api_por
     );
 }
 
+/// Polls `done` every 100 ms for up to 30 s.
+async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not within 30 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 async fn wait_until_serving(client: &BatchClient) {
     let deadline = Instant::now() + DEADLINE;
     while Instant::now() < deadline {
@@ -242,7 +254,7 @@ async fn three_server_processes_and_an_agent_process() {
     std::fs::write(
         &agent_config,
         format!(
-            "node_id = \"proc-agent\"\ncompute_environment = \"ce\"\ncontrol_plane = [{}]\nexecutor = \"process\"\nwork_dir = {:?}\nvcpus = 2\nmemory_mib = 2048\n",
+            "node_id = \"proc-agent\"\ncompute_environment = \"ce\"\ncontrol_plane = [{}]\nexecutor = \"process\"\nwork_dir = {:?}\nvcpus = 2\nmemory_mib = 2048\nstop_after_secs = 4\nstop_grace_secs = 1\n",
             grpc.iter().map(|p| format!("\"127.0.0.1:{p}\"")).collect::<Vec<_>>().join(", "),
             dir.path().join("agent")
         ),
@@ -274,6 +286,56 @@ async fn three_server_processes_and_an_agent_process() {
     let job = submit(&client, "q", "d", "in-a-process", &["sh", "-c", "exit 0"]).await;
     wait_for_status(&client, &job, &["SUCCEEDED"]).await;
     agent.stop();
+    let work_dir = dir.path().join("agent");
+    let warden_pid = muster_agent::warden::warden_pid_path(&work_dir);
+    wait_until("the warden of a cleanly stopped agent exits", || {
+        !warden_pid.exists()
+    })
+    .await;
+
+    // An agent killed under a running attempt: the attempt must not outlive the agent's
+    // lease (4 s), for the leader retries it elsewhere once it marks the agent lost.
+    let agent = Proc::spawn(
+        &["agent", "--config", agent_config.to_str().unwrap()],
+        &dir.path().join("agent-2.log"),
+    );
+    let pid_file = dir.path().join("orphan.pid");
+    let long = submit(
+        &client,
+        "q",
+        "d",
+        "outlives-its-agent",
+        &[
+            "sh",
+            "-c",
+            &format!("echo $$ > {}; exec sleep 120", pid_file.display()),
+        ],
+    )
+    .await;
+    wait_for_status(&client, &long, &["RUNNING"]).await;
+    wait_until("the job wrote its pid", || pid_file.exists()).await;
+    let job_pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(muster_agent::warden::warden_running(&work_dir));
+    drop(agent); // SIGKILL: nothing of the agent stops the job
+    let killed_at = std::time::Instant::now();
+    wait_until("the warden stops the orphaned attempt", || {
+        // SAFETY: signal 0 only checks that the process exists.
+        (unsafe { libc_kill(job_pid, 0) }) != 0
+    })
+    .await;
+    let lasted = killed_at.elapsed();
+    assert!(
+        lasted < std::time::Duration::from_secs(4 + 1 + 3),
+        "the orphan ran {lasted:?} past its agent's death"
+    );
+    wait_until("the warden exits once nothing of its agent runs", || {
+        !warden_pid.exists()
+    })
+    .await;
     for s in servers {
         s.stop();
     }

@@ -4,6 +4,7 @@ use crate::attempt::run_attempt;
 use crate::backoff::Backoff;
 use crate::executor::{DockerExecutor, Executor, ProcessExecutor};
 use crate::heartbeat::{SeenLeader, heartbeat_loop};
+use crate::lease::Lease;
 use crate::logs::serve_logs;
 use crate::reporter::{ControlClient, Reporter};
 use crate::{AgentConfig, ExecutorKind, inventory};
@@ -33,8 +34,8 @@ pub enum AgentError {
 
 pub struct Agent {
     config: AgentConfig,
-    /// When a control node last answered (a heartbeat or an assignment set).
-    last_contact: Arc<std::sync::Mutex<tokio::time::Instant>>,
+    /// How long attempts may run on without contact with a quorum-holding leader.
+    lease: Arc<Lease>,
     /// Found once at start: GPUs do not come and go while the agent runs.
     gpus: Vec<muster_core::GpuDevice>,
     executor: Arc<Executor>,
@@ -55,18 +56,7 @@ struct Slot {
 
 impl Agent {
     pub async fn new(config: AgentConfig) -> Result<Self, AgentError> {
-        let executor = match config.executor {
-            ExecutorKind::Docker => Executor::Docker(
-                DockerExecutor::connect(&config.compute_environment)
-                    .await
-                    .map_err(|e| AgentError::Docker(e.to_string()))?
-                    .with_owner(agent_identity(&config.work_dir).map_err(AgentError::WorkDir)?)
-                    .with_pull(config.image_pull, config.image_pull_timeout),
-            ),
-            ExecutorKind::Process => {
-                Executor::Process(ProcessExecutor::new(Path::new("/sys/fs/cgroup")))
-            }
-        };
+        let executor = executor_for(&config).await?;
         let control = ControlClient::new(config.control_plane.clone());
         let log_listener = tokio::net::TcpListener::bind(config.log_listen_addr)
             .await
@@ -84,8 +74,8 @@ impl Agent {
         Ok(Self {
             log_listener: std::sync::Mutex::new(Some(log_listener)),
             log_address,
+            lease: Arc::new(Lease::new(&config)),
             config,
-            last_contact: Arc::new(std::sync::Mutex::new(tokio::time::Instant::now())),
             gpus: inventory::gpus(),
             executor: Arc::new(executor),
             control,
@@ -121,10 +111,16 @@ impl Agent {
             self.inventory(),
             self.executor.clone(),
             self.control.clone(),
-            self.last_contact.clone(),
+            self.lease.clone(),
             leader_seen,
             shutdown.clone(),
         ));
+        // Its own task, so that the lease ends on time whatever the watch loop awaits
+        // (a reconnect, the engine's answer while sweeping strays).
+        let lease_keeper = tokio::spawn({
+            let (lease, shutdown) = (self.lease.clone(), shutdown.clone());
+            async move { lease.keep(shutdown).await }
+        });
         let channels = self
             .control
             .addrs
@@ -152,6 +148,8 @@ impl Agent {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         heartbeat.abort();
+        // Only now: the lease file tells the warden attempts are still covered.
+        let _ = lease_keeper.await;
         if let Some(server) = log_server {
             server.abort();
         }
@@ -201,8 +199,8 @@ impl Agent {
         let mut next = 0usize;
         let mut max_term = 0u64;
         let mut swept = false;
+        let mut expired = self.lease.expired();
         while !*shutdown.borrow() {
-            self.stop_if_cut_off(slots);
             let addr = leader_hint.take().unwrap_or_else(|| {
                 next += 1;
                 self.control.addrs[next % self.control.addrs.len()].clone()
@@ -245,9 +243,6 @@ impl Agent {
             // Set once per stream and moved only by a message: a timer made afresh on every
             // pass of the loop (which also wakes to check the cut-off) would never fire.
             let mut silent_until = tokio::time::Instant::now() + STREAM_SILENCE;
-            // The cut-off check keeps its own cadence, however often sets arrive.
-            let mut lease_check = tokio::time::interval(self.config.stop_after / 4);
-            lease_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             // Whether this stream has sent a set yet: before it has, `described` says nothing
             // about what should run.
             let mut got_set = false;
@@ -259,10 +254,10 @@ impl Agent {
                         tracing::warn!(addr, silent = ?STREAM_SILENCE, "the assignment stream went silent; watching again");
                         break;
                     }
-                    _ = lease_check.tick() => {
-                        self.stop_if_cut_off(slots);
-                        // Attempts held back while cut off start once contact is back.
-                        if got_set && !self.cut_off() {
+                    _ = expired.changed() => {
+                        // Attempts held back while cut off start once contact is back. (Those
+                        // running stop by themselves when the lease ends: see `run_attempt`.)
+                        if got_set && !*expired.borrow_and_update() {
                             self.reconcile(slots, described.values().cloned().collect(), reporter);
                         }
                         continue;
@@ -320,41 +315,6 @@ impl Agent {
         }
     }
 
-    /// Stops every attempt once no control node has answered for `stop_after`: the cluster
-    /// will soon mark this node lost and retry its attempts elsewhere, and two copies of an
-    /// attempt must never run at once. Their exits are reported when contact returns (and
-    /// ignored if the attempt was superseded meanwhile).
-    /// Whether no quorum-holding leader has answered a heartbeat for `stop_after`.
-    fn cut_off(&self) -> bool {
-        self.last_contact
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .elapsed()
-            > self.config.stop_after
-    }
-
-    fn stop_if_cut_off(&self, slots: &HashMap<(String, u32), Slot>) {
-        let silent = self
-            .last_contact
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .elapsed();
-        if silent <= self.config.stop_after {
-            return;
-        }
-        for ((job, attempt), slot) in slots {
-            if !slot.done.load(Ordering::SeqCst) && !*slot.stop.borrow() {
-                tracing::warn!(
-                    job,
-                    attempt,
-                    ?silent,
-                    "cut off from the control plane: stopping the attempt"
-                );
-                let _ = slot.stop.send(true);
-            }
-        }
-    }
-
     /// Starts what is newly assigned and stops what is no longer assigned.
     fn reconcile(
         &self,
@@ -375,7 +335,7 @@ impl Agent {
         });
         // A node cut off starts nothing: the leader may already be retrying these attempts
         // elsewhere. They start when contact is back and they are still assigned.
-        let cut_off = self.cut_off();
+        let cut_off = self.lease.is_expired();
         for (key, assignment) in wanted {
             if slots.contains_key(&key) || cut_off {
                 continue;
@@ -388,6 +348,7 @@ impl Agent {
                 assignment,
                 self.log_path(&key),
                 stop_rx,
+                self.lease.expired(),
                 done.clone(),
                 self.config.stop_grace,
             ));
@@ -398,6 +359,22 @@ impl Agent {
     fn log_path(&self, (job, attempt): &(String, u32)) -> PathBuf {
         crate::logs::attempt_log_path(&self.config.work_dir, job, *attempt)
     }
+}
+
+/// The executor `config` names, as this agent's (labelling containers with its identity).
+pub(crate) async fn executor_for(config: &AgentConfig) -> Result<Executor, AgentError> {
+    Ok(match config.executor {
+        ExecutorKind::Docker => Executor::Docker(
+            DockerExecutor::connect(&config.compute_environment)
+                .await
+                .map_err(|e| AgentError::Docker(e.to_string()))?
+                .with_owner(agent_identity(&config.work_dir).map_err(AgentError::WorkDir)?)
+                .with_pull(config.image_pull, config.image_pull_timeout),
+        ),
+        ExecutorKind::Process => {
+            Executor::Process(ProcessExecutor::new(Path::new("/sys/fs/cgroup")))
+        }
+    })
 }
 
 /// This agent's identity on its host, made once and kept in `work_dir/agent-id`: the same
@@ -437,16 +414,6 @@ fn desired_set(
     }
     *described = desired;
     Some(described.values().cloned().collect())
-}
-
-/// Moves `last_contact` forward to `at` (never back: heartbeats to several nodes may answer
-/// out of order).
-pub(crate) fn touch(
-    last_contact: &std::sync::Mutex<tokio::time::Instant>,
-    at: tokio::time::Instant,
-) {
-    let mut last = last_contact.lock().unwrap_or_else(|p| p.into_inner());
-    *last = (*last).max(at);
 }
 
 #[cfg(test)]

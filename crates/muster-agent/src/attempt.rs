@@ -16,6 +16,7 @@ pub(crate) async fn run_attempt(
     assignment: Assignment,
     log_path: PathBuf,
     stop: watch::Receiver<bool>,
+    mut lease_expired: watch::Receiver<bool>,
     done: Arc<AtomicBool>,
     grace: Duration,
 ) {
@@ -31,8 +32,9 @@ pub(crate) async fn run_attempt(
             drop(reporter.report(&job, attempt, Event::Running));
         }
     };
-    // The attempt's own stop signal: the leader's (TerminateJob, a superseded attempt) or the
-    // attempt's timeout, whichever comes first.
+    // The attempt's own stop signal: the leader's (TerminateJob, a superseded attempt), the
+    // end of the agent's lease (the leader may soon retry it elsewhere), or the attempt's
+    // timeout, whichever comes first.
     let (own_stop, own_stop_rx) = watch::channel(false);
     let timed_out = Arc::new(AtomicBool::new(false));
     let watchdog = {
@@ -47,6 +49,8 @@ pub(crate) async fn run_attempt(
             };
             tokio::select! {
                 _ = crate::executor::stopped(&mut stop) => {}
+                // (A lease that is gone, the agent ending, stops nothing by itself.)
+                Ok(_) = lease_expired.wait_for(|ended| *ended) => {}
                 _ = limit => timed_out.store(true, Ordering::SeqCst),
             }
             let _ = own_stop.send(true);

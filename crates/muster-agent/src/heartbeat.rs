@@ -2,8 +2,8 @@
 //! holds a quorum, and who that leader is.
 
 use crate::AgentConfig;
-use crate::agent::touch;
 use crate::executor::Executor;
+use crate::lease::Lease;
 use crate::reporter::ControlClient;
 use muster_proto::inventory_to_pb;
 use muster_proto::pb::{HeartbeatRequest, RegisterRequest};
@@ -22,8 +22,8 @@ pub(crate) struct SeenLeader {
 /// heard from this agent) with whether the executor can run jobs, and registers again with a
 /// node that no longer knows it (the node was marked lost while this agent was cut off).
 ///
-/// Only an answer from a leader that holds a quorum is contact (`last_contact`, from when the
-/// heartbeat was sent), and such an answer is published in `leader_seen`: the leader alone
+/// Only an answer from a leader that holds a quorum is contact (it renews the [`Lease`], from
+/// when the heartbeat was sent), and such an answer is published in `leader_seen`: the leader alone
 /// marks agents lost, and only from heartbeats, so an agent that reaches only a follower, or a
 /// leader cut off from the other control nodes, is cut off, and so is one whose assignment
 /// stream still delivers while its heartbeats do not arrive.
@@ -32,7 +32,7 @@ pub(crate) async fn heartbeat_loop(
     offered: muster_core::NodeInventory,
     executor: Arc<Executor>,
     control: ControlClient,
-    last_contact: Arc<std::sync::Mutex<tokio::time::Instant>>,
+    lease: Arc<Lease>,
     leader_seen: watch::Sender<Option<SeenLeader>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -77,7 +77,10 @@ pub(crate) async fn heartbeat_loop(
         for (addr, answer) in answers {
             match answer {
                 Ok(Ok(reply)) if reply.get_ref().leading => {
-                    touch(&last_contact, sent_at);
+                    let lost_after = Some(reply.get_ref().node_lost_after_ms)
+                        .filter(|ms| *ms > 0)
+                        .map(std::time::Duration::from_millis);
+                    lease.renew(sent_at, lost_after);
                     let seen = SeenLeader {
                         address: addr.clone(),
                         term: reply.get_ref().term,

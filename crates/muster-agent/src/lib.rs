@@ -17,8 +17,10 @@ mod config;
 pub mod executor;
 mod heartbeat;
 pub mod inventory;
+pub mod lease;
 pub mod logs;
 pub mod reporter;
+pub mod warden;
 
-pub use agent::Agent;
+pub use agent::{Agent, AgentError};
 pub use config::{AgentConfig, ExecutorKind, ImagePull, RawAgentConfig};

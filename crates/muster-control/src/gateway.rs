@@ -50,6 +50,8 @@ pub struct AgentGateway {
     /// watches are refused, when it does not.
     leading: watch::Receiver<bool>,
     heartbeats: crate::liveness::Heartbeats,
+    /// Told to agents in every heartbeat answer, so that they stop their attempts in time.
+    node_lost_after: Duration,
     /// Reports are committed in batches: thousands of agents each reporting every attempt
     /// twice would otherwise cost one Raft entry per report.
     reports: Batcher<Report>,
@@ -60,6 +62,7 @@ impl AgentGateway {
         node: RaftNode,
         shutdown: watch::Receiver<bool>,
         heartbeats: crate::liveness::Heartbeats,
+        node_lost_after: Duration,
     ) -> Self {
         Self {
             leading: node.leadership(shutdown.clone()),
@@ -72,6 +75,7 @@ impl AgentGateway {
             node,
             shutdown,
             heartbeats,
+            node_lost_after,
         }
     }
 
@@ -136,6 +140,7 @@ impl AgentGateway {
             leading: self.node.leads_with_quorum(),
             term,
             leader_address: leader.and_then(|l| self.node.peers.agent_addr(l)),
+            node_lost_after_ms: self.node_lost_after.as_millis() as u64,
         }
     }
 }

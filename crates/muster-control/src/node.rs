@@ -174,6 +174,7 @@ impl ControlNode {
                 node.clone(),
                 shutdown_rx.clone(),
                 heartbeats.clone(),
+                config.node_lost_after,
             )));
         let incoming =
             tonic::transport::server::TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));

@@ -39,6 +39,14 @@ enum Commands {
         #[arg(long)]
         print_inventory: bool,
     },
+    /// Watch over an agent's attempts (started by `muster agent`; see `muster_agent::warden`).
+    #[command(name = "agent-warden", hide = true)]
+    AgentWarden {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        agent_pid: u32,
+    },
     /// Manage users, access keys and policies (like `aws iam`).
     Iam {
         /// The cluster's API; default: AWS_ENDPOINT_URL_BATCH.
@@ -301,6 +309,13 @@ async fn main() -> anyhow::Result<()> {
             ..
         } => agent(config).await,
         Commands::Agent { config: None, .. } => anyhow::bail!("--config is required"),
+        Commands::AgentWarden { config, agent_pid } => {
+            let text = std::fs::read_to_string(&config)
+                .with_context(|| format!("reading {}", config.display()))?;
+            let config = muster_agent::RawAgentConfig::from_toml(&text)?.validate()?;
+            muster_agent::warden::watch_over(config, agent_pid).await?;
+            Ok(())
+        }
         Commands::Iam {
             endpoint_url,
             command,
@@ -411,6 +426,11 @@ async fn agent(path: PathBuf) -> anyhow::Result<()> {
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let config = muster_agent::RawAgentConfig::from_toml(&text)?.validate()?;
+    // Attempts must not outlive the agent's lease should the agent die: the warden, a process
+    // of its own, stops them then.
+    let program = std::env::current_exe().context("finding the muster binary")?;
+    muster_agent::warden::ensure_warden(&program, &path, &config.work_dir)
+        .with_context(|| format!("starting the warden in {}", config.work_dir.display()))?;
     let agent = muster_agent::Agent::new(config).await?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let running = tokio::spawn(agent.run(stopped));

@@ -100,6 +100,7 @@ pub async fn run(
             node.clone(),
             shutdown.clone(),
             heartbeats.clone(),
+            NODE_LOST_AFTER,
         )));
     let agent_incoming = net::incoming(AGENT_PORT).await?;
     tokio::spawn(async move {

@@ -15,6 +15,8 @@ use std::path::Path;
 use std::time::Duration;
 use tokio::sync::{oneshot, watch};
 
+const STOPPED_WHILE_PULLING: &str = "stopped while the image was pulled";
+
 /// `host:container[:ro]` for each mount point: a host path, or a Docker volume by name.
 fn binds(options: &muster_core::ContainerOptions) -> Vec<String> {
     options
@@ -120,7 +122,20 @@ impl DockerExecutor {
             }
             Err(bollard::errors::Error::DockerResponseServerError {
                 status_code: 404, ..
-            }) => match tokio::time::timeout(self.pull_timeout, self.pull(&a.image)).await {
+            }) => match tokio::time::timeout(self.pull_timeout, async {
+                let mut stop = stop.clone();
+                // A stop (TerminateJob, the lease's end) must not wait for a long pull, nor
+                // be forgotten behind it.
+                tokio::select! {
+                    pulled = self.pull(&a.image) => pulled,
+                    _ = stopped(&mut stop) => Err(STOPPED_WHILE_PULLING.to_owned()),
+                }
+            })
+            .await
+            {
+                Ok(Err(e)) if e == STOPPED_WHILE_PULLING => {
+                    return AttemptExit::failed_to_start(STOPPED_BY_MUSTER);
+                }
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
                     return AttemptExit::failed_to_start(format!(
@@ -362,6 +377,43 @@ impl DockerExecutor {
                 self.remove(&id).await;
             }
         }
+    }
+
+    /// The ids of this agent's containers that still run.
+    pub async fn running(&self) -> Result<Vec<String>, bollard::errors::Error> {
+        let filters = HashMap::from([
+            (
+                "label".to_owned(),
+                vec![
+                    format!("muster.agent={}", self.owner),
+                    format!("muster.cluster={}", self.cluster),
+                ],
+            ),
+            ("status".to_owned(), vec!["running".to_owned()]),
+        ]);
+        let options = bollard::query_parameters::ListContainersOptionsBuilder::default()
+            .filters(&filters)
+            .build();
+        Ok(self
+            .docker
+            .list_containers(Some(options))
+            .await?
+            .into_iter()
+            .filter_map(|c| c.id)
+            .collect())
+    }
+
+    /// Stops these containers (SIGTERM, SIGKILL after `grace`), all at once; the agent
+    /// reports and removes them when it is back.
+    pub async fn stop_all(&self, ids: &[String], grace: Duration) {
+        let t = grace.as_secs().min(i32::MAX as u64) as i32;
+        futures::future::join_all(ids.iter().map(|id| {
+            self.docker.stop_container(
+                id,
+                Some(StopContainerOptionsBuilder::default().t(t).build()),
+            )
+        }))
+        .await;
     }
 
     async fn remove(&self, id: &str) {

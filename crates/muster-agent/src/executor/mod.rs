@@ -100,6 +100,40 @@ impl Executor {
         }
     }
 
+    /// How many attempts an agent with this work directory started still run (its processes,
+    /// or its containers); `Err` when the Docker engine does not answer.
+    pub async fn count_running(&self, work_dir: &Path) -> Result<usize, String> {
+        match self {
+            Executor::Docker(d) => d
+                .running()
+                .await
+                .map(|c| c.len())
+                .map_err(|e| e.to_string()),
+            Executor::Process(_) => Ok(process::running_groups(work_dir).len()),
+        }
+    }
+
+    /// Stops every attempt an agent with this work directory started that still runs
+    /// (SIGTERM, SIGKILL after `grace`); returns how many there were.
+    pub async fn stop_every_attempt(
+        &self,
+        work_dir: &Path,
+        grace: std::time::Duration,
+    ) -> Result<usize, String> {
+        match self {
+            Executor::Docker(d) => {
+                let running = d.running().await.map_err(|e| e.to_string())?;
+                d.stop_all(&running, grace).await;
+                Ok(running.len())
+            }
+            Executor::Process(_) => {
+                let groups = process::running_groups(work_dir);
+                process::stop_groups(&groups, grace).await;
+                Ok(groups.len())
+            }
+        }
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
             Executor::Docker(_) => "docker",

@@ -310,6 +310,73 @@ fn processes_of(a: &Assignment) -> Vec<i32> {
         .collect()
 }
 
+/// The process groups of attempts that agents with this work directory started and that still
+/// run: each from its attempt's pid file, and only where the group leader's environment names
+/// that attempt (a pid may have been reused since).
+pub(crate) fn running_groups(work_dir: &Path) -> Vec<i32> {
+    let Ok(jobs) = std::fs::read_dir(work_dir.join("logs")) else {
+        return Vec::new();
+    };
+    let mut groups = Vec::new();
+    for job_dir in jobs.flatten() {
+        let Ok(files) = std::fs::read_dir(job_dir.path()) else {
+            continue;
+        };
+        let job_dir_name = job_dir.file_name().to_string_lossy().into_owned();
+        for file in files.flatten() {
+            let path = file.path();
+            if path.extension().is_none_or(|e| e != "pid") {
+                continue;
+            }
+            let Some(attempt) = path.file_stem().and_then(|s| s.to_str()) else {
+                continue;
+            };
+            let Some(pgid) = std::fs::read_to_string(&path)
+                .ok()
+                .and_then(|t| t.trim().parse::<i32>().ok())
+                .filter(|p| *p > 0)
+            else {
+                continue;
+            };
+            let Ok(environ) = std::fs::read(format!("/proc/{pgid}/environ")) else {
+                continue;
+            };
+            let value = |name: &str| {
+                environ.split(|b| *b == 0).find_map(|e| {
+                    std::str::from_utf8(e)
+                        .ok()?
+                        .strip_prefix(name)?
+                        .strip_prefix('=')
+                        .map(str::to_owned)
+                })
+            };
+            let named_here = value("AWS_BATCH_JOB_ID")
+                .is_some_and(|job| job.replace(['/', ':'], "_") == job_dir_name)
+                && value("AWS_BATCH_JOB_ATTEMPT").as_deref() == Some(attempt);
+            if named_here {
+                groups.push(pgid);
+            }
+        }
+    }
+    groups
+}
+
+/// Stops these process groups: SIGTERM, then SIGKILL to those still there after `grace`.
+pub(crate) async fn stop_groups(groups: &[i32], grace: Duration) {
+    for pgid in groups {
+        signal_group(Some(*pgid), libc::SIGTERM);
+    }
+    let deadline = tokio::time::Instant::now() + grace;
+    // SAFETY: kill(2) with signal 0 only checks that the group exists.
+    let alive = |pgid: &i32| unsafe { libc::kill(-*pgid, 0) } == 0;
+    while groups.iter().any(alive) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for pgid in groups.iter().filter(|p| alive(p)) {
+        signal_group(Some(*pgid), libc::SIGKILL);
+    }
+}
+
 fn signal_group(pgid: Option<i32>, signal: i32) {
     if let Some(pgid) = pgid.filter(|p| *p > 0) {
         // SAFETY: kill(2) with a negative pid signals the process group we created; it has no
