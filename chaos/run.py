@@ -11,6 +11,7 @@ Writes a JSON summary per run under --out; keeps the run's logs there when a che
 """
 
 import argparse
+import glob
 import json
 import os
 import random
@@ -202,6 +203,12 @@ def main():
         cluster.unmount()
     if summary:
         summary["log_replays"] = replays
+        # How often a warden stopped what a killed agent left running once its lease ended
+        # (evidence that `agent_kill`'s long downtimes exercised it).
+        summary["warden_stops"] = sum(
+            open(path, errors="replace").read().count("lease ended with attempts still running")
+            for path in glob.glob(os.path.join(workdir, "*-work", "warden.log"))
+        )
         summary["violations"] = violations
     os.makedirs(args.out, exist_ok=True)
     out = os.path.join(args.out, f"run-{seed}.json")

@@ -73,9 +73,10 @@ def leader_kill(ctx):
 
 def kill_and_restart(ctx, victim, down_for):
     ctx.cluster.procs[victim].kill()
-    ctx.hold(ctx.rng.uniform(*down_for))
+    down = ctx.rng.uniform(*down_for)
+    ctx.hold(down)
     ctx.cluster.procs[victim].start()
-    return {"killed": victim}
+    return {"killed": victim, "down_s": round(down, 1)}
 
 
 def follower_kill(ctx):
@@ -94,8 +95,10 @@ def leader_pause(ctx):
 
 
 def agent_kill(ctx):
-    """F11: SIGKILL an agent (its jobs run on); restart it."""
-    return kill_and_restart(ctx, ctx.rng.choice(ctx.cluster.agent_names), (1, 4))
+    """F11: SIGKILL an agent (its jobs run on); restart it, half the time only after the leader
+    marked it lost and retried its jobs elsewhere (its warden must have stopped them by then)."""
+    down_for = ctx.rng.choice([(1, 4), (10, 14)])
+    return kill_and_restart(ctx, ctx.rng.choice(ctx.cluster.agent_names), down_for)
 
 
 def leader_isolated(ctx):
@@ -136,6 +139,27 @@ def flaky_follower(ctx):
     ctx.hold(ctx.rng.uniform(5, 10))
     ctx.net.heal()
     return {"lossy": victim}
+
+
+def slow_links(ctx):
+    """F6 with delay instead of loss: one control node's links (to the other control nodes and
+    to the agents) held 150–400 ms each way, with jitter, now and then a 1.5 s stall, and
+    connections reset after a few seconds on average; the leader half the time."""
+    leader = ctx.leader()
+    victim = leader if ctx.rng.random() < 0.5 else ctx.rng.choice(ctx.cluster.followers(leader))
+    delay = ctx.rng.uniform(150, 400)
+    for other in ctx.cluster.server_names + ctx.cluster.agent_names:
+        if other != victim:
+            ctx.net.slow(victim, other, ctx.cluster.workdir, seed=ctx.rng.randrange(1 << 30),
+                         delay_ms=round(delay), jitter_ms=round(delay / 2), stall_chance=0.01,
+                         stall_ms=1500, reset_after_s=5.0)
+    ctx.hold(ctx.rng.uniform(6, 10))
+    through = ctx.net.slowed_connections()
+    ctx.net.heal()
+    if through == 0:
+        raise RuntimeError(f"no connection went through the slow links of {victim}")
+    return {"slowed": victim, "was_leader": victim == leader, "delay_ms": round(delay),
+            "connections_slowed": through}
 
 
 def agent_cut_off(ctx):
@@ -212,6 +236,6 @@ def clock_jump(ctx):
 
 ALL = {f.__name__: f for f in [
     leader_kill, follower_kill, leader_pause, agent_kill, leader_isolated, leader_one_way,
-    partial_partition, flaky_follower, agent_cut_off, agent_reaches_isolated_follower, disk_full,
+    partial_partition, flaky_follower, slow_links, agent_cut_off, agent_reaches_isolated_follower, disk_full,
     clock_jump,
 ]}

@@ -2,9 +2,15 @@
 to a bridge, and faults made with iptables inside the namespaces (drop, one-way drop, random
 loss). Every address lives in the harness's own subnet; nothing else is ever a target."""
 
+import os
 import shutil
 import subprocess
+import sys
 import time
+
+# Where a slowed host's slow-link proxy listens, inside its namespace.
+SLOW_PORT = 17999
+SLOWLINK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "slowlink.py")
 
 
 def sh(*args, check=True):
@@ -21,6 +27,7 @@ class Net:
         self.bridge = f"{tag}br"
         self.prefix = f"10.{subnet}.0"
         self.hosts = {}  # name -> (namespace, ip)
+        self.proxies = {}  # name -> (Popen, log path) of the slow-link proxy in its namespace
         self.cleanup()
         sh("ip", "link", "add", self.bridge, "type", "bridge", "nf_call_iptables", "0")
         sh("ip", "addr", "add", f"{self.prefix}.1/24", "dev", self.bridge)
@@ -67,9 +74,53 @@ class Net:
             self.drop(host, other)
             self.drop(other, host)
 
+    def slow(self, a, b, workdir, seed, delay_ms, jitter_ms=0, stall_chance=0.0, stall_ms=0,
+             reset_after_s=0.0):
+        """Makes the links between `a` and `b` slow both ways: what either opens to the other
+        goes through a slow-link proxy in its own namespace (`slowlink.py`); connections open
+        already are reset on their next packet, so that they reconnect through it."""
+        for src, dst in ((a, b), (b, a)):
+            if src not in self.proxies:
+                log = os.path.join(workdir, f"slowlink-{src}.log")
+                proc = subprocess.Popen(
+                    ["ip", "netns", "exec", self.ns(src), sys.executable, SLOWLINK,
+                     "--port", str(SLOW_PORT), "--delay-ms", str(delay_ms), "--jitter-ms", str(jitter_ms),
+                     "--stall-chance", str(stall_chance), "--stall-ms", str(stall_ms),
+                     "--reset-after-s", str(reset_after_s), "--seed", str(seed)],
+                    stdout=open(log, "a"), stderr=subprocess.STDOUT)
+                self.proxies[src] = (proc, log)
+                # Connections redirected before it listens would be refused.
+                deadline = time.time() + 10
+                while "listening" not in open(log).read():
+                    if time.time() > deadline or proc.poll() is not None:
+                        raise RuntimeError(f"the slow-link proxy of {src} did not start: {open(log).read()[-500:]}")
+                    time.sleep(0.05)
+            ns, mark = self.ns(src), ("-m", "mark", "!", "--mark", "0x4d")
+            sh("ip", "netns", "exec", ns, "iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp",
+               "-d", self.ip(dst), *mark, "-j", "REDIRECT", "--to-ports", str(SLOW_PORT))
+            sh("ip", "netns", "exec", ns, "iptables", "-A", "OUTPUT", "-p", "tcp", "-d", self.ip(dst),
+               *mark, "-m", "conntrack", "!", "--ctstate", "DNAT", "--ctdir", "ORIGINAL", "-j", "REJECT",
+               "--reject-with", "tcp-reset")
+
+    def slowed_connections(self):
+        """How many connections went through the slow-link proxies so far."""
+        total = 0
+        for _, log in self.proxies.values():
+            try:
+                total += sum(1 for line in open(log) if line.startswith("connection "))
+            except OSError:
+                pass
+        return total
+
     def heal(self):
         for ns, _ in self.hosts.values():
             sh("ip", "netns", "exec", ns, "iptables", "-F", check=False)
+            sh("ip", "netns", "exec", ns, "iptables", "-t", "nat", "-F", check=False)
+        # Connections through a proxy end with it, and reconnect directly.
+        for proc, _ in self.proxies.values():
+            proc.kill()
+            proc.wait()
+        self.proxies = {}
 
     @staticmethod
     def _iptables_tools():

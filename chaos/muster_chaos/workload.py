@@ -137,7 +137,9 @@ class Workload:
             acked = self.history.acked_jobs()
             if roll < 0.7 or not acked:
                 name = self._name(index)
-                ticks = rng.randint(2, 8)
+                # Mostly short jobs; one in ten long enough to be running when its agent is
+                # killed and still running when the agent's lease ends.
+                ticks = rng.randint(2, 8) if rng.random() < 0.9 else rng.randint(25, 75)
                 command = ["sh", "-c", JOB_SCRIPT.format(runs=self.runs_path, ticks=ticks)]
                 entry = {"op": "submit", "name": name, "node": server}
                 out = self._call(entry, lambda: client.submit_job(

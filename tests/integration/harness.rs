@@ -159,7 +159,8 @@ impl TestCluster {
 
 /// The config of a process-executor agent `name` in compute environment `ce` that reaches the
 /// control plane at `control_plane`, offers `(vcpus, memory_mib)`, heartbeats every second and
-/// stops its attempts after `stop_after_secs` cut off.
+/// stops its attempts after `stop_after_secs` cut off (sooner where the servers'
+/// `node_lost_after` leaves less room: see `muster_agent::lease`), with 1 s of grace.
 pub fn process_agent(
     name: &str,
     ce: &str,
@@ -172,7 +173,7 @@ pub fn process_agent(
         vcpus: Some(vcpus),
         memory_mib: Some(memory_mib),
         heartbeat_secs: 1,
-        stop_grace_secs: 2,
+        stop_grace_secs: 1,
         stop_after_secs,
         ..RawAgentConfig::new(name, ce, control_plane, ExecutorKind::Process, work_dir)
     }

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_silent_worker_is_lost_and_its_job_retries_elsewhere() {
     let tuning = muster_control::Tuning {
-        node_lost_after: Duration::from_secs(2),
+        // Room for a lease (node_lost_after less the agent's grace period and slack) longer
+        // than the election below.
+        node_lost_after: Duration::from_secs(8),
         ..Default::default()
     };
     let mut t = TestCluster::start_tuned(3, tuning).await;
@@ -86,7 +88,7 @@ async fn a_silent_worker_is_lost_and_its_job_retries_elsewhere() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_worker_cut_off_from_the_control_plane_stops_its_jobs_itself() {
     let tuning = muster_control::Tuning {
-        node_lost_after: Duration::from_secs(4),
+        node_lost_after: Duration::from_secs(6),
         ..Default::default()
     };
     let mut t = TestCluster::start_tuned(3, tuning).await;

@@ -415,7 +415,7 @@ async fn a_leader_cut_off_from_the_quorum_lets_its_agents_go_to_the_new_one() {
 /// retries the job on another agent. The two runs never overlap.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_agent_that_reaches_only_an_isolated_follower_stops_its_attempts() {
-    let mut cluster = PartitionedCluster::start(Duration::from_secs(4)).await;
+    let mut cluster = PartitionedCluster::start(Duration::from_secs(6)).await;
     let leader = cluster.wait_for_leader().await;
     let client = cluster.client(leader);
     create_basics(&client, "ce", "q", "d").await;
@@ -450,7 +450,7 @@ async fn an_agent_that_reaches_only_an_isolated_follower_stops_its_attempts() {
     }
     cluster.add_agent("second", 2, Some(&second_links)).await;
 
-    // The leader marks the first node lost (4 s without its heartbeats) and retries.
+    // The leader marks the first node lost (6 s without its heartbeats) and retries.
     let deadline = Instant::now() + DEADLINE;
     let text = loop {
         let text = std::fs::read_to_string(&runs).unwrap_or_default();

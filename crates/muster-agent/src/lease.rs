@@ -23,8 +23,9 @@ use tokio::time::Instant;
 pub(crate) const LEASE_CHECK: Duration = Duration::from_secs(1);
 
 /// What the lease leaves between its end plus the grace period and the leader's node-lost
-/// time: the agent's check cadence, the warden's, and a second of slack.
-pub(crate) const LEASE_SLACK: Duration = Duration::from_secs(3);
+/// time: the agent's check cadence (1 s; the warden's, a second after the lease's end, as it
+/// waits for the agent first) and half a second of slack.
+pub(crate) const LEASE_SLACK: Duration = Duration::from_millis(2_500);
 
 /// The file beside the agent's work that holds its lease.
 pub fn lease_path(work_dir: &std::path::Path) -> PathBuf {
@@ -103,7 +104,7 @@ impl Lease {
             return self.configured;
         };
         let room = lost.saturating_sub(self.grace + LEASE_SLACK);
-        if room < self.configured && room < Duration::from_secs(3) && !state.warned {
+        if room < self.configured && room < Duration::from_secs(2) && !state.warned {
             state.warned = true;
             tracing::error!(
                 node_lost_after = ?lost,

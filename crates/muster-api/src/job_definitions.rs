@@ -6,8 +6,8 @@ use crate::request::{
 };
 use crate::{ApiError, ControlPlane, Principal, arn_of, check_and_propose};
 use muster_core::{
-    Command, ContainerSpec, DefinitionStatus, JobDefinition, JobDefinitionSpec, Orchestration,
-    Outcome, Tags,
+    Command, ContainerOptions, ContainerSpec, DefinitionStatus, JobDefinition, JobDefinitionSpec,
+    MountPoint, Orchestration, Outcome, Tags, Ulimit, Volume,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -172,11 +172,67 @@ fn container_spec(c: ContainerPropertiesShape) -> Result<ContainerSpec, ApiError
     Ok(spec)
 }
 
+/// The Docker options of AWS's `containerProperties` members (anything malformed is skipped:
+/// [`check_container_options`] refuses it first).
+pub(crate) fn container_options(props: &serde_json::Value) -> ContainerOptions {
+    let list = |key: &str| {
+        props
+            .get(key)
+            .and_then(serde_json::Value::as_array)
+            .cloned()
+            .unwrap_or_default()
+    };
+    let text = |v: &serde_json::Value, key: &str| {
+        v.get(key)
+            .and_then(serde_json::Value::as_str)
+            .map(str::to_owned)
+    };
+    ContainerOptions {
+        volumes: list("volumes")
+            .iter()
+            .filter_map(|v| {
+                Some(Volume {
+                    name: text(v, "name")?,
+                    host_path: v.get("host").and_then(|h| text(h, "sourcePath")),
+                })
+            })
+            .collect(),
+        mount_points: list("mountPoints")
+            .iter()
+            .filter_map(|m| {
+                Some(MountPoint {
+                    source_volume: text(m, "sourceVolume")?,
+                    container_path: text(m, "containerPath")?,
+                    read_only: m
+                        .get("readOnly")
+                        .and_then(serde_json::Value::as_bool)
+                        .unwrap_or(false),
+                })
+            })
+            .collect(),
+        user: text(props, "user"),
+        readonly_root_filesystem: props
+            .get("readonlyRootFilesystem")
+            .and_then(serde_json::Value::as_bool)
+            .unwrap_or(false),
+        ulimits: list("ulimits")
+            .iter()
+            .filter_map(|u| {
+                Some(Ulimit {
+                    name: text(u, "name")?,
+                    soft: u.get("softLimit")?.as_i64()?,
+                    hard: u.get("hardLimit")?.as_i64()?,
+                })
+            })
+            .collect(),
+    }
+}
+
 /// The Docker options Muster applies (`volumes`, `mountPoints`, `user`,
 /// `readonlyRootFilesystem`, `ulimits`) must make sense before they reach an agent.
 fn check_container_options(props: &Value) -> Result<(), ApiError> {
     const FIELD: &str = "containerProperties";
-    let options = muster_core::ContainerOptions::from_properties(props);
+    let options = container_options(props);
     let listed = |key: &str| props.get(key).and_then(Value::as_array).map_or(0, Vec::len);
     if options.volumes.len() != listed("volumes") {
         return Err(ApiError::client(format!(
@@ -345,9 +401,26 @@ pub(crate) async fn register<P: ControlPlane>(
         }
     };
     let mut extra = crate::request::extra(body, &["jobDefinitionName", "parameters", "tags"]);
-    if let Some(props) = extra.get("containerProperties") {
-        check_container_options(props)?;
-    }
+    let options = match extra.get("containerProperties") {
+        Some(props) => {
+            check_container_options(props)?;
+            container_options(props)
+        }
+        None => ContainerOptions::default(),
+    };
+    // Echoed as sent (from `extra`); the state machine acts on the typed copy.
+    let scheduling_priority = match extra.get("schedulingPriority") {
+        None | Some(Value::Null) => None,
+        Some(p) => Some(
+            p.as_i64()
+                .filter(|p| (0..=9999).contains(p))
+                .ok_or_else(|| {
+                    ApiError::client(format!(
+                        "schedulingPriority: {p} must be an integer between 0 and 9999"
+                    ))
+                })?,
+        ),
+    };
     // Taken in any case (`RETRY`, `retry`, `Exit`), echoed as AWS echoes it: lower case.
     if let Some(rules) = extra
         .get_mut("retryStrategy")
@@ -371,6 +444,8 @@ pub(crate) async fn register<P: ControlPlane>(
         timeout_secs,
         extra,
         orchestration,
+        options,
+        scheduling_priority,
     };
     match check_and_propose(plane, Command::RegisterJobDefinition(spec)).await? {
         Outcome::DefinitionRegistered {

@@ -3,7 +3,7 @@
 use crate::compute_environments::parse_state;
 use crate::request::{echo, extra, named_page, page_size, parse, required, tags};
 use crate::{ApiError, ControlPlane, Principal, arn_of, check_and_propose};
-use muster_core::{AdminCommand, Arn, CeOrder, Command, JobQueue, State, Tags};
+use muster_core::{AdminCommand, Arn, CeOrder, Command, JobQueue, State, Tags, TimeLimitAction};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -27,8 +27,9 @@ struct CreateRequest {
 }
 
 /// Members typed here; the rest of a create or update request is stored as sent.
-const TYPED: [&str; 7] = [
+const TYPED: [&str; 8] = [
     "jobQueueName",
+    "jobStateTimeLimitActions",
     "jobQueue",
     "priority",
     "state",
@@ -63,43 +64,52 @@ fn ce_order(shapes: Vec<CeOrderShape>) -> Result<Vec<CeOrder>, ApiError> {
         .collect()
 }
 
-/// `jobStateTimeLimitActions`: stored and echoed; Muster does not act on them yet.
-fn check_time_limit_actions(actions: &[Value], min_secs: u64) -> Result<(), ApiError> {
+/// `jobStateTimeLimitActions`, checked as AWS checks them: at most 5, each for RUNNABLE jobs
+/// waiting for a named reason, cancelled after `maxTimeSeconds`.
+fn time_limit_actions(actions: &[Value], min_secs: u64) -> Result<Vec<TimeLimitAction>, ApiError> {
     const FIELD: &str = "jobStateTimeLimitActions";
     if actions.len() > 5 {
         return Err(ApiError::client(format!(
             "{FIELD}: at most 5 actions are allowed"
         )));
     }
-    for a in actions {
-        let reason = a
-            .get("reason")
-            .and_then(Value::as_str)
-            .filter(|r| !r.is_empty());
-        if reason.is_none() {
-            return Err(ApiError::client(format!("{FIELD}.reason is required")));
-        }
-        if a.get("state").and_then(Value::as_str) != Some("RUNNABLE") {
-            return Err(ApiError::client(format!("{FIELD}.state must be RUNNABLE")));
-        }
-        match a.get("maxTimeSeconds").and_then(Value::as_i64) {
-            Some(t) if t >= 0 && (min_secs..=86_400).contains(&(t as u64)) => {}
-            _ => {
-                return Err(ApiError::client(format!(
-                    "{FIELD}.maxTimeSeconds must be between {min_secs} and 86400"
-                )));
-            }
-        }
-        if !matches!(
-            a.get("action").and_then(Value::as_str),
-            Some("CANCEL" | "TERMINATE")
-        ) {
-            return Err(ApiError::client(format!(
-                "{FIELD}.action must be one of CANCEL | TERMINATE"
-            )));
-        }
-    }
-    Ok(())
+    actions
+        .iter()
+        .map(|a| {
+            let reason = a
+                .get("reason")
+                .and_then(Value::as_str)
+                .filter(|r| !r.is_empty())
+                .ok_or_else(|| ApiError::client(format!("{FIELD}.reason is required")))?;
+            let state = a
+                .get("state")
+                .and_then(Value::as_str)
+                .filter(|s| *s == "RUNNABLE")
+                .ok_or_else(|| ApiError::client(format!("{FIELD}.state must be RUNNABLE")))?;
+            let max_time_seconds = a
+                .get("maxTimeSeconds")
+                .and_then(Value::as_u64)
+                .filter(|t| (min_secs..=86_400).contains(t))
+                .ok_or_else(|| {
+                    ApiError::client(format!(
+                        "{FIELD}.maxTimeSeconds must be between {min_secs} and 86400"
+                    ))
+                })?;
+            let action = a
+                .get("action")
+                .and_then(Value::as_str)
+                .filter(|a| matches!(*a, "CANCEL" | "TERMINATE"))
+                .ok_or_else(|| {
+                    ApiError::client(format!("{FIELD}.action must be one of CANCEL | TERMINATE"))
+                })?;
+            Ok(TimeLimitAction {
+                reason: reason.to_owned(),
+                state: state.to_owned(),
+                max_time_seconds,
+                action: action.to_owned(),
+            })
+        })
+        .collect()
 }
 
 pub(crate) async fn create<P: ControlPlane>(
@@ -118,7 +128,7 @@ pub(crate) async fn create<P: ControlPlane>(
         .priority
         .ok_or_else(|| ApiError::client("priority is required"))?;
     check_priority(priority)?;
-    check_time_limit_actions(
+    let time_limit_actions = time_limit_actions(
         req.job_state_time_limit_actions
             .as_deref()
             .unwrap_or_default(),
@@ -140,6 +150,7 @@ pub(crate) async fn create<P: ControlPlane>(
         tags: tags("tags", req.tags)?,
         created_at: plane.now(),
         scheduling_policy_arn: req.scheduling_policy_arn,
+        time_limit_actions,
         extra: extra(body, &TYPED),
     };
     check_and_propose(plane, Command::CreateJobQueue(queue)).await?;
@@ -177,12 +188,11 @@ pub(crate) async fn update<P: ControlPlane>(
     if let Some(p) = req.priority {
         check_priority(p)?;
     }
-    check_time_limit_actions(
-        req.job_state_time_limit_actions
-            .as_deref()
-            .unwrap_or_default(),
-        plane.limits().min_state_time_limit_secs,
-    )?;
+    let time_limit_actions = req
+        .job_state_time_limit_actions
+        .as_deref()
+        .map(|a| time_limit_actions(a, plane.limits().min_state_time_limit_secs))
+        .transpose()?;
     let cmd = AdminCommand::UpdateJobQueue {
         job_queue: target,
         state: req
@@ -193,6 +203,7 @@ pub(crate) async fn update<P: ControlPlane>(
         priority: req.priority,
         compute_environment_order: req.compute_environment_order.map(ce_order).transpose()?,
         scheduling_policy_arn: req.scheduling_policy_arn,
+        time_limit_actions,
         extra: extra(body, &TYPED),
     };
     check_and_propose(plane, Command::Admin(cmd)).await?;
@@ -270,11 +281,17 @@ fn detail(state: &State, q: &JobQueue) -> Value {
             })
             .collect(),
         job_state_time_limit_actions: q
-            .extra
-            .get("jobStateTimeLimitActions")
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default(),
+            .time_limit_actions
+            .iter()
+            .map(|a| {
+                json!({
+                    "reason": a.reason,
+                    "state": a.state,
+                    "maxTimeSeconds": a.max_time_seconds,
+                    "action": a.action,
+                })
+            })
+            .collect(),
         tags: q.tags.clone(),
     };
     echo(&q.extra, shape)

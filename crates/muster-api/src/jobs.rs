@@ -164,6 +164,8 @@ pub(crate) async fn submit<P: ControlPlane>(
         timeout_secs,
         depends_on,
         array_size,
+        share_identifier: req.share_identifier,
+        scheduling_priority_override: req.scheduling_priority_override,
         extra: crate::request::extra(
             body,
             &[
@@ -175,6 +177,8 @@ pub(crate) async fn submit<P: ControlPlane>(
                 "tags",
                 "arrayProperties",
                 "dependsOn",
+                "shareIdentifier",
+                "schedulingPriorityOverride",
             ],
         ),
     };
@@ -235,6 +239,8 @@ struct JobDetail {
     status: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     status_reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    share_identifier: Option<String>,
     /// The priority fair share orders the job by within its share identifier.
     #[serde(skip_serializing_if = "Option::is_none")]
     scheduling_priority: Option<i64>,
@@ -335,6 +341,7 @@ fn job_detail(state: &State, job: &Job) -> JobDetail {
         job_queue: queue_arn,
         status: job.status.as_aws(),
         status_reason: job.status_reason.clone(),
+        share_identifier: job.spec.share_identifier.clone(),
         scheduling_priority: job
             .spec
             .share_identifier

@@ -159,27 +159,15 @@ fn past_time_limits(state: &State, unplaced: &[Unplaced], now: Timestamp) -> Vec
         let Some(queue) = state.queue(&job.spec.queue) else {
             continue;
         };
-        let Some(actions) = queue
-            .extra
-            .get("jobStateTimeLimitActions")
-            .and_then(|a| a.as_array())
-        else {
-            continue;
-        };
         let waited_ms = now
             .as_millis()
             .saturating_sub(job.runnable_since.unwrap_or(job.created_at).as_millis());
-        let hit = actions.iter().find(|a| {
-            a.get("reason").and_then(|r| r.as_str()) == Some(u.reason.category())
-                && a.get("maxTimeSeconds")
-                    .and_then(|t| t.as_u64())
-                    .is_some_and(|t| waited_ms >= t * 1000)
-        });
+        let hit = queue
+            .time_limit_actions
+            .iter()
+            .find(|a| a.reason == u.reason.category() && waited_ms >= a.max_time_seconds * 1000);
         if let Some(action) = hit {
-            out.push((
-                job.id.clone(),
-                action["reason"].as_str().unwrap_or_default().to_owned(),
-            ));
+            out.push((job.id.clone(), action.reason.clone()));
         }
     }
     out

@@ -148,6 +148,8 @@ pub enum AdminCommand {
         priority: Option<i64>,
         compute_environment_order: Option<Vec<crate::CeOrder>>,
         scheduling_policy_arn: Option<String>,
+        #[serde(default)]
+        time_limit_actions: Option<Vec<crate::TimeLimitAction>>,
         extra: crate::Extra,
     },
     /// The queue's jobs that have not ended fail (or are stopped, if running).
@@ -206,6 +208,13 @@ pub struct JobSubmission {
     /// `arrayProperties.size`: 2 to 10,000 children.
     #[serde(default)]
     pub array_size: Option<u32>,
+    /// `shareIdentifier`: the fair-share group the job is charged to.
+    #[serde(default)]
+    pub share_identifier: Option<String>,
+    /// `schedulingPriorityOverride` (0 to 9999).
+    #[serde(default)]
+    pub scheduling_priority_override: Option<i64>,
+    /// Members echoed as sent and not acted on (`propagateTags`, …).
     #[serde(default)]
     pub extra: crate::Extra,
 }

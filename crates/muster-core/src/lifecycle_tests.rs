@@ -31,6 +31,7 @@ fn setup(vcpus: u64) -> State {
             tags: Default::default(),
             created_at: Timestamp(0),
             scheduling_policy_arn: None,
+            time_limit_actions: Vec::new(),
             extra: Default::default(),
         }),
         Command::RegisterJobDefinition(JobDefinitionSpec {
@@ -47,6 +48,8 @@ fn setup(vcpus: u64) -> State {
             timeout_secs: None,
             extra: Default::default(),
             orchestration: Default::default(),
+            options: Default::default(),
+            scheduling_priority: None,
         }),
         Command::RegisterNode {
             node: NodeId("n".into()),
@@ -88,6 +91,8 @@ fn submission(
         timeout_secs: None,
         depends_on: deps,
         array_size: array,
+        share_identifier: None,
+        scheduling_priority_override: None,
         extra: Default::default(),
     })
 }

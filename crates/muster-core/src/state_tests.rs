@@ -32,6 +32,7 @@ fn queue(name: &str, ce: &str) -> Command {
         tags: Default::default(),
         created_at: Timestamp(1),
         scheduling_policy_arn: None,
+        time_limit_actions: Vec::new(),
         extra: Default::default(),
     })
 }
@@ -52,6 +53,8 @@ fn definition(name: &str, command: &[&str]) -> Command {
         timeout_secs: None,
         extra: Default::default(),
         orchestration: Default::default(),
+        options: Default::default(),
+        scheduling_priority: None,
     })
 }
 
@@ -69,6 +72,8 @@ fn submit(id: &str, at: u64, definition: &str) -> Command {
         timeout_secs: None,
         depends_on: Vec::new(),
         array_size: None,
+        share_identifier: None,
+        scheduling_priority_override: None,
         extra: Default::default(),
     })
 }
@@ -557,8 +562,7 @@ fn a_share_identifier_is_refused_by_the_state_machine_on_a_fifo_queue() {
     let Command::SubmitJob(mut sub) = submit("shared", 10, "d") else {
         unreachable!("submit() makes a SubmitJob")
     };
-    sub.extra
-        .insert("shareIdentifier".into(), serde_json::json!("teamA"));
+    sub.share_identifier = Some("teamA".into());
     let refused = s.apply(Command::SubmitJob(sub));
     assert!(
         matches!(&refused, Outcome::Rejected(r) if r.message.contains("only queues with a fair-share scheduling policy")),

@@ -71,13 +71,6 @@ struct Spec {
 }
 
 fn submit(s: &mut State, id: &str, spec: Spec) {
-    let mut extra = muster_core::Extra::new();
-    if let Some(share) = spec.share {
-        extra.insert("shareIdentifier".into(), share.into());
-    }
-    if let Some(p) = spec.priority {
-        extra.insert("schedulingPriorityOverride".into(), p.into());
-    }
     let job = JobSpec {
         queue: "q".into(),
         at: NOW.0,
@@ -90,7 +83,8 @@ fn submit(s: &mut State, id: &str, spec: Spec) {
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect(),
-        extra,
+        share_identifier: spec.share.map(str::to_owned),
+        scheduling_priority_override: spec.priority,
         ..Default::default()
     };
     must(s, submission(id, job));

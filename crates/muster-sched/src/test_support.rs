@@ -44,6 +44,7 @@ pub fn queue(name: &str, priority: i64, scheduling_policy_arn: Option<String>) -
         tags: Default::default(),
         created_at: Timestamp(0),
         scheduling_policy_arn,
+        time_limit_actions: Vec::new(),
         extra: Default::default(),
     })
 }
@@ -64,6 +65,8 @@ pub fn definition() -> Command {
         timeout_secs: None,
         extra: Default::default(),
         orchestration: Default::default(),
+        options: Default::default(),
+        scheduling_priority: None,
     })
 }
 
@@ -78,6 +81,8 @@ pub struct JobSpec {
     pub timeout_secs: Option<u64>,
     pub tags: Tags,
     pub depends_on: Vec<Dependency>,
+    pub share_identifier: Option<String>,
+    pub scheduling_priority_override: Option<i64>,
     pub extra: Extra,
 }
 
@@ -108,6 +113,8 @@ pub fn submission(id: &str, spec: JobSpec) -> Command {
         timeout_secs: spec.timeout_secs,
         depends_on: spec.depends_on,
         array_size: None,
+        share_identifier: spec.share_identifier,
+        scheduling_priority_override: spec.scheduling_priority_override,
         extra: spec.extra,
     })
 }

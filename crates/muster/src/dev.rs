@@ -154,6 +154,7 @@ async fn ensure_defaults(node: &muster_control::RaftNode) -> anyhow::Result<()> 
             tags: Default::default(),
             created_at: now,
             scheduling_policy_arn: None,
+            time_limit_actions: Vec::new(),
             extra: Default::default(),
         };
         expect_done(node.propose(Command::CreateJobQueue(queue)).await?)?;

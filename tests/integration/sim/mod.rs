@@ -67,7 +67,7 @@ pub enum Mix {
 
 impl Mix {
     fn of(seed: u64) -> Self {
-        if seed % 5 == 0 {
+        if seed.is_multiple_of(5) {
             Mix::LongCutOffs
         } else {
             Mix::Everything

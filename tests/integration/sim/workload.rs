@@ -51,6 +51,7 @@ fn setup_commands() -> Vec<Command> {
             tags: Default::default(),
             created_at: Timestamp(0),
             scheduling_policy_arn: None,
+            time_limit_actions: Vec::new(),
             extra: Default::default(),
         }),
         Command::RegisterJobDefinition(JobDefinitionSpec {
@@ -71,6 +72,8 @@ fn setup_commands() -> Vec<Command> {
             timeout_secs: None,
             extra: Default::default(),
             orchestration: Default::default(),
+            options: Default::default(),
+            scheduling_priority: None,
         }),
     ]
 }
@@ -164,6 +167,8 @@ pub async fn client(id: u64, plane: RaftPlane, records: Records) {
                 timeout_secs: None,
                 depends_on: Vec::new(),
                 array_size: None,
+                share_identifier: None,
+                scheduling_priority_override: None,
                 extra: Default::default(),
             };
             (

@@ -146,6 +146,12 @@ pub struct JobDefinitionSpec {
     /// What runs the definition's jobs; Muster runs only `Container` ones.
     #[serde(default)]
     pub orchestration: Orchestration,
+    /// The Docker options of `containerProperties` the agent applies.
+    #[serde(default)]
+    pub options: ContainerOptions,
+    /// `schedulingPriority`: jobs' priority within a share identifier unless they override it.
+    #[serde(default)]
+    pub scheduling_priority: Option<i64>,
 }
 
 /// What a job definition describes: a container (`containerProperties`, which Muster runs),
@@ -188,12 +194,16 @@ pub struct JobDefinition {
     pub extra: super::Extra,
     #[serde(default)]
     pub orchestration: Orchestration,
+    #[serde(default)]
+    pub options: ContainerOptions,
+    #[serde(default)]
+    pub scheduling_priority: Option<i64>,
 }
 
 /// The Docker options of a definition's `containerProperties` that the agent applies as
 /// given: volumes and where they are mounted, the user, a read-only root file system and
-/// ulimits. Read from the stored `containerProperties` when an attempt is assigned.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// ulimits. Parsed from `containerProperties` when the definition is registered.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ContainerOptions {
     pub volumes: Vec<Volume>,
     pub mount_points: Vec<MountPoint>,
@@ -202,81 +212,23 @@ pub struct ContainerOptions {
     pub ulimits: Vec<Ulimit>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Volume {
     pub name: String,
     /// `host.sourcePath`; without one, a Docker volume of that name.
     pub host_path: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MountPoint {
     pub source_volume: String,
     pub container_path: String,
     pub read_only: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ulimit {
     pub name: String,
     pub soft: i64,
     pub hard: i64,
-}
-
-impl ContainerOptions {
-    /// Reads AWS's `containerProperties` members (validated when the definition was
-    /// registered; anything malformed is skipped).
-    pub fn from_properties(props: &serde_json::Value) -> Self {
-        let list = |key: &str| {
-            props
-                .get(key)
-                .and_then(serde_json::Value::as_array)
-                .cloned()
-                .unwrap_or_default()
-        };
-        let text = |v: &serde_json::Value, key: &str| {
-            v.get(key)
-                .and_then(serde_json::Value::as_str)
-                .map(str::to_owned)
-        };
-        ContainerOptions {
-            volumes: list("volumes")
-                .iter()
-                .filter_map(|v| {
-                    Some(Volume {
-                        name: text(v, "name")?,
-                        host_path: v.get("host").and_then(|h| text(h, "sourcePath")),
-                    })
-                })
-                .collect(),
-            mount_points: list("mountPoints")
-                .iter()
-                .filter_map(|m| {
-                    Some(MountPoint {
-                        source_volume: text(m, "sourceVolume")?,
-                        container_path: text(m, "containerPath")?,
-                        read_only: m
-                            .get("readOnly")
-                            .and_then(serde_json::Value::as_bool)
-                            .unwrap_or(false),
-                    })
-                })
-                .collect(),
-            user: text(props, "user"),
-            readonly_root_filesystem: props
-                .get("readonlyRootFilesystem")
-                .and_then(serde_json::Value::as_bool)
-                .unwrap_or(false),
-            ulimits: list("ulimits")
-                .iter()
-                .filter_map(|u| {
-                    Some(Ulimit {
-                        name: text(u, "name")?,
-                        soft: u.get("softLimit")?.as_i64()?,
-                        hard: u.get("hardLimit")?.as_i64()?,
-                    })
-                })
-                .collect(),
-        }
-    }
 }

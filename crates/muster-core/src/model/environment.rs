@@ -63,9 +63,24 @@ pub struct JobQueue {
     pub created_at: Timestamp,
     #[serde(default)]
     pub scheduling_policy_arn: Option<String>,
-    /// Members stored and echoed as sent (`jobStateTimeLimitActions`, `jobQueueType`, …).
+    /// `jobStateTimeLimitActions`: what happens to a job that waits RUNNABLE too long.
+    #[serde(default)]
+    pub time_limit_actions: Vec<TimeLimitAction>,
+    /// Members stored and echoed as sent (`jobQueueType`, …).
     #[serde(default)]
     pub extra: Extra,
+}
+
+/// One `jobStateTimeLimitActions` entry: a job RUNNABLE for `max_time_seconds` whose wait has
+/// `reason` (a [`crate::Blocker`] category, such as `CAPACITY:INSUFFICIENT_INSTANCE_CAPACITY`)
+/// is cancelled with that reason. (`state` is always RUNNABLE and `action` always CANCEL on
+/// AWS today; both are kept to echo them.)
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimeLimitAction {
+    pub reason: String,
+    pub state: String,
+    pub max_time_seconds: u64,
+    pub action: String,
 }
 
 /// A fair-share scheduling policy (stored; the planner's use of it comes with fair share).

@@ -95,8 +95,7 @@ impl State {
                     timeout_secs: job.spec.timeout_secs,
                     options: self
                         .definition(&job.spec.definition_arn.0)
-                        .and_then(|d| d.extra.get("containerProperties"))
-                        .map(crate::ContainerOptions::from_properties)
+                        .map(|d| d.options.clone())
                         .unwrap_or_default(),
                 }
             })

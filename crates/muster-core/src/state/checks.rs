@@ -120,7 +120,7 @@ impl State {
         }
         // A fair-share queue orders its jobs by share: each must name one, and a FIFO queue
         // has no shares to name.
-        let share = sub.extra.get("shareIdentifier").and_then(|v| v.as_str());
+        let share = sub.share_identifier.as_deref();
         match (queue.scheduling_policy_arn.is_some(), share) {
             (true, None) => {
                 return Err(Rejection::new(

@@ -112,16 +112,10 @@ impl State {
                 .unwrap_or_default(),
             timeout_secs: sub.timeout_secs.or(definition.timeout_secs),
             depends_on: sub.depends_on.clone(),
-            share_identifier: sub
-                .extra
-                .get("shareIdentifier")
-                .and_then(|v| v.as_str())
-                .map(str::to_owned),
+            share_identifier: sub.share_identifier.clone(),
             scheduling_priority: sub
-                .extra
-                .get("schedulingPriorityOverride")
-                .or_else(|| definition.extra.get("schedulingPriority"))
-                .and_then(|v| v.as_i64())
+                .scheduling_priority_override
+                .or(definition.scheduling_priority)
                 .unwrap_or(0),
             extra: std::mem::take(&mut sub.extra),
         });

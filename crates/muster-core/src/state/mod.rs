@@ -397,6 +397,8 @@ impl State {
             timeout_secs: spec.timeout_secs,
             extra: spec.extra,
             orchestration: spec.orchestration,
+            options: spec.options,
+            scheduling_priority: spec.scheduling_priority,
         });
         Outcome::DefinitionRegistered {
             name: spec.name,

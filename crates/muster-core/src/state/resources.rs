@@ -356,6 +356,7 @@ impl State {
                 priority,
                 compute_environment_order,
                 scheduling_policy_arn,
+                time_limit_actions,
                 extra,
             } => {
                 let Some(name) = self.queue(&job_queue).map(|q| q.name.clone()) else {
@@ -374,6 +375,9 @@ impl State {
                 }
                 if scheduling_policy_arn.is_some() {
                     q.scheduling_policy_arn = scheduling_policy_arn;
+                }
+                if let Some(actions) = time_limit_actions {
+                    q.time_limit_actions = actions;
                 }
                 q.extra.extend(extra);
             }
