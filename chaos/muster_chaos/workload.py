@@ -47,9 +47,10 @@ class History:
         with self.lock:
             self.ops.append(op)
 
-    def observe(self, job, status, attempts):
+    def observe(self, job, status, attempts, start, end):
+        """A read of `job`, made by a call that started at `start` and was answered at `end`."""
         with self.lock:
-            self.observed.setdefault(job, []).append((time.time(), status, attempts))
+            self.observed.setdefault(job, []).append((start, end, status, attempts))
 
     def acked_jobs(self):
         with self.lock:
@@ -156,9 +157,14 @@ class Workload:
                 self._call({"op": "terminate", "job": job, "node": server},
                            lambda: client.terminate_job(jobId=job, reason="chaos"))
             else:
+                # Each of these was acknowledged before this call starts: a linearizable read
+                # returns every one of them.
                 jobs = rng.sample(acked, min(len(acked), 20))
-                out = self._call({"op": "describe", "node": server},
-                                 lambda: client.describe_jobs(jobs=jobs))
+                entry = {"op": "describe", "node": server, "asked": jobs}
+                out = self._call(entry, lambda: client.describe_jobs(jobs=jobs))
+                if out is not None:
+                    entry["found"] = [job["jobId"] for job in out.get("jobs", [])]
                 for job in (out or {}).get("jobs", []):
-                    self.history.observe(job["jobId"], job["status"], len(job.get("attempts", [])))
+                    self.history.observe(job["jobId"], job["status"], len(job.get("attempts", [])),
+                                         entry["start"], entry["end"])
             self.stop.wait(rng.expovariate(self.rate))

@@ -22,14 +22,15 @@ def job(name, status="SUCCEEDED", attempts=1):
 
 
 def clean():
-    ops = [submit("a", "ok", "j-a"), submit("b", "unknown"), submit("c", "fail")]
+    ops = [submit("a", "ok", "j-a"), submit("b", "unknown"), submit("c", "fail"),
+           {"op": "describe", "node": "s2", "result": "ok", "asked": ["j-a"], "found": ["j-a"]}]
     views = {n: {"j-a": job("a"), "j-b": job("b", "FAILED", 2)} for n in ("s1", "s2", "s3")}
     runs = [
         "j-a 1 r1 1000 start", "j-a 1 r1 2000 tick", "j-a 1 r1 3000 end",
         "j-b 1 r2 1000 start", "j-b 1 r2 1500 term",
         "j-b 2 r3 2000 start", "j-b 2 r3 2500 end",
     ]
-    observed = {"j-a": [(1.0, "RUNNING", 1), (2.0, "SUCCEEDED", 1)]}
+    observed = {"j-a": [(1.0, 1.1, "RUNNING", 1), (2.0, 2.1, "SUCCEEDED", 1)]}
     return ops, observed, views, runs
 
 
@@ -89,9 +90,23 @@ def test_two_attempts_running_at_once_are_caught():
 
 def test_a_terminal_status_that_changes_is_caught():
     ops, observed, views, runs = clean()
-    observed["j-a"].append((3.0, "RUNNING", 2))
+    observed["j-a"].append((3.0, 3.1, "RUNNING", 2))
     found = kinds(check(ops, observed, views, runs, 3))
     assert "terminal-changed" in found
+
+
+def test_reads_that_overlap_may_be_ordered_either_way():
+    ops, observed, views, runs = clean()
+    # Began before the SUCCEEDED read ended: a linearizable store may answer it first.
+    observed["j-a"].append((1.5, 2.5, "RUNNING", 1))
+    assert check(ops, observed, views, runs, 3) == []
+
+
+def test_a_read_that_misses_an_acknowledged_job_is_caught():
+    ops, observed, views, runs = clean()
+    # What a node answering from a replica behind the leader would return.
+    ops.append({"op": "describe", "node": "s3", "result": "ok", "asked": ["j-a"], "found": []})
+    assert kinds(check(ops, observed, views, runs, 3)) == ["stale-read"]
 
 
 def test_jobs_left_running_and_attempts_past_the_strategy_are_caught():

@@ -1,24 +1,24 @@
-//! Create, Update, Delete, Describe and List scheduling policies. Stored with their
-//! fair-share parameters; the planner uses them once fair share is scheduled.
+//! Create, Update, Delete, Describe and List scheduling policies: the fair-share parameters
+//! the planner orders a queue's jobs by.
 
 use crate::request::{page_size, parse, required, tags};
 use crate::{ApiError, ControlPlane, Principal, arn_of, check_and_propose};
-use muster_core::{AdminCommand, Arn, Command, SchedulingPolicy};
+use muster_core::{AdminCommand, Arn, Command, FairsharePolicy, SchedulingPolicy, ShareWeight};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 /// Validates `fairsharePolicy` and fills AWS's defaults, as DescribeSchedulingPolicies shows
 /// them.
-fn fairshare(value: Option<Value>) -> Result<Value, ApiError> {
+fn fairshare(value: Option<Value>) -> Result<FairsharePolicy, ApiError> {
     const FIELD: &str = "fairsharePolicy";
     let value = value.unwrap_or_else(|| json!({}));
     let Some(obj) = value.as_object() else {
         return Err(ApiError::client(format!("{FIELD} must be an object")));
     };
-    let int = |key: &str, max: i64| -> Result<i64, ApiError> {
+    let int = |key: &str, max: u64| -> Result<u64, ApiError> {
         match obj.get(key) {
             None | Some(Value::Null) => Ok(0),
-            Some(v) => v.as_i64().filter(|n| (0..=max).contains(n)).ok_or_else(|| {
+            Some(v) => v.as_u64().filter(|n| *n <= max).ok_or_else(|| {
                 ApiError::client(format!(
                     "{FIELD}.{key} must be a whole number from 0 to {max}"
                 ))
@@ -69,11 +69,16 @@ fn fairshare(value: Option<Value>) -> Result<Value, ApiError> {
                     ))
                 })?,
         };
-        out.push(json!({"shareIdentifier": id, "weightFactor": weight}));
+        out.push(ShareWeight {
+            share_identifier: id.to_owned(),
+            weight_factor: weight,
+        });
     }
-    Ok(
-        json!({"shareDecaySeconds": decay, "computeReservation": reservation, "shareDistribution": out}),
-    )
+    Ok(FairsharePolicy {
+        share_decay_seconds: decay,
+        compute_reservation: reservation,
+        share_distribution: out,
+    })
 }
 
 fn shape(p: &SchedulingPolicy) -> Value {

@@ -169,7 +169,7 @@ pub enum AdminCommand {
     CreateSchedulingPolicy(crate::SchedulingPolicy),
     UpdateSchedulingPolicy {
         arn: String,
-        fairshare: Option<serde_json::Value>,
+        fairshare: Option<crate::FairsharePolicy>,
     },
     DeleteSchedulingPolicy {
         arn: String,

@@ -10,7 +10,7 @@ const NOW: Timestamp = Timestamp(1_000_000);
 
 /// One UNMANAGED environment `ce` (with `ce_tags`), queue `q` on it (fair share when
 /// `fairshare` is given), definition `def`.
-fn cluster(ce_tags: &[(&str, &str)], fairshare: Option<serde_json::Value>) -> State {
+fn cluster(ce_tags: &[(&str, &str)], fairshare: Option<muster_core::FairsharePolicy>) -> State {
     let mut s = State::default();
     let tags: Tags = ce_tags
         .iter()
@@ -346,15 +346,18 @@ fn placed_with_gpus(p: &Plan) -> Vec<(&str, &str, Vec<u32>)> {
         .collect()
 }
 
-fn fair(weights: &[(&str, f64)], reservation: u64) -> serde_json::Value {
-    serde_json::json!({
-        "shareDecaySeconds": 3600,
-        "computeReservation": reservation,
-        "shareDistribution": weights
+fn fair(weights: &[(&str, f64)], reservation: u64) -> muster_core::FairsharePolicy {
+    muster_core::FairsharePolicy {
+        share_decay_seconds: 3600,
+        compute_reservation: reservation,
+        share_distribution: weights
             .iter()
-            .map(|(id, w)| serde_json::json!({"shareIdentifier": id, "weightFactor": w}))
-            .collect::<Vec<_>>(),
-    })
+            .map(|(id, w)| muster_core::ShareWeight {
+                share_identifier: (*id).to_owned(),
+                weight_factor: *w,
+            })
+            .collect(),
+    }
 }
 
 fn shared(share: &'static str, priority: Option<i64>) -> Spec {

@@ -83,55 +83,48 @@ pub struct TimeLimitAction {
     pub action: String,
 }
 
-/// A fair-share scheduling policy (stored; the planner's use of it comes with fair share).
+/// A fair-share scheduling policy.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SchedulingPolicy {
     pub name: String,
     pub arn: Arn,
-    /// `fairsharePolicy` as validated and sent.
-    pub fairshare: Option<serde_json::Value>,
+    /// `fairsharePolicy`, with AWS's defaults filled in.
+    pub fairshare: Option<FairsharePolicy>,
     pub tags: Tags,
 }
 
-/// A fair-share policy as the planner uses it, read from [`SchedulingPolicy::fairshare`].
-#[derive(Debug, Clone, PartialEq)]
+/// `fairsharePolicy`. Its serialised form is AWS's (which is also how it was stored before
+/// it was typed).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct FairsharePolicy {
     /// Half-life of past usage; 0 counts only what runs now.
+    #[serde(default)]
     pub share_decay_seconds: u64,
-    /// Percent of capacity kept for share identifiers that are not active yet.
+    /// Percent of capacity kept for share identifiers that are not active yet (0 to 99).
+    #[serde(default)]
     pub compute_reservation: u64,
-    /// `(shareIdentifier, weightFactor)`; an identifier ending in `*` is a prefix.
-    pub weights: Vec<(String, f64)>,
+    /// An identifier ending in `*` is a prefix.
+    #[serde(default)]
+    pub share_distribution: Vec<ShareWeight>,
+}
+
+/// One `shareDistribution` entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ShareWeight {
+    pub share_identifier: String,
+    #[serde(default = "unit_weight")]
+    pub weight_factor: f64,
+}
+
+fn unit_weight() -> f64 {
+    1.0
 }
 
 impl SchedulingPolicy {
     pub fn fairshare_policy(&self) -> FairsharePolicy {
-        let policy = self.fairshare.as_ref();
-        let number = |key: &str| {
-            policy
-                .and_then(|p| p.get(key))
-                .and_then(serde_json::Value::as_u64)
-                .unwrap_or(0)
-        };
-        let weights = policy
-            .and_then(|p| p.get("shareDistribution"))
-            .and_then(serde_json::Value::as_array)
-            .into_iter()
-            .flatten()
-            .filter_map(|share| {
-                let id = share.get("shareIdentifier")?.as_str()?.to_owned();
-                let weight = share
-                    .get("weightFactor")
-                    .and_then(serde_json::Value::as_f64)
-                    .unwrap_or(1.0);
-                Some((id, weight))
-            })
-            .collect();
-        FairsharePolicy {
-            share_decay_seconds: number("shareDecaySeconds"),
-            compute_reservation: number("computeReservation").min(99),
-            weights,
-        }
+        self.fairshare.clone().unwrap_or_default()
     }
 }
 
@@ -139,14 +132,20 @@ impl FairsharePolicy {
     /// The weight factor of `share`: an exact entry, else the longest matching `prefix*`
     /// entry, else 1. A lower weight gets a larger share (AWS's meaning).
     pub fn weight_of(&self, share: &str) -> f64 {
-        if let Some((_, w)) = self.weights.iter().find(|(id, _)| id == share) {
-            return *w;
-        }
-        self.weights
+        if let Some(exact) = self
+            .share_distribution
             .iter()
-            .filter_map(|(id, w)| {
-                let prefix = id.strip_suffix('*')?;
-                share.starts_with(prefix).then_some((prefix.len(), *w))
+            .find(|w| w.share_identifier == share)
+        {
+            return exact.weight_factor;
+        }
+        self.share_distribution
+            .iter()
+            .filter_map(|w| {
+                let prefix = w.share_identifier.strip_suffix('*')?;
+                share
+                    .starts_with(prefix)
+                    .then_some((prefix.len(), w.weight_factor))
             })
             .max_by_key(|(len, _)| *len)
             .map_or(1.0, |(_, w)| w)
@@ -188,5 +187,29 @@ impl ShareUsage {
                 .saturating_add(millicpu_seconds),
             as_of: at,
         }
+    }
+}
+
+#[cfg(test)]
+mod fairshare_tests {
+    use super::*;
+
+    #[test]
+    fn a_policy_stored_as_aws_json_reads_back_typed() {
+        // How snapshots held a policy before it was typed: AWS's `fairsharePolicy` as sent.
+        let stored = serde_json::json!({
+            "name": "p", "arn": "arn:aws:batch:us-east-1:000000000000:scheduling-policy/p",
+            "fairshare": {"shareDecaySeconds": 3600, "computeReservation": 5,
+                          "shareDistribution": [{"shareIdentifier": "team*", "weightFactor": 0.5},
+                                                {"shareIdentifier": "ops"}]},
+            "tags": {}
+        });
+        let policy: SchedulingPolicy = serde_json::from_value(stored).unwrap();
+        let fair = policy.fairshare_policy();
+        assert_eq!(fair.share_decay_seconds, 3600);
+        assert_eq!(fair.compute_reservation, 5);
+        assert_eq!(fair.weight_of("teamA"), 0.5);
+        assert_eq!(fair.weight_of("ops"), 1.0);
+        assert_eq!(fair.weight_of("other"), 1.0);
     }
 }
