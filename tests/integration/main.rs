@@ -5,6 +5,7 @@
 mod bad_input;
 mod cluster;
 mod config;
+mod docker_engine;
 mod failover;
 mod harness;
 mod jobs;
@@ -15,4 +16,3 @@ mod processes;
 mod restart;
 mod semantics;
 mod sim;
-mod warden;

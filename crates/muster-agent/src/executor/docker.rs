@@ -15,6 +15,15 @@ use std::path::Path;
 use std::time::Duration;
 use tokio::sync::{oneshot, watch};
 
+/// What the engine says of a container the agent waited on.
+#[derive(Debug, PartialEq, Eq)]
+enum Running {
+    Yes,
+    No,
+    /// The engine did not answer before a stop was asked for.
+    StopAsked,
+}
+
 const STOPPED_WHILE_PULLING: &str = "stopped while the image was pulled";
 
 /// `host:container[:ro]` for each mount point: a host path, or a Docker volume by name.
@@ -53,9 +62,20 @@ pub struct DockerExecutor {
 impl DockerExecutor {
     /// Connects to the local engine and agrees on an API version it speaks.
     pub async fn connect(cluster: &str) -> Result<Self, bollard::errors::Error> {
-        let docker = Docker::connect_with_local_defaults()?
-            .negotiate_version()
-            .await?;
+        Self::connect_with(Docker::connect_with_local_defaults()?, cluster).await
+    }
+
+    /// Connects to the engine listening on this unix socket (tests run engines of their own).
+    pub async fn connect_to_socket(
+        socket: &str,
+        cluster: &str,
+    ) -> Result<Self, bollard::errors::Error> {
+        let docker = Docker::connect_with_unix(socket, 30, bollard::API_DEFAULT_VERSION)?;
+        Self::connect_with(docker, cluster).await
+    }
+
+    async fn connect_with(docker: Docker, cluster: &str) -> Result<Self, bollard::errors::Error> {
+        let docker = docker.negotiate_version().await?;
         docker.ping().await?;
         Ok(Self {
             docker,
@@ -302,16 +322,46 @@ impl DockerExecutor {
             log_path.to_owned(),
             since,
         ));
-        let mut wait = self
-            .docker
-            .wait_container(&id, None::<WaitContainerOptions>);
-        let stopped = tokio::select! {
-            _ = wait.next() => false,
-            _ = stopped(&mut stop) => {
-                let t = grace.as_secs().min(i32::MAX as u64) as i32;
-                let _ = self.docker.stop_container(&id, Some(StopContainerOptionsBuilder::default().t(t).build())).await;
-                true
+        let mut logs = logs;
+        let stopped = loop {
+            let mut wait = self
+                .docker
+                .wait_container(&id, None::<WaitContainerOptions>);
+            let stop_asked = tokio::select! {
+                _ = wait.next() => false,
+                _ = stopped(&mut stop) => true,
+            };
+            drop(wait);
+            // The wait ended: the container exited, or the engine went away (restarted,
+            // crashed) while it may still run (`live-restore`). Only the engine can say which;
+            // reporting an end it has not confirmed could let the cluster retry an attempt
+            // that still runs here.
+            let running = if stop_asked {
+                Running::StopAsked
+            } else {
+                self.still_running(&id, &mut stop).await
+            };
+            match running {
+                Running::StopAsked => {
+                    self.stop_surely(&id, grace).await;
+                    break true;
+                }
+                Running::No => break false,
+                Running::Yes => {}
             }
+            tracing::info!(container = %id, "the container outlived the engine's restart: following it again");
+            let since = std::fs::metadata(log_path)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_secs() as i32 + 1);
+            logs.abort();
+            logs = tokio::spawn(copy_logs(
+                self.docker.clone(),
+                id.clone(),
+                log_path.to_owned(),
+                since,
+            ));
         };
         let _ = tokio::time::timeout(Duration::from_secs(10), logs).await;
         let exit = match self.docker.inspect_container(&id, None).await {
@@ -338,6 +388,61 @@ impl DockerExecutor {
         };
         self.remove(&id).await;
         exit
+    }
+
+    /// Whether the container still runs, as soon as the engine answers (asking every second
+    /// until it does, or until a stop is asked for).
+    async fn still_running(&self, id: &str, stop: &mut watch::Receiver<bool>) -> Running {
+        let mut warned = false;
+        loop {
+            match self.docker.inspect_container(id, None).await {
+                Ok(info) => {
+                    let running = info.state.and_then(|s| s.running).unwrap_or(false);
+                    return if running { Running::Yes } else { Running::No };
+                }
+                // Gone (removed behind the agent's back): it runs no more.
+                Err(bollard::errors::Error::DockerResponseServerError {
+                    status_code: 404, ..
+                }) => return Running::No,
+                Err(e) => {
+                    if !warned {
+                        warned = true;
+                        tracing::warn!(container = %id, error = %e, "the Docker engine does not answer: waiting for it before saying how the attempt ended");
+                    }
+                }
+            }
+            tokio::select! {
+                _ = stopped(stop) => return Running::StopAsked,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
+    /// Stops the container (SIGTERM, SIGKILL after `grace`), asking again every second while
+    /// the engine does not answer: a stop that did not happen must not be reported as done.
+    async fn stop_surely(&self, id: &str, grace: Duration) {
+        let t = grace.as_secs().min(i32::MAX as u64) as i32;
+        loop {
+            match self
+                .docker
+                .stop_container(
+                    id,
+                    Some(StopContainerOptionsBuilder::default().t(t).build()),
+                )
+                .await
+            {
+                Ok(()) => return,
+                // Not running any more (304), or gone (404).
+                Err(bollard::errors::Error::DockerResponseServerError {
+                    status_code: 304 | 404,
+                    ..
+                }) => return,
+                Err(e) => {
+                    tracing::warn!(container = %id, error = %e, "cannot stop the container yet; asking again");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
     }
 
     /// `Some(reason)` when the engine does not answer a ping within a few seconds.
