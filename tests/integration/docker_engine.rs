@@ -68,16 +68,17 @@ impl PrivateEngine {
         };
         engine.up();
         // The test image, from the machine's engine (tests/run.sh builds it there).
-        let saved = Command::new("docker")
+        let mut saved = Command::new("docker")
             .args(["-H", "unix:///var/run/docker.sock", "save", TEST_IMAGE])
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
         let loaded = Command::new("docker")
             .args(["-H", &engine.host(), "load", "-q"])
-            .stdin(saved.stdout.unwrap())
+            .stdin(saved.stdout.take().unwrap())
             .output()
             .unwrap();
+        assert!(saved.wait().unwrap().success(), "saving {TEST_IMAGE}");
         assert!(loaded.status.success(), "loading {TEST_IMAGE}: {loaded:?}");
         engine
     }
