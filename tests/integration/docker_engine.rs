@@ -12,6 +12,7 @@ use muster_agent::{ExecutorKind, RawAgentConfig};
 use muster_core::{Assignment, JobId, Resources};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 const TEST_IMAGE: &str = "muster-test/busybox:1";
@@ -186,18 +187,22 @@ impl Drop for PrivateEngine {
     }
 }
 
-/// Runs `assignment` on `engine` as the agent would, in a task; returns when it started.
-async fn run_on(
-    engine: &PrivateEngine,
-    work_dir: &Path,
-    assignment: Assignment,
-) -> tokio::task::JoinHandle<muster_agent::executor::AttemptExit> {
-    let executor = Executor::Docker(
+/// The executor of an agent on `engine` (its socket).
+async fn executor_on(engine: &PrivateEngine) -> Arc<Executor> {
+    Arc::new(Executor::Docker(
         DockerExecutor::connect_to_socket(&engine.socket(), "ce")
             .await
             .expect("the private engine answers")
             .with_owner("engine-test"),
-    );
+    ))
+}
+
+/// Runs `assignment` through `executor` as the agent would, in a task; returns once it started.
+async fn start_attempt(
+    executor: Arc<Executor>,
+    work_dir: &Path,
+    assignment: Assignment,
+) -> tokio::task::JoinHandle<muster_agent::executor::AttemptExit> {
     let log_path = muster_agent::logs::attempt_log_path(work_dir, assignment.job.as_str(), 1);
     std::fs::create_dir_all(log_path.parent().unwrap()).unwrap();
     let (started_tx, started) = tokio::sync::oneshot::channel();
@@ -220,17 +225,12 @@ async fn run_on(
     task
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_engine_restarted_under_a_live_restored_container_loses_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut engine = PrivateEngine::start(&dir.path().join("engine"), true);
-    let started = std::time::Instant::now();
-    let attempt = run_on(
-        &engine,
-        &dir.path().join("work"),
-        assignment("outlives-its-engine", &["sh", "-c", "sleep 6; exit 7"]),
-    )
-    .await;
+/// Stops the engine under the running `attempt`, checks that no end is reported while the
+/// engine cannot confirm one, starts it again, and returns the end reported then.
+async fn restart_under(
+    engine: &mut PrivateEngine,
+    attempt: tokio::task::JoinHandle<muster_agent::executor::AttemptExit>,
+) -> muster_agent::executor::AttemptExit {
     engine.down();
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(
@@ -239,10 +239,24 @@ async fn an_engine_restarted_under_a_live_restored_container_loses_nothing() {
         attempt.await
     );
     engine.up();
-    let exit = tokio::time::timeout(Duration::from_secs(30), attempt)
+    tokio::time::timeout(Duration::from_secs(30), attempt)
         .await
         .expect("the attempt's end was reported once the engine was back")
-        .unwrap();
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_restarted_under_a_live_restored_container_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut engine = PrivateEngine::start(&dir.path().join("engine"), true);
+    let started = std::time::Instant::now();
+    let attempt = start_attempt(
+        executor_on(&engine).await,
+        &dir.path().join("work"),
+        assignment("outlives-its-engine", &["sh", "-c", "sleep 6; exit 7"]),
+    )
+    .await;
+    let exit = restart_under(&mut engine, attempt).await;
     // The container ran on through the restart and its own exit is what is reported.
     assert_eq!(exit.exit_code, Some(7), "{exit:?}");
     assert_eq!(exit.reason, None, "{exit:?}");
@@ -254,25 +268,14 @@ async fn an_engine_restarted_under_a_live_restored_container_loses_nothing() {
 async fn an_engine_restart_that_stops_a_container_ends_its_attempt_once_confirmed() {
     let dir = tempfile::tempdir().unwrap();
     let mut engine = PrivateEngine::start(&dir.path().join("engine"), false);
-    let attempt = run_on(
-        &engine,
+    let attempt = start_attempt(
+        executor_on(&engine).await,
         &dir.path().join("work"),
         assignment("stopped-by-its-engine", &["sleep", "120"]),
     )
     .await;
     // Without live-restore the engine stops its containers as it shuts down.
-    engine.down();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(
-        !attempt.is_finished(),
-        "an end was reported while the engine was down: {:?}",
-        attempt.await
-    );
-    engine.up();
-    let exit = tokio::time::timeout(Duration::from_secs(30), attempt)
-        .await
-        .expect("the attempt's end was reported once the engine was back")
-        .unwrap();
+    let exit = restart_under(&mut engine, attempt).await;
     // Ended by the engine's shutdown (SIGTERM or SIGKILL), as the engine records it; the
     // cluster retries it as its strategy says, and nothing of it runs here any more.
     assert!(
@@ -290,49 +293,20 @@ async fn a_container_left_by_a_dead_agent_stops_when_its_lease_ends() {
     // The agent's identity labels its containers; the warden finds them by it.
     let owner = format!("warden-test-{}", std::process::id());
     std::fs::write(work_dir.join("agent-id"), &owner).unwrap();
-    let executor = std::sync::Arc::new(Executor::Docker(
+    let executor = Arc::new(Executor::Docker(
         DockerExecutor::connect("ce")
             .await
             .expect("these tests need the Docker engine (tests/run.sh builds their image)")
             .with_owner(&owner),
     ));
     let job = format!("warden-{}", std::process::id());
-    let assignment = Assignment {
-        job: JobId::from(job.as_str()),
-        attempt: 1,
-        term: 1,
-        image: TEST_IMAGE.to_owned(),
-        command: vec!["sleep".into(), "120".into()],
-        environment: vec![("AWS_BATCH_JOB_ID".to_owned(), job.clone())],
-        resources: Resources::new(100, 16, 0),
-        log_stream_name: String::new(),
-        gpus: Vec::new(),
-        timeout_secs: None,
-        options: Default::default(),
-    };
     // The agent runs the attempt, then dies (its task dropped: nothing stops the container).
-    let log_path = muster_agent::logs::attempt_log_path(&work_dir, &job, 1);
-    std::fs::create_dir_all(log_path.parent().unwrap()).unwrap();
-    let (started_tx, started) = tokio::sync::oneshot::channel();
-    let (_stop, stop) = tokio::sync::watch::channel(false);
-    let agent = tokio::spawn({
-        let executor = executor.clone();
-        async move {
-            executor
-                .run(
-                    &assignment,
-                    &log_path,
-                    started_tx,
-                    stop,
-                    Duration::from_secs(1),
-                )
-                .await
-        }
-    });
-    tokio::time::timeout(Duration::from_secs(30), started)
-        .await
-        .expect("the container started")
-        .unwrap();
+    let agent = start_attempt(
+        executor.clone(),
+        &work_dir,
+        assignment(&job, &["sleep", "120"]),
+    )
+    .await;
     agent.abort();
     assert_eq!(executor.count_running(&work_dir).await.unwrap(), 1);
 
