@@ -193,16 +193,19 @@ def disk_full(ctx):
     was_leader = victim == ctx.cluster.leader()
     data = os.path.join(ctx.cluster.workdir, f"{victim}-data")
     filler = os.path.join(data, "filler")
-    with open(filler, "wb") as f:
-        chunk = b"\0" * (1 << 20)
-        try:
-            while True:
-                f.write(chunk)
-                f.flush()
-        except OSError:
-            pass
-    ctx.hold(ctx.rng.uniform(5, 10))
-    os.remove(filler)
+    try:
+        # Unbuffered: a buffered file's close would try to write its last partial chunk again,
+        # fail with ENOSPC, and (as it once did) skip the freeing below, leaving the disk full.
+        with open(filler, "wb", buffering=0) as f:
+            chunk = b"\0" * (1 << 20)
+            try:
+                while True:
+                    f.write(chunk)
+            except OSError:
+                pass
+        ctx.hold(ctx.rng.uniform(5, 10))
+    finally:
+        os.remove(filler)
     return {"filled": victim, "was_leader": was_leader}
 
 

@@ -1,6 +1,6 @@
 //! CreateComputeEnvironment, DescribeComputeEnvironments.
 
-use crate::request::{named_page, page_size, parse, required, tags};
+use crate::request::{parse, required, tags};
 use crate::{ApiError, ControlPlane, Principal, arn_of, check_and_propose};
 use muster_core::{AdminCommand, Arn, CeType, Command, ComputeEnvironment, EnabledState, Tags};
 use serde::{Deserialize, Serialize};
@@ -323,38 +323,30 @@ fn detail(ce: &ComputeEnvironment) -> Detail {
     }
 }
 
+impl crate::request::Named for ComputeEnvironment {
+    const FIELD: &'static str = "computeEnvironments";
+    const DESCRIBE_ACTION: &'static str = "batch:DescribeComputeEnvironments";
+    fn all(state: &muster_core::State) -> impl Iterator<Item = &Self> {
+        state.compute_environments()
+    }
+    fn name_and_arn(&self) -> (&str, &str) {
+        (&self.name, &self.arn.0)
+    }
+    fn show(&self, _: &muster_core::State) -> Value {
+        crate::request::echo(&self.extra, detail(self))
+    }
+}
+
 pub(crate) async fn describe<P: ControlPlane>(
     plane: &P,
     caller: &Principal,
     body: &[u8],
 ) -> Result<Value, ApiError> {
-    caller.authorize("batch:DescribeComputeEnvironments", &["*"])?;
-    let req: DescribeRequest = parse(body)?;
-    let wanted = req.compute_environments.unwrap_or_default();
-    if wanted.len() > 100 {
-        return Err(ApiError::client(
-            "computeEnvironments: at most 100 may be described at once",
-        ));
-    }
-    let limit = page_size(req.max_results, 100)?;
-    let after = req.next_token;
-    let (page, token) = plane
-        .read(move |s| {
-            let show = |c: &ComputeEnvironment| crate::request::echo(&c.extra, detail(c));
-            named_page(
-                s.compute_environments(),
-                |c| (&c.name, &c.arn.0),
-                &wanted,
-                after.as_deref(),
-                limit,
-                show,
-            )
-        })
-        .await
-        .map_err(ApiError::from)?;
-    Ok(crate::request::page_answer(
-        "computeEnvironments",
-        page,
-        token,
-    ))
+    crate::request::describe_named::<ComputeEnvironment, DescribeRequest, _>(
+        plane,
+        caller,
+        body,
+        |r| (r.compute_environments, r.max_results, r.next_token),
+    )
+    .await
 }

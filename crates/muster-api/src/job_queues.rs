@@ -1,7 +1,7 @@
 //! CreateJobQueue, UpdateJobQueue, DeleteJobQueue, DescribeJobQueues, GetJobQueueSnapshot.
 
 use crate::compute_environments::parse_state;
-use crate::request::{echo, extra, named_page, page_size, parse, required, tags};
+use crate::request::{echo, extra, parse, required, tags};
 use crate::{ApiError, ControlPlane, Principal, arn_of, check_and_propose};
 use muster_core::{AdminCommand, Arn, CeOrder, Command, JobQueue, State, Tags, TimeLimitAction};
 use serde::{Deserialize, Serialize};
@@ -297,35 +297,29 @@ fn detail(state: &State, q: &JobQueue) -> Value {
     echo(&q.extra, shape)
 }
 
+impl crate::request::Named for JobQueue {
+    const FIELD: &'static str = "jobQueues";
+    const DESCRIBE_ACTION: &'static str = "batch:DescribeJobQueues";
+    fn all(state: &State) -> impl Iterator<Item = &Self> {
+        state.queues()
+    }
+    fn name_and_arn(&self) -> (&str, &str) {
+        (&self.name, &self.arn.0)
+    }
+    fn show(&self, state: &State) -> Value {
+        detail(state, self)
+    }
+}
+
 pub(crate) async fn describe<P: ControlPlane>(
     plane: &P,
     caller: &Principal,
     body: &[u8],
 ) -> Result<Value, ApiError> {
-    caller.authorize("batch:DescribeJobQueues", &["*"])?;
-    let req: DescribeRequest = parse(body)?;
-    let wanted = req.job_queues.unwrap_or_default();
-    if wanted.len() > 100 {
-        return Err(ApiError::client(
-            "jobQueues: at most 100 may be described at once",
-        ));
-    }
-    let limit = page_size(req.max_results, 100)?;
-    let after = req.next_token;
-    let (page, token) = plane
-        .read(move |s| {
-            named_page(
-                s.queues(),
-                |q| (&q.name, &q.arn.0),
-                &wanted,
-                after.as_deref(),
-                limit,
-                |q| detail(s, q),
-            )
-        })
-        .await
-        .map_err(ApiError::from)?;
-    Ok(crate::request::page_answer("jobQueues", page, token))
+    crate::request::describe_named::<JobQueue, DescribeRequest, _>(plane, caller, body, |r| {
+        (r.job_queues, r.max_results, r.next_token)
+    })
+    .await
 }
 
 /// The front of the queue: the RUNNABLE jobs in the order they will be considered.

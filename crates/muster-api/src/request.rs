@@ -267,3 +267,50 @@ pub(crate) fn page_answer(
     }
     out
 }
+
+/// A resource that Describe operations name by name or ARN and page through by name.
+pub(crate) trait Named: Sized + 'static {
+    /// The request member that names them (`computeEnvironments`, `jobQueues`), which is also
+    /// the answer's.
+    const FIELD: &'static str;
+    /// The IAM action a Describe needs.
+    const DESCRIBE_ACTION: &'static str;
+    fn all(state: &muster_core::State) -> impl Iterator<Item = &Self>;
+    fn name_and_arn(&self) -> (&str, &str);
+    fn show(&self, state: &muster_core::State) -> serde_json::Value;
+}
+
+/// DescribeComputeEnvironments, DescribeJobQueues: those the request (`R`, read by `paging`)
+/// names (every one when it names none), at most 100 named at once, a page of `max_results` after `next_token`, read
+/// linearizably.
+pub(crate) async fn describe_named<T: Named, R: DeserializeOwned, P: crate::ControlPlane>(
+    plane: &P,
+    caller: &crate::Principal,
+    body: &[u8],
+    paging: impl FnOnce(R) -> (Option<Vec<String>>, Option<i64>, Option<String>),
+) -> Result<serde_json::Value, ApiError> {
+    caller.authorize(T::DESCRIBE_ACTION, &["*"])?;
+    let (wanted, max_results, next_token) = paging(parse(body)?);
+    let wanted = wanted.unwrap_or_default();
+    if wanted.len() > 100 {
+        return Err(ApiError::client(format!(
+            "{}: at most 100 may be described at once",
+            T::FIELD
+        )));
+    }
+    let limit = page_size(max_results, 100)?;
+    let (page, token) = plane
+        .read(move |s| {
+            named_page(
+                T::all(s),
+                T::name_and_arn,
+                &wanted,
+                next_token.as_deref(),
+                limit,
+                |item| item.show(s),
+            )
+        })
+        .await
+        .map_err(ApiError::from)?;
+    Ok(page_answer(T::FIELD, page, token))
+}
