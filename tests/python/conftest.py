@@ -45,6 +45,8 @@ class Dev:
         self.proc = subprocess.Popen(
             [self.binary, "dev", "--data-dir", self.data_dir, "--api-addr", f"127.0.0.1:{self.port}",
              "--executor", self.executor,
+             # The container-options test mounts a folder of the temporary directory.
+             "--allow-host-path", tempfile.gettempdir(),
              # Test-only: lets timeouts and RUNNABLE time limits be tested in seconds.
              "--test-min-attempt-duration-secs", "1", "--test-min-state-time-limit-secs", "1"],
             stdout=subprocess.PIPE, stderr=self.log, text=True,

@@ -912,6 +912,68 @@ def test_bad_container_options_are_refused_naming_the_field(batch, props, field)
     assert field in err.value.response["Error"]["Message"]
 
 
+ESCAPES = [
+    ({"privileged": True}, "containerProperties.privileged"),
+    ({"volumes": [{"name": "sock", "host": {"sourcePath": "/var/run/docker.sock"}}],
+      "mountPoints": [{"sourceVolume": "sock", "containerPath": "/var/run/docker.sock"}]},
+     "containerProperties.volumes.host.sourcePath: host path /var/run/docker.sock"),
+    ({"volumes": [{"name": "root", "host": {"sourcePath": "/"}}]},
+     "containerProperties.volumes.host.sourcePath: host path /"),
+    ({"linuxParameters": {"devices": [{"hostPath": "/dev/kmsg"}]}}, "containerProperties.linuxParameters.devices"),
+]
+
+
+def test_definitions_that_escape_the_container_need_an_explicit_allowance(dev, batch):
+    def iam(*args):
+        out = subprocess.run([dev.binary, "iam", *args], env=dev.env, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout) if out.stdout.strip() else {}
+    user = unique("registrar")
+    iam("create-user", "--user-name", user)
+    key = iam("create-access-key", "--user-name", user)["AccessKey"]
+    iam("put-user-policy", "--user-name", user, "--policy-name", "register", "--policy-document", json.dumps(
+        {"Version": "2012-10-17",
+         "Statement": [{"Effect": "Allow", "Action": "batch:RegisterJobDefinition", "Resource": "*"}]}))
+    registrar = dev_session().client("batch", aws_access_key_id=key["AccessKeyId"],
+                                     aws_secret_access_key=key["SecretAccessKey"])
+    base = {"image": TEST_IMAGE, "command": ["true"], "vcpus": 1, "memory": 64}
+    for props, field in ESCAPES:
+        with pytest.raises(registrar.exceptions.ClientException) as err:
+            registrar.register_job_definition(jobDefinitionName=unique("escape"), type="container",
+                                              containerProperties={**base, **props})
+        message = err.value.response["Error"]["Message"]
+        assert field in message and "batch:RegisterPrivilegedJobDefinition" in message, message
+    # Saying no is no escape.
+    registrar.register_job_definition(jobDefinitionName=unique("plain"), type="container",
+                                      containerProperties={**base, "privileged": False})
+    # Allowed by the caller's policy, they register.
+    iam("put-user-policy", "--user-name", user, "--policy-name", "privileged", "--policy-document", json.dumps(
+        {"Version": "2012-10-17", "Statement": [
+            {"Effect": "Allow", "Action": "batch:RegisterPrivilegedJobDefinition", "Resource": "*"}]}))
+    for props, _ in ESCAPES:
+        registrar.register_job_definition(jobDefinitionName=unique("allowed"), type="container",
+                                          containerProperties={**base, **props})
+
+
+@pytest.mark.parametrize("props, setting", [
+    (ESCAPES[0][0], "allow_privileged"),
+    (ESCAPES[1][0], "allowed_host_paths"),
+    ({"volumes": [{"name": "etc", "host": {"sourcePath": "/etc"}}],
+      "mountPoints": [{"sourceVolume": "etc", "containerPath": "/host-etc"}]}, "allowed_host_paths"),
+])
+def test_the_agent_refuses_what_its_config_does_not_allow(batch, props, setting):
+    # The root user may register anything; `muster dev`'s agent allows only the temporary
+    # directory (see conftest) and nothing privileged.
+    name = unique("agent-refuses")
+    batch.register_job_definition(jobDefinitionName=name, type="container", containerProperties={
+        "image": TEST_IMAGE, "command": ["true"], "vcpus": 1, "memory": 64, **props})
+    job_id = batch.submit_job(jobName="refused", jobQueue="default", jobDefinition=name)["jobId"]
+    job = wait_for(batch, job_id, {"SUCCEEDED", "FAILED"})
+    assert job["status"] == "FAILED", job
+    reason = job["attempts"][-1]["container"].get("reason", "")
+    assert reason.startswith("CannotStartContainerError") and setting in reason, job
+
+
 def test_an_image_that_cannot_be_pulled_fails_the_attempt_with_the_pull_error(batch):
     name = unique("unpullable")
     batch.register_job_definition(jobDefinitionName=name, type="container", containerProperties={

@@ -369,7 +369,8 @@ pub(crate) async fn executor_for(config: &AgentConfig) -> Result<Executor, Agent
                 .await
                 .map_err(|e| AgentError::Docker(e.to_string()))?
                 .with_owner(agent_identity(&config.work_dir).map_err(AgentError::WorkDir)?)
-                .with_pull(config.image_pull, config.image_pull_timeout),
+                .with_pull(config.image_pull, config.image_pull_timeout)
+                .with_allowances(config.allowances.clone()),
         ),
         ExecutorKind::Process => {
             Executor::Process(ProcessExecutor::new(Path::new("/sys/fs/cgroup")))

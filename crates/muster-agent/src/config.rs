@@ -77,6 +77,14 @@ pub struct RawAgentConfig {
     /// A pull taking longer fails the attempt.
     #[serde(default = "default_image_pull_timeout_secs")]
     pub image_pull_timeout_secs: u64,
+    /// Whether this machine runs containers that reach into it (privileged, with devices or
+    /// added capabilities); their definitions also need the registering caller's allowance.
+    #[serde(default)]
+    pub allow_privileged: bool,
+    /// Host paths jobs may mount (a listed folder allows what is below it, except `/` and an
+    /// engine's `*.sock`, which must be listed themselves). None by default.
+    #[serde(default)]
+    pub allowed_host_paths: Vec<String>,
 }
 
 impl RawAgentConfig {
@@ -109,6 +117,8 @@ impl RawAgentConfig {
             log_retention_days: default_log_retention_days(),
             image_pull: ImagePull::default(),
             image_pull_timeout_secs: default_image_pull_timeout_secs(),
+            allow_privileged: false,
+            allowed_host_paths: Vec::new(),
         }
     }
 }
@@ -172,6 +182,37 @@ pub struct AgentConfig {
     pub log_retention: Duration,
     pub image_pull: ImagePull,
     pub image_pull_timeout: Duration,
+    /// What this machine lets containers reach (see [`RawAgentConfig::allow_privileged`]).
+    pub allowances: Allowances,
+}
+
+/// What of this machine an agent lets its containers reach.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Allowances {
+    pub privileged: bool,
+    pub host_paths: Vec<String>,
+}
+
+impl Allowances {
+    /// Why these options may not run here, if they may not: the agent re-checks what the API
+    /// let through, for its machine's operator decides what it exposes.
+    pub fn refusal(&self, options: &muster_core::ContainerOptions) -> Option<String> {
+        options.escapes().into_iter().find_map(|escape| {
+            let allowed = match &escape {
+                muster_core::Escape::HostPath(path) => {
+                    muster_core::host_path_allowed(path, &self.host_paths)
+                }
+                _ => self.privileged,
+            };
+            (!allowed).then(|| {
+                let setting = match escape {
+                    muster_core::Escape::HostPath(_) => "allowed_host_paths",
+                    _ => "allow_privileged",
+                };
+                format!("{escape} is not allowed by this agent's {setting}")
+            })
+        })
+    }
 }
 
 pub use muster_core::ConfigError;
@@ -225,6 +266,16 @@ impl RawAgentConfig {
                 ));
             }
         }
+        if let Some(bad) = self
+            .allowed_host_paths
+            .iter()
+            .find(|p| !p.starts_with('/') || p.split('/').any(|part| part == ".."))
+        {
+            return Err(invalid(
+                "allowed_host_paths",
+                &format!("{bad}: every entry must be an absolute path without .."),
+            ));
+        }
         let node_id = match self.node_id {
             Some(id) if !id.is_empty() => id,
             _ => crate::inventory::hostname(),
@@ -250,6 +301,10 @@ impl RawAgentConfig {
             log_retention: Duration::from_secs(self.log_retention_days.max(1) * 86_400),
             image_pull: self.image_pull,
             image_pull_timeout: Duration::from_secs(self.image_pull_timeout_secs.max(1)),
+            allowances: Allowances {
+                privileged: self.allow_privileged,
+                host_paths: self.allowed_host_paths,
+            },
         })
     }
 }

@@ -23,4 +23,4 @@ pub mod reporter;
 pub mod warden;
 
 pub use agent::{Agent, AgentError};
-pub use config::{AgentConfig, ExecutorKind, ImagePull, RawAgentConfig};
+pub use config::{AgentConfig, Allowances, ExecutorKind, ImagePull, RawAgentConfig};

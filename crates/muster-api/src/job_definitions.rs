@@ -6,8 +6,8 @@ use crate::request::{
 };
 use crate::{ApiError, ControlPlane, Principal, arn_of, check_and_propose};
 use muster_core::{
-    Command, ContainerOptions, ContainerSpec, DefinitionStatus, JobDefinition, JobDefinitionSpec,
-    MountPoint, Orchestration, Outcome, Tags, Ulimit, Volume,
+    Command, ContainerOptions, ContainerSpec, DefinitionStatus, Device, JobDefinition,
+    JobDefinitionSpec, MountPoint, Orchestration, Outcome, Tags, Ulimit, Volume,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -187,6 +187,7 @@ pub(crate) fn container_options(props: &serde_json::Value) -> ContainerOptions {
             .and_then(serde_json::Value::as_str)
             .map(str::to_owned)
     };
+    let linux = props.get("linuxParameters");
     ContainerOptions {
         volumes: list("volumes")
             .iter()
@@ -225,7 +226,64 @@ pub(crate) fn container_options(props: &serde_json::Value) -> ContainerOptions {
                 })
             })
             .collect(),
+        privileged: props
+            .get("privileged")
+            .and_then(serde_json::Value::as_bool)
+            .unwrap_or(false),
+        capabilities_add: linux
+            .and_then(|l| l.get("capabilities"))
+            .and_then(|c| c.get("add"))
+            .and_then(serde_json::Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c.as_str().map(str::to_owned))
+            .collect(),
+        devices: linux
+            .and_then(|l| l.get("devices"))
+            .and_then(serde_json::Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|d| {
+                Some(Device {
+                    host_path: text(d, "hostPath")?,
+                    container_path: text(d, "containerPath"),
+                    permissions: d
+                        .get("permissions")
+                        .and_then(serde_json::Value::as_array)
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|p| p.as_str().map(str::to_owned))
+                        .collect(),
+                })
+            })
+            .collect(),
     }
+}
+
+/// The Muster action a caller's policy must allow to register a definition whose container
+/// reaches into its worker (a privileged container, host paths, devices, added capabilities).
+pub const REGISTER_PRIVILEGED_ACTION: &str = "batch:RegisterPrivilegedJobDefinition";
+
+/// Refuses a definition that escapes its container unless the caller's policy allows
+/// [`REGISTER_PRIVILEGED_ACTION`] on it. (The agent that runs it checks its own allowance too.)
+fn allowed_to_escape<P: ControlPlane>(
+    plane: &P,
+    caller: &Principal,
+    name: &str,
+    options: &ContainerOptions,
+) -> Result<(), ApiError> {
+    let Some(first) = options.escapes().into_iter().next() else {
+        return Ok(());
+    };
+    let arn = arn_of(plane, "job-definition", name);
+    caller
+        .authorize(REGISTER_PRIVILEGED_ACTION, &[&arn])
+        .map_err(|_| {
+            ApiError::client(format!(
+                "{first} reaches outside the container: registering it needs the action \
+                 {REGISTER_PRIVILEGED_ACTION}, which the caller's policy does not allow"
+            ))
+        })
 }
 
 /// The Docker options Muster applies (`volumes`, `mountPoints`, `user`,
@@ -240,12 +298,31 @@ fn check_container_options(props: &Value) -> Result<(), ApiError> {
         )));
     }
     for v in &options.volumes {
-        if v.host_path.as_deref().is_some_and(|p| !p.starts_with('/')) {
+        if v.host_path
+            .as_deref()
+            .is_some_and(|p| !p.starts_with('/') || p.split('/').any(|part| part == ".."))
+        {
             return Err(ApiError::client(format!(
-                "{FIELD}.volumes.host.sourcePath of {}: must be an absolute path",
+                "{FIELD}.volumes.host.sourcePath of {}: must be an absolute path without ..",
                 v.name
             )));
         }
+    }
+    if let Some(bad) = props
+        .get("linuxParameters")
+        .and_then(|l| l.get("devices"))
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .find(|d| {
+            d.get("hostPath")
+                .and_then(Value::as_str)
+                .is_none_or(|p| !p.starts_with('/'))
+        })
+    {
+        return Err(ApiError::client(format!(
+            "{FIELD}.linuxParameters.devices.hostPath: every device needs an absolute host path ({bad})"
+        )));
     }
     if options.mount_points.len() != listed("mountPoints") {
         return Err(ApiError::client(format!(
@@ -408,6 +485,7 @@ pub(crate) async fn register<P: ControlPlane>(
         }
         None => ContainerOptions::default(),
     };
+    allowed_to_escape(plane, caller, &name, &options)?;
     // Echoed as sent (from `extra`); the state machine acts on the typed copy.
     let scheduling_priority = match extra.get("schedulingPriority") {
         None | Some(Value::Null) => None,

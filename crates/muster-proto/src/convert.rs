@@ -2,8 +2,8 @@
 
 use crate::pb;
 use muster_core::{
-    Assignment, ContainerOptions, GpuDevice, JobId, MountPoint, NodeInventory, Resources, Ulimit,
-    Volume,
+    Assignment, ContainerOptions, Device, GpuDevice, JobId, MountPoint, NodeInventory, Resources,
+    Ulimit, Volume,
 };
 
 fn gpu_to_pb(g: &GpuDevice) -> pb::Gpu {
@@ -114,6 +114,18 @@ pub fn assignment_to_pb(a: &Assignment) -> pb::Assignment {
                 hard: u.hard,
             })
             .collect(),
+        privileged: a.options.privileged,
+        capabilities_add: a.options.capabilities_add.clone(),
+        devices: a
+            .options
+            .devices
+            .iter()
+            .map(|d| pb::Device {
+                host_path: d.host_path.clone(),
+                container_path: d.container_path.clone(),
+                permissions: d.permissions.clone(),
+            })
+            .collect(),
     }
 }
 
@@ -162,6 +174,17 @@ pub fn assignment_from_pb(a: &pb::Assignment) -> Assignment {
                     hard: u.hard,
                 })
                 .collect(),
+            privileged: a.privileged,
+            capabilities_add: a.capabilities_add.clone(),
+            devices: a
+                .devices
+                .iter()
+                .map(|d| Device {
+                    host_path: d.host_path.clone(),
+                    container_path: d.container_path.clone(),
+                    permissions: d.permissions.clone(),
+                })
+                .collect(),
         },
     }
 }
@@ -198,6 +221,13 @@ mod tests {
                     name: "nofile".into(),
                     soft: 256,
                     hard: 512,
+                }],
+                privileged: true,
+                capabilities_add: vec!["SYS_ADMIN".into()],
+                devices: vec![Device {
+                    host_path: "/dev/fuse".into(),
+                    container_path: None,
+                    permissions: vec!["READ".into()],
                 }],
             },
             gpus: vec![GpuDevice {

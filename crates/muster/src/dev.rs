@@ -21,6 +21,7 @@ pub async fn run(
     metrics: metrics_exporter_prometheus::PrometheusHandle,
     limits: muster_api::Limits,
     scope: muster_core::ArnScope,
+    allowances: muster_agent::Allowances,
 ) -> anyhow::Result<()> {
     let shutdown = crate::ShutdownSignal::install()?;
     std::fs::create_dir_all(&data_dir)
@@ -44,14 +45,19 @@ pub async fn run(
     ensure_defaults(node).await?;
 
     let executor = choose_executor(executor).await?;
-    let agent_config = RawAgentConfig::new(
-        AGENT_ID,
-        DEFAULT,
-        cluster.grpc_addrs(),
-        executor,
-        data_dir.join("agent"),
-    )
-    .validate()?;
+    let agent_config = RawAgentConfig {
+        allow_privileged: allowances.privileged,
+        allowed_host_paths: allowances.host_paths,
+        ..RawAgentConfig::new(
+            AGENT_ID,
+            DEFAULT,
+            cluster.grpc_addrs(),
+            executor,
+            data_dir.join("agent"),
+        )
+    }
+    .validate()
+    .map_err(|e| anyhow::anyhow!("--allow-host-path: {e}"))?;
     let agent = Agent::new(agent_config).await?;
     eprintln!(
         "muster dev: jobs run with the {} executor",

@@ -71,6 +71,13 @@ enum Commands {
         /// The twelve-digit account every ARN names (as --region).
         #[arg(long, default_value = "000000000000")]
         account_id: String,
+        /// A host path jobs may mount (and what is below it); repeatable. None by default.
+        #[arg(long = "allow-host-path", value_name = "PATH")]
+        allow_host_paths: Vec<String>,
+        /// Let jobs run privileged containers, with devices or added capabilities (their
+        /// definitions also need the `batch:RegisterPrivilegedJobDefinition` allowance).
+        #[arg(long)]
+        allow_privileged: bool,
         /// For tests only: lower AWS's 60-second minimum `attemptDurationSeconds`.
         #[arg(long, hide = true, default_value_t = 60)]
         test_min_attempt_duration_secs: u64,
@@ -326,6 +333,8 @@ async fn main() -> anyhow::Result<()> {
             executor,
             region,
             account_id,
+            allow_host_paths,
+            allow_privileged,
             test_min_attempt_duration_secs,
             test_min_state_time_limit_secs,
         } => {
@@ -348,6 +357,10 @@ async fn main() -> anyhow::Result<()> {
                 install_metrics()?,
                 limits,
                 scope,
+                muster_agent::Allowances {
+                    privileged: allow_privileged,
+                    host_paths: allow_host_paths,
+                },
             )
             .await
         }

@@ -43,6 +43,19 @@ fn binds(options: &muster_core::ContainerOptions) -> Vec<String> {
         .collect()
 }
 
+/// Docker's `rwm` form of `READ`, `WRITE`, `MKNOD` (all three when none are given).
+fn device_permissions(permissions: &[String]) -> String {
+    if permissions.is_empty() {
+        return "rwm".to_owned();
+    }
+    ["READ", "WRITE", "MKNOD"]
+        .iter()
+        .zip(['r', 'w', 'm'])
+        .filter(|(name, _)| permissions.iter().any(|p| p == *name))
+        .map(|(_, letter)| letter)
+        .collect()
+}
+
 /// The container of attempt `attempt` of `job`: one name per attempt, so a restarted agent
 /// finds it again.
 fn container_name(job: &str, attempt: u32) -> String {
@@ -57,6 +70,8 @@ pub struct DockerExecutor {
     owner: String,
     pull: crate::ImagePull,
     pull_timeout: Duration,
+    /// What containers may reach of this machine; nothing by default.
+    allowances: crate::Allowances,
 }
 
 impl DockerExecutor {
@@ -83,6 +98,7 @@ impl DockerExecutor {
             owner: String::new(),
             pull: crate::ImagePull::default(),
             pull_timeout: Duration::from_secs(600),
+            allowances: crate::Allowances::default(),
         })
     }
 
@@ -96,6 +112,12 @@ impl DockerExecutor {
     pub fn with_pull(mut self, pull: crate::ImagePull, timeout: Duration) -> Self {
         self.pull = pull;
         self.pull_timeout = timeout;
+        self
+    }
+
+    /// Sets what containers may reach of this machine.
+    pub fn with_allowances(mut self, allowances: crate::Allowances) -> Self {
+        self.allowances = allowances;
         self
     }
 
@@ -129,6 +151,11 @@ impl DockerExecutor {
                 Some(found) => self.adopt(found, log_path, started, stop, grace).await,
                 None => AttemptExit::failed_to_start(super::LOST_IN_AGENT_RESTART),
             };
+        }
+        // Defence in depth: the API let the definition through for its registering caller,
+        // and this machine's operator decides what it exposes.
+        if let Some(why) = self.allowances.refusal(&a.options) {
+            return AttemptExit::failed_to_start(format!("CannotStartContainerError: {why}"));
         }
         match self.docker.inspect_image(&a.image).await {
             Ok(_) => {}
@@ -214,7 +241,25 @@ impl DockerExecutor {
                         ..Default::default()
                     }]
                 }),
-                privileged: Some(false),
+                // Only what the definition asked for and this agent allows (checked above).
+                privileged: Some(a.options.privileged),
+                cap_add: (!a.options.capabilities_add.is_empty())
+                    .then(|| a.options.capabilities_add.clone()),
+                devices: (!a.options.devices.is_empty()).then(|| {
+                    a.options
+                        .devices
+                        .iter()
+                        .map(|d| bollard::models::DeviceMapping {
+                            path_on_host: Some(d.host_path.clone()),
+                            path_in_container: Some(
+                                d.container_path
+                                    .clone()
+                                    .unwrap_or_else(|| d.host_path.clone()),
+                            ),
+                            cgroup_permissions: Some(device_permissions(&d.permissions)),
+                        })
+                        .collect()
+                }),
                 binds: Some(binds(&a.options)),
                 readonly_rootfs: Some(a.options.readonly_root_filesystem),
                 ulimits: (!a.options.ulimits.is_empty()).then(|| {

@@ -210,6 +210,122 @@ pub struct ContainerOptions {
     pub user: Option<String>,
     pub readonly_root_filesystem: bool,
     pub ulimits: Vec<Ulimit>,
+    /// `privileged`.
+    #[serde(default)]
+    pub privileged: bool,
+    /// `linuxParameters.capabilities.add`.
+    #[serde(default)]
+    pub capabilities_add: Vec<String>,
+    /// `linuxParameters.devices`.
+    #[serde(default)]
+    pub devices: Vec<Device>,
+}
+
+/// One `linuxParameters.devices` entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Device {
+    pub host_path: String,
+    pub container_path: Option<String>,
+    /// `READ`, `WRITE`, `MKNOD`; all three when none are given.
+    pub permissions: Vec<String>,
+}
+
+/// Capabilities Docker grants every container already: adding one changes nothing.
+pub const DEFAULT_CAPABILITIES: &[&str] = &[
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FSETID",
+    "FOWNER",
+    "MKNOD",
+    "NET_RAW",
+    "SETGID",
+    "SETUID",
+    "SETFCAP",
+    "SETPCAP",
+    "NET_BIND_SERVICE",
+    "SYS_CHROOT",
+    "KILL",
+    "AUDIT_WRITE",
+];
+
+/// Something a job definition asks for that reaches past its container into the worker, with
+/// the member that asks for it. Each needs an explicit allowance: of the caller who registers
+/// the definition (IAM) and of the agent that runs it (its config).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Escape {
+    Privileged,
+    HostPath(String),
+    Device(String),
+    Capability(String),
+}
+
+impl Escape {
+    /// The `containerProperties` member that asks for it.
+    pub fn field(&self) -> &'static str {
+        match self {
+            Escape::Privileged => "containerProperties.privileged",
+            Escape::HostPath(_) => "containerProperties.volumes.host.sourcePath",
+            Escape::Device(_) => "containerProperties.linuxParameters.devices",
+            Escape::Capability(_) => "containerProperties.linuxParameters.capabilities.add",
+        }
+    }
+}
+
+impl std::fmt::Display for Escape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Escape::Privileged => write!(f, "{}: a privileged container", self.field()),
+            Escape::HostPath(p) => write!(f, "{}: host path {p}", self.field()),
+            Escape::Device(d) => write!(f, "{}: host device {d}", self.field()),
+            Escape::Capability(c) => write!(f, "{}: capability {c}", self.field()),
+        }
+    }
+}
+
+impl ContainerOptions {
+    /// What in these options reaches past the container.
+    pub fn escapes(&self) -> Vec<Escape> {
+        let mut out = Vec::new();
+        if self.privileged {
+            out.push(Escape::Privileged);
+        }
+        out.extend(
+            self.volumes
+                .iter()
+                .filter_map(|v| v.host_path.clone().map(Escape::HostPath)),
+        );
+        out.extend(
+            self.devices
+                .iter()
+                .map(|d| Escape::Device(d.host_path.clone())),
+        );
+        out.extend(
+            self.capabilities_add
+                .iter()
+                .filter(|c| !DEFAULT_CAPABILITIES.contains(&c.trim_start_matches("CAP_")))
+                .map(|c| Escape::Capability(c.clone())),
+        );
+        out
+    }
+}
+
+/// Whether an agent whose config lists `allowed` may mount host path `path`: it or a folder
+/// above it is listed, except that `/` and a container engine's socket must be listed
+/// themselves (a listed `/var/run` does not let a job drive the engine).
+pub fn host_path_allowed(path: &str, allowed: &[String]) -> bool {
+    let path = path.trim_end_matches('/');
+    let path = if path.is_empty() { "/" } else { path };
+    let named_itself = path == "/" || path.ends_with(".sock");
+    allowed.iter().any(|a| {
+        let a = a.trim_end_matches('/');
+        let a = if a.is_empty() { "/" } else { a };
+        a == path
+            || (!named_itself
+                && (a == "/"
+                    || path
+                        .strip_prefix(a)
+                        .is_some_and(|rest| rest.starts_with('/'))))
+    })
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -231,4 +347,46 @@ pub struct Ulimit {
     pub name: String,
     pub soft: i64,
     pub hard: i64,
+}
+
+#[cfg(test)]
+mod escape_tests {
+    use super::*;
+
+    #[test]
+    fn a_listed_folder_allows_what_is_below_it_but_never_the_root_or_an_engine_socket() {
+        let allowed = vec!["/srv/data".to_owned(), "/var/run".to_owned()];
+        assert!(host_path_allowed("/srv/data", &allowed));
+        assert!(host_path_allowed("/srv/data/in/", &allowed));
+        assert!(!host_path_allowed("/srv/database", &allowed));
+        assert!(!host_path_allowed("/", &allowed));
+        assert!(!host_path_allowed("/var/run/docker.sock", &allowed));
+        assert!(!host_path_allowed("/etc", &[]));
+        // Listed themselves, they are allowed; `/` allows all else.
+        assert!(host_path_allowed(
+            "/var/run/docker.sock",
+            &["/var/run/docker.sock".to_owned()]
+        ));
+        assert!(host_path_allowed("/etc/passwd", &["/".to_owned()]));
+        assert!(!host_path_allowed(
+            "/run/containerd/containerd.sock",
+            &["/".to_owned()]
+        ));
+    }
+
+    #[test]
+    fn what_docker_grants_anyway_is_no_escape() {
+        let options = ContainerOptions {
+            capabilities_add: vec!["CHOWN".into(), "CAP_KILL".into(), "SYS_ADMIN".into()],
+            volumes: vec![Volume {
+                name: "scratch".into(),
+                host_path: None,
+            }],
+            ..Default::default()
+        };
+        assert_eq!(
+            options.escapes(),
+            vec![Escape::Capability("SYS_ADMIN".into())]
+        );
+    }
 }
