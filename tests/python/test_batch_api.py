@@ -1004,3 +1004,20 @@ def test_an_image_the_host_lacks_is_pulled_from_its_registry_and_runs(batch):
     finally:
         registry.close()
         subprocess.run(["docker", "image", "rm", "-f", image], capture_output=True)
+
+
+def test_secrets_never_reach_the_cluster_log(dev, batch):
+    # Environment values and the caller's secret key stay out of every log line (the
+    # environment is the usual place for credentials a job needs).
+    name = unique("secretive")
+    batch.register_job_definition(jobDefinitionName=name, type="container", containerProperties={
+        "image": TEST_IMAGE, "command": ["sh", "-c", "test -n \"$TOKEN\""], "vcpus": 1, "memory": 64,
+        "environment": [{"name": "TOKEN", "value": "definition-secret-4f1c"}]})
+    job_id = batch.submit_job(jobName="secretive", jobQueue="default", jobDefinition=name, containerOverrides={
+        "environment": [{"name": "OTHER", "value": "override-secret-9a2e"}]})["jobId"]
+    assert wait_for(batch, job_id, {"SUCCEEDED", "FAILED"})["status"] == "SUCCEEDED"
+    secret_key = batch._request_signer._credentials.get_frozen_credentials().secret_key
+    log = open(dev.log_path, errors="replace").read()
+    assert "agent registered" in log  # the log being read is the cluster's
+    for secret in ("definition-secret-4f1c", "override-secret-9a2e", secret_key):
+        assert secret not in log
