@@ -176,6 +176,11 @@ impl LocalCluster {
         self.api_addrs[&id]
     }
 
+    /// Where node `id` serves its peers' Raft RPCs.
+    pub fn raft_addr(&self, id: u64) -> SocketAddr {
+        self.raft_addrs[&id]
+    }
+
     pub fn grpc_addrs(&self) -> Vec<String> {
         self.grpc_addrs
             .values()

@@ -170,3 +170,40 @@ fn amz_dates_round_trip() {
     assert_eq!(parse_amz_date("20261326T012345Z"), None);
     assert_eq!(parse_amz_date("2026-11-26T01:23:45Z"), None);
 }
+
+const VALID: &str = "AWS4-HMAC-SHA256 Credential=AKID/20261126/us-east-1/batch/aws4_request, SignedHeaders=host;x-amz-date, Signature=0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+    /// Whatever a client puts in `Authorization` and `X-Amz-Date`: an answer, never a panic.
+    #[test]
+    fn any_header_is_parsed_or_refused_without_a_panic(header in ".{0,300}", date in ".{0,20}") {
+        let _ = parse_authorization(&header);
+        let _ = parse_amz_date(&date);
+    }
+
+    /// A valid header with bytes changed, cut or inserted anywhere, then verified against a
+    /// request of random parts.
+    #[test]
+    fn a_mangled_header_is_refused_or_verified_without_a_panic(
+        at in 0usize..VALID.len(),
+        cut in 0usize..8,
+        insert in proptest::collection::vec(proptest::prelude::any::<char>(), 0..6),
+        path in ".{0,40}",
+        query in ".{0,40}",
+        body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64),
+        header_value in ".{0,40}",
+    ) {
+        let mut mangled: String = VALID.chars().take(at).collect();
+        mangled.extend(insert);
+        mangled.extend(VALID.chars().skip(at + cut));
+        if let Ok(auth) = parse_authorization(&mangled) {
+            let headers = vec![
+                ("host".to_owned(), header_value.clone()),
+                ("x-amz-date".to_owned(), header_value),
+            ];
+            let req = Request { method: "POST", path: &path, query: &query, headers: &headers, body: &body };
+            let _ = verify(&req, &auth, "20261126T000000Z", "secret");
+        }
+    }
+}
