@@ -197,12 +197,16 @@ def test_sts_get_caller_identity_names_the_signed_caller(dev, batch):
     assert identity["Account"] == "000000000000"
 
 
+def muster_iam(dev, *args):
+    """`muster iam …` against the session's cluster, as its root user; the JSON it prints."""
+    out = subprocess.run([dev.binary, "iam", *args], env=dev.env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout) if out.stdout.strip() else {}
+
+
 def test_a_user_made_with_muster_iam_is_held_to_its_policy(dev, batch):
-    import subprocess
     def iam(*args):
-        out = subprocess.run([dev.binary, "iam", *args], env=dev.env, capture_output=True, text=True, timeout=60)
-        assert out.returncode == 0, out.stderr
-        return json.loads(out.stdout) if out.stdout.strip() else {}
+        return muster_iam(dev, *args)
     user = unique("reader")
     iam("create-user", "--user-name", user)
     key = iam("create-access-key", "--user-name", user)["AccessKey"]
@@ -923,17 +927,18 @@ ESCAPES = [
 ]
 
 
+def allow(dev, user, policy_name, *actions):
+    """Adds a policy allowing `actions` on every resource to `user`."""
+    muster_iam(dev, "put-user-policy", "--user-name", user, "--policy-name", policy_name, "--policy-document",
+               json.dumps({"Version": "2012-10-17",
+                           "Statement": [{"Effect": "Allow", "Action": list(actions), "Resource": "*"}]}))
+
+
 def test_definitions_that_escape_the_container_need_an_explicit_allowance(dev, batch):
-    def iam(*args):
-        out = subprocess.run([dev.binary, "iam", *args], env=dev.env, capture_output=True, text=True, timeout=60)
-        assert out.returncode == 0, out.stderr
-        return json.loads(out.stdout) if out.stdout.strip() else {}
     user = unique("registrar")
-    iam("create-user", "--user-name", user)
-    key = iam("create-access-key", "--user-name", user)["AccessKey"]
-    iam("put-user-policy", "--user-name", user, "--policy-name", "register", "--policy-document", json.dumps(
-        {"Version": "2012-10-17",
-         "Statement": [{"Effect": "Allow", "Action": "batch:RegisterJobDefinition", "Resource": "*"}]}))
+    muster_iam(dev, "create-user", "--user-name", user)
+    key = muster_iam(dev, "create-access-key", "--user-name", user)["AccessKey"]
+    allow(dev, user, "register", "batch:RegisterJobDefinition")
     registrar = dev_session().client("batch", aws_access_key_id=key["AccessKeyId"],
                                      aws_secret_access_key=key["SecretAccessKey"])
     base = {"image": TEST_IMAGE, "command": ["true"], "vcpus": 1, "memory": 64}
@@ -947,9 +952,7 @@ def test_definitions_that_escape_the_container_need_an_explicit_allowance(dev, b
     registrar.register_job_definition(jobDefinitionName=unique("plain"), type="container",
                                       containerProperties={**base, "privileged": False})
     # Allowed by the caller's policy, they register.
-    iam("put-user-policy", "--user-name", user, "--policy-name", "privileged", "--policy-document", json.dumps(
-        {"Version": "2012-10-17", "Statement": [
-            {"Effect": "Allow", "Action": "batch:RegisterPrivilegedJobDefinition", "Resource": "*"}]}))
+    allow(dev, user, "privileged", "batch:RegisterPrivilegedJobDefinition")
     for props, _ in ESCAPES:
         registrar.register_job_definition(jobDefinitionName=unique("allowed"), type="container",
                                           containerProperties={**base, **props})
