@@ -4,6 +4,7 @@ it did, with the figures it measured."""
 import os
 import time
 
+from .net import sh
 from .workload import PROBE_QUEUE, classify
 
 
@@ -101,6 +102,22 @@ def agent_kill(ctx):
     return kill_and_restart(ctx, ctx.rng.choice(ctx.cluster.agent_names), down_for)
 
 
+def agent_host_death(ctx):
+    """F12: an agent's machine dies: the agent, its warden and every job it runs, killed at
+    once; it comes back (its disk kept) after the leader has marked it lost and retried its
+    jobs elsewhere."""
+    victim = ctx.rng.choice(ctx.cluster.agent_names)
+    ctx.cluster.procs[victim].kill()
+    ns = ctx.net.ns(victim)
+    killed = 0
+    for pid in sh("ip", "netns", "pids", ns, check=False).stdout.split():
+        killed += sh("kill", "-9", pid, check=False).returncode == 0
+    down = ctx.rng.uniform(10, 14)
+    ctx.hold(down)
+    ctx.cluster.procs[victim].start()
+    return {"died": victim, "processes_killed": killed, "down_s": round(down, 1)}
+
+
 def leader_isolated(ctx):
     """F3: cut the leader off from the other control nodes; its agents still reach it."""
     leader = ctx.leader()
@@ -160,6 +177,22 @@ def slow_links(ctx):
         raise RuntimeError(f"no connection went through the slow links of {victim}")
     return {"slowed": victim, "was_leader": victim == leader, "delay_ms": round(delay),
             "connections_slowed": through}
+
+
+def agent_link_stalled(ctx):
+    """F14 (stall): an agent's connections to every control node stall (bytes taken, never
+    delivered) for 6–12 s, then are reset; its heartbeats stop arriving, so its attempts must
+    stop before the leader retries them."""
+    victim = ctx.rng.choice(ctx.cluster.agent_names)
+    for server in ctx.cluster.server_names:
+        ctx.net.slow(victim, server, ctx.cluster.workdir, seed=ctx.rng.randrange(1 << 30),
+                     delay_ms=3_600_000)
+    ctx.hold(ctx.rng.uniform(6, 12))
+    through = ctx.net.slowed_connections()
+    ctx.net.heal()
+    if through == 0:
+        raise RuntimeError(f"no connection of {victim} went through the stalled links")
+    return {"stalled": victim, "connections_stalled": through}
 
 
 def agent_cut_off(ctx):
@@ -238,7 +271,7 @@ def clock_jump(ctx):
 
 
 ALL = {f.__name__: f for f in [
-    leader_kill, follower_kill, leader_pause, agent_kill, leader_isolated, leader_one_way,
-    partial_partition, flaky_follower, slow_links, agent_cut_off, agent_reaches_isolated_follower, disk_full,
+    leader_kill, follower_kill, leader_pause, agent_kill, agent_host_death, leader_isolated,
+    leader_one_way, partial_partition, flaky_follower, slow_links, agent_link_stalled, agent_cut_off, agent_reaches_isolated_follower, disk_full,
     clock_jump,
 ]}
