@@ -215,20 +215,35 @@ mod tests {
         child.try_wait().unwrap().is_some()
     }
 
+    /// How long after `since` the child was found ended (polled every 100 ms, for 15 s at most).
+    async fn ended_after(child: &mut std::process::Child, since: std::time::Instant) -> Duration {
+        while !ended(child) {
+            assert!(
+                since.elapsed() < Duration::from_secs(15),
+                "the attempt outlived the lease"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        since.elapsed()
+    }
+
     #[tokio::test]
     async fn a_dead_agents_attempts_are_stopped_when_its_lease_ends_and_the_warden_then_exits() {
         let dir = tempfile::tempdir().unwrap();
         let mut left = orphan(dir.path(), "job-a", 2);
         let dead = a_dead_pid();
         // The agent died with 2 s of lease left: its attempt runs until then, not longer.
+        let since = std::time::Instant::now();
         write_lease(dir.path(), 2_000, dead);
         let warden = tokio::spawn(watch_over(config(dir.path()), dead));
-        tokio::time::sleep(Duration::from_millis(1_500)).await;
-        assert!(!ended(&mut left), "stopped before the lease ended");
+        let lasted = ended_after(&mut left, since).await;
+        assert!(
+            lasted >= Duration::from_secs(2),
+            "stopped after {lasted:?}, before the lease ended"
+        );
         let exited = tokio::time::timeout(Duration::from_secs(10), warden).await;
         assert!(exited.is_ok(), "the warden did not exit once nothing ran");
         exited.unwrap().unwrap().unwrap();
-        assert!(ended(&mut left), "the attempt outlived the lease");
         assert!(!warden_pid_path(dir.path()).exists());
     }
 
@@ -246,22 +261,17 @@ mod tests {
         std::fs::create_dir_all(stale.parent().unwrap()).unwrap();
         std::fs::write(&stale, stranger.id().to_string()).unwrap();
 
+        // The agent lives but hangs (no longer renewing) with 3 s of lease left: its attempt
+        // runs that long, and the lease ends all the same.
         let me = std::process::id();
-        write_lease(dir.path(), 60_000, me);
+        let since = std::time::Instant::now();
+        write_lease(dir.path(), 3_000, me);
         let warden = tokio::spawn(watch_over(config(dir.path()), me));
-        tokio::time::sleep(Duration::from_millis(2_500)).await;
-        assert!(!ended(&mut running), "stopped while the lease held");
-        assert!(warden_running(dir.path()) || !warden.is_finished());
-        // The agent hangs (alive, but no longer renewing): the lease ends all the same.
-        write_lease(dir.path(), -1_000, me);
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !ended(&mut running) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the attempt outlived the lease"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let lasted = ended_after(&mut running, since).await;
+        assert!(
+            lasted >= Duration::from_secs(3),
+            "stopped after {lasted:?}, while the lease held"
+        );
         assert!(
             !ended(&mut stranger),
             "a process no attempt names was stopped"
