@@ -90,7 +90,7 @@ class Cluster:
             with open(config, "w") as f:
                 f.write(f'node_id = {i}\ngrpc_addr = "{ip}:{GRPC}"\nraft_addr = "{ip}:{RAFT}"\n'
                         f'api_addr = "{ip}:{API}"\ndata_dir = "{workdir}/{name}-data"\n'
-                        f'node_lost_after_secs = {node_lost_after}\n{peers}')
+                        f'node_lost_after_secs = {node_lost_after}\nplaintext = true\n{peers}')
             self._proc(name, ["server", "--config", config])
         # Each control node's wall clock can be stepped (libfaketime, reading an offset from a
         # file of its own once a second; the monotonic clock, which Raft's timers use, is left
@@ -112,7 +112,8 @@ class Cluster:
                 f.write(f'node_id = "{name}"\ncompute_environment = "chaos"\ncontrol_plane = [{control}]\n'
                         f'executor = "process"\nwork_dir = "{workdir}/{name}-work"\nvcpus = 2\n'
                         f'memory_mib = 1024\nheartbeat_secs = 1\nstop_grace_secs = 2\n'
-                        f'stop_after_secs = {agent_stop_after}\nlog_listen_addr = "{net.ip(name)}:{LOGS}"\n')
+                        f'stop_after_secs = {agent_stop_after}\nlog_listen_addr = "{net.ip(name)}:{LOGS}"\n'
+                        'plaintext = true\n')
             self._proc(name, ["agent", "--config", config])
         self.credentials = None
         self.stopped = threading.Event()

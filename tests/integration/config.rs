@@ -1,9 +1,32 @@
 //! The commented example configs in `deploy/config` parse and validate.
 
+/// The example configs name `/etc/muster/tls`: a CA and certificates made here stand in.
+fn with_certificates(text: &str, dir: &std::path::Path) -> String {
+    use muster_tls::Role;
+    use muster_tls::pki::{ClusterCa, Validity, write_identity};
+    let ca = ClusterCa::generate("examples").unwrap();
+    let validity = Validity::from_now(std::time::Duration::from_secs(3600));
+    write_identity(&ca, dir, "control-1", &Role::Control(1), &[], validity).unwrap();
+    write_identity(
+        &ca,
+        dir,
+        "agent-worker-01",
+        &Role::Agent("worker-01".into()),
+        &[],
+        validity,
+    )
+    .unwrap();
+    text.replace("/etc/muster/tls", &dir.display().to_string())
+}
+
 #[test]
 fn example_server_config_is_valid() {
-    let text = include_str!("../../deploy/config/server.example.toml");
-    let config = muster_control::RawServerConfig::from_toml(text)
+    let dir = tempfile::tempdir().unwrap();
+    let text = with_certificates(
+        include_str!("../../deploy/config/server.example.toml"),
+        dir.path(),
+    );
+    let config = muster_control::RawServerConfig::from_toml(&text)
         .unwrap()
         .validate()
         .unwrap();
@@ -15,8 +38,12 @@ fn example_server_config_is_valid() {
 
 #[test]
 fn example_agent_config_is_valid() {
-    let text = include_str!("../../deploy/config/agent.example.toml");
-    let config = muster_agent::RawAgentConfig::from_toml(text)
+    let dir = tempfile::tempdir().unwrap();
+    let text = with_certificates(
+        include_str!("../../deploy/config/agent.example.toml"),
+        dir.path(),
+    );
+    let config = muster_agent::RawAgentConfig::from_toml(&text)
         .unwrap()
         .validate()
         .unwrap();
@@ -32,7 +59,7 @@ fn unknown_config_fields_are_refused() {
 }
 
 fn server_config(listeners: &str, peers: &str) -> Result<muster_control::ServerConfig, String> {
-    let text = format!("node_id = 1\n{listeners}data_dir = \"d\"\n{peers}");
+    let text = format!("node_id = 1\n{listeners}data_dir = \"d\"\nplaintext = true\n{peers}");
     muster_control::RawServerConfig::from_toml(&text)
         .map_err(|e| e.to_string())?
         .validate()
@@ -85,4 +112,121 @@ fn the_region_and_account_are_checked_and_named_in_errors() {
     assert!(err.starts_with("region: "), "{err}");
     let err = set("account_id = \"42\"\n").unwrap_err();
     assert!(err.starts_with("account_id: "), "{err}");
+}
+
+/// A `[tls]` section that cannot be used stops the node at startup with the setting and the
+/// file at fault; so does leaving TLS out without saying `plaintext = true`.
+#[test]
+fn bad_tls_settings_name_the_setting_and_the_file() {
+    use muster_tls::Role;
+    use muster_tls::pki::{ClusterCa, Validity, write_identity};
+    let dir = tempfile::tempdir().unwrap();
+    let ca = ClusterCa::generate("t").unwrap();
+    let hour = Validity::from_now(std::time::Duration::from_secs(3600));
+    let good = write_identity(&ca, dir.path(), "control-1", &Role::Control(1), &[], hour).unwrap();
+    let agent = write_identity(
+        &ca,
+        dir.path(),
+        "agent-a",
+        &Role::Agent("a".into()),
+        &[],
+        hour,
+    )
+    .unwrap();
+    let now = std::time::SystemTime::now();
+    let expired = Validity {
+        not_before: now - std::time::Duration::from_secs(7200),
+        not_after: now - std::time::Duration::from_secs(3600),
+    };
+    let old = write_identity(
+        &ca,
+        dir.path(),
+        "control-old",
+        &Role::Control(1),
+        &[],
+        expired,
+    )
+    .unwrap();
+    let foreign_dir = tempfile::tempdir().unwrap();
+    let other_ca = ClusterCa::generate("other").unwrap();
+    let foreign = write_identity(
+        &other_ca,
+        foreign_dir.path(),
+        "control-1",
+        &Role::Control(1),
+        &[],
+        hour,
+    )
+    .unwrap();
+
+    let config = |tls: &str| {
+        let text = format!(
+            "node_id = 1\ngrpc_addr = \"127.0.0.1:1\"\nraft_addr = \"127.0.0.1:3\"\napi_addr = \"127.0.0.1:2\"\ndata_dir = \"d\"\n{tls}"
+        );
+        muster_control::RawServerConfig::from_toml(&text)
+            .unwrap()
+            .validate()
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    };
+    let section = |files: &muster_tls::TlsFiles| {
+        format!(
+            "[tls]\nca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\n",
+            files.ca_file, files.cert_file, files.key_file
+        )
+    };
+    assert_eq!(config(&section(&good)), Ok(()));
+
+    let err = config("").unwrap_err();
+    assert!(
+        err.contains("tls") && err.contains("plaintext = true"),
+        "{err}"
+    );
+
+    let missing = muster_tls::TlsFiles {
+        cert_file: dir.path().join("nope.pem"),
+        ..good.clone()
+    };
+    let err = config(&section(&missing)).unwrap_err();
+    assert!(
+        err.contains("tls.cert_file") && err.contains("nope.pem"),
+        "{err}"
+    );
+
+    let err = config(&section(&agent)).unwrap_err();
+    assert!(
+        err.contains("agent a") && err.contains("control node 1"),
+        "{err}"
+    );
+
+    let err = config(&section(&old)).unwrap_err();
+    assert!(
+        err.contains("tls.cert_file") && err.to_lowercase().contains("expired"),
+        "{err}"
+    );
+
+    // A certificate of another cluster's CA.
+    let err = config(&section(&muster_tls::TlsFiles {
+        ca_file: good.ca_file.clone(),
+        ..foreign.clone()
+    }))
+    .unwrap_err();
+    assert!(
+        err.contains("tls.cert_file") && err.contains("control-1.pem"),
+        "{err}"
+    );
+
+    // The right certificate with another holder's key.
+    let err = config(&section(&muster_tls::TlsFiles {
+        key_file: agent.key_file.clone(),
+        ..good.clone()
+    }))
+    .unwrap_err();
+    assert!(
+        err.contains("tls.key_file") && err.contains("agent-a.key"),
+        "{err}"
+    );
+
+    let err = config(&format!("plaintext = true\n{}", section(&good))).unwrap_err();
+    assert!(err.contains("plaintext"), "{err}");
 }

@@ -321,13 +321,17 @@ async fn a_container_left_by_a_dead_agent_stops_when_its_lease_ends() {
         format!("{} 1000 {}\n", boot_millis() + 2_000, gone.id()),
     )
     .unwrap();
-    let config = RawAgentConfig::new(
-        "n1",
-        "ce",
-        vec!["127.0.0.1:1".into()],
-        ExecutorKind::Docker,
-        work_dir.clone(),
-    )
+    let config = RawAgentConfig {
+        // It never reaches a control plane: only the warden reads it.
+        plaintext: true,
+        ..RawAgentConfig::new(
+            "n1",
+            "ce",
+            vec!["127.0.0.1:1".into()],
+            ExecutorKind::Docker,
+            work_dir.clone(),
+        )
+    }
     .validate()
     .unwrap();
     let warden = tokio::spawn(watch_over(config, gone.id()));

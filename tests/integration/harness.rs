@@ -95,6 +95,30 @@ impl TestCluster {
         )
     }
 
+    /// A gRPC client of node `id`'s agent service that holds the certificate of agent `agent`,
+    /// for tests that speak the agent protocol by hand.
+    pub async fn agent_client(
+        &self,
+        id: u64,
+        agent: &str,
+    ) -> muster_proto::pb::agent_service_client::AgentServiceClient<tonic::transport::Channel> {
+        let files = self
+            .cluster
+            .agent_tls(agent)
+            .expect("agent certificate")
+            .expect("the test cluster runs TLS");
+        let identity = muster_tls::Identity::load("tls", &files).expect("agent identity");
+        let addr = &self.cluster.grpc_addrs()[(id - 1) as usize];
+        let channel = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
+            .unwrap()
+            .tls_config(identity.client_tls(muster_tls::CONTROL_SERVER_NAME))
+            .unwrap()
+            .connect()
+            .await
+            .expect("gRPC connects");
+        muster_proto::pb::agent_service_client::AgentServiceClient::new(channel)
+    }
+
     /// A client of some running node that is not the leader.
     pub fn follower_client(&self) -> BatchClient {
         let leader = self.cluster.leader();
@@ -117,6 +141,7 @@ impl TestCluster {
             self.dir.path().join(format!("agent-{name}")),
             (vcpus, memory_mib),
             self.agent_stop_after_secs,
+            self.cluster.agent_tls(name).expect("agent certificate"),
         );
         let (stop, task, runtime) = start_agent(config).await;
         self.agents.push((stop, task, Some(runtime)));
@@ -168,8 +193,11 @@ pub fn process_agent(
     work_dir: std::path::PathBuf,
     (vcpus, memory_mib): (f64, u64),
     stop_after_secs: u64,
+    tls: Option<muster_tls::TlsFiles>,
 ) -> muster_agent::AgentConfig {
     RawAgentConfig {
+        plaintext: tls.is_none(),
+        tls,
         vcpus: Some(vcpus),
         memory_mib: Some(memory_mib),
         heartbeat_secs: 1,

@@ -152,10 +152,7 @@ async fn an_unhealthy_node_gets_no_work_until_it_recovers() {
     let client = t.client(1);
     create_basics(&client, "ce", "q", "d").await;
     let leader = t.cluster.leader().expect("a leader");
-    let grpc = t.cluster.grpc_addrs()[(leader - 1) as usize].clone();
-    let mut agent = pb::agent_service_client::AgentServiceClient::connect(format!("http://{grpc}"))
-        .await
-        .expect("gRPC connects");
+    let mut agent = t.agent_client(leader, "sick").await;
     // Speaks the agent protocol by hand, so that it can say what a broken engine would.
     let inventory = pb::Inventory {
         capacity: Some(pb::Resources {
@@ -232,13 +229,8 @@ async fn streams_describe_an_attempt_once_and_reports_apply_once() {
     let leader = t.cluster.leader().expect("a leader");
     // Reports may go to any node; a follower forwards them.
     let follower = if leader == 1 { 2 } else { 1 };
-    let grpc = |id: u64| format!("http://{}", t.cluster.grpc_addrs()[(id - 1) as usize]);
-    let mut agent = pb::agent_service_client::AgentServiceClient::connect(grpc(leader))
-        .await
-        .expect("gRPC connects");
-    let mut reporter = pb::agent_service_client::AgentServiceClient::connect(grpc(follower))
-        .await
-        .expect("gRPC connects");
+    let mut agent = t.agent_client(leader, "hand").await;
+    let mut reporter = t.agent_client(follower, "hand").await;
     agent
         .register(pb::RegisterRequest {
             node_id: "hand".into(),

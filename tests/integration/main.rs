@@ -14,5 +14,6 @@ mod liveness;
 mod partitions;
 mod processes;
 mod restart;
+mod security;
 mod semantics;
 mod sim;

@@ -164,6 +164,8 @@ impl PartitionedCluster {
             job_retention: Duration::from_secs(86_400),
             limits: Default::default(),
             scope: Default::default(),
+            // What is tested here is timing under partitions, which TLS does not change.
+            tls: None,
         };
         let configs: Vec<ServerConfig> = ids.iter().map(|id| config(*id)).collect();
         for (config, id) in configs.into_iter().zip(ids) {
@@ -252,6 +254,7 @@ impl PartitionedCluster {
             self.dir.path().join(format!("agent-{name}")),
             (1.0, 256),
             stop_after_secs,
+            None,
         );
         let (stop, _, runtime) = start_agent(config).await;
         self.agents.push((stop, runtime));

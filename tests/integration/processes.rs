@@ -239,7 +239,7 @@ async fn three_server_processes_and_an_agent_process() {
         std::fs::write(
             &path,
             format!(
-                "node_id = {}\ngrpc_addr = \"127.0.0.1:{}\"\nraft_addr = \"127.0.0.1:{}\"\napi_addr = \"127.0.0.1:{}\"\ndata_dir = {:?}\n{peers}",
+                "node_id = {}\ngrpc_addr = \"127.0.0.1:{}\"\nraft_addr = \"127.0.0.1:{}\"\napi_addr = \"127.0.0.1:{}\"\ndata_dir = {:?}\nplaintext = true\n{peers}",
                 i + 1,
                 grpc[i],
                 raft[i],
@@ -254,7 +254,7 @@ async fn three_server_processes_and_an_agent_process() {
     std::fs::write(
         &agent_config,
         format!(
-            "node_id = \"proc-agent\"\ncompute_environment = \"ce\"\ncontrol_plane = [{}]\nexecutor = \"process\"\nwork_dir = {:?}\nvcpus = 2\nmemory_mib = 2048\nstop_after_secs = 4\nstop_grace_secs = 1\n",
+            "node_id = \"proc-agent\"\ncompute_environment = \"ce\"\ncontrol_plane = [{}]\nexecutor = \"process\"\nwork_dir = {:?}\nvcpus = 2\nmemory_mib = 2048\nstop_after_secs = 4\nstop_grace_secs = 1\nplaintext = true\n",
             grpc.iter().map(|p| format!("\"127.0.0.1:{p}\"")).collect::<Vec<_>>().join(", "),
             dir.path().join("agent")
         ),
@@ -371,7 +371,7 @@ async fn a_server_stopped_while_it_starts_exits_cleanly() {
     std::fs::write(
         &config,
         format!(
-            "node_id = 1\ngrpc_addr = \"127.0.0.1:{grpc}\"\nraft_addr = \"127.0.0.1:{raft}\"\napi_addr = \"127.0.0.1:{api}\"\ndata_dir = {:?}\n[[peers]]\nid = 1\ngrpc_addr = \"127.0.0.1:{grpc}\"\nraft_addr = \"127.0.0.1:{raft}\"\n",
+            "node_id = 1\ngrpc_addr = \"127.0.0.1:{grpc}\"\nraft_addr = \"127.0.0.1:{raft}\"\napi_addr = \"127.0.0.1:{api}\"\ndata_dir = {:?}\nplaintext = true\n[[peers]]\nid = 1\ngrpc_addr = \"127.0.0.1:{grpc}\"\nraft_addr = \"127.0.0.1:{raft}\"\n",
             dir.path().join("data")
         ),
     )
@@ -420,7 +420,7 @@ async fn a_server_whose_disk_fills_exits_and_restarts_whole() {
     std::fs::write(
         &config,
         format!(
-            "node_id = 1\ngrpc_addr = \"127.0.0.1:{grpc}\"\nraft_addr = \"127.0.0.1:{raft}\"\napi_addr = \"127.0.0.1:{api}\"\ndata_dir = {data:?}\n[[peers]]\nid = 1\ngrpc_addr = \"127.0.0.1:{grpc}\"\nraft_addr = \"127.0.0.1:{raft}\"\n"
+            "node_id = 1\ngrpc_addr = \"127.0.0.1:{grpc}\"\nraft_addr = \"127.0.0.1:{raft}\"\napi_addr = \"127.0.0.1:{api}\"\ndata_dir = {data:?}\nplaintext = true\n[[peers]]\nid = 1\ngrpc_addr = \"127.0.0.1:{grpc}\"\nraft_addr = \"127.0.0.1:{raft}\"\n"
         ),
     )
     .unwrap();

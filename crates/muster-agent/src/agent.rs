@@ -57,7 +57,13 @@ struct Slot {
 impl Agent {
     pub async fn new(config: AgentConfig) -> Result<Self, AgentError> {
         let executor = executor_for(&config).await?;
-        let control = ControlClient::new(config.control_plane.clone());
+        let control = ControlClient::new(
+            config.control_plane.clone(),
+            config
+                .tls
+                .as_ref()
+                .map(|id| id.client_tls(muster_tls::CONTROL_SERVER_NAME)),
+        );
         let log_listener = tokio::net::TcpListener::bind(config.log_listen_addr)
             .await
             .map_err(|e| AgentError::LogListener(config.log_listen_addr, e))?;

@@ -85,6 +85,13 @@ pub struct RawAgentConfig {
     /// engine's `*.sock`, which must be listed themselves). None by default.
     #[serde(default)]
     pub allowed_host_paths: Vec<String>,
+    /// The cluster CA, this agent's certificate and key: TLS to every control node, and for
+    /// the log service. The certificate names the agent; `node_id` may be left out then.
+    #[serde(default)]
+    pub tls: Option<muster_tls::TlsFiles>,
+    /// Without `tls`, this must be set to talk to control nodes in plaintext.
+    #[serde(default)]
+    pub plaintext: bool,
 }
 
 impl RawAgentConfig {
@@ -119,6 +126,8 @@ impl RawAgentConfig {
             image_pull_timeout_secs: default_image_pull_timeout_secs(),
             allow_privileged: false,
             allowed_host_paths: Vec::new(),
+            tls: None,
+            plaintext: false,
         }
     }
 }
@@ -184,6 +193,8 @@ pub struct AgentConfig {
     pub image_pull_timeout: Duration,
     /// What this machine lets containers reach (see [`RawAgentConfig::allow_privileged`]).
     pub allowances: Allowances,
+    /// What this agent presents and trusts; `None`: plaintext.
+    pub tls: Option<std::sync::Arc<muster_tls::Identity>>,
 }
 
 /// What of this machine an agent lets its containers reach.
@@ -276,9 +287,48 @@ impl RawAgentConfig {
                 &format!("{bad}: every entry must be an absolute path without .."),
             ));
         }
-        let node_id = match self.node_id {
-            Some(id) if !id.is_empty() => id,
-            _ => crate::inventory::hostname(),
+        let tls = match (self.tls, self.plaintext) {
+            (Some(_), true) => {
+                return Err(invalid(
+                    "plaintext",
+                    "cannot be set together with a [tls] section",
+                ));
+            }
+            (Some(files), false) => Some(std::sync::Arc::new(
+                muster_tls::Identity::load("tls", &files).map_err(|e| ConfigError::Invalid {
+                    field: "tls",
+                    message: e.to_string(),
+                })?,
+            )),
+            (None, true) => None,
+            (None, false) => {
+                return Err(invalid(
+                    "tls",
+                    "is required: `muster cluster init` writes an agent's config; \
+                     `plaintext = true` talks to the control plane without TLS",
+                ));
+            }
+        };
+        let certified = tls.as_ref().map(|identity| match identity.role() {
+            muster_tls::Role::Agent(name) => Ok(name.clone()),
+            other => Err(ConfigError::Invalid {
+                field: "tls",
+                message: format!("the certificate is {other}'s, not an agent's"),
+            }),
+        });
+        let certified = certified.transpose()?;
+        let node_id = match (self.node_id.filter(|id| !id.is_empty()), certified) {
+            (Some(id), Some(name)) if id != name => {
+                return Err(ConfigError::Invalid {
+                    field: "node_id",
+                    message: format!(
+                        "{id} differs from the name in the agent's certificate ({name})"
+                    ),
+                });
+            }
+            (Some(id), _) => id,
+            (None, Some(name)) => name,
+            (None, None) => crate::inventory::hostname(),
         };
         Ok(AgentConfig {
             node_id,
@@ -305,6 +355,7 @@ impl RawAgentConfig {
                 privileged: self.allow_privileged,
                 host_paths: self.allowed_host_paths,
             },
+            tls,
         })
     }
 }

@@ -228,6 +228,7 @@ mod tests {
         );
         raw.stop_after_secs = stop_after;
         raw.stop_grace_secs = grace;
+        raw.plaintext = true;
         raw.validate().unwrap()
     }
 

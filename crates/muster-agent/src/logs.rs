@@ -257,6 +257,8 @@ pub fn remove_expired(work_dir: &Path, retention: Duration) {
 /// The `AgentLogs` service over this agent's work directory.
 pub struct LogService {
     pub work_dir: PathBuf,
+    /// Only control nodes' certificates may read (TLS on).
+    pub control_nodes_only: bool,
 }
 
 #[tonic::async_trait]
@@ -265,6 +267,17 @@ impl AgentLogs for LogService {
         &self,
         request: Request<ReadLogRequest>,
     ) -> Result<Response<LogPage>, Status> {
+        if self.control_nodes_only {
+            match muster_tls::peer_role(&request)? {
+                muster_tls::Role::Control(_) => {}
+                other => {
+                    tracing::warn!(peer = ?request.remote_addr(), "{other} may not read logs");
+                    return Err(Status::permission_denied(format!(
+                        "{other} may not read logs: only control nodes may"
+                    )));
+                }
+            }
+        }
         let req = request.into_inner();
         let path = attempt_log_path(&self.work_dir, &req.job_id, req.attempt);
         let page = tokio::task::spawn_blocking(move || {
@@ -297,8 +310,8 @@ pub(crate) async fn serve_logs(
     let service =
         muster_proto::pb::agent_logs_server::AgentLogsServer::new(crate::logs::LogService {
             work_dir: config.work_dir.clone(),
+            control_nodes_only: config.tls.is_some(),
         });
-    let incoming = tonic::transport::server::TcpIncoming::from(listener);
     let stop = async move {
         while !*shutdown.borrow() {
             if shutdown.changed().await.is_err() {
@@ -306,11 +319,27 @@ pub(crate) async fn serve_logs(
             }
         }
     };
-    if let Err(e) = tonic::transport::Server::builder()
-        .add_service(service)
-        .serve_with_incoming_shutdown(incoming, stop)
-        .await
-    {
+    let server = tonic::transport::Server::builder().add_service(service);
+    // Attempt output may hold what a job printed of its secrets: only control nodes read it.
+    let tls = config
+        .tls
+        .as_ref()
+        .map(|identity| identity.server_config(muster_tls::ClientCertificates::Required));
+    let served = match tls {
+        Some(Ok(tls)) => {
+            let incoming = muster_tls::transport::tls_incoming(listener, tls, "logs");
+            server.serve_with_incoming_shutdown(incoming, stop).await
+        }
+        Some(Err(e)) => {
+            tracing::error!(error = %e, "log service cannot use the agent's certificate");
+            Ok(())
+        }
+        None => {
+            let incoming = tonic::transport::server::TcpIncoming::from(listener);
+            server.serve_with_incoming_shutdown(incoming, stop).await
+        }
+    };
+    if let Err(e) = served {
         tracing::error!(error = %e, "log service failed");
     }
     sweeper.abort();

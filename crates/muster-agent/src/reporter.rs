@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 /// How often an agent pings each control node over an idle connection, and how long an
 /// unanswered ping is given before the connection is dropped.
@@ -21,13 +21,16 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 pub(crate) struct ControlClient {
     pub addrs: Vec<String>,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
+    /// `None`: plaintext.
+    tls: Option<ClientTlsConfig>,
 }
 
 impl ControlClient {
-    pub fn new(addrs: Vec<String>) -> Self {
+    pub fn new(addrs: Vec<String>, tls: Option<ClientTlsConfig>) -> Self {
         Self {
             addrs,
             channels: Arc::default(),
+            tls,
         }
     }
 
@@ -41,8 +44,12 @@ impl ControlClient {
         if let Some(ch) = channels.get(addr) {
             return Some(ch.clone());
         }
-        let ch = Endpoint::from_shared(format!("http://{addr}"))
-            .ok()?
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}")).ok()?;
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint.tls_config(tls.clone()).ok()?;
+        }
+        let ch = endpoint
             .connect_timeout(Duration::from_millis(500))
             .timeout(Duration::from_secs(15))
             // A control node that vanished without a reset (stopped, cut off) is noticed by

@@ -156,15 +156,15 @@ mod tests {
     use std::os::unix::process::CommandExt;
 
     fn config(work_dir: &Path) -> AgentConfig {
-        crate::RawAgentConfig::new(
+        let mut raw = crate::RawAgentConfig::new(
             "n1",
             "ce",
             vec!["127.0.0.1:1".into()],
             crate::ExecutorKind::Process,
             work_dir.to_owned(),
-        )
-        .validate()
-        .unwrap()
+        );
+        raw.plaintext = true;
+        raw.validate().unwrap()
     }
 
     /// What a killed agent leaves of a running attempt: its process group and its pid file.

@@ -45,6 +45,13 @@ pub struct RawServerConfig {
     /// The twelve-digit account every ARN names. Read when the cluster is founded.
     #[serde(default = "default_account_id")]
     pub account_id: String,
+    /// The cluster CA, this node's certificate and key: TLS on every internal port.
+    #[serde(default)]
+    pub tls: Option<muster_tls::TlsFiles>,
+    /// Without `tls`, this must be set to run the internal ports in plaintext, where they
+    /// trust whoever connects (SECURITY.md).
+    #[serde(default)]
+    pub plaintext: bool,
 }
 
 fn default_region() -> String {
@@ -101,6 +108,8 @@ pub struct ServerConfig {
     pub limits: muster_api::Limits,
     /// The region and account a cluster this node founds names in its ARNs.
     pub scope: muster_core::ArnScope,
+    /// What this node presents and trusts on its internal ports; `None`: plaintext.
+    pub tls: Option<std::sync::Arc<muster_tls::Identity>>,
 }
 
 pub use muster_core::ConfigError;
@@ -177,7 +186,41 @@ impl RawServerConfig {
             account: self.account_id,
         };
         scope.check()?;
+        let tls = match (self.tls, self.plaintext) {
+            (Some(_), true) => {
+                return Err(invalid(
+                    "plaintext",
+                    "cannot be set together with a [tls] section",
+                ));
+            }
+            (Some(files), false) => {
+                let identity = muster_tls::Identity::load("tls", &files)
+                    .map_err(|e| invalid("tls", e.to_string()))?;
+                if *identity.role() != muster_tls::Role::Control(self.node_id) {
+                    return Err(invalid(
+                        "tls",
+                        format!(
+                            "tls.cert_file ({}) is the certificate of {}, not of control node {}",
+                            files.cert_file.display(),
+                            identity.role(),
+                            self.node_id
+                        ),
+                    ));
+                }
+                Some(std::sync::Arc::new(identity))
+            }
+            (None, true) => None,
+            (None, false) => {
+                return Err(invalid(
+                    "tls",
+                    "is required: `muster cluster init` makes a cluster's certificates and configs; \
+                     `plaintext = true` runs the internal ports without TLS, trusting anyone who \
+                     reaches them (see SECURITY.md)",
+                ));
+            }
+        };
         Ok(ServerConfig {
+            tls,
             node_lost_after: std::time::Duration::from_secs(self.node_lost_after_secs),
             job_retention: std::time::Duration::from_secs(self.job_retention_days * 86_400),
             limits: muster_api::Limits {

@@ -55,6 +55,8 @@ pub struct AgentGateway {
     /// Reports are committed in batches: thousands of agents each reporting every attempt
     /// twice would otherwise cost one Raft entry per report.
     reports: Batcher<Report>,
+    /// Every call must come with an agent's certificate, and act only for that agent (TLS on).
+    authenticating: bool,
 }
 
 impl AgentGateway {
@@ -76,7 +78,40 @@ impl AgentGateway {
             shutdown,
             heartbeats,
             node_lost_after,
+            authenticating: false,
         }
+    }
+
+    /// With `on`, a call is served only for the agent its client certificate names: an agent
+    /// registers, beats, watches and reports for itself alone, and a control node's or no
+    /// certificate is refused.
+    pub fn authenticating_agents(mut self, on: bool) -> Self {
+        self.authenticating = on;
+        self
+    }
+
+    /// Refuses `request` unless it comes from agent `node` (when authenticating).
+    fn authorize<T>(
+        &self,
+        request: &Request<T>,
+        rpc: &'static str,
+        node: &str,
+    ) -> Result<(), Status> {
+        if !self.authenticating {
+            return Ok(());
+        }
+        let refused = match muster_tls::peer_role(request) {
+            Ok(muster_tls::Role::Agent(name)) if name == node => return Ok(()),
+            Ok(muster_tls::Role::Agent(name)) => Status::permission_denied(format!(
+                "the certificate of agent {name} cannot act for node {node:?}"
+            )),
+            Ok(role) => {
+                Status::permission_denied(format!("{role} may not call {rpc}: only agents may"))
+            }
+            Err(status) => status,
+        };
+        tracing::warn!(rpc, peer = ?request.remote_addr(), why = refused.message(), "agent call refused");
+        Err(refused)
     }
 
     async fn propose(&self, command: Command) -> Result<Outcome, Status> {
@@ -153,6 +188,7 @@ impl AgentService for AgentGateway {
         &self,
         request: Request<RegisterRequest>,
     ) -> Result<Response<RegisterReply>, Status> {
+        self.authorize(&request, "Register", &request.get_ref().node_id)?;
         let req = request.into_inner();
         let inventory = req
             .inventory
@@ -194,6 +230,7 @@ impl AgentService for AgentGateway {
         &self,
         request: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatReply>, Status> {
+        self.authorize(&request, "Heartbeat", &request.get_ref().node_id)?;
         // A heartbeat keeps the node alive (see `liveness`) and its inventory current.
         let req = request.into_inner();
         let node = NodeId(req.node_id);
@@ -243,6 +280,7 @@ impl AgentService for AgentGateway {
         &self,
         request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchAssignmentsStream>, Status> {
+        self.authorize(&request, "WatchAssignments", &request.get_ref().node_id)?;
         let node_id = NodeId(request.into_inner().node_id);
         if !*self.leading.borrow() {
             self.wait_for_a_leader(&node_id).await;
@@ -267,6 +305,19 @@ impl AgentService for AgentGateway {
         &self,
         request: Request<AttemptReports>,
     ) -> Result<Response<ReportReply>, Status> {
+        // Reports for attempts of another node are refused here; the state machine refuses
+        // a report for an attempt not placed on the node it names.
+        if self.authenticating {
+            let nodes: std::collections::BTreeSet<&str> = request
+                .get_ref()
+                .reports
+                .iter()
+                .map(|r| r.node_id.as_str())
+                .collect();
+            for node in nodes {
+                self.authorize(&request, "ReportAttempts", node)?;
+            }
+        }
         let reports = request
             .into_inner()
             .reports

@@ -17,6 +17,9 @@ pub struct Tuning {
     pub node_lost_after: std::time::Duration,
     /// The region and account the cluster's ARNs name.
     pub scope: muster_core::ArnScope,
+    /// Mutual TLS on every internal port, with a CA made for the cluster (the default; off
+    /// only where a test or the bench drives the agent protocol itself).
+    pub tls: bool,
 }
 
 impl Default for Tuning {
@@ -25,9 +28,20 @@ impl Default for Tuning {
             limits: muster_api::Limits::default(),
             node_lost_after: crate::config::DEFAULT_NODE_LOST_AFTER,
             scope: Default::default(),
+            tls: true,
         }
     }
 }
+
+/// A local cluster's CA and its nodes' identities, kept under `data_dir/tls`.
+struct LocalPki {
+    ca: muster_tls::pki::ClusterCa,
+    dir: PathBuf,
+    nodes: BTreeMap<u64, std::sync::Arc<muster_tls::Identity>>,
+}
+
+/// Local clusters' certificates: long enough for any session.
+const LOCAL_CERT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
 
 pub struct LocalCluster {
     data_dir: PathBuf,
@@ -42,6 +56,8 @@ pub struct LocalCluster {
     /// Heartbeat silence after which the leader marks an agent lost.
     node_lost_after: std::time::Duration,
     scope: muster_core::ArnScope,
+    /// `None`: plaintext internal ports.
+    pki: Option<LocalPki>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +71,8 @@ pub enum ClusterError {
     Start(#[from] crate::node::StartError),
     #[error("no leader was elected within {0:?}")]
     NoLeader(Duration),
+    #[error("cannot make the cluster's certificates: {0}")]
+    Pki(String),
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, ClusterError> {
@@ -72,6 +90,36 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, ClusterError> {
         addr,
         source: last.unwrap_or_else(|| std::io::Error::other("bind failed")),
     })
+}
+
+impl LocalPki {
+    /// A new CA in `dir` (an earlier one there is replaced: a local cluster's CA lives as
+    /// long as the process) and the certificates of nodes 1 to `size`.
+    fn make(dir: &Path, size: u64) -> Result<Self, ClusterError> {
+        let pki = |e: muster_tls::pki::PkiError| ClusterError::Pki(e.to_string());
+        let ca = muster_tls::pki::ClusterCa::generate("muster-dev").map_err(pki)?;
+        let _ = std::fs::remove_file(dir.join("ca.pem"));
+        let mut nodes = BTreeMap::new();
+        for id in 1..=size {
+            let files = muster_tls::pki::write_identity(
+                &ca,
+                dir,
+                &format!("control-{id}"),
+                &muster_tls::Role::Control(id),
+                &["127.0.0.1".to_owned(), "localhost".to_owned()],
+                muster_tls::pki::Validity::from_now(LOCAL_CERT_VALIDITY),
+            )
+            .map_err(pki)?;
+            let identity = muster_tls::Identity::load("tls", &files)
+                .map_err(|e| ClusterError::Pki(e.to_string()))?;
+            nodes.insert(id, std::sync::Arc::new(identity));
+        }
+        Ok(Self {
+            ca,
+            dir: dir.to_owned(),
+            nodes,
+        })
+    }
 }
 
 impl LocalCluster {
@@ -99,7 +147,13 @@ impl LocalCluster {
             limits,
             node_lost_after,
             scope,
+            tls,
         } = tuning;
+        let pki = if tls {
+            Some(LocalPki::make(&data_dir.join("tls"), size)?)
+        } else {
+            None
+        };
         let any: SocketAddr = "127.0.0.1:0".parse().expect("literal address");
         let mut grpc = BTreeMap::new();
         let mut raft = BTreeMap::new();
@@ -121,6 +175,7 @@ impl LocalCluster {
             limits,
             node_lost_after,
             scope,
+            pki,
         };
         for (id, grpc) in grpc {
             let listeners = Listeners {
@@ -161,7 +216,31 @@ impl LocalCluster {
             node_lost_after: self.node_lost_after,
             limits: self.limits,
             scope: self.scope.clone(),
+            tls: self.pki.as_ref().map(|pki| pki.nodes[&id].clone()),
         }
+    }
+
+    /// The `[tls]` files of an agent named `name`, issued by this cluster's CA under
+    /// `data_dir/tls` (`None` when the cluster runs plaintext).
+    pub fn agent_tls(&self, name: &str) -> Result<Option<muster_tls::TlsFiles>, ClusterError> {
+        let Some(pki) = &self.pki else {
+            return Ok(None);
+        };
+        muster_tls::pki::write_identity(
+            &pki.ca,
+            &pki.dir,
+            &format!("agent-{name}"),
+            &muster_tls::Role::Agent(name.to_owned()),
+            &[],
+            muster_tls::pki::Validity::from_now(LOCAL_CERT_VALIDITY),
+        )
+        .map(Some)
+        .map_err(|e| ClusterError::Pki(e.to_string()))
+    }
+
+    /// The cluster's CA (`None` when plaintext): tests issue certificates of their own with it.
+    pub fn ca(&self) -> Option<&muster_tls::pki::ClusterCa> {
+        self.pki.as_ref().map(|pki| &pki.ca)
     }
 
     pub fn node(&self, id: u64) -> Option<&ControlNode> {

@@ -9,6 +9,7 @@ use muster_proto::pb::raft_service_server::RaftServiceServer;
 use muster_raft::election::LeaderContact;
 use muster_raft::{PeerDirectory, PeerNetwork, Raft, RaftGrpc, RaftNode, StateMachine};
 use muster_store::{SledLogStore, SledSnapshotStore, open_sled_waiting};
+use muster_tls::ClientCertificates;
 use openraft::BasicNode;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -46,6 +47,8 @@ pub enum StartError {
     Listener(std::io::Error),
     #[error("cannot start the Raft threads: {0}")]
     Threads(std::io::Error),
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 /// A running control node. Dropping it stops its servers, loops and Raft without waiting for
@@ -94,7 +97,27 @@ impl ControlNode {
             StateMachine::open(snapshots).map_err(|e| StartError::Raft(e.to_string()))?;
         let state = state_machine.handle();
 
-        let peers = PeerDirectory::default();
+        let peers = match &config.tls {
+            Some(identity) => {
+                PeerDirectory::with_tls(identity.client_tls(muster_tls::CONTROL_SERVER_NAME))
+            }
+            None => PeerDirectory::default(),
+        };
+        let tls_error = |e: muster_tls::IdentityError| StartError::Tls(e.to_string());
+        // Peers must present a certificate at the handshake; agents may come without one to
+        // join, and are then refused every other call.
+        let raft_tls = config
+            .tls
+            .as_ref()
+            .map(|id| id.server_config(ClientCertificates::Required))
+            .transpose()
+            .map_err(tls_error)?;
+        let agents_tls = config
+            .tls
+            .as_ref()
+            .map(|id| id.server_config(ClientCertificates::Optional))
+            .transpose()
+            .map_err(tls_error)?;
         for (id, addrs) in &config.peers {
             peers.set(*id, addrs.clone());
         }
@@ -140,9 +163,13 @@ impl ControlNode {
             muster_raft::election::jitter_seed(),
             shutdown_rx.clone(),
         ));
+        let mut raft_service = RaftGrpc::new(raft.clone(), leader_contact);
+        if config.tls.is_some() {
+            raft_service = raft_service.control_nodes_only();
+        }
         let raft_server = keepalive(tonic::transport::Server::builder(), Duration::from_secs(1))
             .add_service(
-                RaftServiceServer::new(RaftGrpc::new(raft.clone(), leader_contact))
+                RaftServiceServer::new(raft_service)
                     .max_decoding_message_size(muster_raft::MAX_RAFT_MESSAGE_BYTES)
                     .max_encoding_message_size(muster_raft::MAX_RAFT_MESSAGE_BYTES),
             );
@@ -153,12 +180,22 @@ impl ControlNode {
         tasks.push(tokio::spawn(async move {
             let served = raft_runtime.spawn(async move {
                 let listener = TcpListener::from_std(raft_listener)?;
-                let incoming =
-                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-                raft_server
-                    .serve_with_incoming_shutdown(incoming, stop)
-                    .await
-                    .map_err(std::io::Error::other)
+                match raft_tls {
+                    Some(tls) => {
+                        let incoming = muster_tls::transport::tls_incoming(listener, tls, "raft");
+                        raft_server
+                            .serve_with_incoming_shutdown(incoming, stop)
+                            .await
+                    }
+                    None => {
+                        let incoming = tonic::transport::server::TcpIncoming::from(listener)
+                            .with_nodelay(Some(true));
+                        raft_server
+                            .serve_with_incoming_shutdown(incoming, stop)
+                            .await
+                    }
+                }
+                .map_err(std::io::Error::other)
             });
             match served.await {
                 Ok(Ok(())) => {}
@@ -170,23 +207,41 @@ impl ControlNode {
 
         // Agents ping too; thousands of them each pinged every second would cost the leader.
         let grpc = keepalive(tonic::transport::Server::builder(), Duration::from_secs(5))
-            .add_service(AgentServiceServer::new(AgentGateway::new(
-                node.clone(),
-                shutdown_rx.clone(),
-                heartbeats.clone(),
-                config.node_lost_after,
-            )));
-        let incoming =
-            tonic::transport::server::TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
+            .add_service(AgentServiceServer::new(
+                AgentGateway::new(
+                    node.clone(),
+                    shutdown_rx.clone(),
+                    heartbeats.clone(),
+                    config.node_lost_after,
+                )
+                .authenticating_agents(config.tls.is_some()),
+            ));
         let stop = signal(shutdown_rx.clone());
+        let grpc_listener = listeners.grpc;
         tasks.push(tokio::spawn(async move {
-            if let Err(e) = grpc.serve_with_incoming_shutdown(incoming, stop).await {
+            let served = match agents_tls {
+                Some(tls) => {
+                    let incoming = muster_tls::transport::tls_incoming(grpc_listener, tls, "grpc");
+                    grpc.serve_with_incoming_shutdown(incoming, stop).await
+                }
+                None => {
+                    let incoming = tonic::transport::server::TcpIncoming::from(grpc_listener)
+                        .with_nodelay(Some(true));
+                    grpc.serve_with_incoming_shutdown(incoming, stop).await
+                }
+            };
+            if let Err(e) = served {
                 tracing::error!(error = %e, "gRPC server failed");
             }
         }));
 
         let mut router = muster_api::router(
-            RaftPlane::new(node.clone(), config.limits),
+            RaftPlane::new(node.clone(), config.limits).reading_logs_with(
+                config
+                    .tls
+                    .as_ref()
+                    .map(|id| id.client_tls(muster_tls::AGENT_SERVER_NAME)),
+            ),
             &ApiConfig::default(),
         );
         if let Some(handle) = metrics {

@@ -20,15 +20,24 @@ pub struct RaftPlane {
     limits: muster_api::Limits,
     /// SubmitJob calls are group-committed: concurrent clients share Raft entries.
     submits: Batcher<JobSubmission>,
+    /// How this node dials agents' log services; `None`: plaintext.
+    agent_logs_tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl RaftPlane {
+    /// Reads agents' logs over TLS with `tls` (this node's certificate, agents' server name).
+    pub fn reading_logs_with(mut self, tls: Option<tonic::transport::ClientTlsConfig>) -> Self {
+        self.agent_logs_tls = tls;
+        self
+    }
+
     /// Must be called inside the runtime: it starts the submit batcher.
     pub fn new(node: RaftNode, limits: muster_api::Limits) -> Self {
         let submits = Batcher::spawn(node.clone(), "submits", SUBMIT_BATCH, |subs| {
             Command::SubmitJobs(subs)
         });
         Self {
+            agent_logs_tls: None,
             node,
             limits,
             submits,
@@ -78,11 +87,21 @@ impl ControlPlane for RaftPlane {
     async fn read_log(&self, request: LogRequest) -> Result<LogPage, String> {
         use muster_proto::pb::ReadLogRequest;
         use muster_proto::pb::agent_logs_client::AgentLogsClient;
-        let endpoint =
-            tonic::transport::Endpoint::from_shared(format!("http://{}", request.log_address))
+        let scheme = if self.agent_logs_tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let mut endpoint =
+            tonic::transport::Endpoint::from_shared(format!("{scheme}://{}", request.log_address))
                 .map_err(|e| e.to_string())?
                 .connect_timeout(LOG_READ_TIMEOUT)
                 .timeout(LOG_READ_TIMEOUT);
+        if let Some(tls) = &self.agent_logs_tls {
+            endpoint = endpoint
+                .tls_config(tls.clone())
+                .map_err(|e| e.to_string())?;
+        }
         let mut client = AgentLogsClient::new(endpoint.connect().await.map_err(|e| e.to_string())?);
         let page = client
             .read_log(ReadLogRequest {

@@ -16,7 +16,7 @@ use serde::de::DeserializeOwned;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 /// How to reach one control node: two listeners, so that votes and log replication between
 /// control nodes never queue behind the traffic of thousands of agents (as etcd keeps its
@@ -49,13 +49,22 @@ impl PeerDirectory {
     pub fn with_dialer(dialer: Dialer) -> Self {
         Self {
             addrs: Arc::default(),
-            channels: ChannelCache::new(Some(dialer)),
+            channels: ChannelCache::new(Some(dialer), None),
+        }
+    }
+
+    /// A directory whose channels (and those of every cache made from it) speak TLS with
+    /// `tls`, which presents this node's certificate and accepts only control nodes'.
+    pub fn with_tls(tls: ClientTlsConfig) -> Self {
+        Self {
+            addrs: Arc::default(),
+            channels: ChannelCache::new(None, Some(tls)),
         }
     }
 
     /// An empty channel cache that dials as this directory does, for a runtime of its own.
     pub(crate) fn new_channel_cache(&self) -> ChannelCache {
-        ChannelCache::new(self.channels.dialer.clone())
+        ChannelCache::new(self.channels.dialer.clone(), self.channels.tls.clone())
     }
 
     pub fn set(&self, id: NodeId, addrs: PeerAddrs) {
@@ -103,13 +112,16 @@ pub(crate) struct ChannelCache {
     channels: Arc<Mutex<BTreeMap<String, Channel>>>,
     /// `None`: TCP.
     dialer: Option<Dialer>,
+    /// `None`: plaintext.
+    tls: Option<ClientTlsConfig>,
 }
 
 impl ChannelCache {
-    fn new(dialer: Option<Dialer>) -> Self {
+    fn new(dialer: Option<Dialer>, tls: Option<ClientTlsConfig>) -> Self {
         Self {
             channels: Arc::default(),
             dialer,
+            tls,
         }
     }
 
@@ -122,12 +134,16 @@ impl ChannelCache {
         }
         // HTTP/2 pings find a dead connection (a peer stopped or cut off without a reset) in
         // seconds; without them a call waits on a connection TCP keeps retrying for minutes.
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))?
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))?
             .connect_timeout(Duration::from_millis(500))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(PEER_KEEPALIVE_INTERVAL)
             .keep_alive_timeout(PEER_KEEPALIVE_TIMEOUT)
             .keep_alive_while_idle(true);
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint.tls_config(tls.clone())?;
+        }
         let ch = match &self.dialer {
             Some(dial) => dial(endpoint),
             None => endpoint.connect_lazy(),

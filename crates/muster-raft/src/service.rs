@@ -15,11 +15,42 @@ pub struct RaftGrpc {
     raft: Raft,
     /// Touched whenever the leader's AppendEntries or snapshot is accepted here.
     contact: LeaderContact,
+    /// Every call must come from a control node's certificate (TLS on).
+    control_nodes_only: bool,
 }
 
 impl RaftGrpc {
     pub fn new(raft: Raft, contact: LeaderContact) -> Self {
-        Self { raft, contact }
+        Self {
+            raft,
+            contact,
+            control_nodes_only: false,
+        }
+    }
+
+    /// Refuses every call whose client certificate is not a control node's: an agent's
+    /// certificate is of the same CA, and must not vote, append or propose.
+    pub fn control_nodes_only(mut self) -> Self {
+        self.control_nodes_only = true;
+        self
+    }
+
+    fn authorize<T>(&self, request: &Request<T>, rpc: &'static str) -> Result<(), Status> {
+        if !self.control_nodes_only {
+            return Ok(());
+        }
+        let refuse = |why: String| {
+            let peer = request.remote_addr();
+            tracing::warn!(rpc, ?peer, why, "Raft call refused");
+            why
+        };
+        match muster_tls::peer_role(request) {
+            Ok(muster_tls::Role::Control(_)) => Ok(()),
+            Ok(role) => Err(Status::permission_denied(refuse(format!(
+                "{role} may not call the Raft RPC {rpc}: only control nodes may"
+            )))),
+            Err(status) => Err(Status::unauthenticated(refuse(status.message().to_owned()))),
+        }
     }
 }
 
@@ -39,6 +70,7 @@ impl RaftService for RaftGrpc {
         &self,
         request: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
+        self.authorize(&request, "append_entries")?;
         let rpc = decode(request.get_ref()).map_err(bad_payload)?;
         let answer = self.raft.append_entries(rpc).await;
         // Accepted (or merely behind): the sender leads this node's term. A higher vote
@@ -50,6 +82,7 @@ impl RaftService for RaftGrpc {
     }
 
     async fn vote(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        self.authorize(&request, "vote")?;
         let rpc = decode(request.get_ref()).map_err(bad_payload)?;
         reply(&self.raft.vote(rpc).await)
     }
@@ -58,6 +91,7 @@ impl RaftService for RaftGrpc {
         &self,
         request: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
+        self.authorize(&request, "install_snapshot")?;
         let rpc = decode_snapshot_chunk(request.into_inner()).map_err(bad_payload)?;
         let answer = self.raft.install_snapshot(rpc).await;
         if answer.is_ok() {
@@ -70,6 +104,7 @@ impl RaftService for RaftGrpc {
         &self,
         request: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
+        self.authorize(&request, "pre_vote")?;
         let ask: PreVoteRequest = decode(request.get_ref()).map_err(bad_payload)?;
         let answer = answer_pre_vote(&self.raft, &self.contact, &ask);
         if !answer.granted {
@@ -82,6 +117,7 @@ impl RaftService for RaftGrpc {
         &self,
         request: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
+        self.authorize(&request, "propose")?;
         let command: LoggedCommand = decode(request.get_ref()).map_err(bad_payload)?;
         // A leader shutting down stops Raft before its servers: a command arriving then was
         // never taken, so the sender may safely take it to the next leader. (One taken and
@@ -106,8 +142,9 @@ impl RaftService for RaftGrpc {
 
     async fn read_index(
         &self,
-        _request: Request<ReadIndexRequest>,
+        request: Request<ReadIndexRequest>,
     ) -> Result<Response<ReadIndexReply>, Status> {
+        self.authorize(&request, "read_index")?;
         match self.raft.ensure_linearizable().await {
             Ok(log_id) => Ok(Response::new(ReadIndexReply {
                 index: log_id.map_or(0, |l| l.index),

@@ -79,7 +79,19 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             temp.path().to_owned()
         }
     };
-    let cluster = LocalCluster::start(&data_dir, 3, "127.0.0.1:0".parse()?, None).await?;
+    // The simulated agents share connections among themselves, which certificates naming
+    // one agent each do not allow: the bench runs the internal ports in plaintext.
+    let cluster = LocalCluster::start_tuned(
+        &data_dir,
+        3,
+        "127.0.0.1:0".parse()?,
+        None,
+        muster_control::Tuning {
+            tls: false,
+            ..Default::default()
+        },
+    )
+    .await?;
     cluster.wait_for_leader(Duration::from_secs(15)).await?;
     let root = cluster.ensure_root(&data_dir.join("aws")).await?;
     let clients = (1..=3)

@@ -45,9 +45,13 @@ pub async fn run(
     ensure_defaults(node).await?;
 
     let executor = choose_executor(executor).await?;
+    // The agent speaks mutual TLS with a certificate of the cluster's CA, as a real one does.
+    let tls = cluster.agent_tls(AGENT_ID)?;
     let agent_config = RawAgentConfig {
         allow_privileged: allowances.privileged,
         allowed_host_paths: allowances.host_paths,
+        plaintext: tls.is_none(),
+        tls,
         ..RawAgentConfig::new(
             AGENT_ID,
             DEFAULT,
@@ -87,10 +91,12 @@ pub async fn run(
         .await
         .context("reading the cluster's region")?;
     println!(
-        "muster dev ready: AWS Batch API at http://{} (region {}, account {})",
+        "muster dev ready: AWS Batch API at http://{} (region {}, account {}); \
+         internal ports on mutual TLS (CA in {})",
         cluster.api_addr(1),
         scope.region,
-        scope.account
+        scope.account,
+        data_dir.join("tls").join("ca.pem").display()
     );
 
     shutdown.received().await;

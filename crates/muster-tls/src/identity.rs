@@ -1,0 +1,209 @@
+//! A holder's CA, certificate and key, read from the files its config names and checked
+//! before anything listens or dials.
+
+use crate::{Role, role_of_certificate};
+use rustls::client::danger::ServerCertVerifier;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// The files of a `[tls]` section: the cluster CA's certificate, this holder's certificate
+/// and its private key, all PEM.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    pub ca_file: PathBuf,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+/// Why a `[tls]` section cannot be used; every message names the setting and its file.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("{setting} ({path}): cannot read it: {source}")]
+    Read {
+        setting: String,
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{setting} ({path}): {problem}")]
+    Invalid {
+        setting: String,
+        path: String,
+        problem: String,
+    },
+    #[error("{0}")]
+    Other(String),
+}
+
+/// What a control node or agent presents and trusts.
+#[derive(Clone)]
+pub struct Identity {
+    role: Role,
+    ca_pem: String,
+    ca: CertificateDer<'static>,
+    cert_pem: String,
+    key_pem: String,
+    chain: Vec<CertificateDer<'static>>,
+    key: Arc<PrivateKeyDer<'static>>,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("Identity")
+            .field("role", &self.role)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether a server asks its clients for certificates, or requires them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientCertificates {
+    /// Refused at the handshake without one (the Raft port, an agent's log port).
+    Required,
+    /// Accepted without one, so that an agent can join; every RPC but the join then checks
+    /// the caller's role and answers `UNAUTHENTICATED` to a caller without a certificate.
+    Optional,
+}
+
+impl Identity {
+    /// Reads and checks the files of `section` (its name appears in every error): the
+    /// certificate must chain to the CA, be valid now, name a role, and match the key.
+    pub fn load(section: &str, files: &TlsFiles) -> Result<Self, IdentityError> {
+        let read = |setting: &str, path: &Path| {
+            std::fs::read_to_string(path).map_err(|source| IdentityError::Read {
+                setting: format!("{section}.{setting}"),
+                path: path.display().to_string(),
+                source,
+            })
+        };
+        let ca_pem = read("ca_file", &files.ca_file)?;
+        let cert_pem = read("cert_file", &files.cert_file)?;
+        let key_pem = read("key_file", &files.key_file)?;
+        Self::from_pem(&ca_pem, &cert_pem, &key_pem).map_err(|(setting, problem)| {
+            let path = match setting {
+                "ca_file" => &files.ca_file,
+                "cert_file" => &files.cert_file,
+                _ => &files.key_file,
+            };
+            IdentityError::Invalid {
+                setting: format!("{section}.{setting}"),
+                path: path.display().to_string(),
+                problem,
+            }
+        })
+    }
+
+    /// As [`Identity::load`], from PEM text; an error names the setting at fault.
+    pub fn from_pem(
+        ca_pem: &str,
+        cert_pem: &str,
+        key_pem: &str,
+    ) -> Result<Self, (&'static str, String)> {
+        crate::install_crypto_provider();
+        let ca = CertificateDer::pem_slice_iter(ca_pem.as_bytes())
+            .next()
+            .and_then(Result::ok)
+            .ok_or(("ca_file", "holds no PEM certificate".to_owned()))?;
+        let chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+                .filter_map(Result::ok)
+                .collect();
+        let leaf = chain
+            .first()
+            .ok_or(("cert_file", "holds no PEM certificate".to_owned()))?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+            .map_err(|e| ("key_file", format!("holds no PEM private key ({e})")))?;
+        let role = role_of_certificate(leaf).map_err(|e| ("cert_file", e))?;
+
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(ca.clone())
+            .map_err(|e| ("ca_file", format!("is not a usable CA certificate: {e}")))?;
+        let verifier = rustls::client::WebPkiServerVerifier::builder(Arc::new(roots))
+            .build()
+            .map_err(|e| ("ca_file", e.to_string()))?;
+        let name = ServerName::try_from(role.server_name()).expect("a valid DNS name");
+        verifier
+            .verify_server_cert(leaf, &chain[1..], &name, &[], UnixTime::now())
+            .map_err(|e| {
+                (
+                    "cert_file",
+                    format!("is not a valid certificate of this CA for {role}: {e}"),
+                )
+            })?;
+        let provider = crate::crypto_provider();
+        let signing = provider
+            .key_provider
+            .load_private_key(key.clone_key())
+            .map_err(|e| ("key_file", format!("is not a usable private key: {e}")))?;
+        rustls::sign::CertifiedKey::new(chain.clone(), signing)
+            .keys_match()
+            .map_err(|_| {
+                (
+                    "key_file",
+                    "is not the key of cert_file's certificate".into(),
+                )
+            })?;
+        Ok(Self {
+            role,
+            ca_pem: ca_pem.to_owned(),
+            ca,
+            cert_pem: cert_pem.to_owned(),
+            key_pem: key_pem.to_owned(),
+            chain,
+            key: Arc::new(key),
+        })
+    }
+
+    /// What this holder's certificate says it is.
+    pub fn role(&self) -> &Role {
+        &self.role
+    }
+
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_pem
+    }
+
+    /// The rustls configuration of a server that presents this identity and trusts clients
+    /// of the same CA. Speaks HTTP/2 only (gRPC).
+    pub fn server_config(
+        &self,
+        clients: ClientCertificates,
+    ) -> Result<Arc<ServerConfig>, IdentityError> {
+        crate::install_crypto_provider();
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(self.ca.clone())
+            .map_err(|e| IdentityError::Other(e.to_string()))?;
+        let verifier = WebPkiClientVerifier::builder(Arc::new(roots));
+        let verifier = match clients {
+            ClientCertificates::Required => verifier,
+            ClientCertificates::Optional => verifier.allow_unauthenticated(),
+        }
+        .build()
+        .map_err(|e| IdentityError::Other(e.to_string()))?;
+        let mut config = ServerConfig::builder()
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(self.chain.clone(), self.key.clone_key())
+            .map_err(|e| IdentityError::Other(e.to_string()))?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Arc::new(config))
+    }
+
+    /// tonic's client configuration for dialling a server of role `server_name`
+    /// ([`crate::CONTROL_SERVER_NAME`] or [`crate::AGENT_SERVER_NAME`]) with this identity.
+    pub fn client_tls(&self, server_name: &str) -> tonic::transport::ClientTlsConfig {
+        tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(&self.ca_pem))
+            .identity(tonic::transport::Identity::from_pem(
+                &self.cert_pem,
+                &self.key_pem,
+            ))
+            .domain_name(server_name)
+    }
+}

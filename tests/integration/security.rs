@@ -1,0 +1,197 @@
+//! Mutual TLS and roles on the internal ports: nothing without the cluster's keys can join,
+//! vote, read assignments or report, and a certificate acts only as what it names.
+
+use crate::harness::TestCluster;
+use muster_proto::pb;
+use muster_tls::pki::{ClusterCa, Validity};
+use muster_tls::{CONTROL_SERVER_NAME, Role};
+use std::time::{Duration, SystemTime};
+use tonic::Code;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+/// A TLS channel to `addr` that trusts `ca_pem` and presents `client` (certificate, key).
+async fn dial(
+    addr: &str,
+    ca_pem: &str,
+    client: Option<(&str, &str)>,
+) -> Result<Channel, tonic::transport::Error> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca_pem))
+        .domain_name(CONTROL_SERVER_NAME);
+    if let Some((cert, key)) = client {
+        tls = tls.identity(Identity::from_pem(cert, key));
+    }
+    Endpoint::from_shared(format!("https://{addr}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(5))
+        .tls_config(tls)?
+        .connect()
+        .await
+}
+
+fn register(node: &str) -> pb::RegisterRequest {
+    pb::RegisterRequest {
+        node_id: node.into(),
+        compute_environment: "ce".into(),
+        inventory: Some(pb::Inventory {
+            capacity: Some(pb::Resources {
+                millicpus: 1000,
+                memory_mib: 1024,
+                gpus: 0,
+            }),
+            hostname: node.into(),
+            address: "127.0.0.1".into(),
+            executor: "process".into(),
+            ..Default::default()
+        }),
+    }
+}
+
+/// What a call over `channel` gets: the status code, or `Ok` as `Code::Ok`.
+async fn register_code(channel: Channel, node: &str) -> Code {
+    let mut client = pb::agent_service_client::AgentServiceClient::new(channel);
+    match client.register(register(node)).await {
+        Ok(_) => Code::Ok,
+        Err(status) => status.code(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn only_holders_of_the_right_certificate_reach_the_internal_ports() {
+    let t = TestCluster::start(3).await;
+    t.client(1)
+        .call(
+            "CreateComputeEnvironment",
+            serde_json::json!({"computeEnvironmentName": "ce", "type": "UNMANAGED"}),
+        )
+        .await
+        .expect("compute environment");
+    let ca = t.cluster.ca().expect("the test cluster runs TLS");
+    let ca_pem = ca.cert_pem().to_owned();
+    let leader = t.cluster.leader().expect("a leader");
+    let grpc = t.cluster.grpc_addrs()[(leader - 1) as usize].clone();
+    let raft = t.cluster.raft_addr(leader).to_string();
+    let issue = |role: Role, validity: Validity| ca.issue(&role, &[], validity).unwrap();
+    let agent_a = issue(Role::Agent("a".into()), Validity::from_now(HOUR));
+    let control_9 = issue(Role::Control(9), Validity::from_now(HOUR));
+
+    // The agent its certificate names registers, for itself only.
+    let as_a = dial(&grpc, &ca_pem, Some((&agent_a.cert_pem, &agent_a.key_pem)))
+        .await
+        .expect("an agent of the cluster connects");
+    assert_eq!(register_code(as_a.clone(), "a").await, Code::Ok);
+    assert_eq!(
+        register_code(as_a.clone(), "b").await,
+        Code::PermissionDenied,
+        "a stolen certificate used for another node"
+    );
+    // Nor may it report for another node's attempts, or watch its assignments.
+    let mut client = pb::agent_service_client::AgentServiceClient::new(as_a.clone());
+    let report = client
+        .report_attempts(pb::AttemptReports {
+            reports: vec![pb::AttemptReport {
+                node_id: "b".into(),
+                job_id: "job".into(),
+                attempt: 1,
+                event: Some(pb::attempt_report::Event::Running(pb::AttemptRunning {})),
+            }],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(report.code(), Code::PermissionDenied, "{report:?}");
+    let watch = client
+        .watch_assignments(pb::WatchRequest {
+            node_id: "b".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(watch.code(), Code::PermissionDenied, "{watch:?}");
+
+    // An agent's certificate cannot take part in Raft.
+    let to_raft = dial(&raft, &ca_pem, Some((&agent_a.cert_pem, &agent_a.key_pem)))
+        .await
+        .expect("the handshake itself succeeds: the CA is the cluster's");
+    let mut raft_client = pb::raft_service_client::RaftServiceClient::new(to_raft);
+    let vote = raft_client
+        .vote(pb::RaftPayload::default())
+        .await
+        .unwrap_err();
+    assert_eq!(vote.code(), Code::PermissionDenied, "{vote:?}");
+    let propose = raft_client
+        .propose(pb::RaftPayload::default())
+        .await
+        .unwrap_err();
+    assert_eq!(propose.code(), Code::PermissionDenied, "{propose:?}");
+
+    // A control node's certificate is no agent's.
+    let as_control = dial(
+        &grpc,
+        &ca_pem,
+        Some((&control_9.cert_pem, &control_9.key_pem)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(register_code(as_control, "9").await, Code::PermissionDenied);
+
+    // Without a client certificate the agent port lets the TLS through (an agent joins that
+    // way) and refuses the call; the Raft port refuses the handshake.
+    let anonymous = dial(&grpc, &ca_pem, None).await.unwrap();
+    assert_eq!(register_code(anonymous, "a").await, Code::Unauthenticated);
+    let anonymous_raft = match dial(&raft, &ca_pem, None).await {
+        Ok(channel) => pb::raft_service_client::RaftServiceClient::new(channel)
+            .vote(pb::RaftPayload::default())
+            .await
+            .map(|_| ()),
+        Err(_) => Err(tonic::Status::unavailable("refused at the handshake")),
+    };
+    assert!(anonymous_raft.is_err(), "an anonymous peer was heard");
+
+    // A certificate of another CA, or an expired one, never gets a call through.
+    let foreign_ca = ClusterCa::generate("intruder").unwrap();
+    let forged = foreign_ca
+        .issue(&Role::Agent("a".into()), &[], Validity::from_now(HOUR))
+        .unwrap();
+    let now = SystemTime::now();
+    let expired = issue(
+        Role::Agent("a".into()),
+        Validity {
+            not_before: now - 2 * HOUR,
+            not_after: now - HOUR,
+        },
+    );
+    for (what, cert) in [("forged", &forged), ("expired", &expired)] {
+        let refused = match dial(&grpc, &ca_pem, Some((&cert.cert_pem, &cert.key_pem))).await {
+            Ok(channel) => register_code(channel, "a").await != Code::Ok,
+            Err(_) => true,
+        };
+        assert!(refused, "a {what} agent certificate was accepted");
+    }
+
+    // Plaintext gRPC to either port gets nowhere.
+    for addr in [&grpc, &raft] {
+        let plain = Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .timeout(Duration::from_secs(5))
+            .connect()
+            .await;
+        let refused = match plain {
+            Ok(channel) => register_code(channel, "a").await != Code::Ok,
+            Err(_) => true,
+        };
+        assert!(refused, "plaintext was served on {addr}");
+    }
+
+    // The cluster itself still works: a node forwards, votes and replicates over TLS.
+    t.client(1)
+        .call(
+            "CreateComputeEnvironment",
+            serde_json::json!({
+                "computeEnvironmentName": "after-intruders",
+                "type": "UNMANAGED"
+            }),
+        )
+        .await
+        .expect("the cluster takes writes");
+}
