@@ -166,6 +166,9 @@ impl PartitionedCluster {
             scope: Default::default(),
             // What is tested here is timing under partitions, which TLS does not change.
             tls: None,
+            found_with_defaults: false,
+            founding_join_token: None,
+            ca: None,
         };
         let configs: Vec<ServerConfig> = ids.iter().map(|id| config(*id)).collect();
         for (config, id) in configs.into_iter().zip(ids) {

@@ -4,7 +4,7 @@
 
 use crate::harness::{DEADLINE, create_basics, ok, submit, wait_for_status};
 use muster_client::BatchClient;
-use serde_json::json;
+use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Instant;
@@ -479,4 +479,222 @@ async fn a_server_whose_disk_fills_exits_and_restarts_whole() {
 unsafe extern "C" {
     #[link_name = "geteuid"]
     fn libc_geteuid() -> u32;
+}
+
+/// `muster` run as an administrator runs it against the cluster `muster cluster init` wrote
+/// into `dir`: the endpoint and the root user's key from `dir/aws`.
+fn muster_admin(dir: &Path, endpoint: &str, args: &[&str]) -> std::process::Output {
+    Command::new(muster_bin())
+        .args(args)
+        .env("AWS_ENDPOINT_URL_BATCH", endpoint)
+        .env(
+            "AWS_SHARED_CREDENTIALS_FILE",
+            dir.join("aws").join("credentials"),
+        )
+        .env("AWS_CONFIG_FILE", dir.join("aws").join("config"))
+        .env("RUST_BACKTRACE", "0")
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env_remove("AWS_PROFILE")
+        .output()
+        .expect("muster runs")
+}
+
+/// An agent config from `agent.toml` as `muster cluster init` wrote it, with this agent's
+/// name, work directory and, where given, another token.
+fn agent_config_from_init(dir: &Path, name: &str, token: Option<&str>) -> PathBuf {
+    let mut text = std::fs::read_to_string(dir.join("agent.toml")).unwrap();
+    if let Some(token) = token {
+        let start = text.find("join_token = ").unwrap();
+        let end = start + text[start..].find('\n').unwrap();
+        text.replace_range(start..end, &format!("join_token = {token:?}"));
+    }
+    let work_dir = dir.join(format!("work-{name}"));
+    let start = text.find("work_dir = ").unwrap();
+    let end = start + text[start..].find('\n').unwrap();
+    text.replace_range(start..end, &format!("work_dir = {work_dir:?}"));
+    text.push_str(&format!(
+        "node_id = {name:?}\nvcpus = 2\nmemory_mib = 2048\nheartbeat_secs = 1\n"
+    ));
+    let path = dir.join(format!("agent-{name}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// What a newcomer does: `muster cluster init`, three `muster server` processes and an agent
+/// from the files it wrote, a job through the API. Every internal port runs mutual TLS; the
+/// agent joins with the token alone; a wrong or revoked token gets no certificate, and a
+/// revoked agent is cut off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cluster_from_cluster_init_admits_only_what_holds_its_keys() {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("cluster");
+    let init = Command::new(muster_bin())
+        .args([
+            "cluster",
+            "init",
+            "--dir",
+            dir.to_str().unwrap(),
+            "--servers",
+            "3",
+        ])
+        .args(["--executor", "process"])
+        .output()
+        .unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let again = Command::new(muster_bin())
+        .args([
+            "cluster",
+            "init",
+            "--dir",
+            dir.to_str().unwrap(),
+            "--servers",
+            "3",
+        ])
+        .output()
+        .unwrap();
+    assert!(!again.status.success(), "init overwrote a cluster's files");
+
+    let _servers: Vec<Proc> = (1..=3)
+        .map(|i| {
+            let config = dir.join(format!("server-{i}.toml"));
+            Proc::spawn(
+                &["server", "--config", config.to_str().unwrap()],
+                &temp.path().join(format!("server-{i}.log")),
+            )
+        })
+        .collect();
+    let aws_config = std::fs::read_to_string(dir.join("aws").join("config")).unwrap();
+    let endpoint = aws_config
+        .lines()
+        .find_map(|l| l.strip_prefix("endpoint_url = "))
+        .expect("the AWS config names the endpoint")
+        .to_owned();
+    let credentials = wait_for_credentials(&dir.join("aws").join("credentials")).await;
+    let client = BatchClient::new(endpoint.clone(), credentials);
+    wait_until_serving(&client).await;
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let queues = client
+            .call("DescribeJobQueues", json!({"jobQueues": ["default"]}))
+            .await;
+        if queues.is_ok_and(|r| r["jobQueues"].as_array().is_some_and(|q| q.len() == 1)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the founder never made the default queue"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+
+    // The agent joins with the token of agent.toml, keeps its certificate, and runs a job.
+    let joined = agent_config_from_init(&dir, "joined", None);
+    let agent = Proc::spawn(
+        &["agent", "--config", joined.to_str().unwrap()],
+        &temp.path().join("agent-joined.log"),
+    );
+    client
+        .call(
+            "RegisterJobDefinition",
+            json!({"jobDefinitionName": "d", "type": "container", "containerProperties": {
+                "image": "busybox", "command": ["sh", "-c", "exit 0"],
+                "resourceRequirements": [{"type": "VCPU", "value": "1"}, {"type": "MEMORY", "value": "64"}]}}),
+        )
+        .await
+        .unwrap();
+    let job = submit(&client, "default", "d", "over-tls", &["sh", "-c", "exit 0"]).await;
+    wait_for_status(&client, &job, &["SUCCEEDED"]).await;
+    assert!(
+        dir.join("work-joined")
+            .join("tls")
+            .join("agent.pem")
+            .exists()
+    );
+
+    // A wrong token: the agent exits non-zero, saying so.
+    let wrong = agent_config_from_init(&dir, "intruder", Some("abcdefgh.0123456789abcdef"));
+    let out = Command::new(muster_bin())
+        .args(["agent", "--config", wrong.to_str().unwrap()])
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("join token is wrong"),
+        "{stderr}"
+    );
+    assert!(
+        !dir.join("work-intruder")
+            .join("tls")
+            .join("agent.pem")
+            .exists()
+    );
+
+    // A token made, then revoked: refused, saying why.
+    let made = muster_admin(
+        &dir,
+        &endpoint,
+        &["cluster", "token", "create", "--ttl-hours", "1"],
+    );
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let made: Value = serde_json::from_slice(&made.stdout).unwrap();
+    let token = made["token"].as_str().unwrap().to_owned();
+    let id = made["joinToken"]["id"].as_str().unwrap().to_owned();
+    let revoked = muster_admin(&dir, &endpoint, &["cluster", "token", "revoke", &id]);
+    assert!(
+        revoked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&revoked.stderr)
+    );
+    let late = agent_config_from_init(&dir, "late", Some(&token));
+    let out = Command::new(muster_bin())
+        .args(["agent", "--config", late.to_str().unwrap()])
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("was revoked"),
+        "{stderr}"
+    );
+    let listed = muster_admin(&dir, &endpoint, &["cluster", "token", "list"]);
+    let listed: Value = serde_json::from_slice(&listed.stdout).unwrap();
+    let entry = listed["joinTokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["id"] == id.as_str())
+        .cloned()
+        .expect("the revoked token is listed");
+    assert_eq!(entry["revoked"], true);
+    assert!(
+        !listed
+            .to_string()
+            .contains(token.split('.').nth(1).unwrap()),
+        "a secret was listed"
+    );
+
+    // The joined agent, revoked by name, is refused from then on.
+    let cut = muster_admin(&dir, &endpoint, &["cluster", "node", "revoke", "joined"]);
+    assert!(
+        cut.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cut.stderr)
+    );
+    let log = temp.path().join("agent-joined.log");
+    wait_until("the revoked agent is refused", || {
+        std::fs::read_to_string(&log)
+            .is_ok_and(|text| text.contains("the control plane refuses this agent"))
+    })
+    .await;
+    agent.stop();
 }

@@ -30,6 +30,8 @@ pub enum AgentError {
     WorkDir(std::io::Error),
     #[error("cannot listen for log reads on {0}: {1}")]
     LogListener(std::net::SocketAddr, std::io::Error),
+    #[error(transparent)]
+    Join(#[from] crate::join::JoinError),
 }
 
 pub struct Agent {
@@ -56,6 +58,7 @@ struct Slot {
 
 impl Agent {
     pub async fn new(config: AgentConfig) -> Result<Self, AgentError> {
+        let config = crate::join::ensure_identity(config).await?;
         let executor = executor_for(&config).await?;
         let control = ControlClient::new(
             config.control_plane.clone(),

@@ -92,6 +92,14 @@ pub struct RawAgentConfig {
     /// Without `tls`, this must be set to talk to control nodes in plaintext.
     #[serde(default)]
     pub plaintext: bool,
+    /// Instead of `tls`: a join token (`muster cluster token create`) with which the agent
+    /// has its own key's certificate signed on first start, kept in `work_dir/tls`.
+    #[serde(default)]
+    pub join_token: Option<String>,
+    /// The SHA-256 fingerprint of the cluster CA (`sha256:<hex>`), which the agent trusts
+    /// when it joins; written beside the token by `muster cluster init`.
+    #[serde(default)]
+    pub ca_fingerprint: Option<String>,
 }
 
 impl RawAgentConfig {
@@ -128,6 +136,8 @@ impl RawAgentConfig {
             allowed_host_paths: Vec::new(),
             tls: None,
             plaintext: false,
+            join_token: None,
+            ca_fingerprint: None,
         }
     }
 }
@@ -193,8 +203,10 @@ pub struct AgentConfig {
     pub image_pull_timeout: Duration,
     /// What this machine lets containers reach (see [`RawAgentConfig::allow_privileged`]).
     pub allowances: Allowances,
-    /// What this agent presents and trusts; `None`: plaintext.
+    /// What this agent presents and trusts; `None`: plaintext, or not joined yet.
     pub tls: Option<std::sync::Arc<muster_tls::Identity>>,
+    /// How to get `tls` on start (see [`crate::join`]).
+    pub join: Option<crate::join::JoinSettings>,
 }
 
 /// What of this machine an agent lets its containers reach.
@@ -287,6 +299,40 @@ impl RawAgentConfig {
                 &format!("{bad}: every entry must be an absolute path without .."),
             ));
         }
+        let join = match (self.join_token, self.ca_fingerprint) {
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(invalid(
+                    "ca_fingerprint",
+                    "is required with join_token: the agent trusts only the CA it names",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(invalid("join_token", "is required with ca_fingerprint"));
+            }
+            (Some(token), Some(ca_fingerprint)) => {
+                if self.tls.is_some() || self.plaintext {
+                    return Err(invalid(
+                        "join_token",
+                        "cannot be set together with [tls] or plaintext",
+                    ));
+                }
+                let hex = ca_fingerprint.strip_prefix("sha256:").unwrap_or("");
+                if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+                    return Err(invalid(
+                        "ca_fingerprint",
+                        "must be sha256: and 64 hex digits, as `muster cluster init` writes it",
+                    ));
+                }
+                if !token.contains('.') {
+                    return Err(invalid("join_token", "must be <id>.<secret>"));
+                }
+                Some(crate::join::JoinSettings {
+                    token,
+                    ca_fingerprint: ca_fingerprint.to_ascii_lowercase(),
+                })
+            }
+        };
         let tls = match (self.tls, self.plaintext) {
             (Some(_), true) => {
                 return Err(invalid(
@@ -294,6 +340,7 @@ impl RawAgentConfig {
                     "cannot be set together with a [tls] section",
                 ));
             }
+            (None, false) if join.is_some() => None,
             (Some(files), false) => Some(std::sync::Arc::new(
                 muster_tls::Identity::load("tls", &files).map_err(|e| ConfigError::Invalid {
                     field: "tls",
@@ -356,6 +403,7 @@ impl RawAgentConfig {
                 host_paths: self.allowed_host_paths,
             },
             tls,
+            join,
         })
     }
 }

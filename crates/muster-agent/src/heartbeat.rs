@@ -93,6 +93,16 @@ pub(crate) async fn heartbeat_loop(
                 }
                 Ok(Ok(_)) => {}
                 Ok(Err(status)) if status.code() == tonic::Code::NotFound => unknown = true,
+                // Revoked, or a certificate the cluster no longer takes: nothing this agent
+                // can mend by itself, and its jobs stop when its lease ends.
+                Ok(Err(status))
+                    if matches!(
+                        status.code(),
+                        tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
+                    ) =>
+                {
+                    tracing::error!(addr, error = %status.message(), "the control plane refuses this agent")
+                }
                 Ok(Err(status)) => {
                     tracing::debug!(addr, error = %status.message(), "heartbeat not delivered")
                 }

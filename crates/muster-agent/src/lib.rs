@@ -17,6 +17,7 @@ mod config;
 pub mod executor;
 mod heartbeat;
 pub mod inventory;
+pub mod join;
 pub mod lease;
 pub mod logs;
 pub mod reporter;

@@ -34,7 +34,13 @@ pub fn warden_pid_path(work_dir: &Path) -> PathBuf {
 /// Starts the warden of this agent (`program agent-warden --config CONFIG --agent-pid
 /// <this process>`, in its own process group, its output in `work_dir/warden.log`) unless one
 /// runs already.
-pub fn ensure_warden(program: &Path, config_path: &Path, work_dir: &Path) -> std::io::Result<()> {
+/// `executor` is the agent's, which `muster agent --executor` may have set over the config's.
+pub fn ensure_warden(
+    program: &Path,
+    config_path: &Path,
+    work_dir: &Path,
+    executor: crate::ExecutorKind,
+) -> std::io::Result<()> {
     use std::os::unix::process::CommandExt;
     if warden_running(work_dir) {
         return Ok(());
@@ -50,6 +56,8 @@ pub fn ensure_warden(program: &Path, config_path: &Path, work_dir: &Path) -> std
         .arg(config_path)
         .arg("--agent-pid")
         .arg(std::process::id().to_string())
+        .arg("--executor")
+        .arg(executor.as_str())
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)

@@ -13,6 +13,7 @@
 //! openraft directly.
 
 mod auth;
+mod cluster;
 mod compute_environments;
 mod error;
 mod iam;
@@ -178,6 +179,7 @@ pub fn router<P: ControlPlane>(plane: P, config: &ApiConfig) -> Router {
     });
     Router::new()
         .route("/v1/iam/{operation}", post(iam_operation::<P>))
+        .route("/v1/cluster/{operation}", post(cluster_operation::<P>))
         .route("/v1/{operation}", post(batch_operation::<P>))
         // botocore percent-encodes the whole ARN into one segment; other clients send it raw.
         .route("/v1/tags/{*arn}", any(tags_operation::<P>))
@@ -285,6 +287,23 @@ async fn iam_operation<P: ControlPlane>(
     let result = async {
         let principal = caller(&api, "batch", &method, &uri, &headers, &body).await?;
         iam::dispatch(&api.plane, &principal, &operation, &body).await
+    }
+    .await;
+    respond(&api, &operation, started, result)
+}
+
+async fn cluster_operation<P: ControlPlane>(
+    AxumState(api): AxumState<Arc<Api<P>>>,
+    Path(operation): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let started = std::time::Instant::now();
+    let result = async {
+        let principal = caller(&api, "batch", &method, &uri, &headers, &body).await?;
+        cluster::dispatch(&api.plane, &principal, &operation, &body).await
     }
     .await;
     respond(&api, &operation, started, result)

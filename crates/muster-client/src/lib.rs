@@ -150,6 +150,16 @@ impl BatchClient {
             .await
     }
 
+    /// Calls one of Muster's cluster operations (`"CreateJoinToken"`), at
+    /// `POST /v1/cluster/<operation>`.
+    pub async fn call_cluster(&self, operation: &str, body: Value) -> Result<Value, CallError> {
+        self.post(
+            &format!("/v1/cluster/{}", operation.to_ascii_lowercase()),
+            body,
+        )
+        .await
+    }
+
     /// Calls one CloudWatch Logs operation (`"GetLogEvents"`), as `aws logs` does.
     pub async fn call_logs(&self, operation: &str, body: Value) -> Result<Value, CallError> {
         self.send(

@@ -2,7 +2,10 @@
 //! once per cluster and written as an AWS shared credentials file so that the aws CLI, boto3
 //! and `muster` itself can use it at once.
 
-use muster_core::{AdminCommand, ArnScope, Command, IamCommand, Outcome, Policy};
+use muster_core::{
+    AdminCommand, Arn, ArnScope, CeOrder, CeType, Command, ComputeEnvironment, EnabledState,
+    IamCommand, JobQueue, Outcome, Policy,
+};
 use muster_raft::RaftNode;
 use std::path::{Path, PathBuf};
 
@@ -84,6 +87,18 @@ pub async fn set_scope(node: &RaftNode, scope: &ArnScope) -> Result<(), Bootstra
 /// Makes sure the cluster names `scope` in its ARNs ([`set_scope`]) and that the root user,
 /// its policy and the key in `dir/credentials` exist, creating the key (and the files
 /// `dir/credentials` and `dir/config`, which names the region) the first time.
+/// A new random access key pair for the root user.
+pub fn new_credentials() -> Credentials {
+    Credentials {
+        access_key_id: format!("AKIA{}", random_upper(16)),
+        secret_access_key: format!(
+            "{}{}",
+            uuid::Uuid::new_v4().simple(),
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        ),
+    }
+}
+
 pub async fn ensure_root(
     node: &RaftNode,
     dir: &Path,
@@ -100,14 +115,7 @@ pub async fn ensure_root(
     let credentials = match read_credentials(&credentials_path) {
         Some(c) => c,
         None => {
-            let c = Credentials {
-                access_key_id: format!("AKIA{}", random_upper(16)),
-                secret_access_key: format!(
-                    "{}{}",
-                    uuid::Uuid::new_v4().simple(),
-                    &uuid::Uuid::new_v4().simple().to_string()[..8]
-                ),
-            };
+            let c = new_credentials();
             let text = format!(
                 "[default]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
                 c.access_key_id, c.secret_access_key
@@ -116,12 +124,16 @@ pub async fn ensure_root(
             c
         }
     };
+    // One written before (by `muster cluster init`, with the cluster's endpoint) is kept: the
+    // region cannot have changed since, for the cluster keeps the one it was founded with.
     let config_path = dir.join("config");
-    std::fs::write(
-        &config_path,
-        format!("[default]\nregion = {region}\noutput = json\n"),
-    )
-    .map_err(io(&config_path))?;
+    if !config_path.exists() {
+        std::fs::write(
+            &config_path,
+            format!("[default]\nregion = {region}\noutput = json\n"),
+        )
+        .map_err(io(&config_path))?;
+    }
 
     let key_id = credentials.access_key_id.clone();
     let (has_user, has_policy, has_key) = node
@@ -181,4 +193,92 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
         .mode(0o600)
         .open(path)?;
     f.write_all(text.as_bytes())
+}
+
+/// The name of the compute environment and job queue a cluster may be founded with.
+pub const DEFAULT: &str = "default";
+
+/// Creates the `default` compute environment (UNMANAGED: agents join it) and job queue, once.
+pub async fn ensure_defaults(node: &RaftNode) -> Result<(), BootstrapError> {
+    let (has_ce, has_queue) = node
+        .read(|s| {
+            (
+                s.compute_environment(DEFAULT).is_some(),
+                s.queue(DEFAULT).is_some(),
+            )
+        })
+        .await
+        .map_err(|e| BootstrapError::Refused(e.to_string()))?;
+    let now = crate::now_millis();
+    if !has_ce {
+        let ce = ComputeEnvironment {
+            name: DEFAULT.to_owned(),
+            arn: Arn(String::new()),
+            uuid: uuid::Uuid::new_v4().to_string(),
+            ce_type: CeType::Unmanaged,
+            state: EnabledState::Enabled,
+            unmanaged_vcpus: None,
+            service_role: None,
+            tags: Default::default(),
+            created_at: now,
+            extra: Default::default(),
+        };
+        expect_done(node.propose(Command::CreateComputeEnvironment(ce)).await)?;
+    }
+    if !has_queue {
+        let queue = JobQueue {
+            name: DEFAULT.to_owned(),
+            arn: Arn(String::new()),
+            priority: 1,
+            state: EnabledState::Enabled,
+            compute_environment_order: vec![CeOrder {
+                order: 1,
+                compute_environment: DEFAULT.to_owned(),
+            }],
+            tags: Default::default(),
+            created_at: now,
+            scheduling_policy_arn: None,
+            time_limit_actions: Vec::new(),
+            extra: Default::default(),
+        };
+        expect_done(node.propose(Command::CreateJobQueue(queue)).await)?;
+    }
+    Ok(())
+}
+
+fn expect_done<E: std::fmt::Display>(outcome: Result<Outcome, E>) -> Result<(), BootstrapError> {
+    match outcome {
+        Ok(Outcome::Rejected(r)) => Err(BootstrapError::Refused(r.message)),
+        Ok(_) => Ok(()),
+        Err(e) => Err(BootstrapError::Refused(e.to_string())),
+    }
+}
+
+/// Records the join token `muster cluster init` wrote into the founding node's config, once.
+pub async fn ensure_join_token(
+    node: &RaftNode,
+    token: &crate::config::FoundingJoinToken,
+) -> Result<(), BootstrapError> {
+    let id = token.id.clone();
+    let known = node
+        .read(move |s| s.join_token(&id).is_some())
+        .await
+        .map_err(|e| BootstrapError::Refused(e.to_string()))?;
+    if known {
+        return Ok(());
+    }
+    let now = crate::now_millis();
+    expect_done(
+        node.propose(Command::Access(
+            muster_core::AccessCommand::CreateJoinToken(muster_core::JoinToken {
+                id: token.id.clone(),
+                secret_sha256: token.secret_sha256.clone(),
+                created_at: now,
+                expires_at: muster_core::Timestamp(token.expires_at_unix * 1000),
+                description: "made by muster cluster init".into(),
+                revoked: false,
+            }),
+        ))
+        .await,
+    )
 }

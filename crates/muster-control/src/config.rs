@@ -52,6 +52,28 @@ pub struct RawServerConfig {
     /// trust whoever connects (SECURITY.md).
     #[serde(default)]
     pub plaintext: bool,
+    /// Where the founding node writes (or finds, when `muster cluster init` made it) the
+    /// first administrator's `credentials` and `config`; by default `data_dir/aws`.
+    #[serde(default)]
+    pub root_credentials_dir: Option<PathBuf>,
+    /// The founding node also creates the `default` compute environment (UNMANAGED) and job
+    /// queue, as `muster dev` has them.
+    #[serde(default)]
+    pub found_with_defaults: bool,
+    /// A join token the founding node records when it founds the cluster (written by
+    /// `muster cluster init`; the config holds only its secret's SHA-256).
+    #[serde(default)]
+    pub founding_join_token: Option<FoundingJoinToken>,
+}
+
+/// See [`RawServerConfig::founding_join_token`].
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FoundingJoinToken {
+    pub id: String,
+    pub secret_sha256: String,
+    /// Seconds since the epoch.
+    pub expires_at_unix: u64,
 }
 
 fn default_region() -> String {
@@ -110,6 +132,13 @@ pub struct ServerConfig {
     pub scope: muster_core::ArnScope,
     /// What this node presents and trusts on its internal ports; `None`: plaintext.
     pub tls: Option<std::sync::Arc<muster_tls::Identity>>,
+    /// See [`RawServerConfig::found_with_defaults`].
+    pub found_with_defaults: bool,
+    /// See [`RawServerConfig::founding_join_token`].
+    pub founding_join_token: Option<FoundingJoinToken>,
+    /// The cluster CA with its key (`tls.ca_key_file`): this node signs joining agents'
+    /// certificates. `None`: agents cannot join through this node.
+    pub ca: Option<std::sync::Arc<muster_tls::pki::ClusterCa>>,
 }
 
 pub use muster_core::ConfigError;
@@ -186,6 +215,35 @@ impl RawServerConfig {
             account: self.account_id,
         };
         scope.check()?;
+        let ca = match self
+            .tls
+            .as_ref()
+            .and_then(|files| files.ca_key_file.as_ref().map(|key| (files, key)))
+        {
+            Some((files, key_file)) => {
+                let read = |setting: &'static str, path: &std::path::Path| {
+                    std::fs::read_to_string(path).map_err(|e| {
+                        invalid(
+                            "tls",
+                            format!("tls.{setting} ({}): cannot read it: {e}", path.display()),
+                        )
+                    })
+                };
+                let cert = read("ca_file", &files.ca_file)?;
+                let key = read("ca_key_file", key_file)?;
+                let ca = muster_tls::pki::ClusterCa::from_pem(&cert, &key).map_err(|e| {
+                    invalid(
+                        "tls",
+                        format!(
+                            "tls.ca_key_file ({}): not the key of tls.ca_file's CA: {e}",
+                            key_file.display()
+                        ),
+                    )
+                })?;
+                Some(std::sync::Arc::new(ca))
+            }
+            None => None,
+        };
         let tls = match (self.tls, self.plaintext) {
             (Some(_), true) => {
                 return Err(invalid(
@@ -221,13 +279,19 @@ impl RawServerConfig {
         };
         Ok(ServerConfig {
             tls,
+            found_with_defaults: self.found_with_defaults,
+            founding_join_token: self.founding_join_token,
+            ca,
             node_lost_after: std::time::Duration::from_secs(self.node_lost_after_secs),
             job_retention: std::time::Duration::from_secs(self.job_retention_days * 86_400),
             limits: muster_api::Limits {
                 max_depends_on: self.max_depends_on,
                 ..Default::default()
             },
-            root_credentials_dir: Some(self.data_dir.join("aws")),
+            root_credentials_dir: Some(
+                self.root_credentials_dir
+                    .unwrap_or_else(|| self.data_dir.join("aws")),
+            ),
             scope,
             node_id: self.node_id,
             grpc_addr,

@@ -5,7 +5,8 @@ use muster_core::{AttemptEvent, AttemptReport as Report, Command, JobId, NodeId,
 use muster_proto::pb::agent_service_server::AgentService;
 use muster_proto::pb::{
     AssignmentSet, AttemptKey, AttemptReport, AttemptReports, HeartbeatReply, HeartbeatRequest,
-    RegisterReply, RegisterRequest, ReportReply, WatchRequest, attempt_report,
+    JoinReply, JoinRequest, RegisterReply, RegisterRequest, ReportReply, WatchRequest,
+    attempt_report,
 };
 use muster_proto::{LEADER_METADATA_KEY, assignment_to_pb, inventory_from_pb};
 use muster_raft::RaftNode;
@@ -57,7 +58,12 @@ pub struct AgentGateway {
     reports: Batcher<Report>,
     /// Every call must come with an agent's certificate, and act only for that agent (TLS on).
     authenticating: bool,
+    /// Signs the certificates of agents that join with a token; `None`: this node cannot.
+    ca: Option<std::sync::Arc<muster_tls::pki::ClusterCa>>,
 }
+
+/// How long a joined agent's certificate is valid.
+pub const AGENT_CERT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
 
 impl AgentGateway {
     pub fn new(
@@ -79,7 +85,17 @@ impl AgentGateway {
             heartbeats,
             node_lost_after,
             authenticating: false,
+            ca: None,
         }
+    }
+
+    /// Agents that present a valid join token get their certificates signed by `ca`.
+    pub fn signing_joins_with(
+        mut self,
+        ca: Option<std::sync::Arc<muster_tls::pki::ClusterCa>>,
+    ) -> Self {
+        self.ca = ca;
+        self
     }
 
     /// With `on`, a call is served only for the agent its client certificate names: an agent
@@ -101,7 +117,13 @@ impl AgentGateway {
             return Ok(());
         }
         let refused = match muster_tls::peer_role(request) {
-            Ok(muster_tls::Role::Agent(name)) if name == node => return Ok(()),
+            Ok(muster_tls::Role::Agent(name)) if name == node => {
+                let revoked = self.node.state.read().state.agent_revoked(&NodeId(name));
+                if !revoked {
+                    return Ok(());
+                }
+                Status::permission_denied(format!("agent {node} was revoked"))
+            }
             Ok(muster_tls::Role::Agent(name)) => Status::permission_denied(format!(
                 "the certificate of agent {name} cannot act for node {node:?}"
             )),
@@ -301,6 +323,75 @@ impl AgentService for AgentGateway {
         )))
     }
 
+    async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinReply>, Status> {
+        // No certificate is asked for: the token is the credential, and it is checked on a
+        // linearizable read, so a revocation that committed is never missed. Nothing is
+        // written: the agent registers afterwards with its certificate, so a join that fails
+        // leaves no node behind.
+        let peer = request.remote_addr();
+        let req = request.into_inner();
+        let Some(ca) = self.ca.clone() else {
+            return Err(Status::failed_precondition(
+                "this control node holds no CA key (tls.ca_key_file) and cannot sign; join through another",
+            ));
+        };
+        if let Err(why) = muster_core::validate::node_name(&req.node_id) {
+            return Err(Status::invalid_argument(format!("node_id: {why}")));
+        }
+        let refuse = |status: Status| {
+            tracing::warn!(?peer, node = %req.node_id, why = status.message(), "join refused");
+            status
+        };
+        let Some((id, secret)) = req.token.split_once('.') else {
+            return Err(refuse(Status::unauthenticated(
+                "the join token is malformed: it is <id>.<secret>",
+            )));
+        };
+        let (id, digest, now) = (
+            id.to_owned(),
+            muster_sigv4::sha256_hex(secret.as_bytes()),
+            crate::now_millis(),
+        );
+        let node = NodeId(req.node_id.clone());
+        let verdict = self
+            .node
+            .read(move |s| {
+                if s.agent_revoked(&node) {
+                    return Err(Status::permission_denied(format!(
+                        "agent {node} was revoked and cannot join again under that name"
+                    )));
+                }
+                match s.join_token(&id) {
+                    Some(t) if t.secret_sha256 != digest => {
+                        Err(Status::unauthenticated("the join token is wrong"))
+                    }
+                    Some(t) if t.revoked => Err(Status::permission_denied(format!(
+                        "the join token {id} was revoked"
+                    ))),
+                    Some(t) if now >= t.expires_at => Err(Status::permission_denied(format!(
+                        "the join token {id} has expired"
+                    ))),
+                    Some(_) => Ok(()),
+                    None => Err(Status::unauthenticated("the join token is wrong")),
+                }
+            })
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        verdict.map_err(refuse)?;
+        let certificate_pem = ca
+            .sign_request(
+                &req.csr_pem,
+                &muster_tls::Role::Agent(req.node_id.clone()),
+                muster_tls::pki::Validity::from_now(AGENT_CERT_VALIDITY),
+            )
+            .map_err(|e| Status::invalid_argument(format!("csr_pem: {e}")))?;
+        tracing::info!(node = %req.node_id, ?peer, "agent joined");
+        Ok(Response::new(JoinReply {
+            certificate_pem,
+            ca_pem: ca.cert_pem().to_owned(),
+        }))
+    }
+
     async fn report_attempts(
         &self,
         request: Request<AttemptReports>,
@@ -411,6 +502,15 @@ async fn stream_assignments(
         }
         let resend = last_sent_at.elapsed() >= RESEND;
         if look || resend {
+            let revoked = node.state.read().state.agent_revoked(&agent);
+            if revoked {
+                let _ = tx
+                    .send(Err(Status::permission_denied(format!(
+                        "agent {agent} was revoked"
+                    ))))
+                    .await;
+                return;
+            }
             let set = {
                 let applied = node.state.read();
                 let keys = applied.state.assignment_keys(&agent);

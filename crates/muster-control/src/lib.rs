@@ -19,7 +19,9 @@ mod plane;
 pub mod replay;
 pub mod scheduler;
 
-pub use config::{DEFAULT_NODE_LOST_AFTER, PeerConfig, RawServerConfig, ServerConfig};
+pub use config::{
+    DEFAULT_NODE_LOST_AFTER, FoundingJoinToken, PeerConfig, RawServerConfig, ServerConfig,
+};
 pub use gateway::AgentGateway;
 pub use liveness::Heartbeats;
 pub use local_cluster::{ClusterError, LocalCluster, Tuning};

@@ -35,7 +35,7 @@ impl Default for Tuning {
 
 /// A local cluster's CA and its nodes' identities, kept under `data_dir/tls`.
 struct LocalPki {
-    ca: muster_tls::pki::ClusterCa,
+    ca: std::sync::Arc<muster_tls::pki::ClusterCa>,
     dir: PathBuf,
     nodes: BTreeMap<u64, std::sync::Arc<muster_tls::Identity>>,
 }
@@ -115,7 +115,7 @@ impl LocalPki {
             nodes.insert(id, std::sync::Arc::new(identity));
         }
         Ok(Self {
-            ca,
+            ca: std::sync::Arc::new(ca),
             dir: dir.to_owned(),
             nodes,
         })
@@ -217,6 +217,9 @@ impl LocalCluster {
             limits: self.limits,
             scope: self.scope.clone(),
             tls: self.pki.as_ref().map(|pki| pki.nodes[&id].clone()),
+            found_with_defaults: false,
+            founding_join_token: None,
+            ca: self.pki.as_ref().map(|pki| pki.ca.clone()),
         }
     }
 
@@ -240,7 +243,7 @@ impl LocalCluster {
 
     /// The cluster's CA (`None` when plaintext): tests issue certificates of their own with it.
     pub fn ca(&self) -> Option<&muster_tls::pki::ClusterCa> {
-        self.pki.as_ref().map(|pki| &pki.ca)
+        self.pki.as_ref().map(|pki| pki.ca.as_ref())
     }
 
     pub fn node(&self, id: u64) -> Option<&ControlNode> {

@@ -214,7 +214,8 @@ impl ControlNode {
                     heartbeats.clone(),
                     config.node_lost_after,
                 )
-                .authenticating_agents(config.tls.is_some()),
+                .authenticating_agents(config.tls.is_some())
+                .signing_joins_with(config.ca.clone()),
             ));
         let stop = signal(shutdown_rx.clone());
         let grpc_listener = listeners.grpc;
@@ -294,6 +295,8 @@ impl ControlNode {
             && (founded || (founder && credentials_dir.join("credentials").exists()))
         {
             let (node, scope) = (node.clone(), config.scope.clone());
+            let with_defaults = config.found_with_defaults;
+            let founding_token = config.founding_join_token.clone();
             tasks.push(tokio::spawn(async move {
                 match crate::bootstrap::ensure_root(&node, &credentials_dir, &scope).await {
                     Ok(c) => tracing::info!(
@@ -302,6 +305,14 @@ impl ControlNode {
                         "root credentials ready"
                     ),
                     Err(e) => tracing::error!(error = %e, "could not create the root user"),
+                }
+                if with_defaults && let Err(e) = crate::bootstrap::ensure_defaults(&node).await {
+                    tracing::error!(error = %e, "could not create the default queue");
+                }
+                if let Some(token) = founding_token
+                    && let Err(e) = crate::bootstrap::ensure_join_token(&node, &token).await
+                {
+                    tracing::error!(error = %e, "could not record the founding join token");
                 }
             }));
         } else if founded {

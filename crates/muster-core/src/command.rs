@@ -55,6 +55,8 @@ pub enum Command {
     },
     /// Users, access keys and policies.
     Iam(IamCommand),
+    /// Join tokens and revoked agents.
+    Access(AccessCommand),
     /// The leader stopped hearing from a node: it is lost, and the attempts it ran fail with
     /// `Host <node> terminated.` (and are retried as their strategy says).
     NodeLost {
@@ -123,6 +125,19 @@ pub enum IamCommand {
         user: String,
         policy_name: String,
     },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum AccessCommand {
+    /// A new join token (see [`crate::JoinToken`]).
+    CreateJoinToken(crate::JoinToken),
+    /// No agent joins with token `id` from now on (those that did keep their certificates:
+    /// revoke them by name).
+    RevokeJoinToken { id: String },
+    /// The agent `node` is cut off: every call its certificate makes is refused from now on,
+    /// and it never joins again under that name. Its running attempts end when the leader
+    /// marks the node lost.
+    RevokeAgent { node: crate::NodeId, at: Timestamp },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -27,8 +27,8 @@ mod state_tests;
 mod lifecycle_tests;
 
 pub use command::{
-    AdminCommand, AttemptEvent, AttemptReport, Command, IamCommand, JobSubmission, Outcome,
-    Placement, Rejection,
+    AccessCommand, AdminCommand, AttemptEvent, AttemptReport, Command, IamCommand, JobSubmission,
+    Outcome, Placement, Rejection,
 };
 pub use ids::{Arn, ArnScope, JobId, NodeId, Timestamp};
 pub use model::*;

@@ -94,3 +94,21 @@ mod tests {
         assert_eq!(parse_vcpus("two"), None);
     }
 }
+
+/// An agent's node name (a host name, usually): 1 to 128 letters, digits, `-`, `_` and `.`,
+/// starting with a letter or digit. Certificates carry it in a URI.
+pub fn node_name(value: &str) -> Result<(), String> {
+    let ok = !value.is_empty()
+        && value.len() <= 128
+        && value.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{value:?} is not a node name: 1 to 128 letters, digits, - _ and ., starting with a letter or digit"
+        ))
+    }
+}

@@ -18,6 +18,10 @@ pub struct TlsFiles {
     pub ca_file: PathBuf,
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
+    /// The CA's own key, on control nodes only: with it a node signs the certificates of
+    /// agents that join with a token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_key_file: Option<PathBuf>,
 }
 
 /// Why a `[tls]` section cannot be used; every message names the setting and its file.

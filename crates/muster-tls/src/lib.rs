@@ -14,6 +14,7 @@
 //!   refusal logged with its reason) and client configurations.
 
 mod identity;
+pub mod join;
 pub mod pki;
 mod role;
 pub mod transport;

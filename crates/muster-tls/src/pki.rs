@@ -62,6 +62,13 @@ pub struct ClusterCa {
     issuer: Issuer<'static, KeyPair>,
 }
 
+impl std::fmt::Debug for ClusterCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("ClusterCa").finish_non_exhaustive()
+    }
+}
+
 impl ClusterCa {
     /// A new CA for the cluster `cluster_name`, valid for [`CA_VALIDITY`].
     pub fn generate(cluster_name: &str) -> Result<Self, PkiError> {
@@ -252,12 +259,19 @@ pub fn write_identity(
         ca_file: dir.join("ca.pem"),
         cert_file: dir.join(format!("{stem}.pem")),
         key_file: dir.join(format!("{stem}.key")),
+        ca_key_file: None,
     };
     let io = |e: std::io::Error| PkiError::Write(e.to_string());
     if !files.ca_file.exists() {
         write_pem(&files.ca_file, ca.cert_pem(), false).map_err(io)?;
     }
-    write_pem(&files.cert_file, &issued.cert_pem, false).map_err(io)?;
+    // A control node presents the CA after its own certificate: an agent that joins knows the
+    // CA only by its fingerprint, and finds it in the chain.
+    let chain = match role {
+        Role::Control(_) => format!("{}{}", issued.cert_pem, ca.cert_pem()),
+        Role::Agent(_) => issued.cert_pem,
+    };
+    write_pem(&files.cert_file, &chain, false).map_err(io)?;
     write_pem(&files.key_file, &issued.key_pem, true).map_err(io)?;
     Ok(files)
 }

@@ -4,14 +4,12 @@
 use anyhow::Context;
 use muster_agent::{Agent, ExecutorKind, RawAgentConfig};
 use muster_control::LocalCluster;
-use muster_core::{
-    Arn, CeOrder, CeType, Command, ComputeEnvironment, EnabledState, JobQueue, NodeId, Outcome,
-};
+use muster_core::NodeId;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-const DEFAULT: &str = "default";
+use muster_control::bootstrap::DEFAULT;
 const AGENT_ID: &str = "dev-agent";
 
 pub async fn run(
@@ -42,7 +40,7 @@ pub async fn run(
     let node = &cluster.node(leader).context("leader is running")?.raft;
     // The root user's key, written as DIR/aws/credentials and DIR/aws/config.
     cluster.ensure_root(&data_dir.join("aws")).await?;
-    ensure_defaults(node).await?;
+    muster_control::bootstrap::ensure_defaults(node).await?;
 
     let executor = choose_executor(executor).await?;
     // The agent speaks mutual TLS with a certificate of the cluster's CA, as a real one does.
@@ -123,60 +121,5 @@ async fn choose_executor(requested: Option<&str>) -> anyhow::Result<ExecutorKind
                 }
             },
         ),
-    }
-}
-
-/// Creates the `default` compute environment and job queue, once.
-async fn ensure_defaults(node: &muster_control::RaftNode) -> anyhow::Result<()> {
-    let (has_ce, has_queue) = node
-        .read(|s| {
-            (
-                s.compute_environment(DEFAULT).is_some(),
-                s.queue(DEFAULT).is_some(),
-            )
-        })
-        .await
-        .map_err(|e| anyhow::anyhow!(e))?;
-    let now = muster_control::now_millis();
-    if !has_ce {
-        let ce = ComputeEnvironment {
-            name: DEFAULT.to_owned(),
-            arn: Arn(String::new()),
-            uuid: uuid::Uuid::new_v4().to_string(),
-            ce_type: CeType::Unmanaged,
-            state: EnabledState::Enabled,
-            unmanaged_vcpus: None,
-            service_role: None,
-            tags: Default::default(),
-            created_at: now,
-            extra: Default::default(),
-        };
-        expect_done(node.propose(Command::CreateComputeEnvironment(ce)).await?)?;
-    }
-    if !has_queue {
-        let queue = JobQueue {
-            name: DEFAULT.to_owned(),
-            arn: Arn(String::new()),
-            priority: 1,
-            state: EnabledState::Enabled,
-            compute_environment_order: vec![CeOrder {
-                order: 1,
-                compute_environment: DEFAULT.to_owned(),
-            }],
-            tags: Default::default(),
-            created_at: now,
-            scheduling_policy_arn: None,
-            time_limit_actions: Vec::new(),
-            extra: Default::default(),
-        };
-        expect_done(node.propose(Command::CreateJobQueue(queue)).await?)?;
-    }
-    Ok(())
-}
-
-fn expect_done(outcome: Outcome) -> anyhow::Result<()> {
-    match outcome {
-        Outcome::Rejected(r) => anyhow::bail!("creating dev defaults: {}", r.message),
-        _ => Ok(()),
     }
 }

@@ -3,6 +3,7 @@
 //! load.
 
 mod bench;
+mod cluster;
 mod dev;
 mod job_logs;
 
@@ -31,6 +32,11 @@ enum Commands {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Make a new cluster's certificates and configs; manage who may join it.
+    Cluster {
+        #[command(subcommand)]
+        command: cluster::ClusterCommand,
+    },
     /// Run one worker agent.
     Agent {
         #[arg(long, required_unless_present = "print_inventory")]
@@ -38,6 +44,12 @@ enum Commands {
         /// Print what this machine would offer (CPUs, memory, GPUs) as JSON, and exit.
         #[arg(long)]
         print_inventory: bool,
+        /// `docker` or `process`, over the config's `executor`.
+        #[arg(long)]
+        executor: Option<String>,
+        /// A join token, over the config's `join_token`.
+        #[arg(long)]
+        join: Option<String>,
     },
     /// Watch over an agent's attempts (started by `muster agent`; see `muster_agent::warden`).
     #[command(name = "agent-warden", hide = true)]
@@ -46,6 +58,9 @@ enum Commands {
         config: PathBuf,
         #[arg(long)]
         agent_pid: u32,
+        /// The agent's executor, where it differs from the config's.
+        #[arg(long)]
+        executor: Option<String>,
     },
     /// Manage users, access keys and policies (like `aws iam`).
     Iam {
@@ -307,19 +322,31 @@ async fn main() -> anyhow::Result<()> {
     init_tracing();
     match cli.command {
         Commands::Server { config } => server(config).await,
+        Commands::Cluster { command } => cluster::run(command).await,
         Commands::Agent {
             config,
             print_inventory: true,
+            ..
         } => print_inventory(config),
         Commands::Agent {
             config: Some(config),
+            executor,
+            join,
             ..
-        } => agent(config).await,
+        } => agent(config, executor, join).await,
         Commands::Agent { config: None, .. } => anyhow::bail!("--config is required"),
-        Commands::AgentWarden { config, agent_pid } => {
+        Commands::AgentWarden {
+            config,
+            agent_pid,
+            executor,
+        } => {
             let text = std::fs::read_to_string(&config)
                 .with_context(|| format!("reading {}", config.display()))?;
-            let config = muster_agent::RawAgentConfig::from_toml(&text)?.validate()?;
+            let mut raw = muster_agent::RawAgentConfig::from_toml(&text)?;
+            if let Some(executor) = executor {
+                raw.executor = parse_executor(&executor)?;
+            }
+            let config = raw.validate()?;
             muster_agent::warden::watch_over(config, agent_pid).await?;
             Ok(())
         }
@@ -434,15 +461,34 @@ async fn server(path: PathBuf) -> anyhow::Result<()> {
     }
 }
 
-async fn agent(path: PathBuf) -> anyhow::Result<()> {
+fn parse_executor(name: &str) -> anyhow::Result<muster_agent::ExecutorKind> {
+    match name {
+        "docker" => Ok(muster_agent::ExecutorKind::Docker),
+        "process" => Ok(muster_agent::ExecutorKind::Process),
+        other => anyhow::bail!("--executor {other}: must be docker or process"),
+    }
+}
+
+async fn agent(
+    path: PathBuf,
+    executor: Option<String>,
+    join: Option<String>,
+) -> anyhow::Result<()> {
     let shutdown = ShutdownSignal::install()?;
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let config = muster_agent::RawAgentConfig::from_toml(&text)?.validate()?;
+    let mut raw = muster_agent::RawAgentConfig::from_toml(&text)?;
+    if let Some(executor) = executor {
+        raw.executor = parse_executor(&executor)?;
+    }
+    if let Some(token) = join {
+        raw.join_token = Some(token);
+    }
+    let config = raw.validate()?;
     // Attempts must not outlive the agent's lease should the agent die: the warden, a process
     // of its own, stops them then.
     let program = std::env::current_exe().context("finding the muster binary")?;
-    muster_agent::warden::ensure_warden(&program, &path, &config.work_dir)
+    muster_agent::warden::ensure_warden(&program, &path, &config.work_dir, config.executor)
         .with_context(|| format!("starting the warden in {}", config.work_dir.display()))?;
     let agent = muster_agent::Agent::new(config).await?;
     let (stop, stopped) = tokio::sync::watch::channel(false);

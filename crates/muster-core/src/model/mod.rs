@@ -1,11 +1,13 @@
 //! The resources users create and the jobs they submit, as the state machine stores them.
 
+mod access;
 mod definition;
 mod environment;
 mod iam;
 mod job;
 mod node;
 
+pub use access::*;
 pub use definition::*;
 pub use environment::*;
 pub use iam::*;

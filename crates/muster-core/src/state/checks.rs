@@ -88,6 +88,7 @@ impl State {
             | Command::ReportAttempt { .. }
             | Command::ReportAttempts { .. } => Ok(()),
             Command::Iam(iam) => self.check_iam(iam),
+            Command::Access(access) => self.check_access(access),
             Command::PurgeJobs { .. }
             | Command::NodeLost { .. }
             | Command::SetWaitReasons { .. }

@@ -11,6 +11,7 @@ use crate::{
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
+mod access;
 pub(crate) mod assignments;
 mod attempts;
 mod checks;
@@ -50,6 +51,12 @@ pub struct State {
     client_tokens: BTreeMap<String, JobId>,
     /// Access keys by id.
     access_keys: BTreeMap<String, crate::AccessKey>,
+    /// Join tokens by id.
+    #[serde(default)]
+    join_tokens: BTreeMap<String, crate::JoinToken>,
+    /// Agents cut off for good, and when.
+    #[serde(default)]
+    revoked_agents: BTreeMap<NodeId, crate::Timestamp>,
 
     /// Submission order: the next job's `seq`. Log order, not clocks, decides who came first.
     #[serde(default)]
@@ -329,6 +336,7 @@ impl State {
                 Outcome::Done
             }
             Command::Iam(iam) => self.apply_iam(iam),
+            Command::Access(access) => self.apply_access(access),
             Command::PurgeJobs { before } => self.purge(before),
             Command::NodeLost { node, at } => self.node_lost(&node, at),
             Command::NodeHealth {
@@ -579,11 +587,17 @@ impl State {
             | Command::FailUnplaceable { .. }
             | Command::PurgeJobs { .. }
             | Command::Iam(_)
+            | Command::Access(crate::AccessCommand::CreateJoinToken(_))
+            | Command::Access(crate::AccessCommand::RevokeJoinToken { .. })
             | Command::CreateComputeEnvironment(_)
             | Command::CreateJobQueue(_)
             | Command::RegisterJobDefinition(_) => AffectedNodes::Some(Vec::new()),
             // Rare, and some end placed jobs wholesale (a deleted queue terminates its jobs).
             Command::Admin(_) => AffectedNodes::All,
+            // Its stream is ended by the gateway, which refuses it from now on.
+            Command::Access(crate::AccessCommand::RevokeAgent { node, .. }) => {
+                AffectedNodes::Some(vec![node.clone()])
+            }
         }
     }
 }
