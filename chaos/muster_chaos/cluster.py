@@ -3,6 +3,7 @@ killed, paused and restarted by PID."""
 
 import configparser
 import os
+import tomllib
 import re
 import signal
 import subprocess
@@ -74,6 +75,24 @@ class Cluster:
         for name in self.server_names + self.agent_names:
             net.add_host(name)
         self.procs = {}
+        # The cluster's CA, node certificates and agents' join token, as an operator makes
+        # them: every internal port runs mutual TLS, as in production.
+        pki = os.path.join(workdir, "pki")
+        subprocess.run([binary, "cluster", "init", "--dir", pki, "--executor", "process",
+                        "--servers", ",".join(net.ip(n) for n in self.server_names)],
+                       check=True, stdout=subprocess.DEVNULL)
+        with open(os.path.join(pki, "server-1.toml"), "rb") as f:
+            founding = tomllib.load(f)["founding_join_token"]
+        with open(os.path.join(pki, "agent.toml"), "rb") as f:
+            joining = tomllib.load(f)
+        tls_dir = os.path.join(pki, "tls")
+
+        def tls(i):
+            return (f'[tls]\nca_file = "{tls_dir}/ca.pem"\ncert_file = "{tls_dir}/control-{i}.pem"\n'
+                    f'key_file = "{tls_dir}/control-{i}.key"\nca_key_file = "{tls_dir}/ca.key"\n')
+        founding_table = (f'[founding_join_token]\nid = "{founding["id"]}"\n'
+                          f'secret_sha256 = "{founding["secret_sha256"]}"\n'
+                          f'expires_at_unix = {founding["expires_at_unix"]}\n')
         peers = "".join(
             f'[[peers]]\nid = {i}\ngrpc_addr = "{net.ip(n)}:{GRPC}"\nraft_addr = "{net.ip(n)}:{RAFT}"\n'
             for i, n in enumerate(self.server_names, 1))
@@ -90,7 +109,8 @@ class Cluster:
             with open(config, "w") as f:
                 f.write(f'node_id = {i}\ngrpc_addr = "{ip}:{GRPC}"\nraft_addr = "{ip}:{RAFT}"\n'
                         f'api_addr = "{ip}:{API}"\ndata_dir = "{workdir}/{name}-data"\n'
-                        f'node_lost_after_secs = {node_lost_after}\nplaintext = true\n{peers}')
+                        f'node_lost_after_secs = {node_lost_after}\n{tls(i)}'
+                        f'{founding_table if i == 1 else ""}{peers}')
             self._proc(name, ["server", "--config", config])
         # Each control node's wall clock can be stepped (libfaketime, reading an offset from a
         # file of its own once a second; the monotonic clock, which Raft's timers use, is left
@@ -113,7 +133,8 @@ class Cluster:
                         f'executor = "process"\nwork_dir = "{workdir}/{name}-work"\nvcpus = 2\n'
                         f'memory_mib = 1024\nheartbeat_secs = 1\nstop_grace_secs = 2\n'
                         f'stop_after_secs = {agent_stop_after}\nlog_listen_addr = "{net.ip(name)}:{LOGS}"\n'
-                        'plaintext = true\n')
+                        f'join_token = "{joining["join_token"]}"\n'
+                        f'ca_fingerprint = "{joining["ca_fingerprint"]}"\n')
             self._proc(name, ["agent", "--config", config])
         self.credentials = None
         self.stopped = threading.Event()

@@ -109,11 +109,9 @@ impl TestCluster {
             .expect("the test cluster runs TLS");
         let identity = muster_tls::Identity::load("tls", &files).expect("agent identity");
         let addr = &self.cluster.grpc_addrs()[(id - 1) as usize];
-        let channel = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
-            .unwrap()
-            .tls_config(identity.client_tls(muster_tls::CONTROL_SERVER_NAME))
-            .unwrap()
-            .connect()
+        let channel = identity
+            .client_tls(muster_tls::CONTROL_SERVER_NAME)
+            .connect(muster_tls::ClientTls::endpoint(addr).unwrap())
             .await
             .expect("gRPC connects");
         muster_proto::pb::agent_service_client::AgentServiceClient::new(channel)

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Channel, Endpoint};
 
 /// How often an agent pings each control node over an idle connection, and how long an
 /// unanswered ping is given before the connection is dropped.
@@ -22,11 +22,11 @@ pub(crate) struct ControlClient {
     pub addrs: Vec<String>,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
     /// `None`: plaintext.
-    tls: Option<ClientTlsConfig>,
+    tls: Option<muster_tls::ClientTls>,
 }
 
 impl ControlClient {
-    pub fn new(addrs: Vec<String>, tls: Option<ClientTlsConfig>) -> Self {
+    pub fn new(addrs: Vec<String>, tls: Option<muster_tls::ClientTls>) -> Self {
         Self {
             addrs,
             channels: Arc::default(),
@@ -44,20 +44,19 @@ impl ControlClient {
         if let Some(ch) = channels.get(addr) {
             return Some(ch.clone());
         }
-        let scheme = if self.tls.is_some() { "https" } else { "http" };
-        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}")).ok()?;
-        if let Some(tls) = &self.tls {
-            endpoint = endpoint.tls_config(tls.clone()).ok()?;
-        }
-        let ch = endpoint
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .ok()?
             .connect_timeout(Duration::from_millis(500))
             .timeout(Duration::from_secs(15))
             // A control node that vanished without a reset (stopped, cut off) is noticed by
             // its unanswered pings, and the connection made anew, within seconds.
             .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-            .keep_alive_while_idle(true)
-            .connect_lazy();
+            .keep_alive_while_idle(true);
+        let ch = match &self.tls {
+            Some(tls) => tls.connect_lazy(endpoint),
+            None => endpoint.connect_lazy(),
+        };
         channels.insert(addr.to_owned(), ch.clone());
         Some(ch)
     }

@@ -99,7 +99,13 @@ impl ControlNode {
 
         let peers = match &config.tls {
             Some(identity) => {
-                PeerDirectory::with_tls(identity.client_tls(muster_tls::CONTROL_SERVER_NAME))
+                // TCP and TLS within a second: a peer that takes longer is as good as down
+                // for Raft, and the next call tries again.
+                PeerDirectory::with_tls(
+                    identity
+                        .client_tls(muster_tls::CONTROL_SERVER_NAME)
+                        .with_connect_timeout(Duration::from_secs(1)),
+                )
             }
             None => PeerDirectory::default(),
         };

@@ -21,12 +21,12 @@ pub struct RaftPlane {
     /// SubmitJob calls are group-committed: concurrent clients share Raft entries.
     submits: Batcher<JobSubmission>,
     /// How this node dials agents' log services; `None`: plaintext.
-    agent_logs_tls: Option<tonic::transport::ClientTlsConfig>,
+    agent_logs_tls: Option<muster_tls::ClientTls>,
 }
 
 impl RaftPlane {
     /// Reads agents' logs over TLS with `tls` (this node's certificate, agents' server name).
-    pub fn reading_logs_with(mut self, tls: Option<tonic::transport::ClientTlsConfig>) -> Self {
+    pub fn reading_logs_with(mut self, tls: Option<muster_tls::ClientTls>) -> Self {
         self.agent_logs_tls = tls;
         self
     }
@@ -87,22 +87,21 @@ impl ControlPlane for RaftPlane {
     async fn read_log(&self, request: LogRequest) -> Result<LogPage, String> {
         use muster_proto::pb::ReadLogRequest;
         use muster_proto::pb::agent_logs_client::AgentLogsClient;
-        let scheme = if self.agent_logs_tls.is_some() {
-            "https"
-        } else {
-            "http"
-        };
-        let mut endpoint =
-            tonic::transport::Endpoint::from_shared(format!("{scheme}://{}", request.log_address))
+        let endpoint =
+            tonic::transport::Endpoint::from_shared(format!("http://{}", request.log_address))
                 .map_err(|e| e.to_string())?
                 .connect_timeout(LOG_READ_TIMEOUT)
                 .timeout(LOG_READ_TIMEOUT);
-        if let Some(tls) = &self.agent_logs_tls {
-            endpoint = endpoint
-                .tls_config(tls.clone())
-                .map_err(|e| e.to_string())?;
-        }
-        let mut client = AgentLogsClient::new(endpoint.connect().await.map_err(|e| e.to_string())?);
+        let channel = match &self.agent_logs_tls {
+            Some(tls) => {
+                tls.clone()
+                    .with_connect_timeout(LOG_READ_TIMEOUT)
+                    .connect(endpoint)
+                    .await
+            }
+            None => endpoint.connect().await,
+        };
+        let mut client = AgentLogsClient::new(channel.map_err(|e| e.to_string())?);
         let page = client
             .read_log(ReadLogRequest {
                 job_id: request.job,

@@ -16,7 +16,7 @@ use serde::de::DeserializeOwned;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Channel, Endpoint};
 
 /// How to reach one control node: two listeners, so that votes and log replication between
 /// control nodes never queue behind the traffic of thousands of agents (as etcd keeps its
@@ -55,7 +55,7 @@ impl PeerDirectory {
 
     /// A directory whose channels (and those of every cache made from it) speak TLS with
     /// `tls`, which presents this node's certificate and accepts only control nodes'.
-    pub fn with_tls(tls: ClientTlsConfig) -> Self {
+    pub fn with_tls(tls: muster_tls::ClientTls) -> Self {
         Self {
             addrs: Arc::default(),
             channels: ChannelCache::new(None, Some(tls)),
@@ -113,11 +113,11 @@ pub(crate) struct ChannelCache {
     /// `None`: TCP.
     dialer: Option<Dialer>,
     /// `None`: plaintext.
-    tls: Option<ClientTlsConfig>,
+    tls: Option<muster_tls::ClientTls>,
 }
 
 impl ChannelCache {
-    fn new(dialer: Option<Dialer>, tls: Option<ClientTlsConfig>) -> Self {
+    fn new(dialer: Option<Dialer>, tls: Option<muster_tls::ClientTls>) -> Self {
         Self {
             channels: Arc::default(),
             dialer,
@@ -134,19 +134,16 @@ impl ChannelCache {
         }
         // HTTP/2 pings find a dead connection (a peer stopped or cut off without a reset) in
         // seconds; without them a call waits on a connection TCP keeps retrying for minutes.
-        let scheme = if self.tls.is_some() { "https" } else { "http" };
-        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))?
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))?
             .connect_timeout(Duration::from_millis(500))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(PEER_KEEPALIVE_INTERVAL)
             .keep_alive_timeout(PEER_KEEPALIVE_TIMEOUT)
             .keep_alive_while_idle(true);
-        if let Some(tls) = &self.tls {
-            endpoint = endpoint.tls_config(tls.clone())?;
-        }
-        let ch = match &self.dialer {
-            Some(dial) => dial(endpoint),
-            None => endpoint.connect_lazy(),
+        let ch = match (&self.dialer, &self.tls) {
+            (Some(dial), _) => dial(endpoint),
+            (None, Some(tls)) => tls.connect_lazy(endpoint),
+            (None, None) => endpoint.connect_lazy(),
         };
         channels.insert(addr.to_owned(), ch.clone());
         Ok(ch)

@@ -49,8 +49,6 @@ pub struct Identity {
     role: Role,
     ca_pem: String,
     ca: CertificateDer<'static>,
-    cert_pem: String,
-    key_pem: String,
     chain: Vec<CertificateDer<'static>>,
     key: Arc<PrivateKeyDer<'static>>,
 }
@@ -157,8 +155,6 @@ impl Identity {
             role,
             ca_pem: ca_pem.to_owned(),
             ca,
-            cert_pem: cert_pem.to_owned(),
-            key_pem: key_pem.to_owned(),
             chain,
             key: Arc::new(key),
         })
@@ -199,15 +195,21 @@ impl Identity {
         Ok(Arc::new(config))
     }
 
-    /// tonic's client configuration for dialling a server of role `server_name`
-    /// ([`crate::CONTROL_SERVER_NAME`] or [`crate::AGENT_SERVER_NAME`]) with this identity.
-    pub fn client_tls(&self, server_name: &str) -> tonic::transport::ClientTlsConfig {
-        tonic::transport::ClientTlsConfig::new()
-            .ca_certificate(tonic::transport::Certificate::from_pem(&self.ca_pem))
-            .identity(tonic::transport::Identity::from_pem(
-                &self.cert_pem,
-                &self.key_pem,
-            ))
-            .domain_name(server_name)
+    /// How to dial servers of role `server_name` ([`crate::CONTROL_SERVER_NAME`] or
+    /// [`crate::AGENT_SERVER_NAME`]) with this identity: only a server whose certificate this
+    /// CA issued for that role is accepted.
+    pub fn client_tls(&self, server_name: &str) -> crate::ClientTls {
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(self.ca.clone())
+            .expect("the CA was added once already, when the identity was loaded");
+        let config =
+            rustls::ClientConfig::builder_with_provider(Arc::new(crate::crypto_provider()))
+                .with_safe_default_protocol_versions()
+                .expect("ring supports the default protocol versions")
+                .with_root_certificates(roots)
+                .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
+                .expect("the key matches the certificate: checked when loaded");
+        crate::ClientTls::new(config, server_name)
     }
 }

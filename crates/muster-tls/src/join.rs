@@ -9,7 +9,7 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use std::sync::Arc;
 use std::time::Duration;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 #[derive(Debug)]
 struct PinnedCa {
@@ -93,32 +93,15 @@ pub async fn join_channel(
         fingerprint: ca_fingerprint.to_owned(),
         provider: provider.clone(),
     });
-    let mut config = ClientConfig::builder_with_provider(provider)
+    let config = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .expect("ring supports the default protocol versions")
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    // TLS is done here, under tonic, which therefore sees plain `http`.
-    Endpoint::from_shared(format!("http://{addr}"))?
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(15))
-        .connect_with_connector(tower::service_fn(move |uri: tonic::codegen::http::Uri| {
-            let connector = connector.clone();
-            async move {
-                let host = uri.host().unwrap_or_default().to_owned();
-                let port = uri.port_u16().unwrap_or(80);
-                let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
-                tcp.set_nodelay(true)?;
-                let name = ServerName::try_from(CONTROL_SERVER_NAME)
-                    .expect("a valid DNS name")
-                    .to_owned();
-                let tls = connector.connect(name, tcp).await?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
-            }
-        }))
+    let endpoint = crate::ClientTls::endpoint(addr)?.timeout(Duration::from_secs(15));
+    crate::ClientTls::new(config, CONTROL_SERVER_NAME)
+        .connect(endpoint)
         .await
 }
 

@@ -13,12 +13,14 @@
 //! - [`transport`]: tonic-ready server listeners (handshakes off the accept loop, each
 //!   refusal logged with its reason) and client configurations.
 
+mod client;
 mod identity;
 pub mod join;
 pub mod pki;
 mod role;
 pub mod transport;
 
+pub use client::{ClientTls, DEFAULT_CONNECT_TIMEOUT};
 pub use identity::{ClientCertificates, Identity, IdentityError, TlsFiles};
 pub use role::{AGENT_SERVER_NAME, CONTROL_SERVER_NAME, Role, peer_role, role_of_certificate};
 
