@@ -168,6 +168,7 @@ impl PartitionedCluster {
             tls: None,
             found_with_defaults: false,
             founding_join_token: None,
+            api_tls: None,
             ca: None,
         };
         let configs: Vec<ServerConfig> = ids.iter().map(|id| config(*id)).collect();

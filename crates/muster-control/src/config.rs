@@ -64,6 +64,11 @@ pub struct RawServerConfig {
     /// `muster cluster init`; the config holds only its secret's SHA-256).
     #[serde(default)]
     pub founding_join_token: Option<FoundingJoinToken>,
+    /// Serve the AWS Batch API over HTTPS with this certificate and key (the cluster CA's,
+    /// from `muster cluster init --api-tls`, or an operator's). Clients trust it with
+    /// `AWS_CA_BUNDLE` (or `ca_bundle` in their AWS config).
+    #[serde(default)]
+    pub api_tls: Option<muster_tls::ApiTlsFiles>,
 }
 
 /// See [`RawServerConfig::founding_join_token`].
@@ -136,6 +141,8 @@ pub struct ServerConfig {
     pub found_with_defaults: bool,
     /// See [`RawServerConfig::founding_join_token`].
     pub founding_join_token: Option<FoundingJoinToken>,
+    /// The API's TLS; `None`: plain HTTP.
+    pub api_tls: Option<std::sync::Arc<muster_tls::ServerTlsConfig>>,
     /// The cluster CA with its key (`tls.ca_key_file`): this node signs joining agents'
     /// certificates. `None`: agents cannot join through this node.
     pub ca: Option<std::sync::Arc<muster_tls::pki::ClusterCa>>,
@@ -281,6 +288,12 @@ impl RawServerConfig {
             tls,
             found_with_defaults: self.found_with_defaults,
             founding_join_token: self.founding_join_token,
+            api_tls: self
+                .api_tls
+                .as_ref()
+                .map(muster_tls::api_server_config)
+                .transpose()
+                .map_err(|e| invalid("api_tls", e.to_string()))?,
             ca,
             node_lost_after: std::time::Duration::from_secs(self.node_lost_after_secs),
             job_retention: std::time::Duration::from_secs(self.job_retention_days * 86_400),

@@ -219,6 +219,7 @@ impl LocalCluster {
             tls: self.pki.as_ref().map(|pki| pki.nodes[&id].clone()),
             found_with_defaults: false,
             founding_join_token: None,
+            api_tls: None,
             ca: self.pki.as_ref().map(|pki| pki.ca.clone()),
         }
     }

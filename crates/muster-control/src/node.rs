@@ -19,6 +19,22 @@ use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
+/// The API's listener when it serves HTTPS.
+struct HttpsListener(muster_tls::transport::TlsListener);
+
+impl axum::serve::Listener for HttpsListener {
+    type Io = muster_tls::transport::ServerTlsStream;
+    type Addr = SocketAddr;
+
+    fn accept(&mut self) -> impl std::future::Future<Output = (Self::Io, Self::Addr)> + Send {
+        self.0.accept()
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.0.local_addr())
+    }
+}
+
 /// Listeners bound by the caller (port 0 in tests).
 pub struct Listeners {
     /// Agents.
@@ -256,8 +272,20 @@ impl ControlNode {
         }
         let stop = signal(shutdown_rx.clone());
         let api = listeners.api;
+        let api_tls = config.api_tls.clone();
         tasks.push(tokio::spawn(async move {
-            if let Err(e) = axum::serve(api, router).with_graceful_shutdown(stop).await {
+            let served = match api_tls {
+                Some(tls) => match muster_tls::transport::TlsListener::new(api, tls, "api") {
+                    Ok(listener) => {
+                        axum::serve(HttpsListener(listener), router)
+                            .with_graceful_shutdown(stop)
+                            .await
+                    }
+                    Err(e) => Err(e),
+                },
+                None => axum::serve(api, router).with_graceful_shutdown(stop).await,
+            };
+            if let Err(e) = served {
                 tracing::error!(error = %e, "API server failed");
             }
         }));

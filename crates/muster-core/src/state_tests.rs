@@ -669,3 +669,62 @@ fn the_region_and_account_are_set_before_anything_names_them_and_then_fixed() {
     }
     assert_eq!(state.arn_scope().region, "eu-west-1");
 }
+
+#[test]
+fn join_tokens_are_made_once_revoked_by_id_and_agents_revoked_by_name() {
+    let mut s = State::default();
+    let token = |id: &str, expires: u64| {
+        Command::Access(AccessCommand::CreateJoinToken(JoinToken {
+            id: id.into(),
+            secret_sha256: "ab".repeat(32),
+            created_at: Timestamp(1_000),
+            expires_at: Timestamp(expires),
+            description: String::new(),
+            revoked: false,
+        }))
+    };
+    assert_eq!(s.apply(token("abcd1234", 5_000)), Outcome::Done);
+    assert!(
+        s.join_token("abcd1234")
+            .unwrap()
+            .usable_at(Timestamp(4_999))
+    );
+    assert!(
+        !s.join_token("abcd1234")
+            .unwrap()
+            .usable_at(Timestamp(5_000))
+    );
+    // The same id twice, a bad id, an expiry before creation: refused, state unchanged.
+    for bad in [
+        token("abcd1234", 9_000),
+        token("AB", 9_000),
+        token("later123", 500),
+    ] {
+        assert!(matches!(s.apply(bad), Outcome::Rejected(_)));
+    }
+    assert_eq!(s.join_tokens().count(), 1);
+    let revoke = |id: &str| Command::Access(AccessCommand::RevokeJoinToken { id: id.into() });
+    assert!(matches!(s.apply(revoke("nosuch12")), Outcome::Rejected(_)));
+    assert_eq!(s.apply(revoke("abcd1234")), Outcome::Done);
+    assert!(
+        !s.join_token("abcd1234")
+            .unwrap()
+            .usable_at(Timestamp(2_000))
+    );
+
+    let node = NodeId("worker-1".into());
+    assert!(!s.agent_revoked(&node));
+    let revoke_agent = Command::Access(AccessCommand::RevokeAgent {
+        node: node.clone(),
+        at: Timestamp(3_000),
+    });
+    assert!(
+        matches!(s.nodes_affected_by(&revoke_agent), AffectedNodes::Some(n) if n == vec![node.clone()])
+    );
+    assert_eq!(s.apply(revoke_agent), Outcome::Done);
+    assert!(s.agent_revoked(&node));
+    // Kept in snapshots.
+    let restored: State = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+    assert!(restored.agent_revoked(&node));
+    assert!(restored.join_token("abcd1234").unwrap().revoked);
+}

@@ -213,3 +213,63 @@ impl Identity {
         crate::ClientTls::new(config, server_name)
     }
 }
+
+/// The files of an `[api_tls]` section: the API's certificate (chain) and key, PEM. The
+/// certificate may be the cluster CA's (`muster cluster init --api-tls`) or an operator's.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiTlsFiles {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+/// The rustls configuration of the HTTPS API: no client certificates (SigV4 authenticates
+/// callers), HTTP/2 and HTTP/1.1. An error names the setting and the file.
+pub fn api_server_config(files: &ApiTlsFiles) -> Result<Arc<ServerConfig>, IdentityError> {
+    crate::install_crypto_provider();
+    let read = |setting: &str, path: &Path| {
+        std::fs::read(path).map_err(|source| IdentityError::Read {
+            setting: format!("api_tls.{setting}"),
+            path: path.display().to_string(),
+            source,
+        })
+    };
+    let invalid = |setting: &str, path: &Path, problem: String| IdentityError::Invalid {
+        setting: format!("api_tls.{setting}"),
+        path: path.display().to_string(),
+        problem,
+    };
+    let cert = read("cert_file", &files.cert_file)?;
+    let key = read("key_file", &files.key_file)?;
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert)
+        .filter_map(Result::ok)
+        .collect();
+    if chain.is_empty() {
+        return Err(invalid(
+            "cert_file",
+            &files.cert_file,
+            "holds no PEM certificate".into(),
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_slice(&key).map_err(|e| {
+        invalid(
+            "key_file",
+            &files.key_file,
+            format!("holds no PEM private key ({e})"),
+        )
+    })?;
+    let mut config = ServerConfig::builder_with_provider(Arc::new(crate::crypto_provider()))
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| {
+            invalid(
+                "key_file",
+                &files.key_file,
+                format!("does not fit the certificate: {e}"),
+            )
+        })?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}

@@ -21,11 +21,16 @@ mod role;
 pub mod transport;
 
 pub use client::{ClientTls, DEFAULT_CONNECT_TIMEOUT};
-pub use identity::{ClientCertificates, Identity, IdentityError, TlsFiles};
+pub use identity::{
+    ApiTlsFiles, ClientCertificates, Identity, IdentityError, TlsFiles, api_server_config,
+};
 pub use role::{AGENT_SERVER_NAME, CONTROL_SERVER_NAME, Role, peer_role, role_of_certificate};
 
 /// Installs *ring* as rustls' process-wide crypto provider, once. rustls refuses to pick one
 /// itself when more than one could be linked in; Muster links only *ring*.
+/// rustls' server configuration, as [`api_server_config`] and [`Identity::server_config`] make it.
+pub use rustls::ServerConfig as ServerTlsConfig;
+
 pub fn install_crypto_provider() {
     let _ = crypto_provider().install_default();
 }

@@ -127,6 +127,41 @@ impl ClusterCa {
         })
     }
 
+    /// A new key and a certificate for the HTTPS API at `hosts` (names and addresses), for
+    /// clients that trust this CA (`AWS_CA_BUNDLE`). It names no role: it is no member's.
+    pub fn issue_api(
+        &self,
+        hosts: &[String],
+        validity: Validity,
+    ) -> Result<IssuedCertificate, PkiError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "Muster API");
+        for host in hosts {
+            params.subject_alt_names.push(match host.parse::<IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(host.as_str().try_into()?),
+            });
+        }
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        params.not_before = offset_time(validity.not_before);
+        params.not_after = offset_time(validity.not_after);
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(IssuedCertificate {
+            // Chained to the CA, as clients that know only the CA expect.
+            cert_pem: format!("{}{}", cert.pem(), self.cert_pem),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
     /// A certificate for the key of a certificate signing request, naming `role`. What the
     /// request itself asks for (names, usages) is ignored: the role is the CA's decision.
     pub fn sign_request(

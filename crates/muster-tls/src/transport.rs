@@ -99,3 +99,46 @@ pub fn refusal_reason(error: &io::Error) -> String {
         other => format!("the handshake failed: {other}"),
     }
 }
+
+/// A server-side TLS connection over TCP.
+pub type ServerTlsStream = TlsStream<TcpStream>;
+
+/// Connections whose handshake completed, one at a time, with their peer's address: for HTTP
+/// servers (the API) that take a listener rather than a stream.
+pub struct TlsListener {
+    incoming: ReceiverStream<io::Result<ServerTlsStream>>,
+    local: SocketAddr,
+}
+
+impl TlsListener {
+    pub fn new(
+        listener: TcpListener,
+        config: Arc<ServerConfig>,
+        port: &'static str,
+    ) -> io::Result<Self> {
+        let local = listener.local_addr()?;
+        Ok(Self {
+            incoming: tls_incoming(listener, config, port),
+            local,
+        })
+    }
+
+    /// The next connection; never returns while none comes.
+    pub async fn accept(&mut self) -> (ServerTlsStream, SocketAddr) {
+        use tokio_stream::StreamExt;
+        loop {
+            match self.incoming.next().await {
+                Some(Ok(stream)) => {
+                    let peer = stream.get_ref().0.peer_addr().unwrap_or(self.local);
+                    return (stream, peer);
+                }
+                Some(Err(_)) => continue,
+                None => std::future::pending::<()>().await,
+            }
+        }
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+}

@@ -31,6 +31,10 @@ pub enum ClusterCommand {
         /// The executor agent.toml names (`muster agent --executor` overrides it).
         #[arg(long, default_value = "docker")]
         executor: String,
+        /// Serve the API over HTTPS with a certificate of the cluster's CA (the AWS config
+        /// written to DIR/aws names the CA as its `ca_bundle`).
+        #[arg(long)]
+        api_tls: bool,
     },
     /// Join tokens: agents present one to have their certificate signed.
     Token {
@@ -105,14 +109,18 @@ pub async fn run(command: ClusterCommand) -> anyhow::Result<()> {
             account_id,
             token_ttl_hours,
             executor,
+            api_tls,
         } => init(
             &dir,
             &servers,
-            &cluster_name,
-            &region,
-            &account_id,
-            token_ttl_hours,
-            &executor,
+            &InitOptions {
+                cluster_name,
+                region,
+                account_id,
+                token_ttl_hours,
+                executor,
+                api_tls,
+            },
         ),
         ClusterCommand::Token {
             endpoint_url,
@@ -194,15 +202,32 @@ fn toml_string(value: &str) -> String {
     serde_json::to_string(value).expect("a string serialises")
 }
 
-fn init(
-    dir: &Path,
-    servers: &str,
-    cluster_name: &str,
-    region: &str,
-    account_id: &str,
+/// What `muster cluster init` was asked for besides its directory and servers.
+struct InitOptions {
+    cluster_name: String,
+    region: String,
+    account_id: String,
     token_ttl_hours: u64,
-    executor: &str,
-) -> anyhow::Result<()> {
+    executor: String,
+    api_tls: bool,
+}
+
+fn init(dir: &Path, servers: &str, options: &InitOptions) -> anyhow::Result<()> {
+    let InitOptions {
+        cluster_name,
+        region,
+        account_id,
+        token_ttl_hours,
+        executor,
+        api_tls,
+    } = options;
+    let (cluster_name, region, account_id, executor) = (
+        cluster_name.as_str(),
+        region.as_str(),
+        account_id.as_str(),
+        executor.as_str(),
+    );
+    let (token_ttl_hours, api_tls) = (*token_ttl_hours, *api_tls);
     if dir.exists() && std::fs::read_dir(dir)?.next().is_some() {
         bail!("--dir {}: must be new or empty", dir.display());
     }
@@ -243,7 +268,27 @@ fn init(
     let (token_id, secret) = muster_tls::join::new_token();
     let expires = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs() + token_ttl_hours * 3600;
     let founder = &nodes[0];
-    let endpoint = format!("http://{}", founder.addr(founder.api));
+    let scheme = if api_tls { "https" } else { "http" };
+    let endpoint = format!("{scheme}://{}", founder.addr(founder.api));
+    // One certificate for every node's API, naming every host.
+    let api_section = if api_tls {
+        let mut hosts: Vec<String> = nodes.iter().map(|n| n.host.clone()).collect();
+        hosts.dedup();
+        if local {
+            hosts.push("localhost".into());
+        }
+        let issued = ca.issue_api(&hosts, Validity::from_now(NODE_CERT_VALIDITY))?;
+        let (cert, key) = (tls_dir.join("api.pem"), tls_dir.join("api.key"));
+        write_pem(&cert, &issued.cert_pem, false)?;
+        write_pem(&key, &issued.key_pem, true)?;
+        format!(
+            "\n# The AWS Batch API over HTTPS; clients trust the cluster CA (AWS_CA_BUNDLE).\n[api_tls]\ncert_file = {}\nkey_file = {}\n",
+            toml_string(&cert.display().to_string()),
+            toml_string(&key.display().to_string()),
+        )
+    } else {
+        String::new()
+    };
     let aws_dir = dir.join("aws");
     for node in &nodes {
         let files = write_identity(
@@ -301,6 +346,9 @@ fn init(
             toml_string(&files.key_file.display().to_string()),
             toml_string(&ca_key.display().to_string()),
         ));
+        // Tables after the peers' array would be read as part of the last peer.
+        let peers_at = text.find("[[peers]]").unwrap_or(text.len());
+        text.insert_str(peers_at, &api_section);
         write_pem(&dir.join(format!("server-{}.toml", node.id)), &text, true)?;
     }
 
@@ -340,7 +388,14 @@ fn init(
     )?;
     write_pem(
         &aws_dir.join("config"),
-        &format!("[default]\nregion = {region}\noutput = json\nendpoint_url = {endpoint}\n"),
+        &format!(
+            "[default]\nregion = {region}\noutput = json\nendpoint_url = {endpoint}\n{}",
+            if api_tls {
+                format!("ca_bundle = {}\n", tls_dir.join("ca.pem").display())
+            } else {
+                String::new()
+            }
+        ),
         false,
     )?;
 

@@ -1,6 +1,6 @@
 //! `muster`: the one binary. `server` runs a control node, `agent` a worker, `dev` a whole
-//! local cluster with an agent in one process, `bench` a cluster with simulated agents under
-//! load.
+//! local cluster with an agent in one process, `cluster` founds a cluster's files and manages
+//! who may join, `bench` a cluster with simulated agents under load.
 
 mod bench;
 mod cluster;
