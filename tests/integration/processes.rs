@@ -683,6 +683,27 @@ async fn a_cluster_from_cluster_init_admits_only_what_holds_its_keys() {
         "a secret was listed"
     );
 
+    // No token's secret reaches a log.
+    let init_token = std::fs::read_to_string(dir.join("agent.toml")).unwrap();
+    let init_secret = init_token
+        .lines()
+        .find_map(|l| l.strip_prefix("join_token = "))
+        .and_then(|t| t.trim_matches('"').split('.').nth(1).map(str::to_owned))
+        .unwrap();
+    for entry in std::fs::read_dir(temp.path()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "log") {
+            let text = std::fs::read_to_string(&path).unwrap();
+            for secret in [init_secret.as_str(), token.split('.').nth(1).unwrap()] {
+                assert!(
+                    !text.contains(secret),
+                    "{} holds a token's secret",
+                    path.display()
+                );
+            }
+        }
+    }
+
     // The joined agent, revoked by name, is refused from then on.
     let cut = muster_admin(&dir, &endpoint, &["cluster", "node", "revoke", "joined"]);
     assert!(

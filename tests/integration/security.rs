@@ -195,3 +195,89 @@ async fn only_holders_of_the_right_certificate_reach_the_internal_ports() {
         .await
         .expect("the cluster takes writes");
 }
+
+/// A joined agent renews its certificate before it expires, without a restart: once the
+/// first certificate has expired, the agent still reports, and control nodes still read its
+/// logs over new connections (which the expired certificate would fail).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_joined_agent_renews_its_certificate_before_it_expires() {
+    let t = TestCluster::start(3).await;
+    let client = t.client(1);
+    crate::harness::create_basics(&client, "ce", "q", "d").await;
+    let ca = t.cluster.ca().expect("the test cluster runs TLS");
+    // What a join left in work_dir/tls, with a certificate of 12 s.
+    let work_dir = t.dir.path().join("agent-renewing");
+    let tls_dir = work_dir.join("tls");
+    let now = SystemTime::now();
+    let short = Validity {
+        not_before: now - Duration::from_secs(1),
+        not_after: now + Duration::from_secs(12),
+    };
+    let first = ca
+        .issue(&Role::Agent("renewing".into()), &[], short)
+        .unwrap();
+    muster_tls::pki::write_pem(&tls_dir.join("ca.pem"), ca.cert_pem(), false).unwrap();
+    muster_tls::pki::write_pem(&tls_dir.join("agent.pem"), &first.cert_pem, false).unwrap();
+    muster_tls::pki::write_pem(&tls_dir.join("agent.key"), &first.key_pem, true).unwrap();
+    let config = muster_agent::RawAgentConfig {
+        join_token: Some("unused00.since-the-kept-certificate-is-valid".into()),
+        ca_fingerprint: Some(muster_tls::pki::fingerprint(ca.cert_pem()).unwrap()),
+        vcpus: Some(2.0),
+        memory_mib: Some(2048),
+        heartbeat_secs: 1,
+        ..muster_agent::RawAgentConfig::new(
+            "renewing",
+            "ce",
+            t.cluster.grpc_addrs(),
+            muster_agent::ExecutorKind::Process,
+            work_dir.clone(),
+        )
+    }
+    .validate()
+    .unwrap();
+    let (stop, _task, runtime) = crate::harness::start_agent(config).await;
+
+    // Renewed at two thirds of its life; then the first certificate expires.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::fs::read_to_string(tls_dir.join("agent.pem")).unwrap() == first.cert_pem {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the certificate was not renewed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let renewed = muster_tls::Identity::load(
+        "tls",
+        &muster_tls::TlsFiles {
+            ca_file: tls_dir.join("ca.pem"),
+            cert_file: tls_dir.join("agent.pem"),
+            key_file: tls_dir.join("agent.key"),
+            ca_key_file: None,
+        },
+    )
+    .expect("the renewed files are a valid identity");
+    assert!(renewed.not_after() > now + Duration::from_secs(86_400));
+    while SystemTime::now() < short.not_after + Duration::from_secs(1) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let job =
+        crate::harness::submit(&client, "q", "d", "after-renewal", &["echo", "renewed"]).await;
+    let done = crate::harness::wait_for_status(&client, &job, &["SUCCEEDED", "FAILED"]).await;
+    assert_eq!(done["status"], "SUCCEEDED", "{done}");
+    let stream = done["container"]["logStreamName"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let page = client
+        .call_logs(
+            "GetLogEvents",
+            serde_json::json!({"logGroupName": "/aws/batch/job", "logStreamName": stream,
+                               "startFromHead": true}),
+        )
+        .await
+        .expect("a control node reads the agent's logs over a new connection");
+    assert_eq!(page["events"][0]["message"], "renewed", "{page}");
+    let _ = stop.send(true);
+    runtime.shutdown_background();
+}

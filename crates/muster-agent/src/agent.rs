@@ -109,8 +109,41 @@ impl Agent {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
-        let log_server =
-            listener.map(|l| tokio::spawn(serve_logs(self.config.clone(), l, shutdown.clone())));
+        // Control nodes read logs with their certificates; the agent presents its own, which
+        // a renewal replaces without a restart.
+        let (log_tls, served) = match &self.config.tls {
+            Some(identity) => {
+                match identity.renewable_server_config(muster_tls::ClientCertificates::Required) {
+                    Ok((config, served)) => (Some(config), Some(served)),
+                    Err(e) => {
+                        tracing::error!(error = %e, "the agent's certificate cannot serve its logs");
+                        (None, None)
+                    }
+                }
+            }
+            None => (None, None),
+        };
+        let log_server = listener.map(|l| {
+            tokio::spawn(serve_logs(
+                self.config.clone(),
+                l,
+                log_tls,
+                shutdown.clone(),
+            ))
+        });
+        // A joined agent renews its own certificate; one whose files an operator manages
+        // (`[tls]`) gets new files from the operator.
+        let renewal = match (&self.config.join, &self.config.tls) {
+            (Some(_), Some(identity)) => Some(tokio::spawn(crate::renewal::keep_renewed(
+                self.config.node_id.clone(),
+                crate::join::files(&self.config),
+                identity.clone(),
+                self.control.clone(),
+                served,
+                shutdown.clone(),
+            ))),
+            _ => None,
+        };
         if !self.register(&shutdown).await {
             return;
         }
@@ -161,6 +194,9 @@ impl Agent {
         let _ = lease_keeper.await;
         if let Some(server) = log_server {
             server.abort();
+        }
+        if let Some(renewal) = renewal {
+            renewal.abort();
         }
     }
 

@@ -39,7 +39,8 @@ pub enum JoinError {
     Local(String),
 }
 
-fn files(config: &AgentConfig) -> muster_tls::TlsFiles {
+/// Where a joined agent keeps its CA, certificate and key.
+pub(crate) fn files(config: &AgentConfig) -> muster_tls::TlsFiles {
     let dir = config.work_dir.join("tls");
     muster_tls::TlsFiles {
         ca_file: dir.join("ca.pem"),

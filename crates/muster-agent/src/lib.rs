@@ -20,6 +20,7 @@ pub mod inventory;
 pub mod join;
 pub mod lease;
 pub mod logs;
+mod renewal;
 pub mod reporter;
 pub mod warden;
 

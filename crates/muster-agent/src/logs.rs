@@ -291,9 +291,11 @@ impl AgentLogs for LogService {
 }
 
 /// Serves `AgentLogs` until shutdown, and removes logs past their retention once an hour.
+/// `tls` is the log service's TLS (required whenever `config.tls` is set).
 pub(crate) async fn serve_logs(
     config: AgentConfig,
     listener: tokio::net::TcpListener,
+    tls: Option<std::sync::Arc<muster_tls::ServerTlsConfig>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let work_dir = config.work_dir.clone();
@@ -321,17 +323,13 @@ pub(crate) async fn serve_logs(
     };
     let server = tonic::transport::Server::builder().add_service(service);
     // Attempt output may hold what a job printed of its secrets: only control nodes read it.
-    let tls = config
-        .tls
-        .as_ref()
-        .map(|identity| identity.server_config(muster_tls::ClientCertificates::Required));
     let served = match tls {
-        Some(Ok(tls)) => {
+        Some(tls) => {
             let incoming = muster_tls::transport::tls_incoming(listener, tls, "logs");
             server.serve_with_incoming_shutdown(incoming, stop).await
         }
-        Some(Err(e)) => {
-            tracing::error!(error = %e, "log service cannot use the agent's certificate");
+        None if config.tls.is_some() => {
+            tracing::error!("the log service has no TLS configuration: not serving");
             Ok(())
         }
         None => {

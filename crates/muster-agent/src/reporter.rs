@@ -34,6 +34,11 @@ impl ControlClient {
         }
     }
 
+    /// How this agent dials control nodes over TLS (`None`: plaintext).
+    pub fn tls(&self) -> Option<&muster_tls::ClientTls> {
+        self.tls.as_ref()
+    }
+
     pub fn client(&self, addr: &str) -> Option<AgentServiceClient<Channel>> {
         self.channel(addr).map(AgentServiceClient::new)
     }

@@ -5,8 +5,8 @@ use muster_core::{AttemptEvent, AttemptReport as Report, Command, JobId, NodeId,
 use muster_proto::pb::agent_service_server::AgentService;
 use muster_proto::pb::{
     AssignmentSet, AttemptKey, AttemptReport, AttemptReports, HeartbeatReply, HeartbeatRequest,
-    JoinReply, JoinRequest, RegisterReply, RegisterRequest, ReportReply, WatchRequest,
-    attempt_report,
+    JoinReply, JoinRequest, RegisterReply, RegisterRequest, RenewRequest, ReportReply,
+    WatchRequest, attempt_report,
 };
 use muster_proto::{LEADER_METADATA_KEY, assignment_to_pb, inventory_from_pb};
 use muster_raft::RaftNode;
@@ -386,6 +386,35 @@ impl AgentService for AgentGateway {
             )
             .map_err(|e| Status::invalid_argument(format!("csr_pem: {e}")))?;
         tracing::info!(node = %req.node_id, ?peer, "agent joined");
+        Ok(Response::new(JoinReply {
+            certificate_pem,
+            ca_pem: ca.cert_pem().to_owned(),
+        }))
+    }
+
+    async fn renew_certificate(
+        &self,
+        request: Request<RenewRequest>,
+    ) -> Result<Response<JoinReply>, Status> {
+        // The agent's current certificate (not revoked) is the credential.
+        self.authorize(&request, "RenewCertificate", &request.get_ref().node_id)?;
+        if !self.authenticating {
+            return Err(Status::failed_precondition("this cluster runs without TLS"));
+        }
+        let req = request.into_inner();
+        let Some(ca) = self.ca.clone() else {
+            return Err(Status::failed_precondition(
+                "this control node holds no CA key (tls.ca_key_file) and cannot sign; renew through another",
+            ));
+        };
+        let certificate_pem = ca
+            .sign_request(
+                &req.csr_pem,
+                &muster_tls::Role::Agent(req.node_id.clone()),
+                muster_tls::pki::Validity::from_now(AGENT_CERT_VALIDITY),
+            )
+            .map_err(|e| Status::invalid_argument(format!("csr_pem: {e}")))?;
+        tracing::info!(node = %req.node_id, "agent certificate renewed");
         Ok(Response::new(JoinReply {
             certificate_pem,
             ca_pem: ca.cert_pem().to_owned(),

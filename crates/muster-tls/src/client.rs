@@ -16,7 +16,9 @@ use tonic::transport::{Channel, Endpoint};
 /// How a client dials servers of one role over TLS.
 #[derive(Clone)]
 pub struct ClientTls {
-    config: Arc<ClientConfig>,
+    /// Shared by every clone and read at each connect: a renewed certificate
+    /// ([`ClientTls::replace`]) is what every channel made from this presents next.
+    config: Arc<std::sync::RwLock<Arc<ClientConfig>>>,
     server_name: ServerName<'static>,
     connect_timeout: Duration,
 }
@@ -37,11 +39,22 @@ impl ClientTls {
         let mut config = config;
         config.alpn_protocols = vec![b"h2".to_vec()];
         Self {
-            config: Arc::new(config),
+            config: Arc::new(std::sync::RwLock::new(Arc::new(config))),
             server_name: ServerName::try_from(server_name.to_owned())
                 .expect("role server names are valid DNS names"),
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
         }
+    }
+
+    /// From now on, connections made by this and its clones present `with`'s certificate
+    /// (a renewed one); connections already open go on.
+    pub fn replace(&self, with: &ClientTls) {
+        let config = with
+            .config
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        *self.config.write().unwrap_or_else(|p| p.into_inner()) = config;
     }
 
     /// The deadline for TCP connect and TLS handshake together.
@@ -67,10 +80,11 @@ impl ClientTls {
     > + Clone
     + Send
     + 'static {
-        let connector = tokio_rustls::TlsConnector::from(self.config.clone());
+        let config = self.config.clone();
         let (name, timeout) = (self.server_name.clone(), self.connect_timeout);
         tower::service_fn(move |uri: tonic::codegen::http::Uri| {
-            let (connector, name) = (connector.clone(), name.clone());
+            let current = config.read().unwrap_or_else(|p| p.into_inner()).clone();
+            let (connector, name) = (tokio_rustls::TlsConnector::from(current), name.clone());
             async move {
                 let host = uri
                     .host()

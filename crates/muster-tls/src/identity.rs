@@ -189,10 +189,48 @@ impl Identity {
         .map_err(|e| IdentityError::Other(e.to_string()))?;
         let mut config = ServerConfig::builder()
             .with_client_cert_verifier(verifier)
-            .with_single_cert(self.chain.clone(), self.key.clone_key())
-            .map_err(|e| IdentityError::Other(e.to_string()))?;
+            .with_cert_resolver(Arc::new(ServedCertificate::new(self)?));
         config.alpn_protocols = vec![b"h2".to_vec()];
         Ok(Arc::new(config))
+    }
+
+    /// As [`Identity::server_config`], with a handle that replaces the certificate it
+    /// presents (a renewed one) for the handshakes to come.
+    pub fn renewable_server_config(
+        &self,
+        clients: ClientCertificates,
+    ) -> Result<(Arc<ServerConfig>, ServedCertificate), IdentityError> {
+        let served = ServedCertificate::new(self)?;
+        let mut config = self.server_config(clients)?;
+        Arc::get_mut(&mut config).expect("just made").cert_resolver = Arc::new(served.clone());
+        Ok((config, served))
+    }
+
+    fn certified_key(&self) -> Result<Arc<rustls::sign::CertifiedKey>, IdentityError> {
+        let signing = crate::crypto_provider()
+            .key_provider
+            .load_private_key(self.key.clone_key())
+            .map_err(|e| IdentityError::Other(e.to_string()))?;
+        Ok(Arc::new(rustls::sign::CertifiedKey::new(
+            self.chain.clone(),
+            signing,
+        )))
+    }
+
+    /// When this holder's certificate stops being valid.
+    pub fn not_after(&self) -> std::time::SystemTime {
+        let (_, cert) = x509_parser::parse_x509_certificate(&self.chain[0])
+            .expect("parsed once already, when loaded");
+        let secs = cert.validity().not_after.timestamp().max(0) as u64;
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs)
+    }
+
+    /// When this holder's certificate became valid.
+    pub fn not_before(&self) -> std::time::SystemTime {
+        let (_, cert) = x509_parser::parse_x509_certificate(&self.chain[0])
+            .expect("parsed once already, when loaded");
+        let secs = cert.validity().not_before.timestamp().max(0) as u64;
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs)
     }
 
     /// How to dial servers of role `server_name` ([`crate::CONTROL_SERVER_NAME`] or
@@ -272,4 +310,32 @@ pub fn api_server_config(files: &ApiTlsFiles) -> Result<Arc<ServerConfig>, Ident
         })?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// The certificate a server presents, replaceable while it serves.
+#[derive(Clone, Debug)]
+pub struct ServedCertificate(Arc<std::sync::RwLock<Arc<rustls::sign::CertifiedKey>>>);
+
+impl ServedCertificate {
+    fn new(identity: &Identity) -> Result<Self, IdentityError> {
+        Ok(Self(Arc::new(std::sync::RwLock::new(
+            identity.certified_key()?,
+        ))))
+    }
+
+    /// Handshakes from now on present `identity`'s certificate.
+    pub fn replace(&self, identity: &Identity) -> Result<(), IdentityError> {
+        let key = identity.certified_key()?;
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = key;
+        Ok(())
+    }
+}
+
+impl rustls::server::ResolvesServerCert for ServedCertificate {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.read().unwrap_or_else(|p| p.into_inner()).clone())
+    }
 }

@@ -22,7 +22,8 @@ pub mod transport;
 
 pub use client::{ClientTls, DEFAULT_CONNECT_TIMEOUT};
 pub use identity::{
-    ApiTlsFiles, ClientCertificates, Identity, IdentityError, TlsFiles, api_server_config,
+    ApiTlsFiles, ClientCertificates, Identity, IdentityError, ServedCertificate, TlsFiles,
+    api_server_config,
 };
 pub use role::{AGENT_SERVER_NAME, CONTROL_SERVER_NAME, Role, peer_role, role_of_certificate};
 

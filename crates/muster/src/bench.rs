@@ -48,6 +48,10 @@ pub struct BenchArgs {
     /// Where the control nodes keep their sled databases (a fresh temporary one by default).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// Mutual TLS on every internal port, as a real cluster runs: each simulated agent holds
+    /// a certificate of its own and its own connection to each control node.
+    #[arg(long)]
+    pub tls: bool,
 }
 
 /// Simulated agents share a gRPC connection to each control node this many at a time (a real
@@ -79,15 +83,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             temp.path().to_owned()
         }
     };
-    // The simulated agents share connections among themselves, which certificates naming
-    // one agent each do not allow: the bench runs the internal ports in plaintext.
+    // Without --tls the simulated agents share connections (see `AGENTS_PER_CONNECTION`),
+    // which certificates naming one agent each do not allow.
     let cluster = LocalCluster::start_tuned(
         &data_dir,
         3,
         "127.0.0.1:0".parse()?,
         None,
         muster_control::Tuning {
-            tls: false,
+            tls: args.tls,
             ..Default::default()
         },
     )

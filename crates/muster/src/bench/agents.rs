@@ -43,32 +43,46 @@ impl Agents {
         // the agents' side of every call would run on the control nodes' threads.
         let entered = runtime.enter();
         let addrs = Arc::new(cluster.grpc_addrs());
+        // As the real agent's reporter sets them: a call that hangs fails.
+        let endpoint = |addr: &str| -> anyhow::Result<Endpoint> {
+            Ok(Endpoint::from_shared(format!("http://{addr}"))?
+                .connect_timeout(Duration::from_millis(500))
+                .timeout(REPORT_TIMEOUT)
+                .http2_adaptive_window(true))
+        };
         let connections = args.agents.div_ceil(AGENTS_PER_CONNECTION);
         let mut pools: Vec<Vec<Channel>> = Vec::new();
-        for addr in addrs.iter() {
-            let mut pool = Vec::new();
-            for _ in 0..connections {
-                // As the real agent's reporter sets them: a call that hangs fails.
-                pool.push(
-                    Endpoint::from_shared(format!("http://{addr}"))?
-                        .connect_timeout(Duration::from_millis(500))
-                        .timeout(REPORT_TIMEOUT)
-                        .http2_adaptive_window(true)
-                        .connect_lazy(),
-                );
+        if !args.tls {
+            for addr in addrs.iter() {
+                let mut pool = Vec::new();
+                for _ in 0..connections {
+                    pool.push(endpoint(addr)?.connect_lazy());
+                }
+                pools.push(pool);
             }
-            pools.push(pool);
         }
-        drop(entered);
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let tally = Arc::new(Tally::default());
         for i in 0..args.agents {
-            let channels: Vec<Channel> = pools
-                .iter()
-                .map(|p| p[i / AGENTS_PER_CONNECTION].clone())
-                .collect();
+            let id = format!("sim-{i:05}");
+            let channels: Vec<Channel> = if args.tls {
+                // Its own certificate, and its own connection to each node, as a real agent.
+                let files = cluster.agent_tls(&id)?.context("the cluster runs TLS")?;
+                let tls = muster_tls::Identity::load("tls", &files)?
+                    .client_tls(muster_tls::CONTROL_SERVER_NAME)
+                    .with_connect_timeout(Duration::from_secs(5));
+                addrs
+                    .iter()
+                    .map(|addr| Ok(tls.connect_lazy(endpoint(addr)?)))
+                    .collect::<anyhow::Result<_>>()?
+            } else {
+                pools
+                    .iter()
+                    .map(|p| p[i / AGENTS_PER_CONNECTION].clone())
+                    .collect()
+            };
             let agent = SimAgent {
-                id: format!("sim-{i:05}"),
+                id,
                 channels,
                 addrs: addrs.clone(),
                 vcpus: args.agent_vcpus,
@@ -77,6 +91,7 @@ impl Agents {
             };
             runtime.spawn(agent.run(stopped.clone()));
         }
+        drop(entered);
         Ok(Agents {
             stop,
             tally,
