@@ -635,6 +635,23 @@ async fn a_cluster_from_cluster_init_admits_only_what_holds_its_keys() {
             .exists()
     );
 
+    // The right token cannot take the name of an agent that is alive.
+    let twin = agent_config_from_init(&dir, "joined-twin", None);
+    let text = std::fs::read_to_string(&twin)
+        .unwrap()
+        .replace("node_id = \"joined-twin\"", "node_id = \"joined\"");
+    std::fs::write(&twin, text).unwrap();
+    let out = Command::new(muster_bin())
+        .args(["agent", "--config", twin.to_str().unwrap()])
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("registered and alive"),
+        "{stderr}"
+    );
+
     // A token made, then revoked: refused, saying why.
     let made = muster_admin(
         &dir,

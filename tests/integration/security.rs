@@ -138,7 +138,15 @@ async fn only_holders_of_the_right_certificate_reach_the_internal_ports() {
     // Without a client certificate the agent port lets the TLS through (an agent joins that
     // way) and refuses the call; the Raft port refuses the handshake.
     let anonymous = dial(&grpc, &ca_pem, None).await.unwrap();
-    assert_eq!(register_code(anonymous, "a").await, Code::Unauthenticated);
+    assert_eq!(
+        register_code(anonymous.clone(), "a").await,
+        Code::Unauthenticated
+    );
+    let empty = pb::agent_service_client::AgentServiceClient::new(anonymous)
+        .report_attempts(pb::AttemptReports { reports: vec![] })
+        .await
+        .unwrap_err();
+    assert_eq!(empty.code(), Code::Unauthenticated, "{empty:?}");
     let anonymous_raft = match dial(&raft, &ca_pem, None).await {
         Ok(channel) => pb::raft_service_client::RaftServiceClient::new(channel)
             .vote(pb::RaftPayload::default())

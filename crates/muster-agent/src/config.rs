@@ -307,10 +307,8 @@ impl RawAgentConfig {
                     "is required with join_token: the agent trusts only the CA it names",
                 ));
             }
-            (None, Some(_)) => {
-                return Err(invalid("join_token", "is required with ca_fingerprint"));
-            }
-            (Some(token), Some(ca_fingerprint)) => {
+            // Without a token: joined before, its certificate kept in work_dir/tls.
+            (token, Some(ca_fingerprint)) => {
                 if self.tls.is_some() || self.plaintext {
                     return Err(invalid(
                         "join_token",
@@ -324,7 +322,7 @@ impl RawAgentConfig {
                         "must be sha256: and 64 hex digits, as `muster cluster init` writes it",
                     ));
                 }
-                if !token.contains('.') {
+                if token.as_ref().is_some_and(|t| !t.contains('.')) {
                     return Err(invalid("join_token", "must be <id>.<secret>"));
                 }
                 Some(crate::join::JoinSettings {

@@ -11,16 +11,21 @@ use std::time::Duration;
 /// A token and the CA it is for, from the config (`join_token`, `ca_fingerprint`).
 #[derive(Clone, PartialEq, Eq)]
 pub struct JoinSettings {
-    pub token: String,
+    /// `None` once joined: the certificate kept in `work_dir/tls` is enough, and the token
+    /// (a bearer secret) need not stay in the config.
+    pub token: Option<String>,
     pub ca_fingerprint: String,
 }
 
 impl std::fmt::Debug for JoinSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never the token's secret.
-        let id = self.token.split('.').next().unwrap_or_default();
+        let id = self
+            .token
+            .as_deref()
+            .map(|t| format!("{}.<secret>", t.split('.').next().unwrap_or_default()));
         f.debug_struct("JoinSettings")
-            .field("token", &format!("{id}.<secret>"))
+            .field("token", &id)
             .field("ca_fingerprint", &self.ca_fingerprint)
             .finish()
     }
@@ -59,7 +64,7 @@ pub async fn ensure_identity(mut config: AgentConfig) -> Result<AgentConfig, Joi
     let files = files(&config);
     let expected = muster_tls::Role::Agent(config.node_id.clone());
     if files.cert_file.exists() {
-        let kept = muster_tls::Identity::load("the joined agent's tls", &files)
+        let kept = load_kept(&files)
             .map_err(|e| JoinError::Local(e.to_string()))
             .and_then(|identity| {
                 let ca = muster_tls::pki::fingerprint(identity.ca_pem())
@@ -85,6 +90,12 @@ pub async fn ensure_identity(mut config: AgentConfig) -> Result<AgentConfig, Joi
             }
         }
     }
+    let Some(token) = join.token.clone() else {
+        return Err(JoinError::Local(format!(
+            "{} holds no usable certificate and the config has no join_token to join with",
+            files.cert_file.display()
+        )));
+    };
     let request = muster_tls::pki::signing_request(&expected)
         .map_err(|e| JoinError::Local(format!("cannot make a key: {e}")))?;
     let deadline = tokio::time::Instant::now() + JOIN_PATIENCE;
@@ -100,7 +111,7 @@ pub async fn ensure_identity(mut config: AgentConfig) -> Result<AgentConfig, Joi
             };
             let call = AgentServiceClient::new(channel)
                 .join(JoinRequest {
-                    token: join.token.clone(),
+                    token: token.clone(),
                     node_id: config.node_id.clone(),
                     csr_pem: request.csr_pem.clone(),
                 })
@@ -113,6 +124,7 @@ pub async fn ensure_identity(mut config: AgentConfig) -> Result<AgentConfig, Joi
                         tonic::Code::Unauthenticated
                             | tonic::Code::PermissionDenied
                             | tonic::Code::InvalidArgument
+                            | tonic::Code::AlreadyExists
                     ) =>
                 {
                     return Err(JoinError::Refused(status.message().to_owned()));
@@ -145,6 +157,40 @@ pub async fn ensure_identity(mut config: AgentConfig) -> Result<AgentConfig, Joi
     tracing::info!(node = %config.node_id, dir = %files.cert_file.display(), "joined the cluster");
     config.tls = Some(Arc::new(identity));
     Ok(config)
+}
+
+/// The kept identity; where a renewal was cut short between its two renames (see
+/// `renewal.rs`), the pair it left staged is finished first.
+fn load_kept(
+    files: &muster_tls::TlsFiles,
+) -> Result<muster_tls::Identity, muster_tls::IdentityError> {
+    let first = muster_tls::Identity::load("the joined agent's tls", files);
+    if first.is_ok() {
+        return first;
+    }
+    let staged = |path: &std::path::Path| crate::renewal::staged(path);
+    let (cert, key) = (&files.cert_file, &files.key_file);
+    let (new_cert, new_key) = (staged(cert), staged(key));
+    for (c, k) in [(&new_cert, &new_key), (&new_cert, key), (cert, &new_key)] {
+        if !c.exists() || !k.exists() {
+            continue;
+        }
+        let pair = muster_tls::TlsFiles {
+            cert_file: c.clone(),
+            key_file: k.clone(),
+            ..files.clone()
+        };
+        if muster_tls::Identity::load("the joined agent's tls", &pair).is_ok() {
+            for (from, to) in [(c, cert), (k, key)] {
+                if from != to {
+                    let _ = std::fs::rename(from, to);
+                }
+            }
+            tracing::warn!("finished a certificate renewal that was cut short");
+            return muster_tls::Identity::load("the joined agent's tls", files);
+        }
+    }
+    first
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

@@ -58,6 +58,13 @@ pub(crate) async fn keep_renewed(
     }
 }
 
+/// Where a renewal stages a file before it replaces it.
+pub(crate) fn staged(path: &std::path::Path) -> std::path::PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_owned();
+    name.push(".new");
+    path.with_file_name(name)
+}
+
 async fn renew(
     node_id: &str,
     files: &muster_tls::TlsFiles,
@@ -91,12 +98,8 @@ async fn renew(
     if reply.ca_pem.trim() != current.ca_pem().trim() {
         return Err("a control node answered with another CA".into());
     }
-    // Both new files first, then both renamed: a crash leaves the old pair or the new one.
-    let staged = |path: &std::path::Path| {
-        let mut name = path.file_name().unwrap_or_default().to_owned();
-        name.push(".new");
-        path.with_file_name(name)
-    };
+    // Both new files first, then both renamed; a crash between the renames leaves a pair that
+    // the next start finishes (`join::load_kept`).
     let write = |path: &std::path::Path, text: &str, private: bool| {
         muster_tls::pki::write_pem(&staged(path), text, private)
             .map_err(|e| format!("cannot write {}: {e}", path.display()))
@@ -109,6 +112,12 @@ async fn renew(
     for path in [&files.key_file, &files.cert_file] {
         std::fs::rename(staged(path), path)
             .map_err(|e| format!("cannot replace {}: {e}", path.display()))?;
+    }
+    // The renames themselves must survive a power cut.
+    if let Some(dir) = files.cert_file.parent()
+        && let Ok(dir) = std::fs::File::open(dir)
+    {
+        let _ = dir.sync_all();
     }
     let renewed = Arc::new(check);
     if let Some(tls) = control.tls() {

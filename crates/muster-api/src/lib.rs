@@ -101,6 +101,8 @@ pub trait ControlPlane: Send + Sync + 'static {
 #[derive(Debug, Clone)]
 pub struct LogRequest {
     pub log_address: String,
+    /// The agent that ran the attempt: the log service must be that agent's.
+    pub node: String,
     pub job: String,
     pub attempt: u32,
     pub window: LogWindow,

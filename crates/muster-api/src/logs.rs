@@ -179,7 +179,7 @@ fn parse_token(token: &str) -> Result<LogWindow, ApiError> {
 /// One page of an attempt's log from the agent that ran it.
 async fn read_page<P: ControlPlane>(
     plane: &P,
-    log_address: String,
+    (node, log_address): (String, String),
     job: &JobId,
     attempt: u32,
     window: LogWindow,
@@ -188,6 +188,7 @@ async fn read_page<P: ControlPlane>(
     plane
         .read_log(LogRequest {
             log_address,
+            node,
             job: job.to_string(),
             attempt,
             window,
@@ -509,8 +510,13 @@ fn parse_stream(stream: &str) -> Option<(JobId, u32)> {
     Some((JobId::from(job.to_owned()), attempt.parse().ok()?))
 }
 
-/// The log service of the node that ran `attempt` of `job`, if the stream is that attempt's.
-fn log_address_of(state: &State, job: &JobId, attempt: u32, stream: &str) -> Option<String> {
+/// The node that ran `attempt` of `job` and its log service, if the stream is that attempt's.
+fn log_address_of(
+    state: &State,
+    job: &JobId,
+    attempt: u32,
+    stream: &str,
+) -> Option<(String, String)> {
     let job = state.job(job)?;
     if job.log_stream_name(attempt) != stream {
         return None;
@@ -524,7 +530,7 @@ fn log_address_of(state: &State, job: &JobId, attempt: u32, stream: &str) -> Opt
             .clone(),
     };
     let address = state.node(&node)?.inventory.log_address.clone();
-    (!address.is_empty()).then_some(address)
+    (!address.is_empty()).then_some((node.0, address))
 }
 
 #[cfg(test)]

@@ -356,24 +356,41 @@ impl AgentService for AgentGateway {
         let verdict = self
             .node
             .read(move |s| {
+                // The token first: without it, nothing is said about any name.
+                match s.join_token(&id) {
+                    Some(t) if t.secret_sha256 != digest => {
+                        return Err(Status::unauthenticated("the join token is wrong"));
+                    }
+                    Some(t) if t.revoked => {
+                        return Err(Status::permission_denied(format!(
+                            "the join token {id} was revoked"
+                        )));
+                    }
+                    Some(t) if now >= t.expires_at => {
+                        return Err(Status::permission_denied(format!(
+                            "the join token {id} has expired"
+                        )));
+                    }
+                    Some(_) => {}
+                    None => return Err(Status::unauthenticated("the join token is wrong")),
+                }
                 if s.agent_revoked(&node) {
                     return Err(Status::permission_denied(format!(
                         "agent {node} was revoked and cannot join again under that name"
                     )));
                 }
-                match s.join_token(&id) {
-                    Some(t) if t.secret_sha256 != digest => {
-                        Err(Status::unauthenticated("the join token is wrong"))
-                    }
-                    Some(t) if t.revoked => Err(Status::permission_denied(format!(
-                        "the join token {id} was revoked"
-                    ))),
-                    Some(t) if now >= t.expires_at => Err(Status::permission_denied(format!(
-                        "the join token {id} has expired"
-                    ))),
-                    Some(_) => Ok(()),
-                    None => Err(Status::unauthenticated("the join token is wrong")),
+                // A token is shared by a fleet: it must not let one machine take the name
+                // (and so the assignments) of another that is alive. A machine that lost its
+                // certificate joins again once its old self is marked lost.
+                if s.node(&node)
+                    .is_some_and(|n| n.status != muster_core::NodeStatus::Lost)
+                {
+                    return Err(Status::already_exists(format!(
+                        "node {node} is registered and alive: a joining agent cannot take its \
+                         name (pick another node_id, or wait until the old one is marked lost)"
+                    )));
                 }
+                Ok(())
             })
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
@@ -428,12 +445,22 @@ impl AgentService for AgentGateway {
         // Reports for attempts of another node are refused here; the state machine refuses
         // a report for an attempt not placed on the node it names.
         if self.authenticating {
-            let nodes: std::collections::BTreeSet<&str> = request
+            let mut nodes: std::collections::BTreeSet<&str> = request
                 .get_ref()
                 .reports
                 .iter()
                 .map(|r| r.node_id.as_str())
                 .collect();
+            if nodes.is_empty() {
+                // Even an empty batch comes from an agent, or is refused.
+                let role = muster_tls::peer_role(&request)?;
+                let muster_tls::Role::Agent(_) = role else {
+                    return Err(Status::permission_denied(format!(
+                        "{role} may not call ReportAttempts: only agents may"
+                    )));
+                };
+                nodes.clear();
+            }
             for node in nodes {
                 self.authorize(&request, "ReportAttempts", node)?;
             }

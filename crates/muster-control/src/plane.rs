@@ -96,6 +96,7 @@ impl ControlPlane for RaftPlane {
             Some(tls) => {
                 tls.clone()
                     .with_connect_timeout(LOG_READ_TIMEOUT)
+                    .expecting(muster_tls::Role::Agent(request.node.clone()))
                     .connect(endpoint)
                     .await
             }

@@ -672,7 +672,7 @@ fn the_region_and_account_are_set_before_anything_names_them_and_then_fixed() {
 
 #[test]
 fn join_tokens_are_made_once_revoked_by_id_and_agents_revoked_by_name() {
-    let mut s = State::default();
+    let mut s = base();
     let token = |id: &str, expires: u64| {
         Command::Access(AccessCommand::CreateJoinToken(JoinToken {
             id: id.into(),
@@ -712,7 +712,15 @@ fn join_tokens_are_made_once_revoked_by_id_and_agents_revoked_by_name() {
             .usable_at(Timestamp(2_000))
     );
 
-    let node = NodeId("worker-1".into());
+    let unknown = Command::Access(AccessCommand::RevokeAgent {
+        node: NodeId("n1-typo".into()),
+        at: Timestamp(3_000),
+    });
+    assert!(
+        matches!(s.apply(unknown), Outcome::Rejected(_)),
+        "a mistyped name was banned"
+    );
+    let node = NodeId("n1".into());
     assert!(!s.agent_revoked(&node));
     let revoke_agent = Command::Access(AccessCommand::RevokeAgent {
         node: node.clone(),

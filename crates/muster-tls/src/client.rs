@@ -21,6 +21,8 @@ pub struct ClientTls {
     config: Arc<std::sync::RwLock<Arc<ClientConfig>>>,
     server_name: ServerName<'static>,
     connect_timeout: Duration,
+    /// The role the server's certificate must name, beyond the role's server name.
+    expected: Option<crate::Role>,
 }
 
 impl std::fmt::Debug for ClientTls {
@@ -43,6 +45,7 @@ impl ClientTls {
             server_name: ServerName::try_from(server_name.to_owned())
                 .expect("role server names are valid DNS names"),
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            expected: None,
         }
     }
 
@@ -55,6 +58,13 @@ impl ClientTls {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         *self.config.write().unwrap_or_else(|p| p.into_inner()) = config;
+    }
+
+    /// Accepts only a server whose certificate names `role` (say, the agent that ran an
+    /// attempt, not any agent of the cluster).
+    pub fn expecting(mut self, role: crate::Role) -> Self {
+        self.expected = Some(role);
+        self
     }
 
     /// The deadline for TCP connect and TLS handshake together.
@@ -82,9 +92,11 @@ impl ClientTls {
     + 'static {
         let config = self.config.clone();
         let (name, timeout) = (self.server_name.clone(), self.connect_timeout);
+        let expected = self.expected.clone();
         tower::service_fn(move |uri: tonic::codegen::http::Uri| {
             let current = config.read().unwrap_or_else(|p| p.into_inner()).clone();
             let (connector, name) = (tokio_rustls::TlsConnector::from(current), name.clone());
+            let expected = expected.clone();
             async move {
                 let host = uri
                     .host()
@@ -98,7 +110,23 @@ impl ClientTls {
                     connector.connect(name, tcp).await
                 };
                 match tokio::time::timeout(timeout, handshake).await {
-                    Ok(Ok(tls)) => Ok(hyper_util::rt::TokioIo::new(tls)),
+                    Ok(Ok(tls)) => {
+                        if let Some(expected) = expected {
+                            let role = tls
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                                .and_then(|certs| certs.first())
+                                .map(|leaf| crate::role_of_certificate(leaf));
+                            if role != Some(Ok(expected.clone())) {
+                                return Err(std::io::Error::new(
+                                    std::io::ErrorKind::PermissionDenied,
+                                    format!("{host}:{port} is not {expected}"),
+                                ));
+                            }
+                        }
+                        Ok(hyper_util::rt::TokioIo::new(tls))
+                    }
                     Ok(Err(e)) => Err(e),
                     Err(_) => Err(std::io::Error::new(
                         std::io::ErrorKind::TimedOut,
@@ -161,6 +189,46 @@ mod tests {
             "the handshake was not cut off at its deadline: {:?}",
             started.elapsed()
         );
+        held.abort();
+    }
+
+    /// A log read expects the agent that ran the attempt: another agent of the cluster, with
+    /// a valid certificate, is refused after the handshake.
+    #[tokio::test]
+    async fn a_server_of_the_wrong_name_is_refused_when_one_is_expected() {
+        let ca = ClusterCa::generate("t").unwrap();
+        let hour = Validity::from_now(Duration::from_secs(3600));
+        let control = ca.issue(&Role::Control(1), &[], hour).unwrap();
+        let other = ca.issue(&Role::Agent("b".into()), &[], hour).unwrap();
+        let reader =
+            Identity::from_pem(ca.cert_pem(), &control.cert_pem, &control.key_pem).unwrap();
+        let served = Identity::from_pem(ca.cert_pem(), &other.cert_pem, &other.key_pem).unwrap();
+        let config = served
+            .server_config(crate::ClientCertificates::Required)
+            .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let incoming = crate::transport::tls_incoming(listener, config, "test");
+        let held = tokio::spawn(async move {
+            use tokio_stream::StreamExt;
+            let mut incoming = incoming;
+            let mut open = Vec::new();
+            while let Some(conn) = incoming.next().await {
+                open.push(conn);
+            }
+        });
+        let tls = reader.client_tls(crate::AGENT_SERVER_NAME);
+        let wrong = tls
+            .clone()
+            .expecting(Role::Agent("a".into()))
+            .connect(ClientTls::endpoint(&addr).unwrap())
+            .await;
+        assert!(wrong.is_err(), "agent b was taken for agent a");
+        let right = tls
+            .expecting(Role::Agent("b".into()))
+            .connect(ClientTls::endpoint(&addr).unwrap())
+            .await;
+        assert!(right.is_ok(), "{right:?}");
         held.abort();
     }
 }

@@ -21,6 +21,8 @@ pub enum PkiError {
     NotPem { what: &'static str },
     #[error("cannot write a certificate or key: {0}")]
     Write(String),
+    #[error("the key is not the CA certificate's")]
+    KeyMismatch,
 }
 
 /// When a certificate is valid.
@@ -95,6 +97,16 @@ impl ClusterCa {
     /// The CA written earlier by [`ClusterCa::generate`].
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, PkiError> {
         let key = KeyPair::from_pem(key_pem)?;
+        let der = first_certificate_der(cert_pem).ok_or(PkiError::NotPem {
+            what: "the CA certificate",
+        })?;
+        let (_, cert) =
+            x509_parser::parse_x509_certificate(&der).map_err(|_| PkiError::NotPem {
+                what: "the CA certificate",
+            })?;
+        if *cert.public_key().subject_public_key.data != *rcgen::PublicKeyData::der_bytes(&key) {
+            return Err(PkiError::KeyMismatch);
+        }
         let issuer = Issuer::from_ca_cert_pem(cert_pem, key)?;
         Ok(Self {
             cert_pem: cert_pem.to_owned(),
@@ -274,6 +286,12 @@ pub fn write_pem(path: &std::path::Path, text: &str, private: bool) -> std::io::
         .truncate(true)
         .mode(if private { 0o600 } else { 0o644 })
         .open(path)?;
+    // `mode` applies only to a file this creates: one written over keeps its own, so a key
+    // is made owner-only before anything of it is written.
+    if private {
+        use std::os::unix::fs::PermissionsExt;
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    }
     file.write_all(text.as_bytes())?;
     file.sync_all()
 }
@@ -329,6 +347,12 @@ mod tests {
         assert_eq!(crate::role_of_certificate(&der), Ok(Role::Control(2)));
         // Read back from its PEM, the CA signs as it did when made.
         let again = ClusterCa::from_pem(ca.cert_pem(), ca.key_pem()).unwrap();
+        // Another CA's key with this CA's certificate is refused.
+        let other = ClusterCa::generate("other").unwrap();
+        assert!(matches!(
+            ClusterCa::from_pem(ca.cert_pem(), other.key_pem()),
+            Err(PkiError::KeyMismatch)
+        ));
         let request = signing_request(&Role::Agent("asked-for".into())).unwrap();
         let signed = again
             .sign_request(

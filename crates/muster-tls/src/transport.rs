@@ -17,6 +17,11 @@ use tokio_stream::wrappers::ReceiverStream;
 /// How long a client may take to complete its handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Handshakes in progress at once on one listener: the agents' port takes clients without a
+/// certificate, and a flood of them must not grow without bound. Past this, a new connection
+/// is closed at once (a real agent retries).
+pub const MAX_PENDING_HANDSHAKES: usize = 4096;
+
 /// Connections to `listener` that completed a TLS handshake under `config`, for tonic's
 /// `serve_with_incoming`. `port` names the listener in log lines. The accept loop runs on the
 /// runtime this is called on, and stops when the stream is dropped.
@@ -27,6 +32,7 @@ pub fn tls_incoming(
 ) -> ReceiverStream<io::Result<TlsStream<TcpStream>>> {
     let (tx, rx) = mpsc::channel(64);
     let acceptor = TlsAcceptor::from(config);
+    let pending = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -43,10 +49,15 @@ pub fn tls_incoming(
                     continue;
                 }
             };
+            let Ok(permit) = pending.clone().try_acquire_owned() else {
+                tracing::debug!(port, %peer, "too many handshakes in progress: connection closed");
+                continue;
+            };
             let _ = stream.set_nodelay(true);
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
+                let _permit = permit;
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                     Ok(Ok(tls)) => {
                         let _ = tx.send(Ok(tls)).await;

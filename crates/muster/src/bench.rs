@@ -52,6 +52,10 @@ pub struct BenchArgs {
     /// a certificate of its own and its own connection to each control node.
     #[arg(long)]
     pub tls: bool,
+    /// Without --tls: simulated agents per shared connection to each control node (see
+    /// `AGENTS_PER_CONNECTION`); 1 gives each its own, as with --tls.
+    #[arg(long, default_value_t = AGENTS_PER_CONNECTION)]
+    pub agents_per_connection: usize,
 }
 
 /// Simulated agents share a gRPC connection to each control node this many at a time (a real

@@ -132,7 +132,7 @@ pub async fn run(command: ClusterCommand) -> anyhow::Result<()> {
                     description,
                 } => (
                     "CreateJoinToken",
-                    serde_json::json!({"ttlSeconds": ttl_hours * 3600, "description": description}),
+                    serde_json::json!({"ttlSeconds": ttl_hours.saturating_mul(3600), "description": description}),
                 ),
                 TokenCommand::List => ("ListJoinTokens", serde_json::json!({})),
                 TokenCommand::Revoke { id } => ("RevokeJoinToken", serde_json::json!({"id": id})),
@@ -234,8 +234,8 @@ fn init(dir: &Path, servers: &str, options: &InitOptions) -> anyhow::Result<()> 
     if !matches!(executor, "docker" | "process") {
         bail!("--executor {executor}: must be docker or process");
     }
-    if token_ttl_hours == 0 {
-        bail!("--token-ttl-hours must be at least 1");
+    if !(1..=365 * 24).contains(&token_ttl_hours) {
+        bail!("--token-ttl-hours must be 1 to 8760 (a year)");
     }
     muster_core::ArnScope {
         region: region.to_owned(),

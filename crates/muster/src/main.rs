@@ -47,7 +47,8 @@ enum Commands {
         /// `docker` or `process`, over the config's `executor`.
         #[arg(long)]
         executor: Option<String>,
-        /// A join token, over the config's `join_token`.
+        /// A join token, over the config's `join_token` (or set `MUSTER_JOIN_TOKEN`, which other
+        /// users of the machine cannot read, unlike a command line).
         #[arg(long)]
         join: Option<String>,
     },
@@ -481,7 +482,9 @@ async fn agent(
     if let Some(executor) = executor {
         raw.executor = parse_executor(&executor)?;
     }
-    if let Some(token) = join {
+    // A token on the command line is readable by every local user (`/proc/*/cmdline`);
+    // `MUSTER_JOIN_TOKEN` is not.
+    if let Some(token) = join.or_else(|| std::env::var("MUSTER_JOIN_TOKEN").ok()) {
         raw.join_token = Some(token);
     }
     let config = raw.validate()?;

@@ -3,8 +3,9 @@
 use crate::Timestamp;
 use serde::{Deserialize, Serialize};
 
-/// A token an agent presents, once, to get its certificate signed. Only the SHA-256 of its
-/// secret is kept: the token itself is shown once, when it is made.
+/// A token agents present to get their certificates signed, as many as join with it until it
+/// expires or is revoked. Only the SHA-256 of its secret is kept: the token itself is shown
+/// once, when it is made.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JoinToken {
     /// The public half (`<id>.<secret>`): names the token in lists and revocations.

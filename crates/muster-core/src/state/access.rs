@@ -29,8 +29,13 @@ impl State {
                 None => Err(Rejection::new("id", format!("no join token {id}"))),
             },
             AccessCommand::RevokeAgent { node, .. } => {
-                if node.0.is_empty() {
-                    return Err(Rejection::new("node", "name the agent to revoke"));
+                // A mistyped name would ban that name for good and leave the agent meant
+                // running: only an agent that registered can be revoked.
+                if !self.nodes.contains_key(node) {
+                    return Err(Rejection::new(
+                        "node",
+                        format!("node: no agent named {node:?} has registered"),
+                    ));
                 }
                 Ok(())
             }
@@ -62,7 +67,7 @@ impl State {
         self.join_tokens.get(id)
     }
 
-    /// Every join token, expired and revoked ones included (purged once expired a day).
+    /// Every join token, expired and revoked ones included.
     pub fn join_tokens(&self) -> impl Iterator<Item = &JoinToken> {
         self.join_tokens.values()
     }

@@ -50,7 +50,8 @@ impl Agents {
                 .timeout(REPORT_TIMEOUT)
                 .http2_adaptive_window(true))
         };
-        let connections = args.agents.div_ceil(AGENTS_PER_CONNECTION);
+        let per_connection = args.agents_per_connection.max(1);
+        let connections = args.agents.div_ceil(per_connection);
         let mut pools: Vec<Vec<Channel>> = Vec::new();
         if !args.tls {
             for addr in addrs.iter() {
@@ -78,7 +79,7 @@ impl Agents {
             } else {
                 pools
                     .iter()
-                    .map(|p| p[i / AGENTS_PER_CONNECTION].clone())
+                    .map(|p| p[i / per_connection].clone())
                     .collect()
             };
             let agent = SimAgent {
