@@ -166,6 +166,7 @@ impl PartitionedCluster {
             scope: Default::default(),
             // What is tested here is timing under partitions, which TLS does not change.
             tls: None,
+            tls_files: None,
             found_with_defaults: false,
             founding_join_token: None,
             api_tls: None,

@@ -500,6 +500,17 @@ fn muster_admin(dir: &Path, endpoint: &str, args: &[&str]) -> std::process::Outp
         .expect("muster runs")
 }
 
+/// Runs `muster agent --config config`, which must exit non-zero; what it said.
+fn agent_refused(config: &Path) -> String {
+    let out = Command::new(muster_bin())
+        .args(["agent", "--config", config.to_str().unwrap()])
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the agent started");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 /// An agent config from `agent.toml` as `muster cluster init` wrote it, with this agent's
 /// name, work directory and, where given, another token.
 fn agent_config_from_init(dir: &Path, name: &str, token: Option<&str>) -> PathBuf {
@@ -618,16 +629,8 @@ async fn a_cluster_from_cluster_init_admits_only_what_holds_its_keys() {
 
     // A wrong token: the agent exits non-zero, saying so.
     let wrong = agent_config_from_init(&dir, "intruder", Some("abcdefgh.0123456789abcdef"));
-    let out = Command::new(muster_bin())
-        .args(["agent", "--config", wrong.to_str().unwrap()])
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && stderr.contains("join token is wrong"),
-        "{stderr}"
-    );
+    let stderr = agent_refused(&wrong);
+    assert!(stderr.contains("join token is wrong"), "{stderr}");
     assert!(
         !dir.join("work-intruder")
             .join("tls")
@@ -641,16 +644,8 @@ async fn a_cluster_from_cluster_init_admits_only_what_holds_its_keys() {
         .unwrap()
         .replace("node_id = \"joined-twin\"", "node_id = \"joined\"");
     std::fs::write(&twin, text).unwrap();
-    let out = Command::new(muster_bin())
-        .args(["agent", "--config", twin.to_str().unwrap()])
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && stderr.contains("registered and alive"),
-        "{stderr}"
-    );
+    let stderr = agent_refused(&twin);
+    assert!(stderr.contains("registered and alive"), "{stderr}");
 
     // A token made, then revoked: refused, saying why.
     let made = muster_admin(
@@ -673,16 +668,8 @@ async fn a_cluster_from_cluster_init_admits_only_what_holds_its_keys() {
         String::from_utf8_lossy(&revoked.stderr)
     );
     let late = agent_config_from_init(&dir, "late", Some(&token));
-    let out = Command::new(muster_bin())
-        .args(["agent", "--config", late.to_str().unwrap()])
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && stderr.contains("was revoked"),
-        "{stderr}"
-    );
+    let stderr = agent_refused(&late);
+    assert!(stderr.contains("was revoked"), "{stderr}");
     let listed = muster_admin(&dir, &endpoint, &["cluster", "token", "list"]);
     let listed: Value = serde_json::from_slice(&listed.stdout).unwrap();
     let entry = listed["joinTokens"]

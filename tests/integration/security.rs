@@ -289,3 +289,75 @@ async fn a_joined_agent_renews_its_certificate_before_it_expires() {
     let _ = stop.send(true);
     runtime.shutdown_background();
 }
+
+/// Control nodes renew their own certificates (they hold the CA's key) before they expire,
+/// without a restart; a node restarted after the first certificates expired rejoins with the
+/// renewed files, over new connections both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn control_nodes_renew_their_certificates_before_they_expire() {
+    let mut t = TestCluster::start_tuned(
+        3,
+        muster_control::Tuning {
+            node_cert_validity: Duration::from_secs(9),
+            ..Default::default()
+        },
+    )
+    .await;
+    let started = SystemTime::now();
+    let cert = |id: u64| t.dir.path().join("tls").join(format!("control-{id}.pem"));
+    let first: Vec<String> = (1..=3)
+        .map(|id| std::fs::read_to_string(cert(id)).unwrap())
+        .collect();
+    // Past the first certificates' end (renewed at two thirds of their life).
+    while SystemTime::now() < started + Duration::from_secs(11) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for id in 1..=3u64 {
+        assert_ne!(
+            std::fs::read_to_string(cert(id)).unwrap(),
+            first[(id - 1) as usize],
+            "node {id} did not renew its certificate"
+        );
+    }
+    // A restarted follower makes every connection anew.
+    let leader = t
+        .cluster
+        .wait_for_leader(crate::harness::DEADLINE)
+        .await
+        .unwrap();
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    t.cluster
+        .restart_node(follower)
+        .await
+        .expect("the follower restarts");
+    t.client(leader)
+        .call(
+            "CreateComputeEnvironment",
+            serde_json::json!({"computeEnvironmentName": "after-renewal", "type": "UNMANAGED"}),
+        )
+        .await
+        .expect("the cluster takes writes");
+    let deadline = std::time::Instant::now() + crate::harness::DEADLINE;
+    loop {
+        let seen = t
+            .client(follower)
+            .call(
+                "DescribeComputeEnvironments",
+                serde_json::json!({"computeEnvironments": ["after-renewal"]}),
+            )
+            .await
+            .is_ok_and(|r| {
+                r["computeEnvironments"]
+                    .as_array()
+                    .is_some_and(|a| a.len() == 1)
+            });
+        if seen {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the restarted follower never caught up over TLS"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -64,7 +64,7 @@ pub async fn ensure_identity(mut config: AgentConfig) -> Result<AgentConfig, Joi
     let files = files(&config);
     let expected = muster_tls::Role::Agent(config.node_id.clone());
     if files.cert_file.exists() {
-        let kept = load_kept(&files)
+        let kept = muster_tls::renew::load_finishing_renewal("the joined agent's tls", &files)
             .map_err(|e| JoinError::Local(e.to_string()))
             .and_then(|identity| {
                 let ca = muster_tls::pki::fingerprint(identity.ca_pem())
@@ -157,40 +157,6 @@ pub async fn ensure_identity(mut config: AgentConfig) -> Result<AgentConfig, Joi
     tracing::info!(node = %config.node_id, dir = %files.cert_file.display(), "joined the cluster");
     config.tls = Some(Arc::new(identity));
     Ok(config)
-}
-
-/// The kept identity; where a renewal was cut short between its two renames (see
-/// `renewal.rs`), the pair it left staged is finished first.
-fn load_kept(
-    files: &muster_tls::TlsFiles,
-) -> Result<muster_tls::Identity, muster_tls::IdentityError> {
-    let first = muster_tls::Identity::load("the joined agent's tls", files);
-    if first.is_ok() {
-        return first;
-    }
-    let staged = |path: &std::path::Path| crate::renewal::staged(path);
-    let (cert, key) = (&files.cert_file, &files.key_file);
-    let (new_cert, new_key) = (staged(cert), staged(key));
-    for (c, k) in [(&new_cert, &new_key), (&new_cert, key), (cert, &new_key)] {
-        if !c.exists() || !k.exists() {
-            continue;
-        }
-        let pair = muster_tls::TlsFiles {
-            cert_file: c.clone(),
-            key_file: k.clone(),
-            ..files.clone()
-        };
-        if muster_tls::Identity::load("the joined agent's tls", &pair).is_ok() {
-            for (from, to) in [(c, cert), (k, key)] {
-                if from != to {
-                    let _ = std::fs::rename(from, to);
-                }
-            }
-            tracing::warn!("finished a certificate renewal that was cut short");
-            return muster_tls::Identity::load("the joined agent's tls", files);
-        }
-    }
-    first
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

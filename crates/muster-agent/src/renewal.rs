@@ -9,13 +9,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 
-/// A certificate is renewed once two thirds of its lifetime have passed.
-fn renew_at(identity: &muster_tls::Identity) -> SystemTime {
-    let (start, end) = (identity.not_before(), identity.not_after());
-    let lifetime = end.duration_since(start).unwrap_or_default();
-    end - lifetime / 3
-}
-
 /// How often the time to renew is looked at again at most (clocks step; a machine sleeps).
 const RECHECK: Duration = Duration::from_secs(3600);
 /// After a failed renewal (no control node could sign), the next try.
@@ -30,7 +23,7 @@ pub(crate) async fn keep_renewed(
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
-        let due = renew_at(&identity);
+        let due = muster_tls::renew::due(&identity);
         let wait = due
             .duration_since(SystemTime::now())
             .unwrap_or_default()
@@ -56,13 +49,6 @@ pub(crate) async fn keep_renewed(
             }
         }
     }
-}
-
-/// Where a renewal stages a file before it replaces it.
-pub(crate) fn staged(path: &std::path::Path) -> std::path::PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_owned();
-    name.push(".new");
-    path.with_file_name(name)
 }
 
 async fn renew(
@@ -98,27 +84,7 @@ async fn renew(
     if reply.ca_pem.trim() != current.ca_pem().trim() {
         return Err("a control node answered with another CA".into());
     }
-    // Both new files first, then both renamed; a crash between the renames leaves a pair that
-    // the next start finishes (`join::load_kept`).
-    let write = |path: &std::path::Path, text: &str, private: bool| {
-        muster_tls::pki::write_pem(&staged(path), text, private)
-            .map_err(|e| format!("cannot write {}: {e}", path.display()))
-    };
-    write(&files.key_file, &request.key_pem, true)?;
-    write(&files.cert_file, &reply.certificate_pem, false)?;
-    let check =
-        muster_tls::Identity::from_pem(current.ca_pem(), &reply.certificate_pem, &request.key_pem)
-            .map_err(|(setting, problem)| format!("the renewed {setting} {problem}"))?;
-    for path in [&files.key_file, &files.cert_file] {
-        std::fs::rename(staged(path), path)
-            .map_err(|e| format!("cannot replace {}: {e}", path.display()))?;
-    }
-    // The renames themselves must survive a power cut.
-    if let Some(dir) = files.cert_file.parent()
-        && let Ok(dir) = std::fs::File::open(dir)
-    {
-        let _ = dir.sync_all();
-    }
+    let check = muster_tls::renew::replace(files, &reply.certificate_pem, &request.key_pem)?;
     let renewed = Arc::new(check);
     if let Some(tls) = control.tls() {
         tls.replace(&renewed.client_tls(muster_tls::CONTROL_SERVER_NAME));

@@ -2,6 +2,7 @@
 //! and `muster cluster node revoke`. Served at `POST /v1/cluster/<operation>`, signed like
 //! every call and authorised as `muster:ClusterAdmin`.
 
+use crate::iam::random_lower;
 use crate::request::parse;
 use crate::{ApiError, ControlPlane, Principal, check_and_propose};
 use muster_core::{AccessCommand, Command, JoinToken, NodeId, Timestamp};
@@ -33,22 +34,6 @@ fn token_shape(t: &JoinToken, now: Timestamp) -> Value {
         "revoked": t.revoked,
         "usable": t.usable_at(now),
     })
-}
-
-/// Lower-case letters and digits from the node's random UUIDs.
-fn random_lower<P: ControlPlane>(plane: &P, len: usize) -> String {
-    let mut out = String::new();
-    while out.len() < len {
-        out.extend(
-            plane
-                .new_id()
-                .chars()
-                .filter(char::is_ascii_alphanumeric)
-                .map(|c| c.to_ascii_lowercase()),
-        );
-    }
-    out.truncate(len);
-    out
 }
 
 pub(crate) async fn dispatch<P: ControlPlane>(

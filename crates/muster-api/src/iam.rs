@@ -38,6 +38,11 @@ fn key_metadata(k: &AccessKey) -> Value {
 
 /// Random upper-case letters and digits for key and user ids, from the node's UUIDs.
 fn random_token<P: ControlPlane>(plane: &P, len: usize) -> String {
+    random_lower(plane, len).to_ascii_uppercase()
+}
+
+/// Random lower-case letters and digits (hex) from the node's UUIDs.
+pub(crate) fn random_lower<P: ControlPlane>(plane: &P, len: usize) -> String {
     let mut out = String::new();
     while out.len() < len {
         out.extend(
@@ -45,7 +50,7 @@ fn random_token<P: ControlPlane>(plane: &P, len: usize) -> String {
                 .new_id()
                 .chars()
                 .filter(char::is_ascii_alphanumeric)
-                .map(|c| c.to_ascii_uppercase()),
+                .map(|c| c.to_ascii_lowercase()),
         );
     }
     out.truncate(len);

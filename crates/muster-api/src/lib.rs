@@ -277,6 +277,33 @@ async fn batch_operation<P: ControlPlane>(
     respond(&api, &operation, started, result)
 }
 
+/// The administration families Muster adds beside AWS Batch's operations.
+#[derive(Clone, Copy)]
+enum Admin {
+    /// `POST /v1/iam/<operation>`.
+    Iam,
+    /// `POST /v1/cluster/<operation>`.
+    Cluster,
+}
+
+async fn admin_operation<P: ControlPlane>(
+    api: Arc<Api<P>>,
+    family: Admin,
+    operation: String,
+    (method, uri, headers, body): (Method, Uri, HeaderMap, Bytes),
+) -> Response {
+    let started = std::time::Instant::now();
+    let result = async {
+        let principal = caller(&api, "batch", &method, &uri, &headers, &body).await?;
+        match family {
+            Admin::Iam => iam::dispatch(&api.plane, &principal, &operation, &body).await,
+            Admin::Cluster => cluster::dispatch(&api.plane, &principal, &operation, &body).await,
+        }
+    }
+    .await;
+    respond(&api, &operation, started, result)
+}
+
 async fn iam_operation<P: ControlPlane>(
     AxumState(api): AxumState<Arc<Api<P>>>,
     Path(operation): Path<String>,
@@ -285,13 +312,7 @@ async fn iam_operation<P: ControlPlane>(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let started = std::time::Instant::now();
-    let result = async {
-        let principal = caller(&api, "batch", &method, &uri, &headers, &body).await?;
-        iam::dispatch(&api.plane, &principal, &operation, &body).await
-    }
-    .await;
-    respond(&api, &operation, started, result)
+    admin_operation(api, Admin::Iam, operation, (method, uri, headers, body)).await
 }
 
 async fn cluster_operation<P: ControlPlane>(
@@ -302,13 +323,7 @@ async fn cluster_operation<P: ControlPlane>(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let started = std::time::Instant::now();
-    let result = async {
-        let principal = caller(&api, "batch", &method, &uri, &headers, &body).await?;
-        cluster::dispatch(&api.plane, &principal, &operation, &body).await
-    }
-    .await;
-    respond(&api, &operation, started, result)
+    admin_operation(api, Admin::Cluster, operation, (method, uri, headers, body)).await
 }
 
 async fn tags_operation<P: ControlPlane>(

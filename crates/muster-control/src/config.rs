@@ -137,6 +137,9 @@ pub struct ServerConfig {
     pub scope: muster_core::ArnScope,
     /// What this node presents and trusts on its internal ports; `None`: plaintext.
     pub tls: Option<std::sync::Arc<muster_tls::Identity>>,
+    /// Where `tls` was read from: a node holding the CA's key renews its own certificate
+    /// there before it expires.
+    pub tls_files: Option<muster_tls::TlsFiles>,
     /// See [`RawServerConfig::found_with_defaults`].
     pub found_with_defaults: bool,
     /// See [`RawServerConfig::founding_join_token`].
@@ -251,6 +254,7 @@ impl RawServerConfig {
             }
             None => None,
         };
+        let tls_files = self.tls.clone();
         let tls = match (self.tls, self.plaintext) {
             (Some(_), true) => {
                 return Err(invalid(
@@ -259,7 +263,7 @@ impl RawServerConfig {
                 ));
             }
             (Some(files), false) => {
-                let identity = muster_tls::Identity::load("tls", &files)
+                let identity = muster_tls::renew::load_finishing_renewal("tls", &files)
                     .map_err(|e| invalid("tls", e.to_string()))?;
                 if *identity.role() != muster_tls::Role::Control(self.node_id) {
                     return Err(invalid(
@@ -286,6 +290,7 @@ impl RawServerConfig {
         };
         Ok(ServerConfig {
             tls,
+            tls_files,
             found_with_defaults: self.found_with_defaults,
             founding_join_token: self.founding_join_token,
             api_tls: self

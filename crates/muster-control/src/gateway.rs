@@ -62,6 +62,26 @@ pub struct AgentGateway {
     ca: Option<std::sync::Arc<muster_tls::pki::ClusterCa>>,
 }
 
+/// The certificate of agent `node` for the key of `csr_pem`, and the CA's, as a joining or
+/// renewing agent gets them.
+fn sign_agent(
+    ca: &muster_tls::pki::ClusterCa,
+    csr_pem: &str,
+    node: &str,
+) -> Result<JoinReply, Status> {
+    let certificate_pem = ca
+        .sign_request(
+            csr_pem,
+            &muster_tls::Role::Agent(node.to_owned()),
+            muster_tls::pki::Validity::from_now(AGENT_CERT_VALIDITY),
+        )
+        .map_err(|e| Status::invalid_argument(format!("csr_pem: {e}")))?;
+    Ok(JoinReply {
+        certificate_pem,
+        ca_pem: ca.cert_pem().to_owned(),
+    })
+}
+
 /// How long a joined agent's certificate is valid.
 pub const AGENT_CERT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
 
@@ -395,18 +415,9 @@ impl AgentService for AgentGateway {
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
         verdict.map_err(refuse)?;
-        let certificate_pem = ca
-            .sign_request(
-                &req.csr_pem,
-                &muster_tls::Role::Agent(req.node_id.clone()),
-                muster_tls::pki::Validity::from_now(AGENT_CERT_VALIDITY),
-            )
-            .map_err(|e| Status::invalid_argument(format!("csr_pem: {e}")))?;
+        let reply = sign_agent(&ca, &req.csr_pem, &req.node_id)?;
         tracing::info!(node = %req.node_id, ?peer, "agent joined");
-        Ok(Response::new(JoinReply {
-            certificate_pem,
-            ca_pem: ca.cert_pem().to_owned(),
-        }))
+        Ok(Response::new(reply))
     }
 
     async fn renew_certificate(
@@ -424,18 +435,9 @@ impl AgentService for AgentGateway {
                 "this control node holds no CA key (tls.ca_key_file) and cannot sign; renew through another",
             ));
         };
-        let certificate_pem = ca
-            .sign_request(
-                &req.csr_pem,
-                &muster_tls::Role::Agent(req.node_id.clone()),
-                muster_tls::pki::Validity::from_now(AGENT_CERT_VALIDITY),
-            )
-            .map_err(|e| Status::invalid_argument(format!("csr_pem: {e}")))?;
+        let reply = sign_agent(&ca, &req.csr_pem, &req.node_id)?;
         tracing::info!(node = %req.node_id, "agent certificate renewed");
-        Ok(Response::new(JoinReply {
-            certificate_pem,
-            ca_pem: ca.cert_pem().to_owned(),
-        }))
+        Ok(Response::new(reply))
     }
 
     async fn report_attempts(

@@ -16,6 +16,7 @@ mod liveness;
 mod local_cluster;
 mod node;
 mod plane;
+mod renewal;
 pub mod replay;
 pub mod scheduler;
 

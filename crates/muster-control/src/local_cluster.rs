@@ -20,6 +20,9 @@ pub struct Tuning {
     /// Mutual TLS on every internal port, with a CA made for the cluster (the default; off
     /// only where a test or the bench drives the agent protocol itself).
     pub tls: bool,
+    /// How long the nodes' first certificates are valid (tests shorten it to see them
+    /// renewed).
+    pub node_cert_validity: Duration,
 }
 
 impl Default for Tuning {
@@ -29,6 +32,7 @@ impl Default for Tuning {
             node_lost_after: crate::config::DEFAULT_NODE_LOST_AFTER,
             scope: Default::default(),
             tls: true,
+            node_cert_validity: LOCAL_CERT_VALIDITY,
         }
     }
 }
@@ -37,7 +41,9 @@ impl Default for Tuning {
 struct LocalPki {
     ca: std::sync::Arc<muster_tls::pki::ClusterCa>,
     dir: PathBuf,
-    nodes: BTreeMap<u64, std::sync::Arc<muster_tls::Identity>>,
+    /// Each node's files: read again at every start, so a restarted node presents the
+    /// certificate it last renewed.
+    nodes: BTreeMap<u64, muster_tls::TlsFiles>,
 }
 
 /// Local clusters' certificates: long enough for any session.
@@ -95,7 +101,7 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, ClusterError> {
 impl LocalPki {
     /// A new CA in `dir` (an earlier one there is replaced: a local cluster's CA lives as
     /// long as the process) and the certificates of nodes 1 to `size`.
-    fn make(dir: &Path, size: u64) -> Result<Self, ClusterError> {
+    fn make(dir: &Path, size: u64, validity: Duration) -> Result<Self, ClusterError> {
         let pki = |e: muster_tls::pki::PkiError| ClusterError::Pki(e.to_string());
         let ca = muster_tls::pki::ClusterCa::generate("muster-dev").map_err(pki)?;
         let _ = std::fs::remove_file(dir.join("ca.pem"));
@@ -107,12 +113,13 @@ impl LocalPki {
                 &format!("control-{id}"),
                 &muster_tls::Role::Control(id),
                 &["127.0.0.1".to_owned(), "localhost".to_owned()],
-                muster_tls::pki::Validity::from_now(LOCAL_CERT_VALIDITY),
+                muster_tls::pki::Validity {
+                    not_before: std::time::SystemTime::now() - Duration::from_secs(1),
+                    not_after: std::time::SystemTime::now() + validity,
+                },
             )
             .map_err(pki)?;
-            let identity = muster_tls::Identity::load("tls", &files)
-                .map_err(|e| ClusterError::Pki(e.to_string()))?;
-            nodes.insert(id, std::sync::Arc::new(identity));
+            nodes.insert(id, files);
         }
         Ok(Self {
             ca: std::sync::Arc::new(ca),
@@ -148,9 +155,14 @@ impl LocalCluster {
             node_lost_after,
             scope,
             tls,
+            node_cert_validity,
         } = tuning;
         let pki = if tls {
-            Some(LocalPki::make(&data_dir.join("tls"), size)?)
+            Some(LocalPki::make(
+                &data_dir.join("tls"),
+                size,
+                node_cert_validity,
+            )?)
         } else {
             None
         };
@@ -184,14 +196,21 @@ impl LocalCluster {
                 api: api.remove(&id).expect("one API listener per node"),
             };
             let node =
-                ControlNode::start(cluster.config(id), listeners, cluster.metrics.clone()).await?;
+                ControlNode::start(cluster.config(id)?, listeners, cluster.metrics.clone()).await?;
             cluster.nodes.insert(id, Some(node));
         }
         Ok(cluster)
     }
 
-    fn config(&self, id: u64) -> ServerConfig {
-        ServerConfig {
+    fn config(&self, id: u64) -> Result<ServerConfig, ClusterError> {
+        let tls = match &self.pki {
+            Some(pki) => Some(std::sync::Arc::new(
+                muster_tls::renew::load_finishing_renewal("tls", &pki.nodes[&id])
+                    .map_err(|e| ClusterError::Pki(e.to_string()))?,
+            )),
+            None => None,
+        };
+        Ok(ServerConfig {
             node_id: id,
             grpc_addr: self.grpc_addrs[&id],
             raft_addr: self.raft_addrs[&id],
@@ -216,12 +235,13 @@ impl LocalCluster {
             node_lost_after: self.node_lost_after,
             limits: self.limits,
             scope: self.scope.clone(),
-            tls: self.pki.as_ref().map(|pki| pki.nodes[&id].clone()),
+            tls,
+            tls_files: self.pki.as_ref().map(|pki| pki.nodes[&id].clone()),
             found_with_defaults: false,
             founding_join_token: None,
             api_tls: None,
             ca: self.pki.as_ref().map(|pki| pki.ca.clone()),
-        }
+        })
     }
 
     /// The `[tls]` files of an agent named `name`, issued by this cluster's CA under
@@ -307,7 +327,7 @@ impl LocalCluster {
             raft: bind(self.raft_addrs[&id]).await?,
             api: bind(self.api_addrs[&id]).await?,
         };
-        let node = ControlNode::start(self.config(id), listeners, self.metrics.clone()).await?;
+        let node = ControlNode::start(self.config(id)?, listeners, self.metrics.clone()).await?;
         self.nodes.insert(id, Some(node));
         Ok(())
     }

@@ -113,33 +113,43 @@ impl ControlNode {
             StateMachine::open(snapshots).map_err(|e| StartError::Raft(e.to_string()))?;
         let state = state_machine.handle();
 
-        let peers = match &config.tls {
-            Some(identity) => {
-                // TCP and TLS within a second: a peer that takes longer is as good as down
-                // for Raft, and the next call tries again.
-                PeerDirectory::with_tls(
-                    identity
-                        .client_tls(muster_tls::CONTROL_SERVER_NAME)
-                        .with_connect_timeout(Duration::from_secs(1)),
-                )
-            }
+        // TCP and TLS within a second: a peer that takes longer is as good as down for Raft,
+        // and the next call tries again.
+        let peers_tls = config.tls.as_ref().map(|identity| {
+            identity
+                .client_tls(muster_tls::CONTROL_SERVER_NAME)
+                .with_connect_timeout(Duration::from_secs(1))
+        });
+        let agent_logs_tls = config
+            .tls
+            .as_ref()
+            .map(|identity| identity.client_tls(muster_tls::AGENT_SERVER_NAME));
+        let peers = match &peers_tls {
+            Some(tls) => PeerDirectory::with_tls(tls.clone()),
             None => PeerDirectory::default(),
         };
         let tls_error = |e: muster_tls::IdentityError| StartError::Tls(e.to_string());
         // Peers must present a certificate at the handshake; agents may come without one to
-        // join, and are then refused every other call.
-        let raft_tls = config
-            .tls
-            .as_ref()
-            .map(|id| id.server_config(ClientCertificates::Required))
-            .transpose()
-            .map_err(tls_error)?;
-        let agents_tls = config
-            .tls
-            .as_ref()
-            .map(|id| id.server_config(ClientCertificates::Optional))
-            .transpose()
-            .map_err(tls_error)?;
+        // join, and are then refused every other call. Both present a certificate that a
+        // renewal replaces (`renewal.rs`).
+        let (raft_tls, raft_cert) = match &config.tls {
+            Some(id) => {
+                let (tls, served) = id
+                    .renewable_server_config(ClientCertificates::Required)
+                    .map_err(tls_error)?;
+                (Some(tls), Some(served))
+            }
+            None => (None, None),
+        };
+        let (agents_tls, agents_cert) = match &config.tls {
+            Some(id) => {
+                let (tls, served) = id
+                    .renewable_server_config(ClientCertificates::Optional)
+                    .map_err(tls_error)?;
+                (Some(tls), Some(served))
+            }
+            None => (None, None),
+        };
         for (id, addrs) in &config.peers {
             peers.set(*id, addrs.clone());
         }
@@ -259,12 +269,7 @@ impl ControlNode {
         }));
 
         let mut router = muster_api::router(
-            RaftPlane::new(node.clone(), config.limits).reading_logs_with(
-                config
-                    .tls
-                    .as_ref()
-                    .map(|id| id.client_tls(muster_tls::AGENT_SERVER_NAME)),
-            ),
+            RaftPlane::new(node.clone(), config.limits).reading_logs_with(agent_logs_tls.clone()),
             &ApiConfig::default(),
         );
         if let Some(handle) = metrics {
@@ -289,6 +294,26 @@ impl ControlNode {
                 tracing::error!(error = %e, "API server failed");
             }
         }));
+
+        // A node that holds the CA's key renews its own certificate before it expires.
+        if let (Some(identity), Some(files), Some(ca)) = (
+            config.tls.clone(),
+            config.tls_files.clone(),
+            config.ca.clone(),
+        ) {
+            let presented = crate::renewal::Presented {
+                servers: raft_cert.into_iter().chain(agents_cert).collect(),
+                clients: peers_tls.into_iter().chain(agent_logs_tls).collect(),
+            };
+            tasks.push(tokio::spawn(crate::renewal::keep_renewed(
+                config.node_id,
+                files,
+                identity,
+                ca,
+                presented,
+                shutdown_rx.clone(),
+            )));
+        }
 
         tasks.extend(spawn_loops(
             &node,

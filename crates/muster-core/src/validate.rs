@@ -67,6 +67,24 @@ pub fn parse_vcpus(value: &str) -> Option<u64> {
     (milli > 0).then_some(milli)
 }
 
+/// An agent's node name (a host name, usually): 1 to 128 letters, digits, `-`, `_` and `.`,
+/// starting with a letter or digit. Certificates carry it in a URI.
+pub fn node_name(value: &str) -> Result<(), String> {
+    let ok = !value.is_empty()
+        && value.len() <= 128
+        && value.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{value:?} is not a node name: 1 to 128 letters, digits, - _ and ., starting with a letter or digit"
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -92,23 +110,5 @@ mod tests {
         assert_eq!(parse_vcpus("-1"), None);
         assert_eq!(parse_vcpus("NaN"), None);
         assert_eq!(parse_vcpus("two"), None);
-    }
-}
-
-/// An agent's node name (a host name, usually): 1 to 128 letters, digits, `-`, `_` and `.`,
-/// starting with a letter or digit. Certificates carry it in a URI.
-pub fn node_name(value: &str) -> Result<(), String> {
-    let ok = !value.is_empty()
-        && value.len() <= 128
-        && value.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && value
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "{value:?} is not a node name: 1 to 128 letters, digits, - _ and ., starting with a letter or digit"
-        ))
     }
 }

@@ -67,6 +67,14 @@ impl ClientTls {
         self
     }
 
+    /// The server name this dials (the role's: see [`crate::CONTROL_SERVER_NAME`]).
+    pub fn server_name(&self) -> &str {
+        match &self.server_name {
+            ServerName::DnsName(name) => name.as_ref(),
+            _ => "",
+        }
+    }
+
     /// The deadline for TCP connect and TLS handshake together.
     pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;

@@ -17,6 +17,7 @@ mod client;
 mod identity;
 pub mod join;
 pub mod pki;
+pub mod renew;
 mod role;
 pub mod transport;
 

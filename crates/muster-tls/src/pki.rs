@@ -147,25 +147,8 @@ impl ClusterCa {
         validity: Validity,
     ) -> Result<IssuedCertificate, PkiError> {
         let key = KeyPair::generate()?;
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "Muster API");
-        for host in hosts {
-            params.subject_alt_names.push(match host.parse::<IpAddr>() {
-                Ok(ip) => SanType::IpAddress(ip),
-                Err(_) => SanType::DnsName(host.as_str().try_into()?),
-            });
-        }
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
+        let mut params = server_params("Muster API", hosts, validity)?;
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        params.use_authority_key_identifier_extension = true;
-        params.not_before = offset_time(validity.not_before);
-        params.not_after = offset_time(validity.not_after);
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(IssuedCertificate {
             // Chained to the CA, as clients that know only the CA expect.
@@ -193,15 +176,35 @@ fn role_params(
     hosts: &[String],
     validity: Validity,
 ) -> Result<CertificateParams, PkiError> {
+    let mut params = server_params(&role.to_string(), hosts, validity)?;
+    params.subject_alt_names.splice(
+        0..0,
+        [
+            SanType::URI(role.uri().try_into()?),
+            SanType::DnsName(role.server_name().try_into()?),
+        ],
+    );
+    // Every holder is both: a control node serves agents and calls its peers; an agent calls
+    // control nodes and serves its logs to them.
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    Ok(params)
+}
+
+/// A certificate's common parameters: its name, the host names and addresses it is for, its
+/// key usages and validity.
+fn server_params(
+    common_name: &str,
+    hosts: &[String],
+    validity: Validity,
+) -> Result<CertificateParams, PkiError> {
     let mut params = CertificateParams::default();
     params.distinguished_name = DistinguishedName::new();
     params
         .distinguished_name
-        .push(DnType::CommonName, role.to_string());
-    params.subject_alt_names = vec![
-        SanType::URI(role.uri().try_into()?),
-        SanType::DnsName(role.server_name().try_into()?),
-    ];
+        .push(DnType::CommonName, common_name);
     for host in hosts {
         params.subject_alt_names.push(match host.parse::<IpAddr>() {
             Ok(ip) => SanType::IpAddress(ip),
@@ -211,12 +214,6 @@ fn role_params(
     params.key_usages = vec![
         KeyUsagePurpose::DigitalSignature,
         KeyUsagePurpose::KeyEncipherment,
-    ];
-    // Every holder is both: a control node serves agents and calls its peers; an agent calls
-    // control nodes and serves its logs to them.
-    params.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
     ];
     params.use_authority_key_identifier_extension = true;
     params.not_before = offset_time(validity.not_before);

@@ -296,7 +296,7 @@ fn init(dir: &Path, servers: &str, options: &InitOptions) -> anyhow::Result<()> 
             &tls_dir,
             &format!("control-{}", node.id),
             &Role::Control(node.id),
-            &[node.host.clone()],
+            std::slice::from_ref(&node.host),
             Validity::from_now(NODE_CERT_VALIDITY),
         )?;
         let data_dir = if local {
