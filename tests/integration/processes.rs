@@ -540,34 +540,20 @@ fn agent_config_from_init(dir: &Path, name: &str, token: Option<&str>) -> PathBu
 async fn a_cluster_from_cluster_init_admits_only_what_holds_its_keys() {
     let temp = tempfile::tempdir().unwrap();
     let dir = temp.path().join("cluster");
-    let init = Command::new(muster_bin())
-        .args([
-            "cluster",
-            "init",
-            "--dir",
-            dir.to_str().unwrap(),
-            "--servers",
-            "3",
-        ])
-        .args(["--executor", "process"])
-        .output()
-        .unwrap();
+    let init = || {
+        Command::new(muster_bin())
+            .args(["cluster", "init", "--dir", dir.to_str().unwrap()])
+            .args(["--servers", "3", "--executor", "process"])
+            .output()
+            .unwrap()
+    };
+    let first = init();
     assert!(
-        init.status.success(),
+        first.status.success(),
         "{}",
-        String::from_utf8_lossy(&init.stderr)
+        String::from_utf8_lossy(&first.stderr)
     );
-    let again = Command::new(muster_bin())
-        .args([
-            "cluster",
-            "init",
-            "--dir",
-            dir.to_str().unwrap(),
-            "--servers",
-            "3",
-        ])
-        .output()
-        .unwrap();
+    let again = init();
     assert!(!again.status.success(), "init overwrote a cluster's files");
 
     let _servers: Vec<Proc> = (1..=3)

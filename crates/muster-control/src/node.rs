@@ -132,24 +132,15 @@ impl ControlNode {
         // Peers must present a certificate at the handshake; agents may come without one to
         // join, and are then refused every other call. Both present a certificate that a
         // renewal replaces (`renewal.rs`).
-        let (raft_tls, raft_cert) = match &config.tls {
-            Some(id) => {
-                let (tls, served) = id
-                    .renewable_server_config(ClientCertificates::Required)
-                    .map_err(tls_error)?;
-                (Some(tls), Some(served))
-            }
-            None => (None, None),
+        let renewable = |clients| match &config.tls {
+            Some(id) => id
+                .renewable_server_config(clients)
+                .map(|(tls, served)| (Some(tls), Some(served)))
+                .map_err(tls_error),
+            None => Ok((None, None)),
         };
-        let (agents_tls, agents_cert) = match &config.tls {
-            Some(id) => {
-                let (tls, served) = id
-                    .renewable_server_config(ClientCertificates::Optional)
-                    .map_err(tls_error)?;
-                (Some(tls), Some(served))
-            }
-            None => (None, None),
-        };
+        let (raft_tls, raft_cert) = renewable(ClientCertificates::Required)?;
+        let (agents_tls, agents_cert) = renewable(ClientCertificates::Optional)?;
         for (id, addrs) in &config.peers {
             peers.set(*id, addrs.clone());
         }
