@@ -85,7 +85,8 @@ pub enum Command {
         jobs: Vec<(JobId, String)>,
         at: Timestamp,
     },
-    /// Forget jobs that ended before `before` (retention).
+    /// Forget jobs that ended before `before` (retention), and join tokens that expired
+    /// before it.
     PurgeJobs {
         before: Timestamp,
     },

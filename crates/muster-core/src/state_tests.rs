@@ -731,6 +731,21 @@ fn join_tokens_are_made_once_revoked_by_id_and_agents_revoked_by_name() {
     );
     assert_eq!(s.apply(revoke_agent), Outcome::Done);
     assert!(s.agent_revoked(&node));
+    // Forgotten by retention once expired before its cutoff; revoked agents are not.
+    let kept = s.clone();
+    s.apply(Command::PurgeJobs {
+        before: Timestamp(5_000),
+    });
+    assert!(
+        s.join_token("abcd1234").is_some(),
+        "expired at the cutoff, not before it"
+    );
+    s.apply(Command::PurgeJobs {
+        before: Timestamp(5_001),
+    });
+    assert!(s.join_token("abcd1234").is_none());
+    assert!(s.agent_revoked(&node));
+    let s = kept;
     // Kept in snapshots.
     let restored: State = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
     assert!(restored.agent_revoked(&node));

@@ -358,6 +358,10 @@ impl State {
         }
         let jobs = &self.jobs;
         self.client_tokens.retain(|_, id| jobs.contains_key(id));
+        // Join tokens that expired before the retention's cutoff are of no use any more, even
+        // to a list. Revoked agents stay: a denylist that forgets lets the name back in.
+        self.join_tokens
+            .retain(|_, token| token.expires_at >= before);
         Outcome::Purged { jobs: purged }
     }
 
