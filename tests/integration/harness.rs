@@ -315,3 +315,20 @@ pub async fn wait_until_replica_holds(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Waits until `done` holds, checking every 50 ms, for at most [`DEADLINE`].
+pub async fn eventually(what: &str, mut done: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + DEADLINE;
+    while !done().await {
+        assert!(Instant::now() < deadline, "{what}: not within {DEADLINE:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Lets the wall clock pass `instant`, for tests whose premise is that a certificate (valid by
+/// the wall clock) has expired: there is no condition to poll but time itself.
+pub async fn outlive(instant: std::time::SystemTime) {
+    if let Ok(left) = instant.duration_since(std::time::SystemTime::now()) {
+        tokio::time::sleep(left + Duration::from_millis(100)).await;
+    }
+}

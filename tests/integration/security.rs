@@ -1,7 +1,7 @@
 //! Mutual TLS and roles on the internal ports: nothing without the cluster's keys can join,
 //! vote, read assignments or report, and a certificate acts only as what it names.
 
-use crate::harness::TestCluster;
+use crate::harness::{TestCluster, eventually, outlive};
 use muster_proto::pb;
 use muster_tls::pki::{ClusterCa, Validity};
 use muster_tls::{CONTROL_SERVER_NAME, Role};
@@ -246,14 +246,10 @@ async fn a_joined_agent_renews_its_certificate_before_it_expires() {
     let (stop, _task, runtime) = crate::harness::start_agent(config).await;
 
     // Renewed at two thirds of its life; then the first certificate expires.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while std::fs::read_to_string(tls_dir.join("agent.pem")).unwrap() == first.cert_pem {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the certificate was not renewed"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually("the agent renews its certificate", async || {
+        std::fs::read_to_string(tls_dir.join("agent.pem")).unwrap() != first.cert_pem
+    })
+    .await;
     let renewed = muster_tls::Identity::load(
         "tls",
         &muster_tls::TlsFiles {
@@ -265,9 +261,7 @@ async fn a_joined_agent_renews_its_certificate_before_it_expires() {
     )
     .expect("the renewed files are a valid identity");
     assert!(renewed.not_after() > now + Duration::from_secs(86_400));
-    while SystemTime::now() < short.not_after + Duration::from_secs(1) {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    outlive(short.not_after + Duration::from_secs(1)).await;
 
     let job =
         crate::harness::submit(&client, "q", "d", "after-renewal", &["echo", "renewed"]).await;
@@ -309,9 +303,7 @@ async fn control_nodes_renew_their_certificates_before_they_expire() {
         .map(|id| std::fs::read_to_string(cert(id)).unwrap())
         .collect();
     // Past the first certificates' end (renewed at two thirds of their life).
-    while SystemTime::now() < started + Duration::from_secs(11) {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    outlive(started + Duration::from_secs(11)).await;
     for id in 1..=3u64 {
         assert_ne!(
             std::fs::read_to_string(cert(id)).unwrap(),
@@ -337,10 +329,9 @@ async fn control_nodes_renew_their_certificates_before_they_expire() {
         )
         .await
         .expect("the cluster takes writes");
-    let deadline = std::time::Instant::now() + crate::harness::DEADLINE;
-    loop {
-        let seen = t
-            .client(follower)
+    let follower_client = t.client(follower);
+    eventually("the restarted follower catches up over TLS", async || {
+        follower_client
             .call(
                 "DescribeComputeEnvironments",
                 serde_json::json!({"computeEnvironments": ["after-renewal"]}),
@@ -350,14 +341,7 @@ async fn control_nodes_renew_their_certificates_before_they_expire() {
                 r["computeEnvironments"]
                     .as_array()
                     .is_some_and(|a| a.len() == 1)
-            });
-        if seen {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the restarted follower never caught up over TLS"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+            })
+    })
+    .await;
 }

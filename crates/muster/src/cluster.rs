@@ -19,22 +19,8 @@ pub enum ClusterCommand {
         /// comma-separated host names or addresses of the control nodes, one per node.
         #[arg(long)]
         servers: String,
-        #[arg(long, default_value = "muster")]
-        cluster_name: String,
-        #[arg(long, default_value = "us-east-1")]
-        region: String,
-        #[arg(long, default_value = "000000000000")]
-        account_id: String,
-        /// How long the agent join token written to agent.toml is valid, in hours.
-        #[arg(long, default_value_t = 24)]
-        token_ttl_hours: u64,
-        /// The executor agent.toml names (`muster agent --executor` overrides it).
-        #[arg(long, default_value = "docker")]
-        executor: String,
-        /// Serve the API over HTTPS with a certificate of the cluster's CA (the AWS config
-        /// written to DIR/aws names the CA as its `ca_bundle`).
-        #[arg(long)]
-        api_tls: bool,
+        #[command(flatten)]
+        options: InitOptions,
     },
     /// Join tokens: agents present one to have their certificate signed.
     Token {
@@ -104,24 +90,8 @@ pub async fn run(command: ClusterCommand) -> anyhow::Result<()> {
         ClusterCommand::Init {
             dir,
             servers,
-            cluster_name,
-            region,
-            account_id,
-            token_ttl_hours,
-            executor,
-            api_tls,
-        } => init(
-            &dir,
-            &servers,
-            &InitOptions {
-                cluster_name,
-                region,
-                account_id,
-                token_ttl_hours,
-                executor,
-                api_tls,
-            },
-        ),
+            options,
+        } => init(&dir, &servers, &options),
         ClusterCommand::Token {
             endpoint_url,
             command,
@@ -203,31 +173,34 @@ fn toml_string(value: &str) -> String {
 }
 
 /// What `muster cluster init` was asked for besides its directory and servers.
-struct InitOptions {
+#[derive(clap::Args)]
+pub struct InitOptions {
+    #[arg(long, default_value = "muster")]
     cluster_name: String,
+    #[arg(long, default_value = "us-east-1")]
     region: String,
+    #[arg(long, default_value = "000000000000")]
     account_id: String,
+    /// How long the agent join token written to agent.toml is valid, in hours.
+    #[arg(long, default_value_t = 24)]
     token_ttl_hours: u64,
+    /// The executor agent.toml names (`muster agent --executor` overrides it).
+    #[arg(long, default_value = "docker")]
     executor: String,
+    /// Serve the API over HTTPS with a certificate of the cluster's CA (the AWS config
+    /// written to DIR/aws names the CA as its `ca_bundle`).
+    #[arg(long)]
     api_tls: bool,
 }
 
 fn init(dir: &Path, servers: &str, options: &InitOptions) -> anyhow::Result<()> {
-    let InitOptions {
-        cluster_name,
-        region,
-        account_id,
-        token_ttl_hours,
-        executor,
-        api_tls,
-    } = options;
     let (cluster_name, region, account_id, executor) = (
-        cluster_name.as_str(),
-        region.as_str(),
-        account_id.as_str(),
-        executor.as_str(),
+        options.cluster_name.as_str(),
+        options.region.as_str(),
+        options.account_id.as_str(),
+        options.executor.as_str(),
     );
-    let (token_ttl_hours, api_tls) = (*token_ttl_hours, *api_tls);
+    let (token_ttl_hours, api_tls) = (options.token_ttl_hours, options.api_tls);
     if dir.exists() && std::fs::read_dir(dir)?.next().is_some() {
         bail!("--dir {}: must be new or empty", dir.display());
     }
