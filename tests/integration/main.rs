@@ -11,6 +11,7 @@ mod harness;
 mod jobs;
 mod layering;
 mod liveness;
+mod membership;
 mod partitions;
 mod processes;
 mod restart;

@@ -155,6 +155,7 @@ impl PartitionedCluster {
                     let addrs = PeerAddrs {
                         raft: raft.to_string(),
                         agents: agent_links[peer].addr.to_string(),
+                        api: String::new(),
                     };
                     (*peer, addrs)
                 })
@@ -170,6 +171,7 @@ impl PartitionedCluster {
             found_with_defaults: false,
             founding_join_token: None,
             api_tls: None,
+            join_existing_cluster: false,
             ca: None,
         };
         let configs: Vec<ServerConfig> = ids.iter().map(|id| config(*id)).collect();

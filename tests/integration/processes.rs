@@ -11,7 +11,7 @@ use std::time::Instant;
 
 /// The `muster` binary built beside this test binary (`cargo build -p muster`, which the
 /// test command runs first).
-fn muster_bin() -> PathBuf {
+pub(crate) fn muster_bin() -> PathBuf {
     if let Some(path) = std::env::var_os("MUSTER_BIN") {
         return path.into();
     }
@@ -37,10 +37,10 @@ fn free_port() -> u16 {
         .port()
 }
 
-struct Proc(Child);
+pub(crate) struct Proc(Child);
 
 impl Proc {
-    fn spawn(args: &[&str], log: &Path) -> Proc {
+    pub(crate) fn spawn(args: &[&str], log: &Path) -> Proc {
         let log = std::fs::File::create(log).unwrap();
         let child = Command::new(muster_bin())
             .args(args)
@@ -53,7 +53,7 @@ impl Proc {
     }
 
     /// SIGTERM and wait: the clean shutdown path.
-    fn stop(mut self) {
+    pub(crate) fn stop(mut self) {
         // SAFETY: signalling a child process we own; no memory is involved.
         unsafe { libc_kill(self.0.id() as i32, 15) };
         let status = self.0.wait().unwrap();
@@ -73,7 +73,7 @@ unsafe extern "C" {
     fn libc_kill(pid: i32, sig: i32) -> i32;
 }
 
-async fn wait_for_credentials(path: &Path) -> muster_client::Credentials {
+pub(crate) async fn wait_for_credentials(path: &Path) -> muster_client::Credentials {
     let deadline = Instant::now() + DEADLINE;
     while Instant::now() < deadline {
         if let Some(c) = muster_control::bootstrap::read_credentials(path) {
@@ -205,7 +205,7 @@ async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
-async fn wait_until_serving(client: &BatchClient) {
+pub(crate) async fn wait_until_serving(client: &BatchClient) {
     let deadline = Instant::now() + DEADLINE;
     while Instant::now() < deadline {
         if client.call("DescribeJobQueues", json!({})).await.is_ok() {
@@ -483,7 +483,7 @@ unsafe extern "C" {
 
 /// `muster` run as an administrator runs it against the cluster `muster cluster init` wrote
 /// into `dir`: the endpoint and the root user's key from `dir/aws`.
-fn muster_admin(dir: &Path, endpoint: &str, args: &[&str]) -> std::process::Output {
+pub(crate) fn muster_admin(dir: &Path, endpoint: &str, args: &[&str]) -> std::process::Output {
     Command::new(muster_bin())
         .args(args)
         .env("AWS_ENDPOINT_URL_BATCH", endpoint)
@@ -513,7 +513,7 @@ fn agent_refused(config: &Path) -> String {
 
 /// An agent config from `agent.toml` as `muster cluster init` wrote it, with this agent's
 /// name, work directory and, where given, another token.
-fn agent_config_from_init(dir: &Path, name: &str, token: Option<&str>) -> PathBuf {
+pub(crate) fn agent_config_from_init(dir: &Path, name: &str, token: Option<&str>) -> PathBuf {
     let mut text = std::fs::read_to_string(dir.join("agent.toml")).unwrap();
     if let Some(token) = token {
         let start = text.find("join_token = ").unwrap();

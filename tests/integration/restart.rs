@@ -140,7 +140,7 @@ async fn submit_padded(client: &muster_client::BatchClient, count: usize) {
 /// metrics.
 async fn wait_for_metric(
     raft: &muster_raft::Raft,
-    f: impl Fn(&openraft::RaftMetrics<u64, openraft::BasicNode>) -> Option<u64> + Send + Sync,
+    f: impl Fn(&openraft::RaftMetrics<u64, muster_raft::Member>) -> Option<u64> + Send + Sync,
 ) -> u64 {
     let metrics = raft
         .wait(Some(DEADLINE))

@@ -56,6 +56,7 @@ impl From<crate::PlaneError> for ApiError {
                 message,
             },
             crate::PlaneError::Indeterminate(message) => Self::server(message),
+            crate::PlaneError::Refused(message) => Self::client(message),
         }
     }
 }

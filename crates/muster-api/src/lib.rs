@@ -54,6 +54,28 @@ pub enum PlaneError {
     /// the command.
     #[error("{0}")]
     Indeterminate(String),
+    /// Refused as asked (a membership change naming an unknown node): a client's error.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// A change to the control nodes, run by the leader (`muster cluster add-node` …).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MembershipChange {
+    AddNode {
+        id: u64,
+        raft_addr: String,
+        grpc_addr: String,
+        api_addr: String,
+        /// How long the new node may take to catch up before it is made a voter.
+        catch_up: std::time::Duration,
+    },
+    RemoveNode {
+        id: u64,
+    },
+    TransferLeader {
+        to: Option<u64>,
+    },
 }
 
 /// What the API needs from the cluster. Implemented by the control node over Raft.
@@ -81,6 +103,28 @@ pub trait ControlPlane: Send + Sync + 'static {
     /// Limits operators may tune.
     fn limits(&self) -> Limits {
         Limits::default()
+    }
+
+    /// Every control node's view of Raft (`muster cluster status`), as JSON: `leader`,
+    /// `term`, `quorum` and `members`.
+    fn cluster_status(&self) -> impl Future<Output = Result<serde_json::Value, PlaneError>> + Send {
+        async {
+            Err(PlaneError::Unavailable(
+                "this control plane has no Raft members".into(),
+            ))
+        }
+    }
+
+    /// Changes the control nodes; answers what the change left, as JSON.
+    fn change_membership(
+        &self,
+        change: MembershipChange,
+    ) -> impl Future<Output = Result<serde_json::Value, PlaneError>> + Send {
+        async move {
+            Err(PlaneError::Unavailable(format!(
+                "this control plane cannot change its members ({change:?})"
+            )))
+        }
     }
 
     /// Reads a page of an attempt's output from the agent that ran it.

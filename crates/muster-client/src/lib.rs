@@ -78,20 +78,13 @@ impl BatchClient {
         }
     }
 
-    /// Endpoint from `endpoint_url` or `AWS_ENDPOINT_URL_BATCH` (or `AWS_ENDPOINT_URL`);
+    /// Endpoint from `endpoint_url`, `AWS_ENDPOINT_URL_BATCH` (or `AWS_ENDPOINT_URL`) or the
+    /// profile's `endpoint_url` in the config file;
     /// credentials from `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY` or the shared credentials
     /// file (`AWS_SHARED_CREDENTIALS_FILE`, default `~/.aws/credentials`) for `AWS_PROFILE`;
     /// region from `AWS_REGION`, `AWS_DEFAULT_REGION` or the config file, else `us-east-1`.
     pub fn from_environment(endpoint_url: Option<String>) -> Result<Self, CallError> {
         let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-        let endpoint = endpoint_url
-            .or_else(|| env("AWS_ENDPOINT_URL_BATCH"))
-            .or_else(|| env("AWS_ENDPOINT_URL"))
-            .ok_or_else(|| {
-                CallError::Config(
-                    "no endpoint: set AWS_ENDPOINT_URL_BATCH or pass --endpoint-url".into(),
-                )
-            })?;
         let home = PathBuf::from(env("HOME").unwrap_or_default());
         let profile = env("AWS_PROFILE").unwrap_or_else(|| "default".into());
         let credentials_file = env("AWS_SHARED_CREDENTIALS_FILE")
@@ -100,6 +93,22 @@ impl BatchClient {
         let config_file = env("AWS_CONFIG_FILE")
             .map(PathBuf::from)
             .unwrap_or(home.join(".aws/config"));
+        let config_section = if profile == "default" {
+            "default".to_owned()
+        } else {
+            format!("profile {profile}")
+        };
+        let endpoint = endpoint_url
+            .or_else(|| env("AWS_ENDPOINT_URL_BATCH"))
+            .or_else(|| env("AWS_ENDPOINT_URL"))
+            .or_else(|| ini_value(&config_file, &config_section, "endpoint_url"))
+            .ok_or_else(|| {
+                CallError::Config(format!(
+                    "no endpoint: set AWS_ENDPOINT_URL_BATCH, pass --endpoint-url, or set \
+                     endpoint_url for profile {profile} in {}",
+                    config_file.display()
+                ))
+            })?;
         let (id, secret) = match (env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY")) {
             (Some(id), Some(secret)) => (id, secret),
             _ => ini_value(&credentials_file, &profile, "aws_access_key_id")
@@ -114,11 +123,6 @@ impl BatchClient {
                         credentials_file.display()
                     ))
                 })?,
-        };
-        let config_section = if profile == "default" {
-            "default".to_owned()
-        } else {
-            format!("profile {profile}")
         };
         let region = env("AWS_REGION")
             .or_else(|| env("AWS_DEFAULT_REGION"))

@@ -14,6 +14,9 @@ pub struct PeerConfig {
     pub grpc_addr: String,
     /// The peer's gRPC address for the other control nodes (Raft).
     pub raft_addr: String,
+    /// The peer's AWS Batch API, shown by `muster cluster status`.
+    #[serde(default)]
+    pub api_addr: Option<String>,
 }
 
 /// The file as written. See `deploy/config/server.example.toml` for every field explained.
@@ -69,6 +72,10 @@ pub struct RawServerConfig {
     /// `AWS_CA_BUNDLE` (or `ca_bundle` in their AWS config).
     #[serde(default)]
     pub api_tls: Option<muster_tls::ApiTlsFiles>,
+    /// This node joins a running cluster rather than founding one: it starts empty and waits
+    /// until `muster cluster add-node` adds it (etcd's `initial-cluster-state = existing`).
+    #[serde(default)]
+    pub join_existing_cluster: bool,
 }
 
 /// See [`RawServerConfig::founding_join_token`].
@@ -149,6 +156,8 @@ pub struct ServerConfig {
     /// The cluster CA with its key (`tls.ca_key_file`): this node signs joining agents'
     /// certificates. `None`: agents cannot join through this node.
     pub ca: Option<std::sync::Arc<muster_tls::pki::ClusterCa>>,
+    /// See [`RawServerConfig::join_existing_cluster`].
+    pub join_existing_cluster: bool,
 }
 
 pub use muster_core::ConfigError;
@@ -185,12 +194,14 @@ impl RawServerConfig {
         let this_node = PeerAddrs {
             raft: self.raft_addr.clone(),
             agents: self.grpc_addr.clone(),
+            api: self.api_addr.clone(),
         };
         let mut peers = BTreeMap::new();
         for p in self.peers {
             let addrs = PeerAddrs {
                 raft: p.raft_addr,
                 agents: p.grpc_addr,
+                api: p.api_addr.unwrap_or_default(),
             };
             if peers.insert(p.id, addrs).is_some() {
                 return Err(invalid(
@@ -200,7 +211,7 @@ impl RawServerConfig {
             }
         }
         match peers.get(&self.node_id) {
-            Some(addrs) if *addrs != this_node => {
+            Some(addrs) if addrs.raft != this_node.raft || addrs.agents != this_node.agents => {
                 return Err(invalid(
                     "peers",
                     format!(
@@ -209,7 +220,9 @@ impl RawServerConfig {
                     ),
                 ));
             }
-            Some(_) => {}
+            Some(_) => {
+                peers.insert(self.node_id, this_node);
+            }
             None => {
                 peers.insert(self.node_id, this_node);
             }
@@ -289,6 +302,7 @@ impl RawServerConfig {
             }
         };
         Ok(ServerConfig {
+            join_existing_cluster: self.join_existing_cluster,
             tls,
             tls_files,
             found_with_defaults: self.found_with_defaults,

@@ -21,12 +21,7 @@ pub async fn run(node: RaftNode, retention: Duration, mut shutdown: watch::Recei
         let now = crate::now_millis().as_millis();
         let before = Timestamp(now.saturating_sub(retention.as_millis() as u64));
         let due = node.state.read().state.has_jobs_ended_before(before);
-        if due
-            && let Err(e) = node
-                .raft
-                .client_write(Command::PurgeJobs { before }.into())
-                .await
-        {
+        if due && let Err(e) = node.write_as_leader(Command::PurgeJobs { before }).await {
             tracing::debug!(error = %e, "purge not committed");
         }
     }

@@ -90,7 +90,7 @@ pub async fn run(
                 node: lost_node,
                 at: crate::now_millis(),
             };
-            if let Err(e) = node.raft.client_write(cmd.into()).await {
+            if let Err(e) = node.write_as_leader(cmd).await {
                 tracing::debug!(error = %e, "node-lost not committed");
                 break;
             }

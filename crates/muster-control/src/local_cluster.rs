@@ -224,6 +224,7 @@ impl LocalCluster {
                     let addrs = PeerAddrs {
                         raft: self.raft_addrs[id].to_string(),
                         agents: agents.to_string(),
+                        api: self.api_addrs[id].to_string(),
                     };
                     (*id, addrs)
                 })
@@ -240,6 +241,7 @@ impl LocalCluster {
             found_with_defaults: false,
             founding_join_token: None,
             api_tls: None,
+            join_existing_cluster: false,
             ca: self.pki.as_ref().map(|pki| pki.ca.clone()),
         })
     }

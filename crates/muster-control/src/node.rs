@@ -6,11 +6,9 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use muster_api::ApiConfig;
 use muster_proto::pb::agent_service_server::AgentServiceServer;
 use muster_proto::pb::raft_service_server::RaftServiceServer;
-use muster_raft::election::LeaderContact;
 use muster_raft::{PeerDirectory, PeerNetwork, Raft, RaftGrpc, RaftNode, StateMachine};
 use muster_store::{SledLogStore, SledSnapshotStore, open_sled_waiting};
 use muster_tls::ClientCertificates;
-use openraft::BasicNode;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -163,30 +161,23 @@ impl ControlNode {
             .await
             .map_err(|e| StartError::Raft(e.to_string()))?
             .map_err(|e| StartError::Raft(e.to_string()))?;
-        let node = RaftNode {
-            id: config.node_id,
-            raft: raft.clone(),
-            state,
-            peers,
-            elections: Arc::default(),
-        };
+        let node = RaftNode::new(config.node_id, raft.clone(), state, peers);
 
         let heartbeats = crate::liveness::Heartbeats::default();
         let mut tasks = Vec::new();
 
         // Elections: openraft's own are off (see `muster_raft::election`); this node stands
         // after a pre-vote, from the Raft runtime.
-        let leader_contact = LeaderContact::default();
         raft_runtime.spawn(muster_raft::election::run_elections(
             raft.clone(),
             config.node_id,
             node.peers.clone(),
-            leader_contact.clone(),
+            node.contact.clone(),
             node.elections.clone(),
             muster_raft::election::jitter_seed(),
             shutdown_rx.clone(),
         ));
-        let mut raft_service = RaftGrpc::new(raft.clone(), leader_contact);
+        let mut raft_service = RaftGrpc::new(node.clone());
         if config.tls.is_some() {
             raft_service = raft_service.control_nodes_only();
         }
@@ -266,6 +257,9 @@ impl ControlNode {
         if let Some(handle) = metrics {
             router = router.route("/metrics", get(move || std::future::ready(handle.render())));
         }
+        router = router
+            .route("/health", get(|| std::future::ready("ok\n")))
+            .route("/ready", get(ready).with_state(node.clone()));
         let stop = signal(shutdown_rx.clone());
         let api = listeners.api;
         let api_tls = config.api_tls.clone();
@@ -316,8 +310,24 @@ impl ControlNode {
 
         // The lowest-numbered voter founds the cluster, once: afterwards its log is not empty
         // and it restarts from its data directory like everyone else. The founder also makes
-        // the first administrator and writes its key under `data_dir/aws`.
-        let founder = config.peers.keys().min() == Some(&config.node_id);
+        // the first administrator and writes its key under `data_dir/aws`. A node started to
+        // join a running cluster never founds one: it waits to be added (`muster cluster
+        // add-node`).
+        let founder =
+            !config.join_existing_cluster && config.peers.keys().min() == Some(&config.node_id);
+        if config.join_existing_cluster
+            && !raft
+                .is_initialized()
+                .await
+                .map_err(|e| StartError::Raft(e.to_string()))?
+        {
+            tracing::info!(
+                node = config.node_id,
+                %raft_addr,
+                "waiting to be added to the cluster: `muster cluster add-node --id {} --raft-addr … --grpc-addr … --api-addr …`",
+                config.node_id
+            );
+        }
 
         let mut founded = false;
         if founder
@@ -326,13 +336,10 @@ impl ControlNode {
                 .await
                 .map_err(|e| StartError::Raft(e.to_string()))?
         {
-            let members: BTreeMap<u64, BasicNode> = config
+            let members: BTreeMap<u64, muster_raft::Member> = config
                 .peers
                 .iter()
-                .map(|(id, addrs)| {
-                    let addr = addrs.raft.clone();
-                    (*id, BasicNode { addr })
-                })
+                .map(|(id, addrs)| (*id, muster_raft::Member::from(addrs)))
                 .collect();
             match raft.initialize(members).await {
                 Ok(()) => founded = true,
@@ -509,6 +516,25 @@ async fn report_raft_gauges(node: RaftNode, mut shutdown: watch::Receiver<bool>)
     }
 }
 
+/// `/ready`, for load balancers and health checks: `200` once this node knows a leader that
+/// confirms it still leads and has applied what that leader had committed (a read index,
+/// within two seconds); `503` saying why otherwise.
+async fn ready(
+    axum::extract::State(node): axum::extract::State<RaftNode>,
+) -> (axum::http::StatusCode, String) {
+    use axum::http::StatusCode;
+    match tokio::time::timeout(READY_WITHIN, node.read(|_| ())).await {
+        Ok(Ok(())) => (StatusCode::OK, "ready\n".into()),
+        Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: no leader confirmed a read within {READY_WITHIN:?}\n"),
+        ),
+    }
+}
+
+const READY_WITHIN: Duration = Duration::from_secs(2);
+
 /// The room a control node needs on its data disk to start.
 const MIN_FREE_DISK_BYTES: u64 = 64 * 1024 * 1024;
 
@@ -550,6 +576,10 @@ pub fn spawn_loops(
             shutdown.clone(),
         )),
         tokio::spawn(report_raft_gauges(node.clone(), shutdown.clone())),
+        tokio::spawn(muster_raft::membership::follow_membership(
+            node.clone(),
+            shutdown.clone(),
+        )),
         tokio::spawn(crate::housekeeping::run(
             node.clone(),
             job_retention,

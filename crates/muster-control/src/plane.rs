@@ -1,10 +1,11 @@
 //! The API's view of the cluster, over Raft.
 
 use crate::batcher::{BatchLimits, Batcher};
-use muster_api::{ControlPlane, LogPage, LogRequest, LogWindow, PlaneError};
+use muster_api::{ControlPlane, LogPage, LogRequest, LogWindow, MembershipChange, PlaneError};
 use muster_core::{Command, JobSubmission, Outcome, State, Timestamp};
 use muster_raft::ProposeError;
 use muster_raft::RaftNode;
+use muster_raft::membership::{AdminError, AdminOutcome};
 
 /// How many submits, and how many encoded bytes of them, one entry holds at most (an entry
 /// must reach a loaded follower within one heartbeat interval).
@@ -82,6 +83,44 @@ impl ControlPlane for RaftPlane {
 
     fn new_id(&self) -> String {
         uuid::Uuid::new_v4().to_string()
+    }
+
+    async fn cluster_status(&self) -> Result<serde_json::Value, PlaneError> {
+        let status = self.node.cluster_status().await;
+        serde_json::to_value(status).map_err(|e| PlaneError::Indeterminate(e.to_string()))
+    }
+
+    async fn change_membership(
+        &self,
+        change: MembershipChange,
+    ) -> Result<serde_json::Value, PlaneError> {
+        let done = match change {
+            MembershipChange::AddNode {
+                id,
+                raft_addr,
+                grpc_addr,
+                api_addr,
+                catch_up,
+            } => {
+                let member = muster_raft::Member {
+                    addr: raft_addr,
+                    agents: grpc_addr,
+                    api: api_addr,
+                };
+                self.node.add_node(id, member, catch_up).await
+            }
+            MembershipChange::RemoveNode { id } => self.node.remove_node(id).await,
+            MembershipChange::TransferLeader { to } => self.node.transfer_leader(to).await,
+        };
+        match done {
+            Ok(AdminOutcome::Changed { voters, learners }) => {
+                Ok(serde_json::json!({ "voters": voters, "learners": learners }))
+            }
+            Ok(AdminOutcome::Transferred(leader)) => Ok(serde_json::json!({ "leader": leader })),
+            Err(AdminError::Refused(why)) => Err(PlaneError::Refused(why)),
+            Err(e @ AdminError::NoLeader(_)) => Err(PlaneError::Unavailable(e.to_string())),
+            Err(AdminError::Failed(why)) => Err(PlaneError::Indeterminate(why)),
+        }
     }
 
     async fn read_log(&self, request: LogRequest) -> Result<LogPage, String> {

@@ -97,7 +97,7 @@ async fn round(node: &RaftNode, config: &PlanConfig, term: u64, refresh_reasons:
             };
             // Proposed on this node's Raft only: if leadership moved meanwhile, the write
             // fails here instead of being forwarded, and the new leader plans for itself.
-            match node.raft.client_write(command.into()).await {
+            match node.write_as_leader(command).await {
                 Ok(written) => {
                     metrics::counter!("muster_scheduler_placements_total").increment(count as u64);
                     metrics::histogram!("muster_scheduler_round_seconds")
@@ -114,22 +114,17 @@ async fn round(node: &RaftNode, config: &PlanConfig, term: u64, refresh_reasons:
     let ending: Vec<(JobId, String)> = unplaceable.into_iter().chain(expired).collect();
     if !ending.is_empty()
         && let Err(e) = node
-            .raft
-            .client_write(
-                Command::FailUnplaceable {
-                    jobs: ending,
-                    at: now,
-                }
-                .into(),
-            )
+            .write_as_leader(Command::FailUnplaceable {
+                jobs: ending,
+                at: now,
+            })
             .await
     {
         tracing::debug!(error = %e, "ending jobs not committed");
     }
     if !reasons.is_empty()
         && let Err(e) = node
-            .raft
-            .client_write(Command::SetWaitReasons { reasons }.into())
+            .write_as_leader(Command::SetWaitReasons { reasons })
             .await
     {
         tracing::debug!(error = %e, "wait reasons not committed");

@@ -146,6 +146,11 @@ pub enum AdminCommand {
     /// The region and account every ARN names: proposed once by the node that founds the
     /// cluster, from its `region` and `account_id` settings, before anything with an ARN exists.
     SetArnScope(crate::ArnScope),
+    /// Stop placing new attempts on a worker (`draining`), or place them there again.
+    DrainNode {
+        node: crate::NodeId,
+        draining: bool,
+    },
     UpdateComputeEnvironment {
         /// Name or ARN.
         compute_environment: String,

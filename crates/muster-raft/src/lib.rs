@@ -10,11 +10,13 @@
 #![allow(clippy::result_large_err)]
 
 pub mod election;
+pub mod membership;
 mod network;
 mod node;
 mod service;
 mod state_machine;
 
+pub use membership::Member;
 pub use network::{Dialer, PeerAddrs, PeerDirectory, PeerNetwork};
 pub use node::{ProposeError, RaftNode, ReadError};
 pub use service::RaftGrpc;
@@ -57,7 +59,7 @@ openraft::declare_raft_types!(
         D = LoggedCommand,
         R = muster_core::Outcome,
         NodeId = NodeId,
-        Node = openraft::BasicNode,
+        Node = Member,
         SnapshotData = Cursor<Vec<u8>>,
 );
 

@@ -1,7 +1,9 @@
 //! Raft RPCs to peers over tonic, one cached channel per peer.
 
+use crate::Member;
 use crate::{NodeId, TypeConfig};
 use muster_proto::pb::{RaftPayload, raft_service_client::RaftServiceClient};
+use openraft::RPCTypes;
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Timeout, Unreachable,
 };
@@ -10,7 +12,6 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
-use openraft::{BasicNode, RPCTypes};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::collections::BTreeMap;
@@ -27,14 +28,18 @@ pub struct PeerAddrs {
     pub raft: String,
     /// Its agent listener, which agents are sent to when this node leads.
     pub agents: String,
+    /// Its AWS Batch API, for `muster cluster status` (empty where not known).
+    pub api: String,
 }
 
-/// Where each control node listens. Filled from config, and by tests that bind port 0; it
-/// wins over the address stored in the Raft membership, so that a node restarted on a new
-/// port is still found.
+/// Where each control node listens. Filled from config (and by tests that bind port 0), and
+/// from the Raft membership for nodes added since ([`crate::membership::follow_membership`]);
+/// the config wins, so that a node restarted on a new port is still found.
 #[derive(Clone, Default)]
 pub struct PeerDirectory {
     addrs: Arc<RwLock<BTreeMap<NodeId, PeerAddrs>>>,
+    /// Learned from the membership, for nodes the config does not name.
+    learned: Arc<RwLock<BTreeMap<NodeId, PeerAddrs>>>,
     /// Channels for writes and reads this node forwards to the leader.
     channels: ChannelCache,
 }
@@ -49,6 +54,7 @@ impl PeerDirectory {
     pub fn with_dialer(dialer: Dialer) -> Self {
         Self {
             addrs: Arc::default(),
+            learned: Arc::default(),
             channels: ChannelCache::new(Some(dialer), None),
         }
     }
@@ -58,6 +64,7 @@ impl PeerDirectory {
     pub fn with_tls(tls: muster_tls::ClientTls) -> Self {
         Self {
             addrs: Arc::default(),
+            learned: Arc::default(),
             channels: ChannelCache::new(None, Some(tls)),
         }
     }
@@ -74,12 +81,44 @@ impl PeerDirectory {
             .insert(id, addrs);
     }
 
-    fn get(&self, id: NodeId) -> Option<PeerAddrs> {
-        self.addrs
+    /// Records where a member of the Raft membership listens; the config's addresses win.
+    pub fn learn(&self, id: NodeId, addrs: PeerAddrs) {
+        if addrs.raft.is_empty() {
+            return;
+        }
+        let mut learned = self.learned.write().unwrap_or_else(|p| p.into_inner());
+        if learned.get(&id) != Some(&addrs) {
+            learned.insert(id, addrs);
+        }
+    }
+
+    /// Where node `id` listens, as configured or else as the membership records it.
+    pub fn get(&self, id: NodeId) -> Option<PeerAddrs> {
+        let configured = self
+            .addrs
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(&id)
-            .cloned()
+            .cloned();
+        let learned = self
+            .learned
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .cloned();
+        match (configured, learned) {
+            // A config may leave an address out (older configs have no API address).
+            (Some(mut configured), Some(learned)) => {
+                if configured.api.is_empty() {
+                    configured.api = learned.api;
+                }
+                if configured.agents.is_empty() {
+                    configured.agents = learned.agents;
+                }
+                Some(configured)
+            }
+            (configured, learned) => configured.or(learned),
+        }
     }
 
     /// Where node `id`'s Raft listener is.
@@ -181,7 +220,7 @@ impl PeerNetwork {
 impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
     type Network = PeerClient;
 
-    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Self::Network {
+    async fn new_client(&mut self, target: NodeId, node: &Member) -> Self::Network {
         let addr = self
             .directory
             .get(target)
@@ -247,7 +286,7 @@ impl PeerClient {
         payload: Result<RaftPayload, serde_json::Error>,
         option: &RPCOption,
         rpc: RpcFn,
-    ) -> Result<Resp, RPCError<NodeId, BasicNode, E>>
+    ) -> Result<Resp, RPCError<NodeId, Member, E>>
     where
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
@@ -347,7 +386,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Member, RaftError<NodeId>>> {
         let (message, cut_after) = EncodedAppendEntries::within(&rpc, APPEND_ENTRIES_BUDGET_BYTES)
             .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let reply = self
@@ -373,7 +412,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         option: RPCOption,
     ) -> Result<
         InstallSnapshotResponse<NodeId>,
-        RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
+        RPCError<NodeId, Member, RaftError<NodeId, InstallSnapshotError>>,
     > {
         let payload = encode_snapshot_chunk(rpc);
         self.call(RPCTypes::InstallSnapshot, payload, &option, |mut c, r| {
@@ -386,7 +425,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         &mut self,
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
-    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, Member, RaftError<NodeId>>> {
         self.call(RPCTypes::Vote, encode(&rpc), &option, |mut c, r| {
             Box::pin(async move { c.vote(r).await })
         })
@@ -430,6 +469,9 @@ mod tests {
         async fn propose(&self, _: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
             late().await
         }
+        async fn admin(&self, _: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+            late().await
+        }
         async fn read_index(
             &self,
             _: Request<ReadIndexRequest>,
@@ -458,7 +500,15 @@ mod tests {
         let mut network = PeerNetwork::new(1, PeerDirectory::default());
         let vote = VoteRequest::new(Vote::new(1, 1), None);
 
-        let mut busy = network.new_client(2, &BasicNode::new(&slow)).await;
+        let mut busy = network
+            .new_client(
+                2,
+                &Member {
+                    addr: slow,
+                    ..Default::default()
+                },
+            )
+            .await;
         let err = busy
             .vote(vote.clone(), RPCOption::new(Duration::from_millis(200)))
             .await
@@ -466,7 +516,15 @@ mod tests {
         // Unreachable would stop heartbeats to a live follower for 500 ms.
         assert!(matches!(err, RPCError::Timeout(_)), "{err:?}");
 
-        let mut gone = network.new_client(3, &BasicNode::new(&closed)).await;
+        let mut gone = network
+            .new_client(
+                3,
+                &Member {
+                    addr: closed,
+                    ..Default::default()
+                },
+            )
+            .await;
         let err = gone
             .vote(vote, RPCOption::new(Duration::from_secs(5)))
             .await

@@ -69,9 +69,43 @@ pub struct RaftNode {
     pub peers: PeerDirectory,
     /// How this node's pre-votes and elections went (`election::run_elections` counts).
     pub elections: std::sync::Arc<crate::election::ElectionTally>,
+    /// Held while this leader hands leadership over: writes and read confirmations wait.
+    pub(crate) handover: crate::membership::Handover,
+    /// When this node last heard from a leader (its Raft server records it).
+    pub contact: crate::election::LeaderContact,
 }
 
 impl RaftNode {
+    pub fn new(id: NodeId, raft: Raft, state: StateHandle, peers: PeerDirectory) -> Self {
+        Self {
+            id,
+            raft,
+            state,
+            peers,
+            elections: Default::default(),
+            handover: Default::default(),
+            contact: Default::default(),
+        }
+    }
+
+    /// What the leader's own loops (scheduler, liveness, housekeeping) write with: this node's
+    /// Raft only, never forwarded, held while a handover of leadership is in progress.
+    pub async fn write_as_leader(
+        &self,
+        command: Command,
+    ) -> Result<
+        openraft::raft::ClientWriteResponse<crate::TypeConfig>,
+        RaftError<NodeId, ClientWriteError<NodeId, crate::Member>>,
+    > {
+        self.handover.wait_until_settled().await;
+        self.raft.client_write(command.into()).await
+    }
+
+    /// The handover gate, for this node's Raft server.
+    pub fn handover(&self) -> crate::membership::Handover {
+        self.handover.clone()
+    }
+
     /// Commits `command` and returns what applying it produced. A follower forwards it to the
     /// leader; during an election it waits for one.
     pub async fn propose(&self, command: Command) -> Result<Outcome, ProposeError> {
@@ -215,6 +249,9 @@ impl RaftNode {
     async fn read_index(&self) -> Result<u64, ReadError> {
         let deadline = Instant::now() + LEADER_WAIT;
         loop {
+            // Confirming a read sends heartbeats, which would keep the lease a handover waits
+            // out.
+            self.handover.wait_until_settled().await;
             let leader = match self.raft.ensure_linearizable().await {
                 Ok(log_id) => return Ok(log_id.map_or(0, |l| l.index)),
                 Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(
@@ -271,6 +308,7 @@ impl RaftNode {
         command: &LoggedCommand,
     ) -> Result<Result<Outcome, Option<NodeId>>, ProposeError> {
         use crate::election::{HEARTBEAT, QUORUM_LEASE, leads_without_quorum};
+        self.handover.wait_until_settled().await;
         let confirm_by = Instant::now() + QUORUM_LEASE;
         while leads_without_quorum(&self.raft) {
             if Instant::now() >= confirm_by {

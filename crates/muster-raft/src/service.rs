@@ -2,7 +2,9 @@
 
 use crate::LoggedCommand;
 use crate::Raft;
+use crate::RaftNode;
 use crate::election::{LeaderContact, PreVoteRequest, answer_pre_vote};
+use crate::membership::{AdminRequest, Handover};
 use crate::network::{decode, decode_snapshot_chunk, encode};
 use crate::node::ForwardedReply;
 use muster_proto::pb::raft_service_server::RaftService;
@@ -13,6 +15,10 @@ use tonic::{Request, Response, Status};
 
 pub struct RaftGrpc {
     raft: Raft,
+    /// For membership changes and reports (`Admin`).
+    node: RaftNode,
+    /// Forwarded writes and read confirmations wait while this leader hands over.
+    handover: Handover,
     /// Touched whenever the leader's AppendEntries or snapshot is accepted here.
     contact: LeaderContact,
     /// Every call must come from a control node's certificate (TLS on).
@@ -20,10 +26,12 @@ pub struct RaftGrpc {
 }
 
 impl RaftGrpc {
-    pub fn new(raft: Raft, contact: LeaderContact) -> Self {
+    pub fn new(node: RaftNode) -> Self {
         Self {
-            raft,
-            contact,
+            raft: node.raft.clone(),
+            handover: node.handover(),
+            contact: node.contact.clone(),
+            node,
             control_nodes_only: false,
         }
     }
@@ -119,6 +127,7 @@ impl RaftService for RaftGrpc {
     ) -> Result<Response<RaftPayload>, Status> {
         self.authorize(&request, "propose")?;
         let command: LoggedCommand = decode(request.get_ref()).map_err(bad_payload)?;
+        self.handover.wait_until_settled().await;
         // A leader shutting down stops Raft before its servers: a command arriving then was
         // never taken, so the sender may safely take it to the next leader. (One taken and
         // then cut off by the stop is `Failed`: it may yet commit, and the caller decides.)
@@ -145,11 +154,18 @@ impl RaftService for RaftGrpc {
         request: Request<ReadIndexRequest>,
     ) -> Result<Response<ReadIndexReply>, Status> {
         self.authorize(&request, "read_index")?;
+        self.handover.wait_until_settled().await;
         match self.raft.ensure_linearizable().await {
             Ok(log_id) => Ok(Response::new(ReadIndexReply {
                 index: log_id.map_or(0, |l| l.index),
             })),
             Err(e) => Err(Status::failed_precondition(format!("not the leader: {e}"))),
         }
+    }
+
+    async fn admin(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        self.authorize(&request, "admin")?;
+        let ask: AdminRequest = decode(request.get_ref()).map_err(bad_payload)?;
+        reply(&self.node.serve_admin(ask).await)
     }
 }

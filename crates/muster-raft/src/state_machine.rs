@@ -1,12 +1,12 @@
 //! The replicated state behind openraft's state machine trait.
 
-use crate::{NodeId, TypeConfig};
+use crate::{Member, NodeId, TypeConfig};
 use muster_core::{AffectedNodes, Outcome, State};
 use muster_store::{SnapshotStore, StoredSnapshot};
 use openraft::storage::RaftStateMachine;
 use openraft::{
-    BasicNode, Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, Snapshot,
-    SnapshotMeta, StorageError, StorageIOError, StoredMembership,
+    Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, Snapshot, SnapshotMeta,
+    StorageError, StorageIOError, StoredMembership,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -27,7 +27,7 @@ const WAIT_POLITELY_FOR: Duration = Duration::from_millis(100);
 pub struct AppliedState {
     pub state: State,
     pub last_applied: Option<LogId<NodeId>>,
-    pub membership: StoredMembership<NodeId, BasicNode>,
+    pub membership: StoredMembership<NodeId, Member>,
 }
 
 /// The image inside a snapshot, tagged with the state format version.
@@ -270,7 +270,7 @@ impl<S: SnapshotStore<TypeConfig> + Clone> RaftStateMachine<TypeConfig> for Stat
 
     async fn applied_state(
         &mut self,
-    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>), StorageError<NodeId>>
+    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, Member>), StorageError<NodeId>>
     {
         let applied = self.applied.read().unwrap_or_else(|p| p.into_inner());
         Ok((applied.last_applied, applied.membership.clone()))
@@ -327,7 +327,7 @@ impl<S: SnapshotStore<TypeConfig> + Clone> RaftStateMachine<TypeConfig> for Stat
 
     async fn install_snapshot(
         &mut self,
-        meta: &SnapshotMeta<NodeId, BasicNode>,
+        meta: &SnapshotMeta<NodeId, Member>,
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError<NodeId>> {
         let data = snapshot.into_inner();

@@ -2,7 +2,7 @@
 //! instead of a scan of every node.
 
 use crate::reservations::Reservations;
-use muster_core::{EnabledState, Job, Node, NodeId, NodeStatus, Resources, State};
+use muster_core::{EnabledState, Job, Node, NodeId, Resources, State};
 use std::collections::{BTreeMap, BTreeSet};
 
 pub use muster_core::ALLOCATION_STRATEGY_TAG;
@@ -98,7 +98,7 @@ impl<'s> Pool<'s> {
             if !shapes.contains(&shape) {
                 shapes.push(shape);
             }
-            if node.status != NodeStatus::Ready || !enabled.contains(ce) {
+            if !node.accepts_work() || !enabled.contains(ce) {
                 continue;
             }
             let free = node.free();

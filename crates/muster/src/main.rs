@@ -32,10 +32,19 @@ enum Commands {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Make a new cluster's certificates and configs; manage who may join it.
+    /// Make a new cluster's certificates and configs; see and change its control nodes;
+    /// manage who may join it.
     Cluster {
         #[command(subcommand)]
         command: cluster::ClusterCommand,
+    },
+    /// Drain and undrain worker agents; list them.
+    Node {
+        /// The cluster's API; default: AWS_ENDPOINT_URL_BATCH.
+        #[arg(long, global = true)]
+        endpoint_url: Option<String>,
+        #[command(subcommand)]
+        command: cluster::AgentCommand,
     },
     /// Run one worker agent.
     Agent {
@@ -324,6 +333,10 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Commands::Server { config } => server(config).await,
         Commands::Cluster { command } => cluster::run(command).await,
+        Commands::Node {
+            endpoint_url,
+            command,
+        } => cluster::agents(endpoint_url, command).await,
         Commands::Agent {
             config,
             print_inventory: true,

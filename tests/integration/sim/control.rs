@@ -10,9 +10,7 @@ use super::workload;
 use muster_control::{AgentGateway, Heartbeats, RaftPlane};
 use muster_proto::pb::agent_service_server::AgentServiceServer;
 use muster_proto::pb::raft_service_server::RaftServiceServer;
-use muster_raft::election::LeaderContact;
 use muster_raft::{PeerAddrs, PeerDirectory, PeerNetwork, Raft, RaftGrpc, RaftNode, StateMachine};
-use openraft::BasicNode;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -49,19 +47,14 @@ pub async fn run(
             PeerAddrs {
                 raft: format!("{}:{RAFT_PORT}", host(*voter)),
                 agents: agent_addr(*voter),
+                api: String::new(),
             },
         );
     }
     let config = Arc::new(muster_raft::raft_config("sim").validate()?);
     let network = PeerNetwork::new(id, peers.clone());
     let raft = Raft::new(id, config, network, disk.log.clone(), state_machine).await?;
-    let node = RaftNode {
-        id,
-        raft: raft.clone(),
-        state,
-        peers: peers.clone(),
-        elections: Arc::default(),
-    };
+    let node = RaftNode::new(id, raft.clone(), state, peers.clone());
     records.lock().nodes.insert(
         id,
         super::records::SimNode {
@@ -72,12 +65,11 @@ pub async fn run(
 
     // Held for the life of this incarnation: the loops end when it is dropped with the host.
     let (_shutdown_tx, shutdown) = watch::channel(false);
-    let contact = LeaderContact::default();
     tokio::spawn(muster_raft::election::run_elections(
         raft.clone(),
         id,
         peers,
-        contact.clone(),
+        node.contact.clone(),
         node.elections.clone(),
         jitter_seed,
         shutdown.clone(),
@@ -85,7 +77,7 @@ pub async fn run(
     let raft_server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(1)))
         .http2_keepalive_timeout(Some(Duration::from_secs(2)))
-        .add_service(RaftServiceServer::new(RaftGrpc::new(raft.clone(), contact)));
+        .add_service(RaftServiceServer::new(RaftGrpc::new(node.clone())));
     let raft_incoming = net::incoming(RAFT_PORT).await?;
     tokio::spawn(async move {
         if let Err(e) = raft_server.serve_with_incoming(raft_incoming).await {
@@ -118,9 +110,18 @@ pub async fn run(
 
     // The lowest id founds the cluster, once, as `muster server` does.
     if id == voters[0] && !raft.is_initialized().await? {
-        let members: std::collections::BTreeMap<u64, BasicNode> = voters
+        let members: std::collections::BTreeMap<u64, muster_raft::Member> = voters
             .iter()
-            .map(|v| (*v, BasicNode::new(format!("{}:{RAFT_PORT}", host(*v)))))
+            .map(|v| {
+                (
+                    *v,
+                    muster_raft::Member {
+                        addr: format!("{}:{RAFT_PORT}", host(*v)),
+                        agents: agent_addr(*v),
+                        api: String::new(),
+                    },
+                )
+            })
             .collect();
         if let Err(e) = raft.initialize(members).await {
             tracing::warn!(error = %e, "initialisation refused");

@@ -98,7 +98,7 @@ fn result_of(answer: &Result<Outcome, PlaneError>) -> CallResult {
     match answer {
         Ok(Outcome::Rejected(_)) => CallResult::Failed,
         Ok(_) => CallResult::Ok,
-        Err(PlaneError::Unavailable(_)) => CallResult::Failed,
+        Err(PlaneError::Unavailable(_) | PlaneError::Refused(_)) => CallResult::Failed,
         Err(PlaneError::Indeterminate(_)) => CallResult::Indeterminate,
     }
 }

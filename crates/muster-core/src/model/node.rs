@@ -72,9 +72,18 @@ pub struct Node {
     /// Why the node is `Unhealthy`, as its agent said.
     #[serde(default)]
     pub unhealthy_reason: Option<String>,
+    /// An operator drained it (`muster node drain`): nothing new is placed here, while what
+    /// runs goes on. Kept across the agent's restarts until undrained.
+    #[serde(default)]
+    pub draining: bool,
 }
 
 impl Node {
+    /// Whether new attempts may be placed here: its agent is healthy and it is not drained.
+    pub fn accepts_work(&self) -> bool {
+        self.status == NodeStatus::Ready && !self.draining
+    }
+
     pub fn free(&self) -> Resources {
         self.inventory.capacity.saturating_sub(&self.allocated)
     }

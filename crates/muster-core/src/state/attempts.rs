@@ -17,6 +17,9 @@ impl State {
         if node.status != NodeStatus::Ready {
             return Some("node is not ready".into());
         }
+        if node.draining {
+            return Some("node is draining".into());
+        }
         let queue = self.queues.get(&job.spec.queue)?;
         if !queue
             .compute_environment_order

@@ -512,6 +512,7 @@ impl State {
             gpus_in_use: BTreeSet::new(),
             registered_at: at,
             unhealthy_reason: None,
+            draining: false,
         });
         node.compute_environment = ce_name;
         node.inventory = inventory;

@@ -90,6 +90,16 @@ impl State {
 
     pub(super) fn check_admin(&self, cmd: &AdminCommand) -> Result<(), Rejection> {
         match cmd {
+            AdminCommand::DrainNode { node, .. } => {
+                if self.nodes.contains_key(node) {
+                    Ok(())
+                } else {
+                    Err(Rejection::new(
+                        "node",
+                        format!("no agent named {node} has registered"),
+                    ))
+                }
+            }
             AdminCommand::SetArnScope(scope) => {
                 if let Err(e) = scope.check() {
                     let field = match &e {
@@ -312,6 +322,11 @@ impl State {
     pub(super) fn apply_admin(&mut self, cmd: AdminCommand) -> Outcome {
         match cmd {
             AdminCommand::SetArnScope(scope) => self.scope = scope,
+            AdminCommand::DrainNode { node, draining } => {
+                if let Some(n) = self.nodes.get_mut(&node) {
+                    n.draining = draining;
+                }
+            }
             AdminCommand::UpdateComputeEnvironment {
                 compute_environment,
                 state,

@@ -1,0 +1,329 @@
+//! Changing the control nodes of a running cluster, with real `muster server` processes made
+//! by `muster cluster init` and `muster cluster new-node`: growing from three to five and
+//! back under a load of submits, removing the leader, and replacing a node whose disk is gone.
+
+use crate::harness::{eventually, ok, submit, wait_for_status};
+use crate::processes::{
+    Proc, agent_config_from_init, muster_admin, muster_bin, wait_for_credentials,
+    wait_until_serving,
+};
+use muster_client::BatchClient;
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+
+/// A cluster written by `muster cluster init` into `dir`, its servers running as processes.
+struct InitCluster {
+    temp: tempfile::TempDir,
+    dir: PathBuf,
+    servers: BTreeMap<u64, Proc>,
+    credentials: muster_client::Credentials,
+}
+
+impl InitCluster {
+    async fn start() -> Self {
+        let temp = tempfile::tempdir().unwrap();
+        let dir = temp.path().join("cluster");
+        let init = Command::new(muster_bin())
+            .args(["cluster", "init", "--dir", dir.to_str().unwrap()])
+            .args(["--servers", "3", "--executor", "process"])
+            .output()
+            .unwrap();
+        assert!(
+            init.status.success(),
+            "{}",
+            String::from_utf8_lossy(&init.stderr)
+        );
+        let mut cluster = Self {
+            temp,
+            dir: dir.clone(),
+            servers: BTreeMap::new(),
+            credentials: muster_client::Credentials {
+                access_key_id: String::new(),
+                secret_access_key: String::new(),
+                region: String::new(),
+            },
+        };
+        for id in 1..=3 {
+            cluster.start_server(id);
+        }
+        cluster.credentials = wait_for_credentials(&dir.join("aws").join("credentials")).await;
+        wait_until_serving(&cluster.client(1)).await;
+        cluster
+    }
+
+    fn start_server(&mut self, id: u64) {
+        let config = self.dir.join(format!("server-{id}.toml"));
+        let log = self.temp.path().join(format!("server-{id}.log"));
+        let proc = Proc::spawn(&["server", "--config", config.to_str().unwrap()], &log);
+        self.servers.insert(id, proc);
+    }
+
+    /// Node `id`'s API, from its config.
+    fn endpoint(&self, id: u64) -> String {
+        let text = std::fs::read_to_string(self.dir.join(format!("server-{id}.toml"))).unwrap();
+        let addr = text
+            .lines()
+            .find_map(|l| l.strip_prefix("api_addr = "))
+            .expect("api_addr")
+            .trim_matches('"');
+        format!("http://{addr}")
+    }
+
+    fn client(&self, id: u64) -> BatchClient {
+        BatchClient::new(self.endpoint(id), self.credentials.clone())
+    }
+
+    /// `muster …` as the administrator, against node `via`'s API.
+    fn admin(&self, via: u64, args: &[&str]) -> std::process::Output {
+        muster_admin(&self.dir, &self.endpoint(via), args)
+    }
+
+    /// `muster cluster status --output json` through node `via`, which must succeed.
+    fn status(&self, via: u64) -> Value {
+        let out = self.admin(via, &["cluster", "status", "--output", "json"]);
+        assert!(
+            out.status.success(),
+            "status: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// `muster cluster new-node`, the new server started, then `muster cluster add-node`.
+    fn add_node(&mut self, id: u64, via: u64) -> Value {
+        let made = Command::new(muster_bin())
+            .args(["cluster", "new-node", "--dir", self.dir.to_str().unwrap()])
+            .args(["--id", &id.to_string()])
+            .output()
+            .unwrap();
+        assert!(
+            made.status.success(),
+            "{}",
+            String::from_utf8_lossy(&made.stderr)
+        );
+        // It prints the add-node command to run.
+        let said = String::from_utf8_lossy(&made.stdout).into_owned();
+        let add = said
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("muster cluster add-node"))
+            .map(|rest| format!("cluster add-node{rest}"))
+            .unwrap_or_else(|| panic!("new-node said: {said}"))
+            .to_owned();
+        self.start_server(id);
+        let args: Vec<&str> = add.split_whitespace().collect();
+        let out = self.admin(via, &args);
+        assert!(
+            out.status.success(),
+            "add-node {id}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    fn remove_node(&self, id: u64, via: u64) -> Value {
+        let out = self.admin(via, &["cluster", "remove-node", &id.to_string()]);
+        assert!(
+            out.status.success(),
+            "remove-node {id}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
+
+fn voters(status: &Value) -> Vec<u64> {
+    status["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["voter"] == true)
+        .map(|m| m["id"].as_u64().unwrap())
+        .collect()
+}
+
+/// The status code of `GET /ready` at `endpoint` (`http://host:port`).
+async fn ready(endpoint: &str) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = endpoint.strip_prefix("http://")?;
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let request = format!("GET /ready HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.ok()?;
+    answer.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Three nodes become five and then three again, the founder and the leader among those
+/// removed, while a client submits all along through a node that stays: every submit the
+/// cluster acknowledged is there afterwards and runs to SUCCEEDED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cluster_grows_to_five_and_shrinks_to_three_under_load_losing_nothing() {
+    let mut cluster = InitCluster::start().await;
+    let agent_config = agent_config_from_init(&cluster.dir, "worker", None);
+    let _agent = Proc::spawn(
+        &["agent", "--config", agent_config.to_str().unwrap()],
+        &cluster.temp.path().join("agent.log"),
+    );
+    let client = cluster.client(2);
+    eventually("the founder creates the default queue", async || {
+        client
+            .call("DescribeJobQueues", json!({"jobQueues": ["default"]}))
+            .await
+            .is_ok_and(|r| r["jobQueues"].as_array().is_some_and(|q| q.len() == 1))
+    })
+    .await;
+    ok(client
+        .call(
+            "RegisterJobDefinition",
+            json!({"jobDefinitionName": "d", "type": "container", "containerProperties": {
+                "image": "busybox", "command": ["true"],
+                "resourceRequirements": [{"type": "VCPU", "value": "1"}, {"type": "MEMORY", "value": "32"}]}}),
+        )
+        .await);
+
+    // The load: submits one after another through node 2, each acknowledged one recorded.
+    let acknowledged: Arc<Mutex<Vec<String>>> = Arc::default();
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    let load = {
+        let (client, acknowledged) = (cluster.client(2), acknowledged.clone());
+        tokio::spawn(async move {
+            let mut n = 0;
+            while !*stopped.borrow_and_update() {
+                n += 1;
+                let sent = client
+                    .call(
+                        "SubmitJob",
+                        json!({"jobName": format!("load-{n}"), "jobQueue": "default", "jobDefinition": "d"}),
+                    )
+                    .await;
+                if let Ok(answer) = sent {
+                    let id = answer["jobId"].as_str().unwrap().to_owned();
+                    acknowledged.lock().unwrap().push(id);
+                }
+                tokio::select! {
+                    _ = stopped.changed() => {}
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+                }
+            }
+        })
+    };
+
+    // 3 → 5: each new node catches up as a learner, then votes.
+    cluster.add_node(4, 1);
+    let grown = cluster.add_node(5, 3);
+    assert_eq!(grown["voters"], json!([1, 2, 3, 4, 5]), "{grown}");
+    let status = cluster.status(4);
+    assert_eq!(voters(&status), vec![1, 2, 3, 4, 5], "{status}");
+    assert_eq!(status["quorum"], true);
+    for member in status["members"].as_array().unwrap() {
+        assert_eq!(member["reachable"], true, "{status}");
+    }
+
+    // The founder leads, and is removed: it hands leadership over first.
+    let moved = cluster.admin(2, &["cluster", "transfer-leader", "--to", "1"]);
+    assert!(
+        moved.status.success(),
+        "{}",
+        String::from_utf8_lossy(&moved.stderr)
+    );
+    assert_eq!(cluster.status(5)["leader"], 1);
+    let shrunk = cluster.remove_node(1, 2);
+    assert_eq!(shrunk["voters"], json!([2, 3, 4, 5]), "{shrunk}");
+    let status = cluster.status(2);
+    let leader = status["leader"].as_u64().unwrap();
+    assert_ne!(leader, 1, "{status}");
+    let shrunk = cluster.remove_node(5, 3);
+    assert_eq!(shrunk["voters"], json!([2, 3, 4]), "{shrunk}");
+
+    // The load runs on a while against the three, then stops.
+    let before = acknowledged.lock().unwrap().len();
+    eventually("submits go on after the changes", async || {
+        acknowledged.lock().unwrap().len() >= before + 5
+    })
+    .await;
+    stop.send(true).unwrap();
+    load.await.unwrap();
+
+    let status = cluster.status(4);
+    assert_eq!(voters(&status), vec![2, 3, 4], "{status}");
+    assert_eq!(status["quorum"], true, "{status}");
+    // The removed nodes no longer count themselves ready.
+    for removed in [1, 5] {
+        assert_eq!(ready(&cluster.endpoint(removed)).await, Some(503));
+    }
+    assert_eq!(ready(&cluster.endpoint(4)).await, Some(200));
+
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    assert!(acknowledged.len() >= 10, "{} submits", acknowledged.len());
+    let reader = cluster.client(4);
+    for id in &acknowledged {
+        wait_for_status(&reader, id, &["SUCCEEDED"]).await;
+    }
+}
+
+/// A node whose disk is gone: the operator removes its id and adds a fresh node under a new
+/// id. The cluster keeps serving throughout; the new node holds the same jobs, and with it
+/// and one other the cluster still has a quorum.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_whose_disk_is_gone_is_replaced_under_a_new_id() {
+    let mut cluster = InitCluster::start().await;
+    let client = cluster.client(1);
+    eventually("the founder creates the default queue", async || {
+        client
+            .call("DescribeJobQueues", json!({"jobQueues": ["default"]}))
+            .await
+            .is_ok_and(|r| r["jobQueues"].as_array().is_some_and(|q| q.len() == 1))
+    })
+    .await;
+    ok(client
+        .call(
+            "RegisterJobDefinition",
+            json!({"jobDefinitionName": "d", "type": "container", "containerProperties": {
+                "image": "busybox", "command": ["true"],
+                "resourceRequirements": [{"type": "VCPU", "value": "1"}, {"type": "MEMORY", "value": "32"}]}}),
+        )
+        .await);
+    let job = submit(&client, "default", "d", "kept", &["true"]).await;
+
+    // Node 3's machine dies and its disk with it.
+    drop(cluster.servers.remove(&3));
+    std::fs::remove_dir_all(cluster.dir.join("node-3")).unwrap();
+    let status = cluster.status(1);
+    let dead = status["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == 3)
+        .cloned()
+        .unwrap();
+    assert_eq!(dead["reachable"], false, "{status}");
+    assert_eq!(dead["role"], "unreachable", "{status}");
+    assert_eq!(status["quorum"], true, "two of three still make a quorum");
+
+    cluster.remove_node(3, 2);
+    let replaced = cluster.add_node(4, 1);
+    assert_eq!(replaced["voters"], json!([1, 2, 4]), "{replaced}");
+
+    // With node 1 gone too, 2 and 4 are a quorum, and 4 serves the job submitted before it
+    // existed.
+    drop(cluster.servers.remove(&1));
+    let reader = cluster.client(4);
+    let described = wait_for_status(&reader, &job, &["RUNNABLE"]).await;
+    assert_eq!(described["jobName"], "kept");
+    let status = cluster.status(4);
+    assert_eq!(voters(&status), vec![1, 2, 4], "{status}");
+
+    // And with only one of three left, status says there is no quorum, and exits non-zero.
+    drop(cluster.servers.remove(&2));
+    let mut exit = None;
+    eventually("status sees the quorum gone", async || {
+        let out = cluster.admin(4, &["cluster", "status"]);
+        exit = out.status.code();
+        exit == Some(2)
+    })
+    .await;
+    assert_eq!(ready(&cluster.endpoint(4)).await, Some(503));
+}
