@@ -256,9 +256,31 @@ async fn a_cluster_grows_to_five_and_shrinks_to_three_under_load_losing_nothing(
     }
     assert_eq!(ready(&cluster.endpoint(4)).await, Some(200));
 
+    let reader = cluster.client(4);
+    // Node 4 leads, which the agent's config never named: it follows the membership the
+    // leaders told it, and runs what is placed from there.
+    let moved = cluster.admin(3, &["cluster", "transfer-leader", "--to", "4"]);
+    assert!(
+        moved.status.success(),
+        "{}",
+        String::from_utf8_lossy(&moved.stderr)
+    );
+    assert_eq!(cluster.status(2)["leader"], 4);
+    let after = submit(&reader, "default", "d", "after", &["true"]).await;
+    wait_for_status(&reader, &after, &["SUCCEEDED"]).await;
+    let kept = std::fs::read_to_string(cluster.dir.join("work-worker").join("control_plane.json"))
+        .expect("the agent keeps the control plane's addresses");
+    let node_4_agents = status["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == 4)
+        .map(|m| m["grpcAddr"].as_str().unwrap().to_owned())
+        .unwrap();
+    assert!(kept.contains(&node_4_agents), "{kept}");
+
     let acknowledged = acknowledged.lock().unwrap().clone();
     assert!(acknowledged.len() >= 10, "{} submits", acknowledged.len());
-    let reader = cluster.client(4);
     for id in &acknowledged {
         wait_for_status(&reader, id, &["SUCCEEDED"]).await;
     }

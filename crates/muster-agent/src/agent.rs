@@ -66,7 +66,8 @@ impl Agent {
                 .tls
                 .as_ref()
                 .map(|id| id.client_tls(muster_tls::CONTROL_SERVER_NAME)),
-        );
+        )
+        .remembering_in(config.work_dir.join("control_plane.json"));
         let log_listener = tokio::net::TcpListener::bind(config.log_listen_addr)
             .await
             .map_err(|e| AgentError::LogListener(config.log_listen_addr, e))?;
@@ -163,15 +164,10 @@ impl Agent {
             let (lease, shutdown) = (self.lease.clone(), shutdown.clone());
             async move { lease.keep(shutdown).await }
         });
-        let channels = self
-            .control
-            .addrs
-            .iter()
-            .filter_map(|addr| self.control.channel(addr))
-            .collect();
+        let control = self.control.clone();
         let reporter = Reporter::spawn(
             &self.config.node_id,
-            channels,
+            move || control.channels(),
             Arc::default(),
             shutdown.clone(),
         );
@@ -210,7 +206,7 @@ impl Agent {
         let mut backoff = Backoff::for_control_plane(&self.config.node_id);
         let mut shutdown = shutdown.clone();
         loop {
-            for addr in &self.control.addrs {
+            for addr in &self.control.addrs() {
                 let Some(mut client) = self.control.client(addr) else {
                     continue;
                 };
@@ -248,7 +244,8 @@ impl Agent {
         while !*shutdown.borrow() {
             let addr = leader_hint.take().unwrap_or_else(|| {
                 next += 1;
-                self.control.addrs[next % self.control.addrs.len()].clone()
+                let addrs = self.control.addrs();
+                addrs[next % addrs.len()].clone()
             });
             let Some(mut client) = self.control.client(&addr) else {
                 continue;

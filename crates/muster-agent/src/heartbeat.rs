@@ -61,7 +61,8 @@ pub(crate) async fn heartbeat_loop(
         // this node stops its attempts (`stop_after` past contact) before the leader may
         // retry them elsewhere (`node_lost_after` past arrival), however slow the answer.
         let sent_at = tokio::time::Instant::now();
-        let answers = futures::future::join_all(control.addrs.iter().filter_map(|addr| {
+        let addrs = control.addrs();
+        let answers = futures::future::join_all(addrs.iter().filter_map(|addr| {
             let mut client = control.client(addr)?;
             // A reply waits for any inventory or health change it carries to commit; one that
             // comes late still counts (from when the heartbeat left), so it is given a quarter
@@ -81,6 +82,7 @@ pub(crate) async fn heartbeat_loop(
                         .filter(|ms| *ms > 0)
                         .map(std::time::Duration::from_millis);
                     lease.renew(sent_at, lost_after);
+                    control.learn(&reply.get_ref().control_plane);
                     let seen = SeenLeader {
                         address: addr.clone(),
                         term: reply.get_ref().term,
@@ -115,7 +117,7 @@ pub(crate) async fn heartbeat_loop(
                 compute_environment: config.compute_environment.clone(),
                 inventory: Some(inventory_to_pb(&offered)),
             };
-            for addr in &control.addrs {
+            for addr in &control.addrs() {
                 if let Some(mut client) = control.client(addr)
                     && client.register(register.clone()).await.is_ok()
                 {

@@ -62,7 +62,7 @@ async fn renew(
         .map_err(|e| format!("cannot make a key: {e}"))?;
     let mut last_error = String::from("no control node is configured");
     let mut reply = None;
-    for addr in &control.addrs {
+    for addr in &control.addrs() {
         let Some(mut client) = control.client(addr) else {
             continue;
         };

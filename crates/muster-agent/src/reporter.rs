@@ -19,7 +19,13 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Clone)]
 pub(crate) struct ControlClient {
-    pub addrs: Vec<String>,
+    /// The control nodes' agent addresses: the config's, and those the cluster told last.
+    addrs: Arc<std::sync::RwLock<Vec<String>>>,
+    /// The config's, always kept: an agent may reach the control nodes through addresses of
+    /// its own (a proxy, a NAT) rather than those they advertise.
+    configured: Arc<[String]>,
+    /// Where the addresses the cluster told are kept across restarts.
+    learned_file: Option<std::path::PathBuf>,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
     /// `None`: plaintext.
     tls: Option<muster_tls::ClientTls>,
@@ -28,10 +34,78 @@ pub(crate) struct ControlClient {
 impl ControlClient {
     pub fn new(addrs: Vec<String>, tls: Option<muster_tls::ClientTls>) -> Self {
         Self {
-            addrs,
+            configured: addrs.clone().into(),
+            addrs: Arc::new(std::sync::RwLock::new(addrs)),
+            learned_file: None,
             channels: Arc::default(),
             tls,
         }
+    }
+
+    /// Keeps the addresses the cluster tells in `file`, and starts from those kept there
+    /// before (beside the configured ones): an agent restarted after the control nodes it
+    /// was configured with were all replaced still finds the cluster.
+    pub fn remembering_in(mut self, file: std::path::PathBuf) -> Self {
+        if let Ok(text) = std::fs::read_to_string(&file)
+            && let Ok(kept) = serde_json::from_str::<Vec<String>>(&text)
+        {
+            let mut addrs = self.addrs.write().unwrap_or_else(|p| p.into_inner());
+            for addr in kept {
+                if !addrs.contains(&addr) {
+                    addrs.push(addr);
+                }
+            }
+        }
+        self.learned_file = Some(file);
+        self
+    }
+
+    /// The control nodes' agent addresses as now known.
+    pub fn addrs(&self) -> Vec<String> {
+        self.addrs.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The voters' addresses as a leader told them: from now on the control plane is these
+    /// and the configured ones (a removed node's address is dropped unless configured).
+    pub fn learn(&self, told: &[String]) {
+        if told.is_empty() {
+            return;
+        }
+        let mut told = told.to_vec();
+        told.sort();
+        told.dedup();
+        {
+            let mut now: Vec<String> = self.configured.to_vec();
+            now.extend(
+                told.iter()
+                    .filter(|a| !self.configured.contains(a))
+                    .cloned(),
+            );
+            let mut addrs = self.addrs.write().unwrap_or_else(|p| p.into_inner());
+            if *addrs == now {
+                return;
+            }
+            tracing::info!(was = ?*addrs, now = ?now, "the control plane's members changed");
+            *addrs = now;
+        }
+        if let Some(file) = &self.learned_file
+            && let Ok(text) = serde_json::to_string(&told)
+        {
+            let staged = file.with_extension("new");
+            if let Err(e) =
+                std::fs::write(&staged, text).and_then(|()| std::fs::rename(&staged, file))
+            {
+                tracing::warn!(error = %e, path = %file.display(), "cannot keep the control plane's addresses");
+            }
+        }
+    }
+
+    /// A channel to every control node now known.
+    pub fn channels(&self) -> Vec<Channel> {
+        self.addrs()
+            .iter()
+            .filter_map(|addr| self.channel(addr))
+            .collect()
     }
 
     /// How this agent dials control nodes over TLS (`None`: plaintext).
@@ -99,12 +173,12 @@ struct Queued {
 }
 
 impl Reporter {
-    /// Starts the sending task; `channels` reach the control nodes, tried in turn starting
-    /// with the one that last accepted a batch. Every call that fails adds one to
+    /// Starts the sending task; `channels` gives the control nodes as now known, tried in turn
+    /// starting with the one that last accepted a batch. Every call that fails adds one to
     /// `failed_calls`.
     pub fn spawn(
         node_id: &str,
-        channels: Vec<Channel>,
+        channels: impl Fn() -> Vec<Channel> + Send + Sync + 'static,
         failed_calls: Arc<AtomicU64>,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
@@ -144,7 +218,7 @@ impl Reporter {
 }
 
 async fn send_batches(
-    channels: Vec<Channel>,
+    channels: impl Fn() -> Vec<Channel> + Send + Sync + 'static,
     mut arrivals: mpsc::UnboundedReceiver<Queued>,
     failed_calls: Arc<AtomicU64>,
     shutdown: watch::Receiver<bool>,
@@ -165,6 +239,7 @@ async fn send_batches(
             }
         }
         let mut outcome = None;
+        let channels = channels();
         for turn in 0..channels.len() {
             let node = (preferred + turn) % channels.len();
             let mut client = AgentServiceClient::new(channels[node].clone());

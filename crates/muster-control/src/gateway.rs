@@ -218,6 +218,7 @@ impl AgentGateway {
             term,
             leader_address: leader.and_then(|l| self.node.peers.agent_addr(l)),
             node_lost_after_ms: self.node_lost_after.as_millis() as u64,
+            control_plane: self.node.voters_agent_addrs(),
         }
     }
 }

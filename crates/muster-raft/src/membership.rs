@@ -385,6 +385,23 @@ impl RaftNode {
         }
     }
 
+    /// Where agents reach each voter (learners never lead), for agents to follow the
+    /// membership. Addresses not known are left out.
+    pub fn voters_agent_addrs(&self) -> Vec<String> {
+        let metrics = self.raft.metrics();
+        let voters: Vec<NodeId> = metrics
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect();
+        voters
+            .into_iter()
+            .filter_map(|id| self.peers.agent_addr(id))
+            .filter(|a| !a.is_empty())
+            .collect()
+    }
+
     /// Every member this node knows, with whether it votes.
     fn members(&self) -> BTreeMap<NodeId, (Member, bool)> {
         let metrics = self.raft.metrics();

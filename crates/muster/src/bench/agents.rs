@@ -147,9 +147,10 @@ impl SimAgent {
     /// real agent heartbeats every control node: three calls where this makes one).
     async fn run(self, mut stopped: tokio::sync::watch::Receiver<bool>) {
         let this = Arc::new(self);
+        let channels = this.channels.clone();
         let reporter = Reporter::spawn(
             &this.id,
-            this.channels.clone(),
+            move || channels.clone(),
             this.tally.report_failures.clone(),
             stopped.clone(),
         );
