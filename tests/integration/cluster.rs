@@ -169,3 +169,56 @@ async fn the_cluster_region_and_account_are_in_every_arn_and_signature() {
     assert_eq!(err.code(), Some("InvalidSignatureException"), "{err}");
     assert!(err.to_string().contains("eu-west-3"), "{err}");
 }
+
+/// A drained agent gets no new attempts while what runs there goes on to its end; undrained,
+/// it takes work again. `muster node drain`'s calls, as `muster cluster status` counts them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_drained_agent_gets_no_new_attempts_and_finishes_what_it_runs() {
+    let mut t = TestCluster::start(3).await;
+    let client = t.follower_client();
+    create_basics(&client, "ce", "q", "d").await;
+    t.add_agent("a", "ce", 2.0, 1024).await;
+    let long = crate::harness::submit(&client, "q", "d", "long", &["sh", "-c", "sleep 2"]).await;
+    crate::harness::wait_for_status(&client, &long, &["RUNNING"]).await;
+
+    let drained = ok(client
+        .call_cluster("DrainAgent", json!({"node": "a"}))
+        .await);
+    assert_eq!(drained["agent"]["draining"], true, "{drained}");
+    let unknown = client
+        .call_cluster("DrainAgent", json!({"node": "nobody"}))
+        .await
+        .unwrap_err();
+    assert!(unknown.to_string().contains("node"), "{unknown}");
+    let status = ok(client.call_cluster("Status", json!({})).await);
+    assert_eq!(status["agents"]["DRAINING"], 1, "{status}");
+
+    // What runs there ends as it would have; what comes after waits for another agent.
+    t.add_agent("b", "ce", 2.0, 1024).await;
+    let after = crate::harness::submit(&client, "q", "d", "after", &["true"]).await;
+    let ended = crate::harness::wait_for_status(&client, &after, &["SUCCEEDED"]).await;
+    assert_eq!(ended["container"]["containerInstanceArn"], "b", "{ended}");
+    let first = crate::harness::wait_for_status(&client, &long, &["SUCCEEDED"]).await;
+    assert_eq!(first["container"]["containerInstanceArn"], "a", "{first}");
+    let listed = ok(client.call_cluster("ListAgents", json!({})).await);
+    let a = listed["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node"] == "a")
+        .cloned()
+        .unwrap();
+    assert_eq!(a["runningAttempts"], 0, "{listed}");
+
+    // Undrained, and with the other drained, it takes the next job.
+    ok(client
+        .call_cluster("UndrainAgent", json!({"node": "a"}))
+        .await);
+    ok(client
+        .call_cluster("DrainAgent", json!({"node": "b"}))
+        .await);
+    let again = crate::harness::submit(&client, "q", "d", "again", &["true"]).await;
+    let ended = crate::harness::wait_for_status(&client, &again, &["SUCCEEDED"]).await;
+    assert_eq!(ended["container"]["containerInstanceArn"], "a", "{ended}");
+    t.shutdown().await;
+}

@@ -51,6 +51,38 @@ fn example_agent_config_is_valid() {
     assert_eq!(config.reserved_millicpus, 500);
 }
 
+/// `vcpus` and `memory_mib` offer less than the machine has: more is refused, naming the
+/// setting; the defaults of an agent and a control node on one host do not collide.
+#[test]
+fn an_agent_offers_no_more_than_its_machine_and_its_defaults_collide_with_nothing() {
+    let base = "compute_environment = \"ce\"\nexecutor = \"process\"\ncontrol_plane = [\"127.0.0.1:7101\"]\nwork_dir = \"/tmp/w\"\nplaintext = true\n";
+    let parse = |extra: &str| {
+        muster_agent::RawAgentConfig::from_toml(&format!("{base}{extra}"))
+            .unwrap()
+            .validate()
+    };
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    let err = parse(&format!("vcpus = {}\n", cpus + 1)).unwrap_err();
+    assert!(err.to_string().starts_with("vcpus"), "{err}");
+    let err = parse("memory_mib = 1000000000\n").unwrap_err();
+    assert!(err.to_string().starts_with("memory_mib"), "{err}");
+    assert!(parse("vcpus = 0.5\nmemory_mib = 256\n").is_ok());
+    let agent = parse("").unwrap();
+    let server = muster_control::RawServerConfig::from_toml(include_str!(
+        "../../deploy/config/server.example.toml"
+    ))
+    .unwrap();
+    let taken: Vec<u16> = [&server.grpc_addr, &server.raft_addr, &server.api_addr]
+        .iter()
+        .map(|a| a.rsplit_once(':').unwrap().1.parse().unwrap())
+        .collect();
+    assert!(
+        !taken.contains(&agent.log_listen_addr.port()),
+        "the agent's log port {} is a control node's ({taken:?})",
+        agent.log_listen_addr.port()
+    );
+}
+
 #[test]
 fn unknown_config_fields_are_refused() {
     let text = "node_id = 1\ngrpc_addr = \"127.0.0.1:1\"\nraft_addr = \"127.0.0.1:3\"\napi_addr = \"127.0.0.1:2\"\ndata_dir = \"d\"\nnode_idd = 2\n";

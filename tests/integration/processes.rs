@@ -345,7 +345,16 @@ async fn three_server_processes_and_an_agent_process() {
     let other = BatchClient::new(format!("http://127.0.0.1:{}", api[2]), credentials);
     wait_until_serving(&other).await;
     let queues = ok(other.call("DescribeJobQueues", json!({})).await);
-    assert_eq!(queues["jobQueues"].as_array().unwrap().len(), 1, "{queues}");
+    // The test's queue and the founder's `default` (found_with_defaults is on unless turned
+    // off), each once.
+    let mut names: Vec<&str> = queues["jobQueues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|q| q["jobQueueName"].as_str().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["default", "q"], "{queues}");
     let described = ok(other.call("DescribeJobs", json!({ "jobs": [job] })).await);
     assert_eq!(described["jobs"][0]["status"], "SUCCEEDED");
     for i in 1..=3 {

@@ -28,7 +28,9 @@ pub enum AgentError {
     Docker(String),
     #[error("cannot use the work directory: {0}")]
     WorkDir(std::io::Error),
-    #[error("cannot listen for log reads on {0}: {1}")]
+    #[error(
+        "log_listen_addr: cannot listen for log reads on {0}: {1} (another agent on this host? give each its own log_listen_addr)"
+    )]
     LogListener(std::net::SocketAddr, std::io::Error),
     #[error(transparent)]
     Join(#[from] crate::join::JoinError),

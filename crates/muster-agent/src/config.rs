@@ -154,8 +154,12 @@ pub struct Reserved {
 /// The label that carries `topology_domain`; gang scheduling prefers nodes sharing one.
 pub const TOPOLOGY_DOMAIN_LABEL: &str = "topology-domain";
 
+/// Past the control node's ports (API 7070, agents 7101, Raft 7102), so that an agent and a
+/// control node on one host do not collide by default.
+pub const DEFAULT_LOG_PORT: u16 = 7103;
+
 fn default_log_listen_addr() -> std::net::SocketAddr {
-    std::net::SocketAddr::from(([0, 0, 0, 0], 7102))
+    std::net::SocketAddr::from(([0, 0, 0, 0], DEFAULT_LOG_PORT))
 }
 
 fn default_image_pull_timeout_secs() -> u64 {
@@ -264,6 +268,31 @@ impl RawAgentConfig {
         }
         if self.reserved.vcpus < 0.0 {
             return Err(invalid("reserved.vcpus", "must not be negative"));
+        }
+        // `vcpus` and `memory_mib` offer less than the machine has, never more: jobs placed on
+        // capacity that is not there would starve each other.
+        let machine_millicpus = crate::inventory::machine_millicpus();
+        if let Some(vcpus) = self.vcpus
+            && (vcpus <= 0.0 || (vcpus * 1000.0).round() as u64 > machine_millicpus)
+        {
+            return Err(invalid(
+                "vcpus",
+                &format!(
+                    "{vcpus}: must be more than 0 and at most this machine's {} vCPUs (it offers less than the machine has, never more)",
+                    machine_millicpus as f64 / 1000.0
+                ),
+            ));
+        }
+        let machine_memory = crate::inventory::machine_memory_mib();
+        if let Some(memory) = self.memory_mib
+            && (memory == 0 || memory > machine_memory)
+        {
+            return Err(invalid(
+                "memory_mib",
+                &format!(
+                    "{memory}: must be more than 0 and at most this machine's {machine_memory} MiB (it offers less than the machine has, never more)"
+                ),
+            ));
         }
         let mut labels = self.labels;
         if let Some(domain) = self.topology_domain {

@@ -15,12 +15,12 @@ pub fn hostname() -> String {
 }
 
 /// Logical CPUs the process may use, in thousandths.
-fn machine_millicpus() -> u64 {
+pub(crate) fn machine_millicpus() -> u64 {
     std::thread::available_parallelism().map_or(1, |n| n.get() as u64) * 1000
 }
 
 /// `MemTotal` from /proc/meminfo, in MiB.
-fn machine_memory_mib() -> u64 {
+pub(crate) fn machine_memory_mib() -> u64 {
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     meminfo
         .lines()

@@ -60,8 +60,8 @@ pub struct RawServerConfig {
     #[serde(default)]
     pub root_credentials_dir: Option<PathBuf>,
     /// The founding node also creates the `default` compute environment (UNMANAGED) and job
-    /// queue, as `muster dev` has them.
-    #[serde(default)]
+    /// queue, as `muster dev` has them (on unless set to `false`).
+    #[serde(default = "yes")]
     pub found_with_defaults: bool,
     /// A join token the founding node records when it founds the cluster (written by
     /// `muster cluster init`; the config holds only its secret's SHA-256).
@@ -86,6 +86,10 @@ pub struct FoundingJoinToken {
     pub secret_sha256: String,
     /// Seconds since the epoch.
     pub expires_at_unix: u64,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_region() -> String {

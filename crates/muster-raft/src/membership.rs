@@ -758,3 +758,33 @@ fn admin_timeout(request: &AdminRequest) -> Duration {
         _ => Duration::from_secs(30),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::TypeConfig;
+
+    /// Entries and snapshots written before members carried their agent and API addresses
+    /// (openraft's `BasicNode`, `{"addr": …}`) are read unchanged, and what is written now is
+    /// read back whole.
+    #[test]
+    fn memberships_stored_by_an_earlier_release_are_read() {
+        let earlier = r#"{"log_id":{"leader_id":{"term":1,"node_id":1},"index":1},"payload":{"Membership":{"configs":[[1,2,3]],"nodes":{"1":{"addr":"10.0.0.11:7102"},"2":{"addr":"10.0.0.12:7102"},"3":{"addr":"10.0.0.13:7102"}}}}}"#;
+        let entry: openraft::Entry<TypeConfig> = serde_json::from_str(earlier).unwrap();
+        let openraft::EntryPayload::Membership(membership) = &entry.payload else {
+            panic!("{entry:?}");
+        };
+        let node = membership.get_node(&2).unwrap();
+        assert_eq!(node.addr, "10.0.0.12:7102");
+        assert_eq!(node.agents, "");
+        assert_eq!(membership.voter_ids().collect::<Vec<_>>(), vec![1, 2, 3]);
+
+        let now = Member {
+            addr: "10.0.0.14:7102".into(),
+            agents: "10.0.0.14:7101".into(),
+            api: "10.0.0.14:7070".into(),
+        };
+        let written = serde_json::to_string(&now).unwrap();
+        assert_eq!(serde_json::from_str::<Member>(&written).unwrap(), now);
+    }
+}

@@ -96,7 +96,7 @@ impl State {
                 } else {
                     Err(Rejection::new(
                         "node",
-                        format!("no agent named {node} has registered"),
+                        format!("node: no agent named {node} has registered"),
                     ))
                 }
             }
