@@ -122,9 +122,21 @@ fn raft_has_a_listener_of_its_own() {
         "[[peers]]\nid = 1\ngrpc_addr = \"127.0.0.1:1\"\nraft_addr = \"127.0.0.1:4\"\n";
     let err = server_config(apart, other_raft_addr).unwrap_err();
     assert!(
-        err.starts_with("peers: this node (1) is listed with other addresses"),
+        err.starts_with("peers: this node (1) is listed at 127.0.0.1:4 (Raft)"),
         "{err}"
     );
+
+    // Listening on every interface, it is listed under the name the others reach it by (as
+    // `muster cluster init --servers host1,host2,host3` writes it).
+    let everywhere =
+        "grpc_addr = \"0.0.0.0:7101\"\nraft_addr = \"0.0.0.0:7102\"\napi_addr = \"0.0.0.0:7070\"\n";
+    let by_name =
+        "[[peers]]\nid = 1\ngrpc_addr = \"control1:7101\"\nraft_addr = \"control1:7102\"\n";
+    let config = server_config(everywhere, by_name).unwrap();
+    assert_eq!(config.peers[&1].raft, "control1:7102");
+    let wrong_port =
+        "[[peers]]\nid = 1\ngrpc_addr = \"control1:7101\"\nraft_addr = \"control1:7109\"\n";
+    assert!(server_config(everywhere, wrong_port).is_err());
 }
 
 #[test]

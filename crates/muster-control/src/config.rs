@@ -214,18 +214,32 @@ impl RawServerConfig {
                 ));
             }
         }
-        match peers.get(&self.node_id) {
-            Some(addrs) if addrs.raft != this_node.raft || addrs.agents != this_node.agents => {
+        // Peers name the addresses the others reach this node at; it may listen on all
+        // interfaces (`0.0.0.0:7102`), where only the port must agree.
+        let reached_at = |listed: &str, listen: &SocketAddr| {
+            listed == listen.to_string()
+                || (listen.ip().is_unspecified()
+                    && listed
+                        .rsplit_once(':')
+                        .is_some_and(|(_, port)| port == listen.port().to_string()))
+        };
+        match peers.get_mut(&self.node_id) {
+            Some(listed)
+                if !reached_at(&listed.raft, &raft_addr)
+                    || !reached_at(&listed.agents, &grpc_addr) =>
+            {
                 return Err(invalid(
                     "peers",
                     format!(
-                        "this node ({}) is listed with other addresses than its grpc_addr and raft_addr",
-                        self.node_id
+                        "this node ({}) is listed at {} (Raft) and {} (agents), which are not where it listens (raft_addr {raft_addr}, grpc_addr {grpc_addr})",
+                        self.node_id, listed.raft, listed.agents
                     ),
                 ));
             }
-            Some(_) => {
-                peers.insert(self.node_id, this_node);
+            Some(listed) => {
+                if listed.api.is_empty() && !api_addr.ip().is_unspecified() {
+                    listed.api = api_addr.to_string();
+                }
             }
             None => {
                 peers.insert(self.node_id, this_node);
