@@ -24,6 +24,16 @@ struct InitCluster {
 
 impl InitCluster {
     async fn start() -> Self {
+        let mut cluster = Self::init();
+        for id in 1..=3 {
+            cluster.start_server(id);
+        }
+        cluster.wait_for_root().await;
+        cluster
+    }
+
+    /// Its files written, nothing started.
+    fn init() -> Self {
         let temp = tempfile::tempdir().unwrap();
         let dir = temp.path().join("cluster");
         let init = Command::new(muster_bin())
@@ -36,22 +46,32 @@ impl InitCluster {
             "{}",
             String::from_utf8_lossy(&init.stderr)
         );
-        let mut cluster = Self {
+        Self {
             temp,
-            dir: dir.clone(),
+            dir,
             servers: BTreeMap::new(),
             credentials: muster_client::Credentials {
                 access_key_id: String::new(),
                 secret_access_key: String::new(),
                 region: String::new(),
             },
-        };
-        for id in 1..=3 {
-            cluster.start_server(id);
         }
-        cluster.credentials = wait_for_credentials(&dir.join("aws").join("credentials")).await;
-        wait_until_serving(&cluster.client(1)).await;
-        cluster
+    }
+
+    /// Until the root user's key is written and every node answers with a quorum behind it.
+    async fn wait_for_root(&mut self) {
+        self.credentials = wait_for_credentials(&self.dir.join("aws").join("credentials")).await;
+        wait_until_serving(&self.client(1)).await;
+        eventually("every node answers", async || {
+            let out = self.admin(1, &["cluster", "status", "--output", "json"]);
+            serde_json::from_slice::<Value>(&out.stdout).is_ok_and(|s| {
+                s["quorum"] == true
+                    && s["members"]
+                        .as_array()
+                        .is_some_and(|m| m.iter().all(|m| m["reachable"] == true))
+            })
+        })
+        .await;
     }
 
     fn start_server(&mut self, id: u64) {
@@ -348,4 +368,97 @@ async fn a_node_whose_disk_is_gone_is_replaced_under_a_new_id() {
     })
     .await;
     assert_eq!(ready(&cluster.endpoint(4)).await, Some(503));
+}
+
+/// `muster cluster snapshot save` from a running cluster, and `restore` founding a new one
+/// (new files, new CA, new root key) from it: the same jobs, queues, definitions and users,
+/// served by every node of the new cluster. A damaged file, or a data directory in use, is
+/// refused before anything is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_snapshot_founds_a_new_cluster_holding_the_same_state() {
+    let old = InitCluster::start().await;
+    let client = old.client(2);
+    eventually("the founder creates the default queue", async || {
+        client
+            .call("DescribeJobQueues", json!({"jobQueues": ["default"]}))
+            .await
+            .is_ok_and(|r| r["jobQueues"].as_array().is_some_and(|q| q.len() == 1))
+    })
+    .await;
+    ok(client
+        .call(
+            "RegisterJobDefinition",
+            json!({"jobDefinitionName": "d", "type": "container", "containerProperties": {
+                "image": "busybox", "command": ["true"],
+                "resourceRequirements": [{"type": "VCPU", "value": "1"}, {"type": "MEMORY", "value": "32"}]}}),
+        )
+        .await);
+    let mut jobs = Vec::new();
+    for n in 0..3 {
+        jobs.push(submit(&client, "default", "d", &format!("kept-{n}"), &["true"]).await);
+    }
+    ok(client
+        .call_iam("CreateUser", json!({"UserName": "alice"}))
+        .await);
+
+    let file = old.temp.path().join("state.snapshot");
+    let saved = old.admin(3, &["cluster", "snapshot", "save", file.to_str().unwrap()]);
+    assert!(
+        saved.status.success(),
+        "{}",
+        String::from_utf8_lossy(&saved.stderr)
+    );
+    let header: Value = serde_json::from_slice(&saved.stdout).unwrap();
+    assert_eq!(header["jobs"], 3, "{header}");
+    let bytes = std::fs::read(&file).unwrap();
+    drop(old);
+
+    let mut new = InitCluster::init();
+    let file = new.temp.path().join("state.snapshot");
+    std::fs::write(&file, &bytes).unwrap();
+    let restore = |file: &std::path::Path| {
+        Command::new(muster_bin())
+            .args(["cluster", "snapshot", "restore", file.to_str().unwrap()])
+            .args(["--config", new.dir.join("server-1.toml").to_str().unwrap()])
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .unwrap()
+    };
+    // Cut short: refused, saying so, with nothing written.
+    let cut = new.temp.path().join("cut.snapshot");
+    std::fs::write(&cut, &bytes[..bytes.len() - 10]).unwrap();
+    let refused = restore(&cut);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("cut short"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert!(!new.dir.join("node-1").join("raft").exists());
+
+    let restored = restore(&file);
+    assert!(
+        restored.status.success(),
+        "{}",
+        String::from_utf8_lossy(&restored.stderr)
+    );
+    let again = restore(&file);
+    assert!(!again.status.success(), "a restore overwrote a node's data");
+
+    for id in 1..=3 {
+        new.start_server(id);
+    }
+    new.wait_for_root().await;
+    for id in 1..=3 {
+        let reader = new.client(id);
+        for (n, job) in jobs.iter().enumerate() {
+            let described = wait_for_status(&reader, job, &["RUNNABLE"]).await;
+            assert_eq!(described["jobName"], format!("kept-{n}"));
+        }
+    }
+    let users = ok(new.client(1).call_iam("ListUsers", json!({})).await);
+    assert!(users.to_string().contains("alice"), "{users}");
+    let status = new.status(2);
+    assert_eq!(voters(&status), vec![1, 2, 3], "{status}");
+    assert_eq!(status["quorum"], true, "{status}");
 }

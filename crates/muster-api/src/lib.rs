@@ -115,6 +115,16 @@ pub trait ControlPlane: Send + Sync + 'static {
         }
     }
 
+    /// The whole state as a snapshot file (`muster cluster snapshot save`), holding every
+    /// write acknowledged before the call.
+    fn save_snapshot(&self) -> impl Future<Output = Result<Vec<u8>, PlaneError>> + Send {
+        async {
+            Err(PlaneError::Unavailable(
+                "this control plane takes no snapshots".into(),
+            ))
+        }
+    }
+
     /// Changes the control nodes; answers what the change left, as JSON.
     fn change_membership(
         &self,
@@ -367,7 +377,37 @@ async fn cluster_operation<P: ControlPlane>(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    if operation == "savesnapshot" {
+        return save_snapshot(api, (method, uri, headers, body)).await;
+    }
     admin_operation(api, Admin::Cluster, operation, (method, uri, headers, body)).await
+}
+
+/// `POST /v1/cluster/savesnapshot`: the snapshot file itself as the body
+/// (`application/octet-stream`), not JSON.
+async fn save_snapshot<P: ControlPlane>(
+    api: Arc<Api<P>>,
+    (method, uri, headers, body): (Method, Uri, HeaderMap, Bytes),
+) -> Response {
+    let started = std::time::Instant::now();
+    let result = async {
+        let principal = caller(&api, "batch", &method, &uri, &headers, &body).await?;
+        principal.authorize(cluster::CLUSTER_ADMIN, &["*"])?;
+        Ok::<_, ApiError>(api.plane.save_snapshot().await?)
+    }
+    .await;
+    match result {
+        Ok(file) => {
+            metrics::histogram!("muster_api_request_seconds", "operation" => "SaveSnapshot")
+                .record(started.elapsed().as_secs_f64());
+            (
+                [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
+                file,
+            )
+                .into_response()
+        }
+        Err(e) => respond(&api, "savesnapshot", started, Err(e)),
+    }
 }
 
 async fn tags_operation<P: ControlPlane>(

@@ -178,6 +178,23 @@ impl BatchClient {
         .await
     }
 
+    /// Calls a cluster operation whose answer is a file rather than JSON
+    /// (`"SaveSnapshot"`); an error is answered as JSON as usual.
+    pub async fn call_cluster_for_bytes(
+        &self,
+        operation: &str,
+        body: Value,
+    ) -> Result<Bytes, CallError> {
+        let path = format!("/v1/cluster/{}", operation.to_ascii_lowercase());
+        self.send_raw(
+            &path,
+            body,
+            "batch",
+            &[("content-type", "application/json")],
+        )
+        .await
+    }
+
     async fn post(&self, path: &str, body: Value) -> Result<Value, CallError> {
         self.send(path, body, "batch", &[("content-type", "application/json")])
             .await
@@ -190,6 +207,18 @@ impl BatchClient {
         service: &str,
         extra_headers: &[(&str, &str)],
     ) -> Result<Value, CallError> {
+        let bytes = self.send_raw(path, body, service, extra_headers).await?;
+        Ok(serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    }
+
+    /// Signs and sends one call; the body of a 2xx answer as it is, any other as an error.
+    async fn send_raw(
+        &self,
+        path: &str,
+        body: Value,
+        service: &str,
+        extra_headers: &[(&str, &str)],
+    ) -> Result<Bytes, CallError> {
         let transport = |message: String| CallError::Transport {
             endpoint: self.endpoint.clone(),
             message,
@@ -250,10 +279,10 @@ impl BatchClient {
             .await
             .map_err(|e| transport(e.to_string()))?
             .to_bytes();
-        let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         if (200..300).contains(&status) {
-            return Ok(value);
+            return Ok(bytes);
         }
+        let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         let code = error_type
             .or_else(|| {
                 value

@@ -18,6 +18,7 @@ mod node;
 mod plane;
 mod renewal;
 pub mod replay;
+pub mod restore;
 pub mod scheduler;
 
 pub use config::{

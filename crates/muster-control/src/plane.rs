@@ -90,6 +90,30 @@ impl ControlPlane for RaftPlane {
         serde_json::to_value(status).map_err(|e| PlaneError::Indeterminate(e.to_string()))
     }
 
+    async fn save_snapshot(&self) -> Result<Vec<u8>, PlaneError> {
+        // Current first: the replica then holds every write acknowledged before this call.
+        self.node
+            .read(|_| ())
+            .await
+            .map_err(|e| PlaneError::Unavailable(e.to_string()))?;
+        let state = self.node.state.clone();
+        let cluster_name = self.node.raft.config().cluster_name.clone();
+        let now = crate::now_millis().as_millis();
+        let saved = tokio::task::spawn_blocking(move || {
+            muster_raft::backup::save(&state, &cluster_name, now)
+        })
+        .await
+        .map_err(|e| PlaneError::Unavailable(e.to_string()))?
+        .map_err(|e| PlaneError::Unavailable(e.to_string()))?;
+        tracing::info!(
+            index = saved.0.index,
+            jobs = saved.0.jobs,
+            bytes = saved.1.len(),
+            "snapshot saved for a client"
+        );
+        Ok(saved.1)
+    }
+
     async fn change_membership(
         &self,
         change: MembershipChange,

@@ -9,6 +9,7 @@
 //!   when this node is a follower) and `read` (linearizable through a read index).
 #![allow(clippy::result_large_err)]
 
+pub mod backup;
 pub mod election;
 pub mod membership;
 mod network;

@@ -40,9 +40,9 @@ struct SnapshotImage {
 /// [`SnapshotImage`] as it is written: borrowing the applied state rather than a copy of it
 /// (copying a million jobs took as long again as writing them).
 #[derive(Serialize)]
-struct SnapshotImageOf<'a> {
-    format_version: u32,
-    applied: &'a AppliedState,
+pub(crate) struct SnapshotImageOf<'a> {
+    pub(crate) format_version: u32,
+    pub(crate) applied: &'a AppliedState,
 }
 
 /// Raised while a snapshot is being written from the state (see
@@ -201,7 +201,7 @@ impl<S: SnapshotStore<TypeConfig> + Clone> StateMachine<S> {
     }
 }
 
-fn decode_image(bytes: &[u8]) -> Result<AppliedState, StorageError<NodeId>> {
+pub(crate) fn decode_image(bytes: &[u8]) -> Result<AppliedState, StorageError<NodeId>> {
     let image: SnapshotImage =
         serde_json::from_slice(bytes).map_err(|e| StorageIOError::read_snapshot(None, &e))?;
     if image.format_version != muster_core::STATE_FORMAT_VERSION {

@@ -71,6 +71,11 @@ pub enum ClusterCommand {
         #[arg(long)]
         to: Option<u64>,
     },
+    /// Save the whole state to a file, or found a new cluster from one.
+    Snapshot {
+        #[command(subcommand)]
+        command: SnapshotCommand,
+    },
     /// Write a certificate and config for a new control node (to add with `add-node`) into the
     /// directory `init` wrote, which holds the CA's key.
     NewNode {
@@ -113,6 +118,29 @@ pub enum NodeCommand {
     /// Cut the agent off for good: every call its certificate makes is refused, and it never
     /// joins again under that name; its running jobs are retried elsewhere once it is lost.
     Revoke { name: String },
+}
+
+#[derive(Subcommand)]
+pub enum SnapshotCommand {
+    /// Every job, queue, definition, user and key as of now (holding every write acknowledged
+    /// before), from the cluster's API into FILE.
+    Save {
+        #[arg(long)]
+        endpoint_url: Option<String>,
+        file: PathBuf,
+    },
+    /// Found a new cluster from FILE: run on the founding node (the lowest id of its config's
+    /// peers) before its first start, into its empty data directory; the other nodes start
+    /// empty and receive the state from it.
+    Restore {
+        file: PathBuf,
+        /// The founding node's config (`muster cluster init` writes it).
+        #[arg(long)]
+        config: PathBuf,
+        /// Its data directory, where it differs from the config's `data_dir`.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
 }
 
 /// `muster node`: the agents.
@@ -342,6 +370,58 @@ pub async fn run(command: ClusterCommand) -> anyhow::Result<()> {
             crate::print_answer("TransferLeader", answer, true)
         }
         ClusterCommand::NewNode { dir, id, host } => new_node(&dir, id, host),
+        ClusterCommand::Snapshot {
+            command: SnapshotCommand::Save { endpoint_url, file },
+        } => {
+            let answer = client(endpoint_url)?
+                .call_cluster_for_bytes("SaveSnapshot", serde_json::json!({}))
+                .await;
+            let bytes = match answer {
+                Ok(bytes) => bytes,
+                Err(e) => return crate::print_answer("SaveSnapshot", Err(e), false),
+            };
+            let (header, _) = muster_raft::backup::read(&bytes).map_err(|e| {
+                anyhow::anyhow!("the cluster sent a snapshot that does not check: {e}")
+            })?;
+            // Whole or not at all: written aside, then renamed over FILE.
+            let staged = file.with_extension("partial");
+            std::fs::write(&staged, &bytes)
+                .with_context(|| format!("writing {}", staged.display()))?;
+            std::fs::rename(&staged, &file)
+                .with_context(|| format!("writing {}", file.display()))?;
+            println!("{}", serde_json::to_string_pretty(&header)?);
+            Ok(())
+        }
+        ClusterCommand::Snapshot {
+            command:
+                SnapshotCommand::Restore {
+                    file,
+                    config,
+                    data_dir,
+                },
+        } => {
+            let text = std::fs::read_to_string(&config)
+                .with_context(|| format!("reading {}", config.display()))?;
+            let mut config = muster_control::RawServerConfig::from_toml(&text)
+                .and_then(|c| c.validate())
+                .map_err(|e| anyhow::anyhow!("{}: {e}", config.display()))?;
+            if let Some(dir) = data_dir {
+                config.data_dir = dir;
+            }
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let header = muster_control::restore::restore_snapshot(&config, &bytes)
+                .await
+                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            println!(
+                "Restored {} jobs (index {} of cluster {}) into {}; start the node, then the others with empty data directories.",
+                header.jobs,
+                header.index,
+                header.cluster_name,
+                config.data_dir.display()
+            );
+            Ok(())
+        }
         ClusterCommand::Init {
             dir,
             servers,
