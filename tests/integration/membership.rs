@@ -295,7 +295,7 @@ async fn a_cluster_grows_to_five_and_shrinks_to_three_under_load_losing_nothing(
         .unwrap()
         .iter()
         .find(|m| m["id"] == 4)
-        .map(|m| m["grpcAddr"].as_str().unwrap().to_owned())
+        .map(|m| m["grpc_addr"].as_str().unwrap().to_owned())
         .unwrap();
     assert!(kept.contains(&node_4_agents), "{kept}");
 

@@ -139,9 +139,8 @@ pub struct NodeReport {
     pub matched: BTreeMap<NodeId, u64>,
 }
 
-/// A member as `muster cluster status` shows it.
+/// A member as `muster cluster status` shows it (snake_case, as scripts read it).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
 pub struct MemberStatus {
     pub id: NodeId,
     pub raft_addr: String,
@@ -162,7 +161,6 @@ pub struct MemberStatus {
 
 /// The cluster's control nodes as seen from the node that was asked.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
 pub struct ClusterStatus {
     pub leader: Option<NodeId>,
     pub term: u64,
