@@ -246,6 +246,42 @@ impl LocalCluster {
         })
     }
 
+    /// Starts a new, empty control node `id` (a certificate of the cluster's CA, listeners of
+    /// its own) that waits to be added; returns where it listens, for `RaftNode::add_node`.
+    pub async fn start_node_to_add(
+        &mut self,
+        id: u64,
+    ) -> Result<muster_raft::Member, ClusterError> {
+        if let Some(pki) = &mut self.pki {
+            let files = muster_tls::pki::write_identity(
+                &pki.ca,
+                &pki.dir,
+                &format!("control-{id}"),
+                &muster_tls::Role::Control(id),
+                &["127.0.0.1".to_owned(), "localhost".to_owned()],
+                muster_tls::pki::Validity::from_now(LOCAL_CERT_VALIDITY),
+            )
+            .map_err(|e| ClusterError::Pki(e.to_string()))?;
+            pki.nodes.insert(id, files);
+        }
+        let any: SocketAddr = "127.0.0.1:0".parse().expect("literal address");
+        let listeners = Listeners {
+            grpc: bind(any).await?,
+            raft: bind(any).await?,
+            api: bind(any).await?,
+        };
+        let addr = |l: &TcpListener| l.local_addr().expect("bound listener has an address");
+        self.grpc_addrs.insert(id, addr(&listeners.grpc));
+        self.raft_addrs.insert(id, addr(&listeners.raft));
+        self.api_addrs.insert(id, addr(&listeners.api));
+        let mut config = self.config(id)?;
+        config.join_existing_cluster = true;
+        let member = muster_raft::Member::from(&config.peers[&id]);
+        let node = ControlNode::start(config, listeners, self.metrics.clone()).await?;
+        self.nodes.insert(id, Some(node));
+        Ok(member)
+    }
+
     /// The `[tls]` files of an agent named `name`, issued by this cluster's CA under
     /// `data_dir/tls` (`None` when the cluster runs plaintext).
     pub fn agent_tls(&self, name: &str) -> Result<Option<muster_tls::TlsFiles>, ClusterError> {

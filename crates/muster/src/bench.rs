@@ -56,6 +56,13 @@ pub struct BenchArgs {
     /// `AGENTS_PER_CONNECTION`); 1 gives each its own, as with --tls.
     #[arg(long, default_value_t = AGENTS_PER_CONNECTION)]
     pub agents_per_connection: usize,
+    /// Control nodes in the cluster (3 or 5).
+    #[arg(long, default_value_t = 3)]
+    pub control_nodes: u64,
+    /// Also measure operations on the loaded state: a snapshot file saved, checked and
+    /// restored, and a new control node caught up and made a voter.
+    #[arg(long)]
+    pub operations: bool,
 }
 
 /// Simulated agents share a gRPC connection to each control node this many at a time (a real
@@ -89,9 +96,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     };
     // Without --tls the simulated agents share connections (see `AGENTS_PER_CONNECTION`),
     // which certificates naming one agent each do not allow.
+    anyhow::ensure!(
+        (1..=9).contains(&args.control_nodes),
+        "--control-nodes: 1 to 9"
+    );
     let cluster = LocalCluster::start_tuned(
         &data_dir,
-        3,
+        args.control_nodes,
         "127.0.0.1:0".parse()?,
         None,
         muster_control::Tuning {
@@ -102,7 +113,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     .await?;
     cluster.wait_for_leader(Duration::from_secs(15)).await?;
     let root = cluster.ensure_root(&data_dir.join("aws")).await?;
-    let clients = (1..=3)
+    let clients = (1..=args.control_nodes)
         .map(|id| {
             BatchClient::new(
                 format!("http://{}", cluster.api_addr(id)),
@@ -137,6 +148,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     bench.latency().await?;
     bench.memory(&args).await?;
     bench.snapshot().await?;
+    if args.operations {
+        bench.operations(&data_dir, &args).await?;
+    }
     bench.placements(&args).await?;
     // Each measurement starts with every follower caught up, so that one phase's
     // replication backlog is not billed to the next.
@@ -333,8 +347,9 @@ impl Bench {
         // Ended jobs stay in the state for the retention period (7 days by default), so what
         // one costs bounds how many a cluster can keep describing. Below half a million jobs
         // the growth is lost among buffers the earlier phases freed or still hold.
-        let per_job =
-            resident_after.saturating_sub(resident_before) as f64 * 1024.0 / args.jobs as f64 / 3.0;
+        let per_job = resident_after.saturating_sub(resident_before) as f64 * 1024.0
+            / args.jobs as f64
+            / args.control_nodes as f64;
         row(
             "resident memory per SUCCEEDED job per control node (growth over the run)",
             &if args.jobs >= 500_000 {
@@ -424,8 +439,8 @@ impl Bench {
         }
         row(
             &format!(
-                "SubmitJob through the API, SigV4-signed, {} clients over all 3 nodes",
-                args.submit_clients
+                "SubmitJob through the API, SigV4-signed, {} clients over all {} nodes",
+                args.submit_clients, args.control_nodes
             ),
             &format!(
                 "{:.0} req/s ({} failed)",
@@ -460,8 +475,9 @@ impl Bench {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         let after = resident_kib();
-        let per_job =
-            (after.saturating_sub(before)) as f64 * 1024.0 / args.queued_jobs as f64 / 3.0;
+        let per_job = (after.saturating_sub(before)) as f64 * 1024.0
+            / args.queued_jobs as f64
+            / args.control_nodes as f64;
         row(
             &format!(
                 "resident memory per queued job per control node ({} queued)",
@@ -520,6 +536,79 @@ impl Bench {
         Ok(())
     }
 
+    /// On the state as loaded: a snapshot file saved (`muster cluster snapshot save`), read
+    /// back and checked, and restored into an empty store (`restore`); then a new control
+    /// node started empty, added, caught up from the leader (a snapshot: the log holds less
+    /// than the state) and made a voter (`muster cluster add-node`).
+    async fn operations(
+        &mut self,
+        data_dir: &std::path::Path,
+        args: &BenchArgs,
+    ) -> anyhow::Result<()> {
+        let leader = self.cluster.leader().context("no leader")?;
+        let raft = self.cluster.node(leader).context("no leader")?.raft.clone();
+        let state = raft.state.clone();
+        let started = Instant::now();
+        let (header, file) =
+            tokio::task::spawn_blocking(move || muster_raft::backup::save(&state, "bench", 0))
+                .await??;
+        let saved = started.elapsed();
+        let started = Instant::now();
+        let (_, applied) =
+            tokio::task::spawn_blocking(move || muster_raft::backup::read(&file)).await??;
+        let read = started.elapsed();
+        let store_dir = data_dir.join("restored");
+        let started = Instant::now();
+        let db = muster_store::open_sled_waiting(&store_dir).await?;
+        let snapshots = muster_store::SledSnapshotStore::new(&db)?;
+        let members = std::collections::BTreeMap::from([(1, muster_raft::Member::default())]);
+        muster_raft::backup::restore(&snapshots, applied, header.index, members).await?;
+        db.flush_async().await?;
+        let restored = started.elapsed();
+        drop(db);
+        row(
+            &format!(
+                "snapshot file of {} jobs: save / read and check / restore",
+                header.jobs
+            ),
+            &format!(
+                "{} MiB; {} ms / {} ms / {} ms",
+                header.image_bytes / (1024 * 1024),
+                saved.as_millis(),
+                read.as_millis(),
+                restored.as_millis()
+            ),
+        );
+
+        let id = args.control_nodes + 1;
+        let member = self.cluster.start_node_to_add(id).await?;
+        let started = Instant::now();
+        let outcome = raft
+            .add_node(id, member, Duration::from_secs(1800))
+            .await
+            .map_err(|e| anyhow::anyhow!("add-node: {e}"))?;
+        let joined = started.elapsed();
+        let jobs = self
+            .cluster
+            .node(id)
+            .context("the new node")?
+            .raft
+            .state
+            .read()
+            .state
+            .job_count();
+        row(
+            &format!("a new control node caught up and voting ({jobs} jobs)"),
+            &format!("{} ms ({outcome:?})", joined.as_millis()),
+        );
+        // Back to the size the rest of the run measures.
+        raft.remove_node(id)
+            .await
+            .map_err(|e| anyhow::anyhow!("remove-node: {e}"))?;
+        self.cluster.stop_node(id).await;
+        Ok(())
+    }
+
     /// Time from stopping the leader to the next placement committed by its successor.
     /// The clock runs while the old leader shuts down (its servers drain for a while), as it
     /// would while a killed leader's sockets time out: the survivors do not wait for either.
@@ -529,10 +618,11 @@ impl Bench {
         };
         let tally = self.tally.clone();
         let placed_before = tally.placed.load(Ordering::Relaxed);
-        let survivor = self.clients[(leader % 3) as usize].clone();
+        let nodes = self.clients.len() as u64;
+        let survivor = self.clients[(leader % nodes) as usize].clone();
         let survivor_raft = self
             .cluster
-            .node(leader % 3 + 1)
+            .node(leader % nodes + 1)
             .context("no survivor")?
             .raft
             .clone();
