@@ -302,7 +302,9 @@ async fn a_cluster_grows_to_five_and_shrinks_to_three_under_load_losing_nothing(
     let acknowledged = acknowledged.lock().unwrap().clone();
     assert!(acknowledged.len() >= 10, "{} submits", acknowledged.len());
     for id in &acknowledged {
-        wait_for_status(&reader, id, &["SUCCEEDED"]).await;
+        let job = wait_for_status(&reader, id, &["SUCCEEDED"]).await;
+        // Placed once, run once: no change of members or leader ran it again.
+        assert_eq!(job["attempts"].as_array().unwrap().len(), 1, "{job}");
     }
 }
 
@@ -435,6 +437,20 @@ async fn a_snapshot_founds_a_new_cluster_holding_the_same_state() {
         String::from_utf8_lossy(&refused.stderr)
     );
     assert!(!new.dir.join("node-1").join("raft").exists());
+
+    // Only on the founding node: elsewhere the founder would found an empty cluster beside it.
+    let elsewhere = Command::new(muster_bin())
+        .args(["cluster", "snapshot", "restore", file.to_str().unwrap()])
+        .args(["--config", new.dir.join("server-2.toml").to_str().unwrap()])
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    assert!(!elsewhere.status.success());
+    assert!(
+        String::from_utf8_lossy(&elsewhere.stderr).contains("restore on that node"),
+        "{}",
+        String::from_utf8_lossy(&elsewhere.stderr)
+    );
 
     let restored = restore(&file);
     assert!(

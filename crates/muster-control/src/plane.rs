@@ -142,7 +142,9 @@ impl ControlPlane for RaftPlane {
             }
             Ok(AdminOutcome::Transferred(leader)) => Ok(serde_json::json!({ "leader": leader })),
             Err(AdminError::Refused(why)) => Err(PlaneError::Refused(why)),
-            Err(e @ AdminError::NoLeader(_)) => Err(PlaneError::Unavailable(e.to_string())),
+            Err(e @ (AdminError::NoLeader(_) | AdminError::Busy(_))) => {
+                Err(PlaneError::Unavailable(e.to_string()))
+            }
             Err(AdminError::Failed(why)) => Err(PlaneError::Indeterminate(why)),
         }
     }

@@ -10,7 +10,24 @@ use muster_store::{SledSnapshotStore, open_sled_waiting};
 /// node's data already. Jobs, queues, definitions, users and keys are the file's; the Raft
 /// log, terms and membership start anew.
 pub async fn restore_snapshot(config: &ServerConfig, file: &[u8]) -> Result<BackupHeader, String> {
+    // Only the founder holds the state; the others start empty and receive it. Restored on
+    // another node, the founder would found an empty cluster beside it.
+    if config.join_existing_cluster || config.peers.keys().min() != Some(&config.node_id) {
+        return Err(format!(
+            "node {} does not found its cluster (the lowest id of its peers does): restore on that node",
+            config.node_id
+        ));
+    }
     let (header, applied) = backup::read(file).map_err(|e| e.to_string())?;
+    // ARNs in the file name its region and account; the new cluster must name the same.
+    let scope = applied.state.arn_scope();
+    if *scope != config.scope {
+        return Err(format!(
+            "region and account_id: the snapshot's cluster names region {} and account {}; set \
+             them so in the config (they were {} and {})",
+            scope.region, scope.account, config.scope.region, config.scope.account
+        ));
+    }
     let raft_dir = config.data_dir.join("raft");
     if raft_dir.exists()
         && std::fs::read_dir(&raft_dir)

@@ -65,7 +65,7 @@ pub fn save(
     saved_at_ms: u64,
 ) -> Result<(BackupHeader, Vec<u8>), BackupError> {
     let (image, index, jobs) = {
-        let applied = state.read();
+        let (applied, _raised) = state.read_at_length();
         let image = serde_json::to_vec(&SnapshotImageOf {
             format_version: muster_core::STATE_FORMAT_VERSION,
             applied: &applied,

@@ -110,6 +110,12 @@ impl Handover {
         let _ = rx.wait_for(|busy| !*busy).await;
     }
 
+    /// Whether a handover is under way: a forwarded write or read confirmation arriving now
+    /// is turned away at once (never taken), to go to the next leader.
+    pub fn in_progress(&self) -> bool {
+        *self.0.borrow()
+    }
+
     fn begin(&self) -> Option<HandoverInProgress<'_>> {
         let started = self
             .0
@@ -201,6 +207,8 @@ pub(crate) enum AdminReply {
     Standing,
     NotLeader(Option<NodeId>),
     Refused(String),
+    /// Not now (another change or handover under way): nothing was done; ask again.
+    Busy(String),
     Failed(String),
 }
 
@@ -212,6 +220,9 @@ pub enum AdminError {
     Refused(String),
     #[error("no leader could be reached within {0:?}")]
     NoLeader(Duration),
+    /// Not now: another membership change or handover is under way; nothing was done.
+    #[error("{0}")]
+    Busy(String),
     /// It failed, and may have been partly done (a learner added that did not catch up).
     #[error("{0}")]
     Failed(String),
@@ -482,6 +493,7 @@ impl RaftNode {
                 }
                 AdminReply::Transferred(to) => return Ok(AdminOutcome::Transferred(to)),
                 AdminReply::Refused(why) => return Err(AdminError::Refused(why)),
+                AdminReply::Busy(why) => return Err(AdminError::Busy(why)),
                 AdminReply::Failed(why) => return Err(AdminError::Failed(why)),
                 AdminReply::NotLeader(_) => {}
                 AdminReply::Report(_) | AdminReply::Standing => {
@@ -516,6 +528,14 @@ impl RaftNode {
         if !self.is_leader() {
             return AdminReply::NotLeader(self.leader().0);
         }
+        // One change at a time: a second one's entries would renew the leases a handover
+        // waits out, and openraft takes one membership change at a time anyway.
+        let Ok(_one_at_a_time) = self.membership_changes.try_lock() else {
+            return AdminReply::Busy(
+                "another membership change or handover is under way; try again when it is done"
+                    .into(),
+            );
+        };
         let result = match request {
             AdminRequest::AddNode {
                 id,
@@ -549,8 +569,8 @@ impl RaftNode {
         if let Some((known, voter)) = members.get(&id) {
             if *known != member {
                 return Err(AdminReply::Refused(format!(
-                    "id: node {id} is already a member at raft address {}; remove it first, or \
-                     add the new machine under a new id",
+                    "id: node {id} is already a member at raft address {}; add the new machine \
+                     under a new id (an id is never reused)",
                     known.addr
                 )));
             }
@@ -568,8 +588,30 @@ impl RaftNode {
             )));
         }
         tracing::info!(id, raft_addr = %member.addr, "adding a control node as a learner");
-        let caught_up =
-            tokio::time::timeout(catch_up, self.raft.add_learner(id, member.clone(), true)).await;
+        // Not openraft's blocking wait: it counts a learner within `replication_lag_threshold`
+        // (5,000) entries as caught up, and entries here carry thousands of jobs each.
+        let added = self
+            .change_to_completion(
+                ChangeMembers::AddNodes(BTreeMap::from([(id, member.clone())])),
+                true,
+            )
+            .await?;
+        let target = added.max(self.raft.metrics().borrow().last_log_index.unwrap_or(0));
+        let mut metrics = self.raft.metrics();
+        let caught_up = tokio::time::timeout(catch_up, async {
+            metrics
+                .wait_for(|m| {
+                    m.replication.as_ref().is_none_or(|r| {
+                        r.get(&id)
+                            .copied()
+                            .flatten()
+                            .is_some_and(|l| l.index >= target)
+                    })
+                })
+                .await
+                .map(|_| ())
+        })
+        .await;
         match caught_up {
             Err(_) => {
                 return Err(AdminReply::Failed(format!(
@@ -579,14 +621,13 @@ impl RaftNode {
                     member.addr
                 )));
             }
-            Ok(Err(e)) => return Err(leader_error(e)),
+            Ok(Err(e)) => return Err(AdminReply::Failed(e.to_string())),
+            Ok(Ok(_)) if !self.is_leader() => return Err(AdminReply::NotLeader(self.leader().0)),
             Ok(Ok(_)) => {}
         }
         tracing::info!(id, "the learner caught up: making it a voter");
-        self.raft
-            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
-            .await
-            .map_err(leader_error)?;
+        self.change_to_completion(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+            .await?;
         Ok(changed(&self.members()))
     }
 
@@ -609,16 +650,58 @@ impl RaftNode {
                 let successor = self.hand_over(None).await?;
                 return Err(AdminReply::NotLeader(Some(successor)));
             }
+            // The change commits only with a majority of the voters left (joint consensus
+            // needs both majorities): with too few of them answering, it would hang half
+            // done and stop every write until they came back.
+            let remaining: Vec<NodeId> = members
+                .iter()
+                .filter(|(other, (_, v))| *v && **other != id)
+                .map(|(other, _)| *other)
+                .collect();
+            let answering = self.answering(&remaining).await;
+            if answering.len() * 2 <= remaining.len() {
+                return Err(AdminReply::Refused(format!(
+                    "id: removing node {id} leaves voters {remaining:?}, of which only {answering:?} answer: \
+                     not a majority, so the change could not commit; bring voters back first"
+                )));
+            }
             ChangeMembers::RemoveVoters(BTreeSet::from([id]))
         } else {
             ChangeMembers::RemoveNodes(BTreeSet::from([id]))
         };
         tracing::info!(id, "removing a control node");
-        self.raft
-            .change_membership(change, false)
-            .await
-            .map_err(leader_error)?;
+        self.change_to_completion(change, false).await?;
         Ok(changed(&self.members()))
+    }
+
+    /// Runs a membership change to its end on a task of its own: openraft commits a joint
+    /// configuration, then the final one, and a caller that went away between the two (a
+    /// client's timeout, Ctrl-C) must not leave the cluster in the joint one. Returns the
+    /// log index of the change.
+    async fn change_to_completion(
+        &self,
+        change: ChangeMembers<NodeId, Member>,
+        retain: bool,
+    ) -> Result<u64, AdminReply> {
+        let raft = self.raft.clone();
+        tokio::spawn(async move { raft.change_membership(change, retain).await })
+            .await
+            .map_err(|e| AdminReply::Failed(e.to_string()))?
+            .map(|written| written.log_id.index)
+            .map_err(leader_error)
+    }
+
+    /// Which of `ids` answer a report now (this node always does).
+    async fn answering(&self, ids: &[NodeId]) -> Vec<NodeId> {
+        let asks = ids.iter().map(|id| async move {
+            let answers = *id == self.id || self.ask_report(*id).await.is_some();
+            answers.then_some(*id)
+        });
+        futures::future::join_all(asks)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
     }
 
     /// Hands leadership over (see the module's documentation); returns the new leader.
@@ -645,12 +728,27 @@ impl RaftNode {
                     "to: node {t} is not a voter of this cluster"
                 )));
             }
-            None => *voters.iter().max_by_key(|v| matched(**v)).ok_or_else(|| {
-                AdminReply::Refused("this cluster has no other voter to lead it".into())
-            })?,
+            None => {
+                if voters.is_empty() {
+                    return Err(AdminReply::Refused(
+                        "this cluster has no other voter to lead it".into(),
+                    ));
+                }
+                // Only a voter that answers now: one that just died may hold the whole log.
+                *self
+                    .answering(&voters)
+                    .await
+                    .iter()
+                    .max_by_key(|v| matched(**v))
+                    .ok_or_else(|| {
+                        AdminReply::Failed(format!(
+                            "none of the other voters {voters:?} answers; leadership stays"
+                        ))
+                    })?
+            }
         };
         let Some(_holding) = self.handover.begin() else {
-            return Err(AdminReply::Refused(
+            return Err(AdminReply::Busy(
                 "a handover of leadership is already in progress".into(),
             ));
         };
@@ -671,6 +769,13 @@ impl RaftNode {
         self.raft.runtime_config().heartbeat(false);
         let _resume = HeartbeatsResume(self.raft.clone());
         let result = async {
+            // A write that passed the gate just before it closed may have gone out since.
+            let last = self.raft.metrics().borrow().last_log_index.unwrap_or(0);
+            if matched(target) < last {
+                return Err(AdminReply::Failed(format!(
+                    "node {target} fell behind the leader's log as the handover began; leadership stays"
+                )));
+            }
             // Every voter's lease on this leader lapses.
             tokio::time::sleep(LEADER_LEASE + HEARTBEAT).await;
             let mut client = self.peers.raft_client(target).ok_or_else(|| {
@@ -740,6 +845,9 @@ fn leader_error(
         RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
             AdminReply::NotLeader(f.leader_id)
         }
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(
+            c @ openraft::error::ChangeMembershipError::InProgress(_),
+        )) => AdminReply::Busy(c.to_string()),
         RaftError::APIError(ClientWriteError::ChangeMembershipError(c)) => {
             AdminReply::Refused(c.to_string())
         }

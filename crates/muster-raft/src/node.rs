@@ -73,6 +73,8 @@ pub struct RaftNode {
     pub(crate) handover: crate::membership::Handover,
     /// When this node last heard from a leader (its Raft server records it).
     pub contact: crate::election::LeaderContact,
+    /// Held by the membership change or handover under way on this leader.
+    pub(crate) membership_changes: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 impl RaftNode {
@@ -85,6 +87,7 @@ impl RaftNode {
             elections: Default::default(),
             handover: Default::default(),
             contact: Default::default(),
+            membership_changes: Default::default(),
         }
     }
 

@@ -127,7 +127,11 @@ impl RaftService for RaftGrpc {
     ) -> Result<Response<RaftPayload>, Status> {
         self.authorize(&request, "propose")?;
         let command: LoggedCommand = decode(request.get_ref()).map_err(bad_payload)?;
-        self.handover.wait_until_settled().await;
+        // Handing leadership over: not taken, so that the sender goes to the next leader
+        // rather than wait here and be unsure whether it was applied.
+        if self.handover.in_progress() {
+            return reply(&ForwardedReply::NotLeader(None));
+        }
         // A leader shutting down stops Raft before its servers: a command arriving then was
         // never taken, so the sender may safely take it to the next leader. (One taken and
         // then cut off by the stop is `Failed`: it may yet commit, and the caller decides.)
@@ -154,7 +158,11 @@ impl RaftService for RaftGrpc {
         request: Request<ReadIndexRequest>,
     ) -> Result<Response<ReadIndexReply>, Status> {
         self.authorize(&request, "read_index")?;
-        self.handover.wait_until_settled().await;
+        if self.handover.in_progress() {
+            return Err(Status::failed_precondition(
+                "this leader is handing leadership over",
+            ));
+        }
         match self.raft.ensure_linearizable().await {
             Ok(log_id) => Ok(Response::new(ReadIndexReply {
                 index: log_id.map_or(0, |l| l.index),

@@ -67,6 +67,8 @@ impl Drop for ReadingForSnapshot {
 #[derive(Clone)]
 pub struct StateHandle {
     applied: Arc<RwLock<AppliedState>>,
+    /// Raised while a reader encodes the whole state (see [`StateMachine::write_when_free`]).
+    reading_for_snapshot: Arc<AtomicBool>,
     /// Last applied log index; wakes the scheduler.
     applied_index: watch::Receiver<u64>,
     node_signals: NodeSignals,
@@ -109,6 +111,14 @@ impl NodeSignals {
 impl StateHandle {
     pub fn read(&self) -> RwLockReadGuard<'_, AppliedState> {
         self.applied.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A read held for long (the whole state encoded into a file): applies meanwhile wait
+    /// politely off Raft's threads, as they do for a snapshot, rather than queue for the lock
+    /// and shut every other reader out.
+    pub(crate) fn read_at_length(&self) -> (RwLockReadGuard<'_, AppliedState>, impl Drop) {
+        let raised = ReadingForSnapshot::raise(&self.reading_for_snapshot);
+        (self.read(), raised)
     }
 
     /// A receiver that changes whenever a batch of entries has been applied.
@@ -156,6 +166,7 @@ impl<S: SnapshotStore<TypeConfig> + Clone> StateMachine<S> {
     pub fn handle(&self) -> StateHandle {
         StateHandle {
             applied: self.applied.clone(),
+            reading_for_snapshot: self.reading_for_snapshot.clone(),
             applied_index: self.applied_rx.clone(),
             node_signals: self.node_signals.clone(),
         }

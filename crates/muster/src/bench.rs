@@ -147,10 +147,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     bench.wait_for_nodes(args.agents).await?;
     bench.latency().await?;
     bench.memory(&args).await?;
-    bench.snapshot().await?;
     if args.operations {
         bench.operations(&data_dir, &args).await?;
+        bench.settle().await?;
     }
+    bench.snapshot().await?;
     bench.placements(&args).await?;
     // Each measurement starts with every follower caught up, so that one phase's
     // replication backlog is not billed to the next.
