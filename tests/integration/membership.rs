@@ -154,6 +154,25 @@ impl InitCluster {
     }
 }
 
+/// Waits for the founder's `default` queue, then registers the definition `d` (`true`).
+async fn default_queue_and_definition(client: &BatchClient) {
+    eventually("the founder creates the default queue", async || {
+        client
+            .call("DescribeJobQueues", json!({"jobQueues": ["default"]}))
+            .await
+            .is_ok_and(|r| r["jobQueues"].as_array().is_some_and(|q| q.len() == 1))
+    })
+    .await;
+    ok(client
+        .call(
+            "RegisterJobDefinition",
+            json!({"jobDefinitionName": "d", "type": "container", "containerProperties": {
+                "image": "busybox", "command": ["true"],
+                "resourceRequirements": [{"type": "VCPU", "value": "1"}, {"type": "MEMORY", "value": "32"}]}}),
+        )
+        .await);
+}
+
 fn voters(status: &Value) -> Vec<u64> {
     status["members"]
         .as_array()
@@ -188,21 +207,7 @@ async fn a_cluster_grows_to_five_and_shrinks_to_three_under_load_losing_nothing(
         &cluster.temp.path().join("agent.log"),
     );
     let client = cluster.client(2);
-    eventually("the founder creates the default queue", async || {
-        client
-            .call("DescribeJobQueues", json!({"jobQueues": ["default"]}))
-            .await
-            .is_ok_and(|r| r["jobQueues"].as_array().is_some_and(|q| q.len() == 1))
-    })
-    .await;
-    ok(client
-        .call(
-            "RegisterJobDefinition",
-            json!({"jobDefinitionName": "d", "type": "container", "containerProperties": {
-                "image": "busybox", "command": ["true"],
-                "resourceRequirements": [{"type": "VCPU", "value": "1"}, {"type": "MEMORY", "value": "32"}]}}),
-        )
-        .await);
+    default_queue_and_definition(&client).await;
 
     // The load: submits one after another through node 2, each acknowledged one recorded.
     let acknowledged: Arc<Mutex<Vec<String>>> = Arc::default();
@@ -315,21 +320,7 @@ async fn a_cluster_grows_to_five_and_shrinks_to_three_under_load_losing_nothing(
 async fn a_node_whose_disk_is_gone_is_replaced_under_a_new_id() {
     let mut cluster = InitCluster::start().await;
     let client = cluster.client(1);
-    eventually("the founder creates the default queue", async || {
-        client
-            .call("DescribeJobQueues", json!({"jobQueues": ["default"]}))
-            .await
-            .is_ok_and(|r| r["jobQueues"].as_array().is_some_and(|q| q.len() == 1))
-    })
-    .await;
-    ok(client
-        .call(
-            "RegisterJobDefinition",
-            json!({"jobDefinitionName": "d", "type": "container", "containerProperties": {
-                "image": "busybox", "command": ["true"],
-                "resourceRequirements": [{"type": "VCPU", "value": "1"}, {"type": "MEMORY", "value": "32"}]}}),
-        )
-        .await);
+    default_queue_and_definition(&client).await;
     let job = submit(&client, "default", "d", "kept", &["true"]).await;
 
     // Node 3's machine dies and its disk with it.
@@ -380,21 +371,7 @@ async fn a_node_whose_disk_is_gone_is_replaced_under_a_new_id() {
 async fn a_snapshot_founds_a_new_cluster_holding_the_same_state() {
     let old = InitCluster::start().await;
     let client = old.client(2);
-    eventually("the founder creates the default queue", async || {
-        client
-            .call("DescribeJobQueues", json!({"jobQueues": ["default"]}))
-            .await
-            .is_ok_and(|r| r["jobQueues"].as_array().is_some_and(|q| q.len() == 1))
-    })
-    .await;
-    ok(client
-        .call(
-            "RegisterJobDefinition",
-            json!({"jobDefinitionName": "d", "type": "container", "containerProperties": {
-                "image": "busybox", "command": ["true"],
-                "resourceRequirements": [{"type": "VCPU", "value": "1"}, {"type": "MEMORY", "value": "32"}]}}),
-        )
-        .await);
+    default_queue_and_definition(&client).await;
     let mut jobs = Vec::new();
     for n in 0..3 {
         jobs.push(submit(&client, "default", "d", &format!("kept-{n}"), &["true"]).await);
