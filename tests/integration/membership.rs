@@ -215,6 +215,8 @@ async fn a_cluster_grows_to_five_and_shrinks_to_three_under_load_losing_nothing(
     let load = {
         let (client, acknowledged) = (cluster.client(2), acknowledged.clone());
         tokio::spawn(async move {
+            // Ten submits a second, steady, whatever each takes.
+            let mut pace = tokio::time::interval(std::time::Duration::from_millis(100));
             let mut n = 0;
             while !*stopped.borrow_and_update() {
                 n += 1;
@@ -230,7 +232,7 @@ async fn a_cluster_grows_to_five_and_shrinks_to_three_under_load_losing_nothing(
                 }
                 tokio::select! {
                     _ = stopped.changed() => {}
-                    _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+                    _ = pace.tick() => {}
                 }
             }
         })

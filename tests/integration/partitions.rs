@@ -499,14 +499,30 @@ async fn a_write_forwarded_to_a_stalled_leader_moves_to_the_new_one() {
     create_basics(&cluster.client(leader), "ce", "q", "d").await;
     let follower = *cluster.nodes.keys().find(|id| **id != leader).unwrap();
     cluster.fault_raft_links(leader, Fault::Hold);
+    // When the follower learns of the new leader.
+    let mut metrics = cluster.nodes[&follower].raft.raft.metrics();
+    let elected = tokio::spawn(async move {
+        let _ = metrics
+            .wait_for(|m| m.current_leader.is_some_and(|l| l != leader))
+            .await;
+        Instant::now()
+    });
     let started = Instant::now();
     let job = submit(&cluster.client(follower), "q", "d", "stalled", &["true"]).await;
-    let took = started.elapsed();
-    // The forward's own deadline is 10 s; a new leader is elected in 1.0–1.2 s (a split vote
-    // adds another timeout).
-    // Measured here: 1.4–3.1 s; 4.1–4.7 s when only the dropped connection (keepalive) ends
-    // the wait; 10 s with neither.
-    assert!(took < Duration::from_secs(4), "the write waited {took:?}");
+    let done = Instant::now();
+    let elected = elected.await.unwrap();
+    // The forward's own deadline is 10 s; a new leader is elected in 1.0–1.2 s (a split vote,
+    // or a loaded machine, adds more). What is tested is what follows the election: the write
+    // moves on to the new leader (measured: 0.004–1.6 s after the follower learned of it,
+    // the new leader's first commit and read index included), not when the forward's
+    // deadline ends the wait. (Timed from the submit, as this test did before, a loaded CI
+    // machine's slow election alone took it past its bound.)
+    let after_election = done.saturating_duration_since(elected);
+    assert!(
+        after_election < Duration::from_millis(2500),
+        "the write waited {after_election:?} past the election ({:?} in all)",
+        done - started
+    );
     cluster.fault_raft_links(leader, Fault::Pass);
     // Once the old leader is back and has caught up, the job exists once.
     let deadline = Instant::now() + DEADLINE;
