@@ -22,9 +22,10 @@ def free_port():
 
 
 class Dev:
-    def __init__(self, binary, executor="docker"):
+    def __init__(self, binary, executor="docker", agents=1):
         self.binary = binary
         self.executor = executor
+        self.agents = agents
         self.data_dir = tempfile.mkdtemp(prefix="muster-dev-")
         self.port = free_port()
         self.log_path = os.path.join(self.data_dir, "muster.log")
@@ -44,7 +45,7 @@ class Dev:
         self.log = open(self.log_path, "a")
         self.proc = subprocess.Popen(
             [self.binary, "dev", "--data-dir", self.data_dir, "--api-addr", f"127.0.0.1:{self.port}",
-             "--executor", self.executor,
+             "--executor", self.executor, "--agents", str(self.agents),
              # The container-options test mounts a folder of the temporary directory.
              "--allow-host-path", tempfile.gettempdir(),
              # Test-only: lets timeouts and RUNNABLE time limits be tested in seconds.

@@ -96,7 +96,11 @@ impl Agent {
 
     /// What this agent offers to the cluster.
     pub fn inventory(&self) -> muster_core::NodeInventory {
-        let mut inventory = inventory::collect(&self.config, "127.0.0.1".into(), self.gpus.clone());
+        let mut inventory = inventory::collect(
+            &self.config,
+            self.config.private_address.to_string(),
+            self.gpus.clone(),
+        );
         inventory.log_address = self.log_address.clone();
         inventory
     }

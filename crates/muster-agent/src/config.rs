@@ -62,6 +62,10 @@ pub struct RawAgentConfig {
     /// Free-form labels jobs may require with `muster:node.<label>` tags.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// The address this machine's jobs are reached at by the other nodes of a multi-node job
+    /// (`AWS_BATCH_JOB_MAIN_NODE_PRIVATE_IPV4_ADDRESS`, `MUSTER_NODE_ADDRESSES`). By default
+    /// the address of the interface the host's default route leaves by, else 127.0.0.1.
+    pub private_address: Option<std::net::IpAddr>,
     /// Where the log service listens for control nodes reading attempt output.
     #[serde(default = "default_log_listen_addr")]
     pub log_listen_addr: std::net::SocketAddr,
@@ -127,6 +131,7 @@ impl RawAgentConfig {
             stop_after_secs: default_stop_after_secs(),
             topology_domain: None,
             labels: BTreeMap::new(),
+            private_address: None,
             log_listen_addr: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
             log_advertise_address: None,
             log_retention_days: default_log_retention_days(),
@@ -202,6 +207,8 @@ pub struct AgentConfig {
     pub labels: BTreeMap<String, String>,
     pub log_listen_addr: std::net::SocketAddr,
     pub log_advertise_address: Option<String>,
+    /// What the nodes of a multi-node job reach this machine's jobs at.
+    pub private_address: std::net::IpAddr,
     pub log_retention: Duration,
     pub image_pull: ImagePull,
     pub image_pull_timeout: Duration,
@@ -422,6 +429,9 @@ impl RawAgentConfig {
             labels,
             log_listen_addr: self.log_listen_addr,
             log_advertise_address: self.log_advertise_address,
+            private_address: self
+                .private_address
+                .unwrap_or_else(crate::inventory::default_private_address),
             log_retention: Duration::from_secs(self.log_retention_days.max(1) * 86_400),
             image_pull: self.image_pull,
             image_pull_timeout: Duration::from_secs(self.image_pull_timeout_secs.max(1)),

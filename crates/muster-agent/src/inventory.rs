@@ -15,12 +15,12 @@ pub fn hostname() -> String {
 }
 
 /// Logical CPUs the process may use, in thousandths.
-pub(crate) fn machine_millicpus() -> u64 {
+pub fn machine_millicpus() -> u64 {
     std::thread::available_parallelism().map_or(1, |n| n.get() as u64) * 1000
 }
 
 /// `MemTotal` from /proc/meminfo, in MiB.
-pub(crate) fn machine_memory_mib() -> u64 {
+pub fn machine_memory_mib() -> u64 {
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     meminfo
         .lines()
@@ -123,6 +123,21 @@ pub fn collect(config: &AgentConfig, address: String, gpus: Vec<GpuDevice>) -> N
         // Filled in by the agent once its log service is listening.
         log_address: String::new(),
     }
+}
+
+/// The address of the interface the host's default route leaves by (found by connecting a
+/// UDP socket, which sends nothing), else the loopback address: what the other nodes of a
+/// multi-node job reach this machine at unless the config names one.
+pub fn default_private_address() -> std::net::IpAddr {
+    std::net::UdpSocket::bind("0.0.0.0:0")
+        .and_then(|socket| {
+            socket.connect("192.0.2.1:9")?;
+            socket.local_addr()
+        })
+        .map(|local| local.ip())
+        .ok()
+        .filter(|ip| !ip.is_unspecified())
+        .unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]))
 }
 
 /// Where the kernel lists RDMA devices: InfiniBand HCAs and AWS EFA adapters alike.

@@ -7,7 +7,8 @@ use crate::request::{
 use crate::{ApiError, ControlPlane, Principal, arn_of, check_and_propose};
 use muster_core::{
     Command, ContainerOptions, ContainerSpec, DefinitionStatus, Device, JobDefinition,
-    JobDefinitionSpec, MountPoint, Orchestration, Outcome, Tags, Ulimit, Volume,
+    JobDefinitionSpec, MountPoint, NodeProperties, NodeRange, Orchestration, Outcome, Tags, Ulimit,
+    Volume,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -40,134 +41,97 @@ struct RegisterRequest {
     tags: Option<Tags>,
 }
 
-/// Checks `nodeProperties` (numNodes, mainNode, node ranges that cover every node) and returns
-/// the main node's container. Multi-node definitions are stored and echoed; their jobs cannot
-/// run until gang scheduling exists.
-fn main_node_container(nodes: &Value) -> Result<ContainerSpec, ApiError> {
-    let field = "nodeProperties";
-    let num = nodes
-        .get("numNodes")
-        .and_then(Value::as_u64)
-        .filter(|n| (1..=1000).contains(n))
-        .ok_or_else(|| ApiError::client(format!("{field}.numNodes must be between 1 and 1000")))?;
-    let main = nodes
-        .get("mainNode")
-        .and_then(Value::as_u64)
-        .filter(|m| *m < num)
-        .ok_or_else(|| {
-            ApiError::client(format!(
-                "{field}.mainNode must be a node index below numNodes ({num})"
-            ))
-        })?;
-    let ranges = nodes
+/// Reads `nodeProperties`: `numNodes`, `mainNode` and the node ranges with each one's
+/// container (and its Docker options), checked as AWS checks them (every node in exactly one
+/// range). `field` is where it sits in the request.
+pub(crate) fn node_properties(field: &str, nodes: &Value) -> Result<NodeProperties, ApiError> {
+    let number = |key: &str| -> Result<u32, ApiError> {
+        nodes
+            .get(key)
+            .and_then(Value::as_u64)
+            .and_then(|n| u32::try_from(n).ok())
+            .ok_or_else(|| ApiError::client(format!("{field}.{key} is required (an integer)")))
+    };
+    let num_nodes = number("numNodes")?;
+    let main_node = number("mainNode")?;
+    let ranges_field = format!("{field}.nodeRangeProperties");
+    let listed = nodes
         .get("nodeRangeProperties")
         .and_then(Value::as_array)
-        .filter(|r| !r.is_empty())
-        .ok_or_else(|| {
-            ApiError::client(format!(
-                "{field}.nodeRangeProperties must list at least one range"
-            ))
-        })?;
-    let mut covered = vec![false; num as usize];
-    let mut main_container = None;
-    for range in ranges {
-        let target = range
+        .ok_or_else(|| ApiError::client(format!("{ranges_field} is required")))?;
+    let mut ranges = Vec::with_capacity(listed.len());
+    for range in listed {
+        let target_nodes = range
             .get("targetNodes")
             .and_then(Value::as_str)
-            .ok_or_else(|| {
-                ApiError::client(format!(
-                    "{field}.nodeRangeProperties.targetNodes is required"
-                ))
-            })?;
-        let bad = || {
-            ApiError::client(format!(
-                "{field}.nodeRangeProperties.targetNodes: '{target}' is not i, i:, :j or i:j within numNodes"
-            ))
-        };
-        let bound = |s: &str, default: u64| {
-            if s.is_empty() {
-                Ok(default)
-            } else {
-                s.parse::<u64>().map_err(|_| bad())
-            }
-        };
-        let (from, to) = match target.split_once(':') {
-            Some((a, b)) => (bound(a, 0)?, bound(b, num - 1)?),
-            None => {
-                let i = bound(target, u64::MAX)?;
-                (i, i)
-            }
-        };
-        if from > to || to >= num {
-            return Err(bad());
-        }
-        for i in from..=to {
-            covered[i as usize] = true;
-        }
-        if (from..=to).contains(&main) {
-            let shape: ContainerPropertiesShape =
-                serde_json::from_value(range.get("container").cloned().unwrap_or_default())
-                    .map_err(|e| {
-                        ApiError::client(format!("{field}.nodeRangeProperties.container: {e}"))
-                    })?;
-            main_container = Some(container_spec(shape)?);
-        }
+            .ok_or_else(|| ApiError::client(format!("{ranges_field}.targetNodes is required")))?
+            .to_owned();
+        let container_field = format!("{ranges_field}.container");
+        let raw = range
+            .get("container")
+            .cloned()
+            .ok_or_else(|| ApiError::client(format!("{container_field} is required")))?;
+        let shape: ContainerPropertiesShape = serde_json::from_value(raw.clone())
+            .map_err(|e| ApiError::client(format!("{container_field}: {e}")))?;
+        check_container_options(&container_field, &raw)?;
+        ranges.push(NodeRange {
+            target_nodes,
+            container: container_spec(&container_field, shape)?,
+            options: container_options(&raw),
+        });
     }
-    if let Some(missing) = covered.iter().position(|c| !c) {
-        return Err(ApiError::client(format!(
-            "{field}.nodeRangeProperties: node {missing} is in no range"
-        )));
-    }
-    main_container.ok_or_else(|| {
-        ApiError::client(format!(
-            "{field}.nodeRangeProperties: no range covers the main node"
-        ))
-    })
+    let properties = NodeProperties {
+        num_nodes,
+        main_node,
+        ranges,
+    };
+    properties.check(field)?;
+    Ok(properties)
 }
 
-fn container_spec(c: ContainerPropertiesShape) -> Result<ContainerSpec, ApiError> {
+fn container_spec(field: &str, c: ContainerPropertiesShape) -> Result<ContainerSpec, ApiError> {
     let image = c
         .image
         .filter(|i| !i.is_empty())
-        .ok_or_else(|| ApiError::client("containerProperties.image is required"))?;
+        .ok_or_else(|| ApiError::client(format!("{field}.image is required")))?;
     if let Some(v) = c.vcpus
         && v < 1
     {
         return Err(ApiError::client(format!(
-            "containerProperties.vcpus: {v} must be at least 1"
+            "{field}.vcpus: {v} must be at least 1"
         )));
     }
     if let Some(m) = c.memory
         && m < 4
     {
         return Err(ApiError::client(format!(
-            "containerProperties.memory: {m} must be at least 4 (MiB)"
+            "{field}.memory: {m} must be at least 4 (MiB)"
         )));
     }
     let spec = ContainerSpec {
         image,
         command: c.command.unwrap_or_default(),
         environment: environment(
-            "containerProperties.environment",
+            &format!("{field}.environment"),
             &c.environment.unwrap_or_default(),
         )?,
         vcpus: c.vcpus,
         memory: c.memory,
         resource_requirements: resource_requirements(
-            "containerProperties.resourceRequirements",
+            &format!("{field}.resourceRequirements"),
             &c.resource_requirements.unwrap_or_default(),
         )?,
     };
     let r = spec.resources();
     if r.millicpus == 0 {
-        return Err(ApiError::client(
-            "containerProperties.resourceRequirements: a VCPU requirement (or containerProperties.vcpus) is required",
-        ));
+        return Err(ApiError::client(format!(
+            "{field}.resourceRequirements: a VCPU requirement (or {field}.vcpus) is required"
+        )));
     }
     if r.memory_mib == 0 {
-        return Err(ApiError::client(
-            "containerProperties.resourceRequirements: a MEMORY requirement (or containerProperties.memory) is required",
-        ));
+        return Err(ApiError::client(format!(
+            "{field}.resourceRequirements: a MEMORY requirement (or {field}.memory) is required"
+        )));
     }
     Ok(spec)
 }
@@ -257,6 +221,7 @@ pub(crate) fn container_options(props: &serde_json::Value) -> ContainerOptions {
                 })
             })
             .collect(),
+        host_network: false,
     }
 }
 
@@ -288,13 +253,12 @@ fn allowed_to_escape<P: ControlPlane>(
 
 /// The Docker options Muster applies (`volumes`, `mountPoints`, `user`,
 /// `readonlyRootFilesystem`, `ulimits`) must make sense before they reach an agent.
-fn check_container_options(props: &Value) -> Result<(), ApiError> {
-    const FIELD: &str = "containerProperties";
+fn check_container_options(field: &str, props: &Value) -> Result<(), ApiError> {
     let options = container_options(props);
     let listed = |key: &str| props.get(key).and_then(Value::as_array).map_or(0, Vec::len);
     if options.volumes.len() != listed("volumes") {
         return Err(ApiError::client(format!(
-            "{FIELD}.volumes: every volume needs a name"
+            "{field}.volumes: every volume needs a name"
         )));
     }
     for v in &options.volumes {
@@ -303,7 +267,7 @@ fn check_container_options(props: &Value) -> Result<(), ApiError> {
             .is_some_and(|p| !p.starts_with('/') || p.split('/').any(|part| part == ".."))
         {
             return Err(ApiError::client(format!(
-                "{FIELD}.volumes.host.sourcePath of {}: must be an absolute path without ..",
+                "{field}.volumes.host.sourcePath of {}: must be an absolute path without ..",
                 v.name
             )));
         }
@@ -321,31 +285,31 @@ fn check_container_options(props: &Value) -> Result<(), ApiError> {
         })
     {
         return Err(ApiError::client(format!(
-            "{FIELD}.linuxParameters.devices.hostPath: every device needs an absolute host path ({bad})"
+            "{field}.linuxParameters.devices.hostPath: every device needs an absolute host path ({bad})"
         )));
     }
     if options.mount_points.len() != listed("mountPoints") {
         return Err(ApiError::client(format!(
-            "{FIELD}.mountPoints: every mount point needs a sourceVolume and a containerPath"
+            "{field}.mountPoints: every mount point needs a sourceVolume and a containerPath"
         )));
     }
     for m in &options.mount_points {
         if !options.volumes.iter().any(|v| v.name == m.source_volume) {
             return Err(ApiError::client(format!(
-                "{FIELD}.mountPoints.sourceVolume: {} names no volume in {FIELD}.volumes",
+                "{field}.mountPoints.sourceVolume: {} names no volume in {field}.volumes",
                 m.source_volume
             )));
         }
         if !m.container_path.starts_with('/') {
             return Err(ApiError::client(format!(
-                "{FIELD}.mountPoints.containerPath: {} must be an absolute path",
+                "{field}.mountPoints.containerPath: {} must be an absolute path",
                 m.container_path
             )));
         }
     }
     if options.ulimits.len() != listed("ulimits") {
         return Err(ApiError::client(format!(
-            "{FIELD}.ulimits: every ulimit needs a name, softLimit and hardLimit"
+            "{field}.ulimits: every ulimit needs a name, softLimit and hardLimit"
         )));
     }
     if let Some(u) = options
@@ -354,7 +318,7 @@ fn check_container_options(props: &Value) -> Result<(), ApiError> {
         .find(|u| u.soft > u.hard || u.soft < 0)
     {
         return Err(ApiError::client(format!(
-            "{FIELD}.ulimits: {} softLimit must be between 0 and its hardLimit",
+            "{field}.ulimits: {} softLimit must be between 0 and its hardLimit",
             u.name
         )));
     }
@@ -444,7 +408,7 @@ pub(crate) async fn register<P: ControlPlane>(
             )));
         }
     };
-    let container_properties = match (multinode, &req.node_properties) {
+    let node_properties = match (multinode, &req.node_properties) {
         (false, Some(_)) => {
             return Err(ApiError::client(
                 "nodeProperties: only multinode job definitions take nodeProperties",
@@ -455,9 +419,16 @@ pub(crate) async fn register<P: ControlPlane>(
                 "nodeProperties is required for type multinode",
             ));
         }
-        (true, Some(nodes)) => Some(main_node_container(nodes)?),
+        (true, Some(nodes)) => Some(node_properties("nodeProperties", nodes)?),
         (false, None) => None,
     };
+    // A multi-node definition's jobs are described by their main node's container.
+    let container_properties = node_properties.as_ref().map(|nodes| {
+        nodes
+            .range_of(nodes.main_node)
+            .map(|r| r.container.clone())
+            .unwrap_or_default()
+    });
     let retry = crate::semantics::retry_strategy("retryStrategy", &req.retry_strategy)?;
     let timeout_secs = crate::semantics::timeout(
         "timeout",
@@ -470,7 +441,7 @@ pub(crate) async fn register<P: ControlPlane>(
         // Stored and echoed; SubmitJob refuses them (the state machine says why).
         (None, Orchestration::Eks | Orchestration::Ecs) => ContainerSpec::default(),
         (None, Orchestration::Container) => {
-            container_spec(req.container_properties.ok_or_else(|| {
+            container_spec("containerProperties", req.container_properties.ok_or_else(|| {
                 ApiError::client(
                     "containerProperties is required for type container (or eksProperties, ecsProperties)",
                 )
@@ -480,12 +451,15 @@ pub(crate) async fn register<P: ControlPlane>(
     let mut extra = crate::request::extra(body, &["jobDefinitionName", "parameters", "tags"]);
     let options = match extra.get("containerProperties") {
         Some(props) => {
-            check_container_options(props)?;
+            check_container_options("containerProperties", props)?;
             container_options(props)
         }
         None => ContainerOptions::default(),
     };
     allowed_to_escape(plane, caller, &name, &options)?;
+    for range in node_properties.iter().flat_map(|n| &n.ranges) {
+        allowed_to_escape(plane, caller, &name, &range.options)?;
+    }
     // Echoed as sent (from `extra`); the state machine acts on the typed copy.
     let scheduling_priority = match extra.get("schedulingPriority") {
         None | Some(Value::Null) => None,
@@ -524,6 +498,7 @@ pub(crate) async fn register<P: ControlPlane>(
         orchestration,
         options,
         scheduling_priority,
+        node_properties,
     };
     match check_and_propose(plane, Command::RegisterJobDefinition(spec)).await? {
         Outcome::DefinitionRegistered {
@@ -590,14 +565,15 @@ fn detail(d: &JobDefinition) -> Detail {
         job_definition_arn: d.arn.0.clone(),
         revision: d.revision,
         status: d.status.as_aws(),
-        definition_type: if d.extra.get("type").and_then(Value::as_str) == Some("multinode") {
+        definition_type: if d.node_properties.is_some() {
             "multinode"
         } else {
             "container"
         },
         parameters: d.parameters.clone(),
-        container_properties: (d.orchestration == Orchestration::Container)
-            .then(|| container_shape(&d.container)),
+        container_properties: (d.orchestration == Orchestration::Container
+            && d.node_properties.is_none())
+        .then(|| container_shape(&d.container)),
         tags: d.tags.clone(),
         container_orchestration_type: if d.orchestration == Orchestration::Eks {
             "EKS"

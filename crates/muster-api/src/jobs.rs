@@ -7,8 +7,8 @@ use crate::request::{
 };
 use crate::{ApiError, ControlPlane, Principal, arn_of, check_and_propose};
 use muster_core::{
-    ArrayRole, Command, ContainerOverrides, Job, JobId, JobStatus, JobSubmission, Outcome, State,
-    Tags, Timestamp,
+    ArrayRole, Command, ContainerOverrides, Job, JobId, JobStatus, JobSubmission, MultiNodeRole,
+    NodeOverride, NodeOverrides, Outcome, State, Tags, Timestamp,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -43,39 +43,99 @@ struct SubmitRequest {
     scheduling_priority_override: Option<i64>,
 }
 
-fn overrides(o: ContainerOverridesShape) -> Result<ContainerOverrides, ApiError> {
+/// `containerOverrides` at `field`; `instanceType` only where a multi-node job's node range is
+/// overridden (Muster has no instance types: it is accepted there and not acted on).
+fn overrides(
+    field: &str,
+    o: ContainerOverridesShape,
+    multinode: bool,
+) -> Result<ContainerOverrides, ApiError> {
     if let Some(v) = o.vcpus
         && v < 1
     {
         return Err(ApiError::client(format!(
-            "containerOverrides.vcpus: {v} must be at least 1"
+            "{field}.vcpus: {v} must be at least 1"
         )));
     }
     if let Some(m) = o.memory
         && m < 4
     {
         return Err(ApiError::client(format!(
-            "containerOverrides.memory: {m} must be at least 4 (MiB)"
+            "{field}.memory: {m} must be at least 4 (MiB)"
         )));
     }
-    if o.instance_type.is_some() {
-        return Err(ApiError::client(
-            "containerOverrides.instanceType: only applies to multinode jobs",
-        ));
+    if o.instance_type.is_some() && !multinode {
+        return Err(ApiError::client(format!(
+            "{field}.instanceType: only applies to multinode jobs"
+        )));
     }
     Ok(ContainerOverrides {
         command: o.command,
         environment: environment(
-            "containerOverrides.environment",
+            &format!("{field}.environment"),
             &o.environment.unwrap_or_default(),
         )?,
         vcpus: o.vcpus,
         memory: o.memory,
         resource_requirements: resource_requirements(
-            "containerOverrides.resourceRequirements",
+            &format!("{field}.resourceRequirements"),
             &o.resource_requirements.unwrap_or_default(),
         )?,
     })
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct NodeOverridesShape {
+    num_nodes: Option<i64>,
+    node_property_overrides: Option<Vec<NodePropertyOverrideShape>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct NodePropertyOverrideShape {
+    target_nodes: Option<String>,
+    container_overrides: Option<ContainerOverridesShape>,
+}
+
+/// SubmitJob's `nodeOverrides`: the node count and per-range container changes.
+fn node_overrides(raw: &Value) -> Result<NodeOverrides, ApiError> {
+    const FIELD: &str = "nodeOverrides";
+    let shape: NodeOverridesShape = serde_json::from_value(raw.clone())
+        .map_err(|e| ApiError::client(format!("{FIELD}: {e}")))?;
+    let num_nodes = match shape.num_nodes {
+        None => None,
+        Some(n) => Some(
+            u32::try_from(n)
+                .ok()
+                .filter(|n| (1..=muster_core::MAX_NODES).contains(n))
+                .ok_or_else(|| {
+                    ApiError::client(format!(
+                        "{FIELD}.numNodes: {n} must be between 1 and {}",
+                        muster_core::MAX_NODES
+                    ))
+                })?,
+        ),
+    };
+    let ranges = shape
+        .node_property_overrides
+        .unwrap_or_default()
+        .into_iter()
+        .map(|o| {
+            let field = format!("{FIELD}.nodePropertyOverrides");
+            Ok(NodeOverride {
+                target_nodes: o
+                    .target_nodes
+                    .ok_or_else(|| ApiError::client(format!("{field}.targetNodes is required")))?,
+                container_overrides: overrides(
+                    &format!("{field}.containerOverrides"),
+                    o.container_overrides.unwrap_or_default(),
+                    true,
+                )?,
+            })
+        })
+        .collect::<Result<Vec<_>, ApiError>>()?;
+    Ok(NodeOverrides { num_nodes, ranges })
 }
 
 pub(crate) async fn submit<P: ControlPlane>(
@@ -88,11 +148,6 @@ pub(crate) async fn submit<P: ControlPlane>(
     muster_core::validate::name("jobName", &name)?;
     let queue = required("jobQueue", &req.job_queue)?.to_owned();
     let definition = required("jobDefinition", &req.job_definition)?.to_owned();
-    if req.node_overrides.is_some() {
-        return Err(ApiError::client(
-            "nodeOverrides: multinode jobs are not supported by Muster yet",
-        ));
-    }
     let limits = plane.limits();
     let retry = crate::semantics::retry_strategy("retryStrategy", &req.retry_strategy)?;
     let timeout_secs =
@@ -142,22 +197,22 @@ pub(crate) async fn submit<P: ControlPlane>(
         )
     });
     caller.authorize("batch:SubmitJob", &[&queue_arn, &definition_arn])?;
-    let multinode = plane.read_local(|s| {
-        s.definition(&definition)
-            .is_some_and(|d| d.extra.get("type").and_then(Value::as_str) == Some("multinode"))
-    });
-    if multinode {
-        return Err(ApiError::client(
-            "jobDefinition: multi-node parallel jobs cannot run on Muster yet (gang scheduling is still to come)",
-        ));
-    }
     let submission = JobSubmission {
         id: JobId::from(plane.new_id()),
         at: plane.now(),
         name,
         queue,
         definition,
-        overrides: overrides(req.container_overrides.unwrap_or_default())?,
+        overrides: overrides(
+            "containerOverrides",
+            req.container_overrides.unwrap_or_default(),
+            false,
+        )?,
+        node_overrides: req
+            .node_overrides
+            .as_ref()
+            .map(node_overrides)
+            .transpose()?,
         parameters: req.parameters.unwrap_or_default(),
         tags: tags("tags", req.tags)?,
         retry,
@@ -179,6 +234,7 @@ pub(crate) async fn submit<P: ControlPlane>(
                 "dependsOn",
                 "shareIdentifier",
                 "schedulingPriorityOverride",
+                "nodeOverrides",
             ],
         ),
     };
@@ -258,7 +314,15 @@ struct JobDetail {
     timeout: Option<Value>,
     job_definition: String,
     parameters: BTreeMap<String, String>,
-    container: ContainerDetail,
+    /// Absent on a multi-node job's parent, as AWS shows it: its nodes run the containers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    container: Option<ContainerDetail>,
+    /// A multi-node job's parent: its node ranges as it runs them (after `nodeOverrides`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    node_properties: Option<Value>,
+    /// A node of a multi-node job: its index and whether it is the main node.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    node_details: Option<Value>,
     tags: Tags,
     platform_capabilities: Vec<&'static str>,
     is_terminated: bool,
@@ -313,6 +377,25 @@ fn array_shape(state: &State, job: &Job) -> Option<Value> {
         }
         ArrayRole::Child { index, size, .. } => Some(json!({"index": index, "size": size})),
     }
+}
+
+/// `nodeProperties` as AWS describes it.
+fn node_properties_shape(nodes: &muster_core::NodeProperties) -> Value {
+    let ranges: Vec<Value> = nodes
+        .ranges
+        .iter()
+        .map(|r| {
+            let mut container =
+                serde_json::to_value(container_shape(&r.container)).unwrap_or_else(|_| json!({}));
+            crate::request::add_container_lists(&mut container);
+            json!({"targetNodes": r.target_nodes, "container": container})
+        })
+        .collect();
+    json!({
+        "numNodes": nodes.num_nodes,
+        "mainNode": nodes.main_node,
+        "nodeRangeProperties": ranges,
+    })
 }
 
 fn ms(t: Timestamp) -> u64 {
@@ -374,7 +457,14 @@ fn job_detail(state: &State, job: &Job) -> JobDetail {
             .map(|t| json!({"attemptDurationSeconds": t})),
         job_definition: job.spec.definition_arn.0.clone(),
         parameters: job.spec.parameters.clone(),
-        container: ContainerDetail {
+        node_properties: job
+            .gang_size()
+            .and(job.spec.node_properties.as_deref())
+            .map(node_properties_shape),
+        node_details: job
+            .gang_node()
+            .map(|(_, index, is_main)| json!({"nodeIndex": index, "isMainNode": is_main})),
+        container: job.gang_size().is_none().then(|| ContainerDetail {
             spec: container_shape(&job.spec.container),
             exit_code: job
                 .active
@@ -387,7 +477,7 @@ fn job_detail(state: &State, job: &Job) -> JobDetail {
             log_stream_name: stream,
             container_instance_arn: node,
             log_configuration: crate::logs::log_configuration(state, job).cloned(),
-        },
+        }),
         tags: job.reported_tags().clone(),
         platform_capabilities: vec!["EC2"],
         is_terminated: job.is_terminated,
@@ -464,6 +554,8 @@ struct JobSummary {
     container: Option<Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     array_properties: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    node_properties: Option<Value>,
     job_definition: String,
 }
 
@@ -498,6 +590,19 @@ fn summary(scope: &muster_core::ArnScope, job: &Job) -> JobSummary {
         stopped_at: job.stopped_at.map(ms),
         container,
         array_properties,
+        node_properties: match job.multinode.as_deref() {
+            Some(MultiNodeRole::Parent { num_nodes, .. }) => Some(json!({"numNodes": num_nodes})),
+            Some(MultiNodeRole::Node {
+                index,
+                num_nodes,
+                main_node,
+            }) => Some(json!({
+                "nodeIndex": index,
+                "numNodes": num_nodes,
+                "isMainNode": index == main_node,
+            })),
+            None => None,
+        },
         job_definition: job.spec.definition_arn.0.clone(),
     }
 }
@@ -509,15 +614,16 @@ pub(crate) async fn list<P: ControlPlane>(
 ) -> Result<Value, ApiError> {
     caller.authorize("batch:ListJobs", &["*"])?;
     let req: ListRequest = parse(body)?;
-    if req.multi_node_job_id.is_some() {
-        return Err(ApiError::client(
-            "multiNodeJobId: multinode jobs are not supported by Muster yet",
-        ));
-    }
     let filters = list_filters(req.filters.as_deref().unwrap_or_default())?;
-    let source = match (&req.job_queue, &req.array_job_id) {
-        (Some(q), None) if !q.is_empty() => Source::Queue(q.clone()),
-        (None, Some(a)) if !a.is_empty() => Source::Array(JobId::from(a.clone())),
+    let given = |v: &Option<String>| v.as_deref().filter(|s| !s.is_empty()).map(str::to_owned);
+    let source = match (
+        given(&req.job_queue),
+        given(&req.array_job_id),
+        given(&req.multi_node_job_id),
+    ) {
+        (Some(q), None, None) => Source::Queue(q),
+        (None, Some(a), None) => Source::Array(JobId::from(a)),
+        (None, None, Some(m)) => Source::MultiNode(JobId::from(m)),
         _ => {
             return Err(ApiError::client(
                 "give exactly one of jobQueue, arrayJobId or multiNodeJobId",
@@ -548,15 +654,21 @@ pub(crate) async fn list<P: ControlPlane>(
             let listed: Box<dyn Iterator<Item = &Job>> = match &source {
                 Source::Queue(queue) => {
                     let q = s.queue(queue)?;
-                    // Array children are listed through their parent (arrayJobId).
+                    // Array children and the nodes of multi-node jobs are listed through
+                    // their parent (arrayJobId, multiNodeJobId).
                     Box::new(
                         s.jobs_in_queue(&q.name, None)
-                            .filter(|j| !matches!(j.array, Some(ArrayRole::Child { .. }))),
+                            .filter(|j| !matches!(j.array, Some(ArrayRole::Child { .. })))
+                            .filter(|j| j.gang_node().is_none()),
                     )
                 }
                 Source::Array(parent) => {
                     s.job(parent)?;
                     Box::new(s.array_children(parent))
+                }
+                Source::MultiNode(parent) => {
+                    s.job(parent)?.gang_size()?;
+                    Box::new(s.gang_nodes(parent))
                 }
             };
             let mut matching = listed
@@ -577,9 +689,12 @@ pub(crate) async fn list<P: ControlPlane>(
         .await
         .map_err(ApiError::from)?;
     let Some((page, more)) = result else {
-        return Err(match req.array_job_id {
-            Some(a) => ApiError::client(format!("arrayJobId: array job {a} does not exist")),
-            None => ApiError::client(format!(
+        return Err(match (req.array_job_id, req.multi_node_job_id) {
+            (Some(a), _) => ApiError::client(format!("arrayJobId: array job {a} does not exist")),
+            (_, Some(m)) => {
+                ApiError::client(format!("multiNodeJobId: multi-node job {m} does not exist"))
+            }
+            _ => ApiError::client(format!(
                 "jobQueue: job queue {} does not exist",
                 req.job_queue.unwrap_or_default()
             )),
@@ -597,6 +712,7 @@ pub(crate) async fn list<P: ControlPlane>(
 enum Source {
     Queue(String),
     Array(JobId),
+    MultiNode(JobId),
 }
 
 /// One ListJobs filter.

@@ -76,10 +76,14 @@ pub(crate) fn echo(extra: &muster_core::Extra, shape: impl Serialize) -> serde_j
 /// definition left them out (`containerProperties` in DescribeJobDefinitions, `container` in
 /// DescribeJobs): clients index them without looking first.
 pub(crate) fn with_container_lists(described: &mut serde_json::Value, key: &str) {
-    if let Some(container) = described
-        .get_mut(key)
-        .and_then(serde_json::Value::as_object_mut)
-    {
+    if let Some(container) = described.get_mut(key) {
+        add_container_lists(container);
+    }
+}
+
+/// As [`with_container_lists`], on the container object itself.
+pub(crate) fn add_container_lists(container: &mut serde_json::Value) {
+    if let Some(container) = container.as_object_mut() {
         for list in [
             "environment",
             "mountPoints",

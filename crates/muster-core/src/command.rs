@@ -238,6 +238,9 @@ pub struct JobSubmission {
     /// Members echoed as sent and not acted on (`propagateTags`, …).
     #[serde(default)]
     pub extra: crate::Extra,
+    /// `nodeOverrides`, for a `multinode` definition only.
+    #[serde(default)]
+    pub node_overrides: Option<crate::NodeOverrides>,
 }
 
 /// One report inside [`Command::ReportAttempts`].

@@ -26,6 +26,9 @@ mod state_tests;
 #[cfg(test)]
 mod lifecycle_tests;
 
+#[cfg(test)]
+mod gang_tests;
+
 pub use command::{
     AccessCommand, AdminCommand, AttemptEvent, AttemptReport, Command, IamCommand, JobSubmission,
     Outcome, Placement, Rejection,
@@ -33,7 +36,7 @@ pub use command::{
 pub use ids::{Arn, ArnScope, JobId, NodeId, Timestamp};
 pub use model::*;
 pub use resources::Resources;
-pub use state::{ATTEMPT_TIMED_OUT, AffectedNodes, Assignment, State};
+pub use state::{ATTEMPT_TIMED_OUT, AffectedNodes, Assignment, MAIN_NODE_EXITED, State};
 pub use validate::ConfigError;
 
 /// Version of the serialized [`State`] inside a snapshot; bumped on any incompatible change.

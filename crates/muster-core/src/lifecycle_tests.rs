@@ -50,6 +50,7 @@ fn setup(vcpus: u64) -> State {
             orchestration: Default::default(),
             options: Default::default(),
             scheduling_priority: None,
+            node_properties: None,
         }),
         Command::RegisterNode {
             node: NodeId("n".into()),
@@ -94,6 +95,7 @@ fn submission(
         share_identifier: None,
         scheduling_priority_override: None,
         extra: Default::default(),
+        node_overrides: None,
     })
 }
 

@@ -126,6 +126,7 @@ pub fn assignment_to_pb(a: &Assignment) -> pb::Assignment {
                 permissions: d.permissions.clone(),
             })
             .collect(),
+        host_network: a.options.host_network,
     }
 }
 
@@ -185,6 +186,7 @@ pub fn assignment_from_pb(a: &pb::Assignment) -> Assignment {
                     permissions: d.permissions.clone(),
                 })
                 .collect(),
+            host_network: a.host_network,
         },
     }
 }
@@ -229,6 +231,7 @@ mod tests {
                     container_path: None,
                     permissions: vec!["READ".into()],
                 }],
+                host_network: false,
             },
             gpus: vec![GpuDevice {
                 index: 1,

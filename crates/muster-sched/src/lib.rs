@@ -21,6 +21,7 @@
 //!
 //! Must not depend on: tokio, tonic, prost, sled, openraft, clocks, randomness or any IO.
 
+mod gang;
 mod order;
 mod pool;
 mod reservations;
@@ -28,7 +29,7 @@ mod reservations;
 pub use pool::{ALLOCATION_STRATEGY_TAG, AllocationStrategy};
 pub use reservations::Reservation;
 
-use muster_core::{EnabledState, JobId, NodeId, Placement, Resources, State, Timestamp};
+use muster_core::{EnabledState, Job, JobId, NodeId, Placement, Resources, State, Timestamp};
 use order::QueueOrder;
 use pool::Pool;
 use reservations::Reservations;
@@ -66,6 +67,8 @@ pub enum WaitReason {
     /// No ready node in any of the queue's enabled compute environments has this much free.
     InsufficientCapacity {
         needs: Resources,
+        /// Distinct nodes it needs `needs` on (1, or the size of a multi-node job).
+        nodes: u32,
         compute_environments: Vec<String>,
     },
     /// None of the queue's compute environments is enabled or has a ready node.
@@ -77,6 +80,8 @@ pub enum WaitReason {
     /// lacking a label or GPU model it requires).
     NeverFits {
         needs: Resources,
+        /// Distinct nodes it needs `needs` on (1, or the size of a multi-node job).
+        nodes: u32,
         /// The labels and GPU model it requires, as ` with k=v, GPU model M` (or empty).
         requirements: String,
         compute_environments: Vec<String>,
@@ -105,7 +110,7 @@ pub struct Unplaced {
     pub reservation: Option<Reservation>,
 }
 
-fn describe_resources(r: &Resources) -> String {
+fn describe_resources(r: &Resources, nodes: u32) -> String {
     let mut parts = vec![
         format!("{} vCPU", r.vcpus()),
         format!("{} MiB", r.memory_mib),
@@ -113,7 +118,31 @@ fn describe_resources(r: &Resources) -> String {
     if r.gpus > 0 {
         parts.push(format!("{} GPU", r.gpus));
     }
-    parts.join(", ")
+    match nodes {
+        1 => parts.join(", "),
+        n => format!("{n} nodes with {} each", parts.join(", ")),
+    }
+}
+
+/// Epoch milliseconds as UTC `YYYY-MM-DDTHH:MM:SSZ` (civil-from-days, proleptic Gregorian).
+fn utc(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rest) = ((secs / 86_400) as i64, secs % 86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rest / 3600,
+        rest / 60 % 60,
+        rest % 60
+    )
 }
 
 impl Unplaced {
@@ -124,16 +153,23 @@ impl Unplaced {
         match &self.reason {
             WaitReason::InsufficientCapacity {
                 needs,
+                nodes,
                 compute_environments,
             } => format!(
                 "RUNNABLE: waiting for {} in {}; {} jobs ahead{}",
-                describe_resources(needs),
+                describe_resources(needs, *nodes),
                 compute_environments.join(", "),
                 self.jobs_ahead,
-                self.reservation
-                    .as_ref()
-                    .map(|r| format!("; room reserved on {}", r.node))
-                    .unwrap_or_default()
+                match (&self.reservation, nodes) {
+                    (None, _) => String::new(),
+                    (Some(r), 1) => format!("; room reserved on {}", r.node),
+                    (Some(r), n) => format!(
+                        "; room reserved on {n} nodes{}",
+                        r.starts_at
+                            .map(|t| format!(", planned start by {}", utc(t)))
+                            .unwrap_or_default()
+                    ),
+                }
             ),
             WaitReason::ShareReserve { share, percent } => format!(
                 "RUNNABLE: share {share} waits; the queue's fair-share policy keeps {percent}% of capacity for share identifiers not running yet; {} jobs ahead",
@@ -156,11 +192,23 @@ impl Unplaced {
             ),
             WaitReason::NeverFits {
                 needs,
+                nodes: 1,
                 requirements,
                 compute_environments,
             } => format!(
                 "MISCONFIGURATION:JOB_RESOURCE_REQUIREMENT - the job needs {}{}; no node in {} can hold it",
-                describe_resources(needs),
+                describe_resources(needs, 1),
+                requirements,
+                compute_environments.join(", ")
+            ),
+            WaitReason::NeverFits {
+                needs,
+                nodes,
+                requirements,
+                compute_environments,
+            } => format!(
+                "MISCONFIGURATION:JOB_RESOURCE_REQUIREMENT - the job needs {}{}; {} does not have {nodes} nodes that can hold them",
+                describe_resources(needs, *nodes),
                 requirements,
                 compute_environments.join(", ")
             ),
@@ -223,6 +271,57 @@ pub fn plan(state: &State, config: &PlanConfig, now: Timestamp) -> Plan {
             }
             position += 1;
             let jobs_ahead = position - 1;
+            if job.gang_size().is_some() {
+                let nodes: Vec<&Job> = state.gang_nodes(&job.id).collect();
+                if out.placements.len() + nodes.len() > config.max_placements
+                    && !out.placements.is_empty()
+                {
+                    // A gang goes whole into one entry: it waits for the next round.
+                    return out;
+                }
+                let ends_by = reservations::ends_by(job, now);
+                match gang::find(&pool, &nodes, &ces, &reservations, ends_by) {
+                    Some(chosen) => {
+                        for (node_job, worker) in nodes.iter().zip(chosen) {
+                            let gpus = pool.take(worker, node_job, ends_by);
+                            reservations.charge(
+                                worker,
+                                &node_job.spec.container.resources(),
+                                ends_by,
+                            );
+                            out.placements.push(Placement {
+                                job: node_job.id.clone(),
+                                node: worker.clone(),
+                                gpus,
+                            });
+                        }
+                        order.placed(job);
+                        misses = 0;
+                    }
+                    None => {
+                        let reason = gang::why_unplaced(&pool, &nodes, &ces);
+                        let mut reservation = None;
+                        if !matches!(reason, WaitReason::NeverFits { .. }) {
+                            if matches!(reason, WaitReason::InsufficientCapacity { .. })
+                                && !head_reserved
+                            {
+                                head_reserved = true;
+                                reservation =
+                                    reservations.reserve_gang(state, &pool, &nodes, &ces, now);
+                            }
+                            misses += 1;
+                            order.missed(job);
+                        }
+                        out.unplaced.push(Unplaced {
+                            job: job.id.clone(),
+                            reason,
+                            jobs_ahead,
+                            reservation,
+                        });
+                    }
+                }
+                continue;
+            }
             let need = job.spec.container.resources();
             let ends_by = reservations::ends_by(job, now);
             let found = if order.within_reservation(job, need.millicpus, || pool.millicpus(&ces)) {
@@ -281,71 +380,119 @@ pub fn plan(state: &State, config: &PlanConfig, now: Timestamp) -> Plan {
 fn why_unplaced(pool: &Pool, job: &muster_core::Job, ces: &[String]) -> WaitReason {
     let needs = job.spec.container.resources();
     let compute_environments = ces.to_vec();
+    let nodes = 1;
     if !pool.has_ready_node(ces) {
         WaitReason::NoNodes {
             compute_environments,
         }
     } else if !pool.could_ever_hold(job, ces) {
-        let mut requirements: Vec<String> = job
-            .required_labels()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
-        if let Some(model) = job.required_gpu_model() {
-            requirements.push(format!("GPU model {model}"));
-        }
         WaitReason::NeverFits {
             needs,
-            requirements: if requirements.is_empty() {
-                String::new()
-            } else {
-                format!(" with {}", requirements.join(", "))
-            },
+            nodes,
+            requirements: requirements(job),
             compute_environments,
         }
     } else {
         WaitReason::InsufficientCapacity {
             needs,
+            nodes,
             compute_environments,
         }
     }
 }
 
+/// The labels and GPU model `job` requires, as ` with k=v, GPU model M` (or empty).
+pub(crate) fn requirements(job: &muster_core::Job) -> String {
+    let mut requirements: Vec<String> = job
+        .required_labels()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    if let Some(model) = job.required_gpu_model() {
+        requirements.push(format!("GPU model {model}"));
+    }
+    if requirements.is_empty() {
+        String::new()
+    } else {
+        format!(" with {}", requirements.join(", "))
+    }
+}
+
 /// The plan applier's re-check: keeps the placements that still hold against `state` (job
 /// still RUNNABLE, node ready and in the queue's compute environments, capacity free counting
-/// the placements kept before it) and drops the rest.
+/// the placements kept before it) and drops the rest. The nodes of a multi-node job are kept
+/// or dropped together.
 pub fn verify(state: &State, plan: Plan) -> Plan {
-    let mut used: BTreeMap<NodeId, Resources> = BTreeMap::new();
-    let mut gpus_used: BTreeSet<(NodeId, u32)> = BTreeSet::new();
+    let mut used = Used::default();
     let mut seen_jobs = BTreeSet::new();
-    let placements = plan
-        .placements
-        .into_iter()
-        .filter(|p| {
-            if state.placement_conflict(p).is_some() || !seen_jobs.insert(p.job.clone()) {
-                return false;
-            }
-            let (Some(job), Some(node)) = (state.job(&p.job), state.node(&p.node)) else {
-                return false;
-            };
-            let need = job.spec.container.resources();
-            let already = used.entry(p.node.clone()).or_default();
-            if !(*already + need).fits_in(&node.free()) {
-                return false;
-            }
-            if p.gpus
-                .iter()
-                .any(|g| gpus_used.contains(&(p.node.clone(), *g)))
+    let mut kept = Vec::with_capacity(plan.placements.len());
+    let mut placements = plan.placements.into_iter().peekable();
+    while let Some(p) = placements.next() {
+        let gang_of = |p: &Placement| {
+            state
+                .job(&p.job)
+                .and_then(|j| j.gang_node())
+                .map(|(parent, _, _)| parent)
+        };
+        let Some(parent) = gang_of(&p) else {
+            if state.placement_conflict(&p).is_none()
+                && !seen_jobs.contains(&p.job)
+                && used.take(state, &p)
             {
-                return false;
+                seen_jobs.insert(p.job.clone());
+                kept.push(p);
             }
-            *already = *already + need;
-            gpus_used.extend(p.gpus.iter().map(|g| (p.node.clone(), *g)));
-            true
-        })
-        .collect();
+            continue;
+        };
+        let mut members = vec![p];
+        while let Some(next) = placements.next_if(|n| gang_of(n).as_ref() == Some(&parent)) {
+            members.push(next);
+        }
+        if state.gang_conflict(&parent, &members).is_some()
+            || members.iter().any(|m| seen_jobs.contains(&m.job))
+        {
+            continue;
+        }
+        let mut tentative = used.clone();
+        if members.iter().all(|m| tentative.take(state, m)) {
+            used = tentative;
+            seen_jobs.extend(members.iter().map(|m| m.job.clone()));
+            kept.extend(members);
+        }
+    }
     Plan {
-        placements,
+        placements: kept,
         unplaced: plan.unplaced,
+    }
+}
+
+/// What the placements kept so far take of each node.
+#[derive(Clone, Default)]
+struct Used {
+    resources: BTreeMap<NodeId, Resources>,
+    gpus: BTreeSet<(NodeId, u32)>,
+}
+
+impl Used {
+    /// Takes `p`'s needs if they still fit beside what was taken; says whether they did.
+    fn take(&mut self, state: &State, p: &Placement) -> bool {
+        let (Some(job), Some(node)) = (state.job(&p.job), state.node(&p.node)) else {
+            return false;
+        };
+        let need = job.spec.container.resources();
+        let already = self.resources.get(&p.node).copied().unwrap_or_default();
+        if !(already + need).fits_in(&node.free()) {
+            return false;
+        }
+        if p.gpus
+            .iter()
+            .any(|g| self.gpus.contains(&(p.node.clone(), *g)))
+        {
+            return false;
+        }
+        self.resources.insert(p.node.clone(), already + need);
+        self.gpus
+            .extend(p.gpus.iter().map(|g| (p.node.clone(), *g)));
+        true
     }
 }
 
@@ -354,6 +501,9 @@ mod tests;
 
 #[cfg(test)]
 mod policy_tests;
+
+#[cfg(test)]
+mod gang_tests;
 
 #[cfg(test)]
 mod test_support;

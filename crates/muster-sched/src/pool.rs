@@ -54,8 +54,9 @@ pub(crate) struct Pool<'s> {
     rooms: BTreeMap<&'s NodeId, Room<'s>>,
     /// Ready nodes of each enabled compute environment by (free millicpus, free memory).
     by_free: BTreeMap<&'s str, BTreeSet<(u64, u64, &'s NodeId)>>,
-    /// Every registered node's shape (lost ones too: they may come back), per environment.
-    shapes: BTreeMap<&'s str, Vec<Shape<'s>>>,
+    /// Every registered node's shape (lost ones too: they may come back), per environment,
+    /// with how many nodes have it.
+    shapes: BTreeMap<&'s str, Vec<(Shape<'s>, usize)>>,
     strategies: BTreeMap<&'s str, AllocationStrategy>,
 }
 
@@ -95,8 +96,9 @@ impl<'s> Pool<'s> {
                 gpu_models,
             };
             let shapes = pool.shapes.entry(ce).or_default();
-            if !shapes.contains(&shape) {
-                shapes.push(shape);
+            match shapes.iter_mut().find(|(s, _)| *s == shape) {
+                Some((_, count)) => *count += 1,
+                None => shapes.push((shape, 1)),
             }
             if !node.accepts_work() || !enabled.contains(ce) {
                 continue;
@@ -135,11 +137,22 @@ impl<'s> Pool<'s> {
 
     /// True when some registered node of `ces`, empty, could hold `job`.
     pub fn could_ever_hold(&self, job: &Job, ces: &[String]) -> bool {
-        ces.iter().any(|ce| {
-            self.shapes
-                .get(ce.as_str())
-                .is_some_and(|shapes| shapes.iter().any(|s| s.could_hold(job)))
-        })
+        self.nodes_that_could_hold(job, ces) > 0
+    }
+
+    /// How many registered nodes of `ces`, empty, could hold `job`.
+    pub fn nodes_that_could_hold(&self, job: &Job, ces: &[String]) -> usize {
+        self.nodes_that_could_hold_any(&[job], ces)
+    }
+
+    /// How many registered nodes of `ces`, empty, could hold at least one of `jobs`.
+    pub fn nodes_that_could_hold_any(&self, jobs: &[&Job], ces: &[String]) -> usize {
+        ces.iter()
+            .filter_map(|ce| self.shapes.get(ce.as_str()))
+            .flatten()
+            .filter(|(s, _)| jobs.iter().any(|job| s.could_hold(job)))
+            .map(|(_, count)| count)
+            .sum()
     }
 
     /// Sum of capacity and of free vCPU of the ready nodes of `ces`, in millicpus.
@@ -163,10 +176,24 @@ impl<'s> Pool<'s> {
         reservations: &Reservations,
         ends_by: Option<u64>,
     ) -> Option<&'s NodeId> {
+        self.find_except(job, ces, reservations, ends_by, &BTreeSet::new())
+    }
+
+    /// As [`Self::find`], among the nodes not in `taken` (those an earlier node of the same
+    /// multi-node job is going to).
+    pub fn find_except(
+        &self,
+        job: &Job,
+        ces: &[String],
+        reservations: &Reservations,
+        ends_by: Option<u64>,
+        taken: &BTreeSet<&NodeId>,
+    ) -> Option<&'s NodeId> {
         let need = job.spec.container.resources();
         let fits = |id: &NodeId| {
             let room = &self.rooms[id];
-            need.fits_in(&room.free)
+            !taken.contains(id)
+                && need.fits_in(&room.free)
                 && room.node.satisfies(job)
                 && self.free_gpus(room, job).take(need.gpus as usize).count() == need.gpus as usize
                 && reservations.permits(id, &need, ends_by)

@@ -5,7 +5,7 @@
 
 use crate::pool::{Pool, Room};
 use muster_core::{Job, NodeId, Resources, State, Timestamp};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// Room held for a waiting job on one node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,12 +62,71 @@ impl Reservations {
         ces: &[String],
         now: Timestamp,
     ) -> Option<Reservation> {
+        self.reserve_except(state, pool, job, ces, now, &BTreeSet::new())
+    }
+
+    /// Reserves room for every node of a multi-node job, each on a node of its own where it
+    /// fits soonest; nothing when the nodes it could fit on are too few. The reservation
+    /// returned is the one that frees last: the job's planned start.
+    pub fn reserve_gang(
+        &mut self,
+        state: &State,
+        pool: &Pool,
+        nodes: &[&Job],
+        ces: &[String],
+        now: Timestamp,
+    ) -> Option<Reservation> {
+        let mut made: Vec<Reservation> = Vec::new();
+        for node_job in nodes {
+            let taken: BTreeSet<&NodeId> = made.iter().map(|r| &r.node).collect();
+            made.push(self.plan_reservation(state, pool, node_job, ces, now, &taken)?);
+        }
+        for r in &made {
+            self.by_node
+                .entry(r.node.clone())
+                .or_default()
+                .push(r.clone());
+        }
+        made.into_iter()
+            .max_by_key(|r| (r.starts_at.is_none(), r.starts_at))
+    }
+
+    fn reserve_except(
+        &mut self,
+        state: &State,
+        pool: &Pool,
+        job: &Job,
+        ces: &[String],
+        now: Timestamp,
+        taken: &BTreeSet<&NodeId>,
+    ) -> Option<Reservation> {
+        let reservation = self.plan_reservation(state, pool, job, ces, now, taken)?;
+        self.by_node
+            .entry(reservation.node.clone())
+            .or_default()
+            .push(reservation.clone());
+        Some(reservation)
+    }
+
+    /// Where `job` would be reserved room, among the nodes not in `taken`.
+    fn plan_reservation(
+        &self,
+        state: &State,
+        pool: &Pool,
+        job: &Job,
+        ces: &[String],
+        now: Timestamp,
+        taken: &BTreeSet<&NodeId>,
+    ) -> Option<Reservation> {
         let need = job.spec.container.resources();
         // The best node so far: its rank, when the job could start there and what is free then.
         let mut best: Option<(Rank, Option<u64>, Resources)> = None;
         for room in ces.iter().flat_map(|ce| pool.rooms_in(ce)) {
             let node = room.node;
-            if !need.fits_in(&node.inventory.capacity) || !node.satisfies(job) {
+            if taken.contains(&node.id)
+                || !need.fits_in(&node.inventory.capacity)
+                || !node.satisfies(job)
+            {
                 continue;
             }
             // All the node will ever have free while its jobs without a timeout run: what is
@@ -100,17 +159,12 @@ impl Reservations {
             }
         }
         let ((_, _, _, node), starts_at, free) = best?;
-        let reservation = Reservation {
+        Some(Reservation {
             job: job.id.clone(),
             node: node.clone(),
             starts_at,
             spare: free.saturating_sub(&need),
-        };
-        self.by_node
-            .entry(reservation.node.clone())
-            .or_default()
-            .push(reservation.clone());
-        Some(reservation)
+        })
     }
 }
 

@@ -67,6 +67,7 @@ pub fn definition() -> Command {
         orchestration: Default::default(),
         options: Default::default(),
         scheduling_priority: None,
+        node_properties: None,
     })
 }
 
@@ -116,6 +117,7 @@ pub fn submission(id: &str, spec: JobSpec) -> Command {
         share_identifier: spec.share_identifier,
         scheduling_priority_override: spec.scheduling_priority_override,
         extra: spec.extra,
+        node_overrides: None,
     })
 }
 

@@ -103,6 +103,11 @@ enum Commands {
         /// definitions also need the `batch:RegisterPrivilegedJobDefinition` allowance).
         #[arg(long)]
         allow_privileged: bool,
+        /// How many agents to start. Several share the machine (each offering at least 1 vCPU
+        /// and 1 GiB), each at a loopback address of its own and in two racks, so that
+        /// multi-node jobs run on one machine.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=200))]
+        agents: u8,
         /// For tests only: lower AWS's 60-second minimum `attemptDurationSeconds`.
         #[arg(long, hide = true, default_value_t = 60)]
         test_min_attempt_duration_secs: u64,
@@ -376,6 +381,7 @@ async fn main() -> anyhow::Result<()> {
             account_id,
             allow_host_paths,
             allow_privileged,
+            agents,
             test_min_attempt_duration_secs,
             test_min_state_time_limit_secs,
         } => {
@@ -394,13 +400,16 @@ async fn main() -> anyhow::Result<()> {
             dev::run(
                 data_dir,
                 api_addr,
-                executor.as_deref(),
                 install_metrics()?,
                 limits,
                 scope,
-                muster_agent::Allowances {
-                    privileged: allow_privileged,
-                    host_paths: allow_host_paths,
+                dev::DevAgents {
+                    executor: executor.as_deref(),
+                    allowances: muster_agent::Allowances {
+                        privileged: allow_privileged,
+                        host_paths: allow_host_paths,
+                    },
+                    count: usize::from(agents),
                 },
             )
             .await

@@ -73,6 +73,7 @@ fn setup_commands() -> Vec<Command> {
             extra: Default::default(),
             orchestration: Default::default(),
             options: Default::default(),
+            node_properties: None,
             scheduling_priority: None,
         }),
     ]
@@ -170,6 +171,7 @@ pub async fn client(id: u64, plane: RaftPlane, records: Records) {
                 share_identifier: None,
                 scheduling_priority_override: None,
                 extra: Default::default(),
+                node_overrides: None,
             };
             (
                 CallKind::Submit { job, name },

@@ -58,8 +58,13 @@ fn device_permissions(permissions: &[String]) -> String {
 
 /// The container of attempt `attempt` of `job`: one name per attempt, so a restarted agent
 /// finds it again.
+/// Docker names allow `[a-zA-Z0-9_.-]`: an array child's `:` becomes `-`, a multi-node job's
+/// node's `#` becomes `_` (the two never meet in one id).
 fn container_name(job: &str, attempt: u32) -> String {
-    format!("muster-{}-{attempt}", job.replace(':', "-"))
+    format!(
+        "muster-{}-{attempt}",
+        job.replace(':', "-").replace('#', "_")
+    )
 }
 
 pub struct DockerExecutor {
@@ -261,6 +266,8 @@ impl DockerExecutor {
                         .collect()
                 }),
                 binds: Some(binds(&a.options)),
+                // The nodes of a multi-node job reach each other at their workers' addresses.
+                network_mode: a.options.host_network.then(|| "host".to_owned()),
                 readonly_rootfs: Some(a.options.readonly_root_filesystem),
                 ulimits: (!a.options.ulimits.is_empty()).then(|| {
                     a.options
@@ -601,5 +608,24 @@ async fn copy_logs(docker: Docker, id: String, path: std::path::PathBuf, since: 
             let (at, text) = crate::logs::split_docker_line(line, crate::logs::now_millis());
             let _ = file.write_line(at, text);
         }
+    }
+}
+
+#[cfg(test)]
+mod name_tests {
+    #[test]
+    fn every_job_id_makes_a_name_docker_accepts() {
+        let allowed = |name: &str| {
+            name.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+        };
+        for job in ["abc", "abc:7", "abc#3"] {
+            let name = super::container_name(job, 2);
+            assert!(allowed(&name), "{name}");
+        }
+        assert_ne!(
+            super::container_name("abc:3", 1),
+            super::container_name("abc#3", 1)
+        );
     }
 }

@@ -152,6 +152,9 @@ pub struct JobDefinitionSpec {
     /// `schedulingPriority`: jobs' priority within a share identifier unless they override it.
     #[serde(default)]
     pub scheduling_priority: Option<i64>,
+    /// `nodeProperties` of a `multinode` definition (`container` is then its main node's).
+    #[serde(default)]
+    pub node_properties: Option<super::NodeProperties>,
 }
 
 /// What a job definition describes: a container (`containerProperties`, which Muster runs),
@@ -198,6 +201,9 @@ pub struct JobDefinition {
     pub options: ContainerOptions,
     #[serde(default)]
     pub scheduling_priority: Option<i64>,
+    /// `nodeProperties` of a `multinode` definition (`container` is then its main node's).
+    #[serde(default)]
+    pub node_properties: Option<super::NodeProperties>,
 }
 
 /// The Docker options of a definition's `containerProperties` that the agent applies as
@@ -219,6 +225,10 @@ pub struct ContainerOptions {
     /// `linuxParameters.devices`.
     #[serde(default)]
     pub devices: Vec<Device>,
+    /// The container shares the worker's network: set for the nodes of multi-node jobs, never
+    /// by a definition.
+    #[serde(default)]
+    pub host_network: bool,
 }
 
 /// One `linuxParameters.devices` entry.

@@ -216,6 +216,10 @@ pub struct JobSpec {
     /// Submit members stored and echoed as sent (`shareIdentifier`, `propagateTags`, …).
     #[serde(default)]
     pub extra: super::Extra,
+    /// A multi-node job's `nodeProperties` after its `nodeOverrides`, shared by the parent and
+    /// its node jobs (each of which holds its own range's container in `container`).
+    #[serde(default)]
+    pub node_properties: Option<Arc<super::NodeProperties>>,
 }
 
 /// One job: the submit it came from ([`JobSpec`], shared) and where it is in its life. Kept
@@ -251,6 +255,9 @@ pub struct Job {
     /// When the job last became RUNNABLE (for `jobStateTimeLimitActions`).
     #[serde(default)]
     pub runnable_since: Option<Timestamp>,
+    /// Where the job sits in a multi-node job. Boxed: most jobs are not in one.
+    #[serde(default)]
+    pub multinode: Option<Box<super::MultiNodeRole>>,
 }
 
 impl Job {
@@ -269,6 +276,28 @@ impl Job {
                 .rsplit_once(':')
                 .map(|(parent, _)| JobId::from(parent.to_owned())),
             _ => None,
+        }
+    }
+
+    /// For a node of a multi-node job: the parent's id, its index, and whether it is the
+    /// main node.
+    pub fn gang_node(&self) -> Option<(JobId, u32, bool)> {
+        match self.multinode.as_deref()? {
+            super::MultiNodeRole::Node {
+                index, main_node, ..
+            } => {
+                let (parent, _) = self.id.0.rsplit_once('#')?;
+                Some((JobId::from(parent.to_owned()), *index, index == main_node))
+            }
+            super::MultiNodeRole::Parent { .. } => None,
+        }
+    }
+
+    /// For a multi-node job's parent: how many nodes it has.
+    pub fn gang_size(&self) -> Option<u32> {
+        match self.multinode.as_deref()? {
+            super::MultiNodeRole::Parent { num_nodes, .. } => Some(*num_nodes),
+            super::MultiNodeRole::Node { .. } => None,
         }
     }
 

@@ -5,6 +5,7 @@ mod definition;
 mod environment;
 mod iam;
 mod job;
+mod multinode;
 mod node;
 
 pub use access::*;
@@ -12,6 +13,7 @@ pub use definition::*;
 pub use environment::*;
 pub use iam::*;
 pub use job::*;
+pub use multinode::*;
 pub use node::*;
 
 use serde::{Deserialize, Serialize};

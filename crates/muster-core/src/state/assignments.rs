@@ -79,6 +79,26 @@ impl State {
                     environment.push(("AWS_BATCH_JOB_ARRAY_INDEX".to_owned(), index.to_string()));
                     environment.push(("AWS_BATCH_JOB_ARRAY_SIZE".to_owned(), size.to_string()));
                 }
+                let mut options = self
+                    .definition(&job.spec.definition_arn.0)
+                    .map(|d| d.options.clone())
+                    .unwrap_or_default();
+                if let Some(crate::MultiNodeRole::Node {
+                    index,
+                    num_nodes,
+                    main_node,
+                }) = job.multinode.as_deref()
+                {
+                    environment.extend(self.gang_environment(job, *index, *num_nodes, *main_node));
+                    options = job
+                        .spec
+                        .node_properties
+                        .as_ref()
+                        .and_then(|p| p.range_of(*index))
+                        .map(|r| r.options.clone())
+                        .unwrap_or_default();
+                    options.host_network = true;
+                }
                 Assignment {
                     job: job.id.clone(),
                     attempt: active.number,
@@ -93,10 +113,7 @@ impl State {
                     log_stream_name: job.log_stream_name(active.number),
                     gpus,
                     timeout_secs: job.spec.timeout_secs,
-                    options: self
-                        .definition(&job.spec.definition_arn.0)
-                        .map(|d| d.options.clone())
-                        .unwrap_or_default(),
+                    options,
                 }
             })
             .collect()
@@ -136,7 +153,8 @@ impl State {
             .collect()
     }
 
-    /// The attempts placed on `node` that it should be running.
+    /// The attempts placed on `node` that it should be running. The nodes of a multi-node
+    /// job other than its main node start once the main node runs.
     pub(super) fn assigned_attempts<'a>(
         &'a self,
         node: &'a Node,
@@ -145,7 +163,56 @@ impl State {
             .iter()
             .filter_map(|id| self.job(id))
             .filter(|job| job.terminate_reason.is_none())
+            .filter(|job| match job.gang_node() {
+                Some((parent, _, false)) => self
+                    .jobs
+                    .get(&parent)
+                    .is_some_and(|p| p.status == JobStatus::Running),
+                _ => true,
+            })
             .filter_map(|job| Some((job, job.active.as_deref()?)))
+    }
+
+    /// What every node of a multi-node job is told: AWS's `AWS_BATCH_JOB_NODE_INDEX`,
+    /// `AWS_BATCH_JOB_NUM_NODES`, `AWS_BATCH_JOB_MAIN_NODE_INDEX`, the main node's address
+    /// (`AWS_BATCH_JOB_MAIN_NODE_PRIVATE_IPV4_ADDRESS`, on the other nodes), and beyond AWS
+    /// every node's address in index order (`MUSTER_NODE_ADDRESSES`), so that `mpirun` or
+    /// `torchrun` need no rendezvous of their own. Fixed when the gang is placed.
+    fn gang_environment(
+        &self,
+        job: &Job,
+        index: u32,
+        num_nodes: u32,
+        main_node: u32,
+    ) -> Vec<(String, String)> {
+        let Some((parent, _, _)) = job.gang_node() else {
+            return Vec::new();
+        };
+        let addresses: Vec<String> = (0..num_nodes)
+            .map(|i| {
+                self.job(&crate::node_job_id(&parent, i))
+                    .and_then(|n| n.active.as_ref())
+                    .and_then(|a| self.nodes.get(&a.node))
+                    .map(|w| w.inventory.address.clone())
+                    .unwrap_or_default()
+            })
+            .collect();
+        let mut env = vec![
+            ("AWS_BATCH_JOB_NODE_INDEX".to_owned(), index.to_string()),
+            ("AWS_BATCH_JOB_NUM_NODES".to_owned(), num_nodes.to_string()),
+            (
+                "AWS_BATCH_JOB_MAIN_NODE_INDEX".to_owned(),
+                main_node.to_string(),
+            ),
+        ];
+        if index != main_node {
+            env.push((
+                "AWS_BATCH_JOB_MAIN_NODE_PRIVATE_IPV4_ADDRESS".to_owned(),
+                addresses[main_node as usize].clone(),
+            ));
+        }
+        env.push(("MUSTER_NODE_ADDRESSES".to_owned(), addresses.join(",")));
+        env
     }
 }
 

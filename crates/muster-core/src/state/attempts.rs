@@ -65,38 +65,62 @@ impl State {
         placements: Vec<Placement>,
     ) -> Outcome {
         let (mut placed, mut refused) = (0, 0);
-        for p in placements {
-            if self.placement_conflict(&p).is_some() {
-                refused += 1;
+        let mut placements = placements.into_iter().peekable();
+        while let Some(p) = placements.next() {
+            // The nodes of a multi-node job come together, and are placed together or not at all.
+            let gang = self.jobs.get(&p.job).and_then(|j| j.gang_node());
+            if let Some((parent, _, _)) = gang {
+                let mut members = vec![p];
+                while let Some(next) = placements.next_if(|n| {
+                    self.jobs
+                        .get(&n.job)
+                        .and_then(|j| j.gang_node())
+                        .is_some_and(|(of, _, _)| of == parent)
+                }) {
+                    members.push(next);
+                }
+                let count = members.len();
+                if self.place_gang(term, at, &parent, members) {
+                    placed += count;
+                } else {
+                    refused += count;
+                }
                 continue;
             }
-            let (Some(job), Some(node)) = (self.jobs.get_mut(&p.job), self.nodes.get_mut(&p.node))
-            else {
+            if self.placement_conflict(&p).is_some() || !self.place_one(term, at, p) {
                 refused += 1;
-                continue;
-            };
-            self.runnable.remove(job);
-            job.status = JobStatus::Starting;
-            job.status_reason = None;
-            job.active = Some(Box::new(ActiveAttempt {
-                number: job.attempts.len() as u32 + 1,
-                node: node.id.clone(),
-                term,
-                placed_at: at,
-                started_at: None,
-                gpus: p.gpus.clone(),
-            }));
-            node.gpus_in_use.extend(p.gpus.iter().copied());
-            node.allocated = node.allocated + job.spec.container.resources();
-            if job.spec.timeout_secs.is_none() {
-                node.allocated_unbounded =
-                    node.allocated_unbounded + job.spec.container.resources();
+            } else {
+                placed += 1;
             }
-            track_share(&mut self.share_running, job, true);
-            node.placed_jobs.insert(job.id.clone());
-            placed += 1;
         }
         Outcome::Placed { placed, refused }
+    }
+
+    /// Applies one placement that was checked.
+    pub(super) fn place_one(&mut self, term: u64, at: Timestamp, p: Placement) -> bool {
+        let (Some(job), Some(node)) = (self.jobs.get_mut(&p.job), self.nodes.get_mut(&p.node))
+        else {
+            return false;
+        };
+        self.runnable.remove(job);
+        job.status = JobStatus::Starting;
+        job.status_reason = None;
+        job.active = Some(Box::new(ActiveAttempt {
+            number: job.attempts.len() as u32 + 1,
+            node: node.id.clone(),
+            term,
+            placed_at: at,
+            started_at: None,
+            gpus: p.gpus.clone(),
+        }));
+        node.gpus_in_use.extend(p.gpus.iter().copied());
+        node.allocated = node.allocated + job.spec.container.resources();
+        if job.spec.timeout_secs.is_none() {
+            node.allocated_unbounded = node.allocated_unbounded + job.spec.container.resources();
+        }
+        track_share(&mut self.share_running, job, true);
+        node.placed_jobs.insert(job.id.clone());
+        true
     }
 
     pub(super) fn report(
@@ -132,6 +156,7 @@ impl State {
                 if let Some(a) = job.active.as_mut() {
                     a.started_at = Some(at);
                 }
+                self.gang_node_running(id, at);
                 Outcome::Done
             }
             AttemptEvent::Exited { exit_code, reason } => {
@@ -203,6 +228,11 @@ impl State {
                     log_stream_name: job.log_stream_name(active.number),
                 });
                 job.status_reason = Some(status_reason);
+                // A node of a multi-node job ends with its gang, which decides what follows.
+                if job.gang_node().is_some() {
+                    self.gang_node_exited(id, at);
+                    return Outcome::Done;
+                }
                 if retry {
                     // Back in line, at its original place in submit order.
                     job.status = JobStatus::Runnable;

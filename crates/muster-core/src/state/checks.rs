@@ -155,10 +155,15 @@ impl State {
                 ),
             ));
         }
-        if definition.extra.get("type").and_then(|t| t.as_str()) == Some("multinode") {
+        if definition.node_properties.is_none()
+            && definition.extra.get("type").and_then(|t| t.as_str()) == Some("multinode")
+        {
             return Err(Rejection::new(
                 "jobDefinition",
-                "jobDefinition: multi-node parallel jobs cannot run on Muster yet (gang scheduling is still to come)",
+                format!(
+                    "jobDefinition: {} is a multinode definition stored by a release that could not run it; register it again",
+                    definition.arn
+                ),
             ));
         }
         if definition.orchestration != crate::Orchestration::Container {
@@ -172,22 +177,59 @@ impl State {
             ));
         }
         self.check_dependencies(sub)?;
-        let resources = definition
-            .container
-            .with_overrides(&sub.overrides)
-            .resources();
-        if resources.millicpus == 0 {
-            return Err(Rejection::new(
-                "containerOverrides.resourceRequirements",
-                "containerOverrides.resourceRequirements: the job must request at least one vCPU (VCPU)",
-            ));
-        }
-        if resources.memory_mib < 4 {
-            return Err(Rejection::new(
-                "containerOverrides.resourceRequirements",
-                "containerOverrides.resourceRequirements: the job must request at least 4 MiB of MEMORY",
-            ));
+        let containers = match Self::node_properties_of(definition, sub)? {
+            Some(nodes) => {
+                if sub.array_size.is_some() {
+                    return Err(Rejection::new(
+                        "arrayProperties",
+                        "arrayProperties: a multi-node parallel job cannot be an array job",
+                    ));
+                }
+                if sub.overrides != crate::ContainerOverrides::default() {
+                    return Err(Rejection::new(
+                        "containerOverrides",
+                        "containerOverrides: a multi-node parallel job takes nodeOverrides.nodePropertyOverrides instead",
+                    ));
+                }
+                nodes.ranges.into_iter().map(|r| r.container).collect()
+            }
+            None => vec![definition.container.with_overrides(&sub.overrides)],
+        };
+        for container in containers {
+            let resources = container.resources();
+            if resources.millicpus == 0 {
+                return Err(Rejection::new(
+                    "containerOverrides.resourceRequirements",
+                    "containerOverrides.resourceRequirements: the job must request at least one vCPU (VCPU)",
+                ));
+            }
+            if resources.memory_mib < 4 {
+                return Err(Rejection::new(
+                    "containerOverrides.resourceRequirements",
+                    "containerOverrides.resourceRequirements: the job must request at least 4 MiB of MEMORY",
+                ));
+            }
         }
         Ok((queue, definition))
+    }
+
+    /// The `nodeProperties` a submit of `definition` runs with (its `nodeOverrides` applied),
+    /// or `None` for a single-node definition (which takes no `nodeOverrides`).
+    pub(super) fn node_properties_of(
+        definition: &JobDefinition,
+        sub: &JobSubmission,
+    ) -> Result<Option<crate::NodeProperties>, Rejection> {
+        match (&definition.node_properties, &sub.node_overrides) {
+            (None, None) => Ok(None),
+            (None, Some(_)) => Err(Rejection::new(
+                "nodeOverrides",
+                format!(
+                    "nodeOverrides: job definition {} is not a multinode definition",
+                    definition.arn
+                ),
+            )),
+            (Some(nodes), None) => Ok(Some(nodes.clone())),
+            (Some(nodes), Some(overrides)) => nodes.with_overrides(overrides).map(Some),
+        }
     }
 }

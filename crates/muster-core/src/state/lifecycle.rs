@@ -90,6 +90,18 @@ impl State {
             Ok(found) => found,
             Err(rejection) => return Outcome::Rejected(rejection),
         };
+        let node_properties = match Self::node_properties_of(definition, &sub) {
+            Ok(nodes) => nodes.map(std::sync::Arc::new),
+            Err(rejection) => return Outcome::Rejected(rejection),
+        };
+        // A multi-node job's parent describes the main node's container.
+        let container = match &node_properties {
+            Some(nodes) => nodes
+                .range_of(nodes.main_node)
+                .map(|r| r.container.clone())
+                .unwrap_or_default(),
+            None => definition.container.with_overrides(&sub.overrides),
+        };
         // Moved out of the submission rather than copied: this runs on every replica for
         // every job submitted.
         let mut parameters = definition.parameters.clone();
@@ -102,7 +114,7 @@ impl State {
             name: sub.name.clone(),
             queue: queue.name.clone(),
             definition_arn: definition.arn.clone(),
-            container: definition.container.with_overrides(&sub.overrides),
+            container,
             parameters,
             tags,
             retry: sub
@@ -118,6 +130,7 @@ impl State {
                 .or(definition.scheduling_priority)
                 .unwrap_or(0),
             extra: std::mem::take(&mut sub.extra),
+            node_properties: node_properties.clone(),
         });
         let template = Job {
             seq: 0,
@@ -136,6 +149,13 @@ impl State {
             waiting_on: BTreeSet::new(),
             array: None,
             runnable_since: None,
+            multinode: node_properties.as_ref().map(|nodes| {
+                Box::new(crate::MultiNodeRole::Parent {
+                    num_nodes: nodes.num_nodes,
+                    main_node: nodes.main_node,
+                    ending: None,
+                })
+            }),
         };
         if let Some(t) = token {
             self.client_tokens.insert(t, sub.id.clone());
@@ -156,6 +176,9 @@ impl State {
                 let mut job = template;
                 job.waiting_on = plain;
                 self.admit(job, sub.at);
+                if let Some(nodes) = &node_properties {
+                    self.add_gang_nodes(&sub.id, nodes);
+                }
             }
             Some(size) => {
                 let mut parent = template.clone();
@@ -191,7 +214,7 @@ impl State {
         outcome
     }
 
-    fn insert_job(&mut self, mut job: Job) {
+    pub(super) fn insert_job(&mut self, mut job: Job) {
         job.seq = self.next_job_seq;
         self.next_job_seq += 1;
         let key = (job.seq, job.id.clone());
@@ -252,6 +275,7 @@ impl State {
     /// chain of 10,000 jobs costs time linear in its edges.
     pub(super) fn settle(&mut self, ended: &JobId, at: Timestamp) {
         let mut work = vec![ended.clone()];
+        let mut gangs_changed = Vec::new();
         while let Some(id) = work.pop() {
             let Some(job) = self.jobs.get(&id) else {
                 continue;
@@ -264,6 +288,9 @@ impl State {
                 };
                 if d.status.is_terminal() {
                     continue;
+                }
+                if d.gang_size().is_some() {
+                    gangs_changed.push(dependent.clone());
                 }
                 if succeeded {
                     d.waiting_on.remove(&id);
@@ -321,6 +348,9 @@ impl State {
                 }
             }
         }
+        for gang in gangs_changed {
+            self.mirror_gang(&gang);
+        }
     }
 
     /// Whether any job ended before `before` (so a purge would have work).
@@ -338,12 +368,17 @@ impl State {
             .values()
             .filter(|j| j.status.is_terminal() && j.stopped_at.is_some_and(|t| t < before))
             .filter(|j| !matches!(j.array, Some(ArrayRole::Child { .. })))
+            .filter(|j| j.gang_node().is_none())
             .filter(|j| !self.dependents.contains_key(&j.id))
             .map(|j| j.id.clone())
             .collect();
         let mut purged = 0;
         for id in old {
-            let children: Vec<JobId> = self.array_children(&id).map(|c| c.id.clone()).collect();
+            let children: Vec<JobId> = self
+                .array_children(&id)
+                .chain(self.gang_nodes(&id))
+                .map(|c| c.id.clone())
+                .collect();
             if children.iter().any(|c| self.dependents.contains_key(c)) {
                 continue;
             }

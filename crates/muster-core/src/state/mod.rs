@@ -15,6 +15,7 @@ mod access;
 pub(crate) mod assignments;
 mod attempts;
 mod checks;
+mod gang;
 mod iam;
 mod invariants;
 mod job_table;
@@ -23,6 +24,7 @@ mod resources;
 mod runnable;
 
 use attempts::track_share;
+pub use gang::MAIN_NODE_EXITED;
 
 /// AWS's reason for an attempt whose container ran and exited.
 const CONTAINER_EXITED: &str = "Essential container in task exited";
@@ -133,7 +135,8 @@ impl State {
                 .entry(job.spec.queue.clone())
                 .or_default()
                 .insert(key.clone());
-            if job.status == JobStatus::Runnable {
+            // A multi-node job waits as its parent; its nodes are never in line themselves.
+            if job.status == JobStatus::Runnable && job.gang_node().is_none() {
                 self.runnable.insert(job);
             }
             if let Some(active) = &job.active {
@@ -407,6 +410,7 @@ impl State {
             orchestration: spec.orchestration,
             options: spec.options,
             scheduling_priority: spec.scheduling_priority,
+            node_properties: spec.node_properties,
         });
         Outcome::DefinitionRegistered {
             name: spec.name,
@@ -431,6 +435,11 @@ impl State {
         let Some(job) = self.jobs.get_mut(id) else {
             return Outcome::Ignored(format!("job {id} does not exist"));
         };
+        // A node of a multi-node job is ended with its whole job.
+        if let Some((parent, _, _)) = job.gang_node() {
+            return self.end_job(&parent, reason, at, how);
+        }
+        let gang = job.gang_size().is_some();
         match job.status {
             s if s.is_terminal() => {
                 Outcome::Ignored(format!("job {id} already ended {}", s.as_aws()))
@@ -439,6 +448,10 @@ impl State {
                 "job {id} is already {}; CancelJob does not stop it",
                 s.as_aws()
             )),
+            s if s.is_placed() && gang => {
+                self.terminate_gang(id, reason, at);
+                Outcome::Done
+            }
             s if s.is_placed() => {
                 job.is_terminated = true;
                 job.terminate_reason.get_or_insert(reason.clone());
@@ -478,6 +491,9 @@ impl State {
                 for index in 0..children {
                     let child = JobId::from(format!("{id}:{index}"));
                     self.end_job(&child, reason.clone(), at, how);
+                }
+                if gang {
+                    self.mirror_gang(id);
                 }
                 self.settle(id, at);
                 Outcome::Done
@@ -559,28 +575,53 @@ impl State {
                 .and_then(|j| j.active.as_ref())
                 .map(|a| a.node.clone())
         };
+        // What one attempt's report changes: an exit takes it off its node, and a node of a
+        // multi-node job that exits stops its gang; a main node that runs releases the others.
+        let report_affects = |job: &JobId, node: &NodeId, event: &AttemptEvent| -> Vec<NodeId> {
+            let gang = self.jobs.get(job).and_then(|j| j.gang_node());
+            match event {
+                AttemptEvent::Running => match gang {
+                    Some((_, _, true)) => self.gang_workers(job),
+                    _ => Vec::new(),
+                },
+                AttemptEvent::Exited { .. } => {
+                    let mut nodes = vec![node.clone()];
+                    if gang.is_some() {
+                        nodes.extend(self.gang_workers(job));
+                    }
+                    nodes
+                }
+            }
+        };
         match cmd {
             Command::Place { placements, .. } => {
                 AffectedNodes::Some(placements.iter().map(|p| p.node.clone()).collect())
             }
-            // An attempt reported RUNNING stays assigned; one that exited is no longer.
             Command::ReportAttempt {
-                event: AttemptEvent::Running,
-                ..
-            } => AffectedNodes::Some(Vec::new()),
-            Command::ReportAttempt { node, .. }
-            | Command::NodeLost { node, .. }
-            | Command::NodeHealth { node, .. }
-            | Command::RegisterNode { node, .. } => AffectedNodes::Some(vec![node.clone()]),
+                job, node, event, ..
+            } => AffectedNodes::Some(report_affects(job, node, event)),
             Command::ReportAttempts { reports, .. } => AffectedNodes::Some(
                 reports
                     .iter()
-                    .filter(|r| !matches!(r.event, AttemptEvent::Running))
-                    .map(|r| r.node.clone())
+                    .flat_map(|r| report_affects(&r.job, &r.node, &r.event))
                     .collect(),
             ),
+            Command::NodeLost { node, .. } => {
+                let mut nodes = vec![node.clone()];
+                if let Some(n) = self.nodes.get(node) {
+                    for job in &n.placed_jobs {
+                        nodes.extend(self.gang_workers(job));
+                    }
+                }
+                AffectedNodes::Some(nodes)
+            }
+            Command::NodeHealth { node, .. } | Command::RegisterNode { node, .. } => {
+                AffectedNodes::Some(vec![node.clone()])
+            }
             Command::TerminateJob { job, .. } => {
-                AffectedNodes::Some(node_of(job).into_iter().collect())
+                let mut nodes: Vec<NodeId> = node_of(job).into_iter().collect();
+                nodes.extend(self.gang_workers(job));
+                AffectedNodes::Some(nodes)
             }
             Command::SubmitJob(_)
             | Command::SubmitJobs(_)

@@ -1,0 +1,448 @@
+//! Multi-node jobs in the planner: whole gangs on distinct nodes, reservations that keep a
+//! gang from starving, and (property-tested) no partial hold whatever the interleaving.
+
+use super::*;
+use crate::test_support::{
+    JobSpec, compute_environment, definition, must, node_registration, queue, submission,
+};
+use muster_core::{
+    AttemptEvent, Command, ContainerSpec, JobDefinitionSpec, JobStatus, JobSubmission,
+    MultiNodeRole, NodeOverrides, NodeProperties, NodeRange, Outcome, RetryStrategy, Timestamp,
+};
+use proptest::prelude::*;
+
+const NOW: Timestamp = Timestamp(1_000_000);
+
+/// One compute environment of `nodes` 2-vCPU nodes `n0`…, queue `q`, the single-node
+/// definition `def` (1 vCPU) and the multi-node definition `mnp` (1 vCPU a node, one range,
+/// retried once).
+fn cluster(nodes: usize) -> State {
+    let mut s = State::default();
+    must(&mut s, compute_environment(Default::default()));
+    must(&mut s, queue("q", 1, None));
+    must(&mut s, definition());
+    let container = ContainerSpec {
+        image: "mpi".into(),
+        vcpus: Some(1),
+        memory: Some(64),
+        ..Default::default()
+    };
+    must(
+        &mut s,
+        Command::RegisterJobDefinition(JobDefinitionSpec {
+            name: "mnp".into(),
+            container: container.clone(),
+            parameters: Default::default(),
+            tags: Default::default(),
+            retry: Some(RetryStrategy {
+                attempts: 2,
+                evaluate_on_exit: Vec::new(),
+            }),
+            timeout_secs: None,
+            extra: Default::default(),
+            orchestration: Default::default(),
+            options: Default::default(),
+            scheduling_priority: None,
+            node_properties: Some(NodeProperties {
+                num_nodes: 2,
+                main_node: 0,
+                ranges: vec![NodeRange {
+                    target_nodes: ":".into(),
+                    container,
+                    options: Default::default(),
+                }],
+            }),
+        }),
+    );
+    for i in 0..nodes {
+        let register = node_registration(
+            &format!("n{i}"),
+            Resources::new(2000, 1024, 0),
+            Vec::new(),
+            Default::default(),
+            Timestamp(0),
+        );
+        must(&mut s, register);
+    }
+    s
+}
+
+/// Submits gang `id` of `nodes` nodes of 1 vCPU, with an attempt timeout when given.
+fn submit_gang(s: &mut State, id: &str, nodes: u32, at: u64, timeout_secs: Option<u64>) {
+    submit_sized_gang(s, id, nodes, 1, at, timeout_secs);
+}
+
+/// Submits gang `id` of `nodes` nodes of `vcpus` each.
+fn submit_sized_gang(
+    s: &mut State,
+    id: &str,
+    nodes: u32,
+    vcpus: i64,
+    at: u64,
+    timeout_secs: Option<u64>,
+) {
+    must(
+        s,
+        Command::SubmitJob(JobSubmission {
+            id: JobId::from(id),
+            at: Timestamp(at),
+            name: id.into(),
+            queue: "q".into(),
+            definition: "mnp".into(),
+            overrides: Default::default(),
+            parameters: Default::default(),
+            tags: Default::default(),
+            retry: None,
+            timeout_secs,
+            depends_on: Vec::new(),
+            array_size: None,
+            share_identifier: None,
+            scheduling_priority_override: None,
+            extra: Default::default(),
+            node_overrides: Some(NodeOverrides {
+                num_nodes: Some(nodes),
+                ranges: vec![muster_core::NodeOverride {
+                    target_nodes: ":".into(),
+                    container_overrides: muster_core::ContainerOverrides {
+                        vcpus: Some(vcpus),
+                        ..Default::default()
+                    },
+                }],
+            }),
+        }),
+    );
+}
+
+fn submit_single(s: &mut State, id: &str, at: u64, vcpus: i64, timeout_secs: Option<u64>) {
+    let spec = JobSpec {
+        queue: "q".into(),
+        at,
+        vcpus,
+        memory: 64,
+        timeout_secs,
+        ..Default::default()
+    };
+    must(s, submission(id, spec));
+}
+
+fn apply(s: &mut State, p: Plan, at: u64) -> Outcome {
+    let checked = verify(s, p);
+    s.apply(Command::Place {
+        term: 1,
+        at: Timestamp(at),
+        placements: checked.placements,
+    })
+}
+
+/// Ends every attempt placed on the state with exit code 0 (main nodes first, so that each
+/// gang ends as its main node does).
+fn finish_all(s: &mut State, at: u64) {
+    for _ in 0..3 {
+        let mut placed: Vec<(JobId, NodeId, u32, bool)> = s
+            .nodes()
+            .flat_map(|n| n.placed_jobs.iter().map(move |j| (j.clone(), n.id.clone())))
+            .filter_map(|(j, n)| {
+                let job = s.job(&j)?;
+                let main = job.gang_node().is_none_or(|(_, _, main)| main);
+                Some((j, n, job.active.as_ref()?.number, main))
+            })
+            .collect();
+        placed.sort_by_key(|(_, _, _, main)| !main);
+        for (job, node, attempt, _) in placed {
+            for event in [
+                AttemptEvent::Running,
+                AttemptEvent::Exited {
+                    exit_code: Some(0),
+                    reason: None,
+                },
+            ] {
+                s.apply(Command::ReportAttempt {
+                    job: job.clone(),
+                    attempt,
+                    node: node.clone(),
+                    event,
+                    at: Timestamp(at),
+                });
+            }
+        }
+    }
+}
+
+#[test]
+fn a_gang_goes_whole_to_distinct_nodes_in_one_plan() {
+    let mut s = cluster(4);
+    submit_gang(&mut s, "g", 4, 1, None);
+    let p = plan(&s, &PlanConfig::default(), NOW);
+    let workers: BTreeSet<&NodeId> = p.placements.iter().map(|p| &p.node).collect();
+    assert_eq!(p.placements.len(), 4);
+    assert_eq!(workers.len(), 4, "each node on a worker of its own");
+    assert_eq!(
+        apply(&mut s, p, 2),
+        Outcome::Placed {
+            placed: 4,
+            refused: 0
+        }
+    );
+    assert_eq!(
+        s.job(&JobId::from("g")).unwrap().status,
+        JobStatus::Starting
+    );
+}
+
+#[test]
+fn a_gang_no_set_of_nodes_could_hold_fails_fast() {
+    let mut s = cluster(3);
+    submit_gang(&mut s, "g", 4, 1, None);
+    let p = plan(&s, &PlanConfig::default(), NOW);
+    assert!(p.placements.is_empty());
+    let reason = p.unplaced[0].status_reason();
+    assert!(
+        reason.starts_with("MISCONFIGURATION:JOB_RESOURCE_REQUIREMENT"),
+        "{reason}"
+    );
+    assert!(reason.contains("4 nodes"), "{reason}");
+}
+
+#[test]
+fn two_gangs_that_each_need_most_of_the_cluster_run_one_after_the_other() {
+    // Each gang needs three of the four 2-vCPU nodes whole.
+    let mut s = cluster(4);
+    submit_sized_gang(&mut s, "a", 3, 2, 1, None);
+    submit_sized_gang(&mut s, "b", 3, 2, 2, None);
+    let p = plan(&s, &PlanConfig::default(), NOW);
+    let gangs: BTreeSet<String> = p
+        .placements
+        .iter()
+        .map(|p| p.job.to_string().split('#').next().unwrap().to_owned())
+        .collect();
+    assert_eq!(gangs, BTreeSet::from(["a".to_owned()]), "b waits whole");
+    assert_eq!(p.placements.len(), 3);
+    apply(&mut s, p, 3);
+    finish_all(&mut s, 4);
+    assert_eq!(
+        s.job(&JobId::from("a")).unwrap().status,
+        JobStatus::Succeeded
+    );
+    let p = plan(&s, &PlanConfig::default(), NOW);
+    assert_eq!(p.placements.len(), 3);
+    apply(&mut s, p, 5);
+    finish_all(&mut s, 6);
+    assert_eq!(
+        s.job(&JobId::from("b")).unwrap().status,
+        JobStatus::Succeeded
+    );
+    assert!(s.resource_violations().is_empty());
+}
+
+#[test]
+fn a_gang_at_the_head_holds_its_nodes_against_a_stream_of_small_jobs() {
+    let mut s = cluster(4);
+    // Every node half busy with a job that ends within a minute; one node full.
+    for i in 0..5 {
+        submit_single(&mut s, &format!("busy{i}"), 0, 1, Some(60));
+    }
+    let busy = plan(&s, &PlanConfig::default(), NOW);
+    apply(&mut s, busy, NOW.as_millis());
+    // The gang needs two vCPUs on each of the four nodes; small jobs keep coming behind it.
+    must(
+        &mut s,
+        Command::SubmitJob(JobSubmission {
+            id: JobId::from("g"),
+            at: Timestamp(1),
+            name: "g".into(),
+            queue: "q".into(),
+            definition: "mnp".into(),
+            overrides: Default::default(),
+            parameters: Default::default(),
+            tags: Default::default(),
+            retry: None,
+            timeout_secs: None,
+            depends_on: Vec::new(),
+            array_size: None,
+            share_identifier: None,
+            scheduling_priority_override: None,
+            extra: Default::default(),
+            node_overrides: Some(NodeOverrides {
+                num_nodes: Some(4),
+                ranges: vec![muster_core::NodeOverride {
+                    target_nodes: ":".into(),
+                    container_overrides: muster_core::ContainerOverrides {
+                        vcpus: Some(2),
+                        ..Default::default()
+                    },
+                }],
+            }),
+        }),
+    );
+    for i in 0..20 {
+        // Without a timeout: they could run past the gang's start, so they must not take
+        // the gang's nodes.
+        submit_single(&mut s, &format!("small{i}"), 2 + i, 1, None);
+    }
+    let p = plan(&s, &PlanConfig::default(), NOW);
+    assert!(
+        p.placements.is_empty(),
+        "small jobs took the gang's room: {:?}",
+        p.placements
+    );
+    let gang = p
+        .unplaced
+        .iter()
+        .find(|u| u.job.to_string() == "g")
+        .unwrap();
+    let reason = gang.status_reason();
+    assert!(reason.contains("room reserved on 4 nodes"), "{reason}");
+    assert!(reason.contains("planned start by"), "{reason}");
+
+    // Jobs short enough to end before the gang starts may still use the room.
+    submit_single(&mut s, "short", 30, 1, Some(10));
+    let p = plan(&s, &PlanConfig::default(), NOW);
+    let placed: Vec<String> = p.placements.iter().map(|p| p.job.to_string()).collect();
+    assert_eq!(placed, ["short"]);
+}
+
+/// One step of the interleaving property below.
+#[derive(Debug, Clone)]
+enum Step {
+    Plan,
+    ApplyOldest,
+    LoseNode(usize),
+    Rejoin(usize),
+    /// Report on the n-th placed attempt: running, or ended with this exit code.
+    Run(usize),
+    Exit(usize, i32),
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        3 => Just(Step::Plan),
+        3 => Just(Step::ApplyOldest),
+        1 => (0usize..5).prop_map(Step::LoseNode),
+        1 => (0usize..5).prop_map(Step::Rejoin),
+        2 => (0usize..8).prop_map(Step::Run),
+        2 => ((0usize..8), prop_oneof![Just(0), Just(1)]).prop_map(|(n, c)| Step::Exit(n, c)),
+    ]
+}
+
+/// No partial hold: a gang waiting in line holds nothing; a gang just placed holds a node
+/// job on each of as many distinct workers as it has nodes; no two nodes of a gang are on
+/// one worker; and the nodes' books add up.
+fn assert_gangs_whole(s: &State, just_placed: &BTreeSet<JobId>) {
+    for parent in s.jobs().filter(|j| j.gang_size().is_some()) {
+        let nodes: Vec<&muster_core::Job> = s.gang_nodes(&parent.id).collect();
+        let active: Vec<&NodeId> = nodes
+            .iter()
+            .filter_map(|n| n.active.as_ref().map(|a| &a.node))
+            .collect();
+        let distinct: BTreeSet<&NodeId> = active.iter().copied().collect();
+        assert_eq!(
+            distinct.len(),
+            active.len(),
+            "{}: two nodes on one worker",
+            parent.id
+        );
+        if matches!(
+            parent.status,
+            JobStatus::Pending | JobStatus::Runnable | JobStatus::Submitted
+        ) || parent.status.is_terminal()
+        {
+            assert!(
+                active.is_empty(),
+                "{} holds {active:?} while {:?}",
+                parent.id,
+                parent.status
+            );
+        }
+        if just_placed.contains(&parent.id) {
+            assert_eq!(active.len(), nodes.len(), "{} placed in part", parent.id);
+        }
+        let decided = matches!(
+            parent.multinode.as_deref(),
+            Some(MultiNodeRole::Parent {
+                ending: Some(_),
+                ..
+            })
+        );
+        if parent.status.is_placed() && !decided {
+            // Until the attempt's end is decided, every node runs or has finished its part.
+            let attempt = parent.attempts.len() + 1;
+            for n in &nodes {
+                let done = n.attempts.len() == attempt
+                    && n.attempts.last().is_some_and(|a| a.exit_code == Some(0));
+                assert!(
+                    n.active.is_some() || done,
+                    "{} runs in part: {} is idle",
+                    parent.id,
+                    n.id
+                );
+            }
+        }
+    }
+    assert_eq!(s.resource_violations(), Vec::<String>::new());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+    /// Random gangs and single jobs, plans applied late, nodes lost and back, attempts that
+    /// run and end in any order: no gang is ever held in part, and no node over-committed.
+    #[test]
+    fn gangs_are_never_held_in_part(
+        nodes in 2usize..6,
+        jobs in prop::collection::vec((prop::option::of(2u32..5), 1i64..3), 1..12),
+        steps in prop::collection::vec(step(), 1..80),
+    ) {
+        let mut s = cluster(nodes);
+        for (i, (gang, vcpus)) in jobs.iter().enumerate() {
+            match gang {
+                Some(size) => submit_gang(&mut s, &format!("g{i}"), *size, i as u64, None),
+                None => submit_single(&mut s, &format!("j{i}"), i as u64, *vcpus, None),
+            }
+        }
+        let mut kept: std::collections::VecDeque<Plan> = Default::default();
+        let mut clock = 10_000u64;
+        for step in steps {
+            clock += 1;
+            let now = Timestamp(clock);
+            let mut just_placed = BTreeSet::new();
+            match step {
+                Step::Plan => {
+                    let p = plan(&s, &PlanConfig::default(), now);
+                    prop_assert_eq!(&p, &plan(&s.clone(), &PlanConfig::default(), now));
+                    kept.push_back(p);
+                }
+                Step::ApplyOldest => {
+                    if let Some(p) = kept.pop_front() {
+                        let checked = verify(&s, p);
+                        let n = checked.placements.len();
+                        for p in &checked.placements {
+                            if let Some((parent, _, _)) = s.job(&p.job).and_then(|j| j.gang_node()) {
+                                just_placed.insert(parent);
+                            }
+                        }
+                        let outcome = s.apply(Command::Place { term: 1, at: now, placements: checked.placements });
+                        prop_assert_eq!(outcome, Outcome::Placed { placed: n, refused: 0 });
+                    }
+                }
+                Step::LoseNode(i) => {
+                    s.apply(Command::NodeLost { node: NodeId(format!("n{}", i % nodes)), at: now });
+                }
+                Step::Rejoin(i) => {
+                    s.apply(node_registration(&format!("n{}", i % nodes), Resources::new(2000, 1024, 0), Vec::new(), Default::default(), now));
+                }
+                Step::Run(k) | Step::Exit(k, _) => {
+                    let placed: Vec<(JobId, NodeId)> = s.nodes().flat_map(|n| n.placed_jobs.iter().cloned().map(|j| (j, n.id.clone()))).collect();
+                    if !placed.is_empty() {
+                        let (job, node) = placed[k % placed.len()].clone();
+                        let attempt = s.job(&job).unwrap().active.as_ref().unwrap().number;
+                        let event = match step {
+                            Step::Exit(_, code) => AttemptEvent::Exited { exit_code: Some(code), reason: None },
+                            _ => AttemptEvent::Running,
+                        };
+                        s.apply(Command::ReportAttempt { job, attempt, node, event, at: now });
+                    }
+                }
+            }
+            assert_gangs_whole(&s, &just_placed);
+        }
+    }
+}
