@@ -49,6 +49,36 @@ fn example_agent_config_is_valid() {
         .unwrap();
     assert_eq!(config.compute_environment, "cpu");
     assert_eq!(config.reserved_millicpus, 500);
+    assert_eq!(
+        config.labels.get("topology").map(String::as_str),
+        Some("block=b1/rack=rack-12/switch=s3")
+    );
+    assert_eq!(
+        config.labels.get("topology.rack").map(String::as_str),
+        Some("rack-12")
+    );
+}
+
+/// A topology path is `level=name` entries, each level once; anything else names the setting.
+#[test]
+fn a_topology_path_is_checked_level_by_level() {
+    let base = "compute_environment = \"ce\"\nexecutor = \"process\"\ncontrol_plane = [\"127.0.0.1:7101\"]\nwork_dir = \"/tmp/w\"\nplaintext = true\n";
+    let parse = |extra: &str| {
+        muster_agent::RawAgentConfig::from_toml(&format!("{base}{extra}"))
+            .unwrap()
+            .validate()
+    };
+    for bad in [
+        "topology = [\"rack\"]\n",
+        "topology = [\"rack=r1\", \"rack=r2\"]\n",
+        "topology = [\"rack=r/1\"]\n",
+    ] {
+        let err = parse(bad).unwrap_err();
+        assert!(err.to_string().starts_with("topology"), "{bad}: {err}");
+    }
+    let ok = parse("topology = [\"rack=r1\", \"switch=s2\"]\n").unwrap();
+    assert_eq!(ok.labels["topology"], "rack=r1/switch=s2");
+    assert_eq!(ok.labels["topology.switch"], "s2");
 }
 
 /// `vcpus` and `memory_mib` offer less than the machine has: more is refused, naming the

@@ -27,6 +27,8 @@ main = int(os.environ["AWS_BATCH_JOB_MAIN_NODE_INDEX"])
 addresses = os.environ["MUSTER_NODE_ADDRESSES"].split(",")
 port = int(sys.argv[1])
 print("node", index, "of", count, "at", addresses[index], "job", os.environ["AWS_BATCH_JOB_ID"], flush=True)
+print("hostfile", " ".join(open(os.environ["MUSTER_HOSTFILE"]).read().split()), flush=True)
+print("addresses", " ".join(addresses), flush=True)
 if index == main:
     # The main node listens on its own address only: the others must have been told it.
     server = socket.socket()
@@ -176,6 +178,9 @@ def test_a_rendezvous_runs_across_four_agents_main_node_first(cluster, batch, tm
     assert "all arrived [1, 2, 3]" in main_log, main_log
     other = log_of(cluster, nodes[2])
     assert other[0].startswith(f"node 2 of {AGENTS} at 127.0.0.") and other[0].endswith(f"job {job_id}#2"), other
+    # The hostfile lists every node's address in index order, one per agent.
+    addresses = other[2].split()[1:]
+    assert other[1] == "hostfile " + " ".join(addresses) and len(set(addresses)) == AGENTS, other
 
     listed = batch.list_jobs(jobQueue="default", jobStatus="SUCCEEDED")["jobSummaryList"]
     mine = [j for j in listed if j["jobId"].startswith(job_id)]
@@ -306,6 +311,7 @@ def test_a_rendezvous_in_docker_containers_on_the_host_network():
         command = ["sh", "-c",
                    'main="${AWS_BATCH_JOB_MAIN_NODE_PRIVATE_IPV4_ADDRESS}"; '
                    'if [ "$AWS_BATCH_JOB_NODE_INDEX" = "$AWS_BATCH_JOB_MAIN_NODE_INDEX" ]; then '
+                   '  echo "hosts $(cat "$MUSTER_HOSTFILE" | tr "\\n" " ")"; '
                    f'  for i in $(seq 2 "$AWS_BATCH_JOB_NUM_NODES"); do nc -l -p {port}; echo; done; echo all arrived; '
                    'else '
                    f'  until echo "$AWS_BATCH_JOB_NODE_INDEX" | nc -w 2 "$main" {port}; do sleep 0.2; done; sleep 60; '
@@ -318,5 +324,7 @@ def test_a_rendezvous_in_docker_containers_on_the_host_network():
         assert len({n["container"]["containerInstanceArn"] for n in nodes}) == 3
         log = log_of(dev, nodes[0])
         assert "all arrived" in log and sorted(l for l in log if l in ("1", "2")) == ["1", "2"], log
+        hosts = [l for l in log if l.startswith("hosts ")][0].split()[1:]
+        assert len(hosts) == 3 and all(h.startswith("127.0.0.") for h in hosts), log
     finally:
         stop(dev)

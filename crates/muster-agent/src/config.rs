@@ -59,6 +59,12 @@ pub struct RawAgentConfig {
     /// The network topology domain this machine sits in (a switch, a placement group);
     /// reported as the `topology-domain` label.
     pub topology_domain: Option<String>,
+    /// Where this machine sits in the network, widest level first, each `level=name`:
+    /// `["block=b1", "rack=r12", "switch=s3"]`. Multi-node jobs take the narrowest domain
+    /// that holds them (Slurm's tree topology); reported as the `topology` label
+    /// (`block=b1/rack=r12/switch=s3`) and one `topology.<level>` label per level.
+    #[serde(default)]
+    pub topology: Vec<String>,
     /// Free-form labels jobs may require with `muster:node.<label>` tags.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
@@ -130,6 +136,7 @@ impl RawAgentConfig {
             stop_grace_secs: default_stop_grace_secs(),
             stop_after_secs: default_stop_after_secs(),
             topology_domain: None,
+            topology: Vec::new(),
             labels: BTreeMap::new(),
             private_address: None,
             log_listen_addr: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -156,8 +163,7 @@ pub struct Reserved {
     pub memory_mib: u64,
 }
 
-/// The label that carries `topology_domain`; gang scheduling prefers nodes sharing one.
-pub const TOPOLOGY_DOMAIN_LABEL: &str = "topology-domain";
+pub use muster_core::{TOPOLOGY_DOMAIN_LABEL, TOPOLOGY_LABEL};
 
 /// Past the control node's ports (API 7070, agents 7101, Raft 7102), so that an agent and a
 /// control node on one host do not collide by default.
@@ -304,6 +310,33 @@ impl RawAgentConfig {
         let mut labels = self.labels;
         if let Some(domain) = self.topology_domain {
             labels.insert(TOPOLOGY_DOMAIN_LABEL.to_owned(), domain);
+        }
+        if !self.topology.is_empty() {
+            let mut levels = Vec::new();
+            for entry in &self.topology {
+                let part_ok = |s: &str| {
+                    !s.is_empty()
+                        && s.chars()
+                            .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
+                };
+                match entry.split_once('=') {
+                    Some((level, name))
+                        if part_ok(level) && part_ok(name) && !levels.contains(&level) =>
+                    {
+                        levels.push(level);
+                        labels.insert(format!("{TOPOLOGY_LABEL}.{level}"), name.to_owned());
+                    }
+                    _ => {
+                        return Err(invalid(
+                            "topology",
+                            &format!(
+                                "{entry:?}: each level is level=name (letters, digits, - _ . :), each level once, widest first"
+                            ),
+                        ));
+                    }
+                }
+            }
+            labels.insert(TOPOLOGY_LABEL.to_owned(), self.topology.join("/"));
         }
         for (key, value) in &labels {
             let valid = |s: &str| {

@@ -446,3 +446,216 @@ proptest! {
         }
     }
 }
+
+/// `cluster(0)` plus 2-vCPU nodes `n0`… in the given racks (`block=b1/rack=<rack>`), each with
+/// the extra labels given.
+fn racked(racks: &[(&str, &[(&str, &str)])]) -> State {
+    let mut s = cluster(0);
+    for (i, (rack, extra)) in racks.iter().enumerate() {
+        let mut labels: std::collections::BTreeMap<String, String> = extra
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        labels.insert("topology".into(), format!("block=b1/rack={rack}"));
+        let register = node_registration(
+            &format!("n{i}"),
+            Resources::new(2000, 1024, 0),
+            Vec::new(),
+            labels,
+            Timestamp(0),
+        );
+        must(&mut s, register);
+    }
+    s
+}
+
+fn racks_of(s: &State, p: &Plan) -> BTreeSet<String> {
+    p.placements
+        .iter()
+        .map(|p| {
+            let node = s.node(&p.node).unwrap();
+            node.topology()[1].1.to_owned()
+        })
+        .collect()
+}
+
+fn tag(s: &mut State, id: &str, nodes: u32, tags: &[(&str, &str)], at: u64) {
+    let mut sub = match submission_of_gang(id, nodes, at) {
+        Command::SubmitJob(sub) => sub,
+        _ => unreachable!(),
+    };
+    sub.tags = tags
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    must(s, Command::SubmitJob(sub));
+}
+
+/// The submit of gang `id` of `nodes` nodes of 1 vCPU, to be changed before it is applied.
+fn submission_of_gang(id: &str, nodes: u32, at: u64) -> Command {
+    Command::SubmitJob(JobSubmission {
+        id: JobId::from(id),
+        at: Timestamp(at),
+        name: id.into(),
+        queue: "q".into(),
+        definition: "mnp".into(),
+        overrides: Default::default(),
+        parameters: Default::default(),
+        tags: Default::default(),
+        retry: None,
+        timeout_secs: None,
+        depends_on: Vec::new(),
+        array_size: None,
+        share_identifier: None,
+        scheduling_priority_override: None,
+        extra: Default::default(),
+        node_overrides: Some(NodeOverrides {
+            num_nodes: Some(nodes),
+            ranges: Vec::new(),
+        }),
+    })
+}
+
+#[test]
+fn a_gang_takes_the_tightest_rack_that_holds_it_and_says_where() {
+    let mut s = racked(&[
+        ("r1", &[]),
+        ("r1", &[]),
+        ("r2", &[]),
+        ("r2", &[]),
+        ("r2", &[]),
+        ("r3", &[]),
+        ("r3", &[]),
+        ("r3", &[]),
+        ("r3", &[]),
+    ]);
+    submit_gang(&mut s, "g", 3, 1, None);
+    let p = plan(&s, &PlanConfig::default(), NOW);
+    // r2 (three nodes) holds it exactly; r3 could too but is larger.
+    assert_eq!(racks_of(&s, &p), BTreeSet::from(["r2".to_owned()]));
+    apply(&mut s, p, 2);
+    assert_eq!(
+        s.job(&JobId::from("g")).unwrap().status_reason.as_deref(),
+        Some("Nodes placed: 3 workers within block=b1/rack=r2")
+    );
+    // Five nodes fit in no rack: spread, within the block.
+    submit_gang(&mut s, "wide", 5, 3, None);
+    let p = plan(&s, &PlanConfig::default(), NOW);
+    assert_eq!(p.placements.len(), 5);
+    apply(&mut s, p, 4);
+    assert_eq!(
+        s.job(&JobId::from("wide"))
+            .unwrap()
+            .status_reason
+            .as_deref(),
+        Some("Nodes placed: 5 workers within block=b1")
+    );
+}
+
+#[test]
+fn a_required_rack_waits_for_one_and_a_preferred_one_spreads_after_its_wait() {
+    let racks: &[(&str, &[(&str, &str)])] = &[("r1", &[]), ("r1", &[]), ("r2", &[]), ("r2", &[])];
+    let mut s = racked(racks);
+    tag(
+        &mut s,
+        "strict",
+        3,
+        &[("muster:topology", "required:rack")],
+        1,
+    );
+    let p = plan(&s, &PlanConfig::default(), NOW);
+    assert!(p.placements.is_empty());
+    let reason = p.unplaced[0].status_reason();
+    // No rack could ever hold three nodes: it fails fast rather than wait forever.
+    assert!(reason.starts_with("MISCONFIGURATION"), "{reason}");
+
+    let mut s = racked(&[
+        ("r1", &[]),
+        ("r1", &[]),
+        ("r1", &[]),
+        ("r2", &[]),
+        ("r2", &[]),
+    ]);
+    submit_single(&mut s, "busy", 0, 2, None);
+    let busy = plan(&s, &PlanConfig::default(), NOW);
+    apply(&mut s, busy, 1);
+    // Now r1 has two free nodes and r2 two: three in one rack must wait.
+    tag(
+        &mut s,
+        "strict",
+        3,
+        &[("muster:topology", "required:rack")],
+        2,
+    );
+    let p = plan(&s, &PlanConfig::default(), NOW);
+    assert!(p.placements.is_empty(), "{:?}", p.placements);
+    let reason = p.unplaced[0].status_reason();
+    assert!(reason.contains("in one rack"), "{reason}");
+
+    let mut s = racked(&[
+        ("r1", &[]),
+        ("r1", &[]),
+        ("r1", &[]),
+        ("r2", &[]),
+        ("r2", &[]),
+    ]);
+    submit_single(&mut s, "busy", 0, 2, None);
+    let busy = plan(&s, &PlanConfig::default(), NOW);
+    apply(&mut s, busy, 1);
+    tag(
+        &mut s,
+        "patient",
+        3,
+        &[("muster:topology", "preferred:rack:60")],
+        2,
+    );
+    let since = s
+        .job(&JobId::from("patient"))
+        .unwrap()
+        .runnable_since
+        .unwrap();
+    let early = plan(
+        &s,
+        &PlanConfig::default(),
+        Timestamp(since.as_millis() + 59_000),
+    );
+    assert!(early.placements.is_empty());
+    let late = plan(
+        &s,
+        &PlanConfig::default(),
+        Timestamp(since.as_millis() + 60_000),
+    );
+    assert_eq!(late.placements.len(), 3);
+    assert_eq!(racks_of(&s, &late).len(), 2);
+}
+
+#[test]
+fn a_gang_that_needs_a_fabric_gets_only_nodes_that_have_it() {
+    let efa: &[(&str, &str)] = &[("rdma-devices", "rdmap0s6"), ("efa", "true")];
+    let mut s = racked(&[
+        ("r1", &[]),
+        ("r1", efa),
+        ("r2", efa),
+        ("r2", &[]),
+        ("r2", efa),
+    ]);
+    tag(&mut s, "mpi", 3, &[("muster:fabric", "efa")], 1);
+    let p = plan(&s, &PlanConfig::default(), NOW);
+    let nodes: BTreeSet<String> = p.placements.iter().map(|p| p.node.0.clone()).collect();
+    assert_eq!(
+        nodes,
+        BTreeSet::from(["n1".to_owned(), "n2".to_owned(), "n4".to_owned()])
+    );
+    tag(&mut s, "too-big", 4, &[("muster:fabric", "efa")], 2);
+    let p = plan(&s, &PlanConfig::default(), NOW);
+    let big = p
+        .unplaced
+        .iter()
+        .find(|u| u.job.to_string() == "too-big")
+        .unwrap();
+    assert!(
+        big.status_reason().starts_with("MISCONFIGURATION"),
+        "{}",
+        big.status_reason()
+    );
+}

@@ -69,6 +69,8 @@ pub enum WaitReason {
         needs: Resources,
         /// Distinct nodes it needs `needs` on (1, or the size of a multi-node job).
         nodes: u32,
+        /// Where they must be, as ` in one rack` (or empty).
+        requirements: String,
         compute_environments: Vec<String>,
     },
     /// None of the queue's compute environments is enabled or has a ready node.
@@ -154,9 +156,10 @@ impl Unplaced {
             WaitReason::InsufficientCapacity {
                 needs,
                 nodes,
+                requirements,
                 compute_environments,
             } => format!(
-                "RUNNABLE: waiting for {} in {}; {} jobs ahead{}",
+                "RUNNABLE: waiting for {}{requirements} in {}; {} jobs ahead{}",
                 describe_resources(needs, *nodes),
                 compute_environments.join(", "),
                 self.jobs_ahead,
@@ -280,7 +283,7 @@ pub fn plan(state: &State, config: &PlanConfig, now: Timestamp) -> Plan {
                     return out;
                 }
                 let ends_by = reservations::ends_by(job, now);
-                match gang::find(&pool, &nodes, &ces, &reservations, ends_by) {
+                match gang::find(&pool, job, &nodes, &ces, &reservations, now) {
                     Some(chosen) => {
                         for (node_job, worker) in nodes.iter().zip(chosen) {
                             let gpus = pool.take(worker, node_job, ends_by);
@@ -299,7 +302,7 @@ pub fn plan(state: &State, config: &PlanConfig, now: Timestamp) -> Plan {
                         misses = 0;
                     }
                     None => {
-                        let reason = gang::why_unplaced(&pool, &nodes, &ces);
+                        let reason = gang::why_unplaced(&pool, job, &nodes, &ces);
                         let mut reservation = None;
                         if !matches!(reason, WaitReason::NeverFits { .. }) {
                             if matches!(reason, WaitReason::InsufficientCapacity { .. })
@@ -396,6 +399,7 @@ fn why_unplaced(pool: &Pool, job: &muster_core::Job, ces: &[String]) -> WaitReas
         WaitReason::InsufficientCapacity {
             needs,
             nodes,
+            requirements: String::new(),
             compute_environments,
         }
     }

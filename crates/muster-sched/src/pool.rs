@@ -47,6 +47,7 @@ impl Shape<'_> {
             && job
                 .required_gpu_model()
                 .is_none_or(|m| self.gpu_models.get(m).copied().unwrap_or(0) >= need.gpus)
+            && job.spec.fabric.is_none_or(|f| f.offered_by(self.labels))
     }
 }
 
@@ -58,6 +59,9 @@ pub(crate) struct Pool<'s> {
     /// with how many nodes have it.
     shapes: BTreeMap<&'s str, Vec<(Shape<'s>, usize)>>,
     strategies: BTreeMap<&'s str, AllocationStrategy>,
+    /// Every registered node of the wanted environments (lost ones too), for questions about
+    /// what could ever run.
+    registered: BTreeMap<&'s str, Vec<&'s Node>>,
 }
 
 impl<'s> Pool<'s> {
@@ -69,6 +73,7 @@ impl<'s> Pool<'s> {
             by_free: BTreeMap::new(),
             shapes: BTreeMap::new(),
             strategies: BTreeMap::new(),
+            registered: BTreeMap::new(),
         };
         let mut enabled = BTreeSet::new();
         for ce in state.compute_environments() {
@@ -95,6 +100,7 @@ impl<'s> Pool<'s> {
                 labels: &node.inventory.labels,
                 gpu_models,
             };
+            pool.registered.entry(ce).or_default().push(node);
             let shapes = pool.shapes.entry(ce).or_default();
             match shapes.iter_mut().find(|(s, _)| *s == shape) {
                 Some((_, count)) => *count += 1,
@@ -155,6 +161,14 @@ impl<'s> Pool<'s> {
             .sum()
     }
 
+    /// Every registered node of `ces`, ready or not.
+    pub fn registered_in<'p>(&'p self, ces: &'p [String]) -> impl Iterator<Item = &'s Node> + 'p {
+        ces.iter()
+            .filter_map(|ce| self.registered.get(ce.as_str()))
+            .flatten()
+            .copied()
+    }
+
     /// Sum of capacity and of free vCPU of the ready nodes of `ces`, in millicpus.
     pub fn millicpus(&self, ces: &[String]) -> (u64, u64) {
         ces.iter()
@@ -179,8 +193,7 @@ impl<'s> Pool<'s> {
         self.find_except(job, ces, reservations, ends_by, &BTreeSet::new())
     }
 
-    /// As [`Self::find`], among the nodes not in `taken` (those an earlier node of the same
-    /// multi-node job is going to).
+    /// As [`Self::find`], among the nodes not in `taken`.
     pub fn find_except(
         &self,
         job: &Job,
@@ -190,14 +203,8 @@ impl<'s> Pool<'s> {
         taken: &BTreeSet<&NodeId>,
     ) -> Option<&'s NodeId> {
         let need = job.spec.container.resources();
-        let fits = |id: &NodeId| {
-            let room = &self.rooms[id];
-            !taken.contains(id)
-                && need.fits_in(&room.free)
-                && room.node.satisfies(job)
-                && self.free_gpus(room, job).take(need.gpus as usize).count() == need.gpus as usize
-                && reservations.permits(id, &need, ends_by)
-        };
+        let fits =
+            |id: &NodeId| !taken.contains(id) && self.fits_on(id, job, reservations, ends_by);
         ces.iter().find_map(|ce| {
             let index = self.by_free.get(ce.as_str())?;
             let from = (need.millicpus, 0, &NO_NODE);
@@ -212,6 +219,25 @@ impl<'s> Pool<'s> {
             }
             .map(|(_, _, id)| *id)
         })
+    }
+
+    /// Whether `job` fits on the ready node `id` now (room, labels, GPUs) without delaying a
+    /// reservation there.
+    pub fn fits_on(
+        &self,
+        id: &NodeId,
+        job: &Job,
+        reservations: &Reservations,
+        ends_by: Option<u64>,
+    ) -> bool {
+        let Some(room) = self.rooms.get(id) else {
+            return false;
+        };
+        let need = job.spec.container.resources();
+        need.fits_in(&room.free)
+            && room.node.satisfies(job)
+            && self.free_gpus(room, job).take(need.gpus as usize).count() == need.gpus as usize
+            && reservations.permits(id, &need, ends_by)
     }
 
     fn free_gpus<'a>(&'a self, room: &'a Room<'s>, job: &'a Job) -> impl Iterator<Item = u32> + 'a {

@@ -155,9 +155,7 @@ fn dev_agent(
     };
     if count > 1 {
         raw.private_address = Some(std::net::IpAddr::from([127, 0, 0, 1 + index as u8]));
-        raw.topology_domain = Some(format!("rack-{}", (index - 1) % 2 + 1));
-        raw.labels
-            .insert("rack".to_owned(), format!("rack-{}", (index - 1) % 2 + 1));
+        raw.topology = vec![format!("rack=rack-{}", (index - 1) % 2 + 1)];
     }
     let mut config = raw
         .validate()

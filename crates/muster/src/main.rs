@@ -539,7 +539,8 @@ fn print_inventory(path: Option<PathBuf>) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let gpus = muster_agent::inventory::gpus();
     eprintln!("GPU discovery took {} ms", started.elapsed().as_millis());
-    let inventory = muster_agent::inventory::collect(&config, "127.0.0.1".into(), gpus);
+    let address = config.private_address.to_string();
+    let inventory = muster_agent::inventory::collect(&config, address, gpus);
     println!("{}", serde_json::to_string_pretty(&inventory)?);
     Ok(())
 }

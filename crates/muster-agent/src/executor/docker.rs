@@ -265,7 +265,17 @@ impl DockerExecutor {
                         })
                         .collect()
                 }),
-                binds: Some(binds(&a.options)),
+                binds: Some({
+                    let mut binds = binds(&a.options);
+                    if a.environment.iter().any(|(k, _)| k == "MUSTER_HOSTFILE") {
+                        binds.push(format!(
+                            "{}:{}:ro",
+                            super::hostfile_path(log_path).display(),
+                            super::CONTAINER_HOSTFILE
+                        ));
+                    }
+                    binds
+                }),
                 // The nodes of a multi-node job reach each other at their workers' addresses.
                 network_mode: a.options.host_network.then(|| "host".to_owned()),
                 readonly_rootfs: Some(a.options.readonly_root_filesystem),

@@ -67,6 +67,16 @@ impl Executor {
                 false
             }
         };
+        let with_hostfile = match with_hostfile(assignment, log_path, self) {
+            Ok(a) => a,
+            Err(e) => {
+                return AttemptExit::failed_to_start(format!(
+                    "CannotStartContainerError: cannot write the hostfile beside {}: {e}",
+                    log_path.display()
+                ));
+            }
+        };
+        let assignment = with_hostfile.as_ref().unwrap_or(assignment);
         let exit = match self {
             Executor::Docker(d) => {
                 d.run(assignment, log_path, started, stop, grace, resumed)
@@ -154,4 +164,40 @@ pub const STOPPED_BY_MUSTER: &str = "Stopped by Muster";
 /// across an await, so futures using it stay `Send`.
 pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Where a container finds its multi-node job's hostfile.
+pub const CONTAINER_HOSTFILE: &str = "/etc/muster/hostfile";
+
+/// The hostfile of a multi-node job's node, beside the attempt's log: every node's address,
+/// one a line, in index order (from `MUSTER_NODE_ADDRESSES`), as `mpirun --hostfile` reads
+/// it. Where there is one, the assignment gains `MUSTER_HOSTFILE` naming it (a process sees
+/// the file itself; a container sees it bound read-only at [`CONTAINER_HOSTFILE`]).
+fn with_hostfile(
+    assignment: &Assignment,
+    log_path: &Path,
+    executor: &Executor,
+) -> std::io::Result<Option<Assignment>> {
+    let Some((_, addresses)) = assignment
+        .environment
+        .iter()
+        .find(|(name, _)| name == "MUSTER_NODE_ADDRESSES")
+    else {
+        return Ok(None);
+    };
+    let path = hostfile_path(log_path);
+    let lines: String = addresses.split(',').map(|a| format!("{a}\n")).collect();
+    std::fs::write(&path, lines)?;
+    let shown = match executor {
+        Executor::Docker(_) => CONTAINER_HOSTFILE.to_owned(),
+        Executor::Process(_) => path.display().to_string(),
+    };
+    let mut with = assignment.clone();
+    with.environment.push(("MUSTER_HOSTFILE".to_owned(), shown));
+    Ok(Some(with))
+}
+
+/// The hostfile of the attempt whose log is `log_path`.
+pub(crate) fn hostfile_path(log_path: &Path) -> std::path::PathBuf {
+    log_path.with_extension("hosts")
 }

@@ -184,6 +184,105 @@ pub const NODE_LABEL_TAG_PREFIX: &str = "muster:node.";
 /// Tag by which a job requires a GPU model: `muster:gpu-model=NVIDIA H100 80GB HBM3`.
 pub const GPU_MODEL_TAG: &str = "muster:gpu-model";
 
+/// Tag by which a job requires a high-speed fabric: `muster:fabric=efa` (AWS EFA adapters) or
+/// `muster:fabric=rdma` (any RDMA device: InfiniBand, RoCE, EFA). A container given a device
+/// under `/dev/infiniband/` (`linuxParameters.devices`, as AWS asks for EFA) requires RDMA
+/// without the tag.
+pub const FABRIC_TAG: &str = "muster:fabric";
+
+/// Tag by which a multi-node job bounds how its nodes spread over the network topology:
+/// `required:<level>` (all nodes in one domain of that level, e.g. one `rack`), or
+/// `preferred:<level>[:<seconds>]` (wait up to that long for one, then spread). Without it a
+/// gang takes the tightest domain that has room now, else spreads.
+pub const TOPOLOGY_TAG: &str = "muster:topology";
+
+/// The fabric a job's containers need on their node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Fabric {
+    /// Any RDMA device (`/sys/class/infiniband` lists one).
+    Rdma,
+    /// An AWS Elastic Fabric Adapter.
+    Efa,
+}
+
+impl Fabric {
+    /// The `muster:fabric` tag's value, if it names a fabric.
+    pub fn parse(value: &str) -> Option<Fabric> {
+        match value {
+            "rdma" | "infiniband" => Some(Fabric::Rdma),
+            "efa" => Some(Fabric::Efa),
+            _ => None,
+        }
+    }
+
+    /// The fabric a container needs: the tag's, else RDMA when it is given an InfiniBand
+    /// device.
+    pub fn required(tags: &Tags, options: &super::ContainerOptions) -> Option<Fabric> {
+        tags.get(FABRIC_TAG)
+            .and_then(|v| Fabric::parse(v))
+            .or_else(|| {
+                options
+                    .devices
+                    .iter()
+                    .any(|d| d.host_path.starts_with("/dev/infiniband/"))
+                    .then_some(Fabric::Rdma)
+            })
+    }
+
+    /// Whether a node with these labels (as its agent reports them) has the fabric.
+    pub fn offered_by(self, labels: &BTreeMap<String, String>) -> bool {
+        match self {
+            Fabric::Rdma => labels.get("rdma-devices").is_some_and(|d| !d.is_empty()),
+            Fabric::Efa => labels.get("efa").is_some_and(|e| e == "true"),
+        }
+    }
+}
+
+/// How a multi-node job's nodes may spread over the topology (the `muster:topology` tag).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopologyBound {
+    /// The level (`rack`, `switch`, …) whose one domain should hold every node.
+    pub level: String,
+    /// Never spread over more than one domain of `level`.
+    pub required: bool,
+    /// How long to wait for one domain before spreading (`preferred` only); none: forever.
+    pub max_wait_secs: Option<u64>,
+}
+
+impl TopologyBound {
+    /// Parses the tag's value; `Err` says what is wrong with it.
+    pub fn parse(value: &str) -> Result<TopologyBound, String> {
+        let bad = || {
+            format!(
+                "{value}: must be required:<level> or preferred:<level>[:<seconds>] (a level such as rack or switch)"
+            )
+        };
+        let mut parts = value.split(':');
+        let kind = parts.next().unwrap_or_default();
+        let level = parts.next().filter(|l| !l.is_empty()).ok_or_else(bad)?;
+        let max_wait_secs = match parts.next() {
+            None => None,
+            Some(secs) => Some(secs.parse::<u64>().map_err(|_| bad())?),
+        };
+        if parts.next().is_some() {
+            return Err(bad());
+        }
+        match kind {
+            "required" if max_wait_secs.is_none() => Ok(TopologyBound {
+                level: level.to_owned(),
+                required: true,
+                max_wait_secs: None,
+            }),
+            "preferred" => Ok(TopologyBound {
+                level: level.to_owned(),
+                required: false,
+                max_wait_secs,
+            }),
+            _ => Err(bad()),
+        }
+    }
+}
+
 /// What one SubmitJob fixed for good. A job holds it behind an `Arc`, and an array's parent
 /// and all its children hold the same one: a 10,000-child array keeps one copy of its
 /// container, parameters and tags, not 10,001.
@@ -220,6 +319,9 @@ pub struct JobSpec {
     /// its node jobs (each of which holds its own range's container in `container`).
     #[serde(default)]
     pub node_properties: Option<Arc<super::NodeProperties>>,
+    /// The fabric its container needs on its node (see [`FABRIC_TAG`]).
+    #[serde(default)]
+    pub fabric: Option<Fabric>,
 }
 
 /// One job: the submit it came from ([`JobSpec`], shared) and where it is in its life. Kept
@@ -332,6 +434,15 @@ impl Job {
     /// model name NVML reports.
     pub fn required_gpu_model(&self) -> Option<&str> {
         self.spec.tags.get(GPU_MODEL_TAG).map(String::as_str)
+    }
+
+    /// How a multi-node job's nodes may spread over the topology (its `muster:topology` tag,
+    /// checked at submit).
+    pub fn topology_bound(&self) -> Option<TopologyBound> {
+        self.spec
+            .tags
+            .get(TOPOLOGY_TAG)
+            .and_then(|v| TopologyBound::parse(v).ok())
     }
 
     /// The CloudWatch-shaped stream name the agent writes the attempt's output under.

@@ -26,6 +26,12 @@ pub struct NodeInventory {
     pub log_address: String,
 }
 
+/// The label carrying a node's topology path, widest level first: `block=b1/rack=r12`.
+pub const TOPOLOGY_LABEL: &str = "topology";
+
+/// The label carrying a node's one topology domain (the agent's `topology_domain`).
+pub const TOPOLOGY_DOMAIN_LABEL: &str = "topology-domain";
+
 /// One GPU as the agent found it through NVML.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GpuDevice {
@@ -96,6 +102,27 @@ impl Node {
             && job
                 .required_gpu_model()
                 .is_none_or(|m| self.inventory.gpus.iter().any(|g| g.model == m))
+            && job
+                .spec
+                .fabric
+                .is_none_or(|f| f.offered_by(&self.inventory.labels))
+    }
+
+    /// Where the node sits in the network, widest level first: the agent's `topology` path
+    /// (`block=b1/rack=r12/switch=s3` in the `topology` label), else its `topology-domain` as
+    /// a path of one level; empty when it reported neither.
+    pub fn topology(&self) -> Vec<(&str, &str)> {
+        if let Some(path) = self.inventory.labels.get(TOPOLOGY_LABEL) {
+            return path
+                .split('/')
+                .filter_map(|level| level.split_once('='))
+                .collect();
+        }
+        self.inventory
+            .labels
+            .get(TOPOLOGY_DOMAIN_LABEL)
+            .map(|domain| vec![(TOPOLOGY_DOMAIN_LABEL, domain.as_str())])
+            .unwrap_or_default()
     }
 
     /// Indices of the free GPUs a job may be given: of its required model if it names one.

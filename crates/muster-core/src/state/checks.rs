@@ -177,6 +177,22 @@ impl State {
             ));
         }
         self.check_dependencies(sub)?;
+        if let Some(fabric) = sub.tags.get(crate::FABRIC_TAG)
+            && crate::Fabric::parse(fabric).is_none()
+        {
+            return Err(Rejection::new(
+                "tags",
+                format!("tags: {}={fabric} must name efa or rdma", crate::FABRIC_TAG),
+            ));
+        }
+        if let Some(bound) = sub.tags.get(crate::TOPOLOGY_TAG)
+            && let Err(why) = crate::TopologyBound::parse(bound)
+        {
+            return Err(Rejection::new(
+                "tags",
+                format!("tags: {}={why}", crate::TOPOLOGY_TAG),
+            ));
+        }
         let containers = match Self::node_properties_of(definition, sub)? {
             Some(nodes) => {
                 if sub.array_size.is_some() {

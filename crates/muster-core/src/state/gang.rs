@@ -35,6 +35,7 @@ impl State {
                 None => {
                     let spec = Arc::new(JobSpec {
                         container: range.container.clone(),
+                        fabric: crate::Fabric::required(&template.spec.tags, &range.options),
                         ..(*template.spec).clone()
                     });
                     specs.push((range.target_nodes.clone(), spec.clone()));
@@ -150,6 +151,7 @@ impl State {
         if self.gang_conflict(parent, &placements).is_some() {
             return false;
         }
+        let placed_where = self.topology_of(placements.iter().map(|p| &p.node));
         for placement in placements {
             if let Some(node) = self.jobs.get_mut(&placement.job) {
                 node.terminate_reason = None;
@@ -160,9 +162,40 @@ impl State {
         if let Some(p) = self.jobs.get_mut(parent) {
             self.runnable.remove(p);
             p.status = JobStatus::Starting;
-            p.status_reason = None;
+            p.status_reason = placed_where;
         }
         true
+    }
+
+    /// Where a gang's workers sit in the topology, as its `statusReason` says once placed:
+    /// the narrowest domain holding them all, or how many domains of the widest level they
+    /// span; `None` where the workers report no topology.
+    fn topology_of<'a>(&self, workers: impl Iterator<Item = &'a NodeId>) -> Option<String> {
+        let paths: Vec<Vec<(&str, &str)>> = workers
+            .filter_map(|w| self.nodes.get(w))
+            .map(|n| n.topology())
+            .collect();
+        let count = paths.len();
+        let first = paths.first()?;
+        let common = (0..first.len())
+            .take_while(|&depth| paths.iter().all(|p| p.get(depth) == first.get(depth)))
+            .count();
+        if common > 0 {
+            let domain: Vec<String> = first[..common]
+                .iter()
+                .map(|(level, name)| format!("{level}={name}"))
+                .collect();
+            return Some(format!(
+                "Nodes placed: {count} workers within {}",
+                domain.join("/")
+            ));
+        }
+        let (level, _) = first.first()?;
+        let domains: BTreeSet<Option<&(&str, &str)>> = paths.iter().map(|p| p.first()).collect();
+        Some(format!(
+            "Nodes placed: {count} workers across {} {level} domains",
+            domains.len()
+        ))
     }
 
     /// A node reported RUNNING: when it is the main node, the gang is RUNNING, and the other

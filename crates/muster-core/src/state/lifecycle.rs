@@ -110,7 +110,16 @@ impl State {
         for (k, v) in &definition.tags {
             tags.entry(k.clone()).or_insert_with(|| v.clone());
         }
+        let options = match &node_properties {
+            Some(nodes) => nodes
+                .range_of(nodes.main_node)
+                .map(|r| r.options.clone())
+                .unwrap_or_default(),
+            None => definition.options.clone(),
+        };
+        let fabric = crate::Fabric::required(&tags, &options);
         let spec = std::sync::Arc::new(JobSpec {
+            fabric,
             name: sub.name.clone(),
             queue: queue.name.clone(),
             definition_arn: definition.arn.clone(),
