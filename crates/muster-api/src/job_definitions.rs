@@ -565,14 +565,18 @@ fn detail(d: &JobDefinition) -> Detail {
         job_definition_arn: d.arn.0.clone(),
         revision: d.revision,
         status: d.status.as_aws(),
-        definition_type: if d.node_properties.is_some() {
+        // Multinode definitions an earlier release stored untyped say so in `extra`.
+        definition_type: if d.node_properties.is_some()
+            || d.extra.get("type").and_then(Value::as_str) == Some("multinode")
+        {
             "multinode"
         } else {
             "container"
         },
         parameters: d.parameters.clone(),
         container_properties: (d.orchestration == Orchestration::Container
-            && d.node_properties.is_none())
+            && d.node_properties.is_none()
+            && !d.extra.contains_key("nodeProperties"))
         .then(|| container_shape(&d.container)),
         tags: d.tags.clone(),
         container_orchestration_type: if d.orchestration == Orchestration::Eks {

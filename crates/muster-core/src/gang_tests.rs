@@ -48,37 +48,7 @@ fn setup() -> State {
             time_limit_actions: Vec::new(),
             extra: Default::default(),
         }),
-        Command::RegisterJobDefinition(JobDefinitionSpec {
-            name: "mnp".into(),
-            container: container("main", 1),
-            parameters: Default::default(),
-            tags: Default::default(),
-            retry: Some(RetryStrategy {
-                attempts: 2,
-                evaluate_on_exit: Vec::new(),
-            }),
-            timeout_secs: None,
-            extra: Default::default(),
-            orchestration: Default::default(),
-            options: Default::default(),
-            scheduling_priority: None,
-            node_properties: Some(NodeProperties {
-                num_nodes: 3,
-                main_node: 0,
-                ranges: vec![
-                    NodeRange {
-                        target_nodes: "0".into(),
-                        container: container("main", 1),
-                        options: Default::default(),
-                    },
-                    NodeRange {
-                        target_nodes: "1:".into(),
-                        container: container("worker", 2),
-                        options: Default::default(),
-                    },
-                ],
-            }),
-        }),
+        setup_definition(),
     ];
     for i in 0..WORKERS {
         cmds.push(Command::RegisterNode {
@@ -302,6 +272,21 @@ fn a_gang_is_placed_whole_on_distinct_workers_or_not_at_all() {
         &mut filled,
         10,
         &[("other#0", "w3"), ("other#1", "w1"), ("other#2", "w2")],
+    );
+    // A worker runs at most one node of any multi-node job (they share its network).
+    let why = filled
+        .gang_conflict(
+            &id("g"),
+            &[("g#0", "w0"), ("g#1", "w1"), ("g#2", "w2")].map(|(job, worker)| Placement {
+                job: id(job),
+                node: NodeId(worker.into()),
+                gpus: Vec::new(),
+            }),
+        )
+        .unwrap();
+    assert!(
+        why.contains("runs a node of another multi-node job"),
+        "{why}"
     );
     let blocked = place(
         &mut filled,
@@ -536,4 +521,117 @@ fn terminate_stops_every_node_and_cancel_fails_a_waiting_gang() {
         before: Timestamp(1_000),
     });
     assert!(s.jobs().next().is_none());
+}
+
+#[test]
+fn no_job_depends_on_a_node_and_a_terminate_after_the_main_node_succeeded_changes_nothing() {
+    let mut s = setup();
+    placed_gang(&mut s);
+    let mut sub = match submission_after("after", "g#1") {
+        Command::SubmitJob(sub) => sub,
+        _ => unreachable!(),
+    };
+    let Outcome::Rejected(r) = s.apply(Command::SubmitJob(sub.clone())) else {
+        panic!("a dependency on a node was accepted")
+    };
+    assert_eq!(r.field, "dependsOn.jobId");
+    assert!(r.message.contains("depend on g"), "{}", r.message);
+    // On the job itself it is fine, and released when the job succeeds.
+    sub.depends_on[0].job = Some(id("g"));
+    assert!(matches!(
+        s.apply(Command::SubmitJob(sub)),
+        Outcome::JobSubmitted { .. }
+    ));
+    report(&mut s, "g#0", AttemptEvent::Running, 11);
+    report(&mut s, "g#1", AttemptEvent::Running, 11);
+    report(&mut s, "g#2", AttemptEvent::Running, 11);
+    report(&mut s, "g#0", exited(0), 12);
+    // The main node succeeded: the attempt's end is decided; a late terminate does not undo it.
+    s.apply(Command::TerminateJob {
+        job: id("g"),
+        reason: "too late".into(),
+        at: Timestamp(13),
+    });
+    report(&mut s, "g#1", exited(143), 14);
+    report(&mut s, "g#2", exited(143), 14);
+    assert_eq!(status(&s, "g"), JobStatus::Succeeded);
+    assert!(!s.job(&id("g")).unwrap().is_terminated);
+    assert_eq!(status(&s, "after"), JobStatus::Runnable);
+}
+
+#[test]
+fn node_properties_that_do_not_cover_every_node_never_reach_the_state() {
+    let mut s = setup();
+    let Command::RegisterJobDefinition(mut spec) = setup_definition() else {
+        unreachable!()
+    };
+    spec.name = "gap".into();
+    if let Some(nodes) = spec.node_properties.as_mut() {
+        nodes.ranges.truncate(1);
+    }
+    let Outcome::Rejected(r) = s.apply(Command::RegisterJobDefinition(spec)) else {
+        panic!("accepted")
+    };
+    assert_eq!(r.field, "nodeProperties.nodeRangeProperties.targetNodes");
+    assert!(s.definition("gap").is_none());
+}
+
+/// The definition `mnp`: three nodes, node 0 the main one (image `main`), nodes `1:` image
+/// `worker`, retried once.
+fn setup_definition() -> Command {
+    Command::RegisterJobDefinition(JobDefinitionSpec {
+        name: "mnp".into(),
+        container: container("main", 1),
+        parameters: Default::default(),
+        tags: Default::default(),
+        retry: Some(RetryStrategy {
+            attempts: 2,
+            evaluate_on_exit: Vec::new(),
+        }),
+        timeout_secs: None,
+        extra: Default::default(),
+        orchestration: Default::default(),
+        options: Default::default(),
+        scheduling_priority: None,
+        node_properties: Some(NodeProperties {
+            num_nodes: 3,
+            main_node: 0,
+            ranges: vec![
+                NodeRange {
+                    target_nodes: "0".into(),
+                    container: container("main", 1),
+                    options: Default::default(),
+                },
+                NodeRange {
+                    target_nodes: "1:".into(),
+                    container: container("worker", 2),
+                    options: Default::default(),
+                },
+            ],
+        }),
+    })
+}
+
+fn submission_after(job: &str, dependency: &str) -> Command {
+    Command::SubmitJob(JobSubmission {
+        id: id(job),
+        at: Timestamp(2),
+        name: job.into(),
+        queue: "q".into(),
+        definition: "mnp".into(),
+        overrides: Default::default(),
+        parameters: Default::default(),
+        tags: Default::default(),
+        retry: None,
+        timeout_secs: None,
+        depends_on: vec![Dependency {
+            job: Some(id(dependency)),
+            kind: DependencyKind::Plain,
+        }],
+        array_size: None,
+        share_identifier: None,
+        scheduling_priority_override: None,
+        extra: Default::default(),
+        node_overrides: None,
+    })
 }

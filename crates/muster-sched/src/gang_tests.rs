@@ -659,3 +659,59 @@ fn a_gang_that_needs_a_fabric_gets_only_nodes_that_have_it() {
         big.status_reason()
     );
 }
+
+#[test]
+fn ranges_that_compete_for_workers_are_matched_scarcest_first() {
+    // Node 0 needs 4 vCPU and little memory, node 1 2 vCPU and much memory. w0 (4 vCPU,
+    // 128 GiB) is the only worker that holds node 1; w1 (8 vCPU, 8 GiB) holds node 0 only.
+    // Most demanding first would give w0 to node 0 and leave node 1 nowhere.
+    let mut s = cluster(0);
+    for (name, millicpus, memory) in [("w0", 4000, 131_072), ("w1", 8000, 8192)] {
+        let register = node_registration(
+            name,
+            Resources::new(millicpus, memory, 0),
+            Vec::new(),
+            Default::default(),
+            Timestamp(0),
+        );
+        must(&mut s, register);
+    }
+    let Command::SubmitJob(mut sub) = submission_of_gang("g", 2, 1) else {
+        unreachable!()
+    };
+    sub.node_overrides = Some(NodeOverrides {
+        num_nodes: Some(2),
+        ranges: [("0", 4, 1024), ("1", 2, 65_536)]
+            .into_iter()
+            .map(|(target, vcpus, memory)| muster_core::NodeOverride {
+                target_nodes: target.into(),
+                container_overrides: muster_core::ContainerOverrides {
+                    vcpus: Some(vcpus),
+                    memory: Some(memory),
+                    ..Default::default()
+                },
+            })
+            .collect(),
+    });
+    must(&mut s, Command::SubmitJob(sub));
+    let p = plan(&s, &PlanConfig::default(), NOW);
+    let placed: Vec<(String, String)> = p
+        .placements
+        .iter()
+        .map(|p| (p.job.to_string(), p.node.0.clone()))
+        .collect();
+    assert_eq!(
+        placed,
+        [
+            ("g#0".to_owned(), "w1".to_owned()),
+            ("g#1".to_owned(), "w0".to_owned())
+        ]
+    );
+    assert_eq!(
+        apply(&mut s, p, 2),
+        Outcome::Placed {
+            placed: 2,
+            refused: 0
+        }
+    );
+}

@@ -15,6 +15,10 @@
 //! - **Head of line**: the first job of each queue that does not fit gets a reservation on
 //!   the node where it fits soonest; later jobs run around it only where their timeouts
 //!   prove they cannot delay it ([`reservations`]).
+//! - **Gangs**: a multi-node job is placed whole, each node on a worker of its own, in the
+//!   narrowest topology domain that holds it, or not at all; at the head of its queue it
+//!   reserves a worker for every node ([`gang`]). The plan lists a gang's placements
+//!   together, and [`verify`] (like `apply`) keeps or drops them together.
 //! - **Cost**: a round examines at most `max_examined_per_queue` jobs a queue and stops a
 //!   queue after `max_misses_in_a_row` misses, so a million waiting jobs behind a blocked
 //!   head cost what 256 do; nodes are found by range lookups on free capacity.
@@ -298,7 +302,10 @@ pub fn plan(state: &State, config: &PlanConfig, now: Timestamp) -> Plan {
                                 gpus,
                             });
                         }
-                        order.placed(job);
+                        // Fair share charges the gang for every node it holds.
+                        for node_job in &nodes {
+                            order.placed(node_job);
+                        }
                         misses = 0;
                     }
                     None => {

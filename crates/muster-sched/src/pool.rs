@@ -26,6 +26,17 @@ pub(crate) struct Room<'s> {
     pub gpus_taken: BTreeSet<u32>,
     /// Jobs this plan placed here, with when they end at the latest (`None`: no timeout).
     pub placed: Vec<(Resources, Option<u64>)>,
+    /// The node's topology path, read from its labels when a gang first asks.
+    topology: std::cell::OnceCell<Vec<(&'s str, &'s str)>>,
+    /// It runs, or this plan gives it, a node of a multi-node job: no other goes here.
+    gang_here: bool,
+}
+
+impl<'s> Room<'s> {
+    /// Where the node sits in the network, widest level first (see `Node::topology`).
+    pub fn topology(&self) -> &[(&'s str, &'s str)] {
+        self.topology.get_or_init(|| self.node.topology())
+    }
 }
 
 /// What a node of a compute environment could hold when empty, for "can this job ever
@@ -121,6 +132,8 @@ impl<'s> Pool<'s> {
                     free,
                     gpus_taken: BTreeSet::new(),
                     placed: Vec::new(),
+                    topology: std::cell::OnceCell::new(),
+                    gang_here: node.gang_nodes > 0,
                 },
             );
         }
@@ -235,6 +248,7 @@ impl<'s> Pool<'s> {
         };
         let need = job.spec.container.resources();
         need.fits_in(&room.free)
+            && !(room.gang_here && job.gang_node().is_some())
             && room.node.satisfies(job)
             && self.free_gpus(room, job).take(need.gpus as usize).count() == need.gpus as usize
             && reservations.permits(id, &need, ends_by)
@@ -261,6 +275,7 @@ impl<'s> Pool<'s> {
         }
         room.gpus_taken.extend(gpus.iter().copied());
         room.placed.push((need, ends_by));
+        room.gang_here |= job.gang_node().is_some();
         gpus
     }
 }

@@ -66,8 +66,10 @@ impl Reservations {
     }
 
     /// Reserves room for every node of a multi-node job, each on a node of its own where it
-    /// fits soonest; nothing when the nodes it could fit on are too few. The reservation
-    /// returned is the one that frees last: the job's planned start.
+    /// fits soonest; nothing when the nodes it could fit on are too few. The nodes of one
+    /// range (one spec) are ranked together, the range with the fewest candidates first. The
+    /// reservation returned is the one that frees last: the job's planned start. (It does not
+    /// follow the job's topology: the gang starts where it finds room when that time comes.)
     pub fn reserve_gang(
         &mut self,
         state: &State,
@@ -76,10 +78,42 @@ impl Reservations {
         ces: &[String],
         now: Timestamp,
     ) -> Option<Reservation> {
+        let mut groups: Vec<(&Job, Vec<usize>)> = Vec::new();
+        for (index, node) in nodes.iter().enumerate() {
+            match groups
+                .iter_mut()
+                .find(|(first, _)| std::sync::Arc::ptr_eq(&first.spec, &node.spec))
+            {
+                Some((_, members)) => members.push(index),
+                None => groups.push((node, vec![index])),
+            }
+        }
+        let mut ranked: Vec<(Vec<Ranked>, &Vec<usize>)> = groups
+            .iter()
+            .map(|(job, members)| (rank(state, pool, job, ces, now), members))
+            .collect();
+        ranked.sort_by_key(|(rooms, _)| rooms.len());
+        let mut taken: BTreeSet<&NodeId> = BTreeSet::new();
         let mut made: Vec<Reservation> = Vec::new();
-        for node_job in nodes {
-            let taken: BTreeSet<&NodeId> = made.iter().map(|r| &r.node).collect();
-            made.push(self.plan_reservation(state, pool, node_job, ces, now, &taken)?);
+        for (rooms, members) in &ranked {
+            let picks: Vec<&Ranked> = rooms
+                .iter()
+                .filter(|(key, _, _)| !taken.contains(key.3))
+                .take(members.len())
+                .collect();
+            if picks.len() < members.len() {
+                return None;
+            }
+            for (&index, ((_, _, _, node), starts_at, free)) in members.iter().zip(picks) {
+                taken.insert(node);
+                let need = nodes[index].spec.container.resources();
+                made.push(Reservation {
+                    job: nodes[index].id.clone(),
+                    node: (*node).clone(),
+                    starts_at: *starts_at,
+                    spare: free.saturating_sub(&need),
+                });
+            }
         }
         for r in &made {
             self.by_node
@@ -100,77 +134,77 @@ impl Reservations {
         now: Timestamp,
         taken: &BTreeSet<&NodeId>,
     ) -> Option<Reservation> {
-        let reservation = self.plan_reservation(state, pool, job, ces, now, taken)?;
+        let need = job.spec.container.resources();
+        let ((_, _, _, node), starts_at, free) = rank(state, pool, job, ces, now)
+            .into_iter()
+            .find(|(key, _, _)| !taken.contains(key.3))?;
+        let reservation = Reservation {
+            job: job.id.clone(),
+            node: node.clone(),
+            starts_at,
+            spare: free.saturating_sub(&need),
+        };
         self.by_node
             .entry(reservation.node.clone())
             .or_default()
             .push(reservation.clone());
         Some(reservation)
     }
+}
 
-    /// Where `job` would be reserved room, among the nodes not in `taken`.
-    fn plan_reservation(
-        &self,
-        state: &State,
-        pool: &Pool,
-        job: &Job,
-        ces: &[String],
-        now: Timestamp,
-        taken: &BTreeSet<&NodeId>,
-    ) -> Option<Reservation> {
-        let need = job.spec.container.resources();
-        // The best node so far: its rank, when the job could start there and what is free then.
-        let mut best: Option<(Rank, Option<u64>, Resources)> = None;
-        for room in ces.iter().flat_map(|ce| pool.rooms_in(ce)) {
-            let node = room.node;
-            if taken.contains(&node.id)
-                || !need.fits_in(&node.inventory.capacity)
-                || !node.satisfies(job)
-            {
-                continue;
-            }
-            // All the node will ever have free while its jobs without a timeout run: what is
-            // free now plus what every job with a timeout holds.
-            let bounded = room
-                .placed
-                .iter()
-                .filter(|(_, end)| end.is_some())
-                .fold(node.allocated - node.allocated_unbounded, |f, (r, _)| {
-                    f + *r
-                });
-            let mut free = room.free + bounded;
-            let mut starts_at = None;
-            // Only when the job fits once the jobs with a timeout are gone does it matter when
-            // they end, and only then are they looked at one by one: a full cluster of jobs
-            // without timeouts costs one comparison a node, not a lookup a job.
-            if need.fits_in(&free) {
-                (starts_at, free) = soonest_fit(state, room, &need, now);
-            }
-            // Soonest first; then where the job fits at once when that is known, with the
-            // least vCPU left over.
-            let key = (
-                starts_at.unwrap_or(u64::MAX),
-                !need.fits_in(&free),
-                free.millicpus.saturating_sub(need.millicpus),
-                &node.id,
-            );
-            if best.as_ref().is_none_or(|(k, _, _)| key < *k) {
-                best = Some((key, starts_at, free));
-            }
+/// Every node of `ces` that `job` could ever fit on, best first, with when the job could
+/// start there and what is free then.
+fn rank<'s>(
+    state: &State,
+    pool: &Pool<'s>,
+    job: &Job,
+    ces: &[String],
+    now: Timestamp,
+) -> Vec<Ranked<'s>> {
+    let need = job.spec.container.resources();
+    let mut ranked = Vec::new();
+    for room in ces.iter().flat_map(|ce| pool.rooms_in(ce)) {
+        let node = room.node;
+        if !need.fits_in(&node.inventory.capacity) || !node.satisfies(job) {
+            continue;
         }
-        let ((_, _, _, node), starts_at, free) = best?;
-        Some(Reservation {
-            job: job.id.clone(),
-            node: node.clone(),
-            starts_at,
-            spare: free.saturating_sub(&need),
-        })
+        // All the node will ever have free while its jobs without a timeout run: what is
+        // free now plus what every job with a timeout holds.
+        let bounded = room
+            .placed
+            .iter()
+            .filter(|(_, end)| end.is_some())
+            .fold(node.allocated - node.allocated_unbounded, |f, (r, _)| {
+                f + *r
+            });
+        let mut free = room.free + bounded;
+        let mut starts_at = None;
+        // Only when the job fits once the jobs with a timeout are gone does it matter when
+        // they end, and only then are they looked at one by one: a full cluster of jobs
+        // without timeouts costs one comparison a node, not a lookup a job.
+        if need.fits_in(&free) {
+            (starts_at, free) = soonest_fit(state, room, &need, now);
+        }
+        // Soonest first; then where the job fits at once when that is known, with the
+        // least vCPU left over.
+        let key = (
+            starts_at.unwrap_or(u64::MAX),
+            !need.fits_in(&free),
+            free.millicpus.saturating_sub(need.millicpus),
+            &node.id,
+        );
+        ranked.push((key, starts_at, free));
     }
+    ranked.sort_by(|a, b| a.0.cmp(&b.0));
+    ranked
 }
 
 /// How a node ranks for a reservation (lower is better): when the job could start there,
 /// whether it does not fit at once, the vCPU it would leave over, and the node's id.
 type Rank<'s> = (u64, bool, u64, &'s NodeId);
+
+/// A node ranked for a reservation, with when the job could start there and what is free then.
+type Ranked<'s> = (Rank<'s>, Option<u64>, Resources);
 
 /// When `need` fits on `room`'s node as its jobs with a timeout end (soonest first), and what
 /// is free then. The caller knows it fits once they have all ended.

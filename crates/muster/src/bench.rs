@@ -63,6 +63,11 @@ pub struct BenchArgs {
     /// restored, and a new control node caught up and made a voter.
     #[arg(long)]
     pub operations: bool,
+    /// Also measure multi-node gangs: SubmitJob to every node placed for gangs of 64 and 512
+    /// nodes (20 of each, one at a time), and the placement run again with gangs waiting in a
+    /// lower-priority queue of the same agents.
+    #[arg(long)]
+    pub gangs: bool,
 }
 
 /// Simulated agents share a gRPC connection to each control node this many at a time (a real
@@ -147,12 +152,23 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     bench.wait_for_nodes(args.agents).await?;
     bench.latency().await?;
     bench.memory(&args).await?;
+    // The followers apply the queued jobs before a snapshot is written beside them (see
+    // BENCHMARKS.md: a leader writing a million-job snapshot while its followers were still
+    // applying lost its quorum).
+    bench.settle().await?;
     if args.operations {
         bench.operations(&data_dir, &args).await?;
         bench.settle().await?;
     }
     bench.snapshot().await?;
-    bench.placements(&args).await?;
+    bench.placements(&args, "").await?;
+    if args.gangs {
+        bench.settle().await?;
+        bench.gang_latency(64).await?;
+        bench.gang_latency(512).await?;
+        bench.settle().await?;
+        bench.placements_beside_gangs(&args).await?;
+    }
     // Each measurement starts with every follower caught up, so that one phase's
     // replication backlog is not billed to the next.
     bench.settle().await?;
@@ -209,14 +225,26 @@ impl Bench {
             )
             .await?;
         }
-        for (queue, ce) in [("bench", "bench"), ("parked", "parked")] {
+        for (queue, ce, priority) in [
+            ("bench", "bench", 1),
+            ("parked", "parked", 1),
+            ("gangs", "bench", 0),
+        ] {
             self.call(
                 "CreateJobQueue",
-                json!({"jobQueueName": queue, "priority": 1,
+                json!({"jobQueueName": queue, "priority": priority,
                        "computeEnvironmentOrder": [{"order": 1, "computeEnvironment": ce}]}),
             )
             .await?;
         }
+        self.call(
+            "RegisterJobDefinition",
+            json!({"jobDefinitionName": "sim-gang", "type": "multinode",
+                   "nodeProperties": {"numNodes": 2, "mainNode": 0, "nodeRangeProperties": [
+                       {"targetNodes": ":", "container": {"image": "simulated", "command": ["true"],
+                                                           "vcpus": 1, "memory": 16}}]}}),
+        )
+        .await?;
         self.call(
             "RegisterJobDefinition",
             json!({"jobDefinitionName": "sim", "type": "container",
@@ -283,8 +311,77 @@ impl Bench {
         Ok(())
     }
 
+    async fn submit_gang(&self, queue: &str, nodes: u32) -> anyhow::Result<String> {
+        let body = json!({"jobName": "gang", "jobQueue": queue, "jobDefinition": "sim-gang",
+                          "nodeOverrides": {"numNodes": nodes}});
+        let answer = self.call("SubmitJob", body).await?;
+        Ok(answer["jobId"].as_str().unwrap_or_default().to_owned())
+    }
+
+    /// SubmitJob of a gang of `nodes` to every node placed, on an idle cluster, 20 gangs one
+    /// after the other (each ended before the next).
+    async fn gang_latency(&self, nodes: u32) -> anyhow::Result<()> {
+        let mut samples = Vec::new();
+        for _ in 0..20 {
+            let started = Instant::now();
+            let id = muster_core::JobId::from(self.submit_gang("bench", nodes).await?);
+            let deadline = started + Duration::from_secs(60);
+            let status = |s: &State| s.job(&id).map(|j| j.status);
+            // Placed once it has left the line (STARTING: every node holds its worker).
+            let waiting = |s: Option<muster_core::JobStatus>| {
+                s.is_none_or(|s| s < muster_core::JobStatus::Starting)
+            };
+            while waiting(self.leader_state(status).flatten()) {
+                anyhow::ensure!(Instant::now() < deadline, "gang {id} never placed");
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            samples.push(started.elapsed().as_secs_f64() * 1000.0);
+            loop {
+                if self
+                    .leader_state(status)
+                    .flatten()
+                    .is_some_and(|s| s.is_terminal())
+                {
+                    break;
+                }
+                anyhow::ensure!(Instant::now() < deadline, "gang {id} never ended");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        samples.sort_by(f64::total_cmp);
+        let pct = |p: f64| samples[((samples.len() as f64 - 1.0) * p).round() as usize];
+        row(
+            &format!("SubmitJob → all {nodes} nodes of a gang placed, idle cluster (20 gangs)"),
+            &format!("p50 {:.0} ms, p99 {:.0} ms", pct(0.5), pct(0.99)),
+        );
+        Ok(())
+    }
+
+    /// The placement run again, with 20 gangs of 64 nodes waiting in a lower-priority queue
+    /// of the same agents all along: every round looks for room for them.
+    async fn placements_beside_gangs(&self, args: &BenchArgs) -> anyhow::Result<()> {
+        let mut gangs = Vec::new();
+        for _ in 0..20 {
+            gangs.push(self.submit_gang("gangs", 64).await?);
+        }
+        self.placements(args, " with 20 gangs of 64 nodes waiting")
+            .await?;
+        let deadline = Instant::now() + Duration::from_secs(600);
+        for id in gangs {
+            let id = muster_core::JobId::from(id);
+            while !self
+                .leader_state(|s| s.job(&id).is_some_and(|j| j.status.is_terminal()))
+                .unwrap_or(false)
+            {
+                anyhow::ensure!(Instant::now() < deadline, "gang {id} never ended");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        Ok(())
+    }
+
     /// Placements committed per second while `args.jobs` jobs drain through the agents.
-    async fn placements(&self, args: &BenchArgs) -> anyhow::Result<()> {
+    async fn placements(&self, args: &BenchArgs, label: &str) -> anyhow::Result<()> {
         let before = self.placed_so_far();
         let resident_before = resident_kib();
         let started = Instant::now();
@@ -329,7 +426,7 @@ impl Bench {
         let done = all_done.unwrap_or_default().as_secs_f64();
         row(
             &format!(
-                "{} jobs (arrays of ≤10,000) on {} agents: submitted / all placed / all SUCCEEDED",
+                "{} jobs (arrays of ≤10,000) on {} agents{label}: submitted / all placed / all SUCCEEDED",
                 args.jobs, args.agents
             ),
             &format!(
@@ -338,7 +435,7 @@ impl Bench {
             ),
         );
         row(
-            "placements committed per second (jobs ÷ time to all placed)",
+            &format!("placements committed per second (jobs ÷ time to all placed){label}"),
             &format!("{:.0}/s", args.jobs as f64 / placed),
         );
         row(

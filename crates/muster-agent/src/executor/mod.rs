@@ -197,7 +197,9 @@ fn with_hostfile(
     Ok(Some(with))
 }
 
-/// The hostfile of the attempt whose log is `log_path`.
+/// The hostfile of the attempt whose log is `log_path`: absolute, since Docker takes a
+/// relative bind source for a volume's name (`muster dev`'s data directory is relative).
 pub(crate) fn hostfile_path(log_path: &Path) -> std::path::PathBuf {
-    log_path.with_extension("hosts")
+    let path = log_path.with_extension("hosts");
+    std::path::absolute(&path).unwrap_or(path)
 }

@@ -147,12 +147,18 @@ impl NodeProperties {
         }
         // An override names nodes by its own targetNodes; where those cut a definition range,
         // the range is split so that every node still runs exactly one container.
-        let mut per_node: Vec<(ContainerSpec, ContainerOptions)> = (0..out.num_nodes)
-            .map(|i| {
-                let range = out.range_of(i).expect("checked ranges cover every node");
-                (range.container.clone(), range.options.clone())
-            })
-            .collect();
+        out.check(FIELD)?;
+        let mut per_node: Vec<(ContainerSpec, ContainerOptions)> = Vec::new();
+        for i in 0..out.num_nodes {
+            // Checked just above: every node is in a range.
+            let Some(range) = out.range_of(i) else {
+                return Err(Rejection::new(
+                    "nodeOverrides",
+                    format!("nodeOverrides: node {i} is in no range"),
+                ));
+            };
+            per_node.push((range.container.clone(), range.options.clone()));
+        }
         for o in &overrides.ranges {
             let Some((from, to)) = target_bounds(&o.target_nodes, out.num_nodes) else {
                 return Err(Rejection::new(

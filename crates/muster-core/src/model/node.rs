@@ -82,6 +82,11 @@ pub struct Node {
     /// runs goes on. Kept across the agent's restarts until undrained.
     #[serde(default)]
     pub draining: bool,
+    /// How many nodes of multi-node jobs have an attempt here. Their containers share the
+    /// worker's network, so a worker runs at most one (two MPI or torchrun jobs would reach
+    /// for the same ports). Derived: rebuilt from the jobs when a state is loaded.
+    #[serde(skip)]
+    pub gang_nodes: u32,
 }
 
 impl Node {

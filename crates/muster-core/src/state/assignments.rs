@@ -208,7 +208,10 @@ impl State {
         if index != main_node {
             env.push((
                 "AWS_BATCH_JOB_MAIN_NODE_PRIVATE_IPV4_ADDRESS".to_owned(),
-                addresses[main_node as usize].clone(),
+                addresses
+                    .get(main_node as usize)
+                    .cloned()
+                    .unwrap_or_default(),
             ));
         }
         env.push(("MUSTER_NODE_ADDRESSES".to_owned(), addresses.join(",")));

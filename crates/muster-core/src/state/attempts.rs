@@ -8,6 +8,10 @@ impl State {
         let Some(job) = self.jobs.get(&placement.job) else {
             return Some("job does not exist".into());
         };
+        // A multi-node job is placed through its nodes, all together (`gang_conflict`).
+        if job.gang_size().is_some() {
+            return Some("a multi-node job is placed through its nodes".into());
+        }
         if job.status != JobStatus::Runnable {
             return Some(format!("job is {}", job.status.as_aws()));
         }
@@ -87,6 +91,7 @@ impl State {
                 }
                 continue;
             }
+            // (A node of a multi-node job never gets here: its gang was taken above.)
             if self.placement_conflict(&p).is_some() || !self.place_one(term, at, p) {
                 refused += 1;
             } else {
@@ -120,6 +125,9 @@ impl State {
         }
         track_share(&mut self.share_running, job, true);
         node.placed_jobs.insert(job.id.clone());
+        if job.gang_node().is_some() {
+            node.gang_nodes += 1;
+        }
         true
     }
 
@@ -192,6 +200,9 @@ impl State {
                     n.placed_jobs.remove(id);
                     for gpu in &active.gpus {
                         n.gpus_in_use.remove(gpu);
+                    }
+                    if job.gang_node().is_some() {
+                        n.gang_nodes = n.gang_nodes.saturating_sub(1);
                     }
                 }
                 let status_reason = match (&job.terminate_reason, exit_code, &reason) {

@@ -41,7 +41,11 @@ impl State {
                 Ok(())
             }
             Command::RegisterJobDefinition(spec) => {
-                crate::validate::name("jobDefinitionName", &spec.name)
+                crate::validate::name("jobDefinitionName", &spec.name)?;
+                match &spec.node_properties {
+                    Some(nodes) => nodes.check("nodeProperties"),
+                    None => Ok(()),
+                }
             }
             Command::SubmitJob(sub) => self.check_submit(sub).map(|_| ()),
             // Each submit of a batch is accepted or refused on its own when applied.

@@ -133,6 +133,16 @@ impl State {
             if !workers.insert(&placement.node) {
                 return Some(format!("two nodes are placed on {}", placement.node));
             }
+            if self
+                .nodes
+                .get(&placement.node)
+                .is_some_and(|n| n.gang_nodes > 0)
+            {
+                return Some(format!(
+                    "{} runs a node of another multi-node job",
+                    placement.node
+                ));
+            }
             if let Some(why) = self.placement_conflict(placement) {
                 return Some(format!("node {index}: {why}"));
             }
@@ -251,7 +261,9 @@ impl State {
             self.decide_gang_ending(&parent, ending);
             self.stop_gang(&parent, &stop_reason, at);
         }
-        self.finish_gang_attempt(&parent, at);
+        if !self.stopping_gang {
+            self.finish_gang_attempt(&parent, at);
+        }
     }
 
     /// Records how the gang's attempt ends, unless something decided it already.
@@ -271,6 +283,9 @@ impl State {
             .get(parent)
             .and_then(|p| p.gang_size())
             .unwrap_or(0);
+        // The nodes ended here each end the attempt's bookkeeping once, after the loop, rather
+        // than each scanning the whole gang (a thousand nodes would cost a million lookups).
+        self.stopping_gang = true;
         for index in 0..size {
             let id = node_job_id(parent, index);
             let Some(node) = self.jobs.get_mut(&id) else {
@@ -293,6 +308,7 @@ impl State {
                 self.report(&id, attempt, &worker, event, at);
             }
         }
+        self.stopping_gang = false;
     }
 
     /// Ends the gang's attempt once it is decided and no node holds anything: the parent
@@ -386,6 +402,17 @@ impl State {
         let Some(p) = self.jobs.get_mut(parent) else {
             return;
         };
+        // An attempt whose end is decided already (its main node exited) ends as decided:
+        // its nodes are being stopped anyway.
+        if matches!(
+            p.multinode.as_deref(),
+            Some(MultiNodeRole::Parent {
+                ending: Some(_),
+                ..
+            })
+        ) {
+            return;
+        }
         p.is_terminated = true;
         p.terminate_reason.get_or_insert(reason.clone());
         let main_node = match p.multinode.as_deref() {

@@ -11,12 +11,16 @@ impl State {
     /// is replayed, `muster debug replay-log`, and by the chaos harness).
     pub fn resource_violations(&self) -> Vec<String> {
         let mut held: BTreeMap<&NodeId, (Resources, Vec<u32>, BTreeSet<&JobId>)> = BTreeMap::new();
+        let mut gang_nodes: BTreeMap<&NodeId, u32> = BTreeMap::new();
         for job in self.jobs.values() {
             if let Some(active) = &job.active {
                 let entry = held.entry(&active.node).or_default();
                 entry.0 = entry.0 + job.spec.container.resources();
                 entry.1.extend(active.gpus.iter().copied());
                 entry.2.insert(&job.id);
+                if job.gang_node().is_some() {
+                    *gang_nodes.entry(&active.node).or_default() += 1;
+                }
             }
         }
         let mut violations = Vec::new();
@@ -43,6 +47,13 @@ impl State {
                 .find(|g| !node.inventory.gpus.iter().any(|d| d.index == **g))
             {
                 violations.push(format!("node {}: GPU {unknown} is not the node's", node.id));
+            }
+            let gangs = gang_nodes.get(&node.id).copied().unwrap_or(0);
+            if gangs != node.gang_nodes || gangs > 1 {
+                violations.push(format!(
+                    "node {}: {gangs} nodes of multi-node jobs run there (counted {}; at most one may)",
+                    node.id, node.gang_nodes
+                ));
             }
             let listed: BTreeSet<&JobId> = node.placed_jobs.iter().collect();
             if listed != jobs {

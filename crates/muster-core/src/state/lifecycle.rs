@@ -47,6 +47,14 @@ impl State {
                             format!("dependsOn.jobId: job {id} does not exist"),
                         ));
                     };
+                    if let Some((parent, _, _)) = target.gang_node() {
+                        return Err(Rejection::new(
+                            "dependsOn.jobId",
+                            format!(
+                                "dependsOn.jobId: {id} is a node of the multi-node job {parent}; depend on {parent}"
+                            ),
+                        ));
+                    }
                     if kind == DependencyKind::NToN {
                         let size = match target.array {
                             Some(ArrayRole::Parent { size, .. }) => Some(size),

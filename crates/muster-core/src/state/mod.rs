@@ -82,6 +82,9 @@ pub struct State {
     /// before; see [`State::placement_epoch`]. Not stored: it starts again at 0 on load.
     #[serde(skip)]
     placement_epoch: u64,
+    /// True only while one apply stops a gang's nodes (see `stop_gang`).
+    #[serde(skip)]
+    stopping_gang: bool,
 }
 
 /// See [`State::nodes_affected_by`].
@@ -128,6 +131,7 @@ impl State {
         self.dependents.clear();
         for node in self.nodes.values_mut() {
             node.allocated_unbounded = Resources::ZERO;
+            node.gang_nodes = 0;
         }
         for job in self.jobs.values() {
             let key = (job.seq, job.id.clone());
@@ -141,11 +145,14 @@ impl State {
             }
             if let Some(active) = &job.active {
                 track_share(&mut self.share_running, job, true);
-                if job.spec.timeout_secs.is_none()
-                    && let Some(node) = self.nodes.get_mut(&active.node)
-                {
-                    node.allocated_unbounded =
-                        node.allocated_unbounded + job.spec.container.resources();
+                if let Some(node) = self.nodes.get_mut(&active.node) {
+                    if job.spec.timeout_secs.is_none() {
+                        node.allocated_unbounded =
+                            node.allocated_unbounded + job.spec.container.resources();
+                    }
+                    if job.gang_node().is_some() {
+                        node.gang_nodes += 1;
+                    }
                 }
             }
             for dep in &job.waiting_on {
@@ -529,6 +536,7 @@ impl State {
             registered_at: at,
             unhealthy_reason: None,
             draining: false,
+            gang_nodes: 0,
         });
         node.compute_environment = ce_name;
         node.inventory = inventory;
@@ -575,37 +583,41 @@ impl State {
                 .and_then(|j| j.active.as_ref())
                 .map(|a| a.node.clone())
         };
-        // What one attempt's report changes: an exit takes it off its node, and a node of a
-        // multi-node job that exits stops its gang; a main node that runs releases the others.
-        let report_affects = |job: &JobId, node: &NodeId, event: &AttemptEvent| -> Vec<NodeId> {
-            let gang = self.jobs.get(job).and_then(|j| j.gang_node());
-            match event {
-                AttemptEvent::Running => match gang {
-                    Some((_, _, true)) => self.gang_workers(job),
-                    _ => Vec::new(),
-                },
-                AttemptEvent::Exited { .. } => {
-                    let mut nodes = vec![node.clone()];
-                    if gang.is_some() {
-                        nodes.extend(self.gang_workers(job));
+        // What reports change: an exit takes its attempt off its node, and a node of a
+        // multi-node job that exits may stop its gang; a main node that runs releases the
+        // others. Each gang's workers are listed once however many of its nodes report.
+        let reports_affect =
+            |reports: &mut dyn Iterator<Item = (&JobId, &NodeId, &AttemptEvent)>| {
+                let mut nodes = Vec::new();
+                let mut gangs = BTreeSet::new();
+                for (job, node, event) in reports {
+                    let gang = self.jobs.get(job).and_then(|j| j.gang_node());
+                    match (event, gang) {
+                        (AttemptEvent::Running, Some((parent, _, true))) => {
+                            gangs.insert(parent);
+                        }
+                        (AttemptEvent::Running, _) => {}
+                        (AttemptEvent::Exited { .. }, gang) => {
+                            nodes.push(node.clone());
+                            gangs.extend(gang.map(|(parent, _, _)| parent));
+                        }
                     }
-                    nodes
                 }
-            }
-        };
+                for parent in gangs {
+                    nodes.extend(self.gang_workers(&parent));
+                }
+                nodes
+            };
         match cmd {
             Command::Place { placements, .. } => {
                 AffectedNodes::Some(placements.iter().map(|p| p.node.clone()).collect())
             }
             Command::ReportAttempt {
                 job, node, event, ..
-            } => AffectedNodes::Some(report_affects(job, node, event)),
-            Command::ReportAttempts { reports, .. } => AffectedNodes::Some(
-                reports
-                    .iter()
-                    .flat_map(|r| report_affects(&r.job, &r.node, &r.event))
-                    .collect(),
-            ),
+            } => AffectedNodes::Some(reports_affect(&mut std::iter::once((job, node, event)))),
+            Command::ReportAttempts { reports, .. } => AffectedNodes::Some(reports_affect(
+                &mut reports.iter().map(|r| (&r.job, &r.node, &r.event)),
+            )),
             Command::NodeLost { node, .. } => {
                 let mut nodes = vec![node.clone()];
                 if let Some(n) = self.nodes.get(node) {

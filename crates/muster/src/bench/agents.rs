@@ -82,8 +82,11 @@ impl Agents {
                     .map(|p| p[i / per_connection].clone())
                     .collect()
             };
+            // Racks of 32 agents, blocks of 32 racks: where gangs find their tightest domain.
+            let topology = format!("block=b{}/rack=r{}", i / 1024, i / 32);
             let agent = SimAgent {
                 id,
+                topology,
                 channels,
                 addrs: addrs.clone(),
                 vcpus: args.agent_vcpus,
@@ -116,6 +119,8 @@ impl Drop for Agents {
 
 struct SimAgent {
     id: String,
+    /// The `topology` label it reports.
+    topology: String,
     /// One channel per control node, and the node's address.
     channels: Vec<Channel>,
     addrs: Arc<Vec<String>>,
@@ -136,7 +141,7 @@ impl SimAgent {
             address: "127.0.0.1".into(),
             executor: "simulated".into(),
             gpus: Vec::new(),
-            labels: Default::default(),
+            labels: [("topology".to_owned(), self.topology.clone())].into(),
             log_address: String::new(),
         }
     }
