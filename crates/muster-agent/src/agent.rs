@@ -60,6 +60,8 @@ struct Slot {
 
 impl Agent {
     pub async fn new(config: AgentConfig) -> Result<Self, AgentError> {
+        // The lease file, attempt records and logs all live here: it exists from the start.
+        std::fs::create_dir_all(&config.work_dir).map_err(AgentError::WorkDir)?;
         let config = crate::join::ensure_identity(config).await?;
         let executor = executor_for(&config).await?;
         let control = ControlClient::new(
