@@ -7,12 +7,31 @@ import subprocess
 import tempfile
 import threading
 import time
+import uuid
 
 import boto3
 import pytest
 
 READY = "muster dev ready: AWS Batch API at "
 TEST_IMAGE = os.environ.get("MUSTER_TEST_IMAGE", "muster-test/busybox:1")
+
+
+def unique(prefix):
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def wait_for(batch, job_id, statuses, timeout=60):
+    """Polls DescribeJobs until the job reaches one of `statuses`, and returns it."""
+    deadline = time.monotonic() + timeout
+    job = None
+    while time.monotonic() < deadline:
+        jobs = batch.describe_jobs(jobs=[job_id])["jobs"]
+        if jobs:
+            job = jobs[0]
+            if job["status"] in statuses:
+                return job
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} did not reach {statuses}: {job}")
 
 
 def free_port():

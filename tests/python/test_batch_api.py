@@ -13,24 +13,7 @@ import boto3
 import botocore.exceptions
 import pytest
 
-from conftest import TEST_IMAGE
-
-
-def unique(prefix):
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"
-
-
-def wait_for(batch, job_id, statuses, timeout=60):
-    deadline = time.monotonic() + timeout
-    job = None
-    while time.monotonic() < deadline:
-        jobs = batch.describe_jobs(jobs=[job_id])["jobs"]
-        if jobs:
-            job = jobs[0]
-            if job["status"] in statuses:
-                return job
-        time.sleep(0.1)
-    raise AssertionError(f"job {job_id} did not reach {statuses}: {job}")
+from conftest import TEST_IMAGE, unique, wait_for
 
 
 def register_busybox(batch, name, command):
@@ -643,7 +626,7 @@ def test_runnable_time_limits_cancel_jobs_that_wait_for_capacity(batch):
         ("FAILED", "CAPACITY:INSUFFICIENT_INSTANCE_CAPACITY", True)
 
 
-def test_multinode_definitions_are_stored_but_cannot_run_yet(batch):
+def test_multinode_definitions_are_echoed_and_a_gang_larger_than_the_cluster_fails_fast(batch):
     name = unique("mnp")
     node_properties = {"numNodes": 4, "mainNode": 0, "nodeRangeProperties": [
         {"targetNodes": "0", "container": {"image": TEST_IMAGE, "command": ["main"], "vcpus": 1, "memory": 64}},
@@ -651,9 +634,12 @@ def test_multinode_definitions_are_stored_but_cannot_run_yet(batch):
     batch.register_job_definition(jobDefinitionName=name, type="multinode", nodeProperties=node_properties)
     d = batch.describe_job_definitions(jobDefinitionName=name)["jobDefinitions"][0]
     assert (d["type"], d["nodeProperties"]) == ("multinode", node_properties)
-    with pytest.raises(batch.exceptions.ClientException) as err:
-        batch.submit_job(jobName="mnp", jobQueue="default", jobDefinition=name)
-    assert "multi-node" in err.value.response["Error"]["Message"]
+    # This cluster has one agent; each of the four nodes needs one of its own.
+    job_id = batch.submit_job(jobName="mnp", jobQueue="default", jobDefinition=name)["jobId"]
+    job = wait_for(batch, job_id, {"SUCCEEDED", "FAILED"})
+    assert job["status"] == "FAILED"
+    assert job["statusReason"].startswith("MISCONFIGURATION:JOB_RESOURCE_REQUIREMENT"), job["statusReason"]
+    assert "4 nodes" in job["statusReason"], job["statusReason"]
     with pytest.raises(batch.exceptions.ClientException) as err:
         batch.register_job_definition(jobDefinitionName=name, type="multinode",
                                       nodeProperties={"numNodes": 2, "mainNode": 0, "nodeRangeProperties": [

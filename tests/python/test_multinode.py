@@ -7,15 +7,14 @@ import configparser
 import os
 import shutil
 import sys
-import tempfile
 import time
-import uuid
 
 import boto3
 import pytest
 from botocore.exceptions import ClientError
 
-from conftest import TEST_IMAGE, Dev
+import conftest
+from conftest import TEST_IMAGE, Dev, unique
 
 AGENTS = 4
 
@@ -96,21 +95,8 @@ def batch(cluster):
     return client_for(cluster, "batch")
 
 
-def unique(prefix):
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"
-
-
 def wait_for(batch, job_id, statuses, timeout=90):
-    deadline = time.monotonic() + timeout
-    job = None
-    while time.monotonic() < deadline:
-        jobs = batch.describe_jobs(jobs=[job_id])["jobs"]
-        if jobs:
-            job = jobs[0]
-            if job["status"] in statuses:
-                return job
-        time.sleep(0.2)
-    raise AssertionError(f"job {job_id} did not reach {statuses}: {job}")
+    return conftest.wait_for(batch, job_id, statuses, timeout)
 
 
 def resources(vcpus="1", memory="128"):

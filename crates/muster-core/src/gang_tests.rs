@@ -74,7 +74,12 @@ fn setup() -> State {
 }
 
 fn submit(s: &mut State, id: &str, overrides: Option<NodeOverrides>) -> Outcome {
-    s.apply(Command::SubmitJob(JobSubmission {
+    s.apply(submission(id, Vec::new(), overrides))
+}
+
+/// The submit of a job of `mnp` with these dependencies and node overrides.
+fn submission(id: &str, depends_on: Vec<Dependency>, overrides: Option<NodeOverrides>) -> Command {
+    Command::SubmitJob(JobSubmission {
         id: JobId::from(id),
         at: Timestamp(1),
         name: "gang".into(),
@@ -85,13 +90,13 @@ fn submit(s: &mut State, id: &str, overrides: Option<NodeOverrides>) -> Outcome 
         tags: Default::default(),
         retry: None,
         timeout_secs: None,
-        depends_on: Vec::new(),
+        depends_on,
         array_size: None,
         share_identifier: None,
         scheduling_priority_override: None,
         extra: Default::default(),
         node_overrides: overrides,
-    }))
+    })
 }
 
 fn id(s: &str) -> JobId {
@@ -613,25 +618,9 @@ fn setup_definition() -> Command {
 }
 
 fn submission_after(job: &str, dependency: &str) -> Command {
-    Command::SubmitJob(JobSubmission {
-        id: id(job),
-        at: Timestamp(2),
-        name: job.into(),
-        queue: "q".into(),
-        definition: "mnp".into(),
-        overrides: Default::default(),
-        parameters: Default::default(),
-        tags: Default::default(),
-        retry: None,
-        timeout_secs: None,
-        depends_on: vec![Dependency {
-            job: Some(id(dependency)),
-            kind: DependencyKind::Plain,
-        }],
-        array_size: None,
-        share_identifier: None,
-        scheduling_priority_override: None,
-        extra: Default::default(),
-        node_overrides: None,
-    })
+    let after = Dependency {
+        job: Some(id(dependency)),
+        kind: DependencyKind::Plain,
+    };
+    submission(job, vec![after], None)
 }

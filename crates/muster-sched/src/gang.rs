@@ -14,7 +14,7 @@ type Candidate<'p, 's> = (&'p Room<'s>, Vec<bool>);
 
 /// The nodes of a gang grouped by what they ask for: nodes of one range share one spec, so a
 /// gang of a thousand nodes is usually one or two groups, and a worker is judged once a group.
-fn groups<'a>(nodes: &[&'a Job]) -> Vec<(&'a Job, Vec<usize>)> {
+pub(crate) fn groups<'a>(nodes: &[&'a Job]) -> Vec<(&'a Job, Vec<usize>)> {
     let mut groups: Vec<(&Job, Vec<usize>)> = Vec::new();
     for (index, node) in nodes.iter().enumerate() {
         match groups

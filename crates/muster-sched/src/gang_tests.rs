@@ -81,36 +81,48 @@ fn submit_sized_gang(
     at: u64,
     timeout_secs: Option<u64>,
 ) {
-    must(
-        s,
-        Command::SubmitJob(JobSubmission {
-            id: JobId::from(id),
-            at: Timestamp(at),
-            name: id.into(),
-            queue: "q".into(),
-            definition: "mnp".into(),
-            overrides: Default::default(),
-            parameters: Default::default(),
-            tags: Default::default(),
-            retry: None,
-            timeout_secs,
-            depends_on: Vec::new(),
-            array_size: None,
-            share_identifier: None,
-            scheduling_priority_override: None,
-            extra: Default::default(),
-            node_overrides: Some(NodeOverrides {
-                num_nodes: Some(nodes),
-                ranges: vec![muster_core::NodeOverride {
-                    target_nodes: ":".into(),
-                    container_overrides: muster_core::ContainerOverrides {
-                        vcpus: Some(vcpus),
-                        ..Default::default()
-                    },
-                }],
-            }),
+    must(s, gang_submission(id, nodes, vcpus, at, timeout_secs, &[]));
+}
+
+/// The submit of gang `id`: `nodes` nodes of `vcpus` each, with these tags.
+fn gang_submission(
+    id: &str,
+    nodes: u32,
+    vcpus: i64,
+    at: u64,
+    timeout_secs: Option<u64>,
+    tags: &[(&str, &str)],
+) -> Command {
+    Command::SubmitJob(JobSubmission {
+        id: JobId::from(id),
+        at: Timestamp(at),
+        name: id.into(),
+        queue: "q".into(),
+        definition: "mnp".into(),
+        overrides: Default::default(),
+        parameters: Default::default(),
+        tags: tags
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+        retry: None,
+        timeout_secs,
+        depends_on: Vec::new(),
+        array_size: None,
+        share_identifier: None,
+        scheduling_priority_override: None,
+        extra: Default::default(),
+        node_overrides: Some(NodeOverrides {
+            num_nodes: Some(nodes),
+            ranges: vec![muster_core::NodeOverride {
+                target_nodes: ":".into(),
+                container_overrides: muster_core::ContainerOverrides {
+                    vcpus: Some(vcpus),
+                    ..Default::default()
+                },
+            }],
         }),
-    );
+    })
 }
 
 fn submit_single(s: &mut State, id: &str, at: u64, vcpus: i64, timeout_secs: Option<u64>) {
@@ -244,36 +256,7 @@ fn a_gang_at_the_head_holds_its_nodes_against_a_stream_of_small_jobs() {
     let busy = plan(&s, &PlanConfig::default(), NOW);
     apply(&mut s, busy, NOW.as_millis());
     // The gang needs two vCPUs on each of the four nodes; small jobs keep coming behind it.
-    must(
-        &mut s,
-        Command::SubmitJob(JobSubmission {
-            id: JobId::from("g"),
-            at: Timestamp(1),
-            name: "g".into(),
-            queue: "q".into(),
-            definition: "mnp".into(),
-            overrides: Default::default(),
-            parameters: Default::default(),
-            tags: Default::default(),
-            retry: None,
-            timeout_secs: None,
-            depends_on: Vec::new(),
-            array_size: None,
-            share_identifier: None,
-            scheduling_priority_override: None,
-            extra: Default::default(),
-            node_overrides: Some(NodeOverrides {
-                num_nodes: Some(4),
-                ranges: vec![muster_core::NodeOverride {
-                    target_nodes: ":".into(),
-                    container_overrides: muster_core::ContainerOverrides {
-                        vcpus: Some(2),
-                        ..Default::default()
-                    },
-                }],
-            }),
-        }),
-    );
+    must(&mut s, gang_submission("g", 4, 2, 1, None, &[]));
     for i in 0..20 {
         // Without a timeout: they could run past the gang's start, so they must not take
         // the gang's nodes.
@@ -480,40 +463,7 @@ fn racks_of(s: &State, p: &Plan) -> BTreeSet<String> {
 }
 
 fn tag(s: &mut State, id: &str, nodes: u32, tags: &[(&str, &str)], at: u64) {
-    let mut sub = match submission_of_gang(id, nodes, at) {
-        Command::SubmitJob(sub) => sub,
-        _ => unreachable!(),
-    };
-    sub.tags = tags
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect();
-    must(s, Command::SubmitJob(sub));
-}
-
-/// The submit of gang `id` of `nodes` nodes of 1 vCPU, to be changed before it is applied.
-fn submission_of_gang(id: &str, nodes: u32, at: u64) -> Command {
-    Command::SubmitJob(JobSubmission {
-        id: JobId::from(id),
-        at: Timestamp(at),
-        name: id.into(),
-        queue: "q".into(),
-        definition: "mnp".into(),
-        overrides: Default::default(),
-        parameters: Default::default(),
-        tags: Default::default(),
-        retry: None,
-        timeout_secs: None,
-        depends_on: Vec::new(),
-        array_size: None,
-        share_identifier: None,
-        scheduling_priority_override: None,
-        extra: Default::default(),
-        node_overrides: Some(NodeOverrides {
-            num_nodes: Some(nodes),
-            ranges: Vec::new(),
-        }),
-    })
+    must(s, gang_submission(id, nodes, 1, at, None, tags));
 }
 
 #[test]
@@ -676,7 +626,7 @@ fn ranges_that_compete_for_workers_are_matched_scarcest_first() {
         );
         must(&mut s, register);
     }
-    let Command::SubmitJob(mut sub) = submission_of_gang("g", 2, 1) else {
+    let Command::SubmitJob(mut sub) = gang_submission("g", 2, 1, 1, None, &[]) else {
         unreachable!()
     };
     sub.node_overrides = Some(NodeOverrides {

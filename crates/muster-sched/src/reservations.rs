@@ -78,16 +78,7 @@ impl Reservations {
         ces: &[String],
         now: Timestamp,
     ) -> Option<Reservation> {
-        let mut groups: Vec<(&Job, Vec<usize>)> = Vec::new();
-        for (index, node) in nodes.iter().enumerate() {
-            match groups
-                .iter_mut()
-                .find(|(first, _)| std::sync::Arc::ptr_eq(&first.spec, &node.spec))
-            {
-                Some((_, members)) => members.push(index),
-                None => groups.push((node, vec![index])),
-            }
-        }
+        let groups = crate::gang::groups(nodes);
         let mut ranked: Vec<(Vec<Ranked>, &Vec<usize>)> = groups
             .iter()
             .map(|(job, members)| (rank(state, pool, job, ces, now), members))
