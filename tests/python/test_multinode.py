@@ -293,18 +293,27 @@ def test_a_rendezvous_in_docker_containers_on_the_host_network():
     dev = start("docker")
     try:
         batch = client_for(dev, "batch")
-        port = 45602
+        # A port nothing on this host holds now (the containers share its network).
+        port = conftest.free_port()
         command = ["sh", "-c",
                    'main="${AWS_BATCH_JOB_MAIN_NODE_PRIVATE_IPV4_ADDRESS}"; '
                    'if [ "$AWS_BATCH_JOB_NODE_INDEX" = "$AWS_BATCH_JOB_MAIN_NODE_INDEX" ]; then '
                    '  echo "hosts $(cat "$MUSTER_HOSTFILE" | tr "\\n" " ")"; '
-                   f'  for i in $(seq 2 "$AWS_BATCH_JOB_NUM_NODES"); do nc -l -p {port}; echo; done; echo all arrived; '
+                   # Each side bounds its nc: a connection neither side closes must not hang the job.
+                   f'  for i in $(seq 2 "$AWS_BATCH_JOB_NUM_NODES"); do timeout 20 nc -l -p {port}; echo; done; echo all arrived; '
                    'else '
-                   f'  until echo "$AWS_BATCH_JOB_NODE_INDEX" | nc -w 2 "$main" {port}; do sleep 0.2; done; sleep 60; '
+                   f'  until timeout 5 sh -c "echo $AWS_BATCH_JOB_NODE_INDEX | nc -w 2 $main {port}"; do sleep 0.2; done; sleep 60; '
                    'fi']
         name = register(batch, command, nodes=3, image=TEST_IMAGE)
         job_id = batch.submit_job(jobName="rendezvous", jobQueue="default", jobDefinition=name)["jobId"]
-        job = wait_for(batch, job_id, {"SUCCEEDED", "FAILED"}, timeout=120)
+        try:
+            job = wait_for(batch, job_id, {"SUCCEEDED", "FAILED"}, timeout=120)
+        finally:
+            # Whatever happens, say what each node did and printed.
+            for n in node_jobs(batch, job_id):
+                printed = log_of(dev, n) if n.get("container", {}).get("logStreamName") else []
+                print(n["jobId"], n["status"], n.get("statusReason"), n.get("container", {}).get("containerInstanceArn"),
+                      n["attempts"], printed[-10:])
         nodes = node_jobs(batch, job_id)
         assert job["status"] == "SUCCEEDED", (job["statusReason"], [(n["status"], n.get("statusReason"), n["attempts"]) for n in nodes])
         assert len({n["container"]["containerInstanceArn"] for n in nodes}) == 3
