@@ -117,6 +117,142 @@ async fn a_follower_behind_a_purged_log_catches_up_from_a_snapshot_and_keeps_it(
     t.shutdown().await;
 }
 
+/// Ended jobs leave memory for the archive on every node, and still describe, list and page
+/// the same on the leader, on a follower that caught up from a snapshot (which carries the
+/// archive), and on every node after the whole cluster restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ended_jobs_leave_memory_and_travel_with_snapshots() {
+    let mut t = TestCluster::start(3).await;
+    let leader = t.cluster.wait_for_leader(DEADLINE).await.unwrap();
+    let client = t.client(leader);
+    create_basics(&client, "ce", "q", "d").await;
+    t.add_agent("worker-a", "ce", 2.0, 1024).await;
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    t.cluster.stop_node(follower).await;
+
+    let mut ended = Vec::new();
+    for (name, command) in [("ok-1", "exit 0"), ("bad", "exit 3"), ("ok-2", "exit 0")] {
+        let id = submit(&client, "q", "d", name, &["sh", "-c", command]).await;
+        wait_for_status(&client, &id, &["SUCCEEDED", "FAILED"]).await;
+        ended.push(id);
+    }
+    let array = ok(client
+        .call(
+            "SubmitJob",
+            json!({"jobName": "arr", "jobQueue": "q", "jobDefinition": "d",
+                "arrayProperties": {"size": 3},
+                "containerOverrides": {"command": ["true"]}}),
+        )
+        .await)["jobId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    wait_for_status(&client, &array, &["SUCCEEDED"]).await;
+    ended.push(array.clone());
+    {
+        let node = t.cluster.node(leader).unwrap();
+        let state = &node.raft.state.read().state;
+        for id in &ended {
+            let id = muster_core::JobId::from(id.as_str());
+            assert!(state.job(&id).is_none(), "{id} still in memory");
+            assert!(
+                state.ended_job(&id).is_some(),
+                "{id} not in the ended index"
+            );
+        }
+        assert_eq!(
+            state.ended_job_count(),
+            ended.len() + 3,
+            "the array's children too"
+        );
+        assert_eq!(node.raft.state.archive().len(), ended.len() + 3);
+    }
+
+    let read_all = |client: muster_client::BatchClient, ended: Vec<String>, array: String| async move {
+        let described = ok(client.call("DescribeJobs", json!({ "jobs": ended })).await);
+        let mut pages = Vec::new();
+        let mut token = None;
+        loop {
+            let mut body = json!({"jobQueue": "q", "jobStatus": "SUCCEEDED", "maxResults": 1});
+            if let Some(t) = token {
+                body["nextToken"] = t;
+            }
+            let page = ok(client.call("ListJobs", body).await);
+            token = page.get("nextToken").cloned();
+            pages.push(page["jobSummaryList"].clone());
+            if token.is_none() {
+                break;
+            }
+        }
+        let failed = ok(client
+            .call("ListJobs", json!({"jobQueue": "q", "jobStatus": "FAILED"}))
+            .await);
+        let children = ok(client
+            .call(
+                "ListJobs",
+                json!({"arrayJobId": array, "jobStatus": "SUCCEEDED"}),
+            )
+            .await);
+        let named = ok(client
+            .call(
+                "ListJobs",
+                json!({"jobQueue": "q", "filters": [{"name": "JOB_NAME", "values": ["ok-*"]}]}),
+            )
+            .await);
+        (described, pages, failed, children, named)
+    };
+    let before = read_all(client.clone(), ended.clone(), array.clone()).await;
+    assert_eq!(before.0["jobs"].as_array().unwrap().len(), ended.len());
+    assert_eq!(before.1.len(), 3, "ok-1, ok-2 and the array, one page each");
+    assert_eq!(before.2["jobSummaryList"].as_array().unwrap().len(), 1);
+    assert_eq!(before.3["jobSummaryList"].as_array().unwrap().len(), 3);
+    assert_eq!(before.4["jobSummaryList"].as_array().unwrap().len(), 2);
+    let described = &before.0["jobs"];
+    assert_eq!(
+        described[3]["arrayProperties"]["statusSummary"]["SUCCEEDED"], 3,
+        "{described}"
+    );
+
+    // The follower was down: the leader folds the log into a snapshot and drops it, so the
+    // follower catches up from the snapshot, archive and all.
+    let raft = t.cluster.node(leader).unwrap().raft.raft.clone();
+    raft.trigger().snapshot().await.unwrap();
+    let snapshot = wait_for_metric(&raft, |m| m.snapshot.map(|s| s.index)).await;
+    raft.trigger().purge_log(snapshot).await.unwrap();
+    wait_for_metric(&raft, |m| {
+        m.purged.filter(|p| p.index >= snapshot).map(|p| p.index)
+    })
+    .await;
+    t.cluster.restart_node(follower).await.expect("restarts");
+    let node = t.cluster.node(follower).expect("running");
+    wait_for_metric(&node.raft.raft, |m| {
+        m.snapshot.filter(|s| s.index >= snapshot).map(|s| s.index)
+    })
+    .await;
+    assert_eq!(node.raft.state.archive().len(), ended.len() + 3);
+    let on_follower = read_all(t.client(follower), ended.clone(), array.clone()).await;
+    assert_eq!(
+        on_follower, before,
+        "the follower describes ended jobs differently"
+    );
+
+    for id in 1..=3 {
+        t.cluster.stop_node(id).await;
+    }
+    for id in 1..=3 {
+        t.cluster.restart_node(id).await.expect("restarts");
+    }
+    t.cluster.wait_for_leader(DEADLINE).await.expect("a leader");
+    for id in 1..=3 {
+        let after = read_all(t.client(id), ended.clone(), array.clone()).await;
+        assert_eq!(
+            after, before,
+            "node {id} describes ended jobs differently after a restart"
+        );
+    }
+    t.shutdown().await;
+}
+
 /// `count` concurrent submits to queue `q` of definition `d`, each carrying 24 KiB of
 /// environment (near SubmitJob's 30 KiB body limit).
 async fn submit_padded(client: &muster_client::BatchClient, count: usize) {

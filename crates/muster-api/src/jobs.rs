@@ -12,6 +12,7 @@ use muster_core::{
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 #[derive(Deserialize, Default)]
@@ -370,8 +371,8 @@ fn array_shape(state: &State, job: &Job) -> Option<Value> {
         ArrayRole::Parent { size, .. } => {
             let mut summary: BTreeMap<&str, u32> =
                 JobStatus::ALL.iter().map(|s| (s.as_aws(), 0)).collect();
-            for child in state.array_children(&job.id) {
-                *summary.entry(child.status.as_aws()).or_default() += 1;
+            for (status, count) in state.array_status_counts(job) {
+                summary.insert(status.as_aws(), count);
             }
             Some(json!({"size": size, "statusSummary": summary}))
         }
@@ -511,9 +512,9 @@ pub(crate) async fn describe<P: ControlPlane>(
         .read(move |s| {
             // Unknown ids are left out, as AWS does.
             ids.iter()
-                .filter_map(|id| s.job(&JobId::from(id.clone())))
+                .filter_map(|id| s.find_job(&JobId::from(id.clone())))
                 .map(|j| {
-                    let mut described = crate::request::echo(&j.spec.extra, job_detail(s, j));
+                    let mut described = crate::request::echo(&j.spec.extra, job_detail(s, &j));
                     crate::request::with_container_lists(&mut described, "container");
                     described
                 })
@@ -651,24 +652,30 @@ pub(crate) async fn list<P: ControlPlane>(
     };
     let result = plane
         .read(move |s| {
-            let listed: Box<dyn Iterator<Item = &Job>> = match &source {
+            let after = after.map(|(seq, id)| (seq, JobId::from(id)));
+            let listed: Box<dyn Iterator<Item = Cow<'_, Job>>> = match &source {
                 Source::Queue(queue) => {
                     let q = s.queue(queue)?;
                     // Array children and the nodes of multi-node jobs are listed through
-                    // their parent (arrayJobId, multiNodeJobId).
-                    Box::new(
-                        s.jobs_in_queue(&q.name, None)
-                            .filter(|j| !matches!(j.array, Some(ArrayRole::Child { .. })))
-                            .filter(|j| j.gang_node().is_none()),
-                    )
+                    // their parent (arrayJobId, multiNodeJobId). Ended jobs come from the
+                    // archive, merged in submit order.
+                    s.listed_jobs(&q.name, status, after.clone())
                 }
                 Source::Array(parent) => {
-                    s.job(parent)?;
-                    Box::new(s.array_children(parent))
+                    s.find_job(parent)?;
+                    Box::new(
+                        s.family_of(parent)
+                            .into_iter()
+                            .filter(|j| matches!(j.array, Some(ArrayRole::Child { .. }))),
+                    )
                 }
                 Source::MultiNode(parent) => {
-                    s.job(parent)?.gang_size()?;
-                    Box::new(s.gang_nodes(parent))
+                    s.find_job(parent)?.gang_size()?;
+                    Box::new(
+                        s.family_of(parent)
+                            .into_iter()
+                            .filter(|j| j.gang_node().is_some()),
+                    )
                 }
             };
             let mut matching = listed
@@ -677,12 +684,12 @@ pub(crate) async fn list<P: ControlPlane>(
                 .filter(|j| {
                     after
                         .as_ref()
-                        .is_none_or(|(seq, id)| (j.seq, j.id.as_str()) > (*seq, id.as_str()))
+                        .is_none_or(|(seq, id)| (j.seq, &j.id) > (*seq, id))
                 });
             let page: Vec<(JobSummary, String)> = matching
                 .by_ref()
                 .take(limit)
-                .map(|j| (summary(s.arn_scope(), j), format!("{}/{}", j.seq, j.id.0)))
+                .map(|j| (summary(s.arn_scope(), &j), format!("{}/{}", j.seq, j.id.0)))
                 .collect();
             Some((page, matching.next().is_some()))
         })
@@ -806,12 +813,12 @@ pub(crate) async fn terminate<P: ControlPlane>(
 /// heard of it (it may lag). CancelJob and TerminateJob of a job that does not exist answer
 /// `{}` as AWS does (clients terminate defensively) and write nothing.
 async fn job_exists<P: ControlPlane>(plane: &P, job: &JobId) -> Result<bool, ApiError> {
-    if plane.read_local(|state| state.job(job).is_some()) {
+    if plane.read_local(|state| state.job_exists(job)) {
         return Ok(true);
     }
     let job = job.clone();
     plane
-        .read(move |state| state.job(&job).is_some())
+        .read(move |state| state.job_exists(&job))
         .await
         .map_err(ApiError::from)
 }

@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 pub(crate) const TARGET_PREFIX: &str = "Logs_20140328.";
 
 /// The one log group AWS Batch writes job output to.
-pub const LOG_GROUP: &str = "/aws/batch/job";
+pub const LOG_GROUP: &str = muster_core::DEFAULT_LOG_GROUP;
 
 /// Events per page when the caller sets no `limit`: CloudWatch's 10,000 (or 1 MB, which the
 /// agent bounds a page to).
@@ -32,11 +32,7 @@ pub(crate) fn log_configuration<'a>(state: &'a State, job: &muster_core::Job) ->
 /// The log group `job`'s output is served in: its definition's `awslogs-group` where it uses
 /// the `awslogs` driver with one, else [`LOG_GROUP`].
 fn log_group_of(state: &State, job: &muster_core::Job) -> String {
-    log_configuration(state, job)
-        .filter(|c| c.get("logDriver").and_then(Value::as_str) == Some("awslogs"))
-        .and_then(|c| c.get("options")?.get("awslogs-group")?.as_str())
-        .unwrap_or(LOG_GROUP)
-        .to_owned()
+    state.log_group_of(job).to_owned()
 }
 
 fn not_found(message: impl Into<String>) -> ApiError {
@@ -133,7 +129,7 @@ async fn get_log_events<P: ControlPlane>(
     let (log_address, job_group) = plane
         .read_local(|s| {
             let address = log_address_of(s, &job, attempt, &stream)?;
-            Some((address, log_group_of(s, s.job(&job)?)))
+            Some((address, log_group_of(s, &*s.find_job(&job)?)))
         })
         .ok_or_else(|| not_found(format!("The specified log stream does not exist: {stream}")))?;
     if group != job_group {
@@ -221,8 +217,12 @@ fn log_group<P: ControlPlane>(
             "arn:aws:logs:{region}:{account}:log-group:{group}"
         )],
     )?;
-    let exists =
-        group == LOG_GROUP || plane.read_local(|s| s.jobs().any(|j| log_group_of(s, j) == group));
+    // Definitions are kept for good (deregistered ones too), jobs only for their retention.
+    let exists = group == LOG_GROUP
+        || plane.read_local(|s| {
+            s.definitions()
+                .any(|d| d.awslogs_group() == Some(group.as_str()))
+        });
     if !exists {
         return Err(not_found(format!(
             "The specified log group does not exist: {group}"
@@ -231,14 +231,23 @@ fn log_group<P: ControlPlane>(
     Ok(group)
 }
 
+/// Streams of ended jobs' attempts (which left memory) listed at most, by name; see
+/// [`streams`].
+const ARCHIVED_STREAMS_LISTED: usize = 100_000;
+
 /// Every attempt's stream in `group` whose name starts with `prefix`, by name: (name, job, attempt,
-/// when it was placed or started, when it stopped).
+/// when it was placed or started, when it stopped). Jobs in memory, and the first
+/// [`ARCHIVED_STREAMS_LISTED`] by name of ended jobs that left memory.
 fn streams(
     state: &State,
     group: &str,
     prefix: &str,
 ) -> Vec<(String, JobId, u32, u64, Option<u64>)> {
-    let mut out = Vec::new();
+    let mut out: Vec<_> = state
+        .archived_streams(group, prefix, ARCHIVED_STREAMS_LISTED)
+        .into_iter()
+        .map(|s| (s.name, s.job, s.attempt, s.created_ms, Some(s.stopped_ms)))
+        .collect();
     for job in state.jobs().filter(|j| log_group_of(state, j) == group) {
         for (i, record) in job.attempts.iter().enumerate() {
             let name = record.log_stream_name.clone();
@@ -517,7 +526,7 @@ fn log_address_of(
     attempt: u32,
     stream: &str,
 ) -> Option<(String, String)> {
-    let job = state.job(job)?;
+    let job = state.find_job(job)?;
     if job.log_stream_name(attempt) != stream {
         return None;
     }

@@ -25,7 +25,15 @@ pub(crate) async fn dispatch<P: ControlPlane>(
             caller.authorize("batch:ListTagsForResource", &[arn])?;
             let wanted = arn.to_owned();
             let found = plane
-                .read(move |s| s.tags_of(&wanted).cloned())
+                .read(move |s| {
+                    s.tags_of(&wanted).cloned().or_else(|| {
+                        // An ended job that left memory: its tags are in the archive.
+                        let (_, id) = wanted.rsplit_once(":job/")?;
+                        let id = muster_core::JobId::from(id);
+                        s.ended_job(&id)?;
+                        Some(s.find_job(&id)?.reported_tags().clone())
+                    })
+                })
                 .await
                 .map_err(ApiError::from)?;
             let tags = found.ok_or_else(|| {

@@ -107,8 +107,11 @@ impl ControlNode {
         let db = open_sled_waiting(&raft_dir).await.map_err(storage_err)?;
         let log = SledLogStore::new(&db).map_err(storage_err)?;
         let snapshots = SledSnapshotStore::new(&db).map_err(storage_err)?;
+        let archive = muster_raft::EndedJobs::new(
+            muster_store::ArchiveStore::on_disk(&db).map_err(storage_err)?,
+        );
         let state_machine =
-            StateMachine::open(snapshots).map_err(|e| StartError::Raft(e.to_string()))?;
+            StateMachine::open(snapshots, archive).map_err(|e| StartError::Raft(e.to_string()))?;
         let state = state_machine.handle();
 
         // TCP and TLS within a second: a peer that takes longer is as good as down for Raft,
@@ -488,7 +491,9 @@ fn start_raft_threads(
 /// the chaos harness) can tell who leads without asking the API: `muster_raft_term`,
 /// `muster_raft_leader` (the leader's id, 0 while none is known), `muster_raft_leading` (1
 /// while this node leads with a quorum), `muster_raft_last_log_index` and
-/// `muster_raft_applied_index`, each labelled with the node's id.
+/// `muster_raft_applied_index`, each labelled with the node's id; and the jobs its replica
+/// holds in memory (`muster_jobs_in_memory`) and ended jobs moved to its archive on disk
+/// (`muster_jobs_archived`).
 async fn report_raft_gauges(node: RaftNode, mut shutdown: watch::Receiver<bool>) {
     let id = node.id.to_string();
     let gauge = |name: &'static str| metrics::gauge!(name, "node" => id.clone());
@@ -498,6 +503,10 @@ async fn report_raft_gauges(node: RaftNode, mut shutdown: watch::Receiver<bool>)
         gauge("muster_raft_leading"),
         gauge("muster_raft_last_log_index"),
         gauge("muster_raft_applied_index"),
+    );
+    let (in_memory, archived) = (
+        gauge("muster_jobs_in_memory"),
+        gauge("muster_jobs_archived"),
     );
     loop {
         {
@@ -509,6 +518,11 @@ async fn report_raft_gauges(node: RaftNode, mut shutdown: watch::Receiver<bool>)
             applied.set(m.last_applied.map_or(0, |l| l.index) as f64);
         }
         leading.set(if node.leads_with_quorum() { 1.0 } else { 0.0 });
+        {
+            let applied = node.state.read();
+            in_memory.set(applied.state.job_count() as f64);
+            archived.set(applied.state.ended_job_count() as f64);
+        }
         tokio::select! {
             _ = shutdown.wait_for(|s| *s) => return,
             _ = tokio::time::sleep(Duration::from_millis(250)) => {}

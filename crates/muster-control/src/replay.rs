@@ -53,6 +53,8 @@ pub async fn replay_store<L: RaftLogStorage<TypeConfig>>(
         .map_or(0, |c| c.index);
     let last_log_index = state_of_log.last_log_id.map_or(0, |l| l.index);
     let mut state = State::default();
+    let archive = muster_raft::EndedJobs::in_memory();
+    state.attach_archive(std::sync::Arc::new(archive.clone()));
     let mut replay = Replay {
         committed,
         last_log_index,
@@ -75,6 +77,10 @@ pub async fn replay_store<L: RaftLogStorage<TypeConfig>>(
             next = entry.log_id.index + 1;
             if let EntryPayload::Normal(command) = entry.payload {
                 state.apply(std::sync::Arc::unwrap_or_clone(command.0));
+                let changes = state.take_archive_changes();
+                archive
+                    .write(changes, &state)
+                    .map_err(|e| format!("archiving ended jobs: {e}"))?;
                 replay.commands += 1;
                 for violation in state.resource_violations() {
                     if replay.violations.len() < 100 && seen.insert(violation.clone()) {
@@ -85,6 +91,6 @@ pub async fn replay_store<L: RaftLogStorage<TypeConfig>>(
             }
         }
     }
-    replay.jobs = state.job_count();
+    replay.jobs = state.job_count() + state.ended_job_count();
     Ok(replay)
 }

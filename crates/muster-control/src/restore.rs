@@ -18,7 +18,11 @@ pub async fn restore_snapshot(config: &ServerConfig, file: &[u8]) -> Result<Back
             config.node_id
         ));
     }
-    let (header, applied) = backup::read(file).map_err(|e| e.to_string())?;
+    let backup::Backup {
+        header,
+        applied,
+        archived,
+    } = backup::read(file).map_err(|e| e.to_string())?;
     // ARNs in the file name its region and account; the new cluster must name the same.
     let scope = applied.state.arn_scope();
     if *scope != config.scope {
@@ -50,7 +54,7 @@ pub async fn restore_snapshot(config: &ServerConfig, file: &[u8]) -> Result<Back
         .iter()
         .map(|(id, addrs)| (*id, muster_raft::Member::from(addrs)))
         .collect();
-    backup::restore(&snapshots, applied, header.index, members)
+    backup::restore(&snapshots, applied, archived, header.index, members)
         .await
         .map_err(|e| e.to_string())?;
     db.flush_async().await.map_err(|e| e.to_string())?;

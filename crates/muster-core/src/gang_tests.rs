@@ -104,7 +104,7 @@ fn id(s: &str) -> JobId {
 }
 
 fn status(s: &State, job: &str) -> JobStatus {
-    s.job(&id(job)).unwrap().status
+    s.find_job(&id(job)).unwrap().status
 }
 
 fn place(s: &mut State, at: u64, placements: &[(&str, &str)]) -> Outcome {
@@ -123,7 +123,12 @@ fn place(s: &mut State, at: u64, placements: &[(&str, &str)]) -> Outcome {
 }
 
 fn report(s: &mut State, job: &str, event: AttemptEvent, at: u64) {
-    let active = s.job(&id(job)).unwrap().active.clone().expect("placed");
+    let active = s
+        .find_job(&id(job))
+        .unwrap()
+        .active
+        .clone()
+        .expect("placed");
     s.apply(Command::ReportAttempt {
         job: id(job),
         attempt: active.number,
@@ -194,14 +199,14 @@ fn a_submit_makes_a_parent_in_line_and_its_node_jobs_beside_it() {
         ]
     );
     assert_eq!(
-        s.job(&id("g#1")).unwrap().gang_node(),
+        s.find_job(&id("g#1")).unwrap().gang_node(),
         Some((id("g"), 1, false))
     );
     // The parent describes the main node's container; ranges share one spec in memory.
-    assert_eq!(s.job(&id("g")).unwrap().spec.container.image, "main");
+    assert_eq!(s.find_job(&id("g")).unwrap().spec.container.image, "main");
     assert!(std::sync::Arc::ptr_eq(
-        &s.job(&id("g#1")).unwrap().spec,
-        &s.job(&id("g#2")).unwrap().spec
+        &s.find_job(&id("g#1")).unwrap().spec,
+        &s.find_job(&id("g#2")).unwrap().spec
     ));
     // A snapshot read back rebuilds the same line.
     let mut copy: State = serde_json::from_slice(&serde_json::to_vec(&s).unwrap()).unwrap();
@@ -228,8 +233,18 @@ fn node_overrides_change_the_count_and_containers_and_bad_ones_are_refused() {
         Outcome::JobSubmitted { .. }
     ));
     assert_eq!(s.gang_nodes(&id("g")).count(), 4);
-    assert_eq!(s.job(&id("g#3")).unwrap().spec.container.command, ["last"]);
-    assert!(s.job(&id("g#2")).unwrap().spec.container.command.is_empty());
+    assert_eq!(
+        s.find_job(&id("g#3")).unwrap().spec.container.command,
+        ["last"]
+    );
+    assert!(
+        s.find_job(&id("g#2"))
+            .unwrap()
+            .spec
+            .container
+            .command
+            .is_empty()
+    );
 
     let too_many = NodeOverrides {
         num_nodes: Some(MAX_NODES + 1),
@@ -239,7 +254,7 @@ fn node_overrides_change_the_count_and_containers_and_bad_ones_are_refused() {
         panic!("accepted")
     };
     assert_eq!(r.field, "nodeOverrides.numNodes");
-    assert!(s.job(&id("h")).is_none() && s.job(&id("h#0")).is_none());
+    assert!(s.find_job(&id("h")).is_none() && s.find_job(&id("h#0")).is_none());
 }
 
 #[test]
@@ -388,7 +403,7 @@ fn the_job_ends_as_its_main_node_ends_and_the_other_nodes_are_stopped() {
     assert_eq!(status(&s, "g"), JobStatus::Running);
     assert!(!assigned(&s).iter().any(|(_, job)| job == "g#1"));
     assert_eq!(
-        s.job(&id("g#1")).unwrap().terminate_reason.as_deref(),
+        s.find_job(&id("g#1")).unwrap().terminate_reason.as_deref(),
         Some(MAIN_NODE_EXITED)
     );
     report(&mut s, "g#1", exited(143), 15);
@@ -396,7 +411,7 @@ fn the_job_ends_as_its_main_node_ends_and_the_other_nodes_are_stopped() {
     for node in ["g#0", "g#1", "g#2"] {
         assert_eq!(status(&s, node), JobStatus::Succeeded, "{node}");
     }
-    let parent = s.job(&id("g")).unwrap();
+    let parent = s.find_job(&id("g")).unwrap();
     assert_eq!(parent.attempts.len(), 1);
     assert_eq!(parent.attempts[0].node, NodeId("w0".into()));
     assert_eq!(parent.attempts[0].exit_code, Some(0));
@@ -418,7 +433,7 @@ fn a_node_that_fails_fails_the_attempt_and_the_whole_gang_runs_again() {
     assert_eq!(status(&s, "g"), JobStatus::Running);
     report(&mut s, "g#2", exited(143), 14);
     assert_eq!(status(&s, "g"), JobStatus::Runnable);
-    let parent = s.job(&id("g")).unwrap();
+    let parent = s.find_job(&id("g")).unwrap();
     assert_eq!(parent.attempts.len(), 1);
     assert_eq!(parent.attempts[0].exit_code, Some(1));
     assert!(
@@ -443,7 +458,12 @@ fn a_node_that_fails_fails_the_attempt_and_the_whole_gang_runs_again() {
         }
     );
     assert_eq!(
-        s.job(&id("g#1")).unwrap().active.as_ref().unwrap().number,
+        s.find_job(&id("g#1"))
+            .unwrap()
+            .active
+            .as_ref()
+            .unwrap()
+            .number,
         2
     );
     report(&mut s, "g#0", AttemptEvent::Running, 21);
@@ -453,7 +473,7 @@ fn a_node_that_fails_fails_the_attempt_and_the_whole_gang_runs_again() {
     report(&mut s, "g#0", exited(2), 23);
     // Out of attempts: the main node's failure is the job's.
     assert_eq!(status(&s, "g"), JobStatus::Failed);
-    let parent = s.job(&id("g")).unwrap();
+    let parent = s.find_job(&id("g")).unwrap();
     assert_eq!(parent.attempts.len(), 2);
     assert_eq!(parent.attempts[1].exit_code, Some(2));
     assert_eq!(status(&s, "g#1"), JobStatus::Failed);
@@ -478,7 +498,7 @@ fn a_lost_worker_fails_the_attempt_and_one_not_started_ends_at_once() {
         at: Timestamp(12),
     });
     // Node 1 had not started either: it ends at once; the main node is stopped by its agent.
-    assert_eq!(s.job(&id("g#1")).unwrap().active, None);
+    assert_eq!(s.find_job(&id("g#1")).unwrap().active, None);
     assert_eq!(status(&s, "g"), JobStatus::Running);
     report(&mut s, "g#0", exited(143), 13);
     assert_eq!(status(&s, "g"), JobStatus::Runnable);
@@ -499,11 +519,11 @@ fn terminate_stops_every_node_and_cancel_fails_a_waiting_gang() {
     });
     assert!(assigned(&s).is_empty());
     // Node 2 had not started: it ended at once.
-    assert_eq!(s.job(&id("g#2")).unwrap().active, None);
+    assert_eq!(s.find_job(&id("g#2")).unwrap().active, None);
     report(&mut s, "g#0", exited(143), 13);
     report(&mut s, "g#1", exited(143), 13);
     assert_eq!(status(&s, "g"), JobStatus::Failed, "terminated: no retry");
-    let parent = s.job(&id("g")).unwrap();
+    let parent = s.find_job(&id("g")).unwrap();
     assert_eq!(parent.status_reason.as_deref(), Some("enough"));
     assert!(parent.is_terminated);
 
@@ -518,7 +538,7 @@ fn terminate_stops_every_node_and_cancel_fails_a_waiting_gang() {
     }));
     for job in ["w", "w#0", "w#1", "w#2"] {
         assert_eq!(status(&s, job), JobStatus::Failed, "{job}");
-        assert!(s.job(&id(job)).unwrap().is_cancelled, "{job}");
+        assert!(s.find_job(&id(job)).unwrap().is_cancelled, "{job}");
     }
     assert_eq!(s.runnable_count("q"), 0);
     // Purged together.
@@ -560,7 +580,7 @@ fn no_job_depends_on_a_node_and_a_terminate_after_the_main_node_succeeded_change
     report(&mut s, "g#1", exited(143), 14);
     report(&mut s, "g#2", exited(143), 14);
     assert_eq!(status(&s, "g"), JobStatus::Succeeded);
-    assert!(!s.job(&id("g")).unwrap().is_terminated);
+    assert!(!s.find_job(&id("g")).unwrap().is_terminated);
     assert_eq!(status(&s, "after"), JobStatus::Runnable);
 }
 

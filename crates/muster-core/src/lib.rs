@@ -36,8 +36,21 @@ pub use command::{
 pub use ids::{Arn, ArnScope, JobId, NodeId, Timestamp};
 pub use model::*;
 pub use resources::Resources;
-pub use state::{ATTEMPT_TIMED_OUT, AffectedNodes, Assignment, MAIN_NODE_EXITED, State};
+pub use state::{
+    ATTEMPT_TIMED_OUT, AffectedNodes, ArchiveChanges, ArchivedStream, Assignment, EndedEntry,
+    JobArchive, MAIN_NODE_EXITED, State, merge_by_seq,
+};
+
+/// The log group AWS Batch writes job output to, unless a definition names another.
+pub const DEFAULT_LOG_GROUP: &str = "/aws/batch/job";
 pub use validate::ConfigError;
 
 /// Version of the serialized [`State`] inside a snapshot; bumped on any incompatible change.
-pub const STATE_FORMAT_VERSION: u32 = 1;
+/// 2: ended jobs leave the job table for an archive (`ended` lists them) that a snapshot sent
+/// to another node carries after its image. A node of the release before refuses such a
+/// snapshot instead of losing them.
+pub const STATE_FORMAT_VERSION: u32 = 2;
+
+/// The state formats this release reads: format 1 is format 2 with every ended job still in
+/// the job table (they stay there until retention forgets them).
+pub const READABLE_STATE_FORMATS: std::ops::RangeInclusive<u32> = 1..=STATE_FORMAT_VERSION;

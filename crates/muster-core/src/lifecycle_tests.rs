@@ -107,7 +107,7 @@ fn after(id: &str) -> Dependency {
 }
 
 fn status(s: &State, id: &str) -> JobStatus {
-    s.job(&JobId::from(id)).unwrap().status
+    s.find_job(&JobId::from(id)).unwrap().status
 }
 
 /// Places every RUNNABLE job that fits and lets `exit` decide each attempt's exit code.
@@ -140,9 +140,9 @@ fn run_until_idle(s: &mut State, mut exit: impl FnMut(&JobId, u32) -> i32) -> Ve
             .cloned()
             .collect();
         for id in placed {
-            let attempt = s.job(&id).unwrap().active.as_ref().unwrap().number;
+            let attempt = s.find_job(&id).unwrap().active.as_ref().unwrap().number;
             // No job runs before every dependency succeeded.
-            if let Some(dep) = s.job(&id).unwrap().waiting_on.first() {
+            if let Some(dep) = s.find_job(&id).unwrap().waiting_on.first() {
                 panic!("{id} runs while waiting on {dep}");
             }
             let node = NodeId("n".into());
@@ -214,7 +214,7 @@ fn retries_follow_evaluate_on_exit_first_match_wins() {
     ));
     let ran = run_until_idle(&mut s, |_, attempt| if attempt < 3 { 1 } else { 0 });
     assert_eq!(ran.len(), 3);
-    let job = s.job(&JobId::from("flaky")).unwrap();
+    let job = s.find_job(&JobId::from("flaky")).unwrap();
     assert_eq!(job.status, JobStatus::Succeeded);
     assert_eq!(
         job.attempts.iter().map(|a| a.exit_code).collect::<Vec<_>>(),
@@ -223,7 +223,7 @@ fn retries_follow_evaluate_on_exit_first_match_wins() {
 
     s.apply(submission("doomed", vec![], None, Some(strategy)));
     run_until_idle(&mut s, |_, _| 42);
-    let job = s.job(&JobId::from("doomed")).unwrap();
+    let job = s.find_job(&JobId::from("doomed")).unwrap();
     assert_eq!(
         (job.status, job.attempts.len()),
         (JobStatus::Failed, 1),
@@ -254,7 +254,7 @@ fn an_ended_job_holds_room_only_for_the_attempts_it_made() {
         }
     });
     for (id, attempts) in [("once", 1), ("thrice", 3)] {
-        let job = s.job(&JobId::from(id)).unwrap();
+        let job = s.find_job(&JobId::from(id)).unwrap();
         assert_eq!(job.status, JobStatus::Succeeded);
         assert_eq!(job.attempts.len(), attempts, "{id}");
         assert_eq!(job.attempts.capacity(), attempts, "{id} keeps spare room");
@@ -281,7 +281,10 @@ fn dependencies_release_and_failures_cascade() {
     );
     assert_eq!(status(&s, "y"), JobStatus::Failed);
     assert_eq!(
-        s.job(&JobId::from("y")).unwrap().status_reason.as_deref(),
+        s.find_job(&JobId::from("y"))
+            .unwrap()
+            .status_reason
+            .as_deref(),
         Some("Dependent Job x failed")
     );
     // Depending on a job that already failed fails at once.
@@ -443,7 +446,7 @@ proptest! {
         };
         for (i, _) in edges.iter().enumerate() {
             let id = format!("j{i}");
-            let job = s.job(&JobId::from(id.clone())).unwrap();
+            let job = s.find_job(&JobId::from(id.clone())).unwrap();
             prop_assert!(job.status.is_terminal(), "{} ended {:?}", id, job.status);
             prop_assert!(job.attempts.len() as u32 <= attempts[i]);
             if job.status == JobStatus::Succeeded {
@@ -451,7 +454,10 @@ proptest! {
                     prop_assert_eq!(status(&s, d), JobStatus::Succeeded);
                 }
             }
-            prop_assert_eq!(restored.job(&JobId::from(id.clone())).unwrap().status, job.status);
+            // A snapshot carries what it remembers of ended jobs; the jobs are in the archive.
+            let id = JobId::from(id.clone());
+            let restored_status = restored.job(&id).map(|j| j.status).or_else(|| restored.ended_job(&id).map(|e| e.status()));
+            prop_assert_eq!(restored_status, Some(job.status));
         }
     }
 }
@@ -473,7 +479,7 @@ fn a_client_token_makes_submit_idempotent_and_purge_forgets_old_jobs() {
         first,
         "the retried submit returns the first job"
     );
-    assert!(s.job(&JobId::from("second")).is_none());
+    assert!(s.find_job(&JobId::from("second")).is_none());
 
     s.apply(submission("arr", vec![], Some(2), None));
     s.apply(submission("waiting", vec![after("arr")], None, None));
@@ -485,7 +491,7 @@ fn a_client_token_makes_submit_idempotent_and_purge_forgets_old_jobs() {
         panic!()
     };
     assert_eq!(jobs, 5, "first, the array with its 2 children, and waiting");
-    assert!(s.job(&JobId::from("arr:1")).is_none());
+    assert!(s.find_job(&JobId::from("arr:1")).is_none());
     assert_eq!(status(&s, "open"), JobStatus::Runnable);
     // The token is forgotten with its job: the same token now makes a new job.
     assert!(
@@ -535,7 +541,7 @@ fn a_lost_host_fails_its_attempts_which_retry_on_host_reasons() {
         }),
         Outcome::Done
     );
-    let retried = s.job(&JobId::from("retried")).unwrap();
+    let retried = s.find_job(&JobId::from("retried")).unwrap();
     assert_eq!(retried.status, JobStatus::Runnable);
     assert_eq!(retried.attempts[0].status_reason, "Host n terminated.");
     assert_eq!(status(&s, "once"), JobStatus::Failed);
@@ -559,7 +565,7 @@ fn an_arrays_children_share_one_spec_in_memory_and_in_snapshots() {
     let mut s = setup(2);
     s.apply(submission("arr", vec![], Some(1000), None));
     s.apply(submission("single", vec![], None, None));
-    let spec = |s: &State, id: &str| s.job(&JobId::from(id)).unwrap().spec.clone();
+    let spec = |s: &State, id: &str| s.find_job(&JobId::from(id)).unwrap().spec.clone();
     let shares_parents = |s: &State| {
         (0..1000).all(|i| std::sync::Arc::ptr_eq(&spec(s, "arr"), &spec(s, &format!("arr:{i}"))))
     };
@@ -586,7 +592,7 @@ fn an_arrays_children_share_one_spec_in_memory_and_in_snapshots() {
     assert_eq!(serde_json::to_string(&restored).unwrap(), snapshot);
 
     // Children report no tags of their own and cannot be tagged; the parent can.
-    let arn = |s: &State, id: &str| s.job(&JobId::from(id)).unwrap().arn(s.arn_scope()).0;
+    let arn = |s: &State, id: &str| s.find_job(&JobId::from(id)).unwrap().arn(s.arn_scope()).0;
     let tag = |arn: String| {
         Command::Admin(AdminCommand::TagResource {
             arn,
@@ -604,7 +610,7 @@ fn an_arrays_children_share_one_spec_in_memory_and_in_snapshots() {
     assert_eq!(s.tags_of(&arn(&s, "arr")).unwrap().len(), 1);
     assert!(s.tags_of(&arn(&s, "arr:7")).is_none());
     assert!(
-        s.job(&JobId::from("arr:7"))
+        s.find_job(&JobId::from("arr:7"))
             .unwrap()
             .reported_tags()
             .is_empty()
@@ -642,10 +648,222 @@ fn submits_batched_in_one_entry_are_applied_in_order_each_with_its_own_outcome()
     // The retry of "a" (same client token) in the same batch gets "a" back.
     assert_eq!(ids, [Some("a"), None, Some("a"), Some("d")]);
     assert!(matches!(&outcomes[1], Outcome::Rejected(r) if r.message.contains("jobQueue")));
-    assert!(s.job(&JobId::from("c")).is_none());
+    assert!(s.find_job(&JobId::from("c")).is_none());
     let seqs: Vec<u64> = ["a", "d"]
         .iter()
-        .map(|id| s.job(&JobId::from(*id)).unwrap().seq)
+        .map(|id| s.find_job(&JobId::from(*id)).unwrap().seq)
         .collect();
     assert!(seqs[0] < seqs[1], "submit order is batch order");
+}
+
+/// An ended job leaves memory at the end of the apply that ended it (an array with its
+/// children, once all have ended). Later submits that name it are decided from what the state
+/// remembers of it, the same on every replica and after a snapshot; reads find it in the
+/// archive; retention forgets it there too.
+#[test]
+fn ended_jobs_leave_memory_and_what_names_them_later_still_sees_them() {
+    let mut s = setup(4);
+    s.apply(submission("good", vec![], None, None));
+    s.apply(submission("bad", vec![], None, None));
+    s.apply(submission("arr", vec![], Some(2), None));
+    run_until_idle(&mut s, |id, _| i32::from(id.as_str() == "bad"));
+    for id in ["good", "bad", "arr", "arr:0", "arr:1"] {
+        let id = JobId::from(id);
+        assert!(s.job(&id).is_none(), "{id} is still in memory");
+        assert!(
+            s.find_job(&id).is_some_and(|j| j.status.is_terminal()),
+            "{id} is not archived"
+        );
+    }
+    assert_eq!(s.ended_job_count(), 5);
+    assert_eq!(s.job_count_in_queue("q"), 0);
+    assert_eq!(
+        s.family_of(&JobId::from("arr"))
+            .iter()
+            .map(|j| j.id.to_string())
+            .collect::<Vec<_>>(),
+        ["arr:0", "arr:1"]
+    );
+
+    // Dependencies on ended jobs: released, failed, and N_TO_N checked against the size.
+    s.apply(submission("after-good", vec![after("good")], None, None));
+    s.apply(submission("after-bad", vec![after("bad")], None, None));
+    assert_eq!(status(&s, "after-good"), JobStatus::Runnable);
+    assert_eq!(status(&s, "after-bad"), JobStatus::Failed);
+    let n_to_n = |id: &str, size| {
+        let Command::SubmitJob(mut sub) = submission(id, vec![], Some(size), None) else {
+            unreachable!()
+        };
+        sub.depends_on = vec![Dependency {
+            job: Some(JobId::from("arr")),
+            kind: DependencyKind::NToN,
+        }];
+        Command::SubmitJob(sub)
+    };
+    assert!(matches!(
+        s.apply(n_to_n("pairs", 2)),
+        Outcome::JobSubmitted { .. }
+    ));
+    assert!(
+        matches!(s.apply(n_to_n("misfit", 3)), Outcome::Rejected(r) if r.field == "dependsOn.type")
+    );
+    assert!(matches!(
+        s.apply(submission("orphan", vec![after("nowhere")], None, None)),
+        Outcome::Rejected(r) if r.field == "dependsOn.jobId"
+    ));
+
+    // A submit retried after its job ended makes no second job; a terminate changes nothing.
+    let again = s.apply(submission("good", vec![], None, None));
+    assert!(matches!(again, Outcome::JobSubmitted { id, .. } if id.as_str() == "good"));
+    assert!(s.job(&JobId::from("good")).is_none());
+    assert!(matches!(
+        s.apply(Command::TerminateJob { job: JobId::from("good"), reason: "r".into(), at: Timestamp(5) }),
+        Outcome::Ignored(m) if m.contains("already ended SUCCEEDED")
+    ));
+
+    // ListJobs merges jobs in memory and archived ones in submit order.
+    let listed = |s: &State, status| -> Vec<String> {
+        s.listed_jobs("q", status, None)
+            .map(|j| j.id.to_string())
+            .collect()
+    };
+    assert_eq!(listed(&s, Some(JobStatus::Succeeded)), ["good", "arr"]);
+    assert_eq!(listed(&s, Some(JobStatus::Failed)), ["bad", "after-bad"]);
+    assert_eq!(
+        listed(&s, None),
+        ["good", "bad", "arr", "after-good", "after-bad", "pairs"]
+    );
+    let after_bad = s
+        .find_job(&JobId::from("bad"))
+        .map(|j| (j.seq, j.id.clone()));
+    assert_eq!(
+        s.listed_jobs("q", None, after_bad)
+            .map(|j| j.id.to_string())
+            .collect::<Vec<_>>(),
+        ["arr", "after-good", "after-bad", "pairs"]
+    );
+
+    // A snapshot carries what the state remembers of them.
+    let mut restored: State = serde_json::from_slice(&serde_json::to_vec(&s).unwrap()).unwrap();
+    restored.rebuild_indexes();
+    assert_eq!(restored.ended_job_count(), s.ended_job_count());
+    restored.apply(submission("later", vec![after("bad")], None, None));
+    assert_eq!(status(&restored, "later"), JobStatus::Failed);
+
+    // Moved out roots first; forgotten by retention with every child.
+    let moved: Vec<String> = s
+        .take_archive_changes()
+        .moved
+        .iter()
+        .map(|j| j.id.to_string())
+        .collect();
+    let at = |id: &str| moved.iter().position(|m| m == id).unwrap();
+    assert!(
+        at("arr") < at("arr:0") && at("arr") < at("arr:1"),
+        "{moved:?}"
+    );
+    assert_eq!(moved.len(), 6, "{moved:?}");
+    let Outcome::Purged { jobs } = s.apply(Command::PurgeJobs {
+        before: Timestamp(1_000_000),
+    }) else {
+        panic!()
+    };
+    assert_eq!(jobs, 6);
+    assert_eq!(s.ended_job_count(), 0);
+    let mut purged: Vec<String> = s
+        .take_archive_changes()
+        .purged
+        .iter()
+        .map(|j| j.to_string())
+        .collect();
+    purged.sort();
+    assert_eq!(
+        purged,
+        ["after-bad", "arr", "arr:0", "arr:1", "bad", "good"]
+    );
+}
+
+/// A state written by the release before (format 1) holds its ended jobs in the job table:
+/// read unchanged, they stay there, answer as before, and retention forgets them.
+#[test]
+fn ended_jobs_of_the_format_before_stay_in_memory_until_retention() {
+    let mut s = setup(1);
+    s.apply(submission("old", vec![], None, None));
+    run_until_idle(&mut s, |_, _| 0);
+    let moved = s.take_archive_changes().moved;
+    let mut image = serde_json::to_value(&s).unwrap();
+    image["ended"] = serde_json::json!([]);
+    image["jobs"] = serde_json::json!([[&*moved[0].spec, &*moved[0]]]);
+    let mut old: State = serde_json::from_value(image).unwrap();
+    old.rebuild_indexes();
+    let id = JobId::from("old");
+    assert_eq!(old.job(&id).unwrap().status, JobStatus::Succeeded);
+    old.apply(submission("next", vec![after("old")], None, None));
+    assert_eq!(status(&old, "next"), JobStatus::Runnable);
+    assert!(old.has_jobs_ended_before(Timestamp(1_000_000)));
+    let Outcome::Purged { jobs } = old.apply(Command::PurgeJobs {
+        before: Timestamp(1_000_000),
+    }) else {
+        panic!()
+    };
+    assert_eq!(jobs, 1);
+    assert!(!old.job_exists(&id));
+}
+
+/// An array ended by a terminate while some children had succeeded counts each child by its
+/// own end once it left memory; an ended job's tags no longer change.
+#[test]
+fn an_archived_array_counts_its_children_and_ended_jobs_keep_their_tags() {
+    let mut s = setup(1);
+    s.apply(submission("arr", vec![], Some(3), None));
+    // One vCPU: one child runs and succeeds, the others wait.
+    let runnable: Vec<JobId> = s.runnable_jobs("q").map(|j| j.id.clone()).take(1).collect();
+    assert_eq!(runnable, [JobId::from("arr:0")]);
+    s.apply(Command::Place {
+        term: 1,
+        at: Timestamp(2),
+        placements: vec![Placement {
+            job: runnable[0].clone(),
+            node: NodeId("n".into()),
+            gpus: vec![],
+        }],
+    });
+    for event in [
+        AttemptEvent::Running,
+        AttemptEvent::Exited {
+            exit_code: Some(0),
+            reason: None,
+        },
+    ] {
+        s.apply(Command::ReportAttempt {
+            job: runnable[0].clone(),
+            attempt: 1,
+            node: NodeId("n".into()),
+            event,
+            at: Timestamp(3),
+        });
+    }
+    s.apply(Command::TerminateJob {
+        job: JobId::from("arr"),
+        reason: "stop".into(),
+        at: Timestamp(4),
+    });
+    let parent = s.find_job(&JobId::from("arr")).unwrap().into_owned();
+    assert!(
+        s.job(&parent.id).is_none(),
+        "the array did not leave memory"
+    );
+    assert_eq!(
+        s.array_status_counts(&parent),
+        BTreeMap::from([(JobStatus::Succeeded, 1), (JobStatus::Failed, 2)])
+    );
+    let arn = s.arn_scope().arn("job", "arr").0;
+    let tag = s.apply(Command::Admin(AdminCommand::TagResource {
+        arn,
+        tags: BTreeMap::from([("k".to_owned(), "v".to_owned())]),
+    }));
+    assert!(
+        matches!(tag, Outcome::Rejected(ref r) if r.field == "resourceArn" && r.message.contains("has ended")),
+        "{tag:?}"
+    );
 }

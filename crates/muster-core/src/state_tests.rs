@@ -143,7 +143,7 @@ fn a_job_goes_through_its_lifecycle_and_parameters_fill_the_command() {
         Outcome::JobSubmitted { .. }
     ));
     assert_eq!(
-        s.job(&JobId::from("j")).unwrap().status,
+        s.find_job(&JobId::from("j")).unwrap().status,
         JobStatus::Runnable
     );
     let placed = s.apply(Command::Place {
@@ -200,7 +200,7 @@ fn a_job_goes_through_its_lifecycle_and_parameters_fill_the_command() {
         )),
         Outcome::Done
     );
-    let job = s.job(&JobId::from("j")).unwrap();
+    let job = s.find_job(&JobId::from("j")).unwrap();
     assert_eq!(job.status, JobStatus::Failed);
     assert_eq!(
         (job.started_at, job.stopped_at),
@@ -555,7 +555,7 @@ fn jobs_of_eks_and_ecs_definitions_are_refused_by_the_state_machine() {
         matches!(&refused, Outcome::Rejected(r) if r.message.contains("eksProperties; Muster runs container jobs")),
         "{refused:?}"
     );
-    assert!(s.job(&JobId::from("p")).is_none());
+    assert!(s.find_job(&JobId::from("p")).is_none());
 }
 
 #[test]
@@ -620,13 +620,13 @@ fn terminating_a_starting_job_ends_it_at_once_and_a_running_one_when_its_agent_r
         });
     }
     // Its agent may never have seen the STARTING attempt: nothing would ever report its end.
-    let starting = s.job(&JobId::from("starting")).unwrap();
+    let starting = s.find_job(&JobId::from("starting")).unwrap();
     assert_eq!(starting.status, JobStatus::Failed);
     assert_eq!(starting.status_reason.as_deref(), Some("stop"));
     assert_eq!(starting.attempts.len(), 1, "no retry after a terminate");
     // The RUNNING one is stopped by its agent, whose report ends it.
     assert_eq!(
-        s.job(&JobId::from("running")).unwrap().status,
+        s.find_job(&JobId::from("running")).unwrap().status,
         JobStatus::Running
     );
     assert!(s.assignments_for(&NodeId("n1".into())).is_empty());

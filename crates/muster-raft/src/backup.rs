@@ -11,7 +11,7 @@
 //! itself, wins the first election (the other new nodes hold nothing) and sends the snapshot
 //! to them.
 
-use crate::state_machine::{SnapshotImageOf, decode_image};
+use crate::state_machine::{SnapshotImageOf, decode_image, split_image, with_archive};
 use crate::{AppliedState, Member, NodeId, StateHandle, TypeConfig};
 use muster_store::{SnapshotStore, StoredSnapshot};
 use openraft::{CommittedLeaderId, LogId, Membership, SnapshotMeta, StoredMembership};
@@ -71,8 +71,15 @@ pub fn save(
             applied: &applied,
         })
         .map_err(|e| BackupError::Encode(e.to_string()))?;
+        // Under the same read: the archive holds exactly the ended jobs the image names.
+        let image = with_archive(image, state.archive())
+            .map_err(|e| BackupError::Encode(format!("archived jobs: {e}")))?;
         let index = applied.last_applied.map_or(0, |l| l.index);
-        (image, index, applied.state.job_count())
+        (
+            image,
+            index,
+            applied.state.job_count() + applied.state.ended_job_count(),
+        )
     };
     let header = BackupHeader {
         magic: MAGIC.to_owned(),
@@ -91,9 +98,17 @@ pub fn save(
     Ok((header, file))
 }
 
+/// A snapshot file read and checked.
+pub struct Backup<'a> {
+    pub header: BackupHeader,
+    pub applied: AppliedState,
+    /// The ended jobs' records that follow the image.
+    pub archived: &'a [u8],
+}
+
 /// Checks a snapshot file whole (header, length, checksum, and that its state decodes) and
-/// returns its header and state.
-pub fn read(file: &[u8]) -> Result<(BackupHeader, AppliedState), BackupError> {
+/// returns its header, state and archived jobs.
+pub fn read(file: &[u8]) -> Result<Backup<'_>, BackupError> {
     let newline = file
         .iter()
         .position(|b| *b == b'\n')
@@ -127,8 +142,13 @@ pub fn read(file: &[u8]) -> Result<(BackupHeader, AppliedState), BackupError> {
             header.image_sha256
         )));
     }
+    let (image, archived) = split_image(image);
     let applied = decode_image(image).map_err(|e| BackupError::Damaged(e.to_string()))?;
-    Ok((header, applied))
+    Ok(Backup {
+        header,
+        applied,
+        archived,
+    })
 }
 
 /// Stores `applied` as the snapshot of a new cluster whose voters are `members`, in the
@@ -136,6 +156,7 @@ pub fn read(file: &[u8]) -> Result<(BackupHeader, AppliedState), BackupError> {
 pub async fn restore<S: SnapshotStore<TypeConfig>>(
     snapshots: &S,
     mut applied: AppliedState,
+    archived: &[u8],
     index: u64,
     members: BTreeMap<NodeId, Member>,
 ) -> Result<(), BackupError> {
@@ -145,11 +166,13 @@ pub async fn restore<S: SnapshotStore<TypeConfig>>(
     let membership = StoredMembership::new(Some(log_id), Membership::new(vec![voters], members));
     applied.last_applied = Some(log_id);
     applied.membership = membership.clone();
-    let data = serde_json::to_vec(&SnapshotImageOf {
+    let mut data = serde_json::to_vec(&SnapshotImageOf {
         format_version: muster_core::STATE_FORMAT_VERSION,
         applied: &applied,
     })
     .map_err(|e| BackupError::Encode(e.to_string()))?;
+    // The node that opens it moves the records into its archive.
+    data.extend_from_slice(archived);
     let meta = SnapshotMeta {
         last_log_id: Some(log_id),
         last_membership: membership,

@@ -9,6 +9,7 @@
 //!   when this node is a follower) and `read` (linearizable through a read index).
 #![allow(clippy::result_large_err)]
 
+pub mod archive;
 pub mod backup;
 pub mod election;
 pub mod membership;
@@ -17,6 +18,7 @@ mod node;
 mod service;
 mod state_machine;
 
+pub use archive::EndedJobs;
 pub use membership::Member;
 pub use network::{Dialer, PeerAddrs, PeerDirectory, PeerNetwork};
 pub use node::{ProposeError, RaftNode, ReadError};

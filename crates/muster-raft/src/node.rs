@@ -213,7 +213,7 @@ impl RaftNode {
             Command::SubmitJobs(all) => all.iter().map(|s| &s.id).collect(),
             _ => return false,
         };
-        self.read(|state| submitted.iter().all(|id| state.job(id).is_none()))
+        self.read(|state| submitted.iter().all(|id| !state.job_exists(id)))
             .await
             .unwrap_or(false)
     }

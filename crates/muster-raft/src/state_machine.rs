@@ -1,5 +1,6 @@
 //! The replicated state behind openraft's state machine trait.
 
+use crate::archive::EndedJobs;
 use crate::{Member, NodeId, TypeConfig};
 use muster_core::{AffectedNodes, Outcome, State};
 use muster_store::{SnapshotStore, StoredSnapshot};
@@ -72,6 +73,7 @@ pub struct StateHandle {
     /// Last applied log index; wakes the scheduler.
     applied_index: watch::Receiver<u64>,
     node_signals: NodeSignals,
+    archive: EndedJobs,
 }
 
 /// A change counter per worker node, bumped when an applied command may have changed that
@@ -121,6 +123,11 @@ impl StateHandle {
         (self.read(), raised)
     }
 
+    /// The archive of ended jobs behind the state.
+    pub fn archive(&self) -> &EndedJobs {
+        &self.archive
+    }
+
     /// A receiver that changes whenever a batch of entries has been applied.
     pub fn applied_index(&self) -> watch::Receiver<u64> {
         self.applied_index.clone()
@@ -141,15 +148,33 @@ pub struct StateMachine<S> {
     snapshot_seq: u64,
     /// Whether a snapshot is being written from the state right now.
     reading_for_snapshot: Arc<AtomicBool>,
+    /// Ended jobs that left the state's memory.
+    archive: EndedJobs,
+    /// Whether openraft has had the snapshot's metadata it reads once at start. Every later
+    /// `get_current_snapshot` is for sending the snapshot to another node, which needs the
+    /// archive's records with it; the first needs only the metadata, and reading the whole
+    /// archive into memory for it would cost as much as the archive is large.
+    started: bool,
 }
 
 impl<S: SnapshotStore<TypeConfig> + Clone> StateMachine<S> {
-    /// Loads the latest stored snapshot, if any; Raft replays the log after it.
-    pub fn open(snapshots: S) -> Result<Self, StorageError<NodeId>> {
-        let applied = match snapshots.load()? {
-            Some(stored) => decode_image(&stored.data)?,
+    /// Loads the latest stored snapshot, if any; Raft replays the log after it. Ended jobs
+    /// are read from `archive`, which a snapshot restored from a file fills first.
+    pub fn open(snapshots: S, archive: EndedJobs) -> Result<Self, StorageError<NodeId>> {
+        let mut applied = match snapshots.load()? {
+            Some(stored) => {
+                let (image, records) = split_image(&stored.data);
+                let applied = decode_image(image)?;
+                if !records.is_empty() {
+                    archive
+                        .import(records, &applied.state)
+                        .map_err(|e| StorageIOError::read_snapshot(None, &e))?;
+                }
+                applied
+            }
             None => AppliedState::default(),
         };
+        applied.state.attach_archive(Arc::new(archive.clone()));
         let index = applied.last_applied.map_or(0, |l| l.index);
         let (applied_tx, applied_rx) = watch::channel(index);
         Ok(Self {
@@ -160,7 +185,14 @@ impl<S: SnapshotStore<TypeConfig> + Clone> StateMachine<S> {
             snapshots,
             snapshot_seq: 0,
             reading_for_snapshot: Arc::default(),
+            archive,
+            started: false,
         })
+    }
+
+    /// The archive of ended jobs this state machine writes.
+    pub fn archive(&self) -> &EndedJobs {
+        &self.archive
     }
 
     pub fn handle(&self) -> StateHandle {
@@ -169,6 +201,7 @@ impl<S: SnapshotStore<TypeConfig> + Clone> StateMachine<S> {
             reading_for_snapshot: self.reading_for_snapshot.clone(),
             applied_index: self.applied_rx.clone(),
             node_signals: self.node_signals.clone(),
+            archive: self.archive.clone(),
         }
     }
 
@@ -212,10 +245,29 @@ impl<S: SnapshotStore<TypeConfig> + Clone> StateMachine<S> {
     }
 }
 
+/// A snapshot's bytes: the image (one line of JSON), then, in a snapshot made for another
+/// node or a file, the archive's records (see [`EndedJobs::append_to`]).
+pub(crate) fn split_image(bytes: &[u8]) -> (&[u8], &[u8]) {
+    match bytes.iter().position(|b| *b == b'\n') {
+        Some(end) => bytes.split_at(end),
+        None => (bytes, &[]),
+    }
+}
+
+/// The image followed by every archived record: what another node needs to start from. (A
+/// snapshot restored from a file is stored with the records it came with: those are dropped,
+/// the archive holds them.)
+pub(crate) fn with_archive(mut image: Vec<u8>, archive: &EndedJobs) -> std::io::Result<Vec<u8>> {
+    let image_alone = split_image(&image).0.len();
+    image.truncate(image_alone);
+    archive.append_to(&mut image)?;
+    Ok(image)
+}
+
 pub(crate) fn decode_image(bytes: &[u8]) -> Result<AppliedState, StorageError<NodeId>> {
     let image: SnapshotImage =
         serde_json::from_slice(bytes).map_err(|e| StorageIOError::read_snapshot(None, &e))?;
-    if image.format_version != muster_core::STATE_FORMAT_VERSION {
+    if !muster_core::READABLE_STATE_FORMATS.contains(&image.format_version) {
         let e = std::io::Error::other(format!(
             "snapshot has unknown state format {}",
             image.format_version
@@ -253,6 +305,12 @@ impl<S: SnapshotStore<TypeConfig> + Clone> RaftSnapshotBuilder<TypeConfig> for S
         })
         .await
         .map_err(|e| StorageIOError::write_state_machine(&e))??;
+        // The image counts on every record archived before it: durable before it is stored.
+        let archive = self.archive.clone();
+        tokio::task::spawn_blocking(move || archive.flush())
+            .await
+            .map_err(|e| StorageIOError::write_state_machine(&e))?
+            .map_err(|e| StorageIOError::write_state_machine(&e))?;
         self.snapshot_seq += 1;
         let snapshot_id = match last_applied {
             Some(l) => format!("{}-{}-{}", l.leader_id, l.index, self.snapshot_seq),
@@ -312,6 +370,14 @@ impl<S: SnapshotStore<TypeConfig> + Clone> RaftStateMachine<TypeConfig> for Stat
                 };
                 outcomes.push(outcome);
             }
+            // Under the write lock: a reader never sees a job gone from memory and not yet in
+            // the archive.
+            let changes = applied.state.take_archive_changes();
+            if !changes.is_empty() {
+                self.archive
+                    .write(changes, &applied.state)
+                    .map_err(|e| StorageIOError::write_state_machine(&e))?;
+            }
             applied.last_applied.map_or(0, |l| l.index)
         };
         self.applied_tx.send_replace(last_index);
@@ -327,6 +393,8 @@ impl<S: SnapshotStore<TypeConfig> + Clone> RaftStateMachine<TypeConfig> for Stat
             snapshots: self.snapshots.clone(),
             snapshot_seq: self.snapshot_seq,
             reading_for_snapshot: self.reading_for_snapshot.clone(),
+            archive: self.archive.clone(),
+            started: self.started,
         }
     }
 
@@ -341,13 +409,25 @@ impl<S: SnapshotStore<TypeConfig> + Clone> RaftStateMachine<TypeConfig> for Stat
         meta: &SnapshotMeta<NodeId, Member>,
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError<NodeId>> {
-        let data = snapshot.into_inner();
-        // Decoding a large state is seconds of CPU: not on one of Raft's threads.
+        let mut data = snapshot.into_inner();
+        // Decoding a large state is seconds of CPU, and the archive's records as much IO: not
+        // on one of Raft's threads.
+        let archive = self.archive.clone();
         let (mut installed, data) = tokio::task::spawn_blocking(move || {
-            decode_image(&data).map(|installed| (installed, data))
+            let (image, records) = split_image(&data);
+            let installed = decode_image(image)?;
+            archive
+                .import(records, &installed.state)
+                .map_err(|e| StorageIOError::read_snapshot(None, &e))?;
+            // Stored without the records, which the archive now holds.
+            data.truncate(image.len());
+            Ok::<_, StorageError<NodeId>>((installed, data))
         })
         .await
         .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))??;
+        installed
+            .state
+            .attach_archive(Arc::new(self.archive.clone()));
         installed.last_applied = meta.last_log_id;
         installed.membership = meta.last_membership.clone();
         self.snapshots
@@ -368,9 +448,22 @@ impl<S: SnapshotStore<TypeConfig> + Clone> RaftStateMachine<TypeConfig> for Stat
     async fn get_current_snapshot(
         &mut self,
     ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
-        Ok(self.snapshots.load()?.map(|stored| Snapshot {
+        let for_another_node = std::mem::replace(&mut self.started, true);
+        let Some(stored) = self.snapshots.load()? else {
+            return Ok(None);
+        };
+        let data = if for_another_node {
+            let archive = self.archive.clone();
+            tokio::task::spawn_blocking(move || with_archive(stored.data, &archive))
+                .await
+                .map_err(|e| StorageIOError::read_snapshot(Some(stored.meta.signature()), &e))?
+                .map_err(|e| StorageIOError::read_snapshot(Some(stored.meta.signature()), &e))?
+        } else {
+            stored.data
+        };
+        Ok(Some(Snapshot {
             meta: stored.meta,
-            snapshot: Box::new(Cursor::new(stored.data)),
+            snapshot: Box::new(Cursor::new(data)),
         }))
     }
 }
@@ -389,7 +482,8 @@ mod tests {
 
     #[test]
     fn an_apply_waiting_for_a_long_read_lets_other_readers_in() {
-        let mut machine = StateMachine::open(MemSnapshotStore::default()).unwrap();
+        let mut machine =
+            StateMachine::open(MemSnapshotStore::default(), EndedJobs::in_memory()).unwrap();
         let handle = machine.handle();
         let round = handle.read(); // a scheduler round, planning
         let entry = blank_entry(1);
@@ -426,7 +520,8 @@ mod tests {
 
     #[test]
     fn an_apply_waits_out_a_snapshot_being_written_without_shutting_readers_out() {
-        let mut machine = StateMachine::open(MemSnapshotStore::default()).unwrap();
+        let mut machine =
+            StateMachine::open(MemSnapshotStore::default(), EndedJobs::in_memory()).unwrap();
         let handle = machine.handle();
         let snapshot_read = handle.read();
         let writing = ReadingForSnapshot::raise(&machine.reading_for_snapshot);
@@ -464,7 +559,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_snapshot_built_from_the_state_installs_as_the_same_state() {
-        let mut source = StateMachine::open(MemSnapshotStore::default()).unwrap();
+        let mut source =
+            StateMachine::open(MemSnapshotStore::default(), EndedJobs::in_memory()).unwrap();
         let entry = Entry::<TypeConfig> {
             log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), 3),
             payload: EntryPayload::Normal(crate::LoggedCommand::from(muster_core::Command::Iam(
@@ -484,7 +580,8 @@ mod tests {
             .unwrap();
         assert!(!source.reading_for_snapshot.load(Ordering::Acquire));
 
-        let mut target = StateMachine::open(MemSnapshotStore::default()).unwrap();
+        let mut target =
+            StateMachine::open(MemSnapshotStore::default(), EndedJobs::in_memory()).unwrap();
         target
             .install_snapshot(&built.meta, built.snapshot)
             .await

@@ -2,7 +2,9 @@
 //! each with Muster's real state machine.
 
 use crate::{NodeId, StateMachine, TypeConfig};
-use muster_store::{MemLogStore, MemSnapshotStore, SledLogStore, SledSnapshotStore, open_sled};
+use muster_store::{
+    ArchiveStore, MemLogStore, MemSnapshotStore, SledLogStore, SledSnapshotStore, open_sled,
+};
 use openraft::StorageError;
 use openraft::testing::{StoreBuilder, Suite};
 
@@ -29,7 +31,8 @@ impl
         let dir = tempfile::tempdir().expect("temp dir");
         let db = open_sled(dir.path()).expect("open sled");
         let log = SledLogStore::new(&db).expect("log trees");
-        let sm = StateMachine::open(SledSnapshotStore::new(&db).expect("snapshot tree"))?;
+        let archive = crate::EndedJobs::new(ArchiveStore::on_disk(&db).expect("archive trees"));
+        let sm = StateMachine::open(SledSnapshotStore::new(&db).expect("snapshot tree"), archive)?;
         Ok((dir, log, sm))
     }
 }
@@ -52,7 +55,7 @@ impl StoreBuilder<TypeConfig, MemLogStore<TypeConfig>, StateMachine<MemSnapshotS
         Ok((
             (),
             MemLogStore::default(),
-            StateMachine::open(MemSnapshotStore::default())?,
+            StateMachine::open(MemSnapshotStore::default(), crate::EndedJobs::in_memory())?,
         ))
     }
 }

@@ -154,7 +154,7 @@ fn finish_all(s: &mut State, at: u64) {
             .nodes()
             .flat_map(|n| n.placed_jobs.iter().map(move |j| (j.clone(), n.id.clone())))
             .filter_map(|(j, n)| {
-                let job = s.job(&j)?;
+                let job = s.find_job(&j)?;
                 let main = job.gang_node().is_none_or(|(_, _, main)| main);
                 Some((j, n, job.active.as_ref()?.number, main))
             })
@@ -196,7 +196,7 @@ fn a_gang_goes_whole_to_distinct_nodes_in_one_plan() {
         }
     );
     assert_eq!(
-        s.job(&JobId::from("g")).unwrap().status,
+        s.find_job(&JobId::from("g")).unwrap().status,
         JobStatus::Starting
     );
 }
@@ -232,7 +232,7 @@ fn two_gangs_that_each_need_most_of_the_cluster_run_one_after_the_other() {
     apply(&mut s, p, 3);
     finish_all(&mut s, 4);
     assert_eq!(
-        s.job(&JobId::from("a")).unwrap().status,
+        s.find_job(&JobId::from("a")).unwrap().status,
         JobStatus::Succeeded
     );
     let p = plan(&s, &PlanConfig::default(), NOW);
@@ -240,7 +240,7 @@ fn two_gangs_that_each_need_most_of_the_cluster_run_one_after_the_other() {
     apply(&mut s, p, 5);
     finish_all(&mut s, 6);
     assert_eq!(
-        s.job(&JobId::from("b")).unwrap().status,
+        s.find_job(&JobId::from("b")).unwrap().status,
         JobStatus::Succeeded
     );
     assert!(s.resource_violations().is_empty());
@@ -398,7 +398,7 @@ proptest! {
                         let checked = verify(&s, p);
                         let n = checked.placements.len();
                         for p in &checked.placements {
-                            if let Some((parent, _, _)) = s.job(&p.job).and_then(|j| j.gang_node()) {
+                            if let Some((parent, _, _)) = s.find_job(&p.job).and_then(|j| j.gang_node()) {
                                 just_placed.insert(parent);
                             }
                         }
@@ -416,7 +416,7 @@ proptest! {
                     let placed: Vec<(JobId, NodeId)> = s.nodes().flat_map(|n| n.placed_jobs.iter().cloned().map(|j| (j, n.id.clone()))).collect();
                     if !placed.is_empty() {
                         let (job, node) = placed[k % placed.len()].clone();
-                        let attempt = s.job(&job).unwrap().active.as_ref().unwrap().number;
+                        let attempt = s.find_job(&job).unwrap().active.as_ref().unwrap().number;
                         let event = match step {
                             Step::Exit(_, code) => AttemptEvent::Exited { exit_code: Some(code), reason: None },
                             _ => AttemptEvent::Running,
@@ -485,7 +485,10 @@ fn a_gang_takes_the_tightest_rack_that_holds_it_and_says_where() {
     assert_eq!(racks_of(&s, &p), BTreeSet::from(["r2".to_owned()]));
     apply(&mut s, p, 2);
     assert_eq!(
-        s.job(&JobId::from("g")).unwrap().status_reason.as_deref(),
+        s.find_job(&JobId::from("g"))
+            .unwrap()
+            .status_reason
+            .as_deref(),
         Some("Nodes placed: 3 workers within block=b1/rack=r2")
     );
     // Five nodes fit in no rack: spread, within the block.
@@ -494,7 +497,7 @@ fn a_gang_takes_the_tightest_rack_that_holds_it_and_says_where() {
     assert_eq!(p.placements.len(), 5);
     apply(&mut s, p, 4);
     assert_eq!(
-        s.job(&JobId::from("wide"))
+        s.find_job(&JobId::from("wide"))
             .unwrap()
             .status_reason
             .as_deref(),

@@ -62,12 +62,20 @@ fn assert_no_overcommit(s: &State) {
         let sum = node
             .placed_jobs
             .iter()
-            .map(|id| s.job(id).unwrap().spec.container.resources())
+            .map(|id| s.find_job(id).unwrap().spec.container.resources())
             .fold(Resources::ZERO, |a, b| a + b);
         let mut held: Vec<u32> = node
             .placed_jobs
             .iter()
-            .flat_map(|id| s.job(id).unwrap().active.as_ref().unwrap().gpus.clone())
+            .flat_map(|id| {
+                s.find_job(id)
+                    .unwrap()
+                    .active
+                    .as_ref()
+                    .unwrap()
+                    .gpus
+                    .clone()
+            })
             .collect();
         held.sort();
         let distinct: Vec<u32> = node.gpus_in_use.iter().copied().collect();
@@ -85,7 +93,7 @@ fn assert_no_overcommit(s: &State) {
         let unbounded = node
             .placed_jobs
             .iter()
-            .map(|id| s.job(id).unwrap())
+            .map(|id| s.find_job(id).unwrap())
             .filter(|j| j.spec.timeout_secs.is_none())
             .fold(Resources::ZERO, |a, j| a + j.spec.container.resources());
         assert_eq!(
@@ -330,7 +338,7 @@ proptest! {
             // Finish some running attempts so that capacity frees up.
             let placed: Vec<_> = s.nodes().flat_map(|n| n.placed_jobs.iter().cloned().map(|j| (j, n.id.clone()))).collect();
             for (job, node) in placed.into_iter().step_by(finish_every) {
-                let attempt = s.job(&job).unwrap().active.as_ref().unwrap().number;
+                let attempt = s.find_job(&job).unwrap().active.as_ref().unwrap().number;
                 let at = Timestamp(2000 + round);
                 s.apply(Command::ReportAttempt { job: job.clone(), attempt, node: node.clone(), event: muster_core::AttemptEvent::Running, at });
                 s.apply(Command::ReportAttempt { job, attempt, node, event: muster_core::AttemptEvent::Exited { exit_code: Some(0), reason: None }, at });
@@ -340,7 +348,7 @@ proptest! {
         // Every job that fits on some node eventually ran.
         let biggest = nodes.iter().copied().fold((0, 0), |a, b| (a.0.max(b.0), a.1.max(b.1)));
         for (i, (_, vcpus, memory, gpus)) in jobs.iter().enumerate() {
-            let job = s.job(&JobId::from(format!("j{i}"))).unwrap();
+            let job = s.find_job(&JobId::from(format!("j{i}"))).unwrap();
             let fits_somewhere = nodes
                 .iter()
                 .any(|(c, m, g)| (*vcpus as u64) * 1000 <= *c && (*memory as u64) <= *m && gpus <= g);
@@ -384,7 +392,7 @@ fn assert_not_starved(s: &State, p: &Plan) {
         .collect();
     let mut taken_by_lo: BTreeMap<&NodeId, Resources> = BTreeMap::new();
     for placement in &p.placements {
-        let job = s.job(&placement.job).unwrap();
+        let job = s.find_job(&placement.job).unwrap();
         let need = job.spec.container.resources();
         let f = free.get_mut(&placement.node).unwrap();
         *f = f.saturating_sub(&need);
@@ -401,7 +409,7 @@ fn assert_not_starved(s: &State, p: &Plan) {
         .collect();
     free.retain(|node, _| !reserved.contains(node));
     for u in &p.unplaced {
-        let job = s.job(&u.job).unwrap();
+        let job = s.find_job(&u.job).unwrap();
         if job.spec.queue != "hi" || !matches!(u.reason, WaitReason::InsufficientCapacity { .. }) {
             continue;
         }
@@ -485,7 +493,7 @@ proptest! {
                 Step::Finish(code) => {
                     let placed = s.nodes().flat_map(|n| n.placed_jobs.iter().cloned().map(|j| (j, n.id.clone()))).next();
                     if let Some((job, node)) = placed {
-                        let attempt = s.job(&job).unwrap().active.as_ref().unwrap().number;
+                        let attempt = s.find_job(&job).unwrap().active.as_ref().unwrap().number;
                         s.apply(Command::ReportAttempt { job, attempt, node, event: muster_core::AttemptEvent::Exited { exit_code: Some(code), reason: None }, at: now });
                     }
                 }
@@ -493,9 +501,9 @@ proptest! {
             assert_no_overcommit(&s);
             for n in s.nodes() {
                 for id in &n.placed_jobs {
-                    let job = s.job(id).unwrap();
+                    let job = s.find_job(id).unwrap();
                     for dep in job.spec.depends_on.iter().filter_map(|d| d.job.as_ref()) {
-                        prop_assert_eq!(s.job(dep).unwrap().status, JobStatus::Succeeded, "{} placed before {}", id, dep);
+                        prop_assert_eq!(s.find_job(dep).unwrap().status, JobStatus::Succeeded, "{} placed before {}", id, dep);
                     }
                 }
             }

@@ -8,16 +8,21 @@
 //! Every stored value starts with a format version byte ([`FORMAT_VERSION`]); a value written
 //! by an unknown version is an error, never silently misread.
 //!
+//! [`ArchiveStore`] keeps ended jobs' records (written by the state machine) in two trees of
+//! the same database, or in memory.
+//!
 //! This is the only crate that names sled. It stores bytes and openraft types, and knows
 //! nothing of Muster's domain.
 
 #![allow(clippy::result_large_err)] // openraft's StorageError is large by design
 
+mod archive;
 mod codec;
 mod mem;
 mod sled_store;
 mod snapshot;
 
+pub use archive::{ArchiveStore, ArchivedKeys, ArchivedRecord};
 pub use mem::MemLogStore;
 pub use sled_store::{SledLogStore, open_sled, open_sled_waiting};
 

@@ -68,6 +68,11 @@ pub struct BenchArgs {
     /// lower-priority queue of the same agents.
     #[arg(long)]
     pub gangs: bool,
+    /// Measure only ended jobs: run this many to their end (as arrays of up to 10,000, with
+    /// at most 100,000 waiting at a time), then the resident memory each ended job costs and
+    /// the latency of DescribeJobs and ListJobs served from the archive.
+    #[arg(long, default_value_t = 0)]
+    pub ended_jobs: u64,
 }
 
 /// Simulated agents share a gRPC connection to each control node this many at a time (a real
@@ -150,6 +155,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let agents = Agents::start(&bench.cluster, &args)?;
     bench.tally = agents.tally.clone();
     bench.wait_for_nodes(args.agents).await?;
+    if args.ended_jobs > 0 {
+        bench.ended(&args, &data_dir).await?;
+        agents.stop();
+        bench.cluster.shutdown().await;
+        return Ok(());
+    }
     bench.latency().await?;
     bench.memory(&args).await?;
     // The followers apply the queued jobs before a snapshot is written beside them (see
@@ -613,6 +624,117 @@ impl Bench {
         Ok(())
     }
 
+    /// Runs `--ended-jobs` jobs to their end, then measures what each costs in memory once
+    /// archived, and DescribeJobs and ListJobs served from the archive.
+    async fn ended(&self, args: &BenchArgs, data_dir: &std::path::Path) -> anyhow::Result<()> {
+        let ended = |s: &State| s.ended_job_count() as u64;
+        let start = self.leader_state(ended).unwrap_or(0);
+        let before = resident_kib();
+        let started = Instant::now();
+        let (mut submitted, mut arrays) = (0, Vec::new());
+        while submitted < args.ended_jobs {
+            let waiting = self.leader_state(|s| s.job_count() as u64).unwrap_or(0);
+            if waiting > 100_000 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            let size = (args.ended_jobs - submitted).clamp(2, ARRAY_MAX);
+            arrays.push((self.submit("bench", size).await?, size));
+            submitted += size;
+        }
+        // Each array's parent ends too.
+        let want = start + submitted + arrays.len() as u64;
+        let deadline = Instant::now() + Duration::from_secs(4 * 3600);
+        while self
+            .cluster
+            .running()
+            .any(|n| ended(&n.raft.state.read().state) < want)
+        {
+            anyhow::ensure!(Instant::now() < deadline, "jobs did not all end");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let took = started.elapsed();
+        row(
+            &format!("{submitted} jobs run to their end and archived"),
+            &format!(
+                "{:.0} s ({:.0} jobs/s)",
+                took.as_secs_f64(),
+                submitted as f64 / took.as_secs_f64()
+            ),
+        );
+        self.settle().await?;
+        let after = resident_kib();
+        let per_job = after.saturating_sub(before) as f64 * 1024.0
+            / (want - start) as f64
+            / args.control_nodes as f64;
+        let in_memory = self.leader_state(|s| s.job_count()).unwrap_or(0);
+        row(
+            &format!(
+                "resident memory per ended job per control node ({} ended, {in_memory} in memory)",
+                want - start
+            ),
+            &format!(
+                "{per_job:.0} B (process RSS {} → {} MiB)",
+                before / 1024,
+                after / 1024
+            ),
+        );
+        row(
+            "data directories on disk (log, snapshots, archive), all control nodes",
+            &format!("{} MiB", dir_bytes(data_dir) / (1024 * 1024)),
+        );
+
+        // One ended job per call, picked at random: array children mostly, some parents.
+        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut samples = Vec::new();
+        for i in 0..2000 {
+            let (array, size) = &arrays[(next() % arrays.len() as u64) as usize];
+            let id = if i % 10 == 0 {
+                array.clone()
+            } else {
+                format!("{array}:{}", next() % size)
+            };
+            let began = Instant::now();
+            let answer = self.call("DescribeJobs", json!({ "jobs": [id] })).await?;
+            samples.push(began.elapsed());
+            anyhow::ensure!(
+                answer["jobs"][0]["status"] == "SUCCEEDED",
+                "{id} did not describe as SUCCEEDED: {answer}"
+            );
+        }
+        row(
+            "DescribeJobs of one ended job (2,000 calls)",
+            &percentiles(&mut samples),
+        );
+        let mut samples = Vec::new();
+        for _ in 0..200 {
+            let began = Instant::now();
+            let page = self
+                .call(
+                    "ListJobs",
+                    json!({"jobQueue": "bench", "jobStatus": "SUCCEEDED", "maxResults": 100}),
+                )
+                .await?;
+            samples.push(began.elapsed());
+            anyhow::ensure!(
+                page["jobSummaryList"]
+                    .as_array()
+                    .is_some_and(|l| !l.is_empty())
+            );
+        }
+        row(
+            "ListJobs SUCCEEDED, first page of 100 (200 calls)",
+            &percentiles(&mut samples),
+        );
+        Ok(())
+    }
+
     /// How long the leader takes to write its whole state into a snapshot and save it, and
     /// the slowest of the submits answered meanwhile: a node writing a snapshot must go on
     /// committing and answering.
@@ -675,15 +797,17 @@ impl Bench {
                 .await??;
         let saved = started.elapsed();
         let started = Instant::now();
-        let (_, applied) =
-            tokio::task::spawn_blocking(move || muster_raft::backup::read(&file)).await??;
+        let (applied, archived) = tokio::task::spawn_blocking(move || {
+            muster_raft::backup::read(&file).map(|b| (b.applied, b.archived.to_vec()))
+        })
+        .await??;
         let read = started.elapsed();
         let store_dir = data_dir.join("restored");
         let started = Instant::now();
         let db = muster_store::open_sled_waiting(&store_dir).await?;
         let snapshots = muster_store::SledSnapshotStore::new(&db)?;
         let members = std::collections::BTreeMap::from([(1, muster_raft::Member::default())]);
-        muster_raft::backup::restore(&snapshots, applied, header.index, members).await?;
+        muster_raft::backup::restore(&snapshots, applied, &archived, header.index, members).await?;
         db.flush_async().await?;
         let restored = started.elapsed();
         drop(db);
@@ -863,6 +987,33 @@ fn calibration_ms() -> u128 {
     std::hint::black_box(&keyed);
     drop(keyed);
     started.elapsed().as_millis()
+}
+
+/// p50, p99 and the slowest of `samples`, in milliseconds.
+fn percentiles(samples: &mut [Duration]) -> String {
+    samples.sort();
+    let at = |q: f64| samples[((samples.len() - 1) as f64 * q) as usize].as_secs_f64() * 1000.0;
+    format!(
+        "p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        at(0.5),
+        at(0.99),
+        at(1.0)
+    )
+}
+
+/// Bytes of the files under `dir`.
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
 }
 
 fn row(what: &str, result: &str) {

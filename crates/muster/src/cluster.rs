@@ -380,9 +380,11 @@ pub async fn run(command: ClusterCommand) -> anyhow::Result<()> {
                 Ok(bytes) => bytes,
                 Err(e) => return crate::print_answer("SaveSnapshot", Err(e), false),
             };
-            let (header, _) = muster_raft::backup::read(&bytes).map_err(|e| {
-                anyhow::anyhow!("the cluster sent a snapshot that does not check: {e}")
-            })?;
+            let header = muster_raft::backup::read(&bytes)
+                .map(|b| b.header)
+                .map_err(|e| {
+                    anyhow::anyhow!("the cluster sent a snapshot that does not check: {e}")
+                })?;
             // Whole or not at all: written aside, then renamed over FILE.
             let staged = file.with_extension("partial");
             std::fs::write(&staged, &bytes)

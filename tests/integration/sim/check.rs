@@ -3,8 +3,15 @@
 
 use super::records::{CallKind, CallResult, Records, Run};
 use super::workload::ATTEMPTS;
-use muster_core::{JobId, JobStatus, State};
+use muster_core::{Job, JobId, JobStatus, State};
+use std::borrow::Cow;
 use std::collections::BTreeMap;
+
+/// Every job: those in memory and the ended ones in the archive.
+fn every_job(state: &State) -> Vec<Cow<'_, Job>> {
+    let archived = state.ended_job_ids().filter_map(|id| state.find_job(&id));
+    state.jobs().map(Cow::Borrowed).chain(archived).collect()
+}
 
 /// Every property, each violation as a line.
 pub fn violations(records: &Records, leader: u64, replayed: &Replayed) -> Vec<String> {
@@ -28,11 +35,18 @@ pub fn violations(records: &Records, leader: u64, replayed: &Replayed) -> Vec<St
                 "node {id} holds another state than the leader {leader}"
             ));
         }
+        // Every ended job its index lists is in its archive.
+        for job in theirs.state.ended_job_ids() {
+            if theirs.state.find_job(&job).is_none() {
+                found.push(format!("node {id} lost ended job {job} from its archive"));
+            }
+        }
     }
+    let jobs = every_job(state);
 
     // No acknowledged submit lost, no refused one applied, no submit applied twice.
     let mut names: BTreeMap<&str, usize> = BTreeMap::new();
-    for job in state.jobs() {
+    for job in &jobs {
         *names.entry(job.spec.name.as_str()).or_default() += 1;
     }
     for (name, count) in &names {
@@ -44,7 +58,7 @@ pub fn violations(records: &Records, leader: u64, replayed: &Replayed) -> Vec<St
         let CallKind::Submit { job, name } = &call.kind else {
             continue;
         };
-        let exists = state.job(&JobId::from(job.as_str())).is_some();
+        let exists = state.job_exists(&JobId::from(job.as_str()));
         match call.ended.map(|(_, r)| r) {
             Some(CallResult::Ok) if !exists => {
                 found.push(format!("acknowledged submit of {name} ({job}) was lost"))
@@ -57,7 +71,7 @@ pub fn violations(records: &Records, leader: u64, replayed: &Replayed) -> Vec<St
     }
 
     // Every job ended, within its attempts.
-    for job in state.jobs() {
+    for job in &jobs {
         if !matches!(job.status, JobStatus::Succeeded | JobStatus::Failed) {
             found.push(format!("job {} is still {:?}", job.id.0, job.status));
         }
@@ -87,7 +101,7 @@ fn run_violations(state: &State, runs: &[Run]) -> Vec<String> {
             ));
             continue;
         };
-        let Some(job) = state.job(&JobId::from(run.job.as_str())) else {
+        let Some(job) = state.find_job(&JobId::from(run.job.as_str())) else {
             found.push(format!(
                 "{} ran {}, which does not exist",
                 run.agent, run.job

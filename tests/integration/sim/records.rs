@@ -38,11 +38,13 @@ impl Rng {
     }
 }
 
-/// What survives a crash of a simulated control node: its log, vote and snapshot.
+/// What survives a crash of a simulated control node: its log, vote, snapshot and archive of
+/// ended jobs.
 #[derive(Clone, Default)]
 pub struct ControlDisk {
     pub log: MemLogStore<TypeConfig>,
     pub snapshots: MemSnapshotStore<TypeConfig>,
+    pub archive: muster_raft::EndedJobs,
 }
 
 /// A control node's current incarnation and its log store.

@@ -206,6 +206,21 @@ pub struct JobDefinition {
     pub node_properties: Option<super::NodeProperties>,
 }
 
+impl JobDefinition {
+    /// The `awslogs-group` its `containerProperties.logConfiguration` names with the
+    /// `awslogs` driver: where its jobs' output is served.
+    pub fn awslogs_group(&self) -> Option<&str> {
+        let config = self
+            .extra
+            .get("containerProperties")?
+            .get("logConfiguration")?;
+        if config.get("logDriver")?.as_str()? != "awslogs" {
+            return None;
+        }
+        config.get("options")?.get("awslogs-group")?.as_str()
+    }
+}
+
 /// The Docker options of a definition's `containerProperties` that the agent applies as
 /// given: volumes and where they are mounted, the user, a read-only root file system and
 /// ulimits. Parsed from `containerProperties` when the definition is registered.

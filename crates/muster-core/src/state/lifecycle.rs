@@ -41,13 +41,30 @@ impl State {
                     ));
                 }
                 (kind, Some(id)) => {
-                    let Some(target) = self.jobs.get(id) else {
-                        return Err(Rejection::new(
-                            "dependsOn.jobId",
-                            format!("dependsOn.jobId: job {id} does not exist"),
-                        ));
+                    let (gang_parent, array_size) = match (self.jobs.get(id), self.ended_job(id)) {
+                        (Some(target), _) => (
+                            target.gang_node().map(|(parent, _, _)| parent),
+                            match target.array {
+                                Some(ArrayRole::Parent { size, .. }) => Some(size),
+                                _ => None,
+                            },
+                        ),
+                        (None, Some(ended)) => (
+                            ended
+                                .gang_node
+                                .then(|| id.as_str().rsplit_once('#'))
+                                .flatten()
+                                .map(|(parent, _)| JobId::from(parent)),
+                            (ended.array_size > 0).then_some(ended.array_size),
+                        ),
+                        (None, None) => {
+                            return Err(Rejection::new(
+                                "dependsOn.jobId",
+                                format!("dependsOn.jobId: job {id} does not exist"),
+                            ));
+                        }
                     };
-                    if let Some((parent, _, _)) = target.gang_node() {
+                    if let Some(parent) = gang_parent {
                         return Err(Rejection::new(
                             "dependsOn.jobId",
                             format!(
@@ -55,19 +72,15 @@ impl State {
                             ),
                         ));
                     }
-                    if kind == DependencyKind::NToN {
-                        let size = match target.array {
-                            Some(ArrayRole::Parent { size, .. }) => Some(size),
-                            _ => None,
-                        };
-                        if sub.array_size.is_none() || size != sub.array_size {
-                            return Err(Rejection::new(
-                                "dependsOn.type",
-                                format!(
-                                    "dependsOn.type: N_TO_N needs two array jobs of the same size; {id} is not"
-                                ),
-                            ));
-                        }
+                    if kind == DependencyKind::NToN
+                        && (sub.array_size.is_none() || array_size != sub.array_size)
+                    {
+                        return Err(Rejection::new(
+                            "dependsOn.type",
+                            format!(
+                                "dependsOn.type: N_TO_N needs two array jobs of the same size; {id} is not"
+                            ),
+                        ));
                     }
                 }
             }
@@ -92,6 +105,14 @@ impl State {
                 id: existing.id.clone(),
                 arn: existing.arn(&self.scope).0,
                 name: existing.spec.name.clone(),
+            };
+        }
+        // The same, for a job that has already ended and left memory: the retry names it.
+        if self.ended.contains(&first) {
+            return Outcome::JobSubmitted {
+                arn: self.scope.arn("job", first.as_str()).0,
+                id: first,
+                name: sub.name,
             };
         }
         let (queue, definition) = match self.check_submit(&sub) {
@@ -247,7 +268,7 @@ impl State {
     fn admit(&mut self, mut job: Job, at: Timestamp) {
         let mut failed_dependency = None;
         job.waiting_on
-            .retain(|dep| match self.jobs.get(dep).map(|d| d.status) {
+            .retain(|dep| match self.status_for_dependency(dep) {
                 Some(JobStatus::Succeeded) => false,
                 Some(JobStatus::Failed) => {
                     failed_dependency.get_or_insert_with(|| dep.clone());
@@ -297,6 +318,7 @@ impl State {
             let Some(job) = self.jobs.get(&id) else {
                 continue;
             };
+            self.ended_in_apply.push(id.clone());
             let succeeded = job.status == JobStatus::Succeeded;
             let parent = job.array_parent();
             for dependent in self.dependents.remove(&id).unwrap_or_default() {
@@ -372,9 +394,11 @@ impl State {
 
     /// Whether any job ended before `before` (so a purge would have work).
     pub fn has_jobs_ended_before(&self, before: Timestamp) -> bool {
-        self.jobs
-            .values()
-            .any(|j| j.status.is_terminal() && j.stopped_at.is_some_and(|t| t < before))
+        self.ended.any_stopped_before(before)
+            || self
+                .jobs
+                .values()
+                .any(|j| j.status.is_terminal() && j.stopped_at.is_some_and(|t| t < before))
     }
 
     /// Forgets terminal jobs that stopped before `before` (an array with its children, once
@@ -408,8 +432,12 @@ impl State {
                 }
             }
         }
-        let jobs = &self.jobs;
-        self.client_tokens.retain(|_, id| jobs.contains_key(id));
+        let forgotten = self.ended.remove_stopped_before(before);
+        purged += forgotten.len();
+        self.archive.purge(forgotten);
+        let (jobs, ended) = (&self.jobs, &self.ended);
+        self.client_tokens
+            .retain(|_, id| jobs.contains_key(id) || ended.contains(id));
         // Join tokens that expired before the retention's cutoff are of no use any more, even
         // to a list. Revoked agents stay: a denylist that forgets lets the name back in.
         self.join_tokens

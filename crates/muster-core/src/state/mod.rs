@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
 mod access;
+pub(crate) mod archive;
 pub(crate) mod assignments;
 mod attempts;
 mod checks;
@@ -23,6 +24,7 @@ mod lifecycle;
 mod resources;
 mod runnable;
 
+pub use archive::{ArchiveChanges, ArchivedStream, EndedEntry, JobArchive, merge_by_seq};
 use attempts::track_share;
 pub use gang::MAIN_NODE_EXITED;
 
@@ -85,6 +87,15 @@ pub struct State {
     /// True only while one apply stops a gang's nodes (see `stop_gang`).
     #[serde(skip)]
     stopping_gang: bool,
+    /// Ended jobs that left memory (see `archive.rs`).
+    #[serde(default)]
+    ended: archive::EndedIndex,
+    /// Where those jobs went, and what moved since the state machine last wrote there.
+    #[serde(skip)]
+    archive: archive::ArchiveLink,
+    /// Jobs that ended during the apply under way, to be archived at its end.
+    #[serde(skip)]
+    ended_in_apply: Vec<JobId>,
 }
 
 /// See [`State::nodes_affected_by`].
@@ -239,6 +250,15 @@ impl State {
         }
     }
 
+    /// The CloudWatch log group a job's output is served in: its definition's
+    /// `awslogs-group` where its `logConfiguration` uses the `awslogs` driver with one, else
+    /// [`DEFAULT_LOG_GROUP`](crate::DEFAULT_LOG_GROUP).
+    pub fn log_group_of<'a>(&'a self, job: &Job) -> &'a str {
+        self.definition(&job.spec.definition_arn.0)
+            .and_then(JobDefinition::awslogs_group)
+            .unwrap_or(crate::DEFAULT_LOG_GROUP)
+    }
+
     /// Jobs of a queue in submit order, optionally only those with `status`.
     pub fn jobs_in_queue<'a>(
         &'a self,
@@ -302,6 +322,12 @@ impl State {
         if Self::may_enable_placements(&cmd) {
             self.placement_epoch += 1;
         }
+        let outcome = self.apply_checked(cmd);
+        self.archive_ended();
+        outcome
+    }
+
+    fn apply_checked(&mut self, cmd: Command) -> Outcome {
         match cmd {
             Command::CreateComputeEnvironment(mut ce) => {
                 ce.arn = self.scope.arn("compute-environment", &ce.name);
@@ -440,7 +466,10 @@ impl State {
         how: Ending,
     ) -> Outcome {
         let Some(job) = self.jobs.get_mut(id) else {
-            return Outcome::Ignored(format!("job {id} does not exist"));
+            return Outcome::Ignored(match self.ended.get(id) {
+                Some(ended) => format!("job {id} already ended {}", ended.status().as_aws()),
+                None => format!("job {id} does not exist"),
+            });
         };
         // A node of a multi-node job is ended with its whole job.
         if let Some((parent, _, _)) = job.gang_node() {

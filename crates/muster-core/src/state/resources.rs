@@ -252,6 +252,7 @@ impl State {
                 Ok(())
             }
             AdminCommand::TagResource { arn, tags } => {
+                self.check_job_tags_may_change(arn)?;
                 let existing = self
                     .tags_of(arn)
                     .ok_or_else(|| not_found("resourceArn", "resource", arn))?;
@@ -270,11 +271,36 @@ impl State {
                 }
                 Ok(())
             }
-            AdminCommand::UntagResource { arn, .. } => self
-                .tags_of(arn)
-                .map(|_| ())
-                .ok_or_else(|| not_found("resourceArn", "resource", arn)),
+            AdminCommand::UntagResource { arn, .. } => {
+                self.check_job_tags_may_change(arn)?;
+                self.tags_of(arn)
+                    .map(|_| ())
+                    .ok_or_else(|| not_found("resourceArn", "resource", arn))
+            }
         }
+    }
+
+    /// An ended job's tags are fixed: it may have left memory on some replicas and not yet
+    /// on others (one that loaded a snapshot of the format before archived nothing it held),
+    /// so a change would apply on some and not others.
+    fn check_job_tags_may_change(&self, arn: &str) -> Result<(), Rejection> {
+        let Some(id) = arn
+            .rsplit_once(":job/")
+            .map(|(_, id)| crate::JobId::from(id))
+        else {
+            return Ok(());
+        };
+        let ended = match self.jobs.get(&id) {
+            Some(job) => job.status.is_terminal(),
+            None => self.ended.contains(&id),
+        };
+        if ended {
+            return Err(Rejection::new(
+                "resourceArn",
+                format!("resourceArn: job {id} has ended; its tags no longer change"),
+            ));
+        }
+        Ok(())
     }
 
     /// `computeEnvironmentOrder`: 1 to 3 existing environments with distinct orders.

@@ -1,0 +1,441 @@
+//! [`EndedJobs`]: the archive of ended jobs on a control node, over `muster-store`'s
+//! [`ArchiveStore`]. The state machine writes what each apply moved out of memory (under the
+//! state's write lock, so a reader sees the state and the archive agree), and reads serve
+//! DescribeJobs, ListJobs and logs from it.
+//!
+//! A record is a format byte then JSON `{spec, job, log_group}`; an array child's or a node's
+//! spec is left out when it is its parent's (an array's ten thousand children hold one copy).
+//! Records a purge forgot are removed off the state's lock, on a thread of their own: the index
+//! no longer lists them, so no read finds them meanwhile, and a snapshot waits for it (see
+//! [`EndedJobs::flush`]). A listing
+//! key is `queue 0x00 status seq(8 bytes, big-endian) id`, so that ListJobs of a queue and an
+//! ended status pages through the keys in submit order. A stream key is `group 0x00 name`, with
+//! what DescribeLogStreams lists of that attempt's stream.
+//!
+//! A snapshot sent to another node carries the records after the image (see
+//! [`EndedJobs::append_to`] and [`EndedJobs::import`]).
+
+use muster_core::{
+    ArchiveChanges, ArchivedStream, Job, JobArchive, JobId, JobSpec, JobStatus, State,
+};
+use muster_store::{ArchiveStore, ArchivedKeys, ArchivedRecord};
+use serde::{Deserialize, Serialize};
+use std::io;
+use std::sync::Arc;
+
+/// The record format this release writes and reads.
+const RECORD_FORMAT: u8 = 1;
+
+#[derive(Serialize)]
+struct RecordOf<'a> {
+    spec: Option<&'a JobSpec>,
+    job: &'a Job,
+    /// The log group of its streams, as its definition named it when it ended.
+    log_group: &'a str,
+}
+
+#[derive(Deserialize)]
+struct Record {
+    spec: Option<JobSpec>,
+    job: Job,
+    log_group: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct EndedJobs {
+    store: ArchiveStore,
+    forgetting: Arc<Forgetting>,
+}
+
+/// Purges under way on threads of their own.
+#[derive(Debug, Default)]
+struct Forgetting {
+    pending: std::sync::Mutex<usize>,
+    idle: std::sync::Condvar,
+}
+
+fn status_byte(status: JobStatus) -> u8 {
+    if status == JobStatus::Succeeded {
+        b'S'
+    } else {
+        b'F'
+    }
+}
+
+fn listing_prefix(queue: &str, status: JobStatus) -> Vec<u8> {
+    let mut key = Vec::with_capacity(queue.len() + 2 + 8 + 48);
+    key.extend_from_slice(queue.as_bytes());
+    key.push(0);
+    key.push(status_byte(status));
+    key
+}
+
+fn listing_key(job: &Job) -> Option<Vec<u8>> {
+    if !job.listed_in_queue() {
+        return None;
+    }
+    let mut key = listing_prefix(&job.spec.queue, job.status);
+    key.extend_from_slice(&job.seq.to_be_bytes());
+    key.extend_from_slice(job.id.as_str().as_bytes());
+    Some(key)
+}
+
+fn stream_prefix(group: &str, prefix: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(group.len() + 1 + prefix.len());
+    key.extend_from_slice(group.as_bytes());
+    key.push(0);
+    key.extend_from_slice(prefix.as_bytes());
+    key
+}
+
+/// The stream keys and values of an ended job's attempts in `group`.
+fn stream_entries(job: &Job, group: &str) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    ArchivedStream::of(job)
+        .into_iter()
+        .map(|stream| {
+            let key = stream_prefix(group, &stream.name);
+            Ok((key, serde_json::to_vec(&stream).map_err(io::Error::other)?))
+        })
+        .collect()
+}
+
+/// The family root's id of an array child or a node.
+fn parent_of(job: &Job) -> Option<JobId> {
+    job.array_parent()
+        .or_else(|| job.gang_node().map(|(parent, _, _)| parent))
+}
+
+fn encode(job: &Job, with_spec: bool, log_group: &str) -> io::Result<Vec<u8>> {
+    // Never `\n` or `\t`, which frame records in a snapshot (see `append_to`).
+    const { assert!(RECORD_FORMAT != b'\n' && RECORD_FORMAT != b'\t') };
+    let mut bytes = vec![RECORD_FORMAT];
+    let record = RecordOf {
+        spec: with_spec.then_some(&*job.spec),
+        job,
+        log_group,
+    };
+    serde_json::to_writer(&mut bytes, &record).map_err(io::Error::other)?;
+    Ok(bytes)
+}
+
+fn decode(bytes: &[u8]) -> io::Result<Record> {
+    match bytes.split_first() {
+        Some((&RECORD_FORMAT, body)) => serde_json::from_slice(body).map_err(io::Error::other),
+        Some((v, _)) => Err(io::Error::other(format!(
+            "archived job has unknown record format {v}"
+        ))),
+        None => Err(io::Error::other("archived job record is empty")),
+    }
+}
+
+/// In memory: for tests and simulations.
+impl Default for EndedJobs {
+    fn default() -> Self {
+        Self::in_memory()
+    }
+}
+
+impl EndedJobs {
+    pub fn new(store: ArchiveStore) -> Self {
+        Self {
+            store,
+            forgetting: Arc::default(),
+        }
+    }
+
+    pub fn in_memory() -> Self {
+        Self::new(ArchiveStore::in_memory())
+    }
+
+    /// Writes what an apply moved out of memory (`state`, whose definitions name each job's
+    /// log group, is the state they left), and starts forgetting what retention purged.
+    pub fn write(&self, changes: ArchiveChanges, state: &State) -> io::Result<()> {
+        let mut puts = Vec::with_capacity(changes.moved.len());
+        let mut root: Option<Arc<JobSpec>> = None;
+        for job in &changes.moved {
+            // Families arrive root first.
+            let shares_root = parent_of(job).is_some()
+                && root.as_ref().is_some_and(|r| Arc::ptr_eq(r, &job.spec));
+            if parent_of(job).is_none() {
+                root = Some(job.spec.clone());
+            }
+            let group = state.log_group_of(job);
+            puts.push(ArchivedRecord {
+                key: job.id.as_str().as_bytes().to_vec(),
+                value: encode(job, !shares_root, group)?,
+                listing: listing_key(job),
+                streams: stream_entries(job, group)?,
+            });
+        }
+        self.store.write(puts, Vec::new())?;
+        if !changes.purged.is_empty() {
+            self.forget_later(changes.purged);
+        }
+        Ok(())
+    }
+
+    /// Removes purged records and the keys that point at them, on a thread of its own.
+    fn forget_later(&self, ids: Vec<JobId>) {
+        *self
+            .forgetting
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) += 1;
+        let archive = self.clone();
+        std::thread::spawn(move || {
+            if let Err(e) = archive.forget(&ids) {
+                tracing::error!(error = %e, jobs = ids.len(), "purged jobs left in the archive");
+            }
+            let mut pending = archive
+                .forgetting
+                .pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            *pending -= 1;
+            archive.forgetting.idle.notify_all();
+        });
+    }
+
+    fn forget(&self, ids: &[JobId]) -> io::Result<()> {
+        for chunk in ids.chunks(10_000) {
+            let mut deletes = Vec::with_capacity(chunk.len());
+            for id in chunk {
+                // Read before anything is removed: a member's spec may be its root's.
+                let (listing, streams) = match self.read_record(id)? {
+                    Some((job, group)) => (
+                        listing_key(&job),
+                        stream_entries(&job, &group)?
+                            .into_iter()
+                            .map(|(k, _)| k)
+                            .collect(),
+                    ),
+                    None => (None, Vec::new()),
+                };
+                deletes.push(ArchivedKeys {
+                    key: id.as_str().as_bytes().to_vec(),
+                    listing,
+                    streams,
+                });
+            }
+            self.store.write(Vec::new(), deletes)?;
+        }
+        Ok(())
+    }
+
+    fn read(&self, id: &JobId) -> io::Result<Option<Job>> {
+        Ok(self.read_record(id)?.map(|(job, _)| job))
+    }
+
+    /// A job and its log group.
+    fn read_record(&self, id: &JobId) -> io::Result<Option<(Job, String)>> {
+        let Some(bytes) = self.store.get(id.as_str().as_bytes())? else {
+            return Ok(None);
+        };
+        let Record {
+            spec,
+            mut job,
+            log_group,
+        } = decode(&bytes)?;
+        job.spec = match spec {
+            Some(spec) => Arc::new(spec),
+            None => {
+                let parent = parent_of(&job)
+                    .ok_or_else(|| io::Error::other(format!("archived job {id} has no spec")))?;
+                self.read(&parent)?
+                    .ok_or_else(|| io::Error::other(format!("archived job {id} has no parent")))?
+                    .spec
+            }
+        };
+        Ok(Some((job, log_group)))
+    }
+
+    fn read_logged(&self, id: &JobId) -> Option<Job> {
+        self.read(id)
+            .inspect_err(|e| tracing::error!(job = %id, error = %e, "archived job unreadable"))
+            .ok()
+            .flatten()
+    }
+
+    /// Makes every record written so far durable, once the purges under way are done (a
+    /// snapshot stored after a purge must not leave its records behind for good).
+    pub fn flush(&self) -> io::Result<()> {
+        let mut pending = self
+            .forgetting
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        while *pending > 0 {
+            pending = self
+                .forgetting
+                .idle
+                .wait(pending)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+        drop(pending);
+        self.store.flush()
+    }
+
+    /// How many records the archive holds.
+    pub fn len(&self) -> usize {
+        self.store.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.store.is_empty()
+    }
+
+    /// Appends every record to a snapshot's bytes: one line each, `\n<id>\t<record>` (ids
+    /// are UUIDs the API chose, with `:<index>` or `#<index>`: never a tab or a newline).
+    pub fn append_to(&self, data: &mut Vec<u8>) -> io::Result<()> {
+        self.store.for_each(|key, value| {
+            data.push(b'\n');
+            data.extend_from_slice(key);
+            data.push(b'\t');
+            // Records are compact JSON after their format byte: no raw newline inside.
+            data.extend_from_slice(value);
+            Ok(())
+        })
+    }
+
+    /// Replaces the archive with the records that follow a snapshot's image (`tail`, as
+    /// [`EndedJobs::append_to`] wrote it), keeping only those `state` (the image) lists as
+    /// ended: the sender's archive may hold jobs that ended after the image, which the log
+    /// brings again. Returns how many it kept.
+    pub fn import(&self, tail: &[u8], state: &State) -> io::Result<usize> {
+        self.store.clear()?;
+        let mut puts = Vec::new();
+        let mut count = 0;
+        let mut last_root: Option<(JobId, Arc<JobSpec>)> = None;
+        for line in tail.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            let tab = line
+                .iter()
+                .position(|b| *b == b'\t')
+                .ok_or_else(|| io::Error::other("archived record without its key"))?;
+            let (key, value) = (&line[..tab], &line[tab + 1..]);
+            let Record {
+                spec,
+                mut job,
+                log_group,
+            } = decode(value)?;
+            if state.ended_job(&job.id).is_none() {
+                continue;
+            }
+            job.spec = match (spec, parent_of(&job)) {
+                (Some(spec), _) => Arc::new(spec),
+                // A member's spec is its root's, whose key sorts before it: the last root read,
+                // or one written already.
+                (None, Some(parent)) => match &last_root {
+                    Some((id, spec)) if *id == parent => spec.clone(),
+                    _ => {
+                        self.store.write(std::mem::take(&mut puts), Vec::new())?;
+                        self.read(&parent)?
+                            .ok_or_else(|| {
+                                io::Error::other(format!("archived job {} has no parent", job.id))
+                            })?
+                            .spec
+                    }
+                },
+                (None, None) => {
+                    return Err(io::Error::other(format!(
+                        "archived job {} has no spec",
+                        job.id
+                    )));
+                }
+            };
+            if parent_of(&job).is_none() {
+                last_root = Some((job.id.clone(), job.spec.clone()));
+            }
+            puts.push(ArchivedRecord {
+                key: key.to_vec(),
+                value: value.to_vec(),
+                listing: listing_key(&job),
+                streams: stream_entries(&job, &log_group)?,
+            });
+            count += 1;
+            if puts.len() == 10_000 {
+                self.store.write(std::mem::take(&mut puts), Vec::new())?;
+            }
+        }
+        self.store.write(puts, Vec::new())?;
+        self.store.flush()?;
+        Ok(count)
+    }
+}
+
+impl JobArchive for EndedJobs {
+    fn streams(&self, group: &str, prefix: &str, limit: usize) -> Vec<ArchivedStream> {
+        let found = match self
+            .store
+            .streams_with_prefix(&stream_prefix(group, prefix), limit)
+        {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::error!(error = %e, "archived streams unreadable");
+                return Vec::new();
+            }
+        };
+        found
+            .iter()
+            .filter_map(|(_, value)| serde_json::from_slice(value).ok())
+            .collect()
+    }
+
+    fn get(&self, id: &JobId) -> Option<Job> {
+        self.read_logged(id)
+    }
+
+    fn in_queue<'a>(
+        &'a self,
+        queue: &str,
+        status: JobStatus,
+        after: Option<(u64, JobId)>,
+    ) -> Box<dyn Iterator<Item = Job> + 'a> {
+        let prefix = listing_prefix(queue, status);
+        let id_at = prefix.len() + 8;
+        let after = after.map(|(seq, id)| {
+            let mut key = prefix.clone();
+            key.extend_from_slice(&seq.to_be_bytes());
+            key.extend_from_slice(id.as_str().as_bytes());
+            key
+        });
+        Box::new(
+            self.store
+                .listing(prefix, after)
+                .filter_map(|key| {
+                    key.inspect_err(|e| tracing::error!(error = %e, "archive listing unreadable"))
+                        .ok()
+                })
+                .filter_map(move |key| {
+                    let id = std::str::from_utf8(key.get(id_at..)?).ok()?;
+                    self.read_logged(&JobId::from(id))
+                }),
+        )
+    }
+
+    fn family(&self, parent: &JobId) -> Vec<Job> {
+        let Some(root) = self.read_logged(parent) else {
+            return Vec::new();
+        };
+        let mut members = Vec::new();
+        for separator in [':', '#'] {
+            let prefix = format!("{parent}{separator}");
+            let records = match self.store.with_prefix(prefix.as_bytes()) {
+                Ok(records) => records,
+                Err(e) => {
+                    tracing::error!(job = %parent, error = %e, "archive unreadable");
+                    continue;
+                }
+            };
+            for (_, bytes) in records {
+                match decode(&bytes) {
+                    Ok(Record { spec, mut job, .. }) => {
+                        job.spec = spec.map_or_else(|| root.spec.clone(), Arc::new);
+                        members.push(job);
+                    }
+                    Err(e) => tracing::error!(job = %parent, error = %e, "archived job unreadable"),
+                }
+            }
+        }
+        members
+    }
+}

@@ -1,0 +1,354 @@
+//! Ended jobs' records, off the heap: one tree of records by key, one of listing keys (kept in
+//! the order ListJobs pages through them) pointing at those records, and one of log streams
+//! with what DescribeLogStreams says of each. Bytes only; the state machine (`muster-raft`)
+//! decides what the keys and records are.
+
+use sled::Tree;
+use std::collections::BTreeMap;
+use std::io;
+use std::sync::{Arc, RwLock};
+
+/// A record to write: its key, its bytes, the listing key that points at it, if any, and its
+/// log streams (key and value).
+pub struct ArchivedRecord {
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+    pub listing: Option<Vec<u8>>,
+    pub streams: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// A record to remove, with every key that points at it.
+pub struct ArchivedKeys {
+    pub key: Vec<u8>,
+    pub listing: Option<Vec<u8>>,
+    pub streams: Vec<Vec<u8>>,
+}
+
+/// The archive's two trees, on disk in the node's sled database or in memory.
+#[derive(Clone)]
+pub struct ArchiveStore(Trees);
+
+#[derive(Clone)]
+enum Trees {
+    Sled {
+        records: Tree,
+        listing: Tree,
+        streams: Tree,
+    },
+    Mem(Arc<RwLock<MemTrees>>),
+}
+
+#[derive(Default)]
+struct MemTrees {
+    records: BTreeMap<Vec<u8>, Vec<u8>>,
+    listing: BTreeMap<Vec<u8>, ()>,
+    streams: BTreeMap<Vec<u8>, Vec<u8>>,
+}
+
+impl std::fmt::Debug for ArchiveStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self.0 {
+            Trees::Sled { .. } => "ArchiveStore(sled)",
+            Trees::Mem(_) => "ArchiveStore(memory)",
+        })
+    }
+}
+
+fn sled_err(e: sled::Error) -> io::Error {
+    io::Error::other(e)
+}
+
+impl ArchiveStore {
+    /// The archive in the node's database (trees `ended_jobs`, `ended_listing` and
+    /// `ended_streams`).
+    pub fn on_disk(db: &sled::Db) -> io::Result<Self> {
+        Ok(Self(Trees::Sled {
+            records: db.open_tree("ended_jobs").map_err(sled_err)?,
+            listing: db.open_tree("ended_listing").map_err(sled_err)?,
+            streams: db.open_tree("ended_streams").map_err(sled_err)?,
+        }))
+    }
+
+    pub fn in_memory() -> Self {
+        Self(Trees::Mem(Arc::default()))
+    }
+
+    fn mem(trees: &RwLock<MemTrees>) -> std::sync::RwLockReadGuard<'_, MemTrees> {
+        trees.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn mem_mut(trees: &RwLock<MemTrees>) -> std::sync::RwLockWriteGuard<'_, MemTrees> {
+        trees.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes records and removes others (each with its listing key), as one batch per tree.
+    /// Not flushed: see [`ArchiveStore::flush`].
+    pub fn write(&self, puts: Vec<ArchivedRecord>, deletes: Vec<ArchivedKeys>) -> io::Result<()> {
+        match &self.0 {
+            Trees::Sled {
+                records,
+                listing,
+                streams,
+            } => {
+                let mut added = sled::Batch::default();
+                let mut removed = sled::Batch::default();
+                let mut list = sled::Batch::default();
+                let mut stream = sled::Batch::default();
+                for r in puts {
+                    if let Some(l) = r.listing {
+                        list.insert(l, &[][..]);
+                    }
+                    for (k, v) in r.streams {
+                        stream.insert(k, v);
+                    }
+                    added.insert(r.key, r.value);
+                }
+                for d in deletes {
+                    if let Some(l) = d.listing {
+                        list.remove(l);
+                    }
+                    for k in d.streams {
+                        stream.remove(k);
+                    }
+                    removed.remove(d.key);
+                }
+                // The keys that point at a record go after it is written and before it is
+                // removed: a reader (or a crash) never leaves a key without its record, which
+                // a later purge needs to find the keys again.
+                records.apply_batch(added).map_err(sled_err)?;
+                streams.apply_batch(stream).map_err(sled_err)?;
+                listing.apply_batch(list).map_err(sled_err)?;
+                records.apply_batch(removed).map_err(sled_err)
+            }
+            Trees::Mem(trees) => {
+                let mut t = Self::mem_mut(trees);
+                for r in puts {
+                    if let Some(l) = r.listing {
+                        t.listing.insert(l, ());
+                    }
+                    t.streams.extend(r.streams);
+                    t.records.insert(r.key, r.value);
+                }
+                for d in deletes {
+                    if let Some(l) = d.listing {
+                        t.listing.remove(&l);
+                    }
+                    for k in d.streams {
+                        t.streams.remove(&k);
+                    }
+                    t.records.remove(&d.key);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Up to `limit` log streams whose key starts with `prefix`, in key order.
+    pub fn streams_with_prefix(
+        &self,
+        prefix: &[u8],
+        limit: usize,
+    ) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        match &self.0 {
+            Trees::Sled { streams, .. } => streams
+                .scan_prefix(prefix)
+                .take(limit)
+                .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(sled_err))
+                .collect(),
+            Trees::Mem(trees) => Ok(Self::mem(trees)
+                .streams
+                .range(prefix.to_vec()..)
+                .take_while(|(k, _)| k.starts_with(prefix))
+                .take(limit)
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()),
+        }
+    }
+
+    pub fn get(&self, key: &[u8]) -> io::Result<Option<Vec<u8>>> {
+        match &self.0 {
+            Trees::Sled { records, .. } => {
+                Ok(records.get(key).map_err(sled_err)?.map(|v| v.to_vec()))
+            }
+            Trees::Mem(trees) => Ok(Self::mem(trees).records.get(key).cloned()),
+        }
+    }
+
+    /// Listing keys that start with `prefix` and sort after `after` (from the start of the
+    /// prefix when `None`), in order, read lazily.
+    pub fn listing<'a>(
+        &'a self,
+        prefix: Vec<u8>,
+        after: Option<Vec<u8>>,
+    ) -> Box<dyn Iterator<Item = io::Result<Vec<u8>>> + 'a> {
+        let start = std::ops::Bound::Excluded(after.unwrap_or_else(|| prefix.clone()));
+        let within = move |key: &[u8]| key.starts_with(&prefix);
+        match &self.0 {
+            Trees::Sled { listing, .. } => Box::new(
+                listing
+                    .range::<Vec<u8>, _>((start, std::ops::Bound::Unbounded))
+                    .keys()
+                    .map(|k| k.map(|k| k.to_vec()).map_err(sled_err))
+                    .take_while(move |k| k.as_ref().map_or(true, |k| within(k))),
+            ),
+            Trees::Mem(trees) => {
+                let keys: Vec<Vec<u8>> = Self::mem(trees)
+                    .listing
+                    .range::<Vec<u8>, _>((start, std::ops::Bound::Unbounded))
+                    .map(|(k, _)| k.clone())
+                    .take_while(|k| within(k))
+                    .collect();
+                Box::new(keys.into_iter().map(Ok))
+            }
+        }
+    }
+
+    /// Every record whose key starts with `prefix`, in key order.
+    pub fn with_prefix(&self, prefix: &[u8]) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        match &self.0 {
+            Trees::Sled { records, .. } => records
+                .scan_prefix(prefix)
+                .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(sled_err))
+                .collect(),
+            Trees::Mem(trees) => Ok(Self::mem(trees)
+                .records
+                .range(prefix.to_vec()..)
+                .take_while(|(k, _)| k.starts_with(prefix))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()),
+        }
+    }
+
+    /// Calls `f` with every record, in key order (for a snapshot sent to another node).
+    pub fn for_each(&self, mut f: impl FnMut(&[u8], &[u8]) -> io::Result<()>) -> io::Result<()> {
+        match &self.0 {
+            Trees::Sled { records, .. } => {
+                for r in records.iter() {
+                    let (k, v) = r.map_err(sled_err)?;
+                    f(&k, &v)?;
+                }
+                Ok(())
+            }
+            Trees::Mem(trees) => {
+                for (k, v) in &Self::mem(trees).records {
+                    f(k, v)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Removes everything (before a snapshot from another node replaces the state).
+    pub fn clear(&self) -> io::Result<()> {
+        match &self.0 {
+            Trees::Sled {
+                records,
+                listing,
+                streams,
+            } => {
+                listing.clear().map_err(sled_err)?;
+                streams.clear().map_err(sled_err)?;
+                records.clear().map_err(sled_err)
+            }
+            Trees::Mem(trees) => {
+                *Self::mem_mut(trees) = MemTrees::default();
+                Ok(())
+            }
+        }
+    }
+
+    /// Makes everything written so far durable (before a snapshot that counts on it is
+    /// stored).
+    pub fn flush(&self) -> io::Result<()> {
+        match &self.0 {
+            // One flush writes the whole database, every tree.
+            Trees::Sled { records, .. } => records.flush().map_err(sled_err).map(drop),
+            Trees::Mem(_) => Ok(()),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match &self.0 {
+            Trees::Sled { records, .. } => records.len(),
+            Trees::Mem(trees) => Self::mem(trees).records.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn both() -> Vec<(ArchiveStore, tempfile::TempDir)> {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::open_sled(dir.path()).unwrap();
+        let unused = tempfile::tempdir().unwrap();
+        vec![
+            (ArchiveStore::on_disk(&db).unwrap(), dir),
+            (ArchiveStore::in_memory(), unused),
+        ]
+    }
+
+    #[test]
+    fn records_are_listed_by_prefix_after_a_key_and_deleted_with_their_listing() {
+        for (store, _dir) in both() {
+            let put = |key: &str, listing: Option<&str>| ArchivedRecord {
+                key: key.into(),
+                value: format!("v-{key}").into(),
+                listing: listing.map(Into::into),
+                streams: vec![(format!("g\0{key}-1").into(), key.into())],
+            };
+            store
+                .write(
+                    vec![
+                        put("a", Some("q1/1/a")),
+                        put("a:0", None),
+                        put("b", Some("q1/2/b")),
+                        put("c", Some("q2/1/c")),
+                    ],
+                    vec![],
+                )
+                .unwrap();
+            let listed = |prefix: &str, after: Option<&str>| -> Vec<String> {
+                store
+                    .listing(prefix.into(), after.map(Into::into))
+                    .map(|k| String::from_utf8(k.unwrap()).unwrap())
+                    .collect()
+            };
+            assert_eq!(listed("q1/", None), ["q1/1/a", "q1/2/b"]);
+            assert_eq!(listed("q1/", Some("q1/1/a")), ["q1/2/b"]);
+            assert_eq!(listed("q2/", None), ["q2/1/c"]);
+            assert_eq!(store.get(b"a:0").unwrap(), Some(b"v-a:0".to_vec()));
+            assert_eq!(store.with_prefix(b"a:").unwrap().len(), 1);
+            assert_eq!(store.streams_with_prefix(b"g\0", 10).unwrap().len(), 4);
+            assert_eq!(store.streams_with_prefix(b"g\0", 2).unwrap().len(), 2);
+            store
+                .write(
+                    vec![],
+                    vec![ArchivedKeys {
+                        key: b"b".to_vec(),
+                        listing: Some(b"q1/2/b".to_vec()),
+                        streams: vec![b"g\0b-1".to_vec()],
+                    }],
+                )
+                .unwrap();
+            assert_eq!(listed("q1/", None), ["q1/1/a"]);
+            assert_eq!(store.streams_with_prefix(b"g\0b", 10).unwrap(), vec![]);
+            assert_eq!(store.get(b"b").unwrap(), None);
+            let mut all = Vec::new();
+            store
+                .for_each(|k, _| {
+                    all.push(k.to_vec());
+                    Ok(())
+                })
+                .unwrap();
+            assert_eq!(all, [b"a".to_vec(), b"a:0".to_vec(), b"c".to_vec()]);
+            store.clear().unwrap();
+            assert!(store.is_empty());
+        }
+    }
+}
