@@ -5,9 +5,13 @@
 //!
 //! A record is a format byte then JSON `{spec, job, log_group}`; an array child's or a node's
 //! spec is left out when it is its parent's (an array's ten thousand children hold one copy).
-//! Records a purge forgot are removed off the state's lock, on a thread of their own: the index
-//! no longer lists them, so no read finds them meanwhile, and a snapshot waits for it (see
-//! [`EndedJobs::flush`]). A listing
+//!
+//! Encoding and writing happen off Raft's threads, on one writer thread per archive, in the
+//! order the applies made them: an apply only moves the jobs it ended into an in-memory
+//! overlay, which reads consult first, until the writer has stored them (encoding ten thousand
+//! jobs that ended together took long enough on Raft's threads to cost the leader its lease).
+//! Records a purge forgot are removed by the same writer: the index no longer lists them, so
+//! no read finds them meanwhile. A snapshot waits for the writer (see [`EndedJobs::flush`]). A listing
 //! key is `queue 0x00 status seq(8 bytes, big-endian) id`, so that ListJobs of a queue and an
 //! ended status pages through the keys in submit order. A stream key is `group 0x00 name`, with
 //! what DescribeLogStreams lists of that attempt's stream.
@@ -20,8 +24,9 @@ use muster_core::{
 };
 use muster_store::{ArchiveStore, ArchivedKeys, ArchivedRecord};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock, mpsc};
 
 /// The record format this release writes and reads.
 const RECORD_FORMAT: u8 = 1;
@@ -41,17 +46,29 @@ struct Record {
     log_group: String,
 }
 
+/// Jobs moved out of memory and not stored yet, with their log groups.
+type Overlay = BTreeMap<JobId, (Arc<Job>, Arc<str>)>;
+
 #[derive(Clone, Debug)]
 pub struct EndedJobs {
     store: ArchiveStore,
-    forgetting: Arc<Forgetting>,
+    overlay: Arc<RwLock<Overlay>>,
+    writer: Arc<Writer>,
 }
 
-/// Purges under way on threads of their own.
-#[derive(Debug, Default)]
-struct Forgetting {
-    pending: std::sync::Mutex<usize>,
-    idle: std::sync::Condvar,
+/// The writer thread's queue, and the first error it met.
+#[derive(Debug)]
+struct Writer {
+    queue: Mutex<mpsc::Sender<Work>>,
+    failed: Arc<Mutex<Option<String>>>,
+}
+
+enum Work {
+    /// Families moved out of memory, roots first, each job with its log group.
+    Store(Vec<(Arc<Job>, Arc<str>)>),
+    Forget(Vec<JobId>),
+    /// Answered once everything queued before it is done.
+    Barrier(mpsc::Sender<()>),
 }
 
 fn status_byte(status: JobStatus) -> u8 {
@@ -137,116 +154,93 @@ impl Default for EndedJobs {
 
 impl EndedJobs {
     pub fn new(store: ArchiveStore) -> Self {
+        let (queue, work) = mpsc::channel();
+        let failed = Arc::new(Mutex::new(None));
+        let overlay = Arc::new(RwLock::new(Overlay::new()));
+        // The writer holds no sender of its queue: it ends once every handle is dropped.
+        let worker = Worker {
+            store: store.clone(),
+            overlay: overlay.clone(),
+            failed: failed.clone(),
+        };
+        std::thread::Builder::new()
+            .name("archive-writer".into())
+            .spawn(move || worker.run(work))
+            .expect("spawn the archive writer");
         Self {
             store,
-            forgetting: Arc::default(),
+            overlay,
+            writer: Arc::new(Writer {
+                queue: Mutex::new(queue),
+                failed,
+            }),
         }
+    }
+
+    fn send(&self, work: Work) {
+        let queue = self.writer.queue.lock().unwrap_or_else(|p| p.into_inner());
+        if queue.send(work).is_err() {
+            let mut failed = self.writer.failed.lock().unwrap_or_else(|p| p.into_inner());
+            failed.get_or_insert_with(|| "the archive writer stopped".into());
+        }
+    }
+
+    /// The first write the writer could not make, if any: the node must stop (as when its
+    /// log cannot be written) rather than serve an archive missing what its index lists.
+    pub fn failure(&self) -> Option<String> {
+        self.writer
+            .failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Waits until the writer has done everything queued so far.
+    fn wait_for_writer(&self) -> io::Result<()> {
+        let (answer, done) = mpsc::channel();
+        self.send(Work::Barrier(answer));
+        done.recv()
+            .map_err(|_| io::Error::other("the archive writer stopped"))
+    }
+
+    fn overlay(&self) -> std::sync::RwLockReadGuard<'_, Overlay> {
+        self.overlay.read().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn in_memory() -> Self {
         Self::new(ArchiveStore::in_memory())
     }
 
-    /// Writes what an apply moved out of memory (`state`, whose definitions name each job's
-    /// log group, is the state they left), and starts forgetting what retention purged.
-    pub fn write(&self, changes: ArchiveChanges, state: &State) -> io::Result<()> {
-        let mut puts = Vec::with_capacity(changes.moved.len());
-        let mut root: Option<Arc<JobSpec>> = None;
-        for job in &changes.moved {
-            // Families arrive root first.
-            let shares_root = parent_of(job).is_some()
-                && root.as_ref().is_some_and(|r| Arc::ptr_eq(r, &job.spec));
-            if parent_of(job).is_none() {
-                root = Some(job.spec.clone());
+    /// Takes what an apply moved out of memory (`state`, whose definitions name each job's
+    /// log group, is the state they left) into the overlay and queues it for the writer, and
+    /// queues what retention purged. Cheap: called under the state's write lock.
+    pub fn write(&self, changes: ArchiveChanges, state: &State) {
+        if !changes.moved.is_empty() {
+            let jobs: Vec<(Arc<Job>, Arc<str>)> = changes
+                .moved
+                .into_iter()
+                .map(|job| {
+                    let group: Arc<str> = state.log_group_of(&job).into();
+                    (Arc::from(job), group)
+                })
+                .collect();
+            let mut overlay = self.overlay.write().unwrap_or_else(|p| p.into_inner());
+            for (job, group) in &jobs {
+                overlay.insert(job.id.clone(), (job.clone(), group.clone()));
             }
-            let group = state.log_group_of(job);
-            puts.push(ArchivedRecord {
-                key: job.id.as_str().as_bytes().to_vec(),
-                value: encode(job, !shares_root, group)?,
-                listing: listing_key(job),
-                streams: stream_entries(job, group)?,
-            });
+            drop(overlay);
+            self.send(Work::Store(jobs));
         }
-        self.store.write(puts, Vec::new())?;
         if !changes.purged.is_empty() {
-            self.forget_later(changes.purged);
+            self.send(Work::Forget(changes.purged));
         }
-        Ok(())
-    }
-
-    /// Removes purged records and the keys that point at them, on a thread of its own.
-    fn forget_later(&self, ids: Vec<JobId>) {
-        *self
-            .forgetting
-            .pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) += 1;
-        let archive = self.clone();
-        std::thread::spawn(move || {
-            if let Err(e) = archive.forget(&ids) {
-                tracing::error!(error = %e, jobs = ids.len(), "purged jobs left in the archive");
-            }
-            let mut pending = archive
-                .forgetting
-                .pending
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            *pending -= 1;
-            archive.forgetting.idle.notify_all();
-        });
-    }
-
-    fn forget(&self, ids: &[JobId]) -> io::Result<()> {
-        for chunk in ids.chunks(10_000) {
-            let mut deletes = Vec::with_capacity(chunk.len());
-            for id in chunk {
-                // Read before anything is removed: a member's spec may be its root's.
-                let (listing, streams) = match self.read_record(id)? {
-                    Some((job, group)) => (
-                        listing_key(&job),
-                        stream_entries(&job, &group)?
-                            .into_iter()
-                            .map(|(k, _)| k)
-                            .collect(),
-                    ),
-                    None => (None, Vec::new()),
-                };
-                deletes.push(ArchivedKeys {
-                    key: id.as_str().as_bytes().to_vec(),
-                    listing,
-                    streams,
-                });
-            }
-            self.store.write(Vec::new(), deletes)?;
-        }
-        Ok(())
     }
 
     fn read(&self, id: &JobId) -> io::Result<Option<Job>> {
-        Ok(self.read_record(id)?.map(|(job, _)| job))
-    }
-
-    /// A job and its log group.
-    fn read_record(&self, id: &JobId) -> io::Result<Option<(Job, String)>> {
-        let Some(bytes) = self.store.get(id.as_str().as_bytes())? else {
-            return Ok(None);
-        };
-        let Record {
-            spec,
-            mut job,
-            log_group,
-        } = decode(&bytes)?;
-        job.spec = match spec {
-            Some(spec) => Arc::new(spec),
-            None => {
-                let parent = parent_of(&job)
-                    .ok_or_else(|| io::Error::other(format!("archived job {id} has no spec")))?;
-                self.read(&parent)?
-                    .ok_or_else(|| io::Error::other(format!("archived job {id} has no parent")))?
-                    .spec
-            }
-        };
-        Ok(Some((job, log_group)))
+        if let Some((job, _)) = self.overlay().get(id) {
+            return Ok(Some((**job).clone()));
+        }
+        Ok(read_stored(&self.store, id)?.map(|(job, _)| job))
     }
 
     fn read_logged(&self, id: &JobId) -> Option<Job> {
@@ -256,22 +250,14 @@ impl EndedJobs {
             .flatten()
     }
 
-    /// Makes every record written so far durable, once the purges under way are done (a
-    /// snapshot stored after a purge must not leave its records behind for good).
+    /// Makes everything queued so far stored and durable (a snapshot that lists ended jobs
+    /// counts on their records, and one stored after a purge must not leave its records
+    /// behind for good).
     pub fn flush(&self) -> io::Result<()> {
-        let mut pending = self
-            .forgetting
-            .pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        while *pending > 0 {
-            pending = self
-                .forgetting
-                .idle
-                .wait(pending)
-                .unwrap_or_else(|p| p.into_inner());
+        self.wait_for_writer()?;
+        if let Some(e) = self.failure() {
+            return Err(io::Error::other(e));
         }
-        drop(pending);
         self.store.flush()
     }
 
@@ -287,6 +273,7 @@ impl EndedJobs {
     /// Appends every record to a snapshot's bytes: one line each, `\n<id>\t<record>` (ids
     /// are UUIDs the API chose, with `:<index>` or `#<index>`: never a tab or a newline).
     pub fn append_to(&self, data: &mut Vec<u8>) -> io::Result<()> {
+        self.wait_for_writer()?;
         self.store.for_each(|key, value| {
             data.push(b'\n');
             data.extend_from_slice(key);
@@ -302,6 +289,11 @@ impl EndedJobs {
     /// ended: the sender's archive may hold jobs that ended after the image, which the log
     /// brings again. Returns how many it kept.
     pub fn import(&self, tail: &[u8], state: &State) -> io::Result<usize> {
+        self.wait_for_writer()?;
+        self.overlay
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         self.store.clear()?;
         let mut puts = Vec::new();
         let mut count = 0;
@@ -362,6 +354,122 @@ impl EndedJobs {
     }
 }
 
+/// The writer thread: stores what applies moved out of memory and forgets what retention
+/// purged, in the order they were queued.
+struct Worker {
+    store: ArchiveStore,
+    overlay: Arc<RwLock<Overlay>>,
+    failed: Arc<Mutex<Option<String>>>,
+}
+
+impl Worker {
+    fn run(self, work: mpsc::Receiver<Work>) {
+        for item in work {
+            let done = match item {
+                Work::Store(jobs) => self.store_now(&jobs),
+                Work::Forget(ids) => self.forget(&ids),
+                Work::Barrier(answer) => {
+                    let _ = answer.send(());
+                    Ok(())
+                }
+            };
+            if let Err(e) = done {
+                tracing::error!(error = %e, "archive write failed");
+                let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+                failed.get_or_insert_with(|| e.to_string());
+            }
+        }
+    }
+
+    /// Stores jobs taken into the overlay, then lets them out of it.
+    fn store_now(&self, jobs: &[(Arc<Job>, Arc<str>)]) -> io::Result<()> {
+        let mut puts = Vec::with_capacity(jobs.len());
+        let mut root: Option<Arc<JobSpec>> = None;
+        for (job, group) in jobs {
+            // Families arrive root first.
+            let shares_root = parent_of(job).is_some()
+                && root.as_ref().is_some_and(|r| Arc::ptr_eq(r, &job.spec));
+            if parent_of(job).is_none() {
+                root = Some(job.spec.clone());
+            }
+            puts.push(ArchivedRecord {
+                key: job.id.as_str().as_bytes().to_vec(),
+                value: encode(job, !shares_root, group)?,
+                listing: listing_key(job),
+                streams: stream_entries(job, group)?,
+            });
+        }
+        self.store.write(puts, Vec::new())?;
+        let mut overlay = self.overlay.write().unwrap_or_else(|p| p.into_inner());
+        for (job, _) in jobs {
+            // Unless the same job was moved out again since (a node replaying its log).
+            if overlay
+                .get(&job.id)
+                .is_some_and(|(o, _)| Arc::ptr_eq(o, job))
+            {
+                overlay.remove(&job.id);
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes purged records and the keys that point at them.
+    fn forget(&self, ids: &[JobId]) -> io::Result<()> {
+        let gone: std::collections::BTreeSet<&JobId> = ids.iter().collect();
+        self.overlay
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|id, _| !gone.contains(id));
+        for chunk in ids.chunks(10_000) {
+            let mut deletes = Vec::with_capacity(chunk.len());
+            for id in chunk {
+                // Read before anything is removed: a member's spec may be its root's.
+                let (listing, streams) = match read_stored(&self.store, id)? {
+                    Some((job, group)) => (
+                        listing_key(&job),
+                        stream_entries(&job, &group)?
+                            .into_iter()
+                            .map(|(k, _)| k)
+                            .collect(),
+                    ),
+                    None => (None, Vec::new()),
+                };
+                deletes.push(ArchivedKeys {
+                    key: id.as_str().as_bytes().to_vec(),
+                    listing,
+                    streams,
+                });
+            }
+            self.store.write(Vec::new(), deletes)?;
+        }
+        Ok(())
+    }
+}
+
+/// A stored job and its log group.
+fn read_stored(store: &ArchiveStore, id: &JobId) -> io::Result<Option<(Job, String)>> {
+    let Some(bytes) = store.get(id.as_str().as_bytes())? else {
+        return Ok(None);
+    };
+    let Record {
+        spec,
+        mut job,
+        log_group,
+    } = decode(&bytes)?;
+    job.spec = match spec {
+        Some(spec) => Arc::new(spec),
+        None => {
+            let parent = parent_of(&job)
+                .ok_or_else(|| io::Error::other(format!("archived job {id} has no spec")))?;
+            read_stored(store, &parent)?
+                .ok_or_else(|| io::Error::other(format!("archived job {id} has no parent")))?
+                .0
+                .spec
+        }
+    };
+    Ok(Some((job, log_group)))
+}
+
 impl JobArchive for EndedJobs {
     fn streams(&self, group: &str, prefix: &str, limit: usize) -> Vec<ArchivedStream> {
         let found = match self
@@ -390,6 +498,22 @@ impl JobArchive for EndedJobs {
         status: JobStatus,
         after: Option<(u64, JobId)>,
     ) -> Box<dyn Iterator<Item = Job> + 'a> {
+        // Those not stored yet, then those stored (a job in both is taken once).
+        let mut waiting: Vec<Job> = self
+            .overlay()
+            .values()
+            .map(|(job, _)| job)
+            .filter(|j| j.spec.queue == queue && j.status == status && j.listed_in_queue())
+            .filter(|j| {
+                after
+                    .as_ref()
+                    .is_none_or(|(s, id)| (j.seq, &j.id) > (*s, id))
+            })
+            .map(|j| (**j).clone())
+            .collect();
+        waiting.sort_by(|a, b| (a.seq, &a.id).cmp(&(b.seq, &b.id)));
+        let overlaid: std::collections::BTreeSet<JobId> =
+            waiting.iter().map(|j| j.id.clone()).collect();
         let prefix = listing_prefix(queue, status);
         let id_at = prefix.len() + 8;
         let after = after.map(|(seq, id)| {
@@ -398,24 +522,45 @@ impl JobArchive for EndedJobs {
             key.extend_from_slice(id.as_str().as_bytes());
             key
         });
-        Box::new(
-            self.store
-                .listing(prefix, after)
-                .filter_map(|key| {
-                    key.inspect_err(|e| tracing::error!(error = %e, "archive listing unreadable"))
-                        .ok()
-                })
-                .filter_map(move |key| {
-                    let id = std::str::from_utf8(key.get(id_at..)?).ok()?;
-                    self.read_logged(&JobId::from(id))
-                }),
-        )
+        let stored = self
+            .store
+            .listing(prefix, after)
+            .filter_map(|key| {
+                key.inspect_err(|e| tracing::error!(error = %e, "archive listing unreadable"))
+                    .ok()
+            })
+            .filter_map(move |key| {
+                let id = JobId::from(std::str::from_utf8(key.get(id_at..)?).ok()?);
+                if overlaid.contains(&id) {
+                    return None;
+                }
+                read_stored(&self.store, &id)
+                    .inspect_err(
+                        |e| tracing::error!(job = %id, error = %e, "archived job unreadable"),
+                    )
+                    .ok()
+                    .flatten()
+                    .map(|(job, _)| job)
+            });
+        Box::new(muster_core::merge_by_seq(stored, waiting.into_iter()))
     }
 
     fn family(&self, parent: &JobId) -> Vec<Job> {
         let Some(root) = self.read_logged(parent) else {
             return Vec::new();
         };
+        // A family goes to the overlay together and leaves it together, once stored.
+        let (array, nodes) = (format!("{parent}:"), format!("{parent}#"));
+        let waiting: Vec<Job> = self
+            .overlay()
+            .range(JobId::from(nodes.as_str())..)
+            .take_while(|(id, _)| id.as_str() < format!("{parent};").as_str())
+            .filter(|(id, _)| id.as_str().starts_with(&array) || id.as_str().starts_with(&nodes))
+            .map(|(_, (job, _))| (**job).clone())
+            .collect();
+        if !waiting.is_empty() {
+            return waiting;
+        }
         let mut members = Vec::new();
         for separator in [':', '#'] {
             let prefix = format!("{parent}{separator}");

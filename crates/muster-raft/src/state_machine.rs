@@ -371,12 +371,13 @@ impl<S: SnapshotStore<TypeConfig> + Clone> RaftStateMachine<TypeConfig> for Stat
                 outcomes.push(outcome);
             }
             // Under the write lock: a reader never sees a job gone from memory and not yet in
-            // the archive.
+            // the archive (its overlay holds it until the writer has stored it).
             let changes = applied.state.take_archive_changes();
             if !changes.is_empty() {
-                self.archive
-                    .write(changes, &applied.state)
-                    .map_err(|e| StorageIOError::write_state_machine(&e))?;
+                self.archive.write(changes, &applied.state);
+            }
+            if let Some(e) = self.archive.failure() {
+                return Err(StorageIOError::write_state_machine(&std::io::Error::other(e)).into());
             }
             applied.last_applied.map_or(0, |l| l.index)
         };
