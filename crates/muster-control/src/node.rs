@@ -108,7 +108,9 @@ impl ControlNode {
         let log = SledLogStore::new(&db).map_err(storage_err)?;
         let snapshots = SledSnapshotStore::new(&db).map_err(storage_err)?;
         let archive = muster_raft::EndedJobs::new(
-            muster_store::ArchiveStore::on_disk(&db).map_err(storage_err)?,
+            muster_store::ArchiveStore::open(&config.data_dir.join("archive"))
+                .await
+                .map_err(storage_err)?,
         );
         let state_machine =
             StateMachine::open(snapshots, archive).map_err(|e| StartError::Raft(e.to_string()))?;

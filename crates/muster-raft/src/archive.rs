@@ -364,15 +364,44 @@ struct Worker {
 
 impl Worker {
     fn run(self, work: mpsc::Receiver<Work>) {
-        for item in work {
-            let done = match item {
-                Work::Store(jobs) => self.store_now(&jobs),
-                Work::Forget(ids) => self.forget(&ids),
-                Work::Barrier(answer) => {
-                    let _ = answer.send(());
-                    Ok(())
+        // Behind Raft's threads and the API's when the CPU is short: what waits for the writer
+        // stays readable in the overlay, while a heartbeat that waits costs the leader its
+        // lease (with the writer at the same priority, a burst of ended jobs on a loaded
+        // 2-core machine timed AppendEntries out by the hundred).
+        lower_this_threads_priority();
+        while let Ok(first) = work.recv() {
+            // What queued meanwhile goes into the same batches, up to a barrier or a purge.
+            let mut items = vec![first];
+            while matches!(items.last(), Some(Work::Store(_))) {
+                match work.try_recv() {
+                    Ok(next) => items.push(next),
+                    Err(_) => break,
                 }
+            }
+            let mut stored = Vec::new();
+            let mut rest = Vec::new();
+            for item in items {
+                match item {
+                    Work::Store(jobs) if rest.is_empty() => stored.extend(jobs),
+                    other => rest.push(other),
+                }
+            }
+            let mut done = if stored.is_empty() {
+                Ok(())
+            } else {
+                self.store_now(&stored)
             };
+            for item in rest {
+                let result = match item {
+                    Work::Store(jobs) => self.store_now(&jobs),
+                    Work::Forget(ids) => self.forget(&ids),
+                    Work::Barrier(answer) => {
+                        let _ = answer.send(());
+                        Ok(())
+                    }
+                };
+                done = done.and(result);
+            }
             if let Err(e) = done {
                 tracing::error!(error = %e, "archive write failed");
                 let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
@@ -443,6 +472,16 @@ impl Worker {
             self.store.write(Vec::new(), deletes)?;
         }
         Ok(())
+    }
+}
+
+/// Nice 10 for the calling thread (Linux schedules threads one by one); elsewhere nothing.
+fn lower_this_threads_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: gettid and setpriority take no pointers; they change only this thread's nice.
+    unsafe {
+        let thread = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, thread as libc::id_t, 10);
     }
 }
 

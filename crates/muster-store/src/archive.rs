@@ -59,8 +59,33 @@ fn sled_err(e: sled::Error) -> io::Error {
 }
 
 impl ArchiveStore {
-    /// The archive in the node's database (trees `ended_jobs`, `ended_listing` and
-    /// `ended_streams`).
+    /// The archive in a database of its own in `dir`, so that writing it never makes the Raft
+    /// log's flushes (one before every append is acknowledged) carry its pages: the log's
+    /// database is flushed only when asked, this one every second and before a snapshot.
+    pub async fn open(dir: &std::path::Path) -> io::Result<Self> {
+        let open = || {
+            sled::Config::new()
+                .path(dir)
+                .cache_capacity(32 * 1024 * 1024)
+                .flush_every_ms(Some(1000))
+                .open()
+                .map_err(sled_err)
+        };
+        // A database reopened in the same process (a node restarted in place) may find the
+        // previous instance letting go of its lock for a moment.
+        let mut tries = 0;
+        let db = loop {
+            match open() {
+                Ok(db) => break db,
+                Err(e) if tries >= 50 => return Err(e),
+                Err(_) => tries += 1,
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        };
+        Self::on_disk(&db)
+    }
+
+    /// The archive in trees `ended_jobs`, `ended_listing` and `ended_streams` of `db`.
     pub fn on_disk(db: &sled::Db) -> io::Result<Self> {
         Ok(Self(Trees::Sled {
             records: db.open_tree("ended_jobs").map_err(sled_err)?,

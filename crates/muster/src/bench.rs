@@ -302,7 +302,7 @@ impl Bench {
             let deadline = Instant::now() + Duration::from_secs(10);
             loop {
                 let times = self.leader_state(|s| {
-                    s.job(&muster_core::JobId::from(id.clone()))
+                    s.find_job(&muster_core::JobId::from(id.clone()))
                         .and_then(|j| Some((j.created_at.0, j.started_at?.0)))
                 });
                 if let Some(Some((created, started))) = times {
@@ -337,7 +337,7 @@ impl Bench {
             let started = Instant::now();
             let id = muster_core::JobId::from(self.submit_gang("bench", nodes).await?);
             let deadline = started + Duration::from_secs(60);
-            let status = |s: &State| s.job(&id).map(|j| j.status);
+            let status = |s: &State| s.find_job(&id).map(|j| j.status);
             // Placed once it has left the line (STARTING: every node holds its worker).
             let waiting = |s: Option<muster_core::JobStatus>| {
                 s.is_none_or(|s| s < muster_core::JobStatus::Starting)
@@ -379,7 +379,7 @@ impl Bench {
         for id in gangs {
             let id = muster_core::JobId::from(id);
             while !self
-                .leader_state(|s| s.job(&id).is_some_and(|j| j.status.is_terminal()))
+                .leader_state(|s| s.find_job(&id).is_some_and(|j| j.status.is_terminal()))
                 .unwrap_or(false)
             {
                 anyhow::ensure!(Instant::now() < deadline, "gang {id} never ended");
@@ -414,7 +414,7 @@ impl Bench {
             gangs
                 .iter()
                 .filter(|id| {
-                    s.job(&muster_core::JobId::from(id.as_str()))
+                    s.find_job(&muster_core::JobId::from(id.as_str()))
                         .is_some_and(|j| j.status >= muster_core::JobStatus::Starting)
                 })
                 .count()
@@ -642,8 +642,12 @@ impl Bench {
             arrays.push((self.submit("bench", size).await?, size));
             submitted += size;
         }
-        // Each array's parent ends too.
+        // Each array's parent ends too. Resident memory is read again halfway: what the
+        // second half adds is what ended jobs cost, apart from what the first half's peak
+        // (100,000 jobs waiting, caches filling) left the allocator and sled holding.
         let want = start + submitted + arrays.len() as u64;
+        let halfway = start + (want - start) / 2;
+        let mut at_half: Option<(u64, u64)> = None;
         let deadline = Instant::now() + Duration::from_secs(4 * 3600);
         while self
             .cluster
@@ -651,6 +655,17 @@ impl Bench {
             .any(|n| ended(&n.raft.state.read().state) < want)
         {
             anyhow::ensure!(Instant::now() < deadline, "jobs did not all end");
+            if at_half.is_none() {
+                let least = self
+                    .cluster
+                    .running()
+                    .map(|n| ended(&n.raft.state.read().state))
+                    .min()
+                    .unwrap_or(0);
+                if least >= halfway {
+                    at_half = Some((least, resident_kib()));
+                }
+            }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
         let took = started.elapsed();
@@ -679,6 +694,19 @@ impl Bench {
                 after / 1024
             ),
         );
+        if let Some((half, half_kib)) = at_half {
+            let marginal = after.saturating_sub(half_kib) as f64 * 1024.0
+                / (want - half) as f64
+                / args.control_nodes as f64;
+            row(
+                "resident memory per ended job per control node, second half only",
+                &format!(
+                    "{marginal:.0} B (process RSS {} → {} MiB)",
+                    half_kib / 1024,
+                    after / 1024
+                ),
+            );
+        }
         row(
             "data directories on disk (log, snapshots, archive), all control nodes",
             &format!("{} MiB", dir_bytes(data_dir) / (1024 * 1024)),
@@ -916,7 +944,7 @@ impl Bench {
             let accepted = stopped.elapsed();
             // Committed: the survivor has applied the job's placement (and maybe its end).
             let waiting = |s: &State| {
-                s.job(&job).is_none_or(|j| {
+                s.find_job(&job).is_none_or(|j| {
                     use muster_core::JobStatus::*;
                     matches!(j.status, Submitted | Pending | Runnable)
                 })

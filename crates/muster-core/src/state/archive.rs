@@ -610,19 +610,20 @@ impl super::State {
     /// Moves out of memory every family that ended in this apply, once every member has
     /// ended, holds no attempt and nothing waits on it.
     pub(super) fn archive_ended(&mut self) {
-        for id in std::mem::take(&mut self.ended_in_apply) {
-            let Some(job) = self.jobs.get(&id) else {
-                continue;
-            };
-            let root = job
-                .array_parent()
-                .or_else(|| job.gang_node().map(|(parent, _, _)| parent))
-                .unwrap_or(id);
-            let members: Vec<JobId> = self
-                .array_children(&root)
-                .chain(self.gang_nodes(&root))
-                .map(|j| j.id.clone())
-                .collect();
+        // Each family once, and its members walked only once its root has ended: an array's
+        // children end one by one long before their parent.
+        let roots: std::collections::BTreeSet<JobId> = std::mem::take(&mut self.ended_in_apply)
+            .into_iter()
+            .filter_map(|id| {
+                let job = self.jobs.get(&id)?;
+                Some(
+                    job.array_parent()
+                        .or_else(|| job.gang_node().map(|(parent, _, _)| parent))
+                        .unwrap_or(id),
+                )
+            })
+            .collect();
+        for root in roots {
             let done = |id: &JobId| {
                 self.jobs.get(id).is_some_and(|j| {
                     j.status.is_terminal()
@@ -630,7 +631,15 @@ impl super::State {
                         && !self.dependents.contains_key(id)
                 })
             };
-            if !done(&root) || !members.iter().all(done) {
+            if !done(&root) {
+                continue;
+            }
+            let members: Vec<JobId> = self
+                .array_children(&root)
+                .chain(self.gang_nodes(&root))
+                .map(|j| j.id.clone())
+                .collect();
+            if !members.iter().all(done) {
                 continue;
             }
             for id in std::iter::once(root).chain(members) {
