@@ -85,14 +85,7 @@ async fn a_follower_behind_a_purged_log_catches_up_from_a_snapshot_and_keeps_it(
     const SUBMITS: usize = 160;
     submit_padded(&client, SUBMITS).await;
 
-    let raft = t.cluster.node(leader).unwrap().raft.raft.clone();
-    raft.trigger().snapshot().await.unwrap();
-    let snapshot = wait_for_metric(&raft, |m| m.snapshot.map(|s| s.index)).await;
-    raft.trigger().purge_log(snapshot).await.unwrap();
-    wait_for_metric(&raft, |m| {
-        m.purged.filter(|p| p.index >= snapshot).map(|p| p.index)
-    })
-    .await;
+    let snapshot = snapshot_and_purge_log(&t, leader).await;
 
     t.cluster.restart_node(follower).await.expect("restarts");
     let node = t.cluster.node(follower).expect("running");
@@ -215,14 +208,7 @@ async fn ended_jobs_leave_memory_and_travel_with_snapshots() {
 
     // The follower was down: the leader folds the log into a snapshot and drops it, so the
     // follower catches up from the snapshot, archive and all.
-    let raft = t.cluster.node(leader).unwrap().raft.raft.clone();
-    raft.trigger().snapshot().await.unwrap();
-    let snapshot = wait_for_metric(&raft, |m| m.snapshot.map(|s| s.index)).await;
-    raft.trigger().purge_log(snapshot).await.unwrap();
-    wait_for_metric(&raft, |m| {
-        m.purged.filter(|p| p.index >= snapshot).map(|p| p.index)
-    })
-    .await;
+    let snapshot = snapshot_and_purge_log(&t, leader).await;
     t.cluster.restart_node(follower).await.expect("restarts");
     let node = t.cluster.node(follower).expect("running");
     wait_for_metric(&node.raft.raft, |m| {
@@ -251,6 +237,20 @@ async fn ended_jobs_leave_memory_and_travel_with_snapshots() {
         );
     }
     t.shutdown().await;
+}
+
+/// Has `leader` fold its log into a snapshot and drop the log up to it; returns the
+/// snapshot's index.
+async fn snapshot_and_purge_log(t: &TestCluster, leader: u64) -> u64 {
+    let raft = t.cluster.node(leader).unwrap().raft.raft.clone();
+    raft.trigger().snapshot().await.unwrap();
+    let snapshot = wait_for_metric(&raft, |m| m.snapshot.map(|s| s.index)).await;
+    raft.trigger().purge_log(snapshot).await.unwrap();
+    wait_for_metric(&raft, |m| {
+        m.purged.filter(|p| p.index >= snapshot).map(|p| p.index)
+    })
+    .await;
+    snapshot
 }
 
 /// `count` concurrent submits to queue `q` of definition `d`, each carrying 24 KiB of

@@ -538,19 +538,12 @@ impl JobArchive for EndedJobs {
         after: Option<(u64, JobId)>,
     ) -> Box<dyn Iterator<Item = Job> + 'a> {
         // Those not stored yet, then those stored (a job in both is taken once).
-        let mut waiting: Vec<Job> = self
-            .overlay()
-            .values()
-            .map(|(job, _)| job)
-            .filter(|j| j.spec.queue == queue && j.status == status && j.listed_in_queue())
-            .filter(|j| {
-                after
-                    .as_ref()
-                    .is_none_or(|(s, id)| (j.seq, &j.id) > (*s, id))
-            })
-            .map(|j| (**j).clone())
-            .collect();
-        waiting.sort_by(|a, b| (a.seq, &a.id).cmp(&(b.seq, &b.id)));
+        let waiting = muster_core::listed_in_order(
+            self.overlay().values().map(|(job, _)| &**job),
+            queue,
+            status,
+            &after,
+        );
         let overlaid: std::collections::BTreeSet<JobId> =
             waiting.iter().map(|j| j.id.clone()).collect();
         let prefix = listing_prefix(queue, status);

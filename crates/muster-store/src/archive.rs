@@ -175,18 +175,8 @@ impl ArchiveStore {
         limit: usize,
     ) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
         match &self.0 {
-            Trees::Sled { streams, .. } => streams
-                .scan_prefix(prefix)
-                .take(limit)
-                .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(sled_err))
-                .collect(),
-            Trees::Mem(trees) => Ok(Self::mem(trees)
-                .streams
-                .range(prefix.to_vec()..)
-                .take_while(|(k, _)| k.starts_with(prefix))
-                .take(limit)
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect()),
+            Trees::Sled { streams, .. } => sled_prefixed(streams, prefix, limit),
+            Trees::Mem(trees) => Ok(mem_prefixed(&Self::mem(trees).streams, prefix, limit)),
         }
     }
 
@@ -231,16 +221,8 @@ impl ArchiveStore {
     /// Every record whose key starts with `prefix`, in key order.
     pub fn with_prefix(&self, prefix: &[u8]) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
         match &self.0 {
-            Trees::Sled { records, .. } => records
-                .scan_prefix(prefix)
-                .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(sled_err))
-                .collect(),
-            Trees::Mem(trees) => Ok(Self::mem(trees)
-                .records
-                .range(prefix.to_vec()..)
-                .take_while(|(k, _)| k.starts_with(prefix))
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect()),
+            Trees::Sled { records, .. } => sled_prefixed(records, prefix, usize::MAX),
+            Trees::Mem(trees) => Ok(mem_prefixed(&Self::mem(trees).records, prefix, usize::MAX)),
         }
     }
 
@@ -302,6 +284,27 @@ impl ArchiveStore {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// Up to `limit` entries of `tree` whose key starts with `prefix`, in key order.
+fn sled_prefixed(tree: &Tree, prefix: &[u8], limit: usize) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    tree.scan_prefix(prefix)
+        .take(limit)
+        .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(sled_err))
+        .collect()
+}
+
+/// The same of an in-memory tree.
+fn mem_prefixed(
+    tree: &BTreeMap<Vec<u8>, Vec<u8>>,
+    prefix: &[u8],
+    limit: usize,
+) -> Vec<(Vec<u8>, Vec<u8>)> {
+    tree.range(prefix.to_vec()..)
+        .take_while(|(k, _)| k.starts_with(prefix))
+        .take(limit)
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
 }
 
 #[cfg(test)]

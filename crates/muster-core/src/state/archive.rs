@@ -130,18 +130,7 @@ impl ArchiveLink {
         status: JobStatus,
         after: Option<(u64, JobId)>,
     ) -> Box<dyn Iterator<Item = Job> + 'a> {
-        let mut pending: Vec<Job> = self
-            .moved
-            .iter()
-            .filter(|j| j.spec.queue == queue && j.status == status && j.listed_in_queue())
-            .filter(|j| {
-                after
-                    .as_ref()
-                    .is_none_or(|(s, id)| (j.seq, &j.id) > (*s, id))
-            })
-            .map(|j| (**j).clone())
-            .collect();
-        pending.sort_by(|a, b| (a.seq, &a.id).cmp(&(b.seq, &b.id)));
+        let pending = listed_in_order(self.moved.iter().map(|j| &**j), queue, status, &after);
         match &self.store {
             Some(store) => Box::new(merge_by_seq(
                 store.in_queue(queue, status, after),
@@ -168,6 +157,27 @@ impl ArchiveLink {
         pending.sort_by_key(Job::family_index);
         pending
     }
+}
+
+/// The jobs of `jobs` that ListJobs lists for `queue` and `status` after `(seq, id)`, in
+/// submit order.
+pub fn listed_in_order<'a>(
+    jobs: impl Iterator<Item = &'a Job>,
+    queue: &str,
+    status: JobStatus,
+    after: &Option<(u64, JobId)>,
+) -> Vec<Job> {
+    let mut listed: Vec<Job> = jobs
+        .filter(|j| j.spec.queue == queue && j.status == status && j.listed_in_queue())
+        .filter(|j| {
+            after
+                .as_ref()
+                .is_none_or(|(s, id)| (j.seq, &j.id) > (*s, id))
+        })
+        .cloned()
+        .collect();
+    listed.sort_by(|a, b| (a.seq, &a.id).cmp(&(b.seq, &b.id)));
+    listed
 }
 
 /// Two iterators of jobs in submit order, merged into one in submit order.

@@ -24,7 +24,9 @@ mod lifecycle;
 mod resources;
 mod runnable;
 
-pub use archive::{ArchiveChanges, ArchivedStream, EndedEntry, JobArchive, merge_by_seq};
+pub use archive::{
+    ArchiveChanges, ArchivedStream, EndedEntry, JobArchive, listed_in_order, merge_by_seq,
+};
 use attempts::track_share;
 pub use gang::MAIN_NODE_EXITED;
 
