@@ -31,6 +31,9 @@ use std::sync::{Arc, Mutex, RwLock, mpsc};
 /// The record format this release writes and reads.
 const RECORD_FORMAT: u8 = 1;
 
+/// How many jobs the writer lets out of the overlay per hold of its lock.
+const OVERLAY_CHUNK: usize = 256;
+
 #[derive(Serialize)]
 struct RecordOf<'a> {
     spec: Option<&'a JobSpec>,
@@ -429,14 +432,20 @@ impl Worker {
             });
         }
         self.store.write(puts, Vec::new())?;
-        let mut overlay = self.overlay.write().unwrap_or_else(|p| p.into_inner());
-        for (job, _) in jobs {
-            // Unless the same job was moved out again since (a node replaying its log).
-            if overlay
-                .get(&job.id)
-                .is_some_and(|(o, _)| Arc::ptr_eq(o, job))
-            {
-                overlay.remove(&job.id);
+        // A few hundred at a time: an apply waits for this lock under the state's write lock,
+        // and this thread runs at a lower priority, so while it holds the lock for ten thousand
+        // removals and is preempted, the whole node waits on it (a priority inversion that
+        // timed out AppendEntries by the hundred in the bench).
+        for chunk in jobs.chunks(OVERLAY_CHUNK) {
+            let mut overlay = self.overlay.write().unwrap_or_else(|p| p.into_inner());
+            for (job, _) in chunk {
+                // Unless the same job was moved out again since (a node replaying its log).
+                if overlay
+                    .get(&job.id)
+                    .is_some_and(|(o, _)| Arc::ptr_eq(o, job))
+                {
+                    overlay.remove(&job.id);
+                }
             }
         }
         Ok(())
@@ -444,11 +453,12 @@ impl Worker {
 
     /// Removes purged records and the keys that point at them.
     fn forget(&self, ids: &[JobId]) -> io::Result<()> {
-        let gone: std::collections::BTreeSet<&JobId> = ids.iter().collect();
-        self.overlay
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|id, _| !gone.contains(id));
+        for chunk in ids.chunks(OVERLAY_CHUNK) {
+            let mut overlay = self.overlay.write().unwrap_or_else(|p| p.into_inner());
+            for id in chunk {
+                overlay.remove(id);
+            }
+        }
         for chunk in ids.chunks(10_000) {
             let mut deletes = Vec::with_capacity(chunk.len());
             for id in chunk {
