@@ -37,8 +37,10 @@ pub fn init_tracing() {
 }
 
 impl TestCluster {
+    /// A cluster whose ended jobs move to the archive as soon as the leader looks (within a
+    /// second), so that what tests read of ended jobs is read from the archive as well.
     pub async fn start(size: u64) -> TestCluster {
-        Self::start_tuned(size, muster_control::Tuning::default()).await
+        Self::start_with_limits(size, Default::default()).await
     }
 
     pub async fn start_with_limits(size: u64, limits: muster_api::Limits) -> TestCluster {
@@ -46,6 +48,7 @@ impl TestCluster {
             size,
             muster_control::Tuning {
                 limits,
+                history: archive_at_once(),
                 ..Default::default()
             },
         )
@@ -316,6 +319,14 @@ pub async fn wait_until_replica_holds(
             node.raft.id
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Ended jobs leave memory as soon as the leader looks; retention as by default.
+pub fn archive_at_once() -> muster_control::JobHistory {
+    muster_control::JobHistory {
+        in_memory: Duration::ZERO,
+        ..Default::default()
     }
 }
 

@@ -162,7 +162,11 @@ impl PartitionedCluster {
                 .collect(),
             root_credentials_dir: None,
             node_lost_after,
-            job_retention: Duration::from_secs(86_400),
+            // Ended jobs move to the archive as soon as the leader looks, under the faults too.
+            history: muster_control::JobHistory {
+                in_memory: Duration::ZERO,
+                retention: Duration::from_secs(86_400),
+            },
             limits: Default::default(),
             scope: Default::default(),
             // What is tested here is timing under partitions, which TLS does not change.

@@ -35,6 +35,9 @@ pub struct RawServerConfig {
     /// Days a job is kept after it ended.
     #[serde(default = "default_retention_days")]
     pub job_retention_days: u64,
+    /// Seconds an ended job stays in memory before it moves to the archive on disk.
+    #[serde(default = "default_ended_jobs_in_memory_secs")]
+    pub ended_jobs_in_memory_secs: u64,
     /// Most `dependsOn` entries one SubmitJob may carry (AWS allows 20).
     #[serde(default = "default_max_depends_on")]
     pub max_depends_on: usize,
@@ -118,6 +121,10 @@ fn default_retention_days() -> u64 {
     DEFAULT_JOB_RETENTION_DAYS
 }
 
+fn default_ended_jobs_in_memory_secs() -> u64 {
+    crate::housekeeping::DEFAULT_ENDED_JOBS_IN_MEMORY.as_secs()
+}
+
 fn default_cluster_name() -> String {
     "muster".to_owned()
 }
@@ -140,8 +147,8 @@ pub struct ServerConfig {
     pub root_credentials_dir: Option<PathBuf>,
     /// How long an agent may stay silent before its node is marked lost.
     pub node_lost_after: std::time::Duration,
-    /// How long a job is kept after it ended before it is purged.
-    pub job_retention: std::time::Duration,
+    /// How long an ended job stays in memory, then on disk before it is purged.
+    pub history: crate::JobHistory,
     /// API limits. Not read from config files: only tests lower the AWS minimums.
     pub limits: muster_api::Limits,
     /// The region and account a cluster this node founds names in its ARNs.
@@ -333,7 +340,10 @@ impl RawServerConfig {
                 .map_err(|e| invalid("api_tls", e.to_string()))?,
             ca,
             node_lost_after: std::time::Duration::from_secs(self.node_lost_after_secs),
-            job_retention: std::time::Duration::from_secs(self.job_retention_days * 86_400),
+            history: crate::JobHistory {
+                in_memory: std::time::Duration::from_secs(self.ended_jobs_in_memory_secs),
+                retention: std::time::Duration::from_secs(self.job_retention_days * 86_400),
+            },
             limits: muster_api::Limits {
                 max_depends_on: self.max_depends_on,
                 ..Default::default()

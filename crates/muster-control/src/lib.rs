@@ -25,6 +25,7 @@ pub use config::{
     DEFAULT_NODE_LOST_AFTER, FoundingJoinToken, PeerConfig, RawServerConfig, ServerConfig,
 };
 pub use gateway::AgentGateway;
+pub use housekeeping::{DEFAULT_ENDED_JOBS_IN_MEMORY, JobHistory};
 pub use liveness::Heartbeats;
 pub use local_cluster::{ClusterError, LocalCluster, Tuning};
 pub use muster_raft::RaftNode;

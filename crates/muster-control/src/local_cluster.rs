@@ -23,6 +23,8 @@ pub struct Tuning {
     /// How long the nodes' first certificates are valid (tests shorten it to see them
     /// renewed).
     pub node_cert_validity: Duration,
+    /// How long ended jobs stay in memory, then on disk (tests and the bench archive at once).
+    pub history: crate::JobHistory,
 }
 
 impl Default for Tuning {
@@ -33,6 +35,7 @@ impl Default for Tuning {
             scope: Default::default(),
             tls: true,
             node_cert_validity: LOCAL_CERT_VALIDITY,
+            history: crate::JobHistory::default(),
         }
     }
 }
@@ -61,6 +64,7 @@ pub struct LocalCluster {
     limits: muster_api::Limits,
     /// Heartbeat silence after which the leader marks an agent lost.
     node_lost_after: std::time::Duration,
+    history: crate::JobHistory,
     scope: muster_core::ArnScope,
     /// `None`: plaintext internal ports.
     pki: Option<LocalPki>,
@@ -156,6 +160,7 @@ impl LocalCluster {
             scope,
             tls,
             node_cert_validity,
+            history,
         } = tuning;
         let pki = if tls {
             Some(LocalPki::make(
@@ -186,6 +191,7 @@ impl LocalCluster {
             api_addrs: api.iter().map(|(id, l)| (*id, addr(l))).collect(),
             limits,
             node_lost_after,
+            history,
             scope,
             pki,
         };
@@ -230,9 +236,7 @@ impl LocalCluster {
                 })
                 .collect(),
             root_credentials_dir: None,
-            job_retention: std::time::Duration::from_secs(
-                crate::config::DEFAULT_JOB_RETENTION_DAYS * 86_400,
-            ),
+            history: self.history,
             node_lost_after: self.node_lost_after,
             limits: self.limits,
             scope: self.scope.clone(),

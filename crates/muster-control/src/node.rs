@@ -309,7 +309,7 @@ impl ControlNode {
             &node,
             &heartbeats,
             config.node_lost_after,
-            config.job_retention,
+            config.history,
             shutdown_rx.clone(),
         ));
 
@@ -571,12 +571,12 @@ fn free_bytes(dir: &std::path::Path) -> std::io::Result<u64> {
 
 /// The loops every control node runs beside its servers, each until `shutdown`: the scheduler
 /// and its plan applier, agent liveness and job housekeeping (which act only while this node
-/// leads), and the Raft gauges. `node_lost_after` and `job_retention` as in [`ServerConfig`].
+/// leads), and the Raft gauges. `node_lost_after` and `history` as in [`ServerConfig`].
 pub fn spawn_loops(
     node: &RaftNode,
     heartbeats: &crate::Heartbeats,
     node_lost_after: Duration,
-    job_retention: Duration,
+    history: crate::JobHistory,
     shutdown: watch::Receiver<bool>,
 ) -> Vec<JoinHandle<()>> {
     vec![
@@ -596,11 +596,7 @@ pub fn spawn_loops(
             node.clone(),
             shutdown.clone(),
         )),
-        tokio::spawn(crate::housekeeping::run(
-            node.clone(),
-            job_retention,
-            shutdown,
-        )),
+        tokio::spawn(crate::housekeeping::run(node.clone(), history, shutdown)),
     ]
 }
 

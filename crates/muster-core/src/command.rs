@@ -90,6 +90,12 @@ pub enum Command {
     PurgeJobs {
         before: Timestamp,
     },
+    /// Move job families that ended before `before` out of memory into the archive, oldest
+    /// first, starting no new family once `max_jobs` jobs have moved (a family moves whole).
+    ArchiveEnded {
+        before: Timestamp,
+        max_jobs: u32,
+    },
     /// Changes to compute environments, queues, definitions, policies and tags after creation,
     /// and cancelling jobs.
     Admin(AdminCommand),
@@ -316,6 +322,11 @@ pub enum Outcome {
     },
     Purged {
         jobs: usize,
+    },
+    /// `jobs` moved to the archive; `more`: others were due but past the command's limit.
+    Archived {
+        jobs: usize,
+        more: bool,
     },
     /// The command had no effect (a stale report, a repeated terminate).
     Ignored(String),

@@ -459,6 +459,12 @@ proptest! {
             let restored_status = restored.job(&id).map(|j| j.status).or_else(|| restored.ended_job(&id).map(|e| e.status()));
             prop_assert_eq!(restored_status, Some(job.status));
         }
+        // Every job ended, by whichever path: all leave memory, the same ones on a replica
+        // restored from a snapshot.
+        let mut restored = restored;
+        let moved = archive_all(&mut s);
+        prop_assert_eq!(s.job_count(), 0);
+        prop_assert_eq!(archive_all(&mut restored), moved);
     }
 }
 
@@ -656,10 +662,22 @@ fn submits_batched_in_one_entry_are_applied_in_order_each_with_its_own_outcome()
     assert!(seqs[0] < seqs[1], "submit order is batch order");
 }
 
-/// An ended job leaves memory at the end of the apply that ended it (an array with its
-/// children, once all have ended). Later submits that name it are decided from what the state
-/// remembers of it, the same on every replica and after a snapshot; reads find it in the
-/// archive; retention forgets it there too.
+/// Moves every ended family out of memory, as the leader's `ArchiveEnded` does once they are
+/// old enough.
+fn archive_all(s: &mut State) -> usize {
+    match s.apply(Command::ArchiveEnded {
+        before: Timestamp(u64::MAX),
+        max_jobs: u32::MAX,
+    }) {
+        Outcome::Archived { jobs, more: false } => jobs,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// An ended job stays in memory until `ArchiveEnded` names a cutoff after its end; then it
+/// leaves (an array with its children, once all have ended). Later submits that name it are
+/// decided from what the state remembers of it, the same on every replica and after a
+/// snapshot; reads find it in the archive; retention forgets it there too.
 #[test]
 fn ended_jobs_leave_memory_and_what_names_them_later_still_sees_them() {
     let mut s = setup(4);
@@ -667,6 +685,30 @@ fn ended_jobs_leave_memory_and_what_names_them_later_still_sees_them() {
     s.apply(submission("bad", vec![], None, None));
     s.apply(submission("arr", vec![], Some(2), None));
     run_until_idle(&mut s, |id, _| i32::from(id.as_str() == "bad"));
+    assert!(s.job(&JobId::from("good")).is_some(), "left memory unasked");
+    let ended_at = s.job(&JobId::from("good")).unwrap().stopped_at.unwrap();
+    assert!(!s.has_archivable_before(ended_at));
+    assert!(matches!(
+        s.apply(Command::ArchiveEnded {
+            before: ended_at,
+            max_jobs: 100
+        }),
+        Outcome::Archived {
+            jobs: 0,
+            more: false
+        }
+    ));
+    assert!(s.has_archivable_before(Timestamp(u64::MAX)));
+    // A limit of one job still moves a whole family, and says that more were due.
+    assert!(matches!(
+        s.apply(Command::ArchiveEnded {
+            before: Timestamp(u64::MAX),
+            max_jobs: 1
+        }),
+        Outcome::Archived { more: true, .. }
+    ));
+    archive_all(&mut s);
+    assert!(!s.has_archivable_before(Timestamp(u64::MAX)));
     for id in ["good", "bad", "arr", "arr:0", "arr:1"] {
         let id = JobId::from(id);
         assert!(s.job(&id).is_none(), "{id} is still in memory");
@@ -750,7 +792,9 @@ fn ended_jobs_leave_memory_and_what_names_them_later_still_sees_them() {
     restored.apply(submission("later", vec![after("bad")], None, None));
     assert_eq!(status(&restored, "later"), JobStatus::Failed);
 
-    // Moved out roots first; forgotten by retention with every child.
+    // Moved out roots first (a job that failed as it was submitted too); forgotten by
+    // retention with every child.
+    assert_eq!(archive_all(&mut s), 1);
     let moved: Vec<String> = s
         .take_archive_changes()
         .moved
@@ -784,17 +828,19 @@ fn ended_jobs_leave_memory_and_what_names_them_later_still_sees_them() {
 }
 
 /// A state written by the release before (format 1) holds its ended jobs in the job table:
-/// read unchanged, they stay there, answer as before, and retention forgets them.
+/// read unchanged, they stay there and answer as before until `ArchiveEnded` moves them (or
+/// retention forgets them).
 #[test]
-fn ended_jobs_of_the_format_before_stay_in_memory_until_retention() {
+fn ended_jobs_of_the_format_before_stay_in_memory_until_archived() {
     let mut s = setup(1);
     s.apply(submission("old", vec![], None, None));
     run_until_idle(&mut s, |_, _| 0);
+    archive_all(&mut s);
     let moved = s.take_archive_changes().moved;
     let mut image = serde_json::to_value(&s).unwrap();
     image["ended"] = serde_json::json!([]);
     image["jobs"] = serde_json::json!([[&*moved[0].spec, &*moved[0]]]);
-    let mut old: State = serde_json::from_value(image).unwrap();
+    let mut old: State = serde_json::from_value(image.clone()).unwrap();
     old.rebuild_indexes();
     let id = JobId::from("old");
     assert_eq!(old.job(&id).unwrap().status, JobStatus::Succeeded);
@@ -808,6 +854,15 @@ fn ended_jobs_of_the_format_before_stay_in_memory_until_retention() {
     };
     assert_eq!(jobs, 1);
     assert!(!old.job_exists(&id));
+
+    let mut old: State = serde_json::from_value(image).unwrap();
+    old.rebuild_indexes();
+    assert_eq!(archive_all(&mut old), 1);
+    assert!(old.job(&id).is_none());
+    assert_eq!(
+        old.ended_job(&id).map(|e| e.status()),
+        Some(JobStatus::Succeeded)
+    );
 }
 
 /// An array ended by a terminate while some children had succeeded counts each child by its
@@ -848,6 +903,7 @@ fn an_archived_array_counts_its_children_and_ended_jobs_keep_their_tags() {
         reason: "stop".into(),
         at: Timestamp(4),
     });
+    archive_all(&mut s);
     let parent = s.find_job(&JobId::from("arr")).unwrap().into_owned();
     assert!(
         s.job(&parent.id).is_none(),

@@ -73,6 +73,10 @@ pub struct BenchArgs {
     /// the latency of DescribeJobs and ListJobs served from the archive.
     #[arg(long, default_value_t = 0)]
     pub ended_jobs: u64,
+    /// Seconds an ended job stays in memory before the leader moves it to the archive (the
+    /// server setting `ended_jobs_in_memory_secs`; 0: as soon as the leader looks).
+    #[arg(long, default_value_t = muster_control::DEFAULT_ENDED_JOBS_IN_MEMORY.as_secs())]
+    pub ended_jobs_in_memory_secs: u64,
 }
 
 /// Simulated agents share a gRPC connection to each control node this many at a time (a real
@@ -117,6 +121,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         None,
         muster_control::Tuning {
             tls: args.tls,
+            history: muster_control::JobHistory {
+                in_memory: Duration::from_secs(args.ended_jobs_in_memory_secs),
+                ..Default::default()
+            },
             ..Default::default()
         },
     )
@@ -669,12 +677,22 @@ impl Bench {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
         let took = started.elapsed();
+        // Out of memory on every node by now; stored once each node's writer has caught up.
+        let archives: Vec<_> = self
+            .cluster
+            .running()
+            .map(|n| n.raft.state.archive().clone())
+            .collect();
+        tokio::task::spawn_blocking(move || archives.iter().try_for_each(|a| a.flush())).await??;
+        let stored = started.elapsed();
         row(
-            &format!("{submitted} jobs run to their end and archived"),
+            &format!("{submitted} jobs run to their end and archived / and stored on every node"),
             &format!(
-                "{:.0} s ({:.0} jobs/s)",
+                "{:.0} s ({:.0} jobs/s) / {:.0} s ({:.0} jobs/s)",
                 took.as_secs_f64(),
-                submitted as f64 / took.as_secs_f64()
+                submitted as f64 / took.as_secs_f64(),
+                stored.as_secs_f64(),
+                submitted as f64 / stored.as_secs_f64()
             ),
         );
         self.settle().await?;
@@ -710,6 +728,20 @@ impl Bench {
         row(
             "data directories on disk (log, snapshots, archive), all control nodes",
             &format!("{} MiB", dir_bytes(data_dir) / (1024 * 1024)),
+        );
+
+        // The same call for a job in memory, under the same conditions: what the archive adds.
+        let waiting = self.submit("parked", 1).await?;
+        let mut samples = Vec::new();
+        for _ in 0..2000 {
+            let began = Instant::now();
+            self.call("DescribeJobs", json!({ "jobs": [&waiting] }))
+                .await?;
+            samples.push(began.elapsed());
+        }
+        row(
+            "DescribeJobs of one job in memory, for comparison (2,000 calls)",
+            &percentiles(&mut samples),
         );
 
         // One ended job per call, picked at random: array children mostly, some parents.

@@ -104,7 +104,11 @@ pub async fn run(
         &node,
         &heartbeats,
         NODE_LOST_AFTER,
-        Duration::from_secs(24 * 3600),
+        // Ended jobs move to the archive a second after they end, amid the faults.
+        muster_control::JobHistory {
+            in_memory: Duration::from_secs(1),
+            retention: Duration::from_secs(24 * 3600),
+        },
         shutdown.clone(),
     );
 

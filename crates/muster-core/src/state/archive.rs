@@ -1,12 +1,13 @@
 //! Ended jobs leave memory. A job whose whole family (an array's children, a multi-node job's
-//! nodes) has ended, and on which nothing waits, moves out of the job table at the end of the
-//! apply that ended it: the state keeps only an [`EndedIndex`] entry per job (its status, when
+//! nodes) has ended, and on which nothing waits, moves out of the job table when an
+//! `ArchiveEnded` command names a cutoff after its end (the leader proposes one once it has
+//! been ended for a while; until then it is answered from memory): the state keeps only an [`EndedIndex`] entry per job (its status, when
 //! it ended, what a later submit's dependency check needs), some 60 bytes, and hands the job
 //! itself to a [`JobArchive`] on disk. Reads of ended jobs (DescribeJobs, ListJobs, logs) go
 //! to the archive; `apply` never does, so replicas stay deterministic whatever their disks
 //! hold: every decision about an ended job is made from the index, which snapshots carry.
 
-use crate::{ArrayRole, Job, JobId, JobStatus, Timestamp};
+use crate::{ArrayRole, Job, JobId, JobStatus, Outcome, Timestamp};
 use serde::de::{Error as _, SeqAccess, Visitor};
 use serde::ser::SerializeSeq;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -617,42 +618,73 @@ impl super::State {
         streams
     }
 
-    /// Moves out of memory every family that ended in this apply, once every member has
-    /// ended, holds no attempt and nothing waits on it.
-    pub(super) fn archive_ended(&mut self) {
-        // Each family once, and its members walked only once its root has ended: an array's
-        // children end one by one long before their parent.
-        let roots: std::collections::BTreeSet<JobId> = std::mem::take(&mut self.ended_in_apply)
-            .into_iter()
-            .filter_map(|id| {
-                let job = self.jobs.get(&id)?;
-                Some(
-                    job.array_parent()
-                        .or_else(|| job.gang_node().map(|(parent, _, _)| parent))
-                        .unwrap_or(id),
-                )
-            })
-            .collect();
-        for root in roots {
-            let done = |id: &JobId| {
-                self.jobs.get(id).is_some_and(|j| {
-                    j.status.is_terminal()
-                        && j.active.is_none()
-                        && !self.dependents.contains_key(id)
-                })
+    /// Whether `ArchiveEnded { before }` would move anything now: a family that ended before
+    /// `before` and is done (see [`State::family_done`]).
+    pub fn has_archivable_before(&self, before: Timestamp) -> bool {
+        self.ended_in_memory
+            .iter()
+            .take_while(|(at, _)| *at < before)
+            .any(|(_, root)| self.family_done(root))
+    }
+
+    /// How many ended job families are still in memory.
+    pub fn ended_families_in_memory(&self) -> usize {
+        self.ended_in_memory.len()
+    }
+
+    /// Whether a family can leave memory: its root and every member ended, none holds an
+    /// attempt (a stopped gang's nodes until their agents report), nothing waits on any.
+    fn family_done(&self, root: &JobId) -> bool {
+        let done = |job: &Job| {
+            job.status.is_terminal()
+                && job.active.is_none()
+                && !self.dependents.contains_key(&job.id)
+        };
+        self.jobs.get(root).is_some_and(|j| done(j))
+            && self.array_children(root).all(done)
+            && self.gang_nodes(root).all(done)
+    }
+
+    /// Moves out of memory the families that ended before `before` and are done, oldest
+    /// first, starting none once `max_jobs` jobs have moved. Replicated as a command, with
+    /// the cutoff the leader chose, so every replica moves the same jobs: the same ones stay
+    /// in memory, and an apply that ends ten thousand jobs does not also store them.
+    pub(super) fn archive_ended(&mut self, before: Timestamp, max_jobs: u32) -> Outcome {
+        let (mut moved, mut more) = (0usize, false);
+        // A cursor rather than a list of what is due: a backlog of a million is walked only
+        // as far as this command's share of it.
+        let mut after: Option<(Timestamp, JobId)> = None;
+        loop {
+            let next = match &after {
+                None => self.ended_in_memory.iter().next(),
+                Some(key) => self
+                    .ended_in_memory
+                    .range((std::ops::Bound::Excluded(key), std::ops::Bound::Unbounded))
+                    .next(),
             };
-            if !done(&root) {
+            let Some(key) = next.filter(|(at, _)| *at < before).cloned() else {
+                break;
+            };
+            after = Some(key.clone());
+            let root = &key.1;
+            if !self.jobs.contains_key(root) {
+                self.ended_in_memory.remove(&key);
                 continue;
             }
+            if !self.family_done(root) {
+                continue;
+            }
+            if moved >= max_jobs as usize {
+                more = true;
+                break;
+            }
+            self.ended_in_memory.remove(&key);
             let members: Vec<JobId> = self
-                .array_children(&root)
-                .chain(self.gang_nodes(&root))
+                .array_children(root)
+                .chain(self.gang_nodes(root))
                 .map(|j| j.id.clone())
                 .collect();
-            if !members.iter().all(done) {
-                continue;
-            }
-            for id in std::iter::once(root).chain(members) {
+            for id in std::iter::once(root.clone()).chain(members) {
                 let Some(job) = self.jobs.remove(&id) else {
                     continue;
                 };
@@ -661,9 +693,19 @@ impl super::State {
                 }
                 self.ended.insert(&job);
                 self.archive.push(job);
+                moved += 1;
             }
         }
+        Outcome::Archived { jobs: moved, more }
     }
+}
+
+/// The key of an ended family's root in `ended_in_memory`: `None` for a job that has not
+/// ended, and for an array child or a node (which move with their root).
+pub(super) fn ended_root_key(job: &Job) -> Option<(Timestamp, JobId)> {
+    let member = job.array_parent().is_some() || job.gang_node().is_some();
+    (job.status.is_terminal() && !member)
+        .then(|| (job.stopped_at.unwrap_or_default(), job.id.clone()))
 }
 
 #[cfg(test)]

@@ -94,6 +94,7 @@ impl State {
             Command::Iam(iam) => self.check_iam(iam),
             Command::Access(access) => self.check_access(access),
             Command::PurgeJobs { .. }
+            | Command::ArchiveEnded { .. }
             | Command::NodeLost { .. }
             | Command::SetWaitReasons { .. }
             | Command::FailUnplaceable { .. }

@@ -318,7 +318,9 @@ impl State {
             let Some(job) = self.jobs.get(&id) else {
                 continue;
             };
-            self.ended_in_apply.push(id.clone());
+            if let Some(key) = super::archive::ended_root_key(job) {
+                self.ended_in_memory.insert(key);
+            }
             let succeeded = job.status == JobStatus::Succeeded;
             let parent = job.array_parent();
             for dependent in self.dependents.remove(&id).unwrap_or_default() {
@@ -425,6 +427,9 @@ impl State {
             }
             for job_id in children.into_iter().chain([id]) {
                 if let Some(job) = self.jobs.remove(&job_id) {
+                    if let Some(key) = super::archive::ended_root_key(&job) {
+                        self.ended_in_memory.remove(&key);
+                    }
                     if let Some(set) = self.jobs_by_queue.get_mut(&job.spec.queue) {
                         set.remove(&(job.seq, job.id.clone()));
                     }

@@ -95,9 +95,10 @@ pub struct State {
     /// Where those jobs went, and what moved since the state machine last wrote there.
     #[serde(skip)]
     archive: archive::ArchiveLink,
-    /// Jobs that ended during the apply under way, to be archived at its end.
+    /// Ended job families still in memory, by root, oldest end first: what `ArchiveEnded`
+    /// moves out. Derived from `jobs`.
     #[serde(skip)]
-    ended_in_apply: Vec<JobId>,
+    ended_in_memory: BTreeSet<(crate::Timestamp, JobId)>,
 }
 
 /// See [`State::nodes_affected_by`].
@@ -142,6 +143,7 @@ impl State {
         self.share_running.clear();
         self.jobs_by_queue.clear();
         self.dependents.clear();
+        self.ended_in_memory.clear();
         for node in self.nodes.values_mut() {
             node.allocated_unbounded = Resources::ZERO;
             node.gang_nodes = 0;
@@ -167,6 +169,9 @@ impl State {
                         node.gang_nodes += 1;
                     }
                 }
+            }
+            if let Some(key) = archive::ended_root_key(job) {
+                self.ended_in_memory.insert(key);
             }
             for dep in &job.waiting_on {
                 self.dependents
@@ -324,9 +329,7 @@ impl State {
         if Self::may_enable_placements(&cmd) {
             self.placement_epoch += 1;
         }
-        let outcome = self.apply_checked(cmd);
-        self.archive_ended();
-        outcome
+        self.apply_checked(cmd)
     }
 
     fn apply_checked(&mut self, cmd: Command) -> Outcome {
@@ -376,6 +379,7 @@ impl State {
             Command::Iam(iam) => self.apply_iam(iam),
             Command::Access(access) => self.apply_access(access),
             Command::PurgeJobs { before } => self.purge(before),
+            Command::ArchiveEnded { before, max_jobs } => self.archive_ended(before, max_jobs),
             Command::NodeLost { node, at } => self.node_lost(&node, at),
             Command::NodeHealth {
                 node,
@@ -671,6 +675,7 @@ impl State {
             | Command::SetWaitReasons { .. }
             | Command::FailUnplaceable { .. }
             | Command::PurgeJobs { .. }
+            | Command::ArchiveEnded { .. }
             | Command::Iam(_)
             | Command::Access(crate::AccessCommand::CreateJoinToken(_))
             | Command::Access(crate::AccessCommand::RevokeJoinToken { .. })
