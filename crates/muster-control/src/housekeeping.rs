@@ -35,7 +35,8 @@ impl Default for JobHistory {
 /// How long an ended job stays in memory, unless configured.
 pub const DEFAULT_ENDED_JOBS_IN_MEMORY: Duration = Duration::from_secs(60);
 
-/// How often the loop looks for ended jobs to archive (cheap: the oldest one's end time).
+/// How often the loop looks for ended jobs to archive (from the oldest, up to the first family
+/// that can go: families still waiting for a member are walked again each time).
 const ARCHIVE_EVERY: Duration = Duration::from_secs(1);
 
 /// How often it looks for jobs to forget (a scan of the jobs in memory).

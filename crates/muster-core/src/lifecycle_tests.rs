@@ -923,3 +923,25 @@ fn an_archived_array_counts_its_children_and_ended_jobs_keep_their_tags() {
         "{tag:?}"
     );
 }
+
+/// A job cancelled while it waited on another leaves no trace of that wait: a replica restored
+/// from a snapshot archives the same jobs as the one that applied the log.
+#[test]
+fn a_cancelled_dependent_does_not_keep_its_dependency_in_memory_after_a_restore() {
+    let mut s = setup(1);
+    s.apply(submission("first", vec![], None, None));
+    s.apply(submission("second", vec![after("first")], None, None));
+    s.apply(Command::Admin(AdminCommand::CancelJob {
+        job: JobId::from("second"),
+        reason: "no".into(),
+        at: Timestamp(3),
+    }));
+    run_until_idle(&mut s, |_, _| 0);
+    assert_eq!(status(&s, "first"), JobStatus::Succeeded);
+    assert_eq!(status(&s, "second"), JobStatus::Failed);
+    let mut restored: State = serde_json::from_slice(&serde_json::to_vec(&s).unwrap()).unwrap();
+    restored.rebuild_indexes();
+    assert_eq!(archive_all(&mut restored), 2);
+    assert_eq!(archive_all(&mut s), 2);
+    assert_eq!(restored.job_count(), 0);
+}

@@ -7,8 +7,8 @@
 //! spec is left out when it is its parent's (an array's ten thousand children hold one copy).
 //!
 //! Encoding and writing happen off Raft's threads, on one writer thread per archive, in the
-//! order the applies made them: an apply only moves the jobs it ended into an in-memory
-//! overlay, which reads consult first, until the writer has stored them (encoding ten thousand
+//! order the applies made them: an apply only moves the jobs `ArchiveEnded` took out of the
+//! state into an in-memory overlay, which reads consult first, until the writer has stored them (encoding ten thousand
 //! jobs that ended together took long enough on Raft's threads to cost the leader its lease).
 //! Records a purge forgot are removed by the same writer: the index no longer lists them, so
 //! no read finds them meanwhile. A snapshot waits for the writer (see [`EndedJobs::flush`]). A listing
@@ -521,6 +521,14 @@ fn read_stored(store: &ArchiveStore, id: &JobId) -> io::Result<Option<(Job, Stri
 
 impl JobArchive for EndedJobs {
     fn streams(&self, group: &str, prefix: &str, limit: usize) -> Vec<ArchivedStream> {
+        // Those of jobs not stored yet (read first, as in `family`), then those stored.
+        let mut streams: Vec<ArchivedStream> = self
+            .overlay()
+            .values()
+            .filter(|(_, job_group)| &**job_group == group)
+            .flat_map(|(job, _)| ArchivedStream::of(job))
+            .filter(|s| s.name.starts_with(prefix))
+            .collect();
         let found = match self
             .store
             .streams_with_prefix(&stream_prefix(group, prefix), limit)
@@ -531,10 +539,15 @@ impl JobArchive for EndedJobs {
                 return Vec::new();
             }
         };
-        found
-            .iter()
-            .filter_map(|(_, value)| serde_json::from_slice(value).ok())
-            .collect()
+        streams.extend(
+            found
+                .iter()
+                .filter_map(|(_, value)| serde_json::from_slice(value).ok()),
+        );
+        streams.sort();
+        streams.dedup();
+        streams.truncate(limit);
+        streams
     }
 
     fn get(&self, id: &JobId) -> Option<Job> {
@@ -591,21 +604,18 @@ impl JobArchive for EndedJobs {
         let Some(root) = self.read_logged(parent) else {
             return Vec::new();
         };
-        // A family goes to the overlay together and leaves it together, once stored.
+        // The overlay first, then the store: the writer stores a job before it lets it out of
+        // the overlay, a few hundred at a time, so a member that left the overlay meanwhile is
+        // in the store; one in both is taken from the overlay.
         let (array, nodes) = (format!("{parent}:"), format!("{parent}#"));
-        let waiting: Vec<Job> = self
+        let mut members: BTreeMap<JobId, Job> = self
             .overlay()
             .range(JobId::from(nodes.as_str())..)
             .take_while(|(id, _)| id.as_str() < format!("{parent};").as_str())
             .filter(|(id, _)| id.as_str().starts_with(&array) || id.as_str().starts_with(&nodes))
-            .map(|(_, (job, _))| (**job).clone())
+            .map(|(id, (job, _))| (id.clone(), (**job).clone()))
             .collect();
-        if !waiting.is_empty() {
-            return waiting;
-        }
-        let mut members = Vec::new();
-        for separator in [':', '#'] {
-            let prefix = format!("{parent}{separator}");
+        for prefix in [array, nodes] {
             let records = match self.store.with_prefix(prefix.as_bytes()) {
                 Ok(records) => records,
                 Err(e) => {
@@ -617,12 +627,12 @@ impl JobArchive for EndedJobs {
                 match decode(&bytes) {
                     Ok(Record { spec, mut job, .. }) => {
                         job.spec = spec.map_or_else(|| root.spec.clone(), Arc::new);
-                        members.push(job);
+                        members.entry(job.id.clone()).or_insert(job);
                     }
                     Err(e) => tracing::error!(job = %parent, error = %e, "archived job unreadable"),
                 }
             }
         }
-        members
+        members.into_values().collect()
     }
 }

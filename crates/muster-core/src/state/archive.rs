@@ -627,11 +627,6 @@ impl super::State {
             .any(|(_, root)| self.family_done(root))
     }
 
-    /// How many ended job families are still in memory.
-    pub fn ended_families_in_memory(&self) -> usize {
-        self.ended_in_memory.len()
-    }
-
     /// Whether a family can leave memory: its root and every member ended, none holds an
     /// attempt (a stopped gang's nodes until their agents report), nothing waits on any.
     fn family_done(&self, root: &JobId) -> bool {
@@ -700,7 +695,8 @@ impl super::State {
     }
 }
 
-/// The key of an ended family's root in `ended_in_memory`: `None` for a job that has not
+/// The key of an ended family's root in `ended_in_memory` (its root's end: the children of an
+/// array terminated while some ran may end later, and leave with it once they have): `None` for a job that has not
 /// ended, and for an array child or a node (which move with their root).
 pub(super) fn ended_root_key(job: &Job) -> Option<(Timestamp, JobId)> {
     let member = job.array_parent().is_some() || job.gang_node().is_some();

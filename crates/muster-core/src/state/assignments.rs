@@ -133,7 +133,9 @@ impl State {
                 event: AttemptEvent::Running,
                 ..
             }
-            | Command::SetWaitReasons { .. } => false,
+            | Command::SetWaitReasons { .. }
+            // Archiving frees no room.
+            | Command::ArchiveEnded { .. } => false,
             Command::ReportAttempts { reports, .. } => reports
                 .iter()
                 .any(|r| !matches!(r.event, AttemptEvent::Running)),

@@ -173,7 +173,11 @@ impl State {
             if let Some(key) = archive::ended_root_key(job) {
                 self.ended_in_memory.insert(key);
             }
-            for dep in &job.waiting_on {
+            // A job that ended (cancelled while it waited) waits on nothing any more: counted
+            // here, it would keep its dependency in memory on a replica loaded from a snapshot
+            // and nowhere else, and the replicas would archive and purge different jobs.
+            let still_waiting = !job.status.is_terminal();
+            for dep in job.waiting_on.iter().filter(|_| still_waiting) {
                 self.dependents
                     .entry(dep.clone())
                     .or_default()

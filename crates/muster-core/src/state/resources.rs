@@ -280,9 +280,8 @@ impl State {
         }
     }
 
-    /// An ended job's tags are fixed: it may have left memory on some replicas and not yet
-    /// on others (one that loaded a snapshot of the format before archived nothing it held),
-    /// so a change would apply on some and not others.
+    /// An ended job's tags are fixed: once it leaves memory its record is in each node's
+    /// archive, which `apply` never rewrites.
     fn check_job_tags_may_change(&self, arn: &str) -> Result<(), Rejection> {
         let Some(id) = arn
             .rsplit_once(":job/")
