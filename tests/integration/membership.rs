@@ -112,6 +112,21 @@ impl InitCluster {
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
+    /// [`InitCluster::status`] once a leader confirms its quorum: right after leadership moved,
+    /// the new leader has not yet heard from a majority and status says there is no quorum.
+    async fn settled_status(&self, via: u64) -> Value {
+        let mut status = Value::Null;
+        eventually("a leader holds a quorum", async || {
+            let out = self.admin(via, &["cluster", "status", "--output", "json"]);
+            if out.status.success() {
+                status = serde_json::from_slice(&out.stdout).unwrap();
+            }
+            out.status.success()
+        })
+        .await;
+        status
+    }
+
     /// `muster cluster new-node`, the new server started, then `muster cluster add-node`.
     fn add_node(&mut self, id: u64, via: u64) -> Value {
         let made = Command::new(muster_bin())
@@ -256,10 +271,10 @@ async fn a_cluster_grows_to_five_and_shrinks_to_three_under_load_losing_nothing(
         "{}",
         String::from_utf8_lossy(&moved.stderr)
     );
-    assert_eq!(cluster.status(5)["leader"], 1);
+    assert_eq!(cluster.settled_status(5).await["leader"], 1);
     let shrunk = cluster.remove_node(1, 2);
     assert_eq!(shrunk["voters"], json!([2, 3, 4, 5]), "{shrunk}");
-    let status = cluster.status(2);
+    let status = cluster.settled_status(2).await;
     let leader = status["leader"].as_u64().unwrap();
     assert_ne!(leader, 1, "{status}");
     let shrunk = cluster.remove_node(5, 3);
