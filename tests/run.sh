@@ -35,5 +35,5 @@ fi
 # The fault harness's short form: every fault kind once but `disk_full` (open: see
 # chaos/RESULTS.md), in namespaces of its own, then the history checker (chaos/README.md; the
 # long form is a documented command, not CI).
-MUSTER_BIN="$PWD/target/debug/muster" "$venv/bin/python" chaos/run.py --faults 12 --seed 1 --out target/chaos \
-  --only leader_kill,follower_kill,leader_pause,agent_kill,leader_isolated,leader_one_way,partial_partition,flaky_follower,slow_links,agent_cut_off,agent_reaches_isolated_follower,clock_jump
+MUSTER_BIN="$PWD/target/debug/muster" "$venv/bin/python" chaos/run.py --faults 14 --seed 1 --out target/chaos \
+  --only leader_kill,follower_kill,leader_pause,agent_kill,leader_isolated,leader_one_way,partial_partition,flaky_follower,slow_links,agent_cut_off,agent_reaches_isolated_follower,clock_jump,membership_change,crash_point

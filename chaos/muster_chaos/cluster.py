@@ -5,6 +5,8 @@ import configparser
 import os
 import tomllib
 import re
+import resource
+import shutil
 import signal
 import subprocess
 import threading
@@ -31,13 +33,22 @@ class Proc:
         self.wanted = False
         self.restarts = 0
         self.extra_env = {}
+        # Environment for the next start only (a crash point armed once).
+        self.next_start_env = {}
 
     def start(self):
-        self.wanted = True
         log = open(self.log_path, "ab")
-        env = {**os.environ, "MUSTER_LOG": "warn,muster=info,muster_raft=info", **self.extra_env}
-        self.popen = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=log, env=env)
+        env = {**os.environ, "MUSTER_LOG": "warn,muster=info,muster_raft=info", **self.extra_env,
+               **self.next_start_env}
+        self.next_start_env = {}
+        # No core files from a process aborted at a crash point.
+        no_core = lambda: resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        self.popen = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=log, env=env,
+                                      preexec_fn=no_core)
         log.close()
+        # Only now: the supervisor restarts a wanted process whose Popen has exited, and must
+        # not take the one just killed for that.
+        self.wanted = True
 
     @property
     def alive(self):
@@ -68,16 +79,24 @@ class Cluster:
     """`servers` control nodes and `agents` process-executor agents on `net`."""
 
     def __init__(self, binary, workdir, net, servers=3, agents=2, node_lost_after=8,
-                 agent_stop_after=4):
+                 agent_stop_after=4, spares=1):
         self.binary, self.workdir, self.net = binary, workdir, net
+        self.node_lost_after = node_lost_after
+        # The hosts whose control nodes are members now (a membership change swaps one for a
+        # spare), and the Raft id each one runs under: an id is never used twice.
         self.server_names = [f"s{i}" for i in range(1, servers + 1)]
+        self.spare_names = [f"s{i}" for i in range(servers + 1, servers + spares + 1)]
+        self.node_ids = {name: i for i, name in enumerate(self.server_names, 1)}
+        self.next_id = servers + 1
+        # Hosts whose node joined a running cluster (its log may begin at a snapshot).
+        self.joined = set()
         self.agent_names = [f"a{i}" for i in range(1, agents + 1)]
-        for name in self.server_names + self.agent_names:
+        for name in self.server_names + self.spare_names + self.agent_names:
             net.add_host(name)
         self.procs = {}
         # The cluster's CA, node certificates and agents' join token, as an operator makes
         # them: every internal port runs mutual TLS, as in production.
-        pki = os.path.join(workdir, "pki")
+        self.pki = pki = os.path.join(workdir, "pki")
         subprocess.run([binary, "cluster", "init", "--dir", pki, "--executor", "process",
                         "--servers", ",".join(net.ip(n) for n in self.server_names)],
                        check=True, stdout=subprocess.DEVNULL)
@@ -85,46 +104,29 @@ class Cluster:
             founding = tomllib.load(f)["founding_join_token"]
         with open(os.path.join(pki, "agent.toml"), "rb") as f:
             joining = tomllib.load(f)
-        tls_dir = os.path.join(pki, "tls")
-
-        def tls(i):
-            return (f'[tls]\nca_file = "{tls_dir}/ca.pem"\ncert_file = "{tls_dir}/control-{i}.pem"\n'
-                    f'key_file = "{tls_dir}/control-{i}.key"\nca_key_file = "{tls_dir}/ca.key"\n')
-        founding_table = (f'[founding_join_token]\nid = "{founding["id"]}"\n'
-                          f'secret_sha256 = "{founding["secret_sha256"]}"\n'
-                          f'expires_at_unix = {founding["expires_at_unix"]}\n')
-        peers = "".join(
-            f'[[peers]]\nid = {i}\ngrpc_addr = "{net.ip(n)}:{GRPC}"\nraft_addr = "{net.ip(n)}:{RAFT}"\n'
-            for i, n in enumerate(self.server_names, 1))
+        self.founding_table = (f'[founding_join_token]\nid = "{founding["id"]}"\n'
+                               f'secret_sha256 = "{founding["secret_sha256"]}"\n'
+                               f'expires_at_unix = {founding["expires_at_unix"]}\n')
         self.mounts = []
-        for i, name in enumerate(self.server_names, 1):
+        for name in self.server_names + self.spare_names:
             # Each control node's data on a small filesystem of its own, so that a fault can
             # fill one node's disk and no other's.
-            data = os.path.join(workdir, f"{name}-data")
+            data = self.data_dir(name)
             os.makedirs(data)
             subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={DATA_DISK_MIB}m", "tmpfs", data], check=True)
             self.mounts.append(data)
-            ip = net.ip(name)
-            config = os.path.join(workdir, f"{name}.toml")
-            with open(config, "w") as f:
-                f.write(f'node_id = {i}\ngrpc_addr = "{ip}:{GRPC}"\nraft_addr = "{ip}:{RAFT}"\n'
-                        f'api_addr = "{ip}:{API}"\ndata_dir = "{workdir}/{name}-data"\n'
-                        f'node_lost_after_secs = {node_lost_after}\n{tls(i)}'
-                        f'{founding_table if i == 1 else ""}{peers}')
-            self._proc(name, ["server", "--config", config])
         # Each control node's wall clock can be stepped (libfaketime, reading an offset from a
         # file of its own once a second; the monotonic clock, which Raft's timers use, is left
         # alone).
         self.clock_files = {}
         if os.path.exists(LIBFAKETIME):
-            for name in self.server_names:
+            for name in self.server_names + self.spare_names:
                 clock = os.path.join(workdir, f"{name}.clock")
                 with open(clock, "w") as f:
                     f.write("+0\n")
                 self.clock_files[name] = clock
-                self.procs[name].extra_env = {
-                    "LD_PRELOAD": LIBFAKETIME, "FAKETIME_TIMESTAMP_FILE": clock,
-                    "FAKETIME_CACHE_DURATION": "1", "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+        for name in self.server_names:
+            self._server(name, founder=self.node_ids[name] == 1)
         control = ", ".join(f'"{net.ip(n)}:{GRPC}"' for n in self.server_names)
         for name in self.agent_names:
             config = os.path.join(workdir, f"{name}.toml")
@@ -142,6 +144,82 @@ class Cluster:
     def _proc(self, name, args):
         argv = ["ip", "netns", "exec", self.net.ns(name), self.binary, *args]
         self.procs[name] = Proc(name, argv, os.path.join(self.workdir, f"{name}.log"))
+        self._fake_clock(name)
+
+    def _fake_clock(self, name):
+        clock = self.clock_files.get(name)
+        if clock:
+            self.procs[name].extra_env = {
+                "LD_PRELOAD": LIBFAKETIME, "FAKETIME_TIMESTAMP_FILE": clock,
+                "FAKETIME_CACHE_DURATION": "1", "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+
+    def data_dir(self, name):
+        return os.path.join(self.workdir, f"{name}-data")
+
+    def _server(self, name, founder=False, joining=False):
+        """Writes the config of the control node that `name` runs (under its id in `node_ids`)
+        and makes its process."""
+        node_id, ip = self.node_ids[name], self.net.ip(name)
+        tls_dir = os.path.join(self.pki, "tls")
+        tls = (f'[tls]\nca_file = "{tls_dir}/ca.pem"\ncert_file = "{tls_dir}/control-{node_id}.pem"\n'
+               f'key_file = "{tls_dir}/control-{node_id}.key"\nca_key_file = "{tls_dir}/ca.key"\n')
+        peers = "".join(
+            f'[[peers]]\nid = {self.node_ids[n]}\ngrpc_addr = "{self.net.ip(n)}:{GRPC}"\n'
+            f'raft_addr = "{self.net.ip(n)}:{RAFT}"\n'
+            for n in self.server_names)
+        config = os.path.join(self.workdir, f"node-{node_id}.toml")
+        with open(config, "w") as f:
+            f.write(f'node_id = {node_id}\ngrpc_addr = "{ip}:{GRPC}"\nraft_addr = "{ip}:{RAFT}"\n'
+                    f'api_addr = "{ip}:{API}"\ndata_dir = "{self.data_dir(name)}"\n'
+                    f'node_lost_after_secs = {self.node_lost_after}\n'
+                    f'{"join_existing_cluster = true" + chr(10) if joining else ""}{tls}'
+                    f'{self.founding_table if founder else ""}{peers}')
+        self._proc(name, ["server", "--config", config])
+
+    def admin(self, via, *args, timeout=180):
+        """`muster ARGS` as an operator runs it, signed with the root user's keys, through
+        `via`'s API; returns the finished process."""
+        env = {**os.environ, "AWS_ACCESS_KEY_ID": self.credentials[0],
+               "AWS_SECRET_ACCESS_KEY": self.credentials[1], "AWS_REGION": "us-east-1",
+               "AWS_ENDPOINT_URL_BATCH": f"http://{self.net.ip(via)}:{API}"}
+        return subprocess.run([self.binary, *args], capture_output=True, text=True, env=env,
+                              timeout=timeout)
+
+    def start_spare(self):
+        """A spare host's control node under a new id, with an empty disk and its certificate
+        made as an operator makes one (`muster cluster new-node`), started to wait for
+        `add-node`. Returns the host; it is not a member yet."""
+        name = self.spare_names[0]
+        node_id = self.next_id
+        self.next_id += 1
+        made = subprocess.run([self.binary, "cluster", "new-node", "--dir", self.pki, "--id", str(node_id),
+                               "--host", self.net.ip(name)], capture_output=True, text=True)
+        if made.returncode != 0:
+            raise RuntimeError(f"new-node {node_id}: {made.stderr.strip()[-300:]}")
+        data = self.data_dir(name)
+        for entry in os.listdir(data):
+            path = os.path.join(data, entry)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        self.node_ids[name] = node_id
+        self.joined.add(name)
+        # Its peers: the members and itself.
+        self.server_names.append(name)
+        try:
+            self._server(name, joining=True)
+        finally:
+            self.server_names.remove(name)
+        self.procs[name].start()
+        return name
+
+    def now_member(self, name):
+        self.spare_names.remove(name)
+        self.server_names.append(name)
+
+    def now_spare(self, name):
+        """`name`'s node was removed: stopped, and its host kept for a later new node."""
+        self.procs[name].kill()
+        self.server_names.remove(name)
+        self.spare_names.append(name)
 
     def start(self):
         for proc in self.procs.values():

@@ -4,6 +4,7 @@ it did, with the figures it measured."""
 import os
 import time
 
+from .cluster import API, GRPC, RAFT
 from .net import sh
 from .workload import PROBE_QUEUE, classify
 
@@ -270,8 +271,90 @@ def clock_jump(ctx):
     return {"stepped": victim, "refused_while_off": refused}
 
 
+# Crash points (crates/muster-crashpoint) a control node passes all the time, and the pass
+# to crash at: a follower appends and applies what the leader sends, the leader what it
+# proposes.
+SERVER_CRASH_POINTS = ["log_after_write", "log_after_flush", "apply_before", "apply_after"]
+
+
+def read_from(path, offset):
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read()
+
+
+def crash_point(ctx):
+    """F9: a process restarted with a crash point armed (MUSTER_CRASH_AT), so that it aborts
+    there, between writing and flushing its log, between flushing and acknowledging, before or
+    after applying, or (an agent) between starting an attempt and reporting it; then restarted
+    as its supervisor would. A control node (the leader half the time) three times in four, an
+    agent otherwise."""
+    cluster = ctx.cluster
+    if ctx.rng.random() < 0.75:
+        leader = ctx.leader()
+        victim = leader if ctx.rng.random() < 0.5 else ctx.rng.choice(cluster.followers(leader))
+        point, at = ctx.rng.choice(SERVER_CRASH_POINTS), ctx.rng.randint(1, 12)
+    else:
+        victim, point, at = ctx.rng.choice(cluster.agent_names), "agent_after_start", ctx.rng.randint(1, 3)
+    proc = cluster.procs[victim]
+    restarts = proc.restarts
+    proc.kill()
+    proc.next_start_env = {"MUSTER_CRASH_AT": f"{point}:{at}"}
+    said_from = os.path.getsize(proc.log_path)
+    proc.start()
+    armed = time.time()
+    deadline = armed + 30
+    while time.time() < deadline and proc.restarts == restarts:
+        ctx.hold(0.1)
+    crashed = proc.restarts > restarts
+    if not crashed:
+        # Not reached in time (an agent given no work): restarted unarmed.
+        proc.kill()
+        proc.start()
+    elif f"crashing at {point}".encode() not in read_from(proc.log_path, said_from):
+        raise RuntimeError(f"{victim} exited, but not at its crash point {point}")
+    return {"victim": victim, "point": f"{point}:{at}", "crashed": crashed,
+            "crashed_after_s": round(time.time() - armed, 1) if crashed else None}
+
+
+def membership_change(ctx):
+    """F16: under load, a control node on a spare host joins (learner, caught up, voter) and
+    then the leader is removed (it hands leadership over first), as an operator replaces a
+    machine; the removed node's host becomes the next spare. Membership is back to its size."""
+    cluster = ctx.cluster
+    leader = ctx.leader()
+    via = ctx.rng.choice(cluster.server_names)
+    began = time.time()
+    spare = cluster.start_spare()
+    new_id, old_id = cluster.node_ids[spare], cluster.node_ids[leader]
+    ip = ctx.net.ip(spare)
+    added = cluster.admin(via, "cluster", "add-node", "--id", str(new_id),
+                          "--raft-addr", f"{ip}:{RAFT}", "--grpc-addr", f"{ip}:{GRPC}",
+                          "--api-addr", f"{ip}:{API}")
+    if added.returncode != 0:
+        cluster.procs[spare].kill()
+        raise RuntimeError(f"add-node {new_id} through {via}: {added.stderr.strip()[-300:]}")
+    cluster.now_member(spare)
+    voter_at = time.time()
+    # Any member forwards the change to the leader; the removed leader hands over first.
+    via = ctx.rng.choice([s for s in cluster.server_names if s != leader])
+    removed = cluster.admin(via, "cluster", "remove-node", str(old_id))
+    if removed.returncode != 0:
+        raise RuntimeError(f"remove-node {old_id} through {via}: {removed.stderr.strip()[-300:]}")
+    removed_at = time.time()
+    cluster.now_spare(leader)
+    new_leader = cluster.wait_for_leader(timeout=30)
+    accepted, placed = ctx.probe(new_leader) if new_leader else (None, None)
+    ms = lambda t: None if t is None else round((t - began) * 1000)
+    return {"added": f"{spare} as {new_id}", "removed": f"{leader} ({old_id}, the leader)",
+            "voter_ms": ms(voter_at), "removed_ms": ms(removed_at),
+            "first_write_after_ms": None if accepted is None else round((accepted - removed_at) * 1000),
+            "placed_after_ms": None if placed is None else round((placed - removed_at) * 1000),
+            "members": {n: cluster.node_ids[n] for n in cluster.server_names}}
+
+
 ALL = {f.__name__: f for f in [
     leader_kill, follower_kill, leader_pause, agent_kill, agent_host_death, leader_isolated,
     leader_one_way, partial_partition, flaky_follower, slow_links, agent_link_stalled, agent_cut_off, agent_reaches_isolated_follower, disk_full,
-    clock_jump,
+    clock_jump, membership_change, crash_point,
 ]}

@@ -5,6 +5,7 @@ as etcd's robustness tests do. Jobs write their own runs on the host."""
 import random
 import threading
 import time
+import traceback
 
 import botocore.exceptions
 
@@ -99,6 +100,8 @@ class Workload:
         self.rate = rate
         self.counter = 0
         self.lock = threading.Lock()
+        # Tracebacks of client threads that died.
+        self.failures = []
 
     def start(self):
         for t in self.threads:
@@ -128,11 +131,19 @@ class Workload:
         return value
 
     def _client(self, index, seed):
+        try:
+            self._calls(index, seed)
+        except Exception:  # a client that dies is the harness's failure, reported as one
+            self.failures.append(traceback.format_exc())
+
+    def _calls(self, index, seed):
         rng = random.Random(seed)
-        servers = self.cluster.server_names
-        clients = {s: self.cluster.client(s, read_timeout=8) for s in servers}
+        clients = {}
         while not self.stop.is_set():
-            server = rng.choice(servers)
+            # The members as of now (a membership change replaces one).
+            server = rng.choice(list(self.cluster.server_names))
+            if server not in clients:
+                clients[server] = self.cluster.client(server, read_timeout=8)
             client = clients[server]
             roll = rng.random()
             acked = self.history.acked_jobs()

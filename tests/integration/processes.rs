@@ -41,10 +41,18 @@ pub(crate) struct Proc(Child);
 
 impl Proc {
     pub(crate) fn spawn(args: &[&str], log: &Path) -> Proc {
+        Proc::spawn_with_env(args, log, &[])
+    }
+
+    /// With `env` set too, and no core file if it aborts (as at a crash point).
+    pub(crate) fn spawn_with_env(args: &[&str], log: &Path, env: &[(&str, &str)]) -> Proc {
         let log = std::fs::File::create(log).unwrap();
-        let child = Command::new(muster_bin())
+        let child = Command::new("sh")
+            .args(["-c", "ulimit -c 0; exec \"$0\" \"$@\""])
+            .arg(muster_bin())
             .args(args)
             .env("MUSTER_LOG", "warn,muster=info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -483,6 +491,93 @@ async fn a_server_whose_disk_fills_exits_and_restarts_whole() {
     assert_eq!(described["jobs"][0]["jobName"], "before-the-disk-filled");
     drop(server);
     server2.stop();
+}
+
+/// A control node that dies at each of its crash points in turn (FAULTS.md F9: between
+/// writing its log and flushing it, between flushing and acknowledging, before and after
+/// applying), each time under a stream of submits and restarted from what it left on disk,
+/// keeps every job it acknowledged, and each restart finds a store it can open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_dies_at_each_crash_point_keeps_what_it_acknowledged() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (grpc, raft, api) = (free_port(), free_port(), free_port());
+    let config = dir.path().join("server.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "node_id = 1\ngrpc_addr = \"127.0.0.1:{grpc}\"\nraft_addr = \"127.0.0.1:{raft}\"\napi_addr = \"127.0.0.1:{api}\"\ndata_dir = {data:?}\nplaintext = true\n[[peers]]\nid = 1\ngrpc_addr = \"127.0.0.1:{grpc}\"\nraft_addr = \"127.0.0.1:{raft}\"\n"
+        ),
+    )
+    .unwrap();
+    let log_of = |round: &str| dir.path().join(format!("server-{round}.log"));
+    let start = |round: &str, env: &[(&str, &str)]| {
+        Proc::spawn_with_env(
+            &["server", "--config", config.to_str().unwrap()],
+            &log_of(round),
+            env,
+        )
+    };
+    let server = start("founding", &[]);
+    let credentials = wait_for_credentials(&data.join("aws").join("credentials")).await;
+    let client = BatchClient::new(format!("http://127.0.0.1:{api}"), credentials);
+    wait_until_serving(&client).await;
+    create_basics(&client, "ce", "q", "d").await;
+    drop(server);
+
+    let mut acknowledged = Vec::new();
+    let points = muster_crashpoint::POINTS
+        .iter()
+        .map(|(point, _)| *point)
+        .filter(|point| !point.starts_with("agent_"));
+    for point in points {
+        // Well past the writes of the node's own start: it dies amid the submits.
+        let armed = format!("{point}:12");
+        let before = acknowledged.len();
+        let mut server = start(point, &[("MUSTER_CRASH_AT", &armed)]);
+        let deadline = Instant::now() + DEADLINE;
+        let status = loop {
+            if let Some(status) = server.0.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{armed}: the server never crashed"
+            );
+            let name = format!("before-{point}-{}", acknowledged.len());
+            if let Ok(answer) = client
+                .call(
+                    "SubmitJob",
+                    json!({"jobName": name, "jobQueue": "q", "jobDefinition": "d"}),
+                )
+                .await
+            {
+                acknowledged.push(answer["jobId"].as_str().unwrap().to_owned());
+            }
+        };
+        assert_eq!(status.signal(), Some(6), "{armed}: exited with {status}");
+        assert!(
+            acknowledged.len() >= before + 5,
+            "{armed}: it died before it acknowledged a stream of submits"
+        );
+        let said = std::fs::read_to_string(log_of(point)).unwrap();
+        assert!(said.contains(&format!("crashing at {point}")), "{said}");
+
+        // Restarted unarmed from what it left: every acknowledged job is there.
+        let restarted = start(&format!("{point}-restarted"), &[]);
+        wait_until_serving(&client).await;
+        for ids in acknowledged.chunks(100) {
+            let found = ok(client.call("DescribeJobs", json!({ "jobs": ids })).await);
+            assert_eq!(
+                found["jobs"].as_array().unwrap().len(),
+                ids.len(),
+                "after {armed}: acknowledged jobs lost"
+            );
+        }
+        drop(restarted);
+    }
+    assert!(!acknowledged.is_empty());
 }
 
 unsafe extern "C" {

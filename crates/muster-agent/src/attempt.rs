@@ -29,6 +29,7 @@ pub(crate) async fn run_attempt(
     // and a job that ends at once reports both in one call.
     let running = async {
         if started_rx.await.is_ok() {
+            muster_crashpoint::crash_point("agent_after_start");
             drop(reporter.report(&job, attempt, Event::Running));
         }
     };

@@ -350,6 +350,7 @@ impl<S: SnapshotStore<TypeConfig> + Clone> RaftStateMachine<TypeConfig> for Stat
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        muster_crashpoint::crash_point("apply_before");
         let mut outcomes = Vec::new();
         let last_index = {
             let mut applied = self.write_when_free().await;
@@ -381,6 +382,7 @@ impl<S: SnapshotStore<TypeConfig> + Clone> RaftStateMachine<TypeConfig> for Stat
             }
             applied.last_applied.map_or(0, |l| l.index)
         };
+        muster_crashpoint::crash_point("apply_after");
         self.applied_tx.send_replace(last_index);
         Ok(outcomes)
     }

@@ -306,7 +306,9 @@ where
             self.logs
                 .apply_batch(batch)
                 .map_err(std::io::Error::other)?;
+            muster_crashpoint::crash_point("log_after_write");
             self.db.flush_async().await.map_err(std::io::Error::other)?;
+            muster_crashpoint::crash_point("log_after_flush");
             Ok::<(), std::io::Error>(())
         }
         .await;

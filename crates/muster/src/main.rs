@@ -335,6 +335,10 @@ fn install_metrics() -> anyhow::Result<metrics_exporter_prometheus::PrometheusHa
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_tracing();
+    let armed = muster_crashpoint::check_env().map_err(anyhow::Error::msg)?;
+    if !armed.is_empty() {
+        tracing::warn!(?armed, "crash points armed ({})", muster_crashpoint::ENV);
+    }
     match cli.command {
         Commands::Server { config } => server(config).await,
         Commands::Cluster { command } => cluster::run(command).await,
