@@ -345,3 +345,66 @@ async fn control_nodes_renew_their_certificates_before_they_expire() {
     })
     .await;
 }
+
+/// An agent started beside a cluster that is being founded asks to join before the founder has
+/// recorded the join token `muster cluster init` made: it waits, and joins once the token is
+/// there, rather than exiting as if its token were wrong (the chaos harness, which starts
+/// every process at once, saw agents exit so and be restarted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_that_asks_to_join_before_the_cluster_knows_a_token_waits_and_joins() {
+    let t = TestCluster::start(3).await;
+    crate::harness::create_basics(&t.client(1), "ce", "q", "d").await;
+    let ca = t.cluster.ca().expect("the test cluster runs TLS");
+    let (id, secret) = ("early000", "a-secret-that-is-long-enough-0123");
+    let work_dir = t.dir.path().join("agent-early");
+    let config = muster_agent::RawAgentConfig {
+        join_token: Some(format!("{id}.{secret}")),
+        ca_fingerprint: Some(muster_tls::pki::fingerprint(ca.cert_pem()).unwrap()),
+        vcpus: Some(2.0),
+        memory_mib: Some(2048),
+        heartbeat_secs: 1,
+        ..muster_agent::RawAgentConfig::new(
+            "early",
+            "ce",
+            t.cluster.grpc_addrs(),
+            muster_agent::ExecutorKind::Process,
+            work_dir.clone(),
+        )
+    }
+    .validate()
+    .unwrap();
+    let starting = tokio::spawn(crate::harness::start_agent(config));
+    // The agent keeps asking; the cluster knows no token yet.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert!(
+        !starting.is_finished(),
+        "the agent gave up (or joined) with no token known"
+    );
+
+    // The founder records the token, as it does a moment after its first start.
+    let now = muster_control::now_millis();
+    let recorded = t
+        .cluster
+        .node(1)
+        .unwrap()
+        .raft
+        .propose(muster_core::Command::Access(
+            muster_core::AccessCommand::CreateJoinToken(muster_core::JoinToken {
+                id: id.into(),
+                secret_sha256: muster_sigv4::sha256_hex(secret.as_bytes()),
+                created_at: now,
+                expires_at: muster_core::Timestamp(now.0 + 3_600_000),
+                description: "made by the test".into(),
+                revoked: false,
+            }),
+        ))
+        .await;
+    assert!(recorded.is_ok(), "{recorded:?}");
+    let (stop, _task, runtime) = tokio::time::timeout(Duration::from_secs(30), starting)
+        .await
+        .expect("the agent joined once the token was known")
+        .unwrap();
+    assert!(work_dir.join("tls").join("agent.pem").exists());
+    let _ = stop.send(true);
+    runtime.shutdown_background();
+}

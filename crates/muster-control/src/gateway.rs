@@ -393,6 +393,14 @@ impl AgentService for AgentGateway {
                         )));
                     }
                     Some(_) => {}
+                    // A cluster that knows no token yet is being founded (its founder records
+                    // the token `muster cluster init` made a moment after it starts): an agent
+                    // started beside it waits, as for a node it cannot reach yet.
+                    None if s.join_tokens().next().is_none() => {
+                        return Err(Status::unavailable(
+                            "the cluster knows no join token yet (it is being founded); try again",
+                        ));
+                    }
                     None => return Err(Status::unauthenticated("the join token is wrong")),
                 }
                 if s.agent_revoked(&node) {
