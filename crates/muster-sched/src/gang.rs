@@ -59,22 +59,13 @@ pub(crate) fn find<'s>(
     if candidates.len() < nodes.len() {
         return None;
     }
-    let bound = parent.topology_bound();
-    let waited_secs = parent.runnable_since.map_or(0, |since| {
-        now.as_millis().saturating_sub(since.as_millis()) / 1000
-    });
-    let may_spread = match &bound {
-        None => true,
-        Some(b) if b.required => false,
-        // `preferred:<level>` without a wait takes one domain when one has room now.
-        Some(b) => b.max_wait_secs.is_none_or(|limit| waited_secs >= limit),
-    };
-    // A domain may hold the gang without spreading when it is no wider than the bound's
-    // level: its path names that level.
+    let confined = confined_to(parent, now);
+    // A domain may hold a confined gang when it is no wider than the bound's level: its
+    // path names that level.
     let within_bound = |domain: Domain| {
-        bound
+        confined
             .as_ref()
-            .is_none_or(|b| domain.iter().any(|(level, _)| *level == b.level))
+            .is_none_or(|level| domain.iter().any(|(l, _)| l == level))
     };
     let depth = candidates
         .iter()
@@ -91,9 +82,7 @@ pub(crate) fn find<'s>(
         }
         let mut fitting: Vec<(Domain, Vec<&Candidate<'_, 's>>)> = domains
             .into_iter()
-            .filter(|(domain, rooms)| {
-                rooms.len() >= nodes.len() && (may_spread || within_bound(domain))
-            })
+            .filter(|(domain, rooms)| rooms.len() >= nodes.len() && within_bound(domain))
             .collect();
         fitting.sort_by_key(|(domain, rooms)| (rooms.len(), *domain));
         for (_, rooms) in fitting {
@@ -102,18 +91,137 @@ pub(crate) fn find<'s>(
             }
         }
     }
-    if !may_spread {
+    if confined.is_some() {
         return None;
     }
     let all: Vec<&Candidate<'_, 's>> = candidates.iter().collect();
     assign(nodes.len(), &groups, &all)
 }
 
+/// The topology level one domain of which must hold every node of the gang now, if any: the
+/// level of its `muster:topology` bound while the bound is `required`, or `preferred` and
+/// not yet waited out (`preferred:<level>` without a wait takes one domain when one has room
+/// now, and spreads otherwise).
+pub(crate) fn confined_to(parent: &Job, now: Timestamp) -> Option<String> {
+    let bound = parent.topology_bound()?;
+    let waited_secs = parent.runnable_since.map_or(0, |since| {
+        now.as_millis().saturating_sub(since.as_millis()) / 1000
+    });
+    let confined = bound.required || bound.max_wait_secs.is_some_and(|limit| waited_secs < limit);
+    confined.then_some(bound.level)
+}
+
+/// The domain of `level` that `room`'s worker is in (its topology path up to that level), if
+/// its path names the level.
+pub(crate) fn domain_at<'p, 's>(room: &'p Room<'s>, level: &str) -> Option<Domain<'p>> {
+    let path = room.topology();
+    let depth = path.iter().position(|(l, _)| *l == level)?;
+    Some(&path[..=depth])
+}
+
 /// Gives each node a worker of its own among `rooms` (each with the groups that fit on it):
 /// the group with the fewest workers to choose from first, each node on the worker it fits
-/// tightest. Greedy, not a full matching: ranges that compete for the same scarce workers
-/// in a way this order does not settle wait for another round.
+/// tightest. Where that order leaves a node without a worker although some assignment would
+/// give every node one (ranges competing for the same scarce workers), a full matching finds
+/// it, so a gang that fits is never left waiting for a round that would decide the same.
 fn assign<'s>(
+    count: usize,
+    groups: &[(&Job, Vec<usize>)],
+    rooms: &[&Candidate<'_, 's>],
+) -> Option<Vec<&'s NodeId>> {
+    assign_greedily(count, groups, rooms).or_else(|| {
+        // One range: its nodes are interchangeable, and the greedy pass is already exact.
+        (groups.len() > 1)
+            .then(|| assign_by_matching(count, groups, rooms))
+            .flatten()
+    })
+}
+
+/// Augmenting-path steps a matching may take before the gang waits for another round: far
+/// more than gangs of thousands of nodes over thousands of workers need when it succeeds.
+const MATCHING_BUDGET: usize = 4_000_000;
+
+/// Every node a worker of its own, if there is such an assignment (Kuhn's augmenting paths,
+/// each node trying the workers it fits tightest first), within [`MATCHING_BUDGET`] steps.
+fn assign_by_matching<'s>(
+    count: usize,
+    groups: &[(&Job, Vec<usize>)],
+    rooms: &[&Candidate<'_, 's>],
+) -> Option<Vec<&'s NodeId>> {
+    let mut group_of = vec![0; count];
+    for (g, (_, members)) in groups.iter().enumerate() {
+        for &index in members {
+            group_of[index] = g;
+        }
+    }
+    let choices: Vec<Vec<usize>> = (0..groups.len())
+        .map(|g| {
+            let mut fitting: Vec<usize> = (0..rooms.len()).filter(|&r| rooms[r].1[g]).collect();
+            fitting.sort_by_key(|&r| {
+                let room = rooms[r].0;
+                (room.free.millicpus, room.free.memory_mib, &room.node.id)
+            });
+            fitting
+        })
+        .collect();
+    struct Matching<'a> {
+        group_of: &'a [usize],
+        choices: &'a [Vec<usize>],
+        /// The node each worker holds.
+        holder: Vec<Option<usize>>,
+        /// The search in which each worker was last looked at (one search a node).
+        seen_in: Vec<usize>,
+        search: usize,
+        steps: usize,
+    }
+    impl Matching<'_> {
+        /// Finds `node` a worker, moving holders along an augmenting path.
+        fn place(&mut self, node: usize) -> Option<bool> {
+            for &room in &self.choices[self.group_of[node]] {
+                self.steps += 1;
+                if self.steps > MATCHING_BUDGET {
+                    return None;
+                }
+                if std::mem::replace(&mut self.seen_in[room], self.search) == self.search {
+                    continue;
+                }
+                let free = match self.holder[room] {
+                    None => true,
+                    Some(other) => self.place(other)?,
+                };
+                if free {
+                    self.holder[room] = Some(node);
+                    return Some(true);
+                }
+            }
+            Some(false)
+        }
+    }
+    let mut matching = Matching {
+        group_of: &group_of,
+        choices: &choices,
+        holder: vec![None; rooms.len()],
+        seen_in: vec![0; rooms.len()],
+        search: 0,
+        steps: 0,
+    };
+    for node in 0..count {
+        matching.search += 1;
+        if !matching.place(node)? {
+            return None;
+        }
+    }
+    let mut chosen: Vec<Option<&'s NodeId>> = vec![None; count];
+    for (room, holder) in matching.holder.iter().enumerate() {
+        if let Some(node) = holder {
+            chosen[*node] = Some(&rooms[room].0.node.id);
+        }
+    }
+    chosen.into_iter().collect()
+}
+
+/// The greedy pass of [`assign`].
+fn assign_greedily<'s>(
     count: usize,
     groups: &[(&Job, Vec<usize>)],
     rooms: &[&Candidate<'_, 's>],

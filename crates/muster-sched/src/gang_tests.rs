@@ -668,3 +668,176 @@ fn ranges_that_compete_for_workers_are_matched_scarcest_first() {
         }
     );
 }
+
+#[test]
+fn a_gang_kept_to_one_rack_reserves_the_rack_where_it_can_start_soonest() {
+    // Four full workers, two racks; each frees when its job's timeout ends. The two that free
+    // first are in different racks: a reservation on them could never start a gang that must
+    // keep to one rack.
+    let mut s = racked(&[("r1", &[]), ("r1", &[]), ("r2", &[]), ("r2", &[])]);
+    let mut ends = std::collections::BTreeMap::new();
+    for (i, timeout) in [10, 100, 20, 30].into_iter().enumerate() {
+        submit_single(&mut s, &format!("busy{i}"), i as u64, 2, Some(timeout));
+        let p = plan(&s, &PlanConfig::default(), NOW);
+        let node = p.placements[0].node.clone();
+        ends.insert(node, NOW.as_millis() + timeout * 1000);
+        apply(&mut s, p, NOW.as_millis());
+    }
+    let rack = |s: &State, node: &NodeId| s.node(node).unwrap().topology()[1].1.to_owned();
+    // The rack whose later worker frees first, and when.
+    let mut last_free: std::collections::BTreeMap<String, u64> = Default::default();
+    for (node, end) in &ends {
+        let latest = last_free.entry(rack(&s, node)).or_default();
+        *latest = (*latest).max(*end);
+    }
+    let (best_rack, planned) = last_free.iter().min_by_key(|(_, end)| **end).unwrap();
+    assert_eq!(*planned, NOW.as_millis() + 30_000);
+    let mut s2 = s.clone();
+
+    must(
+        &mut s,
+        gang_submission(
+            "strict",
+            2,
+            2,
+            10,
+            None,
+            &[("muster:topology", "required:rack")],
+        ),
+    );
+    let p = plan(&s, &PlanConfig::default(), NOW);
+    assert!(p.placements.is_empty());
+    let held = p
+        .unplaced
+        .iter()
+        .find(|u| u.job.to_string() == "strict")
+        .and_then(|u| u.reservation.clone())
+        .expect("the gang holds a reservation");
+    assert_eq!(rack(&s, &held.node), *best_rack);
+    assert_eq!(held.starts_at, Some(*planned));
+
+    // Without a bound the gang takes the two that free first, wherever they are.
+    must(&mut s2, gang_submission("loose", 2, 2, 11, None, &[]));
+    let p = plan(&s2, &PlanConfig::default(), NOW);
+    let held = p
+        .unplaced
+        .iter()
+        .find(|u| u.job.to_string() == "loose")
+        .and_then(|u| u.reservation.clone())
+        .expect("the gang holds a reservation");
+    assert_eq!(held.starts_at, Some(NOW.as_millis() + 20_000));
+}
+
+#[test]
+fn ranges_whose_scarcest_first_order_leaves_one_without_a_worker_are_matched_in_full() {
+    // Range 1 fits only w2, ranges 0 and 2 two workers each. Scarcest first gives w2 to
+    // range 1, then range 0 the tighter of its two, w0, which is the only one left for range 2.
+    // Range 0 on w1 gives every node a worker.
+    let mut s = cluster(0);
+    for (name, millicpus, memory) in [("w0", 4000, 4096), ("w1", 8000, 1024), ("w2", 2000, 8192)] {
+        let register = node_registration(
+            name,
+            Resources::new(millicpus, memory, 0),
+            Vec::new(),
+            Default::default(),
+            Timestamp(0),
+        );
+        must(&mut s, register);
+    }
+    let Command::SubmitJob(mut sub) = gang_submission("g", 3, 1, 1, None, &[]) else {
+        unreachable!()
+    };
+    sub.node_overrides = Some(NodeOverrides {
+        num_nodes: Some(3),
+        ranges: [("0", 4, 1024), ("1", 1, 8192), ("2", 2, 4096)]
+            .into_iter()
+            .map(|(target, vcpus, memory)| muster_core::NodeOverride {
+                target_nodes: target.into(),
+                container_overrides: muster_core::ContainerOverrides {
+                    vcpus: Some(vcpus),
+                    memory: Some(memory),
+                    ..Default::default()
+                },
+            })
+            .collect(),
+    });
+    must(&mut s, Command::SubmitJob(sub));
+    let p = plan(&s, &PlanConfig::default(), NOW);
+    let placed: Vec<(String, String)> = p
+        .placements
+        .iter()
+        .map(|p| (p.job.to_string(), p.node.0.clone()))
+        .collect();
+    assert_eq!(
+        placed,
+        [
+            ("g#0".to_owned(), "w1".to_owned()),
+            ("g#1".to_owned(), "w2".to_owned()),
+            ("g#2".to_owned(), "w0".to_owned())
+        ]
+    );
+}
+
+#[test]
+fn a_fair_share_queues_compute_reservation_counts_every_node_of_a_gang() {
+    // Four 2-vCPU workers; the fair-share queue keeps 50 % for share identifiers not yet
+    // running while one is: share `a`, running 1 vCPU, may hold 4 vCPUs in all.
+    let mut s = cluster(4);
+    must(
+        &mut s,
+        Command::Admin(muster_core::AdminCommand::CreateSchedulingPolicy(
+            muster_core::SchedulingPolicy {
+                name: "fair".into(),
+                arn: muster_core::Arn(String::new()),
+                fairshare: Some(muster_core::FairsharePolicy {
+                    share_decay_seconds: 3600,
+                    compute_reservation: 50,
+                    share_distribution: Vec::new(),
+                }),
+                tags: Default::default(),
+            },
+        )),
+    );
+    let policy = s.scheduling_policies().next().unwrap().arn.0.clone();
+    must(&mut s, crate::test_support::queue("fq", 1, Some(policy)));
+    let in_share = |id: &str, at: u64| {
+        submission(
+            id,
+            JobSpec {
+                queue: "fq".into(),
+                at,
+                vcpus: 1,
+                memory: 64,
+                share_identifier: Some("a".into()),
+                ..Default::default()
+            },
+        )
+    };
+    must(&mut s, in_share("a-running", 1));
+    let p = plan(&s, &PlanConfig::default(), NOW);
+    apply(&mut s, p, NOW.as_millis());
+    // Two nodes of 2 vCPUs: 1 + 4 > 4.
+    let Command::SubmitJob(mut sub) = gang_submission("a-gang", 2, 2, 2, None, &[]) else {
+        unreachable!()
+    };
+    sub.queue = "fq".into();
+    sub.share_identifier = Some("a".into());
+    must(&mut s, Command::SubmitJob(sub));
+    let p = plan(&s, &PlanConfig::default(), NOW);
+    assert!(p.placements.is_empty(), "{:?}", p.placements);
+    let reason = p.unplaced[0].status_reason();
+    assert!(reason.contains("keeps 50% of capacity"), "{reason}");
+    // Two nodes of 1 vCPU fit within the share's half: 1 + 2 <= 4.
+    let Command::SubmitJob(mut small) = gang_submission("a-small", 2, 1, 3, None, &[]) else {
+        unreachable!()
+    };
+    small.queue = "fq".into();
+    small.share_identifier = Some("a".into());
+    must(&mut s, Command::SubmitJob(small));
+    let p = plan(&s, &PlanConfig::default(), NOW);
+    let placed: BTreeSet<String> = p.placements.iter().map(|p| p.job.to_string()).collect();
+    assert_eq!(
+        placed,
+        BTreeSet::from(["a-small#0".to_owned(), "a-small#1".to_owned()])
+    );
+}

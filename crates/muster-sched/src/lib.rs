@@ -286,6 +286,28 @@ pub fn plan(state: &State, config: &PlanConfig, now: Timestamp) -> Plan {
                     // A gang goes whole into one entry: it waits for the next round.
                     return out;
                 }
+                // A fair-share queue's computeReservation counts every node of the gang.
+                let need: u64 = nodes
+                    .iter()
+                    .map(|n| n.spec.container.resources().millicpus)
+                    .sum();
+                if !order.within_reservation(job, need, || pool.millicpus(&ces)) {
+                    let QueueOrder::FairShare(fs) = &order else {
+                        unreachable!("only fair-share queues keep a reserve")
+                    };
+                    out.unplaced.push(Unplaced {
+                        job: job.id.clone(),
+                        reason: WaitReason::ShareReserve {
+                            share: job.spec.share_identifier.clone().unwrap_or_default(),
+                            percent: fs.policy.compute_reservation,
+                        },
+                        jobs_ahead,
+                        reservation: None,
+                    });
+                    misses += 1;
+                    order.missed(job);
+                    continue;
+                }
                 let ends_by = reservations::ends_by(job, now);
                 match gang::find(&pool, job, &nodes, &ces, &reservations, now) {
                     Some(chosen) => {
@@ -317,7 +339,7 @@ pub fn plan(state: &State, config: &PlanConfig, now: Timestamp) -> Plan {
                             {
                                 head_reserved = true;
                                 reservation =
-                                    reservations.reserve_gang(state, &pool, &nodes, &ces, now);
+                                    reservations.reserve_gang(state, &pool, job, &nodes, &ces, now);
                             }
                             misses += 1;
                             order.missed(job);

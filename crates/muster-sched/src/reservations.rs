@@ -67,13 +67,16 @@ impl Reservations {
 
     /// Reserves room for every node of a multi-node job, each on a node of its own where it
     /// fits soonest; nothing when the nodes it could fit on are too few. The nodes of one
-    /// range (one spec) are ranked together, the range with the fewest candidates first. The
-    /// reservation returned is the one that frees last: the job's planned start. (It does not
-    /// follow the job's topology: the gang starts where it finds room when that time comes.)
+    /// range (one spec) are ranked together, the range with the fewest candidates first. A
+    /// gang that its `muster:topology` bound keeps to one domain of a level reserves in the
+    /// domain of that level where it can start soonest, so that the nodes held for it are ones
+    /// it can start on together. The reservation returned is the one that frees last: the
+    /// job's planned start.
     pub fn reserve_gang(
         &mut self,
         state: &State,
         pool: &Pool,
+        parent: &Job,
         nodes: &[&Job],
         ces: &[String],
         now: Timestamp,
@@ -84,28 +87,33 @@ impl Reservations {
             .map(|(job, members)| (rank(state, pool, job, ces, now), members))
             .collect();
         ranked.sort_by_key(|(rooms, _)| rooms.len());
-        let mut taken: BTreeSet<&NodeId> = BTreeSet::new();
-        let mut made: Vec<Reservation> = Vec::new();
-        for (rooms, members) in &ranked {
-            let picks: Vec<&Ranked> = rooms
-                .iter()
-                .filter(|(key, _, _)| !taken.contains(key.3))
-                .take(members.len())
-                .collect();
-            if picks.len() < members.len() {
-                return None;
+        let made = match crate::gang::confined_to(parent, now) {
+            None => reserve_workers(nodes, &ranked),
+            Some(level) => {
+                // Each group's ranking split by domain, in rank order.
+                let domain_of: BTreeMap<&NodeId, _> = ces
+                    .iter()
+                    .flat_map(|ce| pool.rooms_in(ce))
+                    .filter_map(|room| Some((&room.node.id, crate::gang::domain_at(room, &level)?)))
+                    .collect();
+                let mut by_domain: BTreeMap<_, Vec<(Vec<Ranked>, &Vec<usize>)>> = BTreeMap::new();
+                for (g, (rooms, _)) in ranked.iter().enumerate() {
+                    for room in rooms {
+                        let Some(domain) = domain_of.get(room.0.3) else {
+                            continue;
+                        };
+                        let lists = by_domain.entry(*domain).or_insert_with(|| {
+                            ranked.iter().map(|(_, m)| (Vec::new(), *m)).collect()
+                        });
+                        lists[g].0.push(*room);
+                    }
+                }
+                by_domain
+                    .values()
+                    .filter_map(|lists| reserve_workers(nodes, lists))
+                    .min_by_key(|made| planned_start(made))
             }
-            for (&index, ((_, _, _, node), starts_at, free)) in members.iter().zip(picks) {
-                taken.insert(node);
-                let need = nodes[index].spec.container.resources();
-                made.push(Reservation {
-                    job: nodes[index].id.clone(),
-                    node: (*node).clone(),
-                    starts_at: *starts_at,
-                    spare: free.saturating_sub(&need),
-                });
-            }
-        }
+        }?;
         for r in &made {
             self.by_node
                 .entry(r.node.clone())
@@ -113,7 +121,7 @@ impl Reservations {
                 .push(r.clone());
         }
         made.into_iter()
-            .max_by_key(|r| (r.starts_at.is_none(), r.starts_at))
+            .max_by_key(|r| planned_start(std::slice::from_ref(r)))
     }
 
     fn reserve_except(
@@ -141,6 +149,46 @@ impl Reservations {
             .push(reservation.clone());
         Some(reservation)
     }
+}
+
+/// A worker of its own for each node of a gang, from each group's ranking (scarcest group
+/// first, each node where it fits soonest); `None` when some group runs out of workers.
+fn reserve_workers(
+    nodes: &[&Job],
+    ranked: &[(Vec<Ranked>, &Vec<usize>)],
+) -> Option<Vec<Reservation>> {
+    let mut taken: BTreeSet<&NodeId> = BTreeSet::new();
+    let mut made: Vec<Reservation> = Vec::new();
+    for (rooms, members) in ranked {
+        let picks: Vec<&Ranked> = rooms
+            .iter()
+            .filter(|(key, _, _)| !taken.contains(key.3))
+            .take(members.len())
+            .collect();
+        if picks.len() < members.len() {
+            return None;
+        }
+        for (&index, ((_, _, _, node), starts_at, free)) in members.iter().zip(picks) {
+            taken.insert(node);
+            let need = nodes[index].spec.container.resources();
+            made.push(Reservation {
+                job: nodes[index].id.clone(),
+                node: (*node).clone(),
+                starts_at: *starts_at,
+                spare: free.saturating_sub(&need),
+            });
+        }
+    }
+    Some(made)
+}
+
+/// When a gang holding these reservations can start: when the last of them frees (never,
+/// ranked last, when one depends on jobs without a timeout).
+fn planned_start(made: &[Reservation]) -> (bool, Option<u64>) {
+    made.iter()
+        .map(|r| (r.starts_at.is_none(), r.starts_at))
+        .max()
+        .unwrap_or((false, None))
 }
 
 /// Every node of `ces` that `job` could ever fit on, best first, with when the job could
