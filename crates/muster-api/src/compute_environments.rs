@@ -237,23 +237,17 @@ pub(crate) async fn delete<P: ControlPlane>(
     caller: &Principal,
     body: &[u8],
 ) -> Result<Value, ApiError> {
-    #[derive(Deserialize)]
-    #[serde(rename_all = "camelCase")]
-    struct DeleteRequest {
-        compute_environment: Option<String>,
-    }
-    let req: DeleteRequest = parse(body)?;
-    let target = required("computeEnvironment", &req.compute_environment)?.to_owned();
-    let (_, arn, _) = resolve(plane, &target)?;
-    caller.authorize("batch:DeleteComputeEnvironment", &[&arn])?;
-    check_and_propose(
+    crate::delete_one(
         plane,
-        Command::Admin(AdminCommand::DeleteComputeEnvironment {
-            compute_environment: target,
-        }),
+        caller,
+        body,
+        ("computeEnvironment", "batch:DeleteComputeEnvironment"),
+        |target| Ok(resolve(plane, target)?.1),
+        |compute_environment| AdminCommand::DeleteComputeEnvironment {
+            compute_environment,
+        },
     )
-    .await?;
-    Ok(json!({}))
+    .await
 }
 
 /// Name, ARN and type of an existing compute environment named by name or ARN.

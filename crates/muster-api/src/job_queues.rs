@@ -215,24 +215,18 @@ pub(crate) async fn delete<P: ControlPlane>(
     caller: &Principal,
     body: &[u8],
 ) -> Result<Value, ApiError> {
-    #[derive(Deserialize)]
-    #[serde(rename_all = "camelCase")]
-    struct DeleteRequest {
-        job_queue: Option<String>,
-    }
-    let req: DeleteRequest = parse(body)?;
-    let target = required("jobQueue", &req.job_queue)?.to_owned();
-    let (_, arn) = resolve(plane, &target)?;
-    caller.authorize("batch:DeleteJobQueue", &[&arn])?;
-    check_and_propose(
+    crate::delete_one(
         plane,
-        Command::Admin(AdminCommand::DeleteJobQueue {
-            job_queue: target,
+        caller,
+        body,
+        ("jobQueue", "batch:DeleteJobQueue"),
+        |target| Ok(resolve(plane, target)?.1),
+        |job_queue| AdminCommand::DeleteJobQueue {
+            job_queue,
             at: plane.now(),
-        }),
+        },
     )
-    .await?;
-    Ok(json!({}))
+    .await
 }
 
 #[derive(Deserialize)]

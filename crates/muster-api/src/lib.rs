@@ -280,6 +280,26 @@ async fn caller<P: ControlPlane>(
     auth::authenticate(&api.plane, &req, service, &region).await
 }
 
+/// What a route hands to [`signed`]: the request as it came.
+type Request = (Method, Uri, HeaderMap, Bytes);
+
+/// One signed request from start to answer: timed, its signature checked for `service`,
+/// `handle` run as the signer, and the result answered in AWS's terms.
+async fn signed<P: ControlPlane>(
+    api: &Api<P>,
+    service: &str,
+    operation: &str,
+    (method, uri, headers, body): &Request,
+    handle: impl AsyncFnOnce(Principal) -> Result<serde_json::Value, ApiError>,
+) -> Response {
+    let started = std::time::Instant::now();
+    let result = match caller(api, service, method, uri, headers, body).await {
+        Ok(principal) => handle(principal).await,
+        Err(e) => Err(e),
+    };
+    respond(api, operation, started, result)
+}
+
 fn respond<P: ControlPlane>(
     api: &Api<P>,
     operation: &str,
@@ -309,26 +329,24 @@ async fn batch_operation<P: ControlPlane>(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let started = std::time::Instant::now();
     // AWS limits a SubmitJob request to 30 KiB; other requests to the configured maximum.
     let limit = if operation == "submitjob" {
         SUBMIT_JOB_MAX_BYTES
     } else {
         api.config.max_body_bytes
     };
-    let result = if body.len() > limit {
-        Err(ApiError::client(format!(
+    if body.len() > limit {
+        let refused = ApiError::client(format!(
             "request body: {} bytes is over the limit of {limit} bytes",
             body.len()
-        )))
-    } else {
-        async {
-            let principal = caller(&api, "batch", &method, &uri, &headers, &body).await?;
-            dispatch(&api, &principal, &operation, &body).await
-        }
-        .await
-    };
-    respond(&api, &operation, started, result)
+        ));
+        return respond(&api, &operation, std::time::Instant::now(), Err(refused));
+    }
+    let request = (method, uri, headers, body);
+    signed(&api, "batch", &operation, &request, async |principal| {
+        dispatch(&api, &principal, &operation, &request.3).await
+    })
+    .await
 }
 
 /// The administration families Muster adds beside AWS Batch's operations.
@@ -344,18 +362,20 @@ async fn admin_operation<P: ControlPlane>(
     api: Arc<Api<P>>,
     family: Admin,
     operation: String,
-    (method, uri, headers, body): (Method, Uri, HeaderMap, Bytes),
+    request: Request,
 ) -> Response {
-    let started = std::time::Instant::now();
-    let result = async {
-        let principal = caller(&api, "batch", &method, &uri, &headers, &body).await?;
-        match family {
-            Admin::Iam => iam::dispatch(&api.plane, &principal, &operation, &body).await,
-            Admin::Cluster => cluster::dispatch(&api.plane, &principal, &operation, &body).await,
-        }
-    }
-    .await;
-    respond(&api, &operation, started, result)
+    let body = &request.3;
+    signed(
+        &api,
+        "batch",
+        &operation,
+        &request,
+        async |principal| match family {
+            Admin::Iam => iam::dispatch(&api.plane, &principal, &operation, body).await,
+            Admin::Cluster => cluster::dispatch(&api.plane, &principal, &operation, body).await,
+        },
+    )
+    .await
 }
 
 async fn iam_operation<P: ControlPlane>(
@@ -387,7 +407,7 @@ async fn cluster_operation<P: ControlPlane>(
 /// (`application/octet-stream`), not JSON.
 async fn save_snapshot<P: ControlPlane>(
     api: Arc<Api<P>>,
-    (method, uri, headers, body): (Method, Uri, HeaderMap, Bytes),
+    (method, uri, headers, body): Request,
 ) -> Response {
     let started = std::time::Instant::now();
     let result = async {
@@ -418,15 +438,14 @@ async fn tags_operation<P: ControlPlane>(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let started = std::time::Instant::now();
     let arn = arn.trim_start_matches('/').to_owned();
-    let result = async {
-        let principal = caller(&api, "batch", &method, &uri, &headers, &body).await?;
+    let request = (method, uri, headers, body);
+    let (method, uri, _, body) = &request;
+    signed(&api, "batch", "tags", &request, async |principal| {
         let query = uri.query().unwrap_or("");
-        tags::dispatch(&api.plane, &principal, method.as_str(), &arn, query, &body).await
-    }
-    .await;
-    respond(&api, "tags", started, result)
+        tags::dispatch(&api.plane, &principal, method.as_str(), &arn, query, body).await
+    })
+    .await
 }
 
 async fn root_operation<P: ControlPlane>(
@@ -444,13 +463,14 @@ async fn root_operation<P: ControlPlane>(
         .as_deref()
         .and_then(|t| t.strip_prefix(logs::TARGET_PREFIX))
     {
-        let started = std::time::Instant::now();
-        let result = async {
-            let principal = caller(&api, "logs", &method, &uri, &headers, &body).await?;
-            logs::dispatch(&api.plane, &principal, operation, &body).await
-        }
-        .await;
-        return logs::respond(respond(&api, operation, started, result));
+        let request = (method, uri, headers, body);
+        let body = &request.3;
+        return logs::respond(
+            signed(&api, "logs", operation, &request, async |principal| {
+                logs::dispatch(&api.plane, &principal, operation, body).await
+            })
+            .await,
+        );
     }
     match caller(&api, "sts", &method, &uri, &headers, &body).await {
         Ok(principal) => sts::answer(&principal, &body, &api.plane.new_id()),
@@ -501,6 +521,30 @@ async fn unknown_route() -> Response {
 /// The ARN a resource of `kind` named `name` has (or would have) in this cluster.
 fn arn_of<P: ControlPlane>(plane: &P, kind: &str, name: &str) -> String {
     plane.read_local(|s| s.arn_scope().arn(kind, name).0)
+}
+
+/// A Delete operation of one resource, named in the body's member `field` (by name or ARN):
+/// `arn_of_target` finds the ARN the caller needs `action` on (or says the resource does not
+/// exist), and `command` makes the deletion to propose.
+async fn delete_one<P: ControlPlane>(
+    plane: &P,
+    caller: &Principal,
+    body: &[u8],
+    (field, action): (&str, &str),
+    arn_of_target: impl FnOnce(&str) -> Result<String, ApiError>,
+    command: impl FnOnce(String) -> muster_core::AdminCommand,
+) -> Result<serde_json::Value, ApiError> {
+    let members: std::collections::BTreeMap<String, serde_json::Value> = request::parse(body)?;
+    let target: Option<String> = members
+        .get(field)
+        .cloned()
+        .map(serde_json::from_value)
+        .transpose()
+        .map_err(|e| ApiError::client(format!("{field}: {e}")))?;
+    let target = request::required(field, &target)?.to_owned();
+    caller.authorize(action, &[&arn_of_target(&target)?])?;
+    check_and_propose(plane, Command::Admin(command(target))).await?;
+    Ok(serde_json::json!({}))
 }
 
 /// Checks `command` against the current state, then proposes it. Nothing reaches the log

@@ -143,19 +143,15 @@ pub(crate) async fn delete<P: ControlPlane>(
     caller: &Principal,
     body: &[u8],
 ) -> Result<Value, ApiError> {
-    #[derive(Deserialize)]
-    struct DeleteRequest {
-        arn: Option<String>,
-    }
-    let req: DeleteRequest = parse(body)?;
-    let arn = required("arn", &req.arn)?.to_owned();
-    caller.authorize("batch:DeleteSchedulingPolicy", &[&arn])?;
-    check_and_propose(
+    crate::delete_one(
         plane,
-        Command::Admin(AdminCommand::DeleteSchedulingPolicy { arn }),
+        caller,
+        body,
+        ("arn", "batch:DeleteSchedulingPolicy"),
+        |arn| Ok(arn.to_owned()),
+        |arn| AdminCommand::DeleteSchedulingPolicy { arn },
     )
-    .await?;
-    Ok(json!({}))
+    .await
 }
 
 pub(crate) async fn describe<P: ControlPlane>(
