@@ -4,7 +4,7 @@ use crate::pool::{Pool, Room};
 use crate::reservations::Reservations;
 use crate::{WaitReason, requirements};
 use muster_core::{Job, NodeId, Resources, Timestamp};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 /// A topology domain: the path to it, widest level first (`[("block","b1"), ("rack","r2")]`).
 type Domain<'a> = &'a [(&'a str, &'a str)];
@@ -121,135 +121,116 @@ pub(crate) fn domain_at<'p, 's>(room: &'p Room<'s>, level: &str) -> Option<Domai
 
 /// Gives each node a worker of its own among `rooms` (each with the groups that fit on it):
 /// the group with the fewest workers to choose from first, each node on the worker it fits
-/// tightest. Where that order leaves a node without a worker although some assignment would
-/// give every node one (ranges competing for the same scarce workers), a full matching finds
-/// it, so a gang that fits is never left waiting for a round that would decide the same.
+/// tightest. Where that order leaves nodes without a worker although some assignment would
+/// give every node one (ranges competing for the same scarce workers), augmenting paths
+/// between the ranges find it, so a gang that fits is never left waiting for a round that
+/// would decide the same.
 fn assign<'s>(
     count: usize,
     groups: &[(&Job, Vec<usize>)],
     rooms: &[&Candidate<'_, 's>],
 ) -> Option<Vec<&'s NodeId>> {
-    assign_greedily(count, groups, rooms).or_else(|| {
-        // One range: its nodes are interchangeable, and the greedy pass is already exact.
-        (groups.len() > 1)
-            .then(|| assign_by_matching(count, groups, rooms))
-            .flatten()
-    })
-}
-
-/// Augmenting-path steps a matching may take before the gang waits for another round: far
-/// more than gangs of thousands of nodes over thousands of workers need when it succeeds.
-const MATCHING_BUDGET: usize = 4_000_000;
-
-/// Every node a worker of its own, if there is such an assignment (Kuhn's augmenting paths,
-/// each node trying the workers it fits tightest first), within [`MATCHING_BUDGET`] steps.
-fn assign_by_matching<'s>(
-    count: usize,
-    groups: &[(&Job, Vec<usize>)],
-    rooms: &[&Candidate<'_, 's>],
-) -> Option<Vec<&'s NodeId>> {
-    let mut group_of = vec![0; count];
-    for (g, (_, members)) in groups.iter().enumerate() {
-        for &index in members {
-            group_of[index] = g;
-        }
-    }
-    let choices: Vec<Vec<usize>> = (0..groups.len())
-        .map(|g| {
-            let mut fitting: Vec<usize> = (0..rooms.len()).filter(|&r| rooms[r].1[g]).collect();
-            fitting.sort_by_key(|&r| {
-                let room = rooms[r].0;
-                (room.free.millicpus, room.free.memory_mib, &room.node.id)
-            });
-            fitting
-        })
-        .collect();
-    struct Matching<'a> {
-        group_of: &'a [usize],
-        choices: &'a [Vec<usize>],
-        /// The node each worker holds.
-        holder: Vec<Option<usize>>,
-        /// The search in which each worker was last looked at (one search a node).
-        seen_in: Vec<usize>,
-        search: usize,
-        steps: usize,
-    }
-    impl Matching<'_> {
-        /// Finds `node` a worker, moving holders along an augmenting path.
-        fn place(&mut self, node: usize) -> Option<bool> {
-            for &room in &self.choices[self.group_of[node]] {
-                self.steps += 1;
-                if self.steps > MATCHING_BUDGET {
-                    return None;
-                }
-                if std::mem::replace(&mut self.seen_in[room], self.search) == self.search {
-                    continue;
-                }
-                let free = match self.holder[room] {
-                    None => true,
-                    Some(other) => self.place(other)?,
-                };
-                if free {
-                    self.holder[room] = Some(node);
-                    return Some(true);
-                }
-            }
-            Some(false)
-        }
-    }
-    let mut matching = Matching {
-        group_of: &group_of,
-        choices: &choices,
-        holder: vec![None; rooms.len()],
-        seen_in: vec![0; rooms.len()],
-        search: 0,
-        steps: 0,
-    };
-    for node in 0..count {
-        matching.search += 1;
-        if !matching.place(node)? {
-            return None;
-        }
-    }
-    let mut chosen: Vec<Option<&'s NodeId>> = vec![None; count];
-    for (room, holder) in matching.holder.iter().enumerate() {
-        if let Some(node) = holder {
-            chosen[*node] = Some(&rooms[room].0.node.id);
-        }
-    }
-    chosen.into_iter().collect()
-}
-
-/// The greedy pass of [`assign`].
-fn assign_greedily<'s>(
-    count: usize,
-    groups: &[(&Job, Vec<usize>)],
-    rooms: &[&Candidate<'_, 's>],
-) -> Option<Vec<&'s NodeId>> {
+    // The group each worker holds a node of, and how many more each group needs.
+    let mut holder: Vec<Option<usize>> = vec![None; rooms.len()];
+    let mut wanting: Vec<usize> = groups.iter().map(|(_, members)| members.len()).collect();
     let mut order: Vec<usize> = (0..groups.len()).collect();
     order.sort_by_key(|&g| {
         let choices = rooms.iter().filter(|(_, fits)| fits[g]).count();
         (choices, g)
     });
-    let mut taken: BTreeSet<&NodeId> = BTreeSet::new();
-    let mut chosen: Vec<Option<&'s NodeId>> = vec![None; count];
-    for g in order {
-        let mut fitting: Vec<&Room<'s>> = rooms
-            .iter()
-            .filter(|(room, fits)| fits[g] && !taken.contains(&room.node.id))
-            .map(|(room, _)| *room)
+    for &g in &order {
+        let mut fitting: Vec<usize> = (0..rooms.len())
+            .filter(|&r| rooms[r].1[g] && holder[r].is_none())
             .collect();
-        let members = &groups[g].1;
-        if fitting.len() < members.len() {
+        fitting.sort_by_key(|&r| tightness(rooms[r].0));
+        for r in fitting.into_iter().take(wanting[g]) {
+            holder[r] = Some(g);
+            wanting[g] -= 1;
+        }
+    }
+    let mut budget = MATCHING_BUDGET;
+    while wanting.iter().any(|&w| w > 0) {
+        if !augment(&mut holder, &mut wanting, rooms, &mut budget) {
             return None;
         }
-        fitting.sort_by_key(|r| (r.free.millicpus, r.free.memory_mib, &r.node.id));
-        for (&index, room) in members.iter().zip(fitting) {
-            taken.insert(&room.node.id);
-            chosen[index] = Some(&room.node.id);
+    }
+    // Each group's nodes on its workers, tightest first.
+    let mut chosen: Vec<Option<&'s NodeId>> = vec![None; count];
+    for (g, (_, members)) in groups.iter().enumerate() {
+        let mut held: Vec<usize> = (0..rooms.len()).filter(|&r| holder[r] == Some(g)).collect();
+        held.sort_by_key(|&r| tightness(rooms[r].0));
+        for (&index, r) in members.iter().zip(held) {
+            chosen[index] = Some(&rooms[r].0.node.id);
         }
     }
     chosen.into_iter().collect()
+}
+
+/// How tightly a node fits on a worker: least left free first.
+fn tightness<'r>(room: &'r Room<'_>) -> (u64, u64, &'r NodeId) {
+    (room.free.millicpus, room.free.memory_mib, &room.node.id)
+}
+
+/// Worker checks the augmenting searches of one gang may make before it waits for another
+/// round: each search looks at every worker at most once a group, and a gang needs one
+/// search a node the greedy pass left without a worker.
+const MATCHING_BUDGET: usize = 4_000_000;
+
+/// One augmenting path: a group still wanting a worker takes a free one it fits, directly or
+/// by moving nodes of other groups along a chain of workers they also fit (a breadth-first
+/// search over the groups, so each is expanded once). False when there is none, or the
+/// budget ran out.
+fn augment(
+    holder: &mut [Option<usize>],
+    wanting: &mut [usize],
+    rooms: &[&Candidate<'_, '_>],
+    budget: &mut usize,
+) -> bool {
+    let groups = wanting.len();
+    // How each group and worker was reached: the worker a group gives up, the group that
+    // takes a worker.
+    let mut via_worker: Vec<Option<usize>> = vec![None; groups];
+    let mut via_group: Vec<Option<usize>> = vec![None; rooms.len()];
+    let mut reached: Vec<bool> = (0..groups).map(|g| wanting[g] > 0).collect();
+    let mut queue: std::collections::VecDeque<usize> =
+        (0..groups).filter(|&g| wanting[g] > 0).collect();
+    while let Some(g) = queue.pop_front() {
+        for r in 0..rooms.len() {
+            if *budget == 0 {
+                return false;
+            }
+            *budget -= 1;
+            if !rooms[r].1[g] || holder[r] == Some(g) || via_group[r].is_some() {
+                continue;
+            }
+            via_group[r] = Some(g);
+            match holder[r] {
+                None => {
+                    // Free: each group on the path takes the worker after it and gives up the
+                    // one it was reached through.
+                    let mut worker = r;
+                    loop {
+                        let taker = via_group[worker].expect("reached through a group");
+                        holder[worker] = Some(taker);
+                        match via_worker[taker] {
+                            Some(given_up) => worker = given_up,
+                            None => {
+                                wanting[taker] -= 1;
+                                return true;
+                            }
+                        }
+                    }
+                }
+                Some(other) if !reached[other] => {
+                    reached[other] = true;
+                    via_worker[other] = Some(r);
+                    queue.push_back(other);
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    false
 }
 
 /// Why a multi-node job was not placed: no ready worker, too few workers that could ever hold

@@ -841,3 +841,53 @@ fn a_fair_share_queues_compute_reservation_counts_every_node_of_a_gang() {
         BTreeSet::from(["a-small#0".to_owned(), "a-small#1".to_owned()])
     );
 }
+
+#[test]
+fn a_large_gang_whose_main_node_takes_the_others_worker_is_still_placed() {
+    // The main node fits X and Y, and Y is the tighter; the 300 other nodes fit Y and 299
+    // workers of their own. Scarcest first puts the main node on Y and leaves one node
+    // without a worker; one augmenting path moves the main node to X.
+    let mut s = cluster(0);
+    let mut workers = vec![("x".to_owned(), 8000, 1024), ("y".to_owned(), 4000, 8192)];
+    workers.extend((0..299).map(|i| (format!("w{i:03}"), 2000, 8192)));
+    for (name, millicpus, memory) in &workers {
+        let register = node_registration(
+            name,
+            Resources::new(*millicpus, *memory, 0),
+            Vec::new(),
+            Default::default(),
+            Timestamp(0),
+        );
+        must(&mut s, register);
+    }
+    let Command::SubmitJob(mut sub) = gang_submission("g", 301, 1, 1, None, &[]) else {
+        unreachable!()
+    };
+    sub.node_overrides = Some(NodeOverrides {
+        num_nodes: Some(301),
+        ranges: [("0", 4, 1024), ("1:", 1, 8192)]
+            .into_iter()
+            .map(|(target, vcpus, memory)| muster_core::NodeOverride {
+                target_nodes: target.into(),
+                container_overrides: muster_core::ContainerOverrides {
+                    vcpus: Some(vcpus),
+                    memory: Some(memory),
+                    ..Default::default()
+                },
+            })
+            .collect(),
+    });
+    must(&mut s, Command::SubmitJob(sub));
+    let config = PlanConfig {
+        max_placements: 1000,
+        ..PlanConfig::default()
+    };
+    let p = plan(&s, &config, NOW);
+    assert_eq!(p.placements.len(), 301, "{:?}", p.unplaced);
+    let main = p
+        .placements
+        .iter()
+        .find(|p| p.job.to_string() == "g#0")
+        .unwrap();
+    assert_eq!(main.node.0, "x");
+}
