@@ -3,7 +3,7 @@
 executor), each in a network namespace of its own, a boto3 workload over every node, faults
 one after another, then heal, quiesce and check (muster_chaos/check.py).
 
-    python3 chaos/run.py                       # the short form CI runs (a few minutes)
+    python3 chaos/run.py                       # ten faults (tests/run.sh runs CI's short form)
     python3 chaos/run.py --faults 60 --seed 7  # longer; a failing seed is printed to replay
 
 Needs root (namespaces, iptables) and a built `muster` (MUSTER_BIN or target/debug/muster).
@@ -15,6 +15,7 @@ import glob
 import json
 import os
 import random
+import resource
 import shutil
 import statistics
 import subprocess
@@ -99,6 +100,8 @@ def main():
 
     if os.geteuid() != 0:
         sys.exit("chaos/run.py needs root: it makes network namespaces and iptables rules")
+    # No core files from processes aborted at crash points (every child inherits this).
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     binary = os.environ.get("MUSTER_BIN") or os.path.abspath("target/debug/muster")
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)
     rng = random.Random(seed)
@@ -175,6 +178,8 @@ def main():
             "quiesced_after_heal_s": round(quiet - healed, 1),
             # Processes that exited on their own and were restarted by the harness's supervisor.
             "restarted_on_exit": {n: p.restarts for n, p in cluster.procs.items() if p.restarts},
+            # Exits at the crash points the harness armed (restarted too, counted apart).
+            "crashed_at_points": {n: p.crashed_at_points for n, p in cluster.procs.items() if p.crashed_at_points},
             "failover_ms": {k: percentiles([d.get(k) for d in kills])
                             for k in ("elected_ms", "first_write_ms", "placed_ms")},
             "violations": violations,

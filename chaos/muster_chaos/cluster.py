@@ -5,7 +5,6 @@ import configparser
 import os
 import tomllib
 import re
-import resource
 import shutil
 import signal
 import subprocess
@@ -35,20 +34,21 @@ class Proc:
         self.extra_env = {}
         # Environment for the next start only (a crash point armed once).
         self.next_start_env = {}
+        # Exits at crash points the harness armed (restarts it caused, not counted above).
+        self.crashed_at_points = 0
+        # Held by start, kill and the supervisor's restart: the supervisor must never restart
+        # a process that a fault is killing or has just started.
+        self.lock = threading.RLock()
 
     def start(self):
-        log = open(self.log_path, "ab")
-        env = {**os.environ, "MUSTER_LOG": "warn,muster=info,muster_raft=info", **self.extra_env,
-               **self.next_start_env}
-        self.next_start_env = {}
-        # No core files from a process aborted at a crash point.
-        no_core = lambda: resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        self.popen = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=log, env=env,
-                                      preexec_fn=no_core)
-        log.close()
-        # Only now: the supervisor restarts a wanted process whose Popen has exited, and must
-        # not take the one just killed for that.
-        self.wanted = True
+        with self.lock:
+            log = open(self.log_path, "ab")
+            env = {**os.environ, "MUSTER_LOG": "warn,muster=info,muster_raft=info",
+                   **self.extra_env, **self.next_start_env}
+            self.next_start_env = {}
+            self.popen = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=log, env=env)
+            log.close()
+            self.wanted = True
 
     @property
     def alive(self):
@@ -59,12 +59,22 @@ class Proc:
             os.kill(self.popen.pid, sig)
 
     def kill(self):
-        self.wanted = False
-        if self.alive:
-            self.signal(signal.SIGCONT)
-            self.popen.kill()
-            self.popen.wait(timeout=30)
-        self.paused = False
+        with self.lock:
+            self.wanted = False
+            if self.alive:
+                self.signal(signal.SIGCONT)
+                self.popen.kill()
+                self.popen.wait(timeout=30)
+            self.paused = False
+
+    def restart_if_exited(self):
+        """The supervisor's part: a wanted process that exited on its own starts again."""
+        with self.lock:
+            if self.wanted and self.popen is not None and self.popen.poll() is not None:
+                self.restarts += 1
+                self.start()
+                return True
+        return False
 
     def pause(self):
         self.signal(signal.SIGSTOP)
@@ -140,10 +150,16 @@ class Cluster:
             self._proc(name, ["agent", "--config", config])
         self.credentials = None
         self.stopped = threading.Event()
+        self.client_lock = threading.Lock()
 
     def _proc(self, name, args):
         argv = ["ip", "netns", "exec", self.net.ns(name), self.binary, *args]
+        before = self.procs.get(name)
         self.procs[name] = Proc(name, argv, os.path.join(self.workdir, f"{name}.log"))
+        if before is not None:
+            # A host's new node (a membership change) keeps the host's counts.
+            self.procs[name].restarts = before.restarts
+            self.procs[name].crashed_at_points = before.crashed_at_points
         self._fake_clock(name)
 
     def _fake_clock(self, name):
@@ -163,10 +179,11 @@ class Cluster:
         tls_dir = os.path.join(self.pki, "tls")
         tls = (f'[tls]\nca_file = "{tls_dir}/ca.pem"\ncert_file = "{tls_dir}/control-{node_id}.pem"\n'
                f'key_file = "{tls_dir}/control-{node_id}.key"\nca_key_file = "{tls_dir}/ca.key"\n')
+        # Its peers: the members, and itself when it joins a running cluster.
         peers = "".join(
             f'[[peers]]\nid = {self.node_ids[n]}\ngrpc_addr = "{self.net.ip(n)}:{GRPC}"\n'
             f'raft_addr = "{self.net.ip(n)}:{RAFT}"\n'
-            for n in self.server_names)
+            for n in self.server_names + ([name] if joining else []))
         config = os.path.join(self.workdir, f"node-{node_id}.toml")
         with open(config, "w") as f:
             f.write(f'node_id = {node_id}\ngrpc_addr = "{ip}:{GRPC}"\nraft_addr = "{ip}:{RAFT}"\n'
@@ -189,6 +206,8 @@ class Cluster:
         """A spare host's control node under a new id, with an empty disk and its certificate
         made as an operator makes one (`muster cluster new-node`), started to wait for
         `add-node`. Returns the host; it is not a member yet."""
+        if not self.spare_names:
+            raise RuntimeError("no spare host (an earlier membership change did not finish)")
         name = self.spare_names[0]
         node_id = self.next_id
         self.next_id += 1
@@ -202,12 +221,7 @@ class Cluster:
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
         self.node_ids[name] = node_id
         self.joined.add(name)
-        # Its peers: the members and itself.
-        self.server_names.append(name)
-        try:
-            self._server(name, joining=True)
-        finally:
-            self.server_names.remove(name)
+        self._server(name, joining=True)
         self.procs[name].start()
         return name
 
@@ -238,6 +252,11 @@ class Cluster:
         self.credentials = (section["aws_access_key_id"], section["aws_secret_access_key"])
 
     def client(self, server, read_timeout=10):
+        # boto3's default session is not safe to make clients from in several threads at once.
+        with self.client_lock:
+            return self._client(server, read_timeout)
+
+    def _client(self, server, read_timeout):
         """A boto3 Batch client of `server`'s API that never retries on its own, so that each
         call in the history is one request. (botocore's `max_attempts` counts retries: 1 still
         sends twice, and a first send that was applied then looked like a refused second one.)"""
@@ -282,9 +301,7 @@ class Cluster:
     def _supervise(self):
         while not self.stopped.wait(1.0):
             for proc in list(self.procs.values()):
-                if proc.wanted and proc.popen is not None and proc.popen.poll() is not None:
-                    proc.restarts += 1
-                    proc.start()
+                proc.restart_if_exited()
 
     def stop(self):
         self.stopped.set()

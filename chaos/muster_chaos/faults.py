@@ -307,6 +307,10 @@ def crash_point(ctx):
     while time.time() < deadline and proc.restarts == restarts:
         ctx.hold(0.1)
     crashed = proc.restarts > restarts
+    if crashed:
+        # A restart the harness caused: counted apart from exits nobody planned.
+        proc.restarts -= 1
+        proc.crashed_at_points += 1
     if not crashed:
         # Not reached in time (an agent given no work): restarted unarmed.
         proc.kill()
@@ -346,7 +350,7 @@ def membership_change(ctx):
     new_leader = cluster.wait_for_leader(timeout=30)
     accepted, placed = ctx.probe(new_leader) if new_leader else (None, None)
     ms = lambda t: None if t is None else round((t - began) * 1000)
-    return {"added": f"{spare} as {new_id}", "removed": f"{leader} ({old_id}, the leader)",
+    return {"added": f"{spare} as {new_id}", "removed": f"{leader} ({old_id}, leader when the change began)",
             "voter_ms": ms(voter_at), "removed_ms": ms(removed_at),
             "first_write_after_ms": None if accepted is None else round((accepted - removed_at) * 1000),
             "placed_after_ms": None if placed is None else round((placed - removed_at) * 1000),

@@ -546,14 +546,16 @@ async fn a_server_that_dies_at_each_crash_point_keeps_what_it_acknowledged() {
                 "{armed}: the server never crashed"
             );
             let name = format!("before-{point}-{}", acknowledged.len());
-            if let Ok(answer) = client
+            match client
                 .call(
                     "SubmitJob",
                     json!({"jobName": name, "jobQueue": "q", "jobDefinition": "d"}),
                 )
                 .await
             {
-                acknowledged.push(answer["jobId"].as_str().unwrap().to_owned());
+                Ok(answer) => acknowledged.push(answer["jobId"].as_str().unwrap().to_owned()),
+                // Not serving yet (or no longer): no busy loop against a closed port.
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
             }
         };
         assert_eq!(status.signal(), Some(6), "{armed}: exited with {status}");
