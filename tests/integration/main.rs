@@ -18,3 +18,4 @@ mod restart;
 mod security;
 mod semantics;
 mod sim;
+mod upgrade;

@@ -168,6 +168,7 @@ impl PartitionedCluster {
                 retention: Duration::from_secs(86_400),
             },
             limits: Default::default(),
+            command_level: muster_core::COMMAND_LEVEL,
             scope: Default::default(),
             // What is tested here is timing under partitions, which TLS does not change.
             tls: None,

@@ -401,7 +401,15 @@ pub(crate) async fn register<P: ControlPlane>(
     )?;
     let multinode = match required("type", &req.definition_type)? {
         "container" => false,
-        "multinode" => true,
+        "multinode" => {
+            crate::require_level(
+                plane,
+                muster_core::LEVEL_MULTINODE,
+                "type",
+                "multinode job definitions",
+            )?;
+            true
+        }
         other => {
             return Err(ApiError::client(format!(
                 "type: {other} must be one of container | multinode"

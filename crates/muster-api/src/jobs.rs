@@ -198,6 +198,18 @@ pub(crate) async fn submit<P: ControlPlane>(
         )
     });
     caller.authorize("batch:SubmitJob", &[&queue_arn, &definition_arn])?;
+    let multinode_definition = plane.read_local(|s| {
+        s.definition(&definition)
+            .is_some_and(|d| d.node_properties.is_some())
+    });
+    if req.node_overrides.is_some() || multinode_definition {
+        crate::require_level(
+            plane,
+            muster_core::LEVEL_MULTINODE,
+            "jobDefinition",
+            "multi-node jobs",
+        )?;
+    }
     let submission = JobSubmission {
         id: JobId::from(plane.new_id()),
         at: plane.now(),

@@ -523,6 +523,25 @@ fn arn_of<P: ControlPlane>(plane: &P, kind: &str, name: &str) -> String {
     plane.read_local(|s| s.arn_scope().arn(kind, name).0)
 }
 
+/// Refuses what the command level `level` brought (`what`, named by its `field`) while the
+/// cluster is below it: a control node of an earlier release would refuse or misapply it.
+fn require_level<P: ControlPlane>(
+    plane: &P,
+    level: u32,
+    field: &str,
+    what: &str,
+) -> Result<(), ApiError> {
+    let cluster = plane.read_local(|s| s.cluster_level());
+    if cluster < level {
+        return Err(ApiError::client(format!(
+            "{field}: {what} need every control node at command level {level} or later; this \
+             cluster is at level {cluster} (a control node runs an earlier release: upgrade it, \
+             and the level rises on its own within seconds)"
+        )));
+    }
+    Ok(())
+}
+
 /// A Delete operation of one resource, named in the body's member `field` (by name or ARN):
 /// `arn_of_target` finds the ARN the caller needs `action` on (or says the resource does not
 /// exist), and `command` makes the deletion to propose.

@@ -70,6 +70,17 @@ pub fn read_credentials(path: &Path) -> Option<Credentials> {
     })
 }
 
+/// A new cluster starts at its founder's command level (`muster_core::COMMAND_LEVEL`), before
+/// anything else is proposed: a cluster is founded with one release on every node. (A cluster
+/// that an earlier release founded starts at level 1, and the leader raises it once every node
+/// reports a higher one.)
+pub async fn found_at_level(node: &RaftNode) {
+    let level = node.command_level;
+    if let Err(e) = node.propose(Command::SetClusterLevel { level }).await {
+        tracing::error!(error = %e, level, "could not record the cluster's command level");
+    }
+}
+
 /// Sets the cluster's region and account, as the node that founds it does first: proposed
 /// again with the same values, nothing changes; with others, once anything has an ARN, the
 /// refusal says which the cluster has.

@@ -151,6 +151,9 @@ pub struct ServerConfig {
     pub history: crate::JobHistory,
     /// API limits. Not read from config files: only tests lower the AWS minimums.
     pub limits: muster_api::Limits,
+    /// The command level this node reports (`muster_core::COMMAND_LEVEL`). Not read from
+    /// config files: only tests lower it, standing in for a node of an earlier release.
+    pub command_level: u32,
     /// The region and account a cluster this node founds names in its ARNs.
     pub scope: muster_core::ArnScope,
     /// What this node presents and trusts on its internal ports; `None`: plaintext.
@@ -348,6 +351,7 @@ impl RawServerConfig {
                 max_depends_on: self.max_depends_on,
                 ..Default::default()
             },
+            command_level: muster_core::COMMAND_LEVEL,
             root_credentials_dir: Some(
                 self.root_credentials_dir
                     .unwrap_or_else(|| self.data_dir.join("aws")),

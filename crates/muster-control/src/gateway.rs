@@ -393,10 +393,11 @@ impl AgentService for AgentGateway {
                         )));
                     }
                     Some(_) => {}
-                    // A cluster that knows no token yet is being founded (its founder records
+                    // A cluster that never had a token is being founded (its founder records
                     // the token `muster cluster init` made a moment after it starts): an agent
-                    // started beside it waits, as for a node it cannot reach yet.
-                    None if s.join_tokens().next().is_none() => {
+                    // started beside it waits, as for a node it cannot reach yet. (One whose
+                    // tokens all expired and were forgotten refuses at once.)
+                    None if !s.ever_had_join_tokens() => {
                         return Err(Status::unavailable(
                             "the cluster knows no join token yet (it is being founded); try again",
                         ));

@@ -48,6 +48,7 @@ const ARCHIVE_BATCH: u32 = 10_000;
 
 pub async fn run(node: RaftNode, history: JobHistory, mut shutdown: watch::Receiver<bool>) {
     let mut purged_at = Instant::now();
+    let mut level_checked_at: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = shutdown.changed() => return,
@@ -56,12 +57,19 @@ pub async fn run(node: RaftNode, history: JobHistory, mut shutdown: watch::Recei
         if !node.is_leader() {
             continue;
         }
+        if level_checked_at.is_none_or(|at| at.elapsed() >= LEVEL_CHECK_EVERY) {
+            level_checked_at = Some(Instant::now());
+            raise_cluster_level(&node).await;
+        }
         let now = crate::now_millis().as_millis();
-        archive(
-            &node,
-            Timestamp(now.saturating_sub(history.in_memory.as_millis() as u64)),
-        )
-        .await;
+        // A node of a release before `ArchiveEnded` would stop at it.
+        if node.state.read().state.cluster_level() >= muster_core::LEVEL_ARCHIVE_ENDED {
+            archive(
+                &node,
+                Timestamp(now.saturating_sub(history.in_memory.as_millis() as u64)),
+            )
+            .await;
+        }
         if purged_at.elapsed() < PURGE_EVERY {
             continue;
         }
@@ -70,6 +78,36 @@ pub async fn run(node: RaftNode, history: JobHistory, mut shutdown: watch::Recei
         let due = node.state.read().state.has_jobs_ended_before(before);
         if due && let Err(e) = node.write_as_leader(Command::PurgeJobs { before }).await {
             tracing::debug!(error = %e, "purge not committed");
+        }
+    }
+}
+
+/// How often the leader asks every control node for its command level while the cluster's is
+/// below its own.
+const LEVEL_CHECK_EVERY: Duration = Duration::from_secs(5);
+
+/// Raises the cluster's command level to the lowest any control node reports, once every
+/// member (voters and learners) answered and all run a release that knows `SetClusterLevel`.
+async fn raise_cluster_level(node: &RaftNode) {
+    let current = node.state.read().state.cluster_level();
+    if current >= node.command_level {
+        return;
+    }
+    let Some(lowest) = node.lowest_member_level().await else {
+        return;
+    };
+    // `SetClusterLevel` came with level 3: a node below it could not apply it.
+    if lowest > current && lowest >= muster_core::LEVEL_ARCHIVE_ENDED {
+        tracing::info!(
+            from = current,
+            to = lowest,
+            "every control node runs a newer release: raising the cluster's command level"
+        );
+        if let Err(e) = node
+            .write_as_leader(Command::SetClusterLevel { level: lowest })
+            .await
+        {
+            tracing::debug!(error = %e, "cluster level not raised");
         }
     }
 }

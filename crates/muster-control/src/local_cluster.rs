@@ -25,6 +25,9 @@ pub struct Tuning {
     pub node_cert_validity: Duration,
     /// How long ended jobs stay in memory, then on disk (tests and the bench archive at once).
     pub history: crate::JobHistory,
+    /// Nodes that report a command level below this release's, standing in for nodes of an
+    /// earlier release (tests of the cluster level).
+    pub command_levels: BTreeMap<u64, u32>,
 }
 
 impl Default for Tuning {
@@ -36,6 +39,7 @@ impl Default for Tuning {
             tls: true,
             node_cert_validity: LOCAL_CERT_VALIDITY,
             history: crate::JobHistory::default(),
+            command_levels: BTreeMap::new(),
         }
     }
 }
@@ -68,6 +72,8 @@ pub struct LocalCluster {
     scope: muster_core::ArnScope,
     /// `None`: plaintext internal ports.
     pki: Option<LocalPki>,
+    /// See [`Tuning::command_levels`].
+    command_levels: BTreeMap<u64, u32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -161,6 +167,7 @@ impl LocalCluster {
             tls,
             node_cert_validity,
             history,
+            command_levels,
         } = tuning;
         let pki = if tls {
             Some(LocalPki::make(
@@ -194,6 +201,7 @@ impl LocalCluster {
             history,
             scope,
             pki,
+            command_levels,
         };
         for (id, grpc) in grpc {
             let listeners = Listeners {
@@ -239,6 +247,11 @@ impl LocalCluster {
             history: self.history,
             node_lost_after: self.node_lost_after,
             limits: self.limits,
+            command_level: self
+                .command_levels
+                .get(&id)
+                .copied()
+                .unwrap_or(muster_core::COMMAND_LEVEL),
             scope: self.scope.clone(),
             tls,
             tls_files: self.pki.as_ref().map(|pki| pki.nodes[&id].clone()),
@@ -361,6 +374,11 @@ impl LocalCluster {
         }
     }
 
+    /// The command level node `id` reports from its next start (a test's upgrade of a node).
+    pub fn set_command_level(&mut self, id: u64, level: u32) {
+        self.command_levels.insert(id, level);
+    }
+
     /// Restarts a stopped node from its data directory on its old ports.
     pub async fn restart_node(&mut self, id: u64) -> Result<(), ClusterError> {
         self.stop_node(id).await;
@@ -375,11 +393,26 @@ impl LocalCluster {
     }
 
     /// Makes the root user and its key (kept in `dir/credentials`) exist; see
-    /// [`crate::bootstrap::ensure_root`].
+    /// [`crate::bootstrap::ensure_root`]. First waits (up to 15 s) until every running node
+    /// records the command level the founder set, so that nothing a caller does with the key
+    /// meets a cluster that refuses what its level allows.
     pub async fn ensure_root(
         &self,
         dir: &Path,
     ) -> Result<crate::bootstrap::Credentials, crate::bootstrap::BootstrapError> {
+        let founded_at = self
+            .command_levels
+            .get(&1)
+            .copied()
+            .unwrap_or(muster_core::COMMAND_LEVEL);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline
+            && self
+                .running()
+                .any(|n| n.raft.state.read().state.cluster_level() < founded_at)
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let node = self
             .running()
             .next()

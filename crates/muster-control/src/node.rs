@@ -166,7 +166,8 @@ impl ControlNode {
             .await
             .map_err(|e| StartError::Raft(e.to_string()))?
             .map_err(|e| StartError::Raft(e.to_string()))?;
-        let node = RaftNode::new(config.node_id, raft.clone(), state, peers);
+        let mut node = RaftNode::new(config.node_id, raft.clone(), state, peers);
+        node.command_level = config.command_level;
 
         let heartbeats = crate::liveness::Heartbeats::default();
         let mut tasks = Vec::new();
@@ -360,6 +361,9 @@ impl ControlNode {
             let with_defaults = config.found_with_defaults;
             let founding_token = config.founding_join_token.clone();
             tasks.push(tokio::spawn(async move {
+                if founded {
+                    crate::bootstrap::found_at_level(&node).await;
+                }
                 match crate::bootstrap::ensure_root(&node, &credentials_dir, &scope).await {
                     Ok(c) => tracing::info!(
                         access_key_id = %c.access_key_id,
@@ -380,6 +384,7 @@ impl ControlNode {
         } else if founded {
             let (node, scope) = (node.clone(), config.scope.clone());
             tasks.push(tokio::spawn(async move {
+                crate::bootstrap::found_at_level(&node).await;
                 if let Err(e) = crate::bootstrap::set_scope(&node, &scope).await {
                     tracing::error!(error = %e, "could not set the cluster's region and account");
                 }

@@ -96,6 +96,12 @@ pub enum Command {
         before: Timestamp,
         max_jobs: u32,
     },
+    /// Raise the cluster's command level to `level` (never lower it): the leader proposes it
+    /// once every control node reports a release of at least that level, and only then
+    /// proposes what that level brought (see [`crate::COMMAND_LEVEL`]).
+    SetClusterLevel {
+        level: u32,
+    },
     /// Changes to compute environments, queues, definitions, policies and tags after creation,
     /// and cancelling jobs.
     Admin(AdminCommand),

@@ -45,6 +45,23 @@ pub use state::{
 pub const DEFAULT_LOG_GROUP: &str = "/aws/batch/job";
 pub use validate::ConfigError;
 
+/// The command level of this release: what its control nodes can apply. A cluster's level
+/// ([`State::cluster_level`]) is the lowest of its control nodes', raised by the leader with
+/// `SetClusterLevel` once every node reports it; what a level brought is proposed only once
+/// the cluster is at that level, so a node of the release before never meets a command or a
+/// field it would refuse or misapply.
+///
+/// 1: every release before levels were counted (the level of a state that records none);
+/// 2: multi-node jobs (`nodeProperties` on a definition, `nodeOverrides` on a submit);
+/// 3: `ArchiveEnded` (ended jobs leave memory) and `SetClusterLevel` itself.
+pub const COMMAND_LEVEL: u32 = 3;
+
+/// The level that brought multi-node jobs.
+pub const LEVEL_MULTINODE: u32 = 2;
+
+/// The level that brought `ArchiveEnded`.
+pub const LEVEL_ARCHIVE_ENDED: u32 = 3;
+
 /// Version of the serialized [`State`] inside a snapshot; bumped on any incompatible change.
 /// 2: ended jobs leave the job table for an archive (`ended` lists them) that a snapshot sent
 /// to another node carries after its image. A node of the release before refuses such a

@@ -755,3 +755,51 @@ fn join_tokens_are_made_once_revoked_by_id_and_agents_revoked_by_name() {
     assert!(restored.agent_revoked(&node));
     assert!(restored.join_token("abcd1234").unwrap().revoked);
 }
+
+#[test]
+fn a_cluster_remembers_it_had_join_tokens_after_retention_forgets_them() {
+    let mut s = base();
+    assert!(
+        !s.ever_had_join_tokens(),
+        "a cluster being founded has had none"
+    );
+    let made = s.apply(Command::Access(AccessCommand::CreateJoinToken(JoinToken {
+        id: "abcd1234".into(),
+        secret_sha256: "ab".repeat(32),
+        created_at: Timestamp(1_000),
+        expires_at: Timestamp(5_000),
+        description: String::new(),
+        revoked: false,
+    })));
+    assert_eq!(made, Outcome::Done);
+    s.apply(Command::PurgeJobs {
+        before: Timestamp(6_000),
+    });
+    assert_eq!(
+        s.join_tokens().count(),
+        0,
+        "retention forgot the expired token"
+    );
+    assert!(s.ever_had_join_tokens());
+    // And a replica restored from a snapshot knows it too.
+    let restored: State = serde_json::from_value(serde_json::to_value(&s).unwrap()).unwrap();
+    assert!(restored.ever_had_join_tokens());
+}
+
+#[test]
+fn the_cluster_level_only_rises_and_a_state_that_records_none_is_level_one() {
+    let mut s = base();
+    assert_eq!(s.cluster_level(), 1);
+    assert_eq!(
+        s.apply(Command::SetClusterLevel { level: 3 }),
+        Outcome::Done
+    );
+    assert_eq!(s.cluster_level(), 3);
+    s.apply(Command::SetClusterLevel { level: 2 });
+    assert_eq!(s.cluster_level(), 3, "a level never goes down");
+    // A state written by a release before levels has no such member.
+    let mut old = serde_json::to_value(&s).unwrap();
+    old.as_object_mut().unwrap().remove("cluster_level");
+    let read: State = serde_json::from_value(old).unwrap();
+    assert_eq!(read.cluster_level(), 1);
+}

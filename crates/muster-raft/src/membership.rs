@@ -143,6 +143,10 @@ pub struct NodeReport {
     /// The leader's own: the last log index each member is known to hold.
     #[serde(default)]
     pub matched: BTreeMap<NodeId, u64>,
+    /// The command level of the release it runs (`muster_core::COMMAND_LEVEL`); 0 from a
+    /// release before levels were reported.
+    #[serde(default)]
+    pub command_level: u32,
 }
 
 /// A member as `muster cluster status` shows it (snake_case, as scripts read it).
@@ -163,6 +167,9 @@ pub struct MemberStatus {
     /// Entries the leader holds that this member is not known to hold yet.
     pub replication_lag: Option<u64>,
     pub last_contact_ms: Option<u64>,
+    /// The command level of the release it runs (1 for a release before levels).
+    #[serde(default)]
+    pub command_level: Option<u32>,
 }
 
 /// The cluster's control nodes as seen from the node that was asked.
@@ -172,6 +179,9 @@ pub struct ClusterStatus {
     pub term: u64,
     /// Whether a leader holds a quorum: writes can commit.
     pub quorum: bool,
+    /// The cluster's command level as this node's replica records it: what may be proposed.
+    #[serde(default)]
+    pub cluster_level: u32,
     pub members: Vec<MemberStatus>,
 }
 
@@ -288,7 +298,24 @@ impl RaftNode {
                         .collect()
                 })
                 .unwrap_or_default(),
+            command_level: self.command_level,
         }
+    }
+
+    /// The lowest command level among every member of the cluster (voters and learners), as
+    /// each reports it now; `None` unless every one answered. A node of a release before
+    /// levels were reported counts as level 1.
+    pub async fn lowest_member_level(&self) -> Option<u32> {
+        let asks = self
+            .members()
+            .into_keys()
+            .filter(|id| *id != self.id)
+            .map(|id| async move { self.ask_report(id).await });
+        let mut lowest = self.command_level;
+        for report in futures::future::join_all(asks).await {
+            lowest = lowest.min(report?.command_level.max(1));
+        }
+        Some(lowest)
     }
 
     /// [`report`](Self::report), but a leader that does not count a quorum now waits up to a
@@ -383,6 +410,7 @@ impl RaftNode {
                         .zip(matched)
                         .map(|(last, matched)| last.saturating_sub(matched)),
                     last_contact_ms: report.and_then(|r| r.last_contact_ms),
+                    command_level: report.map(|r| r.command_level.max(1)),
                 }
             })
             .collect();
@@ -390,6 +418,7 @@ impl RaftNode {
             leader: leader_report.as_ref().map(|l| l.id).or(mine.leader),
             term: reports.values().map(|r| r.term).max().unwrap_or(mine.term),
             quorum: leader_report.is_some_and(|l| l.leads_with_quorum),
+            cluster_level: self.state.read().state.cluster_level(),
             members,
         }
     }

@@ -75,6 +75,9 @@ pub struct RaftNode {
     pub contact: crate::election::LeaderContact,
     /// Held by the membership change or handover under way on this leader.
     pub(crate) membership_changes: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// The command level this node reports (`muster_core::COMMAND_LEVEL`; lower only in
+    /// tests, standing in for a node of an earlier release).
+    pub command_level: u32,
 }
 
 impl RaftNode {
@@ -88,6 +91,7 @@ impl RaftNode {
             handover: Default::default(),
             contact: Default::default(),
             membership_changes: Default::default(),
+            command_level: muster_core::COMMAND_LEVEL,
         }
     }
 

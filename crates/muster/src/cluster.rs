@@ -36,7 +36,7 @@ pub enum ClusterCommand {
     Status {
         #[arg(long)]
         endpoint_url: Option<String>,
-        /// `table` or `json` (an object with `leader`, `term`, `quorum`, `members`, `agents`).
+        /// `table` or `json` (an object with `leader`, `term`, `quorum`, `cluster_level`, `members`, `agents`).
         #[arg(long, default_value = "table")]
         output: String,
     },
@@ -239,6 +239,7 @@ fn status_table(status: &serde_json::Value) -> String {
             "LAG",
             "CONTACT MS",
             "SNAPSHOT",
+            "LEVEL",
             "RAFT",
             "API",
         ]
@@ -256,6 +257,7 @@ fn status_table(status: &serde_json::Value) -> String {
                 "replication_lag",
                 "last_contact_ms",
                 "snapshot_index",
+                "command_level",
                 "raft_addr",
                 "api_addr",
             ]
@@ -276,10 +278,11 @@ fn status_table(status: &serde_json::Value) -> String {
         out.push('\n');
     }
     out.push_str(&format!(
-        "\nleader: {}   term: {}   quorum: {}\nagents: {}\n",
+        "\nleader: {}   term: {}   quorum: {}   cluster level: {}\nagents: {}\n",
         cell(&status["leader"]),
         cell(&status["term"]),
         cell(&status["quorum"]),
+        cell(&status["cluster_level"]),
         match status["agents"].as_object() {
             Some(by_state) if !by_state.is_empty() => by_state
                 .iter()

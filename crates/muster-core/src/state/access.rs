@@ -49,6 +49,7 @@ impl State {
         match cmd {
             AccessCommand::CreateJoinToken(token) => {
                 self.join_tokens.insert(token.id.clone(), token);
+                self.join_tokens_made += 1;
             }
             AccessCommand::RevokeJoinToken { id } => {
                 if let Some(token) = self.join_tokens.get_mut(&id) {
@@ -65,6 +66,12 @@ impl State {
     /// The join token named `id`.
     pub fn join_token(&self, id: &str) -> Option<&JoinToken> {
         self.join_tokens.get(id)
+    }
+
+    /// Whether the cluster ever had a join token (retention forgets expired ones): a cluster
+    /// that never had one is still being founded, or takes no joins.
+    pub fn ever_had_join_tokens(&self) -> bool {
+        self.join_tokens_made > 0 || !self.join_tokens.is_empty()
     }
 
     /// Every join token, expired and revoked ones included.

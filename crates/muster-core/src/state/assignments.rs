@@ -135,7 +135,8 @@ impl State {
             }
             | Command::SetWaitReasons { .. }
             // Archiving frees no room.
-            | Command::ArchiveEnded { .. } => false,
+            | Command::ArchiveEnded { .. }
+            | Command::SetClusterLevel { .. } => false,
             Command::ReportAttempts { reports, .. } => reports
                 .iter()
                 .any(|r| !matches!(r.event, AttemptEvent::Running)),

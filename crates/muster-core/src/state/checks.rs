@@ -95,6 +95,7 @@ impl State {
             Command::Access(access) => self.check_access(access),
             Command::PurgeJobs { .. }
             | Command::ArchiveEnded { .. }
+            | Command::SetClusterLevel { .. }
             | Command::NodeLost { .. }
             | Command::SetWaitReasons { .. }
             | Command::FailUnplaceable { .. }

@@ -63,6 +63,9 @@ pub struct State {
     /// Agents cut off for good, and when.
     #[serde(default)]
     revoked_agents: BTreeMap<NodeId, crate::Timestamp>,
+    /// How many join tokens were ever made (retention forgets the tokens, not this count).
+    #[serde(default)]
+    join_tokens_made: u64,
 
     /// Submission order: the next job's `seq`. Log order, not clocks, decides who came first.
     #[serde(default)]
@@ -99,6 +102,10 @@ pub struct State {
     /// moves out. Derived from `jobs`.
     #[serde(skip)]
     ended_in_memory: BTreeSet<(crate::Timestamp, JobId)>,
+    /// The command level `SetClusterLevel` raised the cluster to; 0 (a state that records
+    /// none) reads as level 1.
+    #[serde(default)]
+    cluster_level: u32,
 }
 
 /// See [`State::nodes_affected_by`].
@@ -184,6 +191,11 @@ impl State {
                     .insert(job.id.clone());
             }
         }
+    }
+
+    /// The cluster's command level (see [`crate::COMMAND_LEVEL`]): what may be proposed now.
+    pub fn cluster_level(&self) -> u32 {
+        self.cluster_level.max(1)
     }
 
     pub fn arn_scope(&self) -> &ArnScope {
@@ -384,6 +396,10 @@ impl State {
             Command::Access(access) => self.apply_access(access),
             Command::PurgeJobs { before } => self.purge(before),
             Command::ArchiveEnded { before, max_jobs } => self.archive_ended(before, max_jobs),
+            Command::SetClusterLevel { level } => {
+                self.cluster_level = self.cluster_level.max(level);
+                Outcome::Done
+            }
             Command::NodeLost { node, at } => self.node_lost(&node, at),
             Command::NodeHealth {
                 node,
@@ -680,6 +696,7 @@ impl State {
             | Command::FailUnplaceable { .. }
             | Command::PurgeJobs { .. }
             | Command::ArchiveEnded { .. }
+            | Command::SetClusterLevel { .. }
             | Command::Iam(_)
             | Command::Access(crate::AccessCommand::CreateJoinToken(_))
             | Command::Access(crate::AccessCommand::RevokeJoinToken { .. })
