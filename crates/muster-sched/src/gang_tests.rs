@@ -891,3 +891,37 @@ fn a_large_gang_whose_main_node_takes_the_others_worker_is_still_placed() {
         .unwrap();
     assert_eq!(main.node.0, "x");
 }
+
+#[test]
+fn a_queue_that_names_its_compute_environment_twice_still_gives_each_node_its_own_worker() {
+    let mut s = cluster(2);
+    let Command::CreateJobQueue(mut twice) = crate::test_support::queue("twice", 1, None) else {
+        unreachable!()
+    };
+    twice.compute_environment_order = vec![
+        muster_core::CeOrder {
+            order: 1,
+            compute_environment: "ce".into(),
+        },
+        muster_core::CeOrder {
+            order: 2,
+            compute_environment: "ce".into(),
+        },
+    ];
+    must(&mut s, Command::CreateJobQueue(twice));
+    let Command::SubmitJob(mut sub) = gang_submission("g", 2, 2, 1, None, &[]) else {
+        unreachable!()
+    };
+    sub.queue = "twice".into();
+    must(&mut s, Command::SubmitJob(sub));
+    let p = plan(&s, &PlanConfig::default(), NOW);
+    let workers: BTreeSet<String> = p.placements.iter().map(|p| p.node.0.clone()).collect();
+    assert_eq!(workers.len(), 2, "{:?}", p.placements);
+    assert_eq!(
+        apply(&mut s, p, 2),
+        Outcome::Placed {
+            placed: 2,
+            refused: 0
+        }
+    );
+}

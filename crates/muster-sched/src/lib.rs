@@ -255,16 +255,19 @@ pub fn plan(state: &State, config: &PlanConfig, now: Timestamp) -> Plan {
     });
 
     for queue in queues {
-        let ces: Vec<String> = queue
-            .compute_environment_order
-            .iter()
-            .filter(|e| {
-                state
-                    .compute_environment(&e.compute_environment)
-                    .is_some_and(|ce| ce.state == EnabledState::Enabled)
-            })
-            .map(|e| e.compute_environment.clone())
-            .collect();
+        // Each enabled environment once: a queue that named one twice (as a name and as its
+        // ARN, say) would offer each worker twice, and a gang could be given one worker for
+        // two of its nodes.
+        let mut ces: Vec<String> = Vec::new();
+        for entry in &queue.compute_environment_order {
+            if let Some(ce) = state
+                .compute_environment(&entry.compute_environment)
+                .filter(|ce| ce.state == EnabledState::Enabled)
+                && !ces.contains(&ce.name)
+            {
+                ces.push(ce.name.clone());
+            }
+        }
         let mut order = QueueOrder::new(state, queue, now);
         let mut head_reserved = false;
         let mut misses = 0;
