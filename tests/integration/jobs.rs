@@ -1,6 +1,6 @@
 //! Jobs running on an agent with the process executor.
 
-use crate::harness::{TestCluster, create_basics, submit, wait_for_status};
+use crate::harness::{TestCluster, create_basics, ok, submit, wait_for_status};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn jobs_run_to_succeeded_or_failed_with_their_exit_code() {
@@ -142,5 +142,74 @@ async fn output_is_served_after_the_job_ends_and_after_the_agent_restarts() {
         }
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
+    t.shutdown().await;
+}
+
+/// DescribeLogStreams pages through streams of ended jobs that left memory by name, each page
+/// read from after the last name of the one before: every stream once, in order, whatever
+/// the page size, and a token it did not hand out is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn log_streams_of_archived_jobs_page_by_name_each_once() {
+    let mut t = TestCluster::start(3).await;
+    let client = t.client(1);
+    create_basics(&client, "ce", "q", "d").await;
+    t.add_agent("worker-a", "ce", 2.0, 1024).await;
+    let array = ok(client
+        .call(
+            "SubmitJob",
+            serde_json::json!({"jobName": "many", "jobQueue": "q", "jobDefinition": "d",
+                "arrayProperties": {"size": 23}, "containerOverrides": {"command": ["true"]}}),
+        )
+        .await)["jobId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    wait_for_status(&client, &array, &["SUCCEEDED"]).await;
+    let ids: Vec<String> = (0..23).map(|i| format!("{array}:{i}")).collect();
+    let described = ok(client
+        .call("DescribeJobs", serde_json::json!({ "jobs": ids }))
+        .await);
+    let mut expected: Vec<String> = described["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["container"]["logStreamName"].as_str().unwrap().to_owned())
+        .collect();
+    expected.sort();
+    crate::harness::eventually("the array leaves memory", async || {
+        t.cluster
+            .running()
+            .all(|n| n.raft.state.read().state.ended_job_count() == 24)
+    })
+    .await;
+    let mut listed = Vec::new();
+    let mut token: Option<String> = None;
+    for _ in 0..20 {
+        let mut body = serde_json::json!({"logGroupName": "/aws/batch/job", "limit": 4,
+                                          "logStreamNamePrefix": "many/"});
+        if let Some(t) = &token {
+            body["nextToken"] = serde_json::json!(t);
+        }
+        let page = client.call_logs("DescribeLogStreams", body).await.unwrap();
+        let streams = page["logStreams"].as_array().unwrap();
+        assert!(streams.len() <= 4);
+        listed.extend(
+            streams
+                .iter()
+                .map(|s| s["logStreamName"].as_str().unwrap().to_owned()),
+        );
+        token = page["nextToken"].as_str().map(str::to_owned);
+        if token.is_none() {
+            break;
+        }
+    }
+    assert_eq!(listed, expected);
+    let refused = client
+        .call_logs(
+            "DescribeLogStreams",
+            serde_json::json!({"logGroupName": "/aws/batch/job", "nextToken": "7"}),
+        )
+        .await;
+    assert!(refused.is_err(), "{refused:?}");
     t.shutdown().await;
 }

@@ -231,27 +231,36 @@ fn log_group<P: ControlPlane>(
     Ok(group)
 }
 
-/// Streams of ended jobs' attempts (which left memory) listed at most, by name; see
-/// [`streams`].
+/// Streams of ended jobs' attempts (which left memory) read at most where the whole list is
+/// read: DescribeLogStreams sorted another way than by name ascending (`orderBy:
+/// LastEventTime`, or descending), and FilterLogEvents. Pages by name, ascending, are read
+/// from where the last page ended and have no such bound.
 const ARCHIVED_STREAMS_LISTED: usize = 100_000;
 
-/// Every attempt's stream in `group` whose name starts with `prefix`, by name: (name, job, attempt,
-/// when it was placed or started, when it stopped). Jobs in memory, and the first
-/// [`ARCHIVED_STREAMS_LISTED`] by name of ended jobs that left memory.
+/// A stream as DescribeLogStreams lists it: (name, job, attempt, when it was placed or
+/// started, when it stopped).
+type Stream = (String, JobId, u32, u64, Option<u64>);
+
+/// The streams in `group` whose names start with `prefix` and sort after `after` (when
+/// given), by name: every one of jobs in memory, and up to `archived` of ended jobs that
+/// left memory.
 fn streams(
     state: &State,
     group: &str,
     prefix: &str,
-) -> Vec<(String, JobId, u32, u64, Option<u64>)> {
+    after: Option<&str>,
+    archived: usize,
+) -> Vec<Stream> {
     let mut out: Vec<_> = state
-        .archived_streams(group, prefix, ARCHIVED_STREAMS_LISTED)
+        .archived_streams(group, prefix, after, archived)
         .into_iter()
         .map(|s| (s.name, s.job, s.attempt, s.created_ms, Some(s.stopped_ms)))
         .collect();
+    let wanted = |name: &str| name.starts_with(prefix) && after.is_none_or(|a| name > a);
     for job in state.jobs().filter(|j| log_group_of(state, j) == group) {
         for (i, record) in job.attempts.iter().enumerate() {
             let name = record.log_stream_name.clone();
-            if name.starts_with(prefix) {
+            if wanted(&name) {
                 let created = record.started_at.unwrap_or(record.stopped_at).as_millis();
                 out.push((
                     name,
@@ -264,7 +273,7 @@ fn streams(
         }
         if let Some(active) = &job.active {
             let name = job.log_stream_name(active.number);
-            if name.starts_with(prefix) {
+            if wanted(&name) {
                 let created = active.started_at.unwrap_or(active.placed_at).as_millis();
                 out.push((name, job.id.clone(), active.number, created, None));
             }
@@ -324,29 +333,52 @@ async fn describe_log_streams<P: ControlPlane>(
         }
     };
     let prefix = req.log_stream_name_prefix.unwrap_or_default();
-    let mut all = plane.read_local(|s| streams(s, &group, &prefix));
-    if by_time {
-        all.sort_by_key(|(name, _, _, created, stopped)| {
-            (stopped.unwrap_or(u64::MAX).max(*created), name.clone())
-        });
-    }
-    if req.descending == Some(true) {
-        all.reverse();
-    }
-    let skip = match req.next_token.as_deref() {
-        None => 0,
-        Some(t) => t
-            .parse::<usize>()
-            .map_err(|_| invalid(format!("nextToken: {t} is not a token this API handed out")))?,
+    let bad_token = |t: &str| invalid(format!("nextToken: {t} is not a token this API handed out"));
+    // By name, ascending (what clients ask for unless told otherwise): each page is read from
+    // after the last name of the one before (`after:<name>`), so paging has no end but the
+    // last stream. Other orders sort the whole list and count their place in it.
+    let by_cursor = !by_time && req.descending != Some(true);
+    let (page, next): (Vec<Stream>, Option<String>) = if by_cursor {
+        let after = match req.next_token.as_deref() {
+            None => None,
+            Some(t) => Some(
+                t.strip_prefix("after:")
+                    .ok_or_else(|| bad_token(t))?
+                    .to_owned(),
+            ),
+        };
+        let mut found =
+            plane.read_local(|s| streams(s, &group, &prefix, after.as_deref(), limit + 1));
+        let more = found.len() > limit;
+        found.truncate(limit);
+        let next = more
+            .then(|| found.last().map(|(name, ..)| format!("after:{name}")))
+            .flatten();
+        (found, next)
+    } else {
+        let mut all =
+            plane.read_local(|s| streams(s, &group, &prefix, None, ARCHIVED_STREAMS_LISTED));
+        if by_time {
+            all.sort_by_key(|(name, _, _, created, stopped)| {
+                (stopped.unwrap_or(u64::MAX).max(*created), name.clone())
+            });
+        }
+        if req.descending == Some(true) {
+            all.reverse();
+        }
+        let skip = match req.next_token.as_deref() {
+            None => 0,
+            Some(t) => t.parse::<usize>().map_err(|_| bad_token(t))?,
+        };
+        let next = (skip + limit < all.len()).then(|| (skip + limit).to_string());
+        (all.into_iter().skip(skip).take(limit).collect(), next)
     };
     let (region, account) = plane.read_local(|s| {
         let scope = s.arn_scope();
         (scope.region.clone(), scope.account.clone())
     });
-    let page: Vec<Value> = all
+    let page: Vec<Value> = page
         .iter()
-        .skip(skip)
-        .take(limit)
         .map(|(name, _, _, created, stopped)| {
             let mut stream = json!({
                 "logStreamName": name,
@@ -361,8 +393,8 @@ async fn describe_log_streams<P: ControlPlane>(
         })
         .collect();
     let mut answer = json!({ "logStreams": page });
-    if skip + limit < all.len() {
-        answer["nextToken"] = json!((skip + limit).to_string());
+    if let Some(next) = next {
+        answer["nextToken"] = json!(next);
     }
     Ok(answer)
 }
@@ -415,7 +447,7 @@ async fn filter_log_events<P: ControlPlane>(
     };
     let pattern = Pattern::parse(req.filter_pattern.as_deref().unwrap_or_default());
     let prefix = req.log_stream_name_prefix.clone().unwrap_or_default();
-    let mut all = plane.read_local(|s| streams(s, &group, &prefix));
+    let mut all = plane.read_local(|s| streams(s, &group, &prefix, None, ARCHIVED_STREAMS_LISTED));
     if let Some(names) = &req.log_stream_names {
         all.retain(|(name, ..)| names.contains(name));
     }

@@ -520,19 +520,27 @@ fn read_stored(store: &ArchiveStore, id: &JobId) -> io::Result<Option<(Job, Stri
 }
 
 impl JobArchive for EndedJobs {
-    fn streams(&self, group: &str, prefix: &str, limit: usize) -> Vec<ArchivedStream> {
+    fn streams(
+        &self,
+        group: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Vec<ArchivedStream> {
         // Those of jobs not stored yet (read first, as in `family`), then those stored.
         let mut streams: Vec<ArchivedStream> = self
             .overlay()
             .values()
             .filter(|(_, job_group)| &**job_group == group)
             .flat_map(|(job, _)| ArchivedStream::of(job))
-            .filter(|s| s.name.starts_with(prefix))
+            .filter(|s| s.name.starts_with(prefix) && after.is_none_or(|a| s.name.as_str() > a))
             .collect();
-        let found = match self
-            .store
-            .streams_with_prefix(&stream_prefix(group, prefix), limit)
-        {
+        let after_key = after.map(|a| stream_prefix(group, a));
+        let found = match self.store.streams_with_prefix(
+            &stream_prefix(group, prefix),
+            after_key.as_deref(),
+            limit,
+        ) {
             Ok(found) => found,
             Err(e) => {
                 tracing::error!(error = %e, "archived streams unreadable");

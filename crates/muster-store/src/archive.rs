@@ -171,14 +171,33 @@ impl ArchiveStore {
     }
 
     /// Up to `limit` log streams whose key starts with `prefix`, in key order.
+    /// Up to `limit` log stream entries whose keys start with `prefix` and sort after
+    /// `after` (when given), in key order.
     pub fn streams_with_prefix(
         &self,
         prefix: &[u8],
+        after: Option<&[u8]>,
         limit: usize,
     ) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let start = match after {
+            Some(after) if after >= prefix => std::ops::Bound::Excluded(after.to_vec()),
+            _ => std::ops::Bound::Included(prefix.to_vec()),
+        };
+        let range = (start, std::ops::Bound::Unbounded);
         match &self.0 {
-            Trees::Sled { streams, .. } => sled_prefixed(streams, prefix, limit),
-            Trees::Mem(trees) => Ok(mem_prefixed(&Self::mem(trees).streams, prefix, limit)),
+            Trees::Sled { streams, .. } => streams
+                .range::<Vec<u8>, _>(range)
+                .take_while(|r| r.as_ref().map_or(true, |(k, _)| k.starts_with(prefix)))
+                .take(limit)
+                .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(sled_err))
+                .collect(),
+            Trees::Mem(trees) => Ok(Self::mem(trees)
+                .streams
+                .range::<Vec<u8>, _>(range)
+                .take_while(|(k, _)| k.starts_with(prefix))
+                .take(limit)
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()),
         }
     }
 
@@ -354,8 +373,24 @@ mod tests {
             assert_eq!(listed("q2/", None), ["q2/1/c"]);
             assert_eq!(store.get(b"a:0").unwrap(), Some(b"v-a:0".to_vec()));
             assert_eq!(store.with_prefix(b"a:").unwrap().len(), 1);
-            assert_eq!(store.streams_with_prefix(b"g\0", 10).unwrap().len(), 4);
-            assert_eq!(store.streams_with_prefix(b"g\0", 2).unwrap().len(), 2);
+            assert_eq!(
+                store.streams_with_prefix(b"g\0", None, 10).unwrap().len(),
+                4
+            );
+            assert_eq!(store.streams_with_prefix(b"g\0", None, 2).unwrap().len(), 2);
+            // A page after the first two: the other two, and nothing after the last.
+            let first = store.streams_with_prefix(b"g\0", None, 2).unwrap();
+            let rest = store
+                .streams_with_prefix(b"g\0", Some(&first[1].0), 10)
+                .unwrap();
+            assert_eq!(rest.len(), 2);
+            assert!(rest[0].0 > first[1].0);
+            assert_eq!(
+                store
+                    .streams_with_prefix(b"g\0", Some(&rest[1].0), 10)
+                    .unwrap(),
+                vec![]
+            );
             store
                 .write(
                     vec![],
@@ -367,7 +402,10 @@ mod tests {
                 )
                 .unwrap();
             assert_eq!(listed("q1/", None), ["q1/1/a"]);
-            assert_eq!(store.streams_with_prefix(b"g\0b", 10).unwrap(), vec![]);
+            assert_eq!(
+                store.streams_with_prefix(b"g\0b", None, 10).unwrap(),
+                vec![]
+            );
             assert_eq!(store.get(b"b").unwrap(), None);
             let mut all = Vec::new();
             store

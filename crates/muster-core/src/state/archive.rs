@@ -33,9 +33,15 @@ pub trait JobArchive: Send + Sync + fmt::Debug {
     /// The children of an ended array job, or the nodes of an ended multi-node job, in
     /// index order.
     fn family(&self, parent: &JobId) -> Vec<Job>;
-    /// Up to `limit` log streams of ended jobs in `group` whose names start with `prefix`, by
-    /// name.
-    fn streams(&self, group: &str, prefix: &str, limit: usize) -> Vec<ArchivedStream>;
+    /// Up to `limit` log streams of ended jobs in `group` whose names start with `prefix` and
+    /// sort after `after` (when given), by name.
+    fn streams(
+        &self,
+        group: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Vec<ArchivedStream>;
 }
 
 /// An attempt's log stream, as DescribeLogStreams lists it.
@@ -596,19 +602,25 @@ impl super::State {
 
     /// Up to `limit` log streams of archived jobs in `group` whose names start with `prefix`,
     /// by name.
-    pub fn archived_streams(&self, group: &str, prefix: &str, limit: usize) -> Vec<ArchivedStream> {
+    pub fn archived_streams(
+        &self,
+        group: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Vec<ArchivedStream> {
         let mut streams: Vec<ArchivedStream> = self
             .archive
             .moved
             .iter()
             .filter(|j| self.log_group_of(j) == group)
             .flat_map(|j| ArchivedStream::of(j))
-            .filter(|s| s.name.starts_with(prefix))
+            .filter(|s| s.name.starts_with(prefix) && after.is_none_or(|a| s.name.as_str() > a))
             .collect();
         if let Some(store) = &self.archive.store {
             streams.extend(
                 store
-                    .streams(group, prefix, limit)
+                    .streams(group, prefix, after, limit)
                     .into_iter()
                     .filter(|s| self.ended.contains(&s.job)),
             );
