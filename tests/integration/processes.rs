@@ -405,6 +405,21 @@ async fn a_server_stopped_while_it_starts_exits_cleanly() {
     server.stop();
 }
 
+/// The config of a one-node plaintext cluster keeping its data in `data`, written into `dir`;
+/// with the port its API listens on.
+fn single_node_config(dir: &Path, data: &Path) -> (PathBuf, u16) {
+    let (grpc, raft, api) = (free_port(), free_port(), free_port());
+    let config = dir.join("server.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "node_id = 1\ngrpc_addr = \"127.0.0.1:{grpc}\"\nraft_addr = \"127.0.0.1:{raft}\"\napi_addr = \"127.0.0.1:{api}\"\ndata_dir = {data:?}\nplaintext = true\n[[peers]]\nid = 1\ngrpc_addr = \"127.0.0.1:{grpc}\"\nraft_addr = \"127.0.0.1:{raft}\"\n"
+        ),
+    )
+    .unwrap();
+    (config, api)
+}
+
 /// A control node whose disk fills up: its Raft stops on the failed write, and the process
 /// exits non-zero (for its supervisor to restart it) rather than staying up without a Raft;
 /// restarted once there is room again, it serves what it had committed.
@@ -432,15 +447,7 @@ async fn a_server_whose_disk_fills_exits_and_restarts_whole() {
     }
     let _unmount = Unmount(data.clone());
 
-    let (grpc, raft, api) = (free_port(), free_port(), free_port());
-    let config = dir.path().join("server.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "node_id = 1\ngrpc_addr = \"127.0.0.1:{grpc}\"\nraft_addr = \"127.0.0.1:{raft}\"\napi_addr = \"127.0.0.1:{api}\"\ndata_dir = {data:?}\nplaintext = true\n[[peers]]\nid = 1\ngrpc_addr = \"127.0.0.1:{grpc}\"\nraft_addr = \"127.0.0.1:{raft}\"\n"
-        ),
-    )
-    .unwrap();
+    let (config, api) = single_node_config(dir.path(), &data);
     let start = |round: u32| {
         Proc::spawn(
             &["server", "--config", config.to_str().unwrap()],
@@ -502,15 +509,7 @@ async fn a_server_that_dies_at_each_crash_point_keeps_what_it_acknowledged() {
     use std::os::unix::process::ExitStatusExt;
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let (grpc, raft, api) = (free_port(), free_port(), free_port());
-    let config = dir.path().join("server.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "node_id = 1\ngrpc_addr = \"127.0.0.1:{grpc}\"\nraft_addr = \"127.0.0.1:{raft}\"\napi_addr = \"127.0.0.1:{api}\"\ndata_dir = {data:?}\nplaintext = true\n[[peers]]\nid = 1\ngrpc_addr = \"127.0.0.1:{grpc}\"\nraft_addr = \"127.0.0.1:{raft}\"\n"
-        ),
-    )
-    .unwrap();
+    let (config, api) = single_node_config(dir.path(), &data);
     let log_of = |round: &str| dir.path().join(format!("server-{round}.log"));
     let start = |round: &str, env: &[(&str, &str)]| {
         Proc::spawn_with_env(

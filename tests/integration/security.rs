@@ -227,22 +227,12 @@ async fn a_joined_agent_renews_its_certificate_before_it_expires() {
     muster_tls::pki::write_pem(&tls_dir.join("ca.pem"), ca.cert_pem(), false).unwrap();
     muster_tls::pki::write_pem(&tls_dir.join("agent.pem"), &first.cert_pem, false).unwrap();
     muster_tls::pki::write_pem(&tls_dir.join("agent.key"), &first.key_pem, true).unwrap();
-    let config = muster_agent::RawAgentConfig {
-        join_token: Some("unused00.since-the-kept-certificate-is-valid".into()),
-        ca_fingerprint: Some(muster_tls::pki::fingerprint(ca.cert_pem()).unwrap()),
-        vcpus: Some(2.0),
-        memory_mib: Some(2048),
-        heartbeat_secs: 1,
-        ..muster_agent::RawAgentConfig::new(
-            "renewing",
-            "ce",
-            t.cluster.grpc_addrs(),
-            muster_agent::ExecutorKind::Process,
-            work_dir.clone(),
-        )
-    }
-    .validate()
-    .unwrap();
+    let config = joining_agent(
+        &t,
+        "renewing",
+        "unused00.since-the-kept-certificate-is-valid",
+        &work_dir,
+    );
     let (stop, _task, runtime) = crate::harness::start_agent(config).await;
 
     // Renewed at two thirds of its life; then the first certificate expires.
@@ -354,25 +344,9 @@ async fn control_nodes_renew_their_certificates_before_they_expire() {
 async fn an_agent_that_asks_to_join_before_the_cluster_knows_a_token_waits_and_joins() {
     let t = TestCluster::start(3).await;
     crate::harness::create_basics(&t.client(1), "ce", "q", "d").await;
-    let ca = t.cluster.ca().expect("the test cluster runs TLS");
     let (id, secret) = ("early000", "a-secret-that-is-long-enough-0123");
     let work_dir = t.dir.path().join("agent-early");
-    let config = muster_agent::RawAgentConfig {
-        join_token: Some(format!("{id}.{secret}")),
-        ca_fingerprint: Some(muster_tls::pki::fingerprint(ca.cert_pem()).unwrap()),
-        vcpus: Some(2.0),
-        memory_mib: Some(2048),
-        heartbeat_secs: 1,
-        ..muster_agent::RawAgentConfig::new(
-            "early",
-            "ce",
-            t.cluster.grpc_addrs(),
-            muster_agent::ExecutorKind::Process,
-            work_dir.clone(),
-        )
-    }
-    .validate()
-    .unwrap();
+    let config = joining_agent(&t, "early", &format!("{id}.{secret}"), &work_dir);
     let starting = tokio::spawn(crate::harness::start_agent(config));
     // The agent keeps asking; the cluster knows no token yet.
     tokio::time::sleep(Duration::from_millis(2_500)).await;
@@ -407,4 +381,31 @@ async fn an_agent_that_asks_to_join_before_the_cluster_knows_a_token_waits_and_j
     assert!(work_dir.join("tls").join("agent.pem").exists());
     let _ = stop.send(true);
     runtime.shutdown_background();
+}
+
+/// A process-executor agent of compute environment `ce` that joins the test cluster with
+/// `token` (unless `work_dir/tls` already holds a valid certificate).
+fn joining_agent(
+    t: &TestCluster,
+    name: &str,
+    token: &str,
+    work_dir: &std::path::Path,
+) -> muster_agent::AgentConfig {
+    let ca = t.cluster.ca().expect("the test cluster runs TLS");
+    muster_agent::RawAgentConfig {
+        join_token: Some(token.into()),
+        ca_fingerprint: Some(muster_tls::pki::fingerprint(ca.cert_pem()).unwrap()),
+        vcpus: Some(2.0),
+        memory_mib: Some(2048),
+        heartbeat_secs: 1,
+        ..muster_agent::RawAgentConfig::new(
+            name,
+            "ce",
+            t.cluster.grpc_addrs(),
+            muster_agent::ExecutorKind::Process,
+            work_dir.to_owned(),
+        )
+    }
+    .validate()
+    .unwrap()
 }

@@ -466,6 +466,45 @@ fn tag(s: &mut State, id: &str, nodes: u32, tags: &[(&str, &str)], at: u64) {
     must(s, gang_submission(id, nodes, 1, at, None, tags));
 }
 
+/// `cluster(0)` with these workers (name, millicpus, memory MiB).
+fn workers<N: AsRef<str>>(workers: impl IntoIterator<Item = (N, u64, u64)>) -> State {
+    let mut s = cluster(0);
+    for (name, millicpus, memory) in workers {
+        let register = node_registration(
+            name.as_ref(),
+            Resources::new(millicpus, memory, 0),
+            Vec::new(),
+            Default::default(),
+            Timestamp(0),
+        );
+        must(&mut s, register);
+    }
+    s
+}
+
+/// Submits gang `g` of `nodes` nodes whose ranges (targetNodes, vCPUs, memory MiB) ask for
+/// different workers.
+fn submit_ranged_gang(s: &mut State, nodes: u32, ranges: &[(&str, i64, i64)]) {
+    let Command::SubmitJob(mut sub) = gang_submission("g", nodes, 1, 1, None, &[]) else {
+        unreachable!()
+    };
+    sub.node_overrides = Some(NodeOverrides {
+        num_nodes: Some(nodes),
+        ranges: ranges
+            .iter()
+            .map(|(target, vcpus, memory)| muster_core::NodeOverride {
+                target_nodes: (*target).into(),
+                container_overrides: muster_core::ContainerOverrides {
+                    vcpus: Some(*vcpus),
+                    memory: Some(*memory),
+                    ..Default::default()
+                },
+            })
+            .collect(),
+    });
+    must(s, Command::SubmitJob(sub));
+}
+
 #[test]
 fn a_gang_takes_the_tightest_rack_that_holds_it_and_says_where() {
     let mut s = racked(&[
@@ -618,35 +657,8 @@ fn ranges_that_compete_for_workers_are_matched_scarcest_first() {
     // Node 0 needs 4 vCPU and little memory, node 1 2 vCPU and much memory. w0 (4 vCPU,
     // 128 GiB) is the only worker that holds node 1; w1 (8 vCPU, 8 GiB) holds node 0 only.
     // Most demanding first would give w0 to node 0 and leave node 1 nowhere.
-    let mut s = cluster(0);
-    for (name, millicpus, memory) in [("w0", 4000, 131_072), ("w1", 8000, 8192)] {
-        let register = node_registration(
-            name,
-            Resources::new(millicpus, memory, 0),
-            Vec::new(),
-            Default::default(),
-            Timestamp(0),
-        );
-        must(&mut s, register);
-    }
-    let Command::SubmitJob(mut sub) = gang_submission("g", 2, 1, 1, None, &[]) else {
-        unreachable!()
-    };
-    sub.node_overrides = Some(NodeOverrides {
-        num_nodes: Some(2),
-        ranges: [("0", 4, 1024), ("1", 2, 65_536)]
-            .into_iter()
-            .map(|(target, vcpus, memory)| muster_core::NodeOverride {
-                target_nodes: target.into(),
-                container_overrides: muster_core::ContainerOverrides {
-                    vcpus: Some(vcpus),
-                    memory: Some(memory),
-                    ..Default::default()
-                },
-            })
-            .collect(),
-    });
-    must(&mut s, Command::SubmitJob(sub));
+    let mut s = workers([("w0", 4000, 131_072), ("w1", 8000, 8192)]);
+    submit_ranged_gang(&mut s, 2, &[("0", 4, 1024), ("1", 2, 65_536)]);
     let p = plan(&s, &PlanConfig::default(), NOW);
     let placed: Vec<(String, String)> = p
         .placements
@@ -733,35 +745,8 @@ fn ranges_whose_scarcest_first_order_leaves_one_without_a_worker_are_matched_in_
     // Range 1 fits only w2, ranges 0 and 2 two workers each. Scarcest first gives w2 to
     // range 1, then range 0 the tighter of its two, w0, which is the only one left for range 2.
     // Range 0 on w1 gives every node a worker.
-    let mut s = cluster(0);
-    for (name, millicpus, memory) in [("w0", 4000, 4096), ("w1", 8000, 1024), ("w2", 2000, 8192)] {
-        let register = node_registration(
-            name,
-            Resources::new(millicpus, memory, 0),
-            Vec::new(),
-            Default::default(),
-            Timestamp(0),
-        );
-        must(&mut s, register);
-    }
-    let Command::SubmitJob(mut sub) = gang_submission("g", 3, 1, 1, None, &[]) else {
-        unreachable!()
-    };
-    sub.node_overrides = Some(NodeOverrides {
-        num_nodes: Some(3),
-        ranges: [("0", 4, 1024), ("1", 1, 8192), ("2", 2, 4096)]
-            .into_iter()
-            .map(|(target, vcpus, memory)| muster_core::NodeOverride {
-                target_nodes: target.into(),
-                container_overrides: muster_core::ContainerOverrides {
-                    vcpus: Some(vcpus),
-                    memory: Some(memory),
-                    ..Default::default()
-                },
-            })
-            .collect(),
-    });
-    must(&mut s, Command::SubmitJob(sub));
+    let mut s = workers([("w0", 4000, 4096), ("w1", 8000, 1024), ("w2", 2000, 8192)]);
+    submit_ranged_gang(&mut s, 3, &[("0", 4, 1024), ("1", 1, 8192), ("2", 2, 4096)]);
     let p = plan(&s, &PlanConfig::default(), NOW);
     let placed: Vec<(String, String)> = p
         .placements
@@ -847,37 +832,10 @@ fn a_large_gang_whose_main_node_takes_the_others_worker_is_still_placed() {
     // The main node fits X and Y, and Y is the tighter; the 300 other nodes fit Y and 299
     // workers of their own. Scarcest first puts the main node on Y and leaves one node
     // without a worker; one augmenting path moves the main node to X.
-    let mut s = cluster(0);
-    let mut workers = vec![("x".to_owned(), 8000, 1024), ("y".to_owned(), 4000, 8192)];
-    workers.extend((0..299).map(|i| (format!("w{i:03}"), 2000, 8192)));
-    for (name, millicpus, memory) in &workers {
-        let register = node_registration(
-            name,
-            Resources::new(*millicpus, *memory, 0),
-            Vec::new(),
-            Default::default(),
-            Timestamp(0),
-        );
-        must(&mut s, register);
-    }
-    let Command::SubmitJob(mut sub) = gang_submission("g", 301, 1, 1, None, &[]) else {
-        unreachable!()
-    };
-    sub.node_overrides = Some(NodeOverrides {
-        num_nodes: Some(301),
-        ranges: [("0", 4, 1024), ("1:", 1, 8192)]
-            .into_iter()
-            .map(|(target, vcpus, memory)| muster_core::NodeOverride {
-                target_nodes: target.into(),
-                container_overrides: muster_core::ContainerOverrides {
-                    vcpus: Some(vcpus),
-                    memory: Some(memory),
-                    ..Default::default()
-                },
-            })
-            .collect(),
-    });
-    must(&mut s, Command::SubmitJob(sub));
+    let mut all = vec![("x".to_owned(), 8000, 1024), ("y".to_owned(), 4000, 8192)];
+    all.extend((0..299).map(|i| (format!("w{i:03}"), 2000, 8192)));
+    let mut s = workers(all);
+    submit_ranged_gang(&mut s, 301, &[("0", 4, 1024), ("1:", 1, 8192)]);
     let config = PlanConfig {
         max_placements: 1000,
         ..PlanConfig::default()
