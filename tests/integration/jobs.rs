@@ -146,8 +146,8 @@ async fn output_is_served_after_the_job_ends_and_after_the_agent_restarts() {
 }
 
 /// DescribeLogStreams pages through streams of ended jobs that left memory by name, each page
-/// read from after the last name of the one before: every stream once, in order, whatever
-/// the page size, and a token it did not hand out is refused.
+/// read from after the last name of the one before: every stream once, in order, the last
+/// page without a token, and a token it did not hand out refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn log_streams_of_archived_jobs_page_by_name_each_once() {
     let mut t = TestCluster::start(3).await;
@@ -158,14 +158,14 @@ async fn log_streams_of_archived_jobs_page_by_name_each_once() {
         .call(
             "SubmitJob",
             serde_json::json!({"jobName": "many", "jobQueue": "q", "jobDefinition": "d",
-                "arrayProperties": {"size": 23}, "containerOverrides": {"command": ["true"]}}),
+                "arrayProperties": {"size": 24}, "containerOverrides": {"command": ["true"]}}),
         )
         .await)["jobId"]
         .as_str()
         .unwrap()
         .to_owned();
     wait_for_status(&client, &array, &["SUCCEEDED"]).await;
-    let ids: Vec<String> = (0..23).map(|i| format!("{array}:{i}")).collect();
+    let ids: Vec<String> = (0..24).map(|i| format!("{array}:{i}")).collect();
     let described = ok(client
         .call("DescribeJobs", serde_json::json!({ "jobs": ids }))
         .await);
@@ -179,12 +179,14 @@ async fn log_streams_of_archived_jobs_page_by_name_each_once() {
     crate::harness::eventually("the array leaves memory", async || {
         t.cluster
             .running()
-            .all(|n| n.raft.state.read().state.ended_job_count() == 24)
+            .all(|n| n.raft.state.read().state.ended_job_count() == 25)
     })
     .await;
     let mut listed = Vec::new();
     let mut token: Option<String> = None;
+    let mut pages = 0;
     for _ in 0..20 {
+        pages += 1;
         let mut body = serde_json::json!({"logGroupName": "/aws/batch/job", "limit": 4,
                                           "logStreamNamePrefix": "many/"});
         if let Some(t) = &token {
@@ -204,10 +206,12 @@ async fn log_streams_of_archived_jobs_page_by_name_each_once() {
         }
     }
     assert_eq!(listed, expected);
+    // 24 streams, 4 a page: the sixth page is the last, with no token for an empty seventh.
+    assert_eq!(pages, 6);
     let refused = client
         .call_logs(
             "DescribeLogStreams",
-            serde_json::json!({"logGroupName": "/aws/batch/job", "nextToken": "7"}),
+            serde_json::json!({"logGroupName": "/aws/batch/job", "nextToken": "after"}),
         )
         .await;
     assert!(refused.is_err(), "{refused:?}");

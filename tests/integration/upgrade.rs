@@ -49,6 +49,21 @@ async fn a_node_of_an_earlier_release_holds_the_cluster_at_its_level_until_it_is
         .call("CancelJob", json!({"jobId": job, "reason": "test"}))
         .await);
     wait_for_status(&client, &job, &["FAILED"]).await;
+    // A leader of this release, which asks every node for its level (node 1, standing for an
+    // earlier release, would not).
+    if t.cluster.leader() == Some(1) {
+        t.cluster
+            .node(1)
+            .unwrap()
+            .raft
+            .transfer_leader(Some(2))
+            .await
+            .expect("leadership moves to node 2");
+    }
+    eventually("a leader of this release", async || {
+        matches!(t.cluster.leader(), Some(2 | 3))
+    })
+    .await;
     let status = t.cluster.node(2).unwrap().raft.cluster_status().await;
     assert_eq!(status.cluster_level, 1);
     let levels: Vec<Option<u32>> = status.members.iter().map(|m| m.command_level).collect();

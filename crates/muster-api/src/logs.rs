@@ -337,7 +337,12 @@ async fn describe_log_streams<P: ControlPlane>(
     // By name, ascending (what clients ask for unless told otherwise): each page is read from
     // after the last name of the one before (`after:<name>`), so paging has no end but the
     // last stream. Other orders sort the whole list and count their place in it.
-    let by_cursor = !by_time && req.descending != Some(true);
+    // (A numeric token, which releases before handed out for this order too, goes on by place.)
+    let numeric_token = req
+        .next_token
+        .as_deref()
+        .is_some_and(|t| t.parse::<usize>().is_ok());
+    let by_cursor = !by_time && req.descending != Some(true) && !numeric_token;
     let (page, next): (Vec<Stream>, Option<String>) = if by_cursor {
         let after = match req.next_token.as_deref() {
             None => None,

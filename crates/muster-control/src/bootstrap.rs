@@ -70,16 +70,29 @@ pub fn read_credentials(path: &Path) -> Option<Credentials> {
     })
 }
 
-/// A new cluster starts at its founder's command level (`muster_core::COMMAND_LEVEL`), before
-/// anything else is proposed: a cluster is founded with one release on every node. (A cluster
-/// that an earlier release founded starts at level 1, and the leader raises it once every node
-/// reports a higher one.)
+/// A new cluster starts at the command level all its founding members report (this release's,
+/// `muster_core::COMMAND_LEVEL`, when they run it), before anything else is proposed: the
+/// founder waits up to `FOUNDING_LEVEL_WAIT` for every member to answer. Asked again, or
+/// left to the leader's housekeeping (within seconds) when not every member answered: a
+/// founder restarted on an empty disk, whose peers run an earlier release, never raises the
+/// level past theirs.
 pub async fn found_at_level(node: &RaftNode) {
-    let level = node.command_level;
-    if let Err(e) = node.propose(Command::SetClusterLevel { level }).await {
-        tracing::error!(error = %e, level, "could not record the cluster's command level");
+    let deadline = tokio::time::Instant::now() + FOUNDING_LEVEL_WAIT;
+    while tokio::time::Instant::now() < deadline {
+        if let Some(level) = node.lowest_member_level().await {
+            if level >= muster_core::LEVEL_ARCHIVE_ENDED
+                && let Err(e) = node.propose(Command::SetClusterLevel { level }).await
+            {
+                tracing::warn!(error = %e, level, "could not record the cluster's command level");
+            }
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
+
+/// How long a founder waits for every founding member to report its command level.
+const FOUNDING_LEVEL_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Sets the cluster's region and account, as the node that founds it does first: proposed
 /// again with the same values, nothing changes; with others, once anything has an ARN, the

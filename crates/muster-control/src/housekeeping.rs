@@ -86,29 +86,19 @@ pub async fn run(node: RaftNode, history: JobHistory, mut shutdown: watch::Recei
 /// below its own.
 const LEVEL_CHECK_EVERY: Duration = Duration::from_secs(5);
 
-/// Raises the cluster's command level to the lowest any control node reports, once every
-/// member (voters and learners) answered and all run a release that knows `SetClusterLevel`.
+/// Raises the cluster's command level to the lowest every control node reports, once all run
+/// a release that knows `SetClusterLevel` (level 3).
 async fn raise_cluster_level(node: &RaftNode) {
-    let current = node.state.read().state.cluster_level();
-    if current >= node.command_level {
-        return;
-    }
-    let Some(lowest) = node.lowest_member_level().await else {
-        return;
-    };
-    // `SetClusterLevel` came with level 3: a node below it could not apply it.
-    if lowest > current && lowest >= muster_core::LEVEL_ARCHIVE_ENDED {
-        tracing::info!(
-            from = current,
-            to = lowest,
-            "every control node runs a newer release: raising the cluster's command level"
-        );
-        if let Err(e) = node
-            .write_as_leader(Command::SetClusterLevel { level: lowest })
-            .await
-        {
-            tracing::debug!(error = %e, "cluster level not raised");
-        }
+    match node
+        .raise_cluster_level(muster_core::LEVEL_ARCHIVE_ENDED)
+        .await
+    {
+        Ok(Some(level)) => tracing::info!(
+            level,
+            "every control node runs a newer release: the cluster's command level rose"
+        ),
+        Ok(None) => {}
+        Err(e) => tracing::debug!(error = %e, "cluster level not raised"),
     }
 }
 

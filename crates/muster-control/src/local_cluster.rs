@@ -394,17 +394,23 @@ impl LocalCluster {
 
     /// Makes the root user and its key (kept in `dir/credentials`) exist; see
     /// [`crate::bootstrap::ensure_root`]. First waits (up to 15 s) until every running node
-    /// records the command level the founder set, so that nothing a caller does with the key
-    /// meets a cluster that refuses what its level allows.
+    /// records the command level the founder set (the lowest its nodes report), so that
+    /// nothing a caller does with the key meets a cluster that refuses what its level allows.
     pub async fn ensure_root(
         &self,
         dir: &Path,
     ) -> Result<crate::bootstrap::Credentials, crate::bootstrap::BootstrapError> {
-        let founded_at = self
+        // The lowest level a node reports, where the founder could raise it to.
+        let lowest = self
             .command_levels
-            .get(&1)
+            .values()
             .copied()
-            .unwrap_or(muster_core::COMMAND_LEVEL);
+            .fold(muster_core::COMMAND_LEVEL, u32::min);
+        let founded_at = if lowest >= muster_core::LEVEL_ARCHIVE_ENDED {
+            lowest
+        } else {
+            1
+        };
         let deadline = Instant::now() + Duration::from_secs(15);
         while Instant::now() < deadline
             && self

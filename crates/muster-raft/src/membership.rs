@@ -302,6 +302,31 @@ impl RaftNode {
         }
     }
 
+    /// Leader: raises the cluster's command level to the lowest every member (voters and
+    /// learners) reports, once that is above the cluster's and at least `floor` (the level
+    /// that brought `SetClusterLevel`, which a node below it could not apply). Holds the lock
+    /// of membership changes, so that no member joins between the asking and the proposing;
+    /// does nothing while a change is under way. Returns the level it raised to.
+    pub async fn raise_cluster_level(&self, floor: u32) -> Result<Option<u32>, String> {
+        let current = self.state.read().state.cluster_level();
+        if current >= self.command_level {
+            return Ok(None);
+        }
+        let Ok(_no_member_changes) = self.membership_changes.try_lock() else {
+            return Ok(None);
+        };
+        let Some(lowest) = self.lowest_member_level().await else {
+            return Ok(None);
+        };
+        if lowest <= current || lowest < floor {
+            return Ok(None);
+        }
+        self.write_as_leader(muster_core::Command::SetClusterLevel { level: lowest })
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(Some(lowest))
+    }
+
     /// The lowest command level among every member of the cluster (voters and learners), as
     /// each reports it now; `None` unless every one answered. A node of a release before
     /// levels were reported counts as level 1.

@@ -170,7 +170,6 @@ impl ArchiveStore {
         }
     }
 
-    /// Up to `limit` log streams whose key starts with `prefix`, in key order.
     /// Up to `limit` log stream entries whose keys start with `prefix` and sort after
     /// `after` (when given), in key order.
     pub fn streams_with_prefix(

@@ -239,9 +239,9 @@ fn status_table(status: &serde_json::Value) -> String {
             "LAG",
             "CONTACT MS",
             "SNAPSHOT",
-            "LEVEL",
             "RAFT",
             "API",
+            "LEVEL",
         ]
         .map(str::to_owned),
     ];
@@ -257,9 +257,9 @@ fn status_table(status: &serde_json::Value) -> String {
                 "replication_lag",
                 "last_contact_ms",
                 "snapshot_index",
-                "command_level",
                 "raft_addr",
                 "api_addr",
+                "command_level",
             ]
             .map(|k| cell(&m[k])),
         );

@@ -127,8 +127,13 @@ pub async fn run(
                 )
             })
             .collect();
-        if let Err(e) = raft.initialize(members).await {
-            tracing::warn!(error = %e, "initialisation refused");
+        match raft.initialize(members).await {
+            // And records the level its members report, as `muster server`'s founder does.
+            Ok(()) => {
+                let node = node.clone();
+                tokio::spawn(async move { muster_control::bootstrap::found_at_level(&node).await });
+            }
+            Err(e) => tracing::warn!(error = %e, "initialisation refused"),
         }
     }
 

@@ -618,12 +618,25 @@ impl super::State {
             .filter(|s| s.name.starts_with(prefix) && after.is_none_or(|a| s.name.as_str() > a))
             .collect();
         if let Some(store) = &self.archive.store {
-            streams.extend(
-                store
-                    .streams(group, prefix, after, limit)
-                    .into_iter()
-                    .filter(|s| self.ended.contains(&s.job)),
-            );
+            // The store may still hold streams of jobs a purge just forgot (its writer removes
+            // them after the apply): read on until `limit` of the rest, or the end, so that a
+            // page is never cut short by them.
+            let mut cursor = after.map(str::to_owned);
+            let mut kept = 0;
+            loop {
+                let read = store.streams(group, prefix, cursor.as_deref(), limit);
+                let exhausted = read.len() < limit;
+                cursor = read.last().map(|s| s.name.clone()).or(cursor);
+                for stream in read {
+                    if self.ended.contains(&stream.job) {
+                        kept += 1;
+                        streams.push(stream);
+                    }
+                }
+                if exhausted || kept >= limit {
+                    break;
+                }
+            }
         }
         streams.sort();
         streams.truncate(limit);
