@@ -339,6 +339,16 @@ pub async fn eventually(what: &str, mut done: impl AsyncFnMut() -> bool) {
     }
 }
 
+/// Checks every 50 ms for `within` that `happened` never holds: for what must not happen
+/// (a deadline is all there is to wait for).
+pub async fn never(what: &str, within: Duration, mut happened: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        assert!(!happened().await, "{what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Lets the wall clock pass `instant`, for tests whose premise is that a certificate (valid by
 /// the wall clock) has expired: there is no condition to poll but time itself.
 pub async fn outlive(instant: std::time::SystemTime) {

@@ -405,6 +405,27 @@ async fn a_server_stopped_while_it_starts_exits_cleanly() {
     server.stop();
 }
 
+/// Runs `step` again and again until `server` exits, for at most [`DEADLINE`]; its exit
+/// status. Passes are at least 20 ms apart, so that a refused call is no busy loop.
+async fn until_exit(
+    server: &mut Proc,
+    what: &str,
+    mut step: impl AsyncFnMut(),
+) -> std::process::ExitStatus {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if let Some(status) = server.0.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "{what}");
+        let pass = Instant::now();
+        step().await;
+        if let Some(left) = std::time::Duration::from_millis(20).checked_sub(pass.elapsed()) {
+            tokio::time::sleep(left).await;
+        }
+    }
+}
+
 /// The config of a one-node plaintext cluster keeping its data in `data`, written into `dir`;
 /// with the port its API listens on.
 fn single_node_config(dir: &Path, data: &Path) -> (PathBuf, u16) {
@@ -469,23 +490,20 @@ async fn a_server_whose_disk_fills_exits_and_restarts_whole() {
         let chunk = vec![0u8; 1 << 20];
         while file.write_all(&chunk).and_then(|()| file.flush()).is_ok() {}
     }
-    let deadline = Instant::now() + DEADLINE;
-    let status = loop {
-        if let Some(status) = server.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the server kept running on a full disk"
-        );
-        let _ = client
-            .call(
-                "SubmitJob",
-                json!({"jobName": "x".repeat(100), "jobQueue": "q", "jobDefinition": "d",
+    let status = until_exit(
+        &mut server,
+        "the server kept running on a full disk",
+        async || {
+            let _ = client
+                .call(
+                    "SubmitJob",
+                    json!({"jobName": "x".repeat(100), "jobQueue": "q", "jobDefinition": "d",
                        "containerOverrides": {"command": ["echo", "y".repeat(20_000)]}}),
-            )
-            .await;
-    };
+                )
+                .await;
+        },
+    )
+    .await;
     assert!(!status.success(), "exited with {status}");
     let log = std::fs::read_to_string(dir.path().join("server-1.log")).unwrap();
     assert!(log.contains("Raft stopped"), "{log}");
@@ -535,28 +553,20 @@ async fn a_server_that_dies_at_each_crash_point_keeps_what_it_acknowledged() {
         let armed = format!("{point}:12");
         let before = acknowledged.len();
         let mut server = start(point, &[("MUSTER_CRASH_AT", &armed)]);
-        let deadline = Instant::now() + DEADLINE;
-        let status = loop {
-            if let Some(status) = server.0.try_wait().unwrap() {
-                break status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{armed}: the server never crashed"
-            );
+        let never_crashed = format!("{armed}: the server never crashed");
+        let status = until_exit(&mut server, &never_crashed, async || {
             let name = format!("before-{point}-{}", acknowledged.len());
-            match client
+            if let Ok(answer) = client
                 .call(
                     "SubmitJob",
                     json!({"jobName": name, "jobQueue": "q", "jobDefinition": "d"}),
                 )
                 .await
             {
-                Ok(answer) => acknowledged.push(answer["jobId"].as_str().unwrap().to_owned()),
-                // Not serving yet (or no longer): no busy loop against a closed port.
-                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+                acknowledged.push(answer["jobId"].as_str().unwrap().to_owned());
             }
-        };
+        })
+        .await;
         assert_eq!(status.signal(), Some(6), "{armed}: exited with {status}");
         assert!(
             acknowledged.len() >= before + 5,

@@ -348,12 +348,13 @@ async fn an_agent_that_asks_to_join_before_the_cluster_knows_a_token_waits_and_j
     let work_dir = t.dir.path().join("agent-early");
     let config = joining_agent(&t, "early", &format!("{id}.{secret}"), &work_dir);
     let starting = tokio::spawn(crate::harness::start_agent(config));
-    // The agent keeps asking; the cluster knows no token yet.
-    tokio::time::sleep(Duration::from_millis(2_500)).await;
-    assert!(
-        !starting.is_finished(),
-        "the agent gave up (or joined) with no token known"
-    );
+    // The agent keeps asking (once a second); the cluster knows no token yet.
+    crate::harness::never(
+        "the agent gave up (or joined) with no token known",
+        Duration::from_millis(2_500),
+        async || starting.is_finished(),
+    )
+    .await;
 
     // The founder records the token, as it does a moment after its first start.
     let now = muster_control::now_millis();

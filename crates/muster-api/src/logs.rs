@@ -256,7 +256,7 @@ fn streams(
         .into_iter()
         .map(|s| (s.name, s.job, s.attempt, s.created_ms, Some(s.stopped_ms)))
         .collect();
-    let wanted = |name: &str| name.starts_with(prefix) && after.is_none_or(|a| name > a);
+    let wanted = |name: &str| muster_core::stream_listed(name, prefix, after);
     for job in state.jobs().filter(|j| log_group_of(state, j) == group) {
         for (i, record) in job.attempts.iter().enumerate() {
             let name = record.log_stream_name.clone();

@@ -38,7 +38,7 @@ pub use model::*;
 pub use resources::Resources;
 pub use state::{
     ATTEMPT_TIMED_OUT, AffectedNodes, ArchiveChanges, ArchivedStream, Assignment, EndedEntry,
-    JobArchive, MAIN_NODE_EXITED, State, listed_in_order, merge_by_seq,
+    JobArchive, MAIN_NODE_EXITED, State, listed_in_order, merge_by_seq, stream_listed,
 };
 
 /// The log group AWS Batch writes job output to, unless a definition names another.

@@ -533,7 +533,7 @@ impl JobArchive for EndedJobs {
             .values()
             .filter(|(_, job_group)| &**job_group == group)
             .flat_map(|(job, _)| ArchivedStream::of(job))
-            .filter(|s| s.name.starts_with(prefix) && after.is_none_or(|a| s.name.as_str() > a))
+            .filter(|s| muster_core::stream_listed(&s.name, prefix, after))
             .collect();
         let after_key = after.map(|a| stream_prefix(group, a));
         let found = match self.store.streams_with_prefix(

@@ -466,6 +466,14 @@ fn tag(s: &mut State, id: &str, nodes: u32, tags: &[(&str, &str)], at: u64) {
     must(s, gang_submission(id, nodes, 1, at, None, tags));
 }
 
+/// Each placement of a plan as (job, worker).
+fn placed_on(p: &Plan) -> Vec<(String, String)> {
+    p.placements
+        .iter()
+        .map(|p| (p.job.to_string(), p.node.0.clone()))
+        .collect()
+}
+
 /// `cluster(0)` with these workers (name, millicpus, memory MiB).
 fn workers<N: AsRef<str>>(workers: impl IntoIterator<Item = (N, u64, u64)>) -> State {
     let mut s = cluster(0);
@@ -660,11 +668,7 @@ fn ranges_that_compete_for_workers_are_matched_scarcest_first() {
     let mut s = workers([("w0", 4000, 131_072), ("w1", 8000, 8192)]);
     submit_ranged_gang(&mut s, 2, &[("0", 4, 1024), ("1", 2, 65_536)]);
     let p = plan(&s, &PlanConfig::default(), NOW);
-    let placed: Vec<(String, String)> = p
-        .placements
-        .iter()
-        .map(|p| (p.job.to_string(), p.node.0.clone()))
-        .collect();
+    let placed = placed_on(&p);
     assert_eq!(
         placed,
         [
@@ -748,11 +752,7 @@ fn ranges_whose_scarcest_first_order_leaves_one_without_a_worker_are_matched_in_
     let mut s = workers([("w0", 4000, 4096), ("w1", 8000, 1024), ("w2", 2000, 8192)]);
     submit_ranged_gang(&mut s, 3, &[("0", 4, 1024), ("1", 1, 8192), ("2", 2, 4096)]);
     let p = plan(&s, &PlanConfig::default(), NOW);
-    let placed: Vec<(String, String)> = p
-        .placements
-        .iter()
-        .map(|p| (p.job.to_string(), p.node.0.clone()))
-        .collect();
+    let placed = placed_on(&p);
     assert_eq!(
         placed,
         [

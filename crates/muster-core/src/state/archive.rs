@@ -55,6 +55,12 @@ pub struct ArchivedStream {
     pub stopped_ms: u64,
 }
 
+/// Whether a stream named `name` is listed for `prefix` after `after`: DescribeLogStreams'
+/// page of names that start with the prefix and sort after the last name of the page before.
+pub fn stream_listed(name: &str, prefix: &str, after: Option<&str>) -> bool {
+    name.starts_with(prefix) && after.is_none_or(|a| name > a)
+}
+
 impl ArchivedStream {
     /// The streams of an ended job's attempts.
     pub fn of(job: &Job) -> Vec<ArchivedStream> {
@@ -615,7 +621,7 @@ impl super::State {
             .iter()
             .filter(|j| self.log_group_of(j) == group)
             .flat_map(|j| ArchivedStream::of(j))
-            .filter(|s| s.name.starts_with(prefix) && after.is_none_or(|a| s.name.as_str() > a))
+            .filter(|s| stream_listed(&s.name, prefix, after))
             .collect();
         if let Some(store) = &self.archive.store {
             // The store may still hold streams of jobs a purge just forgot (its writer removes

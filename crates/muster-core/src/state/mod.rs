@@ -26,6 +26,7 @@ mod runnable;
 
 pub use archive::{
     ArchiveChanges, ArchivedStream, EndedEntry, JobArchive, listed_in_order, merge_by_seq,
+    stream_listed,
 };
 use attempts::track_share;
 pub use gang::MAIN_NODE_EXITED;
