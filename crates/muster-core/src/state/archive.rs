@@ -274,6 +274,10 @@ impl EndedKey {
                     b'#' => (NODE_SUFFIX, &rest[1..]),
                     _ => return None,
                 };
+                // Only the text `index.to_string()` gives back (no sign, no leading zero).
+                if (index.len() > 1 && index.starts_with('0')) || index.starts_with('+') {
+                    return None;
+                }
                 let index: u32 = index.parse().ok()?;
                 if index >= NODE_SUFFIX - 1 {
                     return None;
@@ -282,34 +286,46 @@ impl EndedKey {
             }
             None => return None,
         };
+        // Only ids that read back as the same text are packed: lower-case hex, dashed as a
+        // UUID is. Checked byte by byte, without building the text: every lookup of an ended
+        // job packs its id, and an array's status summary looks up ten thousand.
         let mut bytes = [0u8; 16];
-        let hex: Vec<u8> = uuid.bytes().filter(|&b| b != b'-').collect();
-        if hex.len() != 32 {
-            return None;
+        let mut nibbles = 0;
+        for (at, b) in uuid.bytes().enumerate() {
+            if matches!(at, 8 | 13 | 18 | 23) {
+                if b != b'-' {
+                    return None;
+                }
+                continue;
+            }
+            let nibble = match b {
+                b'0'..=b'9' => b - b'0',
+                b'a'..=b'f' => b - b'a' + 10,
+                _ => return None,
+            };
+            bytes[nibbles / 2] |= nibble << if nibbles % 2 == 0 { 4 } else { 0 };
+            nibbles += 1;
         }
-        for (i, pair) in hex.chunks(2).enumerate() {
-            let text = std::str::from_utf8(pair).ok()?;
-            bytes[i] = u8::from_str_radix(text, 16).ok()?;
-        }
-        let key = Self::Packed(bytes, suffix);
-        // Only ids that read back as the same text are packed (lower-case, dashed UUIDs).
-        (key.text() == id).then_some(key)
+        (nibbles == 32).then_some(Self::Packed(bytes, suffix))
     }
 
     fn text(&self) -> String {
         match self {
             Self::Text(text) => text.to_string(),
             Self::Packed(bytes, suffix) => {
+                use std::fmt::Write;
+                const HEX: &[u8; 16] = b"0123456789abcdef";
                 let mut s = String::with_capacity(48);
                 for (i, b) in bytes.iter().enumerate() {
                     if matches!(i, 4 | 6 | 8 | 10) {
                         s.push('-');
                     }
-                    s.push_str(&format!("{b:02x}"));
+                    s.push(HEX[usize::from(b >> 4)] as char);
+                    s.push(HEX[usize::from(b & 0xf)] as char);
                 }
                 if *suffix != 0 {
                     s.push(if suffix & NODE_SUFFIX != 0 { '#' } else { ':' });
-                    s.push_str(&((suffix & !NODE_SUFFIX) - 1).to_string());
+                    let _ = write!(s, "{}", (suffix & !NODE_SUFFIX) - 1);
                 }
                 s
             }
@@ -333,6 +349,30 @@ impl EndedIndex {
 
     pub(super) fn contains(&self, id: &JobId) -> bool {
         self.get(id).is_some()
+    }
+
+    /// How many of an archived array's children ended with each status. One pass over the
+    /// children's packed keys, which sort together under their parent's (ids that do not pack
+    /// are looked up one by one).
+    pub(super) fn array_counts(&self, parent: &JobId, size: u32) -> BTreeMap<JobStatus, u32> {
+        let mut counts = BTreeMap::new();
+        match EndedKey::of(parent.as_str()) {
+            EndedKey::Packed(bytes, 0) => {
+                let children = EndedKey::Packed(bytes, 1)..EndedKey::Packed(bytes, NODE_SUFFIX);
+                for entry in self.by_id.range(children).map(|(_, e)| e) {
+                    *counts.entry(entry.status()).or_default() += 1;
+                }
+            }
+            _ => {
+                for index in 0..size {
+                    let child = JobId::from(format!("{parent}:{index}"));
+                    if let Some(entry) = self.get(&child) {
+                        *counts.entry(entry.status()).or_default() += 1;
+                    }
+                }
+            }
+        }
+        counts
     }
 
     pub(super) fn insert(&mut self, job: &Job) {
@@ -586,22 +626,15 @@ impl super::State {
     /// How many of an array's children have each status: counted from the children in memory,
     /// or from the index once they left it.
     pub fn array_status_counts(&self, parent: &Job) -> BTreeMap<JobStatus, u32> {
-        let mut counts = BTreeMap::new();
-        let size = match parent.array {
-            Some(ArrayRole::Parent { size, .. }) => size,
-            _ => return counts,
+        let Some(ArrayRole::Parent { size, .. }) = parent.array else {
+            return BTreeMap::new();
         };
-        if self.jobs.contains_key(&parent.id) {
-            for child in self.array_children(&parent.id) {
-                *counts.entry(child.status).or_default() += 1;
-            }
-        } else {
-            for index in 0..size {
-                let child = JobId::from(format!("{}:{index}", parent.id));
-                if let Some(ended) = self.ended.get(&child) {
-                    *counts.entry(ended.status()).or_default() += 1;
-                }
-            }
+        if !self.jobs.contains_key(&parent.id) {
+            return self.ended.array_counts(&parent.id, size);
+        }
+        let mut counts = BTreeMap::new();
+        for child in self.array_children(&parent.id) {
+            *counts.entry(child.status).or_default() += 1;
         }
         counts
     }
@@ -756,12 +789,55 @@ mod tests {
             "0F8FAD5B-D9CB-469F-A165-70867728950E",
             "0f8fad5b-d9cb-469f-a165-70867728950e:01",
             "0f8fad5b-d9cb-469f-a165-70867728950e:x",
+            "0f8fad5b-d9cb-469f-a165-70867728950e:+1",
+            "0f8fad5b-d9cb-469f-a165-70867728950e:-1",
+            "0f8fad5b-d9cb-469f-a165-70867728950e:",
+            "0f8fad5b-d9cb-469f-a165-70867728950e/1",
             "0f8fad5bxd9cb-469f-a165-70867728950e",
+            "0f8fad5b-d9cb-469f-a165-70867728950",
         ] {
             let key = EndedKey::of(id);
             assert!(matches!(key, EndedKey::Text(_)), "{id} packed");
             assert_eq!(key.text(), id);
         }
         assert_eq!(std::mem::size_of::<EndedKey>(), 24);
+    }
+
+    #[test]
+    fn an_archived_arrays_counts_take_its_children_alone() {
+        let entry = |succeeded| EndedEntry {
+            stopped_at: Timestamp(1),
+            array_size: 0,
+            succeeded,
+            gang_node: false,
+        };
+        let mut index = EndedIndex::default();
+        let mut add = |id: &str, succeeded| {
+            index.by_id.insert(EndedKey::of(id), entry(succeeded));
+        };
+        let parent = "0f8fad5b-d9cb-469f-a165-70867728950e";
+        // Its neighbours in key order: a node of its own, and the next id's children.
+        let next = "0f8fad5b-d9cb-469f-a165-70867728950f";
+        add(parent, false);
+        for (index, succeeded) in [true, false, true, true].into_iter().enumerate() {
+            add(&format!("{parent}:{index}"), succeeded);
+        }
+        add(&format!("{parent}#0"), false);
+        add(next, true);
+        add(&format!("{next}:0"), false);
+        // And an id that does not pack, counted one child at a time.
+        add("arr", true);
+        add("arr:0", false);
+        add("arr:1", true);
+        add("arr:10", true);
+
+        assert_eq!(
+            index.array_counts(&JobId::from(parent), 4),
+            BTreeMap::from([(JobStatus::Succeeded, 3), (JobStatus::Failed, 1)])
+        );
+        assert_eq!(
+            index.array_counts(&JobId::from("arr"), 2),
+            BTreeMap::from([(JobStatus::Succeeded, 1), (JobStatus::Failed, 1)])
+        );
     }
 }
