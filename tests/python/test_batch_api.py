@@ -730,6 +730,29 @@ def test_job_output_is_served_as_cloudwatch_log_events(dev, batch):
     assert own.stdout.splitlines() == messages
 
 
+def test_an_array_parent_has_no_stream_of_its_own_and_muster_prints_its_childrens_output(dev, batch):
+    name = unique("arrlogs")
+    register_busybox(batch, name, ["sh", "-c", "echo child $AWS_BATCH_JOB_ARRAY_INDEX"])
+    parent_id = batch.submit_job(jobName=name, jobQueue="default", jobDefinition=name,
+                                 arrayProperties={"size": 3})["jobId"]
+    parent = wait_for(batch, parent_id, {"SUCCEEDED", "FAILED"})
+    assert parent["status"] == "SUCCEEDED"
+    # As AWS Batch describes an array parent: it ran nothing, so no stream and no attempts;
+    # each child has its own.
+    assert "logStreamName" not in parent["container"] and parent["attempts"] == []
+    children = [f"{parent_id}:{i}" for i in range(3)]
+    described = batch.describe_jobs(jobs=children)["jobs"]
+    assert all(c["container"]["logStreamName"] for c in described)
+
+    own = subprocess.run([dev.binary, "job", "logs", parent_id], env=dev.env, capture_output=True,
+                         text=True, timeout=60)
+    assert own.returncode == 0, own.stderr
+    expected = []
+    for i, child in enumerate(children):
+        expected += [f"==> {child} <==", f"child {i}"]
+    assert own.stdout.splitlines() == expected
+
+
 def test_a_custom_awslogs_group_serves_the_jobs_output_and_is_echoed(dev, batch):
     name = unique("grouped")
     group = f"/custom/{name}"

@@ -1,5 +1,9 @@
 //! `muster job logs JOB [--attempt N] [--follow]`: an attempt's output, read through the
 //! control plane with CloudWatch Logs' `GetLogEvents` (what `aws logs get-log-events` calls).
+//!
+//! An array parent runs nothing itself and, as in AWS Batch, has no log stream of its own:
+//! for one, the output of each child is printed in index order under a `==> ID <==` line
+//! (as `tail` heads each file), and `--follow` follows each child to its end in turn.
 
 use muster_client::BatchClient;
 use serde_json::{Value, json};
@@ -11,13 +15,49 @@ pub async fn print(
     attempt: Option<u32>,
     follow: bool,
 ) -> anyhow::Result<()> {
-    let mut token: Option<String> = None;
+    let job = describe(client, job_id).await?;
+    if !is_array_parent(&job) {
+        return print_job(client, job, attempt, follow).await;
+    }
+    for child in array_children(client, job_id).await? {
+        println!("==> {child} <==");
+        let job = describe(client, &child).await?;
+        if !follow && stream_of(&job, attempt).is_err() {
+            println!(
+                "(no output yet: {})",
+                job["status"].as_str().unwrap_or_default()
+            );
+            continue;
+        }
+        print_job(client, job, attempt, follow).await?;
+    }
+    Ok(())
+}
+
+/// Prints one job's output; with `follow`, until it ends.
+async fn print_job(
+    client: &BatchClient,
+    mut job: Value,
+    attempt: Option<u32>,
+    follow: bool,
+) -> anyhow::Result<()> {
+    let job_id = job["jobId"].as_str().unwrap_or_default().to_owned();
+    let (mut token, mut reading): (Option<String>, String) = (None, String::new());
     loop {
-        let job = describe(client, job_id).await?;
-        let stream = stream_of(&job, attempt)?;
+        let stream = stream_of(&job, attempt);
         let finished = matches!(job["status"].as_str(), Some("SUCCEEDED" | "FAILED"));
+        let stream = match stream {
+            Ok(stream) => stream,
+            // Followed, a job that has not started yet is waited for.
+            Err(_) if follow && !finished => String::new(),
+            Err(e) => return Err(e),
+        };
+        // A retry's attempt writes a stream of its own, read from its start.
+        if stream != reading {
+            (token, reading) = (None, stream.clone());
+        }
         // Drain what there is, page by page, until the token stops moving.
-        loop {
+        while !stream.is_empty() {
             let mut body = json!({"logGroupName": muster_api::LOG_GROUP,
                                   "logStreamName": stream, "startFromHead": true});
             if let Some(t) = &token {
@@ -37,6 +77,7 @@ pub async fn print(
             return Ok(());
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
+        job = describe(client, &job_id).await?;
     }
 }
 
@@ -49,6 +90,38 @@ async fn describe(client: &BatchClient, job_id: &str) -> anyhow::Result<Value> {
         .and_then(|jobs| jobs.first())
         .cloned()
         .ok_or_else(|| anyhow::anyhow!("job {job_id} does not exist"))
+}
+
+/// An array's parent carries the children's `statusSummary`; a child carries its `index`.
+fn is_array_parent(job: &Value) -> bool {
+    job["arrayProperties"]["statusSummary"].is_object()
+}
+
+/// The ids of an array's children, in index order (ListJobs by `arrayJobId`, every page).
+async fn array_children(client: &BatchClient, parent: &str) -> anyhow::Result<Vec<String>> {
+    let mut children = Vec::new();
+    let mut token: Option<String> = None;
+    loop {
+        // A filter lists every status (without one, ListJobs lists RUNNING jobs only).
+        let mut body = json!({ "arrayJobId": parent, "maxResults": 100,
+                               "filters": [{"name": "AFTER_CREATED_AT", "values": ["0"]}] });
+        if let Some(t) = &token {
+            body["nextToken"] = json!(t);
+        }
+        let page = client.call("ListJobs", body).await?;
+        for summary in page["jobSummaryList"].as_array().into_iter().flatten() {
+            let index = summary["arrayProperties"]["index"].as_u64().unwrap_or(0);
+            if let Some(id) = summary["jobId"].as_str() {
+                children.push((index, id.to_owned()));
+            }
+        }
+        token = page["nextToken"].as_str().map(str::to_owned);
+        if token.is_none() {
+            break;
+        }
+    }
+    children.sort();
+    Ok(children.into_iter().map(|(_, id)| id).collect())
 }
 
 /// The log stream of `attempt` (1-based), or of the latest attempt.
