@@ -384,6 +384,115 @@ async fn an_agent_that_asks_to_join_before_the_cluster_knows_a_token_waits_and_j
     runtime.shutdown_background();
 }
 
+/// A revoked agent's name can be reinstated, ten minutes after the revocation at the
+/// earliest: it may then register with a certificate issued after the revocation (as a join
+/// signs one), while every certificate it held before stays refused, so a stolen one does not
+/// come back to life.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reinstated_agent_needs_a_certificate_newer_than_its_revocation() {
+    let t = TestCluster::start(3).await;
+    let client = t.client(1);
+    client
+        .call(
+            "CreateComputeEnvironment",
+            serde_json::json!({"computeEnvironmentName": "ce", "type": "UNMANAGED"}),
+        )
+        .await
+        .expect("compute environment");
+    let ca = t.cluster.ca().expect("the test cluster runs TLS");
+    let ca_pem = ca.cert_pem().to_owned();
+    let leader = t.cluster.leader().expect("a leader");
+    let grpc = t.cluster.grpc_addrs()[(leader - 1) as usize].clone();
+    let minutes = |m: u64| Duration::from_secs(60 * m);
+    // Issued half an hour ago (`Validity::from_now` then), and another issued now.
+    let issued_ago = |ago: Duration| {
+        let now = SystemTime::now();
+        ca.issue(
+            &Role::Agent("r".into()),
+            &[],
+            Validity {
+                not_before: now - ago - muster_tls::pki::ISSUE_BACKDATE,
+                not_after: now + HOUR,
+            },
+        )
+        .unwrap()
+    };
+    let old = issued_ago(minutes(30));
+    let as_old = dial(&grpc, &ca_pem, Some((&old.cert_pem, &old.key_pem)))
+        .await
+        .unwrap();
+    assert_eq!(register_code(as_old.clone(), "r").await, Code::Ok);
+
+    // Not revoked: nothing to reinstate.
+    let refused = client
+        .call_cluster("ReinstateAgent", serde_json::json!({"node": "r"}))
+        .await
+        .expect_err("reinstating an agent that is not revoked");
+    assert!(refused.to_string().contains("is not revoked"), "{refused}");
+    // Revoked just now: too soon to reinstate.
+    client
+        .call_cluster("RevokeAgent", serde_json::json!({"node": "r"}))
+        .await
+        .expect("revoked");
+    assert_eq!(
+        register_code(as_old.clone(), "r").await,
+        Code::PermissionDenied
+    );
+    let refused = client
+        .call_cluster("ReinstateAgent", serde_json::json!({"node": "r"}))
+        .await
+        .expect_err("reinstated a minute after the revocation");
+    assert!(
+        refused.to_string().contains("less than 10 minutes ago"),
+        "{refused}"
+    );
+
+    // Revoked twenty minutes ago (as the leader's clock stamped it then), reinstated now.
+    let revoked_at = muster_core::Timestamp(muster_control::now_millis().0 - 20 * 60_000);
+    let revoke = muster_core::Command::Access(muster_core::AccessCommand::RevokeAgent {
+        node: muster_core::NodeId("r".into()),
+        at: revoked_at,
+    });
+    let recorded = t.cluster.node(leader).unwrap().raft.propose(revoke).await;
+    assert!(recorded.is_ok(), "{recorded:?}");
+    client
+        .call_cluster("ReinstateAgent", serde_json::json!({"node": "r"}))
+        .await
+        .expect("reinstated twenty minutes after the revocation");
+    let listed = client
+        .call_cluster("ListJoinTokens", serde_json::json!({}))
+        .await
+        .unwrap();
+    assert_eq!(listed["revokedAgents"], serde_json::json!([]));
+    assert_eq!(
+        listed["reinstatedAgents"],
+        serde_json::json!([{"node": "r", "revokedAt": revoked_at.as_millis()}])
+    );
+
+    // Certificates from before the revocation (half an hour ago, or two minutes before it,
+    // within the signers' clock skew) stay refused; one issued since is taken.
+    let just_before = issued_ago(minutes(22));
+    let as_just_before = dial(
+        &grpc,
+        &ca_pem,
+        Some((&just_before.cert_pem, &just_before.key_pem)),
+    )
+    .await
+    .unwrap();
+    for channel in [as_old, as_just_before] {
+        assert_eq!(
+            register_code(channel, "r").await,
+            Code::PermissionDenied,
+            "a certificate from before the revocation"
+        );
+    }
+    let fresh = issued_ago(Duration::ZERO);
+    let as_fresh = dial(&grpc, &ca_pem, Some((&fresh.cert_pem, &fresh.key_pem)))
+        .await
+        .unwrap();
+    assert_eq!(register_code(as_fresh, "r").await, Code::Ok);
+}
+
 /// A process-executor agent of compute environment `ce` that joins the test cluster with
 /// `token` (unless `work_dir/tls` already holds a valid certificate).
 fn joining_agent(

@@ -67,7 +67,14 @@ async fn a_node_of_an_earlier_release_holds_the_cluster_at_its_level_until_it_is
     let status = t.cluster.node(2).unwrap().raft.cluster_status().await;
     assert_eq!(status.cluster_level, 1);
     let levels: Vec<Option<u32>> = status.members.iter().map(|m| m.command_level).collect();
-    assert_eq!(levels, [Some(1), Some(3), Some(3)]);
+    assert_eq!(
+        levels,
+        [
+            Some(1),
+            Some(muster_core::COMMAND_LEVEL),
+            Some(muster_core::COMMAND_LEVEL)
+        ]
+    );
     // Through the leader's archive checks (every second) and a level check (every 5 s).
     crate::harness::never(
         "ended jobs archived, or the level raised, at level 1",

@@ -1,6 +1,6 @@
 //! Operating the cluster: its control nodes (`muster cluster status`, `add-node`,
 //! `remove-node`, `transfer-leader`), who may join it (join tokens and revoked agents, for
-//! `muster cluster token …` and `muster cluster node revoke`), and draining agents
+//! `muster cluster token …` and `muster cluster node revoke|reinstate`), and draining agents
 //! (`muster node drain`). Served at `POST /v1/cluster/<operation>`, signed like every call
 //! and authorised as `muster:ClusterAdmin`.
 
@@ -129,18 +129,24 @@ pub(crate) async fn dispatch<P: ControlPlane>(
             Ok(json!({ "token": format!("{id}.{secret}"), "joinToken": shape }))
         }
         "listjointokens" => {
-            let (tokens, revoked) = plane
+            let listed = plane
                 .read(move |s| {
                     let tokens: Vec<Value> = s.join_tokens().map(|t| token_shape(t, now)).collect();
-                    let revoked: Vec<Value> = s
-                        .revoked_agents()
-                        .map(|(node, at)| json!({"node": node.0, "revokedAt": at.as_millis()}))
-                        .collect();
-                    (tokens, revoked)
+                    let agents = |list: &mut dyn Iterator<Item = (&NodeId, &Timestamp)>| {
+                        list.map(|(node, at)| json!({"node": node.0, "revokedAt": at.as_millis()}))
+                            .collect::<Vec<Value>>()
+                    };
+                    (
+                        tokens,
+                        agents(&mut s.revoked_agents()),
+                        agents(&mut s.reinstated_agents()),
+                    )
                 })
                 .await
                 .map_err(ApiError::from)?;
-            Ok(json!({ "joinTokens": tokens, "revokedAgents": revoked }))
+            let (tokens, revoked, reinstated) = listed;
+            Ok(json!({ "joinTokens": tokens, "revokedAgents": revoked,
+                       "reinstatedAgents": reinstated }))
         }
         "revokejointoken" => {
             let id = req
@@ -154,19 +160,24 @@ pub(crate) async fn dispatch<P: ControlPlane>(
             .await?;
             Ok(json!({}))
         }
-        "revokeagent" => {
-            let node = req
-                .node
-                .filter(|n| !n.is_empty())
-                .ok_or_else(|| ApiError::client("node is required"))?;
-            check_and_propose(
-                plane,
-                Command::Access(AccessCommand::RevokeAgent {
-                    node: NodeId(node),
-                    at: now,
-                }),
-            )
-            .await?;
+        "revokeagent" | "reinstateagent" => {
+            let node = NodeId(
+                req.node
+                    .filter(|n| !n.is_empty())
+                    .ok_or_else(|| ApiError::client("node is required"))?,
+            );
+            let command = if operation == "revokeagent" {
+                AccessCommand::RevokeAgent { node, at: now }
+            } else {
+                crate::require_level(
+                    plane,
+                    muster_core::LEVEL_REINSTATE_AGENT,
+                    "node",
+                    "reinstated agents",
+                )?;
+                AccessCommand::ReinstateAgent { node, at: now }
+            };
+            check_and_propose(plane, Command::Access(command)).await?;
             Ok(json!({}))
         }
         "status" => {

@@ -138,11 +138,25 @@ impl AgentGateway {
         }
         let refused = match muster_tls::peer_role(request) {
             Ok(muster_tls::Role::Agent(name)) if name == node => {
-                let revoked = self.node.state.read().state.agent_revoked(&NodeId(name));
-                if !revoked {
+                let issued_at = || {
+                    let at = muster_tls::peer_issued_at(request)?;
+                    let millis = at.duration_since(std::time::UNIX_EPOCH).ok()?.as_millis();
+                    Some(muster_core::Timestamp(u64::try_from(millis).ok()?))
+                };
+                let applied = self.node.state.read();
+                let state = &applied.state;
+                let node_id = NodeId(name);
+                if !state.agent_certificate_refused(&node_id, issued_at) {
                     return Ok(());
                 }
-                Status::permission_denied(format!("agent {node} was revoked"))
+                if state.agent_revoked(&node_id) {
+                    Status::permission_denied(format!("agent {node} was revoked"))
+                } else {
+                    Status::permission_denied(format!(
+                        "agent {node} was reinstated after a revocation: its certificates from \
+                         before the revocation are refused (join again with a token)"
+                    ))
+                }
             }
             Ok(muster_tls::Role::Agent(name)) => Status::permission_denied(format!(
                 "the certificate of agent {name} cannot act for node {node:?}"

@@ -151,6 +151,11 @@ pub enum AccessCommand {
     /// and it never joins again under that name. Its running attempts end when the leader
     /// marks the node lost.
     RevokeAgent { node: crate::NodeId, at: Timestamp },
+    /// The revoked agent `node` may join again (with a join token, for a new certificate);
+    /// every certificate issued for that name before its revocation stays refused. Refused
+    /// until [`crate::REINSTATE_AFTER`] has passed since the revocation, so that clocks of
+    /// the signing nodes cannot make an old certificate pass for a new one.
+    ReinstateAgent { node: crate::NodeId, at: Timestamp },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

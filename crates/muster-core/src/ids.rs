@@ -15,6 +15,14 @@ impl Timestamp {
     pub fn as_millis(self) -> u64 {
         self.0
     }
+
+    /// This time plus `d` (saturating).
+    pub fn plus(self, d: std::time::Duration) -> Self {
+        Self(
+            self.0
+                .saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        )
+    }
 }
 
 macro_rules! string_id {

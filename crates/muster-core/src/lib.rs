@@ -53,14 +53,28 @@ pub use validate::ConfigError;
 ///
 /// 1: every release before levels were counted (the level of a state that records none);
 /// 2: multi-node jobs (`nodeProperties` on a definition, `nodeOverrides` on a submit);
-/// 3: `ArchiveEnded` (ended jobs leave memory) and `SetClusterLevel` itself.
-pub const COMMAND_LEVEL: u32 = 3;
+/// 3: `ArchiveEnded` (ended jobs leave memory) and `SetClusterLevel` itself;
+/// 4: `ReinstateAgent` (a revoked agent's name may join again).
+pub const COMMAND_LEVEL: u32 = 4;
 
 /// The level that brought multi-node jobs.
 pub const LEVEL_MULTINODE: u32 = 2;
 
 /// The level that brought `ArchiveEnded`.
 pub const LEVEL_ARCHIVE_ENDED: u32 = 3;
+
+/// The level that brought `ReinstateAgent`.
+pub const LEVEL_REINSTATE_AGENT: u32 = 4;
+
+/// How far apart the clocks of the control nodes that sign agent certificates may be. A
+/// certificate of a reinstated agent counts as issued before its revocation unless its issue
+/// time is later than the revocation by more than this.
+pub const CERTIFICATE_CLOCK_SKEW: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// How long after its revocation an agent may be reinstated: twice the skew, so that a
+/// certificate signed at the reinstatement is later than the revocation by more than
+/// [`CERTIFICATE_CLOCK_SKEW`] on any signer's clock.
+pub const REINSTATE_AFTER: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Version of the serialized [`State`] inside a snapshot; bumped on any incompatible change.
 /// 2: ended jobs leave the job table for an archive (`ended` lists them) that a snapshot sent

@@ -757,6 +757,72 @@ fn join_tokens_are_made_once_revoked_by_id_and_agents_revoked_by_name() {
 }
 
 #[test]
+fn a_reinstated_agent_is_refused_the_certificates_it_held_before_its_revocation() {
+    let mut s = base();
+    let node = NodeId("n1".into());
+    let minute = 60_000;
+    let reinstate = |at: u64| {
+        Command::Access(AccessCommand::ReinstateAgent {
+            node: node.clone(),
+            at: Timestamp(at),
+        })
+    };
+    let refused = |s: &State, issued: Option<u64>| {
+        s.agent_certificate_refused(&node, || issued.map(Timestamp))
+    };
+    assert!(!refused(&s, Some(0)), "never revoked: any certificate");
+    assert!(
+        matches!(s.apply(reinstate(minute)), Outcome::Rejected(r) if r.message.contains("is not revoked"))
+    );
+    let revoked_at = 100 * minute;
+    s.apply(Command::Access(AccessCommand::RevokeAgent {
+        node: node.clone(),
+        at: Timestamp(revoked_at),
+    }));
+    assert!(
+        refused(&s, Some(revoked_at + 60 * minute)),
+        "revoked: every certificate"
+    );
+    // Ten minutes after the revocation at the earliest, whatever the certificate.
+    let too_soon = s.apply(reinstate(revoked_at + 10 * minute - 1));
+    assert!(
+        matches!(too_soon, Outcome::Rejected(ref r) if r.field == "node" && r.message.contains("in 1 s")),
+        "{too_soon:?}"
+    );
+    let kept = s.clone();
+    assert_eq!(s.apply(reinstate(revoked_at + 10 * minute)), Outcome::Done);
+    assert!(!s.agent_revoked(&node));
+    // Issued up to the clock skew after the revocation: taken for one from before it.
+    let skew = 5 * minute;
+    assert!(refused(&s, Some(revoked_at - minute)));
+    assert!(refused(&s, Some(revoked_at + skew)));
+    assert!(
+        refused(&s, None),
+        "a certificate whose issue cannot be read"
+    );
+    assert!(!refused(&s, Some(revoked_at + skew + 1)));
+    assert!(
+        matches!(
+            s.apply(reinstate(revoked_at + 20 * minute)),
+            Outcome::Rejected(_)
+        ),
+        "reinstated twice"
+    );
+    // Kept in snapshots; revoked again, every certificate is refused again.
+    let restored: State = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+    assert!(refused(&restored, Some(revoked_at)));
+    assert!(!refused(&restored, Some(revoked_at + skew + 1)));
+    s.apply(Command::Access(AccessCommand::RevokeAgent {
+        node: node.clone(),
+        at: Timestamp(revoked_at + 30 * minute),
+    }));
+    assert!(refused(&s, Some(revoked_at + 20 * minute)));
+    assert_eq!(s.reinstated_agents().count(), 0);
+    // A refused reinstatement changed nothing.
+    assert!(kept.agent_revoked(&node) && kept.reinstated_agents().count() == 0);
+}
+
+#[test]
 fn a_cluster_remembers_it_had_join_tokens_after_retention_forgets_them() {
     let mut s = base();
     assert!(

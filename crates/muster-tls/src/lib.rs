@@ -26,7 +26,9 @@ pub use identity::{
     ApiTlsFiles, ClientCertificates, Identity, IdentityError, ServedCertificate, TlsFiles,
     api_server_config,
 };
-pub use role::{AGENT_SERVER_NAME, CONTROL_SERVER_NAME, Role, peer_role, role_of_certificate};
+pub use role::{
+    AGENT_SERVER_NAME, CONTROL_SERVER_NAME, Role, peer_issued_at, peer_role, role_of_certificate,
+};
 
 /// Installs *ring* as rustls' process-wide crypto provider, once. rustls refuses to pick one
 /// itself when more than one could be linked in; Muster links only *ring*.

@@ -32,15 +32,27 @@ pub struct Validity {
     pub not_after: SystemTime,
 }
 
+/// How far before its issue a certificate made with [`Validity::from_now`] becomes valid
+/// (clocks of the cluster's machines differ a little).
+pub const ISSUE_BACKDATE: Duration = Duration::from_secs(3600);
+
 impl Validity {
-    /// From an hour ago (clocks of the cluster's machines differ a little) for `length`.
+    /// From [`ISSUE_BACKDATE`] ago for `length`.
     pub fn from_now(length: Duration) -> Self {
         let now = SystemTime::now();
         Self {
-            not_before: now - Duration::from_secs(3600),
+            not_before: now - ISSUE_BACKDATE,
             not_after: now + length,
         }
     }
+}
+
+/// When a certificate (DER) made with [`Validity::from_now`] was issued, as its signer's
+/// clock read: every agent certificate a control node signs is. `None` if unreadable.
+pub fn issued_at(der: &[u8]) -> Option<SystemTime> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let not_before = u64::try_from(cert.validity().not_before.timestamp()).ok()?;
+    Some(UNIX_EPOCH + Duration::from_secs(not_before) + ISSUE_BACKDATE)
 }
 
 fn offset_time(t: SystemTime) -> time::OffsetDateTime {

@@ -96,6 +96,11 @@ pub fn peer_role<T>(request: &Request<T>) -> Result<Role, Status> {
     role_of_certificate(leaf).map_err(Status::unauthenticated)
 }
 
+/// When the client certificate of `request` was issued (see [`crate::pki::issued_at`]).
+pub fn peer_issued_at<T>(request: &Request<T>) -> Option<std::time::SystemTime> {
+    crate::pki::issued_at(request.peer_certs()?.first()?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

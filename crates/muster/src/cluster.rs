@@ -1,6 +1,6 @@
 //! `muster cluster`: founding a cluster's files (`init`, and `new-node` for a node to add
 //! later), its control nodes (`status`, `add-node`, `remove-node`, `transfer-leader`), and
-//! who may join it (`token`, `node revoke`); `muster node`: draining agents.
+//! who may join it (`token`, `node revoke`, `node reinstate`); `muster node`: draining agents.
 
 use anyhow::{Context, bail};
 use clap::Subcommand;
@@ -107,7 +107,7 @@ pub enum TokenCommand {
         #[arg(long, default_value = "")]
         description: String,
     },
-    /// Every token (never their secrets) and every revoked agent.
+    /// Every token (never their secrets), every revoked agent and every reinstated one.
     List,
     /// No agent joins with the token from now on.
     Revoke { id: String },
@@ -115,9 +115,14 @@ pub enum TokenCommand {
 
 #[derive(Subcommand)]
 pub enum NodeCommand {
-    /// Cut the agent off for good: every call its certificate makes is refused, and it never
-    /// joins again under that name; its running jobs are retried elsewhere once it is lost.
+    /// Cut the agent off: every call its certificate makes is refused, and it does not join
+    /// again under that name until reinstated; its running jobs are retried elsewhere once it
+    /// is lost.
     Revoke { name: String },
+    /// Let a revoked agent's name join again, with a join token and a new key: the
+    /// certificates it held before the revocation stay refused. Allowed from ten minutes after
+    /// the revocation.
+    Reinstate { name: String },
 }
 
 #[derive(Subcommand)]
@@ -452,13 +457,17 @@ pub async fn run(command: ClusterCommand) -> anyhow::Result<()> {
         }
         ClusterCommand::Node {
             endpoint_url,
-            command: NodeCommand::Revoke { name },
+            command,
         } => {
+            let (operation, name) = match command {
+                NodeCommand::Revoke { name } => ("RevokeAgent", name),
+                NodeCommand::Reinstate { name } => ("ReinstateAgent", name),
+            };
             let client = muster_client::BatchClient::from_environment(endpoint_url)?;
             let answer = client
-                .call_cluster("RevokeAgent", serde_json::json!({"node": name}))
+                .call_cluster(operation, serde_json::json!({"node": name}))
                 .await;
-            crate::print_answer("RevokeAgent", answer, false)
+            crate::print_answer(operation, answer, false)
         }
     }
 }

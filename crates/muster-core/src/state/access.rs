@@ -39,6 +39,28 @@ impl State {
                 }
                 Ok(())
             }
+            AccessCommand::ReinstateAgent { node, at } => {
+                let Some(revoked_at) = self.revoked_agents.get(node) else {
+                    return Err(Rejection::new(
+                        "node",
+                        format!("node: agent {node} is not revoked"),
+                    ));
+                };
+                let allowed_at = revoked_at.plus(crate::REINSTATE_AFTER);
+                if *at < allowed_at {
+                    return Err(Rejection::new(
+                        "node",
+                        format!(
+                            "node: agent {node} was revoked less than {} minutes ago; it may be \
+                             reinstated in {} s (so that no certificate issued before the \
+                             revocation passes for a new one)",
+                            crate::REINSTATE_AFTER.as_secs() / 60,
+                            (allowed_at.0 - at.0).div_ceil(1000)
+                        ),
+                    ));
+                }
+                Ok(())
+            }
         }
     }
 
@@ -57,7 +79,13 @@ impl State {
                 }
             }
             AccessCommand::RevokeAgent { node, at } => {
+                self.reinstated_agents.remove(&node);
                 self.revoked_agents.insert(node, at);
+            }
+            AccessCommand::ReinstateAgent { node, .. } => {
+                if let Some(revoked_at) = self.revoked_agents.remove(&node) {
+                    self.reinstated_agents.insert(node, revoked_at);
+                }
             }
         }
         Outcome::Done
@@ -82,6 +110,30 @@ impl State {
     /// Whether agent `node` was revoked (its certificate is refused).
     pub fn agent_revoked(&self, node: &NodeId) -> bool {
         self.revoked_agents.contains_key(node)
+    }
+
+    /// Whether a certificate of agent `node` is refused: always while the agent is revoked;
+    /// once it is reinstated, when the certificate was issued (`issued_at`, read from the
+    /// certificate only then) no later than [`crate::CERTIFICATE_CLOCK_SKEW`] after the
+    /// revocation, or cannot be read.
+    pub fn agent_certificate_refused(
+        &self,
+        node: &NodeId,
+        issued_at: impl FnOnce() -> Option<Timestamp>,
+    ) -> bool {
+        if self.agent_revoked(node) {
+            return true;
+        }
+        match self.reinstated_agents.get(node) {
+            None => false,
+            Some(revoked_at) => issued_at()
+                .is_none_or(|issued| issued <= revoked_at.plus(crate::CERTIFICATE_CLOCK_SKEW)),
+        }
+    }
+
+    /// Reinstated agents, and when each had been revoked.
+    pub fn reinstated_agents(&self) -> impl Iterator<Item = (&NodeId, &Timestamp)> {
+        self.reinstated_agents.iter()
     }
 
     /// Revoked agents, and when each was revoked.

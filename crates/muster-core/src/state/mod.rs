@@ -64,6 +64,10 @@ pub struct State {
     /// Agents cut off for good, and when.
     #[serde(default)]
     revoked_agents: BTreeMap<NodeId, crate::Timestamp>,
+    /// Agents reinstated after a revocation, and when each was revoked: certificates issued
+    /// for the name before then stay refused.
+    #[serde(default)]
+    reinstated_agents: BTreeMap<NodeId, crate::Timestamp>,
     /// How many join tokens were ever made (retention forgets the tokens, not this count).
     #[serde(default)]
     join_tokens_made: u64,
@@ -707,9 +711,10 @@ impl State {
             // Rare, and some end placed jobs wholesale (a deleted queue terminates its jobs).
             Command::Admin(_) => AffectedNodes::All,
             // Its stream is ended by the gateway, which refuses it from now on.
-            Command::Access(crate::AccessCommand::RevokeAgent { node, .. }) => {
-                AffectedNodes::Some(vec![node.clone()])
-            }
+            Command::Access(
+                crate::AccessCommand::RevokeAgent { node, .. }
+                | crate::AccessCommand::ReinstateAgent { node, .. },
+            ) => AffectedNodes::Some(vec![node.clone()]),
         }
     }
 }
