@@ -744,13 +744,14 @@ def test_an_array_parent_has_no_stream_of_its_own_and_muster_prints_its_children
     described = batch.describe_jobs(jobs=children)["jobs"]
     assert all(c["container"]["logStreamName"] for c in described)
 
-    own = subprocess.run([dev.binary, "job", "logs", parent_id], env=dev.env, capture_output=True,
-                         text=True, timeout=60)
-    assert own.returncode == 0, own.stderr
     expected = []
     for i, child in enumerate(children):
         expected += [f"==> {child} <==", f"child {i}"]
-    assert own.stdout.splitlines() == expected
+    for follow in [[], ["--follow"]]:
+        own = subprocess.run([dev.binary, "job", "logs", parent_id, *follow], env=dev.env,
+                             capture_output=True, text=True, timeout=60)
+        assert own.returncode == 0, own.stderr
+        assert own.stdout.splitlines() == expected
 
 
 def test_a_custom_awslogs_group_serves_the_jobs_output_and_is_echoed(dev, batch):
@@ -771,6 +772,9 @@ def test_a_custom_awslogs_group_serves_the_jobs_output_and_is_echoed(dev, batch)
     with pytest.raises(logs.exceptions.ResourceNotFoundException):
         logs.get_log_events(logGroupName="/aws/batch/job", logStreamName=stream)
     assert [s["logStreamName"] for s in logs.describe_log_streams(logGroupName=group)["logStreams"]] == [stream]
+    own = subprocess.run([dev.binary, "job", "logs", job_id], env=dev.env, capture_output=True, text=True, timeout=60)
+    assert own.returncode == 0, own.stderr
+    assert own.stdout.splitlines() == ["to my group"]
 
 
 def test_log_events_page_backward_filter_by_time_and_pattern_and_streams_are_listed(dev, batch):

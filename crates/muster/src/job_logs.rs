@@ -22,9 +22,12 @@ pub async fn print(
     for child in array_children(client, job_id).await? {
         println!("==> {child} <==");
         let job = describe(client, &child).await?;
-        if !follow && stream_of(&job, attempt).is_err() {
+        // A child that ended without running (its array cancelled, a dependency failed)
+        // has no output, followed or not.
+        let ended = matches!(job["status"].as_str(), Some("SUCCEEDED" | "FAILED"));
+        if (!follow || ended) && stream_of(&job, attempt).is_err() {
             println!(
-                "(no output yet: {})",
+                "(no output: {})",
                 job["status"].as_str().unwrap_or_default()
             );
             continue;
@@ -42,42 +45,74 @@ async fn print_job(
     follow: bool,
 ) -> anyhow::Result<()> {
     let job_id = job["jobId"].as_str().unwrap_or_default().to_owned();
-    let (mut token, mut reading): (Option<String>, String) = (None, String::new());
+    // The stream being read, and where its reading got to.
+    let mut reading: Option<(String, Option<String>)> = None;
     loop {
-        let stream = stream_of(&job, attempt);
         let finished = matches!(job["status"].as_str(), Some("SUCCEEDED" | "FAILED"));
-        let stream = match stream {
-            Ok(stream) => stream,
+        let stream = match stream_of(&job, attempt) {
+            Ok(stream) => Some(stream),
             // Followed, a job that has not started yet is waited for.
-            Err(_) if follow && !finished => String::new(),
+            Err(_) if follow && !finished => None,
             Err(e) => return Err(e),
         };
-        // A retry's attempt writes a stream of its own, read from its start.
-        if stream != reading {
-            (token, reading) = (None, stream.clone());
-        }
-        // Drain what there is, page by page, until the token stops moving.
-        while !stream.is_empty() {
-            let mut body = json!({"logGroupName": muster_api::LOG_GROUP,
-                                  "logStreamName": stream, "startFromHead": true});
-            if let Some(t) = &token {
-                body["nextToken"] = json!(t);
+        let group = log_group(&job);
+        if let Some(stream) = stream {
+            match &mut reading {
+                Some((name, token)) if *name == stream => {
+                    drain(client, &group, name, token).await?
+                }
+                _ => {
+                    // A retry writes a stream of its own: the last attempt's is read to its
+                    // end first, then the new one from its start.
+                    if let Some((name, token)) = &mut reading {
+                        drain(client, &group, name, token).await?;
+                    }
+                    let mut token = None;
+                    drain(client, &group, &stream, &mut token).await?;
+                    reading = Some((stream, token));
+                }
             }
-            let page = client.call_logs("GetLogEvents", body).await?;
-            for event in page["events"].as_array().into_iter().flatten() {
-                println!("{}", event["message"].as_str().unwrap_or_default());
-            }
-            let next = page["nextForwardToken"].as_str().map(str::to_owned);
-            if next == token {
-                break;
-            }
-            token = next;
         }
         if !follow || finished {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
         job = describe(client, &job_id).await?;
+    }
+}
+
+/// Prints what `stream` holds past `token`, page by page, until the token stops moving.
+async fn drain(
+    client: &BatchClient,
+    group: &str,
+    stream: &str,
+    token: &mut Option<String>,
+) -> anyhow::Result<()> {
+    loop {
+        let mut body = json!({"logGroupName": group, "logStreamName": stream,
+                              "startFromHead": true});
+        if let Some(t) = token.as_ref() {
+            body["nextToken"] = json!(t);
+        }
+        let page = client.call_logs("GetLogEvents", body).await?;
+        for event in page["events"].as_array().into_iter().flatten() {
+            println!("{}", event["message"].as_str().unwrap_or_default());
+        }
+        let next = page["nextForwardToken"].as_str().map(str::to_owned);
+        if next == *token {
+            return Ok(());
+        }
+        *token = next;
+    }
+}
+
+/// The log group of a job's streams, as DescribeJobs echoes its definition's
+/// `logConfiguration`: its `awslogs-group` with the `awslogs` driver, else Batch's own.
+fn log_group(job: &Value) -> String {
+    let config = &job["container"]["logConfiguration"];
+    match config["options"]["awslogs-group"].as_str() {
+        Some(group) if config["logDriver"] == "awslogs" => group.to_owned(),
+        _ => muster_api::LOG_GROUP.to_owned(),
     }
 }
 
