@@ -154,7 +154,8 @@ impl AgentGateway {
                 } else {
                     Status::permission_denied(format!(
                         "agent {node} was reinstated after a revocation: its certificates from \
-                         before the revocation are refused (join again with a token)"
+                         before the revocation are refused (delete the agent's work_dir/tls and \
+                         start it with a join token)"
                     ))
                 }
             }
@@ -420,7 +421,7 @@ impl AgentService for AgentGateway {
                 }
                 if s.agent_revoked(&node) {
                     return Err(Status::permission_denied(format!(
-                        "agent {node} was revoked and cannot join again under that name"
+                        "agent {node} was revoked and cannot join again under that name unless reinstated"
                     )));
                 }
                 // A token is shared by a fleet: it must not let one machine take the name

@@ -148,8 +148,8 @@ pub enum AccessCommand {
     /// revoke them by name).
     RevokeJoinToken { id: String },
     /// The agent `node` is cut off: every call its certificate makes is refused from now on,
-    /// and it never joins again under that name. Its running attempts end when the leader
-    /// marks the node lost.
+    /// and it does not join again under that name until reinstated. Its running attempts end
+    /// when the leader marks the node lost.
     RevokeAgent { node: crate::NodeId, at: Timestamp },
     /// The revoked agent `node` may join again (with a join token, for a new certificate);
     /// every certificate issued for that name before its revocation stays refused. Refused

@@ -119,9 +119,9 @@ pub enum NodeCommand {
     /// again under that name until reinstated; its running jobs are retried elsewhere once it
     /// is lost.
     Revoke { name: String },
-    /// Let a revoked agent's name join again, with a join token and a new key: the
-    /// certificates it held before the revocation stay refused. Allowed from ten minutes after
-    /// the revocation.
+    /// Let a revoked agent's name join again, with a join token and a new key (delete the
+    /// agent's `work_dir/tls` first): the certificates it held before the revocation stay
+    /// refused. Allowed from ten minutes after the revocation.
     Reinstate { name: String },
 }
 

@@ -1,4 +1,4 @@
-//! Who may join the cluster as an agent: join tokens, and agents cut off for good.
+//! Who may join the cluster as an agent: join tokens, and agents cut off (until reinstated).
 
 use crate::Timestamp;
 use serde::{Deserialize, Serialize};

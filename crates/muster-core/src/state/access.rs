@@ -29,7 +29,7 @@ impl State {
                 None => Err(Rejection::new("id", format!("no join token {id}"))),
             },
             AccessCommand::RevokeAgent { node, .. } => {
-                // A mistyped name would ban that name for good and leave the agent meant
+                // A mistyped name would ban that name and leave the agent meant
                 // running: only an agent that registered can be revoked.
                 if !self.nodes.contains_key(node) {
                     return Err(Rejection::new(

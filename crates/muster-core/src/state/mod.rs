@@ -61,7 +61,7 @@ pub struct State {
     /// Join tokens by id.
     #[serde(default)]
     join_tokens: BTreeMap<String, crate::JoinToken>,
-    /// Agents cut off for good, and when.
+    /// Agents cut off, and when (until reinstated).
     #[serde(default)]
     revoked_agents: BTreeMap<NodeId, crate::Timestamp>,
     /// Agents reinstated after a revocation, and when each was revoked: certificates issued
