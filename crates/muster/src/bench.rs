@@ -93,6 +93,17 @@ const EXITED_0: ReportEvent = ReportEvent::Exited {
     reason: None,
 };
 
+/// One batch of jobs run to their end (`Bench::end_jobs`).
+struct EndedRun {
+    submitted: u64,
+    /// Jobs ended, array parents included.
+    ended: u64,
+    /// Each array's id and size.
+    arrays: Vec<(String, u64)>,
+    took: Duration,
+    stored: Duration,
+}
+
 struct Bench {
     cluster: LocalCluster,
     clients: Vec<BatchClient>,
@@ -632,30 +643,25 @@ impl Bench {
         Ok(())
     }
 
-    /// Runs `--ended-jobs` jobs to their end, then measures what each costs in memory once
-    /// archived, and DescribeJobs and ListJobs served from the archive.
-    async fn ended(&self, args: &BenchArgs, data_dir: &std::path::Path) -> anyhow::Result<()> {
+    /// Submits `count` jobs as arrays (at most 100,000 waiting at a time) and waits until
+    /// every node has them ended, out of memory and stored, and has settled.
+    async fn end_jobs(&self, count: u64) -> anyhow::Result<EndedRun> {
         let ended = |s: &State| s.ended_job_count() as u64;
         let start = self.leader_state(ended).unwrap_or(0);
-        let before = resident_kib();
         let started = Instant::now();
         let (mut submitted, mut arrays) = (0, Vec::new());
-        while submitted < args.ended_jobs {
+        while submitted < count {
             let waiting = self.leader_state(|s| s.job_count() as u64).unwrap_or(0);
             if waiting > 100_000 {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
-            let size = (args.ended_jobs - submitted).clamp(2, ARRAY_MAX);
+            let size = (count - submitted).clamp(2, ARRAY_MAX);
             arrays.push((self.submit("bench", size).await?, size));
             submitted += size;
         }
-        // Each array's parent ends too. Resident memory is read again halfway: what the
-        // second half adds is what ended jobs cost, apart from what the first half's peak
-        // (100,000 jobs waiting, caches filling) left the allocator and sled holding.
+        // Each array's parent ends too.
         let want = start + submitted + arrays.len() as u64;
-        let halfway = start + (want - start) / 2;
-        let mut at_half: Option<(u64, u64)> = None;
         let deadline = Instant::now() + Duration::from_secs(4 * 3600);
         while self
             .cluster
@@ -663,17 +669,6 @@ impl Bench {
             .any(|n| ended(&n.raft.state.read().state) < want)
         {
             anyhow::ensure!(Instant::now() < deadline, "jobs did not all end");
-            if at_half.is_none() {
-                let least = self
-                    .cluster
-                    .running()
-                    .map(|n| ended(&n.raft.state.read().state))
-                    .min()
-                    .unwrap_or(0);
-                if least >= halfway {
-                    at_half = Some((least, resident_kib()));
-                }
-            }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
         let took = started.elapsed();
@@ -685,6 +680,33 @@ impl Bench {
             .collect();
         tokio::task::spawn_blocking(move || archives.iter().try_for_each(|a| a.flush())).await??;
         let stored = started.elapsed();
+        self.settle().await?;
+        Ok(EndedRun {
+            submitted,
+            ended: want - start,
+            arrays,
+            took,
+            stored,
+        })
+    }
+
+    /// Runs `--ended-jobs` jobs to their end, then measures what each costs in memory once
+    /// archived, and DescribeJobs and ListJobs served from the archive.
+    async fn ended(&self, args: &BenchArgs, data_dir: &std::path::Path) -> anyhow::Result<()> {
+        // In two halves, each run to its end, stored on every node and settled before
+        // resident memory is read: what the second half adds is what ended jobs cost, apart
+        // from what the first half's peak (100,000 jobs waiting, jobs ended faster than the
+        // archive's writer stores them, caches filling) left the allocator and sled holding.
+        let before = resident_kib();
+        let first = self.end_jobs(args.ended_jobs / 2).await?;
+        let at_half = resident_kib();
+        let second = self.end_jobs(args.ended_jobs - args.ended_jobs / 2).await?;
+        let after = resident_kib();
+        let (submitted, took, stored) = (
+            first.submitted + second.submitted,
+            first.took + second.took,
+            first.stored + second.stored,
+        );
         row(
             &format!("{submitted} jobs run to their end and archived / and stored on every node"),
             &format!(
@@ -695,36 +717,32 @@ impl Bench {
                 submitted as f64 / stored.as_secs_f64()
             ),
         );
-        self.settle().await?;
-        let after = resident_kib();
-        let per_job = after.saturating_sub(before) as f64 * 1024.0
-            / (want - start) as f64
-            / args.control_nodes as f64;
+        let per_job = |from: u64, ended: u64| {
+            after.saturating_sub(from) as f64 * 1024.0 / ended as f64 / args.control_nodes as f64
+        };
         let in_memory = self.leader_state(|s| s.job_count()).unwrap_or(0);
+        let ended = first.ended + second.ended;
         row(
             &format!(
-                "resident memory per ended job per control node ({} ended, {in_memory} in memory)",
-                want - start
+                "resident memory per ended job per control node ({ended} ended, {in_memory} in memory)"
             ),
             &format!(
-                "{per_job:.0} B (process RSS {} → {} MiB)",
+                "{:.0} B (process RSS {} → {} MiB)",
+                per_job(before, ended),
                 before / 1024,
                 after / 1024
             ),
         );
-        if let Some((half, half_kib)) = at_half {
-            let marginal = after.saturating_sub(half_kib) as f64 * 1024.0
-                / (want - half) as f64
-                / args.control_nodes as f64;
-            row(
-                "resident memory per ended job per control node, second half only",
-                &format!(
-                    "{marginal:.0} B (process RSS {} → {} MiB)",
-                    half_kib / 1024,
-                    after / 1024
-                ),
-            );
-        }
+        row(
+            "resident memory per ended job per control node, second half only",
+            &format!(
+                "{:.0} B (process RSS {} → {} MiB)",
+                per_job(at_half, second.ended),
+                at_half / 1024,
+                after / 1024
+            ),
+        );
+        let arrays: Vec<(String, u64)> = first.arrays.into_iter().chain(second.arrays).collect();
         row(
             "data directories on disk (log, snapshots, archive), all control nodes",
             &format!("{} MiB", dir_bytes(data_dir) / (1024 * 1024)),

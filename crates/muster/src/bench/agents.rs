@@ -226,6 +226,13 @@ impl SimAgent {
                         // by one task per set rather than one task per attempt: the agents
                         // share the machine with the cluster they load.
                         let mut exits = Vec::new();
+                        // Each set is every attempt placed here now: one that left it has
+                        // ended and is never placed again, so it is forgotten (a memory
+                        // measurement of a million ended jobs must not count the agents'
+                        // own record of them).
+                        let current: HashSet<(&str, u32)> =
+                            set.assignments.iter().map(|a| (a.job_id.as_str(), a.attempt)).collect();
+                        seen.retain(|(job, attempt)| current.contains(&(job.as_str(), *attempt)));
                         for a in set.assignments {
                             if !seen.insert((a.job_id.clone(), a.attempt)) {
                                 continue;
