@@ -6,6 +6,7 @@ cluster, and a gang that is not starved by a stream of small jobs."""
 import configparser
 import os
 import shutil
+import subprocess
 import sys
 import time
 
@@ -167,6 +168,14 @@ def test_a_rendezvous_runs_across_four_agents_main_node_first(cluster, batch, tm
     # The hostfile lists every node's address in index order, one per agent.
     addresses = other[2].split()[1:]
     assert other[1] == "hostfile " + " ".join(addresses) and len(set(addresses)) == AGENTS, other
+
+    # `muster job logs` of the parent: every node's output, in index order.
+    own = subprocess.run([cluster.binary, "job", "logs", job_id], env=cluster.env, capture_output=True,
+                         text=True, timeout=60)
+    assert own.returncode == 0, own.stderr
+    headers = [line for line in own.stdout.splitlines() if line.startswith("==> ")]
+    assert headers == [f"==> {job_id}#{i} <==" for i in range(AGENTS)], own.stdout
+    assert "all arrived [1, 2, 3]" in own.stdout
 
     listed = batch.list_jobs(jobQueue="default", jobStatus="SUCCEEDED")["jobSummaryList"]
     mine = [j for j in listed if j["jobId"].startswith(job_id)]

@@ -1,9 +1,10 @@
 //! `muster job logs JOB [--attempt N] [--follow]`: an attempt's output, read through the
 //! control plane with CloudWatch Logs' `GetLogEvents` (what `aws logs get-log-events` calls).
 //!
-//! An array parent runs nothing itself and, as in AWS Batch, has no log stream of its own:
-//! for one, the output of each child is printed in index order under a `==> ID <==` line
-//! (as `tail` heads each file), and `--follow` follows each child to its end in turn.
+//! An array's parent and a multi-node job's parent run nothing themselves and, as in AWS
+//! Batch, have no log stream of their own: for one, the output of each child (or node) is
+//! printed in index order under a `==> ID <==` line (as `tail` heads each file), and
+//! `--follow` follows each to its end in turn.
 
 use muster_client::BatchClient;
 use serde_json::{Value, json};
@@ -16,10 +17,10 @@ pub async fn print(
     follow: bool,
 ) -> anyhow::Result<()> {
     let job = describe(client, job_id).await?;
-    if !is_array_parent(&job) {
+    let Some(family) = Family::of(&job) else {
         return print_job(client, job, attempt, follow).await;
-    }
-    for child in array_children(client, job_id).await? {
+    };
+    for child in family.members(client, job_id).await? {
         println!("==> {child} <==");
         let job = describe(client, &child).await?;
         // A child that ended without running (its array cancelled, a dependency failed)
@@ -127,36 +128,62 @@ async fn describe(client: &BatchClient, job_id: &str) -> anyhow::Result<Value> {
         .ok_or_else(|| anyhow::anyhow!("job {job_id} does not exist"))
 }
 
-/// An array's parent carries the children's `statusSummary`; a child carries its `index`.
-fn is_array_parent(job: &Value) -> bool {
-    job["arrayProperties"]["statusSummary"].is_object()
+/// A job that runs nothing itself: its members do.
+enum Family {
+    /// An array's parent: its children.
+    Array,
+    /// A multi-node job's parent: its nodes.
+    MultiNode,
 }
 
-/// The ids of an array's children, in index order (ListJobs by `arrayJobId`, every page).
-async fn array_children(client: &BatchClient, parent: &str) -> anyhow::Result<Vec<String>> {
-    let mut children = Vec::new();
-    let mut token: Option<String> = None;
-    loop {
-        // A filter lists every status (without one, ListJobs lists RUNNING jobs only).
-        let mut body = json!({ "arrayJobId": parent, "maxResults": 100,
-                               "filters": [{"name": "AFTER_CREATED_AT", "values": ["0"]}] });
-        if let Some(t) = &token {
-            body["nextToken"] = json!(t);
-        }
-        let page = client.call("ListJobs", body).await?;
-        for summary in page["jobSummaryList"].as_array().into_iter().flatten() {
-            let index = summary["arrayProperties"]["index"].as_u64().unwrap_or(0);
-            if let Some(id) = summary["jobId"].as_str() {
-                children.push((index, id.to_owned()));
-            }
-        }
-        token = page["nextToken"].as_str().map(str::to_owned);
-        if token.is_none() {
-            break;
+impl Family {
+    /// An array's parent carries the children's `statusSummary` (a child, its `index`); a
+    /// multi-node job's parent carries `nodeProperties` and no `nodeDetails` (a node both).
+    fn of(job: &Value) -> Option<Self> {
+        if job["arrayProperties"]["statusSummary"].is_object() {
+            Some(Family::Array)
+        } else if job["nodeProperties"].is_object() && job["nodeDetails"].is_null() {
+            Some(Family::MultiNode)
+        } else {
+            None
         }
     }
-    children.sort();
-    Ok(children.into_iter().map(|(_, id)| id).collect())
+
+    /// The ids of its members, in index order (ListJobs by `arrayJobId` or `multiNodeJobId`,
+    /// every page).
+    async fn members(&self, client: &BatchClient, parent: &str) -> anyhow::Result<Vec<String>> {
+        let (by, index) = match self {
+            Family::Array => ("arrayJobId", "arrayProperties"),
+            Family::MultiNode => ("multiNodeJobId", "nodeProperties"),
+        };
+        let mut members = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            // A filter lists every status (without one, ListJobs lists RUNNING jobs only).
+            let mut body = json!({ by: parent, "maxResults": 100,
+                                   "filters": [{"name": "AFTER_CREATED_AT", "values": ["0"]}] });
+            if let Some(t) = &token {
+                body["nextToken"] = json!(t);
+            }
+            let page = client.call("ListJobs", body).await?;
+            for summary in page["jobSummaryList"].as_array().into_iter().flatten() {
+                let at = &summary[index];
+                let position = at["index"]
+                    .as_u64()
+                    .or(at["nodeIndex"].as_u64())
+                    .unwrap_or(0);
+                if let Some(id) = summary["jobId"].as_str() {
+                    members.push((position, id.to_owned()));
+                }
+            }
+            token = page["nextToken"].as_str().map(str::to_owned);
+            if token.is_none() {
+                break;
+            }
+        }
+        members.sort();
+        Ok(members.into_iter().map(|(_, id)| id).collect())
+    }
 }
 
 /// The log stream of `attempt` (1-based), or of the latest attempt.
