@@ -149,9 +149,24 @@ impl SimAgent {
     /// As `muster agent` does: registers once, then watches its assignments at the leader
     /// (following the leader hint a follower answers with) and registers again only when a
     /// control node no longer knows it. Unlike it, heartbeats only the node it watches (a
-    /// real agent heartbeats every control node: three calls where this makes one).
+    /// real agent heartbeats every control node: three calls where this makes one), after
+    /// one call to every node at its start that makes its connections.
     async fn run(self, mut stopped: tokio::sync::watch::Receiver<bool>) {
         let this = Arc::new(self);
+        // Once to every control node, so that its connection to each is made (and kept,
+        // pinged while idle) as the real agent's heartbeats to every node keep them: at a
+        // failover the new leader then meets connections, not a thousand TLS handshakes.
+        let mut beats = tokio::task::JoinSet::new();
+        for channel in &this.channels {
+            let beat = pb::HeartbeatRequest {
+                node_id: this.id.clone(),
+                inventory: None,
+                unhealthy: None,
+            };
+            let mut client = AgentServiceClient::new(channel.clone());
+            beats.spawn(async move { drop(client.heartbeat(beat).await) });
+        }
+        beats.join_all().await;
         let channels = this.channels.clone();
         let reporter = Reporter::spawn(
             &this.id,
