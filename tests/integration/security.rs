@@ -49,17 +49,9 @@ fn register(node: &str) -> pb::RegisterRequest {
     }
 }
 
-/// What a call over `channel` gets: the status code, or `Ok` as `Code::Ok`.
-async fn register_code(channel: Channel, node: &str) -> Code {
-    let mut client = pb::agent_service_client::AgentServiceClient::new(channel);
-    match client.register(register(node)).await {
-        Ok(_) => Code::Ok,
-        Err(status) => status.code(),
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn only_holders_of_the_right_certificate_reach_the_internal_ports() {
+/// A three-node test cluster (mutual TLS) with compute environment `ce`: it, its CA's
+/// certificate, its leader's id and that leader's agent address.
+async fn cluster_with_ce() -> (TestCluster, String, u64, String) {
     let t = TestCluster::start(3).await;
     t.client(1)
         .call(
@@ -72,6 +64,22 @@ async fn only_holders_of_the_right_certificate_reach_the_internal_ports() {
     let ca_pem = ca.cert_pem().to_owned();
     let leader = t.cluster.leader().expect("a leader");
     let grpc = t.cluster.grpc_addrs()[(leader - 1) as usize].clone();
+    (t, ca_pem, leader, grpc)
+}
+
+/// What a call over `channel` gets: the status code, or `Ok` as `Code::Ok`.
+async fn register_code(channel: Channel, node: &str) -> Code {
+    let mut client = pb::agent_service_client::AgentServiceClient::new(channel);
+    match client.register(register(node)).await {
+        Ok(_) => Code::Ok,
+        Err(status) => status.code(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn only_holders_of_the_right_certificate_reach_the_internal_ports() {
+    let (t, ca_pem, leader, grpc) = cluster_with_ce().await;
+    let ca = t.cluster.ca().expect("the test cluster runs TLS");
     let raft = t.cluster.raft_addr(leader).to_string();
     let issue = |role: Role, validity: Validity| ca.issue(&role, &[], validity).unwrap();
     let agent_a = issue(Role::Agent("a".into()), Validity::from_now(HOUR));
@@ -390,19 +398,9 @@ async fn an_agent_that_asks_to_join_before_the_cluster_knows_a_token_waits_and_j
 /// come back to life.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_reinstated_agent_needs_a_certificate_newer_than_its_revocation() {
-    let t = TestCluster::start(3).await;
+    let (t, ca_pem, leader, grpc) = cluster_with_ce().await;
     let client = t.client(1);
-    client
-        .call(
-            "CreateComputeEnvironment",
-            serde_json::json!({"computeEnvironmentName": "ce", "type": "UNMANAGED"}),
-        )
-        .await
-        .expect("compute environment");
     let ca = t.cluster.ca().expect("the test cluster runs TLS");
-    let ca_pem = ca.cert_pem().to_owned();
-    let leader = t.cluster.leader().expect("a leader");
-    let grpc = t.cluster.grpc_addrs()[(leader - 1) as usize].clone();
     let minutes = |m: u64| Duration::from_secs(60 * m);
     // Issued half an hour ago (`Validity::from_now` then), and another issued now.
     let issued_ago = |ago: Duration| {
