@@ -112,8 +112,10 @@ impl ControlNode {
                 .await
                 .map_err(storage_err)?,
         );
-        let state_machine =
-            StateMachine::open(snapshots, archive).map_err(|e| StartError::Raft(e.to_string()))?;
+        let spool = muster_raft::SnapshotSpool::in_dir(&config.data_dir.join("snapshot-spool"))
+            .map_err(storage_err)?;
+        let state_machine = StateMachine::open(snapshots, archive, spool)
+            .map_err(|e| StartError::Raft(e.to_string()))?;
         let state = state_machine.handle();
 
         // TCP and TLS within a second: a peer that takes longer is as good as down for Raft,

@@ -36,6 +36,14 @@ pub const POINTS: &[(&str, &str)] = &[
         "a control node applied committed entries, not yet reported to Raft",
     ),
     (
+        "snapshot_install_before",
+        "a control node received a snapshot from the leader, not yet installed it",
+    ),
+    (
+        "snapshot_install_after",
+        "a control node installed a received snapshot and stored it, not yet reported to Raft",
+    ),
+    (
         "agent_after_start",
         "an agent started an attempt, not yet reported it running",
     ),

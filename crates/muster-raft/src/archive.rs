@@ -275,15 +275,15 @@ impl EndedJobs {
 
     /// Appends every record to a snapshot's bytes: one line each, `\n<id>\t<record>` (ids
     /// are UUIDs the API chose, with `:<index>` or `#<index>`: never a tab or a newline).
-    pub fn append_to(&self, data: &mut Vec<u8>) -> io::Result<()> {
+    /// Written as the store is read, so that a spool file takes an archive of any size.
+    pub fn append_to(&self, out: &mut impl io::Write) -> io::Result<()> {
         self.wait_for_writer()?;
         self.store.for_each(|key, value| {
-            data.push(b'\n');
-            data.extend_from_slice(key);
-            data.push(b'\t');
+            out.write_all(b"\n")?;
+            out.write_all(key)?;
+            out.write_all(b"\t")?;
             // Records are compact JSON after their format byte: no raw newline inside.
-            data.extend_from_slice(value);
-            Ok(())
+            out.write_all(value)
         })
     }
 
@@ -291,7 +291,8 @@ impl EndedJobs {
     /// [`EndedJobs::append_to`] wrote it), keeping only those `state` (the image) lists as
     /// ended: the sender's archive may hold jobs that ended after the image, which the log
     /// brings again. Returns how many it kept.
-    pub fn import(&self, tail: &[u8], state: &State) -> io::Result<usize> {
+    /// `tail` is read a record at a time: it may be a spool file far larger than memory.
+    pub fn import(&self, mut tail: impl io::BufRead, state: &State) -> io::Result<usize> {
         self.wait_for_writer()?;
         self.overlay
             .write()
@@ -301,7 +302,18 @@ impl EndedJobs {
         let mut puts = Vec::new();
         let mut count = 0;
         let mut last_root: Option<(JobId, Arc<JobSpec>)> = None;
-        for line in tail.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            if tail.read_until(b'\n', &mut line)? == 0 {
+                break;
+            }
+            if line.last() == Some(&b'\n') {
+                line.pop();
+            }
+            if line.is_empty() {
+                continue;
+            }
             let tab = line
                 .iter()
                 .position(|b| *b == b'\t')

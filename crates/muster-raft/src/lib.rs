@@ -16,6 +16,7 @@ pub mod membership;
 mod network;
 mod node;
 mod service;
+mod snapshot_data;
 mod state_machine;
 
 pub use archive::EndedJobs;
@@ -23,9 +24,9 @@ pub use membership::Member;
 pub use network::{Dialer, PeerAddrs, PeerDirectory, PeerNetwork};
 pub use node::{ProposeError, RaftNode, ReadError};
 pub use service::RaftGrpc;
+pub use snapshot_data::{SnapshotData, SnapshotReader, SnapshotSpool};
 pub use state_machine::{AppliedState, StateHandle, StateMachine};
 
-use std::io::Cursor;
 use std::sync::Arc;
 
 /// Control nodes are numbered; the number is fixed in each node's config.
@@ -63,7 +64,7 @@ openraft::declare_raft_types!(
         R = muster_core::Outcome,
         NodeId = NodeId,
         Node = Member,
-        SnapshotData = Cursor<Vec<u8>>,
+        SnapshotData = SnapshotData,
 );
 
 pub type Raft = openraft::Raft<TypeConfig>;

@@ -1,6 +1,7 @@
 //! The replicated state behind openraft's state machine trait.
 
 use crate::archive::EndedJobs;
+use crate::snapshot_data::{SnapshotData, SnapshotSpool};
 use crate::{Member, NodeId, TypeConfig};
 use muster_core::{AffectedNodes, Outcome, State};
 use muster_store::{SnapshotStore, StoredSnapshot};
@@ -11,7 +12,7 @@ use openraft::{
 };
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::io::Cursor;
+use std::io::{BufRead, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockError};
 use std::time::Duration;
@@ -150,6 +151,8 @@ pub struct StateMachine<S> {
     reading_for_snapshot: Arc<AtomicBool>,
     /// Ended jobs that left the state's memory.
     archive: EndedJobs,
+    /// Where snapshots sent to or received from another node are written.
+    spool: SnapshotSpool,
     /// Whether openraft has had the snapshot's metadata it reads once at start. Every later
     /// `get_current_snapshot` is for sending the snapshot to another node, which needs the
     /// archive's records with it; the first needs only the metadata, and reading the whole
@@ -159,8 +162,13 @@ pub struct StateMachine<S> {
 
 impl<S: SnapshotStore<TypeConfig> + Clone> StateMachine<S> {
     /// Loads the latest stored snapshot, if any; Raft replays the log after it. Ended jobs
-    /// are read from `archive`, which a snapshot restored from a file fills first.
-    pub fn open(snapshots: S, archive: EndedJobs) -> Result<Self, StorageError<NodeId>> {
+    /// are read from `archive`, which a snapshot restored from a file fills first. Snapshots
+    /// on their way to or from another node are written in `spool`.
+    pub fn open(
+        snapshots: S,
+        archive: EndedJobs,
+        spool: SnapshotSpool,
+    ) -> Result<Self, StorageError<NodeId>> {
         let mut applied = match snapshots.load()? {
             Some(stored) => {
                 let (image, records) = split_image(&stored.data);
@@ -186,6 +194,7 @@ impl<S: SnapshotStore<TypeConfig> + Clone> StateMachine<S> {
             snapshot_seq: 0,
             reading_for_snapshot: Arc::default(),
             archive,
+            spool,
             started: false,
         })
     }
@@ -329,7 +338,7 @@ impl<S: SnapshotStore<TypeConfig> + Clone> RaftSnapshotBuilder<TypeConfig> for S
             .await?;
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(data)),
+            snapshot: Box::new(SnapshotData::memory(data)),
         })
     }
 }
@@ -397,34 +406,52 @@ impl<S: SnapshotStore<TypeConfig> + Clone> RaftStateMachine<TypeConfig> for Stat
             snapshot_seq: self.snapshot_seq,
             reading_for_snapshot: self.reading_for_snapshot.clone(),
             archive: self.archive.clone(),
+            spool: self.spool.clone(),
             started: self.started,
         }
     }
 
+    /// Received into a spool file: a snapshot from another node carries the whole archive.
     async fn begin_receiving_snapshot(
         &mut self,
-    ) -> Result<Box<Cursor<Vec<u8>>>, StorageError<NodeId>> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    ) -> Result<Box<SnapshotData>, StorageError<NodeId>> {
+        let spool = self.spool.clone();
+        let file = tokio::task::spawn_blocking(move || spool.create())
+            .await
+            .map_err(|e| StorageIOError::write_snapshot(None, &e))?
+            .map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+        Ok(Box::new(SnapshotData::Spooled(tokio::fs::File::from_std(
+            file,
+        ))))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<NodeId, Member>,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: Box<SnapshotData>,
     ) -> Result<(), StorageError<NodeId>> {
-        let mut data = snapshot.into_inner();
+        muster_crashpoint::crash_point("snapshot_install_before");
+        let mut reader = snapshot
+            .into_reader()
+            .await
+            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
         // Decoding a large state is seconds of CPU, and the archive's records as much IO: not
-        // on one of Raft's threads.
+        // on one of Raft's threads. The records are read one at a time from the spool.
         let archive = self.archive.clone();
-        let (mut installed, data) = tokio::task::spawn_blocking(move || {
-            let (image, records) = split_image(&data);
-            let installed = decode_image(image)?;
+        let (mut installed, image) = tokio::task::spawn_blocking(move || {
+            let mut image = Vec::new();
+            reader
+                .read_until(b'\n', &mut image)
+                .map_err(|e| StorageIOError::read_snapshot(None, &e))?;
+            if image.last() == Some(&b'\n') {
+                image.pop();
+            }
+            let installed = decode_image(&image)?;
             archive
-                .import(records, &installed.state)
+                .import(reader, &installed.state)
                 .map_err(|e| StorageIOError::read_snapshot(None, &e))?;
             // Stored without the records, which the archive now holds.
-            data.truncate(image.len());
-            Ok::<_, StorageError<NodeId>>((installed, data))
+            Ok::<_, StorageError<NodeId>>((installed, image))
         })
         .await
         .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))??;
@@ -436,9 +463,10 @@ impl<S: SnapshotStore<TypeConfig> + Clone> RaftStateMachine<TypeConfig> for Stat
         self.snapshots
             .save(&StoredSnapshot {
                 meta: meta.clone(),
-                data,
+                data: image,
             })
             .await?;
+        muster_crashpoint::crash_point("snapshot_install_after");
         let index = installed.last_applied.map_or(0, |l| l.index);
         let replaced = std::mem::replace(&mut *self.write_when_free().await, installed);
         // Freeing the state it replaces takes a while too: after the lock, off Raft's threads.
@@ -455,18 +483,27 @@ impl<S: SnapshotStore<TypeConfig> + Clone> RaftStateMachine<TypeConfig> for Stat
         let Some(stored) = self.snapshots.load()? else {
             return Ok(None);
         };
+        let sig = stored.meta.signature();
         let data = if for_another_node {
-            let archive = self.archive.clone();
-            tokio::task::spawn_blocking(move || with_archive(stored.data, &archive))
-                .await
-                .map_err(|e| StorageIOError::read_snapshot(Some(stored.meta.signature()), &e))?
-                .map_err(|e| StorageIOError::read_snapshot(Some(stored.meta.signature()), &e))?
+            // Written to a spool file as the archive is read, and sent from it in chunks.
+            let (archive, spool) = (self.archive.clone(), self.spool.clone());
+            let image = stored.data;
+            let file = tokio::task::spawn_blocking(move || {
+                let mut out = std::io::BufWriter::with_capacity(1 << 20, spool.create()?);
+                out.write_all(split_image(&image).0)?;
+                archive.append_to(&mut out)?;
+                out.into_inner().map_err(|e| e.into_error())
+            })
+            .await
+            .map_err(|e| StorageIOError::read_snapshot(Some(sig.clone()), &e))?
+            .map_err(|e| StorageIOError::read_snapshot(Some(sig.clone()), &e))?;
+            SnapshotData::spooled(file).map_err(|e| StorageIOError::read_snapshot(Some(sig), &e))?
         } else {
-            stored.data
+            SnapshotData::memory(stored.data)
         };
         Ok(Some(Snapshot {
             meta: stored.meta,
-            snapshot: Box::new(Cursor::new(data)),
+            snapshot: Box::new(data),
         }))
     }
 }
@@ -485,8 +522,12 @@ mod tests {
 
     #[test]
     fn an_apply_waiting_for_a_long_read_lets_other_readers_in() {
-        let mut machine =
-            StateMachine::open(MemSnapshotStore::default(), EndedJobs::in_memory()).unwrap();
+        let mut machine = StateMachine::open(
+            MemSnapshotStore::default(),
+            EndedJobs::in_memory(),
+            SnapshotSpool::temporary(),
+        )
+        .unwrap();
         let handle = machine.handle();
         let round = handle.read(); // a scheduler round, planning
         let entry = blank_entry(1);
@@ -523,8 +564,12 @@ mod tests {
 
     #[test]
     fn an_apply_waits_out_a_snapshot_being_written_without_shutting_readers_out() {
-        let mut machine =
-            StateMachine::open(MemSnapshotStore::default(), EndedJobs::in_memory()).unwrap();
+        let mut machine = StateMachine::open(
+            MemSnapshotStore::default(),
+            EndedJobs::in_memory(),
+            SnapshotSpool::temporary(),
+        )
+        .unwrap();
         let handle = machine.handle();
         let snapshot_read = handle.read();
         let writing = ReadingForSnapshot::raise(&machine.reading_for_snapshot);
@@ -560,10 +605,92 @@ mod tests {
         assert_eq!(handle.read().last_applied.map(|l| l.index), Some(1));
     }
 
+    /// A snapshot for another node (the second `get_current_snapshot`; the first is openraft
+    /// reading the metadata at start) is a spool file, as is one received: neither is held in
+    /// memory, and neither leaves a file behind.
+    #[tokio::test]
+    async fn a_snapshot_sent_to_another_node_goes_through_spool_files_and_installs_whole() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (sent_dir, received_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut source = StateMachine::open(
+            MemSnapshotStore::default(),
+            EndedJobs::in_memory(),
+            SnapshotSpool::in_dir(sent_dir.path()).unwrap(),
+        )
+        .unwrap();
+        let user = |index: u64, name: &str| Entry::<TypeConfig> {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(crate::LoggedCommand::from(muster_core::Command::Iam(
+                muster_core::IamCommand::CreateUser {
+                    name: name.into(),
+                    user_id: format!("AIDA000{index}"),
+                    at: muster_core::Timestamp(index),
+                },
+            ))),
+        };
+        source
+            .apply([user(1, "alice"), user(2, "bob")])
+            .await
+            .unwrap();
+        source
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        let at_start = source.get_current_snapshot().await.unwrap().unwrap();
+        assert!(matches!(*at_start.snapshot, SnapshotData::Memory(_)));
+        let mut sent = source.get_current_snapshot().await.unwrap().unwrap();
+        assert!(
+            matches!(*sent.snapshot, SnapshotData::Spooled(_)),
+            "a snapshot for another node was built in memory"
+        );
+
+        let mut target = StateMachine::open(
+            MemSnapshotStore::default(),
+            EndedJobs::in_memory(),
+            SnapshotSpool::in_dir(received_dir.path()).unwrap(),
+        )
+        .unwrap();
+        let mut received = target.begin_receiving_snapshot().await.unwrap();
+        assert!(matches!(*received, SnapshotData::Spooled(_)));
+        // In small chunks, as openraft writes them.
+        let mut chunk = [0u8; 7];
+        loop {
+            let n = sent.snapshot.read(&mut chunk).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            received.write_all(&chunk[..n]).await.unwrap();
+        }
+        received.shutdown().await.unwrap();
+        target.install_snapshot(&sent.meta, received).await.unwrap();
+        drop(sent);
+
+        let (source, target) = (source.handle(), target.handle());
+        let (source, target) = (source.read(), target.read());
+        assert!(target.state.user("bob").is_some());
+        assert_eq!(
+            serde_json::to_value(&target.state).unwrap(),
+            serde_json::to_value(&source.state).unwrap()
+        );
+        for dir in [&sent_dir, &received_dir] {
+            assert_eq!(
+                std::fs::read_dir(dir.path()).unwrap().count(),
+                0,
+                "a spool file was left behind"
+            );
+        }
+    }
+
     #[tokio::test]
     async fn a_snapshot_built_from_the_state_installs_as_the_same_state() {
-        let mut source =
-            StateMachine::open(MemSnapshotStore::default(), EndedJobs::in_memory()).unwrap();
+        let mut source = StateMachine::open(
+            MemSnapshotStore::default(),
+            EndedJobs::in_memory(),
+            SnapshotSpool::temporary(),
+        )
+        .unwrap();
         let entry = Entry::<TypeConfig> {
             log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), 3),
             payload: EntryPayload::Normal(crate::LoggedCommand::from(muster_core::Command::Iam(
@@ -583,8 +710,12 @@ mod tests {
             .unwrap();
         assert!(!source.reading_for_snapshot.load(Ordering::Acquire));
 
-        let mut target =
-            StateMachine::open(MemSnapshotStore::default(), EndedJobs::in_memory()).unwrap();
+        let mut target = StateMachine::open(
+            MemSnapshotStore::default(),
+            EndedJobs::in_memory(),
+            SnapshotSpool::temporary(),
+        )
+        .unwrap();
         target
             .install_snapshot(&built.meta, built.snapshot)
             .await

@@ -32,7 +32,11 @@ impl
         let db = open_sled(dir.path()).expect("open sled");
         let log = SledLogStore::new(&db).expect("log trees");
         let archive = crate::EndedJobs::new(ArchiveStore::on_disk(&db).expect("archive trees"));
-        let sm = StateMachine::open(SledSnapshotStore::new(&db).expect("snapshot tree"), archive)?;
+        let sm = StateMachine::open(
+            SledSnapshotStore::new(&db).expect("snapshot tree"),
+            archive,
+            crate::SnapshotSpool::temporary(),
+        )?;
         Ok((dir, log, sm))
     }
 }
@@ -55,7 +59,11 @@ impl StoreBuilder<TypeConfig, MemLogStore<TypeConfig>, StateMachine<MemSnapshotS
         Ok((
             (),
             MemLogStore::default(),
-            StateMachine::open(MemSnapshotStore::default(), crate::EndedJobs::in_memory())?,
+            StateMachine::open(
+                MemSnapshotStore::default(),
+                crate::EndedJobs::in_memory(),
+                crate::SnapshotSpool::temporary(),
+            )?,
         ))
     }
 }

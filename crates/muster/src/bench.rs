@@ -60,7 +60,8 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 3)]
     pub control_nodes: u64,
     /// Also measure operations on the loaded state: a snapshot file saved, checked and
-    /// restored, and a new control node caught up and made a voter.
+    /// restored, and a new control node caught up and made a voter. With --ended-jobs, only
+    /// the new control node, with the peak memory it and the leader took.
     #[arg(long)]
     pub operations: bool,
     /// Also measure multi-node gangs: SubmitJob to every node placed for gangs of 64 and 512
@@ -176,6 +177,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     bench.wait_for_nodes(args.agents).await?;
     if args.ended_jobs > 0 {
         bench.ended(&args, &data_dir).await?;
+        if args.operations {
+            bench.settle().await?;
+            bench.add_control_node(&args).await?;
+        }
         agents.stop();
         bench.cluster.shutdown().await;
         return Ok(());
@@ -912,6 +917,16 @@ impl Bench {
             ),
         );
 
+        self.add_control_node(args).await
+    }
+
+    /// A new control node started empty, added, caught up from the leader (a snapshot: the
+    /// log holds less than the state, archived jobs and all) and made a voter (`muster cluster
+    /// add-node`); then removed again. With the peak of this process's resident memory
+    /// meanwhile (the leader sending and the new node receiving the snapshot are both here).
+    async fn add_control_node(&mut self, args: &BenchArgs) -> anyhow::Result<()> {
+        let leader = self.cluster.leader().context("no leader")?;
+        let raft = self.cluster.node(leader).context("no leader")?.raft.clone();
         // The leader's log purged behind a snapshot, as it is once a cluster has run a while:
         // the new node must be sent the whole state, not the few entries that made it.
         let before = raft.raft.metrics().borrow().snapshot;
@@ -929,26 +944,33 @@ impl Bench {
         }
         let id = args.control_nodes + 1;
         let member = self.cluster.start_node_to_add(id).await?;
+        let resident_before = resident_kib();
+        let peak_measured = reset_peak_resident();
         let started = Instant::now();
         let outcome = raft
             .add_node(id, member, Duration::from_secs(1800))
             .await
             .map_err(|e| anyhow::anyhow!("add-node: {e}"))?;
         let joined = started.elapsed();
-        let jobs = self
-            .cluster
-            .node(id)
-            .context("the new node")?
-            .raft
-            .state
-            .read()
-            .state
-            .job_count();
+        let peak = peak_measured.then(peak_resident_kib);
+        let (jobs, ended) = {
+            let new_node = self.cluster.node(id).context("the new node")?;
+            let state = new_node.raft.state.read();
+            (state.state.job_count(), new_node.raft.state.archive().len())
+        };
+        let peak = match peak {
+            Some(peak) => format!(
+                "; process RSS {} MiB before, peak {} MiB",
+                resident_before / 1024,
+                peak / 1024
+            ),
+            None => String::new(),
+        };
         row(
             &format!(
-                "a new control node caught up (from a snapshot: log purged to {snapshot_index}) and voting ({jobs} jobs)"
+                "a new control node caught up (from a snapshot: log purged to {snapshot_index}) and voting ({jobs} jobs in memory, {ended} archived)"
             ),
-            &format!("{} ms ({outcome:?})", joined.as_millis()),
+            &format!("{} ms ({outcome:?}){peak}", joined.as_millis()),
         );
         // Back to the size the rest of the run measures.
         raft.remove_node(id)
@@ -1109,11 +1131,25 @@ fn row(what: &str, result: &str) {
 
 /// This process's resident set, in KiB.
 fn resident_kib() -> u64 {
+    proc_status_kib("VmRSS:")
+}
+
+/// This process's peak resident set since it started or since [`reset_peak_resident`].
+fn peak_resident_kib() -> u64 {
+    proc_status_kib("VmHWM:")
+}
+
+/// Makes the peak resident set the current one; false where the kernel does not allow it.
+fn reset_peak_resident() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+fn proc_status_kib(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         })
         .unwrap_or(0)

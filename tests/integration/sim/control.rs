@@ -38,7 +38,11 @@ pub async fn run(
     jitter_seed: u64,
     records: Records,
 ) -> turmoil::Result {
-    let state_machine = StateMachine::open(disk.snapshots.clone(), disk.archive.clone())?;
+    let state_machine = StateMachine::open(
+        disk.snapshots.clone(),
+        disk.archive.clone(),
+        muster_raft::SnapshotSpool::temporary(),
+    )?;
     let state = state_machine.handle();
     let peers = PeerDirectory::with_dialer(net::dialer());
     for voter in &voters {
