@@ -188,6 +188,27 @@ async fn default_queue_and_definition(client: &BatchClient) {
         .await);
 }
 
+/// The value of gauge `name` on the node whose API is at `endpoint` (`/metrics`).
+async fn metric(endpoint: &str, name: &str) -> Option<f64> {
+    let addr = endpoint.trim_start_matches("http://").to_owned();
+    let name = name.to_owned();
+    tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(&addr).ok()?;
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .ok()?;
+        write!(stream, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text).ok()?;
+        text.lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")))
+            .find_map(|l| l.rsplit(' ').next()?.parse().ok())
+    })
+    .await
+    .unwrap()
+}
+
 fn voters(status: &Value) -> Vec<u64> {
     status["members"]
         .as_array()
@@ -386,9 +407,50 @@ async fn a_node_whose_disk_is_gone_is_replaced_under_a_new_id() {
 /// refused before anything is written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_snapshot_founds_a_new_cluster_holding_the_same_state() {
-    let old = InitCluster::start().await;
+    let mut old = InitCluster::init();
+    // Ended jobs leave memory for the archive at once: the file must carry them too.
+    for id in 1..=3 {
+        let config = old.dir.join(format!("server-{id}.toml"));
+        let text = std::fs::read_to_string(&config).unwrap();
+        // Before the first table, where the top-level settings are.
+        std::fs::write(&config, format!("ended_jobs_in_memory_secs = 0\n{text}")).unwrap();
+    }
+    for id in 1..=3 {
+        old.start_server(id);
+    }
+    old.wait_for_root().await;
     let client = old.client(2);
     default_queue_and_definition(&client).await;
+    let agent_config = agent_config_from_init(&old.dir, "worker", None);
+    let agent = Proc::spawn(
+        &["agent", "--config", agent_config.to_str().unwrap()],
+        &old.temp.path().join("agent.log"),
+    );
+    let ended = submit(&client, "default", "d", "ended", &["true"]).await;
+    let array = ok(client
+        .call(
+            "SubmitJob",
+            json!({"jobName": "ended-array", "jobQueue": "default", "jobDefinition": "d",
+                   "arrayProperties": {"size": 2}}),
+        )
+        .await)["jobId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for job in [&ended, &array] {
+        wait_for_status(&client, job, &["SUCCEEDED"]).await;
+    }
+    eventually("the four ended jobs are archived on node 3", async || {
+        metric(&old.endpoint(3), "muster_jobs_archived").await == Some(4.0)
+    })
+    .await;
+    // Jobs the new cluster holds in memory, waiting: the worker takes no more.
+    let drained = old.admin(2, &["node", "drain", "worker"]);
+    assert!(
+        drained.status.success(),
+        "{}",
+        String::from_utf8_lossy(&drained.stderr)
+    );
     let mut jobs = Vec::new();
     for n in 0..3 {
         jobs.push(submit(&client, "default", "d", &format!("kept-{n}"), &["true"]).await);
@@ -405,9 +467,9 @@ async fn a_snapshot_founds_a_new_cluster_holding_the_same_state() {
         String::from_utf8_lossy(&saved.stderr)
     );
     let header: Value = serde_json::from_slice(&saved.stdout).unwrap();
-    assert_eq!(header["jobs"], 3, "{header}");
+    assert_eq!(header["jobs"], 3 + 4, "{header}");
     let bytes = std::fs::read(&file).unwrap();
-    drop(old);
+    drop((agent, old));
 
     let mut new = InitCluster::init();
     let file = new.temp.path().join("state.snapshot");
@@ -468,6 +530,31 @@ async fn a_snapshot_founds_a_new_cluster_holding_the_same_state() {
     }
     let users = ok(new.client(1).call_iam("ListUsers", json!({})).await);
     assert!(users.to_string().contains("alice"), "{users}");
+    // The archived jobs came with the file, and every node holds their records.
+    for id in 1..=3 {
+        let described = ok(new
+            .client(id)
+            .call(
+                "DescribeJobs",
+                json!({"jobs": [&ended, &array, format!("{array}:1")]}),
+            )
+            .await);
+        let jobs = described["jobs"].as_array().unwrap();
+        assert_eq!(jobs.len(), 3, "node {id}: {described}");
+        assert!(
+            jobs.iter().all(|j| j["status"] == "SUCCEEDED"),
+            "node {id}: {described}"
+        );
+        assert_eq!(
+            jobs[1]["arrayProperties"]["statusSummary"]["SUCCEEDED"], 2,
+            "node {id}: {described}"
+        );
+        assert_eq!(
+            metric(&new.endpoint(id), "muster_jobs_archived").await,
+            Some(4.0),
+            "node {id}"
+        );
+    }
     let status = new.status(2);
     assert_eq!(voters(&status), vec![1, 2, 3], "{status}");
     assert_eq!(status["quorum"], true, "{status}");

@@ -117,7 +117,7 @@ pub trait ControlPlane: Send + Sync + 'static {
 
     /// The whole state as a snapshot file (`muster cluster snapshot save`), holding every
     /// write acknowledged before the call.
-    fn save_snapshot(&self) -> impl Future<Output = Result<Vec<u8>, PlaneError>> + Send {
+    fn save_snapshot(&self) -> impl Future<Output = Result<StreamedFile, PlaneError>> + Send {
         async {
             Err(PlaneError::Unavailable(
                 "this control plane takes no snapshots".into(),
@@ -403,8 +403,37 @@ async fn cluster_operation<P: ControlPlane>(
     admin_operation(api, Admin::Cluster, operation, (method, uri, headers, body)).await
 }
 
+/// A file answered as a response's body: `head`, then `rest` from where it stands, read a
+/// chunk at a time (a snapshot file may be far larger than memory).
+pub struct StreamedFile {
+    pub head: Vec<u8>,
+    pub rest: std::fs::File,
+}
+
+/// How much of a streamed file is read at a time.
+const STREAM_CHUNK: usize = 1 << 20;
+
+impl StreamedFile {
+    fn into_body(self) -> axum::body::Body {
+        use tokio::io::AsyncReadExt;
+        let rest = tokio::fs::File::from_std(self.rest);
+        let head = futures::stream::once(std::future::ready(Ok::<_, std::io::Error>(Bytes::from(
+            self.head,
+        ))));
+        let rest = futures::stream::try_unfold(rest, |mut file| async move {
+            let mut chunk = Vec::with_capacity(STREAM_CHUNK);
+            let n = (&mut file)
+                .take(STREAM_CHUNK as u64)
+                .read_to_end(&mut chunk)
+                .await?;
+            Ok((n > 0).then(|| (Bytes::from(chunk), file)))
+        });
+        axum::body::Body::from_stream(futures::StreamExt::chain(head, rest))
+    }
+}
+
 /// `POST /v1/cluster/savesnapshot`: the snapshot file itself as the body
-/// (`application/octet-stream`), not JSON.
+/// (`application/octet-stream`), not JSON, streamed from the node's disk.
 async fn save_snapshot<P: ControlPlane>(
     api: Arc<Api<P>>,
     (method, uri, headers, body): Request,
@@ -422,7 +451,7 @@ async fn save_snapshot<P: ControlPlane>(
                 .record(started.elapsed().as_secs_f64());
             (
                 [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
-                file,
+                file.into_body(),
             )
                 .into_response()
         }

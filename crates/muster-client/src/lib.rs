@@ -179,20 +179,47 @@ impl BatchClient {
     }
 
     /// Calls a cluster operation whose answer is a file rather than JSON
-    /// (`"SaveSnapshot"`); an error is answered as JSON as usual.
-    pub async fn call_cluster_for_bytes(
+    /// (`"SaveSnapshot"`), and writes the answer into `file` as it arrives (it may be far
+    /// larger than memory); returns how many bytes were written. An error is answered as
+    /// JSON as usual, and then nothing is written.
+    pub async fn call_cluster_to_file(
         &self,
         operation: &str,
         body: Value,
-    ) -> Result<Bytes, CallError> {
+        file: &mut tokio::fs::File,
+    ) -> Result<u64, CallError> {
+        use tokio::io::AsyncWriteExt;
         let path = format!("/v1/cluster/{}", operation.to_ascii_lowercase());
-        self.send_raw(
-            &path,
-            body,
-            "batch",
-            &[("content-type", "application/json")],
-        )
-        .await
+        let response = self
+            .request(
+                &path,
+                body,
+                "batch",
+                &[("content-type", "application/json")],
+            )
+            .await?;
+        if !response.status().is_success() {
+            return Err(self.error_of(response).await);
+        }
+        let transport = |message: String| CallError::Transport {
+            endpoint: self.endpoint.clone(),
+            message,
+        };
+        let mut body = response.into_body();
+        let mut written = 0;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| transport(e.to_string()))?;
+            if let Ok(data) = frame.into_data() {
+                file.write_all(&data)
+                    .await
+                    .map_err(|e| transport(format!("writing the answer: {e}")))?;
+                written += data.len() as u64;
+            }
+        }
+        file.flush()
+            .await
+            .map_err(|e| transport(format!("writing the answer: {e}")))?;
+        Ok(written)
     }
 
     async fn post(&self, path: &str, body: Value) -> Result<Value, CallError> {
@@ -219,6 +246,29 @@ impl BatchClient {
         service: &str,
         extra_headers: &[(&str, &str)],
     ) -> Result<Bytes, CallError> {
+        let response = self.request(path, body, service, extra_headers).await?;
+        if !response.status().is_success() {
+            return Err(self.error_of(response).await);
+        }
+        Ok(response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| CallError::Transport {
+                endpoint: self.endpoint.clone(),
+                message: e.to_string(),
+            })?
+            .to_bytes())
+    }
+
+    /// Signs and sends one call; the answer, its body still to be read.
+    async fn request(
+        &self,
+        path: &str,
+        body: Value,
+        service: &str,
+        extra_headers: &[(&str, &str)],
+    ) -> Result<hyper::Response<hyper::body::Incoming>, CallError> {
         let transport = |message: String| CallError::Transport {
             endpoint: self.endpoint.clone(),
             message,
@@ -262,26 +312,29 @@ impl BatchClient {
         let request = request
             .body(Full::new(body))
             .map_err(|e| transport(e.to_string()))?;
-        let response = self
-            .http
+        self.http
             .request(request)
             .await
-            .map_err(|e| transport(e.to_string()))?;
+            .map_err(|e| transport(e.to_string()))
+    }
+
+    /// The error a non-2xx answer stands for, from its `x-amzn-ErrorType` and JSON body.
+    async fn error_of(&self, response: hyper::Response<hyper::body::Incoming>) -> CallError {
         let status = response.status().as_u16();
         let error_type = response
             .headers()
             .get("x-amzn-ErrorType")
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
-        let bytes = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| transport(e.to_string()))?
-            .to_bytes();
-        if (200..300).contains(&status) {
-            return Ok(bytes);
-        }
+        let bytes = match response.into_body().collect().await {
+            Ok(body) => body.to_bytes(),
+            Err(e) => {
+                return CallError::Transport {
+                    endpoint: self.endpoint.clone(),
+                    message: e.to_string(),
+                };
+            }
+        };
         let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         let code = error_type
             .or_else(|| {
@@ -296,10 +349,10 @@ impl BatchClient {
             .and_then(Value::as_str)
             .unwrap_or_default()
             .to_owned();
-        Err(CallError::Api {
+        CallError::Api {
             status,
             code,
             message,
-        })
+        }
     }
 }

@@ -90,7 +90,7 @@ impl ControlPlane for RaftPlane {
         serde_json::to_value(status).map_err(|e| PlaneError::Indeterminate(e.to_string()))
     }
 
-    async fn save_snapshot(&self) -> Result<Vec<u8>, PlaneError> {
+    async fn save_snapshot(&self) -> Result<muster_api::StreamedFile, PlaneError> {
         // Current first: the replica then holds every write acknowledged before this call.
         self.node
             .read(|_| ())
@@ -100,18 +100,21 @@ impl ControlPlane for RaftPlane {
         let cluster_name = self.node.raft.config().cluster_name.clone();
         let now = crate::now_millis().as_millis();
         let saved = tokio::task::spawn_blocking(move || {
-            muster_raft::backup::save(&state, &cluster_name, now)
+            muster_raft::backup::save(&state, &cluster_name, now, state.spool())
         })
         .await
         .map_err(|e| PlaneError::Unavailable(e.to_string()))?
         .map_err(|e| PlaneError::Unavailable(e.to_string()))?;
         tracing::info!(
-            index = saved.0.index,
-            jobs = saved.0.jobs,
-            bytes = saved.1.len(),
+            index = saved.header.index,
+            jobs = saved.header.jobs,
+            bytes = saved.header.image_bytes,
             "snapshot saved for a client"
         );
-        Ok(saved.1)
+        Ok(muster_api::StreamedFile {
+            head: saved.header_line,
+            rest: saved.body,
+        })
     }
 
     async fn change_membership(

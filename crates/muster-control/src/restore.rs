@@ -9,7 +9,10 @@ use muster_store::{SledSnapshotStore, open_sled_waiting};
 /// names (its peers are the new cluster's voters). Refuses a data directory that holds a
 /// node's data already. Jobs, queues, definitions, users and keys are the file's; the Raft
 /// log, terms and membership start anew.
-pub async fn restore_snapshot(config: &ServerConfig, file: &[u8]) -> Result<BackupHeader, String> {
+pub async fn restore_snapshot(
+    config: &ServerConfig,
+    file: &std::path::Path,
+) -> Result<BackupHeader, String> {
     // Only the founder holds the state; the others start empty and receive it. Restored on
     // another node, the founder would found an empty cluster beside it.
     if config.join_existing_cluster || config.peers.keys().min() != Some(&config.node_id) {
@@ -22,7 +25,14 @@ pub async fn restore_snapshot(config: &ServerConfig, file: &[u8]) -> Result<Back
         header,
         applied,
         archived,
-    } = backup::read(file).map_err(|e| e.to_string())?;
+    } = {
+        // Read twice over, a chunk at a time: tens of GiB with ten million ended jobs.
+        let file = file.to_owned();
+        tokio::task::spawn_blocking(move || backup::read(&file))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?
+    };
     // ARNs in the file name its region and account; the new cluster must name the same.
     let scope = applied.state.arn_scope();
     if *scope != config.scope {
@@ -54,9 +64,22 @@ pub async fn restore_snapshot(config: &ServerConfig, file: &[u8]) -> Result<Back
         .iter()
         .map(|(id, addrs)| (*id, muster_raft::Member::from(addrs)))
         .collect();
-    backup::restore(&snapshots, applied, archived, header.index, members)
-        .await
-        .map_err(|e| e.to_string())?;
+    let archive_dir = config.data_dir.join("archive");
+    let archive = muster_raft::EndedJobs::new(
+        muster_store::ArchiveStore::open(&archive_dir)
+            .await
+            .map_err(|e| format!("{}: {e}", archive_dir.display()))?,
+    );
+    backup::restore(
+        &snapshots,
+        &archive,
+        applied,
+        archived,
+        header.index,
+        members,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
     db.flush_async().await.map_err(|e| e.to_string())?;
     Ok(header)
 }

@@ -80,6 +80,15 @@ pub const SNAPSHOT_EVERY_ENTRIES: u64 = 100_000;
 /// [`MAX_RAFT_MESSAGE_BYTES`], so a follower far behind still catches up.
 pub const MAX_ENTRIES_PER_APPEND: u64 = 32;
 
+/// How long the leader waits for a follower to take one chunk of a snapshot. The last chunk
+/// is answered once the follower has installed the whole snapshot: decoded the state and
+/// stored every archived record, minutes with millions of ended jobs. At openraft's 200 ms
+/// a large snapshot's last chunk timed out (twice while a node with 2,000,000 archived jobs
+/// was added), and the leader then sends the snapshot again from its first chunk. A follower
+/// that stops answering is not waited for this long: HTTP/2 keepalive drops its connection
+/// within seconds.
+pub const INSTALL_SNAPSHOT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(900);
+
 /// The largest gRPC message between control nodes, both ways. tonic's 4 MiB default was
 /// smaller than a catch-up AppendEntries after a failover under load, which the follower then
 /// refused forever.
@@ -104,6 +113,7 @@ pub fn raft_config(cluster_name: &str) -> openraft::Config {
         enable_elect: false,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(SNAPSHOT_EVERY_ENTRIES),
         max_payload_entries: MAX_ENTRIES_PER_APPEND,
+        install_snapshot_timeout: INSTALL_SNAPSHOT_TIMEOUT.as_millis() as u64,
         ..Default::default()
     }
 }

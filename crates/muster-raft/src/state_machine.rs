@@ -75,6 +75,7 @@ pub struct StateHandle {
     applied_index: watch::Receiver<u64>,
     node_signals: NodeSignals,
     archive: EndedJobs,
+    spool: SnapshotSpool,
 }
 
 /// A change counter per worker node, bumped when an applied command may have changed that
@@ -127,6 +128,11 @@ impl StateHandle {
     /// The archive of ended jobs behind the state.
     pub fn archive(&self) -> &EndedJobs {
         &self.archive
+    }
+
+    /// Where files of the whole state (snapshots, snapshot files) are written on their way.
+    pub fn spool(&self) -> &SnapshotSpool {
+        &self.spool
     }
 
     /// A receiver that changes whenever a batch of entries has been applied.
@@ -211,6 +217,7 @@ impl<S: SnapshotStore<TypeConfig> + Clone> StateMachine<S> {
             applied_index: self.applied_rx.clone(),
             node_signals: self.node_signals.clone(),
             archive: self.archive.clone(),
+            spool: self.spool.clone(),
         }
     }
 
@@ -261,16 +268,6 @@ pub(crate) fn split_image(bytes: &[u8]) -> (&[u8], &[u8]) {
         Some(end) => bytes.split_at(end),
         None => (bytes, &[]),
     }
-}
-
-/// The image followed by every archived record: what another node needs to start from. (A
-/// snapshot restored from a file is stored with the records it came with: those are dropped,
-/// the archive holds them.)
-pub(crate) fn with_archive(mut image: Vec<u8>, archive: &EndedJobs) -> std::io::Result<Vec<u8>> {
-    let image_alone = split_image(&image).0.len();
-    image.truncate(image_alone);
-    archive.append_to(&mut image)?;
-    Ok(image)
 }
 
 pub(crate) fn decode_image(bytes: &[u8]) -> Result<AppliedState, StorageError<NodeId>> {

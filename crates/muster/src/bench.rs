@@ -884,25 +884,47 @@ impl Bench {
         let raft = self.cluster.node(leader).context("no leader")?.raft.clone();
         let state = raft.state.clone();
         let started = Instant::now();
-        let (header, file) =
-            tokio::task::spawn_blocking(move || muster_raft::backup::save(&state, "bench", 0))
-                .await??;
+        let path = data_dir.join("bench.snapshot");
+        let header = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || {
+                let mut saved = muster_raft::backup::save(&state, "bench", 0, state.spool())?;
+                let mut file = std::io::BufWriter::new(std::fs::File::create(&path)?);
+                std::io::Write::write_all(&mut file, &saved.header_line)?;
+                std::io::copy(&mut saved.body, &mut file)?;
+                std::io::Write::flush(&mut file)?;
+                anyhow::Ok(saved.header)
+            })
+            .await??
+        };
         let saved = started.elapsed();
         let started = Instant::now();
-        let (applied, archived) = tokio::task::spawn_blocking(move || {
-            muster_raft::backup::read(&file).map(|b| (b.applied, b.archived.to_vec()))
-        })
-        .await??;
+        let backup = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || muster_raft::backup::read(&path)).await??
+        };
         let read = started.elapsed();
         let store_dir = data_dir.join("restored");
         let started = Instant::now();
-        let db = muster_store::open_sled_waiting(&store_dir).await?;
+        let db = muster_store::open_sled_waiting(&store_dir.join("raft")).await?;
         let snapshots = muster_store::SledSnapshotStore::new(&db)?;
+        let archive = muster_raft::EndedJobs::new(
+            muster_store::ArchiveStore::open(&store_dir.join("archive")).await?,
+        );
         let members = std::collections::BTreeMap::from([(1, muster_raft::Member::default())]);
-        muster_raft::backup::restore(&snapshots, applied, &archived, header.index, members).await?;
+        muster_raft::backup::restore(
+            &snapshots,
+            &archive,
+            backup.applied,
+            backup.archived,
+            header.index,
+            members,
+        )
+        .await?;
         db.flush_async().await?;
         let restored = started.elapsed();
-        drop(db);
+        drop((db, archive));
+        std::fs::remove_file(&path)?;
         row(
             &format!(
                 "snapshot file of {} jobs: save / read and check / restore",

@@ -381,22 +381,34 @@ pub async fn run(command: ClusterCommand) -> anyhow::Result<()> {
         ClusterCommand::Snapshot {
             command: SnapshotCommand::Save { endpoint_url, file },
         } => {
-            let answer = client(endpoint_url)?
-                .call_cluster_for_bytes("SaveSnapshot", serde_json::json!({}))
-                .await;
-            let bytes = match answer {
-                Ok(bytes) => bytes,
-                Err(e) => return crate::print_answer("SaveSnapshot", Err(e), false),
-            };
-            let header = muster_raft::backup::read(&bytes)
-                .map(|b| b.header)
-                .map_err(|e| {
-                    anyhow::anyhow!("the cluster sent a snapshot that does not check: {e}")
-                })?;
-            // Whole or not at all: written aside, then renamed over FILE.
+            // Whole or not at all: written aside as it arrives, checked, then renamed over
+            // FILE.
             let staged = file.with_extension("partial");
-            std::fs::write(&staged, &bytes)
+            let mut out = tokio::fs::File::create(&staged)
+                .await
                 .with_context(|| format!("writing {}", staged.display()))?;
+            let answer = client(endpoint_url)?
+                .call_cluster_to_file("SaveSnapshot", serde_json::json!({}), &mut out)
+                .await;
+            out.sync_all()
+                .await
+                .with_context(|| format!("writing {}", staged.display()))?;
+            drop(out);
+            if let Err(e) = answer {
+                let _ = std::fs::remove_file(&staged);
+                return crate::print_answer("SaveSnapshot", Err(e), false);
+            }
+            let checked = {
+                let staged = staged.clone();
+                tokio::task::spawn_blocking(move || muster_raft::backup::read(&staged)).await?
+            };
+            let header = match checked {
+                Ok(backup) => backup.header,
+                Err(e) => {
+                    let _ = std::fs::remove_file(&staged);
+                    anyhow::bail!("the cluster sent a snapshot that does not check: {e}");
+                }
+            };
             std::fs::rename(&staged, &file)
                 .with_context(|| format!("writing {}", file.display()))?;
             println!("{}", serde_json::to_string_pretty(&header)?);
@@ -418,9 +430,7 @@ pub async fn run(command: ClusterCommand) -> anyhow::Result<()> {
             if let Some(dir) = data_dir {
                 config.data_dir = dir;
             }
-            let bytes =
-                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
-            let header = muster_control::restore::restore_snapshot(&config, &bytes)
+            let header = muster_control::restore::restore_snapshot(&config, &file)
                 .await
                 .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
             println!(
