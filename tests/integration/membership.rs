@@ -75,10 +75,29 @@ impl InitCluster {
     }
 
     fn start_server(&mut self, id: u64) {
+        self.start_server_with_env(id, "", &[]);
+    }
+
+    /// Node `id`'s server with `env` set too, logging to `server-{id}{log_suffix}.log`.
+    fn start_server_with_env(&mut self, id: u64, log_suffix: &str, env: &[(&str, &str)]) {
         let config = self.dir.join(format!("server-{id}.toml"));
-        let log = self.temp.path().join(format!("server-{id}.log"));
-        let proc = Proc::spawn(&["server", "--config", config.to_str().unwrap()], &log);
+        let log = self.log_path(id, log_suffix);
+        let proc =
+            Proc::spawn_with_env(&["server", "--config", config.to_str().unwrap()], &log, env);
         self.servers.insert(id, proc);
+    }
+
+    fn log_path(&self, id: u64, suffix: &str) -> PathBuf {
+        self.temp.path().join(format!("server-{id}{suffix}.log"))
+    }
+
+    /// `setting` added to every server's config, before the first table.
+    fn configure_servers(&self, setting: &str) {
+        for id in 1..=3 {
+            let config = self.dir.join(format!("server-{id}.toml"));
+            let text = std::fs::read_to_string(&config).unwrap();
+            std::fs::write(&config, format!("{setting}\n{text}")).unwrap();
+        }
     }
 
     /// Node `id`'s API, from its config.
@@ -409,12 +428,7 @@ async fn a_node_whose_disk_is_gone_is_replaced_under_a_new_id() {
 async fn a_snapshot_founds_a_new_cluster_holding_the_same_state() {
     let mut old = InitCluster::init();
     // Ended jobs leave memory for the archive at once: the file must carry them too.
-    for id in 1..=3 {
-        let config = old.dir.join(format!("server-{id}.toml"));
-        let text = std::fs::read_to_string(&config).unwrap();
-        // Before the first table, where the top-level settings are.
-        std::fs::write(&config, format!("ended_jobs_in_memory_secs = 0\n{text}")).unwrap();
-    }
+    old.configure_servers("ended_jobs_in_memory_secs = 0");
     for id in 1..=3 {
         old.start_server(id);
     }
@@ -558,4 +572,96 @@ async fn a_snapshot_founds_a_new_cluster_holding_the_same_state() {
     let status = new.status(2);
     assert_eq!(voters(&status), vec![1, 2, 3], "{status}");
     assert_eq!(status["quorum"], true, "{status}");
+}
+
+/// A follower that was down while the leader folded its log into a snapshot (every 10
+/// entries here) is sent the snapshot when it returns. Killed at the crash points in its
+/// install (FAULTS.md F9: the snapshot received, not yet installed; installed and stored, not
+/// yet reported to Raft) and restarted each time from what it left on disk, it ends with
+/// every job. Each node's log then replays (`muster debug replay-log`) from its snapshot, the
+/// log before it being gone, with nothing over-committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_follower_that_dies_installing_a_snapshot_installs_it_when_restarted() {
+    use std::os::unix::process::ExitStatusExt;
+    let mut cluster = InitCluster::init();
+    cluster.configure_servers("snapshot_every_entries = 10");
+    for id in 1..=3 {
+        cluster.start_server(id);
+    }
+    cluster.wait_for_root().await;
+    let client = cluster.client(1);
+    default_queue_and_definition(&client).await;
+    let leader = cluster.settled_status(1).await["leader"].as_u64().unwrap();
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    let reader = (1..=3).find(|id| *id != follower).unwrap();
+    drop(cluster.servers.remove(&follower));
+
+    let client = cluster.client(reader);
+    let mut jobs = Vec::new();
+    for n in 0..60 {
+        jobs.push(submit(&client, "default", "d", &format!("j{n}"), &["true"]).await);
+    }
+
+    for point in ["snapshot_install_before", "snapshot_install_after"] {
+        let suffix = format!("-{point}");
+        cluster.start_server_with_env(
+            follower,
+            &suffix,
+            &[("MUSTER_CRASH_AT", &format!("{point}:1"))],
+        );
+        let mut server = cluster.servers.remove(&follower).unwrap();
+        let status = crate::processes::until_exit(
+            &mut server,
+            &format!("{point}: node {follower} never crashed there"),
+            async || {},
+        )
+        .await;
+        assert_eq!(status.signal(), Some(6), "{point}: exited with {status}");
+        let said = std::fs::read_to_string(cluster.log_path(follower, &suffix)).unwrap();
+        assert!(said.contains(&format!("crashing at {point}")), "{said}");
+    }
+
+    cluster.start_server_with_env(follower, "-restarted", &[]);
+    let on_follower = cluster.client(follower);
+    eventually("the follower holds every job", async || {
+        let mut held = 0;
+        for ids in jobs.chunks(100) {
+            if let Ok(found) = on_follower
+                .call("DescribeJobs", json!({ "jobs": ids }))
+                .await
+            {
+                held += found["jobs"].as_array().map_or(0, Vec::len);
+            }
+        }
+        held == jobs.len()
+    })
+    .await;
+
+    for (_, server) in std::mem::take(&mut cluster.servers) {
+        server.stop();
+    }
+    let mut from_snapshots = 0;
+    for id in 1..=3 {
+        let out = Command::new(muster_bin())
+            .args(["debug", "replay-log", "--data-dir"])
+            .arg(cluster.dir.join(format!("node-{id}")))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "node {id}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let replay: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(replay["violations"], json!([]), "node {id}: {replay}");
+        assert!(
+            replay["jobs"].as_u64().unwrap() >= 60,
+            "node {id}: {replay}"
+        );
+        from_snapshots += replay["from_snapshot"].is_u64() as usize;
+    }
+    assert!(
+        from_snapshots >= 2,
+        "the leader's and the follower's logs were purged"
+    );
 }

@@ -162,6 +162,7 @@ impl PartitionedCluster {
                 .collect(),
             root_credentials_dir: None,
             node_lost_after,
+            snapshot_every_entries: muster_raft::SNAPSHOT_EVERY_ENTRIES,
             // Ended jobs move to the archive as soon as the leader looks, under the faults too.
             history: muster_control::JobHistory {
                 in_memory: Duration::ZERO,

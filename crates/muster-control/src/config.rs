@@ -38,6 +38,11 @@ pub struct RawServerConfig {
     /// Seconds an ended job stays in memory before it moves to the archive on disk.
     #[serde(default = "default_ended_jobs_in_memory_secs")]
     pub ended_jobs_in_memory_secs: u64,
+    /// Log entries between two snapshots of the state; the log before a snapshot is then
+    /// dropped, all but the newest entries (as many as this, at most 1,000), and a node
+    /// further behind is sent the snapshot instead.
+    #[serde(default = "default_snapshot_every_entries")]
+    pub snapshot_every_entries: u64,
     /// Most `dependsOn` entries one SubmitJob may carry (AWS allows 20).
     #[serde(default = "default_max_depends_on")]
     pub max_depends_on: usize,
@@ -103,6 +108,10 @@ fn default_account_id() -> String {
     muster_core::ArnScope::default().account
 }
 
+fn default_snapshot_every_entries() -> u64 {
+    muster_raft::SNAPSHOT_EVERY_ENTRIES
+}
+
 fn default_max_depends_on() -> usize {
     muster_api::Limits::default().max_depends_on
 }
@@ -147,6 +156,8 @@ pub struct ServerConfig {
     pub root_credentials_dir: Option<PathBuf>,
     /// How long an agent may stay silent before its node is marked lost.
     pub node_lost_after: std::time::Duration,
+    /// Log entries between two snapshots (`snapshot_every_entries`).
+    pub snapshot_every_entries: u64,
     /// How long an ended job stays in memory, then on disk before it is purged.
     pub history: crate::JobHistory,
     /// API limits. Not read from config files: only tests lower the AWS minimums.
@@ -258,6 +269,9 @@ impl RawServerConfig {
         if self.job_retention_days == 0 {
             return Err(invalid("job_retention_days", "must be at least 1"));
         }
+        if self.snapshot_every_entries < 10 {
+            return Err(invalid("snapshot_every_entries", "must be at least 10"));
+        }
         if self.node_lost_after_secs < 2 {
             return Err(invalid("node_lost_after_secs", "must be at least 2"));
         }
@@ -343,6 +357,7 @@ impl RawServerConfig {
                 .map_err(|e| invalid("api_tls", e.to_string()))?,
             ca,
             node_lost_after: std::time::Duration::from_secs(self.node_lost_after_secs),
+            snapshot_every_entries: self.snapshot_every_entries,
             history: crate::JobHistory {
                 in_memory: std::time::Duration::from_secs(self.ended_jobs_in_memory_secs),
                 retention: std::time::Duration::from_secs(self.job_retention_days * 86_400),

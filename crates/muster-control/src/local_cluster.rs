@@ -246,6 +246,7 @@ impl LocalCluster {
             root_credentials_dir: None,
             history: self.history,
             node_lost_after: self.node_lost_after,
+            snapshot_every_entries: muster_raft::SNAPSHOT_EVERY_ENTRIES,
             limits: self.limits,
             command_level: self
                 .command_levels

@@ -149,9 +149,10 @@ impl ControlNode {
         for (id, addrs) in &config.peers {
             peers.set(*id, addrs.clone());
         }
-        let raft_config = muster_raft::raft_config(&config.cluster_name)
-            .validate()
-            .map_err(|e| StartError::Raft(e.to_string()))?;
+        let raft_config =
+            muster_raft::raft_config(&config.cluster_name, config.snapshot_every_entries)
+                .validate()
+                .map_err(|e| StartError::Raft(e.to_string()))?;
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (raft_runtime, raft_threads_stopped) =
             start_raft_threads(config.node_id, shutdown_rx.clone()).map_err(StartError::Threads)?;

@@ -1,12 +1,13 @@
-//! Replaying a stopped control node's committed log through a fresh state, checking after
+//! Replaying a stopped control node's committed log through a fresh state (or the state of its
+//! snapshot, where the log before it was dropped), checking after
 //! every entry what no `apply` may break (`State::resource_violations`: no node over-committed,
 //! every node's books matching its jobs). The chaos harness runs it on every node's data
 //! directory after a run (`muster debug replay-log`), and the deterministic simulation on each
 //! simulated node's in-memory log.
 
 use muster_core::State;
-use muster_raft::TypeConfig;
-use muster_store::{SledLogStore, open_sled};
+use muster_raft::{AppliedState, TypeConfig};
+use muster_store::{SledLogStore, SledSnapshotStore, open_sled};
 use openraft::EntryPayload;
 use openraft::storage::RaftLogStorage;
 use serde::Serialize;
@@ -15,6 +16,9 @@ use std::path::Path;
 /// What a replay found.
 #[derive(Debug, Serialize)]
 pub struct Replay {
+    /// The index of the snapshot the replay started from, where the log before it was
+    /// dropped (its state is checked too); none where the whole log is there.
+    pub from_snapshot: Option<u64>,
     /// The last index this node knew to be committed (what is replayed).
     pub committed: u64,
     /// Its last log index (entries past `committed` may yet be replaced, and are not replayed).
@@ -25,37 +29,55 @@ pub struct Replay {
     pub jobs: usize,
 }
 
-/// Replays the log under `data_dir/raft`. The node must be stopped (sled locks its files).
+/// Replays the log under `data_dir/raft`, from its stored snapshot where the log before that
+/// was dropped. The node must be stopped (sled locks its files).
 pub async fn replay_log(data_dir: &Path) -> Result<Replay, String> {
     let raft_dir = data_dir.join("raft");
     let db = open_sled(&raft_dir).map_err(|e| format!("{}: {e}", raft_dir.display()))?;
     let mut log: SledLogStore<TypeConfig> = SledLogStore::new(&db).map_err(|e| e.to_string())?;
-    replay_store(&mut log, |_, _| {}).await
+    let snapshots = SledSnapshotStore::new(&db).map_err(|e| e.to_string())?;
+    let snapshot = muster_raft::stored_state(&snapshots).map_err(|e| e.to_string())?;
+    replay_store(&mut log, snapshot, |_, _| {}).await
 }
 
 /// Replays the committed entries of any log store (the deterministic simulation's in-memory
-/// one too), calling `after_each` with each entry's index and the state it left.
+/// one too), from `snapshot`'s state if the log was purged, calling `after_each` with each
+/// entry's index and the state it left.
 pub async fn replay_store<L: RaftLogStorage<TypeConfig>>(
     log: &mut L,
+    snapshot: Option<AppliedState>,
     mut after_each: impl FnMut(u64, &State),
 ) -> Result<Replay, String> {
     let state_of_log = log.get_log_state().await.map_err(|e| e.to_string())?;
-    if let Some(purged) = state_of_log.last_purged_log_id {
-        return Err(format!(
-            "the log was purged up to {} by a snapshot; a replay needs the whole log",
-            purged.index
-        ));
-    }
+    let purged = state_of_log.last_purged_log_id.map(|p| p.index);
+    // From the snapshot only where it must: a whole log checks every index.
+    let (mut state, from_snapshot) = match (purged, snapshot) {
+        (None, _) => (State::default(), None),
+        (Some(purged), Some(snapshot)) => {
+            let at = snapshot.last_applied.map_or(0, |l| l.index);
+            if purged > at {
+                return Err(format!(
+                    "the log was purged up to {purged}, past the snapshot at {at}"
+                ));
+            }
+            (snapshot.state, Some(at))
+        }
+        (Some(purged), None) => {
+            return Err(format!(
+                "the log was purged up to {purged} and no snapshot is stored"
+            ));
+        }
+    };
     let committed = log
         .read_committed()
         .await
         .map_err(|e| e.to_string())?
         .map_or(0, |c| c.index);
     let last_log_index = state_of_log.last_log_id.map_or(0, |l| l.index);
-    let mut state = State::default();
     let archive = muster_raft::EndedJobs::in_memory();
     state.attach_archive(std::sync::Arc::new(archive.clone()));
     let mut replay = Replay {
+        from_snapshot,
         committed,
         last_log_index,
         commands: 0,
@@ -63,7 +85,14 @@ pub async fn replay_store<L: RaftLogStorage<TypeConfig>>(
         jobs: 0,
     };
     let mut seen = std::collections::BTreeSet::new();
-    let mut next = 0u64;
+    if let Some(at) = from_snapshot {
+        for violation in state.resource_violations() {
+            if seen.insert(violation.clone()) {
+                replay.violations.push((at, violation));
+            }
+        }
+    }
+    let mut next = from_snapshot.map_or(0, |at| at + 1);
     while next <= committed {
         let upto = (next + 256).min(committed + 1);
         let entries = log

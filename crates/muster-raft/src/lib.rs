@@ -25,7 +25,7 @@ pub use network::{Dialer, PeerAddrs, PeerDirectory, PeerNetwork};
 pub use node::{ProposeError, RaftNode, ReadError};
 pub use service::RaftGrpc;
 pub use snapshot_data::{SnapshotData, SnapshotReader, SnapshotSpool};
-pub use state_machine::{AppliedState, StateHandle, StateMachine};
+pub use state_machine::{AppliedState, StateHandle, StateMachine, stored_state};
 
 use std::sync::Arc;
 
@@ -69,7 +69,7 @@ openraft::declare_raft_types!(
 
 pub type Raft = openraft::Raft<TypeConfig>;
 
-/// Log entries between snapshots. A snapshot serializes the whole state (about 1.2 s of CPU
+/// Log entries between snapshots, unless configured (`snapshot_every_entries`). A snapshot serializes the whole state (about 1.2 s of CPU
 /// per million jobs, with applies waiting meanwhile), so its cost grows with the number of
 /// jobs held: taken every 5,000 entries (openraft's default) it ate most of a 2-core machine
 /// once 20,000 jobs were stored (see BENCHMARKS.md).
@@ -104,14 +104,19 @@ pub const MAX_RAFT_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
 ///
 /// openraft's own elections are off: [`election::run_elections`] stands a node only after a
 /// pre-vote, so that a node that cannot win never raises the term.
-pub fn raft_config(cluster_name: &str) -> openraft::Config {
+///
+/// A snapshot is taken every `snapshot_every_entries` entries; the log before it is then
+/// dropped but for the newest `snapshot_every_entries` entries (1,000 at most, openraft's
+/// default), so that a follower a little behind is sent entries rather than the snapshot.
+pub fn raft_config(cluster_name: &str, snapshot_every_entries: u64) -> openraft::Config {
     openraft::Config {
         cluster_name: cluster_name.to_owned(),
         heartbeat_interval: election::HEARTBEAT.as_millis() as u64,
         election_timeout_min: election::ELECTION_TIMEOUT_MIN.as_millis() as u64,
         election_timeout_max: election::ELECTION_TIMEOUT_MAX.as_millis() as u64,
         enable_elect: false,
-        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(SNAPSHOT_EVERY_ENTRIES),
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(snapshot_every_entries),
+        max_in_snapshot_log_to_keep: snapshot_every_entries.min(1000),
         max_payload_entries: MAX_ENTRIES_PER_APPEND,
         install_snapshot_timeout: INSTALL_SNAPSHOT_TIMEOUT.as_millis() as u64,
         ..Default::default()

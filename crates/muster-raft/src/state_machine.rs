@@ -270,6 +270,17 @@ pub(crate) fn split_image(bytes: &[u8]) -> (&[u8], &[u8]) {
     }
 }
 
+/// The state of the snapshot stored in `snapshots`, if any (its archived jobs left out): what
+/// a replay of the log after it starts from (`muster debug replay-log`).
+pub fn stored_state<S: SnapshotStore<TypeConfig>>(
+    snapshots: &S,
+) -> Result<Option<AppliedState>, StorageError<NodeId>> {
+    snapshots
+        .load()?
+        .map(|stored| decode_image(split_image(&stored.data).0))
+        .transpose()
+}
+
 pub(crate) fn decode_image(bytes: &[u8]) -> Result<AppliedState, StorageError<NodeId>> {
     let image: SnapshotImage =
         serde_json::from_slice(bytes).map_err(|e| StorageIOError::read_snapshot(None, &e))?;

@@ -60,8 +60,8 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 3)]
     pub control_nodes: u64,
     /// Also measure operations on the loaded state: a snapshot file saved, checked and
-    /// restored, and a new control node caught up and made a voter. With --ended-jobs, only
-    /// the new control node, with the peak memory it and the leader took.
+    /// restored, and a new control node caught up and made a voter, each with the peak of the
+    /// process's resident memory meanwhile (with --ended-jobs too, after its measurements).
     #[arg(long)]
     pub operations: bool,
     /// Also measure multi-node gangs: SubmitJob to every node placed for gangs of 64 and 512
@@ -179,7 +179,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         bench.ended(&args, &data_dir).await?;
         if args.operations {
             bench.settle().await?;
-            bench.add_control_node(&args).await?;
+            bench.operations(&data_dir, &args).await?;
         }
         agents.stop();
         bench.cluster.shutdown().await;
@@ -883,6 +883,8 @@ impl Bench {
         let leader = self.cluster.leader().context("no leader")?;
         let raft = self.cluster.node(leader).context("no leader")?.raft.clone();
         let state = raft.state.clone();
+        let resident_before = resident_kib();
+        let peak_measured = reset_peak_resident();
         let started = Instant::now();
         let path = data_dir.join("bench.snapshot");
         let header = {
@@ -925,17 +927,19 @@ impl Bench {
         let restored = started.elapsed();
         drop((db, archive));
         std::fs::remove_file(&path)?;
+        let peak = peak_measured.then(peak_resident_kib);
         row(
             &format!(
                 "snapshot file of {} jobs: save / read and check / restore",
                 header.jobs
             ),
             &format!(
-                "{} MiB; {} ms / {} ms / {} ms",
+                "{} MiB; {} ms / {} ms / {} ms{}",
                 header.image_bytes / (1024 * 1024),
                 saved.as_millis(),
                 read.as_millis(),
-                restored.as_millis()
+                restored.as_millis(),
+                peak_row(resident_before, peak)
             ),
         );
 
@@ -974,19 +978,11 @@ impl Bench {
             .await
             .map_err(|e| anyhow::anyhow!("add-node: {e}"))?;
         let joined = started.elapsed();
-        let peak = peak_measured.then(peak_resident_kib);
+        let peak = peak_row(resident_before, peak_measured.then(peak_resident_kib));
         let (jobs, ended) = {
             let new_node = self.cluster.node(id).context("the new node")?;
             let state = new_node.raft.state.read();
             (state.state.job_count(), new_node.raft.state.archive().len())
-        };
-        let peak = match peak {
-            Some(peak) => format!(
-                "; process RSS {} MiB before, peak {} MiB",
-                resident_before / 1024,
-                peak / 1024
-            ),
-            None => String::new(),
         };
         row(
             &format!(
@@ -1154,6 +1150,18 @@ fn row(what: &str, result: &str) {
 /// This process's resident set, in KiB.
 fn resident_kib() -> u64 {
     proc_status_kib("VmRSS:")
+}
+
+/// "; process RSS … MiB before, peak … MiB", where the peak was measured.
+fn peak_row(before_kib: u64, peak_kib: Option<u64>) -> String {
+    match peak_kib {
+        Some(peak) => format!(
+            "; process RSS {} MiB before, peak {} MiB",
+            before_kib / 1024,
+            peak / 1024
+        ),
+        None => String::new(),
+    }
 }
 
 /// This process's peak resident set since it started or since [`reset_peak_resident`].

@@ -178,7 +178,8 @@ pub fn replay(log: &mut muster_store::MemLogStore<muster_raft::TypeConfig>) -> R
     let mut last: BTreeMap<JobId, JobStatus> = BTreeMap::new();
     let mut found = Vec::new();
     let replay =
-        futures::executor::block_on(muster_control::replay::replay_store(log, |index, state| {
+        // The simulation never snapshots (its runs stay far below the interval): whole logs.
+        futures::executor::block_on(muster_control::replay::replay_store(log, None, |index, state| {
             for job in state.jobs() {
                 let was = last.insert(job.id.clone(), job.status);
                 let Some(was) = was else { continue };

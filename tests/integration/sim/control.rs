@@ -55,7 +55,8 @@ pub async fn run(
             },
         );
     }
-    let config = Arc::new(muster_raft::raft_config("sim").validate()?);
+    let config =
+        Arc::new(muster_raft::raft_config("sim", muster_raft::SNAPSHOT_EVERY_ENTRIES).validate()?);
     let network = PeerNetwork::new(id, peers.clone());
     let raft = Raft::new(id, config, network, disk.log.clone(), state_machine).await?;
     let node = RaftNode::new(id, raft.clone(), state, peers.clone());
