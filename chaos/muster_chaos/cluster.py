@@ -16,6 +16,10 @@ import boto3
 from botocore.config import Config
 
 GRPC, RAFT, API, LOGS = 7101, 7102, 7070, 7103
+# Snapshots far more often than production's 100,000 entries, so that within a run the log is
+# folded and dropped again and again, a node back from a long fault or newly added is sent a
+# snapshot, and a crash point can catch a node installing one.
+SNAPSHOT_EVERY_ENTRIES = 50
 # Each control node's data directory is a tmpfs of this size (the disk a fault fills).
 DATA_DISK_MIB = 512
 # Debian's faketime package (tests/run.sh installs it).
@@ -98,8 +102,6 @@ class Cluster:
         self.spare_names = [f"s{i}" for i in range(servers + 1, servers + spares + 1)]
         self.node_ids = {name: i for i, name in enumerate(self.server_names, 1)}
         self.next_id = servers + 1
-        # Hosts whose node joined a running cluster (its log may begin at a snapshot).
-        self.joined = set()
         self.agent_names = [f"a{i}" for i in range(1, agents + 1)]
         for name in self.server_names + self.spare_names + self.agent_names:
             net.add_host(name)
@@ -189,6 +191,7 @@ class Cluster:
             f.write(f'node_id = {node_id}\ngrpc_addr = "{ip}:{GRPC}"\nraft_addr = "{ip}:{RAFT}"\n'
                     f'api_addr = "{ip}:{API}"\ndata_dir = "{self.data_dir(name)}"\n'
                     f'node_lost_after_secs = {self.node_lost_after}\n'
+                    f'snapshot_every_entries = {SNAPSHOT_EVERY_ENTRIES}\n'
                     f'{"join_existing_cluster = true" + chr(10) if joining else ""}{tls}'
                     f'{self.founding_table if founder else ""}{peers}')
         self._proc(name, ["server", "--config", config])
@@ -220,7 +223,6 @@ class Cluster:
             path = os.path.join(data, entry)
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
         self.node_ids[name] = node_id
-        self.joined.add(name)
         self._server(name, joining=True)
         self.procs[name].start()
         return name

@@ -4,7 +4,7 @@ it did, with the figures it measured."""
 import os
 import time
 
-from .cluster import API, GRPC, RAFT
+from .cluster import API, GRPC, RAFT, SNAPSHOT_EVERY_ENTRIES
 from .net import sh
 from .workload import PROBE_QUEUE, classify
 
@@ -275,6 +275,28 @@ def clock_jump(ctx):
 # to crash at: a follower appends and applies what the leader sends, the leader what it
 # proposes.
 SERVER_CRASH_POINTS = ["log_after_write", "log_after_flush", "apply_before", "apply_after"]
+# Passed only by a node that is sent a snapshot: one kept down until the leader's log has moved
+# on past what it kept.
+SNAPSHOT_CRASH_POINTS = ["snapshot_install_before", "snapshot_install_after"]
+
+
+def leader_log_index(ctx):
+    leader = ctx.cluster.wait_for_leader(timeout=10)
+    gauges = ctx.cluster.gauges(leader) if leader else None
+    return (gauges or {}).get("muster_raft_last_log_index")
+
+
+def log_moves_past(ctx, index, timeout=120):
+    """Holds until the leader's last log index is three snapshot intervals past `index`: it has
+    then taken a snapshot and dropped the log a node that stopped at `index` would need (the
+    workload writes it). Returns how long that took, None if it did not happen in time."""
+    began = time.time()
+    while time.time() < began + timeout:
+        now = leader_log_index(ctx)
+        if now is not None and now >= index + 3 * SNAPSHOT_EVERY_ENTRIES:
+            return round(time.time() - began, 1)
+        ctx.hold(0.5)
+    return None
 
 
 def read_from(path, offset):
@@ -286,14 +308,29 @@ def read_from(path, offset):
 def crash_point(ctx):
     """F9: a process restarted with a crash point armed (MUSTER_CRASH_AT), so that it aborts
     there, between writing and flushing its log, between flushing and acknowledging, before or
-    after applying, or (an agent) between starting an attempt and reporting it; then restarted
-    as its supervisor would. A control node (the leader half the time) three times in four, an
-    agent otherwise."""
+    after applying, before or after installing a snapshot the leader sent, or (an agent)
+    between starting an attempt and reporting it; then restarted as its supervisor would. A
+    control node half the time (the leader half of those), a follower kept down until it must
+    be sent a snapshot a quarter, an agent otherwise."""
     cluster = ctx.cluster
-    if ctx.rng.random() < 0.75:
+    waited_for_snapshot = None
+    draw = ctx.rng.random()
+    if draw < 0.5:
         leader = ctx.leader()
         victim = leader if ctx.rng.random() < 0.5 else ctx.rng.choice(cluster.followers(leader))
         point, at = ctx.rng.choice(SERVER_CRASH_POINTS), ctx.rng.randint(1, 12)
+    elif draw < 0.75:
+        # A follower kept down until the leader's log moved on: sent a snapshot on its return,
+        # it crashes installing it.
+        victim = ctx.rng.choice(cluster.followers(ctx.leader()))
+        point, at = ctx.rng.choice(SNAPSHOT_CRASH_POINTS), 1
+        stopped_at = (cluster.gauges(victim) or {}).get("muster_raft_last_log_index")
+        cluster.procs[victim].kill()
+        if stopped_at is None:
+            raise RuntimeError(f"{victim} reported no log index before it was stopped")
+        waited_for_snapshot = log_moves_past(ctx, stopped_at)
+        if waited_for_snapshot is None:
+            raise RuntimeError(f"the leader's log did not move {3 * SNAPSHOT_EVERY_ENTRIES} entries past {stopped_at} in 120 s")
     else:
         victim, point, at = ctx.rng.choice(cluster.agent_names), "agent_after_start", ctx.rng.randint(1, 3)
     proc = cluster.procs[victim]
@@ -318,7 +355,8 @@ def crash_point(ctx):
     elif f"crashing at {point}".encode() not in read_from(proc.log_path, said_from):
         raise RuntimeError(f"{victim} exited, but not at its crash point {point}")
     return {"victim": victim, "point": f"{point}:{at}", "crashed": crashed,
-            "crashed_after_s": round(time.time() - armed, 1) if crashed else None}
+            "crashed_after_s": round(time.time() - armed, 1) if crashed else None,
+            **({"down_until_the_log_moved_s": waited_for_snapshot} if waited_for_snapshot is not None else {})}
 
 
 def membership_change(ctx):

@@ -6,7 +6,8 @@
 //! the log index it was taken at, and the image's length and SHA-256, so that a file cut
 //! short or altered is refused before anything is written.
 //!
-//! Neither end holds the file in memory: ten million ended jobs make about 20 GiB of it. It is
+//! Neither end holds the file in memory: two million ended jobs made 1.5 GiB of it, ten
+//! million would make some 8 GiB. It is
 //! written into a spool file on the node, sent from there, written to disk by the client, and
 //! checked and restored a chunk (or a record) at a time.
 //!
@@ -94,8 +95,8 @@ pub struct SavedFile {
 
 /// The state as it is now on this node, as a snapshot file. The caller first makes the
 /// replica current (a linearizable read), so that it holds every write acknowledged before.
-/// Written under the state's read lock into a file of `spool` (ten million ended jobs are
-/// about 20 GiB of it), on the calling thread (call it from a blocking one).
+/// Written under the state's read lock into a file of `spool` (two million ended jobs are
+/// 1.5 GiB of it), on the calling thread (call it from a blocking one).
 pub fn save(
     state: &StateHandle,
     cluster_name: &str,

@@ -3,8 +3,9 @@
 //!
 //! A snapshot built here holds only the state's image, which is in memory already. One sent
 //! to another node also carries every archived record (see
-//! [`EndedJobs::append_to`](crate::EndedJobs::append_to)): with ten million ended jobs about
-//! 20 GiB, which neither the sender nor the receiver could hold in memory. Those are written
+//! [`EndedJobs::append_to`](crate::EndedJobs::append_to)): 1.5 GiB with two million ended
+//! jobs, some 8 GiB with ten million, which neither the sender nor the receiver should hold
+//! in memory. Those are written
 //! to, and received into, a file of the spool, which openraft reads and writes in chunks
 //! (`Chunked` transport: 3 MiB per InstallSnapshot).
 
