@@ -594,10 +594,27 @@ async fn a_follower_that_dies_installing_a_snapshot_installs_it_when_restarted()
     let leader = cluster.settled_status(1).await["leader"].as_u64().unwrap();
     let follower = (1..=3).find(|id| *id != leader).unwrap();
     let reader = (1..=3).find(|id| *id != follower).unwrap();
-    drop(cluster.servers.remove(&follower));
-
     let client = cluster.client(reader);
     let mut jobs = Vec::new();
+    for n in 0..20 {
+        jobs.push(submit(&client, "default", "d", &format!("early{n}"), &["true"]).await);
+    }
+    // The follower holds a snapshot of its own and a log purged up to it: the snapshot the
+    // leader sends later covers more of the log than that one.
+    let mut own_snapshot = 0;
+    eventually("the follower takes a snapshot", async || {
+        let out = cluster.admin(reader, &["cluster", "status", "--output", "json"]);
+        let status: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        own_snapshot = status["members"]
+            .as_array()
+            .and_then(|m| m.iter().find(|m| m["id"] == follower))
+            .and_then(|m| m["snapshot_index"].as_u64())
+            .unwrap_or(0);
+        own_snapshot > 0
+    })
+    .await;
+    drop(cluster.servers.remove(&follower));
+
     for n in 0..60 {
         jobs.push(submit(&client, "default", "d", &format!("j{n}"), &["true"]).await);
     }
@@ -636,6 +653,15 @@ async fn a_follower_that_dies_installing_a_snapshot_installs_it_when_restarted()
         held == jobs.len()
     })
     .await;
+    let installed = cluster.settled_status(follower).await["members"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["id"] == follower))
+        .and_then(|m| m["snapshot_index"].as_u64())
+        .unwrap();
+    assert!(
+        installed > own_snapshot + 40,
+        "the follower caught up from its log, not from the leader's snapshot ({own_snapshot} then {installed})"
+    );
 
     for (_, server) in std::mem::take(&mut cluster.servers) {
         server.stop();

@@ -629,7 +629,7 @@ fn agent_refused(config: &Path) -> String {
 }
 
 /// An agent config from `agent.toml` as `muster cluster init` wrote it, with this agent's
-/// name, work directory and, where given, another token.
+/// name, work directory, log port and, where given, another token.
 pub(crate) fn agent_config_from_init(dir: &Path, name: &str, token: Option<&str>) -> PathBuf {
     let mut text = std::fs::read_to_string(dir.join("agent.toml")).unwrap();
     if let Some(token) = token {
@@ -641,8 +641,11 @@ pub(crate) fn agent_config_from_init(dir: &Path, name: &str, token: Option<&str>
     let start = text.find("work_dir = ").unwrap();
     let end = start + text[start..].find('\n').unwrap();
     text.replace_range(start..end, &format!("work_dir = {work_dir:?}"));
+    // A port of its own for its logs: the default one is taken by whichever agent of the
+    // tests running beside this one started first.
     text.push_str(&format!(
-        "node_id = {name:?}\nvcpus = 2\nmemory_mib = 2048\nheartbeat_secs = 1\n"
+        "node_id = {name:?}\nvcpus = 2\nmemory_mib = 2048\nheartbeat_secs = 1\nlog_listen_addr = \"127.0.0.1:{}\"\n",
+        free_port()
     ));
     let path = dir.join(format!("agent-{name}.toml"));
     std::fs::write(&path, text).unwrap();

@@ -105,8 +105,10 @@ impl ControlNode {
             });
         }
         let db = open_sled_waiting(&raft_dir).await.map_err(storage_err)?;
-        let log = SledLogStore::new(&db).map_err(storage_err)?;
         let snapshots = SledSnapshotStore::new(&db).map_err(storage_err)?;
+        let log = SledLogStore::new(&db)
+            .map_err(storage_err)?
+            .bounded_by(snapshots.purge_bound());
         let archive = muster_raft::EndedJobs::new(
             muster_store::ArchiveStore::open(&config.data_dir.join("archive"))
                 .await

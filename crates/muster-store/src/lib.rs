@@ -28,7 +28,9 @@ pub use sled_store::{SledLogStore, open_sled, open_sled_waiting};
 
 /// A node's open database, shared by its log and snapshot stores.
 pub type Database = sled::Db;
-pub use snapshot::{MemSnapshotStore, SledSnapshotStore, SnapshotStore, StoredSnapshot};
+pub use snapshot::{
+    MemSnapshotStore, PurgeBound, SledSnapshotStore, SnapshotStore, StoredSnapshot,
+};
 
 /// Version of every value this crate writes.
 pub const FORMAT_VERSION: u8 = 1;

@@ -1,5 +1,6 @@
 //! The Raft log and vote on sled.
 
+use crate::PurgeBound;
 use crate::codec::{decode, encode};
 use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{
@@ -51,6 +52,8 @@ pub struct SledLogStore<C: RaftTypeConfig> {
     logs: sled::Tree,
     meta: sled::Tree,
     recent: Arc<Mutex<RecentEntries<C::Entry>>>,
+    /// Where set, purges go no further than the snapshot stored beside the log.
+    bound: Option<PurgeBound>,
     _types: PhantomData<C>,
 }
 
@@ -61,6 +64,7 @@ impl<C: RaftTypeConfig> Clone for SledLogStore<C> {
             logs: self.logs.clone(),
             meta: self.meta.clone(),
             recent: self.recent.clone(),
+            bound: self.bound.clone(),
             _types: PhantomData,
         }
     }
@@ -135,8 +139,22 @@ where
                 entries: BTreeMap::new(),
                 bytes: 0,
             })),
+            bound: None,
             _types: PhantomData,
         })
+    }
+
+    /// Purges only what the snapshot stored beside the log covers ([`PurgeBound`]).
+    ///
+    /// openraft orders the purge of what a snapshot received from the leader covers as soon
+    /// as it orders the snapshot installed, and runs the purge at once while the state
+    /// machine installs and stores the snapshot on its own task. A node that died in between
+    /// held a log purged past its stored snapshot and never started again (openraft refuses
+    /// that state). A purge past the stored snapshot is left undone: the entries stay until a
+    /// later purge, or until the next start, where openraft drops those the snapshot covers.
+    pub fn bounded_by(mut self, bound: PurgeBound) -> Self {
+        self.bound = Some(bound);
+        self
     }
 
     fn read_meta<T: serde::de::DeserializeOwned>(
@@ -343,6 +361,16 @@ where
     }
 
     async fn purge(&mut self, log_id: LogId<C::NodeId>) -> Result<(), StorageError<C::NodeId>> {
+        if let Some(bound) = &self.bound
+            && bound.get().is_none_or(|stored| log_id.index > stored)
+        {
+            tracing::info!(
+                upto = log_id.index,
+                stored_snapshot = ?bound.get(),
+                "log purge left for later: the snapshot covering it is not stored yet"
+            );
+            return Ok(());
+        }
         // Record the purge point first: a crash between the two steps leaves extra entries
         // below it, which are harmless, never a gap.
         self.write_meta(LAST_PURGED, &log_id)

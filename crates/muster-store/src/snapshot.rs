@@ -42,11 +42,30 @@ const CURRENT_IMAGE: &[u8] = b"current-image";
 /// the next save.
 const CURRENT_AS_ONE: &[u8] = b"current";
 
+/// How far the log beside a snapshot store may be purged: up to the index of the snapshot
+/// stored durably, none while none is known to be (see [`SledLogStore::bounded_by`]).
+///
+/// [`SledLogStore::bounded_by`]: crate::SledLogStore::bounded_by
+#[derive(Clone, Debug, Default)]
+pub struct PurgeBound(Arc<Mutex<Option<u64>>>);
+
+impl PurgeBound {
+    pub fn get(&self) -> Option<u64> {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn raise_to(&self, index: u64) {
+        let mut bound = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        *bound = Some(bound.map_or(index, |b| b.max(index)));
+    }
+}
+
 /// Snapshots in the node's sled database, beside the log.
 #[derive(Clone)]
 pub struct SledSnapshotStore {
     db: sled::Db,
     tree: sled::Tree,
+    stored: PurgeBound,
 }
 
 impl SledSnapshotStore {
@@ -54,7 +73,14 @@ impl SledSnapshotStore {
         Ok(Self {
             db: db.clone(),
             tree: db.open_tree("snapshot").map_err(std::io::Error::other)?,
+            stored: PurgeBound::default(),
         })
+    }
+
+    /// The index of the snapshot this store holds on disk, as far as it has saved or loaded
+    /// one: the log beside it is purged no further.
+    pub fn purge_bound(&self) -> PurgeBound {
+        self.stored.clone()
     }
 }
 
@@ -80,6 +106,9 @@ impl<C: RaftTypeConfig> SnapshotStore<C> for SledSnapshotStore {
             .flush_async()
             .await
             .map_err(|e| StorageIOError::write_snapshot(sig, &e))?;
+        if let Some(last) = &snapshot.meta.last_log_id {
+            self.stored.raise_to(last.index);
+        }
         Ok(())
     }
 
@@ -92,11 +121,20 @@ impl<C: RaftTypeConfig> SnapshotStore<C> for SledSnapshotStore {
         let unreadable = |e: std::io::Error| StorageIOError::read_snapshot(None, &e);
         let Some(meta) = read(CURRENT_META)? else {
             return match read(CURRENT_AS_ONE)? {
-                Some(bytes) => Ok(Some(decode(&bytes).map_err(unreadable)?)),
+                Some(bytes) => {
+                    let stored: StoredSnapshot<C> = decode(&bytes).map_err(unreadable)?;
+                    if let Some(last) = &stored.meta.last_log_id {
+                        self.stored.raise_to(last.index);
+                    }
+                    Ok(Some(stored))
+                }
                 None => Ok(None),
             };
         };
-        let meta = decode(&meta).map_err(unreadable)?;
+        let meta: SnapshotMeta<C::NodeId, C::Node> = decode(&meta).map_err(unreadable)?;
+        if let Some(last) = &meta.last_log_id {
+            self.stored.raise_to(last.index);
+        }
         let image = read(CURRENT_IMAGE)?
             .ok_or_else(|| unreadable(std::io::Error::other("snapshot image is missing")))?;
         let data = match image.split_first() {
@@ -190,6 +228,52 @@ mod tests {
             (loaded.meta.snapshot_id.as_str(), loaded.data),
             ("1-9", vec![1, 2, 3])
         );
+    }
+
+    /// A purge past the stored snapshot (one being installed is stored after openraft orders
+    /// the purge) is left undone; once a snapshot covering it is stored, it is done.
+    #[tokio::test]
+    async fn a_bounded_log_is_purged_no_further_than_the_stored_snapshot() {
+        use openraft::storage::RaftLogStorage;
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::open_sled(dir.path()).unwrap();
+        let store = SledSnapshotStore::new(&db).unwrap();
+        let mut log = crate::SledLogStore::<Config>::new(&db)
+            .unwrap()
+            .bounded_by(store.purge_bound());
+        let purged = |log: &mut crate::SledLogStore<Config>| {
+            let mut log = log.clone();
+            async move {
+                log.get_log_state()
+                    .await
+                    .unwrap()
+                    .last_purged_log_id
+                    .map(|l| l.index)
+            }
+        };
+        let log_id = |index| LogId::new(openraft::CommittedLeaderId::new(1, 1), index);
+
+        log.purge(log_id(5)).await.unwrap();
+        assert_eq!(
+            purged(&mut log).await,
+            None,
+            "purged with no snapshot stored"
+        );
+        store.save(&snapshot(7, vec![1])).await.unwrap();
+        log.purge(log_id(9)).await.unwrap();
+        assert_eq!(
+            purged(&mut log).await,
+            None,
+            "purged past the snapshot at 7"
+        );
+        log.purge(log_id(7)).await.unwrap();
+        assert_eq!(purged(&mut log).await, Some(7));
+
+        // A store opened again learns the bound from the snapshot it loads.
+        let reopened = SledSnapshotStore::new(&db).unwrap();
+        assert_eq!(reopened.purge_bound().get(), None);
+        SnapshotStore::<Config>::load(&reopened).unwrap();
+        assert_eq!(reopened.purge_bound().get(), Some(7));
     }
 
     #[tokio::test]
