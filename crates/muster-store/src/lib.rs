@@ -5,6 +5,9 @@
 //! database; [`MemLogStore`] and [`MemSnapshotStore`] are in-memory twins for tests. Both
 //! pairs pass openraft's storage suite (run from `muster-raft`, which owns the state machine).
 //!
+//! The log is purged no further than the snapshot stored beside it ([`PurgeBound`], see
+//! [`SledLogStore::bounded_by`]).
+//!
 //! Every stored value starts with a format version byte ([`FORMAT_VERSION`]); a value written
 //! by an unknown version is an error, never silently misread.
 //!

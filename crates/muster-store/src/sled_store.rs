@@ -54,6 +54,8 @@ pub struct SledLogStore<C: RaftTypeConfig> {
     recent: Arc<Mutex<RecentEntries<C::Entry>>>,
     /// Where set, purges go no further than the snapshot stored beside the log.
     bound: Option<PurgeBound>,
+    /// A purge left undone by the bound, done before the next append.
+    deferred: Arc<Mutex<Option<LogId<C::NodeId>>>>,
     _types: PhantomData<C>,
 }
 
@@ -65,6 +67,7 @@ impl<C: RaftTypeConfig> Clone for SledLogStore<C> {
             meta: self.meta.clone(),
             recent: self.recent.clone(),
             bound: self.bound.clone(),
+            deferred: self.deferred.clone(),
             _types: PhantomData,
         }
     }
@@ -140,6 +143,7 @@ where
                 bytes: 0,
             })),
             bound: None,
+            deferred: Arc::default(),
             _types: PhantomData,
         })
     }
@@ -150,8 +154,11 @@ where
     /// as it orders the snapshot installed, and runs the purge at once while the state
     /// machine installs and stores the snapshot on its own task. A node that died in between
     /// held a log purged past its stored snapshot and never started again (openraft refuses
-    /// that state). A purge past the stored snapshot is left undone: the entries stay until a
-    /// later purge, or until the next start, where openraft drops those the snapshot covers.
+    /// that state). A purge past the stored snapshot is left undone until the next append
+    /// (the leader sends entries after the snapshot only once it is installed and stored),
+    /// which does it first: entries after a snapshot never follow a gap the log does not
+    /// record as purged. A node that dies before that append starts from the stored snapshot,
+    /// and openraft drops the entries it covers.
     pub fn bounded_by(mut self, bound: PurgeBound) -> Self {
         self.bound = Some(bound);
         self
@@ -302,6 +309,7 @@ where
         I: IntoIterator<Item = C::Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        self.purge_deferred().await?;
         // One batch and one flush for everything openraft hands us at once; the callback
         // (which lets Raft acknowledge) fires only once the entries are on disk.
         let mut batch = sled::Batch::default();
@@ -369,8 +377,37 @@ where
                 stored_snapshot = ?bound.get(),
                 "log purge left for later: the snapshot covering it is not stored yet"
             );
+            let mut deferred = self.deferred.lock().unwrap_or_else(|p| p.into_inner());
+            if deferred.as_ref().is_none_or(|d| d.index < log_id.index) {
+                *deferred = Some(log_id);
+            }
             return Ok(());
         }
+        self.purge_now(log_id).await
+    }
+}
+
+impl<C> SledLogStore<C>
+where
+    C: RaftTypeConfig<Entry = Entry<C>>,
+{
+    /// The purge the bound held back, once the snapshot covering it is stored.
+    async fn purge_deferred(&mut self) -> Result<(), StorageError<C::NodeId>> {
+        let ready = {
+            let mut deferred = self.deferred.lock().unwrap_or_else(|p| p.into_inner());
+            let stored = self.bound.as_ref().and_then(PurgeBound::get);
+            match (&*deferred, stored) {
+                (Some(d), Some(stored)) if d.index <= stored => deferred.take(),
+                _ => None,
+            }
+        };
+        match ready {
+            Some(log_id) => self.purge_now(log_id).await,
+            None => Ok(()),
+        }
+    }
+
+    async fn purge_now(&mut self, log_id: LogId<C::NodeId>) -> Result<(), StorageError<C::NodeId>> {
         // Record the purge point first: a crash between the two steps leaves extra entries
         // below it, which are harmless, never a gap.
         self.write_meta(LAST_PURGED, &log_id)
