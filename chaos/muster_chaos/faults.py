@@ -325,11 +325,13 @@ def crash_point(ctx):
         victim = ctx.rng.choice(cluster.followers(ctx.leader()))
         point, at = ctx.rng.choice(SNAPSHOT_CRASH_POINTS), 1
         stopped_at = (cluster.gauges(victim) or {}).get("muster_raft_last_log_index")
-        cluster.procs[victim].kill()
         if stopped_at is None:
-            raise RuntimeError(f"{victim} reported no log index before it was stopped")
+            raise RuntimeError(f"{victim} reported no log index before it was to be stopped")
+        cluster.procs[victim].kill()
         waited_for_snapshot = log_moves_past(ctx, stopped_at)
         if waited_for_snapshot is None:
+            # Back up unarmed, as the heal would not bring it back before the next fault.
+            cluster.procs[victim].start()
             raise RuntimeError(f"the leader's log did not move {3 * SNAPSHOT_EVERY_ENTRIES} entries past {stopped_at} in 120 s")
     else:
         victim, point, at = ctx.rng.choice(cluster.agent_names), "agent_after_start", ctx.rng.randint(1, 3)

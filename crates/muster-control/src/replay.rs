@@ -87,7 +87,7 @@ pub async fn replay_store<L: RaftLogStorage<TypeConfig>>(
     let mut seen = std::collections::BTreeSet::new();
     if let Some(at) = from_snapshot {
         for violation in state.resource_violations() {
-            if seen.insert(violation.clone()) {
+            if replay.violations.len() < 100 && seen.insert(violation.clone()) {
                 replay.violations.push((at, violation));
             }
         }
@@ -103,6 +103,13 @@ pub async fn replay_store<L: RaftLogStorage<TypeConfig>>(
             break;
         }
         for entry in entries {
+            // A gap the log does not record as purged is a damaged log, not an empty stretch.
+            if entry.log_id.index != next {
+                return Err(format!(
+                    "the log holds no entry {next} (its next is {}) and was not purged there",
+                    entry.log_id.index
+                ));
+            }
             next = entry.log_id.index + 1;
             if let EntryPayload::Normal(command) = entry.payload {
                 state.apply(std::sync::Arc::unwrap_or_clone(command.0));

@@ -54,10 +54,17 @@ pub async fn restore_snapshot(
             raft_dir.display()
         ));
     }
-    std::fs::create_dir_all(&raft_dir).map_err(|e| format!("{}: {e}", raft_dir.display()))?;
-    let db = open_sled_waiting(&raft_dir)
+    // Written aside and renamed into place once whole: a restore cut short (the archive's
+    // import takes minutes with millions of jobs) leaves no `raft` directory, so a node
+    // started on it founds nothing, and the restore can be run again.
+    let staged = config.data_dir.join("raft.restoring");
+    if staged.exists() {
+        std::fs::remove_dir_all(&staged).map_err(|e| format!("{}: {e}", staged.display()))?;
+    }
+    std::fs::create_dir_all(&staged).map_err(|e| format!("{}: {e}", staged.display()))?;
+    let db = open_sled_waiting(&staged)
         .await
-        .map_err(|e| format!("{}: {e}", raft_dir.display()))?;
+        .map_err(|e| format!("{}: {e}", staged.display()))?;
     let snapshots = SledSnapshotStore::new(&db).map_err(|e| e.to_string())?;
     let members = config
         .peers
@@ -81,5 +88,11 @@ pub async fn restore_snapshot(
     .await
     .map_err(|e| e.to_string())?;
     db.flush_async().await.map_err(|e| e.to_string())?;
+    drop((db, snapshots, archive));
+    if raft_dir.exists() {
+        // Empty (checked above): made by an earlier start of the node.
+        std::fs::remove_dir(&raft_dir).map_err(|e| format!("{}: {e}", raft_dir.display()))?;
+    }
+    std::fs::rename(&staged, &raft_dir).map_err(|e| format!("{}: {e}", raft_dir.display()))?;
     Ok(header)
 }

@@ -154,11 +154,13 @@ where
     /// as it orders the snapshot installed, and runs the purge at once while the state
     /// machine installs and stores the snapshot on its own task. A node that died in between
     /// held a log purged past its stored snapshot and never started again (openraft refuses
-    /// that state). A purge past the stored snapshot is left undone until the next append
-    /// (the leader sends entries after the snapshot only once it is installed and stored),
+    /// that state). A purge past the stored snapshot is left undone until the next append,
     /// which does it first: entries after a snapshot never follow a gap the log does not
-    /// record as purged. A node that dies before that append starts from the stored snapshot,
-    /// and openraft drops the entries it covers.
+    /// record as purged. No append comes between the two: openraft holds its later commands
+    /// back until the state machine has installed (and so stored) the snapshot, since the
+    /// install's answer waits on that and stays at the head of its queue. A node that dies
+    /// before that append starts from the stored snapshot, and openraft drops the entries it
+    /// covers.
     pub fn bounded_by(mut self, bound: PurgeBound) -> Self {
         self.bound = Some(bound);
         self
@@ -408,6 +410,18 @@ where
     }
 
     async fn purge_now(&mut self, log_id: LogId<C::NodeId>) -> Result<(), StorageError<C::NodeId>> {
+        {
+            // A purge held back to here or before is done by this one.
+            let mut deferred = self.deferred.lock().unwrap_or_else(|p| p.into_inner());
+            if deferred.as_ref().is_some_and(|d| d.index <= log_id.index) {
+                *deferred = None;
+            }
+        }
+        // Never backwards: the entries below the recorded point are gone.
+        let purged: Option<LogId<C::NodeId>> = self.read_meta(LAST_PURGED).map_err(read_err)?;
+        if purged.is_some_and(|p| p.index >= log_id.index) {
+            return Ok(());
+        }
         // Record the purge point first: a crash between the two steps leaves extra entries
         // below it, which are harmless, never a gap.
         self.write_meta(LAST_PURGED, &log_id)

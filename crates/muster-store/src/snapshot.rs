@@ -87,6 +87,27 @@ impl SledSnapshotStore {
 impl<C: RaftTypeConfig> SnapshotStore<C> for SledSnapshotStore {
     async fn save(&self, snapshot: &StoredSnapshot<C>) -> Result<(), StorageError<C::NodeId>> {
         let sig = Some(snapshot.meta.signature());
+        // Never an older one over a newer: a snapshot built from the state runs on a task of
+        // its own, and can end after a newer one received from the leader was installed,
+        // whose log this node never held. (openraft ignores the older one too.)
+        let index =
+            |meta: &SnapshotMeta<C::NodeId, C::Node>| meta.last_log_id.as_ref().map(|l| l.index);
+        if let Some(stored) = self
+            .tree
+            .get(CURRENT_META)
+            .map_err(|e| StorageIOError::read_snapshot(None, &e))?
+        {
+            let stored: SnapshotMeta<C::NodeId, C::Node> =
+                decode(&stored).map_err(|e| StorageIOError::read_snapshot(None, &e))?;
+            if index(&stored) > index(&snapshot.meta) {
+                tracing::info!(
+                    stored = ?index(&stored),
+                    offered = ?index(&snapshot.meta),
+                    "an older snapshot than the one stored is not saved"
+                );
+                return Ok(());
+            }
+        }
         let meta =
             encode(&snapshot.meta).map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
         let mut image = Vec::with_capacity(1 + snapshot.data.len());

@@ -390,10 +390,12 @@ pub async fn run(command: ClusterCommand) -> anyhow::Result<()> {
             let answer = client(endpoint_url)?
                 .call_cluster_to_file("SaveSnapshot", serde_json::json!({}), &mut out)
                 .await;
-            out.sync_all()
-                .await
-                .with_context(|| format!("writing {}", staged.display()))?;
+            let synced = out.sync_all().await;
             drop(out);
+            if let Err(e) = synced {
+                let _ = std::fs::remove_file(&staged);
+                return Err(e).with_context(|| format!("writing {}", staged.display()));
+            }
             if let Err(e) = answer {
                 let _ = std::fs::remove_file(&staged);
                 return crate::print_answer("SaveSnapshot", Err(e), false);
