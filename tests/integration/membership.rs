@@ -592,8 +592,9 @@ async fn a_snapshot_founds_a_new_cluster_holding_the_same_state() {
 /// entries here) is sent the snapshot when it returns. Killed at the crash points in its
 /// install (FAULTS.md F9: the snapshot received, not yet installed; installed and stored, not
 /// yet reported to Raft) and restarted each time from what it left on disk, it ends with
-/// every job; sent one again and installing it whole, it restarts after appending more. Each node's log then replays (`muster debug replay-log`) from its snapshot, the
-/// log before it being gone, with nothing over-committed.
+/// every job; sent one again and installing it whole, it restarts after appending more.
+/// Each node's log then replays (`muster debug replay-log`) from its snapshot, the log before
+/// it being gone, with nothing over-committed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_follower_that_dies_installing_a_snapshot_installs_it_when_restarted() {
     use std::os::unix::process::ExitStatusExt;

@@ -162,10 +162,6 @@ impl SnapshotSpool {
         }
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// A new empty file, read and written.
     pub fn create(&self) -> io::Result<std::fs::File> {
         tempfile::tempfile_in(&self.dir).map_err(|e| {
