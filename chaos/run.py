@@ -118,7 +118,8 @@ def main():
     events, violations, summary = [], [], {}
     cluster = None
     try:
-        cluster = Cluster(binary, workdir, net, servers=args.servers)
+        cluster = Cluster(binary, workdir, net, servers=args.servers,
+                          lazy_disks="unsynced_loss" in kinds)
         cluster.start()
         setup(cluster, runs_path)
         workload = Workload(cluster, history, runs_path, seed, rate=args.rate)

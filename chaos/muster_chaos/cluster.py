@@ -8,12 +8,15 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
 
 import boto3
 from botocore.config import Config
+
+from . import lazyfs
 
 GRPC, RAFT, API, LOGS = 7101, 7102, 7070, 7103
 # Snapshots far more often than production's 100,000 entries, so that within a run the log is
@@ -93,7 +96,7 @@ class Cluster:
     """`servers` control nodes and `agents` process-executor agents on `net`."""
 
     def __init__(self, binary, workdir, net, servers=3, agents=2, node_lost_after=8,
-                 agent_stop_after=4, spares=1):
+                 agent_stop_after=4, spares=1, lazy_disks=False):
         self.binary, self.workdir, self.net = binary, workdir, net
         self.node_lost_after = node_lost_after
         # The hosts whose control nodes are members now (a membership change swaps one for a
@@ -120,13 +123,18 @@ class Cluster:
                                f'secret_sha256 = "{founding["secret_sha256"]}"\n'
                                f'expires_at_unix = {founding["expires_at_unix"]}\n')
         self.mounts = []
+        # With lazy disks, each node's data directory is a lazyfs (muster_chaos/lazyfs.py) over
+        # its disk, which forgets what was not fsynced when the node loses power (F10).
+        self.lazy_disks, self.lazyfs_procs = lazy_disks, {}
         for name in self.server_names + self.spare_names:
             # Each control node's data on a small filesystem of its own, so that a fault can
             # fill one node's disk and no other's.
-            data = self.data_dir(name)
-            os.makedirs(data)
-            subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={DATA_DISK_MIB}m", "tmpfs", data], check=True)
-            self.mounts.append(data)
+            disk = self.disk_dir(name)
+            os.makedirs(disk)
+            subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={DATA_DISK_MIB}m", "tmpfs", disk], check=True)
+            self.mounts.append(disk)
+            if lazy_disks:
+                self._mount_lazyfs(name)
         # Each control node's wall clock can be stepped (libfaketime, reading an offset from a
         # file of its own once a second; the monotonic clock, which Raft's timers use, is left
         # alone).
@@ -173,6 +181,36 @@ class Cluster:
 
     def data_dir(self, name):
         return os.path.join(self.workdir, f"{name}-data")
+
+    def disk_dir(self, name):
+        """Where `name`'s data is stored: its data directory, or the disk under its lazyfs."""
+        return os.path.join(self.workdir, f"{name}-disk") if self.lazy_disks else self.data_dir(name)
+
+    def _mount_lazyfs(self, name):
+        data, control = self.data_dir(name), self.lazyfs_control(name)
+        os.makedirs(data)
+        log = open(os.path.join(self.workdir, f"{name}-lazyfs.log"), "ab")
+        proc = subprocess.Popen([sys.executable, "-m", "muster_chaos.lazyfs", self.disk_dir(name), data, control],
+                                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                stdout=subprocess.DEVNULL, stderr=log)
+        log.close()
+        self.lazyfs_procs[name] = proc
+        deadline = time.time() + 30
+        while not (os.path.ismount(data) and os.path.exists(control)):
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"the lazyfs of {name} did not mount (see {name}-lazyfs.log)")
+            time.sleep(0.05)
+
+    def lazyfs_control(self, name):
+        return os.path.join(self.workdir, f"{name}-lazyfs.sock")
+
+    def power_loss(self, name):
+        """`name`'s control node loses power: killed, and what its disk had not fsynced lost.
+        Returns the bytes lost."""
+        if name not in self.lazyfs_procs:
+            raise RuntimeError("power loss needs lazy disks (the run's kinds include unsynced_loss)")
+        self.procs[name].kill()
+        return lazyfs.crash(self.lazyfs_control(name))
 
     def _server(self, name, founder=False, joining=False):
         """Writes the config of the control node that `name` runs (under its id in `node_ids`)
@@ -311,6 +349,13 @@ class Cluster:
             proc.kill()
 
     def unmount(self):
+        for name, proc in self.lazyfs_procs.items():
+            subprocess.run(["fusermount", "-u", "-z", self.data_dir(name)], check=False)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        self.lazyfs_procs = {}
         for data in self.mounts:
             subprocess.run(["umount", "-l", data], check=False)
         self.mounts = []

@@ -417,6 +417,9 @@ impl ControlNode {
     /// failing disk) ends openraft's core, and a node in that state can neither vote nor
     /// replicate until it restarts from its data directory. `muster server` exits then, so
     /// that its supervisor restarts it once the disk has room again.
+    ///
+    /// A core that panics reports nothing: its metrics channel closes. This node still holds
+    /// its Raft handle, so only the core can have ended it.
     pub async fn raft_failed(&self) -> String {
         let mut metrics = self.raft.raft.metrics();
         match metrics.wait_for(|m| m.running_state.is_err()).await {
@@ -424,8 +427,7 @@ impl ControlNode {
                 Err(fatal) => fatal.to_string(),
                 Ok(()) => unreachable!("waited for an error"),
             },
-            // The Raft handle is gone: this node is being dropped.
-            Err(_) => std::future::pending().await,
+            Err(_) => "the Raft core ended without a report (it panicked)".to_string(),
         }
     }
 

@@ -87,12 +87,16 @@ pub async fn restore_snapshot(
     )
     .await
     .map_err(|e| e.to_string())?;
-    db.flush_async().await.map_err(|e| e.to_string())?;
+    db.flush().await.map_err(|e| e.to_string())?;
     drop((db, snapshots, archive));
     if raft_dir.exists() {
         // Empty (checked above): made by an earlier start of the node.
         std::fs::remove_dir(&raft_dir).map_err(|e| format!("{}: {e}", raft_dir.display()))?;
     }
     std::fs::rename(&staged, &raft_dir).map_err(|e| format!("{}: {e}", raft_dir.display()))?;
+    // The rename itself, durable before the node is started on it.
+    std::fs::File::open(&config.data_dir)
+        .and_then(|dir| dir.sync_all())
+        .map_err(|e| format!("{}: {e}", config.data_dir.display()))?;
     Ok(header)
 }

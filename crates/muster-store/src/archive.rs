@@ -3,6 +3,7 @@
 //! with what DescribeLogStreams says of each. Bytes only; the state machine (`muster-raft`)
 //! decides what the keys and records are.
 
+use crate::durable::Database;
 use sled::Tree;
 use std::collections::BTreeMap;
 use std::io;
@@ -31,6 +32,7 @@ pub struct ArchiveStore(Trees);
 #[derive(Clone)]
 enum Trees {
     Sled {
+        db: Database,
         records: Tree,
         listing: Tree,
         streams: Tree,
@@ -64,12 +66,12 @@ impl ArchiveStore {
     /// database is flushed only when asked, this one every second and before a snapshot.
     pub async fn open(dir: &std::path::Path) -> io::Result<Self> {
         let open = || {
-            sled::Config::new()
-                .path(dir)
-                .cache_capacity(32 * 1024 * 1024)
-                .flush_every_ms(Some(1000))
-                .open()
-                .map_err(sled_err)
+            Database::open(
+                sled::Config::new()
+                    .cache_capacity(32 * 1024 * 1024)
+                    .flush_every_ms(Some(1000)),
+                dir,
+            )
         };
         // A database reopened in the same process (a node restarted in place) may find the
         // previous instance letting go of its lock for a moment.
@@ -86,11 +88,13 @@ impl ArchiveStore {
     }
 
     /// The archive in trees `ended_jobs`, `ended_listing` and `ended_streams` of `db`.
-    pub fn on_disk(db: &sled::Db) -> io::Result<Self> {
+    pub fn on_disk(db: &Database) -> io::Result<Self> {
+        let sled = db.sled();
         Ok(Self(Trees::Sled {
-            records: db.open_tree("ended_jobs").map_err(sled_err)?,
-            listing: db.open_tree("ended_listing").map_err(sled_err)?,
-            streams: db.open_tree("ended_streams").map_err(sled_err)?,
+            db: db.clone(),
+            records: sled.open_tree("ended_jobs").map_err(sled_err)?,
+            listing: sled.open_tree("ended_listing").map_err(sled_err)?,
+            streams: sled.open_tree("ended_streams").map_err(sled_err)?,
         }))
     }
 
@@ -114,6 +118,7 @@ impl ArchiveStore {
                 records,
                 listing,
                 streams,
+                ..
             } => {
                 // One operation at a time, never `apply_batch`: sled guards batches with a
                 // lock shared by every database in the process, held exclusively while a batch
@@ -272,6 +277,7 @@ impl ArchiveStore {
                 records,
                 listing,
                 streams,
+                ..
             } => {
                 listing.clear().map_err(sled_err)?;
                 streams.clear().map_err(sled_err)?;
@@ -289,7 +295,7 @@ impl ArchiveStore {
     pub fn flush(&self) -> io::Result<()> {
         match &self.0 {
             // One flush writes the whole database, every tree.
-            Trees::Sled { records, .. } => records.flush().map_err(sled_err).map(drop),
+            Trees::Sled { db, .. } => db.flush_blocking(),
             Trees::Mem(_) => Ok(()),
         }
     }

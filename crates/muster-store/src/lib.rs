@@ -14,6 +14,9 @@
 //! [`ArchiveStore`] keeps ended jobs' records (written by the state machine) in two trees of
 //! the same database, or in memory.
 //!
+//! Every flush that a write's acknowledgement waits for is durable: sled's own flush is not
+//! on Linux (it stops at `sync_file_range`), so [`Database`] fsyncs sled's files after it.
+//!
 //! This is the only crate that names sled. It stores bytes and openraft types, and knows
 //! nothing of Muster's domain.
 
@@ -21,6 +24,7 @@
 
 mod archive;
 mod codec;
+mod durable;
 mod mem;
 mod sled_store;
 mod snapshot;
@@ -29,8 +33,9 @@ pub use archive::{ArchiveStore, ArchivedKeys, ArchivedRecord};
 pub use mem::MemLogStore;
 pub use sled_store::{SledLogStore, open_sled, open_sled_waiting};
 
-/// A node's open database, shared by its log and snapshot stores.
-pub type Database = sled::Db;
+/// A node's open database, shared by its log and snapshot stores; its flushes are durable
+/// (sled's own are not, see the `durable` module).
+pub use durable::Database;
 pub use snapshot::{
     MemSnapshotStore, PurgeBound, SledSnapshotStore, SnapshotStore, StoredSnapshot,
 };

@@ -2,6 +2,7 @@
 
 use crate::PurgeBound;
 use crate::codec::{decode, encode};
+use crate::durable::Database;
 use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{
     Entry, LogId, LogState, OptionalSend, RaftLogId, RaftLogReader, RaftTypeConfig, StorageError,
@@ -19,21 +20,21 @@ const COMMITTED: &[u8] = b"committed";
 const LAST_PURGED: &[u8] = b"last_purged";
 
 /// Opens (or creates) the sled database of one control node.
-pub fn open_sled(dir: &Path) -> Result<sled::Db, std::io::Error> {
-    sled::Config::new()
-        .path(dir)
-        // The state machine lives in memory; sled only needs a small page cache.
-        .cache_capacity(64 * 1024 * 1024)
-        // Durability comes from explicit flushes before acknowledging, not a timer.
-        .flush_every_ms(None)
-        .open()
-        .map_err(std::io::Error::other)
+pub fn open_sled(dir: &Path) -> Result<Database, std::io::Error> {
+    Database::open(
+        sled::Config::new()
+            // The state machine lives in memory; sled only needs a small page cache.
+            .cache_capacity(64 * 1024 * 1024)
+            // Durability comes from explicit flushes before acknowledging, not a timer.
+            .flush_every_ms(None),
+        dir,
+    )
 }
 
 /// [`open_sled`], waiting up to five seconds for the directory's lock: a database reopened in
 /// the same process (a node restarted in place) may find the previous instance's background
 /// flusher still letting go of it for a moment.
-pub async fn open_sled_waiting(dir: &Path) -> Result<sled::Db, std::io::Error> {
+pub async fn open_sled_waiting(dir: &Path) -> Result<Database, std::io::Error> {
     let mut tries = 0;
     loop {
         match open_sled(dir) {
@@ -48,7 +49,7 @@ pub async fn open_sled_waiting(dir: &Path) -> Result<sled::Db, std::io::Error> {
 /// Raft log entries keyed by big-endian index, plus vote and bookkeeping in a meta tree.
 /// Cloning shares the same trees (sled trees are reference counted) and the same cache.
 pub struct SledLogStore<C: RaftTypeConfig> {
-    db: sled::Db,
+    db: Database,
     logs: sled::Tree,
     meta: sled::Tree,
     recent: Arc<Mutex<RecentEntries<C::Entry>>>,
@@ -133,11 +134,17 @@ impl<C> SledLogStore<C>
 where
     C: RaftTypeConfig<Entry = Entry<C>>,
 {
-    pub fn new(db: &sled::Db) -> Result<Self, std::io::Error> {
+    pub fn new(db: &Database) -> Result<Self, std::io::Error> {
         Ok(Self {
             db: db.clone(),
-            logs: db.open_tree("raft_log").map_err(std::io::Error::other)?,
-            meta: db.open_tree("raft_meta").map_err(std::io::Error::other)?,
+            logs: db
+                .sled()
+                .open_tree("raft_log")
+                .map_err(std::io::Error::other)?,
+            meta: db
+                .sled()
+                .open_tree("raft_meta")
+                .map_err(std::io::Error::other)?,
             recent: Arc::new(Mutex::new(RecentEntries {
                 entries: BTreeMap::new(),
                 bytes: 0,
@@ -184,7 +191,7 @@ where
         self.meta
             .insert(key, encode(value)?)
             .map_err(std::io::Error::other)?;
-        self.db.flush_async().await.map_err(std::io::Error::other)?;
+        self.db.flush().await?;
         Ok(())
     }
 
@@ -335,7 +342,7 @@ where
                 .apply_batch(batch)
                 .map_err(std::io::Error::other)?;
             muster_crashpoint::crash_point("log_after_write");
-            self.db.flush_async().await.map_err(std::io::Error::other)?;
+            self.db.flush().await?;
             muster_crashpoint::crash_point("log_after_flush");
             Ok::<(), std::io::Error>(())
         }
@@ -363,10 +370,7 @@ where
         self.logs
             .apply_batch(batch)
             .map_err(|e| write_err(std::io::Error::other(e)))?;
-        self.db
-            .flush_async()
-            .await
-            .map_err(|e| write_err(std::io::Error::other(e)))?;
+        self.db.flush().await.map_err(write_err)?;
         Ok(())
     }
 

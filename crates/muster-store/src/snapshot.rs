@@ -2,6 +2,7 @@
 
 use crate::FORMAT_VERSION;
 use crate::codec::{decode, encode};
+use crate::durable::Database;
 use openraft::{RaftTypeConfig, SnapshotMeta, StorageError, StorageIOError};
 use serde::{Deserialize, Serialize};
 use std::sync::{Arc, Mutex};
@@ -63,16 +64,19 @@ impl PurgeBound {
 /// Snapshots in the node's sled database, beside the log.
 #[derive(Clone)]
 pub struct SledSnapshotStore {
-    db: sled::Db,
+    db: Database,
     tree: sled::Tree,
     stored: PurgeBound,
 }
 
 impl SledSnapshotStore {
-    pub fn new(db: &sled::Db) -> Result<Self, std::io::Error> {
+    pub fn new(db: &Database) -> Result<Self, std::io::Error> {
         Ok(Self {
             db: db.clone(),
-            tree: db.open_tree("snapshot").map_err(std::io::Error::other)?,
+            tree: db
+                .sled()
+                .open_tree("snapshot")
+                .map_err(std::io::Error::other)?,
             stored: PurgeBound::default(),
         })
     }
@@ -124,7 +128,7 @@ impl<C: RaftTypeConfig> SnapshotStore<C> for SledSnapshotStore {
             .map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?
             .map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
         self.db
-            .flush_async()
+            .flush()
             .await
             .map_err(|e| StorageIOError::write_snapshot(sig, &e))?;
         if let Some(last) = &snapshot.meta.last_log_id {

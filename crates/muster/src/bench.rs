@@ -923,7 +923,7 @@ impl Bench {
             members,
         )
         .await?;
-        db.flush_async().await?;
+        db.flush().await?;
         let restored = started.elapsed();
         drop((db, archive));
         std::fs::remove_file(&path)?;
