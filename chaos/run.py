@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Muster's fault harness: three `muster server` and two `muster agent` processes (process
-executor), each in a network namespace of its own, a boto3 workload over every node, faults
-one after another, then heal, quiesce and check (muster_chaos/check.py).
+"""Muster's fault harness: three `muster server` and two `muster agent` processes (one on the
+process executor, one on a Docker engine of its own), each in a network namespace of its own,
+a boto3 workload over every node, faults one after another, then heal, quiesce and check
+(muster_chaos/check.py).
 
     python3 chaos/run.py                       # ten faults (tests/run.sh runs CI's short form)
     python3 chaos/run.py --faults 60 --seed 7  # longer; a failing seed is printed to replay
@@ -95,6 +96,8 @@ def main():
     parser.add_argument("--out", default="chaos/results")
     parser.add_argument("--subnet", type=int, default=77, help="the harness's hosts are 10.<subnet>.0.x")
     parser.add_argument("--servers", type=int, default=3, help="control nodes (3 or 5)")
+    parser.add_argument("--docker-agents", type=int, default=1,
+                        help="of the two agents, how many run jobs as containers (on an engine of the harness's own)")
     parser.add_argument("--keep-logs", action="store_true", help="keep the processes' logs even when no check fails")
     args = parser.parse_args()
 
@@ -119,7 +122,7 @@ def main():
     cluster = None
     try:
         cluster = Cluster(binary, workdir, net, servers=args.servers,
-                          lazy_disks="unsynced_loss" in kinds)
+                          lazy_disks="unsynced_loss" in kinds, docker_agents=args.docker_agents)
         cluster.start()
         setup(cluster, runs_path)
         workload = Workload(cluster, history, runs_path, seed, rate=args.rate)
@@ -179,6 +182,7 @@ def main():
             "quiesced_after_heal_s": round(quiet - healed, 1),
             # Processes that exited on their own and were restarted by the harness's supervisor.
             "restarted_on_exit": {n: p.restarts for n, p in cluster.procs.items() if p.restarts},
+            "docker_engine_restarts": cluster.engine.restarts if cluster.engine else None,
             # Exits at the crash points the harness armed (restarted too, counted apart).
             "crashed_at_points": {n: p.crashed_at_points for n, p in cluster.procs.items() if p.crashed_at_points},
             "failover_ms": {k: percentiles([d.get(k) for d in kills])

@@ -38,9 +38,10 @@ MUSTER_BIN="$PWD/target/debug/muster" PATH="$PWD/$venv/bin:$PATH" "$venv/bin/pyt
 if [ ! -e /usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1 ]; then
   apt-get update -qq && apt-get install -y -qq faketime
 fi
-# The fault harness's short form: sixteen fault kinds once each (all but the two slowest agent
-# faults), in namespaces of its own, each control node's data on a lazy file system that a
+# The fault harness's short form: seventeen fault kinds once each (all but the two slowest
+# agent faults), in namespaces of its own, one agent on the process executor and one on a
+# Docker engine of the harness's own, each control node's data on a lazy file system that a
 # power loss empties of what was not fsynced, then the history checker (chaos/README.md; the
 # long form is a documented command, not CI).
-MUSTER_BIN="$PWD/target/debug/muster" "$venv/bin/python" chaos/run.py --faults 16 --seed 1 --out target/chaos \
-  --only leader_kill,follower_kill,leader_pause,agent_kill,leader_isolated,leader_one_way,partial_partition,flaky_follower,slow_links,agent_cut_off,agent_reaches_isolated_follower,clock_jump,membership_change,crash_point,disk_full,unsynced_loss
+MUSTER_BIN="$PWD/target/debug/muster" "$venv/bin/python" chaos/run.py --faults 17 --seed 1 --out target/chaos \
+  --only leader_kill,follower_kill,leader_pause,agent_kill,leader_isolated,leader_one_way,partial_partition,flaky_follower,slow_links,agent_cut_off,agent_reaches_isolated_follower,clock_jump,membership_change,crash_point,disk_full,unsynced_loss,docker_restart

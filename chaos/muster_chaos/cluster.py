@@ -17,6 +17,7 @@ import boto3
 from botocore.config import Config
 
 from . import lazyfs
+from .engine import Engine
 
 GRPC, RAFT, API, LOGS = 7101, 7102, 7070, 7103
 # Snapshots far more often than production's 100,000 entries, so that within a run the log is
@@ -96,7 +97,7 @@ class Cluster:
     """`servers` control nodes and `agents` process-executor agents on `net`."""
 
     def __init__(self, binary, workdir, net, servers=3, agents=2, node_lost_after=8,
-                 agent_stop_after=4, spares=1, lazy_disks=False):
+                 agent_stop_after=4, spares=1, lazy_disks=False, docker_agents=0):
         self.binary, self.workdir, self.net = binary, workdir, net
         self.node_lost_after = node_lost_after
         # The hosts whose control nodes are members now (a membership change swaps one for a
@@ -148,16 +149,25 @@ class Cluster:
         for name in self.server_names:
             self._server(name, founder=self.node_ids[name] == 1)
         control = ", ".join(f'"{net.ip(n)}:{GRPC}"' for n in self.server_names)
+        # The last `docker_agents` agents run jobs as containers, on an engine of the harness's
+        # own (restarted by `docker_restart`); each job mounts the run's directory to note its
+        # runs there.
+        self.docker_agent_names = self.agent_names[len(self.agent_names) - docker_agents:] if docker_agents else []
+        self.engine = Engine(workdir, net.prefix.split(".")[1]) if docker_agents else None
         for name in self.agent_names:
             config = os.path.join(workdir, f"{name}.toml")
+            docker = name in self.docker_agent_names
+            executor = f'executor = "docker"\nallowed_host_paths = ["{workdir}"]\n' if docker else 'executor = "process"\n'
             with open(config, "w") as f:
                 f.write(f'node_id = "{name}"\ncompute_environment = "chaos"\ncontrol_plane = [{control}]\n'
-                        f'executor = "process"\nwork_dir = "{workdir}/{name}-work"\nvcpus = 2\n'
+                        f'{executor}work_dir = "{workdir}/{name}-work"\nvcpus = 2\n'
                         f'memory_mib = 1024\nheartbeat_secs = 1\nstop_grace_secs = 2\n'
                         f'stop_after_secs = {agent_stop_after}\nlog_listen_addr = "{net.ip(name)}:{LOGS}"\n'
                         f'join_token = "{joining["join_token"]}"\n'
                         f'ca_fingerprint = "{joining["ca_fingerprint"]}"\n')
             self._proc(name, ["agent", "--config", config])
+            if docker:
+                self.procs[name].extra_env = {"DOCKER_HOST": self.engine.host}
         self.credentials = None
         self.stopped = threading.Event()
         self.client_lock = threading.Lock()
@@ -347,6 +357,8 @@ class Cluster:
         self.stopped.set()
         for proc in self.procs.values():
             proc.kill()
+        if self.engine is not None:
+            self.engine.cleanup()
 
     def unmount(self):
         for name, proc in self.lazyfs_procs.items():

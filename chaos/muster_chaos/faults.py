@@ -113,6 +113,13 @@ def agent_host_death(ctx):
     killed = 0
     for pid in sh("ip", "netns", "pids", ns, check=False).stdout.split():
         killed += sh("kill", "-9", pid, check=False).returncode == 0
+    if victim in ctx.cluster.docker_agent_names:
+        # Its containers run under the engine, outside its namespace: gone with the machine.
+        engine = ctx.cluster.engine
+        ids = sh("docker", "-H", engine.host, "ps", "-aq", check=False).stdout.split()
+        if ids:
+            sh("docker", "-H", engine.host, "rm", "-f", *ids, check=False)
+        killed += len(ids)
     down = ctx.rng.uniform(10, 14)
     ctx.hold(down)
     ctx.cluster.procs[victim].start()
@@ -242,6 +249,23 @@ def disk_full(ctx):
     finally:
         os.remove(filler)
     return {"filled": victim, "was_leader": was_leader}
+
+
+def docker_restart(ctx):
+    """F15: the Docker agent's engine restarted under running jobs, as `systemctl restart
+    docker` does (SIGTERM, then start); without live-restore it stops their containers on the
+    way down. Each attempt must end with a reason and be retried per its strategy: never left
+    RUNNING, never run twice. Waits up to 20 s for a container to be running first."""
+    engine = ctx.cluster.engine
+    if engine is None:
+        raise RuntimeError("the run has no Docker agent (--docker-agents 0)")
+    deadline = time.time() + 20
+    while engine.running() == 0 and time.time() < deadline:
+        ctx.hold(0.5)
+    running = engine.running()
+    began = time.time()
+    engine.restart()
+    return {"containers_running": running, "engine_down_s": round(time.time() - began, 1)}
 
 
 def unsynced_loss(ctx):
@@ -415,5 +439,5 @@ def membership_change(ctx):
 ALL = {f.__name__: f for f in [
     leader_kill, follower_kill, leader_pause, agent_kill, agent_host_death, leader_isolated,
     leader_one_way, partial_partition, flaky_follower, slow_links, agent_link_stalled, agent_cut_off, agent_reaches_isolated_follower, disk_full,
-    clock_jump, membership_change, crash_point, unsynced_loss,
+    clock_jump, membership_change, crash_point, unsynced_loss, docker_restart,
 ]}

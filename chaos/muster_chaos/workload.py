@@ -2,12 +2,15 @@
 call as it ended: ok, a definite failure, or unknown (it may or may not have taken effect),
 as etcd's robustness tests do. Jobs write their own runs on the host."""
 
+import os
 import random
 import threading
 import time
 import traceback
 
 import botocore.exceptions
+
+from .engine import IMAGE
 
 QUEUE, DEFINITION = "chaos", "chaos"
 # Probes of failover times go through a queue of higher priority on the same environment, so
@@ -16,9 +19,12 @@ PROBE_QUEUE = "chaos-probe"
 RETRY_ATTEMPTS = 3
 
 # Each run of a job picks a token and notes a tick every 200 ms: the checker rebuilds from
-# them which runs of which attempt happened when. SIGTERM notes a last tick.
+# them which runs of which attempt happened when. SIGTERM notes a last tick. Times are the
+# kernel's uptime in ns (10 ms steps), the one clock that a process on the host and busybox
+# in a container both read alike.
 JOB_SCRIPT = (
-    'r=$$-$(date +%s%N); t() {{ echo "$AWS_BATCH_JOB_ID $AWS_BATCH_JOB_ATTEMPT $r $(date +%s%N) $1" >> {runs}; }}; '
+    'now() {{ set -- $(cat /proc/uptime); echo "${{1%.*}}${{1#*.}}0000000"; }}; '
+    'r=$(hostname)-$$-$(now); t() {{ echo "$AWS_BATCH_JOB_ID $AWS_BATCH_JOB_ATTEMPT $r $(now) $1" >> {runs}; }}; '
     "trap 't term; exit 143' TERM; t start; i=0; "
     "while [ $i -lt {ticks} ]; do sleep 0.2; t tick; i=$((i+1)); done; t end"
 )
@@ -77,10 +83,15 @@ def setup(cluster, runs_path):
                 except client.exceptions.ClientException as e:
                     if "already exists" not in str(e):
                         raise
+            # A Docker agent's containers note their runs in the run's directory, mounted at
+            # the same path; the process executor runs on the host and ignores both.
+            workdir = os.path.dirname(runs_path)
             client.register_job_definition(
                 jobDefinitionName=DEFINITION, type="container",
                 retryStrategy={"attempts": RETRY_ATTEMPTS},
-                containerProperties={"image": "unused", "command": ["true"],
+                containerProperties={"image": IMAGE, "command": ["true"],
+                                     "volumes": [{"name": "run", "host": {"sourcePath": workdir}}],
+                                     "mountPoints": [{"sourceVolume": "run", "containerPath": workdir}],
                                      "resourceRequirements": [{"type": "VCPU", "value": "1"},
                                                               {"type": "MEMORY", "value": "64"}]})
             return

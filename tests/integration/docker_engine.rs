@@ -287,6 +287,38 @@ async fn an_engine_restart_that_stops_a_container_ends_its_attempt_once_confirme
     assert_eq!(engine.running_containers(), 0);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_placed_while_the_engine_restarts_starts_once_it_is_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut engine = PrivateEngine::start(&dir.path().join("engine"), false);
+    let executor = executor_on(&engine).await;
+    engine.down();
+    let work_dir = dir.path().join("work");
+    // Yields the running attempt's own task, awaited once it started.
+    #[allow(clippy::async_yields_async)]
+    let starting = tokio::spawn(async move {
+        start_attempt(
+            executor,
+            &work_dir,
+            assignment("placed-in-a-restart", &["true"]),
+        )
+        .await
+    });
+    // A window, not a wait for a condition: the attempt must not fail while the engine is
+    // away (it used to, at once, and every retry placed here before the next heartbeat too).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !starting.is_finished(),
+        "the attempt ended while the engine was restarting: {:?}",
+        starting.await
+    );
+    engine.up();
+    let attempt = starting.await.expect("it started once the engine was back");
+    let exit = attempt.await.unwrap();
+    assert_eq!(exit.exit_code, Some(0), "{exit:?}");
+    assert_eq!(exit.reason, None, "{exit:?}");
+}
+
 #[tokio::test]
 async fn a_container_left_by_a_dead_agent_stops_when_its_lease_ends() {
     let dir = tempfile::tempdir().unwrap();

@@ -26,6 +26,19 @@ enum Running {
 
 const STOPPED_WHILE_PULLING: &str = "stopped while the image was pulled";
 
+/// How long an attempt waits for an engine that does not answer before it fails to start.
+/// An engine restarting (`systemctl restart docker`) is back in seconds; every attempt placed
+/// here in those seconds used to fail at once, and its retries, placed here again before the
+/// next heartbeat said the node could not run jobs, failed the same way (the chaos harness's
+/// `docker_restart` saw jobs use up three attempts in 50 ms).
+pub const ENGINE_WAIT: Duration = Duration::from_secs(30);
+
+/// Whether the engine gave no answer at all (its socket refused or absent), rather than an
+/// answer that says no.
+fn engine_silent(e: &bollard::errors::Error) -> bool {
+    !matches!(e, bollard::errors::Error::DockerResponseServerError { .. })
+}
+
 /// `host:container[:ro]` for each mount point: a host path, or a Docker volume by name.
 fn binds(options: &muster_core::ContainerOptions) -> Vec<String> {
     options
@@ -162,7 +175,25 @@ impl DockerExecutor {
         if let Some(why) = self.allowances.refusal(&a.options) {
             return AttemptExit::failed_to_start(format!("CannotStartContainerError: {why}"));
         }
-        match self.docker.inspect_image(&a.image).await {
+        let waited_since = tokio::time::Instant::now();
+        let mut warned = false;
+        let inspected = loop {
+            match self.docker.inspect_image(&a.image).await {
+                Err(e) if engine_silent(&e) && waited_since.elapsed() < ENGINE_WAIT => {
+                    if !warned {
+                        warned = true;
+                        tracing::warn!(job = %a.job, error = %e, "the Docker engine does not answer: the attempt waits for it");
+                    }
+                    let mut stop = stop.clone();
+                    tokio::select! {
+                        _ = stopped(&mut stop) => return AttemptExit::failed_to_start(STOPPED_BY_MUSTER),
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+                other => break other,
+            }
+        };
+        match inspected {
             Ok(_) => {}
             Err(bollard::errors::Error::DockerResponseServerError {
                 status_code: 404, ..
@@ -205,7 +236,8 @@ impl DockerExecutor {
             },
             Err(e) => {
                 return AttemptExit::failed_to_start(format!(
-                    "CannotPullContainerError: the Docker engine did not answer: {e}"
+                    "CannotPullContainerError: the Docker engine did not answer (waited {} s): {e}",
+                    ENGINE_WAIT.as_secs()
                 ));
             }
         }
