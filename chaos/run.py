@@ -201,21 +201,24 @@ def main():
     # Every node's committed log (after its snapshot), replayed: no worker over-committed at any
     # index, nor in the snapshot's state.
     replays = {}
-    for server in cluster.server_names if cluster else []:
-        out = subprocess.run([binary, "debug", "replay-log", "--data-dir",
-                              os.path.join(workdir, f"{server}-data")],
-                             capture_output=True, text=True, timeout=300)
-        try:
-            replay = json.loads(out.stdout)
-        except ValueError:
-            violations.append({"invariant": "log-replay", "detail": f"{server}: {out.stderr.strip()[-300:]}"})
-            continue
-        # From the node's snapshot where the log before it was dropped (every 50 entries here).
-        replays[server] = {k: replay[k] for k in ("from_snapshot", "committed", "commands", "jobs")}
-        for index, violation in replay["violations"]:
-            violations.append({"invariant": "over-commit-in-log", "detail": f"{server} at index {index}: {violation}"})
-    if cluster:
-        cluster.unmount()
+    try:
+        for server in cluster.server_names if cluster else []:
+            out = subprocess.run([binary, "debug", "replay-log", "--data-dir",
+                                  os.path.join(workdir, f"{server}-data")],
+                                 capture_output=True, text=True, timeout=300)
+            try:
+                replay = json.loads(out.stdout)
+            except ValueError:
+                violations.append({"invariant": "log-replay", "detail": f"{server}: {out.stderr.strip()[-300:]}"})
+                continue
+            # From the node's snapshot where the log before it was dropped (every 50 entries here).
+            replays[server] = {k: replay[k] for k in ("from_snapshot", "committed", "commands", "jobs")}
+            for index, violation in replay["violations"]:
+                violations.append({"invariant": "over-commit-in-log", "detail": f"{server} at index {index}: {violation}"})
+    finally:
+        # The disks, whatever the replays did.
+        if cluster:
+            cluster.unmount()
     if summary:
         summary["log_replays"] = replays
         # How often a warden stopped what a killed agent left running once its lease ended

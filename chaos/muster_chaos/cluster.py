@@ -98,6 +98,19 @@ class Cluster:
 
     def __init__(self, binary, workdir, net, servers=3, agents=2, node_lost_after=8,
                  agent_stop_after=4, spares=1, lazy_disks=False, docker_agents=0):
+        # What a failed setup must undo: nothing of it may outlive the run.
+        self.procs, self.mounts, self.lazyfs_procs, self.engine = {}, [], {}, None
+        self.stopped = threading.Event()
+        try:
+            self._set_up(binary, workdir, net, servers, agents, node_lost_after, agent_stop_after,
+                         spares, lazy_disks, docker_agents)
+        except BaseException:
+            self.stop()
+            self.unmount()
+            raise
+
+    def _set_up(self, binary, workdir, net, servers, agents, node_lost_after, agent_stop_after,
+                spares, lazy_disks, docker_agents):
         self.binary, self.workdir, self.net = binary, workdir, net
         self.node_lost_after = node_lost_after
         # The hosts whose control nodes are members now (a membership change swaps one for a
@@ -123,10 +136,9 @@ class Cluster:
         self.founding_table = (f'[founding_join_token]\nid = "{founding["id"]}"\n'
                                f'secret_sha256 = "{founding["secret_sha256"]}"\n'
                                f'expires_at_unix = {founding["expires_at_unix"]}\n')
-        self.mounts = []
         # With lazy disks, each node's data directory is a lazyfs (muster_chaos/lazyfs.py) over
         # its disk, which forgets what was not fsynced when the node loses power (F10).
-        self.lazy_disks, self.lazyfs_procs = lazy_disks, {}
+        self.lazy_disks = lazy_disks
         for name in self.server_names + self.spare_names:
             # Each control node's data on a small filesystem of its own, so that a fault can
             # fill one node's disk and no other's.
@@ -169,7 +181,6 @@ class Cluster:
             if docker:
                 self.procs[name].extra_env = {"DOCKER_HOST": self.engine.host}
         self.credentials = None
-        self.stopped = threading.Event()
         self.client_lock = threading.Lock()
 
     def _proc(self, name, args):
@@ -359,8 +370,10 @@ class Cluster:
             proc.kill()
         if self.engine is not None:
             self.engine.cleanup()
+            self.engine = None
 
     def unmount(self):
+        gone = [os.path.realpath(p) for p in self.mounts + [self.data_dir(n) for n in self.lazyfs_procs]]
         for name, proc in self.lazyfs_procs.items():
             subprocess.run(["fusermount", "-u", "-z", self.data_dir(name)], check=False)
             try:
@@ -370,4 +383,12 @@ class Cluster:
         self.lazyfs_procs = {}
         for data in self.mounts:
             subprocess.run(["umount", "-l", data], check=False)
+        # Lazy unmounts finish in the background: the run's directory is removed only after.
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            with open("/proc/mounts") as f:
+                mounted = {line.split()[1] for line in f}
+            if not mounted.intersection(gone):
+                break
+            time.sleep(0.1)
         self.mounts = []

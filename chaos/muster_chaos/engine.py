@@ -24,6 +24,9 @@ class Engine:
         self.bridge = f"m{subnet}dk"
         self.socket = os.path.join(self.dir, "docker.sock")
         self.host = f"unix://{self.socket}"
+        # Where the machine's containerd serves this engine too, its own namespaces keep the
+        # two engines' containers apart.
+        self.namespace = f"muster-chaos-{subnet}"
         self.proc = None
         self.restarts = 0
         os.makedirs(self.dir)
@@ -35,13 +38,17 @@ class Engine:
             # Without live-restore: an engine that stops stops its containers, as
             # `systemctl restart docker` does on a default install.
             json.dump({"live-restore": False}, f)
-        self.up()
-        saved = subprocess.Popen(["docker", "save", IMAGE], stdout=subprocess.PIPE)
-        loaded = subprocess.run(["docker", "-H", self.host, "load", "-q"], stdin=saved.stdout,
-                                capture_output=True, text=True)
-        saved.stdout.close()
-        if saved.wait() != 0 or loaded.returncode != 0:
-            raise RuntimeError(f"loading {IMAGE} into the harness's engine: {loaded.stderr[-300:]}")
+        try:
+            self.up()
+            saved = subprocess.Popen(["docker", "save", IMAGE], stdout=subprocess.PIPE)
+            loaded = subprocess.run(["docker", "-H", self.host, "load", "-q"], stdin=saved.stdout,
+                                    capture_output=True, text=True)
+            saved.stdout.close()
+            if saved.wait() != 0 or loaded.returncode != 0:
+                raise RuntimeError(f"loading {IMAGE} into the harness's engine: {loaded.stderr[-300:]}")
+        except BaseException:
+            self.cleanup()
+            raise
 
     def up(self):
         log = open(os.path.join(self.dir, "dockerd.log"), "ab")
@@ -49,12 +56,16 @@ class Engine:
             ["dockerd", "--config-file", os.path.join(self.dir, "daemon.json"),
              "--data-root", os.path.join(self.dir, "root"), "--exec-root", os.path.join(self.dir, "exec"),
              "--pidfile", os.path.join(self.dir, "dockerd.pid"), "--host", self.host,
-             f"--bridge={self.bridge}", "--iptables=false", "--ip6tables=false", "--storage-driver=vfs"],
+             f"--bridge={self.bridge}", "--iptables=false", "--ip6tables=false", "--storage-driver=vfs",
+             "--containerd-namespace", self.namespace, "--containerd-plugins-namespace", f"{self.namespace}-plugins"],
             stdout=log, stderr=log)
         log.close()
         deadline = time.time() + 60
         while run("docker", "-H", self.host, "info", check=False).returncode != 0:
             if self.proc.poll() is not None or time.time() > deadline:
+                self.proc.kill()
+                self.proc.wait()
+                self.proc = None
                 raise RuntimeError("the harness's Docker engine did not start (see dockerd/dockerd.log)")
             time.sleep(0.2)
 

@@ -159,15 +159,16 @@ class LazyFs(Operations):
 
     def getattr(self, path, fh=None):
         real = self._path(path)
-        st = os.lstat(real)
+        # Under the lock: an fsync between the stat and the lookup would show the old size.
+        with self.guard:
+            st = os.lstat(real)
+            held = self.pending.get(real)
+            size = held.size if held is not None else st.st_size
         attrs = {key: getattr(st, key) for key in (
-            "st_mode", "st_nlink", "st_uid", "st_gid", "st_size", "st_atime_ns", "st_mtime_ns", "st_ctime_ns")}
+            "st_mode", "st_nlink", "st_uid", "st_gid", "st_atime_ns", "st_mtime_ns", "st_ctime_ns")}
         for key in ("atime", "mtime", "ctime"):
             attrs[f"st_{key}"] = attrs.pop(f"st_{key}_ns")
-        with self.guard:
-            held = self.pending.get(real)
-            if held is not None:
-                attrs["st_size"] = held.size
+        attrs["st_size"] = size
         return attrs
 
     # --- Names and the rest: passed through at once ---

@@ -139,7 +139,7 @@ def test_a_whole_cluster_that_loses_power_keeps_every_job_it_acknowledged(mounte
                              aws_access_key_id=section["aws_access_key_id"],
                              aws_secret_access_key=section["aws_secret_access_key"])
         batch.register_job_definition(jobDefinitionName="kept", type="container",
-                                      containerProperties={"image": "busybox", "command": ["sleep", "600"],
+                                      containerProperties={"image": "busybox", "command": ["true"],
                                                            "resourceRequirements": [
                                                                {"type": "VCPU", "value": "1"},
                                                                {"type": "MEMORY", "value": "64"}]})

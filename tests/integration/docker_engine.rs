@@ -293,27 +293,36 @@ async fn an_attempt_placed_while_the_engine_restarts_starts_once_it_is_back() {
     let mut engine = PrivateEngine::start(&dir.path().join("engine"), false);
     let executor = executor_on(&engine).await;
     engine.down();
-    let work_dir = dir.path().join("work");
-    // Yields the running attempt's own task, awaited once it started.
-    #[allow(clippy::async_yields_async)]
-    let starting = tokio::spawn(async move {
-        start_attempt(
-            executor,
-            &work_dir,
-            assignment("placed-in-a-restart", &["true"]),
-        )
-        .await
+    let assignment = assignment("placed-in-a-restart", &["true"]);
+    let log_path =
+        muster_agent::logs::attempt_log_path(&dir.path().join("work"), "placed-in-a-restart", 1);
+    std::fs::create_dir_all(log_path.parent().unwrap()).unwrap();
+    let (started_tx, started) = tokio::sync::oneshot::channel();
+    let (_stop, stop) = tokio::sync::watch::channel(false);
+    let attempt = tokio::spawn(async move {
+        executor
+            .run(
+                &assignment,
+                &log_path,
+                started_tx,
+                stop,
+                Duration::from_secs(1),
+            )
+            .await
     });
     // A window, not a wait for a condition: the attempt must not fail while the engine is
     // away (it used to, at once, and every retry placed here before the next heartbeat too).
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(
-        !starting.is_finished(),
+        !attempt.is_finished(),
         "the attempt ended while the engine was restarting: {:?}",
-        starting.await
+        attempt.await
     );
     engine.up();
-    let attempt = starting.await.expect("it started once the engine was back");
+    tokio::time::timeout(Duration::from_secs(30), started)
+        .await
+        .expect("it started once the engine was back")
+        .unwrap();
     let exit = attempt.await.unwrap();
     assert_eq!(exit.exit_code, Some(0), "{exit:?}");
     assert_eq!(exit.reason, None, "{exit:?}");

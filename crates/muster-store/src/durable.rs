@@ -44,16 +44,18 @@ impl Database {
             blobs: dir.join("blobs"),
             synced_blobs: Mutex::default(),
         };
-        files.sync()?;
-        for name in ["conf", "snap"] {
-            // sled's small files beside the log, where present.
-            match File::open(dir.join(name)) {
-                Ok(file) => file.sync_all()?,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
-            }
+        files.sync(&files.blobs_now()?)?;
+        // sled's configuration file, beside the log (it syncs its own snapshot files).
+        match File::open(dir.join("conf")) {
+            Ok(conf) => conf.sync_all()?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
         }
         sync_dir(dir)?;
+        // The directory's own name, made on a node's first start.
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            sync_dir(parent)?;
+        }
         Ok(Self {
             db,
             files: Arc::new(files),
@@ -66,48 +68,64 @@ impl Database {
 
     /// Makes everything written so far durable.
     pub async fn flush(&self) -> io::Result<()> {
+        let files = self.files.clone();
+        let before = tokio::task::spawn_blocking(move || files.blobs_now())
+            .await
+            .map_err(io::Error::other)??;
         self.db.flush_async().await.map_err(io::Error::other)?;
         let files = self.files.clone();
-        tokio::task::spawn_blocking(move || files.sync())
+        tokio::task::spawn_blocking(move || files.sync(&before))
             .await
             .map_err(io::Error::other)?
     }
 
     /// [`Database::flush`], on a thread that may block.
     pub(crate) fn flush_blocking(&self) -> io::Result<()> {
+        let before = self.files.blobs_now()?;
         self.db.flush().map_err(io::Error::other)?;
-        self.files.sync()
+        self.files.sync(&before)
     }
 }
 
 impl SyncedFiles {
-    fn sync(&self) -> io::Result<()> {
+    /// The blob files there are now. sled names a blob file after its write's place in the
+    /// log, which it claims before it creates the file, so a flush begun after this listing
+    /// returns only once every file in it is written whole.
+    fn blobs_now(&self) -> io::Result<BTreeSet<OsString>> {
+        match std::fs::read_dir(&self.blobs) {
+            Ok(entries) => entries.map(|e| e.map(|e| e.file_name())).collect(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(BTreeSet::new()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Syncs the database file and every blob file not synced before. Only blob files listed
+    /// before the flush (`complete`) are recorded as synced: a file that appeared since may
+    /// still be being written, and is synced again by the flush that covers its write.
+    fn sync(&self, complete: &BTreeSet<OsString>) -> io::Result<()> {
         self.db_file.sync_data()?;
         let mut synced = self.synced_blobs.lock().unwrap_or_else(|p| p.into_inner());
-        let entries = match std::fs::read_dir(&self.blobs) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(e),
-        };
-        let mut present = BTreeSet::new();
         let mut gained = false;
-        for entry in entries {
-            let name = entry?.file_name();
-            if !synced.contains(&name) {
-                match File::open(self.blobs.join(&name)) {
-                    Ok(file) => file.sync_data()?,
-                    // Collected by sled since it was listed.
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                    Err(e) => return Err(e),
-                }
-                gained = true;
+        for name in self.blobs_now()? {
+            if synced.contains(&name) {
+                continue;
             }
-            present.insert(name);
+            match File::open(self.blobs.join(&name)) {
+                Ok(file) => file.sync_data()?,
+                // Collected by sled since it was listed.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            }
+            gained = true;
+            if complete.contains(&name) {
+                synced.insert(name);
+            }
         }
         if gained {
             sync_dir(&self.blobs)?;
         }
-        *synced = present;
+        // Forget what sled has collected.
+        synced.retain(|name| complete.contains(name) || self.blobs.join(name).exists());
         Ok(())
     }
 }

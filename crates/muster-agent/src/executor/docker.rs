@@ -33,10 +33,18 @@ const STOPPED_WHILE_PULLING: &str = "stopped while the image was pulled";
 /// `docker_restart` saw jobs use up three attempts in 50 ms).
 pub const ENGINE_WAIT: Duration = Duration::from_secs(30);
 
-/// Whether the engine gave no answer at all (its socket refused or absent), rather than an
-/// answer that says no.
+/// Whether the engine gave no answer at all (its socket absent or refused, the connection
+/// broken or timed out), rather than an answer, or a request that could never be made.
 fn engine_silent(e: &bollard::errors::Error) -> bool {
-    !matches!(e, bollard::errors::Error::DockerResponseServerError { .. })
+    use bollard::errors::Error;
+    matches!(
+        e,
+        Error::IOError { .. }
+            | Error::HyperLegacyError { .. }
+            | Error::HyperResponseError { .. }
+            | Error::SocketNotFoundError(_)
+            | Error::RequestTimeoutError
+    )
 }
 
 /// `host:container[:ro]` for each mount point: a host path, or a Docker volume by name.
@@ -178,15 +186,21 @@ impl DockerExecutor {
         let waited_since = tokio::time::Instant::now();
         let mut warned = false;
         let inspected = loop {
-            match self.docker.inspect_image(&a.image).await {
+            // A stop is heard while the engine holds the request too (one starting up
+            // accepts on its socket before it answers).
+            let mut stop_asked = stop.clone();
+            let inspected = tokio::select! {
+                inspected = self.docker.inspect_image(&a.image) => inspected,
+                _ = stopped(&mut stop_asked) => return AttemptExit::failed_to_start(STOPPED_BY_MUSTER),
+            };
+            match inspected {
                 Err(e) if engine_silent(&e) && waited_since.elapsed() < ENGINE_WAIT => {
                     if !warned {
                         warned = true;
                         tracing::warn!(job = %a.job, error = %e, "the Docker engine does not answer: the attempt waits for it");
                     }
-                    let mut stop = stop.clone();
                     tokio::select! {
-                        _ = stopped(&mut stop) => return AttemptExit::failed_to_start(STOPPED_BY_MUSTER),
+                        _ = stopped(&mut stop_asked) => return AttemptExit::failed_to_start(STOPPED_BY_MUSTER),
                         _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                     }
                 }
