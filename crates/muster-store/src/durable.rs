@@ -18,6 +18,13 @@ use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// How long a flush may take before it is an error. After a write failed on a full disk,
+/// sled's flush can wait for good (the chaos harness's `disk_full` left a node that neither
+/// answered nor exited); as an error it stops the node's Raft, and `muster server` exits to
+/// be restarted once the disk has room.
+pub const FLUSH_DEADLINE: Duration = Duration::from_secs(60);
 
 /// An open sled database whose [`Database::flush`] is durable. Cloning shares it.
 #[derive(Clone)]
@@ -72,7 +79,19 @@ impl Database {
         let before = tokio::task::spawn_blocking(move || files.blobs_now())
             .await
             .map_err(io::Error::other)??;
-        self.db.flush_async().await.map_err(io::Error::other)?;
+        // sled flushes on a thread of its own: given up on, it is left waiting there.
+        tokio::time::timeout(FLUSH_DEADLINE, self.db.flush_async())
+            .await
+            .map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "sled's flush did not finish in {} s",
+                        FLUSH_DEADLINE.as_secs()
+                    ),
+                )
+            })?
+            .map_err(io::Error::other)?;
         let files = self.files.clone();
         tokio::task::spawn_blocking(move || files.sync(&before))
             .await
