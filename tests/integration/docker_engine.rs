@@ -197,12 +197,16 @@ async fn executor_on(engine: &PrivateEngine) -> Arc<Executor> {
     ))
 }
 
-/// Runs `assignment` through `executor` as the agent would, in a task; returns once it started.
-async fn start_attempt(
+/// Runs `assignment` through `executor` as the agent would, in a task; returns it and what
+/// says it started.
+fn spawn_attempt(
     executor: Arc<Executor>,
     work_dir: &Path,
     assignment: Assignment,
-) -> tokio::task::JoinHandle<muster_agent::executor::AttemptExit> {
+) -> (
+    tokio::task::JoinHandle<muster_agent::executor::AttemptExit>,
+    tokio::sync::oneshot::Receiver<()>,
+) {
     let log_path = muster_agent::logs::attempt_log_path(work_dir, assignment.job.as_str(), 1);
     std::fs::create_dir_all(log_path.parent().unwrap()).unwrap();
     let (started_tx, started) = tokio::sync::oneshot::channel();
@@ -218,6 +222,16 @@ async fn start_attempt(
             )
             .await
     });
+    (task, started)
+}
+
+/// [`spawn_attempt`], returning once the attempt started.
+async fn start_attempt(
+    executor: Arc<Executor>,
+    work_dir: &Path,
+    assignment: Assignment,
+) -> tokio::task::JoinHandle<muster_agent::executor::AttemptExit> {
+    let (task, started) = spawn_attempt(executor, work_dir, assignment);
     tokio::time::timeout(Duration::from_secs(30), started)
         .await
         .expect("the container started")
@@ -293,23 +307,11 @@ async fn an_attempt_placed_while_the_engine_restarts_starts_once_it_is_back() {
     let mut engine = PrivateEngine::start(&dir.path().join("engine"), false);
     let executor = executor_on(&engine).await;
     engine.down();
-    let assignment = assignment("placed-in-a-restart", &["true"]);
-    let log_path =
-        muster_agent::logs::attempt_log_path(&dir.path().join("work"), "placed-in-a-restart", 1);
-    std::fs::create_dir_all(log_path.parent().unwrap()).unwrap();
-    let (started_tx, started) = tokio::sync::oneshot::channel();
-    let (_stop, stop) = tokio::sync::watch::channel(false);
-    let attempt = tokio::spawn(async move {
-        executor
-            .run(
-                &assignment,
-                &log_path,
-                started_tx,
-                stop,
-                Duration::from_secs(1),
-            )
-            .await
-    });
+    let (attempt, started) = spawn_attempt(
+        executor,
+        &dir.path().join("work"),
+        assignment("placed-in-a-restart", &["true"]),
+    );
     // A window, not a wait for a condition: the attempt must not fail while the engine is
     // away (it used to, at once, and every retry placed here before the next heartbeat too).
     tokio::time::sleep(Duration::from_secs(2)).await;
