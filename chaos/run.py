@@ -18,17 +18,19 @@ import os
 import random
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from muster_chaos import faults as fault_kinds  # noqa: E402
 from muster_chaos.check import TERMINAL, check  # noqa: E402
-from muster_chaos.cluster import Cluster  # noqa: E402
+from muster_chaos.cluster import API as API_PORT, Cluster  # noqa: E402
 from muster_chaos.net import Net  # noqa: E402
 from muster_chaos.workload import PROBE_QUEUE, QUEUE, RETRY_ATTEMPTS, History, Workload, setup  # noqa: E402
 
@@ -54,14 +56,45 @@ def view(client):
     for i in range(0, len(ids), 100):
         for job in client.describe_jobs(jobs=ids[i:i + 100])["jobs"]:
             jobs[job["jobId"]]["attempts"] = len(job.get("attempts", []))
+            jobs[job["jobId"]]["reason"] = job.get("statusReason")
     return jobs
 
 
-def quiesce(cluster, bound):
-    """Reads every node until all jobs are terminal on all of them, or `bound` seconds pass.
-    Returns the last views read, with None for a node that could not be read then."""
-    deadline = time.time() + bound
+def stalled_state(cluster, views):
+    """What a post-mortem of jobs left unfinished needs: each node's Raft and scheduler
+    figures as its /metrics gives them, and why each unfinished job waits, as nodes say."""
+    metrics = {}
+    for server in cluster.server_names:
+        try:
+            with urllib.request.urlopen(f"http://{cluster.net.ip(server)}:{API_PORT}/metrics", timeout=2) as r:
+                metrics[server] = [line for line in r.read().decode().splitlines()
+                                   if line.startswith(("muster_raft_", "muster_scheduler_placements"))]
+        except Exception as e:
+            metrics[server] = f"{type(e).__name__}: {e}"
+    waiting = {}
+    for server, v in views.items():
+        for job_id, job in (v or {}).items():
+            if job["status"] not in TERMINAL:
+                waiting.setdefault(job_id, {})[server] = f'{job["status"]}: {job.get("reason")}'
+    return {"metrics": metrics, "unfinished": dict(list(waiting.items())[:20])}
+
+
+# How long the cluster may go after the heal without one more job ending (while some have not),
+# and how long it may take in all. The workload keeps the agents near full, so what is left at
+# the heal takes as long as the backlog needs; a bound on progress, not on the whole backlog,
+# is what tells a stalled cluster from a busy one.
+STALL_BOUND_S = 60
+QUIESCE_BOUND_S = 300
+
+
+def quiesce(cluster):
+    """Reads every node until all jobs are terminal on all of them, until no more jobs ended
+    for `STALL_BOUND_S`, or until `QUIESCE_BOUND_S` pass. Returns the last views read (None for
+    a node that could not be read then), when they were read, and the jobs not yet ended on
+    the slowest node at each read."""
+    started = time.time()
     clients = {s: cluster.client(s, read_timeout=20) for s in cluster.server_names}
+    progress, fewest, last_progress = [], None, started
     while True:
         views = {}
         for server, client in clients.items():
@@ -70,10 +103,15 @@ def quiesce(cluster, bound):
             except Exception as e:
                 print(f"  reading {server}: {e}", flush=True)
                 views[server] = None
-        done = all(v is not None for v in views.values()) and all(
-            j["status"] in TERMINAL for v in views.values() for j in v.values())
-        if done or time.time() > deadline:
-            return views, time.time()
+        now = time.time()
+        left = max((sum(j["status"] not in TERMINAL for j in v.values())
+                    for v in views.values() if v is not None), default=None)
+        progress.append((round(now - started, 1), left))
+        if left is not None and (fewest is None or left < fewest):
+            fewest, last_progress = left, now
+        done = all(v is not None for v in views.values()) and left == 0
+        if done or now - last_progress > STALL_BOUND_S or now - started > QUIESCE_BOUND_S:
+            return views, now, progress
         time.sleep(1)
 
 
@@ -100,6 +138,9 @@ def main():
                         help="of the two agents, how many run jobs as containers (on an engine of the harness's own)")
     parser.add_argument("--keep-logs", action="store_true", help="keep the processes' logs even when no check fails")
     args = parser.parse_args()
+    # SIGTERM unwinds like Ctrl-C, so that the processes, namespaces, disks and engine are
+    # cleaned up by the same `finally` blocks.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
     if os.geteuid() != 0:
         sys.exit("chaos/run.py needs root: it makes network namespaces and iptables rules")
@@ -120,6 +161,7 @@ def main():
     history = History()
     events, violations, summary = [], [], {}
     cluster = None
+    checked = False
     try:
         cluster = Cluster(binary, workdir, net, servers=args.servers,
                           lazy_disks="unsynced_loss" in kinds, docker_agents=args.docker_agents)
@@ -161,12 +203,13 @@ def main():
         for failure in workload.failures:
             violations.append({"invariant": "fault-harness", "detail": f"a workload client died: {failure[-400:]}"})
         healed = time.time()
-        views, quiet = quiesce(cluster, bound=90)
+        views, quiet, progress = quiesce(cluster)
+        stalled = stalled_state(cluster, views) if progress[-1][1] != 0 else None
         runs = open(runs_path).read().splitlines() if os.path.exists(runs_path) else []
         for server, v in views.items():
             if v is None:
                 violations.append({"invariant": "node-answers-after-heal",
-                                   "detail": f"{server} could not be read {90} s after the heal"})
+                                   "detail": f"{server} could not be read {round(quiet - healed)} s after the heal"})
         views = {s: v for s, v in views.items() if v is not None}
         if not views:
             violations.append({"invariant": "node-answers-after-heal", "detail": "no node could be read"})
@@ -180,6 +223,9 @@ def main():
             "seed": seed, "faults": events, "operations": results,
             "jobs": len(next(iter(views.values()), {}) or {}), "runs_lines": len(runs),
             "quiesced_after_heal_s": round(quiet - healed, 1),
+            # Jobs not yet ended on the slowest node, at each read after the heal: (s, jobs).
+            "backlog_after_heal": progress[::5] + progress[-1:],
+            "stalled": stalled,
             # Processes that exited on their own and were restarted by the harness's supervisor.
             "restarted_on_exit": {n: p.restarts for n, p in cluster.procs.items() if p.restarts},
             "docker_engine_restarts": cluster.engine.restarts if cluster.engine else None,
@@ -194,10 +240,17 @@ def main():
             "ended_by_clients": [(op["op"], op["job"]) for op in history.ops
                                  if op["op"] in ("cancel", "terminate") and op["result"] == "ok"],
         }
+        checked = True
     finally:
         if cluster:
             cluster.stop()
         net.cleanup()
+        if not checked:
+            # Interrupted (Ctrl-C, SIGTERM) or failed before the checks: nothing more is read
+            # from the disks, so they go now with the run's directory.
+            if cluster:
+                cluster.unmount()
+            shutil.rmtree(workdir, ignore_errors=True)
     # Every node's committed log (after its snapshot), replayed: no worker over-committed at any
     # index, nor in the snapshot's state.
     replays = {}
@@ -235,12 +288,26 @@ def main():
     print(json.dumps({k: v for k, v in summary.items() if k != "faults"}, indent=1))
     if violations or args.keep_logs:
         kept = os.path.join(args.out, f"run-{seed}-logs")
-        shutil.copytree(workdir, kept, ignore=shutil.ignore_patterns("*-data", "*-work"), dirs_exist_ok=True)
+        shutil.copytree(workdir, kept, ignore=_not_kept, dirs_exist_ok=True)
         print(f"chaos: {len(violations)} violations (seed {seed}); logs kept in {kept}")
+    # Last, so that a log that shows only its tail still names what broke.
+    for violation in violations:
+        print(f"chaos: violation {violation['invariant']}: {violation['detail'][:600]}")
     shutil.rmtree(workdir, ignore_errors=True)
     passed = 0 if violations else 1
     print(f"chaos: {passed} passed, {1 - passed} failed")
     sys.exit(1 if violations else 0)
+
+
+def _not_kept(directory, names):
+    """What a kept run leaves out: the nodes' data and work directories, and anything that is
+    not a plain file or directory (the lazy disks' control sockets cannot be copied)."""
+    skipped = set(shutil.ignore_patterns("*-data", "*-work")(directory, names))
+    for name in names:
+        path = os.path.join(directory, name)
+        if not (os.path.isfile(path) or os.path.isdir(path)) or os.path.islink(path):
+            skipped.add(name)
+    return skipped
 
 
 if __name__ == "__main__":

@@ -51,7 +51,9 @@ class Proc:
     def start(self):
         with self.lock:
             log = open(self.log_path, "ab")
-            env = {**os.environ, "MUSTER_LOG": "warn,muster=info,muster_raft=info",
+            # MUSTER_CHAOS_LOG: other directives for a post-mortem (e.g. the scheduler's debug).
+            log_filter = os.environ.get("MUSTER_CHAOS_LOG", "warn,muster=info,muster_raft=info")
+            env = {**os.environ, "MUSTER_LOG": log_filter,
                    **self.extra_env, **self.next_start_env}
             self.next_start_env = {}
             self.popen = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=log, env=env)

@@ -114,6 +114,15 @@ struct PartitionedCluster {
 
 impl PartitionedCluster {
     async fn start(node_lost_after: Duration) -> PartitionedCluster {
+        Self::start_with(node_lost_after, muster_raft::SNAPSHOT_EVERY_ENTRIES).await
+    }
+
+    /// [`start`](Self::start), with nodes that snapshot (and drop the log before it) every
+    /// `snapshot_every_entries`.
+    async fn start_with(
+        node_lost_after: Duration,
+        snapshot_every_entries: u64,
+    ) -> PartitionedCluster {
         init_tracing();
         let dir = tempfile::tempdir().unwrap();
         let ids = [1u64, 2, 3];
@@ -162,7 +171,7 @@ impl PartitionedCluster {
                 .collect(),
             root_credentials_dir: None,
             node_lost_after,
-            snapshot_every_entries: muster_raft::SNAPSHOT_EVERY_ENTRIES,
+            snapshot_every_entries,
             // Ended jobs move to the archive as soon as the leader looks, under the faults too.
             history: muster_control::JobHistory {
                 in_memory: Duration::ZERO,
@@ -555,5 +564,96 @@ async fn a_write_forwarded_to_a_stalled_leader_moves_to_the_new_one() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    cluster.shutdown().await;
+}
+
+/// A leader cut off while a write of its own loops is in flight, and brought back up to date
+/// by a snapshot that reaches past the end of its log (the others wrote on and dropped the
+/// log it lacks). openraft 0.9 never answers that write: the snapshot truncates nothing, and
+/// the write's responder waits for good. The loops that wait on such writes (the scheduler's,
+/// liveness's) never ran again, and the cluster placed nothing while that node led later (a
+/// chaos run: 39 jobs RUNNABLE for 60 s after the heal). The write is now answered, as one
+/// that may or may not have been applied, soon after the node learns it no longer leads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_of_a_deposed_leader_that_a_snapshot_overtakes_is_answered() {
+    let cluster = PartitionedCluster::start_with(Duration::from_secs(30), 10).await;
+    let old = cluster.wait_for_leader().await;
+    create_basics(&cluster.client(old), "ce", "q", "d").await;
+    let old_end = cluster.nodes[&old]
+        .raft
+        .raft
+        .metrics()
+        .borrow()
+        .last_log_index;
+    cluster.isolate(old, true);
+    let pending = {
+        let node = cluster.nodes[&old].raft.clone();
+        tokio::spawn(async move {
+            node.write_as_leader(muster_core::Command::PurgeJobs {
+                before: muster_core::Timestamp(0),
+            })
+            .await
+            .map(|written| written.log_id)
+            .map_err(|e| e.to_string())
+        })
+    };
+    let deadline = Instant::now() + DEADLINE;
+    let new = loop {
+        if let Some((id, _)) = cluster
+            .nodes
+            .iter()
+            .find(|(id, n)| **id != old && n.raft.leads_with_quorum())
+        {
+            break *id;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no new leader while the old one is cut off"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // The others write on until the log they keep begins past the old leader's end: only a
+    // snapshot can bring it back.
+    let mut written = 0;
+    loop {
+        let purged = cluster.nodes[&new].raft.raft.metrics().borrow().purged;
+        if purged.is_some_and(|p| p.index > old_end.unwrap_or(0) + 1) {
+            break;
+        }
+        assert!(
+            written < 300,
+            "{written} jobs and the new leader's log still reaches {old_end:?}"
+        );
+        submit(
+            &cluster.client(new),
+            "q",
+            "d",
+            &format!("j{written}"),
+            &["true"],
+        )
+        .await;
+        written += 1;
+    }
+    assert!(
+        !pending.is_finished(),
+        "the cut-off leader's write was answered before it could know its fate: {:?}",
+        pending.await
+    );
+
+    cluster.isolate(old, false);
+    let answer = tokio::time::timeout(Duration::from_secs(30), pending)
+        .await
+        .expect("the deposed leader's write was never answered")
+        .unwrap();
+    assert!(
+        answer.is_err(),
+        "a write no quorum ever held cannot have been applied: {answer:?}"
+    );
+    // It was the snapshot that brought the old leader back.
+    let caught_up_by = cluster.nodes[&old].raft.raft.metrics().borrow().snapshot;
+    assert!(
+        caught_up_by.is_some_and(|s| s.index > old_end.unwrap_or(0) + 1),
+        "the old leader's snapshot {caught_up_by:?}, its log ended at {old_end:?}"
+    );
     cluster.shutdown().await;
 }

@@ -22,7 +22,7 @@ mod state_machine;
 pub use archive::EndedJobs;
 pub use membership::Member;
 pub use network::{Dialer, PeerAddrs, PeerDirectory, PeerNetwork};
-pub use node::{ProposeError, RaftNode, ReadError};
+pub use node::{ProposeError, RaftNode, ReadError, WriteError};
 pub use service::RaftGrpc;
 pub use snapshot_data::{SnapshotData, SnapshotReader, SnapshotSpool};
 pub use state_machine::{AppliedState, StateHandle, StateMachine, stored_state};

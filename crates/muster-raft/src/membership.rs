@@ -738,11 +738,14 @@ impl RaftNode {
         retain: bool,
     ) -> Result<u64, AdminReply> {
         let raft = self.raft.clone();
-        tokio::spawn(async move { raft.change_membership(change, retain).await })
-            .await
-            .map_err(|e| AdminReply::Failed(e.to_string()))?
-            .map(|written| written.log_id.index)
-            .map_err(leader_error)
+        tokio::spawn(async move {
+            crate::node::answered_while_leading(&raft, raft.change_membership(change, retain)).await
+        })
+        .await
+        .map_err(|e| AdminReply::Failed(e.to_string()))?
+        .ok_or_else(|| AdminReply::Failed(crate::WriteError::Unanswered.to_string()))?
+        .map(|written| written.log_id.index)
+        .map_err(leader_error)
     }
 
     /// Which of `ids` answer a report now (this node always does).

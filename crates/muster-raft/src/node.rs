@@ -17,6 +17,85 @@ const RETRY_PAUSE: Duration = Duration::from_millis(50);
 /// How long a follower waits for the leader to answer one forwarded proposal.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a write handed to this node's Raft is still awaited once this node stopped
+/// leading the term it was taken in: long enough for the new leader's first AppendEntries to
+/// commit it (the answer comes) or truncate it (`ForwardToLeader`).
+const ANSWER_AFTER_DEPOSED: Duration = Duration::from_secs(5);
+
+/// How a write handed to this node's Raft failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error(transparent)]
+    Raft(Box<RaftError<NodeId, ClientWriteError<NodeId, crate::Member>>>),
+    /// This node stopped leading while it held the write, and Raft never answered.
+    #[error(
+        "this node stopped leading while it held the command and no answer came; it may or may not have been applied"
+    )]
+    Unanswered,
+}
+
+impl WriteError {
+    /// Where this node refused the write because it does not lead (so it was certainly not
+    /// taken): the leader it knows of, if any.
+    pub(crate) fn not_leader(&self) -> Option<Option<NodeId>> {
+        match self {
+            Self::Raft(e) => match e.as_ref() {
+                RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => Some(f.leader_id),
+                _ => None,
+            },
+            Self::Unanswered => None,
+        }
+    }
+}
+
+/// Hands `command` to this node's Raft and waits for the answer, but not for good (see
+/// [`answered_while_leading`]).
+pub(crate) async fn client_write(
+    raft: &Raft,
+    command: LoggedCommand,
+) -> Result<openraft::raft::ClientWriteResponse<crate::TypeConfig>, WriteError> {
+    answered_while_leading(raft, raft.client_write(command))
+        .await
+        .ok_or(WriteError::Unanswered)?
+        .map_err(|e| WriteError::Raft(Box::new(e)))
+}
+
+/// Awaits `write`, a write handed to this node's Raft (a command, a membership change), while
+/// this node leads the term it was taken in and for [`ANSWER_AFTER_DEPOSED`] after; `None`
+/// if no answer came by then.
+///
+/// openraft 0.9 answers a write when its entry is applied, or with `ForwardToLeader` when a
+/// new leader's log truncates it. One way it never answers: a deposed leader that the new
+/// leader brings up to date with a snapshot reaching past the end of its log truncates
+/// nothing, and keeps the write's responder for good. A leader loop awaiting it (the
+/// scheduler's, liveness's) then never ran again, and the cluster placed nothing whenever that
+/// node led later.
+pub(crate) async fn answered_while_leading<T>(
+    raft: &Raft,
+    write: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    use openraft::ServerState;
+    let mut metrics = raft.metrics();
+    let term = metrics.borrow().current_term;
+    let deposed = async {
+        let _ = metrics
+            .wait_for(|m| m.current_term != term || m.state != ServerState::Leader)
+            .await;
+        tokio::time::sleep(ANSWER_AFTER_DEPOSED).await;
+    };
+    tokio::select! {
+        written = write => Some(written),
+        () = deposed => {
+            tracing::warn!(
+                term,
+                waited_after_deposed = ?ANSWER_AFTER_DEPOSED,
+                "Raft never answered a write this node took as leader; it may or may not have been applied"
+            );
+            None
+        }
+    }
+}
+
 /// The leader's answer to a forwarded proposal.
 #[derive(Serialize, Deserialize)]
 pub(crate) enum ForwardedReply {
@@ -100,12 +179,9 @@ impl RaftNode {
     pub async fn write_as_leader(
         &self,
         command: Command,
-    ) -> Result<
-        openraft::raft::ClientWriteResponse<crate::TypeConfig>,
-        RaftError<NodeId, ClientWriteError<NodeId, crate::Member>>,
-    > {
+    ) -> Result<openraft::raft::ClientWriteResponse<crate::TypeConfig>, WriteError> {
         self.handover.wait_until_settled().await;
-        self.raft.client_write(command.into()).await
+        client_write(&self.raft, command.into()).await
     }
 
     /// The handover gate, for this node's Raft server.
@@ -332,10 +408,12 @@ impl RaftNode {
             }
         };
         tokio::select! {
-            written = self.raft.client_write(command.clone()) => match written {
+            written = client_write(&self.raft, command.clone()) => match written {
                 Ok(written) => Ok(Ok(written.data)),
-                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Ok(Err(f.leader_id)),
-                Err(e) => Err(ProposeError::Failed(e.to_string())),
+                Err(e) => match e.not_leader() {
+                    Some(leader) => Ok(Err(leader)),
+                    None => Err(ProposeError::Failed(e.to_string())),
+                },
             },
             () = lost_quorum => Err(ProposeError::Failed(
                 "this leader lost its quorum while the command was in flight; it may or may not be applied".into(),

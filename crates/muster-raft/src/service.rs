@@ -9,7 +9,6 @@ use crate::network::{decode, decode_snapshot_chunk, encode};
 use crate::node::ForwardedReply;
 use muster_proto::pb::raft_service_server::RaftService;
 use muster_proto::pb::{RaftPayload, ReadIndexReply, ReadIndexRequest};
-use openraft::error::{ClientWriteError, RaftError};
 use openraft::raft::AppendEntriesResponse;
 use tonic::{Request, Response, Status};
 
@@ -143,12 +142,12 @@ impl RaftService for RaftGrpc {
         if crate::election::leads_without_quorum(&self.raft) {
             return reply(&ForwardedReply::NotLeader(None));
         }
-        let answer = match self.raft.client_write(command).await {
+        let answer = match crate::node::client_write(&self.raft, command).await {
             Ok(written) => ForwardedReply::Applied(written.data),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                ForwardedReply::NotLeader(f.leader_id)
-            }
-            Err(e) => ForwardedReply::Failed(e.to_string()),
+            Err(e) => match e.not_leader() {
+                Some(leader) => ForwardedReply::NotLeader(leader),
+                None => ForwardedReply::Failed(e.to_string()),
+            },
         };
         reply(&answer)
     }
