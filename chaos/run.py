@@ -104,12 +104,15 @@ def quiesce(cluster):
                 print(f"  reading {server}: {e}", flush=True)
                 views[server] = None
         now = time.time()
-        left = max((sum(j["status"] not in TERMINAL for j in v.values())
-                    for v in views.values() if v is not None), default=None)
+        # Counted only when every node answered: a node that cannot be read once would make
+        # the count drop, and real progress after it would go unseen.
+        left = None
+        if all(v is not None for v in views.values()):
+            left = max(sum(j["status"] not in TERMINAL for j in v.values()) for v in views.values())
         progress.append((round(now - started, 1), left))
         if left is not None and (fewest is None or left < fewest):
             fewest, last_progress = left, now
-        done = all(v is not None for v in views.values()) and left == 0
+        done = left == 0
         if done or now - last_progress > STALL_BOUND_S or now - started > QUIESCE_BOUND_S:
             return views, now, progress
         time.sleep(1)
@@ -224,7 +227,7 @@ def main():
             "jobs": len(next(iter(views.values()), {}) or {}), "runs_lines": len(runs),
             "quiesced_after_heal_s": round(quiet - healed, 1),
             # Jobs not yet ended on the slowest node, at each read after the heal: (s, jobs).
-            "backlog_after_heal": progress[::5] + progress[-1:],
+            "backlog_after_heal": progress[::5] + ([progress[-1]] if (len(progress) - 1) % 5 else []),
             "stalled": stalled,
             # Processes that exited on their own and were restarted by the harness's supervisor.
             "restarted_on_exit": {n: p.restarts for n, p in cluster.procs.items() if p.restarts},
@@ -242,14 +245,21 @@ def main():
         }
         checked = True
     finally:
+        # Cleaning up is not interrupted: a second Ctrl-C or SIGTERM would leave processes,
+        # namespaces or mounts behind.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if cluster:
             cluster.stop()
         net.cleanup()
         if not checked:
-            # Interrupted (Ctrl-C, SIGTERM) or failed before the checks: nothing more is read
-            # from the disks, so they go now with the run's directory.
+            # Interrupted or failed before the checks: nothing more is read from the disks, so
+            # they go now, and the processes' logs are kept for the post-mortem.
             if cluster:
                 cluster.unmount()
+            kept = os.path.join(args.out, f"run-{seed}-logs")
+            shutil.copytree(workdir, kept, ignore=_not_kept, dirs_exist_ok=True)
+            print(f"chaos: the run did not reach its checks; logs kept in {kept}", flush=True)
             shutil.rmtree(workdir, ignore_errors=True)
     # Every node's committed log (after its snapshot), replayed: no worker over-committed at any
     # index, nor in the snapshot's state.

@@ -738,6 +738,9 @@ impl RaftNode {
         retain: bool,
     ) -> Result<u64, AdminReply> {
         let raft = self.raft.clone();
+        // As for a command (`node::client_write`): `ForwardToLeader` proves nothing was taken
+        // only where this node was not leading when it was handed the change.
+        let could_take = raft.server_metrics().borrow().state == ServerState::Leader;
         tokio::spawn(async move {
             crate::node::answered_while_leading(&raft, raft.change_membership(change, retain)).await
         })
@@ -745,7 +748,12 @@ impl RaftNode {
         .map_err(|e| AdminReply::Failed(e.to_string()))?
         .ok_or_else(|| AdminReply::Failed(crate::WriteError::Unanswered.to_string()))?
         .map(|written| written.log_id.index)
-        .map_err(leader_error)
+        .map_err(|e| match e {
+            openraft::error::RaftError::APIError(
+                openraft::error::ClientWriteError::ForwardToLeader(_),
+            ) if could_take => AdminReply::Failed(crate::WriteError::Dropped.to_string()),
+            e => leader_error(e),
+        })
     }
 
     /// Which of `ids` answer a report now (this node always does).

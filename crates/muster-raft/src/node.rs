@@ -25,44 +25,68 @@ const ANSWER_AFTER_DEPOSED: Duration = Duration::from_secs(5);
 /// How a write handed to this node's Raft failed.
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
-    #[error(transparent)]
-    Raft(Box<RaftError<NodeId, ClientWriteError<NodeId, crate::Member>>>),
+    /// This node does not lead and did not take the write; the leader it knows of, if any.
+    #[error("this node does not lead; the command was not taken")]
+    NotLeader(Option<NodeId>),
+    /// This node took the write as leader, then dropped it from its log on learning of a newer
+    /// leader. That proves nothing: the entry may have reached another node, which may commit
+    /// it yet (a snapshot that reaches this node's own entry drops it too).
+    #[error(
+        "this node stopped leading and dropped the command from its log; it may or may not have been applied"
+    )]
+    Dropped,
     /// This node stopped leading while it held the write, and Raft never answered.
     #[error(
         "this node stopped leading while it held the command and no answer came; it may or may not have been applied"
     )]
     Unanswered,
+    #[error(transparent)]
+    Raft(Box<RaftError<NodeId, ClientWriteError<NodeId, crate::Member>>>),
 }
 
 impl WriteError {
-    /// Where this node refused the write because it does not lead (so it was certainly not
-    /// taken): the leader it knows of, if any.
+    /// Where the write was certainly not taken because this node does not lead: the leader it
+    /// knows of, if any.
     pub(crate) fn not_leader(&self) -> Option<Option<NodeId>> {
         match self {
-            Self::Raft(e) => match e.as_ref() {
-                RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => Some(f.leader_id),
-                _ => None,
-            },
-            Self::Unanswered => None,
+            Self::NotLeader(leader) => Some(*leader),
+            _ => None,
         }
     }
 }
 
 /// Hands `command` to this node's Raft and waits for the answer, but not for good (see
 /// [`answered_while_leading`]).
+///
+/// openraft answers `ForwardToLeader` both when its core refuses the write (it does not lead)
+/// and when it drops the entry from its log for a newer leader's; only the first proves that
+/// nothing was taken. A node whose metrics showed it leading when it was handed the write may
+/// have taken it, so its `ForwardToLeader` is [`WriteError::Dropped`]. (A candidate's is a
+/// refusal: counting it as a drop failed writes during every election, the cluster's own
+/// founding ones among them. Left open: a candidate that wins between the metrics read and
+/// the write's arrival at its core, and is deposed before the entry commits.)
 pub(crate) async fn client_write(
     raft: &Raft,
     command: LoggedCommand,
 ) -> Result<openraft::raft::ClientWriteResponse<crate::TypeConfig>, WriteError> {
-    answered_while_leading(raft, raft.client_write(command))
-        .await
-        .ok_or(WriteError::Unanswered)?
-        .map_err(|e| WriteError::Raft(Box::new(e)))
+    let could_take = raft.server_metrics().borrow().state == openraft::ServerState::Leader;
+    match answered_while_leading(raft, raft.client_write(command)).await {
+        None => Err(WriteError::Unanswered),
+        Some(Ok(written)) => Ok(written),
+        Some(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+            Err(if could_take {
+                WriteError::Dropped
+            } else {
+                WriteError::NotLeader(f.leader_id)
+            })
+        }
+        Some(Err(e)) => Err(WriteError::Raft(Box::new(e))),
+    }
 }
 
-/// Awaits `write`, a write handed to this node's Raft (a command, a membership change), while
-/// this node leads the term it was taken in and for [`ANSWER_AFTER_DEPOSED`] after; `None`
-/// if no answer came by then.
+/// Awaits `write`, a write handed to this node's Raft (a command, a membership change), until
+/// this node learns that another leads (a newer term, or another node named leader) and for
+/// [`ANSWER_AFTER_DEPOSED`] after; `None` if no answer came by then.
 ///
 /// openraft 0.9 answers a write when its entry is applied, or with `ForwardToLeader` when a
 /// new leader's log truncates it. One way it never answers: a deposed leader that the new
@@ -74,12 +98,15 @@ pub(crate) async fn answered_while_leading<T>(
     raft: &Raft,
     write: impl std::future::Future<Output = T>,
 ) -> Option<T> {
-    use openraft::ServerState;
-    let mut metrics = raft.metrics();
-    let term = metrics.borrow().current_term;
+    // The server metrics change only with the vote, the role and the membership (not with
+    // every acknowledgement), so the condition is seldom looked at again.
+    let mut metrics = raft.server_metrics();
+    let term = metrics.borrow().vote.leader_id().term;
     let deposed = async {
         let _ = metrics
-            .wait_for(|m| m.current_term != term || m.state != ServerState::Leader)
+            .wait_for(|m| {
+                m.vote.leader_id().term > term || m.current_leader.is_some_and(|l| l != m.id)
+            })
             .await;
         tokio::time::sleep(ANSWER_AFTER_DEPOSED).await;
     };
