@@ -234,6 +234,25 @@ impl PartitionedCluster {
         }
     }
 
+    /// The node other than `old` that leads with a quorum, once there is one.
+    async fn wait_for_leader_other_than(&self, old: u64) -> u64 {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some((id, _)) = self
+                .nodes
+                .iter()
+                .find(|(id, n)| **id != old && n.raft.leads_with_quorum())
+            {
+                return *id;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no new leader while the old one is cut off"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     fn term(&self, id: u64) -> u64 {
         self.nodes[&id].raft.leader().1
     }
@@ -394,21 +413,7 @@ async fn a_leader_cut_off_from_the_quorum_lets_its_agents_go_to_the_new_one() {
     wait_for_status(&cluster.client(old), &first, &["SUCCEEDED"]).await;
 
     cluster.isolate(old, true);
-    let deadline = Instant::now() + DEADLINE;
-    let new = loop {
-        if let Some((id, _)) = cluster
-            .nodes
-            .iter()
-            .find(|(id, n)| **id != old && n.raft.leads_with_quorum())
-        {
-            break *id;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no new leader while the old one is cut off"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let new = cluster.wait_for_leader_other_than(old).await;
     assert!(
         !cluster.nodes[&old].raft.leads_with_quorum(),
         "the cut-off leader still counts itself as leading"
@@ -604,21 +609,7 @@ async fn a_write_of_a_deposed_leader_that_a_snapshot_overtakes_is_answered() {
         .await
         .expect("the cut-off leader never appended the write")
         .unwrap();
-    let deadline = Instant::now() + DEADLINE;
-    let new = loop {
-        if let Some((id, _)) = cluster
-            .nodes
-            .iter()
-            .find(|(id, n)| **id != old && n.raft.leads_with_quorum())
-        {
-            break *id;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no new leader while the old one is cut off"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let new = cluster.wait_for_leader_other_than(old).await;
     let old_end = cluster.nodes[&old]
         .raft
         .raft
